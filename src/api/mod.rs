@@ -1,0 +1,73 @@
+//! HTTP: the axum router, shared state, and the middleware every request
+//! passes through. Handlers live in one module per resource.
+
+pub mod error;
+mod probes;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use deadpool_postgres::Pool;
+
+use crate::config::Settings;
+pub use error::ApiError;
+
+/// What handlers share. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Shared>,
+}
+
+pub struct Shared {
+    /// The connection pool every handler draws from.
+    pub pool: Pool,
+    /// Settings as loaded at start-up; immutable for the process lifetime.
+    pub settings: Arc<Settings>,
+}
+
+impl AppState {
+    pub fn new(pool: Pool, settings: Arc<Settings>) -> Self {
+        Self { inner: Arc::new(Shared { pool, settings }) }
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.inner
+    }
+}
+
+/// The whole HTTP surface.
+pub fn router(state: AppState) -> Router {
+    let v1 = Router::new();
+    Router::new()
+        .merge(probes::router())
+        .nest("/v1", v1)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), request_timeout))
+        .with_state(state)
+}
+
+/// Answers 503 when a handler outlives `server.request_timeout`, so a stuck
+/// database call cannot hold a client (or a connection slot) forever. The
+/// limit covers producing the response head; streamed bodies are not cut.
+async fn request_timeout(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let limit = state.settings.server.request_timeout.get();
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::unavailable("the request took too long and was abandoned").into_response(),
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such endpoint; see GET /openapi.json")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(axum::http::StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this path")
+}

@@ -1,0 +1,127 @@
+//! Start-up and shutdown of `warden serve`.
+//!
+//! [`Application::build`] does everything that can fail before serving
+//! (open the database, migrate, bind the port), so a misconfigured replica
+//! exits at once instead of half-running. [`Application::run`] serves until
+//! the shutdown token fires, then stops in order: stop accepting, let
+//! in-flight requests finish, stop background loops, close the pool, stop
+//! the embedded cluster.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::api::{self, AppState};
+use crate::config::Settings;
+use crate::db::{self, Database, OpenError, migrate};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    #[error("could not migrate the database: {0}")]
+    Migrate(#[from] migrate::MigrateError),
+    #[error("could not connect to the database to migrate it: {0}")]
+    Connect(db::DbError),
+    #[error("could not listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+}
+
+pub struct Application {
+    settings: Arc<Settings>,
+    database: Database,
+    listener: TcpListener,
+    local_addr: SocketAddr,
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> Result<Self, StartError> {
+        let settings = Arc::new(settings);
+        let database = Database::open(&settings.database).await?;
+        if settings.database.migrate_on_start {
+            let mut client = db::client(&database.pool).await.map_err(StartError::Connect)?;
+            let outcome = migrate::run(&mut client).await?;
+            if !outcome.applied.is_empty() {
+                tracing::info!(applied = ?outcome.applied, version = outcome.version, "database migrated");
+            }
+        }
+        let addr = settings.server.listen;
+        let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
+        let local_addr = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
+        Ok(Self { settings, database, listener, local_addr })
+    }
+
+    /// The bound address; with `listen = "127.0.0.1:0"` the port chosen.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serves until `shutdown` is cancelled, then drains and cleans up.
+    pub async fn run(self, shutdown: CancellationToken) -> std::io::Result<()> {
+        let Self { settings, database, listener, local_addr } = self;
+        let background = CancellationToken::new();
+        let tasks = TaskTracker::new();
+
+        tasks.spawn(partition_upkeep(
+            database.pool.clone(),
+            settings.database.partitions_ahead_days,
+            background.clone(),
+        ));
+
+        let state = AppState::new(database.pool.clone(), settings.clone());
+        let app = api::router(state);
+        tracing::info!(addr = %local_addr, "warden is serving");
+
+        let grace = settings.server.shutdown_timeout.get();
+        let drained = {
+            let shutdown = shutdown.clone();
+            async move {
+                shutdown.cancelled().await;
+                tracing::info!("shutting down: no new connections, draining in-flight requests");
+            }
+        };
+        let server = axum::serve(listener, app).with_graceful_shutdown(drained);
+        let served = tokio::select! {
+            result = server => result,
+            // Keep-alive or streaming clients may never leave on their own.
+            _ = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
+                tracing::warn!("in-flight requests did not finish within the shutdown timeout");
+                Ok(())
+            }
+        };
+
+        background.cancel();
+        tasks.close();
+        if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
+            tracing::warn!("background tasks did not stop within the shutdown timeout");
+        }
+        database.close().await;
+        tracing::info!("warden stopped");
+        served
+    }
+}
+
+/// Keeps daily partitions created ahead of time; runs at start and hourly.
+async fn partition_upkeep(pool: deadpool_postgres::Pool, ahead_days: u32, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(3600));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let result = async {
+            let client = db::client(&pool).await?;
+            db::ensure_partitions(&client, ahead_days).await
+        }
+        .await;
+        match result {
+            Ok(0) => {}
+            Ok(created) => tracing::info!(created, "created partitions ahead"),
+            Err(e) => tracing::warn!(error = %e, "partition upkeep failed; will retry in an hour"),
+        }
+    }
+}

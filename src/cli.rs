@@ -1,0 +1,175 @@
+//! The command line: `warden [--config PATH] VERB`.
+//!
+//! Exit status: 0 on success, 2 for bad usage or settings, 1 for anything
+//! else. Errors go to stderr: one line first, detail after.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::app::{Application, StartError};
+use crate::config::{Settings, SettingsError, Sources, override_file};
+use crate::db::{self, Database, migrate};
+use crate::telemetry;
+
+#[derive(Debug, Parser)]
+#[command(name = "warden", version, about = "Agent health service: heartbeats, liveness, scores, recovery and alerts")]
+pub struct Cli {
+    /// Settings file overriding the built-in defaults (also WARDEN_CONFIG).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the service: HTTP API, evaluator and background work.
+    Serve,
+    /// Apply pending database migrations and exit.
+    Migrate,
+    /// Print the effective settings, secrets redacted.
+    Config,
+}
+
+/// A failed command, sorted by exit status.
+#[derive(Debug)]
+pub enum Failure {
+    /// Bad usage or settings: exit 2.
+    Settings(SettingsError),
+    /// Anything else: exit 1. `detail` follows the one-line message.
+    Other { message: String, detail: Option<String> },
+}
+
+impl Failure {
+    pub fn other(error: impl std::fmt::Display) -> Self {
+        let text = error.to_string();
+        let mut parts = text.splitn(2, '\n');
+        let message = parts.next().unwrap_or_default().to_string();
+        let detail = parts.next().map(str::to_string).filter(|d| !d.trim().is_empty());
+        Self::Other { message, detail }
+    }
+
+    fn exit_code(&self) -> u8 {
+        match self {
+            Self::Settings(_) => 2,
+            Self::Other { .. } => 1,
+        }
+    }
+
+    fn report(&self) {
+        match self {
+            Self::Settings(e) => eprintln!("warden: {e}"),
+            Self::Other { message, detail } => {
+                eprintln!("warden: {message}");
+                if let Some(detail) = detail {
+                    eprintln!("{detail}");
+                }
+            }
+        }
+    }
+}
+
+impl From<SettingsError> for Failure {
+    fn from(e: SettingsError) -> Self {
+        Self::Settings(e)
+    }
+}
+
+impl From<StartError> for Failure {
+    fn from(e: StartError) -> Self {
+        match e {
+            StartError::Open(db::OpenError::Settings(s)) => Self::Settings(s),
+            other => Self::other(other),
+        }
+    }
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("warden: could not start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            failure.report();
+            ExitCode::from(failure.exit_code())
+        }
+    }
+}
+
+/// Runs one parsed command line.
+pub async fn run(cli: Cli) -> Result<(), Failure> {
+    let sources = Sources { file: override_file(cli.config.as_deref()), env: None };
+    let settings = Settings::load(&sources)?;
+    match cli.command {
+        Command::Config => {
+            print!("{}", settings.to_redacted_toml());
+            Ok(())
+        }
+        Command::Migrate => {
+            telemetry::init(&settings.telemetry);
+            migrate_command(&settings).await
+        }
+        Command::Serve => {
+            telemetry::init(&settings.telemetry);
+            serve(settings).await
+        }
+    }
+}
+
+async fn serve(settings: Settings) -> Result<(), Failure> {
+    let app = Application::build(settings).await?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(forward_signals(shutdown.clone()));
+    app.run(shutdown).await.map_err(Failure::other)
+}
+
+async fn migrate_command(settings: &Settings) -> Result<(), Failure> {
+    let database = Database::open(&settings.database).await.map_err(|e| Failure::from(StartError::from(e)))?;
+    let result = async {
+        let mut client = db::client(&database.pool).await.map_err(Failure::other)?;
+        migrate::run(&mut client).await.map_err(Failure::other)
+    }
+    .await;
+    database.close().await;
+    let outcome = result?;
+    if outcome.applied.is_empty() {
+        println!("schema already at version {}; nothing to apply", outcome.version);
+    } else {
+        for name in &outcome.applied {
+            println!("applied {name}");
+        }
+        println!("schema now at version {}", outcome.version);
+    }
+    Ok(())
+}
+
+/// Cancels `token` on SIGINT or SIGTERM.
+async fn forward_signals(token: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("received SIGINT"),
+        _ = term => tracing::info!("received SIGTERM"),
+    }
+    token.cancel();
+}

@@ -1,0 +1,209 @@
+//! Typed settings, loaded once and validated before anything starts.
+//!
+//! Three layers, each overriding the one before:
+//! 1. `settings.toml` at the repository root, compiled into the binary, so
+//!    the defaults a build runs with are exactly the ones documented there;
+//! 2. an optional file given by `--config PATH` or `WARDEN_CONFIG`;
+//! 3. environment variables `WARDEN__SECTION__KEY` (double underscores
+//!    separate levels: `WARDEN__HEALTH__CHECK_INTERVAL=5s`).
+//!
+//! Any problem stops start-up with one line naming the key, the value and
+//! what is allowed ([`SettingsError`]).
+
+mod sections;
+mod types;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use config::{Config, Environment, File, FileFormat};
+
+pub use sections::*;
+pub use types::{Duration, Secret};
+
+/// The documented defaults, exactly as shipped in the repository.
+pub const DEFAULTS: &str = include_str!("../../settings.toml");
+
+/// Prefix of environment overrides; levels are separated by `__`.
+pub const ENV_PREFIX: &str = "WARDEN";
+
+/// A setting that cannot be used, phrased for the operator who set it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettingsError {
+    /// Dotted path of the offending key, e.g. `database.pool_size`.
+    pub key: Option<String>,
+    /// The value as written, when there is one (never for secrets).
+    pub value: Option<String>,
+    /// Where the value came from: a file path or an environment variable.
+    pub origin: Option<String>,
+    /// What is allowed instead.
+    pub allowed: String,
+}
+
+impl SettingsError {
+    pub fn new(key: &str, value: impl fmt::Display, allowed: impl Into<String>) -> Self {
+        let value = if is_secret_key(key) { Secret::REDACTED.to_string() } else { value.to_string() };
+        Self { key: Some(key.to_string()), value: Some(value), origin: None, allowed: allowed.into() }
+    }
+
+    fn general(message: impl Into<String>) -> Self {
+        Self { key: None, value: None, origin: None, allowed: message.into() }
+    }
+}
+
+impl fmt::Display for SettingsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.key, &self.value) {
+            (Some(key), Some(value)) => write!(f, "invalid setting {key} = {value:?}")?,
+            (Some(key), None) => write!(f, "invalid setting {key}")?,
+            (None, _) => write!(f, "invalid settings")?,
+        }
+        if let Some(origin) = &self.origin {
+            write!(f, " (from {origin})")?;
+        }
+        write!(f, ": {}", self.allowed)
+    }
+}
+
+impl std::error::Error for SettingsError {}
+
+/// Where the optional override file comes from.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    /// `--config PATH` or `WARDEN_CONFIG`.
+    pub file: Option<PathBuf>,
+    /// Environment variables to read; `None` reads the process environment.
+    /// Tests pass their own map so they never race on the real environment.
+    pub env: Option<std::collections::HashMap<String, String>>,
+}
+
+impl Settings {
+    /// Loads the three layers and validates the result.
+    pub fn load(sources: &Sources) -> Result<Self, SettingsError> {
+        let mut builder = Config::builder().add_source(File::from_str(DEFAULTS, FileFormat::Toml));
+        if let Some(path) = &sources.file {
+            if !path.is_file() {
+                return Err(SettingsError {
+                    key: None,
+                    value: None,
+                    origin: Some(path.display().to_string()),
+                    allowed: "the settings file does not exist or is not a file".into(),
+                });
+            }
+            builder = builder.add_source(File::from(path.as_path()).format(FileFormat::Toml).required(true));
+        }
+        let mut env = Environment::with_prefix(ENV_PREFIX).prefix_separator("__").separator("__");
+        if let Some(map) = &sources.env {
+            env = env.source(Some(map.clone().into_iter().collect()));
+        }
+        let merged = builder.add_source(env).build().map_err(|e| translate(e, None, sources))?;
+        let settings: Settings = merged.clone().try_deserialize().map_err(|e| translate(e, Some(&merged), sources))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// The effective settings as TOML, every secret-looking field redacted.
+    pub fn to_redacted_toml(&self) -> String {
+        let mut value = toml::Value::try_from(self).expect("settings always serialize");
+        redact(&mut value);
+        toml::to_string_pretty(&value).expect("a TOML value always prints")
+    }
+}
+
+/// Field names that hold secrets by the DESIGN rule: anything whose name
+/// contains url, secret, password or token.
+pub fn is_secret_key(key: &str) -> bool {
+    let last = key.rsplit('.').next().unwrap_or(key).to_ascii_lowercase();
+    ["url", "secret", "password", "token"].iter().any(|w| last.contains(w))
+}
+
+fn redact(value: &mut toml::Value) {
+    match value {
+        toml::Value::Table(table) => {
+            for (key, v) in table.iter_mut() {
+                if let (true, toml::Value::String(s)) = (is_secret_key(key), &mut *v) {
+                    if !s.is_empty() {
+                        *s = Secret::REDACTED.to_string();
+                    }
+                    continue;
+                }
+                redact(v);
+            }
+        }
+        toml::Value::Array(items) => items.iter_mut().for_each(redact),
+        _ => {}
+    }
+}
+
+/// The environment variable that sets a dotted key.
+pub fn env_var_for(key: &str) -> String {
+    format!("{ENV_PREFIX}__{}", key.replace('.', "__").to_ascii_uppercase())
+}
+
+/// Turns the config crate's error into one line naming key, value and origin.
+fn translate(err: config::ConfigError, merged: Option<&Config>, sources: &Sources) -> SettingsError {
+    use config::ConfigError as E;
+    let (mut key, mut problem) = match &err {
+        E::Type { key, unexpected, expected, .. } => (key.clone(), format!("expected {expected}, found {unexpected}")),
+        E::At { key, error, .. } => (key.clone(), error.to_string()),
+        E::NotFound(key) => (Some(key.clone()), "this setting is required".to_string()),
+        E::FileParse { cause, .. } => {
+            return SettingsError {
+                key: None,
+                value: None,
+                origin: sources.file.as_ref().map(|p| p.display().to_string()),
+                allowed: format!("not valid TOML: {}", one_line(&cause.to_string())),
+            };
+        }
+        _ => (None, err.to_string()),
+    };
+    // serde reports an unknown key against its parent table; name the key
+    // itself and list its valid siblings instead.
+    if let Some(field) = problem.strip_prefix("unknown field `").and_then(|r| r.split('`').next()) {
+        let parent = key.take();
+        let siblings = problem.split_once("expected ").map(|(_, rest)| rest.replace('`', "")).unwrap_or_default();
+        key = Some(match parent {
+            Some(parent) => format!("{parent}.{field}"),
+            None => field.to_string(),
+        });
+        problem = if siblings.is_empty() {
+            "not a known setting".to_string()
+        } else {
+            format!("not a known setting; expected {siblings}")
+        };
+    }
+    let Some(key) = key else {
+        return SettingsError::general(one_line(&problem));
+    };
+    let value = merged
+        .and_then(|m| m.get::<config::Value>(&key).ok())
+        .map(|v| if is_secret_key(&key) { Secret::REDACTED.to_string() } else { v.to_string() });
+    SettingsError { origin: origin_of(&key, sources), key: Some(key), value, allowed: one_line(&problem) }
+}
+
+/// Which layer set `key`: the environment variable if one is set, else the
+/// override file if it mentions the key, else the built-in defaults.
+fn origin_of(key: &str, sources: &Sources) -> Option<String> {
+    let var = env_var_for(key);
+    let in_env = match &sources.env {
+        Some(map) => map.contains_key(&var),
+        None => std::env::var_os(&var).is_some(),
+    };
+    if in_env {
+        return Some(var);
+    }
+    let file = sources.file.as_ref()?;
+    let last = key.rsplit('.').next().unwrap_or(key);
+    let text = std::fs::read_to_string(file).ok()?;
+    text.contains(last).then(|| file.display().to_string())
+}
+
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Resolves the override file from the flag or `WARDEN_CONFIG`.
+pub fn override_file(flag: Option<&Path>) -> Option<PathBuf> {
+    flag.map(Path::to_path_buf)
+        .or_else(|| std::env::var_os("WARDEN_CONFIG").filter(|v| !v.is_empty()).map(PathBuf::from))
+}

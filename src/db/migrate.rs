@@ -1,0 +1,88 @@
+//! Schema migrations, embedded in the binary from `migrations/`.
+
+use tokio_postgres::Client;
+
+use super::DbError;
+
+mod embedded {
+    refinery::embed_migrations!("migrations");
+}
+
+/// Where refinery records applied versions. It lives in our schema so that
+/// one `DROP SCHEMA warden CASCADE` removes every trace of warden.
+const HISTORY_TABLE: &str = "warden.refinery_schema_history";
+
+/// Advisory lock key serialising migrations across replicas ("warden:m").
+const MIGRATION_LOCK: i64 = 0x7761_7264_656e_3a6d;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("migration failed: {0}")]
+    Refinery(#[from] refinery::Error),
+}
+
+impl From<tokio_postgres::Error> for MigrateError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Self::Db(e.into())
+    }
+}
+
+/// The outcome of a migration run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// Names of the migrations this run applied, oldest first.
+    pub applied: Vec<String>,
+    /// Schema version after the run.
+    pub version: i32,
+}
+
+/// The newest schema version this binary knows.
+pub fn latest_version() -> i32 {
+    embedded::migrations::runner().get_migrations().iter().map(|m| m.version()).max().unwrap_or(0)
+}
+
+/// A fingerprint of every embedded migration (version and checksum), so a
+/// test template database is rebuilt whenever any migration changes.
+pub fn fingerprint() -> u64 {
+    embedded::migrations::runner().get_migrations().iter().fold(0xcbf2_9ce4_8422_2325_u64, |acc, m| {
+        (acc ^ m.checksum() ^ u64::from(m.version() as u32)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Applies pending migrations in one transaction. Replicas starting together
+/// take turns on an advisory lock, so exactly one of them does the work.
+pub async fn run(client: &mut Client) -> Result<Applied, MigrateError> {
+    client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK]).await?;
+    let result = run_locked(client).await;
+    // The lock is session-scoped; release it even when the run failed so a
+    // pooled connection never keeps it.
+    let unlock = client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]).await;
+    let applied = result?;
+    unlock?;
+    Ok(applied)
+}
+
+async fn run_locked(client: &mut Client) -> Result<Applied, MigrateError> {
+    client.batch_execute("CREATE SCHEMA IF NOT EXISTS warden").await?;
+    let report = embedded::migrations::runner()
+        .set_grouped(true)
+        .set_abort_divergent(true)
+        .set_migration_table_name(HISTORY_TABLE)
+        .run_async(client)
+        .await?;
+    let applied = report.applied_migrations().iter().map(|m| m.to_string()).collect();
+    let version = current_version(client).await?.unwrap_or(0);
+    Ok(Applied { applied, version })
+}
+
+/// The schema version recorded in the database, `None` before any migration.
+pub async fn current_version(client: &Client) -> Result<Option<i32>, DbError> {
+    let exists: bool = client.query_one("SELECT to_regclass($1) IS NOT NULL", &[&HISTORY_TABLE]).await?.get(0);
+    if !exists {
+        return Ok(None);
+    }
+    let row = client.query_one(&format!("SELECT max(version) FROM {HISTORY_TABLE}"), &[]).await?;
+    Ok(row.get(0))
+}

@@ -1,0 +1,171 @@
+//! PostgreSQL access: the connection pool, the embedded cluster used when no
+//! URL is configured, schema migrations and partition upkeep.
+
+pub mod embedded;
+pub mod migrate;
+
+use std::str::FromStr;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+use tokio_postgres::error::SqlState;
+
+use crate::config::{DatabaseSettings, SettingsError};
+use embedded::{EmbeddedCluster, EmbeddedError};
+
+/// A pooled connection.
+pub type Client = deadpool_postgres::Object;
+
+/// Everything that can go wrong talking to PostgreSQL, sorted by what the
+/// caller should do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// The database cannot be reached or is shutting down: retry later.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// A statement failed for a reason retrying will not fix.
+    #[error("database error: {0}")]
+    Query(#[from] tokio_postgres::Error),
+}
+
+impl DbError {
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Self::Unavailable(_) => true,
+            Self::Query(e) => is_connectivity_error(e),
+        }
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for DbError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        use deadpool_postgres::PoolError as P;
+        match e {
+            P::Backend(e) if !is_connectivity_error(&e) => Self::Query(e),
+            P::Backend(e) => Self::Unavailable(e.to_string()),
+            P::Timeout(_) => Self::Unavailable("no database connection became free in time".into()),
+            other => Self::Unavailable(other.to_string()),
+        }
+    }
+}
+
+/// True for errors that say "the server is not there right now" rather
+/// than "this statement is wrong": closed sockets, refused connections,
+/// administrator shutdowns and servers still starting up.
+pub fn is_connectivity_error(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    if let Some(code) = e.code() {
+        return [
+            SqlState::ADMIN_SHUTDOWN,
+            SqlState::CRASH_SHUTDOWN,
+            SqlState::CANNOT_CONNECT_NOW,
+            SqlState::CONNECTION_EXCEPTION,
+            SqlState::CONNECTION_FAILURE,
+            SqlState::CONNECTION_DOES_NOT_EXIST,
+            SqlState::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+            SqlState::TOO_MANY_CONNECTIONS,
+            SqlState::INVALID_CATALOG_NAME,
+            SqlState::READ_ONLY_SQL_TRANSACTION,
+        ]
+        .contains(code);
+    }
+    // No SQLSTATE: an I/O failure, a refused connection or a connect timeout
+    // are about reachability; conversion errors are bugs and must not hide
+    // behind a 503.
+    let io = std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>());
+    let text = e.to_string();
+    io || text.starts_with("error connecting") || text.starts_with("timeout")
+}
+
+/// Errors while opening the database at start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Settings(#[from] SettingsError),
+    #[error(transparent)]
+    Embedded(#[from] EmbeddedError),
+    #[error("could not create the connection pool: {0}")]
+    Pool(String),
+}
+
+/// The pool plus, when warden runs its own cluster, the handle that stops it.
+pub struct Database {
+    pub pool: Pool,
+    embedded: Option<EmbeddedCluster>,
+}
+
+impl Database {
+    /// Opens the configured database, starting the embedded cluster when no
+    /// URL is set. Connections are opened lazily, so this succeeds even if
+    /// an external server is down; readiness reports it instead.
+    pub async fn open(settings: &DatabaseSettings) -> Result<Self, OpenError> {
+        let (pg_config, embedded) = if settings.url.is_empty() {
+            let bin_dir = Some(settings.pg_bin_dir.as_path()).filter(|p| !p.as_os_str().is_empty());
+            let cluster = EmbeddedCluster::start(&settings.data_dir, bin_dir).await?;
+            (cluster.connect_config(), Some(cluster))
+        } else {
+            (parse_url(settings.url.expose())?, None)
+        };
+        let pool = build_pool(pg_config, settings)?;
+        Ok(Self { pool, embedded })
+    }
+
+    /// Closes the pool and stops the embedded cluster if this process started it.
+    pub async fn close(self) {
+        self.pool.close();
+        if let Some(cluster) = self.embedded {
+            cluster.stop().await;
+        }
+    }
+}
+
+/// Parses `database.url` without ever echoing it (it may hold a password).
+pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, SettingsError> {
+    tokio_postgres::Config::from_str(url).map_err(|e| {
+        SettingsError::new(
+            "database.url",
+            "",
+            format!("a PostgreSQL URL like postgres://user@host:5432/db or a key=value string ({e})"),
+        )
+    })
+}
+
+/// A pool over `pg_config` with the session settings every connection needs.
+pub fn build_pool(mut pg_config: tokio_postgres::Config, settings: &DatabaseSettings) -> Result<Pool, OpenError> {
+    pg_config
+        .application_name("warden")
+        .connect_timeout(settings.connect_timeout.get())
+        .keepalives(true)
+        .keepalives_idle(std::time::Duration::from_secs(30))
+        .options(format!("-c statement_timeout={} -c timezone=UTC", settings.statement_timeout.as_millis_u64()));
+    let manager = Manager::from_config(pg_config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+    Pool::builder(manager)
+        .max_size(settings.pool_size as usize)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(settings.acquire_timeout.get()))
+        .create_timeout(Some(settings.connect_timeout.get()))
+        .recycle_timeout(Some(settings.connect_timeout.get()))
+        .build()
+        .map_err(|e| OpenError::Pool(e.to_string()))
+}
+
+/// Takes a connection, mapping pool failures to [`DbError`].
+pub async fn client(pool: &Pool) -> Result<Client, DbError> {
+    Ok(pool.get().await?)
+}
+
+/// Creates daily partitions from yesterday to `ahead_days` after today (UTC).
+/// Idempotent and safe to run from several replicas at once.
+#[tracing::instrument(skip(client))]
+pub async fn ensure_partitions(client: &tokio_postgres::Client, ahead_days: u32) -> Result<i32, DbError> {
+    let row = client
+        .query_one(
+            "SELECT warden.ensure_partitions((now() AT TIME ZONE 'UTC')::date - 1, \
+             (now() AT TIME ZONE 'UTC')::date + $1::int)",
+            &[&(ahead_days as i32)],
+        )
+        .await?;
+    Ok(row.get(0))
+}

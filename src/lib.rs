@@ -1,0 +1,21 @@
+//! warden keeps watch over a fleet of agents.
+//!
+//! Map of the crate:
+//! - [`config`] — typed settings from `settings.toml`, an override file and
+//!   `WARDEN__*` environment variables, validated once at start-up.
+//! - [`db`] — the PostgreSQL pool, the embedded cluster used when no URL is
+//!   set, migrations and partition upkeep.
+//! - [`api`] — the axum router: probes and the `/v1` API.
+//! - [`app`] — start-up and orderly shutdown of `warden serve`.
+//! - [`cli`] — the command line verbs.
+//! - [`telemetry`] — logging.
+
+#[macro_use]
+mod text_enum;
+
+pub mod api;
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod telemetry;

@@ -1,0 +1,66 @@
+//! The binary as an operator meets it: exit codes, one-line errors, output.
+
+use std::process::Command;
+
+fn warden() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_warden"));
+    // The developer's own WARDEN__* settings must not leak into these tests.
+    for (key, _) in std::env::vars() {
+        if key.starts_with("WARDEN") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}
+
+#[test]
+fn a_bad_setting_exits_2_with_one_line_naming_the_key() {
+    let out = warden().arg("config").env("WARDEN__DATABASE__POOL_SIZE", "banana").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("database.pool_size") && stderr.contains("banana"), "{stderr}");
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn a_bad_setting_stops_serve_before_it_starts() {
+    let out = warden().arg("serve").env("WARDEN__SERVER__LISTEN", "nope").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("server.listen"));
+}
+
+#[test]
+fn config_prints_effective_settings_with_secrets_redacted() {
+    let out = warden()
+        .arg("config")
+        .env("WARDEN__DATABASE__URL", "postgres://warden:hunter2@db/warden")
+        .env("WARDEN__DATABASE__POOL_SIZE", "9")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(stdout.contains("pool_size = 9"), "{stdout}");
+    assert!(!stdout.contains("hunter2"), "{stdout}");
+    let parsed: toml::Table = toml::from_str(&stdout).expect("output is TOML");
+    assert!(parsed.contains_key("server"));
+}
+
+#[test]
+fn the_config_flag_reads_an_override_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.toml");
+    std::fs::write(&path, "[server]\nlisten = \"0.0.0.0:7777\"\n").unwrap();
+    let out = warden().arg("--config").arg(&path).arg("config").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("0.0.0.0:7777"));
+
+    let out = warden().env("WARDEN_CONFIG", &path).arg("config").output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("0.0.0.0:7777"), "WARDEN_CONFIG works too");
+}
+
+#[test]
+fn an_unknown_verb_is_a_usage_error() {
+    let out = warden().arg("frobnicate").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}

@@ -1,0 +1,192 @@
+//! Settings: defaults, the three layers, and every way a value is refused.
+
+use std::collections::HashMap;
+use std::io::Write;
+
+use warden::config::{Duration, LogFormat, Settings, SettingsError, Sources};
+
+fn load_env(vars: &[(&str, &str)]) -> Result<Settings, SettingsError> {
+    let env: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    Settings::load(&Sources { file: None, env: Some(env) })
+}
+
+fn refused(vars: &[(&str, &str)]) -> SettingsError {
+    load_env(vars).expect_err("these settings must be refused")
+}
+
+fn override_file(text: &str) -> tempfile::NamedTempFile {
+    let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    file.write_all(text.as_bytes()).unwrap();
+    file
+}
+
+#[test]
+fn defaults_load_and_match_the_documented_values() {
+    let s = load_env(&[]).unwrap();
+    assert_eq!(s.server.listen.to_string(), "127.0.0.1:8080");
+    assert!(s.database.url.is_empty(), "default is the embedded cluster");
+    assert_eq!(s.database.data_dir, std::path::PathBuf::from(".warden/pgdata"));
+    assert_eq!(s.database.pool_size, 16);
+    assert_eq!(s.database.partitions_ahead_days, 7);
+    assert!(s.database.migrate_on_start);
+    assert_eq!(s.telemetry.format, LogFormat::Pretty);
+    assert_eq!(s.server.request_timeout, Duration::from_secs(30));
+}
+
+#[test]
+fn environment_overrides_every_kind_of_value() {
+    let s = load_env(&[
+        ("WARDEN__SERVER__LISTEN", "0.0.0.0:9999"),
+        ("WARDEN__SERVER__REQUEST_TIMEOUT", "1m30s"),
+        ("WARDEN__DATABASE__POOL_SIZE", "3"),
+        ("WARDEN__DATABASE__MIGRATE_ON_START", "false"),
+        ("WARDEN__TELEMETRY__FORMAT", "json"),
+    ])
+    .unwrap();
+    assert_eq!(s.server.listen.port(), 9999);
+    assert_eq!(s.server.request_timeout, Duration::from_secs(90));
+    assert_eq!(s.database.pool_size, 3);
+    assert!(!s.database.migrate_on_start);
+    assert_eq!(s.telemetry.format, LogFormat::Json);
+}
+
+#[test]
+fn environment_beats_the_file_and_the_file_beats_the_defaults() {
+    let file = override_file("[database]\npool_size = 5\nstatement_timeout = \"10s\"\n");
+    let env: HashMap<String, String> = [("WARDEN__DATABASE__POOL_SIZE".to_string(), "7".to_string())].into();
+    let s = Settings::load(&Sources { file: Some(file.path().to_path_buf()), env: Some(env) }).unwrap();
+    assert_eq!(s.database.pool_size, 7, "environment wins over the file");
+    assert_eq!(s.database.statement_timeout, Duration::from_secs(10), "file wins over defaults");
+    assert_eq!(s.database.connect_timeout, Duration::from_secs(5), "untouched keys keep their defaults");
+}
+
+#[test]
+fn a_word_where_a_number_belongs_names_key_value_and_origin() {
+    let e = refused(&[("WARDEN__DATABASE__POOL_SIZE", "banana")]);
+    assert_eq!(e.key.as_deref(), Some("database.pool_size"));
+    assert_eq!(e.value.as_deref(), Some("banana"));
+    assert_eq!(e.origin.as_deref(), Some("WARDEN__DATABASE__POOL_SIZE"));
+    let line = e.to_string();
+    assert!(!line.contains('\n'), "one line: {line}");
+    assert!(line.contains("database.pool_size") && line.contains("banana") && line.contains("integer"), "{line}");
+}
+
+#[test]
+fn out_of_range_numbers_say_the_range() {
+    for (var, key, value) in [
+        ("WARDEN__DATABASE__POOL_SIZE", "database.pool_size", "0"),
+        ("WARDEN__DATABASE__POOL_SIZE", "database.pool_size", "1001"),
+        ("WARDEN__DATABASE__PARTITIONS_AHEAD_DAYS", "database.partitions_ahead_days", "0"),
+        ("WARDEN__DATABASE__PARTITIONS_AHEAD_DAYS", "database.partitions_ahead_days", "400"),
+    ] {
+        let e = refused(&[(var, value)]);
+        assert_eq!(e.key.as_deref(), Some(key));
+        assert_eq!(e.value.as_deref(), Some(value));
+        assert!(e.allowed.contains("from 1 to"), "{e}");
+    }
+}
+
+#[test]
+fn too_short_durations_are_refused_with_the_minimum() {
+    for (var, key) in [
+        ("WARDEN__DATABASE__CONNECT_TIMEOUT", "database.connect_timeout"),
+        ("WARDEN__DATABASE__ACQUIRE_TIMEOUT", "database.acquire_timeout"),
+        ("WARDEN__DATABASE__STATEMENT_TIMEOUT", "database.statement_timeout"),
+        ("WARDEN__SERVER__REQUEST_TIMEOUT", "server.request_timeout"),
+    ] {
+        let e = refused(&[(var, "1ms")]);
+        assert_eq!(e.key.as_deref(), Some(key), "{e}");
+        assert!(e.allowed.contains("at least"), "{e}");
+    }
+}
+
+#[test]
+fn durations_need_a_unit_and_a_sane_shape() {
+    let e = refused(&[("WARDEN__SERVER__REQUEST_TIMEOUT", "30")]);
+    assert_eq!(e.key.as_deref(), Some("server.request_timeout"));
+    assert!(e.allowed.contains("30s"), "{e}");
+    let e = refused(&[("WARDEN__SERVER__SHUTDOWN_TIMEOUT", "soon")]);
+    assert_eq!(e.key.as_deref(), Some("server.shutdown_timeout"));
+    assert!(e.allowed.contains("duration"), "{e}");
+}
+
+#[test]
+fn a_bad_listen_address_shows_the_expected_form() {
+    let e = refused(&[("WARDEN__SERVER__LISTEN", "localhost")]);
+    assert_eq!(e.key.as_deref(), Some("server.listen"));
+    assert!(e.allowed.contains("address:port"), "{e}");
+}
+
+#[test]
+fn unknown_enum_values_list_the_allowed_ones() {
+    let e = refused(&[("WARDEN__TELEMETRY__FORMAT", "xml")]);
+    assert_eq!(e.key.as_deref(), Some("telemetry.format"));
+    assert!(e.allowed.contains("pretty") && e.allowed.contains("json"), "{e}");
+}
+
+#[test]
+fn an_invalid_log_filter_is_refused() {
+    let e = refused(&[("WARDEN__TELEMETRY__LEVEL", "warden=[")]);
+    assert_eq!(e.key.as_deref(), Some("telemetry.level"));
+}
+
+#[test]
+fn an_unknown_key_is_named_with_its_valid_siblings() {
+    let e = refused(&[("WARDEN__SERVER__LISTEM", "0.0.0.0:1")]);
+    assert_eq!(e.key.as_deref(), Some("server.listem"));
+    assert!(e.allowed.contains("listen"), "{e}");
+    let e = refused(&[("WARDEN__NOSUCHSECTION__X", "1")]);
+    assert_eq!(e.key.as_deref(), Some("nosuchsection"));
+}
+
+#[test]
+fn the_embedded_cluster_needs_a_data_dir() {
+    let e = refused(&[("WARDEN__DATABASE__DATA_DIR", "")]);
+    assert_eq!(e.key.as_deref(), Some("database.data_dir"));
+    load_env(&[("WARDEN__DATABASE__DATA_DIR", ""), ("WARDEN__DATABASE__URL", "postgres://db/x")])
+        .expect("a URL makes the data directory irrelevant");
+}
+
+#[test]
+fn a_broken_or_missing_override_file_is_named() {
+    let file = override_file("[server\nlisten = ");
+    let e = Settings::load(&Sources { file: Some(file.path().to_path_buf()), env: Some(HashMap::new()) }).unwrap_err();
+    assert_eq!(e.origin.as_deref(), Some(file.path().to_str().unwrap()));
+    assert!(e.allowed.contains("TOML"), "{e}");
+
+    let missing = std::path::PathBuf::from("/nonexistent/warden.toml");
+    let e = Settings::load(&Sources { file: Some(missing), env: Some(HashMap::new()) }).unwrap_err();
+    assert!(e.to_string().contains("/nonexistent/warden.toml"), "{e}");
+}
+
+#[test]
+fn a_wrong_type_in_the_file_names_the_file() {
+    let file = override_file("[database]\nmigrate_on_start = \"perhaps\"\n");
+    let e = Settings::load(&Sources { file: Some(file.path().to_path_buf()), env: Some(HashMap::new()) }).unwrap_err();
+    assert_eq!(e.key.as_deref(), Some("database.migrate_on_start"));
+    assert_eq!(e.origin.as_deref(), Some(file.path().to_str().unwrap()));
+}
+
+#[test]
+fn printed_settings_redact_secrets_but_show_empty_ones() {
+    let s = load_env(&[("WARDEN__DATABASE__URL", "postgres://warden:hunter2@db/warden")]).unwrap();
+    let printed = s.to_redacted_toml();
+    assert!(!printed.contains("hunter2"), "{printed}");
+    assert!(printed.contains("url = \"[redacted]\""), "{printed}");
+    assert!(!format!("{s:?}").contains("hunter2"), "Debug must not leak either");
+    let printed = load_env(&[]).unwrap().to_redacted_toml();
+    assert!(printed.contains("url = \"\""), "an unset secret shows as empty: {printed}");
+}
+
+#[test]
+fn a_malformed_database_url_is_refused_without_echoing_it() {
+    let e = warden::db::parse_url("postgres://user:hunter2@host:notaport/db").unwrap_err();
+    assert_eq!(e.key.as_deref(), Some("database.url"));
+    assert!(!e.to_string().contains("hunter2"), "{e}");
+}
+
+#[test]
+fn the_shipped_settings_file_is_the_compiled_default() {
+    let on_disk = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/settings.toml")).unwrap();
+    assert_eq!(on_disk, warden::config::DEFAULTS);
+}

@@ -1,0 +1,195 @@
+//! Migrations: an empty database gets the whole contract schema, a second
+//! run changes nothing, and partitions are ready for today and ahead.
+
+use crate::helpers::TestDb;
+use warden::db::migrate;
+
+/// Contract columns per table (DESIGN.md); more columns are allowed.
+const CONTRACT: &[(&str, &[&str])] = &[
+    (
+        "agent_status",
+        &[
+            "agent_id",
+            "name",
+            "labels",
+            "mode",
+            "expected_interval_ms",
+            "first_seen",
+            "last_seen",
+            "uptime_seconds",
+            "heartbeat_count",
+            "liveness",
+            "liveness_since",
+            "score",
+            "tier",
+            "components",
+            "evaluated_at",
+        ],
+    ),
+    (
+        "agent_heartbeats",
+        &["agent_id", "received_at", "sent_at", "mode", "status", "uptime_seconds", "next_heartbeat_ms"],
+    ),
+    ("performance_metrics", &["agent_id", "recorded_at", "name", "value", "unit"]),
+    ("system_events", &["id", "occurred_at", "agent_id", "event_type", "severity", "message", "details"]),
+    (
+        "recovery_actions",
+        &[
+            "id",
+            "incident_id",
+            "agent_id",
+            "strategy",
+            "action",
+            "attempt",
+            "state",
+            "started_at",
+            "finished_at",
+            "outcome",
+            "detail",
+        ],
+    ),
+    ("health_history", &["agent_id", "evaluated_at", "score", "tier", "liveness", "components"]),
+    ("incidents", &["id", "agent_id", "issue_type", "severity", "state", "opened_at", "resolved_at"]),
+    (
+        "alerts",
+        &[
+            "id",
+            "incident_id",
+            "dedup_key",
+            "severity",
+            "state",
+            "escalation_level",
+            "opened_at",
+            "acknowledged_at",
+            "acknowledged_by",
+            "resolved_at",
+        ],
+    ),
+    (
+        "alert_deliveries",
+        &["id", "alert_id", "channel", "kind", "state", "attempts", "next_attempt_at", "last_error", "sent_at"],
+    ),
+];
+
+#[tokio::test]
+async fn an_empty_database_gets_every_contract_table_and_column() {
+    let db = TestDb::empty().await;
+    let mut client = db.client().await;
+    assert_eq!(migrate::current_version(&client).await.unwrap(), None);
+
+    let outcome = migrate::run(&mut client).await.unwrap();
+    assert!(!outcome.applied.is_empty());
+    assert_eq!(outcome.version, migrate::latest_version());
+
+    for (table, columns) in CONTRACT {
+        let rows = client
+            .query(
+                "SELECT column_name::text FROM information_schema.columns WHERE table_schema = 'warden' AND table_name = $1",
+                &[table],
+            )
+            .await
+            .unwrap();
+        let present: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+        assert!(!present.is_empty(), "table warden.{table} is missing");
+        for column in *columns {
+            assert!(present.iter().any(|c| c == column), "warden.{table}.{column} is missing");
+        }
+    }
+}
+
+#[tokio::test]
+async fn migrating_twice_applies_nothing_the_second_time() {
+    let db = TestDb::empty().await;
+    let mut client = db.client().await;
+    migrate::run(&mut client).await.unwrap();
+    let again = migrate::run(&mut client).await.unwrap();
+    assert!(again.applied.is_empty(), "second run applied {:?}", again.applied);
+    assert_eq!(again.version, migrate::latest_version());
+}
+
+#[tokio::test]
+async fn concurrent_migrations_take_turns() {
+    let db = TestDb::empty().await;
+    let runs = (0..3).map(|_| {
+        let config = db.config.clone();
+        tokio::spawn(async move {
+            let mut client = crate::helpers::connect(&config).await;
+            migrate::run(&mut client).await.map(|o| o.applied.len())
+        })
+    });
+    let mut applied = Vec::new();
+    for run in runs {
+        applied.push(run.await.unwrap().expect("no run fails"));
+    }
+    applied.sort();
+    assert_eq!(applied.iter().filter(|n| **n > 0).count(), 1, "exactly one run applies: {applied:?}");
+}
+
+#[tokio::test]
+async fn partitions_exist_for_today_and_the_week_ahead() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    for table in ["agent_heartbeats", "performance_metrics", "health_history"] {
+        for offset in 0..=7 {
+            let exists: bool = client
+                .query_one(
+                    "SELECT to_regclass(format('warden.%s_p%s', $1::text, \
+                     to_char((now() AT TIME ZONE 'UTC')::date + $2::int, 'YYYYMMDD'))) IS NOT NULL",
+                    &[&table, &offset],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            assert!(exists, "{table} has no partition for today + {offset}");
+        }
+    }
+    // A row stamped now lands in a partition, not in an error.
+    client
+        .execute(
+            "INSERT INTO warden.agent_heartbeats (agent_id, received_at, status) VALUES ('a', now(), 'healthy')",
+            &[],
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn partition_upkeep_is_idempotent_and_extends_the_horizon() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    let created = warden::db::ensure_partitions(&client, 7).await.unwrap();
+    assert_eq!(created, 0, "everything up to a week ahead already exists");
+    let created = warden::db::ensure_partitions(&client, 9).await.unwrap();
+    assert_eq!(created, 3 * 2, "two more days for each of three tables");
+}
+
+#[tokio::test]
+async fn check_constraints_refuse_values_outside_the_enumerations() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    let bad = [
+        "INSERT INTO warden.agent_status (agent_id, expected_interval_ms, first_seen, last_seen, liveness) \
+         VALUES ('a', 1000, now(), now(), 'asleep')",
+        "INSERT INTO warden.agent_status (agent_id, expected_interval_ms, first_seen, last_seen) \
+         VALUES ('bad id with spaces', 1000, now(), now())",
+        "INSERT INTO warden.incidents (agent_id, issue_type, severity) VALUES ('a', 'bored', 'warning')",
+        "INSERT INTO warden.incidents (agent_id, issue_type, severity) VALUES ('a', 'flapping', 'meh')",
+        "INSERT INTO warden.performance_metrics (agent_id, recorded_at, name, value) VALUES ('a', now(), 'cpu', 'NaN')",
+    ];
+    for sql in bad {
+        let err = client.execute(sql, &[]).await.expect_err(sql);
+        assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION), "{sql}: {err}");
+    }
+}
+
+#[tokio::test]
+async fn only_one_incident_per_agent_and_issue_can_be_open() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    let open = "INSERT INTO warden.incidents (agent_id, issue_type, severity) VALUES ('a', 'flapping', 'warning')";
+    client.execute(open, &[]).await.unwrap();
+    let err = client.execute(open, &[]).await.unwrap_err();
+    assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION));
+    client.execute("UPDATE warden.incidents SET state = 'resolved', resolved_at = now()", &[]).await.unwrap();
+    client.execute(open, &[]).await.expect("a new episode may open once the last is resolved");
+}
