@@ -15,8 +15,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::api::{self, AppState};
+use crate::auth::Authenticator;
 use crate::config::Settings;
 use crate::db::{self, Database, OpenError, migrate};
+use crate::ingest::{Ingestor, WriterSettings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -48,6 +50,15 @@ impl Application {
                 tracing::info!(applied = ?outcome.applied, version = outcome.version, "database migrated");
             }
         }
+        {
+            let client = db::client(&database.pool).await.map_err(StartError::Connect)?;
+            sync_mode_intervals(&client, &settings).await.map_err(StartError::Connect)?;
+        }
+        if !settings.auth.enabled {
+            tracing::warn!(
+                "auth.enabled = false: every API call is accepted without a key; never do this in production"
+            );
+        }
         let addr = settings.server.listen;
         let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
         let local_addr = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
@@ -71,7 +82,10 @@ impl Application {
             background.clone(),
         ));
 
-        let state = AppState::new(database.pool.clone(), settings.clone());
+        let ingestor = Ingestor::start(database.pool.clone(), &writer_settings(&settings), background.clone(), &tasks);
+        let auth =
+            Arc::new(Authenticator::new(database.pool.clone(), settings.auth.enabled, settings.auth.cache_ttl.get()));
+        let state = AppState::new(database.pool.clone(), settings.clone(), auth, ingestor);
         let app = api::router(state);
         tracing::info!(addr = %local_addr, "warden is serving");
 
@@ -102,6 +116,40 @@ impl Application {
         tracing::info!("warden stopped");
         served
     }
+}
+
+fn writer_settings(settings: &Settings) -> WriterSettings {
+    WriterSettings {
+        writers: settings.ingest.writers,
+        queue_capacity: settings.ingest.queue_capacity,
+        max_flush: settings.ingest.max_flush,
+        group_commit: settings.ingest.group_commit,
+    }
+}
+
+/// Publishes [health.modes] to the database, where the SQL ingest path
+/// (shared by HTTP and `warden.record_heartbeat`) reads them.
+async fn sync_mode_intervals(client: &tokio_postgres::Client, settings: &Settings) -> Result<(), db::DbError> {
+    let health = &settings.health;
+    let mut modes: Vec<&str> = vec!["default"];
+    let mut millis: Vec<i32> = vec![clamp_ms(health.default_interval)];
+    for mode in crate::model::Mode::ALL {
+        modes.push(mode.as_str());
+        millis.push(clamp_ms(health.modes.get(*mode)));
+    }
+    client
+        .execute(
+            "INSERT INTO warden.mode_intervals (mode, interval_ms) SELECT * FROM unnest($1::text[], $2::int[]) \
+             ON CONFLICT (mode) DO UPDATE SET interval_ms = EXCLUDED.interval_ms \
+             WHERE warden.mode_intervals.interval_ms IS DISTINCT FROM EXCLUDED.interval_ms",
+            &[&modes, &millis],
+        )
+        .await?;
+    Ok(())
+}
+
+fn clamp_ms(d: crate::config::Duration) -> i32 {
+    i32::try_from(d.as_millis_u64()).unwrap_or(i32::MAX)
 }
 
 /// Keeps daily partitions created ahead of time; runs at start and hourly.

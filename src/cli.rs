@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use crate::app::{Application, StartError};
+use crate::auth::{self, Scope};
 use crate::config::{Settings, SettingsError, Sources, override_file};
 use crate::db::{self, Database, migrate};
 use crate::telemetry;
@@ -32,6 +33,30 @@ pub enum Command {
     Migrate,
     /// Print the effective settings, secrets redacted.
     Config,
+    /// Manage API keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create a key and print it once; only its hash is stored.
+    Create {
+        /// Who or what the key is for, e.g. "fleet-eu" or "grafana".
+        #[arg(long)]
+        name: String,
+        /// Scopes: ingest (send heartbeats and events), read, admin (all).
+        /// Repeat or separate with commas.
+        #[arg(long = "scope", value_delimiter = ',', default_value = "ingest")]
+        scopes: Vec<Scope>,
+    },
+    /// List keys (never their secrets).
+    List,
+    /// Revoke a key by its number or key id.
+    Revoke {
+        /// The number (from `keys list`) or the key id.
+        key: String,
+    },
 }
 
 /// A failed command, sorted by exit status.
@@ -50,6 +75,11 @@ impl Failure {
         let message = parts.next().unwrap_or_default().to_string();
         let detail = parts.next().map(str::to_string).filter(|d| !d.trim().is_empty());
         Self::Other { message, detail }
+    }
+
+    /// Bad usage of a verb (exit 2).
+    pub fn usage(message: impl Into<String>) -> Self {
+        Self::Settings(SettingsError { key: None, value: None, origin: None, allowed: message.into() })
     }
 
     fn exit_code(&self) -> u8 {
@@ -122,6 +152,74 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Serve => {
             telemetry::init(&settings.telemetry);
             serve(settings).await
+        }
+        Command::Keys(command) => with_database(&settings, |client| Box::pin(keys(client, command))).await,
+    }
+}
+
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// Opens the database (the embedded cluster too), brings the schema up to
+/// date, runs `work`, and closes everything again.
+async fn with_database<F>(settings: &Settings, work: F) -> Result<(), Failure>
+where
+    F: for<'c> FnOnce(&'c mut db::Client) -> BoxFuture<'c, Result<(), Failure>>,
+{
+    let database = Database::open(&settings.database).await.map_err(|e| Failure::from(StartError::from(e)))?;
+    let result = async {
+        let mut client = db::client(&database.pool).await.map_err(Failure::other)?;
+        migrate::run(&mut client).await.map_err(Failure::other)?;
+        work(&mut client).await
+    }
+    .await;
+    database.close().await;
+    result
+}
+
+async fn keys(client: &mut db::Client, command: KeysCommand) -> Result<(), Failure> {
+    match command {
+        KeysCommand::Create { name, scopes } => {
+            let name = name.trim();
+            if name.is_empty() || name.chars().count() > 128 {
+                return Err(Failure::usage("--name must be 1-128 characters"));
+            }
+            let mut scopes = scopes;
+            scopes.sort();
+            scopes.dedup();
+            let key = auth::create_key(client, name, &scopes).await.map_err(Failure::other)?;
+            let scopes: Vec<&str> = scopes.iter().map(|s| s.as_str()).collect();
+            eprintln!("created key {} ({name}) with scopes {}; it is shown only this once:", key.id, scopes.join(","));
+            println!("{}", key.token);
+            Ok(())
+        }
+        KeysCommand::List => {
+            let keys = auth::list_keys(client).await.map_err(Failure::other)?;
+            let mut rows =
+                vec![["id", "key_id", "name", "scopes", "created", "last used", "revoked"].map(String::from)];
+            let when = |t: Option<chrono::DateTime<chrono::Utc>>| {
+                t.map(|t| t.format("%Y-%m-%d %H:%M").to_string()).unwrap_or_else(|| "-".into())
+            };
+            for k in keys {
+                rows.push([
+                    k.id.to_string(),
+                    k.key_id,
+                    k.name,
+                    k.scopes.join(","),
+                    when(Some(k.created_at)),
+                    when(k.last_used_at),
+                    when(k.revoked_at),
+                ]);
+            }
+            print!("{}", crate::text_table::render(&rows));
+            Ok(())
+        }
+        KeysCommand::Revoke { key } => {
+            if auth::revoke_key(client, &key).await.map_err(Failure::other)? {
+                println!("revoked {key}; replicas stop accepting it within auth.cache_ttl");
+                Ok(())
+            } else {
+                Err(Failure::other(format!("no active key {key}")))
+            }
         }
     }
 }

@@ -5,6 +5,9 @@
 //!   `WARDEN__*` environment variables, validated once at start-up.
 //! - [`db`] — the PostgreSQL pool, the embedded cluster used when no URL is
 //!   set, migrations and partition upkeep.
+//! - [`model`] — domain vocabulary: agent ids, modes, severities, tiers.
+//! - [`auth`] — API keys with scopes, hashed at rest, cached when verified.
+//! - [`ingest`] — heartbeat and event validation and the group-commit writers.
 //! - [`api`] — the axum router: probes and the `/v1` API.
 //! - [`app`] — start-up and orderly shutdown of `warden serve`.
 //! - [`cli`] — the command line verbs.
@@ -15,7 +18,11 @@ mod text_enum;
 
 pub mod api;
 pub mod app;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod ingest;
+pub mod model;
 pub mod telemetry;
+pub mod text_table;

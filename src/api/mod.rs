@@ -1,18 +1,22 @@
 //! HTTP: the axum router, shared state, and the middleware every request
 //! passes through. Handlers live in one module per resource.
 
+pub mod auth;
 pub mod error;
+mod ingest;
 mod probes;
 
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{Request, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use deadpool_postgres::Pool;
 
+use crate::auth::Authenticator;
 use crate::config::Settings;
+use crate::ingest::{Ingestor, Limits};
 pub use error::ApiError;
 
 /// What handlers share. Cheap to clone.
@@ -26,11 +30,23 @@ pub struct Shared {
     pub pool: Pool,
     /// Settings as loaded at start-up; immutable for the process lifetime.
     pub settings: Arc<Settings>,
+    /// Verifies API keys.
+    pub auth: Arc<Authenticator>,
+    /// Queues heartbeats for the group-commit writers.
+    pub ingestor: Arc<Ingestor>,
+    /// Bounds on one heartbeat, derived once from the settings.
+    pub limits: Limits,
 }
 
 impl AppState {
-    pub fn new(pool: Pool, settings: Arc<Settings>) -> Self {
-        Self { inner: Arc::new(Shared { pool, settings }) }
+    pub fn new(pool: Pool, settings: Arc<Settings>, auth: Arc<Authenticator>, ingestor: Arc<Ingestor>) -> Self {
+        let limits = Limits {
+            max_batch: settings.ingest.max_batch,
+            max_metrics: settings.ingest.max_metrics,
+            max_labels: settings.ingest.max_labels,
+            max_clock_skew: settings.ingest.max_clock_skew.to_chrono(),
+        };
+        Self { inner: Arc::new(Shared { pool, settings, auth, ingestor, limits }) }
     }
 }
 
@@ -43,7 +59,7 @@ impl std::ops::Deref for AppState {
 
 /// The whole HTTP surface.
 pub fn router(state: AppState) -> Router {
-    let v1 = Router::new();
+    let v1 = Router::new().merge(ingest::router()).layer(DefaultBodyLimit::max(state.settings.ingest.max_body_bytes));
     Router::new()
         .merge(probes::router())
         .nest("/v1", v1)

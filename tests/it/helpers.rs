@@ -14,6 +14,7 @@ use tokio::sync::OnceCell;
 use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 use warden::app::Application;
+use warden::auth::Scope;
 use warden::config::{Secret, Settings, Sources};
 use warden::db::embedded::EmbeddedCluster;
 use warden::db::migrate;
@@ -243,6 +244,41 @@ impl TestApp {
 
     pub async fn get(&self, path: &str) -> reqwest::Response {
         self.http.get(self.url(path)).send().await.expect("GET reaches warden")
+    }
+
+    /// Creates an API key with `scopes` directly in the database.
+    pub async fn key(&self, scopes: &[Scope]) -> String {
+        let client = self.db.client().await;
+        warden::auth::create_key(&client, "test", scopes).await.expect("create key").token
+    }
+
+    /// POSTs JSON with a bearer key.
+    pub async fn post(&self, path: &str, key: &str, body: &serde_json::Value) -> reqwest::Response {
+        self.http.post(self.url(path)).bearer_auth(key).json(body).send().await.expect("POST reaches warden")
+    }
+
+    /// POSTs a raw body with a bearer key.
+    pub async fn post_raw(&self, path: &str, key: &str, body: impl Into<reqwest::Body>) -> reqwest::Response {
+        self.http
+            .post(self.url(path))
+            .bearer_auth(key)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("POST reaches warden")
+    }
+
+    /// POSTs a heartbeat (or batch) and returns status and JSON body.
+    pub async fn heartbeat(&self, key: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        let response = self.post("/v1/heartbeats", key, &body).await;
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
+    /// One number from SQL, for assertions.
+    pub async fn count(&self, sql: &str) -> i64 {
+        self.db.client().await.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
     }
 
     /// Stops warden the way SIGTERM does and waits for it to finish.

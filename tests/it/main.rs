@@ -5,5 +5,8 @@ mod helpers;
 mod cli;
 mod config;
 mod embedded;
+mod ingest;
 mod migrations;
+mod outage;
 mod probes;
+mod sql_path;

@@ -1,0 +1,97 @@
+//! POST /v1/heartbeats and POST /v1/events.
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use serde::Serialize;
+use serde_json::json;
+
+use super::auth::{Authorized, IngestScope};
+use super::{ApiError, AppState};
+use crate::ingest::{self, Ack, ParseError, SubmitError};
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/heartbeats", post(post_heartbeats)).route("/events", post(post_events))
+}
+
+#[derive(Serialize)]
+struct BatchResult<'a> {
+    agent_id: &'a str,
+    #[serde(flatten)]
+    ack: Ack,
+}
+
+/// Answers only after the heartbeats are committed.
+async fn post_heartbeats(
+    State(state): State<AppState>,
+    _auth: Authorized<IngestScope>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = read_body(body, state.settings.ingest.max_body_bytes)?;
+    let (heartbeats, batch) =
+        ingest::heartbeat::parse_body(&body, &state.limits, chrono::Utc::now()).map_err(parse_error)?;
+    let ids: Vec<_> = if batch { heartbeats.iter().map(|h| h.agent_id.clone()).collect() } else { Vec::new() };
+    let acks = state.ingestor.submit(heartbeats).await.map_err(submit_error)?;
+    if !batch {
+        let ack = acks[0];
+        return Ok(Json(json!({
+            "received": true,
+            "is_new": ack.is_new,
+            "restart_detected": ack.restart_detected,
+            "next_heartbeat_ms": ack.next_heartbeat_ms,
+        }))
+        .into_response());
+    }
+    let results: Vec<BatchResult> =
+        ids.iter().zip(acks).map(|(id, ack)| BatchResult { agent_id: id.as_str(), ack }).collect();
+    Ok(Json(json!({ "received": results.len(), "results": results })).into_response())
+}
+
+async fn post_events(
+    State(state): State<AppState>,
+    _auth: Authorized<IngestScope>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = read_body(body, state.settings.ingest.max_body_bytes)?;
+    let (events, batch) = ingest::events::parse_body(&body, &state.limits, chrono::Utc::now()).map_err(parse_error)?;
+    let mut client = crate::db::client(&state.pool).await?;
+    let ids = ingest::events::insert(&mut client, &events, batch)
+        .await?
+        .map_err(|e| ApiError::invalid(e.field, e.message))?;
+    let body =
+        if batch { json!({ "received": ids.len(), "ids": ids }) } else { json!({ "received": true, "id": ids[0] }) };
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+/// The body, or 413 past the limit, or 400 if it could not be read.
+pub fn read_body(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::payload_too_large(limit)
+        } else {
+            ApiError::malformed(format!("the request body could not be read: {}", rejection.body_text()))
+        }
+    })
+}
+
+pub fn parse_error(e: ParseError) -> ApiError {
+    match e {
+        ParseError::Malformed(message) => ApiError::malformed(message),
+        ParseError::Invalid(e) => ApiError::invalid(e.field, e.message),
+    }
+}
+
+pub fn submit_error(e: SubmitError) -> ApiError {
+    match e {
+        SubmitError::QueueFull => {
+            ApiError::unavailable("warden is at its ingest capacity; retry shortly").with_retry_after(1)
+        }
+        SubmitError::Unavailable => ApiError::unavailable("the database is unavailable; nothing was recorded"),
+        SubmitError::ShuttingDown => ApiError::unavailable("warden is shutting down; nothing was recorded"),
+        SubmitError::Db(e) => e.into(),
+    }
+}

@@ -1,0 +1,299 @@
+//! API keys: creation, storage (hashed), verification with a short cache.
+//!
+//! A key looks like `wdn_<key_id>_<secret>`: `key_id` (12 hex digits) is
+//! public and finds the row; the whole key is hashed with SHA-256 and
+//! compared in constant time with the stored hash. Keys carry 256 random
+//! bits, so a fast hash is enough; nothing reversible is stored.
+//!
+//! Verified keys are cached for `auth.cache_ttl`, so the hot path (every
+//! heartbeat) costs a hash and a map lookup, not a query. Revocation
+//! therefore takes effect within that TTL on every replica.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Pool;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::db::{self, DbError};
+
+text_enum! {
+    /// What a key may do. `admin` implies the other two.
+    pub enum Scope {
+        Ingest = "ingest",
+        Read = "read",
+        Admin = "admin",
+    }
+}
+
+const PREFIX: &str = "wdn_";
+const KEY_ID_LEN: usize = 12;
+const SECRET_LEN: usize = 64;
+/// Cached entries beyond which stale ones are swept (bounds memory under a
+/// flood of made-up keys).
+const CACHE_LIMIT: usize = 10_000;
+
+/// A newly created key. `token` is shown once and stored nowhere.
+#[derive(Debug, Clone)]
+pub struct NewKey {
+    pub id: i64,
+    pub key_id: String,
+    pub token: String,
+}
+
+/// A stored key as listed to operators (never the secret).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct KeyInfo {
+    pub id: i64,
+    pub key_id: String,
+    pub name: String,
+    pub scopes: Vec<String>,
+    pub created_at: DateTime<Utc>,
+    pub last_used_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// Who made a request.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    /// The key's name, or `None` when authentication is disabled.
+    pub key_name: Option<String>,
+    pub scopes: Vec<Scope>,
+}
+
+impl Principal {
+    pub fn anonymous() -> Self {
+        Self { key_name: None, scopes: Scope::ALL.to_vec() }
+    }
+
+    pub fn allows(&self, needed: Scope) -> bool {
+        self.scopes.iter().any(|s| *s == needed || *s == Scope::Admin)
+    }
+
+    /// A label for audit fields such as `acknowledged_by`.
+    pub fn label(&self) -> String {
+        self.key_name.clone().unwrap_or_else(|| "anonymous".into())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("an API key is required: send `Authorization: Bearer <key>`")]
+    Missing,
+    #[error("the API key is not valid")]
+    Invalid,
+    #[error("this API key lacks the `{0}` scope")]
+    Forbidden(Scope),
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+/// Generates a key: its public id and the full token.
+pub fn generate() -> (String, String) {
+    let mut bytes = [0u8; KEY_ID_LEN / 2 + SECRET_LEN / 2];
+    getrandom::fill(&mut bytes).expect("the operating system provides randomness");
+    let hexed = hex(&bytes);
+    let (key_id, secret) = hexed.split_at(KEY_ID_LEN);
+    (key_id.to_string(), format!("{PREFIX}{key_id}_{secret}"))
+}
+
+/// SHA-256 of the whole token.
+pub fn hash(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// The public id inside a well-formed token.
+pub fn key_id_of(token: &str) -> Option<&str> {
+    let rest = token.strip_prefix(PREFIX)?;
+    let (key_id, secret) = rest.split_once('_')?;
+    let well_formed = key_id.len() == KEY_ID_LEN
+        && secret.len() == SECRET_LEN
+        && key_id.bytes().chain(secret.bytes()).all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
+    well_formed.then_some(key_id)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    bytes.iter().flat_map(|b| [DIGITS[(b >> 4) as usize] as char, DIGITS[(b & 15) as usize] as char]).collect()
+}
+
+/// Stores a new key and returns it, token included.
+#[tracing::instrument(skip(client))]
+pub async fn create_key(client: &tokio_postgres::Client, name: &str, scopes: &[Scope]) -> Result<NewKey, DbError> {
+    let (key_id, token) = generate();
+    let scopes: Vec<&str> = scopes.iter().map(|s| s.as_str()).collect();
+    let row = client
+        .query_one(
+            "INSERT INTO warden.api_keys (key_id, secret_hash, name, scopes) VALUES ($1, $2, $3, $4) RETURNING id",
+            &[&key_id, &hash(&token).as_slice(), &name, &scopes],
+        )
+        .await?;
+    Ok(NewKey { id: row.get(0), key_id, token })
+}
+
+pub async fn list_keys(client: &tokio_postgres::Client) -> Result<Vec<KeyInfo>, DbError> {
+    let rows = client
+        .query(
+            "SELECT id, key_id, name, scopes, created_at, last_used_at, revoked_at FROM warden.api_keys ORDER BY id",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| KeyInfo {
+            id: r.get(0),
+            key_id: r.get(1),
+            name: r.get(2),
+            scopes: r.get(3),
+            created_at: r.get(4),
+            last_used_at: r.get(5),
+            revoked_at: r.get(6),
+        })
+        .collect())
+}
+
+/// Revokes a key by numeric id or key id. Returns false if none matched
+/// (or it was already revoked).
+pub async fn revoke_key(client: &tokio_postgres::Client, which: &str) -> Result<bool, DbError> {
+    let id: Option<i64> = which.parse().ok();
+    let n = client
+        .execute(
+            "UPDATE warden.api_keys SET revoked_at = now() \
+             WHERE (id = $1 OR key_id = $2) AND revoked_at IS NULL",
+            &[&id, &which],
+        )
+        .await?;
+    Ok(n > 0)
+}
+
+#[derive(Clone)]
+struct Cached {
+    /// `None` records that no usable key has this id (unknown or revoked).
+    key: Option<([u8; 32], String, Vec<Scope>)>,
+    fetched: Instant,
+}
+
+/// Verifies bearer tokens against `warden.api_keys`.
+pub struct Authenticator {
+    enabled: bool,
+    ttl: std::time::Duration,
+    pool: Pool,
+    cache: Mutex<HashMap<String, Cached>>,
+}
+
+impl Authenticator {
+    pub fn new(pool: Pool, enabled: bool, ttl: std::time::Duration) -> Self {
+        Self { enabled, ttl, pool, cache: Mutex::new(HashMap::new()) }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// Checks an `Authorization` header value for a key with `needed`.
+    pub async fn authenticate(&self, header: Option<&str>, needed: Scope) -> Result<Principal, AuthError> {
+        if !self.enabled {
+            return Ok(Principal::anonymous());
+        }
+        let header = header.ok_or(AuthError::Missing)?;
+        let token = header
+            .strip_prefix("Bearer ")
+            .or_else(|| header.strip_prefix("bearer "))
+            .map(str::trim)
+            .ok_or(AuthError::Missing)?;
+        let key_id = key_id_of(token).ok_or(AuthError::Invalid)?;
+        let entry = match self.cached(key_id) {
+            Some(entry) => entry,
+            None => self.fetch(key_id).await?,
+        };
+        let Some((stored, name, scopes)) = entry.key else {
+            return Err(AuthError::Invalid);
+        };
+        if !bool::from(hash(token).ct_eq(&stored)) {
+            return Err(AuthError::Invalid);
+        }
+        let principal = Principal { key_name: Some(name), scopes };
+        if !principal.allows(needed) {
+            return Err(AuthError::Forbidden(needed));
+        }
+        Ok(principal)
+    }
+
+    fn cached(&self, key_id: &str) -> Option<Cached> {
+        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.get(key_id).filter(|c| c.fetched.elapsed() < self.ttl).cloned()
+    }
+
+    async fn fetch(&self, key_id: &str) -> Result<Cached, AuthError> {
+        let client = db::client(&self.pool).await?;
+        // Touching last_used_at here records use at most once per TTL.
+        let row = client
+            .query_opt(
+                "UPDATE warden.api_keys SET last_used_at = now() \
+                 WHERE key_id = $1 AND revoked_at IS NULL \
+                 RETURNING secret_hash, name, scopes",
+                &[&key_id],
+            )
+            .await
+            .map_err(DbError::from)?;
+        let key = row.map(|r| {
+            let stored: Vec<u8> = r.get(0);
+            let mut hash = [0u8; 32];
+            hash.copy_from_slice(&stored);
+            let scopes: Vec<String> = r.get(2);
+            (hash, r.get(1), scopes.iter().filter_map(|s| s.parse().ok()).collect())
+        });
+        let entry = Cached { key, fetched: Instant::now() };
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= CACHE_LIMIT {
+            let ttl = self.ttl;
+            cache.retain(|_, c| c.fetched.elapsed() < ttl);
+            if cache.len() >= CACHE_LIMIT {
+                cache.clear();
+            }
+        }
+        cache.insert(key_id.to_string(), entry.clone());
+        Ok(entry)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_keys_are_well_formed_and_distinct() {
+        let (id1, t1) = generate();
+        let (_, t2) = generate();
+        assert_ne!(t1, t2);
+        assert_eq!(key_id_of(&t1), Some(id1.as_str()));
+        assert_eq!(t1.len(), PREFIX.len() + KEY_ID_LEN + 1 + SECRET_LEN);
+    }
+
+    #[test]
+    fn malformed_tokens_have_no_key_id() {
+        let (_, token) = generate();
+        for bad in [
+            "",
+            "wdn_",
+            &token[..token.len() - 1],
+            &token.replace("wdn_", "xyz_"),
+            &token.to_uppercase(),
+            &format!("{token}0"),
+        ] {
+            assert_eq!(key_id_of(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn admin_implies_every_scope_and_others_only_themselves() {
+        let admin = Principal { key_name: None, scopes: vec![Scope::Admin] };
+        assert!(Scope::ALL.iter().all(|s| admin.allows(*s)));
+        let ingest = Principal { key_name: None, scopes: vec![Scope::Ingest] };
+        assert!(ingest.allows(Scope::Ingest));
+        assert!(!ingest.allows(Scope::Read) && !ingest.allows(Scope::Admin));
+    }
+}

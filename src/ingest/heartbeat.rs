@@ -1,0 +1,466 @@
+//! Heartbeats as they arrive (wire form) and as warden keeps them
+//! (validated form), and the parsing that turns one into the other with
+//! errors that name the field.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+
+use crate::model::{AgentId, HeartbeatStatus, Mode};
+
+/// Bounds on what one heartbeat may carry.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_batch: usize,
+    pub max_metrics: usize,
+    pub max_labels: usize,
+    pub max_clock_skew: chrono::Duration,
+}
+
+pub const NAME_MAX: usize = 256;
+pub const LABEL_KEY_MAX: usize = 63;
+pub const LABEL_VALUE_MAX: usize = 256;
+pub const METRIC_NAME_MAX: usize = 128;
+pub const UNIT_MAX: usize = 32;
+pub const NEXT_HEARTBEAT_MIN_MS: i64 = 100;
+pub const NEXT_HEARTBEAT_MAX_MS: i64 = 7 * 24 * 3600 * 1000;
+
+/// A heartbeat that passed validation; nothing downstream re-checks it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Heartbeat {
+    pub agent_id: AgentId,
+    pub name: Option<String>,
+    pub labels: Option<BTreeMap<String, String>>,
+    pub mode: Option<Mode>,
+    pub status: HeartbeatStatus,
+    pub uptime_seconds: Option<i64>,
+    pub next_heartbeat_ms: Option<i32>,
+    pub sent_at: Option<DateTime<Utc>>,
+    /// In name order, one per name.
+    pub metrics: Vec<Metric>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Metric {
+    pub name: String,
+    pub value: f64,
+    pub unit: Option<String>,
+}
+
+/// A value that cannot be accepted, with the path of the field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { field: field.into(), message: message.into() }
+    }
+
+    fn within(mut self, prefix: &str) -> Self {
+        if !prefix.is_empty() {
+            self.field = format!("{prefix}.{}", self.field);
+        }
+        self
+    }
+}
+
+/// Why a request body could not be read as heartbeats.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ParseError {
+    /// Not JSON, or not a JSON object (HTTP 400).
+    Malformed(String),
+    /// JSON, but a value is unacceptable (HTTP 422).
+    Invalid(FieldError),
+}
+
+/// One heartbeat as sent. Every field is optional here so that a missing
+/// required field gets our message rather than serde's.
+#[derive(Debug, Default, Deserialize)]
+pub struct WireHeartbeat {
+    pub agent_id: Option<String>,
+    pub name: Option<String>,
+    pub mode: Option<Mode>,
+    pub status: Option<HeartbeatStatus>,
+    pub uptime_seconds: Option<i64>,
+    pub next_heartbeat_ms: Option<i64>,
+    pub sent_at: Option<String>,
+    pub metrics: Option<BTreeMap<String, WireMetric>>,
+    pub labels: Option<BTreeMap<String, String>>,
+    /// Present only on a batch envelope: `{"heartbeats": [...]}`.
+    pub heartbeats: Option<Vec<WireHeartbeat>>,
+}
+
+/// A metric value: a bare number or `{"value": n, "unit": "ms"}`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WireMetric {
+    pub value: f64,
+    pub unit: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for WireMetric {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Detailed {
+            value: f64,
+            unit: Option<String>,
+        }
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = WireMetric;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a number or {\"value\": number, \"unit\": string}")
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<WireMetric, E> {
+                Ok(WireMetric { value: v, unit: None })
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<WireMetric, E> {
+                Ok(WireMetric { value: v as f64, unit: None })
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<WireMetric, E> {
+                Ok(WireMetric { value: v as f64, unit: None })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<WireMetric, A::Error> {
+                let d = Detailed::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(WireMetric { value: d.value, unit: d.unit })
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// Parses a POST /v1/heartbeats body: one heartbeat, or a batch. A batch is
+/// all-or-nothing: the first bad heartbeat rejects it, naming its index.
+/// Returns the heartbeats and whether the body was a batch.
+pub fn parse_body(body: &[u8], limits: &Limits, now: DateTime<Utc>) -> Result<(Vec<Heartbeat>, bool), ParseError> {
+    let wire = parse_json::<WireHeartbeat>(body)?;
+    match wire.heartbeats {
+        Some(list) => {
+            if wire.agent_id.is_some() {
+                return Err(ParseError::Invalid(FieldError::new(
+                    "heartbeats",
+                    "send either one heartbeat or {\"heartbeats\": [...]}, not both",
+                )));
+            }
+            if list.is_empty() {
+                return Err(ParseError::Invalid(FieldError::new("heartbeats", "must hold at least one heartbeat")));
+            }
+            if list.len() > limits.max_batch {
+                return Err(ParseError::Invalid(FieldError::new(
+                    "heartbeats",
+                    format!("holds {} heartbeats; at most {} are allowed per request", list.len(), limits.max_batch),
+                )));
+            }
+            let validated = list
+                .into_iter()
+                .enumerate()
+                .map(|(i, w)| validate(w, limits, now).map_err(|e| e.within(&format!("heartbeats[{i}]"))))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(ParseError::Invalid)?;
+            Ok((validated, true))
+        }
+        None => validate(wire, limits, now).map(|h| (vec![h], false)).map_err(ParseError::Invalid),
+    }
+}
+
+/// Deserializes JSON, sorting syntax errors (400) from value errors (422,
+/// with the path of the offending field).
+pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ParseError> {
+    // serde would also read a struct from a JSON array; only objects are meant.
+    if body.iter().find(|b| !b.is_ascii_whitespace()).is_some_and(|b| *b != b'{') {
+        return Err(ParseError::Malformed("the body must be a JSON object".into()));
+    }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let message = strip_position(&inner.to_string());
+        match inner.classify() {
+            serde_json::error::Category::Data if path != "." && !path.is_empty() => {
+                ParseError::Invalid(FieldError::new(path, message))
+            }
+            serde_json::error::Category::Data => {
+                ParseError::Malformed(format!("the body must be a JSON object ({message})"))
+            }
+            // NaN and Infinity are not JSON, but some encoders (Python's
+            // json module) write them anyway; name the field instead of
+            // calling the whole body broken.
+            serde_json::error::Category::Syntax if non_finite_number(body, &inner) => {
+                ParseError::Invalid(FieldError::new(path, "must be a finite number (NaN and Infinity are not allowed)"))
+            }
+            _ => ParseError::Malformed(format!("the body is not valid JSON ({inner})")),
+        }
+    })?;
+    de.end().map_err(|e| ParseError::Malformed(format!("the body is not valid JSON ({e})")))?;
+    Ok(value)
+}
+
+/// True when a syntax error sits on a NaN/Infinity literal or an
+/// out-of-range number.
+fn non_finite_number(body: &[u8], e: &serde_json::Error) -> bool {
+    if e.to_string().starts_with("number out of range") {
+        return true;
+    }
+    let line_start: usize = body.split(|b| *b == b'\n').take(e.line().saturating_sub(1)).map(|l| l.len() + 1).sum();
+    let at = (line_start + e.column()).saturating_sub(1);
+    let near = &body[at.saturating_sub(1).min(body.len())..body.len().min(at + 9)];
+    [&b"NaN"[..], b"Infinity"].iter().any(|lit| near.windows(lit.len()).any(|w| w == *lit))
+}
+
+/// serde_json appends " at line L column C", which names no field and means
+/// nothing to a client that sent one line.
+fn strip_position(message: &str) -> String {
+    match message.rfind(" at line ") {
+        Some(i) => message[..i].to_string(),
+        None => message.to_string(),
+    }
+}
+
+/// Checks one wire heartbeat against the rules in DESIGN.md and the limits.
+pub fn validate(w: WireHeartbeat, limits: &Limits, now: DateTime<Utc>) -> Result<Heartbeat, FieldError> {
+    if w.heartbeats.is_some() {
+        return Err(FieldError::new("heartbeats", "batches cannot be nested"));
+    }
+    let agent_id = w.agent_id.ok_or_else(|| FieldError::new("agent_id", "is required"))?;
+    let agent_id = AgentId::parse(agent_id).map_err(|m| FieldError::new("agent_id", m))?;
+
+    let name = match w.name {
+        Some(n) if n.chars().count() > NAME_MAX => {
+            return Err(FieldError::new("name", format!("must be at most {NAME_MAX} characters")));
+        }
+        Some(n) if n.chars().any(char::is_control) => {
+            return Err(FieldError::new("name", "must not contain control characters"));
+        }
+        other => other,
+    };
+
+    if let Some(uptime) = w.uptime_seconds.filter(|u| *u < 0) {
+        return Err(FieldError::new("uptime_seconds", format!("must not be negative (got {uptime})")));
+    }
+
+    let next_heartbeat_ms = match w.next_heartbeat_ms {
+        None => None,
+        Some(ms) if (NEXT_HEARTBEAT_MIN_MS..=NEXT_HEARTBEAT_MAX_MS).contains(&ms) => Some(ms as i32),
+        Some(ms) => {
+            return Err(FieldError::new(
+                "next_heartbeat_ms",
+                format!("must be from {NEXT_HEARTBEAT_MIN_MS} to {NEXT_HEARTBEAT_MAX_MS} (7 days); got {ms}"),
+            ));
+        }
+    };
+
+    let sent_at = match w.sent_at {
+        None => None,
+        Some(text) => {
+            let at = DateTime::parse_from_rfc3339(&text)
+                .map_err(|e| FieldError::new("sent_at", format!("must be an RFC 3339 timestamp ({e})")))?
+                .with_timezone(&Utc);
+            if at > now + limits.max_clock_skew {
+                return Err(FieldError::new(
+                    "sent_at",
+                    format!(
+                        "is {}s in the future; at most {}s of clock skew is allowed",
+                        (at - now).num_seconds(),
+                        limits.max_clock_skew.num_seconds()
+                    ),
+                ));
+            }
+            Some(at)
+        }
+    };
+
+    let labels = match w.labels {
+        None => None,
+        Some(labels) => {
+            if labels.len() > limits.max_labels {
+                return Err(FieldError::new("labels", format!("at most {} labels are allowed", limits.max_labels)));
+            }
+            for (key, value) in &labels {
+                let field = format!("labels.{key}");
+                if key.is_empty() || key.len() > LABEL_KEY_MAX || !key.chars().all(is_label_key_char) {
+                    return Err(FieldError::new(
+                        field,
+                        format!("label names are 1-{LABEL_KEY_MAX} characters of A-Z a-z 0-9 . _ / -"),
+                    ));
+                }
+                if value.chars().count() > LABEL_VALUE_MAX || value.chars().any(char::is_control) {
+                    return Err(FieldError::new(
+                        field,
+                        format!("label values are at most {LABEL_VALUE_MAX} characters, without control characters"),
+                    ));
+                }
+            }
+            Some(labels)
+        }
+    };
+
+    let mut metrics = Vec::new();
+    if let Some(wire_metrics) = w.metrics {
+        if wire_metrics.len() > limits.max_metrics {
+            return Err(FieldError::new("metrics", format!("at most {} metrics are allowed", limits.max_metrics)));
+        }
+        metrics.reserve(wire_metrics.len());
+        for (name, m) in wire_metrics {
+            let field = format!("metrics.{name}");
+            if name.is_empty() || name.len() > METRIC_NAME_MAX || !name.chars().all(is_metric_name_char) {
+                return Err(FieldError::new(
+                    field,
+                    format!("metric names are 1-{METRIC_NAME_MAX} characters of A-Z a-z 0-9 . _ : / -"),
+                ));
+            }
+            if !m.value.is_finite() {
+                return Err(FieldError::new(field, "must be a finite number"));
+            }
+            let bad_unit = |u: &String| u.is_empty() || u.chars().count() > UNIT_MAX || u.chars().any(char::is_control);
+            if m.unit.as_ref().is_some_and(bad_unit) {
+                return Err(FieldError::new(field, format!("units are 1-{UNIT_MAX} characters")));
+            }
+            metrics.push(Metric { name, value: m.value, unit: m.unit });
+        }
+    }
+
+    Ok(Heartbeat {
+        agent_id,
+        name,
+        labels,
+        mode: w.mode,
+        status: w.status.unwrap_or(HeartbeatStatus::Healthy),
+        uptime_seconds: w.uptime_seconds,
+        next_heartbeat_ms,
+        sent_at,
+        metrics,
+    })
+}
+
+fn is_label_key_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '/' | '-')
+}
+
+fn is_metric_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '/' | '-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits { max_batch: 3, max_metrics: 2, max_labels: 2, max_clock_skew: chrono::Duration::minutes(5) }
+    }
+
+    fn now() -> DateTime<Utc> {
+        "2026-01-01T00:00:00Z".parse().unwrap()
+    }
+
+    fn parse(body: &str) -> Result<(Vec<Heartbeat>, bool), ParseError> {
+        parse_body(body.as_bytes(), &limits(), now())
+    }
+
+    fn invalid(body: &str) -> FieldError {
+        match parse(body) {
+            Err(ParseError::Invalid(e)) => e,
+            other => panic!("{body}: expected a field error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_minimal_heartbeat_defaults_to_healthy() {
+        let (hbs, batch) = parse(r#"{"agent_id": "a"}"#).unwrap();
+        assert!(!batch);
+        assert_eq!(hbs[0].status, HeartbeatStatus::Healthy);
+        assert_eq!(hbs[0].agent_id.as_str(), "a");
+    }
+
+    #[test]
+    fn every_field_is_read() {
+        let (hbs, _) = parse(
+            r#"{"agent_id":"w-1","name":"Worker","mode":"idle","status":"degraded","uptime_seconds":12,
+                "next_heartbeat_ms":1500,"sent_at":"2025-12-31T23:59:59+01:00",
+                "metrics":{"cpu":0.5,"latency":{"value":12,"unit":"ms"}},"labels":{"role":"worker"}}"#,
+        )
+        .unwrap();
+        let h = &hbs[0];
+        assert_eq!(h.name.as_deref(), Some("Worker"));
+        assert_eq!(h.mode, Some(Mode::Idle));
+        assert_eq!(h.status, HeartbeatStatus::Degraded);
+        assert_eq!(h.uptime_seconds, Some(12));
+        assert_eq!(h.next_heartbeat_ms, Some(1500));
+        assert_eq!(h.sent_at.unwrap().to_rfc3339(), "2025-12-31T22:59:59+00:00");
+        assert_eq!(h.metrics[0], Metric { name: "cpu".into(), value: 0.5, unit: None });
+        assert_eq!(h.metrics[1], Metric { name: "latency".into(), value: 12.0, unit: Some("ms".into()) });
+        assert_eq!(h.labels.as_ref().unwrap()["role"], "worker");
+    }
+
+    #[test]
+    fn a_batch_names_the_index_of_the_bad_heartbeat() {
+        let e = invalid(r#"{"heartbeats":[{"agent_id":"a"},{"agent_id":"b c"}]}"#);
+        assert_eq!(e.field, "heartbeats[1].agent_id");
+        let e = invalid(r#"{"heartbeats":[{"agent_id":"a"},{"agent_id":"b","uptime_seconds":"x"}]}"#);
+        assert_eq!(e.field, "heartbeats[1].uptime_seconds");
+    }
+
+    #[test]
+    fn batches_are_bounded_and_not_empty() {
+        assert_eq!(invalid(r#"{"heartbeats":[]}"#).field, "heartbeats");
+        let four = r#"{"heartbeats":[{"agent_id":"a"},{"agent_id":"a"},{"agent_id":"a"},{"agent_id":"a"}]}"#;
+        assert!(invalid(four).message.contains("at most 3"));
+        assert_eq!(invalid(r#"{"agent_id":"a","heartbeats":[{"agent_id":"b"}]}"#).field, "heartbeats");
+        assert_eq!(invalid(r#"{"heartbeats":[{"agent_id":"a","heartbeats":[]}]}"#).field, "heartbeats[0].heartbeats");
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        let cases = [
+            (r#"{}"#, "agent_id"),
+            (r#"{"agent_id":""}"#, "agent_id"),
+            (r#"{"agent_id":"a/b"}"#, "agent_id"),
+            (r#"{"agent_id":"a","mode":"asleep"}"#, "mode"),
+            (r#"{"agent_id":"a","status":"fine"}"#, "status"),
+            (r#"{"agent_id":"a","uptime_seconds":-1}"#, "uptime_seconds"),
+            (r#"{"agent_id":"a","uptime_seconds":1.5}"#, "uptime_seconds"),
+            (r#"{"agent_id":"a","next_heartbeat_ms":99}"#, "next_heartbeat_ms"),
+            (r#"{"agent_id":"a","next_heartbeat_ms":604800001}"#, "next_heartbeat_ms"),
+            (r#"{"agent_id":"a","sent_at":"yesterday"}"#, "sent_at"),
+            (r#"{"agent_id":"a","sent_at":"2026-01-01T00:05:01Z"}"#, "sent_at"),
+            (r#"{"agent_id":"a","metrics":{"cpu":"high"}}"#, "metrics.cpu"),
+            (r#"{"agent_id":"a","metrics":{"cpu":1e999}}"#, "metrics.cpu"),
+            (r#"{"agent_id":"a","metrics":{"cpu":NaN}}"#, "metrics.cpu"),
+            ("{\"agent_id\":\"a\",\n\"metrics\":{\"cpu\":-Infinity}}", "metrics.cpu"),
+            (r#"{"agent_id":"a","metrics":{"cpu":{"value":Infinity}}}"#, "metrics.cpu"),
+            (r#"{"agent_id":"a","metrics":{"bad name":1}}"#, "metrics.bad name"),
+            (r#"{"agent_id":"a","metrics":{"a":1,"b":2,"c":3}}"#, "metrics"),
+            (r#"{"agent_id":"a","metrics":{"l":{"value":1,"unit":""}}}"#, "metrics.l"),
+            (r#"{"agent_id":"a","labels":{"role":5}}"#, "labels.role"),
+            (r#"{"agent_id":"a","labels":{"bad key":"x"}}"#, "labels.bad key"),
+            (r#"{"agent_id":"a","labels":{"a":"1","b":"2","c":"3"}}"#, "labels"),
+            (r#"{"agent_id":"a","name":"x\u0000y"}"#, "name"),
+        ];
+        for (body, field) in cases {
+            let e = invalid(body);
+            assert!(e.field.starts_with(field), "{body}: field {} should be {field}", e.field);
+            assert!(!e.message.is_empty());
+        }
+    }
+
+    #[test]
+    fn sent_at_within_the_allowed_skew_passes() {
+        assert!(parse(r#"{"agent_id":"a","sent_at":"2026-01-01T00:04:59Z"}"#).is_ok());
+        assert!(parse(r#"{"agent_id":"a","sent_at":"2020-01-01T00:00:00Z"}"#).is_ok(), "old is fine");
+    }
+
+    #[test]
+    fn broken_json_is_malformed_not_invalid() {
+        for body in ["", "{", "nope", r#"{"agent_id":"a"} trailing"#, "[1,2]", "42"] {
+            assert!(matches!(parse(body), Err(ParseError::Malformed(_))), "{body:?}");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored_for_forward_compatibility() {
+        assert!(parse(r#"{"agent_id":"a","future_field":{"x":1}}"#).is_ok());
+    }
+}

@@ -1,0 +1,368 @@
+//! Group commit: many concurrent requests, few transactions.
+//!
+//! Requests put their validated heartbeats on a queue and wait. Each writer
+//! task takes whatever is queued the moment it is free (no linger delay:
+//! the time a commit takes is the batching window), applies it with one
+//! call of `warden.ingest_heartbeats` — one statement, one transaction —
+//! and only then answers every request in it. Nothing is acknowledged
+//! before it is committed.
+//!
+//! Bounds and failure:
+//! - The queue is measured in heartbeats. When `ingest.queue_capacity` is
+//!   reached, new requests are refused at once (503) instead of piling up.
+//! - When PostgreSQL is unreachable, the requests in the failed flush and
+//!   everything still queued get 503, and new requests are refused at once
+//!   until a probe finds the database again.
+//! - A flush that fails for another reason (a row the database refuses) is
+//!   retried request by request, so one bad request cannot fail others.
+//!
+//! Ordering: a request's heartbeats stay together and in order. Requests
+//! are spread over writers by the first agent id, so one agent's requests
+//! normally share a writer and are applied in arrival order; the row lock
+//! taken by `ingest_heartbeats` keeps concurrent writers correct otherwise.
+
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::Json;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::heartbeat::Heartbeat;
+use crate::db::{self, DbError};
+
+const INGEST_SQL: &str = "SELECT idx, is_new, restart_detected, next_heartbeat_ms \
+     FROM warden.ingest_heartbeats($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
+
+/// How often an unavailable writer checks whether the database is back.
+const PROBE_INTERVAL: Duration = Duration::from_millis(500);
+/// Deadlocks and serialization failures are retried this many times.
+const TRANSIENT_RETRIES: usize = 3;
+
+/// What a committed heartbeat is answered with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Ack {
+    pub is_new: bool,
+    pub restart_detected: bool,
+    pub next_heartbeat_ms: i32,
+}
+
+/// Why heartbeats were not written. Nothing of the request was committed.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the ingest queue is full")]
+    QueueFull,
+    #[error("the database is unavailable")]
+    Unavailable,
+    #[error("warden is shutting down")]
+    ShuttingDown,
+    #[error(transparent)]
+    Db(DbError),
+}
+
+#[derive(Debug, Clone)]
+pub struct WriterSettings {
+    pub writers: usize,
+    pub queue_capacity: usize,
+    pub max_flush: usize,
+    /// False: every heartbeat is its own transaction (the naive baseline,
+    /// kept for benchmarks).
+    pub group_commit: bool,
+}
+
+struct Job {
+    heartbeats: Vec<Heartbeat>,
+    reply: oneshot::Sender<Result<Vec<Ack>, SubmitError>>,
+    /// Released when the job is answered, freeing queue capacity.
+    _permit: OwnedSemaphorePermit,
+}
+
+/// The front door of the writers.
+pub struct Ingestor {
+    shards: Vec<mpsc::UnboundedSender<Job>>,
+    permits: Arc<Semaphore>,
+    capacity: usize,
+    available: Arc<AtomicBool>,
+    pool: Pool,
+    group_commit: bool,
+}
+
+impl Ingestor {
+    /// Starts the writer tasks on `tasks`; they drain the queue and stop
+    /// when `stop` is cancelled.
+    pub fn start(pool: Pool, settings: &WriterSettings, stop: CancellationToken, tasks: &TaskTracker) -> Arc<Self> {
+        let available = Arc::new(AtomicBool::new(true));
+        let shards = (0..settings.writers.max(1))
+            .map(|_| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let writer = Writer {
+                    pool: pool.clone(),
+                    rx,
+                    max_flush: settings.max_flush.max(1),
+                    available: available.clone(),
+                    stop: stop.clone(),
+                };
+                tasks.spawn(writer.run());
+                tx
+            })
+            .collect();
+        Arc::new(Self {
+            shards,
+            permits: Arc::new(Semaphore::new(settings.queue_capacity)),
+            capacity: settings.queue_capacity,
+            available,
+            pool,
+            group_commit: settings.group_commit,
+        })
+    }
+
+    /// Writes `heartbeats` (in order, atomically) and returns one ack each,
+    /// after the transaction that holds them has committed.
+    pub async fn submit(&self, heartbeats: Vec<Heartbeat>) -> Result<Vec<Ack>, SubmitError> {
+        if !self.available.load(Ordering::Relaxed) {
+            return Err(SubmitError::Unavailable);
+        }
+        if !self.group_commit {
+            return self.submit_naive(&heartbeats).await;
+        }
+        let n = heartbeats.len().min(self.capacity) as u32;
+        let permit = self.permits.clone().try_acquire_many_owned(n).map_err(|_| SubmitError::QueueFull)?;
+        let shard = shard_of(&heartbeats, self.shards.len());
+        let (reply, answer) = oneshot::channel();
+        self.shards[shard].send(Job { heartbeats, reply, _permit: permit }).map_err(|_| SubmitError::ShuttingDown)?;
+        answer.await.map_err(|_| SubmitError::ShuttingDown)?
+    }
+
+    /// One transaction per heartbeat, straight from the request.
+    async fn submit_naive(&self, heartbeats: &[Heartbeat]) -> Result<Vec<Ack>, SubmitError> {
+        let client = db::client(&self.pool).await.map_err(classify)?;
+        let mut acks = Vec::with_capacity(heartbeats.len());
+        for heartbeat in heartbeats {
+            let one = write(&client, std::slice::from_ref(heartbeat)).await.map_err(classify)?;
+            acks.extend(one);
+        }
+        Ok(acks)
+    }
+
+    /// Heartbeats waiting in the queue right now.
+    pub fn queued(&self) -> usize {
+        self.capacity - self.permits.available_permits()
+    }
+}
+
+fn classify(e: DbError) -> SubmitError {
+    if e.is_unavailable() { SubmitError::Unavailable } else { SubmitError::Db(e) }
+}
+
+fn shard_of(heartbeats: &[Heartbeat], shards: usize) -> usize {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    heartbeats.first().map(|h| h.agent_id.as_str()).hash(&mut hasher);
+    (hasher.finish() % shards as u64) as usize
+}
+
+struct Writer {
+    pool: Pool,
+    rx: mpsc::UnboundedReceiver<Job>,
+    max_flush: usize,
+    available: Arc<AtomicBool>,
+    stop: CancellationToken,
+}
+
+impl Writer {
+    async fn run(mut self) {
+        loop {
+            if !self.available.load(Ordering::Relaxed) {
+                self.wait_for_database().await;
+                if self.stop.is_cancelled() {
+                    break;
+                }
+            }
+            let first = tokio::select! {
+                biased;
+                job = self.rx.recv() => match job {
+                    Some(job) => job,
+                    None => return,
+                },
+                _ = self.stop.cancelled() => break,
+            };
+            let jobs = self.gather(first);
+            self.flush(jobs).await;
+        }
+        // Shutting down: the HTTP server has drained, so anything left was
+        // submitted just before; write it rather than drop it.
+        while let Ok(first) = self.rx.try_recv() {
+            let jobs = self.gather(first);
+            self.flush(jobs).await;
+        }
+    }
+
+    /// Everything queued right now, up to `max_flush` heartbeats.
+    fn gather(&mut self, first: Job) -> Vec<Job> {
+        let mut count = first.heartbeats.len();
+        let mut jobs = vec![first];
+        while count < self.max_flush {
+            match self.rx.try_recv() {
+                Ok(job) => {
+                    count += job.heartbeats.len();
+                    jobs.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        jobs
+    }
+
+    async fn flush(&self, jobs: Vec<Job>) {
+        let result = async {
+            let client = db::client(&self.pool).await?;
+            let all: Vec<&Heartbeat> = jobs.iter().flat_map(|j| j.heartbeats.iter()).collect();
+            write_with_retry(&client, &all).await
+        }
+        .await;
+        match result {
+            Ok(acks) => answer_all(jobs, acks),
+            Err(e) if e.is_unavailable() => {
+                if self.available.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(error = %e, "database unavailable; refusing heartbeats until it is back");
+                }
+                for job in jobs {
+                    let _ = job.reply.send(Err(SubmitError::Unavailable));
+                }
+            }
+            Err(e) if jobs.len() == 1 => {
+                let _ = jobs.into_iter().next().map(|j| j.reply.send(Err(SubmitError::Db(e))));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, requests = jobs.len(), "group flush failed; retrying request by request");
+                for job in jobs {
+                    self.flush_one(job).await;
+                }
+            }
+        }
+    }
+
+    async fn flush_one(&self, job: Job) {
+        let result = async {
+            let client = db::client(&self.pool).await?;
+            let refs: Vec<&Heartbeat> = job.heartbeats.iter().collect();
+            write_with_retry(&client, &refs).await
+        }
+        .await;
+        let _ = job.reply.send(result.map_err(classify));
+    }
+
+    /// Refuses queued work while probing the database until it answers.
+    async fn wait_for_database(&mut self) {
+        loop {
+            while let Ok(job) = self.rx.try_recv() {
+                let _ = job.reply.send(Err(SubmitError::Unavailable));
+            }
+            if self.probe().await {
+                if !self.available.swap(true, Ordering::Relaxed) {
+                    tracing::info!("database reachable again; accepting heartbeats");
+                }
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(PROBE_INTERVAL) => {}
+                _ = self.stop.cancelled() => return,
+            }
+            if self.available.load(Ordering::Relaxed) {
+                return; // another writer's probe succeeded
+            }
+        }
+    }
+
+    async fn probe(&self) -> bool {
+        match db::client(&self.pool).await {
+            Ok(client) => client.simple_query("SELECT 1").await.is_ok(),
+            Err(_) => false,
+        }
+    }
+}
+
+fn answer_all(jobs: Vec<Job>, acks: Vec<Ack>) {
+    let mut acks = acks.into_iter();
+    for job in jobs {
+        let mine: Vec<Ack> = acks.by_ref().take(job.heartbeats.len()).collect();
+        let _ = job.reply.send(Ok(mine));
+    }
+}
+
+async fn write_with_retry(client: &db::Client, heartbeats: &[&Heartbeat]) -> Result<Vec<Ack>, DbError> {
+    let mut attempt = 0;
+    loop {
+        match write_refs(client, heartbeats).await {
+            Err(DbError::Query(e))
+                if attempt < TRANSIENT_RETRIES
+                    && matches!(
+                        e.code(),
+                        Some(&SqlState::T_R_DEADLOCK_DETECTED | &SqlState::T_R_SERIALIZATION_FAILURE)
+                    ) =>
+            {
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn write(client: &db::Client, heartbeats: &[Heartbeat]) -> Result<Vec<Ack>, DbError> {
+    let refs: Vec<&Heartbeat> = heartbeats.iter().collect();
+    write_refs(client, &refs).await
+}
+
+/// One call of `warden.ingest_heartbeats` with the heartbeats as arrays.
+async fn write_refs(client: &db::Client, heartbeats: &[&Heartbeat]) -> Result<Vec<Ack>, DbError> {
+    let n = heartbeats.len();
+    let mut agent_id = Vec::with_capacity(n);
+    let mut name = Vec::with_capacity(n);
+    let mut labels = Vec::with_capacity(n);
+    let mut mode = Vec::with_capacity(n);
+    let mut status = Vec::with_capacity(n);
+    let mut uptime = Vec::with_capacity(n);
+    let mut next_ms = Vec::with_capacity(n);
+    let mut sent_at = Vec::with_capacity(n);
+    let mut m_idx = Vec::new();
+    let mut m_name = Vec::new();
+    let mut m_value = Vec::new();
+    let mut m_unit = Vec::new();
+    for (i, h) in heartbeats.iter().enumerate() {
+        agent_id.push(h.agent_id.as_str());
+        name.push(h.name.as_deref());
+        labels.push(h.labels.as_ref().map(Json));
+        mode.push(h.mode.map(|m| m.as_str()));
+        status.push(h.status.as_str());
+        uptime.push(h.uptime_seconds);
+        next_ms.push(h.next_heartbeat_ms);
+        sent_at.push(h.sent_at);
+        for m in &h.metrics {
+            m_idx.push(i as i32 + 1);
+            m_name.push(m.name.as_str());
+            m_value.push(m.value);
+            m_unit.push(m.unit.as_deref());
+        }
+    }
+    let statement = client.prepare_cached(INGEST_SQL).await?;
+    let rows = client
+        .query(
+            &statement,
+            &[
+                &agent_id, &name, &labels, &mode, &status, &uptime, &next_ms, &sent_at, &m_idx, &m_name, &m_value,
+                &m_unit,
+            ],
+        )
+        .await?;
+    let mut acks = vec![Ack { is_new: false, restart_detected: false, next_heartbeat_ms: 0 }; n];
+    for row in rows {
+        let idx: i32 = row.get(0);
+        acks[idx as usize - 1] =
+            Ack { is_new: row.get(1), restart_detected: row.get(2), next_heartbeat_ms: row.get(3) };
+    }
+    Ok(acks)
+}

@@ -1,0 +1,422 @@
+//! Heartbeats and events over HTTP: registration, restarts, batches,
+//! validation, and what reaches the tables.
+
+use serde_json::{Value, json};
+use warden::auth::Scope;
+
+use crate::helpers::TestApp;
+
+async fn app_and_key() -> (TestApp, String) {
+    let app = TestApp::spawn().await;
+    let key = app.key(&[Scope::Ingest]).await;
+    (app, key)
+}
+
+#[tokio::test]
+async fn the_first_heartbeat_registers_the_agent_with_everything_it_sent() {
+    let (app, key) = app_and_key().await;
+    let (status, body) = app
+        .heartbeat(
+            &key,
+            json!({
+                "agent_id": "worker-1", "name": "Worker One", "mode": "active", "status": "healthy",
+                "uptime_seconds": 120, "next_heartbeat_ms": 15000, "sent_at": chrono::Utc::now().to_rfc3339(),
+                "metrics": {"cpu": 41.5, "latency": {"value": 12, "unit": "ms"}},
+                "labels": {"role": "worker", "region": "eu"}
+            }),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, json!({"received": true, "is_new": true, "restart_detected": false, "next_heartbeat_ms": 15000}));
+
+    let db = app.db.client().await;
+    let row = db
+        .query_one(
+            "SELECT name, labels, mode, status, expected_interval_ms, uptime_seconds, heartbeat_count, \
+                    liveness, first_seen = last_seen, last_sent_at IS NOT NULL \
+             FROM warden.agent_status WHERE agent_id = 'worker-1'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "Worker One");
+    assert_eq!(row.get::<_, Value>(1), json!({"role": "worker", "region": "eu"}));
+    assert_eq!(row.get::<_, String>(2), "active");
+    assert_eq!(row.get::<_, String>(3), "healthy");
+    assert_eq!(row.get::<_, i32>(4), 15000);
+    assert_eq!(row.get::<_, i64>(5), 120);
+    assert_eq!(row.get::<_, i64>(6), 1);
+    assert_eq!(row.get::<_, String>(7), "unknown", "liveness is the evaluator's to decide");
+    assert!(row.get::<_, bool>(8) && row.get::<_, bool>(9));
+
+    let metrics = db
+        .query(
+            "SELECT name, value, unit FROM warden.performance_metrics WHERE agent_id = 'worker-1' ORDER BY name",
+            &[],
+        )
+        .await
+        .unwrap();
+    let metrics: Vec<(String, f64, Option<String>)> = metrics.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    assert_eq!(metrics, vec![("cpu".into(), 41.5, None), ("latency".into(), 12.0, Some("ms".into()))]);
+
+    assert_eq!(app.count("SELECT count(*) FROM warden.agent_heartbeats WHERE agent_id = 'worker-1'").await, 1);
+    assert_eq!(
+        app.count(
+            "SELECT count(*) FROM warden.system_events WHERE agent_id = 'worker-1' AND event_type = 'agent_registered'"
+        )
+        .await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn later_heartbeats_update_the_agent_and_keep_what_they_omit() {
+    let (app, key) = app_and_key().await;
+    app.heartbeat(&key, json!({"agent_id": "a", "name": "A", "labels": {"team": "x"}, "mode": "idle"})).await;
+    let (status, body) = app.heartbeat(&key, json!({"agent_id": "a", "status": "degraded"})).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["is_new"], false);
+    let db = app.db.client().await;
+    let row = db
+        .query_one(
+            "SELECT name, labels, mode, status, heartbeat_count FROM warden.agent_status WHERE agent_id = 'a'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "A", "name kept");
+    assert_eq!(row.get::<_, Value>(1), json!({"team": "x"}), "labels kept");
+    assert_eq!(row.get::<_, String>(2), "idle", "mode kept");
+    assert_eq!(row.get::<_, String>(3), "degraded");
+    assert_eq!(row.get::<_, i64>(4), 2);
+}
+
+#[tokio::test]
+async fn next_heartbeat_ms_is_the_agents_own_else_its_modes_else_the_default() {
+    let app = TestApp::spawn_with(|s| s.health.modes.idle = warden::config::Duration::from_secs(7)).await;
+    let key = app.key(&[Scope::Ingest]).await;
+    let cases = [
+        (json!({"agent_id": "own", "mode": "sleep", "next_heartbeat_ms": 2500}), 2500),
+        (json!({"agent_id": "emergency", "mode": "emergency"}), 5000),
+        (json!({"agent_id": "sleepy", "mode": "sleep"}), 900_000),
+        (json!({"agent_id": "idle", "mode": "idle"}), 7000),
+        (json!({"agent_id": "plain"}), 30_000),
+    ];
+    for (body, expected) in cases {
+        let (status, answer) = app.heartbeat(&key, body.clone()).await;
+        assert_eq!(status, 200);
+        assert_eq!(answer["next_heartbeat_ms"], expected, "{body}");
+    }
+    // A mode named earlier still applies when a later heartbeat omits it.
+    let (_, answer) = app.heartbeat(&key, json!({"agent_id": "idle"})).await;
+    assert_eq!(answer["next_heartbeat_ms"], 7000);
+}
+
+#[tokio::test]
+async fn uptime_going_down_is_a_restart() {
+    let (app, key) = app_and_key().await;
+    app.heartbeat(&key, json!({"agent_id": "r", "uptime_seconds": 500})).await;
+    let (_, same) = app.heartbeat(&key, json!({"agent_id": "r", "uptime_seconds": 530})).await;
+    assert_eq!(same["restart_detected"], false);
+    let (_, restarted) = app.heartbeat(&key, json!({"agent_id": "r", "uptime_seconds": 3})).await;
+    assert_eq!(restarted["restart_detected"], true);
+
+    let db = app.db.client().await;
+    let event = db
+        .query_one(
+            "SELECT severity, details FROM warden.system_events WHERE agent_id = 'r' AND event_type = 'agent_restarted'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(event.get::<_, Value>(1), json!({"previous_uptime_seconds": 530, "uptime_seconds": 3}));
+    assert_eq!(app.count("SELECT restart_count FROM warden.agent_status WHERE agent_id = 'r'").await, 1);
+    assert_eq!(
+        app.count("SELECT count(*) FROM warden.agent_heartbeats WHERE agent_id = 'r' AND restart_detected").await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_batch_applies_one_agents_heartbeats_in_order() {
+    let (app, key) = app_and_key().await;
+    let (status, body) = app
+        .heartbeat(
+            &key,
+            json!({"heartbeats": [
+                {"agent_id": "b", "uptime_seconds": 10},
+                {"agent_id": "c", "uptime_seconds": 1},
+                {"agent_id": "b", "uptime_seconds": 20},
+                {"agent_id": "b", "uptime_seconds": 5},
+                {"agent_id": "b"},
+                {"agent_id": "b", "uptime_seconds": 4, "name": "last"}
+            ]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["received"], 6);
+    let results = body["results"].as_array().unwrap();
+    let flags: Vec<(&str, bool, bool)> = results
+        .iter()
+        .map(|r| {
+            (r["agent_id"].as_str().unwrap(), r["is_new"].as_bool().unwrap(), r["restart_detected"].as_bool().unwrap())
+        })
+        .collect();
+    assert_eq!(
+        flags,
+        vec![
+            ("b", true, false),
+            ("c", true, false),
+            ("b", false, false),
+            ("b", false, true),
+            ("b", false, false),
+            ("b", false, true)
+        ],
+        "restarts at 20→5 and at 5→(none)→4"
+    );
+    assert_eq!(app.count("SELECT heartbeat_count FROM warden.agent_status WHERE agent_id = 'b'").await, 5);
+    assert_eq!(app.count("SELECT restart_count FROM warden.agent_status WHERE agent_id = 'b'").await, 2);
+    assert_eq!(app.count("SELECT uptime_seconds FROM warden.agent_status WHERE agent_id = 'b'").await, 4);
+}
+
+/// Every bad request: its status, the field it names, and nothing written.
+#[tokio::test]
+async fn bad_heartbeats_are_refused_naming_the_field_and_write_nothing() {
+    let app = TestApp::spawn_with(|s| s.ingest.max_batch = 3).await;
+    let key = app.key(&[Scope::Ingest]).await;
+    let future = (chrono::Utc::now() + chrono::Duration::minutes(10)).to_rfc3339();
+    let cases: Vec<(Value, u16, &str)> = vec![
+        (json!({}), 422, "agent_id"),
+        (json!({"agent_id": ""}), 422, "agent_id"),
+        (json!({"agent_id": "x".repeat(129)}), 422, "agent_id"),
+        (json!({"agent_id": "bad id"}), 422, "agent_id"),
+        (json!({"agent_id": "a", "mode": "asleep"}), 422, "mode"),
+        (json!({"agent_id": "a", "status": "fine"}), 422, "status"),
+        (json!({"agent_id": "a", "uptime_seconds": -5}), 422, "uptime_seconds"),
+        (json!({"agent_id": "a", "next_heartbeat_ms": 0}), 422, "next_heartbeat_ms"),
+        (json!({"agent_id": "a", "sent_at": "not a time"}), 422, "sent_at"),
+        (json!({"agent_id": "a", "sent_at": future}), 422, "sent_at"),
+        (json!({"agent_id": "a", "metrics": {"cpu": "high"}}), 422, "metrics.cpu"),
+        (json!({"agent_id": "a", "labels": {"k": 1}}), 422, "labels.k"),
+        (json!({"heartbeats": []}), 422, "heartbeats"),
+        (
+            json!({"heartbeats": [{"agent_id": "a"}, {"agent_id": "a"}, {"agent_id": "a"}, {"agent_id": "a"}]}),
+            422,
+            "heartbeats",
+        ),
+        (json!({"heartbeats": [{"agent_id": "ok"}, {"agent_id": "ok2", "mode": "x"}]}), 422, "heartbeats[1].mode"),
+    ];
+    for (body, status, field) in cases {
+        let response = app.post("/v1/heartbeats", &key, &body).await;
+        assert_eq!(response.status().as_u16(), status, "{body}");
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(error["error"]["field"], field, "{body}: {error}");
+        assert_eq!(error["error"]["code"], "invalid_value");
+        assert!(!error["error"]["message"].as_str().unwrap().is_empty());
+    }
+    // Bodies that are not JSON objects at all.
+    for raw in ["{not json", "", "[1,2]", r#"{"agent_id":"a","metrics":{"cpu":NaN}}"#] {
+        let response = app.post_raw("/v1/heartbeats", &key, raw.to_string()).await;
+        let code = response.status().as_u16();
+        let error: Value = response.json().await.unwrap();
+        if raw.contains("NaN") {
+            assert_eq!((code, error["error"]["field"].as_str()), (422, Some("metrics.cpu")), "{error}");
+        } else {
+            assert_eq!(code, 400, "{raw:?}: {error}");
+            assert_eq!(error["error"]["code"], "malformed_request");
+        }
+    }
+    for table in ["agent_status", "agent_heartbeats", "performance_metrics", "system_events"] {
+        assert_eq!(app.count(&format!("SELECT count(*) FROM warden.{table}")).await, 0, "{table} must stay empty");
+    }
+}
+
+#[tokio::test]
+async fn bodies_over_the_limit_get_413() {
+    let app = TestApp::spawn_with(|s| s.ingest.max_body_bytes = 2048).await;
+    let key = app.key(&[Scope::Ingest]).await;
+    let big = json!({"agent_id": "a", "name": "n".repeat(4000)});
+    let response = app.post("/v1/heartbeats", &key, &big).await;
+    assert_eq!(response.status(), 413);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "payload_too_large");
+    assert_eq!(app.count("SELECT count(*) FROM warden.agent_status").await, 0);
+}
+
+#[tokio::test]
+async fn writes_need_a_valid_key_with_the_ingest_scope() {
+    let app = TestApp::spawn_with(|s| s.auth.cache_ttl = warden::config::Duration::from_millis(0)).await;
+    let body = json!({"agent_id": "a"});
+
+    let anonymous = app.http.post(app.url("/v1/heartbeats")).json(&body).send().await.unwrap();
+    assert_eq!(anonymous.status(), 401);
+    let error: Value = anonymous.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "unauthorized");
+
+    let (_, made_up) = warden::auth::generate();
+    assert_eq!(app.heartbeat(&made_up, body.clone()).await.0, 401);
+    assert_eq!(app.heartbeat("wdn_garbage", body.clone()).await.0, 401);
+
+    let read_only = app.key(&[Scope::Read]).await;
+    let (status, error) = app.heartbeat(&read_only, body.clone()).await;
+    assert_eq!(status, 403);
+    assert!(error["error"]["message"].as_str().unwrap().contains("ingest"));
+
+    let admin = app.key(&[Scope::Admin]).await;
+    assert_eq!(app.heartbeat(&admin, body.clone()).await.0, 200, "admin implies ingest");
+
+    let ingest = app.key(&[Scope::Ingest]).await;
+    assert_eq!(app.heartbeat(&ingest, body.clone()).await.0, 200);
+    let key_id = warden::auth::key_id_of(&ingest).unwrap().to_string();
+    assert!(warden::auth::revoke_key(&app.db.client().await, &key_id).await.unwrap());
+    assert_eq!(app.heartbeat(&ingest, body.clone()).await.0, 401, "a revoked key stops working");
+
+    // A key that differs from a real one only in its secret is refused.
+    let forged = format!("{}{}", &admin[..admin.len() - 1], if admin.ends_with('0') { '1' } else { '0' });
+    assert_eq!(app.heartbeat(&forged, body).await.0, 401);
+    assert_eq!(app.count("SELECT heartbeat_count FROM warden.agent_status").await, 2);
+}
+
+#[tokio::test]
+async fn with_auth_disabled_heartbeats_need_no_key() {
+    let app = TestApp::spawn_with(|s| s.auth.enabled = false).await;
+    let response = app.http.post(app.url("/v1/heartbeats")).json(&json!({"agent_id": "a"})).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test]
+async fn events_are_recorded_for_known_agents_only() {
+    let (app, key) = app_and_key().await;
+    app.heartbeat(&key, json!({"agent_id": "e1"})).await;
+    let response = app
+        .post(
+            "/v1/events",
+            &key,
+            &json!({"agent_id": "e1", "event_type": "task_failed", "severity": "warning",
+                    "message": "task 7 failed", "details": {"task": 7}}),
+        )
+        .await;
+    assert_eq!(response.status(), 201);
+    let body: Value = response.json().await.unwrap();
+    let id = body["id"].as_i64().unwrap();
+    let db = app.db.client().await;
+    let row = db
+        .query_one(
+            "SELECT agent_id, event_type, severity, message, details, source FROM warden.system_events WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(1), "task_failed");
+    assert_eq!(row.get::<_, String>(2), "warning");
+    assert_eq!(row.get::<_, Value>(4), json!({"task": 7}));
+    assert_eq!(row.get::<_, String>(5), "agent");
+
+    let response = app
+        .post(
+            "/v1/events",
+            &key,
+            &json!({"events": [
+                {"agent_id": "e1", "event_type": "note", "message": "fine"},
+                {"agent_id": "ghost", "event_type": "note", "message": "who?"}
+            ]}),
+        )
+        .await;
+    assert_eq!(response.status(), 422);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["field"], "events[1].agent_id");
+    assert_eq!(
+        app.count("SELECT count(*) FROM warden.system_events WHERE source = 'agent'").await,
+        1,
+        "nothing of the batch"
+    );
+
+    let response = app
+        .post("/v1/events", &key, &json!({"agent_id": "e1", "event_type": "x", "severity": "dire", "message": "m"}))
+        .await;
+    assert_eq!(response.status(), 422);
+}
+
+#[tokio::test]
+async fn concurrent_requests_are_all_committed_and_counted() {
+    let (app, key) = app_and_key().await;
+    let app = std::sync::Arc::new(app);
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let app = app.clone();
+        let key = key.clone();
+        tasks.push(tokio::spawn(async move {
+            let body = json!({"agent_id": format!("agent-{}", i % 20), "metrics": {"n": i}});
+            app.heartbeat(&key, body).await.0
+        }));
+    }
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), 200);
+    }
+    assert_eq!(app.count("SELECT count(*) FROM warden.agent_status").await, 20);
+    assert_eq!(app.count("SELECT sum(heartbeat_count)::bigint FROM warden.agent_status").await, 200);
+    assert_eq!(app.count("SELECT count(*) FROM warden.agent_heartbeats").await, 200);
+    assert_eq!(app.count("SELECT count(*) FROM warden.performance_metrics").await, 200);
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_503_at_once_and_loses_nothing() {
+    let app = TestApp::spawn_with(|s| {
+        s.ingest.max_batch = 1;
+        s.ingest.queue_capacity = 1;
+        s.ingest.writers = 1;
+    })
+    .await;
+    let key = app.key(&[Scope::Ingest]).await;
+    app.heartbeat(&key, json!({"agent_id": "held"})).await;
+
+    // Hold the agent's row so the writer blocks on it with one heartbeat queued.
+    let mut blocker = app.db.client().await;
+    let tx = blocker.transaction().await.unwrap();
+    tx.execute("SELECT 1 FROM warden.agent_status WHERE agent_id = 'held' FOR UPDATE", &[]).await.unwrap();
+
+    let app = std::sync::Arc::new(app);
+    let first = {
+        let (app, key) = (app.clone(), key.clone());
+        tokio::spawn(async move { app.heartbeat(&key, json!({"agent_id": "held"})).await })
+    };
+    let db_name = app.db.name.clone();
+    crate::helpers::eventually(std::time::Duration::from_secs(20), "the writer to wait on the row lock", || {
+        let app = app.clone();
+        let db_name = db_name.clone();
+        async move {
+            let waiting = app
+                .db
+                .client()
+                .await
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock'",
+                    &[&db_name],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0);
+            (waiting > 0).then_some(())
+        }
+    })
+    .await;
+    let refused = app.post("/v1/heartbeats", &key, &json!({"agent_id": "other"})).await;
+    assert_eq!(refused.status(), 503, "the queue holds one heartbeat and it is taken");
+    assert_eq!(refused.headers()["retry-after"], "1");
+
+    tx.rollback().await.unwrap();
+    let (status, _) = first.await.unwrap();
+    assert_eq!(status, 200, "the queued heartbeat is written once the row is free");
+    assert_eq!(app.count("SELECT heartbeat_count FROM warden.agent_status WHERE agent_id = 'held'").await, 2);
+    assert_eq!(app.count("SELECT count(*) FROM warden.agent_status WHERE agent_id = 'other'").await, 0);
+}
+
+#[tokio::test]
+async fn a_vanished_database_gets_503_with_retry_after() {
+    let (app, key) = app_and_key().await;
+    assert_eq!(app.heartbeat(&key, json!({"agent_id": "a"})).await.0, 200);
+    app.db.drop_now().await;
+    let response = app.post("/v1/heartbeats", &key, &json!({"agent_id": "a"})).await;
+    assert_eq!(response.status(), 503);
+    assert!(response.headers().contains_key("retry-after"));
+}

@@ -1,0 +1,136 @@
+//! PostgreSQL stopped under load, on a private cluster this test starts
+//! (never the shared one): warden answers 503 with Retry-After while it is
+//! down, never acknowledges a heartbeat it did not store, and resumes by
+//! itself when the database returns.
+
+use std::collections::HashSet;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+use warden::app::Application;
+use warden::auth::Scope;
+use warden::config::Secret;
+use warden::db::embedded::EmbeddedCluster;
+
+use crate::helpers::{default_settings, eventually};
+
+fn url_of(cluster: &EmbeddedCluster) -> String {
+    format!("host={} port=5432 user=postgres dbname=warden", cluster.data_dir().display())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_survive_a_database_restart_with_503s_and_no_false_acks() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let data = dir.path().join("pgdata");
+    let cluster = EmbeddedCluster::start(&data, None).await.unwrap();
+
+    let mut settings = default_settings();
+    settings.database.url = Secret::new(url_of(&cluster));
+    settings.database.pool_size = 4;
+    settings.database.acquire_timeout = warden::config::Duration::from_secs(1);
+    settings.database.connect_timeout = warden::config::Duration::from_secs(1);
+    settings.server.listen = "127.0.0.1:0".parse().unwrap();
+    let app = Application::build(settings).await.unwrap();
+    let base = format!("http://{}", app.local_addr());
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(app.run(shutdown.clone()));
+
+    let key = {
+        let client = crate::helpers::connect(&cluster.connect_config()).await;
+        warden::auth::create_key(&client, "load", &[Scope::Ingest]).await.unwrap().token
+    };
+
+    // Load: 4 senders, each numbering its heartbeats through uptime_seconds.
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+    let acked = Arc::new(Mutex::new(HashSet::<(String, i64)>::new()));
+    let ok = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicU64::new(0));
+    let unexpected = Arc::new(Mutex::new(Vec::<String>::new()));
+    let stop_load = Arc::new(AtomicBool::new(false));
+    let mut senders = Vec::new();
+    for sender in 0..4 {
+        let (http, base, key) = (http.clone(), base.clone(), key.clone());
+        let (acked, ok, refused, unexpected, stop) =
+            (acked.clone(), ok.clone(), refused.clone(), unexpected.clone(), stop_load.clone());
+        senders.push(tokio::spawn(async move {
+            let agent = format!("load-{sender}");
+            let mut seq = 0_i64;
+            while !stop.load(Ordering::Relaxed) {
+                seq += 1;
+                let body = json!({"agent_id": agent, "uptime_seconds": seq});
+                match http.post(format!("{base}/v1/heartbeats")).bearer_auth(&key).json(&body).send().await {
+                    Ok(r) if r.status() == 200 => {
+                        acked.lock().await.insert((agent.clone(), seq));
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(r) if r.status() == 503 => {
+                        assert!(r.headers().contains_key("retry-after"), "503 without Retry-After");
+                        refused.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Ok(r) => {
+                        unexpected.lock().await.push(format!("{} {}", r.status(), r.text().await.unwrap_or_default()))
+                    }
+                    Err(e) => unexpected.lock().await.push(e.to_string()),
+                }
+            }
+        }));
+    }
+
+    eventually(Duration::from_secs(30), "heartbeats to be acknowledged", || async {
+        (ok.load(Ordering::Relaxed) >= 50).then_some(())
+    })
+    .await;
+
+    cluster.stop().await;
+    eventually(Duration::from_secs(30), "503s while the database is down", || async {
+        (refused.load(Ordering::Relaxed) >= 20).then_some(())
+    })
+    .await;
+    let ready = http.get(format!("{base}/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 503, "not ready without a database");
+    assert_eq!(http.get(format!("{base}/healthz")).send().await.unwrap().status(), 200, "but alive");
+
+    let cluster = EmbeddedCluster::start(&data, None).await.unwrap();
+    let ok_before = ok.load(Ordering::Relaxed);
+    eventually(Duration::from_secs(30), "heartbeats to be acknowledged again", || async {
+        (ok.load(Ordering::Relaxed) >= ok_before + 50).then_some(())
+    })
+    .await;
+    eventually(Duration::from_secs(30), "readiness to return", || {
+        let http = http.clone();
+        let base = base.clone();
+        async move { (http.get(format!("{base}/readyz")).send().await.ok()?.status() == 200).then_some(()) }
+    })
+    .await;
+
+    stop_load.store(true, Ordering::Relaxed);
+    for s in senders {
+        s.await.unwrap();
+    }
+    assert!(unexpected.lock().await.is_empty(), "only 200 and 503: {:?}", unexpected.lock().await);
+
+    let client = crate::helpers::connect(&cluster.connect_config()).await;
+    let stored: HashSet<(String, i64)> = client
+        .query("SELECT agent_id, uptime_seconds FROM warden.agent_heartbeats", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let acked = acked.lock().await;
+    let missing: Vec<_> = acked.difference(&stored).collect();
+    assert!(missing.is_empty(), "{} acknowledged heartbeats are not stored: {missing:?}", missing.len());
+    assert!(acked.len() >= 100);
+
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+    drop(client);
+    cluster.stop().await;
+}
