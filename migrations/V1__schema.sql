@@ -11,6 +11,8 @@
 -- * Those partitioned tables carry no foreign key to agent_status: ingest
 --   writes the parent row in the same transaction, and a per-row FK check
 --   would cost the hot path a lookup for nothing.
+-- * Agent ids use the "C" collation everywhere: they are ASCII by rule,
+--   byte order is their natural order, and index comparisons stay cheap.
 
 -- The schema itself is created by the migration runner, which keeps its
 -- history table inside it.
@@ -19,8 +21,9 @@
 -- concluded about it. Ingest owns the reporting columns; the evaluator owns
 -- liveness, score, tier and components.
 CREATE TABLE warden.agent_status (
-    agent_id             text PRIMARY KEY
-                         CHECK (agent_id ~ '^[A-Za-z0-9._:-]{1,128}$'),
+    -- The character set is enforced when a row is inserted (trigger
+    -- below), not by a CHECK that would re-run on every heartbeat's update.
+    agent_id             text COLLATE "C" PRIMARY KEY CHECK (char_length(agent_id) BETWEEN 1 AND 128),
     name                 text CHECK (char_length(name) <= 256),
     labels               jsonb NOT NULL DEFAULT '{}'::jsonb
                          CHECK (jsonb_typeof(labels) = 'object'),
@@ -33,6 +36,9 @@ CREATE TABLE warden.agent_status (
     uptime_seconds       bigint CHECK (uptime_seconds >= 0),
     heartbeat_count      bigint NOT NULL DEFAULT 0 CHECK (heartbeat_count >= 0),
     restart_count        bigint NOT NULL DEFAULT 0 CHECK (restart_count >= 0),
+    last_restart_at      timestamptz,
+    -- How long the agent had been up when it last restarted.
+    uptime_before_restart bigint,
     liveness             text NOT NULL DEFAULT 'unknown'
                          CHECK (liveness IN ('unknown', 'online', 'degraded', 'offline')),
     liveness_since       timestamptz NOT NULL DEFAULT now(),
@@ -40,7 +46,26 @@ CREATE TABLE warden.agent_status (
     tier                 text CHECK (tier IN ('excellent', 'good', 'fair', 'poor', 'critical')),
     components           jsonb,
     evaluated_at         timestamptz
-);
+)
+-- Every heartbeat rewrites its agent's row; free space on each page lets
+-- PostgreSQL do that in place (HOT) without touching the indexes.
+WITH (fillfactor = 70);
+
+CREATE FUNCTION warden.check_agent_id() RETURNS trigger
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    IF NEW.agent_id !~ '^[A-Za-z0-9._:-]{1,128}$' THEN
+        RAISE EXCEPTION 'agent_id must be 1-128 characters of A-Z a-z 0-9 . _ : -'
+            USING ERRCODE = 'check_violation', COLUMN = 'agent_id';
+    END IF;
+    RETURN NEW;
+END;
+$$;
+
+CREATE TRIGGER agent_status_agent_id_check
+    BEFORE INSERT OR UPDATE OF agent_id ON warden.agent_status
+    FOR EACH ROW EXECUTE FUNCTION warden.check_agent_id();
 
 CREATE INDEX agent_status_liveness_idx ON warden.agent_status (liveness);
 CREATE INDEX agent_status_tier_idx ON warden.agent_status (tier);
@@ -48,7 +73,7 @@ CREATE INDEX agent_status_labels_idx ON warden.agent_status USING gin (labels js
 
 -- Every heartbeat as received.
 CREATE TABLE warden.agent_heartbeats (
-    agent_id          text NOT NULL,
+    agent_id          text COLLATE "C" NOT NULL,
     received_at       timestamptz NOT NULL,
     sent_at           timestamptz,
     mode              text CHECK (mode IN ('emergency', 'active', 'idle', 'sleep')),
@@ -62,7 +87,7 @@ CREATE INDEX agent_heartbeats_agent_idx ON warden.agent_heartbeats (agent_id, re
 
 -- One row per metric sample.
 CREATE TABLE warden.performance_metrics (
-    agent_id    text NOT NULL,
+    agent_id    text COLLATE "C" NOT NULL,
     recorded_at timestamptz NOT NULL,
     name        text NOT NULL CHECK (char_length(name) BETWEEN 1 AND 128),
     value       double precision NOT NULL
@@ -79,7 +104,7 @@ CREATE INDEX performance_metrics_agent_idx ON warden.performance_metrics (agent_
 CREATE TABLE warden.system_events (
     id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     occurred_at timestamptz NOT NULL DEFAULT now(),
-    agent_id    text,
+    agent_id    text COLLATE "C",
     event_type  text NOT NULL CHECK (event_type ~ '^[a-z][a-z0-9_.]{0,63}$'),
     severity    text NOT NULL CHECK (severity IN ('info', 'warning', 'critical', 'emergency')),
     message     text NOT NULL CHECK (char_length(message) <= 4096),
@@ -94,7 +119,7 @@ CREATE INDEX system_events_type_idx ON warden.system_events (event_type, occurre
 -- One episode of one issue on one agent (agent_id NULL: the whole fleet).
 CREATE TABLE warden.incidents (
     id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    agent_id    text,
+    agent_id    text COLLATE "C",
     issue_type  text NOT NULL CHECK (issue_type IN (
                     'agent_unresponsive', 'heartbeat_late', 'extended_offline',
                     'restart_loop', 'flapping', 'high_error_rate',
@@ -121,7 +146,7 @@ CREATE INDEX incidents_opened_idx ON warden.incidents (opened_at);
 CREATE TABLE warden.recovery_actions (
     id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     incident_id bigint REFERENCES warden.incidents (id),
-    agent_id    text NOT NULL,
+    agent_id    text COLLATE "C" NOT NULL,
     strategy    text NOT NULL,
     action      text NOT NULL,
     attempt     integer NOT NULL CHECK (attempt >= 1),
@@ -141,7 +166,7 @@ CREATE INDEX recovery_actions_active_idx ON warden.recovery_actions (state)
 
 -- Score snapshots: one per agent on change, and periodically otherwise.
 CREATE TABLE warden.health_history (
-    agent_id     text NOT NULL,
+    agent_id     text COLLATE "C" NOT NULL,
     evaluated_at timestamptz NOT NULL,
     score        double precision CHECK (score >= 0 AND score <= 100),
     tier         text CHECK (tier IN ('excellent', 'good', 'fair', 'poor', 'critical')),

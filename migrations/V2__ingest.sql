@@ -33,14 +33,150 @@ CREATE TABLE warden.mode_intervals (
 INSERT INTO warden.mode_intervals (mode, interval_ms) VALUES
     ('emergency', 5000), ('active', 30000), ('idle', 30000), ('sleep', 900000), ('default', 30000);
 
--- Applies a batch of heartbeats, in array order, as one statement.
+-- Applies heartbeats whose agents are all distinct, as one statement: the
+-- heartbeat rows, restart and registration events, and agent_status.
+-- Returns one row per heartbeat (idx is its array position). Internal to
+-- warden.ingest_heartbeats, which guarantees the distinctness.
+--
+-- Known agents are UPDATEd, and every decision that depends on the
+-- agent's previous state (restart detection, the mode an omitted mode
+-- falls back to) is made in the SET clause from the row as locked by that
+-- UPDATE. A concurrent writer therefore can never make it compare against
+-- stale values. New agents are inserted; if another writer registered the
+-- same agent an instant earlier, ON CONFLICT turns the insert into the
+-- same update.
+CREATE FUNCTION warden.ingest_round(
+    p_agent_id text[],
+    p_name     text[],
+    p_labels   jsonb[],
+    p_mode     text[],
+    p_status   text[],
+    p_uptime   bigint[],
+    p_next_ms  integer[],
+    p_sent_at  timestamptz[],
+    ts         timestamptz
+)
+RETURNS TABLE (idx integer, is_new boolean, restart_detected boolean, next_heartbeat_ms integer)
+LANGUAGE plpgsql
+-- The statement below is large and its best plan does not depend on the
+-- arrays' contents; planning it afresh per call cost more than running it.
+SET plan_cache_mode = force_generic_plan
+AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+    WITH hb AS (
+        SELECT u.ord::integer AS i, u.agent_id, u.name, u.labels, u.mode,
+               coalesce(u.status, 'healthy') AS status, u.uptime, u.next_ms, u.sent_at,
+               mi.interval_ms AS mode_ms
+        FROM unnest(p_agent_id, p_name, p_labels, p_mode, p_status, p_uptime, p_next_ms, p_sent_at)
+             WITH ORDINALITY AS u(agent_id, name, labels, mode, status, uptime, next_ms, sent_at, ord)
+        LEFT JOIN warden.mode_intervals mi ON mi.mode = u.mode
+    ),
+    upd AS (
+        UPDATE warden.agent_status s SET
+            name                  = coalesce(h.name, s.name),
+            labels                = coalesce(h.labels, s.labels),
+            mode                  = coalesce(h.mode, s.mode),
+            status                = h.status,
+            expected_interval_ms  = coalesce(h.next_ms, h.mode_ms,
+                                             (SELECT m.interval_ms FROM warden.mode_intervals m
+                                              WHERE m.mode = coalesce(s.mode, 'default')),
+                                             30000),
+            last_seen             = ts,
+            last_sent_at          = h.sent_at,
+            uptime_seconds        = coalesce(h.uptime, s.uptime_seconds),
+            heartbeat_count       = s.heartbeat_count + 1,
+            restart_count         = s.restart_count + coalesce((h.uptime < s.uptime_seconds)::integer, 0),
+            last_restart_at       = CASE WHEN h.uptime < s.uptime_seconds THEN ts ELSE s.last_restart_at END,
+            uptime_before_restart = CASE WHEN h.uptime < s.uptime_seconds THEN s.uptime_seconds
+                                         ELSE s.uptime_before_restart END
+        FROM hb h
+        WHERE s.agent_id = h.agent_id
+        RETURNING h.i, s.agent_id, false AS fresh, s.last_restart_at IS NOT DISTINCT FROM ts AS restart,
+                  s.uptime_before_restart, s.uptime_seconds, s.mode, s.expected_interval_ms
+    ),
+    ins AS (
+        INSERT INTO warden.agent_status AS s
+            (agent_id, name, labels, mode, status, expected_interval_ms, first_seen, last_seen,
+             last_sent_at, uptime_seconds, heartbeat_count, restart_count, liveness_since)
+        SELECT h.agent_id, h.name, coalesce(h.labels, '{}'::jsonb), h.mode, h.status,
+               coalesce(h.next_ms, h.mode_ms, d.interval_ms, 30000), ts, ts, h.sent_at, h.uptime, 1, 0, ts
+        FROM hb h
+        LEFT JOIN warden.mode_intervals d ON d.mode = 'default'
+        WHERE NOT EXISTS (SELECT 1 FROM warden.agent_status x WHERE x.agent_id = h.agent_id)
+        ORDER BY h.agent_id
+        ON CONFLICT (agent_id) DO UPDATE SET
+            name                  = coalesce(EXCLUDED.name, s.name),
+            labels                = CASE WHEN EXCLUDED.labels = '{}'::jsonb THEN s.labels ELSE EXCLUDED.labels END,
+            mode                  = coalesce(EXCLUDED.mode, s.mode),
+            status                = EXCLUDED.status,
+            expected_interval_ms  = EXCLUDED.expected_interval_ms,
+            last_seen             = ts,
+            last_sent_at          = EXCLUDED.last_sent_at,
+            uptime_seconds        = coalesce(EXCLUDED.uptime_seconds, s.uptime_seconds),
+            heartbeat_count       = s.heartbeat_count + 1,
+            restart_count         = s.restart_count + coalesce((EXCLUDED.uptime_seconds < s.uptime_seconds)::integer, 0),
+            last_restart_at       = CASE WHEN EXCLUDED.uptime_seconds < s.uptime_seconds THEN ts
+                                         ELSE s.last_restart_at END,
+            uptime_before_restart = CASE WHEN EXCLUDED.uptime_seconds < s.uptime_seconds THEN s.uptime_seconds
+                                         ELSE s.uptime_before_restart END
+        RETURNING s.agent_id, s.heartbeat_count = 1 AS fresh, s.last_restart_at IS NOT DISTINCT FROM ts AS restart,
+                  s.uptime_before_restart, s.uptime_seconds, s.mode, s.expected_interval_ms
+    ),
+    done AS (
+        SELECT u.i, u.agent_id, u.fresh, u.restart, u.uptime_before_restart, u.uptime_seconds, u.mode,
+               u.expected_interval_ms
+        FROM upd u
+        UNION ALL
+        SELECT h.i, n.agent_id, n.fresh, n.restart, n.uptime_before_restart, n.uptime_seconds, n.mode,
+               n.expected_interval_ms
+        FROM ins n
+        JOIN hb h ON h.agent_id = n.agent_id
+    ),
+    ins_heartbeats AS (
+        INSERT INTO warden.agent_heartbeats
+            (agent_id, received_at, sent_at, mode, status, uptime_seconds, next_heartbeat_ms, restart_detected)
+        SELECT h.agent_id, ts, h.sent_at, h.mode, h.status, h.uptime, h.next_ms, d.restart
+        FROM done d
+        JOIN hb h ON h.i = d.i
+    ),
+    ins_events AS (
+        INSERT INTO warden.system_events (occurred_at, agent_id, event_type, severity, message, details)
+        SELECT ts, d.agent_id, 'agent_restarted', 'info',
+               format('agent restarted: uptime went from %ss to %ss', d.uptime_before_restart, d.uptime_seconds),
+               jsonb_build_object('previous_uptime_seconds', d.uptime_before_restart,
+                                  'uptime_seconds', d.uptime_seconds)
+        FROM done d
+        WHERE d.restart
+        UNION ALL
+        SELECT ts, d.agent_id, 'agent_registered', 'info',
+               format('agent registered (mode %s, expecting a heartbeat every %s ms)',
+                      coalesce(d.mode, 'unset'), d.expected_interval_ms),
+               jsonb_build_object('mode', d.mode, 'expected_interval_ms', d.expected_interval_ms)
+        FROM done d
+        WHERE d.fresh
+    )
+    SELECT d.i, d.fresh, d.restart, d.expected_interval_ms
+    FROM done d;
+END;
+$$;
+
+-- Applies a batch of heartbeats, in array order, in the caller's
+-- transaction.
 --
 -- Parallel arrays hold one element per heartbeat; metrics are flattened
 -- into their own parallel arrays, p_metric_idx pointing (1-based) at the
--- heartbeat each belongs to. Several heartbeats of the same agent are
--- applied in order: restart detection compares each uptime with the one
--- before it (in the batch, else the stored one), and agent_status ends with
--- the last values. Returns one row per heartbeat.
+-- heartbeat each belongs to. Returns one row per heartbeat (idx is its
+-- position), in no particular order.
+--
+-- Several heartbeats of one agent are applied in order: the batch is cut
+-- into rounds, round k holding every agent's k-th heartbeat, and the
+-- rounds run one after another, each seeing the one before. Restart
+-- detection thus compares each uptime with the one before it, and
+-- agent_status ends with the last values. Round k is received one
+-- microsecond after round k-1, so received_at keeps the order too. Most
+-- batches are one round.
 --
 -- Callers validate first; the table constraints are the backstop.
 CREATE FUNCTION warden.ingest_heartbeats(
@@ -63,121 +199,46 @@ LANGUAGE plpgsql
 AS $$
 #variable_conflict use_column
 DECLARE
-    ts timestamptz := coalesce(p_received_at, now());
+    ts     timestamptz := coalesce(p_received_at, now());
+    rounds integer;
 BEGIN
-    -- Lock the agents' rows in one global order, so concurrent writers
-    -- with overlapping agents queue instead of deadlocking, and each sees
-    -- the other's committed uptime before comparing.
-    PERFORM 1
-    FROM warden.agent_status s
-    WHERE s.agent_id = ANY (p_agent_id)
-    ORDER BY s.agent_id
-    FOR UPDATE;
-
-    RETURN QUERY
-    WITH hb AS (
-        SELECT u.ord::integer AS i, u.agent_id, u.name, u.labels, u.mode,
-               coalesce(u.status, 'healthy') AS status, u.uptime, u.next_ms, u.sent_at
-        FROM unnest(p_agent_id, p_name, p_labels, p_mode, p_status, p_uptime, p_next_ms, p_sent_at)
-             WITH ORDINALITY AS u(agent_id, name, labels, mode, status, uptime, next_ms, sent_at, ord)
-    ),
-    prior AS (
-        SELECT s.agent_id, s.name, s.labels, s.mode, s.uptime_seconds
-        FROM warden.agent_status s
-        WHERE s.agent_id = ANY (p_agent_id)
-    ),
-    seq AS (
-        SELECT hb.*,
-               (p.agent_id IS NULL AND row_number() OVER w = 1) AS fresh,
-               coalesce((array_agg(hb.uptime) FILTER (WHERE hb.uptime IS NOT NULL) OVER before)[
-                            count(hb.uptime) OVER before], p.uptime_seconds) AS prev_uptime,
-               coalesce(hb.mode,
-                        (array_agg(hb.mode) FILTER (WHERE hb.mode IS NOT NULL) OVER before)[
-                            count(hb.mode) OVER before],
-                        p.mode) AS effective_mode
-        FROM hb
-        LEFT JOIN prior p ON p.agent_id = hb.agent_id
-        WINDOW w AS (PARTITION BY hb.agent_id ORDER BY hb.i),
-               before AS (w ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
-    ),
-    res AS (
-        SELECT seq.*,
-               coalesce(seq.uptime < seq.prev_uptime, false) AS restart,
-               coalesce(seq.next_ms, mi.interval_ms, md.interval_ms, 30000) AS expected_ms
-        FROM seq
-        LEFT JOIN warden.mode_intervals mi ON mi.mode = seq.effective_mode
-        LEFT JOIN warden.mode_intervals md ON md.mode = 'default'
-    ),
-    ins_heartbeats AS (
-        INSERT INTO warden.agent_heartbeats
-            (agent_id, received_at, sent_at, mode, status, uptime_seconds, next_heartbeat_ms, restart_detected)
-        SELECT r.agent_id, ts, r.sent_at, r.mode, r.status, r.uptime, r.next_ms, r.restart
-        FROM res r
-        ORDER BY r.i
-    ),
-    ins_metrics AS (
+    IF cardinality(p_metric_idx) > 0 THEN
         INSERT INTO warden.performance_metrics (agent_id, recorded_at, name, value, unit)
         SELECT p_agent_id[m.i], ts, m.name, m.value, m.unit
-        FROM unnest(p_metric_idx, p_metric_name, p_metric_value, p_metric_unit) AS m(i, name, value, unit)
-    ),
-    ins_events AS (
-        INSERT INTO warden.system_events (occurred_at, agent_id, event_type, severity, message, details)
-        SELECT ts, r.agent_id, 'agent_restarted', 'info',
-               format('agent restarted: uptime went from %ss to %ss', r.prev_uptime, r.uptime),
-               jsonb_build_object('previous_uptime_seconds', r.prev_uptime, 'uptime_seconds', r.uptime)
-        FROM res r
-        WHERE r.restart
-        UNION ALL
-        SELECT ts, r.agent_id, 'agent_registered', 'info',
-               format('agent registered (mode %s, expecting a heartbeat every %s ms)',
-                      coalesce(r.effective_mode, 'unset'), r.expected_ms),
-               jsonb_build_object('mode', r.effective_mode, 'expected_interval_ms', r.expected_ms)
-        FROM res r
-        WHERE r.fresh
-    ),
-    agg AS (
-        SELECT r.agent_id,
-               (array_agg(r.name ORDER BY r.i DESC) FILTER (WHERE r.name IS NOT NULL))[1] AS name,
-               (array_agg(r.labels ORDER BY r.i DESC) FILTER (WHERE r.labels IS NOT NULL))[1] AS labels,
-               (array_agg(r.mode ORDER BY r.i DESC) FILTER (WHERE r.mode IS NOT NULL))[1] AS mode,
-               (array_agg(r.status ORDER BY r.i DESC))[1] AS status,
-               (array_agg(r.expected_ms ORDER BY r.i DESC))[1] AS expected_ms,
-               (array_agg(r.sent_at ORDER BY r.i DESC))[1] AS sent_at,
-               (array_agg(r.uptime ORDER BY r.i DESC) FILTER (WHERE r.uptime IS NOT NULL))[1] AS uptime,
-               count(*) AS beats,
-               count(*) FILTER (WHERE r.restart) AS restarts
-        FROM res r
-        GROUP BY r.agent_id
-    ),
-    upsert AS (
-        INSERT INTO warden.agent_status AS s
-            (agent_id, name, labels, mode, status, expected_interval_ms, first_seen, last_seen,
-             last_sent_at, uptime_seconds, heartbeat_count, restart_count, liveness_since)
-        SELECT a.agent_id,
-               coalesce(a.name, p.name),
-               coalesce(a.labels, p.labels, '{}'::jsonb),
-               coalesce(a.mode, p.mode),
-               a.status, a.expected_ms, ts, ts, a.sent_at,
-               coalesce(a.uptime, p.uptime_seconds),
-               a.beats, a.restarts, ts
-        FROM agg a
-        LEFT JOIN prior p ON p.agent_id = a.agent_id
-        ORDER BY a.agent_id
-        ON CONFLICT (agent_id) DO UPDATE SET
-            name                 = EXCLUDED.name,
-            labels               = EXCLUDED.labels,
-            mode                 = EXCLUDED.mode,
-            status               = EXCLUDED.status,
-            expected_interval_ms = EXCLUDED.expected_interval_ms,
-            last_seen            = EXCLUDED.last_seen,
-            last_sent_at         = EXCLUDED.last_sent_at,
-            uptime_seconds       = EXCLUDED.uptime_seconds,
-            heartbeat_count      = s.heartbeat_count + EXCLUDED.heartbeat_count,
-            restart_count        = s.restart_count + EXCLUDED.restart_count
-    )
-    SELECT r.i, r.fresh, r.restart, r.expected_ms
-    FROM res r
-    ORDER BY r.i;
+        FROM unnest(p_metric_idx, p_metric_name, p_metric_value, p_metric_unit) AS m(i, name, value, unit);
+    END IF;
+
+    IF cardinality(p_agent_id) > 1 THEN
+        SELECT max(c) INTO rounds FROM (SELECT count(*) AS c FROM unnest(p_agent_id) a GROUP BY a) per_agent;
+    END IF;
+
+    IF coalesce(rounds, 1) = 1 THEN
+        RETURN QUERY
+        SELECT * FROM warden.ingest_round(p_agent_id, p_name, p_labels, p_mode, p_status, p_uptime, p_next_ms, p_sent_at, ts);
+        RETURN;
+    END IF;
+
+    FOR k IN 1..rounds LOOP
+        RETURN QUERY
+        WITH numbered AS (
+            SELECT u.*, row_number() OVER (PARTITION BY u.agent_id ORDER BY u.ord) AS occurrence
+            FROM unnest(p_agent_id, p_name, p_labels, p_mode, p_status, p_uptime, p_next_ms, p_sent_at)
+                 WITH ORDINALITY AS u(agent_id, name, labels, mode, status, uptime, next_ms, sent_at, ord)
+        ),
+        round AS (
+            SELECT array_agg(n.ord::integer ORDER BY n.ord) AS ords,
+                   array_agg(n.agent_id ORDER BY n.ord) AS agent_id, array_agg(n.name ORDER BY n.ord) AS name,
+                   array_agg(n.labels ORDER BY n.ord) AS labels, array_agg(n.mode ORDER BY n.ord) AS mode,
+                   array_agg(n.status ORDER BY n.ord) AS status, array_agg(n.uptime ORDER BY n.ord) AS uptime,
+                   array_agg(n.next_ms ORDER BY n.ord) AS next_ms, array_agg(n.sent_at ORDER BY n.ord) AS sent_at
+            FROM numbered n
+            WHERE n.occurrence = k
+        )
+        SELECT rd.ords[r.idx], r.is_new, r.restart_detected, r.next_heartbeat_ms
+        FROM round rd,
+             warden.ingest_round(rd.agent_id, rd.name, rd.labels, rd.mode, rd.status, rd.uptime,
+                                 rd.next_ms, rd.sent_at, ts + (k - 1) * interval '1 microsecond') r;
+    END LOOP;
 END;
 $$;
 

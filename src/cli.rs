@@ -36,6 +36,63 @@ pub enum Command {
     /// Manage API keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Load generator: simulated agents heartbeating a running warden.
+    Simulate(SimulateArgs),
+    /// Benchmarks against warden processes this command starts.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SimulateArgs {
+    /// Base URL of the warden to load.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// API key with the ingest scope.
+    #[arg(long, env = "WARDEN_KEY", hide_env_values = true, default_value = "")]
+    pub key: String,
+    /// Distinct simulated agents.
+    #[arg(long, default_value_t = 1000)]
+    pub agents: usize,
+    /// Heartbeats per second in total; omit to send as fast as answered.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Heartbeats per request (1 = single heartbeats).
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Metrics per heartbeat.
+    #[arg(long, default_value_t = 0)]
+    pub metrics: usize,
+    /// Concurrent connections.
+    #[arg(long, default_value_t = 64)]
+    pub connections: usize,
+    /// How long to run.
+    #[arg(long, default_value = "20s")]
+    pub duration: crate::config::Duration,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Ingest throughput and latency, group commit against one transaction
+    /// per heartbeat, each in its own `warden serve` on the configured database.
+    Ingest {
+        #[arg(long, default_value_t = 1000)]
+        agents: usize,
+        #[arg(long, default_value_t = 64)]
+        connections: usize,
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        #[arg(long, default_value_t = 0)]
+        metrics: usize,
+        #[arg(long, default_value = "15s")]
+        duration: crate::config::Duration,
+        /// Load before measuring, to warm caches and connections.
+        #[arg(long, default_value = "3s")]
+        warmup: crate::config::Duration,
+        /// Measure group commit only.
+        #[arg(long)]
+        skip_naive: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -154,7 +211,77 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             serve(settings).await
         }
         Command::Keys(command) => with_database(&settings, |client| Box::pin(keys(client, command))).await,
+        Command::Simulate(args) => simulate(args).await,
+        Command::Bench(BenchCommand::Ingest { agents, connections, batch, metrics, duration, warmup, skip_naive }) => {
+            let bench = crate::bench::IngestBench {
+                agents,
+                connections,
+                batch,
+                metrics,
+                duration: duration.get(),
+                warmup: warmup.get(),
+                skip_naive,
+                config_file: sources.file.clone(),
+            };
+            with_database(&settings, |client| Box::pin(bench_ingest(client, bench))).await
+        }
     }
+}
+
+async fn simulate(args: SimulateArgs) -> Result<(), Failure> {
+    let addr = resolve(&args.url).await?;
+    if args.batch == 0 || args.connections == 0 || args.agents == 0 {
+        return Err(Failure::usage("--batch, --connections and --agents must be at least 1"));
+    }
+    let spec = crate::loadgen::LoadSpec {
+        addr,
+        key: args.key,
+        agents: args.agents,
+        batch: args.batch,
+        metrics: args.metrics,
+        connections: args.connections,
+        rate: args.rate,
+        duration: args.duration.get(),
+        agent_prefix: "sim".into(),
+    };
+    eprintln!(
+        "simulating {} agents over {} connections for {} (batch {}, {} metrics each)",
+        spec.agents, spec.connections, args.duration, spec.batch, spec.metrics
+    );
+    let report = crate::loadgen::run(spec).await.map_err(Failure::other)?;
+    print!("{}", report.summary());
+    Ok(())
+}
+
+/// host:port from `http://host:port[/...]` or `host:port`.
+async fn resolve(url: &str) -> Result<std::net::SocketAddr, Failure> {
+    let rest = url.strip_prefix("http://").unwrap_or(url);
+    if rest.starts_with("https://") {
+        return Err(Failure::usage("--url: the load generator speaks plain HTTP; point it at warden directly"));
+    }
+    let hostport = rest.split('/').next().unwrap_or(rest);
+    let hostport = if hostport.contains(':') { hostport.to_string() } else { format!("{hostport}:80") };
+    tokio::net::lookup_host(&hostport)
+        .await
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| Failure::usage(format!("--url: cannot resolve {hostport}")))
+}
+
+async fn bench_ingest(client: &mut db::Client, bench: crate::bench::IngestBench) -> Result<(), Failure> {
+    let key = auth::create_key(client, "bench", &[Scope::Ingest]).await.map_err(Failure::other)?;
+    eprintln!(
+        "benchmarking ingest: {} connections, batch {}, {} metrics, {}s per phase",
+        bench.connections,
+        bench.batch,
+        bench.metrics,
+        bench.duration.as_secs()
+    );
+    let result = crate::bench::ingest(&bench, &key.token).await;
+    let _ = auth::revoke_key(client, &key.key_id).await;
+    let phases = result.map_err(Failure::other)?;
+    print!("{}", crate::bench::render(&phases));
+    Ok(())
 }
 
 type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;

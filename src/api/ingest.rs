@@ -19,6 +19,13 @@ pub fn router() -> Router<AppState> {
 }
 
 #[derive(Serialize)]
+struct SingleAnswer {
+    received: bool,
+    #[serde(flatten)]
+    ack: Ack,
+}
+
+#[derive(Serialize)]
 struct BatchResult<'a> {
     agent_id: &'a str,
     #[serde(flatten)]
@@ -37,14 +44,7 @@ async fn post_heartbeats(
     let ids: Vec<_> = if batch { heartbeats.iter().map(|h| h.agent_id.clone()).collect() } else { Vec::new() };
     let acks = state.ingestor.submit(heartbeats).await.map_err(submit_error)?;
     if !batch {
-        let ack = acks[0];
-        return Ok(Json(json!({
-            "received": true,
-            "is_new": ack.is_new,
-            "restart_detected": ack.restart_detected,
-            "next_heartbeat_ms": ack.next_heartbeat_ms,
-        }))
-        .into_response());
+        return Ok(Json(SingleAnswer { received: true, ack: acks[0] }).into_response());
     }
     let results: Vec<BatchResult> =
         ids.iter().zip(acks).map(|(id, ack)| BatchResult { agent_id: id.as_str(), ack }).collect();

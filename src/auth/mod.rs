@@ -169,10 +169,16 @@ pub async fn revoke_key(client: &tokio_postgres::Client, which: &str) -> Result<
     Ok(n > 0)
 }
 
+/// A verified key as the cache keeps it.
+struct StoredKey {
+    hash: [u8; 32],
+    principal: Principal,
+}
+
 #[derive(Clone)]
 struct Cached {
     /// `None` records that no usable key has this id (unknown or revoked).
-    key: Option<([u8; 32], String, Vec<Scope>)>,
+    key: Option<std::sync::Arc<StoredKey>>,
     fetched: Instant,
 }
 
@@ -209,17 +215,16 @@ impl Authenticator {
             Some(entry) => entry,
             None => self.fetch(key_id).await?,
         };
-        let Some((stored, name, scopes)) = entry.key else {
+        let Some(stored) = entry.key else {
             return Err(AuthError::Invalid);
         };
-        if !bool::from(hash(token).ct_eq(&stored)) {
+        if !bool::from(hash(token).ct_eq(&stored.hash)) {
             return Err(AuthError::Invalid);
         }
-        let principal = Principal { key_name: Some(name), scopes };
-        if !principal.allows(needed) {
+        if !stored.principal.allows(needed) {
             return Err(AuthError::Forbidden(needed));
         }
-        Ok(principal)
+        Ok(stored.principal.clone())
     }
 
     fn cached(&self, key_id: &str) -> Option<Cached> {
@@ -244,7 +249,8 @@ impl Authenticator {
             let mut hash = [0u8; 32];
             hash.copy_from_slice(&stored);
             let scopes: Vec<String> = r.get(2);
-            (hash, r.get(1), scopes.iter().filter_map(|s| s.parse().ok()).collect())
+            let scopes = scopes.iter().filter_map(|s| s.parse().ok()).collect();
+            std::sync::Arc::new(StoredKey { hash, principal: Principal { key_name: Some(r.get(1)), scopes } })
         });
         let entry = Cached { key, fetched: Instant::now() };
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());

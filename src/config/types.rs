@@ -46,6 +46,13 @@ impl Duration {
     }
 }
 
+impl std::str::FromStr for Duration {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::parse(s)
+    }
+}
+
 impl From<std::time::Duration> for Duration {
     fn from(d: std::time::Duration) -> Self {
         Self(d)

@@ -3,6 +3,7 @@
 mod helpers;
 
 mod cli;
+mod client;
 mod config;
 mod embedded;
 mod ingest;

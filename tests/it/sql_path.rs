@@ -12,7 +12,7 @@ async fn footprint(app: &TestApp, agent: &str) -> Value {
     let db = app.db.client().await;
     let status = db
         .query_one(
-            "SELECT to_jsonb(s) - 'agent_id' - 'first_seen' - 'last_seen' - 'liveness_since' \
+            "SELECT to_jsonb(s) - 'agent_id' - 'first_seen' - 'last_seen' - 'liveness_since' - 'last_restart_at' \
              FROM warden.agent_status s WHERE agent_id = $1",
             &[&agent],
         )

@@ -1,0 +1,132 @@
+//! An example agent: heartbeats with a few metrics on the interval warden
+//! asks for, and backs off when warden answers 503.
+//!
+//!     WARDEN_KEY=wdn_... cargo run --example agent -- --agent-id demo-1
+//!
+//! Options: --url (default http://127.0.0.1:8080), --agent-id, --mode
+//! (emergency|active|idle|sleep), --interval-ms, --count (stop after N
+//! heartbeats; default: run until killed).
+
+use std::time::{Duration, Instant};
+
+use warden::client::{Client, HeartbeatRequest};
+use warden::model::Mode;
+
+struct Options {
+    url: String,
+    agent_id: String,
+    mode: Option<Mode>,
+    interval: Option<Duration>,
+    count: Option<u64>,
+}
+
+fn options() -> Result<Options, String> {
+    let mut opts = Options {
+        url: "http://127.0.0.1:8080".into(),
+        agent_id: format!("example-{}", std::process::id()),
+        mode: None,
+        interval: None,
+        count: None,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--url" => opts.url = value()?,
+            "--agent-id" => opts.agent_id = value()?,
+            "--mode" => opts.mode = Some(value()?.parse().map_err(|e| format!("--mode: {e}"))?),
+            "--interval-ms" => {
+                opts.interval =
+                    Some(Duration::from_millis(value()?.parse().map_err(|e| format!("--interval-ms: {e}"))?))
+            }
+            "--count" => opts.count = Some(value()?.parse().map_err(|e| format!("--count: {e}"))?),
+            other => return Err(format!("unknown option {other}")),
+        }
+    }
+    Ok(opts)
+}
+
+/// One-minute load average and used memory share, where Linux tells them.
+fn metrics() -> Vec<(&'static str, f64)> {
+    let mut out = Vec::new();
+    if let Some(load) = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+    {
+        out.push(("load1", load));
+    }
+    if let Ok(meminfo) = std::fs::read_to_string("/proc/meminfo") {
+        let field = |name: &str| {
+            meminfo
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+        };
+        if let (Some(total), Some(available)) = (field("MemTotal:"), field("MemAvailable:")) {
+            out.push(("memory_used_pct", 100.0 * (1.0 - available / total)));
+        }
+    }
+    out
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let opts = match options() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("agent: {e}");
+            std::process::exit(2);
+        }
+    };
+    let key = std::env::var("WARDEN_KEY").ok().filter(|k| !k.is_empty());
+    let client = match Client::new(&opts.url, key) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("agent: {e}");
+            std::process::exit(2);
+        }
+    };
+    let started = Instant::now();
+    let mut sent = 0u64;
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let mut heartbeat = HeartbeatRequest::new(&opts.agent_id).uptime(started.elapsed().as_secs());
+        if let Some(mode) = opts.mode {
+            heartbeat = heartbeat.mode(mode);
+        }
+        if let Some(interval) = opts.interval {
+            heartbeat = heartbeat.next_in(interval);
+        }
+        for (name, value) in metrics() {
+            heartbeat = heartbeat.metric(name, value);
+        }
+        let wait = match client.heartbeat(&heartbeat).await {
+            Ok(ack) => {
+                sent += 1;
+                backoff = Duration::from_millis(500);
+                println!("heartbeat {sent} acknowledged; next in {} ms", ack.next_heartbeat_ms);
+                if opts.count.is_some_and(|c| sent >= c) {
+                    return;
+                }
+                Duration::from_millis(u64::from(ack.next_heartbeat_ms))
+            }
+            Err(e) => match e.retry_after() {
+                Some(hint) => {
+                    // Exponential backoff with jitter, never shorter than
+                    // warden's own hint, so a recovering warden is not stampeded.
+                    let jitter = Duration::from_millis(u64::from(std::process::id() % 250));
+                    let wait = hint.max(backoff) + jitter;
+                    backoff = (backoff * 2).min(Duration::from_secs(60));
+                    eprintln!("agent: {e}; retrying in {wait:?}");
+                    wait
+                }
+                None => {
+                    eprintln!("agent: {e}");
+                    std::process::exit(1);
+                }
+            },
+        };
+        tokio::time::sleep(wait).await;
+    }
+}

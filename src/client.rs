@@ -1,0 +1,198 @@
+//! A small typed client for agents written in Rust.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), warden::client::ClientError> {
+//! use warden::client::{Client, HeartbeatRequest};
+//! let client = Client::new("http://127.0.0.1:8080", Some("wdn_...".into()))?;
+//! let ack = client.heartbeat(&HeartbeatRequest::new("worker-1").uptime(42).metric("cpu", 0.4)).await?;
+//! println!("next heartbeat in {} ms", ack.next_heartbeat_ms);
+//! # Ok(()) }
+//! ```
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::model::{HeartbeatStatus, Mode, Severity};
+
+/// One heartbeat, as the API takes it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct HeartbeatRequest {
+    pub agent_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<Mode>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<HeartbeatStatus>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uptime_seconds: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_heartbeat_ms: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sent_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub metrics: BTreeMap<String, f64>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl HeartbeatRequest {
+    pub fn new(agent_id: impl Into<String>) -> Self {
+        Self { agent_id: agent_id.into(), sent_at: Some(Utc::now()), ..Self::default() }
+    }
+
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    pub fn mode(mut self, mode: Mode) -> Self {
+        self.mode = Some(mode);
+        self
+    }
+
+    pub fn status(mut self, status: HeartbeatStatus) -> Self {
+        self.status = Some(status);
+        self
+    }
+
+    pub fn uptime(mut self, seconds: u64) -> Self {
+        self.uptime_seconds = Some(seconds);
+        self
+    }
+
+    pub fn next_in(mut self, interval: Duration) -> Self {
+        self.next_heartbeat_ms = Some(u32::try_from(interval.as_millis()).unwrap_or(u32::MAX));
+        self
+    }
+
+    pub fn metric(mut self, name: impl Into<String>, value: f64) -> Self {
+        self.metrics.insert(name.into(), value);
+        self
+    }
+
+    pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.labels.insert(key.into(), value.into());
+        self
+    }
+}
+
+/// warden's answer to one heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct HeartbeatAck {
+    pub received: bool,
+    pub is_new: bool,
+    pub restart_detected: bool,
+    /// When warden expects the next heartbeat.
+    pub next_heartbeat_ms: u32,
+}
+
+/// An event an agent reports (an error, a warning, a note).
+#[derive(Debug, Clone, Serialize)]
+pub struct EventRequest {
+    pub agent_id: String,
+    pub event_type: String,
+    pub severity: Severity,
+    pub message: String,
+    #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
+    pub details: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// warden or its database is busy or down; retry after the given time.
+    #[error("warden is unavailable: {message}")]
+    Unavailable { retry_after: Option<Duration>, message: String },
+    /// The request was refused; retrying it unchanged will not help.
+    #[error("warden refused the request ({status} {code}{}): {message}", field.as_ref().map(|f| format!(", field {f}")).unwrap_or_default())]
+    Rejected { status: u16, code: String, message: String, field: Option<String> },
+    #[error("could not reach warden: {0}")]
+    Transport(#[from] reqwest::Error),
+    #[error("invalid warden URL {0:?}")]
+    BadUrl(String),
+}
+
+impl ClientError {
+    /// How long to wait before retrying, when retrying makes sense.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Unavailable { retry_after, .. } => Some(retry_after.unwrap_or(Duration::from_secs(5))),
+            Self::Transport(_) => Some(Duration::from_secs(5)),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Deserialize)]
+struct ErrorDetail {
+    code: String,
+    message: String,
+    field: Option<String>,
+}
+
+/// A connection to one warden.
+#[derive(Debug, Clone)]
+pub struct Client {
+    base: String,
+    key: Option<String>,
+    http: reqwest::Client,
+}
+
+impl Client {
+    pub fn new(base_url: &str, key: Option<String>) -> Result<Self, ClientError> {
+        let base = base_url.trim_end_matches('/').to_string();
+        if !base.starts_with("http://") && !base.starts_with("https://") {
+            return Err(ClientError::BadUrl(base_url.to_string()));
+        }
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
+        Ok(Self { base, key, http })
+    }
+
+    pub async fn heartbeat(&self, heartbeat: &HeartbeatRequest) -> Result<HeartbeatAck, ClientError> {
+        self.post("/v1/heartbeats", heartbeat).await
+    }
+
+    /// Sends an event and returns its id.
+    pub async fn event(&self, event: &EventRequest) -> Result<i64, ClientError> {
+        #[derive(Deserialize)]
+        struct Created {
+            id: i64,
+        }
+        Ok(self.post::<_, Created>("/v1/events", event).await?.id)
+    }
+
+    async fn post<B: Serialize, T: serde::de::DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ClientError> {
+        let mut request = self.http.post(format!("{}{path}", self.base)).json(body);
+        if let Some(key) = &self.key {
+            request = request.bearer_auth(key);
+        }
+        let response = request.send().await?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response.json().await?);
+        }
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let detail = response.json::<ErrorBody>().await.ok().map(|b| b.error);
+        let (code, message, field) = match detail {
+            Some(d) => (d.code, d.message, d.field),
+            None => (status.as_str().to_string(), status.canonical_reason().unwrap_or("error").to_string(), None),
+        };
+        if status.as_u16() == 503 || status.as_u16() == 429 {
+            return Err(ClientError::Unavailable { retry_after, message });
+        }
+        Err(ClientError::Rejected { status: status.as_u16(), code, message, field })
+    }
+}

@@ -1,0 +1,76 @@
+//! The typed client and the example agent against a real warden.
+
+use std::time::Duration;
+
+use warden::auth::Scope;
+use warden::client::{Client, ClientError, HeartbeatRequest};
+use warden::model::Mode;
+
+use crate::helpers::{TestApp, eventually};
+
+#[tokio::test]
+async fn the_client_sends_heartbeats_and_reads_the_answer() {
+    let app = TestApp::spawn().await;
+    let key = app.key(&[Scope::Ingest]).await;
+    let client = Client::new(&app.url(""), Some(key)).unwrap();
+    let heartbeat =
+        HeartbeatRequest::new("rust-agent").mode(Mode::Idle).uptime(10).metric("cpu", 0.25).label("lang", "rust");
+    let ack = client.heartbeat(&heartbeat).await.unwrap();
+    assert!(ack.received && ack.is_new && !ack.restart_detected);
+    assert_eq!(ack.next_heartbeat_ms, 30_000);
+    let again = client.heartbeat(&HeartbeatRequest::new("rust-agent").uptime(1)).await.unwrap();
+    assert!(again.restart_detected);
+}
+
+#[tokio::test]
+async fn refusals_carry_the_field_and_outages_a_retry_hint() {
+    let app = TestApp::spawn().await;
+    let key = app.key(&[Scope::Ingest]).await;
+    let client = Client::new(&app.url(""), Some(key)).unwrap();
+    match client.heartbeat(&HeartbeatRequest::new("bad id")).await {
+        Err(ClientError::Rejected { status: 422, field, .. }) => assert_eq!(field.as_deref(), Some("agent_id")),
+        other => panic!("expected a 422, got {other:?}"),
+    }
+    let anonymous = Client::new(&app.url(""), None).unwrap();
+    assert!(matches!(
+        anonymous.heartbeat(&HeartbeatRequest::new("a")).await,
+        Err(ClientError::Rejected { status: 401, .. })
+    ));
+
+    app.db.drop_now().await;
+    let err = client.heartbeat(&HeartbeatRequest::new("a")).await.unwrap_err();
+    assert!(matches!(err, ClientError::Unavailable { .. }), "{err:?}");
+    assert!(err.retry_after().is_some());
+}
+
+/// The example agent, built by `cargo test` next to the test binaries.
+fn example_agent() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().and_then(|deps| deps.parent()).unwrap().join("examples").join("agent")
+}
+
+#[tokio::test]
+async fn the_example_agent_heartbeats_on_its_interval() {
+    let app = TestApp::spawn().await;
+    let key = app.key(&[Scope::Ingest]).await;
+    let status = tokio::process::Command::new(example_agent())
+        .args(["--url", &app.url(""), "--agent-id", "example-1", "--interval-ms", "100", "--count", "3"])
+        .env("WARDEN_KEY", &key)
+        .stdout(std::process::Stdio::null())
+        .status();
+    let status = tokio::time::timeout(Duration::from_secs(60), status).await.expect("the agent finishes").unwrap();
+    assert!(status.success());
+    let count = eventually(Duration::from_secs(5), "three heartbeats", || async {
+        let n = app
+            .count("SELECT coalesce(max(heartbeat_count), 0) FROM warden.agent_status WHERE agent_id = 'example-1'")
+            .await;
+        (n == 3).then_some(n)
+    })
+    .await;
+    assert_eq!(count, 3);
+    assert_eq!(
+        app.count("SELECT expected_interval_ms::bigint FROM warden.agent_status WHERE agent_id = 'example-1'").await,
+        100
+    );
+    assert!(app.count("SELECT count(*) FROM warden.performance_metrics WHERE agent_id = 'example-1'").await >= 3);
+}
