@@ -45,7 +45,20 @@ CREATE TABLE warden.agent_status (
     score                double precision CHECK (score >= 0 AND score <= 100),
     tier                 text CHECK (tier IN ('excellent', 'good', 'fair', 'poor', 'critical')),
     components           jsonb,
-    evaluated_at         timestamptz
+    evaluated_at         timestamptz,
+    -- Running figures kept by ingest, so the evaluator never reads raw
+    -- heartbeats: on-time heartbeats in a row (recovery hysteresis), the
+    -- exponentially weighted mean and variance of inter-arrival times (phi
+    -- detector, jitter), and heartbeats received with a one-hour decay
+    -- (delivery ratio).
+    ontime_streak        integer NOT NULL DEFAULT 0,
+    ia_count             integer NOT NULL DEFAULT 0,
+    ia_mean_ms           double precision NOT NULL DEFAULT 0,
+    ia_var_ms2           double precision NOT NULL DEFAULT 0,
+    beats_decayed        double precision NOT NULL DEFAULT 0,
+    -- Kept by the evaluator.
+    score_trend          double precision,
+    history_at           timestamptz
 )
 -- Every heartbeat rewrites its agent's row; free space on each page lets
 -- PostgreSQL do that in place (HOT) without touching the indexes.
@@ -84,6 +97,9 @@ CREATE TABLE warden.agent_heartbeats (
 ) PARTITION BY RANGE (received_at);
 
 CREATE INDEX agent_heartbeats_agent_idx ON warden.agent_heartbeats (agent_id, received_at);
+-- Rows arrive in time order, so a BRIN index serves time-range scans
+-- (reports, rollups) for almost nothing per insert.
+CREATE INDEX agent_heartbeats_time_idx ON warden.agent_heartbeats USING brin (received_at);
 
 -- One row per metric sample.
 CREATE TABLE warden.performance_metrics (
@@ -98,6 +114,7 @@ CREATE TABLE warden.performance_metrics (
 ) PARTITION BY RANGE (recorded_at);
 
 CREATE INDEX performance_metrics_agent_idx ON warden.performance_metrics (agent_id, name, recorded_at);
+CREATE INDEX performance_metrics_time_idx ON warden.performance_metrics USING brin (recorded_at);
 
 -- Everything that happened: transitions, restarts, agent-reported errors,
 -- recovery escalations. agent_id is NULL for fleet-wide events.
@@ -130,6 +147,7 @@ CREATE TABLE warden.incidents (
     resolved_at timestamptz,
     predicted   boolean NOT NULL DEFAULT false,
     summary     text,
+    resolution  text,
     details     jsonb NOT NULL DEFAULT '{}'::jsonb,
     CHECK ((state = 'open') = (resolved_at IS NULL)),
     CHECK (resolved_at IS NULL OR resolved_at >= opened_at)

@@ -33,6 +33,16 @@ CREATE TABLE warden.mode_intervals (
 INSERT INTO warden.mode_intervals (mode, interval_ms) VALUES
     ('emergency', 5000), ('active', 30000), ('idle', 30000), ('sleep', 900000), ('default', 30000);
 
+-- The health settings ingest needs to keep its running figures, also
+-- written by `warden serve` at start-up. One row.
+CREATE TABLE warden.health_params (
+    id                   boolean PRIMARY KEY DEFAULT true CHECK (id),
+    jitter_tolerance     double precision NOT NULL CHECK (jitter_tolerance >= 0),
+    offline_after_missed integer NOT NULL CHECK (offline_after_missed >= 1)
+);
+
+INSERT INTO warden.health_params (jitter_tolerance, offline_after_missed) VALUES (0.2, 3);
+
 -- Applies heartbeats whose agents are all distinct, as one statement: the
 -- heartbeat rows, restart and registration events, and agent_status.
 -- Returns one row per heartbeat (idx is its array position). Internal to
@@ -60,7 +70,11 @@ RETURNS TABLE (idx integer, is_new boolean, restart_detected boolean, next_heart
 LANGUAGE plpgsql
 -- The statement below is large and its best plan does not depend on the
 -- arrays' contents; planning it afresh per call cost more than running it.
+-- The generic plan's row estimates are pessimistic enough to trigger JIT
+-- compilation, which costs seconds per call on a query that runs in
+-- microseconds; callers may be any session, so it is switched off here.
 SET plan_cache_mode = force_generic_plan
+SET jit = off
 AS $$
 #variable_conflict use_column
 BEGIN
@@ -68,9 +82,10 @@ BEGIN
     WITH hb AS (
         SELECT u.ord::integer AS i, u.agent_id, u.name, u.labels, u.mode,
                coalesce(u.status, 'healthy') AS status, u.uptime, u.next_ms, u.sent_at,
-               mi.interval_ms AS mode_ms
+               mi.interval_ms AS mode_ms, hp.jitter_tolerance AS tol, hp.offline_after_missed AS off
         FROM unnest(p_agent_id, p_name, p_labels, p_mode, p_status, p_uptime, p_next_ms, p_sent_at)
              WITH ORDINALITY AS u(agent_id, name, labels, mode, status, uptime, next_ms, sent_at, ord)
+        CROSS JOIN warden.health_params hp
         LEFT JOIN warden.mode_intervals mi ON mi.mode = u.mode
     ),
     upd AS (
@@ -90,7 +105,30 @@ BEGIN
             restart_count         = s.restart_count + coalesce((h.uptime < s.uptime_seconds)::integer, 0),
             last_restart_at       = CASE WHEN h.uptime < s.uptime_seconds THEN ts ELSE s.last_restart_at END,
             uptime_before_restart = CASE WHEN h.uptime < s.uptime_seconds THEN s.uptime_seconds
-                                         ELSE s.uptime_before_restart END
+                                         ELSE s.uptime_before_restart END,
+            -- On time: within the expected interval plus the tolerance.
+            -- Every heartbeat counts as one; on-time ones extend the run.
+            ontime_streak         = CASE WHEN extract(epoch FROM ts - s.last_seen) * 1000
+                                              <= s.expected_interval_ms * (1 + h.tol)
+                                         THEN s.ontime_streak + 1 ELSE 1 END,
+            -- Inter-arrival statistics leave out outages (gaps past the
+            -- offline threshold) and heartbeats of one batch (under 10 ms),
+            -- which say nothing about the agent's rhythm. The weight is a
+            -- plain average for the first 20 samples, then exponential.
+            ia_count              = s.ia_count + CASE WHEN extract(epoch FROM ts - s.last_seen) * 1000
+                                         BETWEEN 10 AND s.expected_interval_ms * (h.off + h.tol) THEN 1 ELSE 0 END,
+            ia_mean_ms            = CASE WHEN extract(epoch FROM ts - s.last_seen) * 1000
+                                              BETWEEN 10 AND s.expected_interval_ms * (h.off + h.tol)
+                                         THEN s.ia_mean_ms + greatest(1.0 / (s.ia_count + 1), 0.05)
+                                              * (extract(epoch FROM ts - s.last_seen) * 1000 - s.ia_mean_ms)
+                                         ELSE s.ia_mean_ms END,
+            ia_var_ms2            = CASE WHEN extract(epoch FROM ts - s.last_seen) * 1000
+                                              BETWEEN 10 AND s.expected_interval_ms * (h.off + h.tol)
+                                         THEN (1 - greatest(1.0 / (s.ia_count + 1), 0.05))
+                                              * (s.ia_var_ms2 + greatest(1.0 / (s.ia_count + 1), 0.05)
+                                                 * power(extract(epoch FROM ts - s.last_seen) * 1000 - s.ia_mean_ms, 2))
+                                         ELSE s.ia_var_ms2 END,
+            beats_decayed         = s.beats_decayed * exp(-extract(epoch FROM ts - s.last_seen) / 3600.0) + 1
         FROM hb h
         WHERE s.agent_id = h.agent_id
         RETURNING h.i, s.agent_id, false AS fresh, s.last_restart_at IS NOT DISTINCT FROM ts AS restart,
@@ -99,9 +137,10 @@ BEGIN
     ins AS (
         INSERT INTO warden.agent_status AS s
             (agent_id, name, labels, mode, status, expected_interval_ms, first_seen, last_seen,
-             last_sent_at, uptime_seconds, heartbeat_count, restart_count, liveness_since)
+             last_sent_at, uptime_seconds, heartbeat_count, restart_count, liveness_since,
+             ontime_streak, beats_decayed)
         SELECT h.agent_id, h.name, coalesce(h.labels, '{}'::jsonb), h.mode, h.status,
-               coalesce(h.next_ms, h.mode_ms, d.interval_ms, 30000), ts, ts, h.sent_at, h.uptime, 1, 0, ts
+               coalesce(h.next_ms, h.mode_ms, d.interval_ms, 30000), ts, ts, h.sent_at, h.uptime, 1, 0, ts, 1, 1
         FROM hb h
         LEFT JOIN warden.mode_intervals d ON d.mode = 'default'
         WHERE NOT EXISTS (SELECT 1 FROM warden.agent_status x WHERE x.agent_id = h.agent_id)
@@ -120,7 +159,9 @@ BEGIN
             last_restart_at       = CASE WHEN EXCLUDED.uptime_seconds < s.uptime_seconds THEN ts
                                          ELSE s.last_restart_at END,
             uptime_before_restart = CASE WHEN EXCLUDED.uptime_seconds < s.uptime_seconds THEN s.uptime_seconds
-                                         ELSE s.uptime_before_restart END
+                                         ELSE s.uptime_before_restart END,
+            ontime_streak         = s.ontime_streak + 1,
+            beats_decayed         = s.beats_decayed * exp(-extract(epoch FROM ts - s.last_seen) / 3600.0) + 1
         RETURNING s.agent_id, s.heartbeat_count = 1 AS fresh, s.last_restart_at IS NOT DISTINCT FROM ts AS restart,
                   s.uptime_before_restart, s.uptime_seconds, s.mode, s.expected_interval_ms
     ),

@@ -76,6 +76,12 @@ impl Application {
         let background = CancellationToken::new();
         let tasks = TaskTracker::new();
 
+        tasks.spawn(crate::health::evaluator::run(
+            database.pool.clone(),
+            crate::health::evaluator::EvalParams::from_settings(&settings.health),
+            replica_name(local_addr),
+            background.clone(),
+        ));
         tasks.spawn(partition_upkeep(
             database.pool.clone(),
             settings.database.partitions_ahead_days,
@@ -127,8 +133,9 @@ fn writer_settings(settings: &Settings) -> WriterSettings {
     }
 }
 
-/// Publishes [health.modes] to the database, where the SQL ingest path
-/// (shared by HTTP and `warden.record_heartbeat`) reads them.
+/// Publishes [health.modes] and the health figures ingest keeps to the
+/// database, where the SQL ingest path (shared by HTTP and
+/// `warden.record_heartbeat`) reads them.
 async fn sync_mode_intervals(client: &tokio_postgres::Client, settings: &Settings) -> Result<(), db::DbError> {
     let health = &settings.health;
     let mut modes: Vec<&str> = vec!["default"];
@@ -145,7 +152,22 @@ async fn sync_mode_intervals(client: &tokio_postgres::Client, settings: &Setting
             &[&modes, &millis],
         )
         .await?;
+    client
+        .execute(
+            "UPDATE warden.health_params SET jitter_tolerance = $1, offline_after_missed = $2 \
+             WHERE (jitter_tolerance, offline_after_missed) IS DISTINCT FROM ($1, $2)",
+            &[&health.jitter_tolerance, &(health.offline_after_missed as i32)],
+        )
+        .await?;
     Ok(())
+}
+
+/// How this process names itself as evaluator leader: host, pid and port.
+fn replica_name(addr: SocketAddr) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "warden".into());
+    format!("{host}:{}:{}", std::process::id(), addr.port())
 }
 
 fn clamp_ms(d: crate::config::Duration) -> i32 {

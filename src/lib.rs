@@ -24,6 +24,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod db;
+pub mod health;
 pub mod ingest;
 pub mod loadgen;
 pub mod model;

@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod error;
 mod ingest;
+mod mcp;
 mod probes;
 
 use std::sync::Arc;
@@ -62,6 +63,7 @@ pub fn router(state: AppState) -> Router {
     let v1 = Router::new().merge(ingest::router()).layer(DefaultBodyLimit::max(state.settings.ingest.max_body_bytes));
     Router::new()
         .merge(probes::router())
+        .merge(mcp::router())
         .nest("/v1", v1)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -54,10 +54,97 @@ pub struct IngestSettings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthSettings {
+    /// How often liveness is evaluated.
+    pub check_interval: Duration,
+    /// How often scores and metric-based issues are computed.
+    pub score_interval: Duration,
+    /// Longest time between two health_history snapshots of an agent.
+    pub history_interval: Duration,
     /// Expected interval of an agent that names neither an interval nor a mode.
     pub default_interval: Duration,
+    pub degraded_after_missed: u32,
+    pub offline_after_missed: u32,
+    pub recover_after_healthy: u32,
+    /// Fraction of an interval a heartbeat may be late and still be on time.
+    pub jitter_tolerance: f64,
+    pub detector: crate::health::liveness::Detector,
+    pub phi_threshold: f64,
+    pub phi_min_std: Duration,
+    pub phi_acceptable_pause: Duration,
+    pub phi_min_samples: u32,
+    pub extended_offline_after: Duration,
+    pub restart_loop_count: u32,
+    pub restart_loop_window: Duration,
+    pub flap_high: f64,
+    pub flap_low: f64,
+    pub fleet_outage_ratio: f64,
+    pub fleet_outage_min_agents: u32,
+    pub fleet_outage_window: Duration,
+    pub prediction_horizon: Duration,
     /// Expected interval per mode.
     pub modes: ModeIntervals,
+    pub weights: WeightSettings,
+    pub tiers: TierSettings,
+    pub thresholds: ThresholdSettings,
+    pub metrics: MetricNames,
+    pub severities: SeveritySettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeightSettings {
+    pub heartbeat_consistency: f64,
+    pub performance: f64,
+    pub error_rate: f64,
+    pub resource_efficiency: f64,
+    pub business_impact: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierSettings {
+    pub excellent: f64,
+    pub good: f64,
+    pub fair: f64,
+    pub poor: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ThresholdSettings {
+    pub cpu_warning: f64,
+    pub cpu_critical: f64,
+    pub memory_warning: f64,
+    pub memory_critical: f64,
+    pub error_rate: f64,
+    pub error_rate_ceiling: f64,
+    pub latency_degradation: f64,
+}
+
+/// Metric names (first present wins) that feed each score input.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricNames {
+    pub latency: Vec<String>,
+    pub cpu: Vec<String>,
+    pub memory: Vec<String>,
+    pub errors: Vec<String>,
+    pub work: Vec<String>,
+}
+
+/// Severity of the incidents each issue type opens.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SeveritySettings {
+    pub agent_unresponsive: crate::model::Severity,
+    pub heartbeat_late: crate::model::Severity,
+    pub extended_offline: crate::model::Severity,
+    pub restart_loop: crate::model::Severity,
+    pub flapping: crate::model::Severity,
+    pub high_error_rate: crate::model::Severity,
+    pub resource_exhaustion: crate::model::Severity,
+    pub performance_degradation: crate::model::Severity,
+    pub fleet_outage: crate::model::Severity,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -174,6 +261,58 @@ impl Settings {
                 format!("at least ingest.max_batch ({}), or a full batch could never be queued", ingest.max_batch),
             ));
         }
+        let h = &self.health;
+        check_min("health.check_interval", h.check_interval, Duration::from_millis(100))?;
+        check_min("health.score_interval", h.score_interval, Duration::from_millis(100))?;
+        check_min("health.history_interval", h.history_interval, Duration::from_millis(100))?;
+        check_range("health.degraded_after_missed", h.degraded_after_missed, 1, 1000)?;
+        check_range("health.offline_after_missed", h.offline_after_missed, 1, 1000)?;
+        if h.offline_after_missed <= h.degraded_after_missed {
+            return Err(SettingsError::new(
+                "health.offline_after_missed",
+                h.offline_after_missed,
+                format!("more than health.degraded_after_missed ({})", h.degraded_after_missed),
+            ));
+        }
+        check_range("health.recover_after_healthy", h.recover_after_healthy, 1, 1000)?;
+        check_float("health.jitter_tolerance", h.jitter_tolerance, 0.0, 10.0)?;
+        check_float("health.phi_threshold", h.phi_threshold, 0.5, 100.0)?;
+        check_range("health.phi_min_samples", h.phi_min_samples, 2, 10_000)?;
+        check_range("health.restart_loop_count", h.restart_loop_count, 2, 1000)?;
+        check_float("health.flap_high", h.flap_high, 0.0, 100.0)?;
+        check_float("health.flap_low", h.flap_low, 0.0, h.flap_high)?;
+        check_float("health.fleet_outage_ratio", h.fleet_outage_ratio, 0.01, 1.0)?;
+        let w = &h.weights;
+        for (key, value) in [
+            ("health.weights.heartbeat_consistency", w.heartbeat_consistency),
+            ("health.weights.performance", w.performance),
+            ("health.weights.error_rate", w.error_rate),
+            ("health.weights.resource_efficiency", w.resource_efficiency),
+            ("health.weights.business_impact", w.business_impact),
+        ] {
+            check_float(key, value, 0.0, 1.0)?;
+        }
+        let sum = w.heartbeat_consistency + w.performance + w.error_rate + w.resource_efficiency + w.business_impact;
+        if (sum - 1.0).abs() > 1e-6 {
+            return Err(SettingsError::new(
+                "health.weights",
+                format!("sum {sum}"),
+                "five weights that sum to 1 (e.g. 0.30, 0.25, 0.20, 0.15, 0.10)",
+            ));
+        }
+        let t = &h.tiers;
+        check_float("health.tiers.excellent", t.excellent, 0.0, 100.0)?;
+        check_float("health.tiers.good", t.good, 0.0, t.excellent)?;
+        check_float("health.tiers.fair", t.fair, 0.0, t.good)?;
+        check_float("health.tiers.poor", t.poor, 0.0, t.fair)?;
+        let th = &h.thresholds;
+        check_float("health.thresholds.cpu_warning", th.cpu_warning, 0.0, 100.0)?;
+        check_float("health.thresholds.cpu_critical", th.cpu_critical, th.cpu_warning, 100.0)?;
+        check_float("health.thresholds.memory_warning", th.memory_warning, 0.0, 100.0)?;
+        check_float("health.thresholds.memory_critical", th.memory_critical, th.memory_warning, 100.0)?;
+        check_float("health.thresholds.error_rate", th.error_rate, 0.0, 1.0)?;
+        check_float("health.thresholds.error_rate_ceiling", th.error_rate_ceiling, 0.0001, 1.0)?;
+        check_float("health.thresholds.latency_degradation", th.latency_degradation, 1.0, 1000.0)?;
         let interval_min = Duration::from_millis(100);
         let interval_max = Duration::from_secs(7 * 86_400);
         check_min("health.default_interval", self.health.default_interval, interval_min)?;
@@ -200,6 +339,13 @@ where
 {
     if value < min || value > max {
         return Err(SettingsError::new(key, value, format!("a whole number from {min} to {max}")));
+    }
+    Ok(())
+}
+
+pub(super) fn check_float(key: &str, value: f64, min: f64, max: f64) -> Result<(), SettingsError> {
+    if !value.is_finite() || value < min || value > max {
+        return Err(SettingsError::new(key, value, format!("a number from {min} to {max}")));
     }
     Ok(())
 }

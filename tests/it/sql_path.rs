@@ -13,6 +13,7 @@ async fn footprint(app: &TestApp, agent: &str) -> Value {
     let status = db
         .query_one(
             "SELECT to_jsonb(s) - 'agent_id' - 'first_seen' - 'last_seen' - 'liveness_since' - 'last_restart_at' \
+             - 'ia_count' - 'ia_mean_ms' - 'ia_var_ms2' - 'beats_decayed' \
              FROM warden.agent_status s WHERE agent_id = $1",
             &[&agent],
         )

@@ -1,0 +1,1081 @@
+//! The evaluator: one leader at a time runs the liveness cycle every
+//! `check_interval` and the score pass every `score_interval`.
+//!
+//! Each cycle is one transaction: read what may have changed in bulk,
+//! decide with the pure functions, write transitions, events, incidents and
+//! notifications together. Replicas compete for a session-level advisory
+//! lock; the holder leads until its connection dies, when the lock frees and
+//! another replica takes it at its next attempt (within one interval).
+//!
+//! Cost: the liveness cycle only fetches agents that could change (silent
+//! past their earliest threshold, or heard from since their last transition),
+//! so a steady fleet costs one index-free scan of agent_status with a cheap
+//! predicate and nothing else.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration as StdDuration;
+
+use chrono::{DateTime, Duration, Utc};
+use deadpool_postgres::Pool;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use super::flap::{self, FlapParams};
+use super::incidents::{self, IssueType, Key, Wanted};
+use super::liveness::{self, Detector, LivenessParams, Presence, Transition};
+use super::phi::{ArrivalStats, PhiParams};
+use super::score::{self, Inputs, Thresholds, TierBounds, Weights};
+use super::stats::{Batch, Kind, MetricStat, Regression};
+use crate::config::HealthSettings;
+use crate::db::{self, DbError};
+use crate::model::{Liveness, Severity};
+
+/// Advisory lock key of the leader ("warden:e").
+pub const LEADER_LOCK: i64 = 0x7761_7264_656e_3a65;
+/// Channel of stream notifications.
+pub const CHANNEL: &str = "warden_events";
+
+/// Everything the evaluator's decisions depend on, from `[health]`.
+#[derive(Debug, Clone)]
+pub struct EvalParams {
+    pub liveness: LivenessParams,
+    pub flap: FlapParams,
+    pub check_interval: Duration,
+    pub score_interval: Duration,
+    pub history_interval: Duration,
+    pub extended_offline_after: Duration,
+    pub restart_loop_count: i64,
+    pub restart_loop_window: Duration,
+    pub fleet_ratio: f64,
+    pub fleet_min_agents: i64,
+    pub fleet_window: Duration,
+    pub prediction_horizon: Duration,
+    pub weights: Weights,
+    pub tiers: TierBounds,
+    pub thresholds: Thresholds,
+    pub error_rate_threshold: f64,
+    pub latency_degradation: f64,
+    /// Metric name → kind, first listed name of a kind wins.
+    pub metric_names: Vec<(String, Kind)>,
+    pub severities: HashMap<IssueType, Severity>,
+}
+
+impl EvalParams {
+    pub fn from_settings(h: &HealthSettings) -> Self {
+        let ms = |d: crate::config::Duration| d.as_millis_u64() as f64;
+        let s = &h.severities;
+        let severities = [
+            (IssueType::AgentUnresponsive, s.agent_unresponsive),
+            (IssueType::HeartbeatLate, s.heartbeat_late),
+            (IssueType::ExtendedOffline, s.extended_offline),
+            (IssueType::RestartLoop, s.restart_loop),
+            (IssueType::Flapping, s.flapping),
+            (IssueType::HighErrorRate, s.high_error_rate),
+            (IssueType::ResourceExhaustion, s.resource_exhaustion),
+            (IssueType::PerformanceDegradation, s.performance_degradation),
+            (IssueType::FleetOutage, s.fleet_outage),
+        ]
+        .into();
+        let m = &h.metrics;
+        let mut metric_names = Vec::new();
+        for (names, kind) in [
+            (&m.latency, Kind::Latency),
+            (&m.cpu, Kind::Cpu),
+            (&m.memory, Kind::Memory),
+            (&m.errors, Kind::Errors),
+            (&m.work, Kind::Work),
+        ] {
+            metric_names.extend(names.iter().map(|n| (n.clone(), kind)));
+        }
+        let th = &h.thresholds;
+        Self {
+            liveness: LivenessParams {
+                detector: h.detector,
+                degraded_after_missed: h.degraded_after_missed,
+                offline_after_missed: h.offline_after_missed,
+                recover_after_healthy: h.recover_after_healthy,
+                jitter_tolerance: h.jitter_tolerance,
+                phi: PhiParams {
+                    threshold: h.phi_threshold,
+                    min_std_ms: ms(h.phi_min_std),
+                    acceptable_pause_ms: ms(h.phi_acceptable_pause),
+                    min_samples: h.phi_min_samples,
+                },
+            },
+            flap: FlapParams { slot: h.check_interval.to_chrono(), high: h.flap_high, low: h.flap_low },
+            check_interval: h.check_interval.to_chrono(),
+            score_interval: h.score_interval.to_chrono(),
+            history_interval: h.history_interval.to_chrono(),
+            extended_offline_after: h.extended_offline_after.to_chrono(),
+            restart_loop_count: i64::from(h.restart_loop_count),
+            restart_loop_window: h.restart_loop_window.to_chrono(),
+            fleet_ratio: h.fleet_outage_ratio,
+            fleet_min_agents: i64::from(h.fleet_outage_min_agents),
+            fleet_window: h.fleet_outage_window.to_chrono(),
+            prediction_horizon: h.prediction_horizon.to_chrono(),
+            weights: Weights {
+                heartbeat_consistency: h.weights.heartbeat_consistency,
+                performance: h.weights.performance,
+                error_rate: h.weights.error_rate,
+                resource_efficiency: h.weights.resource_efficiency,
+                business_impact: h.weights.business_impact,
+            },
+            tiers: TierBounds {
+                excellent: h.tiers.excellent,
+                good: h.tiers.good,
+                fair: h.tiers.fair,
+                poor: h.tiers.poor,
+            },
+            thresholds: Thresholds {
+                cpu_warning: th.cpu_warning,
+                cpu_critical: th.cpu_critical,
+                memory_warning: th.memory_warning,
+                memory_critical: th.memory_critical,
+                error_rate_ceiling: th.error_rate_ceiling,
+            },
+            error_rate_threshold: th.error_rate,
+            latency_degradation: th.latency_degradation,
+            metric_names,
+            severities,
+        }
+    }
+
+    fn severity(&self, issue: IssueType) -> Severity {
+        self.severities.get(&issue).copied().unwrap_or(Severity::Warning)
+    }
+
+    /// A pause in evaluation longer than this starts a fresh grace.
+    fn gap_limit(&self) -> Duration {
+        (self.check_interval * 3).max(Duration::seconds(30))
+    }
+}
+
+/// What one liveness cycle did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CycleReport {
+    pub now: Option<DateTime<Utc>>,
+    /// Agents fetched as possibly changing.
+    pub candidates: usize,
+    pub transitions: Vec<(String, Liveness, Liveness)>,
+    pub opened: usize,
+    pub resolved: usize,
+    /// Whether this cycle began a fresh grace after a gap.
+    pub resumed: bool,
+}
+
+/// What one score pass did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ScoreReport {
+    pub agents: usize,
+    pub scored: usize,
+    pub samples: u64,
+    pub opened: usize,
+    pub resolved: usize,
+}
+
+async fn clock(tx: &tokio_postgres::Transaction<'_>, now: Option<DateTime<Utc>>) -> Result<DateTime<Utc>, DbError> {
+    match now {
+        Some(now) => Ok(now),
+        None => Ok(tx.query_one("SELECT now()", &[]).await?.get(0)),
+    }
+}
+
+async fn notify(tx: &tokio_postgres::Transaction<'_>, notes: &[Value]) -> Result<(), DbError> {
+    if notes.is_empty() {
+        return Ok(());
+    }
+    let payloads: Vec<String> = notes.iter().map(Value::to_string).collect();
+    tx.execute("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p", &[&CHANNEL, &payloads]).await?;
+    Ok(())
+}
+
+fn seconds(d: Duration) -> f64 {
+    d.num_milliseconds() as f64 / 1000.0
+}
+
+/// One liveness cycle at `now` (the database's clock when `None`).
+#[tracing::instrument(skip_all)]
+pub async fn liveness_cycle(
+    client: &mut tokio_postgres::Client,
+    params: &EvalParams,
+    replica: &str,
+    now: Option<DateTime<Utc>>,
+) -> Result<CycleReport, DbError> {
+    let tx = client.transaction().await?;
+    let now = clock(&tx, now).await?;
+    let mut report = CycleReport { now: Some(now), ..CycleReport::default() };
+
+    let state = tx.query_one("SELECT last_cycle_at, resumed_at FROM warden.evaluator_state FOR UPDATE", &[]).await?;
+    let last_cycle: Option<DateTime<Utc>> = state.get(0);
+    let mut resumed: Option<DateTime<Utc>> = state.get(1);
+    if last_cycle.is_none_or(|at| now - at > params.gap_limit()) {
+        if last_cycle.is_some() {
+            tracing::info!(?last_cycle, "evaluation resumed after a gap; every agent gets a fresh grace");
+        }
+        resumed = Some(now);
+        report.resumed = true;
+    }
+
+    // Agents that could change now; everything else provably cannot.
+    let lp = &params.liveness;
+    let phi = lp.detector == Detector::Phi;
+    let rows = tx
+        .query(
+            "WITH a AS ( \
+               SELECT agent_id, liveness, liveness_since, last_seen, expected_interval_ms, ontime_streak, \
+                      ia_count, ia_mean_ms, ia_var_ms2, \
+                      extract(epoch FROM $1::timestamptz - greatest(last_seen, coalesce($2::timestamptz, last_seen))) * 1000 AS silence_ms, \
+                      CASE WHEN $6::bool AND ia_count >= $7::int THEN ia_mean_ms + $8::float8 ELSE 'Infinity'::float8 END AS phi_floor \
+               FROM warden.agent_status) \
+             SELECT agent_id, liveness, liveness_since, last_seen, expected_interval_ms, ontime_streak, \
+                    ia_count, ia_mean_ms, ia_var_ms2 \
+             FROM a \
+             WHERE liveness = 'unknown' \
+                OR (liveness = 'online' AND silence_ms >= least(expected_interval_ms * ($3::float8 + $5::float8), phi_floor)) \
+                OR (liveness = 'degraded' AND (last_seen > liveness_since \
+                    OR silence_ms >= least(expected_interval_ms * ($4::float8 + $5::float8), phi_floor))) \
+                OR (liveness = 'offline' AND last_seen > liveness_since)",
+            &[
+                &now,
+                &resumed,
+                &f64::from(lp.degraded_after_missed),
+                &f64::from(lp.offline_after_missed),
+                &lp.jitter_tolerance,
+                &phi,
+                &(lp.phi.min_samples as i32),
+                &lp.phi.acceptable_pause_ms,
+            ],
+        )
+        .await?;
+    report.candidates = rows.len();
+
+    let mut transitions: Vec<(String, Transition)> = Vec::new();
+    for row in &rows {
+        let Ok(liveness) = row.get::<_, String>(1).parse::<Liveness>() else { continue };
+        let presence = Presence {
+            liveness,
+            liveness_since: row.get(2),
+            last_seen: row.get(3),
+            expected_interval_ms: i64::from(row.get::<_, i32>(4)),
+            ontime_streak: row.get(5),
+            arrivals: ArrivalStats {
+                count: row.get::<_, i32>(6).max(0) as u32,
+                mean_ms: row.get(7),
+                variance_ms2: row.get(8),
+            },
+        };
+        if let Some(t) = liveness::decide(&presence, now, resumed, lp) {
+            transitions.push((row.get(0), t));
+        }
+    }
+
+    let mut notes = Vec::new();
+    if !transitions.is_empty() {
+        write_transitions(&tx, &transitions, now, &mut notes).await?;
+    }
+    report.transitions = transitions.iter().map(|(id, t)| (id.clone(), t.from, t.to)).collect();
+
+    let plan = liveness_incidents(&tx, params, now).await?;
+    report.resolved += plan.resolve.len();
+    let opened = incidents::apply(&tx, plan, now).await?;
+    report.opened += opened.iter().filter(|n| n["type"] == "incident_opened").count();
+    notes.extend(opened);
+
+    notify(&tx, &notes).await?;
+    tx.execute(
+        "UPDATE warden.evaluator_state SET last_cycle_at = $1, resumed_at = $2, leader = $3",
+        &[&now, &resumed, &replica],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(report)
+}
+
+async fn write_transitions(
+    tx: &tokio_postgres::Transaction<'_>,
+    transitions: &[(String, Transition)],
+    now: DateTime<Utc>,
+    notes: &mut Vec<Value>,
+) -> Result<(), DbError> {
+    let ids: Vec<&str> = transitions.iter().map(|(id, _)| id.as_str()).collect();
+    let states: Vec<&str> = transitions.iter().map(|(_, t)| t.to.as_str()).collect();
+    let severities: Vec<&str> = transitions
+        .iter()
+        .map(|(_, t)| match t.to {
+            Liveness::Offline => Severity::Warning.as_str(),
+            _ => Severity::Info.as_str(),
+        })
+        .collect();
+    let messages: Vec<String> = transitions.iter().map(|(id, t)| format!("{id}: {}", t.describe())).collect();
+    let details: Vec<Value> = transitions
+        .iter()
+        .map(|(_, t)| json!({"old": t.from, "new": t.to, "reason": t.reason, "figures": t.figures}))
+        .collect();
+    // The state change, its event, and a score snapshot, in one statement.
+    tx.execute(
+        "WITH u AS ( \
+           UPDATE warden.agent_status s SET liveness = v.state, liveness_since = $6, history_at = $6 \
+           FROM unnest($1::text[], $2::text[]) AS v(agent_id, state) \
+           WHERE s.agent_id = v.agent_id \
+           RETURNING s.agent_id, s.score, s.tier, s.liveness, s.components), \
+         h AS ( \
+           INSERT INTO warden.health_history (agent_id, evaluated_at, score, tier, liveness, components) \
+           SELECT agent_id, $6, score, tier, liveness, components FROM u) \
+         INSERT INTO warden.system_events (occurred_at, agent_id, event_type, severity, message, details) \
+         SELECT $6, e.agent_id, 'status_changed', e.severity, e.message, e.details \
+         FROM unnest($1::text[], $3::text[], $4::text[], $5::jsonb[]) AS e(agent_id, severity, message, details)",
+        &[&ids, &states, &severities, &messages, &details, &now],
+    )
+    .await?;
+    for (id, t) in transitions {
+        notes.push(json!({
+            "type": "status_changed",
+            "agent_id": id,
+            "old": t.from,
+            "new": t.to,
+            "reason": t.reason,
+            "timestamp": now,
+        }));
+    }
+    Ok(())
+}
+
+/// Decides which liveness-driven incidents should be open: per-agent
+/// unresponsive, late, extended offline, restart loops and flapping, and
+/// the fleet outage that stands in for the per-agent ones.
+async fn liveness_incidents(
+    tx: &tokio_postgres::Transaction<'_>,
+    params: &EvalParams,
+    now: DateTime<Utc>,
+) -> Result<incidents::Plan, DbError> {
+    use IssueType::*;
+    let managed = [AgentUnresponsive, HeartbeatLate, ExtendedOffline, RestartLoop, Flapping, FleetOutage];
+    let open = incidents::load_open(tx, &managed).await?;
+    let mut wanted: HashMap<Key, Wanted> = HashMap::new();
+    let mut hold: HashSet<Key> = HashSet::new();
+
+    // Fleet outage: many agents that were up at the start of the window
+    // went offline within it. Agents offline for longer (decommissioned,
+    // long dead) count in neither share.
+    let counts = tx
+        .query_one(
+            "SELECT count(*) FILTER (WHERE liveness = 'offline' AND liveness_since > $1::timestamptz - $2::float8 * interval '1 second'), \
+                    count(*) FILTER (WHERE liveness = 'offline' AND liveness_since <= $1::timestamptz - $2::float8 * interval '1 second'), \
+                    count(*) FILTER (WHERE liveness <> 'unknown') \
+             FROM warden.agent_status",
+            &[&now, &pg_interval(params.fleet_window)],
+        )
+        .await?;
+    let (recent_offline, old_offline, known): (i64, i64, i64) = (counts.get(0), counts.get(1), counts.get(2));
+    let base = known - old_offline;
+    let fleet_open = open.iter().find(|o| o.issue == FleetOutage);
+    let fleet_key: Key = (None, FleetOutage);
+    let outage = match fleet_open {
+        None => {
+            let ratio = if base > 0 { recent_offline as f64 / base as f64 } else { 0.0 };
+            if base >= params.fleet_min_agents && ratio > params.fleet_ratio {
+                wanted.insert(
+                    fleet_key.clone(),
+                    Wanted {
+                        severity: params.severity(FleetOutage),
+                        summary: format!(
+                            "fleet outage: {recent_offline} of {base} agents went offline within {}s",
+                            params.fleet_window.num_seconds()
+                        ),
+                        details: json!({"offline": recent_offline, "of": base, "ratio": ratio,
+                                        "baseline_offline": old_offline, "known": known}),
+                        predicted: false,
+                    },
+                );
+                true
+            } else {
+                false
+            }
+        }
+        Some(o) => {
+            // Over once fewer than half the threshold share is still down.
+            let baseline = o.details["baseline_offline"].as_i64().unwrap_or(0);
+            let of = o.details["of"].as_i64().unwrap_or(base).max(1);
+            let still = (recent_offline + old_offline - baseline).max(0) as f64 / of as f64;
+            if still >= params.fleet_ratio / 2.0 {
+                hold.insert(fleet_key.clone());
+                true
+            } else {
+                false
+            }
+        }
+    };
+
+    // Per-agent liveness incidents; while the fleet is out they are not
+    // opened (the fleet incident stands in for them), though the ones
+    // already open stay open.
+    let troubled = tx
+        .query(
+            "SELECT agent_id, liveness, liveness_since, last_seen, expected_interval_ms FROM warden.agent_status \
+             WHERE liveness IN ('offline', 'degraded')",
+            &[],
+        )
+        .await?;
+    for row in &troubled {
+        let agent: String = row.get(0);
+        let liveness: String = row.get(1);
+        let since: DateTime<Utc> = row.get(2);
+        let last_seen: DateTime<Utc> = row.get(3);
+        let interval_s = f64::from(row.get::<_, i32>(4)) / 1000.0;
+        let silent_s = seconds(now - last_seen);
+        let mut want = |issue: IssueType, summary: String| {
+            let key = (Some(agent.clone()), issue);
+            if outage {
+                hold.insert(key);
+            } else {
+                wanted.insert(
+                    key,
+                    Wanted {
+                        severity: params.severity(issue),
+                        summary,
+                        details: json!({"last_seen": last_seen, "silent_seconds": silent_s,
+                                        "expected_interval_seconds": interval_s, "since": since}),
+                        predicted: false,
+                    },
+                );
+            }
+        };
+        let open_now = |issue: IssueType| open.iter().any(|o| o.issue == issue && o.agent_id.as_ref() == Some(&agent));
+        if liveness == "degraded" && open_now(AgentUnresponsive) {
+            // Heartbeating again after an outage but not yet trusted: the
+            // outage episode is not over, and "late" would be noise.
+            hold.insert((Some(agent.clone()), AgentUnresponsive));
+            hold.insert((Some(agent.clone()), ExtendedOffline));
+            continue;
+        }
+        if liveness == "offline" {
+            want(
+                AgentUnresponsive,
+                format!("{agent} is offline: no heartbeat for {silent_s:.0}s (expected every {interval_s:.0}s)"),
+            );
+            if now - since >= params.extended_offline_after {
+                want(
+                    ExtendedOffline,
+                    format!("{agent} has been offline for {:.0} minutes", seconds(now - since) / 60.0),
+                );
+            }
+        } else {
+            want(
+                HeartbeatLate,
+                format!("{agent} is late: no heartbeat for {silent_s:.0}s (expected every {interval_s:.0}s)"),
+            );
+        }
+    }
+
+    // Restart loops, from the restart events of the window.
+    let loops = tx
+        .query(
+            "SELECT agent_id, count(*) FROM warden.system_events \
+             WHERE event_type = 'agent_restarted' AND occurred_at > $1::timestamptz - $2::float8 * interval '1 second' AND occurred_at <= $1 \
+             GROUP BY agent_id HAVING count(*) >= $3",
+            &[&now, &pg_interval(params.restart_loop_window), &params.restart_loop_count],
+        )
+        .await?;
+    for row in &loops {
+        let agent: String = row.get(0);
+        let count: i64 = row.get(1);
+        wanted.insert(
+            (Some(agent.clone()), RestartLoop),
+            Wanted {
+                severity: params.severity(RestartLoop),
+                summary: format!(
+                    "{agent} restarted {count} times in {} minutes",
+                    params.restart_loop_window.num_minutes()
+                ),
+                details: json!({"restarts": count, "window_seconds": params.restart_loop_window.num_seconds()}),
+                predicted: false,
+            },
+        );
+    }
+
+    // Flapping, from the transitions of the last 21 evaluations.
+    let window = params.flap.slot * flap::SLOTS as i32;
+    let flips = tx
+        .query(
+            "SELECT agent_id, array_agg(occurred_at) FROM warden.system_events \
+             WHERE event_type = 'status_changed' AND occurred_at > $1::timestamptz - $2::float8 * interval '1 second' AND occurred_at <= $1 \
+             GROUP BY agent_id",
+            &[&now, &pg_interval(window)],
+        )
+        .await?;
+    let flapping_now: HashSet<String> =
+        open.iter().filter(|o| o.issue == Flapping).filter_map(|o| o.agent_id.clone()).collect();
+    for row in &flips {
+        let agent: String = row.get(0);
+        let times: Vec<DateTime<Utc>> = row.get(1);
+        let percent = flap::percent_state_change(&times, now, params.flap.slot);
+        if flap::is_flapping(percent, flapping_now.contains(&agent), &params.flap) {
+            wanted.insert(
+                (Some(agent.clone()), Flapping),
+                Wanted {
+                    severity: params.severity(Flapping),
+                    summary: format!("{agent} is flapping: {percent:.0}% state change over the last 21 evaluations"),
+                    details: json!({"percent_state_change": percent, "transitions": times.len()}),
+                    predicted: false,
+                },
+            );
+        }
+    }
+
+    Ok(incidents::reconcile(&managed, wanted, &open, &hold))
+}
+
+/// A chrono duration as seconds, for `$n::float8 * interval '1 second'`.
+pub fn pg_interval(d: Duration) -> f64 {
+    d.num_milliseconds() as f64 / 1000.0
+}
+
+/// One score pass at `now`: fold new metric samples into the running
+/// statistics, score every agent, and open or resolve metric incidents.
+#[tracing::instrument(skip_all)]
+pub async fn score_pass(
+    client: &mut tokio_postgres::Client,
+    params: &EvalParams,
+    now: Option<DateTime<Utc>>,
+) -> Result<ScoreReport, DbError> {
+    let tx = client.transaction().await?;
+    let now = clock(&tx, now).await?;
+    let mut report = ScoreReport::default();
+
+    let state = tx.query_one("SELECT metrics_watermark FROM warden.evaluator_state FOR UPDATE", &[]).await?;
+    // Samples are read with a short lag so rows of a flush still committing
+    // at `now` are not skipped.
+    let upto = now - Duration::seconds(2);
+    let from: DateTime<Utc> = state.get::<_, Option<DateTime<Utc>>>(0).unwrap_or(upto - params.score_interval);
+    let span_s = seconds(upto - from).max(1.0);
+
+    let names: Vec<&str> = params.metric_names.iter().map(|(n, _)| n.as_str()).collect();
+    let samples = if upto > from {
+        tx.query(
+            "SELECT agent_id, name, count(*)::bigint, avg(value), sum(value), max(recorded_at) \
+             FROM warden.performance_metrics \
+             WHERE recorded_at > $1 AND recorded_at <= $2 AND name = ANY ($3) \
+             GROUP BY agent_id, name",
+            &[&from, &upto, &names],
+        )
+        .await?
+    } else {
+        Vec::new()
+    };
+
+    // The first configured name of a kind that an agent reports wins.
+    let rank: HashMap<&str, (Kind, usize)> =
+        params.metric_names.iter().enumerate().map(|(i, (n, k))| (n.as_str(), (*k, i))).collect();
+    let mut batches: HashMap<(String, Kind), (usize, Batch)> = HashMap::new();
+    for row in &samples {
+        let name: String = row.get(1);
+        let Some(&(kind, order)) = rank.get(name.as_str()) else { continue };
+        let batch =
+            Batch { count: row.get::<_, i64>(2) as u64, mean: row.get(3), sum: row.get(4), at: row.get(5), span_s };
+        report.samples += batch.count;
+        let key = (row.get::<_, String>(0), kind);
+        match batches.get(&key) {
+            Some((existing, _)) if *existing <= order => {}
+            _ => {
+                batches.insert(key, (order, batch));
+            }
+        }
+    }
+
+    let mut stats: HashMap<(String, Kind), MetricStat> = HashMap::new();
+    for row in tx
+        .query(
+            "SELECT agent_id, kind, samples, updated_at, fast, slow, hour_sum, reg_w, reg_t, reg_tt, reg_x, reg_tx \
+             FROM warden.agent_metric_stats",
+            &[],
+        )
+        .await?
+    {
+        let Ok(kind) = row.get::<_, String>(1).parse::<Kind>() else { continue };
+        stats.insert(
+            (row.get(0), kind),
+            MetricStat {
+                samples: row.get::<_, i64>(2) as u64,
+                updated_at: row.get(3),
+                fast: row.get(4),
+                slow: row.get(5),
+                hour_sum: row.get(6),
+                trend: Regression { w: row.get(7), t: row.get(8), tt: row.get(9), x: row.get(10), tx: row.get(11) },
+            },
+        );
+    }
+
+    // Fold the new batches in; the error rate is derived per pass from the
+    // errors and work counted in it.
+    let mut touched: HashSet<(String, Kind)> = HashSet::new();
+    let mut error_batches: Vec<(String, Batch)> = Vec::new();
+    for ((agent, kind), (_, batch)) in &batches {
+        if *kind == Kind::Errors {
+            let work = batches.get(&(agent.clone(), Kind::Work)).map(|(_, b)| b.sum).unwrap_or(0.0);
+            if work > 0.0 {
+                let rate = batch.sum / work;
+                error_batches.push((agent.clone(), Batch { count: 1, mean: rate, sum: rate, ..*batch }));
+            }
+        }
+    }
+    let all_batches = batches
+        .iter()
+        .map(|((a, k), (_, b))| (a.clone(), *k, *b))
+        .chain(error_batches.into_iter().map(|(a, b)| (a, Kind::ErrorRate, b)));
+    for (agent, kind, batch) in all_batches {
+        let key = (agent, kind);
+        match stats.get_mut(&key) {
+            Some(s) => s.apply(kind, &batch),
+            None => {
+                stats.insert(key.clone(), MetricStat::start(kind, &batch));
+            }
+        }
+        touched.insert(key);
+    }
+    write_stats(&tx, &stats, &touched).await?;
+
+    // Agent error events of the last hour.
+    let error_events: HashMap<String, i64> = tx
+        .query(
+            "SELECT agent_id, count(*) FROM warden.system_events \
+             WHERE source = 'agent' AND occurred_at > $1::timestamptz - interval '1 hour' AND occurred_at <= $1 \
+               AND (severity IN ('critical', 'emergency') OR event_type LIKE '%error%' OR event_type LIKE '%fail%') \
+             GROUP BY agent_id",
+            &[&now],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+
+    // Scores an hour ago, for the trend.
+    let hour_ago = now - Duration::hours(1);
+    let past: HashMap<String, f64> = tx
+        .query(
+            "SELECT DISTINCT ON (agent_id) agent_id, score FROM warden.health_history \
+             WHERE evaluated_at <= $1::timestamptz AND evaluated_at > $1::timestamptz - $2::float8 * interval '1 second' AND score IS NOT NULL \
+             ORDER BY agent_id, evaluated_at DESC",
+            &[&hour_ago, &pg_interval(params.history_interval * 3)],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+
+    let agents = tx
+        .query(
+            "SELECT agent_id, liveness, labels, first_seen, last_seen, expected_interval_ms, beats_decayed, \
+                    ia_count, ia_mean_ms, ia_var_ms2, score, tier, history_at \
+             FROM warden.agent_status",
+            &[],
+        )
+        .await?;
+    report.agents = agents.len();
+
+    let open = incidents::load_open(
+        &tx,
+        &[IssueType::HighErrorRate, IssueType::ResourceExhaustion, IssueType::PerformanceDegradation],
+    )
+    .await?;
+    let mut wanted: HashMap<Key, Wanted> = HashMap::new();
+    let mut updates = ScoreUpdates::default();
+    for row in &agents {
+        let agent: String = row.get(0);
+        let liveness: Option<Liveness> = row.get::<_, String>(1).parse().ok();
+        let labels: Value = row.get(2);
+        let first_seen: DateTime<Utc> = row.get(3);
+        let last_seen: DateTime<Utc> = row.get(4);
+        let interval_s = f64::from(row.get::<_, i32>(5)) / 1000.0;
+        let beats: f64 = row.get(6);
+        let ia_count: i32 = row.get(7);
+        let ia_mean: f64 = row.get(8);
+        let ia_var: f64 = row.get(9);
+        let old_score: Option<f64> = row.get(10);
+        let old_tier: Option<String> = row.get(11);
+        let history_at: Option<DateTime<Utc>> = row.get(12);
+
+        let stat = |kind: Kind| stats.get(&(agent.clone(), kind));
+        let inputs = score_inputs(ScoreFacts {
+            now,
+            liveness,
+            labels: &labels,
+            first_seen,
+            last_seen,
+            interval_s,
+            beats_decayed: beats,
+            arrival_cv: (ia_count >= 3 && ia_mean > 0.0).then(|| ia_var.max(0.0).sqrt() / ia_mean),
+            latency: stat(Kind::Latency),
+            cpu: stat(Kind::Cpu),
+            memory: stat(Kind::Memory),
+            errors: stat(Kind::Errors),
+            work: stat(Kind::Work),
+            error_events: error_events.get(&agent).copied().unwrap_or(0),
+        });
+        metric_issues(&agent, &inputs, &stats, params, now, &mut wanted);
+        let Some(score) = score::compute(&inputs, &params.weights, &params.tiers, &params.thresholds) else {
+            continue;
+        };
+        report.scored += 1;
+        let tier_changed = old_tier.as_deref() != Some(score.tier.as_str());
+        let score_changed = old_score.is_none_or(|s| (s - score.score).abs() >= 0.01);
+        let snapshot = tier_changed || history_at.is_none_or(|at| now - at >= params.history_interval);
+        if !(score_changed || tier_changed || snapshot) {
+            continue;
+        }
+        let trend = past.get(&agent).map(|p| ((score.score - p) * 100.0).round() / 100.0);
+        updates.push(agent, score, trend, snapshot);
+    }
+    updates.write(&tx, now).await?;
+
+    let plan = incidents::reconcile(
+        &[IssueType::HighErrorRate, IssueType::ResourceExhaustion, IssueType::PerformanceDegradation],
+        wanted,
+        &open,
+        &HashSet::new(),
+    );
+    report.resolved = plan.resolve.len();
+    let notes = incidents::apply(&tx, plan, now).await?;
+    report.opened = notes.iter().filter(|n| n["type"] == "incident_opened").count();
+    notify(&tx, &notes).await?;
+
+    tx.execute(
+        "UPDATE warden.evaluator_state SET metrics_watermark = $1, last_score_at = $2",
+        &[&upto.max(from), &now],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(report)
+}
+
+struct ScoreFacts<'a> {
+    now: DateTime<Utc>,
+    liveness: Option<Liveness>,
+    labels: &'a Value,
+    first_seen: DateTime<Utc>,
+    last_seen: DateTime<Utc>,
+    interval_s: f64,
+    beats_decayed: f64,
+    arrival_cv: Option<f64>,
+    latency: Option<&'a MetricStat>,
+    cpu: Option<&'a MetricStat>,
+    memory: Option<&'a MetricStat>,
+    errors: Option<&'a MetricStat>,
+    work: Option<&'a MetricStat>,
+    error_events: i64,
+}
+
+/// A positive number from an agent label, e.g. `latency_target_ms`.
+fn label_number(labels: &Value, key: &str) -> Option<f64> {
+    labels.get(key)?.as_str()?.trim().parse::<f64>().ok().filter(|v| v.is_finite() && *v > 0.0)
+}
+
+/// The score inputs of one agent (formulas in `score`).
+fn score_inputs(f: ScoreFacts<'_>) -> Inputs {
+    use crate::health::stats::HOUR_S;
+    // Heartbeats received vs expected, both decayed with a one-hour time
+    // constant: an agent that beats every interval converges to 1.
+    let age_s = seconds(f.now - f.first_seen).max(0.0);
+    let expected = if f.interval_s > 0.0 { (HOUR_S / f.interval_s) * (1.0 - (-age_s / HOUR_S).exp()) } else { 0.0 };
+    let received = f.beats_decayed * (-(seconds(f.now - f.last_seen).max(0.0)) / HOUR_S).exp();
+    let delivery = (expected >= 1.0).then(|| (received / expected).min(1.0)).or(Some(1.0));
+
+    let latency_reference =
+        label_number(f.labels, "latency_target_ms").or_else(|| f.latency.filter(|s| s.samples >= 5).map(|s| s.slow));
+    let work_per_hour = f.work.map(|s| s.hour_sum_at(f.now));
+    let errors_metric = f.errors.map(|s| s.hour_sum_at(f.now));
+    let errors_per_hour = match (errors_metric, f.error_events) {
+        (None, 0) => None,
+        (m, events) => Some(m.unwrap_or(0.0) + events as f64),
+    };
+    // Without a work metric, heartbeats are the unit of work errors are
+    // counted against.
+    let work_for_errors = work_per_hour.or_else(|| errors_per_hour.map(|_| received));
+    let work_reference = label_number(f.labels, "throughput_target_per_hour")
+        .or_else(|| f.work.filter(|s| s.samples >= 5).map(|s| s.slow));
+    Inputs {
+        delivery,
+        arrival_cv: f.arrival_cv,
+        liveness: f.liveness,
+        latency: f.latency.map(|s| s.fast),
+        latency_reference,
+        errors_per_hour,
+        work_per_hour: work_for_errors,
+        // Business impact compares the work metric itself, never heartbeats.
+        work_reference_per_hour: work_reference.filter(|_| work_per_hour.is_some()),
+        cpu_percent: f.cpu.map(|s| s.fast),
+        memory_percent: f.memory.map(|s| s.fast),
+    }
+}
+
+/// Metric-driven incidents of one agent: actual and predicted.
+fn metric_issues(
+    agent: &str,
+    inputs: &Inputs,
+    stats: &HashMap<(String, Kind), MetricStat>,
+    params: &EvalParams,
+    now: DateTime<Utc>,
+    wanted: &mut HashMap<Key, Wanted>,
+) {
+    let th = &params.thresholds;
+    let key = |issue| (Some(agent.to_string()), issue);
+    let horizon_s = seconds(params.prediction_horizon);
+    let mut add = |issue: IssueType, severity: Severity, summary: String, details: Value, predicted: bool| {
+        let k = key(issue);
+        // A real problem outranks a prediction of the same type.
+        if predicted && wanted.get(&k).is_some_and(|w| !w.predicted) {
+            return;
+        }
+        wanted.insert(k, Wanted { severity, summary, details, predicted });
+    };
+
+    for (kind, value, critical, name) in [
+        (Kind::Cpu, inputs.cpu_percent, th.cpu_critical, "cpu"),
+        (Kind::Memory, inputs.memory_percent, th.memory_critical, "memory"),
+    ] {
+        let Some(value) = value else { continue };
+        if value >= critical {
+            add(
+                IssueType::ResourceExhaustion,
+                params.severity(IssueType::ResourceExhaustion),
+                format!("{agent} {name} at {value:.0}% (critical at {critical:.0}%)"),
+                json!({"resource": name, "percent": value, "critical": critical}),
+                false,
+            );
+        } else if let Some(at) =
+            stats.get(&(agent.to_string(), kind)).and_then(|s| s.predicted_crossing(critical, now, horizon_s))
+        {
+            add(
+                IssueType::ResourceExhaustion,
+                Severity::Warning,
+                format!("{agent} {name} is rising and will reach {critical:.0}% around {}", at.format("%H:%M UTC")),
+                json!({"resource": name, "percent": value, "critical": critical, "expected_at": at}),
+                true,
+            );
+        }
+    }
+
+    if let (Some(errors), Some(work)) = (inputs.errors_per_hour, inputs.work_per_hour) {
+        let rate = if work > 0.0 { errors / work } else { 1.0 };
+        if errors >= 1.0 && rate >= params.error_rate_threshold {
+            add(
+                IssueType::HighErrorRate,
+                params.severity(IssueType::HighErrorRate),
+                format!("{agent} error rate {:.1}% over the last hour", rate * 100.0),
+                json!({"errors_per_hour": errors, "work_per_hour": work, "rate": rate}),
+                false,
+            );
+        } else if let Some(at) = stats
+            .get(&(agent.to_string(), Kind::ErrorRate))
+            .and_then(|s| s.predicted_crossing(params.error_rate_threshold, now, horizon_s))
+        {
+            add(
+                IssueType::HighErrorRate,
+                Severity::Warning,
+                format!(
+                    "{agent} error rate is rising and will reach {:.1}% around {}",
+                    params.error_rate_threshold * 100.0,
+                    at.format("%H:%M UTC")
+                ),
+                json!({"rate": rate, "threshold": params.error_rate_threshold, "expected_at": at}),
+                true,
+            );
+        }
+    }
+
+    if let (Some(latency), Some(reference)) = (inputs.latency, inputs.latency_reference)
+        && reference > 0.0
+        && latency / reference >= params.latency_degradation
+    {
+        add(
+            IssueType::PerformanceDegradation,
+            params.severity(IssueType::PerformanceDegradation),
+            format!("{agent} latency {latency:.0} is {:.1}× its reference {reference:.0}", latency / reference),
+            json!({"latency": latency, "reference": reference, "ratio": latency / reference}),
+            false,
+        );
+    }
+}
+
+async fn write_stats(
+    tx: &tokio_postgres::Transaction<'_>,
+    stats: &HashMap<(String, Kind), MetricStat>,
+    touched: &HashSet<(String, Kind)>,
+) -> Result<(), DbError> {
+    if touched.is_empty() {
+        return Ok(());
+    }
+    let n = touched.len();
+    let (mut agents, mut kinds, mut samples, mut updated) =
+        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut fast, mut slow, mut hour) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut w, mut t, mut tt, mut x, mut tx_) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for key in touched {
+        let s = &stats[key];
+        agents.push(key.0.as_str());
+        kinds.push(key.1.as_str());
+        samples.push(s.samples as i64);
+        updated.push(s.updated_at);
+        fast.push(s.fast);
+        slow.push(s.slow);
+        hour.push(s.hour_sum);
+        w.push(s.trend.w);
+        t.push(s.trend.t);
+        tt.push(s.trend.tt);
+        x.push(s.trend.x);
+        tx_.push(s.trend.tx);
+    }
+    tx.execute(
+        "INSERT INTO warden.agent_metric_stats \
+           (agent_id, kind, samples, updated_at, fast, slow, hour_sum, reg_w, reg_t, reg_tt, reg_x, reg_tx) \
+         SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::timestamptz[], $5::float8[], $6::float8[], \
+                              $7::float8[], $8::float8[], $9::float8[], $10::float8[], $11::float8[], $12::float8[]) \
+         ON CONFLICT (agent_id, kind) DO UPDATE SET \
+           samples = EXCLUDED.samples, updated_at = EXCLUDED.updated_at, fast = EXCLUDED.fast, slow = EXCLUDED.slow, \
+           hour_sum = EXCLUDED.hour_sum, reg_w = EXCLUDED.reg_w, reg_t = EXCLUDED.reg_t, reg_tt = EXCLUDED.reg_tt, \
+           reg_x = EXCLUDED.reg_x, reg_tx = EXCLUDED.reg_tx",
+        &[&agents, &kinds, &samples, &updated, &fast, &slow, &hour, &w, &t, &tt, &x, &tx_],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Score rows to write, in bulk.
+#[derive(Default)]
+struct ScoreUpdates {
+    agents: Vec<String>,
+    scores: Vec<f64>,
+    tiers: Vec<&'static str>,
+    components: Vec<Value>,
+    trends: Vec<Option<f64>>,
+    snapshot: Vec<bool>,
+}
+
+impl ScoreUpdates {
+    fn push(&mut self, agent: String, score: score::Score, trend: Option<f64>, snapshot: bool) {
+        self.agents.push(agent);
+        self.scores.push(score.score);
+        self.tiers.push(score.tier.as_str());
+        self.components.push(serde_json::to_value(&score.components).unwrap_or(Value::Null));
+        self.trends.push(trend);
+        self.snapshot.push(snapshot);
+    }
+
+    async fn write(&self, tx: &tokio_postgres::Transaction<'_>, now: DateTime<Utc>) -> Result<(), DbError> {
+        if self.agents.is_empty() {
+            return Ok(());
+        }
+        tx.execute(
+            "WITH v AS (SELECT * FROM unnest($1::text[], $2::float8[], $3::text[], $4::jsonb[], $5::float8[], $6::bool[]) \
+                        AS v(agent_id, score, tier, components, trend, snapshot)), \
+             u AS ( \
+               UPDATE warden.agent_status s SET score = v.score, tier = v.tier, components = v.components, \
+                      score_trend = v.trend, evaluated_at = $7, \
+                      history_at = CASE WHEN v.snapshot THEN $7 ELSE s.history_at END \
+               FROM v WHERE s.agent_id = v.agent_id \
+               RETURNING s.agent_id, s.liveness) \
+             INSERT INTO warden.health_history (agent_id, evaluated_at, score, tier, liveness, components) \
+             SELECT v.agent_id, $7, v.score, v.tier, u.liveness, v.components \
+             FROM v JOIN u ON u.agent_id = v.agent_id WHERE v.snapshot",
+            &[&self.agents, &self.scores, &self.tiers, &self.components, &self.trends, &self.snapshot, &now],
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+/// Runs the evaluator until `stop`: competes for leadership, and while
+/// leading runs liveness cycles and score passes on their intervals.
+pub async fn run(pool: Pool, params: EvalParams, replica: String, stop: CancellationToken) {
+    let check = params.check_interval.to_std().unwrap_or(StdDuration::from_secs(10));
+    let score_every = params.score_interval.to_std().unwrap_or(StdDuration::from_secs(60));
+    loop {
+        if stop.is_cancelled() {
+            return;
+        }
+        match lead(&pool, &params, &replica, &stop, check, score_every).await {
+            Ok(()) => return,
+            Err(e) => tracing::warn!(error = %e, "evaluator lost its database connection; will try to lead again"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(check) => {}
+        }
+    }
+}
+
+/// Tries to become leader; while leader, evaluates. Returns Ok on stop.
+async fn lead(
+    pool: &Pool,
+    params: &EvalParams,
+    replica: &str,
+    stop: &CancellationToken,
+    check: StdDuration,
+    score_every: StdDuration,
+) -> Result<(), DbError> {
+    // The lock belongs to this connection's session: it is held for as long
+    // as the connection lives and released by PostgreSQL if it dies.
+    let mut client = db::client(pool).await?;
+    loop {
+        let got: bool = client.query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK]).await?.get(0);
+        if got {
+            break;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(check) => {}
+        }
+    }
+    tracing::info!(replica, "this replica now leads evaluation");
+    let result = evaluate_while_leading(&mut client, params, replica, stop, check, score_every).await;
+    let _ = client.execute("SELECT pg_advisory_unlock($1)", &[&LEADER_LOCK]).await;
+    if result.is_err() {
+        // Never return a connection that may hold the lock to the pool.
+        let _ = deadpool_postgres::Object::take(client);
+    }
+    result
+}
+
+async fn evaluate_while_leading(
+    client: &mut tokio_postgres::Client,
+    params: &EvalParams,
+    replica: &str,
+    stop: &CancellationToken,
+    check: StdDuration,
+    score_every: StdDuration,
+) -> Result<(), DbError> {
+    let mut ticks = tokio::time::interval(check);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_score = tokio::time::Instant::now() - score_every;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = ticks.tick() => {}
+        }
+        let started = std::time::Instant::now();
+        let report = liveness_cycle(client, params, replica, None).await?;
+        let elapsed = started.elapsed();
+        if !report.transitions.is_empty() || report.opened + report.resolved > 0 {
+            tracing::info!(
+                transitions = report.transitions.len(),
+                opened = report.opened,
+                resolved = report.resolved,
+                ms = elapsed.as_millis() as u64,
+                "liveness cycle"
+            );
+        }
+        if elapsed > check {
+            tracing::warn!(ms = elapsed.as_millis() as u64, "a liveness cycle took longer than health.check_interval");
+        }
+        if last_score.elapsed() >= score_every {
+            last_score = tokio::time::Instant::now();
+            let report = score_pass(client, params, None).await?;
+            tracing::debug!(?report, "score pass");
+        }
+    }
+}

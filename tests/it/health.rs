@@ -1,0 +1,402 @@
+//! The evaluator against a real database, with the clock driven by the
+//! test: heartbeats are ingested at chosen times through the same SQL
+//! function the HTTP path uses, and cycles run at chosen `now`s.
+
+use chrono::{DateTime, Duration, Utc};
+use serde_json::Value;
+use warden::health::evaluator::{self, EvalParams};
+use warden::model::Liveness;
+
+use crate::helpers::{TestDb, default_settings};
+
+fn t0() -> DateTime<Utc> {
+    // Today, so the heartbeat partitions exist.
+    let now = Utc::now();
+    now - Duration::minutes(30)
+}
+
+fn params() -> EvalParams {
+    EvalParams::from_settings(&default_settings().health)
+}
+
+/// One heartbeat of `agent` received at `at`, expecting the next within
+/// `interval_ms`.
+async fn beat(db: &tokio_postgres::Client, agent: &str, at: DateTime<Utc>, interval_ms: i32, uptime: i64) {
+    db.execute(
+        "SELECT * FROM warden.ingest_heartbeats(ARRAY[$1::text], ARRAY[NULL::text], ARRAY[NULL::jsonb], \
+           ARRAY[NULL::text], ARRAY['healthy'], ARRAY[$3::bigint], ARRAY[$2::int], ARRAY[NULL::timestamptz], \
+           '{}', '{}', '{}', '{}', $4)",
+        &[&agent, &interval_ms, &uptime, &at],
+    )
+    .await
+    .unwrap();
+}
+
+async fn beat_with_metrics(db: &tokio_postgres::Client, agent: &str, at: DateTime<Utc>, metrics: &[(&str, f64)]) {
+    let names: Vec<&str> = metrics.iter().map(|m| m.0).collect();
+    let values: Vec<f64> = metrics.iter().map(|m| m.1).collect();
+    let idx: Vec<i32> = vec![1; metrics.len()];
+    let units: Vec<Option<&str>> = vec![None; metrics.len()];
+    db.execute(
+        "SELECT * FROM warden.ingest_heartbeats(ARRAY[$1::text], ARRAY[NULL::text], ARRAY[NULL::jsonb], \
+           ARRAY[NULL::text], ARRAY['healthy'], ARRAY[NULL::bigint], ARRAY[10000], ARRAY[NULL::timestamptz], \
+           $2, $3, $4, $5, $6)",
+        &[&agent, &idx, &names, &values, &units, &at],
+    )
+    .await
+    .unwrap();
+}
+
+async fn liveness(db: &tokio_postgres::Client, agent: &str) -> Liveness {
+    let s: String =
+        db.query_one("SELECT liveness FROM warden.agent_status WHERE agent_id = $1", &[&agent]).await.unwrap().get(0);
+    s.parse().unwrap()
+}
+
+async fn open_issues(db: &tokio_postgres::Client, agent: Option<&str>) -> Vec<String> {
+    db.query(
+        "SELECT issue_type FROM warden.incidents WHERE state = 'open' AND agent_id IS NOT DISTINCT FROM $1 \
+         ORDER BY issue_type",
+        &[&agent],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+/// A first cycle before `t`: the very first cycle of an installation starts
+/// a grace period, which these tests want behind them.
+async fn warm_up(db: &mut tokio_postgres::Client, p: &EvalParams, t: DateTime<Utc>) {
+    let r = evaluator::liveness_cycle(db, p, "test", Some(t - Duration::seconds(5))).await.unwrap();
+    assert!(r.resumed, "the first cycle ever starts a grace");
+}
+
+/// Runs liveness cycles every 10 s from `from` to `to` inclusive.
+async fn cycles(db: &mut tokio_postgres::Client, p: &EvalParams, from: DateTime<Utc>, to: DateTime<Utc>) {
+    let mut at = from;
+    while at <= to {
+        evaluator::liveness_cycle(db, p, "test", Some(at)).await.unwrap();
+        at += Duration::seconds(10);
+    }
+}
+
+#[tokio::test]
+async fn an_agent_that_stops_goes_degraded_then_offline_and_two_beats_bring_it_back() {
+    let db = TestDb::migrated().await;
+    let mut c = db.client().await;
+    let p = params();
+    let t = t0();
+    warm_up(&mut c, &p, t).await;
+    beat(&c, "w1", t, 10_000, 1).await;
+
+    let r = evaluator::liveness_cycle(&mut c, &p, "test", Some(t + Duration::seconds(1))).await.unwrap();
+    assert_eq!(r.transitions, vec![("w1".into(), Liveness::Unknown, Liveness::Online)]);
+
+    // 11 s of silence on a 10 s interval is within the 20% tolerance.
+    evaluator::liveness_cycle(&mut c, &p, "test", Some(t + Duration::seconds(11))).await.unwrap();
+    assert_eq!(liveness(&c, "w1").await, Liveness::Online);
+    evaluator::liveness_cycle(&mut c, &p, "test", Some(t + Duration::seconds(12))).await.unwrap();
+    assert_eq!(liveness(&c, "w1").await, Liveness::Degraded, "one interval plus tolerance");
+    assert_eq!(open_issues(&c, Some("w1")).await, vec!["heartbeat_late"]);
+
+    cycles(&mut c, &p, t + Duration::seconds(22), t + Duration::seconds(31)).await;
+    assert_eq!(liveness(&c, "w1").await, Liveness::Degraded);
+    evaluator::liveness_cycle(&mut c, &p, "test", Some(t + Duration::seconds(32))).await.unwrap();
+    assert_eq!(liveness(&c, "w1").await, Liveness::Offline, "three intervals plus tolerance");
+    assert_eq!(open_issues(&c, Some("w1")).await, vec!["agent_unresponsive"], "late is superseded");
+
+    // The transition events carry old, new, reason and figures.
+    let event: Value = c
+        .query_one(
+            "SELECT details FROM warden.system_events WHERE agent_id = 'w1' AND event_type = 'status_changed' \
+             ORDER BY id DESC LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(event["old"], "degraded");
+    assert_eq!(event["new"], "offline");
+    assert_eq!(event["reason"], "silent");
+    assert_eq!(event["figures"]["silence_ms"], 32_000);
+    assert_eq!(event["figures"]["expected_interval_ms"], 10_000);
+
+    // One heartbeat is not a recovery; two on-time ones are.
+    let back = t + Duration::seconds(60);
+    beat(&c, "w1", back, 10_000, 100).await;
+    evaluator::liveness_cycle(&mut c, &p, "test", Some(back + Duration::seconds(1))).await.unwrap();
+    assert_eq!(liveness(&c, "w1").await, Liveness::Degraded, "recovering");
+    assert_eq!(open_issues(&c, Some("w1")).await, vec!["agent_unresponsive"], "still open while not trusted");
+    beat(&c, "w1", back + Duration::seconds(9), 10_000, 109).await;
+    evaluator::liveness_cycle(&mut c, &p, "test", Some(back + Duration::seconds(10))).await.unwrap();
+    assert_eq!(liveness(&c, "w1").await, Liveness::Online);
+    assert!(open_issues(&c, Some("w1")).await.is_empty());
+
+    let resolved: i64 = c
+        .query_one("SELECT count(*) FROM warden.incidents WHERE agent_id = 'w1' AND state = 'resolved'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(resolved, 2, "heartbeat_late and agent_unresponsive, each once");
+    let snapshots: i64 =
+        c.query_one("SELECT count(*) FROM warden.health_history WHERE agent_id = 'w1'", &[]).await.unwrap().get(0);
+    assert!(snapshots >= 4, "a snapshot per transition, got {snapshots}");
+}
+
+#[tokio::test]
+async fn a_long_outage_opens_extended_offline_after_five_minutes() {
+    let db = TestDb::migrated().await;
+    let mut c = db.client().await;
+    let p = params();
+    let t = t0();
+    warm_up(&mut c, &p, t).await;
+    beat(&c, "gone", t, 10_000, 1).await;
+    cycles(&mut c, &p, t + Duration::seconds(1), t + Duration::seconds(41)).await;
+    assert_eq!(liveness(&c, "gone").await, Liveness::Offline);
+    cycles(&mut c, &p, t + Duration::seconds(51), t + Duration::seconds(331)).await;
+    assert_eq!(open_issues(&c, Some("gone")).await, vec!["agent_unresponsive"], "offline 4m59s");
+    evaluator::liveness_cycle(&mut c, &p, "test", Some(t + Duration::seconds(341))).await.unwrap();
+    assert_eq!(open_issues(&c, Some("gone")).await, vec!["agent_unresponsive", "extended_offline"]);
+}
+
+#[tokio::test]
+async fn silence_during_wardens_own_downtime_never_counts() {
+    let db = TestDb::migrated().await;
+    let mut c = db.client().await;
+    let p = params();
+    let t = t0();
+    beat(&c, "a", t, 10_000, 1).await;
+    evaluator::liveness_cycle(&mut c, &p, "test", Some(t + Duration::seconds(1))).await.unwrap();
+    // warden is down for ten minutes; the agent went quiet meanwhile.
+    let back = t + Duration::minutes(10);
+    let r = evaluator::liveness_cycle(&mut c, &p, "test", Some(back)).await.unwrap();
+    assert!(r.resumed);
+    assert!(r.transitions.is_empty(), "no one is paged for warden's own downtime");
+    evaluator::liveness_cycle(&mut c, &p, "test", Some(back + Duration::seconds(10))).await.unwrap();
+    assert_eq!(liveness(&c, "a").await, Liveness::Online, "a fresh grace of one interval plus tolerance");
+    evaluator::liveness_cycle(&mut c, &p, "test", Some(back + Duration::seconds(12))).await.unwrap();
+    assert_eq!(liveness(&c, "a").await, Liveness::Degraded, "after the grace, silence counts");
+}
+
+#[tokio::test]
+async fn three_restarts_in_ten_minutes_are_a_restart_loop() {
+    let db = TestDb::migrated().await;
+    let mut c = db.client().await;
+    let p = params();
+    let t = t0();
+    let mut at = t;
+    for uptime in [100, 5, 100, 5, 100, 5] {
+        beat(&c, "loopy", at, 10_000, uptime).await;
+        at += Duration::seconds(5);
+    }
+    evaluator::liveness_cycle(&mut c, &p, "test", Some(at)).await.unwrap();
+    assert!(open_issues(&c, Some("loopy")).await.contains(&"restart_loop".to_string()));
+    let summary: String = c
+        .query_one("SELECT summary FROM warden.incidents WHERE issue_type = 'restart_loop'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(summary.contains("3 times"), "{summary}");
+    // Ten quiet minutes later the loop is over (the agent kept beating).
+    let mut now = at;
+    for i in 1..=62 {
+        now = at + Duration::seconds(10 * i);
+        beat(&c, "loopy", now - Duration::seconds(1), 10_000, 200 + i).await;
+        evaluator::liveness_cycle(&mut c, &p, "test", Some(now)).await.unwrap();
+    }
+    assert!(!open_issues(&c, Some("loopy")).await.contains(&"restart_loop".to_string()), "at {now}");
+}
+
+#[tokio::test]
+async fn an_agent_that_keeps_changing_state_is_flapping() {
+    let db = TestDb::migrated().await;
+    let mut c = db.client().await;
+    let p = params();
+    let t = t0();
+    warm_up(&mut c, &p, t).await;
+    beat(&c, "flappy", t, 10_000, 1).await;
+    let mut now = t + Duration::seconds(1);
+    evaluator::liveness_cycle(&mut c, &p, "test", Some(now)).await.unwrap();
+    // Fifteen seconds silent (degraded), then two quick beats (online), again and again.
+    for round in 0..10 {
+        now += Duration::seconds(15);
+        evaluator::liveness_cycle(&mut c, &p, "test", Some(now)).await.unwrap();
+        now += Duration::seconds(5);
+        beat(&c, "flappy", now - Duration::seconds(2), 10_000, 10 + round).await;
+        beat(&c, "flappy", now - Duration::seconds(1), 10_000, 11 + round).await;
+        evaluator::liveness_cycle(&mut c, &p, "test", Some(now)).await.unwrap();
+    }
+    assert!(open_issues(&c, Some("flappy")).await.contains(&"flapping".to_string()));
+}
+
+#[tokio::test]
+async fn a_fleet_outage_is_one_incident_instead_of_many() {
+    let db = TestDb::migrated().await;
+    let mut c = db.client().await;
+    let p = params();
+    let t = t0();
+    let agents: Vec<String> = (0..10).map(|i| format!("fleet-{i}")).collect();
+    for a in &agents {
+        beat(&c, a, t, 10_000, 1).await;
+    }
+    evaluator::liveness_cycle(&mut c, &p, "test", Some(t + Duration::seconds(1))).await.unwrap();
+    // Six of ten go quiet together; four keep beating.
+    let mut now = t + Duration::seconds(1);
+    for _ in 0..4 {
+        now += Duration::seconds(10);
+        for a in &agents[6..] {
+            beat(&c, a, now - Duration::seconds(1), 10_000, 5).await;
+        }
+        evaluator::liveness_cycle(&mut c, &p, "test", Some(now)).await.unwrap();
+    }
+    assert_eq!(liveness(&c, "fleet-0").await, Liveness::Offline);
+    assert_eq!(open_issues(&c, None).await, vec!["fleet_outage"]);
+    let per_agent: i64 = c
+        .query_one("SELECT count(*) FROM warden.incidents WHERE state = 'open' AND agent_id IS NOT NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(per_agent, 0, "the fleet incident stands in for the agents");
+
+    // They come back: the outage resolves.
+    for round in 0..2 {
+        now += Duration::seconds(10);
+        for a in &agents {
+            beat(&c, a, now - Duration::seconds(2 - round), 10_000, 10 + round).await;
+        }
+        evaluator::liveness_cycle(&mut c, &p, "test", Some(now)).await.unwrap();
+    }
+    assert_eq!(liveness(&c, "fleet-0").await, Liveness::Online);
+    assert!(open_issues(&c, None).await.is_empty());
+}
+
+#[tokio::test]
+async fn scores_follow_the_metrics_and_metric_issues_open() {
+    let db = TestDb::migrated().await;
+    let mut c = db.client().await;
+    let p = params();
+    let t = t0();
+    let mut now = t;
+    // Ten minutes of beats every 10 s: cpu 95% (critical), memory 50%;
+    // score passes every minute.
+    let mut report = Default::default();
+    for _ in 0..10 {
+        for _ in 0..6 {
+            beat_with_metrics(&c, "hot", now, &[("cpu_percent", 95.0), ("memory_percent", 50.0)]).await;
+            now += Duration::seconds(10);
+        }
+        evaluator::liveness_cycle(&mut c, &p, "test", Some(now)).await.unwrap();
+        // The pass reads samples up to two seconds before its clock.
+        report = evaluator::score_pass(&mut c, &p, Some(now + Duration::seconds(1))).await.unwrap();
+    }
+    assert_eq!(report.scored, 1);
+    assert_eq!(report.samples, 12, "each pass folds in the minute since the last");
+
+    let row = c
+        .query_one("SELECT score, tier, components FROM warden.agent_status WHERE agent_id = 'hot'", &[])
+        .await
+        .unwrap();
+    let score: f64 = row.get(0);
+    let components: Value = row.get(2);
+    // cpu 95 → 40 − 40 × 5/10 = 20; memory 50 → 100; resources = 20.
+    assert_eq!(components["resource_efficiency"]["score"], 20.0);
+    assert_eq!(components["performance"]["score"], Value::Null, "no latency metric: no data");
+    assert_eq!(components["performance"]["weight"], 0.0);
+    // heartbeat consistency: ten minutes of every expected beat.
+    let hb = components["heartbeat_consistency"]["score"].as_f64().unwrap();
+    assert!(hb > 95.0, "{hb}");
+    // Two components: .30 and .15 renormalised to 2/3 and 1/3.
+    let expected = (hb * 0.30 + 20.0 * 0.15) / 0.45;
+    assert!((score - expected).abs() < 0.02, "{score} vs {expected}");
+    // (≈100 × .30 + 20 × .15) / .45 ≈ 73: good.
+    assert_eq!(row.get::<_, String>(1), "good");
+    assert!(components["resource_efficiency"]["recommendation"].is_string());
+
+    assert_eq!(open_issues(&c, Some("hot")).await, vec!["resource_exhaustion"]);
+    let history: i64 = c
+        .query_one("SELECT count(*) FROM warden.health_history WHERE agent_id = 'hot' AND score IS NOT NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(history >= 1);
+
+    // It cools down: the incident resolves at a later pass.
+    for _ in 0..10 {
+        for _ in 0..6 {
+            beat_with_metrics(&c, "hot", now, &[("cpu_percent", 20.0), ("memory_percent", 50.0)]).await;
+            now += Duration::seconds(10);
+        }
+        evaluator::liveness_cycle(&mut c, &p, "test", Some(now)).await.unwrap();
+        evaluator::score_pass(&mut c, &p, Some(now + Duration::seconds(1))).await.unwrap();
+    }
+    assert!(open_issues(&c, Some("hot")).await.is_empty());
+}
+
+#[tokio::test]
+async fn rising_memory_opens_a_predicted_warning_with_the_crossing_time() {
+    let db = TestDb::migrated().await;
+    let mut c = db.client().await;
+    let p = params();
+    let t = Utc::now() - Duration::minutes(40);
+    let mut now = t;
+    // Memory climbs from 50% by one point a minute; passes run every minute.
+    for minute in 0..30 {
+        for s in 0..6 {
+            let at = now + Duration::seconds(10 * s);
+            beat_with_metrics(&c, "leaky", at, &[("memory_percent", 50.0 + minute as f64 + s as f64 / 6.0)]).await;
+        }
+        now += Duration::minutes(1);
+        evaluator::score_pass(&mut c, &p, Some(now + Duration::seconds(2))).await.unwrap();
+    }
+    let row = c
+        .query_one(
+            "SELECT predicted, severity, details FROM warden.incidents \
+             WHERE agent_id = 'leaky' AND issue_type = 'resource_exhaustion' AND state = 'open'",
+            &[],
+        )
+        .await
+        .expect("a predicted resource_exhaustion incident");
+    assert!(row.get::<_, bool>(0));
+    assert_eq!(row.get::<_, String>(1), "warning");
+    let details: Value = row.get(2);
+    let at: DateTime<Utc> = details["expected_at"].as_str().unwrap().parse().unwrap();
+    // At ~80% and +1/min, 90% is about ten minutes out.
+    let minutes = (at - now).num_minutes();
+    assert!((5..=15).contains(&minutes), "crossing expected in {minutes} min");
+}
+
+#[tokio::test]
+async fn exactly_one_replica_leads_and_another_takes_over_when_it_stops() {
+    let db = TestDb::migrated().await;
+    let mut settings = default_settings();
+    settings.health.check_interval = warden::config::Duration::from_millis(200);
+    let p = EvalParams::from_settings(&settings.health);
+    let pool = warden::db::build_pool(db.config.clone(), &settings.database).unwrap();
+
+    let stop_a = tokio_util::sync::CancellationToken::new();
+    let stop_b = tokio_util::sync::CancellationToken::new();
+    let a = tokio::spawn(evaluator::run(pool.clone(), p.clone(), "replica-a".into(), stop_a.clone()));
+    let c = db.client().await;
+    let leader = crate::helpers::eventually(std::time::Duration::from_secs(20), "a leader", || async {
+        c.query_one("SELECT leader FROM warden.evaluator_state", &[]).await.unwrap().get::<_, Option<String>>(0)
+    })
+    .await;
+    assert_eq!(leader, "replica-a");
+    let b = tokio::spawn(evaluator::run(pool.clone(), p.clone(), "replica-b".into(), stop_b.clone()));
+    // While a leads, the leader lock is taken: b (or anyone) can only stand by.
+    let free: bool = c.query_one("SELECT pg_try_advisory_lock($1)", &[&evaluator::LEADER_LOCK]).await.unwrap().get(0);
+    assert!(!free, "the leader holds the lock");
+
+    stop_a.cancel();
+    a.await.unwrap();
+    crate::helpers::eventually(std::time::Duration::from_secs(20), "replica-b to take over", || async {
+        let leader: Option<String> =
+            c.query_one("SELECT leader FROM warden.evaluator_state", &[]).await.unwrap().get(0);
+        (leader.as_deref() == Some("replica-b")).then_some(())
+    })
+    .await;
+    stop_b.cancel();
+    b.await.unwrap();
+}
