@@ -3,6 +3,12 @@
 //! works out what to open and resolve, and writes both with their
 //! system_events rows and stream notifications in the caller's
 //! transaction.
+//!
+//! Each opened incident also gets its alert (dedup key
+//! `<agent or "fleet">:<issue type>`) in the same statement, and a resolved
+//! incident resolves its alert: the alerts table is the transactional
+//! outbox that alerting works from, so an incident can never exist without
+//! its alert or the other way round.
 
 use std::collections::{HashMap, HashSet};
 
@@ -141,7 +147,10 @@ pub async fn apply(
                           format('%s resolved: %s', r.issue_type, r.resolution), \
                           jsonb_build_object('incident_id', r.id, 'issue_type', r.issue_type, \
                                              'duration_seconds', extract(epoch FROM $3 - r.opened_at)) \
-                   FROM r) \
+                   FROM r), \
+                 a AS ( \
+                   UPDATE warden.alerts al SET state = 'resolved', resolved_at = greatest($3, al.opened_at) \
+                   FROM r WHERE al.incident_id = r.id AND al.state <> 'resolved') \
                  SELECT id, agent_id, issue_type, resolution FROM r",
                 &[&ids, &reasons, &now],
             )
@@ -185,7 +194,11 @@ pub async fn apply(
                    INSERT INTO warden.system_events (occurred_at, agent_id, event_type, severity, message, details) \
                    SELECT $7, o.agent_id, 'incident_opened', o.severity, o.summary, \
                           jsonb_build_object('incident_id', o.id, 'issue_type', o.issue_type, 'predicted', o.predicted) \
-                   FROM o) \
+                   FROM o), \
+                 a AS ( \
+                   INSERT INTO warden.alerts (incident_id, dedup_key, severity, opened_at) \
+                   SELECT o.id, coalesce(o.agent_id, 'fleet') || ':' || o.issue_type, o.severity, $7 FROM o \
+                   ON CONFLICT (dedup_key) WHERE state <> 'resolved' DO NOTHING) \
                  SELECT id, agent_id, issue_type, severity, summary, predicted FROM o",
                 &[&agents, &issues, &severities, &summaries, &details, &predicted, &now],
             )

@@ -140,6 +140,21 @@ async fn an_agent_that_stops_goes_degraded_then_offline_and_two_beats_bring_it_b
         .unwrap()
         .get(0);
     assert_eq!(resolved, 2, "heartbeat_late and agent_unresponsive, each once");
+    // Every incident got its alert in the same transaction, resolved with it.
+    let alerts: Vec<(String, String)> = c
+        .query("SELECT dedup_key, state FROM warden.alerts ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        alerts,
+        vec![
+            ("w1:heartbeat_late".to_string(), "resolved".to_string()),
+            ("w1:agent_unresponsive".to_string(), "resolved".to_string())
+        ]
+    );
     let snapshots: i64 =
         c.query_one("SELECT count(*) FROM warden.health_history WHERE agent_id = 'w1'", &[]).await.unwrap().get(0);
     assert!(snapshots >= 4, "a snapshot per transition, got {snapshots}");
