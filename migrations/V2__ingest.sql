@@ -43,6 +43,14 @@ CREATE TABLE warden.health_params (
 
 INSERT INTO warden.health_params (jitter_tolerance, offline_after_missed) VALUES (0.2, 3);
 
+-- Agents someone watches live (GET /v1/stream?agent=ID&heartbeats=true):
+-- ingest announces their heartbeats on the warden_heartbeats channel.
+-- Registrations expire unless the watching replica refreshes them.
+CREATE TABLE warden.observed_agents (
+    agent_id text COLLATE "C" PRIMARY KEY,
+    until    timestamptz NOT NULL
+);
+
 -- Applies heartbeats whose agents are all distinct, as one statement: the
 -- heartbeat rows, restart and registration events, and agent_status.
 -- Returns one row per heartbeat (idx is its array position). Internal to
@@ -200,6 +208,15 @@ BEGIN
     )
     SELECT d.i, d.fresh, d.restart, d.expected_interval_ms
     FROM done d;
+
+    -- Almost always nobody watches: one look at an empty table.
+    IF EXISTS (SELECT 1 FROM warden.observed_agents) THEN
+        PERFORM pg_notify('warden_heartbeats', json_build_object(
+                    'agent_id', u.agent_id, 'received_at', ts, 'status', coalesce(u.status, 'healthy'),
+                    'mode', u.mode, 'uptime_seconds', u.uptime, 'next_heartbeat_ms', u.next_ms)::text)
+        FROM unnest(p_agent_id, p_status, p_mode, p_uptime, p_next_ms) AS u(agent_id, status, mode, uptime, next_ms)
+        JOIN warden.observed_agents o ON o.agent_id = u.agent_id AND o.until > ts;
+    END IF;
 END;
 $$;
 

@@ -91,7 +91,9 @@ impl Application {
         let ingestor = Ingestor::start(database.pool.clone(), &writer_settings(&settings), background.clone(), &tasks);
         let auth =
             Arc::new(Authenticator::new(database.pool.clone(), settings.auth.enabled, settings.auth.cache_ttl.get()));
-        let state = AppState::new(database.pool.clone(), settings.clone(), auth, ingestor);
+        let hub = Arc::new(crate::stream::Hub::default());
+        tasks.spawn(crate::stream::listen(database.pg_config.clone(), hub.clone(), background.clone()));
+        let state = AppState::new(database.pool.clone(), settings.clone(), auth, ingestor, hub);
         let app = api::router(state);
         tracing::info!(addr = %local_addr, "warden is serving");
 

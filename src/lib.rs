@@ -28,5 +28,6 @@ pub mod health;
 pub mod ingest;
 pub mod loadgen;
 pub mod model;
+pub mod stream;
 pub mod telemetry;
 pub mod text_table;

@@ -6,6 +6,8 @@ pub mod error;
 mod ingest;
 mod mcp;
 mod probes;
+pub mod read;
+mod stream;
 
 use std::sync::Arc;
 
@@ -37,17 +39,25 @@ pub struct Shared {
     pub ingestor: Arc<Ingestor>,
     /// Bounds on one heartbeat, derived once from the settings.
     pub limits: Limits,
+    /// Live events for /v1/stream.
+    pub hub: Arc<crate::stream::Hub>,
 }
 
 impl AppState {
-    pub fn new(pool: Pool, settings: Arc<Settings>, auth: Arc<Authenticator>, ingestor: Arc<Ingestor>) -> Self {
+    pub fn new(
+        pool: Pool,
+        settings: Arc<Settings>,
+        auth: Arc<Authenticator>,
+        ingestor: Arc<Ingestor>,
+        hub: Arc<crate::stream::Hub>,
+    ) -> Self {
         let limits = Limits {
             max_batch: settings.ingest.max_batch,
             max_metrics: settings.ingest.max_metrics,
             max_labels: settings.ingest.max_labels,
             max_clock_skew: settings.ingest.max_clock_skew.to_chrono(),
         };
-        Self { inner: Arc::new(Shared { pool, settings, auth, ingestor, limits }) }
+        Self { inner: Arc::new(Shared { pool, settings, auth, ingestor, limits, hub }) }
     }
 }
 
@@ -60,7 +70,11 @@ impl std::ops::Deref for AppState {
 
 /// The whole HTTP surface.
 pub fn router(state: AppState) -> Router {
-    let v1 = Router::new().merge(ingest::router()).layer(DefaultBodyLimit::max(state.settings.ingest.max_body_bytes));
+    let v1 = Router::new()
+        .merge(ingest::router())
+        .merge(read::router())
+        .merge(stream::router())
+        .layer(DefaultBodyLimit::max(state.settings.ingest.max_body_bytes));
     Router::new()
         .merge(probes::router())
         .merge(mcp::router())

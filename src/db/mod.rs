@@ -93,6 +93,9 @@ pub enum OpenError {
 /// The pool plus, when warden runs its own cluster, the handle that stops it.
 pub struct Database {
     pub pool: Pool,
+    /// Connection settings, for the few connections that live outside the
+    /// pool (the stream listener).
+    pub pg_config: tokio_postgres::Config,
     embedded: Option<EmbeddedCluster>,
 }
 
@@ -108,8 +111,9 @@ impl Database {
         } else {
             (parse_url(settings.url.expose())?, None)
         };
-        let pool = build_pool(pg_config, settings)?;
-        Ok(Self { pool, embedded })
+        let pool = build_pool(pg_config.clone(), settings)?;
+        let pg_config = session_config(pg_config, settings);
+        Ok(Self { pool, pg_config, embedded })
     }
 
     /// Closes the pool and stops the embedded cluster if this process started it.
@@ -132,14 +136,25 @@ pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, SettingsError> {
     })
 }
 
-/// A pool over `pg_config` with the session settings every connection needs.
-pub fn build_pool(mut pg_config: tokio_postgres::Config, settings: &DatabaseSettings) -> Result<Pool, OpenError> {
+/// `pg_config` with the session settings every warden connection needs.
+pub fn session_config(mut pg_config: tokio_postgres::Config, settings: &DatabaseSettings) -> tokio_postgres::Config {
+    // JIT pays off for long analytical queries; warden's are short and
+    // frequent, and compiling them costs more than running them.
     pg_config
         .application_name("warden")
         .connect_timeout(settings.connect_timeout.get())
         .keepalives(true)
         .keepalives_idle(std::time::Duration::from_secs(30))
-        .options(format!("-c statement_timeout={} -c timezone=UTC", settings.statement_timeout.as_millis_u64()));
+        .options(format!(
+            "-c statement_timeout={} -c timezone=UTC -c jit=off",
+            settings.statement_timeout.as_millis_u64()
+        ));
+    pg_config
+}
+
+/// A pool over `pg_config` with the session settings every connection needs.
+pub fn build_pool(pg_config: tokio_postgres::Config, settings: &DatabaseSettings) -> Result<Pool, OpenError> {
+    let pg_config = session_config(pg_config, settings);
     let manager = Manager::from_config(pg_config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
     Pool::builder(manager)
         .max_size(settings.pool_size as usize)

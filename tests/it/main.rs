@@ -12,4 +12,5 @@ mod mcp;
 mod migrations;
 mod outage;
 mod probes;
+mod read_api;
 mod sql_path;

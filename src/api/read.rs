@@ -1,0 +1,287 @@
+//! The read API (scope `read`): agents, one agent in detail, fleet totals,
+//! incidents. Lists use keyset pagination: `next_cursor` is the last key
+//! of the page, so pages stay cheap and stable while rows change.
+
+use std::collections::HashMap;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::routing::get;
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value, json};
+
+use super::auth::{Authorized, ReadScope};
+use super::{ApiError, AppState};
+use crate::db;
+use crate::health::incidents::IssueType;
+use crate::model::{AgentId, Liveness, Severity, Tier};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/agents", get(list_agents))
+        .route("/agents/{id}", get(get_agent))
+        .route("/fleet", get(fleet))
+        .route("/incidents", get(list_incidents))
+}
+
+pub const DEFAULT_LIMIT: i64 = 100;
+pub const MAX_LIMIT: i64 = 1000;
+
+/// Query parameters, checked one by one so an error names the parameter.
+pub struct Params(HashMap<String, String>);
+
+impl Params {
+    pub fn new(raw: HashMap<String, String>) -> Self {
+        Self(raw)
+    }
+
+    pub fn text(&self, name: &str) -> Option<&str> {
+        self.0.get(name).map(String::as_str).filter(|v| !v.is_empty())
+    }
+
+    pub fn parsed<T: std::str::FromStr<Err = String>>(&self, name: &str) -> Result<Option<T>, ApiError> {
+        self.text(name)
+            .map(|v| v.parse::<T>().map_err(|allowed| ApiError::invalid(name, format!("must be {allowed}"))))
+            .transpose()
+    }
+
+    pub fn limit(&self) -> Result<i64, ApiError> {
+        match self.text("limit") {
+            None => Ok(DEFAULT_LIMIT),
+            Some(v) => v
+                .parse::<i64>()
+                .ok()
+                .filter(|n| (1..=MAX_LIMIT).contains(n))
+                .ok_or_else(|| ApiError::invalid("limit", format!("must be a whole number from 1 to {MAX_LIMIT}"))),
+        }
+    }
+
+    pub fn agent(&self, name: &str) -> Result<Option<AgentId>, ApiError> {
+        self.text(name).map(|v| AgentId::parse(v).map_err(|m| ApiError::invalid(name, m))).transpose()
+    }
+}
+
+/// A label selector `key:value` (or `key=value`).
+fn label_filter(params: &Params) -> Result<Option<Value>, ApiError> {
+    let Some(raw) = params.text("label") else { return Ok(None) };
+    let Some((key, value)) = raw.split_once(':').or_else(|| raw.split_once('=')) else {
+        return Err(ApiError::invalid("label", "must be key:value"));
+    };
+    if key.is_empty() {
+        return Err(ApiError::invalid("label", "must be key:value with a non-empty key"));
+    }
+    let mut object = Map::new();
+    object.insert(key.to_string(), Value::String(value.to_string()));
+    Ok(Some(Value::Object(object)))
+}
+
+/// Columns every agent view carries, as one JSON object per row.
+const AGENT_JSON: &str = "jsonb_build_object(\
+    'agent_id', agent_id, 'name', name, 'labels', labels, 'mode', mode, 'status', status, \
+    'liveness', liveness, 'liveness_since', liveness_since, 'score', score, 'tier', tier, \
+    'score_trend', score_trend, 'last_seen', last_seen, 'first_seen', first_seen, \
+    'expected_interval_ms', expected_interval_ms, 'heartbeat_count', heartbeat_count, \
+    'restart_count', restart_count, 'uptime_seconds', uptime_seconds, 'evaluated_at', evaluated_at)";
+
+async fn list_agents(
+    State(state): State<AppState>,
+    _auth: Authorized<ReadScope>,
+    Query(raw): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let params = Params::new(raw);
+    let liveness: Option<Liveness> = params.parsed("liveness")?;
+    let tier: Option<Tier> = params.parsed("tier")?;
+    let label = label_filter(&params)?;
+    let cursor = params.agent("cursor")?;
+    let limit = params.limit()?;
+    let client = db::client(&state.pool).await?;
+    let sql = format!(
+        "SELECT agent_id, {AGENT_JSON} FROM warden.agent_status \
+         WHERE ($1::text IS NULL OR liveness = $1) AND ($2::text IS NULL OR tier = $2) \
+           AND ($3::jsonb IS NULL OR labels @> $3) AND ($4::text IS NULL OR agent_id > $4) \
+         ORDER BY agent_id LIMIT $5"
+    );
+    let rows = client
+        .query(
+            &sql,
+            &[
+                &liveness.map(Liveness::as_str),
+                &tier.map(Tier::as_str),
+                &label,
+                &cursor.as_ref().map(AgentId::as_str),
+                &limit,
+            ],
+        )
+        .await?;
+    let next = (rows.len() as i64 == limit).then(|| rows.last().map(|r| r.get::<_, String>(0))).flatten();
+    let agents: Vec<Value> = rows.iter().map(|r| r.get(1)).collect();
+    Ok(Json(json!({ "agents": agents, "next_cursor": next })))
+}
+
+async fn get_agent(
+    State(state): State<AppState>,
+    _auth: Authorized<ReadScope>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = AgentId::parse(id).map_err(|m| ApiError::invalid("id", m))?;
+    let client = db::client(&state.pool).await?;
+    let sql = format!(
+        "SELECT {AGENT_JSON} || jsonb_build_object('components', components, 'ontime_streak', ontime_streak, \
+           'last_restart_at', last_restart_at, 'uptime_before_restart', uptime_before_restart, \
+           'last_sent_at', last_sent_at, \
+           'inter_arrival', jsonb_build_object('samples', ia_count, 'mean_ms', ia_mean_ms, \
+                                               'stddev_ms', sqrt(greatest(ia_var_ms2, 0)))) \
+         FROM warden.agent_status WHERE agent_id = $1"
+    );
+    let Some(row) = client.query_opt(&sql, &[&id.as_str()]).await? else {
+        return Err(ApiError::not_found(format!("no agent {id}")));
+    };
+    let mut agent: Value = row.get(0);
+    let recommendations: Vec<Value> = agent["components"]
+        .as_object()
+        .map(|c| {
+            c.iter()
+                .filter_map(|(name, v)| {
+                    v.get("recommendation").and_then(Value::as_str).map(|r| json!({"component": name, "advice": r}))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let transitions = client
+        .query(
+            "SELECT jsonb_build_object('at', occurred_at, 'old', details->'old', 'new', details->'new', \
+                    'reason', details->'reason', 'figures', details->'figures', 'message', message) \
+             FROM warden.system_events WHERE agent_id = $1 AND event_type = 'status_changed' \
+             ORDER BY occurred_at DESC, id DESC LIMIT 20",
+            &[&id.as_str()],
+        )
+        .await?;
+    let events = client
+        .query(
+            "SELECT jsonb_build_object('id', id, 'at', occurred_at, 'event_type', event_type, 'severity', severity, \
+                    'message', message, 'details', details, 'source', source) \
+             FROM warden.system_events WHERE agent_id = $1 AND event_type <> 'status_changed' \
+             ORDER BY occurred_at DESC, id DESC LIMIT 20",
+            &[&id.as_str()],
+        )
+        .await?;
+    let incidents = client
+        .query(
+            &format!("SELECT {INCIDENT_JSON} FROM warden.incidents WHERE agent_id = $1 ORDER BY id DESC LIMIT 20"),
+            &[&id.as_str()],
+        )
+        .await?;
+    let object = agent.as_object_mut().expect("jsonb_build_object is an object");
+    object.insert("recommendations".into(), Value::Array(recommendations));
+    object.insert("recent_transitions".into(), rows_to_array(&transitions));
+    object.insert("recent_events".into(), rows_to_array(&events));
+    object.insert("recent_incidents".into(), rows_to_array(&incidents));
+    Ok(Json(agent))
+}
+
+fn rows_to_array(rows: &[tokio_postgres::Row]) -> Value {
+    Value::Array(rows.iter().map(|r| r.get::<_, Value>(0)).collect())
+}
+
+async fn fleet(State(state): State<AppState>, _auth: Authorized<ReadScope>) -> Result<Json<Value>, ApiError> {
+    let client = db::client(&state.pool).await?;
+    // One scan: a row per liveness, per tier, per mode, and the grand total.
+    let rows = client
+        .query(
+            "SELECT GROUPING(liveness), GROUPING(tier), GROUPING(mode), liveness, tier, mode, count(*), avg(score) \
+             FROM warden.agent_status GROUP BY GROUPING SETS ((liveness), (tier), (mode), ())",
+            &[],
+        )
+        .await?;
+    // Every liveness and tier appears, zero when no agent has it, so
+    // dashboards and scripts need not guess at missing keys.
+    let mut liveness: Map<String, Value> = Liveness::ALL.iter().map(|l| (l.to_string(), json!(0))).collect();
+    let mut tiers: Map<String, Value> = Tier::ALL.iter().map(|t| (t.to_string(), json!(0))).collect();
+    let mut modes = Map::new();
+    let (mut total, mut average) = (0_i64, None::<f64>);
+    for r in &rows {
+        let grouped = (r.get::<_, i32>(0), r.get::<_, i32>(1), r.get::<_, i32>(2));
+        let n: i64 = r.get(6);
+        match grouped {
+            (0, 1, 1) => {
+                liveness.insert(r.get::<_, String>(3), json!(n));
+            }
+            (1, 0, 1) => {
+                let tier: Option<String> = r.get(4);
+                tiers.insert(tier.unwrap_or_else(|| "unscored".into()), json!(n));
+            }
+            (1, 1, 0) => {
+                let mode: Option<String> = r.get(5);
+                modes.insert(mode.unwrap_or_else(|| "unset".into()), json!(n));
+            }
+            _ => {
+                total = n;
+                average = r.get(7);
+            }
+        }
+    }
+    let open: i64 = client.query_one("SELECT count(*) FROM warden.incidents WHERE state = 'open'", &[]).await?.get(0);
+    Ok(Json(json!({
+        "total": total,
+        "liveness": liveness,
+        "tier": tiers,
+        "mode": modes,
+        "average_score": average.map(|a| (a * 100.0).round() / 100.0),
+        "open_incidents": open,
+    })))
+}
+
+pub const INCIDENT_JSON: &str = "jsonb_build_object('id', id, 'agent_id', agent_id, 'issue_type', issue_type, \
+    'severity', severity, 'state', state, 'opened_at', opened_at, 'resolved_at', resolved_at, \
+    'predicted', predicted, 'summary', summary, 'resolution', resolution, 'details', details)";
+
+async fn list_incidents(
+    State(state): State<AppState>,
+    _auth: Authorized<ReadScope>,
+    Query(raw): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let params = Params::new(raw);
+    let state_filter = match params.text("state") {
+        None => None,
+        Some(s @ ("open" | "resolved")) => Some(s.to_string()),
+        Some(_) => return Err(ApiError::invalid("state", "must be open or resolved")),
+    };
+    let agent = params.agent("agent")?;
+    let issue: Option<IssueType> = params.parsed("issue_type")?;
+    let severity: Option<Severity> = params.parsed("severity")?;
+    let since: Option<DateTime<Utc>> = params
+        .text("since")
+        .map(|v| v.parse().map_err(|_| ApiError::invalid("since", "must be an RFC 3339 timestamp")))
+        .transpose()?;
+    let cursor: Option<i64> = params
+        .text("cursor")
+        .map(|v| v.parse().map_err(|_| ApiError::invalid("cursor", "must be the next_cursor of a previous page")))
+        .transpose()?;
+    let limit = params.limit()?;
+    let client = db::client(&state.pool).await?;
+    let sql = format!(
+        "SELECT id, {INCIDENT_JSON} FROM warden.incidents \
+         WHERE ($1::text IS NULL OR state = $1) AND ($2::text IS NULL OR agent_id = $2) \
+           AND ($3::text IS NULL OR issue_type = $3) AND ($4::text IS NULL OR severity = $4) \
+           AND ($5::timestamptz IS NULL OR opened_at >= $5) AND ($6::bigint IS NULL OR id < $6) \
+         ORDER BY id DESC LIMIT $7"
+    );
+    let rows = client
+        .query(
+            &sql,
+            &[
+                &state_filter,
+                &agent.as_ref().map(AgentId::as_str),
+                &issue.map(IssueType::as_str),
+                &severity.map(Severity::as_str),
+                &since,
+                &cursor,
+                &limit,
+            ],
+        )
+        .await?;
+    let next = (rows.len() as i64 == limit).then(|| rows.last().map(|r| r.get::<_, i64>(0).to_string())).flatten();
+    let incidents: Vec<Value> = rows.iter().map(|r| r.get(1)).collect();
+    Ok(Json(json!({ "incidents": incidents, "next_cursor": next })))
+}

@@ -1,0 +1,135 @@
+//! GET /v1/stream: server-sent events of status changes and incidents, as
+//! they commit, from every replica (see `crate::stream`).
+//!
+//! `?agent=ID` narrows the stream to one agent; with `&heartbeats=true` that
+//! agent's raw heartbeats are added as they arrive (observation mode, for
+//! debugging one agent). Observation is registered in
+//! `warden.observed_agents` for a minute at a time and refreshed while the
+//! client listens, so the ingest path only announces heartbeats somebody
+//! is watching.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::routing::get;
+use futures_util::Stream;
+use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use super::auth::{Authorized, ReadScope};
+use super::read::Params;
+use super::{ApiError, AppState};
+use crate::model::AgentId;
+use crate::stream::StreamEvent;
+
+/// How long one registration of an observed agent lasts; refreshed at half.
+const OBSERVE_FOR: Duration = Duration::from_secs(60);
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/stream", get(stream))
+}
+
+async fn stream(
+    State(state): State<AppState>,
+    _auth: Authorized<ReadScope>,
+    Query(raw): Query<HashMap<String, String>>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let params = Params::new(raw);
+    let agent = params.agent("agent")?;
+    let heartbeats = match params.text("heartbeats") {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => return Err(ApiError::invalid("heartbeats", "must be true or false")),
+    };
+    if heartbeats && agent.is_none() {
+        return Err(ApiError::invalid("heartbeats", "observing heartbeats needs agent=ID"));
+    }
+    let guard = match (&agent, heartbeats) {
+        (Some(agent), true) => Some(observe(&state, agent.clone()).await?),
+        _ => None,
+    };
+    let rx = state.hub.subscribe();
+    let hello = Event::default()
+        .event("ready")
+        .data(serde_json::json!({ "agent": agent, "heartbeats": heartbeats }).to_string());
+    let filter = Filter { agent: agent.map(AgentId::into_string), heartbeats };
+    let events =
+        futures_util::stream::unfold((rx, filter, guard, Some(hello)), |(mut rx, filter, guard, hello)| async move {
+            if let Some(hello) = hello {
+                return Some((Ok(hello), (rx, filter, guard, None)));
+            }
+            loop {
+                match rx.recv().await {
+                    Ok(event) if filter.admits(&event) => {
+                        let sse = Event::default().event(event.kind.as_str()).data(event.data.as_str());
+                        return Some((Ok(sse), (rx, filter, guard, None)));
+                    }
+                    Ok(_) => continue,
+                    Err(RecvError::Lagged(missed)) => {
+                        // A client too slow to keep up is told, so it can refetch.
+                        let sse = Event::default().event("lagged").data(format!("{{\"missed\":{missed}}}"));
+                        return Some((Ok(sse), (rx, filter, guard, None)));
+                    }
+                    Err(RecvError::Closed) => return None,
+                }
+            }
+        });
+    Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+struct Filter {
+    agent: Option<String>,
+    heartbeats: bool,
+}
+
+impl Filter {
+    fn admits(&self, event: &StreamEvent) -> bool {
+        if event.kind == "heartbeat" && !self.heartbeats {
+            return false;
+        }
+        match &self.agent {
+            Some(agent) => event.agent_id.as_deref() == Some(agent.as_str()),
+            None => true,
+        }
+    }
+}
+
+/// Registers `agent` as observed and keeps refreshing it until the returned
+/// guard is dropped (the client disconnected).
+async fn observe(state: &AppState, agent: AgentId) -> Result<DropGuard, ApiError> {
+    refresh(&state.pool, agent.as_str()).await?;
+    let token = CancellationToken::new();
+    let pool = state.pool.clone();
+    let stop = token.clone();
+    let agent = Arc::new(agent);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(OBSERVE_FOR / 2) => {}
+            }
+            if let Err(e) = refresh(&pool, agent.as_str()).await {
+                tracing::warn!(error = %e, "could not refresh an observed agent");
+            }
+        }
+    });
+    Ok(token.drop_guard())
+}
+
+async fn refresh(pool: &deadpool_postgres::Pool, agent: &str) -> Result<(), ApiError> {
+    let client = crate::db::client(pool).await?;
+    client
+        .execute(
+            "WITH gone AS (DELETE FROM warden.observed_agents WHERE until < now()) \
+             INSERT INTO warden.observed_agents (agent_id, until) VALUES ($1, now() + $2::float8 * interval '1 second') \
+             ON CONFLICT (agent_id) DO UPDATE SET until = greatest(warden.observed_agents.until, EXCLUDED.until)",
+            &[&agent, &OBSERVE_FOR.as_secs_f64()],
+        )
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,152 @@
+//! Live events for GET /v1/stream, from PostgreSQL LISTEN/NOTIFY.
+//!
+//! The evaluator (on whichever replica leads) and the ingest function
+//! `pg_notify` in the same transaction as the change they announce, so a
+//! notification is never sent for something that did not commit. Every
+//! replica keeps one dedicated connection listening on the channels and fans
+//! the notifications out to its SSE clients through a broadcast channel;
+//! whichever replica a client is connected to, it sees every change.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::sync::broadcast;
+use tokio_postgres::AsyncMessage;
+use tokio_util::sync::CancellationToken;
+
+/// Channel of evaluator events (status changes, incidents).
+pub const EVENTS: &str = "warden_events";
+/// Channel of raw heartbeats of agents someone is observing.
+pub const HEARTBEATS: &str = "warden_heartbeats";
+/// Events buffered per subscriber before a slow one starts missing some.
+const CAPACITY: usize = 4096;
+
+/// One notification, as SSE clients receive it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamEvent {
+    /// SSE event name: status_changed, incident_opened, heartbeat, ...
+    pub kind: String,
+    /// The agent it concerns, for `?agent=` filtering.
+    pub agent_id: Option<String>,
+    /// The JSON payload.
+    pub data: String,
+}
+
+impl StreamEvent {
+    /// Reads a notification payload: a JSON object with a `type` (heartbeats
+    /// have none) and usually an `agent_id`.
+    pub fn from_notification(channel: &str, payload: &str) -> Option<Self> {
+        let value: serde_json::Value = serde_json::from_str(payload).ok()?;
+        let kind =
+            if channel == HEARTBEATS { "heartbeat".to_string() } else { value.get("type")?.as_str()?.to_string() };
+        let agent_id = value.get("agent_id").and_then(|a| a.as_str()).map(str::to_string);
+        Some(Self { kind, agent_id, data: payload.to_string() })
+    }
+}
+
+/// Fans notifications out to subscribers.
+pub struct Hub {
+    tx: broadcast::Sender<Arc<StreamEvent>>,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Self { tx: broadcast::channel(CAPACITY).0 }
+    }
+}
+
+impl Hub {
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<StreamEvent>> {
+        self.tx.subscribe()
+    }
+
+    pub fn publish(&self, event: StreamEvent) {
+        // No subscribers is fine: nobody is watching.
+        let _ = self.tx.send(Arc::new(event));
+    }
+}
+
+/// Listens until `stop`, reconnecting with backoff when the connection drops.
+pub async fn listen(config: tokio_postgres::Config, hub: Arc<Hub>, stop: CancellationToken) {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        let result = listen_once(&config, &hub, &stop).await;
+        if stop.is_cancelled() {
+            return;
+        }
+        match result {
+            Ok(()) => tracing::warn!("stream listener's connection ended; reconnecting"),
+            Err(e) => tracing::warn!(error = %e, "stream listener lost its connection; reconnecting"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+async fn listen_once(
+    config: &tokio_postgres::Config,
+    hub: &Hub,
+    stop: &CancellationToken,
+) -> Result<(), tokio_postgres::Error> {
+    let (client, mut connection) = config.connect(tokio_postgres::NoTls).await?;
+    // The connection must be polled for the LISTEN below to complete and for
+    // notifications to arrive; messages flow through this stream.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+    let pump = tokio::spawn(async move {
+        while let Some(message) = messages.next().await {
+            match message {
+                Ok(m) => {
+                    if tx.send(Ok(m)).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            }
+        }
+    });
+    client.batch_execute(&format!("LISTEN {EVENTS}; LISTEN {HEARTBEATS}")).await?;
+    tracing::debug!("stream listener connected");
+    let result = loop {
+        tokio::select! {
+            _ = stop.cancelled() => break Ok(()),
+            message = rx.recv() => match message {
+                Some(Ok(AsyncMessage::Notification(n))) => {
+                    if let Some(event) = StreamEvent::from_notification(n.channel(), n.payload()) {
+                        hub.publish(event);
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => break Err(e),
+                // The connection closed without an error.
+                None => break Ok(()),
+            },
+        }
+    };
+    pump.abort();
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notifications_become_named_events() {
+        let e = StreamEvent::from_notification(EVENTS, r#"{"type":"status_changed","agent_id":"a","old":"online"}"#)
+            .unwrap();
+        assert_eq!(e.kind, "status_changed");
+        assert_eq!(e.agent_id.as_deref(), Some("a"));
+        let h = StreamEvent::from_notification(HEARTBEATS, r#"{"agent_id":"b","uptime_seconds":3}"#).unwrap();
+        assert_eq!(h.kind, "heartbeat");
+        assert_eq!(StreamEvent::from_notification(EVENTS, "not json"), None);
+        assert_eq!(StreamEvent::from_notification(EVENTS, r#"{"no_type":1}"#), None);
+    }
+}

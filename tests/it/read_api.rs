@@ -1,0 +1,261 @@
+//! The read API and the live stream, over real HTTP.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use warden::auth::Scope;
+use warden::health::evaluator::{self, EvalParams};
+
+use crate::helpers::{TestApp, eventually};
+
+/// A warden whose background evaluator stays out of the way (it runs once at
+/// start, then hourly), so tests run cycles themselves.
+async fn app() -> TestApp {
+    TestApp::spawn_with(|s| s.health.check_interval = warden::config::Duration::from_secs(3600)).await
+}
+
+async fn cycle(app: &TestApp) -> evaluator::CycleReport {
+    let mut client = app.db.client().await;
+    let params = EvalParams::from_settings(&crate::helpers::default_settings().health);
+    evaluator::liveness_cycle(&mut client, &params, "test", None).await.unwrap()
+}
+
+async fn get_json(app: &TestApp, key: &str, path: &str) -> (u16, Value) {
+    let response = app.http.get(app.url(path)).bearer_auth(key).send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn agents_are_listed_filtered_and_paged() {
+    let app = app().await;
+    let ingest = app.key(&[Scope::Ingest]).await;
+    let read = app.key(&[Scope::Read]).await;
+    for i in 0..5 {
+        let role = if i % 2 == 0 { "worker" } else { "api" };
+        app.heartbeat(&ingest, json!({"agent_id": format!("a{i}"), "labels": {"role": role}})).await;
+    }
+    cycle(&app).await;
+
+    let (status, page) = get_json(&app, &read, "/v1/agents?limit=2").await;
+    assert_eq!(status, 200);
+    let ids: Vec<&str> = page["agents"].as_array().unwrap().iter().map(|a| a["agent_id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["a0", "a1"]);
+    assert_eq!(page["next_cursor"], "a1");
+    let (_, next) = get_json(&app, &read, "/v1/agents?limit=2&cursor=a1").await;
+    assert_eq!(next["agents"][0]["agent_id"], "a2");
+
+    let (_, workers) = get_json(&app, &read, "/v1/agents?label=role:worker").await;
+    assert_eq!(workers["agents"].as_array().unwrap().len(), 3);
+    assert_eq!(workers["next_cursor"], Value::Null);
+    let (_, online) = get_json(&app, &read, "/v1/agents?liveness=online").await;
+    assert_eq!(online["agents"].as_array().unwrap().len(), 5);
+    assert_eq!(online["agents"][0]["liveness"], "online");
+    let (_, offline) = get_json(&app, &read, "/v1/agents?liveness=offline").await;
+    assert!(offline["agents"].as_array().unwrap().is_empty());
+
+    for (query, field) in [
+        ("liveness=sleepy", "liveness"),
+        ("tier=superb", "tier"),
+        ("limit=0", "limit"),
+        ("limit=5000", "limit"),
+        ("label=novalue", "label"),
+        ("cursor=bad%20id", "cursor"),
+    ] {
+        let (status, error) = get_json(&app, &read, &format!("/v1/agents?{query}")).await;
+        assert_eq!((status, error["error"]["field"].as_str()), (422, Some(field)), "{query}");
+    }
+}
+
+#[tokio::test]
+async fn reading_needs_the_read_scope() {
+    let app = app().await;
+    let ingest = app.key(&[Scope::Ingest]).await;
+    assert_eq!(get_json(&app, &ingest, "/v1/agents").await.0, 403);
+    assert_eq!(app.get("/v1/fleet").await.status(), 401);
+    let admin = app.key(&[Scope::Admin]).await;
+    assert_eq!(get_json(&app, &admin, "/v1/fleet").await.0, 200);
+}
+
+#[tokio::test]
+async fn one_agent_carries_its_breakdown_transitions_and_incidents() {
+    let app = app().await;
+    let ingest = app.key(&[Scope::Ingest]).await;
+    let read = app.key(&[Scope::Read]).await;
+    app.heartbeat(&ingest, json!({"agent_id": "solo", "next_heartbeat_ms": 100, "name": "Solo"})).await;
+    cycle(&app).await;
+    // 100 ms interval: silent for a moment, it goes offline.
+    eventually(Duration::from_secs(20), "solo offline", || async {
+        cycle(&app).await;
+        let (_, agent) = get_json(&app, &read, "/v1/agents/solo").await;
+        (agent["liveness"] == "offline").then_some(())
+    })
+    .await;
+    let (status, agent) = get_json(&app, &read, "/v1/agents/solo").await;
+    assert_eq!(status, 200);
+    assert_eq!(agent["name"], "Solo");
+    let transitions = agent["recent_transitions"].as_array().unwrap();
+    assert!(transitions.iter().any(|t| t["new"] == "offline" && t["figures"]["expected_interval_ms"] == 100));
+    let incidents = agent["recent_incidents"].as_array().unwrap();
+    assert!(incidents.iter().any(|i| i["issue_type"] == "agent_unresponsive" && i["state"] == "open"));
+    assert!(agent["recent_events"].as_array().unwrap().iter().any(|e| e["event_type"] == "agent_registered"));
+
+    assert_eq!(get_json(&app, &read, "/v1/agents/nobody").await.0, 404);
+    let (status, error) = get_json(&app, &read, "/v1/agents/bad%20id").await;
+    assert_eq!((status, error["error"]["field"].as_str()), (422, Some("id")));
+}
+
+#[tokio::test]
+async fn fleet_totals_count_every_liveness_and_tier() {
+    let app = app().await;
+    let ingest = app.key(&[Scope::Ingest]).await;
+    let read = app.key(&[Scope::Read]).await;
+    for (id, mode) in [("f1", "active"), ("f2", "active"), ("f3", "idle")] {
+        app.heartbeat(&ingest, json!({"agent_id": id, "mode": mode})).await;
+    }
+    cycle(&app).await;
+    let (status, fleet) = get_json(&app, &read, "/v1/fleet").await;
+    assert_eq!(status, 200);
+    assert_eq!(fleet["total"], 3);
+    assert_eq!(fleet["liveness"], json!({"unknown": 0, "online": 3, "degraded": 0, "offline": 0}));
+    assert_eq!(fleet["mode"], json!({"active": 2, "idle": 1}));
+    assert_eq!(fleet["tier"]["critical"], 0, "every tier is listed");
+    assert_eq!(fleet["open_incidents"], 0);
+}
+
+#[tokio::test]
+async fn incidents_are_listed_newest_first_with_filters() {
+    let app = app().await;
+    let ingest = app.key(&[Scope::Ingest]).await;
+    let read = app.key(&[Scope::Read]).await;
+    for id in ["i1", "i2"] {
+        app.heartbeat(&ingest, json!({"agent_id": id, "next_heartbeat_ms": 100})).await;
+    }
+    cycle(&app).await;
+    eventually(Duration::from_secs(20), "two open incidents", || async {
+        cycle(&app).await;
+        let (_, list) = get_json(&app, &read, "/v1/incidents?state=open&issue_type=agent_unresponsive").await;
+        (list["incidents"].as_array().unwrap().len() == 2).then_some(())
+    })
+    .await;
+    let (_, list) = get_json(&app, &read, "/v1/incidents?agent=i2").await;
+    let incidents = list["incidents"].as_array().unwrap();
+    assert!(!incidents.is_empty() && incidents.iter().all(|i| i["agent_id"] == "i2"));
+    let ids: Vec<i64> = incidents.iter().map(|i| i["id"].as_i64().unwrap()).collect();
+    assert!(ids.windows(2).all(|w| w[0] > w[1]), "newest first: {ids:?}");
+    let (_, page) = get_json(&app, &read, "/v1/incidents?limit=1").await;
+    assert!(page["next_cursor"].is_string());
+    for (query, field) in
+        [("state=closed", "state"), ("issue_type=boredom", "issue_type"), ("since=yesterday", "since")]
+    {
+        let (status, error) = get_json(&app, &read, &format!("/v1/incidents?{query}")).await;
+        assert_eq!((status, error["error"]["field"].as_str()), (422, Some(field)), "{query}");
+    }
+}
+
+/// Reads SSE events from a streaming response until `want` matches one.
+async fn next_event(
+    response: &mut reqwest::Response,
+    buffer: &mut String,
+    want: impl Fn(&str, &Value) -> bool,
+) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        while let Some(end) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..end + 2).collect();
+            let mut name = "message";
+            let mut data = String::new();
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("event:") {
+                    name = v.trim();
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push_str(v.trim());
+                }
+            }
+            let value: Value = serde_json::from_str(&data).unwrap_or(Value::Null);
+            if want(name, &value) {
+                return value;
+            }
+        }
+        let chunk = tokio::time::timeout_at(deadline, response.chunk()).await.expect("event within 30s").unwrap();
+        buffer.push_str(&String::from_utf8_lossy(&chunk.expect("stream stays open")));
+    }
+}
+
+#[tokio::test]
+async fn the_stream_delivers_transitions_and_incidents_as_they_commit() {
+    let app = app().await;
+    let ingest = app.key(&[Scope::Ingest]).await;
+    let read = app.key(&[Scope::Read]).await;
+    let mut stream = app.http.get(app.url("/v1/stream")).bearer_auth(&read).send().await.unwrap();
+    assert_eq!(stream.status(), 200);
+    assert_eq!(stream.headers()["content-type"], "text/event-stream");
+    let mut buffer = String::new();
+    next_event(&mut stream, &mut buffer, |name, _| name == "ready").await;
+
+    app.heartbeat(&ingest, json!({"agent_id": "live", "next_heartbeat_ms": 100})).await;
+    // The stream listener connects asynchronously; keep cycling until seen.
+    let online = {
+        let poke = async {
+            loop {
+                cycle(&app).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        tokio::select! {
+            event = next_event(&mut stream, &mut buffer, |name, v| name == "status_changed" && v["new"] == "online") => event,
+            _ = poke => unreachable!(),
+        }
+    };
+    assert_eq!(online["agent_id"], "live");
+    assert_eq!(online["old"], "unknown");
+    assert!(online["timestamp"].is_string());
+
+    let opened = {
+        let poke = async {
+            loop {
+                cycle(&app).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        tokio::select! {
+            event = next_event(&mut stream, &mut buffer, |name, v| name == "incident_opened" && v["issue_type"] == "agent_unresponsive") => event,
+            _ = poke => unreachable!(),
+        }
+    };
+    assert_eq!(opened["agent_id"], "live");
+    assert_eq!(opened["severity"], "critical");
+}
+
+#[tokio::test]
+async fn an_agent_stream_can_observe_its_raw_heartbeats() {
+    let app = app().await;
+    let ingest = app.key(&[Scope::Ingest]).await;
+    let read = app.key(&[Scope::Read]).await;
+    app.heartbeat(&ingest, json!({"agent_id": "watched"})).await;
+    let mut stream =
+        app.http.get(app.url("/v1/stream?agent=watched&heartbeats=true")).bearer_auth(&read).send().await.unwrap();
+    assert_eq!(stream.status(), 200);
+    let mut buffer = String::new();
+    next_event(&mut stream, &mut buffer, |name, _| name == "ready").await;
+    let beat = {
+        let poke = async {
+            let mut uptime = 0;
+            loop {
+                uptime += 1;
+                app.heartbeat(&ingest, json!({"agent_id": "other", "uptime_seconds": uptime})).await;
+                app.heartbeat(&ingest, json!({"agent_id": "watched", "uptime_seconds": uptime})).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        tokio::select! {
+            event = next_event(&mut stream, &mut buffer, |name, _| name == "heartbeat") => event,
+            _ = poke => unreachable!(),
+        }
+    };
+    assert_eq!(beat["agent_id"], "watched", "only the observed agent's heartbeats");
+    assert!(beat["uptime_seconds"].as_i64().unwrap() >= 1);
+
+    let (status, error) = get_json(&app, &read, "/v1/stream?heartbeats=true").await;
+    assert_eq!((status, error["error"]["field"].as_str()), (422, Some("heartbeats")));
+}
