@@ -165,3 +165,206 @@ pub fn render(phases: &[Phase]) -> String {
     }
     out
 }
+
+/// `warden bench evaluate`: one liveness cycle over a seeded fleet, steady
+/// and with a tenth of the agents changing state, against a baseline that
+/// asks the database about each agent separately.
+pub mod evaluate {
+    use std::time::{Duration, Instant};
+
+    use chrono::{DateTime, Utc};
+
+    use crate::db::DbError;
+    use crate::health::evaluator::{self, EvalParams};
+    use crate::health::liveness::{self, Presence};
+    use crate::health::phi::ArrivalStats;
+    use crate::model::Liveness;
+
+    const PREFIX: &str = "bench-eval-";
+
+    #[derive(Debug, Clone)]
+    pub struct Row {
+        pub agents: i64,
+        pub scenario: &'static str,
+        pub cycle: Duration,
+        pub candidates: usize,
+        pub transitions: usize,
+        pub baseline: Option<Duration>,
+    }
+
+    /// Removes every trace of the bench's agents, dependants first.
+    async fn clean(client: &tokio_postgres::Client) -> Result<(), DbError> {
+        client
+            .batch_execute(&format!(
+                "DELETE FROM warden.alert_deliveries WHERE alert_id IN \
+                   (SELECT id FROM warden.alerts WHERE dedup_key LIKE '{PREFIX}%'); \
+                 DELETE FROM warden.alerts WHERE dedup_key LIKE '{PREFIX}%'; \
+                 DELETE FROM warden.incidents WHERE agent_id LIKE '{PREFIX}%'; \
+                 DELETE FROM warden.system_events WHERE agent_id LIKE '{PREFIX}%'; \
+                 DELETE FROM warden.health_history WHERE agent_id LIKE '{PREFIX}%'; \
+                 DELETE FROM warden.agent_status WHERE agent_id LIKE '{PREFIX}%'"
+            ))
+            .await?;
+        Ok(())
+    }
+
+    /// Seeds `n` online agents heard from within their interval.
+    async fn seed(client: &tokio_postgres::Client, n: i64) -> Result<(), DbError> {
+        clean(client).await?;
+        client
+            .execute(
+                "INSERT INTO warden.agent_status (agent_id, labels, mode, status, expected_interval_ms, first_seen, \
+                   last_seen, heartbeat_count, liveness, liveness_since, ontime_streak, beats_decayed) \
+                 SELECT $2 || g, '{}', 'active', 'healthy', 30000, now() - interval '1 hour', \
+                        now() - (g % 20) * interval '1 second', 100, 'online', now() - interval '1 hour', 5, 100 \
+                 FROM generate_series(1, $1::bigint) g",
+                &[&n, &PREFIX],
+            )
+            .await?;
+        client.batch_execute("ANALYZE warden.agent_status").await?;
+        Ok(())
+    }
+
+    /// Makes every tenth agent silent for five minutes.
+    async fn silence_a_tenth(client: &tokio_postgres::Client) -> Result<(), DbError> {
+        client
+            .execute(
+                "UPDATE warden.agent_status SET last_seen = now() - interval '5 minutes' \
+                 WHERE agent_id LIKE $1 || '%' AND substr(agent_id, length($1) + 1)::bigint % 10 = 0",
+                &[&PREFIX],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// The per-agent-query evaluator warden does not use: list the ids, then
+    /// one query per agent (and one update per change).
+    async fn baseline(client: &tokio_postgres::Client, params: &EvalParams) -> Result<Duration, DbError> {
+        let started = Instant::now();
+        let now: DateTime<Utc> = client.query_one("SELECT now()", &[]).await?.get(0);
+        let ids = client.query("SELECT agent_id FROM warden.agent_status", &[]).await?;
+        let one = client
+            .prepare(
+                "SELECT liveness, liveness_since, last_seen, expected_interval_ms, ontime_streak, ia_count, \
+                        ia_mean_ms, ia_var_ms2 FROM warden.agent_status WHERE agent_id = $1",
+            )
+            .await?;
+        let update = client
+            .prepare("UPDATE warden.agent_status SET liveness = $2, liveness_since = $3 WHERE agent_id = $1")
+            .await?;
+        for id in &ids {
+            let agent: String = id.get(0);
+            let r = client.query_one(&one, &[&agent]).await?;
+            let Ok(liveness) = r.get::<_, String>(0).parse::<Liveness>() else { continue };
+            let presence = Presence {
+                liveness,
+                liveness_since: r.get(1),
+                last_seen: r.get(2),
+                expected_interval_ms: i64::from(r.get::<_, i32>(3)),
+                ontime_streak: r.get(4),
+                arrivals: ArrivalStats { count: r.get::<_, i32>(5) as u32, mean_ms: r.get(6), variance_ms2: r.get(7) },
+            };
+            if let Some(t) = liveness::decide(&presence, now, None, &params.liveness) {
+                client.execute(&update, &[&agent, &t.to.as_str(), &now]).await?;
+            }
+        }
+        Ok(started.elapsed())
+    }
+
+    /// Runs the scenarios for each fleet size.
+    pub async fn run(
+        client: &mut tokio_postgres::Client,
+        params: &EvalParams,
+        sizes: &[i64],
+        with_baseline: bool,
+    ) -> Result<Vec<Row>, DbError> {
+        let mut rows = Vec::new();
+        for &n in sizes {
+            seed(client, n).await?;
+            // The first cycle of a quiet database starts a grace; run it, then
+            // pretend it was long ago, as in a warden that has been running.
+            evaluator::liveness_cycle(client, params, "bench", None).await?;
+            client.execute("UPDATE warden.evaluator_state SET resumed_at = now() - interval '1 hour'", &[]).await?;
+            let mut best: Option<(Duration, evaluator::CycleReport)> = None;
+            for _ in 0..5 {
+                let started = Instant::now();
+                let report = evaluator::liveness_cycle(client, params, "bench", None).await?;
+                let took = started.elapsed();
+                if best.as_ref().is_none_or(|(d, _)| took < *d) {
+                    best = Some((took, report));
+                }
+            }
+            let (cycle, report) = best.expect("five cycles ran");
+            let baseline_steady = if with_baseline { Some(baseline(client, params).await?) } else { None };
+            rows.push(Row {
+                agents: n,
+                scenario: "steady",
+                cycle,
+                candidates: report.candidates,
+                transitions: report.transitions.len(),
+                baseline: baseline_steady,
+            });
+
+            // The baseline took time: everyone is fresh again, then a tenth is not.
+            client
+                .execute(
+                    "UPDATE warden.agent_status SET liveness = 'online', \
+                       last_seen = now() - (substr(agent_id, length($1) + 1)::bigint % 20) * interval '1 second' \
+                     WHERE agent_id LIKE $1 || '%'",
+                    &[&PREFIX],
+                )
+                .await?;
+            silence_a_tenth(client).await?;
+            let started = Instant::now();
+            let report = evaluator::liveness_cycle(client, params, "bench", None).await?;
+            let cycle = started.elapsed();
+            let baseline_changing = if with_baseline {
+                // Same starting point for the baseline: all online, a tenth silent.
+                client
+                    .execute(
+                        "UPDATE warden.agent_status SET liveness = 'online', \
+                           last_seen = now() - (substr(agent_id, length($1) + 1)::bigint % 20) * interval '1 second' \
+                         WHERE agent_id LIKE $1 || '%'",
+                        &[&PREFIX],
+                    )
+                    .await?;
+                silence_a_tenth(client).await?;
+                Some(baseline(client, params).await?)
+            } else {
+                None
+            };
+            rows.push(Row {
+                agents: n,
+                scenario: "10% change",
+                cycle,
+                candidates: report.candidates,
+                transitions: report.transitions.len(),
+                baseline: baseline_changing,
+            });
+        }
+        clean(client).await?;
+        Ok(rows)
+    }
+
+    pub fn render(rows: &[Row]) -> String {
+        let ms = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1000.0);
+        let mut table = vec![
+            ["agents", "scenario", "cycle ms", "candidates", "transitions", "per-agent ms", "speed-up"]
+                .map(String::from),
+        ];
+        for r in rows {
+            table.push([
+                r.agents.to_string(),
+                r.scenario.to_string(),
+                ms(r.cycle),
+                r.candidates.to_string(),
+                r.transitions.to_string(),
+                r.baseline.map(ms).unwrap_or_else(|| "-".into()),
+                r.baseline
+                    .map(|b| format!("{:.0}x", b.as_secs_f64() / r.cycle.as_secs_f64().max(1e-9)))
+                    .unwrap_or_else(|| "-".into()),
+            ]);
+        }
+        crate::text_table::render(&table)
+    }
+}
