@@ -3,9 +3,11 @@
 //!
 //!     WARDEN_KEY=wdn_... cargo run --example agent -- --agent-id demo-1
 //!
-//! Options: --url (default http://127.0.0.1:8080), --agent-id, --mode
-//! (emergency|active|idle|sleep), --interval-ms, --count (stop after N
-//! heartbeats; default: run until killed).
+//! Options: --url (default http://127.0.0.1:8080; repeat it to give several
+//! warden replicas, tried in turn when one cannot be reached), --agent-id, --mode
+//! (emergency|active|idle|sleep), --interval-ms (the interval it declares),
+//! --every-ms (how often it actually sends; default: what warden asks for),
+//! --count (stop after N heartbeats; default: run until killed).
 
 use std::time::{Duration, Instant};
 
@@ -13,31 +15,36 @@ use warden::client::{Client, HeartbeatRequest};
 use warden::model::Mode;
 
 struct Options {
-    url: String,
+    urls: Vec<String>,
     agent_id: String,
     mode: Option<Mode>,
     interval: Option<Duration>,
+    every: Option<Duration>,
     count: Option<u64>,
 }
 
 fn options() -> Result<Options, String> {
     let mut opts = Options {
-        url: "http://127.0.0.1:8080".into(),
+        urls: Vec::new(),
         agent_id: format!("example-{}", std::process::id()),
         mode: None,
         interval: None,
+        every: None,
         count: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
         match flag.as_str() {
-            "--url" => opts.url = value()?,
+            "--url" => opts.urls.push(value()?),
             "--agent-id" => opts.agent_id = value()?,
             "--mode" => opts.mode = Some(value()?.parse().map_err(|e| format!("--mode: {e}"))?),
             "--interval-ms" => {
                 opts.interval =
                     Some(Duration::from_millis(value()?.parse().map_err(|e| format!("--interval-ms: {e}"))?))
+            }
+            "--every-ms" => {
+                opts.every = Some(Duration::from_millis(value()?.parse().map_err(|e| format!("--every-ms: {e}"))?))
             }
             "--count" => opts.count = Some(value()?.parse().map_err(|e| format!("--count: {e}"))?),
             other => return Err(format!("unknown option {other}")),
@@ -80,13 +87,15 @@ async fn main() {
         }
     };
     let key = std::env::var("WARDEN_KEY").ok().filter(|k| !k.is_empty());
-    let client = match Client::new(&opts.url, key) {
+    let urls = if opts.urls.is_empty() { vec!["http://127.0.0.1:8080".to_string()] } else { opts.urls.clone() };
+    let clients: Vec<Client> = match urls.iter().map(|u| Client::new(u, key.clone())).collect() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("agent: {e}");
             std::process::exit(2);
         }
     };
+    let mut current = 0;
     let started = Instant::now();
     let mut sent = 0u64;
     let mut backoff = Duration::from_millis(500);
@@ -101,7 +110,7 @@ async fn main() {
         for (name, value) in metrics() {
             heartbeat = heartbeat.metric(name, value);
         }
-        let wait = match client.heartbeat(&heartbeat).await {
+        let wait = match clients[current].heartbeat(&heartbeat).await {
             Ok(ack) => {
                 sent += 1;
                 backoff = Duration::from_millis(500);
@@ -109,7 +118,13 @@ async fn main() {
                 if opts.count.is_some_and(|c| sent >= c) {
                     return;
                 }
-                Duration::from_millis(u64::from(ack.next_heartbeat_ms))
+                opts.every.unwrap_or(Duration::from_millis(u64::from(ack.next_heartbeat_ms)))
+            }
+            // This replica is unreachable: try the next one straight away.
+            Err(warden::client::ClientError::Transport(e)) if clients.len() > 1 => {
+                eprintln!("agent: {}: {e}; trying the next warden", urls[current]);
+                current = (current + 1) % clients.len();
+                Duration::from_millis(100)
             }
             Err(e) => match e.retry_after() {
                 Some(hint) => {

@@ -41,6 +41,7 @@ pub struct Application {
 
 impl Application {
     pub async fn build(settings: Settings) -> Result<Self, StartError> {
+        crate::alerting::tls::install_crypto_provider();
         let settings = Arc::new(settings);
         let database = Database::open(&settings.database).await?;
         if settings.database.migrate_on_start {
@@ -76,18 +77,41 @@ impl Application {
         let background = CancellationToken::new();
         let tasks = TaskTracker::new();
 
-        tasks.spawn(crate::health::evaluator::run(
+        let ping = Some(settings.telemetry.self_heartbeat_url.expose().to_string()).filter(|u| !u.is_empty());
+        tasks.spawn(crate::health::evaluator::run_with_ping(
             database.pool.clone(),
             crate::health::evaluator::EvalParams::from_settings(&settings.health),
             replica_name(local_addr),
+            ping,
             background.clone(),
         ));
+        if settings.recovery.enabled {
+            let engine = crate::recovery::engine::Engine::new(
+                database.pool.clone(),
+                settings.recovery.clone(),
+                settings.health.recover_after_healthy,
+                replica_name(local_addr),
+            );
+            tasks.spawn(engine.run(background.clone()));
+        }
+        if settings.retention.enabled {
+            tasks.spawn(crate::retention::run(database.pool.clone(), settings.retention.clone(), background.clone()));
+        }
         tasks.spawn(partition_upkeep(
             database.pool.clone(),
             settings.database.partitions_ahead_days,
             background.clone(),
         ));
 
+        if let Err(e) = crate::alerting::start(
+            database.pool.clone(),
+            &settings.alerting,
+            replica_name(local_addr),
+            background.clone(),
+            &tasks,
+        ) {
+            tracing::error!(error = %e, "alerting could not start; alerts are recorded but not sent");
+        }
         let ingestor = Ingestor::start(database.pool.clone(), &writer_settings(&settings), background.clone(), &tasks);
         let auth =
             Arc::new(Authenticator::new(database.pool.clone(), settings.auth.enabled, settings.auth.cache_ttl.get()));
@@ -105,7 +129,9 @@ impl Application {
                 tracing::info!("shutting down: no new connections, draining in-flight requests");
             }
         };
-        let server = axum::serve(listener, app).with_graceful_shutdown(drained);
+        // hyper's own loop rather than axum::serve: it needs a header read
+        // timeout and the peer address (api::serve).
+        let server = api::serve(listener, app, settings.server.header_read_timeout.get(), drained);
         let served = tokio::select! {
             result = server => result,
             // Keep-alive or streaming clients may never leave on their own.

@@ -41,6 +41,25 @@ pub enum Command {
     /// Benchmarks against warden processes this command starts.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Alerts: list them, acknowledge them.
+    #[command(subcommand)]
+    Alerts(crate::alerting::cli::AlertsCommand),
+    /// Silences: add, list, remove.
+    #[command(subcommand)]
+    Silence(crate::alerting::cli::SilenceCommand),
+    /// Run a reporting query from sql/ (`warden report --list` names them).
+    Report(crate::report::ReportArgs),
+    /// warden with a simulated fleet and a live view, to see the whole loop.
+    Demo {
+        /// Simulated agents.
+        #[arg(long, default_value_t = 50)]
+        agents: usize,
+    },
+    /// Send heartbeats for an agent (a cron job, a daemon) until killed.
+    Agent(crate::agent::AgentArgs),
+    /// Recovery: history, run one now, reset an agent that gave up.
+    #[command(subcommand)]
+    Recovery(RecoveryCommand),
 }
 
 #[derive(Debug, clap::Args)]
@@ -93,6 +112,37 @@ pub enum BenchCommand {
         #[arg(long)]
         skip_naive: bool,
     },
+    /// One evaluation cycle over a seeded fleet (agents named bench-eval-*,
+    /// removed afterwards), steady and with 10% of agents changing, against
+    /// a per-agent-query baseline. Use a scratch database.
+    Evaluate {
+        /// Fleet sizes, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "10000,100000")]
+        agents: Vec<i64>,
+        /// Skip the (slow) per-agent baseline.
+        #[arg(long)]
+        skip_baseline: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RecoveryCommand {
+    /// Recovery actions, newest first.
+    List {
+        #[arg(long)]
+        agent: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+    /// Recover an agent now, outside backoff and the attempt limit.
+    Run {
+        agent: String,
+        /// Strategy to use; default: the first whose labels the agent has.
+        #[arg(long)]
+        strategy: Option<String>,
+    },
+    /// Let warden try again for an agent whose recovery gave up.
+    Reset { agent: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -211,7 +261,35 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             serve(settings).await
         }
         Command::Keys(command) => with_database(&settings, |client| Box::pin(keys(client, command))).await,
+        Command::Demo { agents } => {
+            if !(6..=10_000).contains(&agents) {
+                return Err(Failure::usage("--agents must be from 6 to 10000"));
+            }
+            let mut quiet = settings.telemetry.clone();
+            quiet.level = "warn,tokio_postgres=error".into();
+            telemetry::init(&quiet);
+            let shutdown = CancellationToken::new();
+            tokio::spawn(forward_signals(shutdown.clone()));
+            crate::demo::run(settings, crate::demo::DemoOptions { agents }, shutdown).await.map_err(Failure::other)
+        }
+        Command::Agent(args) => crate::agent::run(args).await.map_err(Failure::other),
         Command::Simulate(args) => simulate(args).await,
+        Command::Alerts(c) => with_database(&settings, |db| Box::pin(crate::alerting::cli::alerts(db, c))).await,
+        Command::Silence(c) => with_database(&settings, |db| Box::pin(crate::alerting::cli::silence(db, c))).await,
+        Command::Recovery(c) => {
+            let recovery_settings = settings.recovery.clone();
+            with_database(&settings, |db| Box::pin(recovery_command(db, recovery_settings, c))).await
+        }
+        Command::Report(args) => {
+            use crate::report::Invocation;
+            match Invocation::parse(args, &settings.reporting, chrono::Utc::now())? {
+                Invocation::List => {
+                    print!("{}", crate::report::list());
+                    Ok(())
+                }
+                Invocation::Run(job) => with_database(&settings, |client| Box::pin(job.run(client))).await,
+            }
+        }
         Command::Bench(BenchCommand::Ingest { agents, connections, batch, metrics, duration, warmup, skip_naive }) => {
             let bench = crate::bench::IngestBench {
                 agents,
@@ -224,6 +302,22 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                 config_file: sources.file.clone(),
             };
             with_database(&settings, |client| Box::pin(bench_ingest(client, bench))).await
+        }
+        Command::Bench(BenchCommand::Evaluate { agents, skip_baseline }) => {
+            let params = crate::health::evaluator::EvalParams::from_settings(&settings.health);
+            with_database(&settings, |client| {
+                Box::pin(async move {
+                    if agents.iter().any(|n| *n < 1) {
+                        return Err(Failure::usage("--agents: fleet sizes must be at least 1"));
+                    }
+                    let rows = crate::bench::evaluate::run(client, &params, &agents, !skip_baseline)
+                        .await
+                        .map_err(Failure::other)?;
+                    print!("{}", crate::bench::evaluate::render(&rows));
+                    Ok(())
+                })
+            })
+            .await
         }
     }
 }
@@ -301,6 +395,65 @@ where
     .await;
     database.close().await;
     result
+}
+
+async fn recovery_command(
+    client: &mut db::Client,
+    settings: crate::config::RecoverySettings,
+    command: RecoveryCommand,
+) -> Result<(), Failure> {
+    let agent_arg = |a: &str| crate::model::AgentId::parse(a).map_err(|m| Failure::usage(format!("agent: {m}")));
+    match command {
+        RecoveryCommand::List { agent, limit } => {
+            let agent = agent.as_deref().map(agent_arg).transpose()?;
+            if !(1..=10_000).contains(&limit) {
+                return Err(Failure::usage("--limit must be from 1 to 10000"));
+            }
+            let rows = crate::recovery::history(client, agent.as_ref().map(|a| a.as_str()), None, None, limit)
+                .await
+                .map_err(Failure::other)?;
+            let when = |t: Option<chrono::DateTime<chrono::Utc>>| {
+                t.map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string()).unwrap_or_else(|| "-".into())
+            };
+            let mut table = vec![
+                ["id", "agent", "incident", "strategy", "action", "attempt", "state", "started", "outcome"]
+                    .map(String::from),
+            ];
+            for r in rows {
+                table.push([
+                    r.id.to_string(),
+                    r.agent_id,
+                    r.incident_id.map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
+                    r.strategy,
+                    r.action,
+                    r.attempt.to_string(),
+                    r.state,
+                    when(r.started_at),
+                    r.outcome.unwrap_or_default(),
+                ]);
+            }
+            print!("{}", crate::text_table::render(&table));
+            Ok(())
+        }
+        RecoveryCommand::Run { agent, strategy } => {
+            let agent = agent_arg(&agent)?;
+            let job = crate::recovery::run_now(client, &settings, agent.as_str(), strategy.as_deref())
+                .await
+                .map_err(Failure::other)?;
+            println!("recovery of {agent} queued as job {job}; `warden recovery list --agent {agent}` follows it");
+            Ok(())
+        }
+        RecoveryCommand::Reset { agent } => {
+            let agent = agent_arg(&agent)?;
+            let n = crate::recovery::reset(client, agent.as_str()).await.map_err(Failure::other)?;
+            if n == 0 {
+                println!("{agent} had no recovery that gave up on an open incident; nothing to reset");
+            } else {
+                println!("{agent}: {n} recovery job(s) will start again");
+            }
+            Ok(())
+        }
+    }
 }
 
 async fn keys(client: &mut db::Client, command: KeysCommand) -> Result<(), Failure> {

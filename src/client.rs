@@ -152,6 +152,7 @@ impl Client {
         if !base.starts_with("http://") && !base.starts_with("https://") {
             return Err(ClientError::BadUrl(base_url.to_string()));
         }
+        crate::alerting::tls::install_crypto_provider();
         let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
         Ok(Self { base, key, http })
     }

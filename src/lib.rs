@@ -8,7 +8,9 @@
 //! - [`model`] — domain vocabulary: agent ids, modes, severities, tiers.
 //! - [`auth`] — API keys with scopes, hashed at rest, cached when verified.
 //! - [`ingest`] — heartbeat and event validation and the group-commit writers.
+//! - [`alerting`] — routing, escalation, grouping, silences and delivery of alerts.
 //! - [`api`] — the axum router: probes and the `/v1` API.
+//! - [`console`] — the web console at `/` and the public status page at `/status`.
 //! - [`app`] — start-up and orderly shutdown of `warden serve`.
 //! - [`cli`] — the command line verbs.
 //! - [`telemetry`] — logging.
@@ -16,6 +18,8 @@
 #[macro_use]
 mod text_enum;
 
+pub mod agent;
+pub mod alerting;
 pub mod api;
 pub mod app;
 pub mod auth;
@@ -23,11 +27,17 @@ pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod console;
 pub mod db;
+pub mod demo;
 pub mod health;
 pub mod ingest;
 pub mod loadgen;
+pub mod metrics;
 pub mod model;
+pub mod recovery;
+pub mod report;
+pub mod retention;
 pub mod stream;
 pub mod telemetry;
 pub mod text_table;

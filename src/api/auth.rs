@@ -1,5 +1,12 @@
 //! Extractors that admit a request only with a key of the needed scope:
 //! `Authorized<IngestScope>`, `Authorized<ReadScope>`, `Authorized<AdminScope>`.
+//!
+//! The key comes as `Authorization: Bearer KEY`. A request without that
+//! header may instead carry a web console session cookie (EventSource
+//! cannot send headers): it then acts with the scopes of the key the
+//! session was opened with, for GET and HEAD only unless it also sends the
+//! session's CSRF token (see `crate::console::session`). A request that
+//! does send `Authorization` is judged by it alone.
 
 use std::marker::PhantomData;
 
@@ -39,6 +46,13 @@ impl<S: RequiredScope> FromRequestParts<AppState> for Authorized<S> {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let header = parts.headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok());
+        if header.is_none()
+            && state.auth.enabled()
+            && let Some(principal) =
+                crate::console::session::api_principal(parts, state, S::SCOPE).await.map_err(ApiError::from)?
+        {
+            return Ok(Self { principal, _scope: PhantomData });
+        }
         let principal = state.auth.authenticate(header, S::SCOPE).await.map_err(ApiError::from)?;
         Ok(Self { principal, _scope: PhantomData })
     }

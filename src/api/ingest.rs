@@ -15,7 +15,28 @@ use super::{ApiError, AppState};
 use crate::ingest::{self, Ack, ParseError, SubmitError};
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/heartbeats", post(post_heartbeats)).route("/events", post(post_events))
+    Router::new()
+        .route("/heartbeats", post(post_heartbeats).layer(axum::middleware::from_fn(count_rejects)))
+        .route("/events", post(post_events))
+}
+
+/// Counts refused heartbeat requests by reason, whichever layer refused
+/// them (authentication, body limit, validation, back-pressure).
+async fn count_rejects(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let response = next.run(request).await;
+    let reason = match response.status().as_u16() {
+        200 => return response,
+        400 => "malformed",
+        401 => "unauthorized",
+        403 => "forbidden",
+        413 => "too_large",
+        422 => "invalid",
+        429 => "rate_limited",
+        503 => "unavailable",
+        _ => "error",
+    };
+    crate::metrics::METRICS.rejects.with_label_values(&[reason]).inc();
+    response
 }
 
 #[derive(Serialize)]
@@ -43,6 +64,7 @@ async fn post_heartbeats(
         ingest::heartbeat::parse_body(&body, &state.limits, chrono::Utc::now()).map_err(parse_error)?;
     let ids: Vec<_> = if batch { heartbeats.iter().map(|h| h.agent_id.clone()).collect() } else { Vec::new() };
     let acks = state.ingestor.submit(heartbeats).await.map_err(submit_error)?;
+    crate::metrics::METRICS.heartbeats.with_label_values(&["http"]).inc_by(acks.len() as u64);
     if !batch {
         return Ok(Json(SingleAnswer { received: true, ack: acks[0] }).into_response());
     }

@@ -517,6 +517,7 @@ async fn heartbeat_tool(state: &AppState, arguments: Map<String, Value>) -> Resu
         Ok(acks) => acks.into_iter().next().ok_or_else(RpcError::internal)?,
         Err(e) => return failure(submit_error(e)),
     };
+    crate::metrics::METRICS.heartbeats.with_label_values(&["mcp"]).inc();
     let now = Utc::now();
     let interval = ack.next_heartbeat_ms;
     Ok(tool_result(json!({

@@ -1,12 +1,18 @@
 //! HTTP: the axum router, shared state, and the middleware every request
 //! passes through. Handlers live in one module per resource.
 
+mod alerts;
 pub mod auth;
+mod deadline;
 pub mod error;
 mod ingest;
+pub mod limit;
 mod mcp;
+pub mod openapi;
 mod probes;
 pub mod read;
+mod recovery;
+mod serve;
 mod stream;
 
 use std::sync::Arc;
@@ -14,13 +20,14 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use deadpool_postgres::Pool;
 
 use crate::auth::Authenticator;
 use crate::config::Settings;
 use crate::ingest::{Ingestor, Limits};
 pub use error::ApiError;
+pub use serve::serve;
 
 /// What handlers share. Cheap to clone.
 #[derive(Clone)]
@@ -41,6 +48,8 @@ pub struct Shared {
     pub limits: Limits,
     /// Live events for /v1/stream.
     pub hub: Arc<crate::stream::Hub>,
+    /// Request rate limits per key and per failing address.
+    pub limiter: limit::RateLimiter,
 }
 
 impl AppState {
@@ -57,7 +66,8 @@ impl AppState {
             max_labels: settings.ingest.max_labels,
             max_clock_skew: settings.ingest.max_clock_skew.to_chrono(),
         };
-        Self { inner: Arc::new(Shared { pool, settings, auth, ingestor, limits, hub }) }
+        let limiter = limit::RateLimiter::new(&settings.limits);
+        Self { inner: Arc::new(Shared { pool, settings, auth, ingestor, limits, hub, limiter }) }
     }
 }
 
@@ -73,26 +83,33 @@ pub fn router(state: AppState) -> Router {
     let v1 = Router::new()
         .merge(ingest::router())
         .merge(read::router())
+        .merge(recovery::router())
+        .merge(alerts::router())
         .merge(stream::router())
         .layer(DefaultBodyLimit::max(state.settings.ingest.max_body_bytes));
     Router::new()
         .merge(probes::router())
         .merge(mcp::router())
+        .merge(openapi::router(&state.settings))
+        .merge(crate::console::router(&state))
         .nest("/v1", v1)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), limit::enforce))
         .layer(middleware::from_fn_with_state(state.clone(), request_timeout))
         .with_state(state)
 }
 
 /// Answers 503 when a handler outlives `server.request_timeout`, so a stuck
-/// database call cannot hold a client (or a connection slot) forever. The
+/// database call cannot hold a client (or a connection slot) forever, and
+/// 408 when the request body was still arriving (see `deadline`). The
 /// limit covers producing the response head; streamed bodies are not cut.
 async fn request_timeout(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let limit = state.settings.server.request_timeout.get();
+    let (request, body) = deadline::track(request);
     match tokio::time::timeout(limit, next.run(request)).await {
         Ok(response) => response,
-        Err(_) => ApiError::unavailable("the request took too long and was abandoned").into_response(),
+        Err(_) => deadline::expired(&body),
     }
 }
 

@@ -10,7 +10,52 @@ use super::{ApiError, AppState};
 use crate::db::{self, migrate};
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz))
+    Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz)).route("/metrics", get(metrics))
+}
+
+/// Prometheus text exposition: this process's counters plus fleet figures
+/// read from the database. If the database is down the process's own
+/// figures are still served (they say what is going wrong).
+async fn metrics(State(state): State<AppState>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let m = &crate::metrics::METRICS;
+    m.queue_depth.set(state.ingestor.queued() as i64);
+    let status = state.pool.status();
+    m.pool.with_label_values(&["open"]).set(status.size as i64);
+    m.pool.with_label_values(&["idle"]).set(status.available as i64);
+    m.pool.with_label_values(&["in_use"]).set(status.size.saturating_sub(status.available) as i64);
+    m.pool.with_label_values(&["max"]).set(status.max_size as i64);
+    if let Err(e) = fleet_figures(&state).await {
+        tracing::debug!(error = %e, "fleet figures unavailable for /metrics");
+    }
+    ([(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], m.render()).into_response()
+}
+
+async fn fleet_figures(state: &AppState) -> Result<(), db::DbError> {
+    use crate::health::incidents::IssueType;
+    use crate::model::{Liveness, Tier};
+    let m = &crate::metrics::METRICS;
+    let client = db::client(&state.pool).await?;
+    let liveness = client.query("SELECT liveness, count(*) FROM warden.agent_status GROUP BY liveness", &[]).await?;
+    for l in Liveness::ALL {
+        let n = liveness.iter().find(|r| r.get::<_, String>(0) == l.as_str()).map(|r| r.get::<_, i64>(1)).unwrap_or(0);
+        m.agents.with_label_values(&[l.as_str()]).set(n);
+    }
+    let tiers = client
+        .query("SELECT tier, count(*) FROM warden.agent_status WHERE tier IS NOT NULL GROUP BY tier", &[])
+        .await?;
+    for t in Tier::ALL {
+        let n = tiers.iter().find(|r| r.get::<_, String>(0) == t.as_str()).map(|r| r.get::<_, i64>(1)).unwrap_or(0);
+        m.agents_by_tier.with_label_values(&[t.as_str()]).set(n);
+    }
+    let open = client
+        .query("SELECT issue_type, count(*) FROM warden.incidents WHERE state = 'open' GROUP BY issue_type", &[])
+        .await?;
+    for i in IssueType::ALL {
+        let n = open.iter().find(|r| r.get::<_, String>(0) == i.as_str()).map(|r| r.get::<_, i64>(1)).unwrap_or(0);
+        m.incidents_open.with_label_values(&[i.as_str()]).set(n);
+    }
+    Ok(())
 }
 
 /// Liveness: answers as long as the process serves HTTP. It never touches
@@ -24,20 +69,37 @@ async fn healthz() -> Json<Value> {
 async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let check = async {
         let client = db::client(&state.pool).await?;
-        migrate::current_version(&client).await
+        let version = migrate::current_version(&client).await?;
+        // Seconds since any replica last finished a liveness cycle.
+        let stalled: Option<f64> = match version {
+            Some(v) if v >= 3 => client
+                .query_one("SELECT extract(epoch FROM now() - last_cycle_at)::float8 FROM warden.evaluator_state", &[])
+                .await?
+                .get(0),
+            _ => None,
+        };
+        Ok::<_, db::DbError>((version, stalled))
     };
     let limit = state.settings.database.connect_timeout.get();
-    let version = match tokio::time::timeout(limit, check).await {
-        Ok(Ok(version)) => version.unwrap_or(0),
+    let (version, since_cycle) = match tokio::time::timeout(limit, check).await {
+        Ok(Ok((version, since))) => (version.unwrap_or(0), since),
         Ok(Err(e)) if e.is_unavailable() => return Err(ApiError::unavailable("the database is unreachable")),
         Ok(Err(e)) => return Err(e.into()),
         Err(_) => return Err(ApiError::unavailable("the database did not answer in time")),
     };
     let needed = migrate::latest_version();
+    // Evaluation is warden's core job: three missed cycles make every
+    // replica unready, which an orchestrator and the dashboards notice.
+    let stall = state.settings.health.check_interval.get().as_secs_f64() * 3.0;
+    if let Some(since) = since_cycle.filter(|s| *s > stall) {
+        return Err(ApiError::unavailable(format!(
+            "evaluation has stalled: the last liveness cycle finished {since:.0}s ago (more than three check intervals)"
+        )));
+    }
     if version < needed {
         return Err(ApiError::unavailable(format!(
             "the database schema is at version {version} but this warden needs {needed}; run `warden migrate`"
         )));
     }
-    Ok(Json(json!({ "status": "ready", "schema_version": version })))
+    Ok(Json(json!({ "status": "ready", "schema_version": version, "seconds_since_evaluation": since_cycle })))
 }

@@ -71,6 +71,10 @@ fn label_filter(params: &Params) -> Result<Option<Value>, ApiError> {
     if key.is_empty() {
         return Err(ApiError::invalid("label", "must be key:value with a non-empty key"));
     }
+    // jsonb cannot hold U+0000, and no label holds it.
+    if raw.contains('\0') {
+        return Err(ApiError::invalid("label", "must not contain U+0000"));
+    }
     let mut object = Map::new();
     object.insert(key.to_string(), Value::String(value.to_string()));
     Ok(Some(Value::Object(object)))
@@ -126,6 +130,13 @@ async fn get_agent(
 ) -> Result<Json<Value>, ApiError> {
     let id = AgentId::parse(id).map_err(|m| ApiError::invalid("id", m))?;
     let client = db::client(&state.pool).await?;
+    agent_detail(&client, &id).await?.map(Json).ok_or_else(|| ApiError::not_found(format!("no agent {id}")))
+}
+
+/// One agent as `GET /v1/agents/{id}` shows it (state, breakdown,
+/// recommendations, recent transitions, events and incidents), or `None`.
+/// Shared with the web console.
+pub async fn agent_detail(client: &tokio_postgres::Client, id: &AgentId) -> Result<Option<Value>, ApiError> {
     let sql = format!(
         "SELECT {AGENT_JSON} || jsonb_build_object('components', components, 'ontime_streak', ontime_streak, \
            'last_restart_at', last_restart_at, 'uptime_before_restart', uptime_before_restart, \
@@ -135,7 +146,7 @@ async fn get_agent(
          FROM warden.agent_status WHERE agent_id = $1"
     );
     let Some(row) = client.query_opt(&sql, &[&id.as_str()]).await? else {
-        return Err(ApiError::not_found(format!("no agent {id}")));
+        return Ok(None);
     };
     let mut agent: Value = row.get(0);
     let recommendations: Vec<Value> = agent["components"]
@@ -177,7 +188,7 @@ async fn get_agent(
     object.insert("recent_transitions".into(), rows_to_array(&transitions));
     object.insert("recent_events".into(), rows_to_array(&events));
     object.insert("recent_incidents".into(), rows_to_array(&incidents));
-    Ok(Json(agent))
+    Ok(Some(agent))
 }
 
 fn rows_to_array(rows: &[tokio_postgres::Row]) -> Value {
@@ -186,6 +197,11 @@ fn rows_to_array(rows: &[tokio_postgres::Row]) -> Value {
 
 async fn fleet(State(state): State<AppState>, _auth: Authorized<ReadScope>) -> Result<Json<Value>, ApiError> {
     let client = db::client(&state.pool).await?;
+    fleet_totals(&client).await.map(Json)
+}
+
+/// Fleet totals as `GET /v1/fleet` shows them. Shared with the web console.
+pub async fn fleet_totals(client: &tokio_postgres::Client) -> Result<Value, ApiError> {
     // One scan: a row per liveness, per tier, per mode, and the grand total.
     let rows = client
         .query(
@@ -222,14 +238,14 @@ async fn fleet(State(state): State<AppState>, _auth: Authorized<ReadScope>) -> R
         }
     }
     let open: i64 = client.query_one("SELECT count(*) FROM warden.incidents WHERE state = 'open'", &[]).await?.get(0);
-    Ok(Json(json!({
+    Ok(json!({
         "total": total,
         "liveness": liveness,
         "tier": tiers,
         "mode": modes,
         "average_score": average.map(|a| (a * 100.0).round() / 100.0),
         "open_incidents": open,
-    })))
+    }))
 }
 
 pub const INCIDENT_JSON: &str = "jsonb_build_object('id', id, 'agent_id', agent_id, 'issue_type', issue_type, \

@@ -199,6 +199,22 @@ impl Authenticator {
         self.enabled
     }
 
+    /// Whether `header` carries a valid key this replica verified within the
+    /// cache TTL, from the cache alone (never the database; scopes aside).
+    /// The rate limiter keeps serving such keys from an address that is
+    /// failing to authenticate.
+    pub fn recently_verified(&self, header: Option<&str>) -> bool {
+        let Some(token) =
+            header.and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer "))).map(str::trim)
+        else {
+            return false;
+        };
+        let Some(entry) = key_id_of(token).and_then(|key_id| self.cached(key_id)) else {
+            return false;
+        };
+        entry.key.is_some_and(|stored| bool::from(hash(token).ct_eq(&stored.hash)))
+    }
+
     /// Checks an `Authorization` header value for a key with `needed`.
     pub async fn authenticate(&self, header: Option<&str>, needed: Scope) -> Result<Principal, AuthError> {
         if !self.enabled {

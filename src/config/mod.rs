@@ -10,6 +10,11 @@
 //! Any problem stops start-up with one line naming the key, the value and
 //! what is allowed ([`SettingsError`]).
 
+mod alerting;
+mod console;
+mod limits;
+mod recovery;
+mod retention;
 mod sections;
 mod types;
 
@@ -18,6 +23,11 @@ use std::path::{Path, PathBuf};
 
 use config::{Config, Environment, File, FileFormat};
 
+pub use alerting::*;
+pub use console::*;
+pub use limits::*;
+pub use recovery::*;
+pub use retention::*;
 pub use sections::*;
 pub use types::{Duration, Secret};
 

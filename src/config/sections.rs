@@ -16,7 +16,13 @@ pub struct Settings {
     pub auth: AuthSettings,
     pub ingest: IngestSettings,
     pub health: HealthSettings,
+    pub recovery: super::RecoverySettings,
+    pub retention: super::RetentionSettings,
+    pub alerting: super::AlertingSettings,
     pub telemetry: TelemetrySettings,
+    pub reporting: ReportingSettings,
+    pub console: super::ConsoleSettings,
+    pub limits: super::LimitSettings,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -176,6 +182,9 @@ pub struct ServerSettings {
     pub listen: SocketAddr,
     /// Longest time one request may take before it is answered 503.
     pub request_timeout: Duration,
+    /// Time a client has to send a request's headers (and longest idle
+    /// keep-alive); then the connection is closed.
+    pub header_read_timeout: Duration,
     /// How long shutdown waits for in-flight requests and background work.
     pub shutdown_timeout: Duration,
 }
@@ -210,6 +219,9 @@ pub struct TelemetrySettings {
     pub format: LogFormat,
     /// Log filter, `tracing` directive syntax (`info`, `warden=debug,info`).
     pub level: String,
+    /// Pinged after every successful evaluation cycle (a dead man's switch
+    /// for an outside monitor); empty: off.
+    pub self_heartbeat_url: Secret,
 }
 
 text_enum! {
@@ -245,6 +257,7 @@ impl Settings {
             ));
         }
         check_min("server.request_timeout", self.server.request_timeout, Duration::from_millis(100))?;
+        check_min("server.header_read_timeout", self.server.header_read_timeout, Duration::from_millis(100))?;
         check_max("auth.cache_ttl", self.auth.cache_ttl, Duration::from_secs(3600))?;
         let ingest = &self.ingest;
         check_range("ingest.max_batch", ingest.max_batch, 1, 100_000)?;
@@ -322,6 +335,10 @@ impl Settings {
             check_min(&key, self.health.modes.get(*mode), interval_min)?;
             check_max(&key, self.health.modes.get(*mode), interval_max)?;
         }
+        let ping = self.telemetry.self_heartbeat_url.expose();
+        if !ping.is_empty() && !ping.starts_with("http://") && !ping.starts_with("https://") {
+            return Err(SettingsError::new("telemetry.self_heartbeat_url", "", "an http:// or https:// URL, or empty"));
+        }
         tracing_subscriber::EnvFilter::try_new(&self.telemetry.level).map_err(|e| {
             SettingsError::new(
                 "telemetry.level",
@@ -329,6 +346,12 @@ impl Settings {
                 format!("a log filter like info, debug or warden=debug,info ({e})"),
             )
         })?;
+        self.recovery.validate()?;
+        self.retention.validate()?;
+        self.alerting.validate()?;
+        self.reporting.validate()?;
+        self.console.validate()?;
+        self.limits.validate()?;
         Ok(())
     }
 }
@@ -362,4 +385,42 @@ pub(super) fn check_min(key: &str, value: Duration, min: Duration) -> Result<(),
         return Err(SettingsError::new(key, value, format!("a duration of at least {min}")));
     }
     Ok(())
+}
+
+/// Figures `warden report` binds into the queries in `sql/` that need more
+/// than a time range.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportingSettings {
+    /// Availability each agent should reach, in percent.
+    pub availability_target: f64,
+    /// Cost of one agent-minute offline, for the downtime cost estimate.
+    pub downtime_cost_per_minute: f64,
+    /// Cost per offline minute by label name and value, overriding
+    /// `downtime_cost_per_minute` for agents carrying the label.
+    #[serde(default)]
+    pub label_costs: std::collections::BTreeMap<String, std::collections::BTreeMap<String, f64>>,
+    /// Bucket width of `score_trend`.
+    pub trend_bucket: Duration,
+    /// Rows in the "noisiest agents" reports.
+    pub top_n: u32,
+}
+
+/// Costs above this are surely a typo (a misplaced decimal point).
+const MAX_COST_PER_MINUTE: f64 = 1e9;
+
+impl ReportingSettings {
+    pub(super) fn validate(&self) -> Result<(), SettingsError> {
+        check_float("reporting.availability_target", self.availability_target, 0.0, 100.0)?;
+        check_float("reporting.downtime_cost_per_minute", self.downtime_cost_per_minute, 0.0, MAX_COST_PER_MINUTE)?;
+        for (label, values) in &self.label_costs {
+            for (value, cost) in values {
+                check_float(&format!("reporting.label_costs.{label}.{value}"), *cost, 0.0, MAX_COST_PER_MINUTE)?;
+            }
+        }
+        check_min("reporting.trend_bucket", self.trend_bucket, Duration::from_secs(1))?;
+        check_max("reporting.trend_bucket", self.trend_bucket, Duration::from_secs(366 * 86_400))?;
+        check_range("reporting.top_n", self.top_n, 1, 100_000)?;
+        Ok(())
+    }
 }

@@ -992,90 +992,153 @@ impl ScoreUpdates {
 /// Runs the evaluator until `stop`: competes for leadership, and while
 /// leading runs liveness cycles and score passes on their intervals.
 pub async fn run(pool: Pool, params: EvalParams, replica: String, stop: CancellationToken) {
-    let check = params.check_interval.to_std().unwrap_or(StdDuration::from_secs(10));
-    let score_every = params.score_interval.to_std().unwrap_or(StdDuration::from_secs(60));
+    run_with_ping(pool, params, replica, None, stop).await
+}
+
+/// Like [`run`], requesting `ping` after every successful liveness cycle.
+pub async fn run_with_ping(
+    pool: Pool,
+    params: EvalParams,
+    replica: String,
+    ping: Option<String>,
+    stop: CancellationToken,
+) {
+    let pinger = ping.map(Pinger::new);
+    let leader = Leader {
+        params: &params,
+        replica: &replica,
+        stop: &stop,
+        check: params.check_interval.to_std().unwrap_or(StdDuration::from_secs(10)),
+        score_every: params.score_interval.to_std().unwrap_or(StdDuration::from_secs(60)),
+        pinger: pinger.as_ref(),
+    };
     loop {
         if stop.is_cancelled() {
             return;
         }
-        match lead(&pool, &params, &replica, &stop, check, score_every).await {
+        match leader.lead(&pool).await {
             Ok(()) => return,
             Err(e) => tracing::warn!(error = %e, "evaluator lost its database connection; will try to lead again"),
         }
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(check) => {}
+            _ = tokio::time::sleep(leader.check) => {}
         }
     }
 }
 
-/// Tries to become leader; while leader, evaluates. Returns Ok on stop.
-async fn lead(
-    pool: &Pool,
-    params: &EvalParams,
-    replica: &str,
-    stop: &CancellationToken,
+/// What a replica needs to compete for leadership and evaluate.
+struct Leader<'a> {
+    params: &'a EvalParams,
+    replica: &'a str,
+    stop: &'a CancellationToken,
     check: StdDuration,
     score_every: StdDuration,
-) -> Result<(), DbError> {
-    // The lock belongs to this connection's session: it is held for as long
-    // as the connection lives and released by PostgreSQL if it dies.
-    let mut client = db::client(pool).await?;
-    loop {
-        let got: bool = client.query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK]).await?.get(0);
-        if got {
-            break;
-        }
-        tokio::select! {
-            _ = stop.cancelled() => return Ok(()),
-            _ = tokio::time::sleep(check) => {}
-        }
-    }
-    tracing::info!(replica, "this replica now leads evaluation");
-    let result = evaluate_while_leading(&mut client, params, replica, stop, check, score_every).await;
-    let _ = client.execute("SELECT pg_advisory_unlock($1)", &[&LEADER_LOCK]).await;
-    if result.is_err() {
-        // Never return a connection that may hold the lock to the pool.
-        let _ = deadpool_postgres::Object::take(client);
-    }
-    result
+    pinger: Option<&'a Pinger>,
 }
 
-async fn evaluate_while_leading(
-    client: &mut tokio_postgres::Client,
-    params: &EvalParams,
-    replica: &str,
-    stop: &CancellationToken,
-    check: StdDuration,
-    score_every: StdDuration,
-) -> Result<(), DbError> {
-    let mut ticks = tokio::time::interval(check);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_score = tokio::time::Instant::now() - score_every;
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return Ok(()),
-            _ = ticks.tick() => {}
+impl Leader<'_> {
+    /// Tries to become leader; while leader, evaluates. Returns Ok on stop.
+    async fn lead(&self, pool: &Pool) -> Result<(), DbError> {
+        // The lock belongs to this connection's session: it is held for as
+        // long as the connection lives and released by PostgreSQL if it dies.
+        let mut client = db::client(pool).await?;
+        loop {
+            let got: bool = client.query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK]).await?.get(0);
+            if got {
+                break;
+            }
+            tokio::select! {
+                _ = self.stop.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(self.check) => {}
+            }
         }
-        let started = std::time::Instant::now();
-        let report = liveness_cycle(client, params, replica, None).await?;
-        let elapsed = started.elapsed();
-        if !report.transitions.is_empty() || report.opened + report.resolved > 0 {
-            tracing::info!(
-                transitions = report.transitions.len(),
-                opened = report.opened,
-                resolved = report.resolved,
-                ms = elapsed.as_millis() as u64,
-                "liveness cycle"
-            );
+        tracing::info!(replica = self.replica, "this replica now leads evaluation");
+        let result = self.evaluate(&mut client).await;
+        let _ = client.execute("SELECT pg_advisory_unlock($1)", &[&LEADER_LOCK]).await;
+        if result.is_err() {
+            // Never return a connection that may hold the lock to the pool.
+            let _ = deadpool_postgres::Object::take(client);
         }
-        if elapsed > check {
-            tracing::warn!(ms = elapsed.as_millis() as u64, "a liveness cycle took longer than health.check_interval");
+        result
+    }
+
+    async fn evaluate(&self, client: &mut tokio_postgres::Client) -> Result<(), DbError> {
+        let (params, check) = (self.params, self.check);
+        let mut ticks = tokio::time::interval(check);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_score = tokio::time::Instant::now() - self.score_every;
+        loop {
+            tokio::select! {
+                _ = self.stop.cancelled() => return Ok(()),
+                _ = ticks.tick() => {}
+            }
+            let started = std::time::Instant::now();
+            let report = liveness_cycle(client, params, self.replica, None).await?;
+            let elapsed = started.elapsed();
+            if let Some(pinger) = self.pinger {
+                pinger.ping();
+            }
+            let metrics = &crate::metrics::METRICS;
+            metrics.cycle_seconds.with_label_values(&["liveness"]).observe(elapsed.as_secs_f64());
+            for (_, _, to) in &report.transitions {
+                metrics.transitions.with_label_values(&[to.as_str()]).inc();
+            }
+            if !report.transitions.is_empty() || report.opened + report.resolved > 0 {
+                tracing::info!(
+                    transitions = report.transitions.len(),
+                    opened = report.opened,
+                    resolved = report.resolved,
+                    ms = elapsed.as_millis() as u64,
+                    "liveness cycle"
+                );
+            }
+            if elapsed > check {
+                tracing::warn!(
+                    ms = elapsed.as_millis() as u64,
+                    "a liveness cycle took longer than health.check_interval"
+                );
+            }
+            if last_score.elapsed() >= self.score_every {
+                last_score = tokio::time::Instant::now();
+                let started = std::time::Instant::now();
+                let report = score_pass(client, params, None).await?;
+                metrics.cycle_seconds.with_label_values(&["score"]).observe(started.elapsed().as_secs_f64());
+                tracing::debug!(?report, "score pass");
+            }
         }
-        if last_score.elapsed() >= score_every {
-            last_score = tokio::time::Instant::now();
-            let report = score_pass(client, params, None).await?;
-            tracing::debug!(?report, "score pass");
+    }
+}
+
+/// Requests the self-heartbeat URL without ever holding up evaluation: one
+/// request at a time, in the background, with a short timeout.
+struct Pinger {
+    url: String,
+    http: reqwest::Client,
+    busy: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Pinger {
+    fn new(url: String) -> Self {
+        crate::alerting::tls::install_crypto_provider();
+        let http = reqwest::Client::builder().timeout(StdDuration::from_secs(10)).build().unwrap_or_default();
+        Self { url, http, busy: Default::default() }
+    }
+
+    fn ping(&self) {
+        use std::sync::atomic::Ordering;
+        if self.busy.swap(true, Ordering::AcqRel) {
+            return; // the previous ping is still on its way
         }
+        let (http, url, busy) = (self.http.clone(), self.url.clone(), self.busy.clone());
+        tokio::spawn(async move {
+            match http.get(&url).send().await {
+                Ok(r) if r.status().is_success() => {}
+                // The URL may hold a token: log the outcome, never the URL.
+                Ok(r) => tracing::warn!(status = r.status().as_u16(), "self-heartbeat ping was refused"),
+                Err(e) => tracing::warn!(error = %e.without_url(), "self-heartbeat ping failed"),
+            }
+            busy.store(false, Ordering::Release);
+        });
     }
 }

@@ -86,7 +86,15 @@ pub fn validate(w: WireEvent, limits: &Limits, now: DateTime<Utc>) -> Result<Eve
     if message.trim().is_empty() || message.chars().count() > MESSAGE_MAX {
         return Err(err("message", format!("must be 1-{MESSAGE_MAX} characters")));
     }
+    // PostgreSQL text and jsonb cannot hold U+0000; refuse it here rather
+    // than fail the insert.
+    if message.contains('\0') {
+        return Err(err("message", "must not contain U+0000".into()));
+    }
     let details = w.details.unwrap_or_default();
+    if details.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)) {
+        return Err(err("details", "must not contain U+0000 in any key or string".into()));
+    }
     if serde_json::to_vec(&details).map(|v| v.len()).unwrap_or(usize::MAX) > DETAILS_MAX_BYTES {
         return Err(err("details", format!("must be at most {DETAILS_MAX_BYTES} bytes of JSON")));
     }
@@ -103,6 +111,18 @@ pub fn validate(w: WireEvent, limits: &Limits, now: DateTime<Utc>) -> Result<Eve
         }
     };
     Ok(Event { agent_id, event_type, severity: w.severity.unwrap_or(Severity::Info), message, details, occurred_at })
+}
+
+/// Whether a JSON value holds U+0000 in a key or string. Depth is bounded
+/// by serde_json's recursion limit (128) on the way in.
+fn holds_nul(value: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(holds_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)),
+        _ => false,
+    }
 }
 
 /// Inserts the events in one transaction and returns their ids, or the
@@ -189,5 +209,11 @@ mod tests {
             "events[1].event_type"
         );
         assert_eq!(field_of(r#"{"events":[]}"#), "events");
+        assert_eq!(field_of(r#"{"agent_id":"a","event_type":"x","message":"a\u0000b"}"#), "message");
+        assert_eq!(
+            field_of(r#"{"agent_id":"a","event_type":"x","message":"m","details":{"k":["\u0000"]}}"#),
+            "details"
+        );
+        assert_eq!(field_of(r#"{"agent_id":"a","event_type":"x","message":"m","details":{"\u0000":1}}"#), "details");
     }
 }

@@ -85,13 +85,57 @@ pub struct WireHeartbeat {
     pub name: Option<String>,
     pub mode: Option<Mode>,
     pub status: Option<HeartbeatStatus>,
+    #[serde(default, deserialize_with = "whole_number")]
     pub uptime_seconds: Option<i64>,
+    #[serde(default, deserialize_with = "whole_number")]
     pub next_heartbeat_ms: Option<i64>,
     pub sent_at: Option<String>,
     pub metrics: Option<BTreeMap<String, WireMetric>>,
     pub labels: Option<BTreeMap<String, String>>,
     /// Present only on a batch envelope: `{"heartbeats": [...]}`.
     pub heartbeats: Option<Vec<WireHeartbeat>>,
+}
+
+/// An integer field, which also takes a number without a fraction
+/// (`30000.0`): JSON does not tell the two apart, and some encoders (those
+/// with only floating-point numbers) write whole numbers that way.
+fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    use serde::de::{Error, Unexpected};
+    struct Visitor;
+    impl<'de> serde::de::Visitor<'de> for Visitor {
+        type Value = Option<i64>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a whole number")
+        }
+        fn visit_none<E>(self) -> Result<Option<i64>, E> {
+            Ok(None)
+        }
+        fn visit_unit<E>(self) -> Result<Option<i64>, E> {
+            Ok(None)
+        }
+        fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Option<i64>, D::Error> {
+            d.deserialize_any(self)
+        }
+        fn visit_i64<E>(self, v: i64) -> Result<Option<i64>, E> {
+            Ok(Some(v))
+        }
+        fn visit_u64<E: Error>(self, v: u64) -> Result<Option<i64>, E> {
+            i64::try_from(v)
+                .map(Some)
+                .map_err(|_| E::invalid_value(Unexpected::Unsigned(v), &"a whole number below 2^63"))
+        }
+        fn visit_f64<E: Error>(self, v: f64) -> Result<Option<i64>, E> {
+            // 2^63 is exactly representable; every float below it with no
+            // fraction converts without loss of meaning.
+            const LIMIT: f64 = 9_223_372_036_854_775_808.0;
+            if v.fract() == 0.0 && (-LIMIT..LIMIT).contains(&v) {
+                Ok(Some(v as i64))
+            } else {
+                Err(E::invalid_type(Unexpected::Float(v), &self))
+            }
+        }
+    }
+    d.deserialize_option(Visitor)
 }
 
 /// A metric value: a bare number or `{"value": n, "unit": "ms"}`.
@@ -177,19 +221,18 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Pars
     let mut de = serde_json::Deserializer::from_slice(body);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
+        let names_a_field = !path.is_empty() && names_a_field(e.path());
         let inner = e.into_inner();
         let message = strip_position(&inner.to_string());
         match inner.classify() {
-            serde_json::error::Category::Data if path != "." && !path.is_empty() => {
-                ParseError::Invalid(FieldError::new(path, message))
-            }
+            serde_json::error::Category::Data if names_a_field => ParseError::Invalid(FieldError::new(path, message)),
             serde_json::error::Category::Data => {
                 ParseError::Malformed(format!("the body must be a JSON object ({message})"))
             }
             // NaN and Infinity are not JSON, but some encoders (Python's
             // json module) write them anyway; name the field instead of
             // calling the whole body broken.
-            serde_json::error::Category::Syntax if non_finite_number(body, &inner) => {
+            serde_json::error::Category::Syntax if names_a_field && non_finite_number(body, &inner) => {
                 ParseError::Invalid(FieldError::new(path, "must be a finite number (NaN and Infinity are not allowed)"))
             }
             _ => ParseError::Malformed(format!("the body is not valid JSON ({inner})")),
@@ -197,6 +240,13 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Pars
     })?;
     de.end().map_err(|e| ParseError::Malformed(format!("the body is not valid JSON ({e})")))?;
     Ok(value)
+}
+
+/// Whether an error path names a field: not the whole body, and no segment
+/// that could not be named (where a key was expected but none was read).
+/// (A path of one empty key prints as nothing; the caller checks that.)
+fn names_a_field(path: &serde_path_to_error::Path) -> bool {
+    path.iter().next().is_some() && !path.iter().any(|s| matches!(s, serde_path_to_error::Segment::Unknown))
 }
 
 /// True when a syntax error sits on a NaN/Infinity literal or an
@@ -345,6 +395,9 @@ fn is_metric_name_char(c: char) -> bool {
 }
 
 #[cfg(test)]
+mod props;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -422,6 +475,8 @@ mod tests {
             (r#"{"agent_id":"a","status":"fine"}"#, "status"),
             (r#"{"agent_id":"a","uptime_seconds":-1}"#, "uptime_seconds"),
             (r#"{"agent_id":"a","uptime_seconds":1.5}"#, "uptime_seconds"),
+            (r#"{"agent_id":"a","uptime_seconds":9223372036854775808}"#, "uptime_seconds"),
+            (r#"{"agent_id":"a","next_heartbeat_ms":"1000"}"#, "next_heartbeat_ms"),
             (r#"{"agent_id":"a","next_heartbeat_ms":99}"#, "next_heartbeat_ms"),
             (r#"{"agent_id":"a","next_heartbeat_ms":604800001}"#, "next_heartbeat_ms"),
             (r#"{"agent_id":"a","sent_at":"yesterday"}"#, "sent_at"),
@@ -443,6 +498,23 @@ mod tests {
             let e = invalid(body);
             assert!(e.field.starts_with(field), "{body}: field {} should be {field}", e.field);
             assert!(!e.message.is_empty());
+        }
+    }
+
+    #[test]
+    fn whole_numbers_written_as_floats_are_integers() {
+        let (hbs, _) = parse(r#"{"agent_id":"a","uptime_seconds":3600.0,"next_heartbeat_ms":1.5e4}"#).unwrap();
+        assert_eq!(hbs[0].uptime_seconds, Some(3600));
+        assert_eq!(hbs[0].next_heartbeat_ms, Some(15000));
+        let (hbs, _) = parse(r#"{"agent_id":"a","uptime_seconds":null,"next_heartbeat_ms":null}"#).unwrap();
+        assert_eq!((hbs[0].uptime_seconds, hbs[0].next_heartbeat_ms), (None, None));
+        assert_eq!(invalid(r#"{"agent_id":"a","uptime_seconds":9.3e18}"#).field, "uptime_seconds");
+    }
+
+    #[test]
+    fn a_syntax_error_outside_any_field_is_malformed() {
+        for body in ["{NaN}", "{\"agent_id\":\"a\"} NaN", "{1e999}", "{\"metrics\":{NaN:1}}"] {
+            assert!(matches!(parse(body), Err(ParseError::Malformed(_))), "{body}: {:?}", parse(body));
         }
     }
 

@@ -218,6 +218,7 @@ impl Writer {
     }
 
     async fn flush(&self, jobs: Vec<Job>) {
+        let started = std::time::Instant::now();
         let result = async {
             let client = db::client(&self.pool).await?;
             let all: Vec<&Heartbeat> = jobs.iter().flat_map(|j| j.heartbeats.iter()).collect();
@@ -225,7 +226,12 @@ impl Writer {
         }
         .await;
         match result {
-            Ok(acks) => answer_all(jobs, acks),
+            Ok(acks) => {
+                let metrics = &crate::metrics::METRICS;
+                metrics.flush_size.observe(acks.len() as f64);
+                metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
+                answer_all(jobs, acks)
+            }
             Err(e) if e.is_unavailable() => {
                 if self.available.swap(false, Ordering::Relaxed) {
                     tracing::warn!(error = %e, "database unavailable; refusing heartbeats until it is back");

@@ -64,3 +64,47 @@ fn an_unknown_verb_is_a_usage_error() {
     let out = warden().arg("frobnicate").output().unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[tokio::test]
+async fn the_demo_shows_a_live_fleet_and_stops_cleanly_on_ctrl_c() {
+    use std::io::{BufRead, BufReader};
+    let db = crate::helpers::TestDb::migrated().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut child = warden()
+        .args(["demo", "--agents", "8"])
+        .env("WARDEN__DATABASE__URL", db.url())
+        .env("WARDEN__SERVER__LISTEN", format!("127.0.0.1:{port}"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stdout.lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut saw_online = false;
+    while std::time::Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(std::time::Duration::from_millis(500)) {
+            // "agents   8   online   8 ..." once everyone has reported.
+            if line.starts_with("agents") && line.contains("online") && !line.contains("online   0") {
+                saw_online = true;
+                break;
+            }
+        }
+    }
+    assert!(saw_online, "the live view shows agents online");
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "Ctrl-C is a clean exit: {status}");
+    let leftovers = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .filter(|c| String::from_utf8_lossy(c).contains(&format!("127.0.0.1:{port}")))
+        .count();
+    assert_eq!(leftovers, 0, "no demo agent outlives the demo");
+}

@@ -2,15 +2,23 @@
 
 mod helpers;
 
+mod alerting;
 mod cli;
 mod client;
 mod config;
+mod console;
 mod embedded;
+mod failover;
 mod health;
+mod hostile;
 mod ingest;
 mod mcp;
+mod metrics;
 mod migrations;
 mod outage;
 mod probes;
 mod read_api;
+mod recovery;
+mod reports;
+mod retention;
 mod sql_path;

@@ -6,14 +6,16 @@ use warden::auth::Scope;
 
 use crate::helpers::TestApp;
 
-/// Everything an agent's heartbeats left in the tables, minus its id and
-/// the wall-clock times, in a comparable form.
+/// Everything an agent's heartbeats left in the tables, minus its id, the
+/// wall-clock times and the evaluator's columns (the background evaluator
+/// may score one agent a moment before the other), in a comparable form.
 async fn footprint(app: &TestApp, agent: &str) -> Value {
     let db = app.db.client().await;
     let status = db
         .query_one(
             "SELECT to_jsonb(s) - 'agent_id' - 'first_seen' - 'last_seen' - 'liveness_since' - 'last_restart_at' \
              - 'ia_count' - 'ia_mean_ms' - 'ia_var_ms2' - 'beats_decayed' \
+             - 'liveness' - 'score' - 'tier' - 'components' - 'evaluated_at' - 'score_trend' - 'history_at' \
              FROM warden.agent_status s WHERE agent_id = $1",
             &[&agent],
         )
@@ -41,7 +43,7 @@ async fn footprint(app: &TestApp, agent: &str) -> Value {
     let events = db
         .query_one(
             "SELECT coalesce(jsonb_agg(jsonb_build_array(event_type, severity, message, details, source) ORDER BY id), '[]') \
-             FROM warden.system_events WHERE agent_id = $1",
+             FROM warden.system_events WHERE agent_id = $1 AND event_type IN ('agent_registered', 'agent_restarted')",
             &[&agent],
         )
         .await

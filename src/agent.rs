@@ -1,0 +1,103 @@
+//! `warden agent`: a small heartbeat sender for anything that can run a
+//! command — a cron job's wrapper, a shell service, the demo's fleet.
+
+use std::time::{Duration, Instant};
+
+use crate::client::{Client, HeartbeatRequest};
+use crate::model::Mode;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct AgentArgs {
+    /// warden's URL; repeat to give several replicas, tried in turn.
+    #[arg(long = "url", default_value = "http://127.0.0.1:8080")]
+    pub urls: Vec<String>,
+    #[arg(long)]
+    pub agent_id: String,
+    #[arg(long)]
+    pub name: Option<String>,
+    #[arg(long)]
+    pub mode: Option<Mode>,
+    /// How often to send.
+    #[arg(long, default_value = "30s")]
+    pub interval: crate::config::Duration,
+    /// A label, name=value; repeatable.
+    #[arg(long = "label", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// API key with the ingest scope.
+    #[arg(long, env = "WARDEN_KEY", hide_env_values = true)]
+    pub key: Option<String>,
+    /// Start in the background and return at once.
+    #[arg(long)]
+    pub detach: bool,
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    text.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| "expected name=value".into())
+}
+
+/// Sends heartbeats until killed. Backs off (and moves to the next URL) when
+/// warden cannot take them.
+pub async fn run(args: AgentArgs) -> Result<(), String> {
+    crate::model::AgentId::parse(args.agent_id.clone()).map_err(|e| format!("--agent-id: {e}"))?;
+    if args.detach {
+        return detach();
+    }
+    let clients: Vec<Client> = args
+        .urls
+        .iter()
+        .map(|u| Client::new(u, args.key.clone()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let mut current = 0;
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let mut heartbeat =
+            HeartbeatRequest::new(&args.agent_id).uptime(started.elapsed().as_secs()).next_in(args.interval.get());
+        if let Some(mode) = args.mode {
+            heartbeat = heartbeat.mode(mode);
+        }
+        if let Some(name) = &args.name {
+            heartbeat = heartbeat.name(name);
+        }
+        for (k, v) in &args.labels {
+            heartbeat = heartbeat.label(k, v);
+        }
+        let wait = match clients[current].heartbeat(&heartbeat).await {
+            Ok(_) => {
+                backoff = Duration::from_millis(500);
+                args.interval.get()
+            }
+            Err(e) => match e.retry_after() {
+                Some(hint) => {
+                    current = (current + 1) % clients.len();
+                    let wait = hint.min(backoff).max(Duration::from_millis(100));
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    wait
+                }
+                None => return Err(e.to_string()),
+            },
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// Starts this same command line without `--detach`, in its own session
+/// with no terminal, and returns.
+fn detach() -> Result<(), String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--detach").collect();
+    let mut command = std::process::Command::new(exe);
+    command
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt;
+        command.process_group(0);
+    }
+    command.spawn().map_err(|e| format!("cannot start the agent: {e}"))?;
+    Ok(())
+}

@@ -1,0 +1,150 @@
+//! Email over SMTP with lettre: plain text and HTML alternatives, sent
+//! through `[alerting.smtp]` in the clear (a local relay), with STARTTLS,
+//! or over implicit TLS, authenticated when credentials are configured.
+//! The Message-ID derives from the delivery's idempotency key, so a retried
+//! send is recognisably the same message.
+
+use std::time::Duration;
+
+use lettre::message::header::ContentType;
+use lettre::message::{Mailbox, MultiPart, SinglePart};
+use lettre::transport::smtp::authentication::Credentials;
+use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
+
+use super::{SendError, Sent};
+use crate::alerting::message::{DETAILED, Message};
+use crate::config::{SmtpSettings, SmtpTls};
+
+pub struct Email {
+    transport: AsyncSmtpTransport<Tokio1Executor>,
+    from: Mailbox,
+    to: Vec<Mailbox>,
+}
+
+impl std::fmt::Debug for Email {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Email").field("from", &self.from).field("to", &self.to).finish_non_exhaustive()
+    }
+}
+
+impl Email {
+    pub fn new(smtp: &SmtpSettings, to: &[String], timeout: Duration) -> Result<Self, String> {
+        let from: Mailbox = smtp.from.parse().map_err(|e| format!("alerting.smtp.from: {e}"))?;
+        let to = to
+            .iter()
+            .map(|a| a.parse::<Mailbox>().map_err(|e| format!("recipient {a}: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let builder = match smtp.tls {
+            SmtpTls::None => AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&smtp.host),
+            SmtpTls::Starttls => AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&smtp.host)
+                .map_err(|e| format!("alerting.smtp: {e}"))?,
+            SmtpTls::Tls => {
+                AsyncSmtpTransport::<Tokio1Executor>::relay(&smtp.host).map_err(|e| format!("alerting.smtp: {e}"))?
+            }
+        };
+        let mut builder = builder.port(smtp.port).timeout(Some(timeout));
+        if !smtp.username.is_empty() {
+            builder = builder
+                .credentials(Credentials::new(smtp.username.expose().to_string(), smtp.password.expose().to_string()));
+        }
+        Ok(Self { transport: builder.build(), from, to })
+    }
+
+    pub async fn send(&self, message: &Message) -> Result<Sent, SendError> {
+        let email = build(message, &self.from, &self.to).map_err(SendError::new)?;
+        match self.transport.send(email).await {
+            Ok(response) => Ok(Sent { status: Some(u16::from(response.code())) }),
+            Err(e) => Err(SendError {
+                status: e.status().map(u16::from),
+                retry_after: None,
+                error: format!("SMTP: {}", one_line(&e.to_string())),
+            }),
+        }
+    }
+}
+
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// The email: subject is the headline; text and HTML alternatives.
+pub fn build(m: &Message, from: &Mailbox, to: &[Mailbox]) -> Result<lettre::Message, String> {
+    let mut builder = lettre::Message::builder()
+        .from(from.clone())
+        .subject(m.headline())
+        .message_id(Some(format!("<{}@warden>", m.idempotency_key)));
+    for recipient in to {
+        builder = builder.to(recipient.clone());
+    }
+    builder
+        .multipart(
+            MultiPart::alternative()
+                .singlepart(SinglePart::builder().header(ContentType::TEXT_PLAIN).body(m.text()))
+                .singlepart(SinglePart::builder().header(ContentType::TEXT_HTML).body(html(m))),
+        )
+        .map_err(|e| format!("could not build the email: {e}"))
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+/// The HTML alternative: the same content, one block per alert.
+pub fn html(m: &Message) -> String {
+    let color = match m.severity() {
+        "emergency" | "critical" => "#b00020",
+        "warning" => "#b26a00",
+        _ => "#2e7d32",
+    };
+    let mut out = format!(
+        "<!DOCTYPE html><html><body style=\"font-family:sans-serif\">\
+         <h2 style=\"color:{color}\">{}</h2>",
+        escape(&m.headline())
+    );
+    if let Some(n) = m.auto_recovered() {
+        out.push_str(&format!("<p>Automated recovery fixed it on attempt {n}; nobody needs to act.</p>"));
+    }
+    if m.recovery_failed() {
+        out.push_str("<p><strong>Automated recovery gave up</strong>; a person needs to look.</p>");
+    }
+    for alert in m.alerts.iter().take(DETAILED) {
+        let lines = m.detail_lines(alert);
+        out.push_str("<div style=\"margin:1em 0;padding:.5em;border-left:4px solid #ccc\">");
+        for (i, line) in lines.iter().enumerate() {
+            if i == 0 {
+                out.push_str(&format!("<strong>{}</strong><br>", escape(line)));
+            } else {
+                out.push_str(&format!("{}<br>", escape(line)));
+            }
+        }
+        out.push_str("</div>");
+    }
+    if m.alerts.len() > DETAILED {
+        out.push_str(&format!("<p>… and {} more alerts</p>", m.alerts.len() - DETAILED));
+    }
+    if let Some(hint) = m.ack_hint() {
+        out.push_str(&format!("<p><em>{}</em></p>", escape(&hint)));
+    }
+    out.push_str("</body></html>");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::alerting::message::tests::{message, view};
+
+    #[test]
+    fn the_email_has_subject_text_and_html() {
+        let m = message(vec![view(12, "w1")]);
+        let from: Mailbox = "warden@example.com".parse().unwrap();
+        let to: Mailbox = "oncall@example.com".parse().unwrap();
+        let email = build(&m, &from, &[to]).unwrap();
+        let raw = String::from_utf8(email.formatted()).unwrap();
+        assert!(raw.contains("Subject: [FIRING CRITICAL] w1 is offline"), "{raw}");
+        assert!(raw.contains("Message-ID: <k-7@warden>"), "{raw}");
+        assert!(raw.contains("multipart/alternative"));
+        assert!(raw.contains("text/html"));
+        assert!(html(&m).contains("<strong>Alert #12"));
+    }
+}

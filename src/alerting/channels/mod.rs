@@ -1,0 +1,170 @@
+//! Channels: where messages go. Each renders a [`Message`] its own way and
+//! sends it once; retries, backoff and bookkeeping are the dispatcher's.
+//!
+//! Errors never carry a secret: HTTP errors are stripped of their URL (a
+//! Slack webhook URL or a Telegram bot token is a credential) and SMTP
+//! errors never include credentials.
+
+pub mod email;
+pub mod log;
+pub mod slack;
+pub mod telegram;
+pub mod webhook;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use super::message::Message;
+use crate::config::{AlertingSettings, ChannelKind};
+
+/// A send that the receiver accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sent {
+    /// HTTP status or SMTP reply code, when there is one.
+    pub status: Option<u16>,
+}
+
+/// A send that failed; the dispatcher retries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendError {
+    pub status: Option<u16>,
+    /// The receiver asked to wait this long (HTTP 429 Retry-After).
+    pub retry_after: Option<Duration>,
+    /// One line, without secrets.
+    pub error: String,
+}
+
+impl SendError {
+    pub fn new(error: impl Into<String>) -> Self {
+        Self { status: None, retry_after: None, error: error.into() }
+    }
+}
+
+/// A configured channel.
+#[derive(Debug)]
+pub enum Channel {
+    Slack(slack::Slack),
+    Email(email::Email),
+    Webhook(webhook::Webhook),
+    Telegram(telegram::Telegram),
+    Log(log::Log),
+}
+
+impl Channel {
+    pub fn kind(&self) -> ChannelKind {
+        match self {
+            Self::Slack(_) => ChannelKind::Slack,
+            Self::Email(_) => ChannelKind::Email,
+            Self::Webhook(_) => ChannelKind::Webhook,
+            Self::Telegram(_) => ChannelKind::Telegram,
+            Self::Log(_) => ChannelKind::Log,
+        }
+    }
+
+    /// Sends one message, once.
+    pub async fn send(&self, message: &Message) -> Result<Sent, SendError> {
+        match self {
+            Self::Slack(c) => c.send(message).await,
+            Self::Email(c) => c.send(message).await,
+            Self::Webhook(c) => c.send(message).await,
+            Self::Telegram(c) => c.send(message).await,
+            Self::Log(c) => c.send(message),
+        }
+    }
+}
+
+/// Every channel in effect, by name (`log` included).
+#[derive(Debug)]
+pub struct Channels {
+    by_name: BTreeMap<String, Channel>,
+}
+
+impl Channels {
+    /// Builds every channel of the settings (already validated).
+    pub fn from_settings(settings: &AlertingSettings) -> Result<Self, String> {
+        super::tls::install_crypto_provider();
+        let http = reqwest::Client::builder()
+            .timeout(settings.delivery_timeout.get())
+            .connect_timeout(settings.delivery_timeout.get())
+            .user_agent(concat!("warden/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| format!("could not build the HTTP client for alert channels: {e}"))?;
+        let mut by_name = BTreeMap::new();
+        for (name, c) in settings.effective_channels() {
+            let channel = match c.kind {
+                ChannelKind::Slack => Channel::Slack(slack::Slack::new(http.clone(), c.webhook_url.clone())),
+                ChannelKind::Webhook => {
+                    Channel::Webhook(webhook::Webhook::new(http.clone(), c.url.clone(), c.secret.clone()))
+                }
+                ChannelKind::Telegram => Channel::Telegram(telegram::Telegram::new(
+                    http.clone(),
+                    c.telegram_api_base().to_string(),
+                    c.bot_token.clone(),
+                    c.chat_ids.clone(),
+                )),
+                ChannelKind::Email => Channel::Email(
+                    email::Email::new(&settings.smtp, &c.to, settings.delivery_timeout.get())
+                        .map_err(|e| format!("alerting.channels.{name}: {e}"))?,
+                ),
+                ChannelKind::Log => Channel::Log(log::Log::new(name.clone())),
+            };
+            by_name.insert(name, channel);
+        }
+        Ok(Self { by_name })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Channel> {
+        self.by_name.get(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.by_name.keys().map(String::as_str)
+    }
+}
+
+/// POSTs a body and sorts the answer into sent or failed. Never lets the
+/// URL (a secret for Slack and Telegram) into the error.
+pub(crate) async fn post(request: reqwest::RequestBuilder) -> Result<Sent, SendError> {
+    let response = request.send().await.map_err(|e| SendError::new(describe(&e)))?;
+    let status = response.status();
+    if status.is_success() {
+        return Ok(Sent { status: Some(status.as_u16()) });
+    }
+    let retry_after = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let body = response.text().await.unwrap_or_default();
+    let body: String = body.chars().filter(|c| !c.is_control()).take(200).collect();
+    Err(SendError {
+        status: Some(status.as_u16()),
+        retry_after,
+        error: format!("HTTP {}{}", status.as_u16(), if body.is_empty() { String::new() } else { format!(": {body}") }),
+    })
+}
+
+/// One line about a transport error, without the URL.
+fn describe(e: &reqwest::Error) -> String {
+    use std::error::Error as _;
+    let mut text = if e.is_timeout() {
+        "timed out".to_string()
+    } else if e.is_connect() {
+        "could not connect".to_string()
+    } else {
+        "request failed".to_string()
+    };
+    // The innermost cause says what happened (connection refused, DNS, TLS).
+    let mut source = e.source();
+    let mut last = None;
+    while let Some(s) = source {
+        last = Some(s.to_string());
+        source = s.source();
+    }
+    if let Some(cause) = last {
+        text.push_str(": ");
+        text.push_str(&cause);
+    }
+    text
+}

@@ -1,0 +1,96 @@
+//! Slack incoming webhooks: a Block Kit message (header, one section per
+//! alert, the acknowledgement instructions) with the plain-text rendering
+//! as the `text` fallback that notifications and old clients show.
+
+use serde_json::{Value, json};
+
+use super::{SendError, Sent, post};
+use crate::alerting::message::{DETAILED, Message};
+use crate::config::Secret;
+
+#[derive(Debug)]
+pub struct Slack {
+    http: reqwest::Client,
+    webhook_url: Secret,
+}
+
+impl Slack {
+    pub fn new(http: reqwest::Client, webhook_url: Secret) -> Self {
+        Self { http, webhook_url }
+    }
+
+    pub async fn send(&self, message: &Message) -> Result<Sent, SendError> {
+        let request = self
+            .http
+            .post(self.webhook_url.expose())
+            .header("Idempotency-Key", &message.idempotency_key)
+            .json(&payload(message));
+        post(request).await
+    }
+}
+
+/// Slack's mrkdwn needs only these three escaped.
+pub fn escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+/// The webhook body.
+pub fn payload(m: &Message) -> Value {
+    let mut headline = m.headline();
+    if headline.chars().count() > 150 {
+        headline = headline.chars().take(149).collect::<String>() + "…";
+    }
+    let mut blocks = vec![json!({"type": "header", "text": {"type": "plain_text", "text": headline}})];
+    if let Some(n) = m.auto_recovered() {
+        blocks.push(json!({"type": "section", "text": {"type": "mrkdwn",
+            "text": format!("Automated recovery fixed it on attempt {n}; nobody needs to act.")}}));
+    }
+    if m.recovery_failed() {
+        blocks.push(json!({"type": "section", "text": {"type": "mrkdwn",
+            "text": "*Automated recovery gave up*; a person needs to look."}}));
+    }
+    for alert in m.alerts.iter().take(DETAILED) {
+        let lines = m.detail_lines(alert);
+        let mut text = String::new();
+        for (i, line) in lines.iter().enumerate() {
+            if i == 0 {
+                text.push_str(&format!("*{}*", escape(line)));
+            } else {
+                text.push('\n');
+                text.push_str(&escape(line));
+            }
+        }
+        let text: String = text.chars().take(2900).collect();
+        blocks.push(json!({"type": "section", "text": {"type": "mrkdwn", "text": text}}));
+    }
+    if m.alerts.len() > DETAILED {
+        blocks.push(json!({"type": "context", "elements": [{"type": "mrkdwn",
+            "text": format!("… and {} more alerts", m.alerts.len() - DETAILED)}]}));
+    }
+    if let Some(hint) = m.ack_hint() {
+        blocks.push(json!({"type": "context", "elements": [{"type": "mrkdwn", "text": escape(&hint)}]}));
+    }
+    json!({"text": m.text(), "blocks": blocks})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::alerting::message::tests::{message, view};
+
+    #[test]
+    fn the_payload_is_block_kit_with_a_text_fallback() {
+        let p = payload(&message(vec![view(12, "w1")]));
+        assert!(p["text"].as_str().unwrap().contains("warden alerts ack 12"));
+        let blocks = p["blocks"].as_array().unwrap();
+        assert_eq!(blocks[0]["type"], "header");
+        assert!(blocks[0]["text"]["text"].as_str().unwrap().starts_with("[FIRING CRITICAL] w1"));
+        assert!(blocks[1]["text"]["text"].as_str().unwrap().contains("*Alert #12 · w1"));
+        assert_eq!(blocks.last().unwrap()["type"], "context");
+    }
+
+    #[test]
+    fn mrkdwn_control_characters_are_escaped() {
+        assert_eq!(escape("a<b>&c"), "a&lt;b&gt;&amp;c");
+    }
+}

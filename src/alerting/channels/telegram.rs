@@ -1,0 +1,90 @@
+//! Telegram: the Bot API's `sendMessage` to each configured chat, in
+//! (legacy) Markdown. The base address is configurable so tests can point
+//! it at a loopback server; the bot token is part of the path and so never
+//! appears in errors.
+
+use serde_json::json;
+
+use super::{SendError, Sent, post};
+use crate::alerting::message::{DETAILED, Message};
+use crate::config::Secret;
+
+#[derive(Debug)]
+pub struct Telegram {
+    http: reqwest::Client,
+    api_base: String,
+    bot_token: Secret,
+    chat_ids: Vec<String>,
+}
+
+impl Telegram {
+    pub fn new(http: reqwest::Client, api_base: String, bot_token: Secret, chat_ids: Vec<String>) -> Self {
+        Self { http, api_base, bot_token, chat_ids }
+    }
+
+    /// Sends to every chat. A failure part-way is retried as a whole, so a
+    /// chat may see a message twice (at least once, as everywhere).
+    pub async fn send(&self, message: &Message) -> Result<Sent, SendError> {
+        let url = format!("{}/bot{}/sendMessage", self.api_base, self.bot_token.expose());
+        let text = markdown(message);
+        let mut last = Sent { status: None };
+        for chat in &self.chat_ids {
+            let body = json!({
+                "chat_id": chat,
+                "text": text,
+                "parse_mode": "Markdown",
+                "disable_web_page_preview": true,
+            });
+            last = post(self.http.post(&url).json(&body)).await.map_err(|mut e| {
+                e.error = format!("chat {chat}: {}", e.error);
+                e
+            })?;
+        }
+        Ok(last)
+    }
+}
+
+/// Escapes the characters legacy Markdown gives meaning to.
+pub fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '_' | '*' | '`' | '[') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The message in Telegram's Markdown: bold headline, details, ack hint.
+pub fn markdown(m: &Message) -> String {
+    let mut out = vec![format!("*{}*", escape(&m.headline()))];
+    for alert in m.alerts.iter().take(DETAILED) {
+        out.push(String::new());
+        out.extend(m.detail_lines(alert).iter().map(|l| escape(l)));
+    }
+    if m.alerts.len() > DETAILED {
+        out.push(format!("… and {} more alerts", m.alerts.len() - DETAILED));
+    }
+    if let Some(hint) = m.ack_hint() {
+        out.push(String::new());
+        out.push(escape(&hint.replace('`', "")));
+    }
+    let text = out.join("\n");
+    // The Bot API refuses messages over 4096 characters.
+    if text.chars().count() > 4000 { text.chars().take(4000).collect::<String>() + "…" } else { text }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::alerting::message::tests::{message, view};
+
+    #[test]
+    fn markdown_escapes_and_bolds_the_headline() {
+        assert_eq!(escape("agent_unresponsive *x*"), "agent\\_unresponsive \\*x\\*");
+        let md = markdown(&message(vec![view(4, "w_4")]));
+        assert!(md.starts_with("*\\[FIRING CRITICAL] w\\_4 is offline"), "{md}");
+        assert!(md.contains("warden alerts ack 4"));
+    }
+}

@@ -1,0 +1,405 @@
+//! The dispatcher: every replica runs one. It claims due deliveries with
+//! `FOR UPDATE SKIP LOCKED` and a lease, sends them outside any
+//! transaction, and records the outcome.
+//!
+//! - No duplicate sends across replicas: a claimed delivery carries
+//!   `claimed_by` and `claimed_until`; other dispatchers skip it until the
+//!   lease runs out (a replica killed mid-send loses its claim that way, and
+//!   the delivery is retried: at least once, with the same Idempotency-Key).
+//! - Order: a delivery waits while an older one to the same channel about
+//!   any of its alerts is still pending, so "resolved" never overtakes
+//!   "firing".
+//! - Failures retry with exponential backoff and jitter ([`retry_delay`]),
+//!   honouring a 429's Retry-After, until `max_delivery_age`; then the
+//!   delivery is dead-lettered with a `system_events` row.
+//! - Every attempt is recorded (`alert_delivery_attempts`: status code,
+//!   latency, outcome) and folded into the channel's health
+//!   (`alert_channels`), which the escalator turns into channel alerts.
+//!
+//! It never blocks evaluation: it has its own task and connections, and
+//! holds no lock while sending.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::{DateTime, Duration, Utc};
+use deadpool_postgres::Pool;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use super::channels::{Channels, SendError, Sent};
+use super::escalation::Kind;
+use super::message::{self, DeliveryRow, Message};
+use crate::config::AlertingSettings;
+use crate::db::{self, DbError};
+
+/// Longest Retry-After honoured.
+const MAX_RETRY_AFTER: Duration = Duration::hours(1);
+
+/// The dispatcher's settings.
+#[derive(Debug, Clone)]
+pub struct DispatchParams {
+    pub batch: i64,
+    /// How long a claim lasts before another dispatcher may retry it.
+    pub lease: Duration,
+    pub retry_base: Duration,
+    pub retry_max: Duration,
+    pub max_age: Duration,
+    pub link_base: String,
+    pub interval: std::time::Duration,
+}
+
+impl DispatchParams {
+    pub fn from_settings(s: &AlertingSettings) -> Self {
+        let timeout = s.delivery_timeout.to_chrono();
+        Self {
+            batch: i64::from(s.dispatch_batch),
+            // Long enough for a send and its bookkeeping, short enough that
+            // a dead replica's claims come back soon.
+            lease: timeout * 3 + Duration::seconds(30),
+            retry_base: s.retry_base.to_chrono(),
+            retry_max: s.retry_max.to_chrono(),
+            max_age: s.max_delivery_age.to_chrono(),
+            link_base: s.link_base.trim().to_string(),
+            interval: s.dispatch_interval.get(),
+        }
+    }
+}
+
+/// Delay before retry number `attempts + 1`: `base * 2^(attempts-1)`
+/// capped at `max`, of which the upper half is scaled by `jitter` (0..1),
+/// so retries of many failed deliveries spread out. A receiver's
+/// Retry-After wins (capped at an hour).
+pub fn retry_delay(
+    attempts: u32,
+    base: Duration,
+    max: Duration,
+    retry_after: Option<Duration>,
+    jitter: f64,
+) -> Duration {
+    if let Some(wait) = retry_after {
+        return wait.clamp(Duration::seconds(1), MAX_RETRY_AFTER);
+    }
+    let exponent = attempts.saturating_sub(1).min(30);
+    let full = base.checked_mul(1 << exponent).unwrap_or(max).min(max);
+    let half = full / 2;
+    let jitter = jitter.clamp(0.0, 1.0);
+    half + Duration::milliseconds((half.num_milliseconds() as f64 * jitter) as i64)
+}
+
+fn jitter() -> f64 {
+    let mut bytes = [0u8; 8];
+    if getrandom::fill(&mut bytes).is_err() {
+        return 0.5;
+    }
+    (u64::from_le_bytes(bytes) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// What one dispatch pass did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PassReport {
+    pub claimed: usize,
+    pub sent: usize,
+    pub failed: usize,
+    pub dead: usize,
+}
+
+/// One replica's dispatcher.
+pub struct Dispatcher {
+    pool: Pool,
+    channels: Arc<Channels>,
+    params: DispatchParams,
+    replica: String,
+}
+
+struct Outcome {
+    row: DeliveryRow,
+    started: DateTime<Utc>,
+    latency_ms: i32,
+    result: Result<Sent, SendError>,
+}
+
+impl Dispatcher {
+    pub fn new(pool: Pool, channels: Arc<Channels>, params: DispatchParams, replica: String) -> Self {
+        Self { pool, channels, params, replica }
+    }
+
+    /// Runs passes every `dispatch_interval` until `stop`.
+    pub async fn run(self, stop: CancellationToken) {
+        let mut ticks = tokio::time::interval(self.params.interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = ticks.tick() => {}
+            }
+            // A full batch means more may be due: go again at once.
+            loop {
+                match self.pass(None).await {
+                    Ok(report) if report.claimed as i64 >= self.params.batch && !stop.is_cancelled() => continue,
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "alert dispatch failed; will retry");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// One pass at `now` (the database's clock when `None`): claim due
+    /// deliveries, send them concurrently, record the outcomes.
+    pub async fn pass(&self, now: Option<DateTime<Utc>>) -> Result<PassReport, DbError> {
+        let client = db::client(&self.pool).await?;
+        let now: DateTime<Utc> = match now {
+            Some(n) => n,
+            None => client.query_one("SELECT now()", &[]).await?.get(0),
+        };
+        let rows = self.claim(&client, now).await?;
+        let mut report = PassReport { claimed: rows.len(), ..PassReport::default() };
+        if rows.is_empty() {
+            return Ok(report);
+        }
+        let mut messages = message::load(&client, &rows, &self.params.link_base).await?;
+        let mut tasks = tokio::task::JoinSet::new();
+        for row in rows {
+            let channels = self.channels.clone();
+            let message = messages.remove(&row.id);
+            tasks.spawn(async move {
+                let started = Utc::now();
+                let clock = Instant::now();
+                let result = match (channels.get(&row.channel), message) {
+                    (Some(channel), Some(message)) => send_bounded(channel, &message).await,
+                    (None, _) => Err(SendError::new(format!("channel {} is no longer configured", row.channel))),
+                    (_, None) => Err(SendError::new("the delivery's alerts could not be read")),
+                };
+                let latency_ms = i32::try_from(clock.elapsed().as_millis()).unwrap_or(i32::MAX);
+                Outcome { row, started, latency_ms, result }
+            });
+        }
+        while let Some(joined) = tasks.join_next().await {
+            let Ok(outcome) = joined else { continue };
+            match self.record(&client, &outcome, now).await? {
+                Recorded::Sent => report.sent += 1,
+                Recorded::Failed => report.failed += 1,
+                Recorded::Dead => report.dead += 1,
+            }
+        }
+        Ok(report)
+    }
+
+    async fn claim(&self, client: &tokio_postgres::Client, now: DateTime<Utc>) -> Result<Vec<DeliveryRow>, DbError> {
+        let lease_ms = self.params.lease.num_milliseconds() as f64;
+        let rows = client
+            .query(
+                "WITH c AS ( \
+                   SELECT d.id FROM warden.alert_deliveries d \
+                   WHERE d.state = 'pending' AND d.next_attempt_at <= $1 \
+                     AND (d.claimed_until IS NULL OR d.claimed_until <= $1) \
+                     AND NOT EXISTS ( \
+                       SELECT 1 FROM warden.alert_deliveries p \
+                       WHERE p.state = 'pending' AND p.channel = d.channel AND p.id < d.id \
+                         AND p.alert_ids && d.alert_ids) \
+                   ORDER BY d.next_attempt_at, d.id \
+                   LIMIT $2 \
+                   FOR UPDATE OF d SKIP LOCKED) \
+                 UPDATE warden.alert_deliveries d \
+                 SET claimed_by = $3, claimed_until = $1 + $4 * interval '1 millisecond', attempts = d.attempts + 1 \
+                 FROM c WHERE d.id = c.id \
+                 RETURNING d.id, d.alert_ids, d.channel, d.kind, d.level, d.attempts, d.created_at, \
+                           d.idempotency_key, d.detail, d.route",
+                &[&now, &self.params.batch, &self.replica, &lease_ms],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| {
+                Some(DeliveryRow {
+                    id: r.get(0),
+                    alert_ids: r.get(1),
+                    channel: r.get(2),
+                    kind: r.get::<_, String>(3).parse::<Kind>().ok()?,
+                    level: r.get(4),
+                    attempts: r.get(5),
+                    created_at: r.get(6),
+                    idempotency_key: r.get(7),
+                    detail: r.get(8),
+                    route: r.get(9),
+                })
+            })
+            .collect())
+    }
+
+    async fn record(
+        &self,
+        client: &tokio_postgres::Client,
+        o: &Outcome,
+        now: DateTime<Utc>,
+    ) -> Result<Recorded, DbError> {
+        let row = &o.row;
+        let (status, error, retry_after) = match &o.result {
+            Ok(sent) => (sent.status, None, None),
+            Err(e) => (e.status, Some(e.error.as_str()), e.retry_after),
+        };
+        let status = status.map(i32::from);
+        let deadline = row.created_at + self.params.max_age;
+        let recorded = match &o.result {
+            Ok(_) => Recorded::Sent,
+            Err(_) if now >= deadline => Recorded::Dead,
+            Err(_) => Recorded::Failed,
+        };
+        let next_attempt = match recorded {
+            Recorded::Failed => {
+                let ra = retry_after.and_then(|d| Duration::from_std(d).ok());
+                let delay = retry_delay(
+                    row.attempts.max(1) as u32,
+                    self.params.retry_base,
+                    self.params.retry_max,
+                    ra,
+                    jitter(),
+                );
+                // One last try at the deadline rather than none after it.
+                (now + delay).min(deadline.max(now + Duration::milliseconds(1)))
+            }
+            _ => now,
+        };
+        let outcome = match recorded {
+            Recorded::Sent => "sent",
+            Recorded::Failed => "failed",
+            Recorded::Dead => "dead",
+        };
+        // Every write is guarded by the claim: if the lease ran out and
+        // another dispatcher took the delivery, this one's outcome only
+        // goes into the attempt log.
+        let updated = client
+            .execute(
+                "UPDATE warden.alert_deliveries SET \
+                   state = CASE $2 WHEN 'sent' THEN 'sent' WHEN 'dead' THEN 'dead' ELSE 'pending' END, \
+                   sent_at = CASE WHEN $2 = 'sent' THEN $3::timestamptz END, \
+                   next_attempt_at = $4, last_error = $5, last_attempt_at = $6, \
+                   last_status_code = $7, last_latency_ms = $8, claimed_by = NULL, claimed_until = NULL \
+                 WHERE id = $1 AND state = 'pending' AND claimed_by = $9",
+                &[&row.id, &outcome, &now, &next_attempt, &error, &o.started, &status, &o.latency_ms, &self.replica],
+            )
+            .await?;
+        client
+            .execute(
+                "WITH a AS ( \
+                   INSERT INTO warden.alert_delivery_attempts \
+                     (delivery_id, channel, attempt, started_at, latency_ms, status_code, outcome, error, replica) \
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)) \
+                 INSERT INTO warden.alert_channels AS c (channel, kind, consecutive_failures, sent, failed, \
+                     last_attempt_at, last_success_at, last_failure_at, last_status_code, last_latency_ms, last_error) \
+                 VALUES ($2, $10, CASE WHEN $7 = 'sent' THEN 0 ELSE 1 END, ($7 = 'sent')::int, ($7 <> 'sent')::int, \
+                         $4, CASE WHEN $7 = 'sent' THEN $4 END, CASE WHEN $7 <> 'sent' THEN $4 END, $6, $5, $8) \
+                 ON CONFLICT (channel) DO UPDATE SET \
+                   kind = EXCLUDED.kind, \
+                   consecutive_failures = CASE WHEN $7 = 'sent' THEN 0 ELSE c.consecutive_failures + 1 END, \
+                   sent = c.sent + EXCLUDED.sent, failed = c.failed + EXCLUDED.failed, \
+                   last_attempt_at = EXCLUDED.last_attempt_at, \
+                   last_success_at = coalesce(EXCLUDED.last_success_at, c.last_success_at), \
+                   last_failure_at = coalesce(EXCLUDED.last_failure_at, c.last_failure_at), \
+                   last_status_code = EXCLUDED.last_status_code, last_latency_ms = EXCLUDED.last_latency_ms, \
+                   last_error = EXCLUDED.last_error",
+                &[
+                    &row.id,
+                    &row.channel,
+                    &row.attempts,
+                    &o.started,
+                    &o.latency_ms,
+                    &status,
+                    &outcome,
+                    &error,
+                    &self.replica,
+                    &self.channels.get(&row.channel).map(|c| c.kind().as_str()).unwrap_or("unknown"),
+                ],
+            )
+            .await?;
+        match (&recorded, updated) {
+            (Recorded::Dead, 1) => {
+                tracing::warn!(delivery = row.id, channel = %row.channel, attempts = row.attempts,
+                    error = error.unwrap_or_default(), "alert delivery given up after alerting.max_delivery_age");
+                client
+                    .execute(
+                        "INSERT INTO warden.system_events (occurred_at, agent_id, event_type, severity, message, details) \
+                         VALUES ($1, NULL, 'alert_delivery_dead', 'critical', $2, $3)",
+                        &[
+                            &now,
+                            &format!(
+                                "alert delivery {} to {} given up after {} attempts: {}",
+                                row.id,
+                                row.channel,
+                                row.attempts,
+                                error.unwrap_or_default()
+                            ),
+                            &json!({"delivery_id": row.id, "alert_ids": row.alert_ids, "channel": row.channel,
+                                    "kind": row.kind, "attempts": row.attempts, "last_error": error}),
+                        ],
+                    )
+                    .await?;
+            }
+            (Recorded::Failed, _) => {
+                tracing::info!(delivery = row.id, channel = %row.channel, attempt = row.attempts,
+                    error = error.unwrap_or_default(), retry_at = %next_attempt, "alert delivery failed; will retry");
+            }
+            _ => {}
+        }
+        Ok(recorded)
+    }
+}
+
+enum Recorded {
+    Sent,
+    Failed,
+    Dead,
+}
+
+/// Sends with a hard bound, whatever the channel's own timeouts do.
+async fn send_bounded(channel: &super::channels::Channel, message: &Message) -> Result<Sent, SendError> {
+    let limit = std::time::Duration::from_secs(330);
+    match tokio::time::timeout(limit, channel.send(message)).await {
+        Ok(result) => result,
+        Err(_) => Err(SendError::new("the send did not finish in time")),
+    }
+}
+
+/// Deliveries by state, for tests and reports.
+pub async fn counts(client: &tokio_postgres::Client) -> Result<HashMap<String, i64>, DbError> {
+    let rows = client.query("SELECT state, count(*) FROM warden.alert_deliveries GROUP BY state", &[]).await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_double_up_to_the_cap_with_jitter_in_the_upper_half() {
+        let (base, max) = (Duration::seconds(5), Duration::minutes(5));
+        assert_eq!(retry_delay(1, base, max, None, 0.0), Duration::milliseconds(2500));
+        assert_eq!(retry_delay(1, base, max, None, 1.0), Duration::seconds(5));
+        assert_eq!(retry_delay(2, base, max, None, 1.0), Duration::seconds(10));
+        assert_eq!(retry_delay(4, base, max, None, 1.0), Duration::seconds(40));
+        assert_eq!(retry_delay(20, base, max, None, 1.0), max, "capped");
+        assert_eq!(retry_delay(60, base, max, None, 0.0), max / 2, "no overflow");
+        let d = retry_delay(3, base, max, None, 0.5);
+        assert!(d > Duration::seconds(10) && d < Duration::seconds(20), "{d}");
+    }
+
+    #[test]
+    fn a_receivers_retry_after_wins_within_an_hour() {
+        let (base, max) = (Duration::seconds(5), Duration::minutes(5));
+        assert_eq!(retry_delay(1, base, max, Some(Duration::seconds(7)), 0.9), Duration::seconds(7));
+        assert_eq!(retry_delay(1, base, max, Some(Duration::hours(5)), 0.9), Duration::hours(1));
+        assert_eq!(retry_delay(1, base, max, Some(Duration::zero()), 0.9), Duration::seconds(1));
+    }
+
+    #[test]
+    fn jitter_is_a_fraction() {
+        for _ in 0..100 {
+            let j = jitter();
+            assert!((0.0..1.0).contains(&j));
+        }
+    }
+}

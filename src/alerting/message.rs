@@ -1,0 +1,505 @@
+//! What a message says, independent of the channel: the alerts it covers
+//! with their agent's state, recent transitions and recovery attempts, read
+//! from the database when the message is sent (so a retried message says
+//! what is true when it finally goes out). Channels render it.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+
+use super::escalation::Kind;
+use super::grouping::{group_headline, issue_phrase};
+use crate::db::DbError;
+
+/// Most alerts described in detail in one message; the rest are counted.
+pub const DETAILED: usize = 10;
+/// Most alerts named in a grouped headline.
+pub const NAMED: usize = 5;
+
+/// A liveness change of the agent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transition {
+    pub at: DateTime<Utc>,
+    pub from: String,
+    pub to: String,
+    pub reason: Option<String>,
+}
+
+/// One row of `warden.recovery_actions`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Attempt {
+    pub strategy: String,
+    pub action: String,
+    pub attempt: i32,
+    pub state: String,
+    pub outcome: Option<String>,
+}
+
+/// One alert as a message describes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AlertView {
+    pub id: i64,
+    pub incident_id: Option<i64>,
+    pub severity: String,
+    pub state: String,
+    /// Agent id, channel name, or None for the fleet.
+    pub subject: Option<String>,
+    pub agent_name: Option<String>,
+    pub issue: String,
+    pub summary: Option<String>,
+    pub opened_at: DateTime<Utc>,
+    pub acknowledged_by: Option<String>,
+    pub resolved_at: Option<DateTime<Utc>>,
+    pub liveness: Option<String>,
+    pub score: Option<f64>,
+    pub tier: Option<String>,
+    pub last_seen: Option<DateTime<Utc>>,
+    pub transitions: Vec<Transition>,
+    pub recovery: Vec<Attempt>,
+}
+
+/// A message ready to render: one delivery.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    pub delivery_id: i64,
+    pub idempotency_key: String,
+    pub channel: String,
+    pub kind: Kind,
+    pub level: i32,
+    pub route: Option<String>,
+    /// `auto_recovered_attempt`, `recovery_failed`, ... from the delivery.
+    pub detail: Value,
+    pub alerts: Vec<AlertView>,
+    /// `alerting.link_base`, for acknowledgement instructions.
+    pub link_base: String,
+}
+
+impl Message {
+    pub fn auto_recovered(&self) -> Option<i64> {
+        self.detail.get("auto_recovered_attempt").and_then(Value::as_i64)
+    }
+
+    pub fn recovery_failed(&self) -> bool {
+        self.detail.get("recovery_failed").and_then(Value::as_bool).unwrap_or(false)
+    }
+
+    /// The highest severity among the alerts.
+    pub fn severity(&self) -> &str {
+        const ORDER: [&str; 4] = ["info", "warning", "critical", "emergency"];
+        if self.auto_recovered().is_some() {
+            return "info";
+        }
+        self.alerts
+            .iter()
+            .map(|a| a.severity.as_str())
+            .max_by_key(|s| ORDER.iter().position(|o| o == s).unwrap_or(0))
+            .unwrap_or("info")
+    }
+
+    /// A short tag saying what kind of message this is.
+    pub fn tag(&self) -> String {
+        if self.auto_recovered().is_some() {
+            return "AUTO-RECOVERED".into();
+        }
+        if self.recovery_failed() {
+            return format!("RECOVERY FAILED {}", self.severity().to_uppercase());
+        }
+        match self.kind {
+            Kind::Firing => format!("FIRING {}", self.severity().to_uppercase()),
+            Kind::Escalation => format!("ESCALATED L{} {}", self.level, self.severity().to_uppercase()),
+            Kind::Repeat => format!("STILL FIRING {}", self.severity().to_uppercase()),
+            Kind::Resolved => "RESOLVED".into(),
+        }
+    }
+
+    /// One line: `[FIRING CRITICAL] w1 is offline: ...` or a group headline.
+    pub fn headline(&self) -> String {
+        let body = match self.alerts.as_slice() {
+            [] => "alert".to_string(),
+            [a] => {
+                let who = a.subject.as_deref().unwrap_or("fleet");
+                if let Some(n) = self.auto_recovered() {
+                    format!("{who} {}: auto-recovered on attempt {n}", a.issue)
+                } else {
+                    match &a.summary {
+                        Some(s) if !s.is_empty() => s.clone(),
+                        _ => format!("{who} {}", issue_phrase(&a.issue)),
+                    }
+                }
+            }
+            many => {
+                let items: Vec<(Option<&str>, &str)> =
+                    many.iter().map(|a| (a.subject.as_deref(), a.issue.as_str())).collect();
+                group_headline(&items, NAMED)
+            }
+        };
+        format!("[{}] {body}", self.tag())
+    }
+
+    /// How to acknowledge, for messages that still ask for action.
+    pub fn ack_hint(&self) -> Option<String> {
+        if matches!(self.kind, Kind::Resolved) {
+            return None;
+        }
+        let open: Vec<i64> = self.alerts.iter().filter(|a| a.state == "firing").map(|a| a.id).collect();
+        let first = *open.first()?;
+        let ids = open.iter().map(i64::to_string).collect::<Vec<_>>().join(" ");
+        let base = self.link_base.trim_end_matches('/');
+        Some(format!(
+            "Acknowledge to stop escalation: `warden alerts ack {ids}` or POST {base}/v1/alerts/{first}/ack \
+             with {{\"by\": \"your name\"}}"
+        ))
+    }
+
+    /// The details of each alert as plain-text lines (the first
+    /// [`DETAILED`] alerts; the rest are counted).
+    pub fn detail_lines(&self, alert: &AlertView) -> Vec<String> {
+        let mut lines = Vec::new();
+        let who = alert.subject.as_deref().unwrap_or("fleet");
+        let name = alert.agent_name.as_deref().filter(|n| *n != who).map(|n| format!(" ({n})")).unwrap_or_default();
+        lines.push(format!("Alert #{} · {who}{name} · {} · {}", alert.id, alert.issue, alert.severity));
+        if let Some(s) = &alert.summary {
+            lines.push(s.clone());
+        }
+        lines.push(format!("Since: {}", alert.opened_at.format("%Y-%m-%d %H:%M:%S UTC")));
+        if let Some(at) = alert.resolved_at {
+            lines.push(format!("Resolved: {}", at.format("%Y-%m-%d %H:%M:%S UTC")));
+        }
+        if let Some(by) = &alert.acknowledged_by {
+            lines.push(format!("Acknowledged by {by}"));
+        }
+        if alert.liveness.is_some() || alert.score.is_some() {
+            let score = match (alert.score, &alert.tier) {
+                (Some(s), Some(t)) => format!("score {s:.0} ({t})"),
+                (Some(s), None) => format!("score {s:.0}"),
+                _ => "score n/a".to_string(),
+            };
+            let seen = alert.last_seen.map(|t| format!(", last seen {}", t.format("%H:%M:%S UTC"))).unwrap_or_default();
+            lines.push(format!("Now: {}, {score}{seen}", alert.liveness.as_deref().unwrap_or("unknown")));
+        }
+        if !alert.transitions.is_empty() {
+            let t: Vec<String> = alert
+                .transitions
+                .iter()
+                .map(|t| {
+                    let why = t.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default();
+                    format!("{} {}→{}{why}", t.at.format("%H:%M:%S"), t.from, t.to)
+                })
+                .collect();
+            lines.push(format!("Recent transitions: {}", t.join("; ")));
+        }
+        if alert.recovery.is_empty() {
+            if alert.incident_id.is_some() {
+                lines.push("Recovery attempts: none".to_string());
+            }
+        } else {
+            let r: Vec<String> = alert
+                .recovery
+                .iter()
+                .map(|a| {
+                    let outcome = a.outcome.as_deref().map(|o| format!(": {o}")).unwrap_or_default();
+                    format!("{}/{} attempt {} {}{outcome}", a.strategy, a.action, a.attempt, a.state)
+                })
+                .collect();
+            lines.push(format!("Recovery attempts: {}", r.join("; ")));
+        }
+        lines
+    }
+
+    /// The whole message as plain text: headline, details, how to ack.
+    pub fn text(&self) -> String {
+        let mut out = vec![self.headline()];
+        if let Some(n) = self.auto_recovered() {
+            out.push(format!("Automated recovery fixed it on attempt {n}; nobody needs to act."));
+        }
+        if self.recovery_failed() {
+            out.push("Automated recovery gave up; a person needs to look.".into());
+        }
+        for alert in self.alerts.iter().take(DETAILED) {
+            out.push(String::new());
+            out.extend(self.detail_lines(alert));
+        }
+        if self.alerts.len() > DETAILED {
+            out.push(String::new());
+            out.push(format!("… and {} more alerts", self.alerts.len() - DETAILED));
+        }
+        if let Some(hint) = self.ack_hint() {
+            out.push(String::new());
+            out.push(hint);
+        }
+        out.join("\n")
+    }
+
+    /// The JSON document webhooks receive.
+    pub fn to_json(&self) -> Value {
+        let alerts: Vec<Value> = self
+            .alerts
+            .iter()
+            .map(|a| {
+                json!({
+                    "id": a.id,
+                    "incident_id": a.incident_id,
+                    "severity": a.severity,
+                    "state": a.state,
+                    "agent_id": a.subject,
+                    "agent_name": a.agent_name,
+                    "issue_type": a.issue,
+                    "summary": a.summary,
+                    "opened_at": a.opened_at,
+                    "acknowledged_by": a.acknowledged_by,
+                    "resolved_at": a.resolved_at,
+                    "liveness": a.liveness,
+                    "score": a.score,
+                    "tier": a.tier,
+                    "last_seen": a.last_seen,
+                    "transitions": a.transitions.iter().map(|t| json!({
+                        "at": t.at, "from": t.from, "to": t.to, "reason": t.reason,
+                    })).collect::<Vec<_>>(),
+                    "recovery": a.recovery.iter().map(|r| json!({
+                        "strategy": r.strategy, "action": r.action, "attempt": r.attempt,
+                        "state": r.state, "outcome": r.outcome,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        json!({
+            "delivery_id": self.delivery_id,
+            "idempotency_key": self.idempotency_key,
+            "kind": self.kind,
+            "level": self.level,
+            "route": self.route,
+            "severity": self.severity(),
+            "headline": self.headline(),
+            "text": self.text(),
+            "auto_recovered_attempt": self.auto_recovered(),
+            "recovery_failed": self.recovery_failed(),
+            "alerts": alerts,
+        })
+    }
+}
+
+/// A claimed delivery, as the dispatcher holds it.
+#[derive(Debug, Clone)]
+pub struct DeliveryRow {
+    pub id: i64,
+    pub alert_ids: Vec<i64>,
+    pub channel: String,
+    pub kind: Kind,
+    pub level: i32,
+    pub attempts: i32,
+    pub created_at: DateTime<Utc>,
+    pub idempotency_key: String,
+    pub detail: Value,
+    pub route: Option<String>,
+}
+
+/// Builds the messages of `rows` with three queries in all.
+pub async fn load(
+    client: &tokio_postgres::Client,
+    rows: &[DeliveryRow],
+    link_base: &str,
+) -> Result<HashMap<i64, Message>, DbError> {
+    let mut ids: Vec<i64> = rows.iter().flat_map(|r| r.alert_ids.iter().copied()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let alert_rows = client
+        .query(
+            "SELECT a.id, a.incident_id, a.severity, a.state, coalesce(a.subject, i.agent_id), s.name, \
+                    coalesce(a.issue, i.issue_type, 'unknown'), coalesce(a.summary, i.summary), a.opened_at, \
+                    a.acknowledged_by, a.resolved_at, s.liveness, s.score, s.tier, s.last_seen \
+             FROM warden.alerts a \
+             LEFT JOIN warden.incidents i ON i.id = a.incident_id \
+             LEFT JOIN warden.agent_status s ON a.source = 'incident' AND s.agent_id = coalesce(a.subject, i.agent_id) \
+             WHERE a.id = ANY($1)",
+            &[&ids],
+        )
+        .await?;
+    let mut views: HashMap<i64, AlertView> = HashMap::new();
+    let mut incidents = Vec::new();
+    let mut agents = Vec::new();
+    for r in &alert_rows {
+        let view = AlertView {
+            id: r.get(0),
+            incident_id: r.get(1),
+            severity: r.get(2),
+            state: r.get(3),
+            subject: r.get(4),
+            agent_name: r.get(5),
+            issue: r.get(6),
+            summary: r.get(7),
+            opened_at: r.get(8),
+            acknowledged_by: r.get(9),
+            resolved_at: r.get(10),
+            liveness: r.get(11),
+            score: r.get(12),
+            tier: r.get(13),
+            last_seen: r.get(14),
+            transitions: Vec::new(),
+            recovery: Vec::new(),
+        };
+        if let Some(i) = view.incident_id {
+            incidents.push(i);
+            if let Some(a) = &view.subject {
+                agents.push(a.clone());
+            }
+        }
+        views.insert(view.id, view);
+    }
+    if !incidents.is_empty() {
+        let attempts = client
+            .query(
+                "SELECT incident_id, strategy, action, attempt, state, outcome FROM warden.recovery_actions \
+                 WHERE incident_id = ANY($1) ORDER BY incident_id, id",
+                &[&incidents],
+            )
+            .await?;
+        let mut by_incident: HashMap<i64, Vec<Attempt>> = HashMap::new();
+        for r in &attempts {
+            by_incident.entry(r.get(0)).or_default().push(Attempt {
+                strategy: r.get(1),
+                action: r.get(2),
+                attempt: r.get(3),
+                state: r.get(4),
+                outcome: r.get(5),
+            });
+        }
+        let transitions = client
+            .query(
+                "SELECT agent_id, occurred_at, details->>'old', details->>'new', details->>'reason' FROM ( \
+                   SELECT agent_id, occurred_at, details, \
+                          row_number() OVER (PARTITION BY agent_id ORDER BY occurred_at DESC, id DESC) AS n \
+                   FROM warden.system_events \
+                   WHERE event_type = 'status_changed' AND agent_id = ANY($1) \
+                     AND occurred_at > now() - interval '7 days') e \
+                 WHERE n <= 5 ORDER BY agent_id, occurred_at",
+                &[&agents],
+            )
+            .await?;
+        let mut by_agent: HashMap<String, Vec<Transition>> = HashMap::new();
+        for r in &transitions {
+            by_agent.entry(r.get(0)).or_default().push(Transition {
+                at: r.get(1),
+                from: r.get::<_, Option<String>>(2).unwrap_or_default(),
+                to: r.get::<_, Option<String>>(3).unwrap_or_default(),
+                reason: r.get(4),
+            });
+        }
+        for view in views.values_mut() {
+            if let Some(i) = view.incident_id {
+                view.recovery = by_incident.get(&i).cloned().unwrap_or_default();
+                if let Some(a) = &view.subject {
+                    view.transitions = by_agent.get(a).cloned().unwrap_or_default();
+                }
+            }
+        }
+    }
+    Ok(rows
+        .iter()
+        .map(|row| {
+            let alerts = row.alert_ids.iter().filter_map(|id| views.get(id).cloned()).collect();
+            let message = Message {
+                delivery_id: row.id,
+                idempotency_key: row.idempotency_key.clone(),
+                channel: row.channel.clone(),
+                kind: row.kind,
+                level: row.level,
+                route: row.route.clone(),
+                detail: row.detail.clone(),
+                alerts,
+                link_base: link_base.to_string(),
+            };
+            (row.id, message)
+        })
+        .collect())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub fn view(id: i64, agent: &str) -> AlertView {
+        AlertView {
+            id,
+            incident_id: Some(id * 10),
+            severity: "critical".into(),
+            state: "firing".into(),
+            subject: Some(agent.into()),
+            agent_name: None,
+            issue: "agent_unresponsive".into(),
+            summary: Some(format!("{agent} is offline: no heartbeat for 32s (expected every 10s)")),
+            opened_at: DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
+            acknowledged_by: None,
+            resolved_at: None,
+            liveness: Some("offline".into()),
+            score: Some(41.6),
+            tier: Some("poor".into()),
+            last_seen: DateTime::from_timestamp(1_699_999_968, 0),
+            transitions: vec![Transition {
+                at: DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
+                from: "degraded".into(),
+                to: "offline".into(),
+                reason: Some("silent".into()),
+            }],
+            recovery: vec![Attempt {
+                strategy: "restart_worker".into(),
+                action: "command".into(),
+                attempt: 1,
+                state: "failed".into(),
+                outcome: Some("exit status 1".into()),
+            }],
+        }
+    }
+
+    pub fn message(alerts: Vec<AlertView>) -> Message {
+        Message {
+            delivery_id: 7,
+            idempotency_key: "k-7".into(),
+            channel: "ops".into(),
+            kind: Kind::Firing,
+            level: 1,
+            route: Some("default".into()),
+            detail: json!({}),
+            alerts,
+            link_base: "https://warden.example.com".into(),
+        }
+    }
+
+    #[test]
+    fn a_single_alert_message_says_who_what_since_score_transitions_recovery_and_how_to_ack() {
+        let m = message(vec![view(12, "w1")]);
+        let text = m.text();
+        assert!(text.starts_with("[FIRING CRITICAL] w1 is offline"), "{text}");
+        for needle in [
+            "Alert #12 · w1 · agent_unresponsive · critical",
+            "Since: 2023-11-14 22:13:20 UTC",
+            "score 42 (poor)",
+            "degraded→offline (silent)",
+            "restart_worker/command attempt 1 failed: exit status 1",
+            "warden alerts ack 12",
+            "POST https://warden.example.com/v1/alerts/12/ack",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn a_grouped_message_counts_and_lists_and_resolved_ones_ask_nothing() {
+        let alerts: Vec<AlertView> = (1..=14).map(|i| view(i, &format!("w{i}"))).collect();
+        let mut m = message(alerts);
+        assert_eq!(m.headline(), "[FIRING CRITICAL] 14 agents offline: w1, w2, w3, w4, w5 and 9 more");
+        assert!(m.text().contains("… and 4 more alerts"));
+        m.kind = Kind::Resolved;
+        assert!(m.ack_hint().is_none());
+        assert!(m.headline().starts_with("[RESOLVED] 14 agents offline"));
+    }
+
+    #[test]
+    fn auto_recovered_reads_as_information() {
+        let mut m = message(vec![view(3, "w3")]);
+        m.kind = Kind::Resolved;
+        m.detail = json!({"auto_recovered_attempt": 2});
+        assert_eq!(m.severity(), "info");
+        assert_eq!(m.headline(), "[AUTO-RECOVERED] w3 agent_unresponsive: auto-recovered on attempt 2");
+    }
+}

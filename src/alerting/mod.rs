@@ -1,0 +1,70 @@
+//! Alerting: from incidents to people.
+//!
+//! Why it is built this way: a page must go out once, on time, with what
+//! warden already tried — and never be lost because Slack or the mail
+//! server was down, or because a replica died mid-send. So every step is a
+//! row in PostgreSQL and every decision is a pure function of rows and
+//! `now`:
+//!
+//! ```text
+//! evaluator ──(same statement as the incident)──▶ warden.alerts  (the outbox)
+//! escalator (one replica at a time) ──▶ alert_notifications (ledger, once per alert×channel×kind×level×seq)
+//!                                   └─▶ alert_deliveries   (one per message and channel)
+//! dispatcher (every replica, FOR UPDATE SKIP LOCKED + lease) ──▶ Slack / email / webhook / Telegram / log
+//!            └─▶ alert_delivery_attempts, alert_channels (health) ──▶ channel alerts
+//! ```
+//!
+//! Map:
+//! - [`routing`] — routes (severity, issue, labels) to escalation policies. Pure.
+//! - [`escalation`] — what an alert needs now: wait, hold, page, escalate,
+//!   repeat, resolve, auto-recovered. Pure, `now` as input.
+//! - [`grouping`] — storm control: one message per route and group window. Pure.
+//! - [`silences`] — silences (database) and maintenance windows (settings).
+//! - [`escalator`] — the cycle that applies those decisions in one transaction.
+//! - [`dispatcher`] — claims, sends, retries with backoff, dead-letters.
+//! - [`message`] — what a message says; [`channels`] — how each channel says it.
+//! - [`store`] — listing and acknowledging alerts (API and CLI).
+//! - [`tls`] — the process-wide rustls crypto provider.
+
+pub mod channels;
+pub mod cli;
+pub mod dispatcher;
+pub mod escalation;
+pub mod escalator;
+pub mod grouping;
+pub mod message;
+pub mod routing;
+pub mod silences;
+pub mod store;
+pub mod tls;
+
+use std::sync::Arc;
+
+use deadpool_postgres::Pool;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::AlertingSettings;
+
+/// Starts the escalator and this replica's dispatcher on `tasks`; both stop
+/// when `stop` is cancelled. Does nothing when `alerting.enabled` is false.
+pub fn start(
+    pool: Pool,
+    settings: &AlertingSettings,
+    replica: String,
+    stop: CancellationToken,
+    tasks: &TaskTracker,
+) -> Result<(), String> {
+    if !settings.enabled {
+        tracing::info!("alerting.enabled = false: alerts are recorded but not sent");
+        return Ok(());
+    }
+    let channels = Arc::new(channels::Channels::from_settings(settings)?);
+    let names: Vec<&str> = channels.names().collect();
+    tracing::info!(channels = ?names, "alerting started");
+    tasks.spawn(escalator::run(pool.clone(), escalator::EscalatorParams::from_settings(settings), stop.clone()));
+    let dispatcher =
+        dispatcher::Dispatcher::new(pool, channels, dispatcher::DispatchParams::from_settings(settings), replica);
+    tasks.spawn(dispatcher.run(stop));
+    Ok(())
+}

@@ -1,0 +1,244 @@
+//! Alerts and silences: GET /v1/alerts, GET /v1/alerts/{id},
+//! POST /v1/alerts/{id}/ack, and POST/GET/DELETE /v1/silences. Reading
+//! needs the read scope; acknowledging and silencing need admin.
+
+use std::collections::{BTreeMap, HashMap};
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::auth::{AdminScope, Authorized, ReadScope};
+use super::ingest::read_body;
+use super::read::Params;
+use super::{ApiError, AppState};
+use crate::alerting::escalation::AlertState;
+use crate::alerting::silences::{self, NewSilence};
+use crate::alerting::store::{self, AckError, ListFilter};
+use crate::db;
+use crate::model::Severity;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/alerts", get(list_alerts))
+        .route("/alerts/{id}", get(get_alert))
+        .route("/alerts/{id}/ack", post(ack_alert))
+        .route("/silences", get(list_silences).post(create_silence))
+        .route("/silences/{id}", delete(remove_silence))
+}
+
+fn id_param(raw: &str, what: &str) -> Result<i64, ApiError> {
+    raw.parse::<i64>()
+        .ok()
+        .filter(|id| *id > 0)
+        .ok_or_else(|| ApiError::not_found(format!("no {what} {raw:?}: ids are positive whole numbers")))
+}
+
+async fn list_alerts(
+    State(state): State<AppState>,
+    _auth: Authorized<ReadScope>,
+    Query(raw): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let params = Params::new(raw);
+    let filter = ListFilter {
+        state: params.parsed::<AlertState>("state")?,
+        severity: params.parsed::<Severity>("severity")?,
+        before: params
+            .text("cursor")
+            .map(|v| v.parse().map_err(|_| ApiError::invalid("cursor", "must be the next_cursor of a previous page")))
+            .transpose()?,
+        limit: params.limit()?,
+    };
+    let client = db::client(&state.pool).await?;
+    let rows = store::list(&client, &filter).await?;
+    let next = (rows.len() as i64 == filter.limit).then(|| rows.last().map(|r| r.0.to_string())).flatten();
+    let alerts: Vec<Value> = rows.into_iter().map(|r| r.1).collect();
+    Ok(Json(json!({ "alerts": alerts, "next_cursor": next })))
+}
+
+async fn get_alert(
+    State(state): State<AppState>,
+    _auth: Authorized<ReadScope>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = id_param(&id, "alert")?;
+    let client = db::client(&state.pool).await?;
+    store::get(&client, id).await?.map(Json).ok_or_else(|| ApiError::not_found(format!("no alert {id}")))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AckBody {
+    by: Option<String>,
+    comment: Option<String>,
+}
+
+/// Body optional: `{"by": "name", "comment": "..."}`; `by` defaults to the
+/// key's name.
+async fn ack_alert(
+    State(state): State<AppState>,
+    auth: Authorized<AdminScope>,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let id = id_param(&id, "alert")?;
+    let body = read_body(body, state.settings.ingest.max_body_bytes)?;
+    let ack: AckBody = if body.iter().all(u8::is_ascii_whitespace) {
+        AckBody::default()
+    } else {
+        json_object(&body).map_err(|e| ApiError::malformed(format!("the body is not a valid ack: {e}")))?
+    };
+    if ack.by.as_deref().is_some_and(|b| b.chars().any(char::is_control) || b.chars().count() > 128) {
+        return Err(ApiError::invalid("by", "by must be at most 128 characters, without control characters"));
+    }
+    if ack.comment.as_deref().is_some_and(|c| c.contains('\0')) {
+        return Err(ApiError::invalid("comment", "comment must not contain U+0000"));
+    }
+    let by = match ack.by.as_deref().map(str::trim) {
+        Some(b) if !b.is_empty() => b.to_string(),
+        _ => auth.principal.key_name.clone().unwrap_or_else(|| "anonymous".into()),
+    };
+    if by.chars().count() > 128 {
+        return Err(ApiError::invalid("by", "by must be at most 128 characters"));
+    }
+    if ack.comment.as_deref().is_some_and(|c| c.chars().count() > 1024) {
+        return Err(ApiError::invalid("comment", "comment must be at most 1024 characters"));
+    }
+    let client = db::client(&state.pool).await?;
+    match store::acknowledge(&client, id, &by, ack.comment.as_deref()).await {
+        Ok(alert) => Ok(Json(alert)),
+        Err(AckError::NotFound(_)) => Err(ApiError::not_found(format!("no alert {id}"))),
+        Err(e @ AckError::Resolved(_)) => Err(ApiError::conflict(e.to_string())),
+        Err(AckError::Db(e)) => Err(e.into()),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SilenceBody {
+    agent_id: Option<String>,
+    issue_type: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    starts_at: Option<DateTime<Utc>>,
+    ends_at: Option<DateTime<Utc>>,
+    /// Instead of ends_at: how long from starts_at (or now), like "2h".
+    duration: Option<String>,
+    comment: String,
+    created_by: Option<String>,
+}
+
+async fn create_silence(
+    State(state): State<AppState>,
+    auth: Authorized<AdminScope>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = read_body(body, state.settings.ingest.max_body_bytes)?;
+    let b: SilenceBody =
+        json_object(&body).map_err(|e| ApiError::malformed(format!("the body is not a valid silence: {e}")))?;
+    check_silence_text(&b)?;
+    let now = Utc::now();
+    let ends_at = match (b.ends_at, &b.duration) {
+        (Some(_), Some(_)) => return Err(ApiError::invalid("duration", "give ends_at or duration, not both")),
+        (Some(end), None) => Some(end),
+        (None, Some(d)) => {
+            let d = crate::config::Duration::parse(d).map_err(|allowed| ApiError::invalid("duration", allowed))?;
+            let end = b.starts_at.unwrap_or(now).checked_add_signed(d.to_chrono());
+            Some(end.ok_or_else(|| ApiError::invalid("duration", "a silence may last at most a year"))?)
+        }
+        (None, None) => None,
+    };
+    let silence = NewSilence {
+        agent_id: b.agent_id,
+        issue_type: b.issue_type,
+        labels: b.labels,
+        starts_at: b.starts_at,
+        ends_at,
+        comment: b.comment,
+        created_by: b
+            .created_by
+            .filter(|c| !c.trim().is_empty())
+            .or_else(|| auth.principal.key_name.clone())
+            .unwrap_or_else(|| "anonymous".into()),
+    };
+    silence.validate(now).map_err(|e| ApiError::invalid(e.field, e.message))?;
+    let client = db::client(&state.pool).await?;
+    let created = silences::create(&client, &silence).await?;
+    Ok((StatusCode::CREATED, Json(created)).into_response())
+}
+
+/// Reads a JSON object (serde would also take a struct from an array).
+fn json_object<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+    if body.iter().find(|b| !b.is_ascii_whitespace()).is_some_and(|b| *b != b'{') {
+        return Err("the body must be a JSON object".into());
+    }
+    serde_json::from_slice(body).map_err(|e| e.to_string())
+}
+
+/// What PostgreSQL could not store, or no agent could ever match: control
+/// characters where agents cannot send them, U+0000 anywhere. Label names
+/// and values follow the rules of heartbeat labels, the only ones a silence
+/// can match.
+fn check_silence_text(b: &SilenceBody) -> Result<(), ApiError> {
+    use crate::ingest::heartbeat::{LABEL_KEY_MAX, LABEL_VALUE_MAX};
+    for (key, value) in &b.labels {
+        let key_ok = !key.is_empty()
+            && key.len() <= LABEL_KEY_MAX
+            && key.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '/' | '-'));
+        if !key_ok {
+            return Err(ApiError::invalid(
+                "labels",
+                format!("label names are 1-{LABEL_KEY_MAX} characters of A-Z a-z 0-9 . _ / -"),
+            ));
+        }
+        if value.chars().count() > LABEL_VALUE_MAX || value.chars().any(char::is_control) {
+            return Err(ApiError::invalid(
+                "labels",
+                format!("label values are at most {LABEL_VALUE_MAX} characters, without control characters"),
+            ));
+        }
+    }
+    if b.comment.contains('\0') || b.comment.chars().count() > 1024 {
+        return Err(ApiError::invalid("comment", "comment must be 1-1024 characters, without U+0000"));
+    }
+    if b.created_by.as_deref().is_some_and(|c| c.chars().any(char::is_control) || c.chars().count() > 128) {
+        return Err(ApiError::invalid("created_by", "created_by must be 1-128 characters, without control characters"));
+    }
+    Ok(())
+}
+
+async fn list_silences(
+    State(state): State<AppState>,
+    _auth: Authorized<ReadScope>,
+    Query(raw): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let params = Params::new(raw);
+    let all = match params.text("all") {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => return Err(ApiError::invalid("all", "must be true or false")),
+    };
+    let client = db::client(&state.pool).await?;
+    let list = silences::list(&client, all).await?;
+    Ok(Json(json!({ "silences": list })))
+}
+
+async fn remove_silence(
+    State(state): State<AppState>,
+    _auth: Authorized<AdminScope>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = id_param(&id, "silence")?;
+    let client = db::client(&state.pool).await?;
+    match silences::remove(&client, id).await? {
+        Some(s) => Ok(Json(json!(s))),
+        None => Err(ApiError::not_found(format!("no silence {id} in force"))),
+    }
+}

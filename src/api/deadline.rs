@@ -1,0 +1,78 @@
+//! What `server.request_timeout` answers: 408 when the request body was
+//! still arriving (a slow or stalled client), 503 when warden itself was
+//! slow. Either way the connection is closed, so a trickling client holds
+//! neither it nor anything else past the timeout.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+
+use axum::body::{Body, Bytes};
+use axum::extract::Request;
+use axum::http::header::CONNECTION;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
+
+use super::ApiError;
+
+/// Whether a request's body has been read to its end.
+#[derive(Clone)]
+pub struct BodyProgress(Arc<AtomicBool>);
+
+impl BodyProgress {
+    pub fn complete(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Wraps the request's body so its completion can be observed.
+pub fn track(request: Request) -> (Request, BodyProgress) {
+    let (parts, body) = request.into_parts();
+    let done = Arc::new(AtomicBool::new(body.is_end_stream()));
+    let progress = BodyProgress(done.clone());
+    (Request::from_parts(parts, Body::new(Tracked { inner: body, done })), progress)
+}
+
+/// The answer when the request outlived the timeout.
+pub fn expired(progress: &BodyProgress) -> Response {
+    let error = if progress.complete() {
+        ApiError::unavailable("the request took too long and was abandoned")
+    } else {
+        ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            "the request body did not arrive in time (server.request_timeout); nothing was done",
+        )
+    };
+    let mut response = error.into_response();
+    response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+struct Tracked {
+    inner: Body,
+    done: Arc<AtomicBool>,
+}
+
+impl HttpBody for Tracked {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream() {
+            self.done.store(true, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

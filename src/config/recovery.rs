@@ -1,0 +1,259 @@
+//! `[recovery]`: limits, backoff, and the strategies tried on incidents.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::sections::{check_min, check_range};
+use super::{Duration, SettingsError};
+use crate::health::incidents::IssueType;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecoverySettings {
+    pub enabled: bool,
+    /// Recoveries running or verifying at once, fleet-wide.
+    pub max_concurrent: u32,
+    /// Attempts per agent within `attempt_window` before giving up.
+    pub max_attempts: u32,
+    pub attempt_window: Duration,
+    pub backoff_base: Duration,
+    pub backoff_cap: Duration,
+    /// Fixed verification time; unset: recover_after_healthy intervals + 50%.
+    #[serde(default)]
+    pub verify_timeout: Option<Duration>,
+    /// How often each replica looks for recovery work.
+    pub poll_interval: Duration,
+    /// How long past an action's timeout its replica's claim lasts; a
+    /// replica that dies mid-action gives the job up after this.
+    pub lease_margin: Duration,
+    /// Bytes of a command's stdout and of its stderr kept in the log.
+    pub output_limit: usize,
+    #[serde(default)]
+    pub strategies: Vec<Strategy>,
+}
+
+/// Tried on incidents of the listed types whose agent has all the labels.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Strategy {
+    pub name: String,
+    pub issues: Vec<IssueType>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub actions: Vec<Action>,
+}
+
+/// One way to recover, tried `attempts` times before the next action; the
+/// last action repeats until the attempt limit.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Action {
+    /// Runs a program with arguments, no shell; placeholders are filled in
+    /// per argument, so agent-supplied text can never add an argument.
+    Command {
+        #[serde(default)]
+        name: Option<String>,
+        argv: Vec<String>,
+        #[serde(default = "default_timeout")]
+        timeout: Duration,
+        #[serde(default = "one")]
+        attempts: u32,
+    },
+    /// Calls an HTTP endpoint (an orchestrator, a supervisor API).
+    Http {
+        #[serde(default)]
+        name: Option<String>,
+        #[serde(default = "post")]
+        method: String,
+        url: String,
+        #[serde(default)]
+        headers: BTreeMap<String, String>,
+        #[serde(default)]
+        body: Option<serde_json::Value>,
+        /// Accepted status codes; empty accepts any 2xx.
+        #[serde(default)]
+        expect_status: Vec<u16>,
+        #[serde(default = "default_timeout")]
+        timeout: Duration,
+        #[serde(default = "one")]
+        attempts: u32,
+    },
+    /// No automatic action: the incident is only alerted.
+    None {
+        #[serde(default)]
+        name: Option<String>,
+    },
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn post() -> String {
+    "POST".into()
+}
+
+/// Placeholders an action may use.
+pub const PLACEHOLDERS: &[&str] = &["agent_id", "agent_name", "issue_type", "incident_id", "label.<name>"];
+
+impl Action {
+    /// The name recovery_actions rows record.
+    pub fn label(&self, index: usize) -> String {
+        let (explicit, kind) = match self {
+            Action::Command { name, .. } => (name, "command"),
+            Action::Http { name, .. } => (name, "http"),
+            Action::None { name } => (name, "none"),
+        };
+        explicit.clone().unwrap_or_else(|| format!("{kind}#{}", index + 1))
+    }
+
+    pub fn attempts(&self) -> u32 {
+        match self {
+            Action::Command { attempts, .. } | Action::Http { attempts, .. } => (*attempts).max(1),
+            Action::None { .. } => 1,
+        }
+    }
+
+    pub fn timeout(&self) -> Option<Duration> {
+        match self {
+            Action::Command { timeout, .. } | Action::Http { timeout, .. } => Some(*timeout),
+            Action::None { .. } => None,
+        }
+    }
+}
+
+/// Every `{...}` in a template, checked against the known placeholders.
+pub fn placeholders(template: &str) -> Result<Vec<&str>, String> {
+    let mut found = Vec::new();
+    let mut rest = template;
+    while let Some(start) = rest.find('{') {
+        let after = &rest[start + 1..];
+        let Some(end) = after.find('}') else {
+            return Err(format!("unclosed {{ in {template:?}"));
+        };
+        let name = &after[..end];
+        let known = matches!(name, "agent_id" | "agent_name" | "issue_type" | "incident_id")
+            || name.strip_prefix("label.").is_some_and(|l| !l.is_empty());
+        if !known {
+            return Err(format!("unknown placeholder {{{name}}}; known: {}", PLACEHOLDERS.join(", ")));
+        }
+        found.push(name);
+        rest = &after[end + 1..];
+    }
+    Ok(found)
+}
+
+fn is_name(text: &str) -> bool {
+    !text.is_empty()
+        && text.len() <= 64
+        && text.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+impl RecoverySettings {
+    pub(super) fn validate(&self) -> Result<(), SettingsError> {
+        check_range("recovery.max_concurrent", self.max_concurrent, 1, 10_000)?;
+        check_range("recovery.max_attempts", self.max_attempts, 1, 1000)?;
+        check_min("recovery.attempt_window", self.attempt_window, Duration::from_secs(1))?;
+        check_min("recovery.backoff_base", self.backoff_base, Duration::from_millis(10))?;
+        check_min("recovery.backoff_cap", self.backoff_cap, self.backoff_base)?;
+        check_min("recovery.poll_interval", self.poll_interval, Duration::from_millis(10))?;
+        check_min("recovery.lease_margin", self.lease_margin, Duration::from_millis(100))?;
+        check_range("recovery.output_limit", self.output_limit, 64, 1 << 20)?;
+        if let Some(v) = self.verify_timeout {
+            check_min("recovery.verify_timeout", v, Duration::from_millis(100))?;
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, s) in self.strategies.iter().enumerate() {
+            let key = |field: &str| format!("recovery.strategies[{i}].{field}");
+            if !is_name(&s.name) {
+                return Err(SettingsError::new(&key("name"), &s.name, "1-64 of lowercase letters, digits and _"));
+            }
+            if !seen.insert(s.name.clone()) {
+                return Err(SettingsError::new(&key("name"), &s.name, "a name no other strategy has"));
+            }
+            if s.issues.is_empty() {
+                return Err(SettingsError::new(&key("issues"), "[]", "at least one issue type"));
+            }
+            if s.actions.is_empty() {
+                return Err(SettingsError::new(&key("actions"), "[]", "at least one [[recovery.strategies.actions]]"));
+            }
+            for (j, action) in s.actions.iter().enumerate() {
+                validate_action(action, &format!("recovery.strategies[{i}].actions[{j}]"))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn validate_action(action: &Action, key: &str) -> Result<(), SettingsError> {
+    let field = |f: &str| format!("{key}.{f}");
+    if let Some(timeout) = action.timeout() {
+        check_min(&field("timeout"), timeout, Duration::from_millis(100))?;
+    }
+    match action {
+        Action::Command { argv, attempts, .. } => {
+            check_range(&field("attempts"), *attempts, 1, 100)?;
+            let Some(program) = argv.first() else {
+                return Err(SettingsError::new(&field("argv"), "[]", "a program and its arguments"));
+            };
+            // The program itself is the operator's, never the agent's.
+            if program.contains('{') {
+                return Err(SettingsError::new(&field("argv"), program, "a program path without placeholders"));
+            }
+            for arg in argv {
+                placeholders(arg).map_err(|e| SettingsError::new(&field("argv"), arg, e))?;
+            }
+        }
+        Action::Http { method, url, headers, body, expect_status, attempts, .. } => {
+            check_range(&field("attempts"), *attempts, 1, 100)?;
+            if reqwest::Method::from_bytes(method.as_bytes()).is_err() || method.is_empty() {
+                return Err(SettingsError::new(&field("method"), method, "an HTTP method like POST or PUT"));
+            }
+            placeholders(url).map_err(|e| SettingsError::new(&field("url"), url, e))?;
+            let sample = url.replace(['{', '}'], "");
+            if reqwest::Url::parse(&sample).map(|u| !matches!(u.scheme(), "http" | "https")).unwrap_or(true) {
+                return Err(SettingsError::new(&field("url"), url, "an http:// or https:// URL"));
+            }
+            for (name, value) in headers {
+                placeholders(value).map_err(|e| SettingsError::new(&field(&format!("headers.{name}")), value, e))?;
+            }
+            if let Some(body) = body {
+                check_body(body).map_err(|e| SettingsError::new(&field("body"), body, e))?;
+            }
+            if let Some(bad) = expect_status.iter().find(|s| !(100..=599).contains(*s)) {
+                return Err(SettingsError::new(&field("expect_status"), bad, "HTTP status codes (100-599)"));
+            }
+        }
+        Action::None { .. } => {}
+    }
+    Ok(())
+}
+
+fn check_body(value: &serde_json::Value) -> Result<(), String> {
+    match value {
+        serde_json::Value::String(s) => placeholders(s).map(|_| ()),
+        serde_json::Value::Array(items) => items.iter().try_for_each(check_body),
+        serde_json::Value::Object(map) => map.values().try_for_each(check_body),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_are_found_and_checked() {
+        assert_eq!(placeholders("agent@{agent_id}.service").unwrap(), vec!["agent_id"]);
+        assert_eq!(placeholders("{label.role}-{issue_type}").unwrap(), vec!["label.role", "issue_type"]);
+        assert!(placeholders("{password}").unwrap_err().contains("unknown placeholder"));
+        assert!(placeholders("{label.}").is_err());
+        assert!(placeholders("{agent_id").is_err());
+        assert!(placeholders("plain").unwrap().is_empty());
+    }
+}

@@ -1,0 +1,435 @@
+//! The public status page, `/status` (with `console.public_status`).
+//!
+//! What it publishes, and nothing more: per group of agents (the values of
+//! the label `console.status_group_label`), whether it is up, degraded or
+//! down now, its uptime over `console.status_uptime_days` and per day, and
+//! the open problems of the group in plain words. No agent ids, names,
+//! labels other than the group label, hosts, messages, incident summaries
+//! or counts of agents. Predicted incidents are not shown (nothing has
+//! failed yet).
+//!
+//! Uptime reuses the reporting definitions of migrations/V6__reporting.sql
+//! (up = online + degraded, down = offline, unknown excluded): the total is
+//! `warden.liveness_time(since, until)` summed over the group's agents,
+//! time-weighted; the daily bars clip `warden.liveness_intervals` to each
+//! UTC day. There are no rollup tables yet, so both read the liveness
+//! history (the transitions in `system_events`).
+//!
+//! The page needs no key, so it is computed at most once per
+//! `console.status_cache` per replica and served from memory in between.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use chrono::{DateTime, NaiveDate, Utc};
+use maud::{DOCTYPE, Markup, html};
+
+use super::format;
+use crate::config::ConsoleSettings;
+use crate::db::DbError;
+
+/// A group's state now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum GroupState {
+    Down,
+    Degraded,
+    Up,
+    NoData,
+}
+
+impl GroupState {
+    /// From the group's agents by liveness: every known agent offline is
+    /// down; any offline or degraded is degraded; all online is up; none
+    /// known yet is no data.
+    pub fn of(online: i64, degraded: i64, offline: i64) -> Self {
+        let known = online + degraded + offline;
+        if known == 0 {
+            GroupState::NoData
+        } else if offline == known {
+            GroupState::Down
+        } else if offline > 0 || degraded > 0 {
+            GroupState::Degraded
+        } else {
+            GroupState::Up
+        }
+    }
+
+    pub fn word(self) -> &'static str {
+        match self {
+            GroupState::Up => "Up",
+            GroupState::Degraded => "Degraded",
+            GroupState::Down => "Down",
+            GroupState::NoData => "No data",
+        }
+    }
+
+    fn class(self) -> &'static str {
+        match self {
+            GroupState::Up => "st-up",
+            GroupState::Degraded => "st-degraded",
+            GroupState::Down => "st-down",
+            GroupState::NoData => "st-none",
+        }
+    }
+}
+
+/// Plain words for an open problem of a group, from its issue type. Several
+/// issue types share words (offline and offline for long).
+pub fn plain_words(issue: &str) -> &'static str {
+    match issue {
+        "agent_unresponsive" | "extended_offline" => "Some systems are not responding",
+        "heartbeat_late" => "Some systems are responding late",
+        "restart_loop" => "Some systems are restarting repeatedly",
+        "flapping" => "Service is intermittent",
+        "high_error_rate" => "Elevated error rates",
+        "resource_exhaustion" => "Running close to capacity",
+        "performance_degradation" => "Slower than usual",
+        "fleet_outage" => "A widespread outage is affecting many services",
+        _ => "A problem is being looked into",
+    }
+}
+
+/// One day's bar: the day and its uptime percent (None: nothing observed).
+#[derive(Debug, Clone)]
+pub struct Day {
+    pub date: NaiveDate,
+    pub pct: Option<f64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Group {
+    pub name: String,
+    pub state: GroupState,
+    pub uptime: Option<f64>,
+    pub days: Vec<Day>,
+    /// Open problems: plain words and since when.
+    pub problems: Vec<(&'static str, DateTime<Utc>)>,
+}
+
+/// Everything the page shows, computed at `generated_at`.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub generated_at: DateTime<Utc>,
+    pub groups: Vec<Group>,
+    /// Problems not tied to one group (a fleet outage).
+    pub general: Vec<(&'static str, DateTime<Utc>)>,
+}
+
+impl Snapshot {
+    pub fn overall(&self) -> GroupState {
+        let worst = self.groups.iter().map(|g| g.state).filter(|s| *s != GroupState::NoData).min();
+        match (worst, self.general.is_empty()) {
+            (_, false) => GroupState::Down,
+            (Some(s), true) => s,
+            (None, true) => GroupState::NoData,
+        }
+    }
+}
+
+/// The per-replica cache of the page.
+#[derive(Default)]
+pub struct Cache {
+    slot: Mutex<Option<(Instant, Arc<Snapshot>)>>,
+}
+
+impl Cache {
+    /// The cached snapshot if younger than `ttl`, else a fresh one.
+    pub async fn get(
+        &self,
+        pool: &deadpool_postgres::Pool,
+        settings: &ConsoleSettings,
+    ) -> Result<Arc<Snapshot>, DbError> {
+        let ttl = settings.status_cache.get();
+        if let Some((at, snapshot)) = self.slot.lock().unwrap_or_else(|e| e.into_inner()).as_ref()
+            && at.elapsed() < ttl
+        {
+            return Ok(snapshot.clone());
+        }
+        let client = crate::db::client(pool).await?;
+        let snapshot = Arc::new(compute(&client, settings).await?);
+        *self.slot.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), snapshot.clone()));
+        Ok(snapshot)
+    }
+}
+
+/// The group of an agent, in SQL: the label's value, else the catch-all
+/// group (NULL when that is empty: the agent is not shown).
+const GROUP_OF: &str = "coalesce(nullif(s.labels ->> $1, ''), nullif($2::text, ''))";
+
+pub async fn compute(client: &tokio_postgres::Client, settings: &ConsoleSettings) -> Result<Snapshot, DbError> {
+    let label = settings.status_group_label.trim();
+    let ungrouped = settings.status_ungrouped.trim();
+    let days = i32::try_from(settings.status_uptime_days).unwrap_or(90);
+    let now: DateTime<Utc> = client.query_one("SELECT now()", &[]).await?.get(0);
+
+    let mut groups: BTreeMap<String, Group> = BTreeMap::new();
+    let rows = client
+        .query(
+            &format!(
+                "SELECT {GROUP_OF} AS grp, count(*) FILTER (WHERE s.liveness = 'online'), \
+                        count(*) FILTER (WHERE s.liveness = 'degraded'), count(*) FILTER (WHERE s.liveness = 'offline') \
+                 FROM warden.agent_status s WHERE {GROUP_OF} IS NOT NULL GROUP BY 1"
+            ),
+            &[&label, &ungrouped],
+        )
+        .await?;
+    for r in rows {
+        let name: String = r.get(0);
+        let state = GroupState::of(r.get(1), r.get(2), r.get(3));
+        groups.insert(name.clone(), Group { name, state, uptime: None, days: Vec::new(), problems: Vec::new() });
+    }
+
+    // Uptime over the whole range: the reporting function, summed per group.
+    let rows = client
+        .query(
+            &format!(
+                "SELECT {GROUP_OF} AS grp, sum(t.online_seconds + t.degraded_seconds), sum(t.observed_seconds) \
+                 FROM warden.liveness_time(now() - $3::int * interval '1 day', now()) t \
+                 JOIN warden.agent_status s ON s.agent_id = t.agent_id \
+                 WHERE {GROUP_OF} IS NOT NULL GROUP BY 1"
+            ),
+            &[&label, &ungrouped, &days],
+        )
+        .await?;
+    for r in rows {
+        let name: String = r.get(0);
+        let (up, observed): (Option<f64>, Option<f64>) = (r.get(1), r.get(2));
+        if let (Some(g), Some(up), Some(observed)) = (groups.get_mut(&name), up, observed)
+            && observed > 0.0
+        {
+            g.uptime = Some(100.0 * up / observed);
+        }
+    }
+
+    // Daily bars: the liveness intervals clipped to each UTC day.
+    let rows = client
+        .query(
+            &format!(
+                "WITH days AS ( \
+                   SELECT d::date AS day, d AS lo, least(d + interval '1 day', now()) AS hi \
+                   FROM generate_series(date_trunc('day', now()) - ($3::int - 1) * interval '1 day', \
+                                        date_trunc('day', now()), interval '1 day') AS d), \
+                 c AS ( \
+                   SELECT {GROUP_OF} AS grp, d.day, i.liveness, \
+                          extract(epoch FROM least(coalesce(i.valid_to, d.hi), d.hi) - greatest(i.valid_from, d.lo))::float8 AS secs \
+                   FROM warden.liveness_intervals i \
+                   JOIN warden.agent_status s ON s.agent_id = i.agent_id \
+                   JOIN days d ON i.valid_from < d.hi AND (i.valid_to IS NULL OR i.valid_to > d.lo)) \
+                 SELECT grp, day, coalesce(sum(secs) FILTER (WHERE liveness IN ('online', 'degraded')), 0), \
+                        coalesce(sum(secs) FILTER (WHERE liveness IN ('online', 'degraded', 'offline')), 0) \
+                 FROM c WHERE secs > 0 AND grp IS NOT NULL GROUP BY grp, day"
+            ),
+            &[&label, &ungrouped, &days],
+        )
+        .await?;
+    let mut per_day: BTreeMap<(String, NaiveDate), f64> = BTreeMap::new();
+    for r in rows {
+        let (up, observed): (f64, f64) = (r.get(2), r.get(3));
+        if observed > 0.0 {
+            per_day.insert((r.get(0), r.get(1)), 100.0 * up / observed);
+        }
+    }
+    let today = now.date_naive();
+    let dates: Vec<NaiveDate> =
+        (0..days).rev().filter_map(|back| today.checked_sub_days(chrono::Days::new(back as u64))).collect();
+    for g in groups.values_mut() {
+        g.days = dates.iter().map(|d| Day { date: *d, pct: per_day.get(&(g.name.clone(), *d)).copied() }).collect();
+    }
+
+    // Open problems, by group and in plain words; never predictions.
+    let rows = client
+        .query(
+            &format!(
+                "SELECT {GROUP_OF} AS grp, i.issue_type, i.agent_id IS NULL AS fleet, min(i.opened_at) \
+                 FROM warden.incidents i LEFT JOIN warden.agent_status s ON s.agent_id = i.agent_id \
+                 WHERE i.state = 'open' AND NOT i.predicted \
+                 GROUP BY 1, 2, 3"
+            ),
+            &[&label, &ungrouped],
+        )
+        .await?;
+    let mut general: Vec<(&'static str, DateTime<Utc>)> = Vec::new();
+    for r in rows {
+        let grp: Option<String> = r.get(0);
+        let issue: String = r.get(1);
+        let fleet: bool = r.get(2);
+        let since: DateTime<Utc> = r.get(3);
+        let words = plain_words(&issue);
+        let list = if fleet {
+            &mut general
+        } else {
+            match grp.and_then(|g| groups.get_mut(&g)) {
+                Some(g) => &mut g.problems,
+                None => continue,
+            }
+        };
+        match list.iter_mut().find(|(w, _)| *w == words) {
+            Some(existing) => existing.1 = existing.1.min(since),
+            None => list.push((words, since)),
+        }
+    }
+    for g in groups.values_mut() {
+        g.problems.sort_by_key(|p| p.1);
+    }
+    general.sort_by_key(|p| p.1);
+    Ok(Snapshot { generated_at: now, groups: groups.into_values().collect(), general })
+}
+
+/// Colour class of a day's bar.
+pub fn day_class(pct: Option<f64>) -> &'static str {
+    match pct {
+        None => "d-none",
+        Some(p) if p >= 99.9 => "d-up",
+        Some(p) if p >= 95.0 => "d-degraded",
+        Some(_) => "d-down",
+    }
+}
+
+/// The page's theme from the settings (colours are validated hex).
+pub fn theme_css(settings: &ConsoleSettings) -> String {
+    format!(
+        ":root{{--accent:{};--up:{};--degraded:{};--down:{};}}\n",
+        settings.status_accent, settings.status_up, settings.status_degraded, settings.status_down
+    )
+}
+
+fn since_words(t: DateTime<Utc>) -> String {
+    t.format("%H:%M UTC, %e %b").to_string().replace("  ", " ")
+}
+
+pub fn page(settings: &ConsoleSettings, snapshot: &Snapshot) -> Markup {
+    let overall = snapshot.overall();
+    let headline = match overall {
+        GroupState::Up => "All systems operational",
+        GroupState::Degraded => "Some systems are degraded",
+        GroupState::Down => "Some systems are down",
+        GroupState::NoData => "No status to report yet",
+    };
+    let days = settings.status_uptime_days;
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                meta name="color-scheme" content="light dark";
+                meta http-equiv="refresh" content="60";
+                title { (settings.status_title) }
+                link rel="icon" type="image/svg+xml" href=(super::asset_url("favicon.svg"));
+                link rel="stylesheet" href=(super::asset_url("status.css"));
+                link rel="stylesheet" href="/status/theme.css";
+            }
+            body.status-page {
+                header.status-head {
+                    @if !settings.status_logo.is_empty() {
+                        img.status-logo src=(settings.status_logo) alt="" height="40";
+                    }
+                    h1 { (settings.status_title) }
+                }
+                main {
+                    section class=(format!("overall {}", overall.class())) role="status" {
+                        span.overall-dot aria-hidden="true" {}
+                        p { (headline) }
+                    }
+                    @if !snapshot.general.is_empty() || snapshot.groups.iter().any(|g| !g.problems.is_empty()) {
+                        section.problems aria-labelledby="problems-title" {
+                            h2 #problems-title { "Current problems" }
+                            ul {
+                                @for (words, since) in &snapshot.general {
+                                    li { strong { (words) } span.since { " since " (since_words(*since)) } }
+                                }
+                                @for g in &snapshot.groups {
+                                    @for (words, since) in &g.problems {
+                                        li { strong { (g.name) } ": " (words) span.since { " since " (since_words(*since)) } }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    section.groups aria-labelledby="groups-title" {
+                        h2 #groups-title { "Services" }
+                        @if snapshot.groups.is_empty() {
+                            p.empty { "No services are listed." }
+                        }
+                        @for g in &snapshot.groups {
+                            article.group data-group=(g.name) data-state=(g.state.word()) {
+                                div.group-head {
+                                    h3 { (g.name) }
+                                    span class=(format!("state {}", g.state.class())) {
+                                        span.state-dot aria-hidden="true" {}
+                                        (g.state.word())
+                                    }
+                                }
+                                svg.days viewBox={ "0 0 " (days * 4) " 24" } preserveAspectRatio="none" role="img"
+                                    aria-label={ "Uptime per day over the last " (days) " days" } {
+                                    @for (i, d) in g.days.iter().enumerate() {
+                                        rect class=(day_class(d.pct)) x=(i * 4) y="0" width="3" height="24" {
+                                            title {
+                                                (d.date.format("%Y-%m-%d").to_string()) ": "
+                                                @match d.pct { Some(p) => { (format::uptime(p)) " up" } None => { "no data" } }
+                                            }
+                                        }
+                                    }
+                                }
+                                div.group-foot {
+                                    span { (days) " days ago" }
+                                    span.uptime data-uptime=(g.uptime.map(format::uptime).unwrap_or_default()) {
+                                        @match g.uptime {
+                                            Some(u) => { strong { (format::uptime(u)) } " uptime" }
+                                            None => { "no data yet" }
+                                        }
+                                    }
+                                    span { "today" }
+                                }
+                            }
+                        }
+                    }
+                }
+                footer.status-foot {
+                    p { "Updated " (snapshot.generated_at.format("%Y-%m-%d %H:%M:%S UTC").to_string()) ". This page refreshes every minute." }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_state_follows_its_agents() {
+        assert_eq!(GroupState::of(3, 0, 0), GroupState::Up);
+        assert_eq!(GroupState::of(2, 1, 0), GroupState::Degraded);
+        assert_eq!(GroupState::of(2, 0, 1), GroupState::Degraded);
+        assert_eq!(GroupState::of(0, 0, 2), GroupState::Down);
+        assert_eq!(GroupState::of(0, 0, 0), GroupState::NoData);
+    }
+
+    #[test]
+    fn the_overall_state_is_the_worst_group_or_a_fleet_problem() {
+        let group = |state| Group { name: "g".into(), state, uptime: None, days: vec![], problems: vec![] };
+        let mut s = Snapshot { generated_at: Utc::now(), groups: vec![group(GroupState::Up)], general: vec![] };
+        assert_eq!(s.overall(), GroupState::Up);
+        s.groups.push(group(GroupState::NoData));
+        assert_eq!(s.overall(), GroupState::Up, "no data does not count");
+        s.groups.push(group(GroupState::Degraded));
+        assert_eq!(s.overall(), GroupState::Degraded);
+        s.general.push((plain_words("fleet_outage"), Utc::now()));
+        assert_eq!(s.overall(), GroupState::Down);
+        assert_eq!(
+            Snapshot { generated_at: Utc::now(), groups: vec![], general: vec![] }.overall(),
+            GroupState::NoData
+        );
+    }
+
+    #[test]
+    fn days_are_coloured_by_uptime() {
+        assert_eq!(day_class(None), "d-none");
+        assert_eq!(day_class(Some(100.0)), "d-up");
+        assert_eq!(day_class(Some(99.5)), "d-degraded");
+        assert_eq!(day_class(Some(50.0)), "d-down");
+        assert_eq!(plain_words("agent_unresponsive"), plain_words("extended_offline"));
+    }
+}

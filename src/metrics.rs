@@ -1,0 +1,128 @@
+//! warden's own metrics, for GET /metrics in the Prometheus text format.
+//!
+//! Two kinds:
+//! - process counters and histograms (ingest, evaluation, recovery,
+//!   alert deliveries), kept in one process-wide registry: each replica
+//!   reports its own work and Prometheus sums them;
+//! - fleet figures read from PostgreSQL at scrape time (agents by liveness
+//!   and tier, open incidents): the same on every replica, since they are
+//!   the database's truth, not any process's.
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    /// Heartbeats committed, by path (http, mcp).
+    pub heartbeats: IntCounterVec,
+    /// Heartbeat requests refused, by reason.
+    pub rejects: IntCounterVec,
+    /// Heartbeats per group-commit flush.
+    pub flush_size: Histogram,
+    /// Seconds from the start of a flush to its commit.
+    pub commit_seconds: Histogram,
+    /// Heartbeats waiting for a writer (set when scraped).
+    pub queue_depth: IntGauge,
+    /// Liveness cycles and score passes, by kind.
+    pub cycle_seconds: HistogramVec,
+    /// Liveness transitions, by new state.
+    pub transitions: IntCounterVec,
+    /// Recovery attempts finished, by outcome.
+    pub recovery_attempts: IntCounterVec,
+    /// Alert deliveries attempted, by channel and outcome.
+    pub deliveries: IntCounterVec,
+    /// Pool connections, by state (set when scraped).
+    pub pool: IntGaugeVec,
+    /// Agents by liveness (set when scraped).
+    pub agents: IntGaugeVec,
+    /// Agents by tier (set when scraped).
+    pub agents_by_tier: IntGaugeVec,
+    /// Open incidents by issue type (set when scraped).
+    pub incidents_open: IntGaugeVec,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
+fn histogram(registry: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)).expect("valid metric");
+    registry.register(Box::new(h.clone())).expect("unique metric");
+    h
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let registry = Registry::new();
+        let seconds = vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+        let queue_depth = IntGauge::new("warden_ingest_queue_depth", "Heartbeats waiting for a writer").unwrap();
+        registry.register(Box::new(queue_depth.clone())).unwrap();
+        let cycle_seconds = HistogramVec::new(
+            HistogramOpts::new("warden_evaluation_cycle_seconds", "Duration of evaluator cycles")
+                .buckets(seconds.clone()),
+            &["kind"],
+        )
+        .unwrap();
+        registry.register(Box::new(cycle_seconds.clone())).unwrap();
+        Self {
+            heartbeats: counter(&registry, "warden_heartbeats_total", "Heartbeats committed", &["path"]),
+            rejects: counter(&registry, "warden_heartbeat_rejects_total", "Heartbeat requests refused", &["reason"]),
+            flush_size: histogram(
+                &registry,
+                "warden_ingest_flush_size",
+                "Heartbeats written per group-commit transaction",
+                vec![1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0],
+            ),
+            commit_seconds: histogram(
+                &registry,
+                "warden_ingest_commit_seconds",
+                "Time to write and commit one group-commit transaction",
+                seconds,
+            ),
+            queue_depth,
+            cycle_seconds,
+            transitions: counter(&registry, "warden_liveness_transitions_total", "Liveness transitions", &["to"]),
+            recovery_attempts: counter(
+                &registry,
+                "warden_recovery_attempts_total",
+                "Recovery attempts finished, by outcome",
+                &["outcome"],
+            ),
+            deliveries: counter(
+                &registry,
+                "warden_alert_deliveries_total",
+                "Alert deliveries attempted, by channel and outcome",
+                &["channel", "outcome"],
+            ),
+            pool: gauge(&registry, "warden_db_pool_connections", "Database pool connections", &["state"]),
+            agents: gauge(&registry, "warden_agents", "Agents by liveness", &["liveness"]),
+            agents_by_tier: gauge(&registry, "warden_agents_by_tier", "Agents by health tier", &["tier"]),
+            incidents_open: gauge(&registry, "warden_incidents_open", "Open incidents by issue type", &["issue_type"]),
+            registry,
+        }
+    }
+
+    /// The registry in the Prometheus text format (version 0.0.4).
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding cannot fail");
+        String::from_utf8(out).expect("the text format is UTF-8")
+    }
+}
+
+/// The process-wide metrics.
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// The content type of [`Metrics::render`].
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";

@@ -1,0 +1,693 @@
+//! The recovery engine: every replica runs one, and they share the work
+//! through `warden.recovery_jobs`.
+//!
+//! Each tick (every `recovery.poll_interval`):
+//! 1. open a job for each new incident a strategy matches (unique per
+//!    incident, so two replicas cannot both open one);
+//! 2. cancel jobs whose incident resolved before their next attempt;
+//! 3. take over jobs whose lease expired mid-action (the replica running
+//!    it died): that attempt is marked abandoned and the job verifies
+//!    whether it worked anyway;
+//! 4. settle verifying jobs: succeeded once the agent was heard from after
+//!    the action and is online, else, past the verification time, failed;
+//! 5. claim due jobs with `FOR UPDATE SKIP LOCKED`, up to `max_concurrent`
+//!    active fleet-wide and none while a fleet outage is open, and run them.
+//!
+//! Each state change is its own short transaction that re-checks the job is
+//! still where it was, so replicas never step on each other, and an action
+//! is never run twice at once: a job's lease outlasts its action's timeout.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration as StdDuration;
+
+use chrono::{DateTime, Duration, Utc};
+use deadpool_postgres::Pool;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::exec::{self, Ended, Outcome};
+use super::plan::{self, Context, Position};
+use crate::config::{Action, RecoverySettings, Strategy};
+use crate::db::{self, DbError};
+use crate::health::incidents::IssueType;
+
+/// What one tick did, for tests and logs.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct TickReport {
+    pub opened: usize,
+    pub cancelled: usize,
+    pub taken_over: usize,
+    pub succeeded: usize,
+    pub failed: usize,
+    pub started: usize,
+    pub exhausted: usize,
+    pub paused_by_fleet_outage: bool,
+}
+
+pub struct Engine {
+    pool: Pool,
+    settings: Arc<RecoverySettings>,
+    recover_after_healthy: u32,
+    replica: String,
+    http: reqwest::Client,
+    /// Actions running on this replica.
+    running: TaskTracker,
+}
+
+impl Engine {
+    pub fn new(pool: Pool, settings: RecoverySettings, recover_after_healthy: u32, replica: String) -> Arc<Self> {
+        crate::alerting::tls::install_crypto_provider();
+        let http = reqwest::Client::builder().build().unwrap_or_default();
+        Arc::new(Self {
+            pool,
+            settings: Arc::new(settings),
+            recover_after_healthy,
+            replica,
+            http,
+            running: TaskTracker::new(),
+        })
+    }
+
+    /// Ticks until `stop`, then lets running actions finish.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        let mut ticks = tokio::time::interval(self.settings.poll_interval.get());
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = ticks.tick() => {}
+            }
+            match self.tick(None).await {
+                Ok(report) if report != TickReport::default() && !report.paused_by_fleet_outage => {
+                    tracing::debug!(?report, "recovery tick");
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "recovery tick failed; will retry"),
+            }
+        }
+        self.running.close();
+        self.running.wait().await;
+    }
+
+    /// Waits for the actions this replica started to finish (tests).
+    pub async fn settle(&self) {
+        self.running.close();
+        self.running.wait().await;
+        self.running.reopen();
+    }
+
+    /// One pass over the work; `now` from the database when `None`.
+    pub async fn tick(self: &Arc<Self>, now: Option<DateTime<Utc>>) -> Result<TickReport, DbError> {
+        let mut client = db::client(&self.pool).await?;
+        let now = match now {
+            Some(n) => n,
+            None => client.query_one("SELECT now()", &[]).await?.get(0),
+        };
+        let mut report = TickReport {
+            opened: self.open_jobs(&client, now).await?,
+            cancelled: cancel_resolved(&client, now).await? as usize,
+            ..TickReport::default()
+        };
+        report.taken_over = self.take_over_expired(&mut client, now).await?;
+        let (succeeded, failed, exhausted) = self.settle_verifying(&mut client, now).await?;
+        report.succeeded = succeeded;
+        report.failed = failed;
+        report.exhausted += exhausted;
+        let outage: bool = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM warden.incidents WHERE state = 'open' AND issue_type = 'fleet_outage')",
+                &[],
+            )
+            .await?
+            .get(0);
+        report.paused_by_fleet_outage = outage;
+        let (started, exhausted) = self.claim_and_start(&mut client, now, outage).await?;
+        report.started = started;
+        report.exhausted += exhausted;
+        Ok(report)
+    }
+
+    fn strategy(&self, name: &str) -> Option<&Strategy> {
+        self.settings.strategies.iter().find(|s| s.name == name)
+    }
+
+    /// Opens a job for each new incident that a strategy matches, unless the
+    /// agent's automatic recovery is blocked (an exhausted job whose
+    /// incident is still open).
+    async fn open_jobs(&self, client: &tokio_postgres::Client, now: DateTime<Utc>) -> Result<usize, DbError> {
+        if self.settings.strategies.is_empty() {
+            return Ok(0);
+        }
+        let rows = client
+            .query(
+                "SELECT i.id, i.agent_id, i.issue_type, s.labels FROM warden.incidents i \
+                 JOIN warden.agent_status s ON s.agent_id = i.agent_id \
+                 WHERE i.state = 'open' AND NOT i.predicted \
+                   AND NOT EXISTS (SELECT 1 FROM warden.recovery_jobs j WHERE j.incident_id = i.id) \
+                   AND NOT EXISTS (SELECT 1 FROM warden.recovery_jobs j JOIN warden.incidents x ON x.id = j.incident_id \
+                                   WHERE j.agent_id = i.agent_id AND j.state = 'exhausted' AND x.state = 'open')",
+                &[],
+            )
+            .await?;
+        let mut opened = 0;
+        for row in rows {
+            let Ok(issue) = row.get::<_, String>(2).parse::<IssueType>() else { continue };
+            let labels: BTreeMap<String, String> = serde_json::from_value(row.get::<_, Value>(3)).unwrap_or_default();
+            let Some(strategy) = plan::select(&self.settings.strategies, issue, &labels) else { continue };
+            let id: i64 = row.get(0);
+            let agent: String = row.get(1);
+            opened += client
+                .execute(
+                    "INSERT INTO warden.recovery_jobs (incident_id, agent_id, strategy, next_run_at, created_at, updated_at) \
+                     VALUES ($1, $2, $3, $4, $4, $4) ON CONFLICT (incident_id) DO NOTHING",
+                    &[&id, &agent, &strategy.name, &now],
+                )
+                .await? as usize;
+        }
+        Ok(opened)
+    }
+
+    /// Jobs whose lease ran out while an action was running: the replica
+    /// died. The attempt is abandoned (its effect unknown) and the job waits
+    /// to see whether it worked anyway.
+    async fn take_over_expired(&self, client: &mut db::Client, now: DateTime<Utc>) -> Result<usize, DbError> {
+        let tx = client.transaction().await?;
+        let rows = tx
+            .query(
+                "SELECT j.id, j.current_action_id, j.lease_owner, s.expected_interval_ms \
+                 FROM warden.recovery_jobs j JOIN warden.agent_status s ON s.agent_id = j.agent_id \
+                 WHERE j.state = 'running' AND j.lease_until < $1 FOR UPDATE OF j SKIP LOCKED",
+                &[&now],
+            )
+            .await?;
+        for row in &rows {
+            let job: i64 = row.get(0);
+            let action: Option<i64> = row.get(1);
+            let owner: Option<String> = row.get(2);
+            let verify = self.verify_for(row.get::<_, i32>(3));
+            tx.execute(
+                "UPDATE warden.recovery_actions SET state = 'abandoned', finished_at = $2, \
+                   outcome = $3 WHERE id = $1 AND state = 'running'",
+                &[
+                    &action,
+                    &now,
+                    &format!(
+                        "replica {} stopped before the action finished; its effect is unknown",
+                        owner.unwrap_or_default()
+                    ),
+                ],
+            )
+            .await?;
+            tx.execute(
+                "UPDATE warden.recovery_jobs SET state = 'verifying', verify_until = $2, lease_owner = NULL, \
+                   lease_until = NULL, updated_at = $3 WHERE id = $1",
+                &[&job, &(now + verify), &now],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(rows.len())
+    }
+
+    fn verify_for(&self, expected_interval_ms: i32) -> Duration {
+        let d = plan::verify_timeout(
+            self.settings.verify_timeout.map(|d| d.get()),
+            i64::from(expected_interval_ms),
+            self.recover_after_healthy,
+        );
+        Duration::from_std(d).unwrap_or(Duration::seconds(90))
+    }
+
+    /// Verifying jobs: the agent is back (heard from after the action
+    /// started, online) → succeeded; verification time over → failed.
+    async fn settle_verifying(
+        &self,
+        client: &mut db::Client,
+        now: DateTime<Utc>,
+    ) -> Result<(usize, usize, usize), DbError> {
+        let tx = client.transaction().await?;
+        let rows = tx
+            .query(
+                "SELECT j.id, j.current_action_id, j.verify_until, a.started_at, s.last_seen, s.liveness, \
+                        j.incident_id, j.attempts, j.strategy, a.action, j.agent_id \
+                 FROM warden.recovery_jobs j \
+                 JOIN warden.recovery_actions a ON a.id = j.current_action_id \
+                 JOIN warden.agent_status s ON s.agent_id = j.agent_id \
+                 WHERE j.state = 'verifying' FOR UPDATE OF j SKIP LOCKED",
+                &[],
+            )
+            .await?;
+        let (mut succeeded, mut failed, mut exhausted) = (0, 0, 0);
+        for row in &rows {
+            let job: i64 = row.get(0);
+            let action: i64 = row.get(1);
+            let verify_until: Option<DateTime<Utc>> = row.get(2);
+            let started: Option<DateTime<Utc>> = row.get(3);
+            let last_seen: DateTime<Utc> = row.get(4);
+            let liveness: String = row.get(5);
+            let incident: Option<i64> = row.get(6);
+            let attempts: i32 = row.get(7);
+            let strategy: String = row.get(8);
+            let action_name: String = row.get(9);
+            let agent: String = row.get(10);
+            let back = liveness == "online" && started.is_some_and(|s| last_seen > s);
+            if back {
+                let took = started.map(|s| (last_seen - s).num_milliseconds() as f64 / 1000.0).unwrap_or(0.0);
+                let credit = format!("auto-recovered by {strategy}/{action_name} on attempt {attempts}");
+                tx.execute(
+                    "UPDATE warden.recovery_actions SET state = 'succeeded', \
+                       outcome = coalesce(outcome || '; ', '') || $2 WHERE id = $1",
+                    &[&action, &format!("verified: the agent was back {took:.1}s after the action started")],
+                )
+                .await?;
+                finish(&tx, job, "succeeded", &credit, now).await?;
+                // Resolve the incident with the credit, or credit an
+                // evaluator resolution that beat us to it.
+                tx.execute(
+                    "WITH r AS ( \
+                       UPDATE warden.incidents SET state = 'resolved', resolved_at = greatest($2, opened_at), resolution = $3 \
+                       WHERE id = $1 AND state = 'open' RETURNING id, agent_id, issue_type, opened_at) \
+                     INSERT INTO warden.system_events (occurred_at, agent_id, event_type, severity, message, details) \
+                     SELECT $2, agent_id, 'incident_resolved', 'info', issue_type || ' resolved: ' || $3, \
+                            jsonb_build_object('incident_id', id, 'issue_type', issue_type, \
+                                               'duration_seconds', extract(epoch FROM $2 - opened_at)) FROM r",
+                    &[&incident, &now, &credit],
+                )
+                .await?;
+                tx.execute(
+                    "UPDATE warden.incidents SET resolution = $2 WHERE id = $1 AND resolution = 'condition cleared'",
+                    &[&incident, &credit],
+                )
+                .await?;
+                tx.execute(
+                    "UPDATE warden.alerts SET state = 'resolved', resolved_at = greatest($2, opened_at) \
+                     WHERE incident_id = $1 AND state <> 'resolved'",
+                    &[&incident, &now],
+                )
+                .await?;
+                event(
+                    &tx,
+                    now,
+                    &agent,
+                    "recovery_succeeded",
+                    "info",
+                    &credit,
+                    json!({"incident_id": incident, "job_id": job, "attempt": attempts}),
+                )
+                .await?;
+                crate::metrics::METRICS.recovery_attempts.with_label_values(&["succeeded"]).inc();
+                succeeded += 1;
+            } else if verify_until.is_some_and(|v| now >= v) {
+                let waited = verify_until.zip(started).map(|(v, s)| (v - s).num_seconds()).unwrap_or(0);
+                tx.execute(
+                    "UPDATE warden.recovery_actions SET state = 'failed', \
+                       outcome = coalesce(outcome || '; ', '') || $2 WHERE id = $1",
+                    &[&action, &format!("the agent did not come back within {waited}s")],
+                )
+                .await?;
+                crate::metrics::METRICS.recovery_attempts.with_label_values(&["failed"]).inc();
+                if self.after_failed_attempt(&tx, job, now).await? {
+                    exhausted += 1;
+                }
+                failed += 1;
+            }
+        }
+        tx.commit().await?;
+        Ok((succeeded, failed, exhausted))
+    }
+
+    /// After a failed attempt: schedule the next with backoff, or give up.
+    /// Returns whether the job is exhausted.
+    async fn after_failed_attempt(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        job: i64,
+        now: DateTime<Utc>,
+    ) -> Result<bool, DbError> {
+        let row = tx
+            .query_one(
+                "SELECT j.attempts, j.agent_id, j.manual, \
+                   (SELECT count(*) FROM warden.recovery_actions a WHERE a.agent_id = j.agent_id \
+                      AND a.started_at > greatest($2::timestamptz - $3::float8 * interval '1 second', coalesce(j.window_start, '-infinity'))) \
+                 FROM warden.recovery_jobs j WHERE j.id = $1",
+                &[&job, &now, &self.settings.attempt_window.get().as_secs_f64()],
+            )
+            .await?;
+        let attempts: i32 = row.get(0);
+        let manual: bool = row.get(2);
+        let in_window: i64 = row.get(3);
+        if manual || in_window >= i64::from(self.settings.max_attempts) {
+            self.give_up(tx, job, now, in_window, manual).await?;
+            return Ok(true);
+        }
+        let wait =
+            plan::backoff(attempts.max(1) as u32, self.settings.backoff_base.get(), self.settings.backoff_cap.get());
+        tx.execute(
+            "UPDATE warden.recovery_jobs SET state = 'pending', next_run_at = $2, lease_owner = NULL, lease_until = NULL, \
+               verify_until = NULL, updated_at = $3 WHERE id = $1",
+            &[&job, &(now + Duration::from_std(wait).unwrap_or(Duration::seconds(10))), &now],
+        )
+        .await?;
+        Ok(false)
+    }
+
+    /// No more automatic attempts: records what was tried and escalates
+    /// with a critical recovery_failed event (alerting pages on it). A
+    /// manual run that failed simply ends.
+    async fn give_up(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        job: i64,
+        now: DateTime<Utc>,
+        in_window: i64,
+        manual: bool,
+    ) -> Result<(), DbError> {
+        let tried: Vec<Value> = tx
+            .query(
+                "SELECT jsonb_build_object('strategy', strategy, 'action', action, 'attempt', attempt, 'state', state, \
+                   'outcome', outcome, 'started_at', started_at, 'finished_at', finished_at) \
+                 FROM warden.recovery_actions WHERE job_id = $1 ORDER BY id",
+                &[&job],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let info = tx
+            .query_one("SELECT agent_id, incident_id, strategy FROM warden.recovery_jobs WHERE id = $1", &[&job])
+            .await?;
+        let agent: String = info.get(0);
+        let incident: Option<i64> = info.get(1);
+        let strategy: String = info.get(2);
+        let summary = if manual {
+            format!("manual recovery of {agent} with {strategy} failed")
+        } else {
+            format!(
+                "recovery of {agent} gave up after {in_window} attempts in {}: {}",
+                crate::config::Duration::from(self.settings.attempt_window.get()),
+                tried
+                    .iter()
+                    .map(|t| format!(
+                        "{} #{} {}",
+                        t["action"].as_str().unwrap_or("?"),
+                        t["attempt"],
+                        t["state"].as_str().unwrap_or("?")
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        finish(tx, job, "exhausted", &summary, now).await?;
+        if !manual {
+            event(
+                tx,
+                now,
+                &agent,
+                "recovery_failed",
+                "critical",
+                &summary,
+                json!({"incident_id": incident, "job_id": job, "strategy": strategy, "attempts": tried}),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Claims due jobs and starts their next action.
+    async fn claim_and_start(
+        self: &Arc<Self>,
+        client: &mut db::Client,
+        now: DateTime<Utc>,
+        outage: bool,
+    ) -> Result<(usize, usize), DbError> {
+        let tx = client.transaction().await?;
+        let active: i64 = tx
+            .query_one("SELECT count(*) FROM warden.recovery_jobs WHERE state IN ('running', 'verifying')", &[])
+            .await?
+            .get(0);
+        let room = i64::from(self.settings.max_concurrent) - active;
+        if room <= 0 {
+            tx.commit().await?;
+            return Ok((0, 0));
+        }
+        // While the fleet is out only manual runs start: one emergency page
+        // instead of a restart storm.
+        let rows = tx
+            .query(
+                "SELECT j.id, j.agent_id, j.strategy, j.action_index, j.action_attempts, j.attempts, j.incident_id, \
+                        j.manual, i.issue_type, s.name, s.labels, s.expected_interval_ms, \
+                        (SELECT count(*) FROM warden.recovery_actions a WHERE a.agent_id = j.agent_id \
+                           AND a.started_at > greatest($2::timestamptz - $3::float8 * interval '1 second', \
+                                                       coalesce(j.window_start, '-infinity'))) \
+                 FROM warden.recovery_jobs j \
+                 JOIN warden.agent_status s ON s.agent_id = j.agent_id \
+                 LEFT JOIN warden.incidents i ON i.id = j.incident_id \
+                 WHERE j.state = 'pending' AND j.next_run_at <= $2 AND (j.manual OR NOT $4) \
+                 ORDER BY j.next_run_at LIMIT $1 FOR UPDATE OF j SKIP LOCKED",
+                &[&room, &now, &self.settings.attempt_window.get().as_secs_f64(), &outage],
+            )
+            .await?;
+        let mut starts = Vec::new();
+        let mut exhausted = 0;
+        for row in &rows {
+            let job: i64 = row.get(0);
+            let agent: String = row.get(1);
+            let strategy_name: String = row.get(2);
+            let manual: bool = row.get(7);
+            let in_window: i64 = row.get(12);
+            let Some(strategy) = self.strategy(&strategy_name).cloned() else {
+                finish(&tx, job, "cancelled", &format!("strategy {strategy_name} is no longer configured"), now)
+                    .await?;
+                continue;
+            };
+            if !manual && in_window >= i64::from(self.settings.max_attempts) {
+                self.give_up(&tx, job, now, in_window, false).await?;
+                exhausted += 1;
+                continue;
+            }
+            let pos = plan::next_position(
+                &strategy,
+                Position { action_index: row.get::<_, i32>(3) as usize, action_attempts: row.get::<_, i32>(4) as u32 },
+            );
+            let action = strategy.actions[pos.action_index].clone();
+            let attempt = row.get::<_, i32>(5) + 1;
+            let ctx = Context {
+                agent_id: agent.clone(),
+                agent_name: row.get(9),
+                issue_type: row.get(8),
+                incident_id: row.get(6),
+                labels: serde_json::from_value(row.get::<_, Value>(10)).unwrap_or_default(),
+            };
+            let timeout = action.timeout().map(|t| t.get()).unwrap_or(StdDuration::from_secs(1));
+            let margin = Duration::from_std(self.settings.lease_margin.get()).unwrap_or(Duration::seconds(30));
+            let lease = now + Duration::from_std(timeout).unwrap_or(Duration::seconds(30)) + margin;
+            // Written before it starts: the attempt exists even if we die now.
+            let action_id: i64 = tx
+                .query_one(
+                    "INSERT INTO warden.recovery_actions \
+                       (incident_id, agent_id, strategy, action, attempt, state, created_at, started_at, job_id) \
+                     VALUES ($1, $2, $3, $4, $5, 'running', $6, $6, $7) RETURNING id",
+                    &[&ctx.incident_id, &agent, &strategy.name, &action.label(pos.action_index), &attempt, &now, &job],
+                )
+                .await?
+                .get(0);
+            tx.execute(
+                "UPDATE warden.recovery_jobs SET state = 'running', action_index = $2, action_attempts = $3 + 1, \
+                   attempts = $4, current_action_id = $5, lease_owner = $6, lease_until = $7, updated_at = $8 \
+                 WHERE id = $1",
+                &[
+                    &job,
+                    &(pos.action_index as i32),
+                    &(pos.action_attempts as i32),
+                    &attempt,
+                    &action_id,
+                    &self.replica,
+                    &lease,
+                    &now,
+                ],
+            )
+            .await?;
+            starts.push(Start { job, action_id, action, ctx, expected_interval_ms: row.get(11) });
+        }
+        tx.commit().await?;
+        let started = starts.len();
+        for start in starts {
+            let engine = self.clone();
+            self.running.spawn(async move {
+                if let Err(e) = engine.execute(start).await {
+                    tracing::warn!(error = %e, "could not record a recovery action's result; its lease will expire");
+                }
+            });
+        }
+        Ok((started, exhausted))
+    }
+
+    /// Runs the action, then records how it ended.
+    async fn execute(self: Arc<Self>, start: Start) -> Result<(), DbError> {
+        let outcome = self.perform(&start.action, &start.ctx).await;
+        let mut client = db::client(&self.pool).await?;
+        let tx = client.transaction().await?;
+        let now: DateTime<Utc> = tx.query_one("SELECT now()", &[]).await?.get(0);
+        // Only if the job is still ours: a replica that took over owns it now.
+        let ours = tx
+            .execute(
+                "SELECT 1 FROM warden.recovery_jobs WHERE id = $1 AND state = 'running' AND current_action_id = $2 \
+                   AND lease_owner = $3 FOR UPDATE",
+                &[&start.job, &start.action_id, &self.replica],
+            )
+            .await?
+            == 1;
+        if !ours {
+            tx.commit().await?;
+            return Ok(());
+        }
+        let state = match outcome.ended {
+            Ended::Done => "verifying",
+            Ended::Failed => "failed",
+            Ended::TimedOut => "timed_out",
+        };
+        tx.execute(
+            "UPDATE warden.recovery_actions SET state = $2, finished_at = $3, outcome = $4, detail = $5 WHERE id = $1",
+            &[&start.action_id, &state, &now, &outcome.summary, &outcome.detail],
+        )
+        .await?;
+        if state != "verifying" {
+            crate::metrics::METRICS.recovery_attempts.with_label_values(&[state]).inc();
+        }
+        if outcome.ended == Ended::Done {
+            let verify = self.verify_for(start.expected_interval_ms);
+            tx.execute(
+                "UPDATE warden.recovery_jobs SET state = 'verifying', verify_until = $2, lease_owner = NULL, \
+                   lease_until = NULL, updated_at = $3 WHERE id = $1",
+                &[&start.job, &(now + verify), &now],
+            )
+            .await?;
+        } else {
+            self.after_failed_attempt(&tx, start.job, now).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn perform(&self, action: &Action, ctx: &Context) -> Outcome {
+        let limit = self.settings.output_limit;
+        match action {
+            Action::Command { argv, timeout, .. } => {
+                let filled: Result<Vec<String>, String> = argv.iter().map(|a| plan::fill(a, ctx)).collect();
+                match filled {
+                    Ok(argv) => {
+                        let env = exec::command_env(&ctx.agent_id, ctx.issue_type.as_deref(), ctx.incident_id);
+                        exec::run_command(&argv, &env, timeout.get(), limit).await
+                    }
+                    Err(e) => Outcome::failed(e.clone(), json!({"error": e})),
+                }
+            }
+            Action::Http { method, url, headers, body, expect_status, timeout, .. } => {
+                let filled = (|| -> Result<_, String> {
+                    let url = fill_url(url, ctx)?;
+                    let headers: BTreeMap<String, String> = headers
+                        .iter()
+                        .map(|(k, v)| Ok((k.clone(), plan::fill(v, ctx)?)))
+                        .collect::<Result<_, String>>()?;
+                    let body = body.as_ref().map(|b| plan::fill_json(b, ctx)).transpose()?;
+                    Ok((url, headers, body))
+                })();
+                match filled {
+                    Ok((url, headers, body)) => {
+                        let call = exec::HttpCall {
+                            method,
+                            url: &url,
+                            headers: &headers,
+                            body: body.as_ref(),
+                            expect_status,
+                            timeout: timeout.get(),
+                            output_limit: limit,
+                        };
+                        exec::run_http(&self.http, call).await
+                    }
+                    Err(e) => Outcome::failed(e.clone(), json!({"error": e})),
+                }
+            }
+            Action::None { .. } => Outcome::failed(
+                "alert only: no automatic action is configured for this strategy",
+                json!({"kind": "none"}),
+            ),
+        }
+    }
+}
+
+/// Fills a URL template, percent-encoding each filled-in value so agent
+/// text cannot change the URL's structure.
+fn fill_url(template: &str, ctx: &Context) -> Result<String, String> {
+    let mut encoded = Context { agent_id: encode(&ctx.agent_id), ..ctx.clone() };
+    encoded.agent_name = ctx.agent_name.as_deref().map(encode);
+    encoded.issue_type = ctx.issue_type.as_deref().map(encode);
+    encoded.labels = ctx.labels.iter().map(|(k, v)| (k.clone(), encode(v))).collect();
+    plan::fill(template, &encoded)
+}
+
+fn encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}
+
+struct Start {
+    job: i64,
+    action_id: i64,
+    action: Action,
+    ctx: Context,
+    expected_interval_ms: i32,
+}
+
+async fn finish(
+    tx: &tokio_postgres::Transaction<'_>,
+    job: i64,
+    state: &str,
+    outcome: &str,
+    now: DateTime<Utc>,
+) -> Result<(), DbError> {
+    tx.execute(
+        "UPDATE warden.recovery_jobs SET state = $2, outcome = $3, finished_at = $4, updated_at = $4, \
+           lease_owner = NULL, lease_until = NULL WHERE id = $1",
+        &[&job, &state, &outcome, &now],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn event(
+    tx: &tokio_postgres::Transaction<'_>,
+    now: DateTime<Utc>,
+    agent: &str,
+    kind: &str,
+    severity: &str,
+    message: &str,
+    details: Value,
+) -> Result<(), DbError> {
+    tx.execute(
+        "INSERT INTO warden.system_events (occurred_at, agent_id, event_type, severity, message, details) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
+        &[&now, &agent, &kind, &severity, &message, &details],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Jobs waiting for their next attempt whose incident resolved meanwhile.
+async fn cancel_resolved(client: &tokio_postgres::Client, now: DateTime<Utc>) -> Result<u64, DbError> {
+    Ok(client
+        .execute(
+            "UPDATE warden.recovery_jobs j SET state = 'cancelled', finished_at = $1, updated_at = $1, \
+               outcome = 'the incident resolved before the next attempt' \
+             FROM warden.incidents i WHERE i.id = j.incident_id AND i.state = 'resolved' AND j.state = 'pending'",
+            &[&now],
+        )
+        .await?)
+}

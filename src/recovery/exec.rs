@@ -1,0 +1,289 @@
+//! Running one recovery action: a command (no shell, empty environment,
+//! own process group, killed at its timeout, output captured up to a
+//! limit) or an HTTP call.
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tokio::io::AsyncReadExt;
+
+/// How an action ended, before verification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// It did its part; the agent must now come back.
+    Done,
+    Failed,
+    TimedOut,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub ended: Ended,
+    /// One line for humans.
+    pub summary: String,
+    /// Exit code, status, output excerpts, error.
+    pub detail: Value,
+}
+
+impl Outcome {
+    pub fn failed(summary: impl Into<String>, detail: Value) -> Self {
+        Self { ended: Ended::Failed, summary: summary.into(), detail }
+    }
+}
+
+/// Environment variables a command gets; nothing else of warden's
+/// environment (which holds secrets) is passed on.
+pub fn command_env(agent_id: &str, issue_type: Option<&str>, incident_id: Option<i64>) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    env.insert("PATH".into(), std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()));
+    env.insert("WARDEN_AGENT_ID".into(), agent_id.into());
+    if let Some(issue) = issue_type {
+        env.insert("WARDEN_ISSUE_TYPE".into(), issue.into());
+    }
+    if let Some(id) = incident_id {
+        env.insert("WARDEN_INCIDENT_ID".into(), id.to_string());
+    }
+    env
+}
+
+/// Reads at most `limit` bytes, then drains (and drops) the rest so the
+/// child never blocks on a full pipe.
+async fn read_limited<R: tokio::io::AsyncRead + Unpin>(mut reader: R, limit: usize) -> (String, bool) {
+    let mut kept = Vec::new();
+    let mut buf = [0u8; 8192];
+    let mut truncated = false;
+    loop {
+        match reader.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                let room = limit.saturating_sub(kept.len());
+                kept.extend_from_slice(&buf[..n.min(room)]);
+                truncated |= n > room;
+            }
+        }
+    }
+    (String::from_utf8_lossy(&kept).into_owned(), truncated)
+}
+
+/// Runs `argv` and waits up to `timeout`.
+pub async fn run_command(
+    argv: &[String],
+    env: &BTreeMap<String, String>,
+    timeout: Duration,
+    output_limit: usize,
+) -> Outcome {
+    let Some((program, args)) = argv.split_first() else {
+        return Outcome::failed("no program to run", json!({}));
+    };
+    let started = Instant::now();
+    let mut command = tokio::process::Command::new(program);
+    command
+        .args(args)
+        .env_clear()
+        .envs(env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    // Its own process group, so a timeout kills everything it started.
+    #[cfg(unix)]
+    command.process_group(0);
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            return Outcome::failed(format!("could not start {program}: {e}"), json!({"error": e.to_string()}));
+        }
+    };
+    let stdout = child.stdout.take().map(|o| tokio::spawn(read_limited(o, output_limit)));
+    let stderr = child.stderr.take().map(|e| tokio::spawn(read_limited(e, output_limit)));
+    let waited = tokio::time::timeout(timeout, child.wait()).await;
+    let timed_out = waited.is_err();
+    let status = match waited {
+        Ok(status) => status.ok(),
+        Err(_) => {
+            kill_group(&child);
+            let _ = child.kill().await;
+            None
+        }
+    };
+    // Output of a killed group ends with it; a grandchild that kept the
+    // pipe open is not waited for beyond a moment.
+    let collect = |task: Option<tokio::task::JoinHandle<(String, bool)>>| async move {
+        match task {
+            Some(t) => {
+                tokio::time::timeout(Duration::from_secs(2), t).await.ok().and_then(Result::ok).unwrap_or_default()
+            }
+            None => Default::default(),
+        }
+    };
+    let (out, out_cut) = collect(stdout).await;
+    let (err, err_cut) = collect(stderr).await;
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    let mut detail = json!({
+        "argv": argv,
+        "stdout": out,
+        "stderr": err,
+        "stdout_truncated": out_cut,
+        "stderr_truncated": err_cut,
+        "duration_ms": elapsed_ms,
+    });
+    match (timed_out, status) {
+        (true, _) => {
+            detail["timeout_ms"] = json!(timeout.as_millis() as u64);
+            Outcome {
+                ended: Ended::TimedOut,
+                summary: format!("{program} did not finish within {}s and was killed", timeout.as_secs_f64()),
+                detail,
+            }
+        }
+        (false, Some(status)) if status.success() => {
+            detail["exit_code"] = json!(0);
+            Outcome { ended: Ended::Done, summary: format!("{program} exited 0"), detail }
+        }
+        (false, Some(status)) => {
+            detail["exit_code"] = json!(status.code());
+            #[cfg(unix)]
+            {
+                use std::os::unix::process::ExitStatusExt;
+                detail["signal"] = json!(status.signal());
+            }
+            let code = status.code().map(|c| c.to_string()).unwrap_or_else(|| "by a signal".into());
+            Outcome { ended: Ended::Failed, summary: format!("{program} exited {code}"), detail }
+        }
+        (false, None) => Outcome::failed(format!("could not wait for {program}"), detail),
+    }
+}
+
+fn kill_group(child: &tokio::process::Child) {
+    #[cfg(unix)]
+    if let Some(pid) = child.id() {
+        // SAFETY: kill(2) on the process group we created for this child.
+        unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };
+    }
+}
+
+/// One filled-in HTTP action, ready to send.
+pub struct HttpCall<'a> {
+    pub method: &'a str,
+    pub url: &'a str,
+    pub headers: &'a BTreeMap<String, String>,
+    pub body: Option<&'a Value>,
+    /// Accepted statuses; empty means any 2xx.
+    pub expect_status: &'a [u16],
+    pub timeout: Duration,
+    /// Bytes of the response body kept in the log.
+    pub output_limit: usize,
+}
+
+/// Calls an HTTP endpoint and checks the status.
+pub async fn run_http(client: &reqwest::Client, call: HttpCall<'_>) -> Outcome {
+    let HttpCall { method, url, headers, body, expect_status, timeout, output_limit } = call;
+    let started = Instant::now();
+    let method = match reqwest::Method::from_bytes(method.as_bytes()) {
+        Ok(m) => m,
+        Err(_) => return Outcome::failed(format!("bad method {method}"), json!({})),
+    };
+    let mut request = client.request(method.clone(), url).timeout(timeout);
+    for (name, value) in headers {
+        request = request.header(name, value);
+    }
+    if let Some(body) = body {
+        request = request.json(body);
+    }
+    let response = match request.send().await {
+        Ok(r) => r,
+        Err(e) if e.is_timeout() => {
+            return Outcome {
+                ended: Ended::TimedOut,
+                summary: format!("{method} {url} got no answer within {}s", timeout.as_secs_f64()),
+                detail: json!({"url": url, "error": e.to_string(), "timeout_ms": timeout.as_millis() as u64}),
+            };
+        }
+        Err(e) => {
+            return Outcome::failed(format!("{method} {url} failed: {e}"), json!({"url": url, "error": e.to_string()}));
+        }
+    };
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap_or_default();
+    let excerpt: String = text.chars().take(output_limit).collect();
+    let detail = json!({
+        "url": url,
+        "method": method.as_str(),
+        "status": status,
+        "body": excerpt,
+        "duration_ms": started.elapsed().as_millis() as u64,
+    });
+    let accepted =
+        if expect_status.is_empty() { (200..300).contains(&status) } else { expect_status.contains(&status) };
+    if accepted {
+        Outcome { ended: Ended::Done, summary: format!("{method} {url} answered {status}"), detail }
+    } else {
+        Outcome::failed(format!("{method} {url} answered {status}, expected {expect_status:?}"), detail)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env() -> BTreeMap<String, String> {
+        command_env("a1", Some("agent_unresponsive"), Some(7))
+    }
+
+    #[tokio::test]
+    async fn a_successful_command_reports_exit_0_and_its_output() {
+        let argv = ["/bin/sh", "-c", "echo out; echo err >&2"].map(String::from);
+        let o = run_command(&argv, &env(), Duration::from_secs(10), 100).await;
+        assert_eq!(o.ended, Ended::Done);
+        assert_eq!(o.detail["exit_code"], 0);
+        assert_eq!(o.detail["stdout"], "out\n");
+        assert_eq!(o.detail["stderr"], "err\n");
+    }
+
+    #[tokio::test]
+    async fn a_failing_command_reports_its_exit_code() {
+        let argv = ["/bin/sh", "-c", "exit 3"].map(String::from);
+        let o = run_command(&argv, &env(), Duration::from_secs(10), 100).await;
+        assert_eq!(o.ended, Ended::Failed);
+        assert_eq!(o.detail["exit_code"], 3);
+        assert!(o.summary.contains("exited 3"));
+    }
+
+    #[tokio::test]
+    async fn a_slow_command_is_killed_at_its_timeout() {
+        let argv = ["/bin/sleep", "30"].map(String::from);
+        let started = Instant::now();
+        let o = run_command(&argv, &env(), Duration::from_millis(200), 100).await;
+        assert_eq!(o.ended, Ended::TimedOut);
+        assert!(started.elapsed() < Duration::from_secs(20), "killed, not waited for");
+    }
+
+    #[tokio::test]
+    async fn output_is_kept_up_to_the_limit() {
+        let argv = ["/bin/sh", "-c", "head -c 100000 /dev/zero | tr '\\\\0' x"].map(String::from);
+        let o = run_command(&argv, &env(), Duration::from_secs(10), 64).await;
+        assert_eq!(o.detail["stdout"].as_str().unwrap().len(), 64);
+        assert_eq!(o.detail["stdout_truncated"], true);
+    }
+
+    #[tokio::test]
+    async fn commands_see_only_their_own_environment() {
+        // warden's environment holds secrets; a command gets none of it.
+        let argv = ["/usr/bin/env"].map(String::from);
+        let o = run_command(&argv, &env(), Duration::from_secs(10), 4096).await;
+        let mut names: Vec<&str> =
+            o.detail["stdout"].as_str().unwrap().lines().filter_map(|l| l.split('=').next()).collect();
+        names.sort();
+        assert_eq!(names, ["PATH", "WARDEN_AGENT_ID", "WARDEN_INCIDENT_ID", "WARDEN_ISSUE_TYPE"]);
+    }
+
+    #[tokio::test]
+    async fn a_missing_program_fails_clearly() {
+        let argv = ["/nonexistent/restart".to_string()];
+        let o = run_command(&argv, &env(), Duration::from_secs(1), 64).await;
+        assert_eq!(o.ended, Ended::Failed);
+        assert!(o.summary.contains("could not start"), "{}", o.summary);
+    }
+}

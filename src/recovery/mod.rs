@@ -1,0 +1,159 @@
+//! Automated recovery: when an incident opens, warden tries to fix it
+//! before it wakes anyone, and records every step in
+//! `warden.recovery_actions`.
+//!
+//! - [`plan`]: pure decisions (strategy, next action, backoff, verification
+//!   time, placeholder filling).
+//! - [`exec`]: running a command or an HTTP call, bounded and logged.
+//! - [`engine`]: jobs in PostgreSQL, shared by every replica.
+//! - this module: manual control (run now, reset, list).
+
+pub mod engine;
+pub mod exec;
+pub mod plan;
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+use crate::config::RecoverySettings;
+use crate::db::DbError;
+
+/// Why a manual request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ManualError {
+    #[error("no agent {0}")]
+    UnknownAgent(String),
+    #[error("no strategy named {0}")]
+    UnknownStrategy(String),
+    #[error("no configured strategy applies to {0}; name one")]
+    NoStrategy(String),
+    #[error("a recovery of {0} is already running")]
+    Busy(String),
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+impl From<tokio_postgres::Error> for ManualError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Self::Db(e.into())
+    }
+}
+
+/// Queues a manual recovery of `agent` (now, outside backoff and the
+/// attempt limit). Returns the job id.
+pub async fn run_now(
+    client: &tokio_postgres::Client,
+    settings: &RecoverySettings,
+    agent: &str,
+    strategy: Option<&str>,
+) -> Result<i64, ManualError> {
+    let row = client
+        .query_opt("SELECT labels FROM warden.agent_status WHERE agent_id = $1", &[&agent])
+        .await?
+        .ok_or_else(|| ManualError::UnknownAgent(agent.to_string()))?;
+    let chosen = match strategy {
+        Some(name) => settings
+            .strategies
+            .iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| ManualError::UnknownStrategy(name.to_string()))?,
+        None => {
+            let labels = serde_json::from_value(row.get::<_, Value>(0)).unwrap_or_default();
+            settings
+                .strategies
+                .iter()
+                .find(|s| s.labels.iter().all(|(k, v)| labels_get(&labels, k) == Some(v)))
+                .ok_or_else(|| ManualError::NoStrategy(agent.to_string()))?
+        }
+    };
+    let busy: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM warden.recovery_jobs WHERE agent_id = $1 AND state IN ('running', 'verifying'))",
+            &[&agent],
+        )
+        .await?
+        .get(0);
+    if busy {
+        return Err(ManualError::Busy(agent.to_string()));
+    }
+    let id: i64 = client
+        .query_one(
+            "INSERT INTO warden.recovery_jobs (agent_id, strategy, manual) VALUES ($1, $2, true) RETURNING id",
+            &[&agent, &chosen.name],
+        )
+        .await?
+        .get(0);
+    Ok(id)
+}
+
+fn labels_get<'a>(labels: &'a std::collections::BTreeMap<String, String>, key: &str) -> Option<&'a String> {
+    labels.get(key)
+}
+
+/// Lifts the block on an agent whose recovery gave up: its exhausted jobs
+/// (of incidents still open) start afresh, with a fresh attempt window.
+/// Returns how many jobs were reset.
+pub async fn reset(client: &tokio_postgres::Client, agent: &str) -> Result<u64, DbError> {
+    Ok(client
+        .execute(
+            "UPDATE warden.recovery_jobs j SET state = 'pending', next_run_at = now(), window_start = now(), \
+               action_index = 0, action_attempts = 0, finished_at = NULL, outcome = NULL, updated_at = now() \
+             FROM warden.incidents i \
+             WHERE j.agent_id = $1 AND j.state = 'exhausted' AND i.id = j.incident_id AND i.state = 'open'",
+            &[&agent],
+        )
+        .await?)
+}
+
+/// One row of the recovery history.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ActionRow {
+    pub id: i64,
+    pub incident_id: Option<i64>,
+    pub agent_id: String,
+    pub strategy: String,
+    pub action: String,
+    pub attempt: i32,
+    pub state: String,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub outcome: Option<String>,
+    pub detail: Value,
+}
+
+/// Recovery actions, newest first, optionally for one agent or incident,
+/// before an id (keyset pagination).
+pub async fn history(
+    client: &tokio_postgres::Client,
+    agent: Option<&str>,
+    incident: Option<i64>,
+    before: Option<i64>,
+    limit: i64,
+) -> Result<Vec<ActionRow>, DbError> {
+    let rows = client
+        .query(
+            "SELECT id, incident_id, agent_id, strategy, action, attempt, state, started_at, finished_at, outcome, detail \
+             FROM warden.recovery_actions \
+             WHERE ($1::text IS NULL OR agent_id = $1) AND ($2::bigint IS NULL OR incident_id = $2) \
+               AND ($3::bigint IS NULL OR id < $3) \
+             ORDER BY id DESC LIMIT $4",
+            &[&agent, &incident, &before, &limit],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| ActionRow {
+            id: r.get(0),
+            incident_id: r.get(1),
+            agent_id: r.get(2),
+            strategy: r.get(3),
+            action: r.get(4),
+            attempt: r.get(5),
+            state: r.get(6),
+            started_at: r.get(7),
+            finished_at: r.get(8),
+            outcome: r.get(9),
+            detail: r.get(10),
+        })
+        .collect())
+}

@@ -1,0 +1,213 @@
+//! The recovery engine's decisions, as plain functions: which strategy,
+//! which action next, how long to back off, how long to verify, and what an
+//! argument becomes once its placeholders are filled in.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::config::{Action, Strategy};
+use crate::health::incidents::IssueType;
+
+/// Exponential backoff before attempt `n + 1`, after `n` attempts (n ≥ 1):
+/// base × 2^(n−1), capped.
+pub fn backoff(attempts: u32, base: Duration, cap: Duration) -> Duration {
+    let exponent = attempts.saturating_sub(1).min(30);
+    base.saturating_mul(1u32 << exponent).min(cap)
+}
+
+/// How long to wait for the agent to come back after an action: the
+/// setting if given, else `recover_after_healthy` of the agent's intervals
+/// plus half again (it must send that many on-time heartbeats to be online).
+pub fn verify_timeout(setting: Option<Duration>, expected_interval_ms: i64, recover_after_healthy: u32) -> Duration {
+    setting.unwrap_or_else(|| {
+        let ms = expected_interval_ms.max(1) as f64 * f64::from(recover_after_healthy.max(1)) * 1.5;
+        Duration::from_millis(ms as u64)
+    })
+}
+
+/// The first strategy for this issue whose labels the agent all has.
+pub fn select<'a>(
+    strategies: &'a [Strategy],
+    issue: IssueType,
+    labels: &BTreeMap<String, String>,
+) -> Option<&'a Strategy> {
+    strategies.iter().find(|s| s.issues.contains(&issue) && s.labels.iter().all(|(k, v)| labels.get(k) == Some(v)))
+}
+
+/// Where in a strategy's action list the next attempt runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    pub action_index: usize,
+    /// Attempts already made with that action.
+    pub action_attempts: u32,
+}
+
+/// The action for the next attempt: the current one until it has had its
+/// attempts, then the next; the last one repeats.
+pub fn next_position(strategy: &Strategy, pos: Position) -> Position {
+    let last = strategy.actions.len().saturating_sub(1);
+    let index = pos.action_index.min(last);
+    let allowed = strategy.actions.get(index).map(Action::attempts).unwrap_or(1);
+    if pos.action_attempts >= allowed && index < last {
+        Position { action_index: index + 1, action_attempts: 0 }
+    } else {
+        Position { action_index: index, action_attempts: pos.action_attempts }
+    }
+}
+
+/// What placeholders stand for, for one recovery.
+#[derive(Debug, Clone, Default)]
+pub struct Context {
+    pub agent_id: String,
+    pub agent_name: Option<String>,
+    pub issue_type: Option<String>,
+    pub incident_id: Option<i64>,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Context {
+    fn value(&self, name: &str) -> Result<String, String> {
+        match name {
+            "agent_id" => Ok(self.agent_id.clone()),
+            "agent_name" => Ok(self.agent_name.clone().unwrap_or_else(|| self.agent_id.clone())),
+            "issue_type" => self.issue_type.clone().ok_or_else(|| "no issue type (a manual recovery)".into()),
+            "incident_id" => {
+                self.incident_id.map(|i| i.to_string()).ok_or_else(|| "no incident (a manual recovery)".into())
+            }
+            other => match other.strip_prefix("label.") {
+                Some(label) => {
+                    self.labels.get(label).cloned().ok_or_else(|| format!("the agent has no label {label:?}"))
+                }
+                None => Err(format!("unknown placeholder {{{other}}}")),
+            },
+        }
+    }
+}
+
+/// Fills in one argument (or URL, header, body string). The result is one
+/// value whatever the agent's text contains: no splitting, no shell. A
+/// value that would begin an argument with "-" is refused, so an agent named
+/// "--all" cannot turn into an option of the command.
+pub fn fill(template: &str, ctx: &Context) -> Result<String, String> {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(start) = rest.find('{') {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 1..];
+        let end = after.find('}').ok_or_else(|| format!("unclosed {{ in {template:?}"))?;
+        let value = ctx.value(&after[..end])?;
+        if out.is_empty() && value.starts_with('-') {
+            return Err(format!("refused: {value:?} would begin an argument with '-' and could be read as an option"));
+        }
+        if value.contains('\0') {
+            return Err("refused: a value contains a NUL byte".into());
+        }
+        out.push_str(&value);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Fills in every string inside a JSON body template.
+pub fn fill_json(template: &serde_json::Value, ctx: &Context) -> Result<serde_json::Value, String> {
+    use serde_json::Value;
+    Ok(match template {
+        Value::String(s) => Value::String(fill(s, ctx)?),
+        Value::Array(items) => Value::Array(items.iter().map(|v| fill_json(v, ctx)).collect::<Result<_, _>>()?),
+        Value::Object(map) => {
+            Value::Object(map.iter().map(|(k, v)| Ok((k.clone(), fill_json(v, ctx)?))).collect::<Result<_, String>>()?)
+        }
+        other => other.clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strategy(actions: Vec<Action>) -> Strategy {
+        Strategy { name: "s".into(), issues: vec![IssueType::AgentUnresponsive], labels: BTreeMap::new(), actions }
+    }
+
+    fn command(attempts: u32) -> Action {
+        Action::Command {
+            name: None,
+            argv: vec!["true".into()],
+            timeout: crate::config::Duration::from_secs(1),
+            attempts,
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_from_the_base_up_to_the_cap() {
+        let (base, cap) = (Duration::from_secs(10), Duration::from_secs(300));
+        let waits: Vec<u64> = (1..=7).map(|n| backoff(n, base, cap).as_secs()).collect();
+        assert_eq!(waits, vec![10, 20, 40, 80, 160, 300, 300]);
+        assert_eq!(backoff(1000, base, cap), cap, "no overflow");
+    }
+
+    #[test]
+    fn verification_waits_the_recovery_heartbeats_plus_half() {
+        assert_eq!(verify_timeout(None, 30_000, 2), Duration::from_secs(90));
+        assert_eq!(verify_timeout(Some(Duration::from_secs(5)), 30_000, 2), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn the_first_matching_strategy_wins_and_labels_must_all_match() {
+        let mut workers = strategy(vec![command(1)]);
+        workers.name = "workers".into();
+        workers.labels.insert("role".into(), "worker".into());
+        let mut any = strategy(vec![command(1)]);
+        any.name = "any".into();
+        let strategies = vec![workers, any];
+        let worker_labels: BTreeMap<String, String> = [("role".to_string(), "worker".to_string())].into();
+        assert_eq!(select(&strategies, IssueType::AgentUnresponsive, &worker_labels).unwrap().name, "workers");
+        assert_eq!(select(&strategies, IssueType::AgentUnresponsive, &BTreeMap::new()).unwrap().name, "any");
+        assert!(select(&strategies, IssueType::Flapping, &worker_labels).is_none());
+    }
+
+    #[test]
+    fn actions_advance_when_they_have_had_their_attempts_and_the_last_repeats() {
+        let s = strategy(vec![command(2), command(1)]);
+        let p = |i, a| Position { action_index: i, action_attempts: a };
+        assert_eq!(next_position(&s, p(0, 0)), p(0, 0));
+        assert_eq!(next_position(&s, p(0, 1)), p(0, 1));
+        assert_eq!(next_position(&s, p(0, 2)), p(1, 0));
+        assert_eq!(next_position(&s, p(1, 1)), p(1, 1), "the last action repeats");
+    }
+
+    fn ctx() -> Context {
+        Context {
+            agent_id: "worker-7".into(),
+            agent_name: Some("Worker 7; rm -rf /".into()),
+            issue_type: Some("agent_unresponsive".into()),
+            incident_id: Some(42),
+            labels: [("role".to_string(), "worker".to_string())].into(),
+        }
+    }
+
+    #[test]
+    fn placeholders_fill_one_argument_each_whatever_they_contain() {
+        assert_eq!(fill("agent@{agent_id}.service", &ctx()).unwrap(), "agent@worker-7.service");
+        assert_eq!(fill("{agent_name}", &ctx()).unwrap(), "Worker 7; rm -rf /", "stays one inert argument");
+        assert_eq!(fill("{label.role}/{issue_type}/{incident_id}", &ctx()).unwrap(), "worker/agent_unresponsive/42");
+        assert!(fill("{label.zone}", &ctx()).unwrap_err().contains("no label"));
+    }
+
+    #[test]
+    fn a_value_that_would_start_an_option_is_refused() {
+        let evil = Context { agent_id: "--all".into(), ..ctx() };
+        assert!(fill("{agent_id}", &evil).unwrap_err().contains("option"));
+        assert_eq!(fill("--agent={agent_id}", &evil).unwrap(), "--agent=--all", "inside an argument it is inert");
+    }
+
+    #[test]
+    fn json_bodies_fill_every_string() {
+        let body = serde_json::json!({"agent": "{agent_id}", "tags": ["{label.role}"], "force": true});
+        assert_eq!(
+            fill_json(&body, &ctx()).unwrap(),
+            serde_json::json!({"agent": "worker-7", "tags": ["worker"], "force": true})
+        );
+    }
+}

@@ -1,0 +1,377 @@
+//! Retention and rollups: the tables must not grow forever, and the shape
+//! of old history must survive its raw rows.
+//!
+//! One replica at a time (a session advisory lock) runs a cycle every
+//! `retention.interval`:
+//! 1. roll heartbeats up per agent and minute, minutes up per hour, and
+//!    scores up per hour (each from a watermark, so a cycle reads only what
+//!    is new);
+//! 2. drop daily partitions of heartbeats, metrics and score history past
+//!    their retention, detaching them CONCURRENTLY first so the parent
+//!    table is never locked against ingestion;
+//! 3. delete old rows of the unpartitioned tables in small batches.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Duration, NaiveDate, Utc};
+use deadpool_postgres::Pool;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::RetentionSettings;
+use crate::db::{self, DbError};
+
+/// Advisory lock key of the retention job ("warden:r").
+pub const LOCK: i64 = 0x7761_7264_656e_3a72;
+
+/// Rows of a heartbeat may commit a little after their received_at; minutes
+/// closer to now than this are rolled up next time.
+const SETTLE: Duration = Duration::seconds(30);
+
+/// What one cycle did.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Report {
+    pub minute_rows: u64,
+    pub hour_rows: u64,
+    pub score_rows: u64,
+    pub dropped_partitions: Vec<String>,
+    pub pruned: BTreeMap<&'static str, u64>,
+}
+
+/// Runs cycles until `stop`, on whichever replica holds the lock.
+pub async fn run(pool: Pool, settings: RetentionSettings, stop: CancellationToken) {
+    let mut ticks = tokio::time::interval(settings.interval.get());
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        match run_once(&pool, &settings).await {
+            Ok(Some(report)) if !report.dropped_partitions.is_empty() => {
+                tracing::info!(dropped = ?report.dropped_partitions, pruned = ?report.pruned, "retention cycle");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "retention cycle failed; will retry"),
+        }
+    }
+}
+
+/// One cycle if this replica gets the lock; `None` if another holds it.
+pub async fn run_once(pool: &Pool, settings: &RetentionSettings) -> Result<Option<Report>, DbError> {
+    let mut client = db::client(pool).await?;
+    let got: bool = client.query_one("SELECT pg_try_advisory_lock($1)", &[&LOCK]).await?.get(0);
+    if !got {
+        return Ok(None);
+    }
+    let now: DateTime<Utc> = client.query_one("SELECT now()", &[]).await?.get(0);
+    let result = cycle(&mut client, settings, now).await;
+    let unlocked = client.execute("SELECT pg_advisory_unlock($1)", &[&LOCK]).await;
+    let report = result?;
+    unlocked?;
+    Ok(Some(report))
+}
+
+/// One retention cycle at `now`.
+pub async fn cycle(
+    client: &mut db::Client,
+    settings: &RetentionSettings,
+    now: DateTime<Utc>,
+) -> Result<Report, DbError> {
+    let mut report = Report::default();
+    rollups(client, now, &mut report).await?;
+    for (parent, keep) in [
+        ("agent_heartbeats", settings.heartbeats),
+        ("performance_metrics", settings.metrics),
+        ("health_history", settings.health_history),
+    ] {
+        let cutoff = now - keep.to_chrono();
+        for child in expired_partitions(client, parent, cutoff).await? {
+            drop_partition(client, parent, &child).await?;
+            report.dropped_partitions.push(child);
+        }
+    }
+    let batch = i64::from(settings.batch);
+    let prunes: [(&'static str, &str, Duration); 5] = [
+        (
+            "events",
+            "DELETE FROM warden.system_events WHERE id IN (SELECT id FROM warden.system_events \
+               WHERE occurred_at < $1 AND event_type <> 'status_changed' LIMIT $2)",
+            settings.events.to_chrono(),
+        ),
+        (
+            "transitions",
+            "DELETE FROM warden.system_events WHERE id IN (SELECT id FROM warden.system_events \
+               WHERE occurred_at < $1 AND event_type = 'status_changed' LIMIT $2)",
+            settings.transitions.to_chrono(),
+        ),
+        (
+            "minute_rollups",
+            "DELETE FROM warden.heartbeat_rollups WHERE ctid IN (SELECT ctid FROM warden.heartbeat_rollups \
+               WHERE bucket = 'minute' AND bucket_start < $1 LIMIT $2)",
+            settings.minute_rollups.to_chrono(),
+        ),
+        (
+            "hour_rollups",
+            "DELETE FROM warden.heartbeat_rollups WHERE ctid IN (SELECT ctid FROM warden.heartbeat_rollups \
+               WHERE bucket = 'hour' AND bucket_start < $1 LIMIT $2)",
+            settings.hour_rollups.to_chrono(),
+        ),
+        (
+            "score_rollups",
+            "DELETE FROM warden.score_rollups WHERE ctid IN (SELECT ctid FROM warden.score_rollups \
+               WHERE hour_start < $1 LIMIT $2)",
+            settings.hour_rollups.to_chrono(),
+        ),
+    ];
+    for (name, sql, keep) in prunes {
+        let cutoff = now - keep;
+        let mut total = 0;
+        loop {
+            let n = client.execute(sql, &[&cutoff, &batch]).await?;
+            total += n;
+            if n < batch as u64 {
+                break;
+            }
+        }
+        if total > 0 {
+            report.pruned.insert(name, total);
+        }
+    }
+    let pruned = prune_incidents(client, now - settings.incidents.to_chrono(), batch).await?;
+    if pruned > 0 {
+        report.pruned.insert("incidents", pruned);
+    }
+    client.execute("UPDATE warden.retention_state SET last_run_at = $1", &[&now]).await?;
+    Ok(report)
+}
+
+/// Deletes incidents resolved before `cutoff`, a batch at a time, with
+/// everything that hangs off them (alerts and their deliveries, recovery
+/// jobs and actions), children first; also channel alerts and manual
+/// recoveries that ended before the cutoff.
+async fn prune_incidents(client: &mut db::Client, cutoff: DateTime<Utc>, batch: i64) -> Result<u64, DbError> {
+    let mut total = 0;
+    loop {
+        let tx = client.transaction().await?;
+        let ids: Vec<i64> = tx
+            .query(
+                "SELECT id FROM warden.incidents WHERE state = 'resolved' AND resolved_at < $1 ORDER BY id LIMIT $2",
+                &[&cutoff, &batch],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let alerts: Vec<i64> = tx
+            .query(
+                "SELECT id FROM warden.alerts WHERE incident_id = ANY ($1)                  UNION SELECT id FROM (SELECT id FROM warden.alerts WHERE incident_id IS NULL AND state = 'resolved'                                        AND resolved_at < $2 LIMIT $3) channel",
+                &[&ids, &cutoff, &batch],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let jobs: Vec<i64> = tx
+            .query(
+                "SELECT id FROM warden.recovery_jobs WHERE incident_id = ANY ($1)                  UNION SELECT id FROM (SELECT id FROM warden.recovery_jobs WHERE incident_id IS NULL                                        AND finished_at < $2 LIMIT $3) manual",
+                &[&ids, &cutoff, &batch],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if ids.is_empty() && alerts.is_empty() && jobs.is_empty() {
+            tx.commit().await?;
+            return Ok(total);
+        }
+        tx.batch_execute("SET LOCAL lock_timeout = '10s'").await?;
+        let steps: [(&str, &(dyn tokio_postgres::types::ToSql + Sync)); 9] = [
+            (
+                "DELETE FROM warden.alert_delivery_attempts WHERE delivery_id IN                    (SELECT id FROM warden.alert_deliveries WHERE alert_id = ANY ($1))",
+                &alerts,
+            ),
+            (
+                "DELETE FROM warden.alert_notifications WHERE alert_id = ANY ($1) OR delivery_id IN                    (SELECT id FROM warden.alert_deliveries WHERE alert_id = ANY ($1))",
+                &alerts,
+            ),
+            ("DELETE FROM warden.alert_deliveries WHERE alert_id = ANY ($1)", &alerts),
+            (
+                "WITH gone AS (DELETE FROM warden.alerts WHERE id = ANY ($1) RETURNING group_id)                  DELETE FROM warden.alert_groups g USING gone WHERE g.id = gone.group_id                    AND NOT EXISTS (SELECT 1 FROM warden.alerts a WHERE a.group_id = g.id AND a.id <> ALL ($1))",
+                &alerts,
+            ),
+            ("UPDATE warden.recovery_jobs SET current_action_id = NULL WHERE id = ANY ($1)", &jobs),
+            ("DELETE FROM warden.recovery_actions WHERE job_id = ANY ($1)", &jobs),
+            ("DELETE FROM warden.recovery_actions WHERE incident_id = ANY ($1)", &ids),
+            ("DELETE FROM warden.recovery_jobs WHERE id = ANY ($1)", &jobs),
+            ("DELETE FROM warden.incidents WHERE id = ANY ($1)", &ids),
+        ];
+        for (sql, param) in steps {
+            tx.execute(sql, &[param]).await?;
+        }
+        tx.commit().await?;
+        total += ids.len() as u64;
+        if (ids.len() as i64) < batch && (alerts.len() as i64) < batch && (jobs.len() as i64) < batch {
+            return Ok(total);
+        }
+    }
+}
+
+/// Folds heartbeats into minute rollups, minutes into hours, and scores into
+/// hours, each from its watermark to the last complete bucket.
+async fn rollups(client: &mut db::Client, now: DateTime<Utc>, report: &mut Report) -> Result<(), DbError> {
+    let tx = client.transaction().await?;
+    let state = tx
+        .query_one(
+            "SELECT minute_watermark, hour_watermark, score_watermark FROM warden.retention_state FOR UPDATE",
+            &[],
+        )
+        .await?;
+    let minute_upto = truncate(now - SETTLE, 60);
+    let hour_upto = truncate(minute_upto, 3600);
+    // A fresh installation starts an hour back rather than reading the
+    // whole raw history at once.
+    let start = truncate(now - Duration::hours(1), 3600);
+    let minute_from: DateTime<Utc> = state.get::<_, Option<DateTime<Utc>>>(0).unwrap_or(start);
+    let hour_from: DateTime<Utc> = state.get::<_, Option<DateTime<Utc>>>(1).unwrap_or(start);
+    let score_from: DateTime<Utc> = state.get::<_, Option<DateTime<Utc>>>(2).unwrap_or(start);
+
+    if minute_upto > minute_from {
+        report.minute_rows = tx
+            .execute(
+                "INSERT INTO warden.heartbeat_rollups AS r (agent_id, bucket, bucket_start, heartbeats, restarts, unhealthy) \
+                 SELECT agent_id, 'minute', date_trunc('minute', received_at), count(*), \
+                        count(*) FILTER (WHERE restart_detected), count(*) FILTER (WHERE status <> 'healthy') \
+                 FROM warden.agent_heartbeats WHERE received_at >= $1 AND received_at < $2 \
+                 GROUP BY 1, 3 \
+                 ON CONFLICT (agent_id, bucket, bucket_start) DO UPDATE SET \
+                   heartbeats = r.heartbeats + EXCLUDED.heartbeats, restarts = r.restarts + EXCLUDED.restarts, \
+                   unhealthy = r.unhealthy + EXCLUDED.unhealthy",
+                &[&minute_from, &minute_upto],
+            )
+            .await?;
+        tx.execute("UPDATE warden.retention_state SET minute_watermark = $1", &[&minute_upto]).await?;
+    }
+    if hour_upto > hour_from {
+        report.hour_rows = tx
+            .execute(
+                "INSERT INTO warden.heartbeat_rollups AS r (agent_id, bucket, bucket_start, heartbeats, restarts, unhealthy) \
+                 SELECT agent_id, 'hour', date_trunc('hour', bucket_start), sum(heartbeats), sum(restarts), sum(unhealthy) \
+                 FROM warden.heartbeat_rollups WHERE bucket = 'minute' AND bucket_start >= $1 AND bucket_start < $2 \
+                 GROUP BY 1, 3 \
+                 ON CONFLICT (agent_id, bucket, bucket_start) DO UPDATE SET \
+                   heartbeats = r.heartbeats + EXCLUDED.heartbeats, restarts = r.restarts + EXCLUDED.restarts, \
+                   unhealthy = r.unhealthy + EXCLUDED.unhealthy",
+                &[&hour_from, &hour_upto],
+            )
+            .await?;
+        tx.execute("UPDATE warden.retention_state SET hour_watermark = $1", &[&hour_upto]).await?;
+    }
+    if hour_upto > score_from {
+        report.score_rows = tx
+            .execute(
+                "INSERT INTO warden.score_rollups AS r (agent_id, hour_start, samples, score_min, score_avg, score_max) \
+                 SELECT agent_id, date_trunc('hour', evaluated_at), count(score), min(score), avg(score), max(score) \
+                 FROM warden.health_history WHERE evaluated_at >= $1 AND evaluated_at < $2 \
+                 GROUP BY 1, 2 \
+                 ON CONFLICT (agent_id, hour_start) DO UPDATE SET \
+                   score_min = least(r.score_min, EXCLUDED.score_min), \
+                   score_max = greatest(r.score_max, EXCLUDED.score_max), \
+                   score_avg = (r.score_avg * r.samples + EXCLUDED.score_avg * EXCLUDED.samples) \
+                               / nullif(r.samples + EXCLUDED.samples, 0), \
+                   samples = r.samples + EXCLUDED.samples",
+                &[&score_from, &hour_upto],
+            )
+            .await?;
+        tx.execute("UPDATE warden.retention_state SET score_watermark = $1", &[&hour_upto]).await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+fn truncate(at: DateTime<Utc>, seconds: i64) -> DateTime<Utc> {
+    let ts = at.timestamp();
+    DateTime::from_timestamp(ts - ts.rem_euclid(seconds), 0).unwrap_or(at)
+}
+
+/// The day a partition named `<parent>_pYYYYMMDD` holds.
+pub fn partition_day(parent: &str, child: &str) -> Option<NaiveDate> {
+    let digits = child.strip_prefix(parent)?.strip_prefix("_p")?;
+    if digits.len() != 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    NaiveDate::parse_from_str(digits, "%Y%m%d").ok()
+}
+
+/// Partitions of `parent` whose whole day lies before `cutoff`.
+async fn expired_partitions(
+    client: &tokio_postgres::Client,
+    parent: &str,
+    cutoff: DateTime<Utc>,
+) -> Result<Vec<String>, DbError> {
+    let rows = client
+        .query(
+            "SELECT c.relname::text FROM pg_inherits i \
+             JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_class p ON p.oid = i.inhparent \
+             JOIN pg_namespace n ON n.oid = p.relnamespace \
+             WHERE n.nspname = 'warden' AND p.relname = $1",
+            &[&parent],
+        )
+        .await?;
+    let mut expired: Vec<String> = rows
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .filter(|child| {
+            partition_day(parent, child)
+                .and_then(|day| day.succ_opt())
+                .and_then(|end| end.and_hms_opt(0, 0, 0))
+                .is_some_and(|end| end.and_utc() <= cutoff)
+        })
+        .collect();
+    expired.sort();
+    Ok(expired)
+}
+
+/// Detaches a partition without locking the parent against writers, then
+/// drops it. A detach interrupted earlier is finished first.
+async fn drop_partition(client: &tokio_postgres::Client, parent: &str, child: &str) -> Result<(), DbError> {
+    // Both names are warden's own (checked against the partition pattern),
+    // never input; identifiers cannot be bound as parameters.
+    debug_assert!(partition_day(parent, child).is_some());
+    client.batch_execute("SET lock_timeout = '10s'").await?;
+    let detach = client
+        .batch_execute(&format!("ALTER TABLE warden.{parent} DETACH PARTITION warden.{child} CONCURRENTLY"))
+        .await;
+    if let Err(e) = detach {
+        let pending = e.as_db_error().is_some_and(|d| d.message().contains("pending"));
+        if !pending {
+            let _ = client.batch_execute("RESET lock_timeout").await;
+            return Err(e.into());
+        }
+        client.batch_execute(&format!("ALTER TABLE warden.{parent} DETACH PARTITION warden.{child} FINALIZE")).await?;
+    }
+    client.batch_execute(&format!("DROP TABLE warden.{child}; RESET lock_timeout")).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_names_give_their_day() {
+        assert_eq!(
+            partition_day("agent_heartbeats", "agent_heartbeats_p20261123"),
+            NaiveDate::from_ymd_opt(2026, 11, 23)
+        );
+        assert_eq!(partition_day("agent_heartbeats", "agent_heartbeats_p2026112"), None);
+        assert_eq!(partition_day("agent_heartbeats", "performance_metrics_p20261123"), None);
+        assert_eq!(partition_day("agent_heartbeats", "agent_heartbeats_pabcdefgh"), None);
+    }
+
+    #[test]
+    fn buckets_truncate_to_their_start() {
+        let at: DateTime<Utc> = "2026-11-23T12:34:56Z".parse().unwrap();
+        assert_eq!(truncate(at, 60).to_rfc3339(), "2026-11-23T12:34:00+00:00");
+        assert_eq!(truncate(at, 3600).to_rfc3339(), "2026-11-23T12:00:00+00:00");
+    }
+}

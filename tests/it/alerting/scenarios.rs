@@ -1,0 +1,746 @@
+//! Scenarios on the injected clock: paging, escalation, acknowledgement,
+//! resolution, faults, grouping, suppression, recovery awareness,
+//! dependencies, channel health and concurrent dispatchers.
+
+use chrono::{Duration, Utc};
+use serde_json::json;
+use warden::alerting::escalator;
+use warden::alerting::silences::{self, NewSilence};
+use warden::alerting::store;
+
+use super::receivers::{HttpReceiver, Reply, SmtpServer};
+use super::{Rig, channels_toml, dispatcher, settings, signature_valid};
+
+fn secs(s: i64) -> Duration {
+    Duration::seconds(s)
+}
+
+const TIMINGS: &str = r#"
+[health]
+extended_offline_after = "1h"
+
+[alerting]
+group_wait = "4s"
+group_interval = "1m"
+repeat_interval = "1h"
+hold_during_recovery = "1m"
+retry_base = "1s"
+retry_max = "4s"
+channel_failure_threshold = 10
+link_base = "https://warden.test"
+"#;
+
+/// Offline agents and fleet outages go to Slack and email at once.
+const BOTH_POLICY: &str = r#"
+[[alerting.policies]]
+name = "both"
+levels = [{ after = "0s", channels = ["ops_slack", "oncall_email"] }]
+
+[[alerting.routes]]
+issues = ["agent_unresponsive", "fleet_outage"]
+policy = "both"
+"#;
+
+/// Offline agents and fleet outages go to Slack.
+const SLACK_POLICY: &str = r#"
+[[alerting.policies]]
+name = "slack"
+levels = [{ after = "0s", channels = ["ops_slack"] }]
+
+[[alerting.routes]]
+issues = ["agent_unresponsive", "fleet_outage"]
+policy = "slack"
+"#;
+
+const PAGE_POLICY: &str = r#"
+[[alerting.policies]]
+name = "page"
+levels = [
+  { after = "0s", channels = ["ops_slack"] },
+  { after = "5m", channels = ["oncall_email"] },
+  { after = "15m", channels = ["oncall_email", "ops_slack"] },
+]
+
+[[alerting.routes]]
+name = "pages"
+issues = ["agent_unresponsive"]
+policy = "page"
+"#;
+
+/// Records a failed first recovery attempt for the incident, as the
+/// recovery engine would.
+async fn failed_attempt(rig: &Rig, incident: i64, agent: &str) {
+    rig.c
+        .execute(
+            "INSERT INTO warden.recovery_actions (incident_id, agent_id, strategy, action, attempt, state, \
+               started_at, finished_at, outcome) \
+             VALUES ($1, $2, 'restart_worker', 'command', 1, 'failed', $3, $3, 'exit status 1')",
+            &[&incident, &agent, &rig.now],
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn offline_pages_slack_then_email_after_the_delay_ack_stops_escalation_and_resolution_follows() {
+    let slack = HttpReceiver::start().await;
+    let smtp = SmtpServer::start().await;
+    let mut rig = Rig::new(&format!("{TIMINGS}{}{PAGE_POLICY}", channels_toml(&slack, &smtp, None))).await;
+    rig.beat("w1", 10_000, None).await;
+    rig.run_for(secs(32), secs(2)).await;
+    let incident = rig.incident("w1", "agent_unresponsive").await;
+    failed_attempt(&rig, incident, "w1").await;
+    let (id, state, _, _) = rig.alert("w1:agent_unresponsive").await;
+    assert_eq!(state, "firing");
+
+    // group_wait (4s) later, one Slack-shaped POST.
+    rig.run_for(secs(6), secs(1)).await;
+    let posts = slack.accepted();
+    assert_eq!(posts.len(), 1, "one firing message");
+    let body = posts[0].json();
+    assert_eq!((posts[0].method.as_str(), posts[0].path.as_str()), ("POST", "/services/T000/B000/XXXX"));
+    let text = body["text"].as_str().unwrap();
+    assert!(text.starts_with("[FIRING CRITICAL] w1 is offline"), "{text}");
+    for needle in [
+        format!("Alert #{id} · w1 · agent_unresponsive · critical"),
+        "restart_worker/command attempt 1 failed: exit status 1".to_string(),
+        "degraded→offline".to_string(),
+        format!("warden alerts ack {id}"),
+        format!("POST https://warden.test/v1/alerts/{id}/ack"),
+    ] {
+        assert!(text.contains(&needle), "missing {needle:?} in {text}");
+    }
+    let blocks = body["blocks"].as_array().unwrap();
+    assert_eq!(blocks[0]["type"], "header");
+    assert!(blocks.iter().any(|b| b["type"] == "section"));
+    assert!(posts[0].header("idempotency-key").is_some());
+    assert!(smtp.mails().is_empty(), "email is level 2");
+
+    // Level 2 is due 5 minutes after the first message, not a second sooner.
+    let (_, _, _, paged_at) = rig.alert("w1:agent_unresponsive").await;
+    let paged_at = paged_at.expect("paged");
+    rig.run_to(paged_at + secs(299), secs(10)).await;
+    assert!(smtp.mails().is_empty(), "not before 5 minutes");
+    rig.run_to(paged_at + secs(300), secs(1)).await;
+    let mails = smtp.mails();
+    assert_eq!(mails.len(), 1, "the escalation email");
+    let mail = &mails[0];
+    assert!(mail.subject().starts_with("[ESCALATED L2 CRITICAL] w1 is offline"), "{}", mail.subject());
+    assert_eq!(mail.to, vec!["oncall@test.local".to_string()]);
+    assert_eq!(mail.from, "warden@test.local");
+    let plain = mail.part("text/plain").expect("a text part");
+    assert!(plain.contains("w1") && plain.contains("agent_unresponsive"), "{plain}");
+    assert!(plain.contains("Recovery attempts: restart_worker/command attempt 1 failed"), "{plain}");
+    let html = mail.part("text/html").expect("an html part");
+    assert!(html.contains(&format!("<strong>Alert #{id} · w1")), "{html}");
+
+    // Acknowledged: level 3 (15 minutes) never goes out.
+    let acked = store::acknowledge(&rig.c, id, "alice", Some("on it")).await.unwrap();
+    assert_eq!(acked["state"], "acknowledged");
+    assert_eq!(acked["acknowledged_by"], "alice");
+    rig.run_to(paged_at + secs(16 * 60), secs(30)).await;
+    assert_eq!(slack.accepted().len(), 1);
+    assert_eq!(smtp.mails().len(), 1);
+    assert_eq!(rig.count("SELECT count(*) FROM warden.alert_deliveries WHERE level = 3").await, 0);
+
+    // The agent comes back: every channel that was told gets "resolved".
+    rig.come_back("w1").await;
+    let (_, state, _, _) = rig.alert("w1:agent_unresponsive").await;
+    assert_eq!(state, "resolved");
+    let posts = slack.accepted();
+    assert_eq!(posts.len(), 2);
+    assert!(posts[1].json()["text"].as_str().unwrap().starts_with("[RESOLVED] w1 is offline"));
+    let mails = smtp.mails();
+    assert_eq!(mails.len(), 2);
+    assert!(mails[1].subject().starts_with("[RESOLVED]"), "{}", mails[1].subject());
+    let kinds: Vec<(String, String)> = rig.deliveries().await.into_iter().map(|d| (d.0, d.1)).collect();
+    assert_eq!(
+        kinds,
+        [
+            ("ops_slack", "firing"),
+            ("oncall_email", "escalation"),
+            ("oncall_email", "resolved"),
+            ("ops_slack", "resolved")
+        ]
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .to_vec()
+    );
+}
+
+/// (state, attempts, next_attempt_at, last_status_code, last_error) of a delivery.
+async fn delivery_row(
+    c: &tokio_postgres::Client,
+    id: i64,
+) -> (String, i32, chrono::DateTime<Utc>, Option<i32>, Option<String>) {
+    let r = c
+        .query_one(
+            "SELECT state, attempts, next_attempt_at, last_status_code, last_error \
+             FROM warden.alert_deliveries WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))
+}
+
+#[tokio::test]
+async fn receivers_that_fail_for_a_while_still_get_everything_exactly_once() {
+    let mut slack = HttpReceiver::start().await;
+    let mut smtp = SmtpServer::start().await;
+    let policy = r#"
+[[alerting.policies]]
+name = "page"
+levels = [{ after = "0s", channels = ["ops_slack"] }, { after = "1m", channels = ["oncall_email"] }]
+
+[[alerting.routes]]
+issues = ["agent_unresponsive"]
+policy = "page"
+"#;
+    let mut rig = Rig::new(&format!("{TIMINGS}{}{policy}", channels_toml(&slack, &smtp, None))).await;
+    rig.auto_dispatch = false;
+    slack.script(&[Reply::Status(500), Reply::RetryAfter(7)]);
+    rig.beat("w1", 10_000, None).await;
+    rig.run_for(secs(40), secs(2)).await;
+    let (id, _, _, paged_at) = rig.alert("w1:agent_unresponsive").await;
+    let f = paged_at.expect("paged");
+    let delivery: i64 = rig.count("SELECT id FROM warden.alert_deliveries WHERE kind = 'firing'").await;
+    let d = &rig.dispatcher;
+
+    // 500: retried after base backoff with jitter (0.5-1s for attempt 1).
+    let t = rig.now;
+    assert_eq!(d.pass(Some(t)).await.unwrap().failed, 1);
+    let (state, attempts, next, status, _) = delivery_row(&rig.c, delivery).await;
+    assert_eq!((state.as_str(), attempts, status), ("pending", 1, Some(500)));
+    assert!(next >= t + Duration::milliseconds(500) && next <= t + secs(1), "{next} vs {t}");
+    assert_eq!(d.pass(Some(t + Duration::milliseconds(400))).await.unwrap().claimed, 0, "not due yet");
+
+    // 429 with Retry-After: 7 is honoured to the second.
+    let t = t + secs(1);
+    d.pass(Some(t)).await.unwrap();
+    let (_, attempts, next, status, _) = delivery_row(&rig.c, delivery).await;
+    assert_eq!((attempts, status, next), (2, Some(429), t + secs(7)));
+
+    // Connection refused.
+    slack.down().await;
+    let t = t + secs(7);
+    d.pass(Some(t)).await.unwrap();
+    let (_, attempts, next, status, error) = delivery_row(&rig.c, delivery).await;
+    assert_eq!((attempts, status), (3, None));
+    assert!(error.as_deref().unwrap_or_default().contains("connect"), "{error:?}");
+    assert!(!error.unwrap_or_default().contains("XXXX"), "the webhook URL is a secret and never logged");
+    assert!(next >= t + secs(2) && next <= t + secs(4));
+
+    // Back up: delivered, once.
+    slack.up().await;
+    assert_eq!(d.pass(Some(next)).await.unwrap().sent, 1);
+    let (state, attempts, _, status, _) = delivery_row(&rig.c, delivery).await;
+    assert_eq!((state.as_str(), attempts, status), ("sent", 4, Some(200)));
+    let keys: Vec<String> = slack.requests().iter().map(|r| r.header("idempotency-key").unwrap().to_string()).collect();
+    assert_eq!(keys.len(), 3, "500, 429 and 200 reached the receiver; the refused one did not");
+    assert!(keys.iter().all(|k| *k == keys[0]), "one idempotency key across retries");
+    let statuses: Vec<Option<i32>> = rig
+        .c
+        .query(
+            "SELECT status_code FROM warden.alert_delivery_attempts WHERE delivery_id = $1 ORDER BY id",
+            &[&delivery],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(statuses, vec![Some(500), Some(429), None, Some(200)]);
+
+    // SMTP down for a while around the escalation.
+    smtp.down().await;
+    rig.now = f + secs(60);
+    rig.tick().await;
+    let mut t = rig.now;
+    for _ in 0..3 {
+        let report = rig.dispatcher.pass(Some(t)).await.unwrap();
+        assert_eq!(report.failed, 1, "{report:?}");
+        t += secs(5);
+    }
+    smtp.up().await;
+    assert_eq!(rig.dispatcher.pass(Some(t)).await.unwrap().sent, 1);
+    assert_eq!(smtp.mails().len(), 1);
+
+    // Resolution reaches both channels, once each.
+    rig.now = t;
+    rig.come_back("w1").await;
+    for _ in 0..3 {
+        rig.dispatcher.pass(Some(rig.now)).await.unwrap();
+        rig.now += secs(5);
+    }
+    assert_eq!(slack.accepted().len(), 2, "firing and resolved");
+    assert_eq!(smtp.mails().len(), 2, "escalation and resolved");
+    assert!(smtp.mails()[1].subject().starts_with("[RESOLVED]"));
+    let sent = rig.count("SELECT count(*) FROM warden.alert_deliveries WHERE state = 'sent'").await;
+    assert_eq!(sent, 4);
+    let per_alert = rig
+        .count(&format!(
+            "SELECT count(*) FROM (SELECT channel, kind FROM warden.alert_notifications WHERE alert_id = {id} \
+             GROUP BY channel, kind HAVING count(*) > 1) dup"
+        ))
+        .await;
+    assert_eq!(per_alert, 0, "no notification twice");
+}
+
+#[tokio::test]
+async fn twenty_agents_offline_at_once_are_one_message_per_route_and_later_ones_wait_group_interval() {
+    let slack = HttpReceiver::start().await;
+    let smtp = SmtpServer::start().await;
+    let hook = HttpReceiver::start().await;
+    let routes = r#"
+[health]
+fleet_outage_ratio = 1.0
+extended_offline_after = "1h"
+
+[alerting]
+group_wait = "10s"
+group_interval = "1m"
+
+[[alerting.policies]]
+name = "team_a"
+levels = [{ after = "0s", channels = ["ops_slack"] }]
+
+[[alerting.policies]]
+name = "team_b"
+levels = [{ after = "0s", channels = ["audit_hook"] }]
+
+[[alerting.routes]]
+issues = ["agent_unresponsive"]
+labels = { team = "a" }
+policy = "team_a"
+
+[[alerting.routes]]
+issues = ["agent_unresponsive"]
+labels = { team = "b" }
+policy = "team_b"
+"#;
+    let mut rig = Rig::new(&format!("{routes}{}", channels_toml(&slack, &smtp, Some(&hook)))).await;
+    for i in 0..20 {
+        let team = if i < 12 { "a" } else { "b" };
+        rig.beat(&format!("burst-{i:02}"), 10_000, Some(json!({"team": team}))).await;
+    }
+    rig.beat("late-a", 10_000, Some(json!({"team": "a"}))).await;
+    rig.run_for(secs(20), secs(2)).await;
+    rig.beat("late-a", 10_000, None).await;
+    rig.run_for(secs(40), secs(2)).await;
+
+    let posts = slack.accepted();
+    assert_eq!(posts.len(), 1, "one grouped Slack message for team a");
+    let text = posts[0].json()["text"].as_str().unwrap().to_string();
+    assert!(text.starts_with("[FIRING CRITICAL] 12 agents offline: burst-00, burst-01"), "{text}");
+    assert!(text.contains("… and 2 more alerts"), "ten described, the rest counted: {text}");
+    let hooks = hook.accepted();
+    assert_eq!(hooks.len(), 1, "one grouped webhook for team b");
+    let body = hooks[0].json();
+    assert_eq!(body["kind"], "firing");
+    assert_eq!(body["alerts"].as_array().unwrap().len(), 8);
+    assert_eq!(body["alerts"][0]["agent_id"], "burst-12");
+    assert!(signature_valid(&hooks[0]), "HMAC-SHA256 over timestamp.body verifies");
+    assert!(hooks[0].header("idempotency-key").is_some());
+
+    // late-a went offline 20s after the burst: it waits for group_interval
+    // after the first flush, then goes out alone.
+    let first_flush: chrono::DateTime<Utc> = rig
+        .c
+        .query_one("SELECT min(flush_at) FROM warden.alert_groups WHERE route = 'route1'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    rig.run_to(first_flush + secs(59), secs(2)).await;
+    assert_eq!(slack.accepted().len(), 1, "not before group_interval");
+    rig.run_to(first_flush + secs(61), secs(1)).await;
+    let posts = slack.accepted();
+    assert_eq!(posts.len(), 2);
+    assert!(posts[1].json()["text"].as_str().unwrap().starts_with("[FIRING CRITICAL] late-a is offline"));
+}
+
+#[tokio::test]
+async fn silences_and_maintenance_windows_suppress_sending_but_alerts_are_recorded() {
+    let slack = HttpReceiver::start().await;
+    let smtp = SmtpServer::start().await;
+    let start = (Utc::now() - Duration::hours(1)).format("%H:%M");
+    let toml = format!(
+        "{TIMINGS}{SLACK_POLICY}{}\n[[alerting.maintenance]]\nname = \"patching\"\nstart = \"{start}\"\nduration = \"3h\"\nagents = [\"m1\"]\n",
+        channels_toml(&slack, &smtp, None)
+    );
+    let mut rig = Rig::new(&toml).await;
+    let silence = silences::create(
+        &rig.c,
+        &NewSilence {
+            agent_id: Some("s1".into()),
+            starts_at: Some(rig.now - Duration::hours(1)),
+            ends_at: Some(Utc::now() + Duration::hours(1)),
+            comment: "deploying s1".into(),
+            created_by: "test".into(),
+            ..NewSilence::default()
+        },
+    )
+    .await
+    .unwrap();
+    for agent in ["s1", "m1", "n1"] {
+        rig.beat(agent, 10_000, None).await;
+    }
+    rig.run_for(secs(45), secs(2)).await;
+    let texts: Vec<String> =
+        slack.accepted().iter().map(|r| r.json()["text"].as_str().unwrap_or_default().to_string()).collect();
+    assert_eq!(texts.len(), 1, "{texts:?}");
+    assert!(texts[0].contains("n1 is offline"));
+    let (_, state, reason, paged) = rig.alert("s1:agent_unresponsive").await;
+    assert_eq!((state.as_str(), reason, paged), ("firing", Some(format!("silence:{}", silence.id)), None));
+    let (_, _, reason, _) = rig.alert("m1:agent_unresponsive").await;
+    assert_eq!(reason.as_deref(), Some("maintenance:patching"));
+
+    // The silence ends: s1's page goes out with the route's next group,
+    // group_interval (1m) after the first (m1 stays in maintenance).
+    silences::remove(&rig.c, silence.id).await.unwrap().expect("removed");
+    rig.run_for(secs(30), secs(2)).await;
+    assert_eq!(slack.accepted().len(), 1, "not before group_interval");
+    let (_, _, reason, _) = rig.alert("s1:agent_unresponsive").await;
+    assert_eq!(reason, None, "no longer suppressed");
+    rig.run_for(secs(40), secs(2)).await;
+    let texts: Vec<String> =
+        slack.accepted().iter().map(|r| r.json()["text"].as_str().unwrap_or_default().to_string()).collect();
+    assert_eq!(texts.len(), 2, "{texts:?}");
+    assert!(texts[1].contains("s1 is offline"));
+}
+
+#[tokio::test]
+async fn a_recovery_under_way_holds_the_page_and_a_success_sends_auto_recovered_instead() {
+    let slack = HttpReceiver::start().await;
+    let smtp = SmtpServer::start().await;
+    let mut rig = Rig::new(&format!("{TIMINGS}{SLACK_POLICY}{}", channels_toml(&slack, &smtp, None))).await;
+    for agent in ["r1", "r2", "r3"] {
+        rig.beat(agent, 10_000, None).await;
+    }
+    // The incidents open at +32s; the recovery engine starts right away.
+    rig.run_for(secs(32), secs(2)).await;
+    let mut incidents = Vec::new();
+    for agent in ["r1", "r2", "r3"] {
+        let incident = rig.incident(agent, "agent_unresponsive").await;
+        rig.c
+            .execute(
+                "INSERT INTO warden.recovery_actions (incident_id, agent_id, strategy, action, attempt, state, started_at) \
+                 VALUES ($1, $2, 'restart_worker', 'command', 1, 'running', $3)",
+                &[&incident, &agent, &rig.now],
+            )
+            .await
+            .unwrap();
+        incidents.push(incident);
+    }
+    // r3's recovery gives up: its page goes out now, hold or not.
+    rig.c
+        .execute(
+            "INSERT INTO warden.system_events (occurred_at, agent_id, event_type, severity, message, details) \
+             VALUES ($1, 'r3', 'recovery_failed', 'critical', 'recovery gave up', jsonb_build_object('incident_id', $2::bigint))",
+            &[&rig.now, &incidents[2]],
+        )
+        .await
+        .unwrap();
+    rig.run_for(secs(10), secs(2)).await;
+    let texts = |s: &HttpReceiver| -> Vec<String> {
+        s.accepted().iter().map(|r| r.json()["text"].as_str().unwrap_or_default().to_string()).collect()
+    };
+    assert_eq!(texts(&slack).len(), 1, "only r3: {:?}", texts(&slack));
+    assert!(texts(&slack)[0].contains("r3 is offline"));
+    assert!(texts(&slack)[0].contains("restart_worker/command attempt 1 running"));
+    let (_, _, _, paged) = rig.alert("r1:agent_unresponsive").await;
+    assert!(paged.is_none(), "held while recovering");
+    let held: Option<chrono::DateTime<Utc>> = rig
+        .c
+        .query_one("SELECT held_until FROM warden.alerts WHERE dedup_key = 'r1:agent_unresponsive'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(held.is_some());
+
+    // r1: attempt 1 failed, attempt 2 succeeded, the agent is back.
+    rig.c
+        .execute(
+            "UPDATE warden.recovery_actions SET state = 'failed', outcome = 'exit status 1', finished_at = $2 \
+             WHERE incident_id = $1",
+            &[&incidents[0], &rig.now],
+        )
+        .await
+        .unwrap();
+    rig.c
+        .execute(
+            "INSERT INTO warden.recovery_actions (incident_id, agent_id, strategy, action, attempt, state, started_at, \
+               finished_at, outcome) VALUES ($1, 'r1', 'restart_worker', 'command', 2, 'succeeded', $2, $2, 'healthy again')",
+            &[&incidents[0], &rig.now],
+        )
+        .await
+        .unwrap();
+    rig.come_back("r1").await;
+    let all = texts(&slack);
+    assert_eq!(all.len(), 2, "{all:?}");
+    assert!(all[1].starts_with("[AUTO-RECOVERED] r1 agent_unresponsive: auto-recovered on attempt 2"), "{}", all[1]);
+    assert!(!all.iter().any(|t| t.starts_with("[FIRING") && t.contains("r1")), "no page for r1");
+
+    // r2's recovery outlasts the hold (1 minute): the page goes out with
+    // what was tried. (r1 keeps heartbeating meanwhile.)
+    for _ in 0..7 {
+        rig.beat("r1", 10_000, None).await;
+        rig.run_for(secs(10), secs(5)).await;
+    }
+    let all = texts(&slack);
+    assert_eq!(all.len(), 3, "{all:?}");
+    assert!(all[2].starts_with("[FIRING CRITICAL] r2 is offline"), "{}", all[2]);
+    assert!(all[2].contains("Recovery attempts: restart_worker/command attempt 1 running"));
+}
+
+#[tokio::test]
+async fn dependants_of_an_offline_agent_are_suppressed_by_dependency_and_a_fleet_outage_covers_the_rest() {
+    let slack = HttpReceiver::start().await;
+    let smtp = SmtpServer::start().await;
+    let mut rig = Rig::new(&format!(
+        "{}{SLACK_POLICY}{}",
+        TIMINGS.replace("group_wait = \"4s\"", "group_wait = \"30s\""),
+        channels_toml(&slack, &smtp, None)
+    ))
+    .await;
+    rig.beat("db1", 10_000, Some(json!({"role": "db"}))).await;
+    rig.beat("app1", 10_000, Some(json!({"depends_on": "db1"}))).await;
+    rig.beat("app2", 10_000, Some(json!({"depends_on": "app1, cache9"}))).await;
+    for i in 0..7 {
+        rig.beat(&format!("fleet-{i}"), 10_000, None).await;
+    }
+    // The fleet keeps beating for 10 more seconds, then stops too.
+    rig.run_for(secs(10), secs(10)).await;
+    for i in 0..7 {
+        rig.beat(&format!("fleet-{i}"), 10_000, None).await;
+    }
+    rig.run_for(secs(24), secs(2)).await;
+    let (_, _, reason, _) = rig.alert("app1:agent_unresponsive").await;
+    assert_eq!(reason.as_deref(), Some("dependency:db1"));
+    let (_, _, reason, _) = rig.alert("app2:agent_unresponsive").await;
+    assert_eq!(reason.as_deref(), Some("dependency:app1"), "the nearest offline dependency, through the chain");
+
+    // Now 7 more of 10 go offline: a fleet outage, which stands in for the
+    // per-agent alerts opened shortly before it (db1's included).
+    rig.run_for(secs(60), secs(2)).await;
+    let fleet = rig.count("SELECT count(*) FROM warden.incidents WHERE issue_type = 'fleet_outage'").await;
+    assert_eq!(fleet, 1);
+    let (_, _, reason, paged) = rig.alert("db1:agent_unresponsive").await;
+    assert!(reason.unwrap_or_default().starts_with("fleet_outage:"), "covered by the outage");
+    assert!(paged.is_none());
+    let texts: Vec<String> =
+        slack.accepted().iter().map(|r| r.json()["text"].as_str().unwrap_or_default().to_string()).collect();
+    assert_eq!(texts.len(), 1, "only the fleet outage is sent: {texts:?}");
+    assert!(texts[0].starts_with("[FIRING EMERGENCY] fleet outage"), "{}", texts[0]);
+}
+
+#[tokio::test]
+async fn a_channel_that_keeps_failing_raises_its_own_alert_through_the_others() {
+    let slack = HttpReceiver::start().await;
+    let smtp = SmtpServer::start().await;
+    let mut rig = Rig::new(&format!(
+        "{}{BOTH_POLICY}{}",
+        TIMINGS
+            .replace("channel_failure_threshold = 10", "channel_failure_threshold = 2")
+            .replace("retry_max = \"4s\"", "retry_max = \"1s\""),
+        channels_toml(&slack, &smtp, None)
+    ))
+    .await;
+    slack.script(&[Reply::Status(500), Reply::Status(503), Reply::Status(500)]);
+    rig.beat("w1", 10_000, None).await;
+    rig.run_for(secs(50), secs(1)).await;
+    let mails = smtp.mails();
+    // w1 goes to Slack and email; the failing Slack channel's own alert
+    // goes to email (and the log), and so does its resolution.
+    let subjects: Vec<&str> = mails.iter().map(|m| m.subject()).collect();
+    assert!(
+        subjects.iter().any(|s| s.starts_with("[FIRING CRITICAL] alert channel ops_slack is failing")),
+        "{subjects:?}"
+    );
+    let (_, state, _, _) = rig.alert("channel:ops_slack").await;
+    assert_eq!(state, "resolved", "slack recovered");
+    assert!(subjects.iter().any(|s| s.starts_with("[RESOLVED] alert channel ops_slack")), "{subjects:?}");
+    assert_eq!(slack.accepted().len(), 1, "w1's page finally reached Slack, once");
+    let to_slack = rig
+        .count(
+            "SELECT count(*) FROM warden.alert_deliveries d JOIN warden.alerts a ON a.id = d.alert_id \
+                WHERE a.source = 'channel' AND d.channel = 'ops_slack'",
+        )
+        .await;
+    assert_eq!(to_slack, 0, "a failing channel's alert never goes to itself");
+}
+
+/// Passes until nothing is left to claim; returns how many it sent.
+async fn drain(d: &warden::alerting::dispatcher::Dispatcher, now: chrono::DateTime<Utc>) -> usize {
+    let mut sent = 0;
+    loop {
+        let r = d.pass(Some(now)).await.unwrap();
+        sent += r.sent;
+        if r.claimed == 0 {
+            return sent;
+        }
+    }
+}
+
+#[tokio::test]
+async fn two_dispatchers_on_one_database_never_send_a_delivery_twice() {
+    let slack = HttpReceiver::start().await;
+    let smtp = SmtpServer::start().await;
+    slack.slow(std::time::Duration::from_millis(20));
+    let toml = format!("[alerting]\ndispatch_batch = 4\n{}", channels_toml(&slack, &smtp, None));
+    let rig = Rig::new(&toml).await;
+    rig.c
+        .batch_execute(
+            "WITH a AS ( \
+               INSERT INTO warden.alerts (dedup_key, severity, source, subject, issue, summary) \
+               SELECT 'x' || i || ':agent_unresponsive', 'critical', 'incident', 'x' || i, 'agent_unresponsive', \
+                      'x' || i || ' is offline' \
+               FROM generate_series(1, 40) i RETURNING id) \
+             INSERT INTO warden.alert_deliveries (alert_id, alert_ids, channel, kind, level) \
+             SELECT id, ARRAY[id], 'ops_slack', 'firing', 1 FROM a",
+        )
+        .await
+        .unwrap();
+    let s = settings(&toml);
+    let a = dispatcher(&rig.db, &s, "replica-a");
+    let b = dispatcher(&rig.db, &s, "replica-b");
+    let now = Utc::now();
+    let (sent_a, sent_b) = tokio::join!(drain(&a, now), drain(&b, now));
+    assert_eq!(sent_a + sent_b, 40);
+    assert!(sent_a > 0 && sent_b > 0, "both worked: {sent_a} + {sent_b}");
+    let keys: std::collections::HashSet<String> =
+        slack.accepted().iter().map(|r| r.header("idempotency-key").unwrap().to_string()).collect();
+    assert_eq!(slack.accepted().len(), 40, "no delivery sent twice");
+    assert_eq!(keys.len(), 40);
+    assert_eq!(rig.count("SELECT count(*) FROM warden.alert_delivery_attempts").await, 40);
+
+    // A replica that dies holding a claim: the delivery waits out the lease,
+    // then another replica sends it.
+    rig.c
+        .batch_execute(
+            "INSERT INTO warden.alert_deliveries (alert_id, alert_ids, channel, kind, level, attempts, claimed_by, claimed_until) \
+             SELECT id, ARRAY[id], 'ops_slack', 'repeat', 1, 1, 'dead-replica', now() + interval '60 seconds' \
+             FROM warden.alerts ORDER BY id LIMIT 1",
+        )
+        .await
+        .unwrap();
+    assert_eq!(a.pass(Some(Utc::now())).await.unwrap().claimed, 0, "claimed by the dead replica");
+    assert_eq!(a.pass(Some(Utc::now() + secs(61))).await.unwrap().sent, 1, "retried after the lease");
+    assert_eq!(slack.accepted().len(), 41);
+}
+
+#[tokio::test]
+async fn escalator_cycles_on_two_replicas_create_each_delivery_once() {
+    let slack = HttpReceiver::start().await;
+    let smtp = SmtpServer::start().await;
+    let mut rig = Rig::new(&format!("{TIMINGS}{}{PAGE_POLICY}", channels_toml(&slack, &smtp, None))).await;
+    rig.auto_dispatch = false;
+    rig.beat("w1", 10_000, None).await;
+    rig.run_for(secs(40), secs(2)).await;
+    assert_eq!(rig.count("SELECT count(*) FROM warden.alert_deliveries").await, 1, "the firing message");
+    // Level 2 falls due; two replicas run their cycles at the same moment.
+    let (_, _, _, paged_at) = rig.alert("w1:agent_unresponsive").await;
+    let at = paged_at.unwrap() + secs(300);
+    let mut other = rig.db.client().await;
+    let (r1, r2) = tokio::join!(
+        escalator::cycle(&mut rig.c, &rig.esc, Some(at)),
+        escalator::cycle(&mut other, &rig.esc, Some(at))
+    );
+    let (r1, r2) = (r1.unwrap(), r2.unwrap());
+    assert_eq!(r1.deliveries + r2.deliveries, 1, "{r1:?} {r2:?}");
+    // And again, one after the other: nothing new.
+    let r3 = escalator::cycle(&mut other, &rig.esc, Some(at + secs(1))).await.unwrap();
+    assert_eq!(r3.deliveries, 0);
+    assert_eq!(rig.count("SELECT count(*) FROM warden.alert_deliveries").await, 2);
+    assert_eq!(rig.count("SELECT count(*) FROM warden.alert_notifications").await, 2);
+}
+
+#[tokio::test]
+async fn with_no_channel_configured_alerts_go_to_the_log() {
+    let mut rig = Rig::new(TIMINGS).await;
+    rig.beat("w1", 10_000, None).await;
+    rig.run_for(secs(40), secs(2)).await;
+    let sent: Vec<(String, String, String)> =
+        rig.deliveries().await.into_iter().map(|d| (d.0, d.1, d.3)).filter(|d| d.1 == "firing").collect();
+    assert!(!sent.is_empty());
+    assert!(sent.iter().all(|(channel, _, state)| channel == "log" && state == "sent"), "{sent:?}");
+}
+
+#[tokio::test]
+async fn telegram_and_webhook_channels_speak_their_protocols() {
+    use warden::alerting::channels::Channels;
+    use warden::alerting::escalation::Kind;
+    use warden::alerting::message::{AlertView, Message};
+
+    let bot = HttpReceiver::start().await;
+    let hook = HttpReceiver::start().await;
+    let s = settings(&format!(
+        r#"
+[alerting.channels.ops_telegram]
+kind = "telegram"
+bot_token = "123456:ABC-DEF"
+chat_ids = ["-100123", "42"]
+api_base = "{}"
+
+[alerting.channels.audit_hook]
+kind = "webhook"
+url = "{}"
+secret = "{}"
+"#,
+        bot.url(""),
+        hook.url("/in"),
+        super::HOOK_SECRET
+    ));
+    let channels = Channels::from_settings(&s.alerting).unwrap();
+    let message = Message {
+        delivery_id: 9,
+        idempotency_key: "key-9".into(),
+        channel: "ops_telegram".into(),
+        kind: Kind::Firing,
+        level: 1,
+        route: Some("default".into()),
+        detail: json!({}),
+        alerts: vec![AlertView {
+            id: 5,
+            incident_id: Some(50),
+            severity: "critical".into(),
+            state: "firing".into(),
+            subject: Some("db_1".into()),
+            agent_name: None,
+            issue: "agent_unresponsive".into(),
+            summary: Some("db_1 is offline".into()),
+            opened_at: Utc::now(),
+            acknowledged_by: None,
+            resolved_at: None,
+            liveness: Some("offline".into()),
+            score: Some(12.0),
+            tier: Some("critical".into()),
+            last_seen: None,
+            transitions: vec![],
+            recovery: vec![],
+        }],
+        link_base: String::new(),
+    };
+    channels.get("ops_telegram").unwrap().send(&message).await.unwrap();
+    let sent = bot.accepted();
+    assert_eq!(sent.len(), 2, "one sendMessage per chat");
+    assert_eq!(sent[0].path, "/bot123456:ABC-DEF/sendMessage");
+    let body = sent[0].json();
+    assert_eq!((body["chat_id"].as_str(), body["parse_mode"].as_str()), (Some("-100123"), Some("Markdown")));
+    assert!(body["text"].as_str().unwrap().starts_with("*\\[FIRING CRITICAL] db\\_1 is offline*"), "{body}");
+    assert_eq!(sent[1].json()["chat_id"], "42");
+
+    // A refused Telegram send never shows the token.
+    bot.script(&[Reply::Status(401)]);
+    let e = channels.get("ops_telegram").unwrap().send(&message).await.unwrap_err();
+    assert_eq!(e.status, Some(401));
+    assert!(!e.error.contains("ABC-DEF"), "{}", e.error);
+
+    channels.get("audit_hook").unwrap().send(&message).await.unwrap();
+    let r = &hook.accepted()[0];
+    assert!(signature_valid(r));
+    assert_eq!(r.header("idempotency-key"), Some("key-9"));
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let body = r.json();
+    assert_eq!(body["alerts"][0]["agent_id"], "db_1");
+    assert_eq!(body["headline"], "[FIRING CRITICAL] db_1 is offline");
+}

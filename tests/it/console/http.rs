@@ -1,0 +1,357 @@
+//! The console over plain HTTP: the data is in the HTML (no JavaScript
+//! needed), sessions and CSRF rules, the API's session fallback, security
+//! headers, and the status page's switch.
+
+use reqwest::StatusCode;
+use reqwest::header::{CONTENT_TYPE, COOKIE, LOCATION, SET_COOKIE};
+use serde_json::json;
+use warden::console::format::url_encode;
+
+use super::{alert_state, app, app_with, keys, seed_fleet, take_flaky_offline};
+use crate::helpers::TestApp;
+
+const FORM: &str = "application/x-www-form-urlencoded";
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap()
+}
+
+/// The value of hidden input `name` in a page.
+fn hidden(html: &str, name: &str) -> String {
+    let marker = format!("name=\"{name}\" value=\"");
+    let start = html.find(&marker).unwrap_or_else(|| panic!("no {name} in the page")) + marker.len();
+    html[start..].split('"').next().unwrap().to_string()
+}
+
+/// The value a response sets for cookie `name`.
+fn set_cookie(response: &reqwest::Response, name: &str) -> Option<(String, String)> {
+    response.headers().get_all(SET_COOKIE).iter().filter_map(|v| v.to_str().ok()).find_map(|v| {
+        let value = v.strip_prefix(&format!("{name}="))?;
+        Some((value.split(';').next().unwrap().to_string(), v.to_string()))
+    })
+}
+
+/// A signed-in browser, by hand: its session cookie and CSRF token.
+struct Session {
+    token: String,
+    csrf: String,
+}
+
+impl Session {
+    fn cookie(&self) -> String {
+        format!("warden_session={}", self.token)
+    }
+}
+
+async fn sign_in(app: &TestApp, key: &str) -> Session {
+    let http = client();
+    let page = http.get(app.url("/login")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    let (login, _) = set_cookie(&page, "warden_login").expect("the login form sets its cookie");
+    let html = page.text().await.unwrap();
+    let body = format!("key={}&login_csrf={}&next=%2F", url_encode(key), url_encode(&hidden(&html, "login_csrf")));
+    let response = http
+        .post(app.url("/login"))
+        .header(COOKIE, format!("warden_login={login}"))
+        .header(CONTENT_TYPE, FORM)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    assert_eq!(response.headers()[LOCATION], "/");
+    let (token, attributes) = set_cookie(&response, "warden_session").expect("a session cookie");
+    assert!(attributes.contains("HttpOnly") && attributes.contains("SameSite=Strict"), "{attributes}");
+    assert!(attributes.contains("Path=/") && attributes.contains("Max-Age=43200"), "{attributes}");
+    let fleet = http.get(app.url("/")).header(COOKIE, format!("warden_session={token}")).send().await.unwrap();
+    assert_eq!(fleet.status(), 200);
+    let csrf = hidden(&fleet.text().await.unwrap(), "csrf");
+    Session { token, csrf }
+}
+
+async fn get(app: &TestApp, session: &Session, path: &str) -> (StatusCode, reqwest::header::HeaderMap, String) {
+    let response = client().get(app.url(path)).header(COOKIE, session.cookie()).send().await.unwrap();
+    let (status, headers) = (response.status(), response.headers().clone());
+    (status, headers, response.text().await.unwrap())
+}
+
+async fn post_form(app: &TestApp, session: &Session, path: &str, body: &str) -> reqwest::Response {
+    client()
+        .post(app.url(path))
+        .header(COOKIE, session.cookie())
+        .header(CONTENT_TYPE, FORM)
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn http_pages_carry_their_data_without_javascript() {
+    let app = app().await;
+    let (ingest, _, admin) = keys(&app).await;
+    seed_fleet(&app, &ingest).await;
+    let alert = take_flaky_offline(&app).await;
+    let session = sign_in(&app, &admin).await;
+
+    let (status, headers, fleet) = get(&app, &session, "/").await;
+    assert_eq!(status, 200);
+    assert!(headers[CONTENT_TYPE].to_str().unwrap().starts_with("text/html"));
+    for needle in [
+        "data-agent=\"flaky\" data-liveness=\"offline\"",
+        "data-agent=\"steady-1\" data-liveness=\"online\"",
+        "Steady one",
+        "<span class=\"chip-key\">role</span>=api",
+        "data-total=\"offline\">1</span>",
+        "data-total=\"online\">2</span>",
+        "data-total=\"open_incidents\">1</span>",
+        "data-stream=\"/v1/stream\"",
+    ] {
+        assert!(fleet.contains(needle), "the fleet page lacks {needle}");
+    }
+    // Security headers, and no inline script anywhere.
+    let csp = headers["content-security-policy"].to_str().unwrap();
+    assert!(csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"), "{csp}");
+    assert!(!csp.contains("unsafe-inline") && !csp.contains("unsafe-eval"), "{csp}");
+    assert_eq!(headers["x-frame-options"], "DENY");
+    assert_eq!(headers["x-content-type-options"], "nosniff");
+    assert_eq!(headers["cache-control"], "no-store");
+    assert_eq!(fleet.matches("<script").count(), 1);
+    assert!(fleet.contains("<script src=\"/assets/console.js?v="));
+
+    // Filters and sorting are plain links and forms.
+    let (_, _, offline) = get(&app, &session, "/?liveness=offline&sort=score&dir=desc").await;
+    assert!(offline.contains("data-agent=\"flaky\"") && !offline.contains("data-agent=\"steady-1\""));
+    let (_, _, search) = get(&app, &session, "/?q=worker").await;
+    assert!(search.contains("data-agent=\"steady-2\"") && !search.contains("data-agent=\"steady-1\""));
+
+    let (status, _, agent) = get(&app, &session, "/agents/flaky").await;
+    assert_eq!(status, 200);
+    for needle in ["Score breakdown", "Heartbeats, last hour", "<svg", "Liveness transitions", "Agent unresponsive"] {
+        assert!(agent.contains(needle), "the agent page lacks {needle}");
+    }
+    let (status, _, steady) = get(&app, &session, "/agents/steady-1").await;
+    assert_eq!(status, 200);
+    assert!(steady.contains("data-component=\"heartbeat_consistency\""));
+    assert!(steady.contains("Cpu percent"), "the formula's inputs are shown");
+    assert_eq!(get(&app, &session, "/agents/nobody").await.0, 404);
+
+    let (_, _, incidents) = get(&app, &session, "/incidents").await;
+    assert!(incidents.contains("Agent unresponsive") && incidents.contains("href=\"/agents/flaky\""));
+    let (_, _, alerts) = get(&app, &session, "/alerts").await;
+    assert!(alerts.contains(&format!("action=\"/alerts/{alert}/ack\"")));
+    assert!(alerts.contains(&format!("id=\"ack-{alert}\"")));
+
+    for page in [&fleet, &agent, &incidents, &alerts] {
+        assert!(!page.contains(&admin) && !page.contains(&session.token), "no secret in a page");
+    }
+
+    // Assets are embedded, versioned and cacheable.
+    let js = fleet.split("<script src=\"").nth(1).unwrap().split('"').next().unwrap().replace("&amp;", "&");
+    let response = client().get(app.url(&js)).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.headers()[CONTENT_TYPE].to_str().unwrap().starts_with("text/javascript"));
+    assert!(response.headers()["cache-control"].to_str().unwrap().contains("immutable"));
+    assert!(response.text().await.unwrap().contains("EventSource"));
+}
+
+#[tokio::test]
+async fn http_pages_need_a_session_and_sessions_are_hashed_revocable_and_end_at_logout() {
+    let app = app().await;
+    let (_, read, _) = keys(&app).await;
+    let http = client();
+    let response = http.get(app.url("/agents/a1")).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    assert_eq!(response.headers()[LOCATION], "/login?next=%2Fagents%2Fa1");
+
+    let session = sign_in(&app, &read).await;
+    // Only a hash of the token is stored, with the key's row: not the key.
+    let db = app.db.client().await;
+    let rows = db.query("SELECT token_hash, api_key_id FROM warden.console_sessions", &[]).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].get::<_, Vec<u8>>(0), warden::auth::hash(&session.token).to_vec());
+    let dump: String =
+        db.query_one("SELECT row_to_json(s)::text FROM warden.console_sessions s", &[]).await.unwrap().get(0);
+    assert!(!dump.contains(&session.token) && !dump.contains(&read));
+
+    // The API takes the session in place of a bearer key, to read.
+    let api = |path: &str| http.get(app.url(path)).header(COOKIE, session.cookie());
+    assert_eq!(api("/v1/fleet").send().await.unwrap().status(), 200);
+    let stream = api("/v1/stream").send().await.unwrap();
+    assert_eq!(
+        (stream.status().as_u16(), stream.headers()[CONTENT_TYPE].to_str().unwrap()),
+        (200, "text/event-stream")
+    );
+    drop(stream);
+    // A request with a bearer key is judged by the key alone.
+    assert_eq!(api("/v1/fleet").bearer_auth("wdn_nope").send().await.unwrap().status(), 401);
+    // Changing things with only a cookie: no.
+    let silence = json!({"agent_id": "a1", "duration": "1h", "comment": "x"});
+    let post = || http.post(app.url("/v1/silences")).header(COOKIE, session.cookie()).json(&silence);
+    assert_eq!(post().send().await.unwrap().status(), 401, "no CSRF header");
+    assert_eq!(post().header("x-csrf-token", &session.csrf).send().await.unwrap().status(), 403, "read scope");
+
+    // Logging out deletes the session.
+    let wrong = post_form(&app, &session, "/logout", "csrf=nope").await;
+    assert_eq!(wrong.status(), 403);
+    let out = post_form(&app, &session, "/logout", &format!("csrf={}", session.csrf)).await;
+    assert_eq!(out.status(), StatusCode::SEE_OTHER);
+    assert!(set_cookie(&out, "warden_session").unwrap().1.contains("Max-Age=0"));
+    assert_eq!(app.count("SELECT count(*) FROM warden.console_sessions").await, 0);
+    assert_eq!(get(&app, &session, "/").await.0, StatusCode::SEE_OTHER);
+    assert_eq!(api("/v1/fleet").send().await.unwrap().status(), 401);
+
+    // Revoking the key ends its sessions at once.
+    let session = sign_in(&app, &read).await;
+    let key_id = warden::auth::key_id_of(&read).unwrap().to_string();
+    assert!(warden::auth::revoke_key(&db, &key_id).await.unwrap());
+    assert_eq!(get(&app, &session, "/").await.0, StatusCode::SEE_OTHER);
+    let after = http.get(app.url("/v1/fleet")).header(COOKIE, session.cookie()).send().await.unwrap();
+    assert_eq!(after.status(), 401);
+}
+
+#[tokio::test]
+async fn http_actions_need_the_admin_scope_the_csrf_token_and_the_same_site() {
+    let app = app().await;
+    let (ingest, read, admin) = keys(&app).await;
+    seed_fleet(&app, &ingest).await;
+    let alert = take_flaky_offline(&app).await;
+    let path = format!("/alerts/{alert}/ack");
+
+    // Signing in needs the form's own cookie, and a valid key.
+    let no_cookie = client()
+        .post(app.url("/login"))
+        .header(CONTENT_TYPE, FORM)
+        .body(format!("key={}&login_csrf=abc&next=%2F", url_encode(&admin)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(no_cookie.status(), 403);
+    assert!(set_cookie(&no_cookie, "warden_session").is_none());
+    let page = client().get(app.url("/login")).send().await.unwrap();
+    let (login, _) = set_cookie(&page, "warden_login").unwrap();
+    let token = hidden(&page.text().await.unwrap(), "login_csrf");
+    let bad_key = client()
+        .post(app.url("/login"))
+        .header(COOKIE, format!("warden_login={login}"))
+        .header(CONTENT_TYPE, FORM)
+        .body(format!("key=wdn_000000000000_{}&login_csrf={token}", "0".repeat(64)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad_key.status(), 401);
+    assert!(set_cookie(&bad_key, "warden_session").is_none());
+
+    let admin_session = sign_in(&app, &admin).await;
+    let wrong = post_form(&app, &admin_session, &path, "csrf=0000&comment=x").await;
+    assert_eq!(wrong.status(), 403);
+    let cross = client()
+        .post(app.url(&path))
+        .header(COOKIE, admin_session.cookie())
+        .header(CONTENT_TYPE, FORM)
+        .header("sec-fetch-site", "cross-site")
+        .body(format!("csrf={}", admin_session.csrf))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cross.status(), 403);
+    let read_session = sign_in(&app, &read).await;
+    let refused = post_form(&app, &read_session, &path, &format!("csrf={}", read_session.csrf)).await;
+    assert_eq!(refused.status(), 403);
+    assert!(refused.text().await.unwrap().contains("Not allowed with this key"));
+    assert_eq!(alert_state(&app, alert).await, "firing");
+
+    let done = post_form(&app, &admin_session, &path, &format!("csrf={}&comment=on+it", admin_session.csrf)).await;
+    assert_eq!(done.status(), StatusCode::SEE_OTHER);
+    assert_eq!(done.headers()[LOCATION].to_str().unwrap(), format!("/alerts?done=acked&alert={alert}"));
+    assert_eq!(alert_state(&app, alert).await, "acknowledged");
+
+    // Silences from the form: refused with a reason, then made.
+    let bad =
+        post_form(&app, &admin_session, "/silences", &format!("csrf={}&duration=2h&comment=x", admin_session.csrf))
+            .await;
+    assert_eq!(bad.status(), 422);
+    assert!(bad.text().await.unwrap().contains("at least one matcher"));
+    let made = post_form(
+        &app,
+        &admin_session,
+        "/silences",
+        &format!(
+            "csrf={}&agent_id=steady-1&issue_type=&label=role%3Dapi&duration=2h&comment=deploy",
+            admin_session.csrf
+        ),
+    )
+    .await;
+    assert_eq!(made.status(), StatusCode::SEE_OTHER);
+    assert_eq!(app.count("SELECT count(*) FROM warden.silences WHERE labels = '{\"role\": \"api\"}'").await, 1);
+
+    // The JSON API with an admin session and its CSRF header.
+    let created = client()
+        .post(app.url("/v1/silences"))
+        .header(COOKIE, admin_session.cookie())
+        .header("x-csrf-token", &admin_session.csrf)
+        .json(&json!({"agent_id": "steady-2", "duration": "1h", "comment": "from a script in the console"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+}
+
+#[tokio::test]
+async fn http_the_status_page_is_public_only_when_enabled_and_the_console_can_be_off() {
+    let off = app().await;
+    assert_eq!(off.get("/status").await.status(), 404);
+    let app = app_with(|s| {
+        s.console.public_status = true;
+        s.console.enabled = false;
+        s.console.status_accent = "#123456".into();
+        s.console.status_logo = "https://cdn.example.com/logo.svg".into();
+    })
+    .await;
+    let (ingest, _, _) = keys(&app).await;
+    seed_fleet(&app, &ingest).await;
+    // The console is off: no pages, no login.
+    assert_eq!(app.get("/").await.status(), 404);
+    assert_eq!(app.get("/login").await.status(), 404);
+
+    let response = app.get("/status").await;
+    assert_eq!(response.status(), 200);
+    let csp = response.headers()["content-security-policy"].to_str().unwrap().to_string();
+    assert!(csp.contains("img-src 'self' data: https://cdn.example.com;") && !csp.contains("script-src"), "{csp}");
+    assert_eq!(response.headers()["x-frame-options"], "DENY");
+    let html = response.text().await.unwrap();
+    assert!(html.contains("data-group=\"Payments\" data-state=\"Up\""), "{html}");
+    assert!(html.contains("data-group=\"Search\" data-state=\"Up\""));
+    assert!(html.contains("src=\"https://cdn.example.com/logo.svg\""));
+    assert!(!html.contains("<script"));
+    for internal in ["flaky", "steady-1", "Steady one"] {
+        assert!(!html.contains(internal), "the status page shows {internal}");
+    }
+    let theme = app.get("/status/theme.css").await.text().await.unwrap();
+    assert!(theme.contains("--accent:#123456"), "{theme}");
+}
+
+#[tokio::test]
+async fn http_with_authentication_off_the_console_opens_without_a_key() {
+    let app = app_with(|s| s.auth.enabled = false).await;
+    let http = client();
+    let page = http.get(app.url("/login")).send().await.unwrap();
+    let (login, _) = set_cookie(&page, "warden_login").unwrap();
+    let html = page.text().await.unwrap();
+    assert!(html.contains("Authentication is off") && !html.contains("name=\"key\""));
+    let response = http
+        .post(app.url("/login"))
+        .header(COOKIE, format!("warden_login={login}"))
+        .header(CONTENT_TYPE, FORM)
+        .body(format!("login_csrf={}&next=%2Fincidents", hidden(&html, "login_csrf")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    assert_eq!(response.headers()[LOCATION], "/incidents");
+    let (token, _) = set_cookie(&response, "warden_session").unwrap();
+    let session = Session { token, csrf: String::new() };
+    let (status, _, html) = get(&app, &session, "/incidents").await;
+    assert_eq!(status, 200);
+    assert!(html.contains("anonymous") && html.contains("scope-admin"));
+}

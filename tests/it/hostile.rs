@@ -1,0 +1,444 @@
+//! Hostile input: the OpenAPI document against the routes served, oversized
+//! and deeply nested bodies, slow clients, and floods (rate limits).
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use warden::auth::Scope;
+use warden::config::Duration as SettingsDuration;
+
+use crate::helpers::TestApp;
+
+/// The documented operations: (method, path).
+async fn documented(app: &TestApp) -> Vec<(String, String, Value)> {
+    let response = app.get("/openapi.json").await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "application/json");
+    let document: Value = response.json().await.unwrap();
+    assert!(document["openapi"].as_str().unwrap().starts_with("3.1"));
+    let mut out = Vec::new();
+    for (path, item) in document["paths"].as_object().unwrap() {
+        for (method, operation) in item.as_object().unwrap() {
+            out.push((method.to_uppercase(), path.clone(), operation.clone()));
+        }
+    }
+    out
+}
+
+/// A documented path with its parameters filled in.
+fn concrete(path: &str) -> String {
+    path.replace("/agents/{id}", "/agents/worker-1").replace("{id}", "1")
+}
+
+async fn send(app: &TestApp, method: &str, path: &str, key: &str, body: Vec<u8>) -> reqwest::Response {
+    let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+    app.http
+        .request(method, app.url(path))
+        .bearer_auth(key)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+async fn error_of(response: reqwest::Response) -> (u16, Value) {
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    assert!(body["error"]["code"].is_string() && body["error"]["message"].is_string(), "{status}: {body}");
+    (status, body)
+}
+
+#[tokio::test]
+async fn every_documented_operation_is_served() {
+    let app = TestApp::spawn().await;
+    let admin = app.key(&[Scope::Admin]).await;
+    app.heartbeat(&admin, json!({"agent_id": "worker-1"})).await;
+    let operations = documented(&app).await;
+    assert!(operations.len() >= 20, "{operations:?}");
+    for (method, path, operation) in operations {
+        let url = concrete(&path);
+        let response = send(&app, &method, &url, &admin, b"{}".to_vec()).await;
+        let status = response.status().as_u16();
+        let documented = operation["responses"].get(status.to_string()).is_some();
+        let body = if path == "/v1/stream" || path == "/metrics" {
+            Value::Null // an endless stream, and Prometheus text
+        } else {
+            response.json().await.unwrap_or(Value::Null)
+        };
+        assert!(
+            !(status == 404 && body["error"]["message"].as_str().is_some_and(|m| m.starts_with("no such endpoint"))),
+            "{method} {path} is documented but not routed"
+        );
+        assert!(status != 405 || documented, "{method} {path} is documented but not routed for {method}");
+        assert!(documented, "{method} {url} answered {status}, which its operation does not document: {body}");
+    }
+}
+
+#[tokio::test]
+async fn undocumented_paths_and_methods_get_json_errors() {
+    let app = TestApp::spawn().await;
+    let (status, body) = error_of(app.get("/v1/nothing-here").await).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (404, Some("not_found")));
+    let response = app.http.put(app.url("/v1/heartbeats")).send().await.unwrap();
+    let (status, body) = error_of(response).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (405, Some("method_not_allowed")));
+}
+
+#[tokio::test]
+async fn oversized_bodies_get_413_on_every_post_endpoint() {
+    let app = TestApp::spawn_with(|s| s.ingest.max_body_bytes = 4096).await;
+    let admin = app.key(&[Scope::Admin]).await;
+    app.heartbeat(&admin, json!({"agent_id": "worker-1"})).await;
+    let posts: Vec<_> = documented(&app).await.into_iter().filter(|(m, _, _)| m == "POST").collect();
+    assert!(posts.len() >= 6, "{posts:?}");
+    // A JSON object just over the limit: declared up front, and streamed in
+    // chunks with no Content-Length.
+    let big = format!("{{\"agent_id\": \"worker-1\", \"pad\": \"{}\"}}", "x".repeat(4096));
+    for (_, path, _) in posts {
+        let url = concrete(&path);
+        let (status, body) = error_of(send(&app, "POST", &url, &admin, big.clone().into_bytes()).await).await;
+        assert_eq!((status, body["error"]["code"].as_str()), (413, Some("payload_too_large")), "{path}");
+        let mut stream = TcpStream::connect(app.addr).await.unwrap();
+        let head = format!(
+            "POST {url} HTTP/1.1\r\nhost: warden\r\nauthorization: Bearer {admin}\r\n\
+             content-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        for chunk in big.as_bytes().chunks(1000) {
+            let framed = [format!("{:x}\r\n", chunk.len()).as_bytes(), chunk, b"\r\n"].concat();
+            if stream.write_all(&framed).await.is_err() {
+                break; // refused before the end
+            }
+        }
+        let _ = stream.write_all(b"0\r\n\r\n").await;
+        let mut answer = vec![0u8; 12];
+        stream.read_exact(&mut answer).await.unwrap();
+        assert_eq!(&answer, b"HTTP/1.1 413", "{path}, chunked");
+    }
+    assert_eq!(app.get("/healthz").await.status(), 200);
+}
+
+/// `depth` nested arrays.
+fn nested(depth: usize) -> String {
+    format!("{}{}", "[".repeat(depth), "]".repeat(depth))
+}
+
+#[tokio::test]
+async fn deeply_nested_json_gets_400_and_warden_stays_up() {
+    let app = TestApp::spawn().await;
+    let admin = app.key(&[Scope::Admin]).await;
+    app.heartbeat(&admin, json!({"agent_id": "worker-1"})).await;
+    let deep = nested(10_000);
+    let posts: Vec<_> = documented(&app).await.into_iter().filter(|(m, _, _)| m == "POST").collect();
+    for (_, path, _) in &posts {
+        let response = send(&app, "POST", &concrete(path), &admin, deep.clone().into_bytes()).await;
+        assert_eq!(response.status(), 400, "{path}");
+        if path == "/mcp" {
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["error"]["code"], -32700, "a JSON-RPC parse error: {body}");
+        } else {
+            error_of(response).await;
+        }
+    }
+    // Deep values where a JSON value is read whole hit serde_json's
+    // recursion limit (128) and are refused the same way.
+    let cases = [
+        ("/v1/events", format!(r#"{{"agent_id":"worker-1","event_type":"x","message":"m","details":{{"a":{deep}}}}}"#)),
+        ("/mcp", format!(r#"{{"jsonrpc":"2.0","id":1,"method":"ping","params":{{"a":{deep}}}}}"#)),
+        ("/v1/silences", format!(r#"{{"agent_id":"worker-1","duration":"1h","comment":{deep}}}"#)),
+        ("/v1/heartbeats", format!(r#"{{"agent_id":"worker-1","metrics":{{"cpu":{{"value":{deep}}}}}}}"#)),
+    ];
+    for (path, body) in cases {
+        let response = send(&app, "POST", path, &admin, body.into_bytes()).await;
+        let status = response.status().as_u16();
+        assert!(status == 400 || status == 422, "{path}: {status}");
+    }
+    // Unknown heartbeat fields are skipped without recursion, however deep.
+    let (status, _) = app
+        .heartbeat(
+            &admin,
+            serde_json::from_str(&format!(r#"{{"agent_id":"worker-1","future":{}}}"#, nested(100))).unwrap(),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let raw = format!(r#"{{"agent_id":"worker-1","future":{deep}}}"#);
+    let response = send(&app, "POST", "/v1/heartbeats", &admin, raw.into_bytes()).await;
+    assert_eq!(response.status(), 200, "an ignored field is not read, so not recursed into");
+    // Deep objects too.
+    let objects = format!("{}1{}", "{\"a\":".repeat(10_000), "}".repeat(10_000));
+    for (_, path, _) in &posts {
+        let status = send(&app, "POST", &concrete(path), &admin, objects.clone().into_bytes()).await.status();
+        assert!(status.is_client_error() || status.is_success(), "{path}: {status}");
+    }
+    assert_eq!(app.get("/healthz").await.status(), 200, "warden survived");
+    assert_eq!(app.heartbeat(&admin, json!({"agent_id": "worker-1"})).await.0, 200);
+}
+
+/// Opens a connection and sends a request head announcing `length` bytes.
+async fn start_post(app: &TestApp, path: &str, key: &str, length: usize) -> TcpStream {
+    let mut stream = TcpStream::connect(app.addr).await.unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nhost: warden\r\nauthorization: Bearer {key}\r\n\
+         content-type: application/json\r\ncontent-length: {length}\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream
+}
+
+/// Reads until the server closes the connection; what it sent.
+async fn read_to_close(stream: &mut TcpStream, within: Duration) -> String {
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(within, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "the server did not close the connection within {within:?}");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn a_trickling_body_is_cut_off_with_408_and_holds_no_database_connection() {
+    let app = TestApp::spawn_with(|s| s.server.request_timeout = SettingsDuration::from_secs(3)).await;
+    let key = app.key(&[Scope::Admin]).await;
+    let started = Instant::now();
+    // More slow clients than the pool has connections (4).
+    let mut slow = Vec::new();
+    for _ in 0..8 {
+        let mut stream = start_post(&app, "/v1/heartbeats", &key, 100).await;
+        stream.write_all(b"{\"agent_id\":").await.unwrap();
+        slow.push(stream);
+    }
+    let trickle = tokio::spawn(async move {
+        for _ in 0..30 {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            for stream in &mut slow {
+                let _ = stream.write_all(b" ").await;
+            }
+        }
+        slow
+    });
+    // Meanwhile the database is free for everyone else.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let quick = Instant::now();
+    let (status, _) = app.heartbeat(&key, json!({"agent_id": "fast"})).await;
+    assert_eq!(status, 200);
+    assert_eq!(app.http.get(app.url("/v1/fleet")).bearer_auth(&key).send().await.unwrap().status(), 200);
+    // Had the slow requests held the pool's connections, these would have
+    // waited for database.acquire_timeout (2s) and got 503.
+    assert!(quick.elapsed() < Duration::from_millis(1900), "other requests waited {:?}", quick.elapsed());
+    let mut slow = trickle.await.unwrap();
+    for stream in &mut slow {
+        let answer = read_to_close(stream, Duration::from_secs(5)).await;
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(answer.contains("\"request_timeout\""), "{answer}");
+        assert!(answer.to_ascii_lowercase().contains("connection: close"), "{answer}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    assert_eq!(
+        app.count("SELECT count(*) FROM warden.agent_status").await,
+        1,
+        "nothing of the slow bodies was written"
+    );
+}
+
+#[tokio::test]
+async fn slow_or_absent_request_headers_close_the_connection() {
+    let app = TestApp::spawn_with(|s| s.server.header_read_timeout = SettingsDuration::from_millis(500)).await;
+    // Half a request head, then nothing.
+    let mut stream = TcpStream::connect(app.addr).await.unwrap();
+    stream.write_all(b"POST /v1/heartbeats HTTP/1.1\r\nhost: warden\r\n").await.unwrap();
+    let started = Instant::now();
+    let answer = read_to_close(&mut stream, Duration::from_secs(5)).await;
+    assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(started.elapsed() >= Duration::from_millis(400), "{:?}", started.elapsed());
+    // A header trickled byte by byte does not reset the clock.
+    let mut stream = TcpStream::connect(app.addr).await.unwrap();
+    let started = Instant::now();
+    stream.write_all(b"GET /healthz HTTP/1.1\r\nhost: warden\r\nx-slow: ").await.unwrap();
+    while started.elapsed() < Duration::from_secs(5) {
+        if stream.write_all(b"a").await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(started.elapsed() < Duration::from_secs(3), "the trickled head was cut off: {:?}", started.elapsed());
+    // An idle keep-alive connection is closed after the same time.
+    let mut stream = TcpStream::connect(app.addr).await.unwrap();
+    stream.write_all(b"GET /healthz HTTP/1.1\r\nhost: warden\r\n\r\n").await.unwrap();
+    let answer = read_to_close(&mut stream, Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // And the server still serves.
+    assert_eq!(app.get("/healthz").await.status(), 200);
+}
+
+#[tokio::test]
+async fn a_flood_from_one_key_gets_429_with_retry_after() {
+    let app = TestApp::spawn_with(|s| {
+        s.limits.rate_per_second = 0.1;
+        s.limits.burst = 5;
+    })
+    .await;
+    let reader = app.key(&[Scope::Read]).await;
+    let other = app.key(&[Scope::Ingest]).await;
+    for i in 0..5 {
+        let response = app.http.get(app.url("/v1/fleet")).bearer_auth(&reader).send().await.unwrap();
+        assert_eq!(response.status(), 200, "request {i} is within the burst");
+    }
+    let response = app.http.get(app.url("/v1/fleet")).bearer_auth(&reader).send().await.unwrap();
+    let retry_after: u64 = response.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=10).contains(&retry_after), "one token every 10 s: {retry_after}");
+    let (status, body) = error_of(response).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (429, Some("rate_limited")));
+    // The same key on /mcp, too.
+    let mcp = app
+        .http
+        .post(app.url("/mcp"))
+        .bearer_auth(&reader)
+        .json(&json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(mcp.status(), 429);
+    // Other keys have their own budget; probes are never limited.
+    assert_eq!(app.heartbeat(&other, json!({"agent_id": "a"})).await.0, 200);
+    for path in ["/healthz", "/readyz", "/metrics", "/openapi.json"] {
+        assert_eq!(app.get(path).await.status(), 200, "{path}");
+    }
+    // A forbidden request still counts against its key.
+    let response = app.http.post(app.url("/v1/heartbeats")).bearer_auth(&reader).body("{}").send().await.unwrap();
+    assert_eq!(response.status(), 429);
+}
+
+#[tokio::test]
+async fn failed_authentication_is_limited_per_address_without_hurting_known_keys() {
+    let app = TestApp::spawn_with(|s| {
+        s.limits.failed_auth_per_second = 0.01;
+        s.limits.failed_auth_burst = 3;
+    })
+    .await;
+    let known = app.key(&[Scope::Read]).await;
+    let unknown_yet = app.key(&[Scope::Read]).await;
+    let fleet = |key: String| {
+        let request = app.http.get(app.url("/v1/fleet"));
+        async move { if key.is_empty() { request } else { request.bearer_auth(key) }.send().await.unwrap().status() }
+    };
+    assert_eq!(fleet(known.clone()).await, 200, "verified, and so remembered");
+    let (made_up_id, made_up) = warden::auth::generate();
+    assert!(!made_up_id.is_empty());
+    assert_eq!(fleet(made_up.clone()).await, 401);
+    assert_eq!(fleet(String::new()).await, 401);
+    assert_eq!(fleet("Bearer nonsense".into()).await, 401);
+    // The address has used up its failures: guesses get 429 without being
+    // checked, so a right guess looks the same as a wrong one.
+    let response = app.http.get(app.url("/v1/fleet")).bearer_auth(&made_up).send().await.unwrap();
+    assert!(response.headers().contains_key("retry-after"));
+    assert_eq!(response.status(), 429);
+    assert_eq!(fleet(unknown_yet).await, 429, "a key not verified recently is not checked either");
+    assert_eq!(fleet(known).await, 200, "a recently verified key still works from this address");
+}
+
+#[tokio::test]
+async fn made_up_secrets_for_a_real_key_id_do_not_spend_its_budget() {
+    let app = TestApp::spawn_with(|s| {
+        s.limits.rate_per_second = 0.01;
+        s.limits.burst = 2;
+    })
+    .await;
+    let key = app.key(&[Scope::Read]).await;
+    let forged = format!("{}{}", &key[..key.len() - 4], if key.ends_with("0000") { "1111" } else { "0000" });
+    for _ in 0..10 {
+        let response = app.http.get(app.url("/v1/fleet")).bearer_auth(&forged).send().await.unwrap();
+        assert_eq!(response.status(), 401);
+    }
+    for _ in 0..2 {
+        assert_eq!(app.http.get(app.url("/v1/fleet")).bearer_auth(&key).send().await.unwrap().status(), 200);
+    }
+    assert_eq!(app.http.get(app.url("/v1/fleet")).bearer_auth(&key).send().await.unwrap().status(), 429);
+}
+
+#[tokio::test]
+async fn with_authentication_off_each_address_gets_the_key_budget() {
+    let app = TestApp::spawn_with(|s| {
+        s.auth.enabled = false;
+        s.limits.rate_per_second = 0.01;
+        s.limits.burst = 3;
+    })
+    .await;
+    for _ in 0..3 {
+        assert_eq!(app.http.get(app.url("/v1/fleet")).send().await.unwrap().status(), 200);
+    }
+    assert_eq!(app.http.get(app.url("/v1/fleet")).send().await.unwrap().status(), 429);
+}
+
+#[tokio::test]
+async fn limits_can_be_turned_off() {
+    let app = TestApp::spawn_with(|s| {
+        s.limits.enabled = false;
+        s.limits.burst = 1;
+        s.limits.failed_auth_burst = 1;
+    })
+    .await;
+    let key = app.key(&[Scope::Read]).await;
+    for _ in 0..5 {
+        assert_eq!(app.http.get(app.url("/v1/fleet")).bearer_auth(&key).send().await.unwrap().status(), 200);
+        assert_eq!(app.http.get(app.url("/v1/fleet")).send().await.unwrap().status(), 401);
+    }
+}
+
+#[tokio::test]
+async fn values_postgresql_cannot_store_are_refused_not_failed() {
+    let app = TestApp::spawn().await;
+    let admin = app.key(&[Scope::Admin]).await;
+    app.heartbeat(&admin, json!({"agent_id": "worker-1"})).await;
+    let cases = [
+        ("/v1/events", json!({"agent_id": "worker-1", "event_type": "x", "message": "a\u{0}b"}), "message"),
+        (
+            "/v1/events",
+            json!({"agent_id": "worker-1", "event_type": "x", "message": "m", "details": {"k": ["\u{0}"]}}),
+            "details",
+        ),
+        ("/v1/silences", json!({"agent_id": "worker-1", "duration": "1h", "comment": "a\u{0}"}), "comment"),
+        ("/v1/silences", json!({"labels": {"role": "a\u{0}"}, "duration": "1h", "comment": "c"}), "labels"),
+        (
+            "/v1/silences",
+            json!({"agent_id": "worker-1", "duration": "1h", "comment": "c", "created_by": "\u{0}"}),
+            "created_by",
+        ),
+        // An end beyond the calendar used to panic the handler.
+        ("/v1/silences", json!({"agent_id": "worker-1", "duration": "1000000y", "comment": "forever"}), "duration"),
+        ("/v1/alerts/1/ack", json!({"comment": "\u{0}"}), "comment"),
+    ];
+    for (path, body, field) in cases {
+        let (status, error) = error_of(app.post(path, &admin, &body).await).await;
+        assert_eq!((status, error["error"]["field"].as_str()), (422, Some(field)), "{path} {body}: {error}");
+    }
+    let response = app.http.get(app.url("/v1/agents?label=role:%00")).bearer_auth(&admin).send().await.unwrap();
+    let (status, error) = error_of(response).await;
+    assert_eq!((status, error["error"]["field"].as_str()), (422, Some("label")));
+    // Arrays are not objects, although serde would read a struct from one.
+    for (path, body) in [("/v1/alerts/1/ack", json!([null, null])), ("/v1/silences", json!(["a", null, {}]))] {
+        let (status, _) = error_of(app.post(path, &admin, &body).await).await;
+        assert_eq!(status, 400, "{path}");
+    }
+}
+
+#[tokio::test]
+async fn whole_numbers_written_as_floats_are_accepted() {
+    let app = TestApp::spawn().await;
+    let key = app.key(&[Scope::Ingest]).await;
+    let (status, body) =
+        app.heartbeat(&key, json!({"agent_id": "py-1", "uptime_seconds": 3600.0, "next_heartbeat_ms": 1.5e4})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["next_heartbeat_ms"], 15000);
+    let (status, body) = app.heartbeat(&key, json!({"agent_id": "py-1", "uptime_seconds": 1.5})).await;
+    assert_eq!((status, body["error"]["field"].as_str()), (422, Some("uptime_seconds")));
+}

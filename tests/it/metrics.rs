@@ -1,0 +1,69 @@
+//! GET /metrics: Prometheus text that promtool accepts, with the figures
+//! the work produced.
+
+use serde_json::json;
+use warden::auth::Scope;
+
+use crate::helpers::TestApp;
+
+fn metric(text: &str, name_with_labels: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name_with_labels) && l[name_with_labels.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[tokio::test]
+async fn metrics_count_the_work_and_pass_promtool() {
+    let app = TestApp::spawn().await;
+    let key = app.key(&[Scope::Ingest]).await;
+    let before = app.get("/metrics").await.text().await.unwrap();
+    let accepted_before = metric(&before, "warden_heartbeats_total{path=\"http\"}").unwrap_or(0.0);
+    let invalid_before = metric(&before, "warden_heartbeat_rejects_total{reason=\"invalid\"}").unwrap_or(0.0);
+    let unauthorized_before = metric(&before, "warden_heartbeat_rejects_total{reason=\"unauthorized\"}").unwrap_or(0.0);
+
+    for i in 0..3 {
+        assert_eq!(app.heartbeat(&key, json!({"agent_id": format!("m{i}")})).await.0, 200);
+    }
+    assert_eq!(app.heartbeat(&key, json!({"agent_id": "bad id"})).await.0, 422);
+    assert_eq!(app.heartbeat("wdn_nope", json!({"agent_id": "x"})).await.0, 401);
+
+    let response = app.get("/metrics").await;
+    assert_eq!(response.status(), 200);
+    assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/plain; version=0.0.4"));
+    let text = response.text().await.unwrap();
+    // Process counters are shared by the tests of this binary: compare deltas.
+    assert!(metric(&text, "warden_heartbeats_total{path=\"http\"}").unwrap() >= accepted_before + 3.0);
+    assert!(metric(&text, "warden_heartbeat_rejects_total{reason=\"invalid\"}").unwrap() >= invalid_before + 1.0);
+    assert!(
+        metric(&text, "warden_heartbeat_rejects_total{reason=\"unauthorized\"}").unwrap() >= unauthorized_before + 1.0
+    );
+    assert!(metric(&text, "warden_ingest_flush_size_count").unwrap() >= 1.0);
+    assert!(metric(&text, "warden_ingest_commit_seconds_count").unwrap() >= 1.0);
+    assert!(text.contains("warden_ingest_queue_depth "));
+    assert!(metric(&text, "warden_db_pool_connections{state=\"max\"}").unwrap() >= 1.0);
+    // Fleet figures come from this test's own database.
+    assert_eq!(
+        metric(&text, "warden_agents{liveness=\"unknown\"}").unwrap()
+            + metric(&text, "warden_agents{liveness=\"online\"}").unwrap(),
+        3.0
+    );
+    assert_eq!(metric(&text, "warden_incidents_open{issue_type=\"fleet_outage\"}"), Some(0.0));
+
+    // promtool is installed by .ci/run; a missing one is a failure, not a skip.
+    let mut check = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus; .ci/run installs it)");
+    use std::io::Write;
+    check.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -1,0 +1,725 @@
+//! Reports (sql/), dashboards (dashboards/) and `warden report`, against a
+//! small history whose figures are worked out by hand.
+//!
+//! The history is `reports_seed.sql`: rows inserted with explicit times, in
+//! minutes from t0, and the reports run over [t0, t0 + 60m). One test drives
+//! the evaluator instead, to hold the reports to what warden really writes.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+use chrono::{DateTime, Duration, SecondsFormat, Utc};
+use serde_json::Value as Json;
+use tokio_postgres::types::Type;
+use warden::config::ReportingSettings;
+use warden::health::evaluator::{self, EvalParams};
+use warden::report::{self, Bindings, REPORTS, ResultSet, Value};
+
+use crate::helpers::{TestDb, default_settings};
+
+const SEED: &str = include_str!("reports_seed.sql");
+
+/// Two whole hours before the current hour: the range and the previous
+/// period both lie in the past, on partitions the template has (from
+/// yesterday on), and buckets of up to an hour line up with t0.
+fn t0() -> DateTime<Utc> {
+    let now = Utc::now().timestamp();
+    DateTime::from_timestamp(now - now.rem_euclid(3600), 0).unwrap() - Duration::hours(2)
+}
+
+fn minutes(t0: DateTime<Utc>, m: i64) -> DateTime<Utc> {
+    t0 + Duration::minutes(m)
+}
+
+async fn seeded() -> (TestDb, tokio_postgres::Client, DateTime<Utc>) {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    let t0 = t0();
+    client.execute("SELECT set_config('warden_test.t0', $1, false)", &[&t0.to_rfc3339()]).await.unwrap();
+    client.batch_execute(SEED).await.expect("seed the reporting history");
+    (db, client, t0)
+}
+
+fn settings() -> ReportingSettings {
+    ReportingSettings {
+        availability_target: 99.5,
+        downtime_cost_per_minute: 10.0,
+        label_costs: [("role".to_string(), [("db".to_string(), 100.0)].into())].into(),
+        trend_bucket: warden::config::Duration::from_secs(1800),
+        top_n: 20,
+    }
+}
+
+/// Bindings over the range [t0, t0 + 60m).
+fn range(t0: DateTime<Utc>) -> Bindings {
+    Bindings::new(&settings(), t0, minutes(t0, 60))
+}
+
+async fn run(client: &tokio_postgres::Client, name: &str, bindings: &Bindings) -> ResultSet {
+    let report = report::find(name).unwrap_or_else(|| panic!("no report {name}"));
+    report::execute(client, report, bindings).await.unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Cell helpers: the rows as maps, and typed reads that fail loudly.
+fn rows(result: &ResultSet) -> Vec<BTreeMap<&str, &Value>> {
+    result.rows.iter().map(|r| result.columns.iter().map(String::as_str).zip(r).collect()).collect()
+}
+
+fn row<'a>(result: &'a ResultSet, column: &str, key: &str) -> BTreeMap<&'a str, &'a Value> {
+    rows(result)
+        .into_iter()
+        .find(|r| matches!(r.get(column), Some(Value::Text(t)) if t == key))
+        .unwrap_or_else(|| panic!("no row with {column} = {key} in {result:?}"))
+}
+
+fn float(v: &Value) -> f64 {
+    match v {
+        Value::Float(f) => *f,
+        Value::Int(n) => *n as f64,
+        other => panic!("expected a number, got {other:?}"),
+    }
+}
+
+fn text(v: &Value) -> &str {
+    match v {
+        Value::Text(t) => t,
+        other => panic!("expected text, got {other:?}"),
+    }
+}
+
+fn int(v: &Value) -> i64 {
+    match v {
+        Value::Int(n) => *n,
+        other => panic!("expected an integer, got {other:?}"),
+    }
+}
+
+#[track_caller]
+fn close(actual: &Value, expected: f64) {
+    let actual = float(actual);
+    assert!((actual - expected).abs() < 1e-6, "expected {expected}, got {actual}");
+}
+
+/// The header's type names, as PostgreSQL names the types.
+fn pg_type_name(documented: &str) -> &str {
+    match documented {
+        "bigint" => "int8",
+        "integer" => "int4",
+        "double" | "float8" => "float8",
+        other => other,
+    }
+}
+
+#[tokio::test]
+async fn every_report_runs_and_returns_the_columns_its_header_documents() {
+    let (_db, client, t0) = seeded().await;
+    let bindings = range(t0);
+    for r in REPORTS {
+        let header = r.header().unwrap();
+        let statement = client.prepare(r.sql).await.unwrap_or_else(|e| panic!("{}: {e}", r.name));
+        let actual: Vec<(String, String)> =
+            statement.columns().iter().map(|c| (c.name().to_string(), c.type_().name().to_string())).collect();
+        let documented: Vec<(String, String)> =
+            header.columns.iter().map(|(n, t)| (n.clone(), pg_type_name(t).to_string())).collect();
+        assert_eq!(actual, documented, "{}: columns and types against its header", r.name);
+        let params: Vec<&str> = statement.params().iter().map(Type::name).collect();
+        let bound: Vec<&str> = r.params.iter().map(|p| pg_type_name(p.sql_type())).collect();
+        assert_eq!(params, bound, "{}: parameter types", r.name);
+        let result = report::execute(&client, r, &bindings).await.unwrap_or_else(|e| panic!("{e}"));
+        assert!(!result.rows.is_empty(), "{} returned nothing over the seeded history", r.name);
+    }
+}
+
+#[tokio::test]
+async fn availability_comes_from_the_transitions_and_matches_the_hand_computed_figures() {
+    let (_db, client, t0) = seeded().await;
+    let result = run(&client, "agent_availability", &range(t0)).await;
+    // a1: online 0-40, degraded 40-45, offline 45-60 of a 60-minute range.
+    let a1 = row(&result, "agent_id", "a1");
+    close(a1["availability_pct"], 75.0);
+    close(a1["online_pct"], 40.0 / 60.0 * 100.0);
+    close(a1["online_seconds"], 2400.0);
+    close(a1["degraded_seconds"], 300.0);
+    close(a1["offline_seconds"], 900.0);
+    assert_eq!(int(a1["outages"]), 1);
+    // a2 was online since before the range: its earlier liveness carries in.
+    close(row(&result, "agent_id", "a2")["availability_pct"], 100.0);
+    // a3 registered at 30 and was unknown until 31: that minute is left out.
+    let a3 = row(&result, "agent_id", "a3");
+    close(a3["observed_seconds"], 29.0 * 60.0);
+    close(a3["unknown_seconds"], 60.0);
+    close(a3["availability_pct"], 100.0);
+    // a4 was never evaluated: no availability at all rather than 0 or 100.
+    assert_eq!(row(&result, "agent_id", "a4")["availability_pct"], &Value::Null);
+    assert_eq!(result.rows[0][0], Value::Text("a1".into()), "worst first");
+
+    // The previous hour, for one agent: online 10, offline 5, online 5,
+    // and ten minutes before its first evaluation that do not count.
+    let mut previous = Bindings::new(&settings(), minutes(t0, -60), t0);
+    previous.agent = Some("a1".into());
+    let result = run(&client, "agent_availability", &previous).await;
+    assert_eq!(result.rows.len(), 1);
+    let a1 = row(&result, "agent_id", "a1");
+    close(a1["availability_pct"], 75.0);
+    close(a1["observed_seconds"], 20.0 * 60.0);
+
+    let breaches = run(&client, "slo_breaches", &range(t0)).await;
+    assert_eq!(breaches.rows.len(), 1, "only a1 is below 99.5%: {breaches:?}");
+    let a1 = row(&breaches, "agent_id", "a1");
+    close(a1["shortfall_pct"], 24.5);
+    close(a1["budget_seconds"], 18.0);
+    close(a1["over_budget_seconds"], 882.0);
+    close(a1["longest_outage_seconds"], 900.0);
+    assert_eq!(int(a1["incidents"]), 3);
+    let mut lenient = range(t0);
+    lenient.target_pct = 75.0;
+    assert!(run(&client, "slo_breaches", &lenient).await.rows.is_empty(), "75% meets a 75% target");
+}
+
+#[tokio::test]
+async fn mttd_and_mttr_match_the_hand_computed_figures() {
+    let (_db, client, t0) = seeded().await;
+    let result = run(&client, "mttd_mttr", &range(t0)).await;
+    // Unresponsive: last heartbeat at 39, opened at 45, resolved at 61.
+    let unresponsive = row(&result, "issue_type", "agent_unresponsive");
+    close(unresponsive["mttd_seconds"], 360.0);
+    close(unresponsive["mttr_seconds"], 960.0);
+    assert_eq!(int(unresponsive["auto_resolved"]), 1);
+    // The error-rate incident has no last_seen: its last heartbeat row (34) counts.
+    close(row(&result, "issue_type", "high_error_rate")["mttd_seconds"], 60.0);
+    let looping = row(&result, "issue_type", "restart_loop");
+    assert_eq!(int(looping["still_open"]), 1);
+    assert_eq!(looping["mttr_seconds"], &Value::Null);
+    let predicted = row(&result, "issue_type", "resource_exhaustion");
+    assert_eq!(int(predicted["predicted"]), 1);
+    assert_eq!(predicted["mttd_seconds"], &Value::Null);
+    assert_eq!(predicted["mttr_seconds"], &Value::Null, "predictions are not recoveries");
+    // All: detect 360, 180, 60, 60, 0; recover 960, 780, 300, 900.
+    let all = row(&result, "issue_type", "all");
+    assert_eq!(result.rows.last().unwrap()[0], Value::Text("all".into()));
+    assert_eq!(int(all["incidents"]), 6);
+    close(all["mttd_seconds"], 132.0);
+    close(all["mttr_seconds"], 735.0);
+    close(all["max_mttr_seconds"], 960.0);
+}
+
+#[tokio::test]
+async fn fleet_recovery_and_alert_reports_count_what_was_seeded() {
+    let (_db, client, t0) = seeded().await;
+    let b = range(t0);
+    let fleet = rows(&run(&client, "fleet_summary", &b).await)
+        .into_iter()
+        .map(|r| {
+            let key = match (r["dimension"], r["value"]) {
+                (Value::Text(d), Value::Text(v)) => format!("{d}.{v}"),
+                other => panic!("{other:?}"),
+            };
+            (key, (int(r["agents"]), int(r["registered_in_range"])))
+        })
+        .collect::<BTreeMap<_, _>>();
+    assert_eq!(fleet["fleet.all"], (4, 2));
+    assert_eq!(fleet["liveness.online"], (3, 1));
+    assert_eq!(fleet["liveness.unknown"], (1, 1));
+    assert_eq!(fleet["liveness.offline"], (0, 0), "every value is listed, zero or not");
+    assert_eq!(fleet["tier.excellent"].0, 1);
+    assert_eq!(fleet["tier.unscored"].0, 1);
+    assert_eq!(fleet["mode.unset"].0, 1);
+
+    let recovery = run(&client, "recovery_success", &b).await;
+    let command = row(&recovery, "action", "command");
+    assert_eq!((int(command["attempts"]), int(command["succeeded"]), int(command["failed"])), (2, 1, 1));
+    close(command["success_rate_pct"], 50.0);
+    close(command["mean_duration_seconds"], 45.0);
+    let http = row(&recovery, "action", "http");
+    assert_eq!((int(http["timed_out"]), int(http["in_progress"])), (1, 1));
+    close(http["success_rate_pct"], 0.0);
+
+    let alerts = run(&client, "alert_volume", &b).await;
+    let by_key: BTreeMap<String, BTreeMap<&str, &Value>> =
+        rows(&alerts).into_iter().map(|r| (format!("{}/{}", text(r["severity"]), text(r["channel"])), r)).collect();
+    let slack = &by_key["critical/ops_slack"];
+    assert_eq!((int(slack["alerts"]), int(slack["deliveries"]), int(slack["pending"])), (2, 3, 1));
+    close(slack["mean_ack_seconds"], 360.0);
+    assert_eq!(int(by_key["critical/oncall_email"]["dead"]), 1);
+    assert_eq!(int(by_key["warning/ops_slack"]["acknowledged"]), 0);
+    assert_eq!(by_key["warning/ops_slack"]["mean_ack_seconds"], &Value::Null);
+    assert_eq!(by_key.len(), 3);
+}
+
+#[tokio::test]
+async fn noisy_agents_trends_and_gaps_rank_and_bucket_as_expected() {
+    let (_db, client, t0) = seeded().await;
+    let mut b = range(t0);
+
+    let flapping = run(&client, "flapping_agents", &b).await;
+    assert_eq!(flapping.rows.len(), 2);
+    let first = &rows(&flapping)[0];
+    assert_eq!(first["agent_id"], &Value::Text("a1".into()));
+    assert_eq!((int(first["transitions"]), int(first["to_offline"]), int(first["flapping_incidents"])), (2, 1, 1));
+    close(first["flapping_seconds"], 780.0);
+
+    let restarts = run(&client, "restart_loops", &b).await;
+    let first = &rows(&restarts)[0];
+    assert_eq!(first["agent_id"], &Value::Text("a2".into()));
+    assert_eq!((int(first["restarts"]), int(first["restart_loop_incidents"])), (3, 1));
+    assert_eq!(first["loop_open_now"], &Value::Bool(true));
+    close(first["mean_uptime_before_seconds"], 310.0);
+
+    let gaps = run(&client, "heartbeat_gaps", &b).await;
+    let a1 = &rows(&gaps)[0];
+    assert_eq!(a1["agent_id"], &Value::Text("a1".into()), "the longest silence first");
+    assert_eq!(int(a1["heartbeats"]), 42);
+    close(a1["longest_gap_seconds"], 19.0 * 60.0);
+    assert_eq!(a1["longest_gap_from"], &Value::Time(minutes(t0, 39)));
+    assert_eq!(a1["longest_gap_to"], &Value::Time(minutes(t0, 58)));
+    assert_eq!(int(a1["late_gaps"]), 1, "only the 19-minute gap is past 60s + 20%");
+    close(a1["trailing_silence_seconds"], 60.0);
+
+    let trend = run(&client, "score_trend", &b).await;
+    let a1: Vec<_> = rows(&trend).into_iter().filter(|r| r["agent_id"] == &Value::Text("a1".into())).collect();
+    assert_eq!(a1.len(), 2, "two 30-minute buckets");
+    assert_eq!(a1[0]["bucket"], &Value::Time(t0));
+    close(a1[0]["mean_score"], 85.0);
+    close(a1[1]["mean_score"], 50.0);
+    close(a1[1]["last_score"], 30.0);
+    assert_eq!(a1[1]["last_tier"], &Value::Text("critical".into()));
+    close(a1[1]["change"], -50.0);
+
+    b.limit = 1;
+    assert_eq!(run(&client, "flapping_agents", &b).await.rows.len(), 1, "reporting.top_n limits the rows");
+    b.agent = Some("a3".into());
+    let gaps = run(&client, "heartbeat_gaps", &b).await;
+    assert_eq!(gaps.rows.len(), 1);
+    assert_eq!(rows(&gaps)[0]["agent_id"], &Value::Text("a3".into()));
+}
+
+#[tokio::test]
+async fn the_executive_summary_compares_with_the_previous_period_and_prices_downtime() {
+    let (_db, client, t0) = seeded().await;
+    let result = run(&client, "executive_summary", &range(t0)).await;
+    let metric = |name: &str| row(&result, "metric", name);
+    // Up over observed: now (45 + 60 + 29) / (60 + 60 + 29); before (15 + 59) / (20 + 59).
+    let availability = metric("fleet_availability_pct");
+    close(availability["current"], 134.0 / 149.0 * 100.0);
+    close(availability["previous"], 74.0 / 79.0 * 100.0);
+    assert_eq!(availability["trend"], &Value::Text("worse".into()));
+    assert_eq!(availability["note"], &Value::Text("below the target".into()));
+    // a1 carries role=db, priced at 100 a minute instead of 10.
+    close(metric("downtime_cost")["current"], 15.0 * 100.0);
+    close(metric("downtime_cost")["previous"], 5.0 * 100.0);
+    close(metric("offline_minutes")["current"], 15.0);
+    // One of five real incidents had a recovery action that succeeded.
+    close(metric("auto_resolved_pct")["current"], 20.0);
+    close(metric("auto_resolved_pct")["previous"], 100.0);
+    close(metric("mttd_seconds")["current"], 132.0);
+    close(metric("mttd_seconds")["previous"], 120.0);
+    close(metric("mttr_seconds")["current"], 735.0);
+    close(metric("incidents")["current"], 6.0);
+    close(metric("incidents_critical")["current"], 2.0);
+    close(metric("incidents_critical")["change"], 1.0);
+    close(metric("agents_below_target")["current"], 1.0);
+    assert_eq!(metric("availability_target_pct")["trend"], &Value::Null);
+
+    let mut flat = range(t0);
+    flat.label_costs = serde_json::json!({});
+    let result = run(&client, "executive_summary", &flat).await;
+    close(row(&result, "metric", "downtime_cost")["current"], 150.0);
+}
+
+/// One heartbeat of `agent` received at `at`, through the ingest function.
+async fn beat(client: &tokio_postgres::Client, agent: &str, at: DateTime<Utc>) {
+    client
+        .execute(
+            "SELECT * FROM warden.ingest_heartbeats(ARRAY[$1::text], ARRAY[NULL::text], ARRAY[NULL::jsonb], \
+               ARRAY[NULL::text], ARRAY['healthy'], ARRAY[1::bigint], ARRAY[10000], ARRAY[NULL::timestamptz], \
+               '{}', '{}', '{}', '{}', $2)",
+            &[&agent, &at],
+        )
+        .await
+        .unwrap();
+}
+
+/// The evaluator's own transitions and incidents, not hand-made rows: the
+/// reports must read what warden really writes.
+#[tokio::test]
+async fn reports_read_what_the_evaluator_writes() {
+    let db = TestDb::migrated().await;
+    let mut c = db.client().await;
+    let p = EvalParams::from_settings(&default_settings().health);
+    let t = Utc::now() - Duration::minutes(30);
+    let at = |s: i64| t + Duration::seconds(s);
+    evaluator::liveness_cycle(&mut c, &p, "test", Some(at(-5))).await.unwrap();
+    beat(&c, "w1", at(0)).await;
+    // online at 1, degraded at 12, offline at 32; back: degraded at 61, online at 70.
+    for s in [1, 12, 22, 32] {
+        evaluator::liveness_cycle(&mut c, &p, "test", Some(at(s))).await.unwrap();
+    }
+    beat(&c, "w1", at(60)).await;
+    evaluator::liveness_cycle(&mut c, &p, "test", Some(at(61))).await.unwrap();
+    beat(&c, "w1", at(69)).await;
+    let last = evaluator::liveness_cycle(&mut c, &p, "test", Some(at(70))).await.unwrap();
+    assert_eq!(last.transitions.len(), 1, "back online at 70: {last:?}");
+
+    let b = Bindings::new(&settings(), t + Duration::seconds(1), t + Duration::seconds(101));
+    let availability = run(&c, "agent_availability", &b).await;
+    let w1 = row(&availability, "agent_id", "w1");
+    // online 11 + 31, degraded 20 + 9, offline 29, of 100 seconds.
+    close(w1["online_seconds"], 42.0);
+    close(w1["degraded_seconds"], 29.0);
+    close(w1["offline_seconds"], 29.0);
+    close(w1["availability_pct"], 71.0);
+
+    let timings = run(&c, "mttd_mttr", &b).await;
+    let unresponsive = row(&timings, "issue_type", "agent_unresponsive");
+    close(unresponsive["mttd_seconds"], 32.0);
+    close(unresponsive["mttr_seconds"], 38.0);
+}
+
+// ------------------------------------------------------------------ dashboards
+
+/// What Grafana substitutes for one query: the time range, the interval
+/// and the dashboard's template variables.
+struct GrafanaContext {
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    /// `$__interval` as Grafana writes it, and in seconds.
+    interval: &'static str,
+    interval_secs: u64,
+    variables: Vec<(&'static str, &'static str)>,
+}
+
+impl GrafanaContext {
+    /// Grafana first replaces template variables (`$__interval`,
+    /// `$__interval_ms`, `$agent`, `${agent}`), then the PostgreSQL data
+    /// source expands its macros `$__name(args)` exactly as
+    /// pkg/tsdb/grafana-postgresql-datasource/macros.go does (arguments end
+    /// at the first `)`).
+    fn expand(&self, sql: &str) -> String {
+        let mut text = sql
+            .replace("$__interval_ms", &(self.interval_secs * 1000).to_string())
+            .replace("$__interval", self.interval);
+        for (name, value) in &self.variables {
+            text = text.replace(&format!("${{{name}}}"), value).replace(&format!("${name}"), value);
+        }
+        let mut out = String::new();
+        let mut rest = text.as_str();
+        while let Some(at) = rest.find("$__") {
+            out.push_str(&rest[..at]);
+            let after = &rest[at + 1..];
+            let name_len = after.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(after.len());
+            let (name, tail) = after.split_at(name_len);
+            let inner = tail.strip_prefix('(').unwrap_or_else(|| panic!("${name} is neither a variable nor a macro"));
+            let close = inner.find(')').unwrap_or_else(|| panic!("${name}( is never closed"));
+            let args: Vec<&str> = inner[..close].split(',').map(str::trim).collect();
+            out.push_str(&self.expand_macro(name, &args));
+            rest = &inner[close + 1..];
+        }
+        out.push_str(rest);
+        out
+    }
+
+    fn expand_macro(&self, name: &str, args: &[&str]) -> String {
+        let time = |t: DateTime<Utc>| format!("'{}'", t.to_rfc3339_opts(SecondsFormat::AutoSi, true));
+        let group = || {
+            assert_eq!(args.get(1).copied(), Some(self.interval), "{name} should group by $__interval");
+            format!("floor(extract(epoch from {})/{})*{}", args[0], self.interval_secs, self.interval_secs)
+        };
+        match name {
+            "__timeFilter" => format!("{} BETWEEN {} AND {}", args[0], time(self.from), time(self.to)),
+            "__timeFrom" => time(self.from),
+            "__timeTo" => time(self.to),
+            "__timeGroup" => group(),
+            "__timeGroupAlias" => format!("{} AS \"time\"", group()),
+            other => panic!("macro ${other} is not one warden's dashboards use"),
+        }
+    }
+}
+
+/// One query of a dashboard and what its result must look like.
+struct Query {
+    place: String,
+    kind: String,
+    sql: String,
+}
+
+/// Every query of a dashboard: panel targets (rows included), annotation
+/// queries and query variables.
+fn queries(dashboard: &Json) -> Vec<Query> {
+    fn panels(list: &Json, out: &mut Vec<Query>) {
+        for panel in list.as_array().into_iter().flatten() {
+            panels(&panel["panels"], out);
+            let kind = panel["type"].as_str().unwrap_or_default();
+            for target in panel["targets"].as_array().into_iter().flatten() {
+                assert_eq!(target["rawQuery"], true, "{}: targets are raw SQL", panel["title"]);
+                assert_eq!(target["datasource"]["uid"], "${DS_WARDEN}", "{}", panel["title"]);
+                out.push(Query {
+                    place: format!("panel {} / {}", panel["title"], target["refId"]),
+                    kind: kind.to_string(),
+                    sql: target["rawSql"].as_str().expect("rawSql").to_string(),
+                });
+            }
+        }
+    }
+    let mut out = Vec::new();
+    panels(&dashboard["panels"], &mut out);
+    for annotation in dashboard["annotations"]["list"].as_array().into_iter().flatten() {
+        if let Some(sql) = annotation["target"]["rawSql"].as_str() {
+            out.push(Query {
+                place: format!("annotation {}", annotation["name"]),
+                kind: "annotation".into(),
+                sql: sql.into(),
+            });
+        }
+    }
+    for variable in dashboard["templating"]["list"].as_array().into_iter().flatten() {
+        if variable["type"] == "query" {
+            let sql = variable["query"].as_str().or(variable["query"]["rawSql"].as_str()).expect("variable query");
+            out.push(Query {
+                place: format!("variable {}", variable["name"]),
+                kind: "variable".into(),
+                sql: sql.into(),
+            });
+        }
+    }
+    out
+}
+
+fn is_numeric(ty: &Type) -> bool {
+    [Type::INT2, Type::INT4, Type::INT8, Type::FLOAT4, Type::FLOAT8, Type::NUMERIC].contains(ty)
+}
+
+/// Runs one expanded query and checks the shape its panel type needs.
+async fn check_query(client: &tokio_postgres::Client, query: &Query, sql: &str) {
+    let place = &query.place;
+    let statement = client.prepare(sql).await.unwrap_or_else(|e| panic!("{place}: {e}\n{sql}"));
+    let columns: Vec<(&str, &Type)> = statement.columns().iter().map(|c| (c.name(), c.type_())).collect();
+    let rows: Vec<Vec<Option<String>>> = client
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{place}: {e}"))
+        .into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => {
+                Some((0..r.len()).map(|i| r.get(i).map(String::from)).collect())
+            }
+            _ => None,
+        })
+        .collect();
+    assert!(!rows.is_empty(), "{place} shows nothing over the seeded history\n{sql}");
+    let time_column = columns.iter().position(|(name, _)| *name == "time");
+    match query.kind.as_str() {
+        "stat" => {
+            assert!(columns.iter().all(|(_, ty)| is_numeric(ty)), "{place}: a stat shows numbers, got {columns:?}");
+            assert!(rows[0].iter().any(Option::is_some), "{place}: the stat has no value");
+        }
+        "timeseries" | "heatmap" | "state-timeline" => {
+            let at = time_column.unwrap_or_else(|| panic!("{place}: no time column in {columns:?}"));
+            let ty = columns[at].1;
+            assert!(is_numeric(ty) || *ty == Type::TIMESTAMPTZ, "{place}: time is {ty}");
+            let values = columns.iter().enumerate().filter(|(i, _)| *i != at);
+            if query.kind == "state-timeline" {
+                assert!(values.count() >= 1, "{place}: a state timeline needs a value column");
+            } else {
+                assert!(values.filter(|(_, (_, ty))| is_numeric(ty)).count() >= 1, "{place}: no numeric series");
+            }
+            let times: Vec<&str> = rows.iter().map(|r| r[at].as_deref().expect("time is never NULL")).collect();
+            let sorted = if is_numeric(ty) {
+                times.windows(2).all(|w| w[0].parse::<f64>().unwrap() <= w[1].parse::<f64>().unwrap())
+            } else {
+                times.windows(2).all(|w| w[0] <= w[1])
+            };
+            assert!(sorted, "{place}: Grafana needs rows sorted by time: {times:?}");
+        }
+        "annotation" => {
+            assert!(time_column.is_some(), "{place}: an annotation needs time");
+            assert!(columns.iter().any(|(name, _)| *name == "text"), "{place}: an annotation needs text");
+        }
+        "variable" => assert!(rows.iter().any(|r| r[0].as_deref() == Some("a1")), "{place} does not offer a1"),
+        _ => {}
+    }
+}
+
+#[tokio::test]
+async fn every_dashboard_query_runs_with_grafana_macros_expanded_and_has_its_panels_shape() {
+    let (_db, client, t0) = seeded().await;
+    let context = GrafanaContext {
+        from: t0,
+        to: minutes(t0, 60),
+        interval: "5m",
+        interval_secs: 300,
+        variables: vec![("agent", "a1")],
+    };
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("dashboards");
+    let mut dashboards = 0;
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let dashboard: Json = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let names: Vec<&str> =
+            dashboard["templating"]["list"].as_array().unwrap().iter().filter_map(|v| v["name"].as_str()).collect();
+        assert!(names.contains(&"DS_WARDEN"), "{}: the data source variable", path.display());
+        for query in queries(&dashboard) {
+            if query.sql.contains("$agent") {
+                assert!(names.contains(&"agent"), "{}: {} uses $agent", path.display(), query.place);
+            }
+            let sql = context.expand(&query.sql);
+            assert!(!sql.contains('$'), "{}: {} left {sql}", path.display(), query.place);
+            check_query(&client, &query, &sql).await;
+            checked += 1;
+        }
+        dashboards += 1;
+    }
+    assert_eq!(dashboards, 2, "fleet overview and agent detail");
+    assert!(checked >= 30, "only {checked} queries found");
+}
+
+#[test]
+fn grafana_expansion_matches_the_data_source() {
+    let context = GrafanaContext {
+        from: "2025-01-31T10:00:00Z".parse().unwrap(),
+        to: "2025-01-31T11:00:00Z".parse().unwrap(),
+        interval: "1m",
+        interval_secs: 60,
+        variables: vec![("agent", "a1")],
+    };
+    assert_eq!(
+        context.expand("SELECT $__timeGroupAlias(t, $__interval), x FROM y WHERE $__timeFilter(t) AND a = '$agent'"),
+        "SELECT floor(extract(epoch from t)/60)*60 AS \"time\", x FROM y \
+         WHERE t BETWEEN '2025-01-31T10:00:00Z' AND '2025-01-31T11:00:00Z' AND a = 'a1'"
+    );
+    assert_eq!(
+        context.expand("$__timeFrom() $__timeTo() $__interval_ms ${agent}"),
+        "'2025-01-31T10:00:00Z' '2025-01-31T11:00:00Z' 60000 a1"
+    );
+}
+
+// ------------------------------------------------------------------ the binary
+
+fn warden() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_warden"));
+    for (key, _) in std::env::vars() {
+        if key.starts_with("WARDEN") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}
+
+fn stdout_of(out: &std::process::Output) -> String {
+    assert!(out.status.success(), "exit {:?}: {}", out.status.code(), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+#[test]
+fn report_list_names_every_report_with_a_line_each() {
+    let out = warden().args(["report", "--list"]).output().unwrap();
+    let text = stdout_of(&out);
+    for r in REPORTS {
+        let line =
+            text.lines().find(|l| l.starts_with(&format!("{} ", r.name))).unwrap_or_else(|| panic!("{}", r.name));
+        assert!(line.contains(r.description()), "{line}");
+    }
+    assert_eq!(text.lines().count(), REPORTS.len() + 2, "header, rule and one line per report");
+}
+
+#[test]
+fn an_unknown_report_exits_2_with_one_line_before_connecting() {
+    // An address nothing listens on: the name is checked first.
+    let out = warden()
+        .args(["report", "no_such_report"])
+        .env("WARDEN__DATABASE__URL", "host=127.0.0.1 port=1 user=nobody connect_timeout=1")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("unknown report \"no_such_report\"") && stderr.contains("--list"), "{stderr}");
+    assert!(out.stdout.is_empty());
+
+    let out = warden().args(["report", "fleet_summary", "--since", "yesterday"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--since"));
+}
+
+#[tokio::test]
+async fn warden_report_prints_json_tables_and_csv_from_the_database() {
+    let (db, _client, t0) = seeded().await;
+    let since = t0.to_rfc3339();
+    let until = minutes(t0, 60).to_rfc3339();
+    let report = |args: &[&str]| {
+        let out = warden()
+            .arg("report")
+            .args(args)
+            .args(["--since", &since, "--until", &until])
+            .env("WARDEN__DATABASE__URL", db.url())
+            .env("WARDEN__TELEMETRY__LEVEL", "error")
+            .output()
+            .unwrap();
+        stdout_of(&out)
+    };
+
+    let json: Json = serde_json::from_str(&report(&["fleet_summary", "--format", "json"])).expect("valid JSON");
+    let rows = json.as_array().expect("an array of objects");
+    assert_eq!(rows.len(), 16);
+    let find = |d: &str, v: &str| rows.iter().find(|r| r["dimension"] == d && r["value"] == v).unwrap().clone();
+    assert_eq!(find("fleet", "all")["agents"], 4, "integers stay integers");
+    assert_eq!(find("liveness", "online")["agents"], 3);
+    assert_eq!(find("liveness", "online")["share_pct"], 75.0);
+    assert_eq!(find("tier", "unscored")["registered_in_range"], 1);
+
+    let table = report(&["fleet_summary", "--format", "table"]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 18, "header, rule, 16 rows");
+    // Every column starts at the same offset on every line.
+    let starts: Vec<usize> = lines[0]
+        .match_indices(|c: char| c != ' ')
+        .filter_map(|(i, _)| (i == 0 || lines[0].as_bytes()[i - 1] == b' ').then_some(i))
+        .collect();
+    assert_eq!(starts.len(), 5, "{}", lines[0]);
+    for line in &lines[1..] {
+        for &at in &starts[1..] {
+            assert_eq!(&line[at - 2..at], "  ", "column gap before {at} in {line:?}");
+            assert_ne!(line.as_bytes()[at], b' ', "a cell starts at {at} in {line:?}");
+        }
+    }
+    assert!(lines[1].chars().all(|c| c == '-' || c == ' '), "a rule under the header");
+
+    let csv = report(&["agent_availability", "--agent", "a1", "--format", "csv"]);
+    let records: Vec<&str> = csv.split_terminator("\r\n").collect();
+    assert_eq!(records.len(), 2, "header and a1: {csv:?}");
+    assert!(records[0].starts_with("agent_id,name,availability_pct,online_pct,"));
+    assert!(records[1].starts_with("a1,db one,75,66.66666666666667,2400,300,900,"), "{}", records[1]);
+}
+
+// ------------------------------------------------------------------ settings
+
+fn load_with(vars: &[(&str, &str)]) -> Result<warden::config::Settings, warden::config::SettingsError> {
+    let env = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    warden::config::Settings::load(&warden::config::Sources { file: None, env: Some(env) })
+}
+
+#[test]
+fn reporting_settings_have_defaults_and_refuse_nonsense_in_one_line() {
+    let defaults = default_settings().reporting;
+    assert_eq!(defaults.availability_target, 99.5);
+    assert_eq!(defaults.top_n, 20);
+    assert!(defaults.label_costs.is_empty());
+
+    let costs = load_with(&[("WARDEN__REPORTING__LABEL_COSTS__ROLE__DB", "50")]).unwrap().reporting.label_costs;
+    assert_eq!(costs["role"]["db"], 50.0, "per-label costs can come from the environment");
+
+    for (var, value, key) in [
+        ("WARDEN__REPORTING__AVAILABILITY_TARGET", "120", "reporting.availability_target"),
+        ("WARDEN__REPORTING__DOWNTIME_COST_PER_MINUTE", "-1", "reporting.downtime_cost_per_minute"),
+        ("WARDEN__REPORTING__TOP_N", "0", "reporting.top_n"),
+        ("WARDEN__REPORTING__TREND_BUCKET", "0s", "reporting.trend_bucket"),
+        ("WARDEN__REPORTING__LABEL_COSTS__ROLE__DB", "-5", "reporting.label_costs.role.db"),
+    ] {
+        let message = load_with(&[(var, value)]).expect_err(var).to_string();
+        assert!(message.contains(key) && !message.contains('\n'), "{var}={value}: {message}");
+    }
+}

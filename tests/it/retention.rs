@@ -1,0 +1,209 @@
+//! Retention: rollups from watermarks, old partitions dropped while
+//! ingestion goes on, old rows pruned.
+
+use std::time::Duration;
+
+use chrono::{Duration as Span, Utc};
+use serde_json::json;
+use warden::auth::Scope;
+
+use crate::helpers::{TestApp, TestDb, default_settings};
+
+#[tokio::test]
+async fn heartbeats_and_scores_roll_up_per_minute_and_hour() {
+    // A bare database: a running evaluator would add its own score
+    // snapshots to the hour this test asserts on.
+    let test_db = TestDb::migrated().await;
+    let db = test_db.client().await;
+    let now = Utc::now();
+    // Three heartbeats in the minute that starts 40 minutes ago, one of
+    // them a restart.
+    let forty = (now - Span::minutes(40)).timestamp();
+    let minute = chrono::DateTime::from_timestamp(forty - forty % 60, 0).unwrap();
+    for (i, uptime) in [100_i64, 200, 5].iter().enumerate() {
+        db.execute(
+            "SELECT * FROM warden.ingest_heartbeats(ARRAY['r1'], ARRAY[NULL::text], ARRAY[NULL::jsonb], ARRAY[NULL::text], \
+               ARRAY['healthy'], ARRAY[$1::bigint], ARRAY[NULL::int], ARRAY[NULL::timestamptz], '{}', '{}', '{}', '{}', $2)",
+            &[uptime, &(minute + Span::seconds(10 * i as i64))],
+        )
+        .await
+        .unwrap();
+    }
+    db.execute(
+        "INSERT INTO warden.health_history (agent_id, evaluated_at, score, tier, liveness) \
+         VALUES ('r1', $1, 60, 'fair', 'online'), ('r1', $1 + interval '1 minute', 90, 'excellent', 'online')",
+        &[&minute],
+    )
+    .await
+    .unwrap();
+
+    let settings = default_settings().retention;
+    let mut client =
+        warden::db::client(&warden::db::build_pool(test_db.config.clone(), &default_settings().database).unwrap())
+            .await
+            .unwrap();
+    let report = warden::retention::cycle(&mut client, &settings, now).await.unwrap();
+    assert!(report.minute_rows >= 1, "{report:?}");
+    let row = db
+        .query_one(
+            "SELECT heartbeats, restarts FROM warden.heartbeat_rollups WHERE agent_id = 'r1' AND bucket = 'minute' \
+             AND bucket_start = $1",
+            &[&minute],
+        )
+        .await
+        .unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (3, 1));
+
+    // A second cycle adds nothing twice.
+    warden::retention::cycle(&mut client, &settings, now).await.unwrap();
+    let total: i64 = db
+        .query_one("SELECT sum(heartbeats)::bigint FROM warden.heartbeat_rollups WHERE bucket = 'minute'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(total, 3, "watermarks keep cycles from counting twice");
+
+    // Two hours later the hour is complete: heartbeats and scores per hour.
+    let later = now + Span::hours(2);
+    warden::retention::cycle(&mut client, &settings, later).await.unwrap();
+    let hour = chrono::DateTime::from_timestamp(minute.timestamp() - minute.timestamp() % 3600, 0).unwrap();
+    let hourly: i64 = db
+        .query_one(
+            "SELECT heartbeats FROM warden.heartbeat_rollups WHERE agent_id = 'r1' AND bucket = 'hour' AND bucket_start = $1",
+            &[&hour],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(hourly, 3);
+    let scores = db
+        .query_one(
+            "SELECT score_min, score_avg, score_max FROM warden.score_rollups WHERE agent_id = 'r1' AND hour_start = $1",
+            &[&hour],
+        )
+        .await
+        .unwrap();
+    assert_eq!((scores.get::<_, f64>(0), scores.get::<_, f64>(1), scores.get::<_, f64>(2)), (60.0, 75.0, 90.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_partitions_are_dropped_while_ingestion_goes_on() {
+    let app = TestApp::spawn_with(|s| s.retention.enabled = false).await;
+    let key = app.key(&[Scope::Ingest]).await;
+    let db = app.db.client().await;
+    let today = Utc::now().date_naive();
+    // Partitions ten and nine days old, with a row in the older one.
+    db.execute("SELECT warden.ensure_partitions($1, $2)", &[&(today - Span::days(10)), &(today - Span::days(9))])
+        .await
+        .unwrap();
+    db.execute(
+        "INSERT INTO warden.agent_heartbeats (agent_id, received_at, status) VALUES ('old', $1, 'healthy')",
+        &[&(Utc::now() - Span::days(10))],
+    )
+    .await
+    .unwrap();
+    let old = format!("agent_heartbeats_p{}", (today - Span::days(10)).format("%Y%m%d"));
+
+    // Heartbeats keep flowing over HTTP the whole time.
+    let app = std::sync::Arc::new(app);
+    let flowing = {
+        let (app, key) = (app.clone(), key.clone());
+        tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            for i in 0..60 {
+                statuses.push(app.heartbeat(&key, json!({"agent_id": "live", "uptime_seconds": i})).await.0);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            statuses
+        })
+    };
+    let settings = default_settings().retention;
+    let mut client =
+        warden::db::client(&warden::db::build_pool(app.db.config.clone(), &default_settings().database).unwrap())
+            .await
+            .unwrap();
+    let report = warden::retention::cycle(&mut client, &settings, Utc::now()).await.unwrap();
+    assert!(report.dropped_partitions.contains(&old), "{:?}", report.dropped_partitions);
+    let statuses = flowing.await.unwrap();
+    assert!(statuses.iter().all(|s| *s == 200), "ingestion never failed: {statuses:?}");
+    let gone: bool = db.query_one("SELECT to_regclass('warden.' || $1) IS NULL", &[&old]).await.unwrap().get(0);
+    assert!(gone);
+    let today_partition = format!("agent_heartbeats_p{}", today.format("%Y%m%d"));
+    let kept: bool =
+        db.query_one("SELECT to_regclass('warden.' || $1) IS NOT NULL", &[&today_partition]).await.unwrap().get(0);
+    assert!(kept, "today's partition stays");
+    assert_eq!(app.count("SELECT count(*) FROM warden.agent_heartbeats WHERE agent_id = 'live'").await, 60);
+}
+
+#[tokio::test]
+async fn old_events_are_pruned_but_transitions_are_kept_longer() {
+    let app = TestApp::spawn_with(|s| s.retention.enabled = false).await;
+    let db = app.db.client().await;
+    db.batch_execute(
+        "INSERT INTO warden.system_events (occurred_at, agent_id, event_type, severity, message) VALUES \
+           (now() - interval '100 days', 'a', 'agent_restarted', 'info', 'old'), \
+           (now() - interval '100 days', 'a', 'status_changed', 'info', 'old transition'), \
+           (now() - interval '500 days', 'a', 'status_changed', 'info', 'ancient transition'), \
+           (now() - interval '1 day', 'a', 'agent_restarted', 'info', 'recent')",
+    )
+    .await
+    .unwrap();
+    let mut settings = default_settings().retention;
+    settings.batch = 100;
+    let mut client =
+        warden::db::client(&warden::db::build_pool(app.db.config.clone(), &default_settings().database).unwrap())
+            .await
+            .unwrap();
+    let report = warden::retention::cycle(&mut client, &settings, Utc::now()).await.unwrap();
+    assert_eq!(report.pruned.get("events"), Some(&1));
+    assert_eq!(report.pruned.get("transitions"), Some(&1));
+    let left: Vec<String> = db
+        .query("SELECT message FROM warden.system_events ORDER BY occurred_at", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(left, vec!["old transition", "recent"]);
+}
+
+#[tokio::test]
+async fn resolved_incidents_past_retention_go_with_their_alerts_and_recoveries() {
+    let app = TestApp::spawn_with(|s| {
+        s.retention.enabled = false;
+        s.alerting.enabled = false;
+        s.recovery.enabled = false;
+    })
+    .await;
+    let db = app.db.client().await;
+    db.batch_execute(
+        "INSERT INTO warden.incidents (id, agent_id, issue_type, severity, state, opened_at, resolved_at) OVERRIDING SYSTEM VALUE \
+           VALUES (1, 'a', 'agent_unresponsive', 'critical', 'resolved', now() - interval '500 days', now() - interval '499 days'), \
+                  (2, 'a', 'agent_unresponsive', 'critical', 'resolved', now() - interval '2 days', now() - interval '1 day'), \
+                  (3, 'b', 'flapping', 'warning', 'open', now() - interval '600 days', NULL); \
+         INSERT INTO warden.alerts (incident_id, dedup_key, severity, state, opened_at, resolved_at) \
+           VALUES (1, 'a:agent_unresponsive', 'critical', 'resolved', now() - interval '500 days', now() - interval '499 days'); \
+         INSERT INTO warden.alert_deliveries (alert_id, channel, kind, state, sent_at) \
+           SELECT id, 'log', 'firing', 'sent', now() - interval '500 days' FROM warden.alerts; \
+         INSERT INTO warden.recovery_jobs (incident_id, agent_id, strategy, state, finished_at) \
+           VALUES (1, 'a', 'restart', 'succeeded', now() - interval '499 days'); \
+         INSERT INTO warden.recovery_actions (incident_id, agent_id, strategy, action, attempt, state, job_id) \
+           SELECT 1, 'a', 'restart', 'command#1', 1, 'succeeded', id FROM warden.recovery_jobs; \
+         UPDATE warden.recovery_jobs SET current_action_id = (SELECT max(id) FROM warden.recovery_actions);",
+    )
+    .await
+    .unwrap();
+    let settings = default_settings().retention;
+    let mut client =
+        warden::db::client(&warden::db::build_pool(app.db.config.clone(), &default_settings().database).unwrap())
+            .await
+            .unwrap();
+    let report = warden::retention::cycle(&mut client, &settings, Utc::now()).await.unwrap();
+    assert_eq!(report.pruned.get("incidents"), Some(&1));
+    let left: Vec<i64> =
+        db.query("SELECT id FROM warden.incidents ORDER BY id", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(left, vec![2, 3], "recent and still-open incidents stay");
+    for table in ["alerts", "alert_deliveries", "recovery_jobs", "recovery_actions"] {
+        assert_eq!(app.count(&format!("SELECT count(*) FROM warden.{table}")).await, 0, "{table}");
+    }
+}
