@@ -111,6 +111,27 @@ impl EmbeddedCluster {
         config
     }
 
+    /// Restarts the server (`pg_ctl restart -m fast`): every open
+    /// connection is cut, as in a failover or a maintenance restart.
+    pub async fn restart(&self) -> Result<(), EmbeddedError> {
+        // The log file again: without it the new server would inherit
+        // pg_ctl's captured stdout and the call would never return.
+        let log = self.data_dir.join("server.log");
+        let args = [
+            os("-D"),
+            self.data_dir.as_os_str(),
+            os("-l"),
+            log.as_os_str(),
+            os("-m"),
+            os("fast"),
+            os("-w"),
+            os("-t"),
+            os("120"),
+            os("restart"),
+        ];
+        self.run("pg_ctl restart", "pg_ctl", &args).await.map(|_| ())
+    }
+
     /// Stops the server if this process started it.
     pub async fn stop(self) {
         if !self.started_here {

@@ -1,17 +1,6 @@
 //! The binary as an operator meets it: exit codes, one-line errors, output.
 
-use std::process::Command;
-
-fn warden() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_warden"));
-    // The developer's own WARDEN__* settings must not leak into these tests.
-    for (key, _) in std::env::vars() {
-        if key.starts_with("WARDEN") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd
-}
+use crate::procs::warden;
 
 #[test]
 fn a_bad_setting_exits_2_with_one_line_naming_the_key() {

@@ -7,6 +7,7 @@ use warden::client::{Client, ClientError, HeartbeatRequest};
 use warden::model::Mode;
 
 use crate::helpers::{TestApp, eventually};
+use crate::procs::example_agent;
 
 #[tokio::test]
 async fn the_client_sends_heartbeats_and_reads_the_answer() {
@@ -41,12 +42,6 @@ async fn refusals_carry_the_field_and_outages_a_retry_hint() {
     let err = client.heartbeat(&HeartbeatRequest::new("a")).await.unwrap_err();
     assert!(matches!(err, ClientError::Unavailable { .. }), "{err:?}");
     assert!(err.retry_after().is_some());
-}
-
-/// The example agent, built by `cargo test` next to the test binaries.
-fn example_agent() -> std::path::PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().and_then(|deps| deps.parent()).unwrap().join("examples").join("agent")
 }
 
 #[tokio::test]

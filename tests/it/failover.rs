@@ -4,56 +4,15 @@
 //! and its recovery run once.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
 
 use crate::helpers::{TestDb, eventually};
+use crate::procs::{Process, example_agent, free_port};
 
 const WAIT: Duration = Duration::from_secs(90);
-
-fn agent_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().and_then(|deps| deps.parent()).unwrap().join("examples").join("agent")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-struct Process(std::process::Child);
-
-impl Process {
-    fn kill(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn replica(config: &Path, db_url: &str, port: u16) -> Process {
-    Process(
-        std::process::Command::new(env!("CARGO_BIN_EXE_warden"))
-            .arg("--config")
-            .arg(config)
-            .arg("serve")
-            .env_remove("WARDEN_CONFIG")
-            .env("WARDEN__DATABASE__URL", db_url)
-            .env("WARDEN__SERVER__LISTEN", format!("127.0.0.1:{port}"))
-            .env("WARDEN__TELEMETRY__LEVEL", "warn")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
-}
 
 /// Webhook deliveries received: (idempotency key, body).
 type Received = Arc<Mutex<Vec<(String, Value)>>>;
@@ -119,7 +78,7 @@ kind = "command"
 argv = ["/bin/sh", "-c", {script:?}, {bin:?}, {runs:?}, {u0:?}, {u1:?}, {u2:?}, "{{agent_id}}"]
 timeout = "10s"
 "#,
-            bin = agent_binary().display().to_string(),
+            bin = example_agent().display().to_string(),
             runs = runs.display().to_string(),
             u0 = urls[0],
             u1 = urls[1],
@@ -127,7 +86,7 @@ timeout = "10s"
         ),
     )
     .unwrap();
-    let mut replicas: Vec<Process> = ports.iter().map(|p| replica(&config, &db.url(), *p)).collect();
+    let mut replicas: Vec<Process> = ports.iter().map(|p| Process::replica(&config, &db.url(), *p)).collect();
     let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
     for url in &urls {
         eventually(WAIT, "replicas ready", || async {
@@ -163,15 +122,7 @@ timeout = "10s"
             }
         })
     };
-    let mut victim = Process(
-        std::process::Command::new(agent_binary())
-            .args(["--url", &urls[0], "--url", &urls[1], "--url", &urls[2], "--agent-id", "victim"])
-            .args(["--interval-ms", "1000", "--every-ms", "300"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let mut victim = Process::agent(&[&urls[0], &urls[1], &urls[2]], "victim", 1000, 300);
     let client = db.client().await;
     eventually(WAIT, "every agent online", || async {
         let n: i64 = client

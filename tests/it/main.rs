@@ -17,6 +17,7 @@ mod metrics;
 mod migrations;
 mod outage;
 mod probes;
+mod procs;
 mod read_api;
 mod recovery;
 mod reports;

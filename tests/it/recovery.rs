@@ -11,14 +11,9 @@ use warden::config::{Action, Duration as D, Settings, Strategy};
 use warden::health::incidents::IssueType;
 
 use crate::helpers::{TestApp, eventually};
+use crate::procs::{Process, example_agent, free_port};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-/// The example agent, built by `cargo test` next to the test binaries.
-fn agent_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().and_then(|deps| deps.parent()).unwrap().join("examples").join("agent")
-}
 
 /// Settings for fast real-time recovery: beats every 300 ms against a
 /// declared 1 s interval (offline after 3.2 s of silence).
@@ -53,17 +48,11 @@ fn restart_command(url: &str, pidfile: &Path) -> Vec<String> {
         "\"$0\" --url \"$1\" --agent-id \"$2\" --interval-ms 1000 --every-ms 300 \
          </dev/null >/dev/null 2>&1 & echo $! > \"$3\""
             .into(),
-        agent_binary().display().to_string(),
+        example_agent().display().to_string(),
         url.into(),
         "{agent_id}".into(),
         pidfile.display().to_string(),
     ]
-}
-
-/// A free loopback port, so the strategy can name warden's URL before
-/// warden starts.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// A warden with recovery strategies built from its own URL. Keys are off:
@@ -80,31 +69,9 @@ async fn spawn_recovering(build: impl FnOnce(&str) -> Vec<Strategy>) -> TestApp 
     .await
 }
 
-/// A heartbeating agent process, killed when dropped.
-struct AgentProcess(std::process::Child);
-
-impl AgentProcess {
-    fn start(app: &TestApp, agent_id: &str) -> Self {
-        let child = std::process::Command::new(agent_binary())
-            .args(["--url", &app.url(""), "--agent-id", agent_id, "--interval-ms", "1000", "--every-ms", "300"])
-            .env_remove("WARDEN_KEY")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        Self(child)
-    }
-
-    fn kill(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// The example agent beating every 300 ms against a declared 1 s interval.
+fn start_agent(app: &TestApp, agent_id: &str) -> Process {
+    Process::agent(&[&app.url("")], agent_id, 1000, 300)
 }
 
 /// Kills the agent a restart command started, when the test ends.
@@ -169,7 +136,7 @@ async fn a_killed_agent_is_restarted_verified_and_its_incident_resolved() {
     let app =
         spawn_recovering(|url| vec![strategy(vec![command(restart_command(url, &pidfile), D::from_secs(10))])]).await;
 
-    let mut agent = AgentProcess::start(&app, "rec-1");
+    let mut agent = start_agent(&app, "rec-1");
     wait_liveness(&app, "rec-1", "online").await;
     agent.kill();
     wait_liveness(&app, "rec-1", "offline").await;
@@ -219,7 +186,7 @@ async fn a_failing_command_backs_off_exhausts_and_escalates_exactly_once() {
         )])]
     })
     .await;
-    let mut agent = AgentProcess::start(&app, "rec-2");
+    let mut agent = start_agent(&app, "rec-2");
     wait_liveness(&app, "rec-2", "online").await;
     agent.kill();
     eventually(WAIT, "the recovery to give up", || async {
@@ -287,7 +254,7 @@ async fn a_hung_command_times_out_and_the_next_action_is_tried() {
         ])]
     })
     .await;
-    let mut agent = AgentProcess::start(&app, "rec-3");
+    let mut agent = start_agent(&app, "rec-3");
     wait_liveness(&app, "rec-3", "online").await;
     agent.kill();
     eventually(WAIT, "recovered by the second action", || async {
@@ -304,7 +271,7 @@ async fn a_hung_command_times_out_and_the_next_action_is_tried() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_that_never_comes_back_fails_verification_until_exhausted() {
     let app = spawn_recovering(|_| vec![strategy(vec![command(vec!["/bin/true".into()], D::from_secs(5))])]).await;
-    let mut agent = AgentProcess::start(&app, "rec-4");
+    let mut agent = start_agent(&app, "rec-4");
     wait_liveness(&app, "rec-4", "online").await;
     agent.kill();
     eventually(Duration::from_secs(120), "the recovery to give up", || async {
@@ -335,7 +302,7 @@ async fn orchestrator(
                   body: axum::Json<Value>| {
                 let (tx, pidfile, warden_url) = (tx.clone(), pidfile.clone(), warden_url.clone());
                 async move {
-                    let mut child = std::process::Command::new(agent_binary())
+                    let mut child = std::process::Command::new(example_agent())
                         .args([
                             "--url",
                             &warden_url,
@@ -389,7 +356,7 @@ async fn an_http_action_calls_the_orchestrator_with_the_filled_in_template() {
         s.server.listen = format!("127.0.0.1:{port}").parse().unwrap();
     })
     .await;
-    let mut agent = AgentProcess::start(&app, "rec-5");
+    let mut agent = start_agent(&app, "rec-5");
     wait_liveness(&app, "rec-5", "online").await;
     agent.kill();
     let (headers, body) = tokio::time::timeout(WAIT, calls.recv()).await.expect("the orchestrator is called").unwrap();
@@ -455,41 +422,6 @@ async fn no_automatic_restart_while_the_fleet_is_out_but_a_manual_run_goes() {
     assert!(!report.paused_by_fleet_outage);
 }
 
-/// `warden serve` as a child process on the test's database.
-struct Replica {
-    child: std::process::Child,
-    port: u16,
-}
-
-impl Replica {
-    fn start(config: &Path, db_url: &str, port: u16) -> Self {
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_warden"))
-            .arg("--config")
-            .arg(config)
-            .arg("serve")
-            .env_remove("WARDEN_CONFIG")
-            .env("WARDEN__DATABASE__URL", db_url)
-            .env("WARDEN__SERVER__LISTEN", format!("127.0.0.1:{port}"))
-            .env("WARDEN__TELEMETRY__LEVEL", "warn")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        Self { child, port }
-    }
-
-    fn sigkill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        self.sigkill();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_killed_mid_recovery_leaves_the_job_to_another_and_nothing_runs_twice() {
     let db = crate::helpers::TestDb::migrated().await;
@@ -522,12 +454,12 @@ kind = "command"
 argv = ["/bin/sh", "-c", {script:?}, {bin:?}, {url_a:?}, {url_b:?}, "{{agent_id}}", {pid:?}]
 timeout = "10s"
 "#,
-            bin = agent_binary().display().to_string(),
+            bin = example_agent().display().to_string(),
             pid = pidfile.display().to_string(),
         ),
     )
     .unwrap();
-    let mut replicas = vec![Replica::start(&config, &db.url(), port_a), Replica::start(&config, &db.url(), port_b)];
+    let mut replicas = vec![Process::replica(&config, &db.url(), port_a), Process::replica(&config, &db.url(), port_b)];
     warden::alerting::tls::install_crypto_provider();
     let http = reqwest::Client::new();
     for r in &replicas {
@@ -538,12 +470,7 @@ timeout = "10s"
         .await;
     }
 
-    let mut agent = std::process::Command::new(agent_binary())
-        .args(["--url", &url_a, "--url", &url_b, "--agent-id", "rec-6", "--interval-ms", "1000", "--every-ms", "300"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut agent = Process::agent(&[&url_a, &url_b], "rec-6", 1000, 300);
     let client = db.client().await;
     let liveness = |want: &'static str| {
         let client = &client;
@@ -556,8 +483,7 @@ timeout = "10s"
         }
     };
     eventually(WAIT, "rec-6 online", || liveness("online")).await;
-    let _ = agent.kill();
-    let _ = agent.wait();
+    agent.kill();
 
     // Whichever replica claims the job is killed while its action runs.
     let owner: String = eventually(WAIT, "a replica running the recovery", || async {
@@ -570,7 +496,7 @@ timeout = "10s"
     .await;
     let owner_port: u16 = owner.rsplit(':').next().unwrap().parse().unwrap();
     let victim = replicas.iter().position(|r| r.port == owner_port).expect("the owner is one of ours");
-    replicas[victim].sigkill();
+    replicas[victim].kill();
 
     // The survivor takes the job over once the lease lapses; the orphaned
     // restart still brings the agent back, and the job succeeds once.

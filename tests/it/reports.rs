@@ -6,7 +6,6 @@
 //! the evaluator instead, to hold the reports to what warden really writes.
 
 use std::collections::BTreeMap;
-use std::process::Command;
 
 use chrono::{DateTime, Duration, SecondsFormat, Utc};
 use serde_json::Value as Json;
@@ -16,6 +15,7 @@ use warden::health::evaluator::{self, EvalParams};
 use warden::report::{self, Bindings, REPORTS, ResultSet, Value};
 
 use crate::helpers::{TestDb, default_settings};
+use crate::procs::warden;
 
 const SEED: &str = include_str!("reports_seed.sql");
 
@@ -598,16 +598,6 @@ fn grafana_expansion_matches_the_data_source() {
 }
 
 // ------------------------------------------------------------------ the binary
-
-fn warden() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_warden"));
-    for (key, _) in std::env::vars() {
-        if key.starts_with("WARDEN") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd
-}
 
 fn stdout_of(out: &std::process::Output) -> String {
     assert!(out.status.success(), "exit {:?}: {}", out.status.code(), String::from_utf8_lossy(&out.stderr));

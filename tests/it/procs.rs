@@ -1,0 +1,82 @@
+//! Real child processes for the tests: warden replicas, the example agent,
+//! and the ports they listen on.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+/// The example agent, built by `cargo test` next to the test binaries.
+pub fn example_agent() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().and_then(|deps| deps.parent()).unwrap().join("examples").join("agent")
+}
+
+/// A free loopback port, for a process whose URL must be known before it
+/// starts.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The warden binary with none of the developer's own `WARDEN*` settings.
+pub fn warden() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_warden"));
+    for (key, _) in std::env::vars() {
+        if key.starts_with("WARDEN") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}
+
+/// A child process killed (SIGKILL) and reaped when dropped, so a failing
+/// test leaves nothing running.
+pub struct Process {
+    child: Child,
+    /// The port it serves on, when it is a warden replica.
+    pub port: u16,
+}
+
+impl Process {
+    /// Starts `cmd` with its output discarded.
+    pub fn spawn(cmd: &mut Command) -> Self {
+        let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        Self { child, port: 0 }
+    }
+
+    /// `warden serve` with a settings file on the given database and port.
+    pub fn replica(config: &Path, db_url: &str, port: u16) -> Self {
+        let mut cmd = warden();
+        cmd.arg("--config")
+            .arg(config)
+            .arg("serve")
+            .env("WARDEN__DATABASE__URL", db_url)
+            .env("WARDEN__SERVER__LISTEN", format!("127.0.0.1:{port}"))
+            .env("WARDEN__TELEMETRY__LEVEL", "warn");
+        let mut process = Self::spawn(&mut cmd);
+        process.port = port;
+        process
+    }
+
+    /// The example agent, heartbeating every `every_ms` against a declared
+    /// `interval_ms`, to every URL in turn when one fails.
+    pub fn agent(urls: &[&str], agent_id: &str, interval_ms: u64, every_ms: u64) -> Self {
+        let mut cmd = Command::new(example_agent());
+        for url in urls {
+            cmd.args(["--url", url]);
+        }
+        cmd.args(["--agent-id", agent_id])
+            .args(["--interval-ms", &interval_ms.to_string(), "--every-ms", &every_ms.to_string()])
+            .env_remove("WARDEN_KEY");
+        Self::spawn(&mut cmd)
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
