@@ -316,6 +316,7 @@ impl Dispatcher {
                 ],
             )
             .await?;
+        crate::metrics::METRICS.deliveries.with_label_values(&[row.channel.as_str(), outcome]).inc();
         match (&recorded, updated) {
             (Recorded::Dead, 1) => {
                 tracing::warn!(delivery = row.id, channel = %row.channel, attempts = row.attempts,

@@ -205,6 +205,9 @@ policy = "page"
     let f = paged_at.expect("paged");
     let delivery: i64 = rig.count("SELECT id FROM warden.alert_deliveries WHERE kind = 'firing'").await;
     let d = &rig.dispatcher;
+    // Process-wide counters, shared with the other tests: compare deltas.
+    let counted = |outcome: &str| warden::metrics::METRICS.deliveries.with_label_values(&["ops_slack", outcome]).get();
+    let (failed_before, sent_before) = (counted("failed"), counted("sent"));
 
     // 500: retried after base backoff with jitter (0.5-1s for attempt 1).
     let t = rig.now;
@@ -235,6 +238,7 @@ policy = "page"
     assert_eq!(d.pass(Some(next)).await.unwrap().sent, 1);
     let (state, attempts, _, status, _) = delivery_row(&rig.c, delivery).await;
     assert_eq!((state.as_str(), attempts, status), ("sent", 4, Some(200)));
+    assert!(counted("failed") >= failed_before + 3 && counted("sent") > sent_before, "GET /metrics counts them");
     let keys: Vec<String> = slack.requests().iter().map(|r| r.header("idempotency-key").unwrap().to_string()).collect();
     assert_eq!(keys.len(), 3, "500, 429 and 200 reached the receiver; the refused one did not");
     assert!(keys.iter().all(|k| *k == keys[0]), "one idempotency key across retries");
