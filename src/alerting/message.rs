@@ -16,6 +16,8 @@ use crate::db::DbError;
 pub const DETAILED: usize = 10;
 /// Most alerts named in a grouped headline.
 pub const NAMED: usize = 5;
+/// Alert ids spelled out in an acknowledgement hint.
+pub const ACK_IDS: usize = 20;
 
 /// A liveness change of the agent.
 #[derive(Debug, Clone, PartialEq)]
@@ -137,17 +139,23 @@ impl Message {
         format!("[{}] {body}", self.tag())
     }
 
-    /// How to acknowledge, for messages that still ask for action.
+    /// How to acknowledge, for messages that still ask for action. A
+    /// group of a whole fleet names its first [`ACK_IDS`] alerts and
+    /// counts the rest, so one message never becomes thousands of ids.
     pub fn ack_hint(&self) -> Option<String> {
         if matches!(self.kind, Kind::Resolved) {
             return None;
         }
         let open: Vec<i64> = self.alerts.iter().filter(|a| a.state == "firing").map(|a| a.id).collect();
         let first = *open.first()?;
-        let ids = open.iter().map(i64::to_string).collect::<Vec<_>>().join(" ");
+        let shown = open.iter().take(ACK_IDS).map(i64::to_string).collect::<Vec<_>>().join(" ");
+        let more = match open.len().saturating_sub(ACK_IDS) {
+            0 => String::new(),
+            n => format!(" (and {n} more: `warden alerts list --state firing`)"),
+        };
         let base = self.link_base.trim_end_matches('/');
         Some(format!(
-            "Acknowledge to stop escalation: `warden alerts ack {ids}` or POST {base}/v1/alerts/{first}/ack \
+            "Acknowledge to stop escalation: `warden alerts ack {shown}`{more} or POST {base}/v1/alerts/{first}/ack \
              with {{\"by\": \"your name\"}}"
         ))
     }
@@ -481,6 +489,16 @@ pub(crate) mod tests {
         ] {
             assert!(text.contains(needle), "missing {needle:?} in\n{text}");
         }
+    }
+
+    #[test]
+    fn a_fleet_sized_group_names_twenty_alerts_to_acknowledge_and_counts_the_rest() {
+        let alerts: Vec<AlertView> = (1..=1920).map(|i| view(i, &format!("w{i}"))).collect();
+        let hint = message(alerts).ack_hint().unwrap();
+        let ids: Vec<String> = (1..=20).map(|i| i.to_string()).collect();
+        assert!(hint.contains(&format!("`warden alerts ack {}`", ids.join(" "))), "{hint}");
+        assert!(hint.contains("and 1900 more"), "{hint}");
+        assert!(hint.len() < 300, "{hint}");
     }
 
     #[test]

@@ -12,8 +12,10 @@
 //! (up = online + degraded, down = offline, unknown excluded): the total is
 //! `warden.liveness_time(since, until)` summed over the group's agents,
 //! time-weighted; the daily bars clip `warden.liveness_intervals` to each
-//! UTC day. There are no rollup tables yet, so both read the liveness
-//! history (the transitions in `system_events`).
+//! UTC day. Both read the liveness transitions in `system_events`, kept for
+//! `retention.transitions` (400 days by default): one row per change of
+//! state is smaller than any rollup and exact, where the heartbeat rollups
+//! only count beats and cannot say when an agent was down.
 //!
 //! The page needs no key, so it is computed at most once per
 //! `console.status_cache` per replica and served from memory in between.

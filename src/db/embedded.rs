@@ -114,22 +114,7 @@ impl EmbeddedCluster {
     /// Restarts the server (`pg_ctl restart -m fast`): every open
     /// connection is cut, as in a failover or a maintenance restart.
     pub async fn restart(&self) -> Result<(), EmbeddedError> {
-        // The log file again: without it the new server would inherit
-        // pg_ctl's captured stdout and the call would never return.
-        let log = self.data_dir.join("server.log");
-        let args = [
-            os("-D"),
-            self.data_dir.as_os_str(),
-            os("-l"),
-            log.as_os_str(),
-            os("-m"),
-            os("fast"),
-            os("-w"),
-            os("-t"),
-            os("120"),
-            os("restart"),
-        ];
-        self.run("pg_ctl restart", "pg_ctl", &args).await.map(|_| ())
+        self.launch("pg_ctl restart", &[os("-m"), os("fast"), os("restart")]).await
     }
 
     /// Stops the server if this process started it.
@@ -209,18 +194,19 @@ impl EmbeddedCluster {
     }
 
     async fn pg_ctl_start(&self) -> Result<(), EmbeddedError> {
+        self.launch("pg_ctl start", &[os("start")]).await
+    }
+
+    /// Runs a `pg_ctl` verb that starts a server, waiting until it accepts
+    /// connections. The server's output goes to `server.log` (without it
+    /// the server would inherit pg_ctl's captured stdout and the call would
+    /// never return); on failure the log's tail is added to the error.
+    async fn launch(&self, step: &'static str, verb: &[&OsStr]) -> Result<(), EmbeddedError> {
         let log = self.data_dir.join("server.log");
-        let args = [
-            os("-D"),
-            self.data_dir.as_os_str(),
-            os("-l"),
-            log.as_os_str(),
-            os("-w"),
-            os("-t"),
-            os("120"),
-            os("start"),
-        ];
-        self.run("pg_ctl start", "pg_ctl", &args).await.map_err(|e| match e {
+        let mut args =
+            vec![os("-D"), self.data_dir.as_os_str(), os("-l"), log.as_os_str(), os("-w"), os("-t"), os("120")];
+        args.extend_from_slice(verb);
+        self.run(step, "pg_ctl", &args).await.map_err(|e| match e {
             EmbeddedError::Command { step, data_dir, mut detail } => {
                 let tail = std::fs::read_to_string(&log).unwrap_or_default();
                 let tail: Vec<&str> = tail.lines().rev().take(10).collect();

@@ -306,6 +306,7 @@ async fn write_transitions(
             _ => Severity::Info.as_str(),
         })
         .collect();
+    lock_agents(tx, &ids).await?;
     let messages: Vec<String> = transitions.iter().map(|(id, t)| format!("{id}: {}", t.describe())).collect();
     let details: Vec<Value> = transitions
         .iter()
@@ -945,6 +946,21 @@ async fn write_stats(
     Ok(())
 }
 
+/// Locks the agent_status rows of `agents` in agent_id order, as ingestion
+/// does (migration V9): transactions that lock many rows in one order wait
+/// for each other instead of deadlocking.
+async fn lock_agents<S: tokio_postgres::types::ToSql + Sync>(
+    tx: &tokio_postgres::Transaction<'_>,
+    agents: &[S],
+) -> Result<(), DbError> {
+    tx.execute(
+        "SELECT 1 FROM warden.agent_status WHERE agent_id = ANY ($1) ORDER BY agent_id FOR NO KEY UPDATE",
+        &[&agents],
+    )
+    .await?;
+    Ok(())
+}
+
 /// Score rows to write, in bulk.
 #[derive(Default)]
 struct ScoreUpdates {
@@ -970,6 +986,7 @@ impl ScoreUpdates {
         if self.agents.is_empty() {
             return Ok(());
         }
+        lock_agents(tx, &self.agents).await?;
         tx.execute(
             "WITH v AS (SELECT * FROM unnest($1::text[], $2::float8[], $3::text[], $4::jsonb[], $5::float8[], $6::bool[]) \
                         AS v(agent_id, score, tier, components, trend, snapshot)), \
@@ -1074,7 +1091,14 @@ impl Leader<'_> {
                 _ = ticks.tick() => {}
             }
             let started = std::time::Instant::now();
-            let report = liveness_cycle(client, params, self.replica, None).await?;
+            let report = match liveness_cycle(client, params, self.replica, None).await {
+                Ok(report) => report,
+                Err(e) if e.is_unavailable() => return Err(e),
+                Err(e) => {
+                    tracing::error!(error = %e, "liveness cycle failed; trying again next interval");
+                    continue;
+                }
+            };
             let elapsed = started.elapsed();
             if let Some(pinger) = self.pinger {
                 pinger.ping();
@@ -1102,9 +1126,14 @@ impl Leader<'_> {
             if last_score.elapsed() >= self.score_every {
                 last_score = tokio::time::Instant::now();
                 let started = std::time::Instant::now();
-                let report = score_pass(client, params, None).await?;
-                metrics.cycle_seconds.with_label_values(&["score"]).observe(started.elapsed().as_secs_f64());
-                tracing::debug!(?report, "score pass");
+                match score_pass(client, params, None).await {
+                    Ok(report) => {
+                        metrics.cycle_seconds.with_label_values(&["score"]).observe(started.elapsed().as_secs_f64());
+                        tracing::debug!(?report, "score pass");
+                    }
+                    Err(e) if e.is_unavailable() => return Err(e),
+                    Err(e) => tracing::error!(error = %e, "score pass failed; trying again next interval"),
+                }
             }
         }
     }

@@ -16,12 +16,14 @@ impl Log {
     }
 
     pub fn send(&self, message: &Message) -> Result<Sent, SendError> {
-        let alerts: Vec<i64> = message.alerts.iter().map(|a| a.id).collect();
+        // The first ids and a count: a fleet-wide group is thousands.
+        let alerts: Vec<i64> = message.alerts.iter().take(super::super::message::ACK_IDS).map(|a| a.id).collect();
         tracing::warn!(
             target: "warden::alerts",
             channel = %self.name,
             kind = %message.kind,
             severity = message.severity(),
+            count = message.alerts.len(),
             ?alerts,
             "{}",
             message.text()
