@@ -82,3 +82,12 @@ $$;
 -- after writing its settings into them, so a restored database heals too.
 ANALYZE warden.health_params;
 ANALYZE warden.mode_intervals;
+
+-- Statistics alone are not enough: ingest_round runs a cached generic plan,
+-- made on a session's first calls. A session that starts while
+-- agent_status is small caches a sequential scan of it and keeps that
+-- plan as the fleet grows, until something analyses agent_status again
+-- (never, where autovacuum is off). Every access to agent_status in
+-- ingest_round is by agent_id, for which the primary key index is right at
+-- any size, so sequential scans are ruled out for this function.
+ALTER FUNCTION warden.ingest_round SET enable_seqscan = off;

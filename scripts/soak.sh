@@ -23,7 +23,8 @@ PSQL=(psql -h 127.0.0.1 -U postgres -qAt)
 
 cargo build --release --quiet
 "${PSQL[@]}" -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" -c "CREATE DATABASE $DB"
-export WARDEN__DATABASE__URL="postgres://postgres@127.0.0.1:5432/$DB"
+# SOAK_DB_QUERY adds connection parameters, e.g. "?options=-c%20log_lock_waits%3Don".
+export WARDEN__DATABASE__URL="postgres://postgres@127.0.0.1:5432/$DB${SOAK_DB_QUERY:-}"
 export WARDEN__SERVER__LISTEN="127.0.0.1:$PORT"
 export WARDEN__TELEMETRY__LEVEL=warn
 unset WARDEN_CONFIG
@@ -40,6 +41,7 @@ done
 
 rss() { awk '/VmRSS/ {print $2}' "/proc/$WARDEN_PID/status"; }
 conns() { "${PSQL[@]}" -c "SELECT count(*) FROM pg_stat_activity WHERE datname = '$DB'"; }
+queue() { curl -s "localhost:$PORT/metrics" | awk '/^warden_ingest_queue_depth / {print $2}'; }
 cycles() {
     curl -s "localhost:$PORT/metrics" | awk '
         /^warden_evaluation_cycle_seconds_sum\{kind="liveness"\}/ {s=$2}
@@ -52,8 +54,17 @@ cycles() {
 target/release/warden simulate --url "http://127.0.0.1:$PORT" --key "$KEY" \
     --agents "$AGENTS" --rate "$RATE" --connections 32 --duration 15s >/dev/null
 echo "start: rss $(rss) KiB, database connections $(conns), $(cycles)"
+# One line a minute while the load runs, to show memory and connections
+# staying flat rather than just two end points.
+(
+    while sleep 60; do
+        echo "  $(date -u +%T): rss $(rss) KiB, database connections $(conns), queue $(queue), $(cycles)"
+    done
+) &
+SAMPLER=$!
 target/release/warden simulate --url "http://127.0.0.1:$PORT" --key "$KEY" \
     --agents "$AGENTS" --rate "$RATE" --connections 32 --duration "$DURATION"
+kill $SAMPLER 2>/dev/null || true
 echo "end:   rss $(rss) KiB, database connections $(conns), $(cycles)"
 "${PSQL[@]}" -d "$DB" -c "SELECT 'agents by liveness: ' || string_agg(liveness || '=' || n, ' ') FROM (SELECT liveness, count(*) n FROM warden.agent_status GROUP BY 1 ORDER BY 1) x"
 "${PSQL[@]}" -d "$DB" -c "SELECT 'heartbeats stored: ' || count(*) FROM warden.agent_heartbeats"

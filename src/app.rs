@@ -54,6 +54,7 @@ impl Application {
         {
             let client = db::client(&database.pool).await.map_err(StartError::Connect)?;
             sync_mode_intervals(&client, &settings).await.map_err(StartError::Connect)?;
+            warn_without_autovacuum(&client).await;
         }
         if !settings.auth.enabled {
             tracing::warn!(
@@ -192,6 +193,20 @@ async fn sync_mode_intervals(client: &tokio_postgres::Client, settings: &Setting
     // PostgreSQL skips them with a warning, not an error.
     client.batch_execute("ANALYZE warden.health_params, warden.mode_intervals").await?;
     Ok(())
+}
+
+/// agent_status is updated with every heartbeat; without autovacuum its
+/// dead rows and stale statistics pile up and every statement on it slows
+/// down. warden does not vacuum for the operator, but says so.
+async fn warn_without_autovacuum(client: &tokio_postgres::Client) {
+    if let Ok(row) = client.query_one("SELECT current_setting('autovacuum')", &[]).await
+        && row.get::<_, String>(0) == "off"
+    {
+        tracing::warn!(
+            "PostgreSQL runs with autovacuum = off: warden's tables (agent_status above all, updated by every \
+             heartbeat) will bloat and slow down; turn it on or vacuum them on a schedule (docs/operations.md)"
+        );
+    }
 }
 
 /// How this process names itself as evaluator leader: host, pid and port.

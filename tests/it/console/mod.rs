@@ -24,11 +24,22 @@ pub async fn app() -> TestApp {
 }
 
 pub async fn app_with(tweak: impl FnOnce(&mut warden::config::Settings)) -> TestApp {
-    TestApp::spawn_with(|s| {
+    let app = TestApp::spawn_with(|s| {
         s.health.check_interval = warden::config::Duration::from_secs(3600);
         tweak(s);
     })
-    .await
+    .await;
+    // The service's own evaluator runs one liveness cycle and one score
+    // pass as it starts, then sleeps for the hour. Waiting for that pass
+    // keeps it from landing in the middle of the tests' own, clock-driven
+    // ones (and overwriting their scores).
+    eventually(Duration::from_secs(60), "the service's first score pass", || async {
+        let client = app.db.client().await;
+        let row = client.query_one("SELECT last_score_at FROM warden.evaluator_state", &[]).await.ok()?;
+        row.get::<_, Option<chrono::DateTime<chrono::Utc>>>(0).map(|_| ())
+    })
+    .await;
+    app
 }
 
 pub async fn cycle(app: &TestApp) -> evaluator::CycleReport {
