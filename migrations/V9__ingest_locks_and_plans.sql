@@ -89,5 +89,7 @@ ANALYZE warden.mode_intervals;
 -- plan as the fleet grows, until something analyses agent_status again
 -- (never, where autovacuum is off). Every access to agent_status in
 -- ingest_round is by agent_id, for which the primary key index is right at
--- any size, so sequential scans are ruled out for this function.
+-- any size, so sequential scans are ruled out for this function, and for
+-- ingest_heartbeats, whose lock step above looks agents up the same way.
 ALTER FUNCTION warden.ingest_round SET enable_seqscan = off;
+ALTER FUNCTION warden.ingest_heartbeats SET enable_seqscan = off;

@@ -189,7 +189,7 @@ async fn sync_mode_intervals(client: &tokio_postgres::Client, settings: &Setting
         )
         .await?;
     // Statistics for these tiny tables keep the ingest plan on index
-    // lookups (see migrations/V9__lock_order.sql). Without ownership
+    // lookups (see migrations/V9__ingest_locks_and_plans.sql). Without ownership
     // PostgreSQL skips them with a warning, not an error.
     client.batch_execute("ANALYZE warden.health_params, warden.mode_intervals").await?;
     Ok(())

@@ -151,7 +151,7 @@ impl Message {
         let shown = open.iter().take(ACK_IDS).map(i64::to_string).collect::<Vec<_>>().join(" ");
         let more = match open.len().saturating_sub(ACK_IDS) {
             0 => String::new(),
-            n => format!(" (and {n} more: `warden alerts list --state firing`)"),
+            n => format!(" (and {n} more: `warden alerts list --state firing --limit {}`)", open.len().min(1000)),
         };
         let base = self.link_base.trim_end_matches('/');
         Some(format!(

@@ -112,7 +112,9 @@ impl EmbeddedCluster {
     }
 
     /// Restarts the server (`pg_ctl restart -m fast`): every open
-    /// connection is cut, as in a failover or a maintenance restart.
+    /// connection is cut, as in a failover or a maintenance restart. Unlike
+    /// [`stop`](Self::stop) it acts whoever started the server; tests use
+    /// it on clusters of their own.
     pub async fn restart(&self) -> Result<(), EmbeddedError> {
         self.launch("pg_ctl restart", &[os("-m"), os("fast"), os("restart")]).await
     }

@@ -32,6 +32,9 @@ use crate::model::{Liveness, Severity};
 
 /// Advisory lock key of the leader ("warden:e").
 pub const LEADER_LOCK: i64 = 0x7761_7264_656e_3a65;
+/// Liveness cycles that may fail in a row (for a reason other than a lost
+/// connection) before the leader gives up the lock and starts over.
+const MAX_FAILED_CYCLES: u32 = 3;
 /// Channel of stream notifications.
 pub const CHANNEL: &str = "warden_events";
 
@@ -1035,7 +1038,7 @@ pub async fn run_with_ping(
         }
         match leader.lead(&pool).await {
             Ok(()) => return,
-            Err(e) => tracing::warn!(error = %e, "evaluator lost its database connection; will try to lead again"),
+            Err(e) => tracing::warn!(error = %e, "evaluator gave up leading; will try to lead again"),
         }
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -1080,55 +1083,67 @@ impl Leader<'_> {
         result
     }
 
+    /// Metrics, logs and the self-heartbeat after a successful liveness cycle.
+    fn after_liveness(&self, report: &CycleReport, elapsed: StdDuration) {
+        if let Some(pinger) = self.pinger {
+            pinger.ping();
+        }
+        let metrics = &crate::metrics::METRICS;
+        metrics.cycle_seconds.with_label_values(&["liveness"]).observe(elapsed.as_secs_f64());
+        for (_, _, to) in &report.transitions {
+            metrics.transitions.with_label_values(&[to.as_str()]).inc();
+        }
+        if !report.transitions.is_empty() || report.opened + report.resolved > 0 {
+            tracing::info!(
+                transitions = report.transitions.len(),
+                opened = report.opened,
+                resolved = report.resolved,
+                ms = elapsed.as_millis() as u64,
+                "liveness cycle"
+            );
+        }
+        if elapsed > self.check {
+            tracing::warn!(ms = elapsed.as_millis() as u64, "a liveness cycle took longer than health.check_interval");
+        }
+    }
+
     async fn evaluate(&self, client: &mut tokio_postgres::Client) -> Result<(), DbError> {
         let (params, check) = (self.params, self.check);
         let mut ticks = tokio::time::interval(check);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_score = tokio::time::Instant::now() - self.score_every;
+        let mut failures = 0;
         loop {
             tokio::select! {
                 _ = self.stop.cancelled() => return Ok(()),
                 _ = ticks.tick() => {}
             }
             let started = std::time::Instant::now();
-            let report = match liveness_cycle(client, params, self.replica, None).await {
-                Ok(report) => report,
-                Err(e) if e.is_unavailable() => return Err(e),
-                Err(e) => {
-                    tracing::error!(error = %e, "liveness cycle failed; trying again next interval");
-                    continue;
+            match liveness_cycle(client, params, self.replica, None).await {
+                Ok(report) => {
+                    failures = 0;
+                    self.after_liveness(&report, started.elapsed());
                 }
-            };
-            let elapsed = started.elapsed();
-            if let Some(pinger) = self.pinger {
-                pinger.ping();
-            }
-            let metrics = &crate::metrics::METRICS;
-            metrics.cycle_seconds.with_label_values(&["liveness"]).observe(elapsed.as_secs_f64());
-            for (_, _, to) in &report.transitions {
-                metrics.transitions.with_label_values(&[to.as_str()]).inc();
-            }
-            if !report.transitions.is_empty() || report.opened + report.resolved > 0 {
-                tracing::info!(
-                    transitions = report.transitions.len(),
-                    opened = report.opened,
-                    resolved = report.resolved,
-                    ms = elapsed.as_millis() as u64,
-                    "liveness cycle"
-                );
-            }
-            if elapsed > check {
-                tracing::warn!(
-                    ms = elapsed.as_millis() as u64,
-                    "a liveness cycle took longer than health.check_interval"
-                );
+                Err(e) if e.is_unavailable() => return Err(e),
+                // A statement that fails again and again (a broken
+                // migration, a bad row) must not pin leadership here:
+                // after a few in a row, give the lock up so another
+                // replica, or a fresh connection, tries.
+                Err(e) if failures + 1 >= MAX_FAILED_CYCLES => return Err(e),
+                Err(e) => {
+                    failures += 1;
+                    tracing::error!(error = %e, "liveness cycle failed; trying again next interval");
+                }
             }
             if last_score.elapsed() >= self.score_every {
                 last_score = tokio::time::Instant::now();
                 let started = std::time::Instant::now();
                 match score_pass(client, params, None).await {
                     Ok(report) => {
-                        metrics.cycle_seconds.with_label_values(&["score"]).observe(started.elapsed().as_secs_f64());
+                        crate::metrics::METRICS
+                            .cycle_seconds
+                            .with_label_values(&["score"])
+                            .observe(started.elapsed().as_secs_f64());
                         tracing::debug!(?report, "score pass");
                     }
                     Err(e) if e.is_unavailable() => return Err(e),

@@ -1,4 +1,4 @@
-//! PostgreSQL restarted, then stopped for 30 seconds, under load, on a
+//! PostgreSQL restarted, then stopped for 35 seconds, under load, on a
 //! private cluster this test starts (never the shared one): warden answers
 //! 503 with Retry-After while it is down, never acknowledges a heartbeat it
 //! did not store, and resumes by itself when the database returns.
@@ -64,7 +64,9 @@ async fn heartbeats_survive_a_restart_and_an_outage_with_503s_and_no_false_acks(
             let mut seq = 0_i64;
             while !stop.load(Ordering::Relaxed) {
                 seq += 1;
-                let body = json!({"agent_id": agent, "uptime_seconds": seq});
+                // A 5 s interval: the 30 s outage is far longer, so only
+                // the grace after an evaluation gap keeps them online.
+                let body = json!({"agent_id": agent, "uptime_seconds": seq, "next_heartbeat_ms": 5000});
                 match http.post(format!("{base}/v1/heartbeats")).bearer_auth(&key).json(&body).send().await {
                     Ok(r) if r.status() == 200 => {
                         acked.lock().await.insert((agent.clone(), seq));
@@ -97,12 +99,15 @@ async fn heartbeats_survive_a_restart_and_an_outage_with_503s_and_no_false_acks(
     })
     .await;
 
-    // An outage of 30 seconds.
-    let outage = Duration::from_secs(30);
+    // An outage of 35 seconds: longer than the evaluator's 30 s gap limit,
+    // so the grace after a gap is what keeps the 5 s agents from being
+    // marked late.
+    let outage = Duration::from_secs(35);
+    let refused_before = refused.load(Ordering::Relaxed);
     let stopped_at = tokio::time::Instant::now();
     cluster.stop().await;
     eventually(Duration::from_secs(30), "503s while the database is down", || async {
-        (refused.load(Ordering::Relaxed) >= 20).then_some(())
+        (refused.load(Ordering::Relaxed) >= refused_before + 20).then_some(())
     })
     .await;
     eventually(Duration::from_secs(30), "readiness to fail without a database", || {
@@ -157,7 +162,7 @@ async fn heartbeats_survive_a_restart_and_an_outage_with_503s_and_no_false_acks(
     let acked = acked.lock().await;
     let missing: Vec<_> = acked.difference(&stored).collect();
     assert!(missing.is_empty(), "{} acknowledged heartbeats are not stored: {missing:?}", missing.len());
-    assert!(acked.len() >= 200);
+    assert!(acked.len() >= 150, "{} acknowledged", acked.len());
 
     // Silence caused by the outage is not held against the agents.
     let offline = crate::helpers::connect(&cluster.connect_config())
