@@ -228,26 +228,15 @@ pub async fn recoveries_for(
     }
     let rows = client
         .query(
-            "SELECT id, incident_id, agent_id, strategy, action, attempt, state, started_at, finished_at, outcome, \
-                    detail \
-             FROM warden.recovery_actions WHERE incident_id = ANY($1) ORDER BY id",
+            &format!(
+                "SELECT {} FROM warden.recovery_actions WHERE incident_id = ANY($1) ORDER BY id",
+                crate::recovery::ActionRow::COLUMNS
+            ),
             &[&incidents],
         )
         .await?;
     for r in rows {
-        let row = crate::recovery::ActionRow {
-            id: r.get(0),
-            incident_id: r.get(1),
-            agent_id: r.get(2),
-            strategy: r.get(3),
-            action: r.get(4),
-            attempt: r.get(5),
-            state: r.get(6),
-            started_at: r.get(7),
-            finished_at: r.get(8),
-            outcome: r.get(9),
-            detail: r.get(10),
-        };
+        let row = crate::recovery::ActionRow::from_row(&r);
         if let Some(incident) = row.incident_id {
             by_incident.entry(incident).or_default().push(row);
         }

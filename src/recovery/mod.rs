@@ -121,28 +121,14 @@ pub struct ActionRow {
     pub detail: Value,
 }
 
-/// Recovery actions, newest first, optionally for one agent or incident,
-/// before an id (keyset pagination).
-pub async fn history(
-    client: &tokio_postgres::Client,
-    agent: Option<&str>,
-    incident: Option<i64>,
-    before: Option<i64>,
-    limit: i64,
-) -> Result<Vec<ActionRow>, DbError> {
-    let rows = client
-        .query(
-            "SELECT id, incident_id, agent_id, strategy, action, attempt, state, started_at, finished_at, outcome, detail \
-             FROM warden.recovery_actions \
-             WHERE ($1::text IS NULL OR agent_id = $1) AND ($2::bigint IS NULL OR incident_id = $2) \
-               AND ($3::bigint IS NULL OR id < $3) \
-             ORDER BY id DESC LIMIT $4",
-            &[&agent, &incident, &before, &limit],
-        )
-        .await?;
-    Ok(rows
-        .iter()
-        .map(|r| ActionRow {
+impl ActionRow {
+    /// The columns of warden.recovery_actions that [`ActionRow::from_row`]
+    /// reads, in its order.
+    pub const COLUMNS: &'static str =
+        "id, incident_id, agent_id, strategy, action, attempt, state, started_at, finished_at, outcome, detail";
+
+    pub fn from_row(r: &tokio_postgres::Row) -> Self {
+        Self {
             id: r.get(0),
             incident_id: r.get(1),
             agent_id: r.get(2),
@@ -154,6 +140,30 @@ pub async fn history(
             finished_at: r.get(8),
             outcome: r.get(9),
             detail: r.get(10),
-        })
-        .collect())
+        }
+    }
+}
+
+/// Recovery actions, newest first, optionally for one agent or incident,
+/// before an id (keyset pagination).
+pub async fn history(
+    client: &tokio_postgres::Client,
+    agent: Option<&str>,
+    incident: Option<i64>,
+    before: Option<i64>,
+    limit: i64,
+) -> Result<Vec<ActionRow>, DbError> {
+    let rows = client
+        .query(
+            &format!(
+                "SELECT {} FROM warden.recovery_actions \
+                 WHERE ($1::text IS NULL OR agent_id = $1) AND ($2::bigint IS NULL OR incident_id = $2) \
+                   AND ($3::bigint IS NULL OR id < $3) \
+                 ORDER BY id DESC LIMIT $4",
+                ActionRow::COLUMNS
+            ),
+            &[&agent, &incident, &before, &limit],
+        )
+        .await?;
+    Ok(rows.iter().map(ActionRow::from_row).collect())
 }
