@@ -52,11 +52,32 @@ struct Shared {
     delay: Duration,
 }
 
+/// A receiver's accept loop: stopped on `down`, aborted when the receiver
+/// is dropped.
+struct Server(Option<JoinHandle<()>>);
+
+impl Server {
+    async fn stop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
+    }
+}
+
 /// An HTTP server on 127.0.0.1 that records everything.
 pub struct HttpReceiver {
     pub addr: SocketAddr,
     shared: Arc<Mutex<Shared>>,
-    server: Option<JoinHandle<()>>,
+    server: Server,
 }
 
 async fn handle(
@@ -102,7 +123,7 @@ impl HttpReceiver {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shared = Arc::new(Mutex::new(Shared::default()));
-        let server = Some(Self::serve(listener, shared.clone()));
+        let server = Server(Some(Self::serve(listener, shared.clone())));
         Self { addr, shared, server }
     }
 
@@ -138,24 +159,13 @@ impl HttpReceiver {
 
     /// Stops listening: connections are refused until [`Self::up`].
     pub async fn down(&mut self) {
-        if let Some(server) = self.server.take() {
-            server.abort();
-            let _ = server.await;
-        }
+        self.server.stop().await;
     }
 
     /// Listens again on the same port.
     pub async fn up(&mut self) {
         let listener = TcpListener::bind(self.addr).await.unwrap();
-        self.server = Some(Self::serve(listener, self.shared.clone()));
-    }
-}
-
-impl Drop for HttpReceiver {
-    fn drop(&mut self) {
-        if let Some(server) = self.server.take() {
-            server.abort();
-        }
+        self.server = Server(Some(Self::serve(listener, self.shared.clone())));
     }
 }
 
@@ -184,7 +194,7 @@ impl Mail {
 pub struct SmtpServer {
     pub addr: SocketAddr,
     mails: Arc<Mutex<Vec<Mail>>>,
-    server: Option<JoinHandle<()>>,
+    server: Server,
 }
 
 impl SmtpServer {
@@ -192,7 +202,7 @@ impl SmtpServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let mails = Arc::new(Mutex::new(Vec::new()));
-        let server = Some(Self::serve(listener, mails.clone()));
+        let server = Server(Some(Self::serve(listener, mails.clone())));
         Self { addr, mails, server }
     }
 
@@ -214,23 +224,12 @@ impl SmtpServer {
     }
 
     pub async fn down(&mut self) {
-        if let Some(server) = self.server.take() {
-            server.abort();
-            let _ = server.await;
-        }
+        self.server.stop().await;
     }
 
     pub async fn up(&mut self) {
         let listener = TcpListener::bind(self.addr).await.unwrap();
-        self.server = Some(Self::serve(listener, self.mails.clone()));
-    }
-}
-
-impl Drop for SmtpServer {
-    fn drop(&mut self) {
-        if let Some(server) = self.server.take() {
-            server.abort();
-        }
+        self.server = Server(Some(Self::serve(listener, self.mails.clone())));
     }
 }
 
