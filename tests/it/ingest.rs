@@ -360,6 +360,53 @@ async fn concurrent_requests_are_all_committed_and_counted() {
 }
 
 #[tokio::test]
+async fn a_deep_queue_shared_by_two_writers_keeps_each_batch_whole_and_in_order() {
+    // Batches deep enough for the second writer to take a share; each
+    // request holds ten heartbeats of each of its agents (ten rounds), with
+    // uptime rising except for one restart in the middle.
+    let app = TestApp::spawn_with(|s| s.ingest.writers = 2).await;
+    let key = app.key(&[Scope::Ingest]).await;
+    let app = std::sync::Arc::new(app);
+    let mut tasks = Vec::new();
+    for r in 0..8 {
+        let (app, key) = (app.clone(), key.clone());
+        tasks.push(tokio::spawn(async move {
+            let heartbeats: Vec<Value> = (0..10)
+                .flat_map(|k| {
+                    (0..100).map(move |a| {
+                        let uptime = if k < 5 { 100 + k } else { k };
+                        json!({"agent_id": format!("deep-{r}-{a}"), "uptime_seconds": uptime})
+                    })
+                })
+                .collect();
+            let response = app.post("/v1/heartbeats", &key, &json!({ "heartbeats": heartbeats })).await;
+            let status = response.status();
+            let body: Value = response.json().await.unwrap();
+            (status, body)
+        }));
+    }
+    for task in tasks {
+        let (status, body) = task.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        let restarts: Vec<usize> = body["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r["restart_detected"] == true)
+            .map(|(i, _)| i / 100)
+            .collect();
+        assert_eq!(restarts, vec![5; 100], "each agent restarts at its sixth heartbeat, and only there");
+    }
+    assert_eq!(app.count("SELECT count(*) FROM warden.agent_heartbeats").await, 8000);
+    assert_eq!(
+        app.count("SELECT count(*) FROM warden.agent_status WHERE heartbeat_count = 10 AND restart_count = 1 AND uptime_seconds = 9")
+            .await,
+        800
+    );
+}
+
+#[tokio::test]
 async fn a_full_queue_answers_503_at_once_and_loses_nothing() {
     let app = TestApp::spawn_with(|s| {
         s.ingest.max_batch = 1;
