@@ -27,6 +27,11 @@
 --   joining the batch again.
 -- - Batches with several heartbeats of one agent number them once, not
 --   once per round.
+--
+-- Two fixes ride along: the hourly decay of beats_decayed is clamped, as
+-- exp() of a gap of more than about 31 days underflowed and failed every
+-- heartbeat of an agent that came back after a month away; and the call
+-- fails as a whole if any heartbeat got no answer row.
 
 -- Applies a batch of heartbeats, in array order, in the caller's
 -- transaction.
@@ -105,6 +110,8 @@ DECLARE
     done_restart boolean[];
     done_next    integer[];
     missing      integer[];
+    answered     integer := 0;
+    got          integer;
 BEGIN
     SELECT hp.jitter_tolerance, hp.offline_after_missed,
            coalesce((SELECT m.interval_ms FROM warden.mode_intervals m WHERE m.mode = 'default'), 30000)
@@ -194,7 +201,7 @@ BEGIN
                                                      * power(date_part('epoch', r_ts - s.last_seen) * 1000
                                                              - s.ia_mean_ms, 2))
                                              ELSE s.ia_var_ms2 END,
-                beats_decayed         = s.beats_decayed * exp(-date_part('epoch', r_ts - s.last_seen) / 3600.0) + 1
+                beats_decayed         = s.beats_decayed * exp(greatest(-date_part('epoch', r_ts - s.last_seen) / 3600.0, -700)) + 1
             FROM hb h
             WHERE s.agent_id = h.agent_id
             RETURNING h.i, s.agent_id, s.last_restart_at IS NOT DISTINCT FROM r_ts AS restart,
@@ -224,6 +231,8 @@ BEGIN
         RETURN QUERY
         SELECT coalesce(r_ord[d.i], d.i), false, d.restart, d.next_ms
         FROM unnest(done_i, done_restart, done_next) AS d(i, restart, next_ms);
+        GET DIAGNOSTICS got = ROW_COUNT;
+        answered := answered + got;
 
         CONTINUE WHEN missing IS NULL;
 
@@ -273,7 +282,7 @@ BEGIN
                 uptime_before_restart = CASE WHEN EXCLUDED.uptime_seconds < s.uptime_seconds THEN s.uptime_seconds
                                              ELSE s.uptime_before_restart END,
                 ontime_streak         = s.ontime_streak + 1,
-                beats_decayed         = s.beats_decayed * exp(-date_part('epoch', r_ts - s.last_seen) / 3600.0) + 1
+                beats_decayed         = s.beats_decayed * exp(greatest(-date_part('epoch', r_ts - s.last_seen) / 3600.0, -700)) + 1
             RETURNING s.agent_id, s.heartbeat_count = 1 AS fresh, s.last_restart_at IS NOT DISTINCT FROM r_ts AS restart,
                       s.uptime_before_restart, s.uptime_seconds, s.mode, s.expected_interval_ms
         ),
@@ -307,7 +316,18 @@ BEGIN
         )
         SELECT coalesce(r_ord[d.i], d.i), d.fresh, d.restart, d.expected_interval_ms
         FROM done d;
+        GET DIAGNOSTICS got = ROW_COUNT;
+        answered := answered + got;
     END LOOP;
+
+    -- Every heartbeat is either an update or an insert (ON CONFLICT DO
+    -- UPDATE always returns its row). Should one ever fall through, fail
+    -- the whole call rather than let a caller acknowledge a heartbeat that
+    -- was not written.
+    IF answered <> cardinality(p_agent_id) THEN
+        RAISE EXCEPTION 'ingest_heartbeats wrote % of % heartbeats', answered, cardinality(p_agent_id)
+            USING ERRCODE = 'internal_error';
+    END IF;
 
     -- Almost always nobody watches: one look at an empty table.
     IF EXISTS (SELECT 1 FROM warden.observed_agents) THEN

@@ -26,6 +26,9 @@ pub enum DbError {
     /// A statement failed for a reason retrying will not fix.
     #[error("database error: {}", describe(.0))]
     Query(#[from] tokio_postgres::Error),
+    /// The database answered something warden's own schema rules out.
+    #[error("inconsistent answer from the database: {0}")]
+    Inconsistent(String),
 }
 
 /// tokio-postgres prints a server error as just "db error"; the server's
@@ -54,6 +57,7 @@ impl DbError {
         match self {
             Self::Unavailable(_) => true,
             Self::Query(e) => is_connectivity_error(e),
+            Self::Inconsistent(_) => false,
         }
     }
 }

@@ -229,7 +229,10 @@ impl Writer {
             self.flush(jobs).await;
         }
         // Shutting down: the HTTP server has drained, so anything left was
-        // submitted just before; write it rather than drop it.
+        // submitted just before; write it rather than drop it. Closing
+        // first makes later submissions fail at once (ShuttingDown)
+        // instead of waiting for a writer that is gone.
+        self.queue.jobs.lock().await.close();
         while let Some(jobs) = self.take().await {
             self.flush(jobs).await;
         }
@@ -247,6 +250,12 @@ impl Writer {
             while self.available.load(Ordering::Relaxed) && self.queue.queued() >= HELPER_MIN_QUEUED {
                 let Some(jobs) = self.take().await else { break };
                 self.flush(jobs).await;
+                // The first writer may be idle on an empty queue, which
+                // stays empty while requests are refused: whoever finds
+                // the database gone looks for its return.
+                if !self.available.load(Ordering::Relaxed) {
+                    self.wait_for_database().await;
+                }
             }
         }
     }
@@ -442,11 +451,15 @@ async fn write_refs(client: &db::Client, heartbeats: &[&Heartbeat]) -> Result<Ve
             ],
         )
         .await?;
-    let mut acks = vec![Ack { is_new: false, restart_detected: false, next_heartbeat_ms: 0 }; n];
+    let mut acks: Vec<Option<Ack>> = vec![None; n];
     for row in rows {
         let idx: i32 = row.get(0);
-        acks[idx as usize - 1] =
-            Ack { is_new: row.get(1), restart_detected: row.get(2), next_heartbeat_ms: row.get(3) };
+        if let Some(slot) = usize::try_from(idx).ok().and_then(|i| i.checked_sub(1)).and_then(|i| acks.get_mut(i)) {
+            *slot = Some(Ack { is_new: row.get(1), restart_detected: row.get(2), next_heartbeat_ms: row.get(3) });
+        }
     }
-    Ok(acks)
+    // A heartbeat without its answer row is never acknowledged.
+    acks.into_iter()
+        .collect::<Option<Vec<Ack>>>()
+        .ok_or_else(|| DbError::Inconsistent(format!("ingest_heartbeats did not answer for all {n} heartbeats")))
 }

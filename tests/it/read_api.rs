@@ -187,7 +187,10 @@ async fn the_stream_delivers_transitions_and_incidents_as_they_commit() {
     let app = app().await;
     let ingest = app.key(&[Scope::Ingest]).await;
     let read = app.key(&[Scope::Read]).await;
-    let mut stream = app.http.get(app.url("/v1/stream")).bearer_auth(&read).send().await.unwrap();
+    // The client's 30 s limit covers a whole response, which for a stream
+    // is the whole test; each event has its own 30 s in next_event.
+    let mut stream =
+        app.http.get(app.url("/v1/stream")).bearer_auth(&read).timeout(Duration::from_secs(300)).send().await.unwrap();
     assert_eq!(stream.status(), 200);
     assert_eq!(stream.headers()["content-type"], "text/event-stream");
     let mut buffer = String::new();
@@ -233,8 +236,14 @@ async fn an_agent_stream_can_observe_its_raw_heartbeats() {
     let ingest = app.key(&[Scope::Ingest]).await;
     let read = app.key(&[Scope::Read]).await;
     app.heartbeat(&ingest, json!({"agent_id": "watched"})).await;
-    let mut stream =
-        app.http.get(app.url("/v1/stream?agent=watched&heartbeats=true")).bearer_auth(&read).send().await.unwrap();
+    let mut stream = app
+        .http
+        .get(app.url("/v1/stream?agent=watched&heartbeats=true"))
+        .bearer_auth(&read)
+        .timeout(Duration::from_secs(300))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(stream.status(), 200);
     let mut buffer = String::new();
     next_event(&mut stream, &mut buffer, |name, _| name == "ready").await;

@@ -132,6 +132,28 @@ async fn the_contract_signature_works_positionally() {
 }
 
 #[tokio::test]
+async fn an_agent_silent_for_months_can_report_again() {
+    // The hourly decay of the received-beats figure is exp(-gap / 1 h);
+    // past about a month that underflows double precision, which must not
+    // fail the heartbeat.
+    let app = TestApp::spawn().await;
+    let db = app.db.client().await;
+    db.execute("SELECT warden.record_heartbeat('hermit')", &[]).await.unwrap();
+    db.execute("UPDATE warden.agent_status SET last_seen = now() - interval '90 days' WHERE agent_id = 'hermit'", &[])
+        .await
+        .unwrap();
+    let row = db.query_one("SELECT received FROM warden.record_heartbeat('hermit')", &[]).await.unwrap();
+    assert!(row.get::<_, bool>(0));
+    let decayed: f64 = db
+        .query_one("SELECT beats_decayed FROM warden.agent_status WHERE agent_id = 'hermit'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!((decayed - 1.0).abs() < 1e-9, "the old beats decayed away: {decayed}");
+    assert_eq!(app.count("SELECT count(*) FROM warden.agent_heartbeats WHERE agent_id = 'hermit'").await, 2);
+}
+
+#[tokio::test]
 async fn bad_sql_heartbeats_raise_invalid_parameter_value_naming_the_parameter() {
     let app = TestApp::spawn().await;
     let db = app.db.client().await;
