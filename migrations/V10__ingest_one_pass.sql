@@ -128,7 +128,7 @@ BEGIN
         -- occurrence[i]: heartbeat i is its agent's occurrence[i]-th in the batch.
         SELECT array_agg(n.k ORDER BY n.ord), max(n.k)
         INTO occurrence, rounds
-        FROM (SELECT u.ord, row_number() OVER (PARTITION BY u.agent_id ORDER BY u.ord)::integer AS k
+        FROM (SELECT u.ord, row_number() OVER (PARTITION BY u.agent_id COLLATE "C" ORDER BY u.ord)::integer AS k
               FROM unnest(p_agent_id) WITH ORDINALITY AS u(agent_id, ord)) n;
     END IF;
 
