@@ -28,8 +28,9 @@
 //! in flight at the same time may be committed in either order (an agent
 //! that waits for each answer before sending again is applied in its own
 //! order); the row lock taken by `ingest_heartbeats` keeps concurrent
-//! writers correct, and it locks in agent_id order, so they never
-//! deadlock.
+//! writers correct, and it locks known agents in agent_id order, so they
+//! do not deadlock over them (one while registering the same new agents
+//! at once is possible, and retried).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
