@@ -47,8 +47,7 @@ async fn heartbeats_survive_a_restart_and_an_outage_with_503s_and_no_false_acks(
         warden::auth::create_key(&client, "load", &[Scope::Ingest]).await.unwrap().token
     };
 
-    // Load: 4 senders of single heartbeats, each numbering its heartbeats
-    // through uptime_seconds.
+    // Load: 4 senders, each numbering its heartbeats through uptime_seconds.
     let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
     let acked = Arc::new(Mutex::new(HashSet::<(String, i64)>::new()));
     let ok = Arc::new(AtomicU64::new(0));
@@ -83,56 +82,6 @@ async fn heartbeats_survive_a_restart_and_an_outage_with_503s_and_no_false_acks(
                     }
                     Err(e) => unexpected.lock().await.push(e.to_string()),
                 }
-            }
-        }));
-    }
-
-    // And 2 senders of batches of 400 (40 agents, ten heartbeats each),
-    // which keep more than 500 heartbeats in flight at times, so that the
-    // second writer takes its share and meets the outage too.
-    let bulk_acked = Arc::new(Mutex::new(std::collections::HashMap::<String, i64>::new()));
-    for sender in 0..2 {
-        let (http, base, key) = (http.clone(), base.clone(), key.clone());
-        let (bulk_acked, unexpected, stop) = (bulk_acked.clone(), unexpected.clone(), stop_load.clone());
-        senders.push(tokio::spawn(async move {
-            let mut seq = 0_i64;
-            while !stop.load(Ordering::Relaxed) {
-                let heartbeats: Vec<_> = (0..10)
-                    .flat_map(|k| {
-                        (0..40).map(move |a| {
-                            json!({"agent_id": format!("bulk-{sender}-{a}"), "uptime_seconds": seq * 10 + k,
-                                   "next_heartbeat_ms": 5000})
-                        })
-                    })
-                    .collect();
-                seq += 1;
-                let body = json!({ "heartbeats": heartbeats });
-                match http.post(format!("{base}/v1/heartbeats")).bearer_auth(&key).json(&body).send().await {
-                    Ok(r) if r.status() == 200 => {
-                        let mut acked = bulk_acked.lock().await;
-                        for a in 0..40 {
-                            *acked.entry(format!("bulk-{sender}-{a}")).or_default() += 10;
-                        }
-                    }
-                    Ok(r) if r.status() == 503 => {
-                        assert!(r.headers().contains_key("retry-after"), "503 without Retry-After");
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                    Ok(r) => {
-                        unexpected.lock().await.push(format!("{} {}", r.status(), r.text().await.unwrap_or_default()))
-                    }
-                    // A refusal that comes before the body is read (the key
-                    // cannot be checked while the database is down) closes
-                    // the connection, and a client still writing some 30 KB of
-                    // body sees that as a send error rather than the 503:
-                    // not acknowledged, which is all this test asks of it.
-                    // A timeout would mean a request left hanging.
-                    Err(e) if e.is_request() && !e.is_timeout() => {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                    Err(e) => unexpected.lock().await.push(e.to_string()),
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }));
     }
@@ -204,7 +153,7 @@ async fn heartbeats_survive_a_restart_and_an_outage_with_503s_and_no_false_acks(
 
     let client = crate::helpers::connect(&cluster.connect_config()).await;
     let stored: HashSet<(String, i64)> = client
-        .query("SELECT agent_id, uptime_seconds FROM warden.agent_heartbeats WHERE agent_id LIKE 'load-%'", &[])
+        .query("SELECT agent_id, uptime_seconds FROM warden.agent_heartbeats", &[])
         .await
         .unwrap()
         .iter()
@@ -214,19 +163,6 @@ async fn heartbeats_survive_a_restart_and_an_outage_with_503s_and_no_false_acks(
     let missing: Vec<_> = acked.difference(&stored).collect();
     assert!(missing.is_empty(), "{} acknowledged heartbeats are not stored: {missing:?}", missing.len());
     assert!(acked.len() >= 150, "{} acknowledged", acked.len());
-    let bulk_stored: std::collections::HashMap<String, i64> = client
-        .query("SELECT agent_id, count(*) FROM warden.agent_heartbeats WHERE agent_id LIKE 'bulk-%' GROUP BY 1", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    let bulk_acked = bulk_acked.lock().await;
-    assert_eq!(bulk_acked.len(), 80, "every bulk agent was acknowledged at least once");
-    for (agent, n) in bulk_acked.iter() {
-        let stored = bulk_stored.get(agent).copied().unwrap_or(0);
-        assert!(stored >= *n, "{agent}: {n} acknowledged, {stored} stored");
-    }
 
     // Silence caused by the outage is not held against the agents.
     let offline = crate::helpers::connect(&cluster.connect_config())
