@@ -200,7 +200,7 @@ pub async fn compute(client: &tokio_postgres::Client, settings: &ConsoleSettings
         if let (Some(g), Some(up), Some(observed)) = (groups.get_mut(&name), up, observed)
             && observed > 0.0
         {
-            g.uptime = Some(100.0 * up / observed);
+            g.uptime = Some(percent(up, observed));
         }
     }
 
@@ -229,7 +229,7 @@ pub async fn compute(client: &tokio_postgres::Client, settings: &ConsoleSettings
     for r in rows {
         let (up, observed): (f64, f64) = (r.get(2), r.get(3));
         if observed > 0.0 {
-            per_day.insert((r.get(0), r.get(1)), 100.0 * up / observed);
+            per_day.insert((r.get(0), r.get(1)), percent(up, observed));
         }
     }
     let today = now.date_naive();
@@ -279,6 +279,14 @@ pub async fn compute(client: &tokio_postgres::Client, settings: &ConsoleSettings
 }
 
 /// Colour class of a day's bar.
+/// `part` as a percentage of `whole`. Dividing first keeps a whole that
+/// was all up at exactly 100: `100.0 * x / x` can round to
+/// 99.99999999999999, which the uptime format (rounding down) shows as
+/// 99.99 %.
+fn percent(part: f64, whole: f64) -> f64 {
+    100.0 * (part / whole)
+}
+
 pub fn day_class(pct: Option<f64>) -> &'static str {
     match pct {
         None => "d-none",
@@ -424,6 +432,18 @@ mod tests {
             Snapshot { generated_at: Utc::now(), groups: vec![], general: vec![] }.overall(),
             GroupState::NoData
         );
+    }
+
+    #[test]
+    fn a_whole_that_was_all_up_is_exactly_100_percent() {
+        // 100 * x / x is 99.99999999999999 for this x, shown as 99.99 %.
+        let x = 83.791226;
+        assert_eq!(crate::console::format::uptime(percent(x, x)), "100%");
+        for i in 1..10_000 {
+            let x = f64::from(i) * 0.013_7 + 0.000_001;
+            assert_eq!(percent(x, x), 100.0, "{x}");
+        }
+        assert_eq!(crate::console::format::uptime(percent(x - 0.001, x)), "99.99%");
     }
 
     #[test]
