@@ -47,7 +47,7 @@ use super::heartbeat::Heartbeat;
 use crate::db::{self, DbError};
 
 const INGEST_SQL: &str = "SELECT idx, is_new, restart_detected, next_heartbeat_ms \
-     FROM warden.ingest_heartbeats($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
+     FROM warden.ingest_heartbeats($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, p_occurrence => $13)";
 
 /// Heartbeats accepted and not yet answered (queued or being written)
 /// from which the extra writers take a share of the queue.
@@ -412,9 +412,18 @@ async fn write(client: &db::Client, heartbeats: &[Heartbeat]) -> Result<Vec<Ack>
 }
 
 /// One call of `warden.ingest_heartbeats` with the heartbeats as arrays.
+///
+/// The arrays go in sorted by agent_id (stable, so each agent's heartbeats
+/// keep their order), with each heartbeat's number among its agent's: the
+/// function then neither numbers them nor really sorts them.
 async fn write_refs(client: &db::Client, heartbeats: &[&Heartbeat]) -> Result<Vec<Ack>, DbError> {
     let n = heartbeats.len();
+    // order[k]: the position in `heartbeats` of the k-th array element.
+    let mut order: Vec<usize> = (0..n).collect();
+    // str order is byte order, the order of agent_id COLLATE "C".
+    order.sort_by(|&a, &b| heartbeats[a].agent_id.as_str().cmp(heartbeats[b].agent_id.as_str()));
     let mut agent_id = Vec::with_capacity(n);
+    let mut occurrence = Vec::with_capacity(n);
     let mut name = Vec::with_capacity(n);
     let mut labels = Vec::with_capacity(n);
     let mut mode = Vec::with_capacity(n);
@@ -426,7 +435,13 @@ async fn write_refs(client: &db::Client, heartbeats: &[&Heartbeat]) -> Result<Ve
     let mut m_name = Vec::new();
     let mut m_value = Vec::new();
     let mut m_unit = Vec::new();
-    for (i, h) in heartbeats.iter().enumerate() {
+    for (k, &i) in order.iter().enumerate() {
+        let h = heartbeats[i];
+        let nth: i32 = match (agent_id.last(), occurrence.last()) {
+            (Some(&previous), Some(&nth)) if previous == h.agent_id.as_str() => nth + 1,
+            _ => 1,
+        };
+        occurrence.push(nth);
         agent_id.push(h.agent_id.as_str());
         name.push(h.name.as_deref());
         labels.push(h.labels.as_ref().map(Json));
@@ -436,7 +451,7 @@ async fn write_refs(client: &db::Client, heartbeats: &[&Heartbeat]) -> Result<Ve
         next_ms.push(h.next_heartbeat_ms);
         sent_at.push(h.sent_at);
         for m in &h.metrics {
-            m_idx.push(i as i32 + 1);
+            m_idx.push(k as i32 + 1);
             m_name.push(m.name.as_str());
             m_value.push(m.value);
             m_unit.push(m.unit.as_deref());
@@ -447,15 +462,27 @@ async fn write_refs(client: &db::Client, heartbeats: &[&Heartbeat]) -> Result<Ve
         .query(
             &statement,
             &[
-                &agent_id, &name, &labels, &mode, &status, &uptime, &next_ms, &sent_at, &m_idx, &m_name, &m_value,
+                &agent_id,
+                &name,
+                &labels,
+                &mode,
+                &status,
+                &uptime,
+                &next_ms,
+                &sent_at,
+                &m_idx,
+                &m_name,
+                &m_value,
                 &m_unit,
+                &occurrence,
             ],
         )
         .await?;
     let mut acks: Vec<Option<Ack>> = vec![None; n];
     for row in rows {
         let idx: i32 = row.get(0);
-        if let Some(slot) = usize::try_from(idx).ok().and_then(|i| i.checked_sub(1)).and_then(|i| acks.get_mut(i)) {
+        let position = usize::try_from(idx).ok().and_then(|k| k.checked_sub(1)).and_then(|k| order.get(k));
+        if let Some(slot) = position.and_then(|&i| acks.get_mut(i)) {
             *slot = Some(Ack { is_new: row.get(1), restart_detected: row.get(2), next_heartbeat_ms: row.get(3) });
         }
     }

@@ -115,6 +115,79 @@ async fn both_paths_leave_identical_rows_and_answers() {
 }
 
 #[tokio::test]
+async fn a_batch_of_one_agents_heartbeats_numbers_itself_when_the_caller_does_not() {
+    // The writer passes each heartbeat's number among its agent's;
+    // ingest_heartbeats called from SQL without them must work them out
+    // and leave the same rows.
+    let app = TestApp::spawn().await;
+    let key = app.key(&[Scope::Ingest]).await;
+    let batch = |b: &str, c: &str| {
+        json!({"heartbeats": [
+            {"agent_id": b, "uptime_seconds": 10},
+            {"agent_id": c, "uptime_seconds": 1},
+            {"agent_id": b, "uptime_seconds": 20},
+            {"agent_id": b, "uptime_seconds": 5},
+            {"agent_id": b, "uptime_seconds": 4, "name": "last"}
+        ]})
+    };
+    let (status, body) = app.heartbeat(&key, batch("http-b", "http-c")).await;
+    assert_eq!(status, 200, "{body}");
+
+    let db = app.db.client().await;
+    let rows = db
+        .query(
+            "SELECT idx, is_new, restart_detected FROM warden.ingest_heartbeats( \
+               ARRAY['sql-b', 'sql-c', 'sql-b', 'sql-b', 'sql-b'], ARRAY[NULL, NULL, NULL, NULL, 'last'], \
+               ARRAY[NULL, NULL, NULL, NULL, NULL]::jsonb[], ARRAY[NULL, NULL, NULL, NULL, NULL]::text[], \
+               ARRAY['healthy', 'healthy', 'healthy', 'healthy', 'healthy'], ARRAY[10, 1, 20, 5, 4]::bigint[], \
+               ARRAY[NULL, NULL, NULL, NULL, NULL]::int[], ARRAY[NULL, NULL, NULL, NULL, NULL]::timestamptz[], \
+               '{}', '{}', '{}', '{}') ORDER BY idx",
+            &[],
+        )
+        .await
+        .unwrap();
+    let sql_flags: Vec<(bool, bool)> = rows.iter().map(|r| (r.get(1), r.get(2))).collect();
+    let http_flags: Vec<(bool, bool)> = body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["is_new"].as_bool().unwrap(), r["restart_detected"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(sql_flags, http_flags);
+    assert_eq!(sql_flags, vec![(true, false), (true, false), (false, false), (false, true), (false, true)]);
+    assert_eq!(footprint(&app, "sql-b").await, footprint(&app, "http-b").await);
+    assert_eq!(footprint(&app, "sql-c").await, footprint(&app, "http-c").await);
+
+    // Numbers that do not match the batch are refused, not guessed at.
+    let e = db
+        .query(
+            "SELECT * FROM warden.ingest_heartbeats(ARRAY['x', 'y'], ARRAY[NULL, NULL], ARRAY[NULL, NULL]::jsonb[], \
+               ARRAY[NULL, NULL]::text[], ARRAY['healthy', 'healthy'], ARRAY[1, 2]::bigint[], ARRAY[NULL, NULL]::int[], \
+               ARRAY[NULL, NULL]::timestamptz[], '{}', '{}', '{}', '{}', p_occurrence => ARRAY[1])",
+            &[],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(&SqlState::INVALID_PARAMETER_VALUE), "{e:?}");
+    assert_eq!(app.count("SELECT count(*) FROM warden.agent_status WHERE agent_id IN ('x', 'y')").await, 0);
+}
+
+#[tokio::test]
+async fn an_agent_id_cannot_be_renamed_to_one_ingest_would_refuse() {
+    let app = TestApp::spawn().await;
+    let db = app.db.client().await;
+    db.execute("SELECT warden.record_heartbeat('renamed')", &[]).await.unwrap();
+    let e = db
+        .execute("UPDATE warden.agent_status SET agent_id = 'no spaces' WHERE agent_id = 'renamed'", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(&SqlState::CHECK_VIOLATION), "{e:?}");
+    db.execute("UPDATE warden.agent_status SET agent_id = 'renamed-ok' WHERE agent_id = 'renamed'", &[])
+        .await
+        .expect("a valid new id is accepted");
+}
+
+#[tokio::test]
 async fn the_contract_signature_works_positionally() {
     let app = TestApp::spawn().await;
     let db = app.db.client().await;
