@@ -1,4 +1,13 @@
 //! POST /v1/heartbeats and POST /v1/events.
+//!
+//! The key is checked before the body is read, but a refusal (401, 403,
+//! or 503 when the key cannot be checked because the database is away)
+//! goes out only once the body is in, up to `ingest.max_body_bytes`:
+//! answering earlier makes the server close the connection on a client
+//! still sending a large batch, which then sees a failed send instead of
+//! the refusal and its Retry-After. Failed keys are rate limited per
+//! address before this (`api::limit`), which bounds what that reading
+//! costs.
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -56,9 +65,10 @@ struct BatchResult<'a> {
 /// Answers only after the heartbeats are committed.
 async fn post_heartbeats(
     State(state): State<AppState>,
-    _auth: Authorized<IngestScope>,
+    auth: Result<Authorized<IngestScope>, ApiError>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    auth?;
     let body = read_body(body, state.settings.ingest.max_body_bytes)?;
     let (heartbeats, batch) =
         ingest::heartbeat::parse_body(&body, &state.limits, chrono::Utc::now()).map_err(parse_error)?;
@@ -75,9 +85,10 @@ async fn post_heartbeats(
 
 async fn post_events(
     State(state): State<AppState>,
-    _auth: Authorized<IngestScope>,
+    auth: Result<Authorized<IngestScope>, ApiError>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    auth?;
     let body = read_body(body, state.settings.ingest.max_body_bytes)?;
     let (events, batch) = ingest::events::parse_body(&body, &state.limits, chrono::Utc::now()).map_err(parse_error)?;
     let mut client = crate::db::client(&state.pool).await?;

@@ -442,3 +442,61 @@ async fn whole_numbers_written_as_floats_are_accepted() {
     let (status, body) = app.heartbeat(&key, json!({"agent_id": "py-1", "uptime_seconds": 1.5})).await;
     assert_eq!((status, body["error"]["field"].as_str()), (422, Some("uptime_seconds")));
 }
+
+/// One HTTP/1.1 response from `stream`: status and body (Content-Length
+/// framed, as warden's JSON answers are).
+async fn read_response(stream: &mut TcpStream) -> (u16, String) {
+    let mut buffer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        let n = stream.read(&mut chunk).await.expect("the answer arrives");
+        assert!(n > 0, "connection closed before an answer: {:?}", String::from_utf8_lossy(&buffer));
+        buffer.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buffer[..head_end]).to_lowercase();
+    let status: u16 = head[9..12].parse().unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map(|v| v.trim().parse().unwrap())
+        .expect("a Content-Length");
+    while buffer.len() < head_end + length {
+        let n = stream.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "connection closed mid-answer");
+        buffer.extend_from_slice(&chunk[..n]);
+    }
+    (status, String::from_utf8_lossy(&buffer[head_end..head_end + length]).into_owned())
+}
+
+#[tokio::test]
+async fn a_refused_large_batch_gets_its_answer_on_a_connection_that_stays_open() {
+    // Refusing a request before its body is read makes the server close
+    // the connection on a client that is still sending: the client sees a
+    // failed send, not the 401 (or, in an outage, the 503 and its
+    // Retry-After), and loses the connection.
+    let app = TestApp::spawn().await;
+    let key = app.key(&[Scope::Ingest]).await;
+    let mut stream = TcpStream::connect(app.addr).await.unwrap();
+    let post = |key: &str, body: &[u8]| {
+        let mut request = format!(
+            "POST /v1/heartbeats HTTP/1.1\r\nHost: warden\r\nAuthorization: Bearer {key}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        request.extend_from_slice(body);
+        request
+    };
+
+    let large = vec![b' '; 800 * 1024];
+    stream.write_all(&post("wdn_000000000000_made-up", &large)).await.expect("the whole batch is taken");
+    let (status, body) = read_response(&mut stream).await;
+    assert_eq!(status, 401, "{body}");
+
+    stream.write_all(&post(&key, br#"{"agent_id": "same-connection"}"#)).await.unwrap();
+    let (status, body) = read_response(&mut stream).await;
+    assert_eq!(status, 200, "{body}");
+}
