@@ -17,7 +17,7 @@ use warden::auth::Scope;
 use warden::config::Secret;
 use warden::db::embedded::EmbeddedCluster;
 
-use crate::helpers::{default_settings, eventually};
+use crate::helpers::{TestApp, default_settings, eventually};
 
 fn url_of(cluster: &EmbeddedCluster) -> String {
     format!("host={} port=5432 user=postgres dbname=warden", cluster.data_dir().display())
@@ -181,4 +181,102 @@ async fn heartbeats_survive_a_restart_and_an_outage_with_503s_and_no_false_acks(
     server.await.unwrap().unwrap();
     drop(client);
     cluster.stop().await;
+}
+
+/// A TCP relay in front of PostgreSQL that a test can cut and restore: a
+/// network outage of one warden's database, leaving the server (shared
+/// with every other test) untouched.
+struct Relay {
+    port: u16,
+    /// host:port of PostgreSQL, known once warden's settings are.
+    target: Arc<std::sync::OnceLock<String>>,
+    up: Arc<AtomicBool>,
+    cuts: tokio::sync::watch::Sender<u64>,
+}
+
+impl Relay {
+    async fn start() -> Self {
+        let target = Arc::new(std::sync::OnceLock::<String>::new());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let up = Arc::new(AtomicBool::new(true));
+        let (cuts, cut_seen) = tokio::sync::watch::channel(0u64);
+        let (open, to) = (up.clone(), target.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !open.load(Ordering::SeqCst) {
+                    continue; // dropped: the connection is refused
+                }
+                let mut cut = cut_seen.clone();
+                cut.borrow_and_update(); // only cuts from now on
+                let target = to.get().cloned().expect("target set before warden starts");
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        Self { port, target, up, cuts }
+    }
+
+    /// Closes every relayed connection and refuses new ones.
+    fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        self.cuts.send_modify(|n| *n += 1);
+    }
+
+    fn restore(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+/// `key=value` from a libpq-style connection string.
+fn setting<'a>(url: &'a str, key: &str) -> &'a str {
+    url.split_whitespace().find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')).expect(key)
+}
+
+#[tokio::test]
+async fn a_short_outage_is_refused_with_503_and_its_end_recorded_for_liveness() {
+    // Shorter than the evaluator's gap limit, so only ingestion can tell
+    // liveness that the agents' silence was not theirs.
+    let relay = Relay::start().await;
+    let (port, target) = (relay.port, relay.target.clone());
+    let app = TestApp::spawn_with(move |s| {
+        let url = s.database.url.expose().to_string();
+        let (host, real_port) = (setting(&url, "host"), setting(&url, "port"));
+        target.set(format!("{host}:{real_port}")).unwrap();
+        let through = url.replace(&format!("port={real_port}"), &format!("port={port}"));
+        s.database.url = Secret::new(through.replace(&format!("host={host}"), "host=127.0.0.1"));
+    })
+    .await;
+    let key = app.key(&[Scope::Ingest]).await;
+    let beat = json!({"agent_id": "through-relay", "next_heartbeat_ms": 5000});
+    assert_eq!(app.heartbeat(&key, beat.clone()).await.0, 200);
+    let db = app.db.client().await;
+    eventually(Duration::from_secs(60), "the evaluator's first cycle", || async {
+        let row = db.query_one("SELECT last_cycle_at IS NOT NULL FROM warden.evaluator_state", &[]).await.ok()?;
+        row.get::<_, bool>(0).then_some(())
+    })
+    .await;
+    let before: chrono::DateTime<chrono::Utc> = db.query_one("SELECT now()", &[]).await.unwrap().get(0);
+
+    relay.cut();
+    let refused = eventually(Duration::from_secs(60), "a 503 while the database is out of reach", || async {
+        let response = app.post("/v1/heartbeats", &key, &beat).await;
+        (response.status() == 503).then(|| response.headers().get("retry-after").cloned())
+    })
+    .await;
+    assert!(refused.is_some(), "503 with Retry-After");
+
+    relay.restore();
+    eventually(Duration::from_secs(60), "heartbeats accepted again", || async {
+        (app.heartbeat(&key, beat.clone()).await.0 == 200).then_some(())
+    })
+    .await;
+    let resumed: Option<chrono::DateTime<chrono::Utc>> =
+        db.query_one("SELECT resumed_at FROM warden.evaluator_state", &[]).await.unwrap().get(0);
+    assert!(resumed.is_some_and(|r| r > before), "ingestion's resumption recorded: {resumed:?} after {before}");
 }
