@@ -294,20 +294,6 @@ pub async fn liveness_cycle(
     Ok(report)
 }
 
-/// Records that ingestion resumed at `now` (the database's clock when
-/// `None`) after the database was out of reach. Heartbeats refused in the
-/// meantime were not the agents' silence, so liveness counts silence from
-/// here, as it does after a gap in evaluation. Outages longer than the
-/// evaluator's gap limit are covered by that gap anyway; this covers the
-/// shorter ones, which would otherwise mark every agent with a shorter
-/// interval late.
-pub async fn ingestion_resumed(client: &tokio_postgres::Client, now: Option<DateTime<Utc>>) -> Result<(), DbError> {
-    client
-        .execute("UPDATE warden.evaluator_state SET resumed_at = greatest(resumed_at, coalesce($1, now()))", &[&now])
-        .await?;
-    Ok(())
-}
-
 async fn write_transitions(
     tx: &tokio_postgres::Transaction<'_>,
     transitions: &[(String, Transition)],

@@ -20,8 +20,7 @@
 //!   reached, new requests are refused at once (503) instead of piling up.
 //! - When PostgreSQL is unreachable, the requests in the failed flush and
 //!   everything still queued get 503, and new requests are refused at once
-//!   until a probe finds the database again. That moment is recorded for
-//!   the evaluator, which counts agents' silence from it.
+//!   until a probe finds the database again.
 //! - A flush that fails for another reason (a row the database refuses) is
 //!   retried request by request, so one bad request cannot fail others.
 //!
@@ -360,7 +359,6 @@ impl Writer {
             if self.probe().await {
                 if !self.available.swap(true, Ordering::Relaxed) {
                     tracing::info!("database reachable again; accepting heartbeats");
-                    self.record_resume().await;
                 }
                 return;
             }
@@ -371,19 +369,6 @@ impl Writer {
             if self.available.load(Ordering::Relaxed) {
                 return; // another writer's probe succeeded
             }
-        }
-    }
-
-    /// Tells the evaluator that heartbeats were refused until now (see
-    /// `evaluator::ingestion_resumed`). Best effort: if it fails, a short
-    /// outage may mark agents late, as it would without it.
-    async fn record_resume(&self) {
-        let result = match db::client(&self.pool).await {
-            Ok(client) => crate::health::evaluator::ingestion_resumed(&client, None).await,
-            Err(e) => Err(e),
-        };
-        if let Err(e) = result {
-            tracing::warn!(error = %e, "could not record that ingestion resumed");
         }
     }
 
