@@ -59,7 +59,8 @@ DROP FUNCTION warden.ingest_heartbeats(text[], text[], jsonb[], text[], text[], 
 --
 -- p_occurrence, when given, must hold for each heartbeat its number among
 -- its agent's heartbeats in the batch (1 for the first); when NULL it is
--- computed here.
+-- computed here. Only its length is checked: numbering one agent's
+-- heartbeats alike would apply them in no defined order.
 --
 -- Callers validate first; the table constraints are the backstop.
 CREATE FUNCTION warden.ingest_heartbeats(

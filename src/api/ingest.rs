@@ -1,21 +1,22 @@
 //! POST /v1/heartbeats and POST /v1/events.
 //!
-//! The key is checked before the body is read, but a refusal (401, 403,
-//! or 503 when the key cannot be checked because the database is away)
-//! goes out only once the body is in, up to `ingest.max_body_bytes`:
+//! The key is checked before the body is read. When it cannot be checked
+//! because the database is away, the 503 goes out only after the body has
+//! been read and dropped (up to `ingest.max_body_bytes`, never buffered):
 //! answering earlier makes the server close the connection on a client
 //! still sending a large batch, which then sees a failed send instead of
-//! the refusal and its Retry-After. Failed keys are rate limited per
-//! address before this (`api::limit`), which bounds what that reading
-//! costs.
+//! the 503 and its Retry-After, and loses its connection. A key that is
+//! wrong is refused at once: reading bodies for it would let anyone make
+//! warden read megabytes without a key.
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::Serialize;
 use serde_json::json;
 
@@ -66,10 +67,9 @@ struct BatchResult<'a> {
 async fn post_heartbeats(
     State(state): State<AppState>,
     auth: Result<Authorized<IngestScope>, ApiError>,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Response, ApiError> {
-    auth?;
-    let body = read_body(body, state.settings.ingest.max_body_bytes)?;
+    let body = admit(auth, body, state.settings.ingest.max_body_bytes).await?;
     let (heartbeats, batch) =
         ingest::heartbeat::parse_body(&body, &state.limits, chrono::Utc::now()).map_err(parse_error)?;
     let ids: Vec<_> = if batch { heartbeats.iter().map(|h| h.agent_id.clone()).collect() } else { Vec::new() };
@@ -86,10 +86,9 @@ async fn post_heartbeats(
 async fn post_events(
     State(state): State<AppState>,
     auth: Result<Authorized<IngestScope>, ApiError>,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Response, ApiError> {
-    auth?;
-    let body = read_body(body, state.settings.ingest.max_body_bytes)?;
+    let body = admit(auth, body, state.settings.ingest.max_body_bytes).await?;
     let (events, batch) = ingest::events::parse_body(&body, &state.limits, chrono::Utc::now()).map_err(parse_error)?;
     let mut client = crate::db::client(&state.pool).await?;
     let ids = ingest::events::insert(&mut client, &events, batch)
@@ -98,6 +97,30 @@ async fn post_events(
     let body =
         if batch { json!({ "received": ids.len(), "ids": ids }) } else { json!({ "received": true, "id": ids[0] }) };
     Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+/// The body of a request whose key check gave `auth` (see the module
+/// comment for when a refusal waits for the body).
+async fn admit(auth: Result<Authorized<IngestScope>, ApiError>, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    match auth {
+        Ok(_) => read_limited(body, limit).await,
+        Err(e) if e.status == StatusCode::SERVICE_UNAVAILABLE => {
+            let mut body = Limited::new(body, limit);
+            while let Some(Ok(_)) = body.frame().await {}
+            Err(e)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The body, or 413 past `limit`, with the answers of `read_body`, for
+/// handlers that take the body as a stream (no `DefaultBodyLimit` applies).
+pub async fn read_limited(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<LengthLimitError>() => Err(ApiError::payload_too_large(limit)),
+        Err(e) => Err(ApiError::malformed(format!("the request body could not be read: {e}"))),
+    }
 }
 
 /// The body, or 413 past the limit, or 400 if it could not be read.

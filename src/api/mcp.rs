@@ -22,7 +22,7 @@
 //! - The scopes every tool call in a request needs are checked before
 //!   anything runs, so a refused batch has done nothing.
 
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::State;
 use axum::http::header::{ALLOW, AUTHORIZATION, HOST, ORIGIN, WWW_AUTHENTICATE};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
@@ -30,11 +30,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use chrono::{DateTime, SecondsFormat, Utc};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::{Map, Value, json};
 
 use super::error::DEFAULT_RETRY_AFTER;
-use super::ingest::submit_error;
+use super::ingest::{read_limited, submit_error};
 use super::{ApiError, AppState};
 use crate::auth::{AuthError, Principal, Scope};
 use crate::ingest::heartbeat::{self, Heartbeat, Limits, ParseError, WireHeartbeat};
@@ -73,7 +72,8 @@ async fn post_mcp(State(state): State<AppState>, headers: HeaderMap, body: Body)
     check_origin(&headers)?;
     let principal = authenticate(&state, &headers).await?;
     check_protocol_version(&headers)?;
-    let body = read_body(body, state.settings.ingest.max_body_bytes).await?;
+    // This route lives outside /v1 and its DefaultBodyLimit.
+    let body = read_limited(body, state.settings.ingest.max_body_bytes).await?;
     let (messages, batch) = match parse_body(&body) {
         Ok(parsed) => parsed,
         Err(error) => return Ok((StatusCode::BAD_REQUEST, Json(error)).into_response()),
@@ -163,17 +163,6 @@ fn check_protocol_version(headers: &HeaderMap) -> Result<(), ApiError> {
             "unsupported MCP-Protocol-Version; warden speaks {}",
             PROTOCOL_VERSIONS.join(", ")
         ))),
-    }
-}
-
-/// The body, or 413 past `ingest.max_body_bytes`, with the answers of
-/// `ingest::read_body`. /v1 gets its limit from a `DefaultBodyLimit` layer;
-/// this route lives outside /v1, so it applies the limit itself.
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<LengthLimitError>() => Err(ApiError::payload_too_large(limit)),
-        Err(e) => Err(ApiError::malformed(format!("the request body could not be read: {e}"))),
     }
 }
 

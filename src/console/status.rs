@@ -278,7 +278,6 @@ pub async fn compute(client: &tokio_postgres::Client, settings: &ConsoleSettings
     Ok(Snapshot { generated_at: now, groups: groups.into_values().collect(), general })
 }
 
-/// Colour class of a day's bar.
 /// `part` as a percentage of `whole`. Dividing first keeps a whole that
 /// was all up at exactly 100: `100.0 * x / x` can round to
 /// 99.99999999999999, which the uptime format (rounding down) shows as
@@ -287,6 +286,7 @@ fn percent(part: f64, whole: f64) -> f64 {
     100.0 * (part / whole)
 }
 
+/// Colour class of a day's bar.
 pub fn day_class(pct: Option<f64>) -> &'static str {
     match pct {
         None => "d-none",

@@ -179,6 +179,49 @@ async fn a_batch_applies_one_agents_heartbeats_in_order() {
     assert_eq!(app.count("SELECT uptime_seconds FROM warden.agent_status WHERE agent_id = 'b'").await, 4);
 }
 
+#[tokio::test]
+async fn metrics_stay_with_their_own_heartbeat_in_an_unsorted_batch() {
+    // The writer reorders a batch by agent_id on its way to PostgreSQL.
+    let (app, key) = app_and_key().await;
+    let (status, body) = app
+        .heartbeat(
+            &key,
+            json!({"heartbeats": [
+                {"agent_id": "zulu", "metrics": {"queue": 26}},
+                {"agent_id": "alpha", "metrics": {"queue": 1, "lag": {"value": 11, "unit": "ms"}}},
+                {"agent_id": "mike", "metrics": {"queue": 13}},
+                {"agent_id": "alpha", "metrics": {"queue": 2}}
+            ]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let rows = app
+        .db
+        .client()
+        .await
+        .query(
+            "SELECT agent_id, name, value, unit FROM warden.performance_metrics ORDER BY agent_id, recorded_at, name, value",
+            &[],
+        )
+        .await
+        .unwrap();
+    let got: Vec<(String, String, f64, Option<String>)> =
+        rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect();
+    let m = |agent: &str, name: &str, value: f64, unit: Option<&str>| {
+        (agent.to_string(), name.to_string(), value, unit.map(str::to_string))
+    };
+    assert_eq!(
+        got,
+        vec![
+            m("alpha", "lag", 11.0, Some("ms")),
+            m("alpha", "queue", 1.0, None),
+            m("alpha", "queue", 2.0, None),
+            m("mike", "queue", 13.0, None),
+            m("zulu", "queue", 26.0, None),
+        ]
+    );
+}
+
 /// Every bad request: its status, the field it names, and nothing written.
 #[tokio::test]
 async fn bad_heartbeats_are_refused_naming_the_field_and_write_nothing() {

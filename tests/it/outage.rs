@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use warden::app::Application;
@@ -204,11 +205,13 @@ impl Relay {
         let (open, to) = (up.clone(), target.clone());
         tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
+                // Cuts from here on close this link; one made before
+                // shows in `open`.
+                let mut cut = cut_seen.clone();
+                cut.borrow_and_update();
                 if !open.load(Ordering::SeqCst) {
                     continue; // dropped: the connection is refused
                 }
-                let mut cut = cut_seen.clone();
-                cut.borrow_and_update(); // only cuts from now on
                 let target = to.get().cloned().expect("target set before warden starts");
                 tokio::spawn(async move {
                     let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else { return };
@@ -238,45 +241,124 @@ fn setting<'a>(url: &'a str, key: &str) -> &'a str {
     url.split_whitespace().find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')).expect(key)
 }
 
-#[tokio::test]
-async fn a_short_outage_is_refused_with_503_and_its_end_recorded_for_liveness() {
-    // Shorter than the evaluator's gap limit, so only ingestion can tell
-    // liveness that the agents' silence was not theirs.
+/// A warden whose database connections go through a relay; the test's
+/// own connections (`app.db`) go straight to PostgreSQL.
+///
+/// The relay speaks TCP; the tests' database is on 127.0.0.1 unless no
+/// server answered there and they started an embedded one on a Unix
+/// socket, which these tests then cannot put a relay in front of.
+async fn app_behind_relay() -> Option<(Relay, TestApp)> {
     let relay = Relay::start().await;
     let (port, target) = (relay.port, relay.target.clone());
+    let unix = Arc::new(AtomicBool::new(false));
+    let on_socket = unix.clone();
     let app = TestApp::spawn_with(move |s| {
         let url = s.database.url.expose().to_string();
         let (host, real_port) = (setting(&url, "host"), setting(&url, "port"));
+        if host.starts_with('/') {
+            on_socket.store(true, Ordering::SeqCst);
+            return;
+        }
         target.set(format!("{host}:{real_port}")).unwrap();
         let through = url.replace(&format!("port={real_port}"), &format!("port={port}"));
         s.database.url = Secret::new(through.replace(&format!("host={host}"), "host=127.0.0.1"));
     })
     .await;
+    if unix.load(Ordering::SeqCst) {
+        eprintln!("skipped: the tests' database listens on a Unix socket only");
+        return None;
+    }
+    Some((relay, app))
+}
+
+#[tokio::test]
+async fn a_short_outage_is_refused_with_503_and_ingestion_resumes_by_itself() {
+    // The database's connections drop and new ones are refused, then it
+    // is back: no restart of PostgreSQL, so this runs in a second.
+    let Some((relay, app)) = app_behind_relay().await else { return };
     let key = app.key(&[Scope::Ingest]).await;
     let beat = json!({"agent_id": "through-relay", "next_heartbeat_ms": 5000});
     assert_eq!(app.heartbeat(&key, beat.clone()).await.0, 200);
-    let db = app.db.client().await;
-    eventually(Duration::from_secs(60), "the evaluator's first cycle", || async {
-        let row = db.query_one("SELECT last_cycle_at IS NOT NULL FROM warden.evaluator_state", &[]).await.ok()?;
-        row.get::<_, bool>(0).then_some(())
-    })
-    .await;
-    let before: chrono::DateTime<chrono::Utc> = db.query_one("SELECT now()", &[]).await.unwrap().get(0);
+    let acked = AtomicU64::new(1);
 
     relay.cut();
-    let refused = eventually(Duration::from_secs(60), "a 503 while the database is out of reach", || async {
+    let retry_after = eventually(Duration::from_secs(60), "a 503 while the database is out of reach", || async {
         let response = app.post("/v1/heartbeats", &key, &beat).await;
+        if response.status() == 200 {
+            acked.fetch_add(1, Ordering::SeqCst); // sent before the cut took hold
+        }
         (response.status() == 503).then(|| response.headers().get("retry-after").cloned())
     })
     .await;
-    assert!(refused.is_some(), "503 with Retry-After");
+    assert!(retry_after.is_some(), "503 with Retry-After");
 
     relay.restore();
     eventually(Duration::from_secs(60), "heartbeats accepted again", || async {
         (app.heartbeat(&key, beat.clone()).await.0 == 200).then_some(())
     })
     .await;
-    let resumed: Option<chrono::DateTime<chrono::Utc>> =
-        db.query_one("SELECT resumed_at FROM warden.evaluator_state", &[]).await.unwrap().get(0);
-    assert!(resumed.is_some_and(|r| r > before), "ingestion's resumption recorded: {resumed:?} after {before}");
+    let acked = acked.load(Ordering::SeqCst) + 1;
+    let stored = app.count("SELECT count(*) FROM warden.agent_heartbeats WHERE agent_id = 'through-relay'").await;
+    assert!(stored as u64 >= acked, "every acknowledged heartbeat is stored: {stored} rows, {acked} acks");
+}
+
+/// One HTTP/1.1 response from `stream`: status, head (lower case) and
+/// body (Content-Length framed, as warden's JSON answers are).
+async fn read_response(stream: &mut tokio::net::TcpStream) -> (u16, String, String) {
+    let mut buffer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        let n = stream.read(&mut chunk).await.expect("the answer arrives");
+        assert!(n > 0, "connection closed before an answer: {:?}", String::from_utf8_lossy(&buffer));
+        buffer.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buffer[..head_end]).to_lowercase();
+    let status: u16 = head[9..12].parse().unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map(|v| v.trim().parse().unwrap())
+        .expect("a Content-Length");
+    while buffer.len() < head_end + length {
+        let n = stream.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "connection closed mid-answer");
+        buffer.extend_from_slice(&chunk[..n]);
+    }
+    let body = String::from_utf8_lossy(&buffer[head_end..head_end + length]).into_owned();
+    (status, head, body)
+}
+
+#[tokio::test]
+async fn a_large_batch_refused_in_an_outage_gets_its_503_on_a_connection_that_stays_open() {
+    // A key warden has not verified yet cannot be checked while the
+    // database is out of reach. Refusing before the body is read makes
+    // the server close the connection on a client still sending: the
+    // client sees a failed send, not the 503 and its Retry-After.
+    let Some((relay, app)) = app_behind_relay().await else { return };
+    let key = app.key(&[Scope::Ingest]).await;
+    relay.cut();
+    let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let post = |key: &str, body: &[u8]| {
+        let mut request = format!(
+            "POST /v1/heartbeats HTTP/1.1\r\nHost: warden\r\nAuthorization: Bearer {key}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        request.extend_from_slice(body);
+        request
+    };
+
+    let large = vec![b' '; 800 * 1024];
+    stream.write_all(&post(&key, &large)).await.expect("the whole batch is taken");
+    let (status, head, body) = read_response(&mut stream).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(head.contains("retry-after:"), "{head}");
+
+    stream.write_all(&post(&key, br#"{"agent_id": "same-connection"}"#)).await.unwrap();
+    let (status, _, body) = read_response(&mut stream).await;
+    assert_eq!(status, 503, "still out of reach, and still answered: {body}");
 }

@@ -158,7 +158,8 @@ async fn a_batch_of_one_agents_heartbeats_numbers_itself_when_the_caller_does_no
     assert_eq!(footprint(&app, "sql-b").await, footprint(&app, "http-b").await);
     assert_eq!(footprint(&app, "sql-c").await, footprint(&app, "http-c").await);
 
-    // Numbers that do not match the batch are refused, not guessed at.
+    // A count of numbers that does not match the batch is refused (their
+    // values are the caller's to get right, as the writer does).
     let e = db
         .query(
             "SELECT * FROM warden.ingest_heartbeats(ARRAY['x', 'y'], ARRAY[NULL, NULL], ARRAY[NULL, NULL]::jsonb[], \
