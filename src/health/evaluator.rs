@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::flap::{self, FlapParams};
 use super::incidents::{self, IssueType, Key, Wanted};
-use super::liveness::{self, Detector, LivenessParams, Presence, Transition};
+use super::liveness::{self, Detector, LivenessParams, Outages, Presence, Transition};
 use super::phi::{ArrivalStats, PhiParams};
 use super::score::{self, Inputs, Thresholds, TierBounds, Weights};
 use super::stats::{Batch, Kind, MetricStat, Regression};
@@ -218,6 +218,7 @@ pub async fn liveness_cycle(
         resumed = Some(now);
         report.resumed = true;
     }
+    let outages = ingest_outages(&tx, now).await?;
 
     // Agents that could change now; everything else provably cannot.
     let lp = &params.liveness;
@@ -266,6 +267,11 @@ pub async fn liveness_cycle(
                 mean_ms: row.get(7),
                 variance_ms2: row.get(8),
             },
+            refused_ms: 0,
+        };
+        let presence = Presence {
+            refused_ms: outages.within(liveness::silence_start(presence.last_seen, resumed), now),
+            ..presence
         };
         if let Some(t) = liveness::decide(&presence, now, resumed, lp) {
             transitions.push((row.get(0), t));
@@ -292,6 +298,40 @@ pub async fn liveness_cycle(
     .await?;
     tx.commit().await?;
     Ok(report)
+}
+
+/// How long recorded ingest outages are kept: an agent silent for longer
+/// has been offline for days whatever they excuse.
+const OUTAGE_MEMORY_DAYS: i32 = 7;
+
+/// Records that ingestion refused heartbeats from `started_at` to
+/// `ended_at` (the database's clock when `None`) because the database was
+/// out of reach; liveness leaves that stretch out of agents' silence.
+pub async fn record_ingest_outage(
+    client: &tokio_postgres::Client,
+    refused_for: std::time::Duration,
+    ended_at: Option<DateTime<Utc>>,
+) -> Result<(), DbError> {
+    client
+        .execute(
+            "INSERT INTO warden.ingest_outages (started_at, ended_at) \
+             SELECT e - $1::float8 * interval '1 second', e FROM coalesce($2::timestamptz, now()) AS e",
+            &[&refused_for.as_secs_f64(), &ended_at],
+        )
+        .await?;
+    Ok(())
+}
+
+/// The recorded ingest outages up to `now`, forgetting old ones.
+async fn ingest_outages(tx: &tokio_postgres::Transaction<'_>, now: DateTime<Utc>) -> Result<Outages, DbError> {
+    tx.execute(
+        "DELETE FROM warden.ingest_outages WHERE ended_at < $1::timestamptz - make_interval(days => $2)",
+        &[&now, &OUTAGE_MEMORY_DAYS],
+    )
+    .await?;
+    let rows =
+        tx.query("SELECT started_at, ended_at FROM warden.ingest_outages WHERE started_at < $1", &[&now]).await?;
+    Ok(Outages::new(rows.iter().map(|r| (r.get(0), r.get(1))).collect()))
 }
 
 async fn write_transitions(

@@ -4,7 +4,9 @@
 //! Rules (defaults in brackets):
 //! - Silence is measured from the last heartbeat, or from the moment warden
 //!   resumed evaluating after a gap in its own operation, whichever is
-//!   later: warden's downtime never counts against agents.
+//!   later: warden's downtime never counts against agents. Nor do the
+//!   stretches in which ingestion refused heartbeats because the database
+//!   was out of reach (`Outages`), which are left out of the silence.
 //! - Missed intervals = (silence − tolerance × interval) / interval, the
 //!   tolerance [0.2] absorbing network and scheduling jitter.
 //! - Fixed detector: degraded at `degraded_after_missed` [1] missed
@@ -52,6 +54,44 @@ pub struct Presence {
     /// On-time heartbeats in a row, ending with the last one.
     pub ontime_streak: i32,
     pub arrivals: ArrivalStats,
+    /// Milliseconds of the silence during which warden refused heartbeats
+    /// (`Outages::within`); they do not count.
+    pub refused_ms: i64,
+}
+
+/// When ingestion refused heartbeats because the database was out of
+/// reach: sorted, overlaps merged (several writers or replicas may record
+/// one outage).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Outages(Vec<(DateTime<Utc>, DateTime<Utc>)>);
+
+impl Outages {
+    pub fn new(mut windows: Vec<(DateTime<Utc>, DateTime<Utc>)>) -> Self {
+        windows.retain(|(from, to)| from < to);
+        windows.sort();
+        let mut merged: Vec<(DateTime<Utc>, DateTime<Utc>)> = Vec::with_capacity(windows.len());
+        for (from, to) in windows {
+            match merged.last_mut() {
+                Some(last) if from <= last.1 => last.1 = last.1.max(to),
+                _ => merged.push((from, to)),
+            }
+        }
+        Self(merged)
+    }
+
+    /// Milliseconds of outage between `from` and `to`.
+    pub fn within(&self, from: DateTime<Utc>, to: DateTime<Utc>) -> i64 {
+        self.0.iter().map(|&(a, b)| (b.min(to) - a.max(from)).num_milliseconds().max(0)).sum()
+    }
+}
+
+/// Where an agent's silence starts: its last heartbeat, or warden's
+/// resumption after a gap when that is later.
+pub fn silence_start(last_seen: DateTime<Utc>, resumed_at: Option<DateTime<Utc>>) -> DateTime<Utc> {
+    match resumed_at {
+        Some(r) if r > last_seen => r,
+        _ => last_seen,
+    }
 }
 
 /// Why a transition happened.
@@ -129,11 +169,8 @@ pub fn decide(
     resumed_at: Option<DateTime<Utc>>,
     params: &LivenessParams,
 ) -> Option<Transition> {
-    let seen = match resumed_at {
-        Some(r) if r > agent.last_seen => r,
-        _ => agent.last_seen,
-    };
-    let silence_ms = (now - seen).num_milliseconds().max(0);
+    let seen = silence_start(agent.last_seen, resumed_at);
+    let silence_ms = ((now - seen).num_milliseconds() - agent.refused_ms).max(0);
     let interval = agent.expected_interval_ms.max(1) as f64;
     let missed = ((silence_ms as f64 - params.jitter_tolerance * interval) / interval).max(0.0);
     let use_phi = params.detector == Detector::Phi && agent.arrivals.count >= params.phi.min_samples;
@@ -213,6 +250,7 @@ mod tests {
             expected_interval_ms: 30_000,
             ontime_streak: streak,
             arrivals: ArrivalStats { count: 0, mean_ms: 0.0, variance_ms2: 0.0 },
+            refused_ms: 0,
         };
         (presence, now)
     }
@@ -269,6 +307,32 @@ mod tests {
         // A resume older than the last heartbeat changes nothing.
         let (b, now) = agent(Liveness::Online, 40, 5);
         assert_eq!(decide(&b, now, Some(now - Duration::seconds(3600)), &PARAMS).unwrap().figures.silence_ms, 40_000);
+    }
+
+    #[test]
+    fn outages_merge_and_count_only_their_part_of_a_silence() {
+        let at = |s: i64| t0() + Duration::seconds(s);
+        let o = Outages::new(vec![(at(50), at(60)), (at(10), at(20)), (at(15), at(30)), (at(70), at(70))]);
+        assert_eq!(o, Outages(vec![(at(10), at(30)), (at(50), at(60))]), "sorted, merged, empty ones dropped");
+        assert_eq!(o.within(at(0), at(100)), 30_000);
+        assert_eq!(o.within(at(25), at(55)), 10_000, "clipped at both ends");
+        assert_eq!(o.within(at(30), at(50)), 0);
+        assert_eq!(Outages::default().within(at(0), at(100)), 0);
+    }
+
+    #[test]
+    fn refused_time_is_not_silence() {
+        // 45 s since the last heartbeat on a 30 s interval is late, unless
+        // warden refused heartbeats for 20 s of it.
+        let (mut a, now) = agent(Liveness::Online, 45, 5);
+        assert_eq!(decide(&a, now, None, &PARAMS).map(|t| t.to), Some(Liveness::Degraded));
+        a.refused_ms = 20_000;
+        assert_eq!(decide(&a, now, None, &PARAMS), None);
+        // Time outside the outages still adds up: long silent, refused 20 s.
+        let (mut b, now) = agent(Liveness::Online, 600, 5);
+        b.refused_ms = 20_000;
+        let t = decide(&b, now, None, &PARAMS).unwrap();
+        assert_eq!((t.to, t.figures.silence_ms), (Liveness::Offline, 580_000));
     }
 
     #[test]

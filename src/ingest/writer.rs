@@ -20,7 +20,9 @@
 //!   reached, new requests are refused at once (503) instead of piling up.
 //! - When PostgreSQL is unreachable, the requests in the failed flush and
 //!   everything still queued get 503, and new requests are refused at once
-//!   until a probe finds the database again.
+//!   until a probe finds the database again. The writer that finds it
+//!   records how long heartbeats were refused, which liveness then leaves
+//!   out of agents' silence.
 //! - A flush that fails for another reason (a row the database refuses) is
 //!   retried request by request, so one bad request cannot fail others.
 //!
@@ -126,6 +128,7 @@ impl Ingestor {
     /// when `stop` is cancelled.
     pub fn start(pool: Pool, settings: &WriterSettings, stop: CancellationToken, tasks: &TaskTracker) -> Arc<Self> {
         let available = Arc::new(AtomicBool::new(true));
+        let down_since = Arc::new(std::sync::Mutex::new(None));
         let (sender, jobs) = mpsc::unbounded_channel();
         let queue = Arc::new(Queue {
             jobs: Mutex::new(jobs),
@@ -140,6 +143,7 @@ impl Ingestor {
                 queue: queue.clone(),
                 max_flush: settings.max_flush.max(1),
                 available: available.clone(),
+                down_since: down_since.clone(),
                 stop: stop.clone(),
             };
             if n == 0 {
@@ -197,6 +201,8 @@ struct Writer {
     queue: Arc<Queue>,
     max_flush: usize,
     available: Arc<AtomicBool>,
+    /// When `available` last went false.
+    down_since: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
     stop: CancellationToken,
 }
 
@@ -324,6 +330,7 @@ impl Writer {
             }
             Err(e) if e.is_unavailable() => {
                 if self.available.swap(false, Ordering::Relaxed) {
+                    *self.down_since.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
                     tracing::warn!(error = %e, "database unavailable; refusing heartbeats until it is back");
                 }
                 for job in jobs {
@@ -359,6 +366,7 @@ impl Writer {
             if self.probe().await {
                 if !self.available.swap(true, Ordering::Relaxed) {
                     tracing::info!("database reachable again; accepting heartbeats");
+                    self.record_outage().await;
                 }
                 return;
             }
@@ -369,6 +377,20 @@ impl Writer {
             if self.available.load(Ordering::Relaxed) {
                 return; // another writer's probe succeeded
             }
+        }
+    }
+
+    /// Records how long heartbeats were refused (see
+    /// `evaluator::record_ingest_outage`). Best effort: without it, agents
+    /// with intervals shorter than the outage may be marked late for it.
+    async fn record_outage(&self) {
+        let Some(since) = self.down_since.lock().unwrap_or_else(|p| p.into_inner()).take() else { return };
+        let result = match db::client(&self.pool).await {
+            Ok(client) => crate::health::evaluator::record_ingest_outage(&client, since.elapsed(), None).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "could not record how long heartbeats were refused");
         }
     }
 

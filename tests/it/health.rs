@@ -196,6 +196,41 @@ async fn silence_during_wardens_own_downtime_never_counts() {
 }
 
 #[tokio::test]
+async fn heartbeats_refused_in_a_database_outage_are_not_silence() {
+    // A 20 s outage: shorter than the evaluator's 30 s gap limit, so the
+    // evaluator sees no gap of its own, but ingestion refused heartbeats
+    // meanwhile and recorded how long.
+    let db = TestDb::migrated().await;
+    let mut c = db.client().await;
+    let p = params();
+    let t = t0();
+    let at = |s: i64| t + Duration::seconds(s);
+    warm_up(&mut c, &p, t).await;
+    beat(&c, "steady", t, 5_000, 1).await;
+    beat(&c, "dead", t, 5_000, 1).await;
+    evaluator::liveness_cycle(&mut c, &p, "test", Some(at(1))).await.unwrap();
+
+    evaluator::record_ingest_outage(&c, std::time::Duration::from_secs(20), Some(at(21))).await.unwrap();
+    beat(&c, "steady", at(22), 5_000, 22).await;
+    let r = evaluator::liveness_cycle(&mut c, &p, "test", Some(at(22))).await.unwrap();
+    assert!(!r.resumed, "no gap in evaluation");
+    assert!(r.transitions.is_empty(), "22 s of silence, 20 of them refused: {r:?}");
+    evaluator::liveness_cycle(&mut c, &p, "test", Some(at(27))).await.unwrap();
+    assert_eq!(liveness(&c, "steady").await, Liveness::Online);
+    assert_eq!(liveness(&c, "dead").await, Liveness::Degraded, "7 s not refused: over one interval plus tolerance");
+
+    // Outages that keep coming do not hide an agent that stopped: only
+    // their own time is left out.
+    for k in 3..=6 {
+        evaluator::record_ingest_outage(&c, std::time::Duration::from_secs(2), Some(at(k * 10 + 2))).await.unwrap();
+        beat(&c, "steady", at(k * 10 + 3), 5_000, k * 10 + 3).await;
+        evaluator::liveness_cycle(&mut c, &p, "test", Some(at(k * 10 + 3))).await.unwrap();
+    }
+    assert_eq!(liveness(&c, "dead").await, Liveness::Offline, "63 s of silence, 28 refused");
+    assert_eq!(liveness(&c, "steady").await, Liveness::Online);
+}
+
+#[tokio::test]
 async fn three_restarts_in_ten_minutes_are_a_restart_loop() {
     let db = TestDb::migrated().await;
     let mut c = db.client().await;

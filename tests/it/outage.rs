@@ -300,6 +300,8 @@ async fn a_short_outage_is_refused_with_503_and_ingestion_resumes_by_itself() {
     let acked = acked.load(Ordering::SeqCst) + 1;
     let stored = app.count("SELECT count(*) FROM warden.agent_heartbeats WHERE agent_id = 'through-relay'").await;
     assert!(stored as u64 >= acked, "every acknowledged heartbeat is stored: {stored} rows, {acked} acks");
+    let outages = app.count("SELECT count(*) FROM warden.ingest_outages WHERE ended_at >= started_at").await;
+    assert_eq!(outages, 1, "how long heartbeats were refused is recorded for liveness");
 }
 
 /// One HTTP/1.1 response from `stream`: status, head (lower case) and
