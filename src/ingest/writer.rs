@@ -329,10 +329,14 @@ impl Writer {
                 answer_all(jobs, acks)
             }
             Err(e) if e.is_unavailable() => {
+                let mut down_since = self.down_since.lock().unwrap_or_else(|p| p.into_inner());
                 if self.available.swap(false, Ordering::Relaxed) {
-                    *self.down_since.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
+                    // Refusing began when the failed flush did, not when it
+                    // gave up (a connect timeout can take seconds).
+                    *down_since = Some(started);
                     tracing::warn!(error = %e, "database unavailable; refusing heartbeats until it is back");
                 }
+                drop(down_since);
                 for job in jobs {
                     let _ = job.reply.send(Err(SubmitError::Unavailable));
                 }
@@ -364,9 +368,15 @@ impl Writer {
                 }
             }
             if self.probe().await {
-                if !self.available.swap(true, Ordering::Relaxed) {
+                let refusing_since = {
+                    let mut down_since = self.down_since.lock().unwrap_or_else(|p| p.into_inner());
+                    if self.available.swap(true, Ordering::Relaxed) { None } else { Some(down_since.take()) }
+                };
+                if let Some(since) = refusing_since {
                     tracing::info!("database reachable again; accepting heartbeats");
-                    self.record_outage().await;
+                    if let Some(since) = since {
+                        tokio::spawn(record_outage(self.pool.clone(), since));
+                    }
                 }
                 return;
             }
@@ -380,25 +390,25 @@ impl Writer {
         }
     }
 
-    /// Records how long heartbeats were refused (see
-    /// `evaluator::record_ingest_outage`). Best effort: without it, agents
-    /// with intervals shorter than the outage may be marked late for it.
-    async fn record_outage(&self) {
-        let Some(since) = self.down_since.lock().unwrap_or_else(|p| p.into_inner()).take() else { return };
-        let result = match db::client(&self.pool).await {
-            Ok(client) => crate::health::evaluator::record_ingest_outage(&client, since.elapsed(), None).await,
-            Err(e) => Err(e),
-        };
-        if let Err(e) = result {
-            tracing::warn!(error = %e, "could not record how long heartbeats were refused");
-        }
-    }
-
     async fn probe(&self) -> bool {
         match db::client(&self.pool).await {
             Ok(client) => client.simple_query("SELECT 1").await.is_ok(),
             Err(_) => false,
         }
+    }
+}
+
+/// Records how long heartbeats were refused (see
+/// `evaluator::record_ingest_outage`), off the writer's path: it is back
+/// to work meanwhile. Best effort: without it, agents with intervals
+/// shorter than the outage may be marked late for it.
+async fn record_outage(pool: Pool, since: std::time::Instant) {
+    let result = match db::client(&pool).await {
+        Ok(client) => crate::health::evaluator::record_ingest_outage(&client, since.elapsed(), None).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "could not record how long heartbeats were refused");
     }
 }
 
