@@ -7,10 +7,13 @@
 //!
 //! Verified keys are cached for `auth.cache_ttl`, so the hot path (every
 //! heartbeat) costs a hash and a map lookup, not a query. Revocation
-//! therefore takes effect within that TTL on every replica.
+//! therefore takes effect within that TTL on every replica. When an entry
+//! is missing or expired, the requests that need it at that moment share
+//! one lookup instead of each taking a connection for its own.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
@@ -182,17 +185,41 @@ struct Cached {
     fetched: Instant,
 }
 
+/// One key id's lookup in progress. It holds when and why the last lookup
+/// failed, so that requests queued behind a failed one fail at once
+/// instead of each waiting out its own (in an outage: a connect timeout
+/// apiece), while a lookup is still tried again every `RETRY_LOOKUP_AFTER`
+/// for as long as requests keep coming.
+type Gate = std::sync::Arc<tokio::sync::Mutex<Option<(Instant, String)>>>;
+
+const RETRY_LOOKUP_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Verifies bearer tokens against `warden.api_keys`.
 pub struct Authenticator {
     enabled: bool,
     ttl: std::time::Duration,
     pool: Pool,
     cache: Mutex<HashMap<String, Cached>>,
+    /// Lookups in progress, by key id; an entry lives while someone waits.
+    inflight: Mutex<HashMap<String, Gate>>,
+    lookups: AtomicU64,
 }
 
 impl Authenticator {
     pub fn new(pool: Pool, enabled: bool, ttl: std::time::Duration) -> Self {
-        Self { enabled, ttl, pool, cache: Mutex::new(HashMap::new()) }
+        Self {
+            enabled,
+            ttl,
+            pool,
+            cache: Mutex::new(HashMap::new()),
+            inflight: Mutex::new(HashMap::new()),
+            lookups: AtomicU64::new(0),
+        }
+    }
+
+    /// Keys looked up in the database so far.
+    pub fn lookups(&self) -> u64 {
+        self.lookups.load(Ordering::Relaxed)
     }
 
     pub fn enabled(&self) -> bool {
@@ -229,7 +256,7 @@ impl Authenticator {
         let key_id = key_id_of(token).ok_or(AuthError::Invalid)?;
         let entry = match self.cached(key_id) {
             Some(entry) => entry,
-            None => self.fetch(key_id).await?,
+            None => self.fetch_shared(key_id).await?,
         };
         let Some(stored) = entry.key else {
             return Err(AuthError::Invalid);
@@ -248,7 +275,34 @@ impl Authenticator {
         cache.get(key_id).filter(|c| c.fetched.elapsed() < self.ttl).cloned()
     }
 
+    /// The key's entry, looked up by one of the requests that need it.
+    async fn fetch_shared(&self, key_id: &str) -> Result<Cached, AuthError> {
+        let gate: Gate = {
+            let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+            inflight.entry(key_id.to_string()).or_default().clone()
+        };
+        let mut failed = gate.lock().await;
+        let recent_failure = failed.as_ref().filter(|(at, _)| at.elapsed() < RETRY_LOOKUP_AFTER);
+        let result = match (self.cached(key_id), recent_failure) {
+            (Some(entry), _) => Ok(entry),
+            (None, Some((_, why))) => Err(AuthError::Db(DbError::Unavailable(why.clone()))),
+            (None, None) => {
+                let result = self.fetch(key_id).await;
+                *failed = result.as_ref().err().map(|e| (Instant::now(), format!("looking up the key failed: {e}")));
+                result
+            }
+        };
+        drop(failed);
+        let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        // The map's reference and ours: nobody else is waiting.
+        if std::sync::Arc::strong_count(&gate) <= 2 {
+            inflight.remove(key_id);
+        }
+        result
+    }
+
     async fn fetch(&self, key_id: &str) -> Result<Cached, AuthError> {
+        self.lookups.fetch_add(1, Ordering::Relaxed);
         let client = db::client(&self.pool).await?;
         // Touching last_used_at here records use at most once per TTL.
         let row = client

@@ -510,3 +510,40 @@ async fn a_vanished_database_gets_503_with_retry_after() {
     assert_eq!(response.status(), 503);
     assert!(response.headers().contains_key("retry-after"));
 }
+
+#[tokio::test]
+async fn requests_that_arrive_together_share_one_key_lookup() {
+    // An expired or missing cache entry used to send every request in
+    // flight to the database at once, each on a pooled connection of its
+    // own.
+    let db = crate::helpers::TestDb::migrated().await;
+    let mut settings = crate::helpers::default_settings();
+    settings.database.url = warden::config::Secret::new(db.url());
+    let database = warden::db::Database::open(&settings.database).await.unwrap();
+    let auth = std::sync::Arc::new(warden::auth::Authenticator::new(
+        database.pool.clone(),
+        true,
+        std::time::Duration::from_secs(60),
+    ));
+    let token = warden::auth::create_key(&db.client().await, "shared", &[Scope::Ingest]).await.unwrap().token;
+
+    let together = |header: String| {
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..32 {
+            let (auth, header) = (auth.clone(), header.clone());
+            tasks.spawn(async move { auth.authenticate(Some(&header), Scope::Ingest).await.is_ok() });
+        }
+        tasks.join_all()
+    };
+    let admitted = together(format!("Bearer {token}")).await;
+    assert!(admitted.iter().all(|ok| *ok));
+    assert_eq!(auth.lookups(), 1, "one lookup for 32 requests");
+
+    let made_up = format!("Bearer {}", token.replace(&token[token.len() - 4..], "0000"));
+    let unknown = format!("Bearer {}", warden::auth::generate().1);
+    assert!(together(made_up).await.iter().all(|ok| !ok), "a wrong secret for a known id, from the cache");
+    assert_eq!(auth.lookups(), 1);
+    assert!(together(unknown).await.iter().all(|ok| !ok));
+    assert_eq!(auth.lookups(), 2, "one lookup for 32 requests with an unknown key");
+    database.close().await;
+}
