@@ -26,6 +26,10 @@ pub const LOCK: i64 = 0x7761_7264_656e_3a72;
 /// Rows of a heartbeat may commit a little after their received_at; minutes
 /// closer to now than this are rolled up next time.
 const SETTLE: Duration = Duration::seconds(30);
+/// How long the stretches in which ingestion refused heartbeats are kept
+/// (liveness leaves them out of agents' silence): an agent silent for
+/// longer has been offline for days whatever they excuse.
+const INGEST_OUTAGE_MEMORY: Duration = Duration::days(7);
 
 /// What one cycle did.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -91,7 +95,7 @@ pub async fn cycle(
         }
     }
     let batch = i64::from(settings.batch);
-    let prunes: [(&'static str, &str, Duration); 5] = [
+    let prunes: [(&'static str, &str, Duration); 6] = [
         (
             "events",
             "DELETE FROM warden.system_events WHERE id IN (SELECT id FROM warden.system_events \
@@ -121,6 +125,12 @@ pub async fn cycle(
             "DELETE FROM warden.score_rollups WHERE ctid IN (SELECT ctid FROM warden.score_rollups \
                WHERE hour_start < $1 LIMIT $2)",
             settings.hour_rollups.to_chrono(),
+        ),
+        (
+            "ingest_outages",
+            "DELETE FROM warden.ingest_outages WHERE ctid IN (SELECT ctid FROM warden.ingest_outages \
+               WHERE ended_at < $1 LIMIT $2)",
+            INGEST_OUTAGE_MEMORY,
         ),
     ];
     for (name, sql, keep) in prunes {

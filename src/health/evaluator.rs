@@ -256,10 +256,11 @@ pub async fn liveness_cycle(
     let mut transitions: Vec<(String, Transition)> = Vec::new();
     for row in &rows {
         let Ok(liveness) = row.get::<_, String>(1).parse::<Liveness>() else { continue };
+        let last_seen = row.get(3);
         let presence = Presence {
             liveness,
             liveness_since: row.get(2),
-            last_seen: row.get(3),
+            last_seen,
             expected_interval_ms: i64::from(row.get::<_, i32>(4)),
             ontime_streak: row.get(5),
             arrivals: ArrivalStats {
@@ -267,11 +268,7 @@ pub async fn liveness_cycle(
                 mean_ms: row.get(7),
                 variance_ms2: row.get(8),
             },
-            refused_ms: 0,
-        };
-        let presence = Presence {
-            refused_ms: outages.within(liveness::silence_start(presence.last_seen, resumed), now),
-            ..presence
+            refused_ms: outages.within(liveness::silence_start(last_seen, resumed), now),
         };
         if let Some(t) = liveness::decide(&presence, now, resumed, lp) {
             transitions.push((row.get(0), t));
@@ -300,10 +297,6 @@ pub async fn liveness_cycle(
     Ok(report)
 }
 
-/// How long recorded ingest outages are kept: an agent silent for longer
-/// has been offline for days whatever they excuse.
-const OUTAGE_MEMORY_DAYS: i32 = 7;
-
 /// Records that ingestion refused heartbeats from `started_at` to
 /// `ended_at` (the database's clock when `None`) because the database was
 /// out of reach; liveness leaves that stretch out of agents' silence.
@@ -322,13 +315,9 @@ pub async fn record_ingest_outage(
     Ok(())
 }
 
-/// The recorded ingest outages up to `now`, forgetting old ones.
+/// The recorded ingest outages up to `now` (the retention job forgets
+/// old ones).
 async fn ingest_outages(tx: &tokio_postgres::Transaction<'_>, now: DateTime<Utc>) -> Result<Outages, DbError> {
-    tx.execute(
-        "DELETE FROM warden.ingest_outages WHERE ended_at < $1::timestamptz - make_interval(days => $2)",
-        &[&now, &OUTAGE_MEMORY_DAYS],
-    )
-    .await?;
     let rows =
         tx.query("SELECT started_at, ended_at FROM warden.ingest_outages WHERE started_at < $1", &[&now]).await?;
     Ok(Outages::new(rows.iter().map(|r| (r.get(0), r.get(1))).collect()))

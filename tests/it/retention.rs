@@ -144,7 +144,10 @@ async fn old_events_are_pruned_but_transitions_are_kept_longer() {
            (now() - interval '100 days', 'a', 'agent_restarted', 'info', 'old'), \
            (now() - interval '100 days', 'a', 'status_changed', 'info', 'old transition'), \
            (now() - interval '500 days', 'a', 'status_changed', 'info', 'ancient transition'), \
-           (now() - interval '1 day', 'a', 'agent_restarted', 'info', 'recent')",
+           (now() - interval '1 day', 'a', 'agent_restarted', 'info', 'recent'); \
+         INSERT INTO warden.ingest_outages (started_at, ended_at) VALUES \
+           (now() - interval '8 days 1 minute', now() - interval '8 days'), \
+           (now() - interval '6 days 1 minute', now() - interval '6 days')",
     )
     .await
     .unwrap();
@@ -165,6 +168,8 @@ async fn old_events_are_pruned_but_transitions_are_kept_longer() {
         .map(|r| r.get(0))
         .collect();
     assert_eq!(left, vec!["old transition", "recent"]);
+    assert_eq!(report.pruned.get("ingest_outages"), Some(&1), "outages are kept a week");
+    assert_eq!(app.count("SELECT count(*) FROM warden.ingest_outages").await, 1);
 }
 
 #[tokio::test]
