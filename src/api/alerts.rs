@@ -4,8 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -16,7 +15,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::auth::{AdminScope, Authorized, ReadScope};
-use super::ingest::read_body;
+use super::ingest::read_limited;
 use super::read::Params;
 use super::{ApiError, AppState};
 use crate::alerting::escalation::AlertState;
@@ -86,10 +85,10 @@ async fn ack_alert(
     State(state): State<AppState>,
     auth: Authorized<AdminScope>,
     Path(id): Path<String>,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Json<Value>, ApiError> {
     let id = id_param(&id, "alert")?;
-    let body = read_body(body, state.settings.ingest.max_body_bytes)?;
+    let body = read_limited(body, state.settings.ingest.max_body_bytes).await?;
     let ack: AckBody = if body.iter().all(u8::is_ascii_whitespace) {
         AckBody::default()
     } else {
@@ -138,9 +137,9 @@ struct SilenceBody {
 async fn create_silence(
     State(state): State<AppState>,
     auth: Authorized<AdminScope>,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Response, ApiError> {
-    let body = read_body(body, state.settings.ingest.max_body_bytes)?;
+    let body = read_limited(body, state.settings.ingest.max_body_bytes).await?;
     let b: SilenceBody =
         json_object(&body).map_err(|e| ApiError::malformed(format!("the body is not a valid silence: {e}")))?;
     check_silence_text(&b)?;

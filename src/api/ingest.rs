@@ -11,7 +11,6 @@
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::extract::rejection::BytesRejection;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -113,25 +112,16 @@ async fn admit(auth: Result<Authorized<IngestScope>, ApiError>, body: Body, limi
     }
 }
 
-/// The body, or 413 past `limit`, with the answers of `read_body`, for
-/// handlers that take the body as a stream (no `DefaultBodyLimit` applies).
+/// The body, or 413 past `limit`, or 400 if it could not be read. Every
+/// handler with a body reads it so, as a stream, after its extractors
+/// (the key check among them) have run; the limit holds whatever the
+/// router's `DefaultBodyLimit`.
 pub async fn read_limited(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<LengthLimitError>() => Err(ApiError::payload_too_large(limit)),
         Err(e) => Err(ApiError::malformed(format!("the request body could not be read: {e}"))),
     }
-}
-
-/// The body, or 413 past the limit, or 400 if it could not be read.
-pub fn read_body(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, ApiError> {
-    body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::payload_too_large(limit)
-        } else {
-            ApiError::malformed(format!("the request body could not be read: {}", rejection.body_text()))
-        }
-    })
 }
 
 pub fn parse_error(e: ParseError) -> ApiError {

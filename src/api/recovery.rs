@@ -2,8 +2,7 @@
 
 use std::collections::HashMap;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
@@ -53,10 +52,10 @@ async fn run(
     State(state): State<AppState>,
     _auth: Authorized<AdminScope>,
     Path(id): Path<String>,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let agent = AgentId::parse(id).map_err(|m| ApiError::invalid("id", m))?;
-    let body = super::ingest::read_body(body, state.settings.ingest.max_body_bytes)?;
+    let body = super::ingest::read_limited(body, state.settings.ingest.max_body_bytes).await?;
     let request: RunRequest = if body.iter().all(u8::is_ascii_whitespace) {
         RunRequest::default()
     } else {
