@@ -68,6 +68,10 @@ async fn post_heartbeats(
     auth: Result<Authorized<IngestScope>, ApiError>,
     body: Body,
 ) -> Result<Response, ApiError> {
+    if auth.as_ref().is_err_and(|e| e.status == StatusCode::SERVICE_UNAVAILABLE) {
+        // The key could not be checked: the database is out of reach.
+        state.ingestor.refused_unreachable();
+    }
     let body = admit(auth, body, state.settings.ingest.max_body_bytes).await?;
     let (heartbeats, batch) =
         ingest::heartbeat::parse_body(&body, &state.limits, chrono::Utc::now()).map_err(parse_error)?;

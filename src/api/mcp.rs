@@ -144,12 +144,22 @@ fn check_origin(headers: &HeaderMap) -> Result<(), ApiError> {
 
 /// Connecting and listing tools need a valid key of either scope an agent
 /// or a dashboard would hold; each tool then needs its own (`authorize`).
+///
+/// A key that cannot be checked because the database is out of reach
+/// counts as a refused heartbeat (the call may well be one; which tool it
+/// is, is not known yet), as on POST /v1/heartbeats.
 async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Principal, ApiError> {
     let header = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok());
-    match state.auth.authenticate(header, Scope::Ingest).await {
-        Err(AuthError::Forbidden(_)) => Ok(state.auth.authenticate(header, Scope::Read).await?),
-        other => Ok(other?),
+    let result = match state.auth.authenticate(header, Scope::Ingest).await {
+        Err(AuthError::Forbidden(_)) => state.auth.authenticate(header, Scope::Read).await,
+        other => other,
+    };
+    if let Err(AuthError::Db(e)) = &result
+        && e.is_unavailable()
+    {
+        state.ingestor.refused_unreachable();
     }
+    Ok(result?)
 }
 
 /// The spec asks for 400 when a client names a revision the server does

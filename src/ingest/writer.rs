@@ -20,9 +20,11 @@
 //!   reached, new requests are refused at once (503) instead of piling up.
 //! - When PostgreSQL is unreachable, the requests in the failed flush and
 //!   everything still queued get 503, and new requests are refused at once
-//!   until a probe finds the database again. The writer that finds it
-//!   records how long heartbeats were refused, which liveness then leaves
-//!   out of agents' silence.
+//!   until a probe finds the database again. Requests refused earlier,
+//!   because their key could not be checked, count too
+//!   (`Ingestor::refused_unreachable`). When the database answers again,
+//!   how long heartbeats were refused is recorded, and liveness leaves that
+//!   stretch out of agents' silence.
 //! - A flush that fails for another reason (a row the database refuses) is
 //!   retried request by request, so one bad request cannot fail others.
 //!
@@ -36,7 +38,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
 use tokio::sync::{Mutex, Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
@@ -102,8 +104,44 @@ pub struct Ingestor {
     sender: mpsc::UnboundedSender<Job>,
     queue: Arc<Queue>,
     available: Arc<AtomicBool>,
+    refusals: Arc<Refusals>,
     pool: Pool,
     group_commit: bool,
+    stop: CancellationToken,
+}
+
+/// When heartbeats began to be refused for want of the database, while
+/// that lasts. Whoever sees the database answer again ends the stretch
+/// and has it recorded.
+#[derive(Default)]
+struct Refusals {
+    since: std::sync::Mutex<Option<Instant>>,
+    /// Whether `since` is set, so that every flush can ask without a lock.
+    pending: AtomicBool,
+}
+
+impl Refusals {
+    /// Heartbeats were refused from `at`; the earliest report wins. True
+    /// when this begins a stretch.
+    fn begin(&self, at: Instant) -> bool {
+        let mut since = self.since.lock().unwrap_or_else(|p| p.into_inner());
+        let fresh = since.is_none();
+        if since.is_none_or(|s| at < s) {
+            *since = Some(at);
+        }
+        self.pending.store(true, Ordering::Release);
+        fresh
+    }
+
+    /// Heartbeats are accepted again: when refusing began, if it did.
+    fn end(&self) -> Option<Instant> {
+        if !self.pending.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut since = self.since.lock().unwrap_or_else(|p| p.into_inner());
+        self.pending.store(false, Ordering::Relaxed);
+        since.take()
+    }
 }
 
 /// What the writers share: the jobs, and how many heartbeats they hold.
@@ -128,7 +166,7 @@ impl Ingestor {
     /// when `stop` is cancelled.
     pub fn start(pool: Pool, settings: &WriterSettings, stop: CancellationToken, tasks: &TaskTracker) -> Arc<Self> {
         let available = Arc::new(AtomicBool::new(true));
-        let down_since = Arc::new(std::sync::Mutex::new(None));
+        let refusals = Arc::new(Refusals::default());
         let (sender, jobs) = mpsc::unbounded_channel();
         let queue = Arc::new(Queue {
             jobs: Mutex::new(jobs),
@@ -143,7 +181,7 @@ impl Ingestor {
                 queue: queue.clone(),
                 max_flush: settings.max_flush.max(1),
                 available: available.clone(),
-                down_since: down_since.clone(),
+                refusals: refusals.clone(),
                 stop: stop.clone(),
             };
             if n == 0 {
@@ -152,7 +190,40 @@ impl Ingestor {
                 tasks.spawn(writer.help());
             }
         }
-        Arc::new(Self { sender, queue, available, pool, group_commit: settings.group_commit })
+        Arc::new(Self { sender, queue, available, refusals, pool, group_commit: settings.group_commit, stop })
+    }
+
+    /// A heartbeat was refused before it reached the queue because the
+    /// database could not be reached (its key could not be checked). The
+    /// writers may never notice: nothing reaches them to fail. So unless a
+    /// stretch of refusals is already being watched, this watches for the
+    /// database's return to record it, as the writers do for their own.
+    pub fn refused_unreachable(&self) {
+        if !self.refusals.begin(Instant::now()) {
+            return;
+        }
+        let (pool, refusals, available, stop) =
+            (self.pool.clone(), self.refusals.clone(), self.available.clone(), self.stop.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(PROBE_INTERVAL) => {}
+                    _ = stop.cancelled() => return,
+                }
+                // A writer that lost the database too ends the stretch
+                // when it finds it again; a flush that succeeds ends it
+                // as well.
+                if !available.load(Ordering::Relaxed) || !refusals.pending.load(Ordering::Acquire) {
+                    return;
+                }
+                if probe(&pool).await {
+                    if let Some(since) = refusals.end() {
+                        record_outage(pool, since).await;
+                    }
+                    return;
+                }
+            }
+        });
     }
 
     /// Writes `heartbeats` (in order, atomically) and returns one ack each,
@@ -176,13 +247,21 @@ impl Ingestor {
 
     /// One transaction per heartbeat, straight from the request.
     async fn submit_naive(&self, heartbeats: &[Heartbeat]) -> Result<Vec<Ack>, SubmitError> {
-        let client = db::client(&self.pool).await.map_err(classify)?;
-        let mut acks = Vec::with_capacity(heartbeats.len());
-        for heartbeat in heartbeats {
-            let one = write(&client, std::slice::from_ref(heartbeat)).await.map_err(classify)?;
-            acks.extend(one);
+        let result = async {
+            let client = db::client(&self.pool).await?;
+            let mut acks = Vec::with_capacity(heartbeats.len());
+            for heartbeat in heartbeats {
+                acks.extend(write(&client, std::slice::from_ref(heartbeat)).await?);
+            }
+            Ok::<_, DbError>(acks)
         }
-        Ok(acks)
+        .await;
+        result.map_err(|e| {
+            if e.is_unavailable() {
+                self.refused_unreachable();
+            }
+            classify(e)
+        })
     }
 
     /// Heartbeats accepted and not yet answered (queued or being written).
@@ -201,8 +280,7 @@ struct Writer {
     queue: Arc<Queue>,
     max_flush: usize,
     available: Arc<AtomicBool>,
-    /// When `available` last went false.
-    down_since: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+    refusals: Arc<Refusals>,
     stop: CancellationToken,
 }
 
@@ -318,7 +396,7 @@ impl Writer {
     }
 
     async fn flush(&mut self, jobs: Vec<Job>) {
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let all: Vec<&Heartbeat> = jobs.iter().flat_map(|j| j.heartbeats.iter()).collect();
         let result = self.write(&all).await;
         match result {
@@ -326,17 +404,24 @@ impl Writer {
                 let metrics = &crate::metrics::METRICS;
                 metrics.flush_size.observe(acks.len() as f64);
                 metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
-                answer_all(jobs, acks)
+                answer_all(jobs, acks);
+                // Heartbeats are going in again. (While `available` is
+                // down, the probe that raises it ends the stretch.)
+                if self.available.load(Ordering::Relaxed)
+                    && let Some(since) = self.refusals.end()
+                {
+                    tokio::spawn(record_outage(self.pool.clone(), since));
+                }
             }
             Err(e) if e.is_unavailable() => {
-                let mut down_since = self.down_since.lock().unwrap_or_else(|p| p.into_inner());
+                // Refusing began when the failed flush did, not when it
+                // gave up (a connect timeout can take seconds). Begun
+                // before `available` falls, so that the probe which raises
+                // it again finds the stretch to end.
+                self.refusals.begin(started);
                 if self.available.swap(false, Ordering::Relaxed) {
-                    // Refusing began when the failed flush did, not when it
-                    // gave up (a connect timeout can take seconds).
-                    *down_since = Some(started);
                     tracing::warn!(error = %e, "database unavailable; refusing heartbeats until it is back");
                 }
-                drop(down_since);
                 for job in jobs {
                     let _ = job.reply.send(Err(SubmitError::Unavailable));
                 }
@@ -367,14 +452,10 @@ impl Writer {
                     let _ = job.reply.send(Err(SubmitError::Unavailable));
                 }
             }
-            if self.probe().await {
-                let refusing_since = {
-                    let mut down_since = self.down_since.lock().unwrap_or_else(|p| p.into_inner());
-                    if self.available.swap(true, Ordering::Relaxed) { None } else { Some(down_since.take()) }
-                };
-                if let Some(since) = refusing_since {
+            if probe(&self.pool).await {
+                if !self.available.swap(true, Ordering::Relaxed) {
                     tracing::info!("database reachable again; accepting heartbeats");
-                    if let Some(since) = since {
+                    if let Some(since) = self.refusals.end() {
                         tokio::spawn(record_outage(self.pool.clone(), since));
                     }
                 }
@@ -389,12 +470,12 @@ impl Writer {
             }
         }
     }
+}
 
-    async fn probe(&self) -> bool {
-        match db::client(&self.pool).await {
-            Ok(client) => client.simple_query("SELECT 1").await.is_ok(),
-            Err(_) => false,
-        }
+async fn probe(pool: &Pool) -> bool {
+    match db::client(pool).await {
+        Ok(client) => client.simple_query("SELECT 1").await.is_ok(),
+        Err(_) => false,
     }
 }
 
@@ -402,7 +483,7 @@ impl Writer {
 /// `evaluator::record_ingest_outage`), off the writer's path: it is back
 /// to work meanwhile. Best effort: without it, agents with intervals
 /// shorter than the outage may be marked late for it.
-async fn record_outage(pool: Pool, since: std::time::Instant) {
+async fn record_outage(pool: Pool, since: Instant) {
     let result = match db::client(&pool).await {
         Ok(client) => crate::health::evaluator::record_ingest_outage(&client, since.elapsed(), None).await,
         Err(e) => Err(e),
@@ -522,4 +603,24 @@ async fn write_refs(client: &db::Client, heartbeats: &[&Heartbeat]) -> Result<Ve
     acks.into_iter()
         .collect::<Option<Vec<Ack>>>()
         .ok_or_else(|| DbError::Inconsistent(format!("ingest_heartbeats did not answer for all {n} heartbeats")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stretch_of_refusals_begins_at_the_earliest_report_and_ends_once() {
+        let refusals = Refusals::default();
+        assert_eq!(refusals.end(), None, "nothing refused");
+        let t0 = Instant::now();
+        let (earlier, later) = (t0, t0 + Duration::from_millis(5));
+        assert!(refusals.begin(later), "the first report begins a stretch");
+        assert!(!refusals.begin(earlier), "a second report joins it");
+        assert!(!refusals.begin(later + Duration::from_millis(5)));
+        assert_eq!(refusals.end(), Some(earlier), "a flush that began earlier and failed moves the start back");
+        assert_eq!(refusals.end(), None, "ended once");
+        assert!(refusals.begin(later), "a new stretch");
+        assert_eq!(refusals.end(), Some(later));
+    }
 }

@@ -313,6 +313,44 @@ async fn a_short_outage_is_refused_with_503_and_ingestion_resumes_by_itself() {
     assert!(before <= window.0 && window.0 <= window.1 && window.1 <= after, "{window:?} within {before}..{after}");
 }
 
+#[tokio::test]
+async fn heartbeats_refused_at_the_key_check_are_recorded_when_the_database_returns() {
+    // A key warden has not verified yet cannot be checked while the
+    // database is out of reach, so the heartbeat is refused before any
+    // writer sees it: no flush fails, and none succeeds afterwards either,
+    // since nothing is sent once the database is back.
+    let Some((relay, app)) = app_behind_relay().await else { return };
+    let key = app.key(&[Scope::Ingest]).await;
+    let db = app.db.client().await;
+    let now = || async { db.query_one("SELECT now()", &[]).await.unwrap().get::<_, chrono::DateTime<chrono::Utc>>(0) };
+    let before = now().await;
+
+    relay.cut();
+    let beat = json!({"agent_id": "refused-at-the-door"});
+    eventually(Duration::from_secs(60), "a 503 from the key check", || async {
+        let response = app.post("/v1/heartbeats", &key, &beat).await;
+        assert_ne!(response.status(), 200, "the key was never verified, so it cannot pass");
+        (response.status() == 503).then_some(())
+    })
+    .await;
+    assert_eq!(app.count("SELECT count(*) FROM warden.ingest_outages").await, 0, "recorded only once it is over");
+
+    relay.restore();
+    let restored = now().await;
+    let window = eventually(Duration::from_secs(60), "the refusals recorded", || async {
+        let row = db.query_opt("SELECT started_at, ended_at FROM warden.ingest_outages", &[]).await.unwrap()?;
+        Some((row.get::<_, chrono::DateTime<chrono::Utc>>(0), row.get::<_, chrono::DateTime<chrono::Utc>>(1)))
+    })
+    .await;
+    let after = now().await;
+    assert!(before <= window.0 && window.0 <= restored, "began with the refusals: {window:?}, {before}..{restored}");
+    assert!(
+        restored <= window.1 && window.1 <= after,
+        "ended when the database answered: {window:?}, {restored}..{after}"
+    );
+    assert_eq!(app.count("SELECT count(*) FROM warden.agent_heartbeats").await, 0, "nothing was written meanwhile");
+}
+
 /// One HTTP/1.1 response from `stream`: status, head (lower case) and
 /// body (Content-Length framed, as warden's JSON answers are).
 async fn read_response(stream: &mut tokio::net::TcpStream) -> (u16, String, String) {
