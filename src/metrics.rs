@@ -34,6 +34,8 @@ pub struct Metrics {
     pub recovery_attempts: IntCounterVec,
     /// Alert deliveries attempted, by channel and outcome.
     pub deliveries: IntCounterVec,
+    /// API keys looked up in the database (cache misses), by outcome.
+    pub key_lookups: IntCounterVec,
     /// Pool connections, by state (set when scraped).
     pub pool: IntGaugeVec,
     /// Agents by liveness (set when scraped).
@@ -104,6 +106,12 @@ impl Metrics {
                 "warden_alert_deliveries_total",
                 "Alert deliveries attempted, by channel and outcome",
                 &["channel", "outcome"],
+            ),
+            key_lookups: counter(
+                &registry,
+                "warden_auth_key_lookups_total",
+                "API keys looked up in the database (not found in the cache), by outcome",
+                &["outcome"],
             ),
             pool: gauge(&registry, "warden_db_pool_connections", "Database pool connections", &["state"]),
             agents: gauge(&registry, "warden_agents", "Agents by liveness", &["liveness"]),

@@ -303,6 +303,18 @@ impl Authenticator {
 
     async fn fetch(&self, key_id: &str) -> Result<Cached, AuthError> {
         self.lookups.fetch_add(1, Ordering::Relaxed);
+        let result = self.fetch_uncounted(key_id).await;
+        // Many `unknown`: made-up keys, or a client with a revoked one.
+        let outcome = match &result {
+            Ok(Cached { key: Some(_), .. }) => "found",
+            Ok(Cached { key: None, .. }) => "unknown",
+            Err(_) => "failed",
+        };
+        crate::metrics::METRICS.key_lookups.with_label_values(&[outcome]).inc();
+        result
+    }
+
+    async fn fetch_uncounted(&self, key_id: &str) -> Result<Cached, AuthError> {
         let client = db::client(&self.pool).await?;
         // Touching last_used_at here records use at most once per TTL.
         let row = client

@@ -20,12 +20,19 @@ async fn metrics_count_the_work_and_pass_promtool() {
     let accepted_before = metric(&before, "warden_heartbeats_total{path=\"http\"}").unwrap_or(0.0);
     let invalid_before = metric(&before, "warden_heartbeat_rejects_total{reason=\"invalid\"}").unwrap_or(0.0);
     let unauthorized_before = metric(&before, "warden_heartbeat_rejects_total{reason=\"unauthorized\"}").unwrap_or(0.0);
+    let lookup = |text: &str, outcome: &str| {
+        metric(text, &format!("warden_auth_key_lookups_total{{outcome=\"{outcome}\"}}")).unwrap_or(0.0)
+    };
+    let (found_before, unknown_before) = (lookup(&before, "found"), lookup(&before, "unknown"));
 
     for i in 0..3 {
         assert_eq!(app.heartbeat(&key, json!({"agent_id": format!("m{i}")})).await.0, 200);
     }
     assert_eq!(app.heartbeat(&key, json!({"agent_id": "bad id"})).await.0, 422);
     assert_eq!(app.heartbeat("wdn_nope", json!({"agent_id": "x"})).await.0, 401);
+    // Well formed, so looked up, and not there.
+    let made_up = format!("wdn_{}_{}", "0".repeat(12), "0".repeat(64));
+    assert_eq!(app.heartbeat(&made_up, json!({"agent_id": "x"})).await.0, 401);
 
     let response = app.get("/metrics").await;
     assert_eq!(response.status(), 200);
@@ -38,6 +45,9 @@ async fn metrics_count_the_work_and_pass_promtool() {
         metric(&text, "warden_heartbeat_rejects_total{reason=\"unauthorized\"}").unwrap() >= unauthorized_before + 1.0
     );
     assert!(metric(&text, "warden_ingest_flush_size_count").unwrap() >= 1.0);
+    // The key was looked up once, then served from the cache.
+    assert!(lookup(&text, "found") >= found_before + 1.0);
+    assert!(lookup(&text, "unknown") >= unknown_before + 1.0);
     assert!(metric(&text, "warden_ingest_commit_seconds_count").unwrap() >= 1.0);
     assert!(text.contains("warden_ingest_queue_depth "));
     assert!(metric(&text, "warden_db_pool_connections{state=\"max\"}").unwrap() >= 1.0);
