@@ -239,11 +239,21 @@ async fn rollups(client: &mut db::Client, now: DateTime<Utc>, report: &mut Repor
     let minute_upto = truncate(now - SETTLE, 60);
     let hour_upto = truncate(minute_upto, 3600);
     // A fresh installation starts an hour back rather than reading the
-    // whole raw history at once.
+    // whole raw history at once. The start is kept at once: in the first
+    // half-minute of an hour the previous hour is not complete yet, so
+    // nothing moves a watermark, and a start taken again at a later cycle
+    // would skip the hours in between.
     let start = truncate(now - Duration::hours(1), 3600);
-    let minute_from: DateTime<Utc> = state.get::<_, Option<DateTime<Utc>>>(0).unwrap_or(start);
-    let hour_from: DateTime<Utc> = state.get::<_, Option<DateTime<Utc>>>(1).unwrap_or(start);
-    let score_from: DateTime<Utc> = state.get::<_, Option<DateTime<Utc>>>(2).unwrap_or(start);
+    let watermarks: [Option<DateTime<Utc>>; 3] = [state.get(0), state.get(1), state.get(2)];
+    if watermarks.contains(&None) {
+        tx.execute(
+            "UPDATE warden.retention_state SET minute_watermark = coalesce(minute_watermark, $1), \
+             hour_watermark = coalesce(hour_watermark, $1), score_watermark = coalesce(score_watermark, $1)",
+            &[&start],
+        )
+        .await?;
+    }
+    let [minute_from, hour_from, score_from] = watermarks.map(|w| w.unwrap_or(start));
 
     if minute_upto > minute_from {
         report.minute_rows = tx

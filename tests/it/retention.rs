@@ -15,8 +15,11 @@ async fn heartbeats_and_scores_roll_up_per_minute_and_hour() {
     // snapshots to the hour this test asserts on.
     let test_db = TestDb::migrated().await;
     let db = test_db.client().await;
-    let now = Utc::now();
-    // Three heartbeats in the minute that starts 40 minutes ago, one of
+    // Ten seconds into the hour: the first cycle cannot close the previous
+    // hour yet (rows settle for 30 s), and the next comes two hours later.
+    let top = Utc::now().timestamp();
+    let now = chrono::DateTime::from_timestamp(top - top % 3600 + 10, 0).unwrap();
+    // Three heartbeats in the minute that starts 40 minutes before, one of
     // them a restart.
     let forty = (now - Span::minutes(40)).timestamp();
     let minute = chrono::DateTime::from_timestamp(forty - forty % 60, 0).unwrap();
