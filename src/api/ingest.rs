@@ -68,9 +68,9 @@ async fn post_heartbeats(
     auth: Result<Authorized<IngestScope>, ApiError>,
     body: Body,
 ) -> Result<Response, ApiError> {
+    // The key check answers 503 only when the database is out of reach.
     if auth.as_ref().is_err_and(|e| e.status == StatusCode::SERVICE_UNAVAILABLE) {
-        // The key could not be checked: the database is out of reach.
-        state.ingestor.refused_unreachable();
+        state.ingestor.refused_unreachable(std::time::Instant::now());
     }
     let body = admit(auth, body, state.settings.ingest.max_body_bytes).await?;
     let (heartbeats, batch) =

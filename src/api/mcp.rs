@@ -157,7 +157,7 @@ async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Principal
     if let Err(AuthError::Db(e)) = &result
         && e.is_unavailable()
     {
-        state.ingestor.refused_unreachable();
+        state.ingestor.refused_unreachable(std::time::Instant::now());
     }
     Ok(result?)
 }

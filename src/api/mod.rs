@@ -86,6 +86,8 @@ pub fn router(state: AppState) -> Router {
         .merge(recovery::router())
         .merge(alerts::router())
         .merge(stream::router())
+        // Handlers read bodies with `ingest::read_limited`, which enforces
+        // the same limit; this one covers any extractor that buffers.
         .layer(DefaultBodyLimit::max(state.settings.ingest.max_body_bytes));
     Router::new()
         .merge(probes::router())

@@ -190,7 +190,28 @@ struct Cached {
 /// instead of each waiting out its own (in an outage: a connect timeout
 /// apiece), while a lookup is still tried again every `RETRY_LOOKUP_AFTER`
 /// for as long as requests keep coming.
-type Gate = std::sync::Arc<tokio::sync::Mutex<Option<(Instant, String)>>>;
+type Gate = std::sync::Arc<tokio::sync::Mutex<Option<(Instant, Failure)>>>;
+
+/// A failed lookup, as repeated to the requests queued behind it: of the
+/// same kind, so that only an unreachable database is answered with 503
+/// (and counted as refused heartbeats), a failing statement with 500.
+#[derive(Clone)]
+struct Failure {
+    unavailable: bool,
+    why: String,
+}
+
+impl Failure {
+    fn of(e: &AuthError) -> Self {
+        let unavailable = matches!(e, AuthError::Db(db) if db.is_unavailable());
+        Self { unavailable, why: format!("looking up the key failed: {e}") }
+    }
+
+    fn repeat(&self) -> AuthError {
+        let why = self.why.clone();
+        AuthError::Db(if self.unavailable { DbError::Unavailable(why) } else { DbError::Repeated(why) })
+    }
+}
 
 const RETRY_LOOKUP_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -285,10 +306,10 @@ impl Authenticator {
         let recent_failure = failed.as_ref().filter(|(at, _)| at.elapsed() < RETRY_LOOKUP_AFTER);
         let result = match (self.cached(key_id), recent_failure) {
             (Some(entry), _) => Ok(entry),
-            (None, Some((_, why))) => Err(AuthError::Db(DbError::Unavailable(why.clone()))),
+            (None, Some((_, failure))) => Err(failure.repeat()),
             (None, None) => {
                 let result = self.fetch(key_id).await;
-                *failed = result.as_ref().err().map(|e| (Instant::now(), format!("looking up the key failed: {e}")));
+                *failed = result.as_ref().err().map(|e| (Instant::now(), Failure::of(e)));
                 result
             }
         };
@@ -351,6 +372,15 @@ impl Authenticator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_lookup_is_repeated_as_the_same_kind_of_failure() {
+        let unreachable = Failure::of(&AuthError::Db(DbError::Unavailable("connection refused".into()))).repeat();
+        assert!(matches!(&unreachable, AuthError::Db(e) if e.is_unavailable()), "503, counted as refused time");
+        let failing = Failure::of(&AuthError::Db(DbError::Inconsistent("no such column".into()))).repeat();
+        assert!(matches!(&failing, AuthError::Db(e) if !e.is_unavailable()), "500, the database was there");
+        assert!(failing.to_string().contains("no such column"), "{failing}");
+    }
 
     #[test]
     fn generated_keys_are_well_formed_and_distinct() {

@@ -29,6 +29,10 @@ pub enum DbError {
     /// The database answered something warden's own schema rules out.
     #[error("inconsistent answer from the database: {0}")]
     Inconsistent(String),
+    /// A failure other than unavailability, seen moments ago by another
+    /// request doing the same work and repeated rather than retried.
+    #[error("{0}")]
+    Repeated(String),
 }
 
 /// tokio-postgres prints a server error as just "db error"; the server's
@@ -57,7 +61,7 @@ impl DbError {
         match self {
             Self::Unavailable(_) => true,
             Self::Query(e) => is_connectivity_error(e),
-            Self::Inconsistent(_) => false,
+            Self::Inconsistent(_) | Self::Repeated(_) => false,
         }
     }
 }

@@ -103,44 +103,98 @@ struct Job {
 pub struct Ingestor {
     sender: mpsc::UnboundedSender<Job>,
     queue: Arc<Queue>,
-    available: Arc<AtomicBool>,
     refusals: Arc<Refusals>,
     pool: Pool,
     group_commit: bool,
     stop: CancellationToken,
 }
 
-/// When heartbeats began to be refused for want of the database, while
-/// that lasts. Whoever sees the database answer again ends the stretch
-/// and has it recorded.
-#[derive(Default)]
+/// Whether heartbeats are taken, and since when they have been refused
+/// for want of the database if they are not, or were refused before
+/// reaching the writers. `available` is read without the lock on every
+/// request; it changes only under the lock, with the stretch, so that no
+/// stretch ends between a writer losing the database and its refusing.
+///
+/// A stretch is ended, and recorded, only by a probe that finds the
+/// database: a writer's while writers refuse, else the watcher's (one at
+/// a time) that the first refusal before the writers started.
 struct Refusals {
-    since: std::sync::Mutex<Option<Instant>>,
-    /// Whether `since` is set, so that every flush can ask without a lock.
-    pending: AtomicBool,
+    available: AtomicBool,
+    state: std::sync::Mutex<Stretch>,
+}
+
+#[derive(Default)]
+struct Stretch {
+    since: Option<Instant>,
+    watched: bool,
 }
 
 impl Refusals {
-    /// Heartbeats were refused from `at`; the earliest report wins. True
-    /// when this begins a stretch.
-    fn begin(&self, at: Instant) -> bool {
-        let mut since = self.since.lock().unwrap_or_else(|p| p.into_inner());
-        let fresh = since.is_none();
-        if since.is_none_or(|s| at < s) {
-            *since = Some(at);
-        }
-        self.pending.store(true, Ordering::Release);
-        fresh
+    fn new() -> Self {
+        Self { available: AtomicBool::new(true), state: Default::default() }
     }
 
-    /// Heartbeats are accepted again: when refusing began, if it did.
-    fn end(&self) -> Option<Instant> {
-        if !self.pending.load(Ordering::Acquire) {
+    fn available(&self) -> bool {
+        self.available.load(Ordering::Relaxed)
+    }
+
+    fn stretch(&self) -> std::sync::MutexGuard<'_, Stretch> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The earliest report of refusing wins.
+    fn refused_from(stretch: &mut Stretch, at: Instant) {
+        stretch.since = Some(stretch.since.map_or(at, |since| since.min(at)));
+    }
+
+    /// A writer lost the database at `at`: everything is refused until a
+    /// writer's probe finds it. True when it was available until now.
+    fn writer_lost(&self, at: Instant) -> bool {
+        let mut stretch = self.stretch();
+        Self::refused_from(&mut stretch, at);
+        self.available.swap(false, Ordering::Relaxed)
+    }
+
+    /// A writer's probe found the database: when refusing began, unless
+    /// another writer's probe got there first.
+    fn writer_found(&self) -> Option<Instant> {
+        let mut stretch = self.stretch();
+        if self.available.swap(true, Ordering::Relaxed) {
             return None;
         }
-        let mut since = self.since.lock().unwrap_or_else(|p| p.into_inner());
-        self.pending.store(false, Ordering::Relaxed);
-        since.take()
+        stretch.since.take()
+    }
+
+    /// A heartbeat was refused at `at` before reaching the writers. True
+    /// when the caller is to start the watcher: nobody watches yet, and the
+    /// writers, taking heartbeats, probe for nothing.
+    fn refused_before_writers(&self, at: Instant) -> bool {
+        let mut stretch = self.stretch();
+        Self::refused_from(&mut stretch, at);
+        if stretch.watched || !self.available() {
+            return false;
+        }
+        stretch.watched = true;
+        true
+    }
+
+    /// Whether the watcher is still needed; when not, it is gone.
+    fn keep_watching(&self) -> bool {
+        let mut stretch = self.stretch();
+        stretch.watched = stretch.since.is_some() && self.available();
+        stretch.watched
+    }
+
+    /// The watcher's probe found the database: when refusing began. The
+    /// watcher stops either way; if a writer lost the database meanwhile,
+    /// the stretch is that writer's to end.
+    fn watcher_found(&self) -> Option<Instant> {
+        let mut stretch = self.stretch();
+        stretch.watched = false;
+        if !self.available() {
+            return None;
+        }
+        stretch.since.take()
     }
 }
 
@@ -165,8 +219,7 @@ impl Ingestor {
     /// Starts the writer tasks on `tasks`; they drain the queue and stop
     /// when `stop` is cancelled.
     pub fn start(pool: Pool, settings: &WriterSettings, stop: CancellationToken, tasks: &TaskTracker) -> Arc<Self> {
-        let available = Arc::new(AtomicBool::new(true));
-        let refusals = Arc::new(Refusals::default());
+        let refusals = Arc::new(Refusals::new());
         let (sender, jobs) = mpsc::unbounded_channel();
         let queue = Arc::new(Queue {
             jobs: Mutex::new(jobs),
@@ -180,7 +233,6 @@ impl Ingestor {
                 client: None,
                 queue: queue.clone(),
                 max_flush: settings.max_flush.max(1),
-                available: available.clone(),
                 refusals: refusals.clone(),
                 stop: stop.clone(),
             };
@@ -190,34 +242,31 @@ impl Ingestor {
                 tasks.spawn(writer.help());
             }
         }
-        Arc::new(Self { sender, queue, available, refusals, pool, group_commit: settings.group_commit, stop })
+        Arc::new(Self { sender, queue, refusals, pool, group_commit: settings.group_commit, stop })
     }
 
-    /// A heartbeat was refused before it reached the queue because the
-    /// database could not be reached (its key could not be checked). The
-    /// writers may never notice: nothing reaches them to fail. So unless a
-    /// stretch of refusals is already being watched, this watches for the
-    /// database's return to record it, as the writers do for their own.
-    pub fn refused_unreachable(&self) {
-        if !self.refusals.begin(Instant::now()) {
+    /// A heartbeat was refused at `at`, before it reached the writers,
+    /// because the database could not be reached (its key could not be
+    /// checked, or in the naive mode). Nothing reaches the writers to fail,
+    /// so they may never notice; a watcher probes for the database's return
+    /// instead and records how long heartbeats were refused, as the writers
+    /// do for their own refusals.
+    pub fn refused_unreachable(&self, at: Instant) {
+        if !self.refusals.refused_before_writers(at) {
             return;
         }
-        let (pool, refusals, available, stop) =
-            (self.pool.clone(), self.refusals.clone(), self.available.clone(), self.stop.clone());
+        let (pool, refusals, stop) = (self.pool.clone(), self.refusals.clone(), self.stop.clone());
         tokio::spawn(async move {
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(PROBE_INTERVAL) => {}
                     _ = stop.cancelled() => return,
                 }
-                // A writer that lost the database too ends the stretch
-                // when it finds it again; a flush that succeeds ends it
-                // as well.
-                if !available.load(Ordering::Relaxed) || !refusals.pending.load(Ordering::Acquire) {
+                if !refusals.keep_watching() {
                     return;
                 }
                 if probe(&pool).await {
-                    if let Some(since) = refusals.end() {
+                    if let Some(since) = refusals.watcher_found() {
                         record_outage(pool, since).await;
                     }
                     return;
@@ -229,7 +278,7 @@ impl Ingestor {
     /// Writes `heartbeats` (in order, atomically) and returns one ack each,
     /// after the transaction that holds them has committed.
     pub async fn submit(&self, heartbeats: Vec<Heartbeat>) -> Result<Vec<Ack>, SubmitError> {
-        if !self.available.load(Ordering::Relaxed) {
+        if !self.refusals.available() {
             return Err(SubmitError::Unavailable);
         }
         if !self.group_commit {
@@ -247,6 +296,7 @@ impl Ingestor {
 
     /// One transaction per heartbeat, straight from the request.
     async fn submit_naive(&self, heartbeats: &[Heartbeat]) -> Result<Vec<Ack>, SubmitError> {
+        let started = Instant::now();
         let result = async {
             let client = db::client(&self.pool).await?;
             let mut acks = Vec::with_capacity(heartbeats.len());
@@ -258,7 +308,7 @@ impl Ingestor {
         .await;
         result.map_err(|e| {
             if e.is_unavailable() {
-                self.refused_unreachable();
+                self.refused_unreachable(started);
             }
             classify(e)
         })
@@ -279,7 +329,6 @@ struct Writer {
     client: Option<db::Client>,
     queue: Arc<Queue>,
     max_flush: usize,
-    available: Arc<AtomicBool>,
     refusals: Arc<Refusals>,
     stop: CancellationToken,
 }
@@ -289,7 +338,7 @@ impl Writer {
     /// it alone probes the database while it is unavailable.
     async fn run(mut self) {
         loop {
-            if !self.available.load(Ordering::Relaxed) {
+            if !self.refusals.available() {
                 self.wait_for_database().await;
                 if self.stop.is_cancelled() {
                     break;
@@ -332,13 +381,13 @@ impl Writer {
                 _ = self.queue.deep.notified() => {}
                 _ = self.stop.cancelled() => return,
             }
-            while self.available.load(Ordering::Relaxed) && self.queue.queued() >= HELPER_MIN_QUEUED {
+            while self.refusals.available() && self.queue.queued() >= HELPER_MIN_QUEUED {
                 let Some(jobs) = self.take().await else { break };
                 self.flush(jobs).await;
                 // The first writer may be idle on an empty queue, which
                 // stays empty while requests are refused: whoever finds
                 // the database gone looks for its return.
-                if !self.available.load(Ordering::Relaxed) {
+                if !self.refusals.available() {
                     self.wait_for_database().await;
                 }
             }
@@ -404,22 +453,12 @@ impl Writer {
                 let metrics = &crate::metrics::METRICS;
                 metrics.flush_size.observe(acks.len() as f64);
                 metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
-                answer_all(jobs, acks);
-                // Heartbeats are going in again. (While `available` is
-                // down, the probe that raises it ends the stretch.)
-                if self.available.load(Ordering::Relaxed)
-                    && let Some(since) = self.refusals.end()
-                {
-                    tokio::spawn(record_outage(self.pool.clone(), since));
-                }
+                answer_all(jobs, acks)
             }
             Err(e) if e.is_unavailable() => {
                 // Refusing began when the failed flush did, not when it
-                // gave up (a connect timeout can take seconds). Begun
-                // before `available` falls, so that the probe which raises
-                // it again finds the stretch to end.
-                self.refusals.begin(started);
-                if self.available.swap(false, Ordering::Relaxed) {
+                // gave up (a connect timeout can take seconds).
+                if self.refusals.writer_lost(started) {
                     tracing::warn!(error = %e, "database unavailable; refusing heartbeats until it is back");
                 }
                 for job in jobs {
@@ -453,11 +492,9 @@ impl Writer {
                 }
             }
             if probe(&self.pool).await {
-                if !self.available.swap(true, Ordering::Relaxed) {
+                if let Some(since) = self.refusals.writer_found() {
                     tracing::info!("database reachable again; accepting heartbeats");
-                    if let Some(since) = self.refusals.end() {
-                        tokio::spawn(record_outage(self.pool.clone(), since));
-                    }
+                    tokio::spawn(record_outage(self.pool.clone(), since));
                 }
                 return;
             }
@@ -465,7 +502,7 @@ impl Writer {
                 _ = tokio::time::sleep(PROBE_INTERVAL) => {}
                 _ = self.stop.cancelled() => return,
             }
-            if self.available.load(Ordering::Relaxed) {
+            if self.refusals.available() {
                 return; // another writer's probe succeeded
             }
         }
@@ -611,16 +648,27 @@ mod tests {
 
     #[test]
     fn a_stretch_of_refusals_begins_at_the_earliest_report_and_ends_once() {
-        let refusals = Refusals::default();
-        assert_eq!(refusals.end(), None, "nothing refused");
+        let refusals = Refusals::new();
         let t0 = Instant::now();
         let (earlier, later) = (t0, t0 + Duration::from_millis(5));
-        assert!(refusals.begin(later), "the first report begins a stretch");
-        assert!(!refusals.begin(earlier), "a second report joins it");
-        assert!(!refusals.begin(later + Duration::from_millis(5)));
-        assert_eq!(refusals.end(), Some(earlier), "a flush that began earlier and failed moves the start back");
-        assert_eq!(refusals.end(), None, "ended once");
-        assert!(refusals.begin(later), "a new stretch");
-        assert_eq!(refusals.end(), Some(later));
+        assert_eq!(refusals.writer_found(), None, "nothing refused");
+
+        assert!(refusals.refused_before_writers(later), "the first refusal starts the watcher");
+        assert!(!refusals.refused_before_writers(later), "one watcher at a time");
+        assert!(refusals.keep_watching());
+        assert!(refusals.writer_lost(earlier), "a flush that began earlier and failed");
+        assert!(!refusals.available());
+        assert!(!refusals.refused_before_writers(later), "the writers probe now");
+        assert_eq!(refusals.watcher_found(), None, "the writers' stretch to end, not the watcher's");
+        assert!(!refusals.keep_watching());
+        assert_eq!(refusals.writer_found(), Some(earlier), "the earliest report wins");
+        assert!(refusals.available());
+        assert_eq!(refusals.writer_found(), None, "ended once");
+
+        assert!(refusals.refused_before_writers(later), "a new stretch, a new watcher");
+        assert!(refusals.keep_watching());
+        assert_eq!(refusals.watcher_found(), Some(later));
+        assert!(!refusals.keep_watching(), "nothing left to watch");
+        assert!(refusals.refused_before_writers(later), "the watcher is gone, so the next refusal starts one");
     }
 }
