@@ -236,7 +236,13 @@ async fn rollups(client: &mut db::Client, now: DateTime<Utc>, report: &mut Repor
             &[],
         )
         .await?;
-    let minute_upto = truncate(now - SETTLE, 60);
+    // Heartbeats of a write still open may be stamped before the settling
+    // lag (see db::oldest_open_write): minutes close before it began.
+    let settled = match db::oldest_open_write(&tx).await? {
+        Some(open) => (now - SETTLE).min(open),
+        None => now - SETTLE,
+    };
+    let minute_upto = truncate(settled, 60);
     let hour_upto = truncate(minute_upto, 3600);
     // A fresh installation starts an hour back rather than reading the
     // whole raw history at once. The start is kept at once: in the first

@@ -200,6 +200,26 @@ pub async fn client(pool: &Pool) -> Result<Client, DbError> {
     Ok(pool.get().await?)
 }
 
+/// When the oldest transaction on this database that has written and not
+/// yet finished began, other than the caller's. Ingest stamps heartbeats
+/// and metrics with its transaction's start, and that transaction may wait
+/// on row locks for seconds before it commits, so rows stamped earlier than
+/// any fixed lag can still appear: a reader that moves a watermark over
+/// such rows keeps it before this moment. Only sessions of warden's own
+/// role show their start here (other roles' need `pg_read_all_stats`).
+pub async fn oldest_open_write(
+    tx: &tokio_postgres::Transaction<'_>,
+) -> Result<Option<chrono::DateTime<chrono::Utc>>, DbError> {
+    let row = tx
+        .query_one(
+            "SELECT min(xact_start) FROM pg_stat_activity \
+             WHERE datname = current_database() AND backend_xid IS NOT NULL AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
 /// Creates daily partitions from yesterday to `ahead_days` after today (UTC).
 /// Idempotent and safe to run from several replicas at once.
 #[tracing::instrument(skip(client))]

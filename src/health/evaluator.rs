@@ -577,8 +577,13 @@ pub async fn score_pass(
 
     let state = tx.query_one("SELECT metrics_watermark FROM warden.evaluator_state FOR UPDATE", &[]).await?;
     // Samples are read with a short lag so rows of a flush still committing
-    // at `now` are not skipped.
-    let upto = now - Duration::seconds(2);
+    // at `now` are not skipped, and never up to the start of a write still
+    // open: its samples, stamped with that start, would land behind the
+    // watermark and never be read (an ingest call waiting on row locks).
+    let mut upto = now - Duration::seconds(2);
+    if let Some(open) = db::oldest_open_write(&tx).await? {
+        upto = upto.min(open - Duration::microseconds(1));
+    }
     let from: DateTime<Utc> = state.get::<_, Option<DateTime<Utc>>>(0).unwrap_or(upto - params.score_interval);
     let span_s = seconds(upto - from).max(1.0);
 

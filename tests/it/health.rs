@@ -389,6 +389,33 @@ async fn scores_follow_the_metrics_and_metric_issues_open() {
 }
 
 #[tokio::test]
+async fn samples_of_a_write_still_open_are_folded_in_once_it_commits() {
+    // An ingest call stamps its samples with its transaction's start, and
+    // may wait on row locks (a liveness cycle, a score pass) before it
+    // commits. A pass in the meantime must not move past that start.
+    let db = TestDb::migrated().await;
+    let mut c = db.client().await;
+    let mut slow = db.client().await;
+    let p = params();
+    let tx = slow.transaction().await.unwrap();
+    let started: DateTime<Utc> = tx.query_one("SELECT now()", &[]).await.unwrap().get(0);
+    tx.execute(
+        "SELECT * FROM warden.ingest_heartbeats(ARRAY['late-writer'], ARRAY[NULL::text], ARRAY[NULL::jsonb], \
+           ARRAY[NULL::text], ARRAY['healthy'], ARRAY[NULL::bigint], ARRAY[10000], ARRAY[NULL::timestamptz], \
+           ARRAY[1], ARRAY['cpu_percent'], ARRAY[95.0::float8], ARRAY[NULL::text])",
+        &[],
+    )
+    .await
+    .unwrap();
+
+    let report = evaluator::score_pass(&mut c, &p, Some(started + Duration::seconds(10))).await.unwrap();
+    assert_eq!(report.samples, 0, "not committed yet");
+    tx.commit().await.unwrap();
+    let report = evaluator::score_pass(&mut c, &p, Some(started + Duration::seconds(70))).await.unwrap();
+    assert_eq!(report.samples, 1, "read once committed, though stamped before the first pass's clock");
+}
+
+#[tokio::test]
 async fn rising_memory_opens_a_predicted_warning_with_the_crossing_time() {
     let db = TestDb::migrated().await;
     let mut c = db.client().await;

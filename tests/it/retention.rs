@@ -89,6 +89,44 @@ async fn heartbeats_and_scores_roll_up_per_minute_and_hour() {
     assert_eq!((scores.get::<_, f64>(0), scores.get::<_, f64>(1), scores.get::<_, f64>(2)), (60.0, 75.0, 90.0));
 }
 
+#[tokio::test]
+async fn a_heartbeat_of_a_write_still_open_is_rolled_up_once_it_commits() {
+    // Stamped with its transaction's start, it may commit after the
+    // settling lag (waiting on row locks): its minute must stay open.
+    let test_db = TestDb::migrated().await;
+    let db = test_db.client().await;
+    let mut slow = test_db.client().await;
+    let tx = slow.transaction().await.unwrap();
+    let started: chrono::DateTime<Utc> = tx.query_one("SELECT now()", &[]).await.unwrap().get(0);
+    tx.execute(
+        "SELECT * FROM warden.ingest_heartbeats(ARRAY['late-writer'], ARRAY[NULL::text], ARRAY[NULL::jsonb], \
+           ARRAY[NULL::text], ARRAY['healthy'], ARRAY[NULL::bigint], ARRAY[NULL::int], ARRAY[NULL::timestamptz], \
+           '{}', '{}', '{}', '{}')",
+        &[],
+    )
+    .await
+    .unwrap();
+
+    let settings = default_settings().retention;
+    let mut client =
+        warden::db::client(&warden::db::build_pool(test_db.config.clone(), &default_settings().database).unwrap())
+            .await
+            .unwrap();
+    warden::retention::cycle(&mut client, &settings, started + Span::minutes(3)).await.unwrap();
+    tx.commit().await.unwrap();
+    warden::retention::cycle(&mut client, &settings, started + Span::minutes(4)).await.unwrap();
+    let counted: i64 = db
+        .query_one(
+            "SELECT coalesce(sum(heartbeats), 0)::bigint FROM warden.heartbeat_rollups \
+             WHERE agent_id = 'late-writer' AND bucket = 'minute'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(counted, 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn old_partitions_are_dropped_while_ingestion_goes_on() {
     let app = TestApp::spawn_with(|s| s.retention.enabled = false).await;
