@@ -64,7 +64,8 @@ pub struct HealthSettings {
     pub check_interval: Duration,
     /// How often scores and metric-based issues are computed.
     pub score_interval: Duration,
-    /// Longest time between two health_history snapshots of an agent.
+    /// Time between two health_history snapshots of an agent (the first
+    /// score pass up to one check interval short of it takes one).
     pub history_interval: Duration,
     /// Expected interval of an agent that names neither an interval nor a mode.
     pub default_interval: Duration,

@@ -563,6 +563,18 @@ pub fn pg_interval(d: Duration) -> f64 {
     d.num_milliseconds() as f64 / 1000.0
 }
 
+/// Whether a score history snapshot taken at `last` is due again at `now`.
+/// Passes run on the check interval's ticks once `score_interval` has gone
+/// by, so their clocks are that far apart give or take the time the
+/// liveness cycle before each took: a pass 59.99 s after one of the default
+/// minute would otherwise wait for the next, leaving two minutes between
+/// snapshots. Up to a check interval (at most half the history interval)
+/// early is close enough.
+fn snapshot_due(last: DateTime<Utc>, now: DateTime<Utc>, params: &EvalParams) -> bool {
+    let slack = params.check_interval.min(params.history_interval / 2);
+    now - last >= params.history_interval - slack
+}
+
 /// One score pass at `now`: fold new metric samples into the running
 /// statistics, score every agent, and open or resolve metric incidents.
 #[tracing::instrument(skip_all)]
@@ -756,7 +768,7 @@ pub async fn score_pass(
         report.scored += 1;
         let tier_changed = old_tier.as_deref() != Some(score.tier.as_str());
         let score_changed = old_score.is_none_or(|s| (s - score.score).abs() >= 0.01);
-        let snapshot = tier_changed || history_at.is_none_or(|at| now - at >= params.history_interval);
+        let snapshot = tier_changed || history_at.is_none_or(|at| snapshot_due(at, now, params));
         if !(score_changed || tier_changed || snapshot) {
             continue;
         }
@@ -1218,5 +1230,22 @@ impl Pinger {
             }
             busy.store(false, Ordering::Release);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Settings, Sources};
+
+    #[test]
+    fn a_history_snapshot_is_due_a_little_early_not_a_pass_late() {
+        let settings = Settings::load(&Sources { file: None, env: Some(Default::default()) }).unwrap();
+        let params = EvalParams::from_settings(&settings.health);
+        assert_eq!((params.history_interval, params.check_interval), (Duration::minutes(1), Duration::seconds(10)));
+        let last = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        assert!(snapshot_due(last, last + Duration::milliseconds(59_990), &params), "the next pass, a hair early");
+        assert!(snapshot_due(last, last + Duration::seconds(60), &params));
+        assert!(!snapshot_due(last, last + Duration::seconds(30), &params), "not every pass of a faster schedule");
     }
 }
