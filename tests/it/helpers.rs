@@ -75,7 +75,11 @@ pub async fn connect(config: &tokio_postgres::Config) -> tokio_postgres::Client 
 /// Name of today's template: changes when a migration changes, and daily,
 /// so its partitions always cover today.
 fn template_name() -> String {
-    format!("warden_tpl_{:016x}_{}", migrate::fingerprint(), chrono::Utc::now().format("%Y%m%d"))
+    format!("warden_tpl_{:016x}_{}", migrate::fingerprint(), today())
+}
+
+fn today() -> String {
+    chrono::Utc::now().format("%Y%m%d").to_string()
 }
 
 async fn ensure_template() -> &'static str {
@@ -113,8 +117,11 @@ async fn drop_stale_databases(admin: &tokio_postgres::Client) {
     let rows = admin.query("SELECT datname FROM pg_database WHERE datname LIKE 'warden\\_t%'", &[]).await.unwrap();
     for row in rows {
         let name: String = row.get(0);
-        let stale = if name.starts_with("warden_tpl_") {
-            true
+        let stale = if let Some(rest) = name.strip_prefix("warden_tpl_") {
+            // Another run may still clone from yesterday's template, or from
+            // one of other migrations (another checkout): older ones go.
+            let yesterday = (chrono::Utc::now() - chrono::Duration::days(1)).format("%Y%m%d").to_string();
+            rest.rsplit('_').next().is_none_or(|day| day < yesterday.as_str())
         } else if let Some(rest) = name.strip_prefix("warden_test_") {
             rest.split('_')
                 .next()
@@ -140,7 +147,13 @@ impl TestDb {
     /// A fresh database cloned from the migrated template.
     pub async fn migrated() -> Self {
         let template = ensure_template().await;
-        Self::create(Some(template)).await
+        let db = Self::create(Some(template)).await;
+        // A run that crosses midnight UTC still clones the template built
+        // the day before, whose partitions end a day short of a week ahead.
+        if !template.ends_with(&today()) {
+            warden::db::ensure_partitions(&db.client().await, 7).await.expect("partitions for a new day");
+        }
+        db
     }
 
     /// A fresh, empty database (no warden schema).
