@@ -187,11 +187,11 @@ pub async fn compute(client: &tokio_postgres::Client, settings: &ConsoleSettings
         .query(
             &format!(
                 "SELECT {GROUP_OF} AS grp, sum(t.online_seconds + t.degraded_seconds), sum(t.observed_seconds) \
-                 FROM warden.liveness_time(now() - $3::int * interval '1 day', now()) t \
+                 FROM warden.liveness_time($4::timestamptz - $3::int * interval '1 day', $4::timestamptz) t \
                  JOIN warden.agent_status s ON s.agent_id = t.agent_id \
                  WHERE {GROUP_OF} IS NOT NULL GROUP BY 1"
             ),
-            &[&label, &ungrouped, &days],
+            &[&label, &ungrouped, &days, &now],
         )
         .await?;
     for r in rows {
@@ -204,14 +204,16 @@ pub async fn compute(client: &tokio_postgres::Client, settings: &ConsoleSettings
         }
     }
 
-    // Daily bars: the liveness intervals clipped to each UTC day.
+    // Daily bars: the liveness intervals clipped to each UTC day. The days
+    // are those of `now` as read above: the bars below are laid out from
+    // it, and a statement's own now() could fall on the next day.
     let rows = client
         .query(
             &format!(
                 "WITH days AS ( \
-                   SELECT d::date AS day, d AS lo, least(d + interval '1 day', now()) AS hi \
-                   FROM generate_series(date_trunc('day', now()) - ($3::int - 1) * interval '1 day', \
-                                        date_trunc('day', now()), interval '1 day') AS d), \
+                   SELECT (d AT TIME ZONE 'UTC')::date AS day, d AS lo, least(d + interval '1 day', $4) AS hi \
+                   FROM generate_series(date_trunc('day', $4::timestamptz, 'UTC') - ($3::int - 1) * interval '1 day', \
+                                        date_trunc('day', $4::timestamptz, 'UTC'), interval '1 day') AS d), \
                  c AS ( \
                    SELECT {GROUP_OF} AS grp, d.day, i.liveness, \
                           extract(epoch FROM least(coalesce(i.valid_to, d.hi), d.hi) - greatest(i.valid_from, d.lo))::float8 AS secs \
@@ -222,7 +224,7 @@ pub async fn compute(client: &tokio_postgres::Client, settings: &ConsoleSettings
                         coalesce(sum(secs) FILTER (WHERE liveness IN ('online', 'degraded', 'offline')), 0) \
                  FROM c WHERE secs > 0 AND grp IS NOT NULL GROUP BY grp, day"
             ),
-            &[&label, &ungrouped, &days],
+            &[&label, &ungrouped, &days, &now],
         )
         .await?;
     let mut per_day: BTreeMap<(String, NaiveDate), f64> = BTreeMap::new();
