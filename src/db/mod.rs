@@ -16,6 +16,9 @@ use embedded::{EmbeddedCluster, EmbeddedError};
 /// A pooled connection.
 pub type Client = deadpool_postgres::Object;
 
+/// How warden's sessions name themselves to PostgreSQL.
+pub const APPLICATION_NAME: &str = "warden";
+
 /// Everything that can go wrong talking to PostgreSQL, sorted by what the
 /// caller should do about it.
 #[derive(Debug, thiserror::Error)]
@@ -170,7 +173,7 @@ pub fn session_config(mut pg_config: tokio_postgres::Config, settings: &Database
     // JIT pays off for long analytical queries; warden's are short and
     // frequent, and compiling them costs more than running them.
     pg_config
-        .application_name("warden")
+        .application_name(APPLICATION_NAME)
         .connect_timeout(settings.connect_timeout.get())
         .keepalives(true)
         .keepalives_idle(std::time::Duration::from_secs(30))
@@ -200,21 +203,36 @@ pub async fn client(pool: &Pool) -> Result<Client, DbError> {
     Ok(pool.get().await?)
 }
 
-/// When the oldest transaction on this database that has written and not
-/// yet finished began, other than the caller's. Ingest stamps heartbeats
+/// When the oldest transaction of warden's on this database that may
+/// still write began, other than the caller's. Ingest stamps heartbeats
 /// and metrics with its transaction's start, and that transaction may wait
 /// on row locks for seconds before it commits, so rows stamped earlier than
 /// any fixed lag can still appear: a reader that moves a watermark over
-/// such rows keeps it before this moment. Only sessions of warden's own
-/// role show their start here (other roles' need `pg_read_all_stats`).
+/// such rows keeps it before this moment.
+///
+/// Counted: warden's own sessions (`application_name`) that have written
+/// (a transaction id) or are running a statement, begun within twice the
+/// statement timeout (5 minutes when there is none). Ingest is one
+/// statement, so nothing older can be one; an operator's session left idle
+/// in a transaction, or a long migration, cannot hold a watermark back for
+/// longer. Agents writing through `warden.record_heartbeat` in sessions of
+/// their own get the readers' fixed lag only.
+///
+/// `pg_stat_activity` is read once per transaction (later reads in the
+/// same transaction see the same), so call this right before the read it
+/// guards.
 pub async fn oldest_open_write(
     tx: &tokio_postgres::Transaction<'_>,
 ) -> Result<Option<chrono::DateTime<chrono::Utc>>, DbError> {
     let row = tx
         .query_one(
             "SELECT min(xact_start) FROM pg_stat_activity \
-             WHERE datname = current_database() AND backend_xid IS NOT NULL AND pid <> pg_backend_pid()",
-            &[],
+             WHERE datname = current_database() AND pid <> pg_backend_pid() \
+               AND application_name = $1 AND backend_type = 'client backend' \
+               AND (backend_xid IS NOT NULL OR state = 'active') \
+               AND xact_start > now() - 2 * coalesce(nullif(current_setting('statement_timeout'), '0')::interval, \
+                                                 interval '5 minutes')",
+            &[&APPLICATION_NAME],
         )
         .await?;
     Ok(row.get(0))

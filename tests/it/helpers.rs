@@ -120,8 +120,9 @@ async fn drop_stale_databases(admin: &tokio_postgres::Client) {
         let stale = if let Some(rest) = name.strip_prefix("warden_tpl_") {
             // Another run may still clone from yesterday's template, or from
             // one of other migrations (another checkout): older ones go.
-            let yesterday = (chrono::Utc::now() - chrono::Duration::days(1)).format("%Y%m%d").to_string();
-            rest.rsplit('_').next().is_none_or(|day| day < yesterday.as_str())
+            let yesterday = (chrono::Utc::now() - chrono::Duration::days(1)).date_naive();
+            let day = rest.rsplit('_').next().and_then(|d| chrono::NaiveDate::parse_from_str(d, "%Y%m%d").ok());
+            day.is_none_or(|day| day < yesterday)
         } else if let Some(rest) = name.strip_prefix("warden_test_") {
             rest.split('_')
                 .next()
