@@ -248,6 +248,12 @@ fn setting<'a>(url: &'a str, key: &str) -> &'a str {
 /// server answered there and they started an embedded one on a Unix
 /// socket, which these tests then cannot put a relay in front of.
 async fn app_behind_relay() -> Option<(Relay, TestApp)> {
+    app_behind_relay_with(|_| {}).await
+}
+
+async fn app_behind_relay_with(
+    tweak: impl FnOnce(&mut warden::config::Settings) + Send + 'static,
+) -> Option<(Relay, TestApp)> {
     let relay = Relay::start().await;
     let (port, target) = (relay.port, relay.target.clone());
     let unix = Arc::new(AtomicBool::new(false));
@@ -262,6 +268,7 @@ async fn app_behind_relay() -> Option<(Relay, TestApp)> {
         target.set(format!("{host}:{real_port}")).unwrap();
         let through = url.replace(&format!("port={real_port}"), &format!("port={port}"));
         s.database.url = Secret::new(through.replace(&format!("host={host}"), "host=127.0.0.1"));
+        tweak(s);
     })
     .await;
     if unix.load(Ordering::SeqCst) {
@@ -311,6 +318,89 @@ async fn a_short_outage_is_refused_with_503_and_ingestion_resumes_by_itself() {
     .await;
     let after = now().await;
     assert!(before <= window.0 && window.0 <= window.1 && window.1 <= after, "{window:?} within {before}..{after}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_writers_and_batches_an_outage_loses_no_acknowledged_heartbeat() {
+    // Sixteen batches of 100 at a time keep the queue deep enough for the
+    // extra writer to take shares of it, so both writers have flushes in
+    // flight when the database goes. (Which of them finds it gone first is
+    // up to timing: this does not single out the extra writer's own probe.)
+    let Some((relay, app)) = app_behind_relay_with(|s| s.ingest.writers = 2).await else { return };
+    let key = app.key(&[Scope::Ingest]).await;
+    const SENDERS: usize = 16;
+    const BATCH: usize = 100;
+    let acked: Vec<Vec<AtomicU64>> = (0..SENDERS).map(|_| (0..BATCH).map(|_| AtomicU64::new(0)).collect()).collect();
+    let (total_ok, refused) = (AtomicU64::new(0), AtomicU64::new(0));
+    let phase = AtomicU64::new(0); // 0 before the cut, 1 cut, 2 restored, 3 stop
+    let ok_after_restore = AtomicU64::new(0);
+
+    let sender = |n: usize| {
+        let (app, key, acked, total_ok, refused, phase, ok_after_restore) =
+            (&app, &key, &acked, &total_ok, &refused, &phase, &ok_after_restore);
+        async move {
+            let mut uptime = 0;
+            while phase.load(Ordering::SeqCst) < 3 {
+                uptime += 1;
+                let beats: Vec<_> = (0..BATCH)
+                    .map(|i| json!({"agent_id": format!("deep-{n}-{i}"), "uptime_seconds": uptime}))
+                    .collect();
+                let status = app.post("/v1/heartbeats", key, &json!({"heartbeats": beats})).await.status();
+                match status.as_u16() {
+                    200 => {
+                        acked[n].iter().for_each(|a| {
+                            a.fetch_add(1, Ordering::SeqCst);
+                        });
+                        total_ok.fetch_add(BATCH as u64, Ordering::SeqCst);
+                        if phase.load(Ordering::SeqCst) == 2 {
+                            ok_after_restore.fetch_add(BATCH as u64, Ordering::SeqCst);
+                        }
+                    }
+                    503 => {
+                        refused.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    other => panic!("unexpected status {other}"),
+                }
+            }
+        }
+    };
+    let driver = async {
+        eventually(Duration::from_secs(60), "load running", || async {
+            (total_ok.load(Ordering::SeqCst) >= 5_000).then_some(())
+        })
+        .await;
+        phase.store(1, Ordering::SeqCst);
+        relay.cut();
+        eventually(Duration::from_secs(60), "refusals while the database is out of reach", || async {
+            (refused.load(Ordering::SeqCst) >= SENDERS as u64).then_some(())
+        })
+        .await;
+        relay.restore();
+        phase.store(2, Ordering::SeqCst);
+        eventually(Duration::from_secs(60), "ingestion resumed by itself", || async {
+            (ok_after_restore.load(Ordering::SeqCst) >= 2_000).then_some(())
+        })
+        .await;
+        phase.store(3, Ordering::SeqCst);
+    };
+    futures_util::future::join(driver, futures_util::future::join_all((0..SENDERS).map(sender))).await;
+
+    let db = app.db.client().await;
+    let rows =
+        db.query("SELECT agent_id, count(*)::bigint FROM warden.agent_heartbeats GROUP BY 1", &[]).await.unwrap();
+    let stored: std::collections::HashMap<String, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    for (n, agents) in acked.iter().enumerate() {
+        for (i, acks) in agents.iter().enumerate() {
+            let agent = format!("deep-{n}-{i}");
+            let (acks, rows) = (acks.load(Ordering::SeqCst) as i64, stored.get(&agent).copied().unwrap_or(0));
+            assert!(rows >= acks, "{agent}: {acks} acknowledged, {rows} stored");
+        }
+    }
+    eventually(Duration::from_secs(60), "the outage recorded", || async {
+        (app.count("SELECT count(*) FROM warden.ingest_outages").await >= 1).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]
