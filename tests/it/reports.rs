@@ -577,6 +577,51 @@ async fn every_dashboard_query_runs_with_grafana_macros_expanded_and_has_its_pan
     assert!(checked >= 30, "only {checked} queries found");
 }
 
+#[tokio::test]
+async fn the_heartbeat_rate_panel_counts_partial_buckets_per_minute_covered() {
+    // Two heartbeats a minute for the last 40 minutes, shown over a range
+    // that starts and ends inside 5-minute buckets: every bucket, the first
+    // and the running one included, reads two a minute.
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    let now: DateTime<Utc> = client.query_one("SELECT now()", &[]).await.unwrap().get(0);
+    for k in 0..80 {
+        client
+            .execute(
+                "SELECT * FROM warden.ingest_heartbeats(ARRAY['a1'], ARRAY[NULL::text], ARRAY[NULL::jsonb], \
+                   ARRAY[NULL::text], ARRAY['healthy'], ARRAY[NULL::bigint], ARRAY[30000], ARRAY[NULL::timestamptz], \
+                   '{}', '{}', '{}', '{}', $1)",
+                &[&(now - chrono::Duration::seconds(30 * k + 1))],
+            )
+            .await
+            .unwrap();
+    }
+    let to = now + chrono::Duration::seconds(1);
+    let context = GrafanaContext {
+        from: to - chrono::Duration::seconds(1_800 + 150),
+        to,
+        interval: "5m",
+        interval_secs: 300,
+        variables: vec![("agent", "a1")],
+    };
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("dashboards/agent-detail.json");
+    let dashboard: Json = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let query = queries(&dashboard)
+        .into_iter()
+        .find(|q| q.place.starts_with("panel \"Heartbeat rate\""))
+        .expect("the Heartbeat rate panel");
+    let sql =
+        format!("SELECT q.time::float8, q.\"heartbeats per minute\"::float8 FROM ({}) q", context.expand(&query.sql));
+    let rows = client.query(&sql, &[]).await.unwrap();
+    assert!(rows.len() >= 7, "{} buckets", rows.len());
+    for r in rows {
+        let rate: f64 = r.get(1);
+        // A bucket holds whole heartbeats: one more or fewer than its
+        // share moves a 2.5-minute edge bucket by 0.4.
+        assert!((rate - 2.0).abs() <= 0.45, "{rate} a minute in the bucket at {}", r.get::<_, f64>(0));
+    }
+}
+
 #[test]
 fn grafana_expansion_matches_the_data_source() {
     let context = GrafanaContext {
