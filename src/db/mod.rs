@@ -203,20 +203,21 @@ pub async fn client(pool: &Pool) -> Result<Client, DbError> {
     Ok(pool.get().await?)
 }
 
-/// When the oldest transaction of warden's on this database that may
-/// still write began, other than the caller's. Ingest stamps heartbeats
-/// and metrics with its transaction's start, and that transaction may wait
-/// on row locks for seconds before it commits, so rows stamped earlier than
-/// any fixed lag can still appear: a reader that moves a watermark over
-/// such rows keeps it before this moment.
+/// When the oldest transaction on this database that may still write
+/// began, other than the caller's. Ingest stamps heartbeats and metrics
+/// with its transaction's start, and that transaction may wait on row locks
+/// for seconds before it commits, so rows stamped earlier than any fixed lag
+/// can still appear: a reader that moves a watermark over such rows keeps
+/// it before this moment.
 ///
-/// Counted: warden's own sessions (`application_name`) that have written
-/// (a transaction id) or are running a statement, begun within twice the
-/// statement timeout (5 minutes when there is none). Ingest is one
-/// statement, so nothing older can be one; an operator's session left idle
-/// in a transaction, or a long migration, cannot hold a watermark back for
-/// longer. Agents writing through `warden.record_heartbeat` in sessions of
-/// their own get the readers' fixed lag only.
+/// Counted: client sessions that have written (a transaction id) or are
+/// running a statement, begun within twice the statement timeout (5
+/// minutes when there is none). Ingest through warden is one statement, so
+/// none of it can be older; an operator's session left idle in a
+/// transaction, or a long migration, holds a watermark back that long at
+/// most. Sessions of other roles show their start only to a role with
+/// `pg_read_all_stats`: without it, agents writing through
+/// `warden.record_heartbeat` as another role get the readers' fixed lag.
 ///
 /// `pg_stat_activity` is read once per transaction (later reads in the
 /// same transaction see the same), so call this right before the read it
@@ -228,11 +229,10 @@ pub async fn oldest_open_write(
         .query_one(
             "SELECT min(xact_start) FROM pg_stat_activity \
              WHERE datname = current_database() AND pid <> pg_backend_pid() \
-               AND application_name = $1 AND backend_type = 'client backend' \
-               AND (backend_xid IS NOT NULL OR state = 'active') \
+               AND backend_type = 'client backend' AND (backend_xid IS NOT NULL OR state = 'active') \
                AND xact_start > now() - 2 * coalesce(nullif(current_setting('statement_timeout'), '0')::interval, \
                                                  interval '5 minutes')",
-            &[&APPLICATION_NAME],
+            &[],
         )
         .await?;
     Ok(row.get(0))

@@ -398,8 +398,6 @@ async fn samples_of_a_write_still_open_are_folded_in_once_it_commits() {
     let mut slow = db.client().await;
     let p = params();
     let tx = slow.transaction().await.unwrap();
-    // As warden's writers name their sessions.
-    tx.batch_execute("SET application_name = 'warden'").await.unwrap();
     let started: DateTime<Utc> = tx.query_one("SELECT now()", &[]).await.unwrap().get(0);
     tx.execute(
         "SELECT * FROM warden.ingest_heartbeats(ARRAY['late-writer'], ARRAY[NULL::text], ARRAY[NULL::jsonb], \

@@ -97,8 +97,6 @@ async fn a_heartbeat_of_a_write_still_open_is_rolled_up_once_it_commits() {
     let db = test_db.client().await;
     let mut slow = test_db.client().await;
     let tx = slow.transaction().await.unwrap();
-    // As warden's writers name their sessions.
-    tx.batch_execute("SET application_name = 'warden'").await.unwrap();
     let started: chrono::DateTime<Utc> = tx.query_one("SELECT now()", &[]).await.unwrap().get(0);
     tx.execute(
         "SELECT * FROM warden.ingest_heartbeats(ARRAY['late-writer'], ARRAY[NULL::text], ARRAY[NULL::jsonb], \
