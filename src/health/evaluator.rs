@@ -775,7 +775,6 @@ pub async fn score_pass(
         let trend = past.get(&agent).map(|p| ((score.score - p) * 100.0).round() / 100.0);
         updates.push(agent, score, trend, snapshot);
     }
-    updates.write(&tx, now).await?;
 
     let plan = incidents::reconcile(
         &[IssueType::HighErrorRate, IssueType::ResourceExhaustion, IssueType::PerformanceDegradation],
@@ -794,6 +793,14 @@ pub async fn score_pass(
     )
     .await?;
     tx.commit().await?;
+    // Ingest updates these same rows for every heartbeat and waits for any
+    // lock held on them: written in the pass's transaction, the scores of a
+    // fleet kept every agent's row locked until the pass ended (about half
+    // a second at 10,000 agents, the soak's slowest heartbeats). Short
+    // transactions of their own hold a few hundred rows each for
+    // milliseconds. Should one fail, the next pass writes what is still
+    // stale: scores are recomputed from the running statistics each time.
+    updates.write(client, now).await?;
     Ok(report)
 }
 
@@ -1010,6 +1017,9 @@ async fn lock_agents<S: tokio_postgres::types::ToSql + Sync>(
     Ok(())
 }
 
+/// Agents whose scores one transaction writes (see `score_pass`).
+const SCORE_WRITE_CHUNK: usize = 500;
+
 /// Score rows to write, in bulk.
 #[derive(Default)]
 struct ScoreUpdates {
@@ -1031,11 +1041,25 @@ impl ScoreUpdates {
         self.snapshot.push(snapshot);
     }
 
-    async fn write(&self, tx: &tokio_postgres::Transaction<'_>, now: DateTime<Utc>) -> Result<(), DbError> {
-        if self.agents.is_empty() {
-            return Ok(());
+    /// Writes the scores, `SCORE_WRITE_CHUNK` agents per transaction.
+    async fn write(&self, client: &mut tokio_postgres::Client, now: DateTime<Utc>) -> Result<(), DbError> {
+        for start in (0..self.agents.len()).step_by(SCORE_WRITE_CHUNK) {
+            let end = (start + SCORE_WRITE_CHUNK).min(self.agents.len());
+            let tx = client.transaction().await?;
+            self.write_range(&tx, start..end, now).await?;
+            tx.commit().await?;
         }
-        lock_agents(tx, &self.agents).await?;
+        Ok(())
+    }
+
+    async fn write_range(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        range: std::ops::Range<usize>,
+        now: DateTime<Utc>,
+    ) -> Result<(), DbError> {
+        let agents = &self.agents[range.clone()];
+        lock_agents(tx, agents).await?;
         tx.execute(
             "WITH v AS (SELECT * FROM unnest($1::text[], $2::float8[], $3::text[], $4::jsonb[], $5::float8[], $6::bool[]) \
                         AS v(agent_id, score, tier, components, trend, snapshot)), \
@@ -1048,7 +1072,15 @@ impl ScoreUpdates {
              INSERT INTO warden.health_history (agent_id, evaluated_at, score, tier, liveness, components) \
              SELECT v.agent_id, $7, v.score, v.tier, u.liveness, v.components \
              FROM v JOIN u ON u.agent_id = v.agent_id WHERE v.snapshot",
-            &[&self.agents, &self.scores, &self.tiers, &self.components, &self.trends, &self.snapshot, &now],
+            &[
+                &agents,
+                &&self.scores[range.clone()],
+                &&self.tiers[range.clone()],
+                &&self.components[range.clone()],
+                &&self.trends[range.clone()],
+                &&self.snapshot[range],
+                &now,
+            ],
         )
         .await?;
         Ok(())

@@ -389,6 +389,41 @@ async fn scores_follow_the_metrics_and_metric_issues_open() {
 }
 
 #[tokio::test]
+async fn a_fleet_larger_than_one_write_is_scored_whole() {
+    // Scores are written a few hundred agents per transaction.
+    let db = TestDb::migrated().await;
+    let mut c = db.client().await;
+    let p = params();
+    let now = t0();
+    c.execute(
+        "SELECT count(*) FROM warden.ingest_heartbeats( \
+           (SELECT array_agg(format('fleet-%s', g)) FROM generate_series(1, 1234) g), \
+           array_fill(NULL::text, ARRAY[1234]), array_fill(NULL::jsonb, ARRAY[1234]), array_fill(NULL::text, ARRAY[1234]), \
+           array_fill('healthy'::text, ARRAY[1234]), array_fill(NULL::bigint, ARRAY[1234]), array_fill(10000, ARRAY[1234]), \
+           array_fill(NULL::timestamptz, ARRAY[1234]), \
+           (SELECT array_agg(g) FROM generate_series(1, 1234) g), array_fill('cpu_percent'::text, ARRAY[1234]), \
+           array_fill(30.0::float8, ARRAY[1234]), array_fill(NULL::text, ARRAY[1234]), $1)",
+        &[&now],
+    )
+    .await
+    .unwrap();
+    let report = evaluator::score_pass(&mut c, &p, Some(now + Duration::seconds(3))).await.unwrap();
+    assert_eq!(report.scored, 1234);
+    let (scored, snapshots): (i64, i64) = {
+        let row = c
+            .query_one(
+                "SELECT (SELECT count(*) FROM warden.agent_status WHERE score IS NOT NULL AND history_at IS NOT NULL), \
+                        (SELECT count(*) FROM warden.health_history)",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!((scored, snapshots), (1234, 1234));
+}
+
+#[tokio::test]
 async fn samples_of_a_write_still_open_are_folded_in_once_it_commits() {
     // An ingest call stamps its samples with its transaction's start, and
     // may wait on row locks (a liveness cycle, a score pass) before it
