@@ -211,8 +211,8 @@ pub async fn client(pool: &Pool) -> Result<Client, DbError> {
 /// it before this moment.
 ///
 /// Counted: client sessions that have written (a transaction id) or are
-/// running a statement, begun within twice the statement timeout (5
-/// minutes when there is none). Ingest through warden is one statement, so
+/// running a statement, a plain read included, begun within twice the
+/// statement timeout (5 minutes when there is none). Ingest through warden is one statement, so
 /// none of it can be older; an operator's session left idle in a
 /// transaction, or a long migration, holds a watermark back that long at
 /// most. Sessions of other roles show their start only to a role with

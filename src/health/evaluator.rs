@@ -171,6 +171,8 @@ pub struct CycleReport {
 pub struct ScoreReport {
     pub agents: usize,
     pub scored: usize,
+    /// Scored agents whose new score a failed write left for the next pass.
+    pub unwritten: usize,
     pub samples: u64,
     pub opened: usize,
     pub resolved: usize,
@@ -795,12 +797,13 @@ pub async fn score_pass(
     tx.commit().await?;
     // Ingest updates these same rows for every heartbeat and waits for any
     // lock held on them: written in the pass's transaction, the scores of a
-    // fleet kept every agent's row locked until the pass ended (about half
-    // a second at 10,000 agents, the soak's slowest heartbeats). Short
-    // transactions of their own hold a few hundred rows each for
-    // milliseconds. Should one fail, the next pass writes what is still
-    // stale: scores are recomputed from the running statistics each time.
-    updates.write(client, now).await?;
+    // fleet kept every scored agent's row locked from their write to the
+    // end of the pass (the soak's slowest heartbeats, at 10,000 agents).
+    // Short transactions of their own hold a few hundred rows each for
+    // milliseconds. A write that fails leaves its agents to the next pass,
+    // which recomputes every score from the running statistics and finds
+    // their snapshots still due; the others are written regardless.
+    report.unwritten = updates.write(client, now).await?;
     Ok(report)
 }
 
@@ -1041,15 +1044,30 @@ impl ScoreUpdates {
         self.snapshot.push(snapshot);
     }
 
-    /// Writes the scores, `SCORE_WRITE_CHUNK` agents per transaction.
-    async fn write(&self, client: &mut tokio_postgres::Client, now: DateTime<Utc>) -> Result<(), DbError> {
+    /// Writes the scores, `SCORE_WRITE_CHUNK` agents per transaction, and
+    /// returns how many agents failed writes left unwritten. Only losing the
+    /// database stops it.
+    async fn write(&self, client: &mut tokio_postgres::Client, now: DateTime<Utc>) -> Result<usize, DbError> {
+        let mut unwritten = 0;
         for start in (0..self.agents.len()).step_by(SCORE_WRITE_CHUNK) {
             let end = (start + SCORE_WRITE_CHUNK).min(self.agents.len());
-            let tx = client.transaction().await?;
-            self.write_range(&tx, start..end, now).await?;
-            tx.commit().await?;
+            let result = async {
+                let tx = client.transaction().await?;
+                self.write_range(&tx, start..end, now).await?;
+                tx.commit().await?;
+                Ok::<_, DbError>(())
+            }
+            .await;
+            match result {
+                Ok(()) => {}
+                Err(e) if e.is_unavailable() => return Err(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, agents = end - start, "scores not written; the next pass writes them");
+                    unwritten += end - start;
+                }
+            }
         }
-        Ok(())
+        Ok(unwritten)
     }
 
     async fn write_range(

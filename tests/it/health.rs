@@ -389,8 +389,8 @@ async fn scores_follow_the_metrics_and_metric_issues_open() {
 }
 
 #[tokio::test]
-async fn a_fleet_larger_than_one_write_is_scored_whole() {
-    // Scores are written a few hundred agents per transaction.
+async fn a_fleet_larger_than_one_write_is_scored_whole_and_a_failed_write_is_made_good() {
+    // Scores are written 500 agents per transaction, after the pass's own.
     let db = TestDb::migrated().await;
     let mut c = db.client().await;
     let p = params();
@@ -407,20 +407,36 @@ async fn a_fleet_larger_than_one_write_is_scored_whole() {
     )
     .await
     .unwrap();
+    // One agent's row held elsewhere: its write gives up (lock_timeout),
+    // the other writes go on.
+    let mut other = db.client().await;
+    let holder = other.transaction().await.unwrap();
+    holder.execute("SELECT 1 FROM warden.agent_status WHERE agent_id = 'fleet-7' FOR UPDATE", &[]).await.unwrap();
+    c.batch_execute("SET lock_timeout = '200ms'").await.unwrap();
     let report = evaluator::score_pass(&mut c, &p, Some(now + Duration::seconds(3))).await.unwrap();
     assert_eq!(report.scored, 1234);
-    let (scored, snapshots): (i64, i64) = {
-        let row = c
-            .query_one(
-                "SELECT (SELECT count(*) FROM warden.agent_status WHERE score IS NOT NULL AND history_at IS NOT NULL), \
-                        (SELECT count(*) FROM warden.health_history)",
-                &[],
-            )
-            .await
-            .unwrap();
-        (row.get(0), row.get(1))
-    };
-    assert_eq!((scored, snapshots), (1234, 1234));
+    // The write that holds fleet-7 (500 agents, or the last 234).
+    assert!([500, 234].contains(&report.unwritten), "{} unwritten", report.unwritten);
+    let written = 1234 - report.unwritten as i64;
+    assert_eq!(scored_and_snapshots(&c).await, (written, written));
+    holder.rollback().await.unwrap();
+
+    // The next pass, before any snapshot is due again, writes the rest.
+    let report = evaluator::score_pass(&mut c, &p, Some(now + Duration::seconds(13))).await.unwrap();
+    assert_eq!(report.unwritten, 0);
+    assert_eq!(scored_and_snapshots(&c).await, (1234, 1234), "one snapshot per agent");
+}
+
+async fn scored_and_snapshots(c: &tokio_postgres::Client) -> (i64, i64) {
+    let row = c
+        .query_one(
+            "SELECT (SELECT count(*) FROM warden.agent_status WHERE score IS NOT NULL AND history_at IS NOT NULL), \
+                    (SELECT count(*) FROM warden.health_history)",
+            &[],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
 }
 
 #[tokio::test]
