@@ -579,31 +579,28 @@ async fn every_dashboard_query_runs_with_grafana_macros_expanded_and_has_its_pan
 
 #[tokio::test]
 async fn the_heartbeat_rate_panel_counts_partial_buckets_per_minute_covered() {
-    // Two heartbeats a minute for the last 40 minutes, shown over a range
-    // that starts and ends inside 5-minute buckets: every bucket, the first
-    // and the running one included, reads two a minute.
+    // Two heartbeats a minute, shown over 30 minutes that start and end in
+    // the middle of 5-minute buckets (150 s of the first and of the last):
+    // every bucket, the partial ones included, reads two a minute. The
+    // range ends in the past, so the query's own now() does not cut it.
     let db = TestDb::migrated().await;
     let client = db.client().await;
     let now: DateTime<Utc> = client.query_one("SELECT now()", &[]).await.unwrap().get(0);
-    for k in 0..80 {
+    let to = DateTime::from_timestamp(now.timestamp() - now.timestamp() % 300 - 150, 0).unwrap();
+    let from = to - chrono::Duration::minutes(30);
+    // Beats 15 s off every half minute: none on a bucket's edge.
+    for k in 0..70 {
         client
             .execute(
                 "SELECT * FROM warden.ingest_heartbeats(ARRAY['a1'], ARRAY[NULL::text], ARRAY[NULL::jsonb], \
                    ARRAY[NULL::text], ARRAY['healthy'], ARRAY[NULL::bigint], ARRAY[30000], ARRAY[NULL::timestamptz], \
                    '{}', '{}', '{}', '{}', $1)",
-                &[&(now - chrono::Duration::seconds(30 * k + 1))],
+                &[&(to - chrono::Duration::seconds(30 * k + 15))],
             )
             .await
             .unwrap();
     }
-    let to = now + chrono::Duration::seconds(1);
-    let context = GrafanaContext {
-        from: to - chrono::Duration::seconds(1_800 + 150),
-        to,
-        interval: "5m",
-        interval_secs: 300,
-        variables: vec![("agent", "a1")],
-    };
+    let context = GrafanaContext { from, to, interval: "5m", interval_secs: 300, variables: vec![("agent", "a1")] };
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("dashboards/agent-detail.json");
     let dashboard: Json = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let query = queries(&dashboard)
@@ -613,12 +610,10 @@ async fn the_heartbeat_rate_panel_counts_partial_buckets_per_minute_covered() {
     let sql =
         format!("SELECT q.time::float8, q.\"heartbeats per minute\"::float8 FROM ({}) q", context.expand(&query.sql));
     let rows = client.query(&sql, &[]).await.unwrap();
-    assert!(rows.len() >= 7, "{} buckets", rows.len());
+    assert_eq!(rows.len(), 7, "five whole buckets and two halves");
     for r in rows {
         let rate: f64 = r.get(1);
-        // A bucket holds whole heartbeats: one more or fewer than its
-        // share moves a 2.5-minute edge bucket by 0.4.
-        assert!((rate - 2.0).abs() <= 0.45, "{rate} a minute in the bucket at {}", r.get::<_, f64>(0));
+        assert!((rate - 2.0).abs() < 1e-9, "{rate} a minute in the bucket at {}", r.get::<_, f64>(0));
     }
 }
 
