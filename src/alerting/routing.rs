@@ -185,10 +185,7 @@ mod tests {
     use crate::health::incidents::IssueType;
 
     fn settings() -> AlertingSettings {
-        let mut s =
-            crate::config::Settings::load(&crate::config::Sources { file: None, env: Some(Default::default()) })
-                .unwrap()
-                .alerting;
+        let mut s = crate::config::Settings::defaults().alerting;
         s.channels.insert("pager".into(), crate::config::ChannelSettings::log());
         s.channels.insert("chat".into(), crate::config::ChannelSettings::log());
         s.policies = vec![

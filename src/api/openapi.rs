@@ -74,10 +74,6 @@ mod tests {
 
     const METHODS: [&str; 7] = ["get", "post", "put", "patch", "delete", "head", "options"];
 
-    fn defaults() -> Settings {
-        Settings::load(&crate::config::Sources { file: None, env: Some(Default::default()) }).unwrap()
-    }
-
     /// (METHOD, path) of every operation in the document.
     fn documented() -> BTreeSet<(String, String)> {
         let document: Value = serde_json::from_str(DOCUMENT).unwrap();
@@ -170,7 +166,7 @@ mod tests {
 
     #[test]
     fn the_served_document_carries_the_settings() {
-        let mut settings = defaults();
+        let mut settings = Settings::defaults();
         settings.ingest.max_batch = 7;
         settings.ingest.max_metrics = 3;
         let document = document(&settings);
@@ -188,7 +184,7 @@ mod tests {
         // The file as committed shows settings.toml's values, so it reads
         // right even where it is not served.
         let as_written: Value = serde_json::from_str(DOCUMENT).unwrap();
-        let mut filled = document(&defaults());
+        let mut filled = document(&Settings::defaults());
         filled["info"]["version"] = as_written["info"]["version"].clone();
         assert_eq!(filled, as_written);
     }

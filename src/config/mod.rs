@@ -88,6 +88,11 @@ pub struct Sources {
 }
 
 impl Settings {
+    /// The built-in defaults alone: no file, no environment.
+    pub fn defaults() -> Self {
+        Self::load(&Sources { file: None, env: Some(Default::default()) }).expect("the built-in defaults are valid")
+    }
+
     /// Loads the three layers and validates the result.
     pub fn load(sources: &Sources) -> Result<Self, SettingsError> {
         let mut builder = Config::builder().add_source(File::from_str(DEFAULTS, FileFormat::Toml));

@@ -16,9 +16,6 @@ use embedded::{EmbeddedCluster, EmbeddedError};
 /// A pooled connection.
 pub type Client = deadpool_postgres::Object;
 
-/// How warden's sessions name themselves to PostgreSQL.
-pub const APPLICATION_NAME: &str = "warden";
-
 /// Everything that can go wrong talking to PostgreSQL, sorted by what the
 /// caller should do about it.
 #[derive(Debug, thiserror::Error)]
@@ -173,7 +170,7 @@ pub fn session_config(mut pg_config: tokio_postgres::Config, settings: &Database
     // JIT pays off for long analytical queries; warden's are short and
     // frequent, and compiling them costs more than running them.
     pg_config
-        .application_name(APPLICATION_NAME)
+        .application_name("warden")
         .connect_timeout(settings.connect_timeout.get())
         .keepalives(true)
         .keepalives_idle(std::time::Duration::from_secs(30))

@@ -1286,12 +1286,11 @@ impl Pinger {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Settings, Sources};
+    use crate::config::Settings;
 
     #[test]
     fn a_history_snapshot_is_due_a_little_early_not_a_pass_late() {
-        let settings = Settings::load(&Sources { file: None, env: Some(Default::default()) }).unwrap();
-        let params = EvalParams::from_settings(&settings.health);
+        let params = EvalParams::from_settings(&Settings::defaults().health);
         assert_eq!((params.history_interval, params.check_interval), (Duration::minutes(1), Duration::seconds(10)));
         let last = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
         assert!(snapshot_due(last, last + Duration::milliseconds(59_990), &params), "the next pass, a hair early");

@@ -129,6 +129,13 @@ struct Stretch {
     watched: bool,
 }
 
+impl Stretch {
+    /// The earliest report of refusing wins.
+    fn refused_from(&mut self, at: Instant) {
+        self.since = Some(self.since.map_or(at, |since| since.min(at)));
+    }
+}
+
 impl Refusals {
     fn new() -> Self {
         Self { available: AtomicBool::new(true), state: Default::default() }
@@ -142,16 +149,11 @@ impl Refusals {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The earliest report of refusing wins.
-    fn refused_from(stretch: &mut Stretch, at: Instant) {
-        stretch.since = Some(stretch.since.map_or(at, |since| since.min(at)));
-    }
-
     /// A writer lost the database at `at`: everything is refused until a
     /// writer's probe finds it. True when it was available until now.
     fn writer_lost(&self, at: Instant) -> bool {
         let mut stretch = self.stretch();
-        Self::refused_from(&mut stretch, at);
+        stretch.refused_from(at);
         self.available.swap(false, Ordering::Relaxed)
     }
 
@@ -170,7 +172,7 @@ impl Refusals {
     /// writers, taking heartbeats, probe for nothing.
     fn refused_before_writers(&self, at: Instant) -> bool {
         let mut stretch = self.stretch();
-        Self::refused_from(&mut stretch, at);
+        stretch.refused_from(at);
         if stretch.watched || !self.available() {
             return false;
         }

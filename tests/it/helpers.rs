@@ -15,7 +15,7 @@ use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 use warden::app::Application;
 use warden::auth::Scope;
-use warden::config::{Secret, Settings, Sources};
+use warden::config::{Secret, Settings};
 use warden::db::embedded::EmbeddedCluster;
 use warden::db::migrate;
 
@@ -193,6 +193,13 @@ impl TestDb {
         connect(&self.config).await
     }
 
+    /// A connection from a pool as warden builds it (session settings
+    /// included), for functions that take warden's pooled client.
+    pub async fn pooled(&self) -> warden::db::Client {
+        let pool = warden::db::build_pool(self.config.clone(), &default_settings().database).unwrap();
+        warden::db::client(&pool).await.unwrap()
+    }
+
     /// Drops the database now, with any connections still open to it.
     pub async fn drop_now(&self) {
         let admin = admin_client().await;
@@ -218,7 +225,7 @@ impl Drop for TestDb {
 
 /// Settings as shipped, untouched by the developer's environment.
 pub fn default_settings() -> Settings {
-    Settings::load(&Sources { file: None, env: Some(Default::default()) }).expect("defaults are valid")
+    Settings::defaults()
 }
 
 /// A running warden on its own database and a random loopback port.

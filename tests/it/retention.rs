@@ -41,10 +41,7 @@ async fn heartbeats_and_scores_roll_up_per_minute_and_hour() {
     .unwrap();
 
     let settings = default_settings().retention;
-    let mut client =
-        warden::db::client(&warden::db::build_pool(test_db.config.clone(), &default_settings().database).unwrap())
-            .await
-            .unwrap();
+    let mut client = test_db.pooled().await;
     let report = warden::retention::cycle(&mut client, &settings, now).await.unwrap();
     assert!(report.minute_rows >= 1, "{report:?}");
     let row = db
@@ -108,10 +105,7 @@ async fn a_heartbeat_of_a_write_still_open_is_rolled_up_once_it_commits() {
     .unwrap();
 
     let settings = default_settings().retention;
-    let mut client =
-        warden::db::client(&warden::db::build_pool(test_db.config.clone(), &default_settings().database).unwrap())
-            .await
-            .unwrap();
+    let mut client = test_db.pooled().await;
     warden::retention::cycle(&mut client, &settings, started + Span::minutes(3)).await.unwrap();
     tx.commit().await.unwrap();
     warden::retention::cycle(&mut client, &settings, started + Span::minutes(4)).await.unwrap();
@@ -159,10 +153,7 @@ async fn old_partitions_are_dropped_while_ingestion_goes_on() {
         })
     };
     let settings = default_settings().retention;
-    let mut client =
-        warden::db::client(&warden::db::build_pool(app.db.config.clone(), &default_settings().database).unwrap())
-            .await
-            .unwrap();
+    let mut client = app.db.pooled().await;
     let report = warden::retention::cycle(&mut client, &settings, Utc::now()).await.unwrap();
     assert!(report.dropped_partitions.contains(&old), "{:?}", report.dropped_partitions);
     let statuses = flowing.await.unwrap();
@@ -194,10 +185,7 @@ async fn old_events_are_pruned_but_transitions_are_kept_longer() {
     .unwrap();
     let mut settings = default_settings().retention;
     settings.batch = 100;
-    let mut client =
-        warden::db::client(&warden::db::build_pool(app.db.config.clone(), &default_settings().database).unwrap())
-            .await
-            .unwrap();
+    let mut client = app.db.pooled().await;
     let report = warden::retention::cycle(&mut client, &settings, Utc::now()).await.unwrap();
     assert_eq!(report.pruned.get("events"), Some(&1));
     assert_eq!(report.pruned.get("transitions"), Some(&1));
@@ -240,10 +228,7 @@ async fn resolved_incidents_past_retention_go_with_their_alerts_and_recoveries()
     .await
     .unwrap();
     let settings = default_settings().retention;
-    let mut client =
-        warden::db::client(&warden::db::build_pool(app.db.config.clone(), &default_settings().database).unwrap())
-            .await
-            .unwrap();
+    let mut client = app.db.pooled().await;
     let report = warden::retention::cycle(&mut client, &settings, Utc::now()).await.unwrap();
     assert_eq!(report.pruned.get("incidents"), Some(&1));
     let left: Vec<i64> =
