@@ -9,6 +9,9 @@
 #   scripts/soak.sh                      # the documented run
 #   AGENTS=2000 DURATION=1m scripts/soak.sh
 #
+# Requests that took SLOW (default 100ms) or longer are listed by the
+# second they were sent in (UTC), to line them up with PostgreSQL's log.
+#
 # Needs the PostgreSQL at 127.0.0.1:5432 (user postgres) to create and drop
 # the database warden_soak.
 set -euo pipefail
@@ -63,7 +66,7 @@ echo "start: rss $(rss) KiB, database connections $(conns), $(cycles)"
 ) &
 SAMPLER=$!
 target/release/warden simulate --url "http://127.0.0.1:$PORT" --key "$KEY" \
-    --agents "$AGENTS" --rate "$RATE" --connections 32 --duration "$DURATION"
+    --agents "$AGENTS" --rate "$RATE" --connections 32 --duration "$DURATION" --slow "${SLOW:-100ms}"
 kill $SAMPLER 2>/dev/null || true
 echo "end:   rss $(rss) KiB, database connections $(conns), $(cycles)"
 "${PSQL[@]}" -d "$DB" -c "SELECT 'agents by liveness: ' || string_agg(liveness || '=' || n, ' ') FROM (SELECT liveness, count(*) n FROM warden.agent_status GROUP BY 1 ORDER BY 1) x"

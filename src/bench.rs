@@ -55,6 +55,7 @@ pub async fn ingest(bench: &IngestBench, key: &str) -> Result<Vec<Phase>, String
             rate: None,
             duration: bench.warmup,
             agent_prefix: prefix.to_string(),
+            slow: None,
         };
         let result = async {
             if !bench.warmup.is_zero() {

@@ -88,6 +88,10 @@ pub struct SimulateArgs {
     /// How long to run.
     #[arg(long, default_value = "20s")]
     pub duration: crate::config::Duration,
+    /// Also list, by the second they were sent in (UTC), the requests that
+    /// took at least this long, e.g. `100ms`: to line stalls up with logs.
+    #[arg(long)]
+    pub slow: Option<crate::config::Duration>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -337,6 +341,7 @@ async fn simulate(args: SimulateArgs) -> Result<(), Failure> {
         rate: args.rate,
         duration: args.duration.get(),
         agent_prefix: "sim".into(),
+        slow: args.slow.map(|d| d.get()),
     };
     eprintln!(
         "simulating {} agents over {} connections for {} (batch {}, {} metrics each)",

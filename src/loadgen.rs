@@ -13,6 +13,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use chrono::Timelike as _;
+
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::{Request, StatusCode};
@@ -38,6 +40,10 @@ pub struct LoadSpec {
     pub duration: Duration,
     /// Prefix of agent ids, to keep runs apart in one database.
     pub agent_prefix: String,
+    /// Requests at least this slow are also reported by the second they
+    /// were sent in, to line stalls up with the server's and the
+    /// database's logs.
+    pub slow: Option<Duration>,
 }
 
 /// What one run measured.
@@ -51,6 +57,17 @@ pub struct LoadReport {
     pub p50: Duration,
     pub p90: Duration,
     pub p99: Duration,
+    pub max: Duration,
+    /// With `LoadSpec::slow`: per wall-clock second, the requests sent in
+    /// it that were at least that slow, in time order.
+    pub slow_seconds: Vec<SlowSecond>,
+}
+
+/// Requests sent within one second that took at least `LoadSpec::slow`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SlowSecond {
+    pub second: chrono::DateTime<chrono::Utc>,
+    pub requests: u64,
     pub max: Duration,
 }
 
@@ -87,6 +104,15 @@ impl LoadReport {
             let errors: Vec<String> = self.errors.iter().map(|(k, v)| format!("{k}: {v}")).collect();
             let _ = writeln!(out, "errors       {}", errors.join(", "));
         }
+        for s in &self.slow_seconds {
+            let _ = writeln!(
+                out,
+                "slow         {}   {} requests   max {:.2} ms",
+                s.second.format("%H:%M:%SZ"),
+                s.requests,
+                ms(s.max)
+            );
+        }
         out
     }
 }
@@ -94,6 +120,8 @@ impl LoadReport {
 #[derive(Default)]
 struct WorkerStats {
     latencies_us: Vec<u32>,
+    /// (sent, latency) of the requests at least `LoadSpec::slow`.
+    slow: Vec<(Instant, Duration)>,
     requests: u64,
     ok: u64,
     failed: u64,
@@ -106,6 +134,7 @@ pub async fn run(spec: LoadSpec) -> Result<LoadReport, String> {
     // One probe connection first, so a wrong address is one clear error.
     tokio::net::TcpStream::connect(spec.addr).await.map_err(|e| format!("cannot connect to {}: {e}", spec.addr))?;
     let start = Instant::now();
+    let start_wall = chrono::Utc::now();
     let deadline = start + spec.duration;
     let workers: Vec<_> =
         (0..spec.connections.max(1)).map(|w| tokio::spawn(worker(spec.clone(), w, start, deadline))).collect();
@@ -113,6 +142,7 @@ pub async fn run(spec: LoadSpec) -> Result<LoadReport, String> {
     for w in workers {
         let stats = w.await.map_err(|e| e.to_string())?;
         all.latencies_us.extend(stats.latencies_us);
+        all.slow.extend(stats.slow);
         all.requests += stats.requests;
         all.ok += stats.ok;
         all.failed += stats.failed;
@@ -139,7 +169,30 @@ pub async fn run(spec: LoadSpec) -> Result<LoadReport, String> {
         p90: pick(0.90),
         p99: pick(0.99),
         max: pick(1.0),
+        slow_seconds: by_second(all.slow, start, start_wall),
     })
+}
+
+/// Slow requests grouped by the wall-clock second they were sent in.
+fn by_second(
+    mut slow: Vec<(Instant, Duration)>,
+    start: Instant,
+    start_wall: chrono::DateTime<chrono::Utc>,
+) -> Vec<SlowSecond> {
+    slow.sort_unstable_by_key(|(sent, _)| *sent);
+    let mut seconds: Vec<SlowSecond> = Vec::new();
+    for (sent, latency) in slow {
+        let wall = start_wall + chrono::TimeDelta::from_std(sent.duration_since(start)).unwrap_or_default();
+        let second = wall.with_nanosecond(0).unwrap_or(wall);
+        match seconds.last_mut() {
+            Some(last) if last.second == second => {
+                last.requests += 1;
+                last.max = last.max.max(latency);
+            }
+            _ => seconds.push(SlowSecond { second, requests: 1, max: latency }),
+        }
+    }
+    seconds
 }
 
 async fn worker(spec: Arc<LoadSpec>, index: usize, start: Instant, deadline: Instant) -> WorkerStats {
@@ -199,6 +252,9 @@ async fn worker(spec: Arc<LoadSpec>, index: usize, start: Instant, deadline: Ins
         }
         .await;
         let latency = scheduled.elapsed();
+        if spec.slow.is_some_and(|slow| latency >= slow) {
+            stats.slow.push((scheduled, latency));
+        }
         stats.requests += 1;
         stats.latencies_us.push(latency.as_micros().min(u32::MAX as u128) as u32);
         match result {
@@ -281,7 +337,39 @@ mod tests {
             rate: None,
             duration: Duration::from_secs(1),
             agent_prefix: "sim".into(),
+            slow: None,
         }
+    }
+
+    #[test]
+    fn slow_requests_are_grouped_by_the_wall_clock_second_they_were_sent_in() {
+        let start = Instant::now();
+        let start_wall = "2026-12-01T12:00:00.500Z".parse::<chrono::DateTime<chrono::Utc>>().unwrap();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let slow = vec![
+            (at(700), Duration::from_millis(150)),
+            (at(100), Duration::from_millis(120)),
+            (at(600), Duration::from_millis(300)),
+            (at(2600), Duration::from_millis(101)),
+        ];
+        let second = |s: &str| s.parse::<chrono::DateTime<chrono::Utc>>().unwrap();
+        assert_eq!(
+            by_second(slow, start, start_wall),
+            vec![
+                SlowSecond { second: second("2026-12-01T12:00:00Z"), requests: 1, max: Duration::from_millis(120) },
+                SlowSecond { second: second("2026-12-01T12:00:01Z"), requests: 2, max: Duration::from_millis(300) },
+                SlowSecond { second: second("2026-12-01T12:00:03Z"), requests: 1, max: Duration::from_millis(101) },
+            ]
+        );
+        let report = LoadReport {
+            slow_seconds: by_second(vec![(at(0), Duration::from_millis(250))], start, start_wall),
+            ..Default::default()
+        };
+        assert!(
+            report.summary().contains("slow         12:00:00Z   1 requests   max 250.00 ms"),
+            "{}",
+            report.summary()
+        );
     }
 
     #[test]
