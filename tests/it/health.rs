@@ -390,7 +390,10 @@ async fn scores_follow_the_metrics_and_metric_issues_open() {
 
 #[tokio::test]
 async fn a_fleet_larger_than_one_write_is_scored_whole_and_a_failed_write_is_made_good() {
-    // Scores are written 500 agents per transaction, after the pass's own.
+    // Scores are written SCORE_WRITE_CHUNK agents per transaction, after
+    // the pass's own.
+    let chunk = evaluator::SCORE_WRITE_CHUNK;
+    assert!(chunk < 1234 && 1234 % chunk != 0, "the fleet spans several writes and a partial one");
     let db = TestDb::migrated().await;
     let mut c = db.client().await;
     let p = params();
@@ -415,8 +418,8 @@ async fn a_fleet_larger_than_one_write_is_scored_whole_and_a_failed_write_is_mad
     c.batch_execute("SET lock_timeout = '200ms'").await.unwrap();
     let report = evaluator::score_pass(&mut c, &p, Some(now + Duration::seconds(3))).await.unwrap();
     assert_eq!(report.scored, 1234);
-    // The write that holds fleet-7 (500 agents, or the last 234).
-    assert!([500, 234].contains(&report.unwritten), "{} unwritten", report.unwritten);
+    // The write that holds fleet-7 (a whole one, or the last, partial one).
+    assert!([chunk, 1234 % chunk].contains(&report.unwritten), "{} unwritten", report.unwritten);
     let written = 1234 - report.unwritten as i64;
     assert_eq!(scored_and_snapshots(&c).await, (written, written));
     holder.rollback().await.unwrap();
