@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Timelike as _;
-
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::{Request, StatusCode};
@@ -104,7 +103,8 @@ impl LoadReport {
             let errors: Vec<String> = self.errors.iter().map(|(k, v)| format!("{k}: {v}")).collect();
             let _ = writeln!(out, "errors       {}", errors.join(", "));
         }
-        for s in &self.slow_seconds {
+        const LISTED: usize = 50;
+        for s in self.slow_seconds.iter().take(LISTED) {
             let _ = writeln!(
                 out,
                 "slow         {}   {} requests   max {:.2} ms",
@@ -112,6 +112,9 @@ impl LoadReport {
                 s.requests,
                 ms(s.max)
             );
+        }
+        if let Some(rest) = self.slow_seconds.len().checked_sub(LISTED).filter(|n| *n > 0) {
+            let _ = writeln!(out, "slow         and {rest} more seconds");
         }
         out
     }
@@ -370,6 +373,12 @@ mod tests {
             "{}",
             report.summary()
         );
+
+        let many: Vec<_> = (0..60).map(|s| (at(s * 1000), Duration::from_millis(200))).collect();
+        let report = LoadReport { slow_seconds: by_second(many, start, start_wall), ..Default::default() };
+        let summary = report.summary();
+        assert_eq!(summary.lines().filter(|l| l.contains(" requests   max ")).count(), 50, "{summary}");
+        assert!(summary.ends_with("slow         and 10 more seconds\n"), "{summary}");
     }
 
     #[test]
