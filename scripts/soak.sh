@@ -10,7 +10,8 @@
 #   AGENTS=2000 DURATION=1m scripts/soak.sh
 #
 # Requests that took SLOW (default 100ms) or longer are listed by the
-# second they were sent in (UTC), to line them up with PostgreSQL's log.
+# second they were due in (UTC), to line them up with
+# scripts/pg-waits.sh or PostgreSQL's log (if its log_timezone is UTC).
 #
 # Needs the PostgreSQL at 127.0.0.1:5432 (user postgres) to create and drop
 # the database warden_soak.

@@ -88,8 +88,9 @@ pub struct SimulateArgs {
     /// How long to run.
     #[arg(long, default_value = "20s")]
     pub duration: crate::config::Duration,
-    /// Also list, by the second they were sent in (UTC), the requests that
-    /// took at least this long, e.g. `100ms`: to line stalls up with logs.
+    /// Also list, by the second they were scheduled in (UTC; with --rate
+    /// the second they were due), the requests that took at least this
+    /// long, e.g. `100ms`: to line stalls up with logs.
     #[arg(long)]
     pub slow: Option<crate::config::Duration>,
 }

@@ -40,8 +40,9 @@ pub struct LoadSpec {
     /// Prefix of agent ids, to keep runs apart in one database.
     pub agent_prefix: String,
     /// Requests at least this slow are also reported by the second they
-    /// were sent in, to line stalls up with the server's and the
-    /// database's logs.
+    /// were scheduled in (sent, or with a rate due: a request held up
+    /// behind a slow one counts from when it was due), to line stalls up
+    /// with the server's and the database's logs.
     pub slow: Option<Duration>,
 }
 
@@ -57,8 +58,8 @@ pub struct LoadReport {
     pub p90: Duration,
     pub p99: Duration,
     pub max: Duration,
-    /// With `LoadSpec::slow`: per wall-clock second, the requests sent in
-    /// it that were at least that slow, in time order.
+    /// With `LoadSpec::slow`: per wall-clock second, the requests
+    /// scheduled in it that were at least that slow, in time order.
     pub slow_seconds: Vec<SlowSecond>,
 }
 
@@ -103,13 +104,15 @@ impl LoadReport {
             let errors: Vec<String> = self.errors.iter().map(|(k, v)| format!("{k}: {v}")).collect();
             let _ = writeln!(out, "errors       {}", errors.join(", "));
         }
+        // A run that is slow throughout would bury the summary.
         const LISTED: usize = 50;
         for s in self.slow_seconds.iter().take(LISTED) {
             let _ = writeln!(
                 out,
-                "slow         {}   {} requests   max {:.2} ms",
+                "slow         {}   {} request{}   max {:.2} ms",
                 s.second.format("%H:%M:%SZ"),
                 s.requests,
+                if s.requests == 1 { "" } else { "s" },
                 ms(s.max)
             );
         }
@@ -123,7 +126,7 @@ impl LoadReport {
 #[derive(Default)]
 struct WorkerStats {
     latencies_us: Vec<u32>,
-    /// (sent, latency) of the requests at least `LoadSpec::slow`.
+    /// (scheduled, latency) of the requests at least `LoadSpec::slow`.
     slow: Vec<(Instant, Duration)>,
     requests: u64,
     ok: u64,
@@ -176,16 +179,16 @@ pub async fn run(spec: LoadSpec) -> Result<LoadReport, String> {
     })
 }
 
-/// Slow requests grouped by the wall-clock second they were sent in.
+/// Slow requests grouped by the wall-clock second they were scheduled in.
 fn by_second(
     mut slow: Vec<(Instant, Duration)>,
     start: Instant,
     start_wall: chrono::DateTime<chrono::Utc>,
 ) -> Vec<SlowSecond> {
-    slow.sort_unstable_by_key(|(sent, _)| *sent);
+    slow.sort_unstable_by_key(|(scheduled, _)| *scheduled);
     let mut seconds: Vec<SlowSecond> = Vec::new();
-    for (sent, latency) in slow {
-        let wall = start_wall + chrono::TimeDelta::from_std(sent.duration_since(start)).unwrap_or_default();
+    for (scheduled, latency) in slow {
+        let wall = start_wall + chrono::TimeDelta::from_std(scheduled.duration_since(start)).unwrap_or_default();
         let second = wall.with_nanosecond(0).unwrap_or(wall);
         match seconds.last_mut() {
             Some(last) if last.second == second => {
@@ -369,7 +372,7 @@ mod tests {
             ..Default::default()
         };
         assert!(
-            report.summary().contains("slow         12:00:00Z   1 requests   max 250.00 ms"),
+            report.summary().contains("slow         12:00:00Z   1 request   max 250.00 ms"),
             "{}",
             report.summary()
         );
@@ -377,7 +380,11 @@ mod tests {
         let many: Vec<_> = (0..60).map(|s| (at(s * 1000), Duration::from_millis(200))).collect();
         let report = LoadReport { slow_seconds: by_second(many, start, start_wall), ..Default::default() };
         let summary = report.summary();
-        assert_eq!(summary.lines().filter(|l| l.contains(" requests   max ")).count(), 50, "{summary}");
+        assert_eq!(
+            summary.lines().filter(|l| l.contains(" requests   max ") || l.contains(" request   max ")).count(),
+            50,
+            "{summary}"
+        );
         assert!(summary.ends_with("slow         and 10 more seconds\n"), "{summary}");
     }
 
