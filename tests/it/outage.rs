@@ -325,7 +325,7 @@ async fn with_two_writers_and_batches_an_outage_loses_no_acknowledged_heartbeat(
     // Sixteen batches of 100 at a time keep the queue deep enough for the
     // extra writer to take shares of it, so both writers have flushes in
     // flight when the database goes. (Which of them finds it gone first is
-    // up to timing: this does not single out the extra writer's own probe.)
+    // up to timing; the next test stages the extra writer alone finding it.)
     let Some((relay, app)) = app_behind_relay_with(|s| s.ingest.writers = 2).await else { return };
     let key = app.key(&[Scope::Ingest]).await;
     const SENDERS: usize = 16;
@@ -401,6 +401,76 @@ async fn with_two_writers_and_batches_an_outage_loses_no_acknowledged_heartbeat(
         (app.count("SELECT count(*) FROM warden.ingest_outages").await >= 1).then_some(())
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extra_writer_that_finds_the_database_gone_looks_for_its_return_itself() {
+    // The first writer can be idle on an empty queue when only the extra
+    // writer's flush finds the database gone; while it is gone every new
+    // heartbeat is refused before it is queued, so the first writer is
+    // never woken to look. Row locks held here stage that: each writer
+    // waits on a row of its own, the first is let go, then the extra
+    // writer's connection is terminated.
+    let app = TestApp::spawn_with(|s| s.ingest.writers = 2).await;
+    let key = app.key(&[Scope::Ingest]).await;
+    for agent in ["held-for-first", "held-for-extra"] {
+        assert_eq!(app.heartbeat(&key, json!({"agent_id": agent})).await.0, 200);
+    }
+    let (mut for_first, mut for_extra) = (app.db.client().await, app.db.client().await);
+    let first_row = for_first.transaction().await.unwrap();
+    first_row
+        .execute("SELECT 1 FROM warden.agent_status WHERE agent_id = 'held-for-first' FOR UPDATE", &[])
+        .await
+        .unwrap();
+    let extra_row = for_extra.transaction().await.unwrap();
+    extra_row
+        .execute("SELECT 1 FROM warden.agent_status WHERE agent_id = 'held-for-extra' FOR UPDATE", &[])
+        .await
+        .unwrap();
+    let watcher = app.db.client().await;
+    let writers_waiting = || async {
+        let rows = watcher
+            .query(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
+                   AND wait_event_type = 'Lock' AND query LIKE '%ingest_heartbeats%'",
+                &[],
+            )
+            .await
+            .unwrap();
+        rows.iter().map(|r| r.get::<_, i32>(0)).collect::<Vec<_>>()
+    };
+    let send = |body: serde_json::Value| {
+        let (http, url, key) = (app.http.clone(), app.url("/v1/heartbeats"), key.clone());
+        tokio::spawn(async move { http.post(url).bearer_auth(key).json(&body).send().await.unwrap().status() })
+    };
+
+    let small = send(json!({"heartbeats": [{"agent_id": "held-for-first"}]}));
+    let first_writer = eventually(Duration::from_secs(30), "the first writer waiting on its row", || async {
+        let pids = writers_waiting().await;
+        (pids.len() == 1).then(|| pids[0])
+    })
+    .await;
+    // Deep enough for the extra writer to take it while the first is busy.
+    let deep: Vec<_> = std::iter::once(json!({"agent_id": "held-for-extra"}))
+        .chain((0..599).map(|i| json!({"agent_id": format!("deep-{i}")})))
+        .collect();
+    let deep = send(json!({"heartbeats": deep}));
+    let extra_writer = eventually(Duration::from_secs(30), "the extra writer waiting on its row", || async {
+        writers_waiting().await.into_iter().find(|pid| *pid != first_writer)
+    })
+    .await;
+
+    first_row.rollback().await.unwrap();
+    assert_eq!(small.await.unwrap(), 200, "the first writer's flush commits; it then waits for work");
+    watcher.execute("SELECT pg_terminate_backend($1)", &[&extra_writer]).await.unwrap();
+    assert_eq!(deep.await.unwrap(), 503, "the extra writer finds the database gone");
+    extra_row.rollback().await.unwrap();
+
+    eventually(Duration::from_secs(30), "heartbeats accepted again", || async {
+        (app.heartbeat(&key, json!({"agent_id": "after"})).await.0 == 200).then_some(())
+    })
+    .await;
+    assert_eq!(app.count("SELECT count(*) FROM warden.agent_heartbeats WHERE agent_id LIKE 'deep-%'").await, 0);
 }
 
 #[tokio::test]
