@@ -173,6 +173,156 @@ async fn a_batch_of_one_agents_heartbeats_numbers_itself_when_the_caller_does_no
     assert_eq!(app.count("SELECT count(*) FROM warden.agent_status WHERE agent_id IN ('x', 'y')").await, 0);
 }
 
+/// When each of an agent's heartbeats and metrics was stamped, counted in
+/// microseconds from its first heartbeat in the batch (the one before it,
+/// if any, has uptime 1): the order of rows in one batch.
+async fn stamps(app: &TestApp, agent: &str) -> Value {
+    let db = app.db.client().await;
+    db.query_one(
+        "WITH first AS (SELECT min(received_at) AS t FROM warden.agent_heartbeats \
+                        WHERE agent_id = $1 AND uptime_seconds <> 1) \
+         SELECT jsonb_build_object( \
+           'heartbeats', (SELECT jsonb_agg(jsonb_build_array(extract(epoch FROM h.received_at - f.t) * 1e6, \
+                                                            h.uptime_seconds) ORDER BY h.received_at) \
+                          FROM warden.agent_heartbeats h WHERE h.agent_id = $1 AND h.received_at >= f.t), \
+           'metrics', (SELECT jsonb_agg(jsonb_build_array(extract(epoch FROM m.recorded_at - f.t) * 1e6, m.name) \
+                                        ORDER BY m.recorded_at, m.name) \
+                       FROM warden.performance_metrics m WHERE m.agent_id = $1)) \
+         FROM first f",
+        &[&agent],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+#[tokio::test]
+async fn a_large_interleaved_batch_leaves_the_rows_the_function_writes_for_sql() {
+    // The writer sorts a batch and numbers each agent's heartbeats itself;
+    // SQL callers leave both to the function. Same rows, same stamps, same
+    // answers, for a batch of several heartbeats per agent in shuffled
+    // order, with restarts, metrics and new agents.
+    let app = TestApp::spawn().await;
+    let key = app.key(&[Scope::Ingest]).await;
+    let db = app.db.client().await;
+    const AGENTS: usize = 100;
+    const ROUNDS: usize = 3;
+
+    // Every other agent is known before the batch.
+    for i in (0..AGENTS).step_by(2) {
+        let (status, body) = app.heartbeat(&key, json!({"agent_id": format!("http-{i}"), "uptime_seconds": 1})).await;
+        assert_eq!(status, 200, "{body}");
+        db.execute("SELECT warden.record_heartbeat($1, uptime_seconds => 1)", &[&format!("sql-{i}")]).await.unwrap();
+    }
+
+    // Round r holds every agent's r-th heartbeat, agents in a different
+    // order each round; every third agent restarts in its last one.
+    struct Beat {
+        agent: usize,
+        uptime: i64,
+        mode: &'static str,
+        name: Option<String>,
+        metrics: Option<Value>,
+    }
+    let mut beats = Vec::new();
+    for round in 0..ROUNDS {
+        for j in 0..AGENTS {
+            let agent = if round % 2 == 0 { j } else { AGENTS - 1 - j };
+            beats.push(Beat {
+                agent,
+                uptime: if round == 2 && agent % 3 == 0 { 5 } else { 10 * (round as i64 + 1) },
+                mode: ["active", "idle", "sleep"][round],
+                name: (round == 0).then(|| format!("agent {agent}")),
+                metrics: (round != 1)
+                    .then(|| json!({"cpu": agent as f64 + 0.5, "mem": {"value": round, "unit": "MB"}})),
+            });
+        }
+    }
+    let labels = |b: &Beat| json!({"n": b.agent.to_string()});
+
+    let body: Vec<Value> = beats
+        .iter()
+        .map(|b| {
+            let mut h = json!({"agent_id": format!("http-{}", b.agent), "uptime_seconds": b.uptime,
+                               "mode": b.mode, "labels": labels(b), "name": b.name});
+            if let Some(m) = &b.metrics {
+                h["metrics"] = m.clone();
+            }
+            h
+        })
+        .collect();
+    let (status, http_answer) = app.heartbeat(&key, json!({"heartbeats": body})).await;
+    assert_eq!(status, 200, "{http_answer}");
+
+    let (mut m_idx, mut m_name, mut m_value, mut m_unit) = (vec![], vec![], vec![], vec![]);
+    for (k, b) in beats.iter().enumerate() {
+        // In name order, as the HTTP path and record_heartbeat put them.
+        for (name, value) in b.metrics.as_ref().and_then(Value::as_object).into_iter().flatten() {
+            m_idx.push(k as i32 + 1);
+            m_name.push(name.clone());
+            m_value.push(value.as_f64().or_else(|| value["value"].as_f64()).unwrap());
+            m_unit.push(value["unit"].as_str().map(str::to_owned));
+        }
+    }
+    let agent_ids: Vec<String> = beats.iter().map(|b| format!("sql-{}", b.agent)).collect();
+    let names: Vec<Option<String>> = beats.iter().map(|b| b.name.clone()).collect();
+    let label_values: Vec<Value> = beats.iter().map(labels).collect();
+    let modes: Vec<&str> = beats.iter().map(|b| b.mode).collect();
+    let statuses = vec!["healthy"; beats.len()];
+    let uptimes: Vec<i64> = beats.iter().map(|b| b.uptime).collect();
+    let rows = db
+        .query(
+            "SELECT is_new, restart_detected, next_heartbeat_ms FROM warden.ingest_heartbeats( \
+               $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) ORDER BY idx",
+            &[
+                &agent_ids,
+                &names,
+                &label_values,
+                &modes,
+                &statuses,
+                &uptimes,
+                &vec![None::<i32>; beats.len()],
+                &vec![None::<chrono::DateTime<chrono::Utc>>; beats.len()],
+                &m_idx,
+                &m_name,
+                &m_value,
+                &m_unit,
+            ],
+        )
+        .await
+        .unwrap();
+    let sql_answer: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            json!({"is_new": r.get::<_, bool>(0), "restart_detected": r.get::<_, bool>(1),
+                   "next_heartbeat_ms": r.get::<_, i32>(2)})
+        })
+        .collect();
+    let http_answer: Vec<Value> = http_answer["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            json!({"is_new": r["is_new"], "restart_detected": r["restart_detected"],
+                   "next_heartbeat_ms": r["next_heartbeat_ms"]})
+        })
+        .collect();
+    assert_eq!(sql_answer, http_answer, "the same answers");
+    assert_eq!(http_answer.iter().filter(|a| a["restart_detected"] == true).count(), 34);
+    assert_eq!(http_answer.iter().filter(|a| a["is_new"] == true).count(), AGENTS / 2);
+
+    for i in 0..AGENTS {
+        let (http, sql) = (format!("http-{i}"), format!("sql-{i}"));
+        assert_eq!(footprint(&app, &http).await, footprint(&app, &sql).await, "agent {i}");
+        let stamps_http = stamps(&app, &http).await;
+        assert_eq!(stamps_http, stamps(&app, &sql).await, "agent {i}");
+        let rows = stamps_http["heartbeats"].as_array().unwrap();
+        let offsets: Vec<f64> = rows.iter().map(|b| b[0].as_f64().unwrap()).collect();
+        assert_eq!(offsets, [0.0, 1.0, 2.0], "agent {i}: one round a microsecond: {stamps_http}");
+        assert_eq!(stamps_http["metrics"].as_array().unwrap().len(), 4, "agent {i}: {stamps_http}");
+    }
+}
+
 #[tokio::test]
 async fn an_agent_id_cannot_be_renamed_to_one_ingest_would_refuse() {
     let app = TestApp::spawn().await;
