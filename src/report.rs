@@ -137,6 +137,11 @@ pub const REPORTS: &[Report] = &[
         params: &[Since, Until, Agent, BucketSeconds],
     },
     Report {
+        name: "heartbeat_volume",
+        sql: include_str!("../sql/heartbeat_volume.sql"),
+        params: &[Since, Until, Agent, BucketSeconds],
+    },
+    Report {
         name: "heartbeat_gaps",
         sql: include_str!("../sql/heartbeat_gaps.sql"),
         params: &[Since, Until, Agent, Limit],

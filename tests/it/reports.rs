@@ -294,6 +294,73 @@ async fn noisy_agents_trends_and_gaps_rank_and_bucket_as_expected() {
 }
 
 #[tokio::test]
+async fn heartbeat_volume_reads_rolled_up_hours_then_the_raw_heartbeats_after_them() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    let t0 = t0();
+    let hours = |h: i64| t0 + Duration::hours(h);
+    // Rolled up to t0 + 1h. Hours before that come from the rollups: one
+    // 40 days back, whose raw rows are long gone, and t0's hour, whose raw
+    // rows are still kept and must not count twice. Minute rollups are
+    // only steps towards the hours.
+    client.execute("UPDATE warden.retention_state SET hour_watermark = $1", &[&hours(1)]).await.unwrap();
+    client
+        .execute(
+            "INSERT INTO warden.heartbeat_rollups (agent_id, bucket, bucket_start, heartbeats, restarts, unhealthy) \
+             VALUES ('a', 'hour', $1, 120, 2, 10), ('a', 'hour', $2, 60, 1, 0), ('b', 'hour', $2, 30, 0, 30), \
+                    ('a', 'minute', $2, 999, 999, 999)",
+            &[&(t0 - Duration::days(40)), &t0],
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            "INSERT INTO warden.agent_heartbeats (agent_id, received_at, status, restart_detected) \
+             VALUES ('a', $1, 'healthy', false), ('a', $2, 'healthy', false), ('a', $3, 'healthy', true), \
+                    ('b', $4, 'degraded', false)",
+            &[&minutes(t0, 10), &minutes(t0, 70), &minutes(t0, 80), &minutes(t0, 90)],
+        )
+        .await
+        .unwrap();
+
+    let mut b = Bindings::new(&settings(), t0 - Duration::days(41), hours(2));
+    assert_eq!(b.bucket_seconds, 1800.0, "narrower than the rollups' hours, so hours are used");
+    let volume = |result: &ResultSet| -> Vec<(String, DateTime<Utc>, [i64; 3], f64)> {
+        rows(result)
+            .iter()
+            .map(|r| {
+                let Value::Time(bucket) = r["bucket"] else { panic!("bucket: {:?}", r["bucket"]) };
+                let counts = [int(r["heartbeats"]), int(r["restarts"]), int(r["unhealthy"])];
+                (text(r["agent_id"]).to_string(), *bucket, counts, float(r["heartbeats_per_minute"]))
+            })
+            .collect()
+    };
+    let all = volume(&run(&client, "heartbeat_volume", &b).await);
+    let a_long_ago = t0 - Duration::days(40);
+    assert_eq!(
+        all,
+        vec![
+            ("a".into(), a_long_ago, [120, 2, 10], 2.0),
+            ("a".into(), t0, [60, 1, 0], 1.0),
+            ("a".into(), hours(1), [2, 1, 0], 2.0 / 60.0),
+            ("b".into(), t0, [30, 0, 30], 0.5),
+            ("b".into(), hours(1), [1, 0, 1], 1.0 / 60.0),
+        ]
+    );
+
+    // A rolled-up hour counts when it starts within the range.
+    b.since = a_long_ago + Duration::minutes(1);
+    b.agent = Some("a".into());
+    let a = volume(&run(&client, "heartbeat_volume", &b).await);
+    assert_eq!(a.iter().map(|r| r.1).collect::<Vec<_>>(), [t0, hours(1)]);
+
+    // Before the retention job's first run, everything is read raw.
+    client.execute("UPDATE warden.retention_state SET hour_watermark = NULL", &[]).await.unwrap();
+    let raw = volume(&run(&client, "heartbeat_volume", &b).await);
+    assert_eq!(raw.iter().map(|r| (r.1, r.2)).collect::<Vec<_>>(), [(t0, [1, 0, 0]), (hours(1), [2, 1, 0])]);
+}
+
+#[tokio::test]
 async fn the_executive_summary_compares_with_the_previous_period_and_prices_downtime() {
     let (_db, client, t0) = seeded().await;
     let result = run(&client, "executive_summary", &range(t0)).await;
