@@ -137,6 +137,11 @@ pub const REPORTS: &[Report] = &[
         params: &[Since, Until, Agent, BucketSeconds],
     },
     Report {
+        name: "score_history",
+        sql: include_str!("../sql/score_history.sql"),
+        params: &[Since, Until, Agent, BucketSeconds],
+    },
+    Report {
         name: "heartbeat_volume",
         sql: include_str!("../sql/heartbeat_volume.sql"),
         params: &[Since, Until, Agent, BucketSeconds],

@@ -401,7 +401,7 @@ pub struct ReportingSettings {
     /// `downtime_cost_per_minute` for agents carrying the label.
     #[serde(default)]
     pub label_costs: std::collections::BTreeMap<String, std::collections::BTreeMap<String, f64>>,
-    /// Bucket width of `score_trend` and `heartbeat_volume`.
+    /// Bucket width of `score_trend`, `score_history` and `heartbeat_volume`.
     pub trend_bucket: Duration,
     /// Rows in the "noisiest agents" reports.
     pub top_n: u32,

@@ -361,6 +361,65 @@ async fn heartbeat_volume_reads_rolled_up_hours_then_the_raw_heartbeats_after_th
 }
 
 #[tokio::test]
+async fn score_history_reads_rolled_up_hours_then_the_snapshots_after_them() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    let t0 = t0();
+    let hours = |at: DateTime<Utc>, h: i64| at + Duration::hours(h);
+    // 40 days back, on an even hour so that two-hour buckets hold two of them.
+    let back = (t0 - Duration::days(40)).timestamp();
+    let long_ago = DateTime::from_timestamp(back - back.rem_euclid(7200), 0).unwrap();
+    // Scores rolled up to t0 + 1h; t0's hour has its snapshots still kept
+    // as well, which must not count twice. An hour without a score rolls
+    // up to no samples.
+    client.execute("UPDATE warden.retention_state SET score_watermark = $1", &[&hours(t0, 1)]).await.unwrap();
+    client
+        .execute(
+            "INSERT INTO warden.score_rollups (agent_id, hour_start, samples, score_min, score_avg, score_max) \
+             VALUES ('a', $1, 4, 50, 70, 90), ('a', $2, 1, 20, 20, 20), ('a', $3, 0, NULL, NULL, NULL), \
+                    ('a', $4, 2, 80, 85, 90)",
+            &[&long_ago, &hours(long_ago, 1), &hours(long_ago, 2), &t0],
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            "INSERT INTO warden.health_history (agent_id, evaluated_at, score, tier, liveness) \
+             VALUES ('a', $1, 10, 'critical', 'online'), ('a', $2, 40, 'poor', 'online'), \
+                    ('a', $3, 60, 'fair', 'online'), ('a', $4, NULL, NULL, 'unknown')",
+            &[&minutes(t0, 10), &minutes(t0, 70), &minutes(t0, 80), &minutes(t0, 90)],
+        )
+        .await
+        .unwrap();
+
+    let mut b = Bindings::new(&settings(), long_ago, hours(t0, 2));
+    let history = |result: &ResultSet| -> Vec<(DateTime<Utc>, i64, [f64; 3])> {
+        rows(result)
+            .iter()
+            .map(|r| {
+                let Value::Time(bucket) = r["bucket"] else { panic!("bucket: {:?}", r["bucket"]) };
+                let scores = [float(r["min_score"]), float(r["mean_score"]), float(r["max_score"])];
+                (*bucket, int(r["samples"]), scores)
+            })
+            .collect()
+    };
+    assert_eq!(
+        history(&run(&client, "score_history", &b).await),
+        vec![
+            (long_ago, 4, [50.0, 70.0, 90.0]),
+            (hours(long_ago, 1), 1, [20.0, 20.0, 20.0]),
+            (t0, 2, [80.0, 85.0, 90.0]),
+            (hours(t0, 1), 2, [40.0, 50.0, 60.0]),
+        ]
+    );
+
+    // A two-hour bucket weighs each hour's mean by its samples.
+    b.bucket_seconds = 7200.0;
+    b.until = hours(long_ago, 3);
+    assert_eq!(history(&run(&client, "score_history", &b).await), vec![(long_ago, 5, [20.0, 60.0, 90.0])]);
+}
+
+#[tokio::test]
 async fn the_executive_summary_compares_with_the_previous_period_and_prices_downtime() {
     let (_db, client, t0) = seeded().await;
     let result = run(&client, "executive_summary", &range(t0)).await;
