@@ -2,11 +2,11 @@
 --
 -- Purpose: how much each agent reported, and how much of it was trouble,
 --   over ranges longer than raw heartbeats are kept (retention.heartbeats,
---   7 days). Hours the retention job has rolled up are read from
---   warden.heartbeat_rollups (kept retention.hour_rollups, 400 days); the
---   hours after its hour watermark, not rolled up yet, from the raw
---   heartbeats. A rolled-up hour counts whole when it starts within the
---   range; raw heartbeats count when they were received within it.
+--   7 days). Whole hours of the range that the retention job has rolled
+--   up are read from warden.heartbeat_rollups (kept retention.hour_rollups,
+--   400 days); the rest of the range (the hours after its hour watermark,
+--   and partial hours at either end) from the raw heartbeats, so that the
+--   figures are exact wherever the raw rows are still kept.
 --   Buckets are aligned to the Unix epoch and at least an hour wide (an
 --   hour is what the rollups keep); buckets without heartbeats are absent.
 --
@@ -24,23 +24,27 @@
 --   unhealthy              bigint       of which reported a status other than healthy
 --   heartbeats_per_minute  float8       heartbeats over the bucket's width
 WITH params AS (
-    SELECT greatest($4::float8, 3600) AS width,
-           -- Before the retention job's first run nothing is rolled up.
-           coalesce((SELECT hour_watermark FROM warden.retention_state), '-infinity') AS rolled_up_to
+    SELECT p.width, p.first_hour, least(p.last_hour, p.rolled_up_to) AS rolled_to
+    FROM (SELECT greatest($4::float8, 3600) AS width,
+                 -- The whole hours within the range (UTC hours, as the rollups').
+                 date_trunc('hour', $1::timestamptz + interval '1 hour' - interval '1 microsecond', 'UTC') AS first_hour,
+                 date_trunc('hour', $2::timestamptz, 'UTC') AS last_hour,
+                 -- Before the retention job's first run nothing is rolled up.
+                 coalesce((SELECT hour_watermark FROM warden.retention_state), '-infinity') AS rolled_up_to) p
 ),
 hours AS (
+    -- Rolled-up hours cover [first_hour, rolled_to); raw rows the rest.
     SELECT r.agent_id, r.bucket_start AS at, r.heartbeats, r.restarts, r.unhealthy
     FROM warden.heartbeat_rollups r, params p
     WHERE r.bucket = 'hour'
-      AND r.bucket_start >= $1::timestamptz
-      AND r.bucket_start < $2::timestamptz
-      AND r.bucket_start < p.rolled_up_to
+      AND r.bucket_start >= p.first_hour
+      AND r.bucket_start < p.rolled_to
       AND ($3::text IS NULL OR r.agent_id = $3::text)
     UNION ALL
     SELECT h.agent_id, h.received_at, 1, h.restart_detected::int, (h.status <> 'healthy')::int
     FROM warden.agent_heartbeats h, params p
-    WHERE h.received_at >= greatest($1::timestamptz, p.rolled_up_to)
-      AND h.received_at < $2::timestamptz
+    WHERE ((h.received_at >= $1::timestamptz AND h.received_at < least(p.first_hour, $2::timestamptz))
+           OR (h.received_at >= greatest(p.rolled_to, p.first_hour, $1::timestamptz) AND h.received_at < $2::timestamptz))
       AND ($3::text IS NULL OR h.agent_id = $3::text)
 )
 SELECT x.agent_id,

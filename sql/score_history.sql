@@ -2,11 +2,12 @@
 --
 -- Purpose: how agents' scores ranged over time, over ranges longer than
 --   the score snapshots are kept (retention.health_history, 30 days).
---   Hours the retention job has rolled up are read from
---   warden.score_rollups (kept retention.hour_rollups, 400 days); the hours
---   after its score watermark, not rolled up yet, from the snapshots in
---   warden.health_history. A rolled-up hour counts whole when it starts
---   within the range; snapshots count when they were taken within it.
+--   Whole hours of the range that the retention job has rolled up are
+--   read from warden.score_rollups (kept retention.hour_rollups, 400 days);
+--   the rest of the range (the hours after its score watermark, and
+--   partial hours at either end) from the snapshots in
+--   warden.health_history, so that the figures are exact wherever the
+--   snapshots are still kept.
 --   Figures are over snapshots, not weighted by time (as in score_trend,
 --   which has each bucket's last score and tier but reads the snapshots
 --   only). Buckets are aligned to the Unix epoch and at least an hour
@@ -26,24 +27,28 @@
 --   mean_score  float8       mean score of the snapshots
 --   max_score   float8       highest score
 WITH params AS (
-    SELECT greatest($4::float8, 3600) AS width,
-           -- Before the retention job's first run nothing is rolled up.
-           coalesce((SELECT score_watermark FROM warden.retention_state), '-infinity') AS rolled_up_to
+    SELECT p.width, p.first_hour, least(p.last_hour, p.rolled_up_to) AS rolled_to
+    FROM (SELECT greatest($4::float8, 3600) AS width,
+                 -- The whole hours within the range (UTC hours, as the rollups').
+                 date_trunc('hour', $1::timestamptz + interval '1 hour' - interval '1 microsecond', 'UTC') AS first_hour,
+                 date_trunc('hour', $2::timestamptz, 'UTC') AS last_hour,
+                 -- Before the retention job's first run nothing is rolled up.
+                 coalesce((SELECT score_watermark FROM warden.retention_state), '-infinity') AS rolled_up_to) p
 ),
 hours AS (
+    -- Rolled-up hours cover [first_hour, rolled_to); snapshots the rest.
     SELECT r.agent_id, r.hour_start AS at, r.samples::bigint AS samples,
            r.score_min, r.score_avg * r.samples AS score_sum, r.score_max
     FROM warden.score_rollups r, params p
-    WHERE r.hour_start >= $1::timestamptz
-      AND r.hour_start < $2::timestamptz
-      AND r.hour_start < p.rolled_up_to
+    WHERE r.hour_start >= p.first_hour
+      AND r.hour_start < p.rolled_to
       AND r.samples > 0
       AND ($3::text IS NULL OR r.agent_id = $3::text)
     UNION ALL
     SELECT h.agent_id, h.evaluated_at, 1, h.score, h.score, h.score
     FROM warden.health_history h, params p
-    WHERE h.evaluated_at >= greatest($1::timestamptz, p.rolled_up_to)
-      AND h.evaluated_at < $2::timestamptz
+    WHERE ((h.evaluated_at >= $1::timestamptz AND h.evaluated_at < least(p.first_hour, $2::timestamptz))
+           OR (h.evaluated_at >= greatest(p.rolled_to, p.first_hour, $1::timestamptz) AND h.evaluated_at < $2::timestamptz))
       AND h.score IS NOT NULL
       AND ($3::text IS NULL OR h.agent_id = $3::text)
 )

@@ -348,11 +348,18 @@ async fn heartbeat_volume_reads_rolled_up_hours_then_the_raw_heartbeats_after_th
         ]
     );
 
-    // A rolled-up hour counts when it starts within the range.
+    // Rollups stand only for whole hours of the range; the partial hours at
+    // either end are counted from the raw rows, exactly where they are kept.
     b.since = a_long_ago + Duration::minutes(1);
     b.agent = Some("a".into());
     let a = volume(&run(&client, "heartbeat_volume", &b).await);
-    assert_eq!(a.iter().map(|r| r.1).collect::<Vec<_>>(), [t0, hours(1)]);
+    assert_eq!(a.iter().map(|r| r.1).collect::<Vec<_>>(), [t0, hours(1)], "the long-ago hour's rows are gone");
+    b.since = minutes(t0, 5);
+    b.until = minutes(t0, 75);
+    let a = volume(&run(&client, "heartbeat_volume", &b).await);
+    assert_eq!(a.iter().map(|r| (r.1, r.2)).collect::<Vec<_>>(), [(t0, [1, 0, 0]), (hours(1), [1, 0, 0])]);
+    b.since = t0;
+    b.until = hours(2);
 
     // Before the retention job's first run, everything is read raw.
     client.execute("UPDATE warden.retention_state SET hour_watermark = NULL", &[]).await.unwrap();
@@ -413,7 +420,15 @@ async fn score_history_reads_rolled_up_hours_then_the_snapshots_after_them() {
         ]
     );
 
+    // A partial hour is read from the snapshots, where they are kept.
+    b.since = minutes(t0, 5);
+    assert_eq!(
+        history(&run(&client, "score_history", &b).await),
+        vec![(t0, 1, [10.0, 10.0, 10.0]), (hours(t0, 1), 2, [40.0, 50.0, 60.0])]
+    );
+
     // A two-hour bucket weighs each hour's mean by its samples.
+    b.since = long_ago;
     b.bucket_seconds = 7200.0;
     b.until = hours(long_ago, 3);
     assert_eq!(history(&run(&client, "score_history", &b).await), vec![(long_ago, 5, [20.0, 60.0, 90.0])]);
@@ -741,6 +756,50 @@ async fn the_heartbeat_rate_panel_counts_partial_buckets_per_minute_covered() {
         let rate: f64 = r.get(1);
         assert!((rate - 2.0).abs() < 1e-9, "{rate} a minute in the bucket at {}", r.get::<_, f64>(0));
     }
+}
+
+#[tokio::test]
+async fn the_heartbeats_stat_counts_rolled_up_hours_and_the_raw_rows_after_them() {
+    // As heartbeat_volume: rolled up to t0 + 1h, an hour 40 days back
+    // whose raw rows are gone, t0's hour rolled up with its raw row still
+    // kept (counted once), and raw rows after the watermark.
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    let t0 = t0();
+    let long_ago = t0 - Duration::days(40);
+    client.execute("UPDATE warden.retention_state SET hour_watermark = $1", &[&minutes(t0, 60)]).await.unwrap();
+    client
+        .execute(
+            "INSERT INTO warden.heartbeat_rollups (agent_id, bucket, bucket_start, heartbeats) \
+             VALUES ('a1', 'hour', $1, 120), ('a1', 'hour', $2, 60), ('a2', 'hour', $2, 7)",
+            &[&long_ago, &t0],
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            "INSERT INTO warden.agent_heartbeats (agent_id, received_at, status) \
+             VALUES ('a1', $1, 'healthy'), ('a1', $2, 'healthy'), ('a1', $3, 'healthy')",
+            &[&minutes(t0, 10), &minutes(t0, 70), &minutes(t0, 80)],
+        )
+        .await
+        .unwrap();
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("dashboards/agent-detail.json");
+    let dashboard: Json = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let query = queries(&dashboard)
+        .into_iter()
+        .find(|q| q.place.starts_with("panel \"Heartbeats\""))
+        .expect("the Heartbeats panel");
+    let count = |from: DateTime<Utc>, to: DateTime<Utc>| {
+        let context =
+            GrafanaContext { from, to, interval: "1h", interval_secs: 3600, variables: vec![("agent", "a1")] };
+        let sql = format!("SELECT q.heartbeats::bigint FROM ({}) q", context.expand(&query.sql));
+        let client = &client;
+        async move { client.query_one(&sql, &[]).await.unwrap().get::<_, i64>(0) }
+    };
+    assert_eq!(count(long_ago - Duration::days(1), minutes(t0, 120)).await, 120 + 60 + 2);
+    assert_eq!(count(minutes(t0, 5), minutes(t0, 75)).await, 2, "partial hours from the raw rows");
+    assert_eq!(count(minutes(t0, 0), minutes(t0, 60)).await, 60, "a whole rolled-up hour");
 }
 
 #[test]
