@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # CPU time per heartbeat written, by PostgreSQL and by warden, during one
 # `warden bench ingest` run (group commit only). Throughput on a shared
-# 2-core machine moves 10-20 % between runs with the machine's speed; the
-# CPU a heartbeat costs moves far less, so compare builds or schema
-# changes by it, runs alternated (A B B A).
+# 2-core machine can move by a third between runs with the machine's
+# speed; the CPU a heartbeat costs moves far less, so compare builds or
+# schema changes by it, runs alternated (A B B A).
 #
 #   scripts/ingest-cpu.sh --batch 100
 #   WARDEN=/tmp/warden-old scripts/ingest-cpu.sh --batch 100 --metrics 2
@@ -11,9 +11,12 @@
 # Arguments go to `warden bench ingest`. Uses (drops and creates) the
 # database warden_bench on the PostgreSQL at 127.0.0.1:5432 (user
 # postgres); WARDEN is the binary (default: a release build of this
-# checkout). Counts every process named postgres* or warden* on the
-# machine, sampled every 0.2 s, so run it on an otherwise idle one.
+# checkout). PostgreSQL's figure is every process named postgres on the
+# machine, so run it on an otherwise idle one with a single cluster.
 set -euo pipefail
+if [ -n "${WARDEN:-}" ]; then
+    WARDEN=$(realpath "$WARDEN")
+fi
 cd "$(dirname "$0")/.."
 
 DB=warden_bench
@@ -27,44 +30,67 @@ export PGOPTIONS="-c client_min_messages=warning"
 export WARDEN__DATABASE__URL="postgres://postgres@127.0.0.1:5432/$DB"
 "$WARDEN" migrate >/dev/null
 
-samples=$(mktemp)
 output=$(mktemp)
-trap 'rm -f "$samples" "$output"' EXIT
+times_file=$(mktemp)
+before=$(mktemp)
+after=$(mktemp)
+trap 'rm -f "$output" "$times_file" "$before" "$after"' EXIT
 
-# One line per process per sample: pid, postgres|warden, user+system ticks.
+# One line per postgres process: pid, start time (pid and start time name
+# a process; pids are reused), parent pid, its own user+system ticks, and
+# those of its children it has reaped.
 sample() {
+    local stat line rest
     for stat in /proc/[0-9]*/stat; do
-        read -r line <"$stat" 2>/dev/null || continue
-        comm=${line#*(}
-        comm=${comm%%)*}
-        case $comm in
-            postgres*) group=postgres ;;
-            warden*) group=warden ;;
+        { read -r line <"$stat"; } 2>/dev/null || continue
+        # The command is between the first "(" and the last ")", and may
+        # itself hold either.
+        rest=${line##*) }
+        case ${line#*(} in
+            postgres*) ;;
             *) continue ;;
         esac
-        rest=${line##*) }
-        # Fields after the command: state is the 1st, utime the 12th, stime the 13th.
+        # After the command: state is the 1st field, ppid the 2nd, utime,
+        # stime, cutime and cstime the 12th to 15th, start time the 20th.
+        # shellcheck disable=SC2086
         set -- $rest
-        echo "${stat//[^0-9]/} $group $((${12} + ${13}))"
+        echo "${stat//[^0-9]/} ${20} $2 $((${12} + ${13})) $((${14} + ${15}))"
     done
 }
 
-sample | sed 's/^/base /' >"$samples"
-"$WARDEN" bench ingest --skip-naive "$@" >"$output" 2>&1 &
-bench=$!
-while kill -0 "$bench" 2>/dev/null; do
-    sample | sed 's/^/run /' >>"$samples"
-    sleep 0.2
-done
-wait "$bench"
-grep -v '^\s*$' "$output" | grep -v WARN
+sample >"$before"
+# warden's CPU is what the bench and the server it starts used, reaped in
+# this subshell by the time `times` reports its children.
+rc=0
+(
+    rc=0
+    "$WARDEN" bench ingest --skip-naive "$@" >"$output" 2>&1 || rc=$?
+    times >"$times_file"
+    exit "$rc"
+) || rc=$?
+sample >"$after"
+grep -v -e '^[[:space:]]*$' -e WARN "$output" || true
+if [ "$rc" -ne 0 ]; then
+    echo "warden bench ingest failed (exit status $rc)" >&2
+    exit "$rc"
+fi
 
 rows=$("${PSQL[@]}" -d "$DB" -c "SELECT count(*) FROM warden.agent_heartbeats")
-awk -v rows="$rows" -v hz="$(getconf CLK_TCK)" '
-    $1 == "base" { base[$2] = $4 }
-    $1 == "run" { group[$2] = $3; last[$2] = $4 }
+warden_seconds=$(awk 'NR == 2 {
+        for (i = 1; i <= 2; i++) { split($i, t, /[ms]/); total += t[1] * 60 + t[2] }
+        print total }' "$times_file")
+awk -v rows="$rows" -v hz="$(getconf CLK_TCK)" -v warden="$warden_seconds" '
+    FNR == NR { base[$1 " " $2] = $4; base_reaped[$1 " " $2] = $5; next }
+    { key = $1 " " $2; own[key] = $4; reaped[key] = $5; parent[key] = $3; pid[key] = $1; alive[$1] = 1 }
     END {
-        for (pid in last) used[group[pid]] += last[pid] - base[pid]
+        for (key in own) {
+            ticks += own[key] - base[key]
+            # The postmaster (whose parent is no postgres process): the CPU
+            # of the backends that exited during the run, all of it.
+            if (!(parent[key] in alive)) ticks += reaped[key] - base_reaped[key]
+        }
+        if (rows == 0) { print "no heartbeat rows were written"; exit 1 }
         printf "heartbeat rows written: %d\n", rows
-        for (g in used) printf "%-8s CPU per heartbeat row: %.2f us\n", g, used[g] / hz / rows * 1e6
-    }' "$samples"
+        printf "postgres CPU per heartbeat row: %.2f us\n", ticks / hz / rows * 1e6
+        printf "warden   CPU per heartbeat row: %.2f us (server and load generator)\n", warden / rows * 1e6
+    }' "$before" "$after"

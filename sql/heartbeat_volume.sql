@@ -4,17 +4,19 @@
 --   over ranges longer than raw heartbeats are kept (retention.heartbeats,
 --   7 days). Whole hours of the range that the retention job has rolled
 --   up are read from warden.heartbeat_rollups (kept retention.hour_rollups,
---   400 days); the rest of the range (the hours after its hour watermark,
---   and partial hours at either end) from the raw heartbeats, so that the
---   figures are exact wherever the raw rows are still kept.
---   Buckets are aligned to the Unix epoch and at least an hour wide (an
---   hour is what the rollups keep); buckets without heartbeats are absent.
+--   400 days); the rest of the range (hours before the job's first run
+--   or after its hour watermark, and partial hours at either end) from the
+--   raw heartbeats, so that the figures are exact wherever the raw rows
+--   are still kept.
+--   Buckets are aligned to the Unix epoch and a whole number of hours wide
+--   (hours are what the rollups keep); buckets without heartbeats are
+--   absent.
 --
 -- Parameters:
 --   $1 since           timestamptz  start of the range (inclusive)
 --   $2 until           timestamptz  end of the range (exclusive)
 --   $3 agent           text         one agent_id, or NULL for every agent
---   $4 bucket_seconds  float8       bucket width in seconds (reporting.trend_bucket), at least 3600
+--   $4 bucket_seconds  float8       bucket width in seconds (reporting.trend_bucket), rounded up to whole hours
 --
 -- Columns:
 --   agent_id               text         the agent
@@ -24,27 +26,31 @@
 --   unhealthy              bigint       of which reported a status other than healthy
 --   heartbeats_per_minute  float8       heartbeats over the bucket's width
 WITH params AS (
-    SELECT p.width, p.first_hour, least(p.last_hour, p.rolled_up_to) AS rolled_to
-    FROM (SELECT greatest($4::float8, 3600) AS width,
-                 -- The whole hours within the range (UTC hours, as the rollups').
+    -- Rollups stand for the whole hours of the range that they cover: from
+    -- the first one kept (hours before the retention job's first run were
+    -- never rolled up) to the job's watermark.
+    SELECT p.width, greatest(p.first_hour, p.rollups_from) AS covered_from,
+           least(p.last_hour, p.rolled_up_to) AS covered_to
+    FROM (SELECT ceil(greatest($4::float8, 3600) / 3600) * 3600 AS width,
+                 -- UTC hours, as the rollups'.
                  date_trunc('hour', $1::timestamptz + interval '1 hour' - interval '1 microsecond', 'UTC') AS first_hour,
                  date_trunc('hour', $2::timestamptz, 'UTC') AS last_hour,
-                 -- Before the retention job's first run nothing is rolled up.
+                 coalesce((SELECT min(bucket_start) FROM warden.heartbeat_rollups WHERE bucket = 'hour'), 'infinity') AS rollups_from,
                  coalesce((SELECT hour_watermark FROM warden.retention_state), '-infinity') AS rolled_up_to) p
 ),
 hours AS (
-    -- Rolled-up hours cover [first_hour, rolled_to); raw rows the rest.
+    -- Rolled-up hours cover [covered_from, covered_to); raw rows the rest.
     SELECT r.agent_id, r.bucket_start AS at, r.heartbeats, r.restarts, r.unhealthy
     FROM warden.heartbeat_rollups r, params p
     WHERE r.bucket = 'hour'
-      AND r.bucket_start >= p.first_hour
-      AND r.bucket_start < p.rolled_to
+      AND r.bucket_start >= p.covered_from
+      AND r.bucket_start < p.covered_to
       AND ($3::text IS NULL OR r.agent_id = $3::text)
     UNION ALL
     SELECT h.agent_id, h.received_at, 1, h.restart_detected::int, (h.status <> 'healthy')::int
     FROM warden.agent_heartbeats h, params p
-    WHERE ((h.received_at >= $1::timestamptz AND h.received_at < least(p.first_hour, $2::timestamptz))
-           OR (h.received_at >= greatest(p.rolled_to, p.first_hour, $1::timestamptz) AND h.received_at < $2::timestamptz))
+    WHERE ((h.received_at >= $1::timestamptz AND h.received_at < least(p.covered_from, $2::timestamptz))
+           OR (h.received_at >= greatest(p.covered_to, p.covered_from) AND h.received_at < $2::timestamptz))
       AND ($3::text IS NULL OR h.agent_id = $3::text)
 )
 SELECT x.agent_id,

@@ -4,20 +4,20 @@
 --   the score snapshots are kept (retention.health_history, 30 days).
 --   Whole hours of the range that the retention job has rolled up are
 --   read from warden.score_rollups (kept retention.hour_rollups, 400 days);
---   the rest of the range (the hours after its score watermark, and
---   partial hours at either end) from the snapshots in
---   warden.health_history, so that the figures are exact wherever the
+--   the rest of the range (hours before the job's first run or after its
+--   score watermark, and partial hours at either end) from the snapshots
+--   in warden.health_history, so that the figures are exact wherever the
 --   snapshots are still kept.
 --   Figures are over snapshots, not weighted by time (as in score_trend,
 --   which has each bucket's last score and tier but reads the snapshots
---   only). Buckets are aligned to the Unix epoch and at least an hour
---   wide; buckets without a snapshot are absent.
+--   only). Buckets are aligned to the Unix epoch and a whole number of
+--   hours wide; buckets without a snapshot are absent.
 --
 -- Parameters:
 --   $1 since           timestamptz  start of the range (inclusive)
 --   $2 until           timestamptz  end of the range (exclusive)
 --   $3 agent           text         one agent_id, or NULL for every agent
---   $4 bucket_seconds  float8       bucket width in seconds (reporting.trend_bucket), at least 3600
+--   $4 bucket_seconds  float8       bucket width in seconds (reporting.trend_bucket), rounded up to whole hours
 --
 -- Columns:
 --   agent_id    text         the agent
@@ -27,28 +27,32 @@
 --   mean_score  float8       mean score of the snapshots
 --   max_score   float8       highest score
 WITH params AS (
-    SELECT p.width, p.first_hour, least(p.last_hour, p.rolled_up_to) AS rolled_to
-    FROM (SELECT greatest($4::float8, 3600) AS width,
-                 -- The whole hours within the range (UTC hours, as the rollups').
+    -- Rollups stand for the whole hours of the range that they cover: from
+    -- the first one kept (hours before the retention job's first run were
+    -- never rolled up) to the job's watermark.
+    SELECT p.width, greatest(p.first_hour, p.rollups_from) AS covered_from,
+           least(p.last_hour, p.rolled_up_to) AS covered_to
+    FROM (SELECT ceil(greatest($4::float8, 3600) / 3600) * 3600 AS width,
+                 -- UTC hours, as the rollups'.
                  date_trunc('hour', $1::timestamptz + interval '1 hour' - interval '1 microsecond', 'UTC') AS first_hour,
                  date_trunc('hour', $2::timestamptz, 'UTC') AS last_hour,
-                 -- Before the retention job's first run nothing is rolled up.
+                 coalesce((SELECT min(hour_start) FROM warden.score_rollups), 'infinity') AS rollups_from,
                  coalesce((SELECT score_watermark FROM warden.retention_state), '-infinity') AS rolled_up_to) p
 ),
 hours AS (
-    -- Rolled-up hours cover [first_hour, rolled_to); snapshots the rest.
+    -- Rolled-up hours cover [covered_from, covered_to); snapshots the rest.
     SELECT r.agent_id, r.hour_start AS at, r.samples::bigint AS samples,
            r.score_min, r.score_avg * r.samples AS score_sum, r.score_max
     FROM warden.score_rollups r, params p
-    WHERE r.hour_start >= p.first_hour
-      AND r.hour_start < p.rolled_to
+    WHERE r.hour_start >= p.covered_from
+      AND r.hour_start < p.covered_to
       AND r.samples > 0
       AND ($3::text IS NULL OR r.agent_id = $3::text)
     UNION ALL
     SELECT h.agent_id, h.evaluated_at, 1, h.score, h.score, h.score
     FROM warden.health_history h, params p
-    WHERE ((h.evaluated_at >= $1::timestamptz AND h.evaluated_at < least(p.first_hour, $2::timestamptz))
-           OR (h.evaluated_at >= greatest(p.rolled_to, p.first_hour, $1::timestamptz) AND h.evaluated_at < $2::timestamptz))
+    WHERE ((h.evaluated_at >= $1::timestamptz AND h.evaluated_at < least(p.covered_from, $2::timestamptz))
+           OR (h.evaluated_at >= greatest(p.covered_to, p.covered_from) AND h.evaluated_at < $2::timestamptz))
       AND h.score IS NOT NULL
       AND ($3::text IS NULL OR h.agent_id = $3::text)
 )

@@ -361,10 +361,38 @@ async fn heartbeat_volume_reads_rolled_up_hours_then_the_raw_heartbeats_after_th
     b.since = t0;
     b.until = hours(2);
 
+    // Buckets are whole hours: 90 minutes become two hours, on even hours.
+    b.agent = None;
+    b.since = a_long_ago;
+    b.bucket_seconds = 5400.0;
+    let wide = volume(&run(&client, "heartbeat_volume", &b).await);
+    assert!(wide.iter().all(|r| r.1.timestamp() % 7200 == 0), "{wide:?}");
+    assert_eq!(wide.iter().map(|r| r.2[0]).sum::<i64>(), 120 + 60 + 2 + 30 + 1, "{wide:?}");
+    assert!(wide.iter().all(|r| (r.3 - r.2[0] as f64 / 120.0).abs() < 1e-9), "per minute of two hours: {wide:?}");
+    b.bucket_seconds = 3600.0;
+    b.agent = Some("a".into());
+
+    // Hours before the first rollup (the retention job's first run) were
+    // never rolled up: read raw, like those after the watermark.
+    client
+        .execute(
+            "INSERT INTO warden.agent_heartbeats (agent_id, received_at, status) VALUES ('a', $1, 'healthy')",
+            &[&minutes(t0, -30)],
+        )
+        .await
+        .unwrap();
+    let before_t0 = |result: &ResultSet| volume(result).into_iter().filter(|r| r.1 == hours(-1)).count();
+    assert_eq!(before_t0(&run(&client, "heartbeat_volume", &b).await), 0, "within the rolled-up hours");
+    client.execute("DELETE FROM warden.heartbeat_rollups WHERE bucket_start < $1", &[&t0]).await.unwrap();
+    assert_eq!(before_t0(&run(&client, "heartbeat_volume", &b).await), 1, "before the first rollup");
+
     // Before the retention job's first run, everything is read raw.
     client.execute("UPDATE warden.retention_state SET hour_watermark = NULL", &[]).await.unwrap();
     let raw = volume(&run(&client, "heartbeat_volume", &b).await);
-    assert_eq!(raw.iter().map(|r| (r.1, r.2)).collect::<Vec<_>>(), [(t0, [1, 0, 0]), (hours(1), [2, 1, 0])]);
+    assert_eq!(
+        raw.iter().map(|r| (r.1, r.2)).collect::<Vec<_>>(),
+        [(hours(-1), [1, 0, 0]), (t0, [1, 0, 0]), (hours(1), [2, 1, 0])]
+    );
 }
 
 #[tokio::test]
