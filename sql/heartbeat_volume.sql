@@ -40,17 +40,25 @@ WITH params AS (
 ),
 hours AS (
     -- Rolled-up hours cover [covered_from, covered_to); raw rows the rest.
+    -- The bounds are scalar subqueries, not a join, so that PostgreSQL
+    -- skips the partitions and index ranges outside them.
     SELECT r.agent_id, r.bucket_start AS at, r.heartbeats, r.restarts, r.unhealthy
-    FROM warden.heartbeat_rollups r, params p
+    FROM warden.heartbeat_rollups r
     WHERE r.bucket = 'hour'
-      AND r.bucket_start >= p.covered_from
-      AND r.bucket_start < p.covered_to
+      AND r.bucket_start >= (SELECT covered_from FROM params)
+      AND r.bucket_start < (SELECT covered_to FROM params)
       AND ($3::text IS NULL OR r.agent_id = $3::text)
     UNION ALL
     SELECT h.agent_id, h.received_at, 1, h.restart_detected::int, (h.status <> 'healthy')::int
-    FROM warden.agent_heartbeats h, params p
-    WHERE ((h.received_at >= $1::timestamptz AND h.received_at < least(p.covered_from, $2::timestamptz))
-           OR (h.received_at >= greatest(p.covered_to, p.covered_from) AND h.received_at < $2::timestamptz))
+    FROM warden.agent_heartbeats h
+    WHERE h.received_at >= $1::timestamptz
+      AND h.received_at < least((SELECT covered_from FROM params), $2::timestamptz)
+      AND ($3::text IS NULL OR h.agent_id = $3::text)
+    UNION ALL
+    SELECT h.agent_id, h.received_at, 1, h.restart_detected::int, (h.status <> 'healthy')::int
+    FROM warden.agent_heartbeats h
+    WHERE h.received_at >= (SELECT greatest(covered_to, covered_from) FROM params)
+      AND h.received_at < $2::timestamptz
       AND ($3::text IS NULL OR h.agent_id = $3::text)
 )
 SELECT x.agent_id,

@@ -41,18 +41,27 @@ WITH params AS (
 ),
 hours AS (
     -- Rolled-up hours cover [covered_from, covered_to); snapshots the rest.
+    -- The bounds are scalar subqueries, not a join, so that PostgreSQL
+    -- skips the partitions and index ranges outside them.
     SELECT r.agent_id, r.hour_start AS at, r.samples::bigint AS samples,
            r.score_min, r.score_avg * r.samples AS score_sum, r.score_max
-    FROM warden.score_rollups r, params p
-    WHERE r.hour_start >= p.covered_from
-      AND r.hour_start < p.covered_to
+    FROM warden.score_rollups r
+    WHERE r.hour_start >= (SELECT covered_from FROM params)
+      AND r.hour_start < (SELECT covered_to FROM params)
       AND r.samples > 0
       AND ($3::text IS NULL OR r.agent_id = $3::text)
     UNION ALL
     SELECT h.agent_id, h.evaluated_at, 1, h.score, h.score, h.score
-    FROM warden.health_history h, params p
-    WHERE ((h.evaluated_at >= $1::timestamptz AND h.evaluated_at < least(p.covered_from, $2::timestamptz))
-           OR (h.evaluated_at >= greatest(p.covered_to, p.covered_from) AND h.evaluated_at < $2::timestamptz))
+    FROM warden.health_history h
+    WHERE h.evaluated_at >= $1::timestamptz
+      AND h.evaluated_at < least((SELECT covered_from FROM params), $2::timestamptz)
+      AND h.score IS NOT NULL
+      AND ($3::text IS NULL OR h.agent_id = $3::text)
+    UNION ALL
+    SELECT h.agent_id, h.evaluated_at, 1, h.score, h.score, h.score
+    FROM warden.health_history h
+    WHERE h.evaluated_at >= (SELECT greatest(covered_to, covered_from) FROM params)
+      AND h.evaluated_at < $2::timestamptz
       AND h.score IS NOT NULL
       AND ($3::text IS NULL OR h.agent_id = $3::text)
 )
