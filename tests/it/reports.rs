@@ -807,8 +807,9 @@ async fn the_heartbeats_stat_counts_rolled_up_hours_and_the_raw_rows_after_them(
     client
         .execute(
             "INSERT INTO warden.agent_heartbeats (agent_id, received_at, status) \
-             VALUES ('a1', $1, 'healthy'), ('a1', $2, 'healthy'), ('a1', $3, 'healthy')",
-            &[&minutes(t0, 10), &minutes(t0, 70), &minutes(t0, 80)],
+             VALUES ('a1', $1, 'healthy'), ('a1', $2, 'healthy'), ('a1', $3, 'healthy'), ('a1', $4, 'healthy')",
+            // One exactly at the watermark: the first not rolled up.
+            &[&minutes(t0, 10), &minutes(t0, 60), &minutes(t0, 70), &minutes(t0, 80)],
         )
         .await
         .unwrap();
@@ -825,9 +826,10 @@ async fn the_heartbeats_stat_counts_rolled_up_hours_and_the_raw_rows_after_them(
         let client = &client;
         async move { client.query_one(&sql, &[]).await.unwrap().get::<_, i64>(0) }
     };
-    assert_eq!(count(long_ago - Duration::days(1), minutes(t0, 120)).await, 120 + 60 + 2);
-    assert_eq!(count(minutes(t0, 5), minutes(t0, 75)).await, 2, "partial hours from the raw rows");
+    assert_eq!(count(long_ago - Duration::days(1), minutes(t0, 120)).await, 120 + 60 + 3);
+    assert_eq!(count(minutes(t0, 5), minutes(t0, 75)).await, 3, "partial hours from the raw rows");
     assert_eq!(count(minutes(t0, 0), minutes(t0, 60)).await, 60, "a whole rolled-up hour");
+    assert_eq!(count(minutes(t0, 60), minutes(t0, 61)).await, 1, "the watermark's own minute, raw");
 }
 
 #[test]
