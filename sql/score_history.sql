@@ -27,17 +27,8 @@
 --   mean_score  float8       mean score of the snapshots
 --   max_score   float8       highest score
 WITH params AS (
-    -- Rollups stand for the whole hours of the range that they cover: from
-    -- the first one kept (hours before the retention job's first run were
-    -- never rolled up) to the job's watermark.
-    SELECT p.width, greatest(p.first_hour, p.rollups_from) AS covered_from,
-           least(p.last_hour, p.rolled_up_to) AS covered_to
-    FROM (SELECT ceil(greatest($4::float8, 3600) / 3600) * 3600 AS width,
-                 -- UTC hours, as the rollups'.
-                 date_trunc('hour', $1::timestamptz + interval '1 hour' - interval '1 microsecond', 'UTC') AS first_hour,
-                 date_trunc('hour', $2::timestamptz, 'UTC') AS last_hour,
-                 coalesce((SELECT min(hour_start) FROM warden.score_rollups), 'infinity') AS rollups_from,
-                 coalesce((SELECT score_watermark FROM warden.retention_state), '-infinity') AS rolled_up_to) p
+    SELECT ceil(greatest($4::float8, 3600) / 3600) * 3600 AS width, s.covered_from, s.covered_to
+    FROM warden.rollup_span('scores', $1::timestamptz, $2::timestamptz) s
 ),
 hours AS (
     -- Rolled-up hours cover [covered_from, covered_to); snapshots the rest.
