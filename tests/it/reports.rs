@@ -657,6 +657,16 @@ fn is_numeric(ty: &Type) -> bool {
     [Type::INT2, Type::INT4, Type::INT8, Type::FLOAT4, Type::FLOAT8, Type::NUMERIC].contains(ty)
 }
 
+/// The query of the agent-detail dashboard's panel titled `title`.
+fn agent_detail_panel(title: &str) -> Query {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("dashboards/agent-detail.json");
+    let dashboard: Json = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    queries(&dashboard)
+        .into_iter()
+        .find(|q| q.place.starts_with(&format!("panel \"{title}\"")))
+        .unwrap_or_else(|| panic!("no panel {title:?} in agent-detail.json"))
+}
+
 /// Runs one expanded query and checks the shape its panel type needs.
 async fn check_query(client: &tokio_postgres::Client, query: &Query, sql: &str) {
     let place = &query.place;
@@ -770,12 +780,7 @@ async fn the_heartbeat_rate_panel_counts_partial_buckets_per_minute_covered() {
             .unwrap();
     }
     let context = GrafanaContext { from, to, interval: "5m", interval_secs: 300, variables: vec![("agent", "a1")] };
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("dashboards/agent-detail.json");
-    let dashboard: Json = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let query = queries(&dashboard)
-        .into_iter()
-        .find(|q| q.place.starts_with("panel \"Heartbeat rate\""))
-        .expect("the Heartbeat rate panel");
+    let query = agent_detail_panel("Heartbeat rate");
     let sql =
         format!("SELECT q.time::float8, q.\"heartbeats per minute\"::float8 FROM ({}) q", context.expand(&query.sql));
     let rows = client.query(&sql, &[]).await.unwrap();
@@ -813,12 +818,7 @@ async fn the_heartbeats_stat_counts_rolled_up_hours_and_the_raw_rows_after_them(
         )
         .await
         .unwrap();
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("dashboards/agent-detail.json");
-    let dashboard: Json = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let query = queries(&dashboard)
-        .into_iter()
-        .find(|q| q.place.starts_with("panel \"Heartbeats\""))
-        .expect("the Heartbeats panel");
+    let query = agent_detail_panel("Heartbeats");
     let count = |from: DateTime<Utc>, to: DateTime<Utc>| {
         let context =
             GrafanaContext { from, to, interval: "1h", interval_secs: 3600, variables: vec![("agent", "a1")] };
