@@ -657,14 +657,15 @@ fn is_numeric(ty: &Type) -> bool {
     [Type::INT2, Type::INT4, Type::INT8, Type::FLOAT4, Type::FLOAT8, Type::NUMERIC].contains(ty)
 }
 
-/// The query of the agent-detail dashboard's panel titled `title`.
-fn agent_detail_panel(title: &str) -> Query {
+/// The query of the agent-detail dashboard's panel of type `kind` titled
+/// `title` (a stat and a time series are both called "Score").
+fn agent_detail_panel(kind: &str, title: &str) -> Query {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("dashboards/agent-detail.json");
     let dashboard: Json = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     queries(&dashboard)
         .into_iter()
-        .find(|q| q.place.starts_with(&format!("panel \"{title}\"")))
-        .unwrap_or_else(|| panic!("no panel {title:?} in agent-detail.json"))
+        .find(|q| q.kind == kind && q.place.starts_with(&format!("panel \"{title}\"")))
+        .unwrap_or_else(|| panic!("no {kind} panel {title:?} in agent-detail.json"))
 }
 
 /// Runs one expanded query and checks the shape its panel type needs.
@@ -780,7 +781,7 @@ async fn the_heartbeat_rate_panel_counts_partial_buckets_per_minute_covered() {
             .unwrap();
     }
     let context = GrafanaContext { from, to, interval: "5m", interval_secs: 300, variables: vec![("agent", "a1")] };
-    let query = agent_detail_panel("Heartbeat rate");
+    let query = agent_detail_panel("timeseries", "Heartbeat rate");
     let sql =
         format!("SELECT q.time::float8, q.\"heartbeats per minute\"::float8 FROM ({}) q", context.expand(&query.sql));
     let rows = client.query(&sql, &[]).await.unwrap();
@@ -818,7 +819,7 @@ async fn the_heartbeats_stat_counts_rolled_up_hours_and_the_raw_rows_after_them(
         )
         .await
         .unwrap();
-    let query = agent_detail_panel("Heartbeats");
+    let query = agent_detail_panel("stat", "Heartbeats");
     let count = |from: DateTime<Utc>, to: DateTime<Utc>| {
         let context =
             GrafanaContext { from, to, interval: "1h", interval_secs: 3600, variables: vec![("agent", "a1")] };
@@ -830,6 +831,156 @@ async fn the_heartbeats_stat_counts_rolled_up_hours_and_the_raw_rows_after_them(
     assert_eq!(count(minutes(t0, 5), minutes(t0, 75)).await, 3, "partial hours from the raw rows");
     assert_eq!(count(minutes(t0, 0), minutes(t0, 60)).await, 60, "a whole rolled-up hour");
     assert_eq!(count(minutes(t0, 60), minutes(t0, 61)).await, 1, "the watermark's own minute, raw");
+}
+
+/// The (time, value) points a time-series panel of the agent-detail
+/// dashboard draws for `agent` over [from, to) in buckets of
+/// `interval_secs` (`interval` as Grafana writes it).
+async fn series(
+    client: &tokio_postgres::Client,
+    title: &str,
+    value: &str,
+    agent: &'static str,
+    (from, to): (DateTime<Utc>, DateTime<Utc>),
+    (interval, interval_secs): (&'static str, u64),
+) -> Vec<(i64, f64)> {
+    let context = GrafanaContext { from, to, interval, interval_secs, variables: vec![("agent", agent)] };
+    let sql = format!(
+        "SELECT q.time::float8, q.\"{value}\"::float8 FROM ({}) q",
+        context.expand(&agent_detail_panel("timeseries", title).sql)
+    );
+    let rows = client.query(&sql, &[]).await.unwrap_or_else(|e| panic!("{title}: {e}\n{sql}"));
+    rows.iter().map(|r| (r.get::<_, f64>(0) as i64, r.get(1))).collect()
+}
+
+fn assert_points(actual: &[(i64, f64)], expected: &[(DateTime<Utc>, f64)]) {
+    let expected: Vec<(i64, f64)> = expected.iter().map(|(t, v)| (t.timestamp(), *v)).collect();
+    let same = actual.len() == expected.len()
+        && actual.iter().zip(&expected).all(|(a, e)| a.0 == e.0 && (a.1 - e.1).abs() < 1e-9);
+    assert!(same, "points {actual:?}, expected {expected:?}");
+}
+
+#[tokio::test]
+async fn the_heartbeat_rate_panel_reads_the_rollups_for_hours_before_the_oldest_raw_heartbeat() {
+    // Rolled up to t0 + 2h. a1's hours 40 days back have only their
+    // rollups left; t0's hour is rolled up too, but its raw heartbeats are
+    // still kept, so it is read raw (at full resolution) and never twice.
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    let t0 = t0();
+    let hours = |at: DateTime<Utc>, h: i64| at + Duration::hours(h);
+    let three_hours =
+        |at: DateTime<Utc>| DateTime::from_timestamp(at.timestamp() - at.timestamp().rem_euclid(10800), 0).unwrap();
+    let long_ago = three_hours(t0 - Duration::days(40));
+    // b's oldest raw heartbeat is in the second hour of a three-hour
+    // bucket whose first hour only the rollups still hold.
+    let b0 = three_hours(t0 - Duration::hours(3));
+    client.execute("UPDATE warden.retention_state SET hour_watermark = $1", &[&hours(t0, 2)]).await.unwrap();
+    client
+        .execute(
+            "INSERT INTO warden.heartbeat_rollups (agent_id, bucket, bucket_start, heartbeats) \
+             VALUES ('a1', 'hour', $1, 120), ('a1', 'hour', $2, 60), ('a1', 'hour', $3, 999), \
+                    ('a2', 'hour', $1, 7), ('a1', 'minute', $1, 5), \
+                    ('b', 'hour', $4, 30), ('b', 'hour', $5, 999)",
+            &[&long_ago, &hours(long_ago, 1), &t0, &b0, &hours(b0, 1)],
+        )
+        .await
+        .unwrap();
+    let beats = [
+        ("a1", minutes(t0, 10)),
+        ("a1", minutes(t0, 20)),
+        ("a1", minutes(t0, 70)),
+        ("b", minutes(hours(b0, 1), 30)),
+        ("b", minutes(hours(b0, 2), 30)),
+    ];
+    for (agent, at) in beats {
+        client
+            .execute(
+                "INSERT INTO warden.agent_heartbeats (agent_id, received_at, status) VALUES ($1, $2, 'healthy')",
+                &[&agent, &at],
+            )
+            .await
+            .unwrap();
+    }
+    let rate =
+        |agent, range, interval| series(&client, "Heartbeat rate", "heartbeats per minute", agent, range, interval);
+
+    let months = (long_ago, hours(t0, 2));
+    assert_points(
+        &rate("a1", months, ("1h", 3600)).await,
+        &[(long_ago, 2.0), (hours(long_ago, 1), 1.0), (t0, 2.0 / 60.0), (hours(t0, 1), 1.0 / 60.0)],
+    );
+    // Finer buckets: rolled-up hours stay hours, raw heartbeats get 5 minutes.
+    assert_points(
+        &rate("a1", months, ("5m", 300)).await,
+        &[
+            (long_ago, 2.0),
+            (hours(long_ago, 1), 1.0),
+            (minutes(t0, 10), 0.2),
+            (minutes(t0, 20), 0.2),
+            (minutes(t0, 70), 0.2),
+        ],
+    );
+    // Coarser buckets sum the hours, per minute of the bucket.
+    assert_points(&rate("a1", (long_ago, hours(long_ago, 3)), ("3h", 10800)).await, &[(long_ago, 1.0)]);
+    // A bucket holding both rolled-up hours and raw heartbeats adds them.
+    assert_points(&rate("b", (b0, hours(b0, 3)), ("3h", 10800)).await, &[(b0, 32.0 * 60.0 / 10800.0)]);
+    // Within the raw retention nothing changes.
+    assert_points(
+        &rate("a1", (t0, hours(t0, 1)), ("5m", 300)).await,
+        &[(minutes(t0, 10), 0.2), (minutes(t0, 20), 0.2)],
+    );
+}
+
+#[tokio::test]
+async fn the_score_panel_reads_the_rollups_for_hours_before_the_oldest_snapshot() {
+    // As the heartbeat rate: rolled up to t0 + 2h; t0's hour also has its
+    // snapshots still kept and is read from them. An hour without a score
+    // rolls up to no samples and draws nothing.
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    let t0 = t0();
+    let hours = |at: DateTime<Utc>, h: i64| at + Duration::hours(h);
+    let back = (t0 - Duration::days(40)).timestamp();
+    let long_ago = DateTime::from_timestamp(back - back.rem_euclid(10800), 0).unwrap();
+    client.execute("UPDATE warden.retention_state SET score_watermark = $1", &[&hours(t0, 2)]).await.unwrap();
+    client
+        .execute(
+            "INSERT INTO warden.score_rollups (agent_id, hour_start, samples, score_min, score_avg, score_max) \
+             VALUES ('a', $1, 4, 50, 70, 90), ('a', $2, 1, 20, 20, 20), ('a', $3, 0, NULL, NULL, NULL), \
+                    ('a', $4, 2, 80, 85, 90), ('other', $1, 9, 0, 0, 0)",
+            &[&long_ago, &hours(long_ago, 1), &hours(long_ago, 2), &t0],
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            "INSERT INTO warden.health_history (agent_id, evaluated_at, score, tier, liveness) \
+             VALUES ('a', $1, 10, 'critical', 'online'), ('a', $2, 40, 'poor', 'online'), \
+                    ('a', $3, 60, 'fair', 'online'), ('a', $4, NULL, NULL, 'unknown')",
+            &[&minutes(t0, 10), &minutes(t0, 70), &minutes(t0, 80), &minutes(t0, 90)],
+        )
+        .await
+        .unwrap();
+    let score = |range, interval| series(&client, "Score", "score", "a", range, interval);
+
+    let months = (long_ago, hours(t0, 2));
+    assert_points(
+        &score(months, ("1h", 3600)).await,
+        &[(long_ago, 70.0), (hours(long_ago, 1), 20.0), (t0, 10.0), (hours(t0, 1), 50.0)],
+    );
+    assert_points(
+        &score(months, ("5m", 300)).await,
+        &[
+            (long_ago, 70.0),
+            (hours(long_ago, 1), 20.0),
+            (minutes(t0, 10), 10.0),
+            (minutes(t0, 70), 40.0),
+            (minutes(t0, 80), 60.0),
+        ],
+    );
+    // A three-hour bucket weighs each hour's mean by its samples.
+    assert_points(&score((long_ago, hours(long_ago, 3)), ("3h", 10800)).await, &[(long_ago, 60.0)]);
 }
 
 #[test]
