@@ -1,7 +1,8 @@
 -- restart_loops: the agents that restarted most often, with their restart_loop incidents.
 --
--- Purpose: the noisiest agents by restarts. Counts agent_restarted events
---   (uptime went down between two heartbeats) within the range, the
+-- Purpose: the noisiest agents by restarts. Counts the restarts warden
+--   detected (agent_restarted events of source 'warden': uptime went down
+--   between two heartbeats) within the range, the
 --   restart_loop incidents opened for the agent, and how long the agent
 --   typically ran before restarting. Agents with neither a restart nor a
 --   restart_loop incident in the range are left out.
@@ -28,12 +29,14 @@ WITH restarts AS (
            min(u.uptime) AS min_uptime,
            max(e.occurred_at) AS last_restart_at
     FROM warden.system_events e
-    -- Agents may post events of this type themselves, with any details.
+    -- Older rows may hold any details: check the type before casting.
     CROSS JOIN LATERAL (
         SELECT CASE WHEN jsonb_typeof(e.details -> 'previous_uptime_seconds') = 'number'
                     THEN (e.details ->> 'previous_uptime_seconds')::float8 END AS uptime
     ) u
     WHERE e.event_type = 'agent_restarted'
+      -- Agents may post events of this type themselves; only warden's count.
+      AND e.source = 'warden'
       AND e.agent_id IS NOT NULL
       AND e.occurred_at >= $1::timestamptz
       AND e.occurred_at < $2::timestamptz

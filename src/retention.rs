@@ -99,13 +99,13 @@ pub async fn cycle(
         (
             "events",
             "DELETE FROM warden.system_events WHERE id IN (SELECT id FROM warden.system_events \
-               WHERE occurred_at < $1 AND event_type <> 'status_changed' LIMIT $2)",
+               WHERE occurred_at < $1 AND NOT (event_type = 'status_changed' AND source = 'warden') LIMIT $2)",
             settings.events.to_chrono(),
         ),
         (
             "transitions",
             "DELETE FROM warden.system_events WHERE id IN (SELECT id FROM warden.system_events \
-               WHERE occurred_at < $1 AND event_type = 'status_changed' LIMIT $2)",
+               WHERE occurred_at < $1 AND event_type = 'status_changed' AND source = 'warden' LIMIT $2)",
             settings.transitions.to_chrono(),
         ),
         (

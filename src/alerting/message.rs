@@ -378,7 +378,7 @@ pub async fn load(
                    SELECT agent_id, occurred_at, details, \
                           row_number() OVER (PARTITION BY agent_id ORDER BY occurred_at DESC, id DESC) AS n \
                    FROM warden.system_events \
-                   WHERE event_type = 'status_changed' AND agent_id = ANY($1) \
+                   WHERE event_type = 'status_changed' AND source = 'warden' AND agent_id = ANY($1) \
                      AND occurred_at > now() - interval '7 days') e \
                  WHERE n <= 5 ORDER BY agent_id, occurred_at",
                 &[&agents],

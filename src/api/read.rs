@@ -163,7 +163,7 @@ pub async fn agent_detail(client: &tokio_postgres::Client, id: &AgentId) -> Resu
         .query(
             "SELECT jsonb_build_object('at', occurred_at, 'old', details->'old', 'new', details->'new', \
                     'reason', details->'reason', 'figures', details->'figures', 'message', message) \
-             FROM warden.system_events WHERE agent_id = $1 AND event_type = 'status_changed' \
+             FROM warden.system_events WHERE agent_id = $1 AND event_type = 'status_changed' AND source = 'warden' \
              ORDER BY occurred_at DESC, id DESC LIMIT 20",
             &[&id.as_str()],
         )
@@ -172,7 +172,8 @@ pub async fn agent_detail(client: &tokio_postgres::Client, id: &AgentId) -> Resu
         .query(
             "SELECT jsonb_build_object('id', id, 'at', occurred_at, 'event_type', event_type, 'severity', severity, \
                     'message', message, 'details', details, 'source', source) \
-             FROM warden.system_events WHERE agent_id = $1 AND event_type <> 'status_changed' \
+             FROM warden.system_events \
+             WHERE agent_id = $1 AND NOT (event_type = 'status_changed' AND source = 'warden') \
              ORDER BY occurred_at DESC, id DESC LIMIT 20",
             &[&id.as_str()],
         )

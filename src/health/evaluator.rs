@@ -502,11 +502,13 @@ async fn liveness_incidents(
         }
     }
 
-    // Restart loops, from the restart events of the window.
+    // Restart loops, from the restarts ingestion detected in the window.
+    // Agents may post events of any type (source 'agent'); only warden's
+    // own count, or an agent could open incidents about itself or others.
     let loops = tx
         .query(
             "SELECT agent_id, count(*) FROM warden.system_events \
-             WHERE event_type = 'agent_restarted' AND occurred_at > $1::timestamptz - $2::float8 * interval '1 second' AND occurred_at <= $1 \
+             WHERE event_type = 'agent_restarted' AND source = 'warden' AND occurred_at > $1::timestamptz - $2::float8 * interval '1 second' AND occurred_at <= $1 \
              GROUP BY agent_id HAVING count(*) >= $3",
             &[&now, &pg_interval(params.restart_loop_window), &params.restart_loop_count],
         )
@@ -533,7 +535,7 @@ async fn liveness_incidents(
     let flips = tx
         .query(
             "SELECT agent_id, array_agg(occurred_at) FROM warden.system_events \
-             WHERE event_type = 'status_changed' AND occurred_at > $1::timestamptz - $2::float8 * interval '1 second' AND occurred_at <= $1 \
+             WHERE event_type = 'status_changed' AND source = 'warden' AND occurred_at > $1::timestamptz - $2::float8 * interval '1 second' AND occurred_at <= $1 \
              GROUP BY agent_id",
             &[&now, &pg_interval(window)],
         )

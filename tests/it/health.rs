@@ -535,3 +535,44 @@ async fn exactly_one_replica_leads_and_another_takes_over_when_it_stops() {
     stop_b.cancel();
     b.await.unwrap();
 }
+
+#[tokio::test]
+async fn events_agents_post_with_warden_s_own_types_are_never_its_findings() {
+    // What POST /v1/events writes (source 'agent'): three restarts and a
+    // string of liveness changes within minutes, none of them true.
+    let db = TestDb::migrated().await;
+    let mut c = db.client().await;
+    let p = params();
+    let t = t0();
+    warm_up(&mut c, &p, t).await;
+    beat(&c, "honest", t, 10_000, 1).await;
+    for k in 0..12 {
+        let (kind, details) = if k < 3 {
+            ("agent_restarted", serde_json::json!({"previous_uptime_seconds": 100, "uptime_seconds": 1}))
+        } else {
+            let (old, new) = if k % 2 == 0 { ("online", "offline") } else { ("offline", "online") };
+            ("status_changed", serde_json::json!({"old": old, "new": new}))
+        };
+        c.execute(
+            "INSERT INTO warden.system_events (occurred_at, agent_id, event_type, severity, message, details, source) \
+             VALUES ($1, 'honest', $2, 'critical', 'posted', $3, 'agent')",
+            &[&(t + Duration::seconds(k)), &kind, &details],
+        )
+        .await
+        .unwrap();
+    }
+    let mut now = t;
+    for _ in 0..4 {
+        now += Duration::seconds(5);
+        beat(&c, "honest", now - Duration::seconds(1), 10_000, now.timestamp() - t.timestamp()).await;
+        evaluator::liveness_cycle(&mut c, &p, "test", Some(now)).await.unwrap();
+    }
+    assert_eq!(open_issues(&c, Some("honest")).await, Vec::<String>::new());
+    assert_eq!(liveness(&c, "honest").await, Liveness::Online);
+    let transitions: i64 = c
+        .query_one("SELECT count(*) FROM warden.liveness_transitions WHERE agent_id = 'honest'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(transitions, 1, "only warden's own unknown -> online");
+}

@@ -106,6 +106,27 @@ async fn one_agent_carries_its_breakdown_transitions_and_incidents() {
 }
 
 #[tokio::test]
+async fn an_agent_s_own_status_changed_event_is_an_event_not_a_transition() {
+    let app = app().await;
+    let ingest = app.key(&[Scope::Ingest]).await;
+    let read = app.key(&[Scope::Read]).await;
+    app.heartbeat(&ingest, json!({"agent_id": "teller"})).await;
+    cycle(&app).await;
+    let posted = json!({"agent_id": "teller", "event_type": "status_changed", "message": "I went offline",
+                        "details": {"old": "online", "new": "offline"}});
+    assert_eq!(app.post("/v1/events", &ingest, &posted).await.status(), 201);
+    let (_, agent) = get_json(&app, &read, "/v1/agents/teller").await;
+    let transitions: Vec<&Value> = agent["recent_transitions"].as_array().unwrap().iter().collect();
+    assert!(transitions.iter().all(|t| t["new"] != "offline"), "{transitions:?}");
+    assert!(transitions.iter().any(|t| t["new"] == "online"), "warden's own: {transitions:?}");
+    let events = agent["recent_events"].as_array().unwrap();
+    assert!(
+        events.iter().any(|e| e["event_type"] == "status_changed" && e["source"] == "agent"),
+        "the agent's event is listed as its own: {events:?}"
+    );
+}
+
+#[tokio::test]
 async fn fleet_totals_count_every_liveness_and_tier() {
     let app = app().await;
     let ingest = app.key(&[Scope::Ingest]).await;

@@ -52,6 +52,13 @@ SELECT pg_temp.t(m), agent, 'agent_restarted', 'info', 'agent restarted',
 FROM (VALUES (-30, 'a2', 5000), (12, 'a2', 600), (15, 'a2', 170), (18, 'a2', 160), (58, 'a1', 3000))
     AS v(m, agent, up);
 
+-- a3 posts restart events of its own (source 'agent'): never counted as
+-- warden's finding.
+INSERT INTO warden.system_events (occurred_at, agent_id, event_type, severity, message, details, source)
+SELECT pg_temp.t(m), 'a3', 'agent_restarted', 'info', 'posted by the agent',
+       jsonb_build_object('previous_uptime_seconds', 10), 'agent'
+FROM generate_series(31, 35) AS m;
+
 -- Heartbeats: a1 every minute 0-39, then 58 and 59; a2 every 5 minutes;
 -- a3 every 2 minutes from 30 to 58.
 INSERT INTO warden.agent_heartbeats (agent_id, received_at, status)
