@@ -21,6 +21,21 @@ pub enum MigrateError {
     Db(#[from] DbError),
     #[error("migration failed: {0}")]
     Refinery(#[from] refinery::Error),
+    #[error("PostgreSQL {MIN_SERVER_MAJOR} or newer is required; this server is {0}")]
+    UnsupportedServer(String),
+}
+
+/// The oldest PostgreSQL major version warden runs on: retention detaches
+/// expired partitions with `DETACH PARTITION ... CONCURRENTLY` (14).
+pub const MIN_SERVER_MAJOR: i32 = 14;
+
+/// Refuses a server older than [`MIN_SERVER_MAJOR`], given its
+/// `server_version_num` and `server_version` settings.
+pub fn check_server_version(version_num: i32, version: &str) -> Result<(), MigrateError> {
+    if version_num / 10_000 < MIN_SERVER_MAJOR {
+        return Err(MigrateError::UnsupportedServer(version.to_string()));
+    }
+    Ok(())
 }
 
 impl From<tokio_postgres::Error> for MigrateError {
@@ -65,6 +80,10 @@ pub async fn run(client: &mut Client) -> Result<Applied, MigrateError> {
 }
 
 async fn run_locked(client: &mut Client) -> Result<Applied, MigrateError> {
+    let row = client
+        .query_one("SELECT current_setting('server_version_num')::int, current_setting('server_version')", &[])
+        .await?;
+    check_server_version(row.get(0), row.get(1))?;
     client.batch_execute("CREATE SCHEMA IF NOT EXISTS warden").await?;
     let report = embedded::migrations::runner()
         .set_grouped(true)
@@ -85,4 +104,17 @@ pub async fn current_version(client: &Client) -> Result<Option<i32>, DbError> {
     }
     let row = client.query_one(&format!("SELECT max(version) FROM {HISTORY_TABLE}"), &[]).await?;
     Ok(row.get(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn servers_older_than_14_are_refused_by_name() {
+        let refused = check_server_version(130_011, "13.11 (Debian 13.11-1)").unwrap_err();
+        assert_eq!(refused.to_string(), "PostgreSQL 14 or newer is required; this server is 13.11 (Debian 13.11-1)");
+        assert!(check_server_version(140_000, "14.0").is_ok());
+        assert!(check_server_version(150_004, "15.4").is_ok());
+    }
 }
