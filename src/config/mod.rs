@@ -113,7 +113,12 @@ impl Settings {
         }
         let merged = builder.add_source(env).build().map_err(|e| translate(e, None, sources))?;
         let settings: Settings = merged.clone().try_deserialize().map_err(|e| translate(e, Some(&merged), sources))?;
-        settings.validate()?;
+        settings.validate().map_err(|mut e| {
+            if let (None, Some(key)) = (&e.origin, &e.key) {
+                e.origin = origin_of(key, sources);
+            }
+            e
+        })?;
         Ok(settings)
     }
 
@@ -158,7 +163,7 @@ pub fn env_var_for(key: &str) -> String {
 /// Turns the config crate's error into one line naming key, value and origin.
 fn translate(err: config::ConfigError, merged: Option<&Config>, sources: &Sources) -> SettingsError {
     use config::ConfigError as E;
-    let (mut key, mut problem) = match &err {
+    let (key, mut problem) = match &err {
         E::Type { key, unexpected, expected, .. } => (key.clone(), format!("expected {expected}, found {unexpected}")),
         E::At { key, error, .. } => (key.clone(), error.to_string()),
         E::NotFound(key) => (Some(key.clone()), "this setting is required".to_string()),
@@ -172,8 +177,12 @@ fn translate(err: config::ConfigError, merged: Option<&Config>, sources: &Source
         }
         _ => (None, err.to_string()),
     };
+    let mut key = key.map(|k| dotted(&k));
     // serde reports an unknown key against its parent table; name the key
-    // itself and list its valid siblings instead.
+    // itself and list its valid siblings instead. Its value is left out:
+    // a mistyped key may well hold a secret (`pass`, `webhook`) that the
+    // name-based redaction below cannot recognise.
+    let unknown = problem.starts_with("unknown field `");
     if let Some(field) = problem.strip_prefix("unknown field `").and_then(|r| r.split('`').next()) {
         let parent = key.take();
         let siblings = problem.split_once("expected ").map(|(_, rest)| rest.replace('`', "")).unwrap_or_default();
@@ -191,6 +200,7 @@ fn translate(err: config::ConfigError, merged: Option<&Config>, sources: &Source
         return SettingsError::general(one_line(&problem));
     };
     let value = merged
+        .filter(|_| !unknown)
         .and_then(|m| m.get::<config::Value>(&key).ok())
         .map(|v| if is_secret_key(&key) { Secret::REDACTED.to_string() } else { v.to_string() });
     SettingsError { origin: origin_of(&key, sources), key: Some(key), value, allowed: one_line(&problem) }
@@ -208,9 +218,26 @@ fn origin_of(key: &str, sources: &Sources) -> Option<String> {
         return Some(var);
     }
     let file = sources.file.as_ref()?;
-    let last = key.rsplit('.').next().unwrap_or(key);
+    // `issues[0]` is written `issues = [...]`.
+    let last = key.rsplit('.').next().unwrap_or(key).split('[').next().unwrap_or(key);
     let text = std::fs::read_to_string(file).ok()?;
     text.contains(last).then(|| file.display().to_string())
+}
+
+/// The config crate writes the path of a key inside an array of tables
+/// without a dot after the index (`recovery.strategies[0]issues[0]`); put
+/// it back, so the key reads as written and can be looked up again.
+fn dotted(key: &str) -> String {
+    let mut out = String::with_capacity(key.len() + 4);
+    let mut after_index = false;
+    for c in key.chars() {
+        if after_index && c != '[' && c != '.' {
+            out.push('.');
+        }
+        after_index = c == ']';
+        out.push(c);
+    }
+    out
 }
 
 fn one_line(text: &str) -> String {

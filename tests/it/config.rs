@@ -140,6 +140,43 @@ fn an_unknown_key_is_named_with_its_valid_siblings() {
 }
 
 #[test]
+fn a_mistyped_key_never_shows_its_value() {
+    // Redaction goes by the key's name, which a typo defeats: the value of
+    // an unknown key is left out altogether.
+    let e = refused(&[("WARDEN__ALERTING__SMTP__PASS", "hunter2")]);
+    assert_eq!(e.key.as_deref(), Some("alerting.smtp.pass"));
+    assert_eq!(e.value, None);
+    assert!(!e.to_string().contains("hunter2") && e.to_string().contains("password"), "{e}");
+    let file =
+        override_file("[alerting.channels.ops]\nkind = \"slack\"\nwebhook = \"https://hooks.example/T0/SECRET\"\n");
+    let e = Settings::load(&Sources { file: Some(file.path().to_path_buf()), env: Some(HashMap::new()) }).unwrap_err();
+    assert!(e.key.as_deref().is_some_and(|k| k.ends_with("webhook")), "{e}");
+    assert!(!e.to_string().contains("SECRET"), "{e}");
+}
+
+#[test]
+fn a_bad_value_in_an_array_of_tables_is_named_by_its_path_with_value_and_file() {
+    let file = override_file(
+        "[[recovery.strategies]]\nname = \"r\"\nissues = [\"nope\"]\n\n\
+         [[recovery.strategies.actions]]\nkind = \"command\"\nargv = [\"true\"]\n",
+    );
+    let e = Settings::load(&Sources { file: Some(file.path().to_path_buf()), env: Some(HashMap::new()) }).unwrap_err();
+    assert_eq!(e.key.as_deref(), Some("recovery.strategies[0].issues[0]"));
+    assert_eq!(e.value.as_deref(), Some("nope"));
+    assert_eq!(e.origin.as_deref(), Some(file.path().to_str().unwrap()));
+}
+
+#[test]
+fn a_value_out_of_range_names_where_it_came_from() {
+    let e = refused(&[("WARDEN__HEALTH__CHECK_INTERVAL", "0s")]);
+    assert_eq!(e.origin.as_deref(), Some("WARDEN__HEALTH__CHECK_INTERVAL"), "{e}");
+    let file = override_file("[database]\npool_size = 0\n");
+    let e = Settings::load(&Sources { file: Some(file.path().to_path_buf()), env: Some(HashMap::new()) }).unwrap_err();
+    assert_eq!(e.key.as_deref(), Some("database.pool_size"));
+    assert_eq!(e.origin.as_deref(), Some(file.path().to_str().unwrap()), "{e}");
+}
+
+#[test]
 fn the_embedded_cluster_needs_a_data_dir() {
     let e = refused(&[("WARDEN__DATABASE__DATA_DIR", "")]);
     assert_eq!(e.key.as_deref(), Some("database.data_dir"));
