@@ -15,13 +15,14 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::auth::{AdminScope, Authorized, ReadScope};
-use super::ingest::read_limited;
+use super::ingest::{parse_error, read_limited};
 use super::read::Params;
 use super::{ApiError, AppState};
 use crate::alerting::escalation::AlertState;
 use crate::alerting::silences::{self, NewSilence};
 use crate::alerting::store::{self, AckError, ListFilter};
 use crate::db;
+use crate::ingest::heartbeat::parse_json;
 use crate::model::Severity;
 
 pub fn router() -> Router<AppState> {
@@ -92,7 +93,7 @@ async fn ack_alert(
     let ack: AckBody = if body.iter().all(u8::is_ascii_whitespace) {
         AckBody::default()
     } else {
-        json_object(&body).map_err(|e| ApiError::malformed(format!("the body is not a valid ack: {e}")))?
+        parse_json(&body).map_err(parse_error)?
     };
     if ack.by.as_deref().is_some_and(|b| b.chars().any(char::is_control) || b.chars().count() > 128) {
         return Err(ApiError::invalid("by", "by must be at most 128 characters, without control characters"));
@@ -140,8 +141,7 @@ async fn create_silence(
     body: Body,
 ) -> Result<Response, ApiError> {
     let body = read_limited(body, state.settings.ingest.max_body_bytes).await?;
-    let b: SilenceBody =
-        json_object(&body).map_err(|e| ApiError::malformed(format!("the body is not a valid silence: {e}")))?;
+    let b: SilenceBody = parse_json(&body).map_err(parse_error)?;
     check_silence_text(&b)?;
     let now = Utc::now();
     let ends_at = match (b.ends_at, &b.duration) {
@@ -171,14 +171,6 @@ async fn create_silence(
     let client = db::client(&state.pool).await?;
     let created = silences::create(&client, &silence).await?;
     Ok((StatusCode::CREATED, Json(created)).into_response())
-}
-
-/// Reads a JSON object (serde would also take a struct from an array).
-fn json_object<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, String> {
-    if body.iter().find(|b| !b.is_ascii_whitespace()).is_some_and(|b| *b != b'{') {
-        return Err("the body must be a JSON object".into());
-    }
-    serde_json::from_slice(body).map_err(|e| e.to_string())
 }
 
 /// What PostgreSQL could not store, or no agent could ever match: control

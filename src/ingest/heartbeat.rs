@@ -224,6 +224,12 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Pars
         let names_a_field = !path.is_empty() && names_a_field(e.path());
         let inner = e.into_inner();
         let message = strip_position(&inner.to_string());
+        // serde names a missing field in its message, against the object
+        // that lacks it.
+        if let Some(field) = message.strip_prefix("missing field `").and_then(|r| r.split('`').next()) {
+            let at = if path.is_empty() || path == "." { field.to_string() } else { format!("{path}.{field}") };
+            return ParseError::Invalid(FieldError::new(at, "is required"));
+        }
         match inner.classify() {
             serde_json::error::Category::Data if names_a_field => ParseError::Invalid(FieldError::new(path, message)),
             serde_json::error::Category::Data => {

@@ -416,6 +416,15 @@ async fn values_postgresql_cannot_store_are_refused_not_failed() {
         // An end beyond the calendar used to panic the handler.
         ("/v1/silences", json!({"agent_id": "worker-1", "duration": "1000000y", "comment": "forever"}), "duration"),
         ("/v1/alerts/1/ack", json!({"comment": "\u{0}"}), "comment"),
+        // Wrong types and missing fields are named too.
+        ("/v1/alerts/1/ack", json!({"by": 5}), "by"),
+        ("/v1/silences", json!({"agent_id": "worker-1", "duration": "1h"}), "comment"),
+        (
+            "/v1/silences",
+            json!({"agent_id": "worker-1", "duration": "1h", "comment": "c", "labels": {"a": 1}}),
+            "labels.a",
+        ),
+        ("/v1/agents/worker-1/recover", json!({"strategy": 5}), "strategy"),
     ];
     for (path, body, field) in cases {
         let (status, error) = error_of(app.post(path, &admin, &body).await).await;
