@@ -174,8 +174,10 @@ pub enum KeysCommand {
 /// A failed command, sorted by exit status.
 #[derive(Debug)]
 pub enum Failure {
-    /// Bad usage or settings: exit 2.
+    /// Bad settings: exit 2.
     Settings(SettingsError),
+    /// Bad usage of a verb: exit 2, the message as it is.
+    Usage(String),
     /// Anything else: exit 1. `detail` follows the one-line message.
     Other { message: String, detail: Option<String> },
 }
@@ -191,12 +193,12 @@ impl Failure {
 
     /// Bad usage of a verb (exit 2).
     pub fn usage(message: impl Into<String>) -> Self {
-        Self::Settings(SettingsError { key: None, value: None, origin: None, allowed: message.into() })
+        Self::Usage(message.into())
     }
 
     fn exit_code(&self) -> u8 {
         match self {
-            Self::Settings(_) => 2,
+            Self::Settings(_) | Self::Usage(_) => 2,
             Self::Other { .. } => 1,
         }
     }
@@ -204,6 +206,7 @@ impl Failure {
     fn report(&self) {
         match self {
             Self::Settings(e) => eprintln!("warden: {e}"),
+            Self::Usage(message) => eprintln!("warden: {message}"),
             Self::Other { message, detail } => {
                 eprintln!("warden: {message}");
                 if let Some(detail) = detail {

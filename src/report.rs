@@ -775,7 +775,7 @@ mod tests {
 
     fn usage_message(result: Result<Invocation, Failure>) -> String {
         match result {
-            Err(Failure::Settings(e)) => e.to_string(),
+            Err(Failure::Usage(message)) => message,
             other => panic!("expected a usage error, got {other:?}"),
         }
     }

@@ -1034,6 +1034,7 @@ fn an_unknown_report_exits_2_with_one_line_before_connecting() {
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("unknown report \"no_such_report\"") && stderr.contains("--list"), "{stderr}");
+    assert!(!stderr.contains("settings"), "a usage error, not a settings one: {stderr}");
     assert!(out.stdout.is_empty());
 
     let out = warden().args(["report", "fleet_summary", "--since", "yesterday"]).output().unwrap();
