@@ -28,7 +28,7 @@
 --   current    float8  its value over the range
 --   previous   float8  its value over the previous period
 --   change     float8  current minus previous
---   unit       text    percent, agents, incidents, seconds, minutes, cost or attempts
+--   unit       text    percent, agents, incidents, seconds, minutes or cost
 --   trend      text    better, worse or unchanged (NULL where neither direction is better)
 --   note       text    a word on the figure: whether the target was met, what it covers
 --
