@@ -395,25 +395,23 @@ async fn heartbeat_volume_reads_rolled_up_hours_then_the_raw_heartbeats_after_th
     );
 }
 
-#[tokio::test]
-async fn score_history_reads_rolled_up_hours_then_the_snapshots_after_them() {
-    let db = TestDb::migrated().await;
-    let client = db.client().await;
-    let t0 = t0();
-    let hours = |at: DateTime<Utc>, h: i64| at + Duration::hours(h);
-    // 40 days back, on an even hour so that two-hour buckets hold two of them.
+/// Agent a's scores: rolled up for three hours 40 days back (4 samples of
+/// mean 70, 1 of 20, and an hour without a score: no samples) and for t0's
+/// hour (2 samples, mean 85), whose snapshots are still kept as well
+/// (10 at t0 + 10m; then 40, 60 and a NULL score in the next hour), with
+/// the score watermark at `watermark`. Returns the first rolled-up hour,
+/// 6-hour aligned so that buckets of two or three hours start on it.
+async fn seed_scores(client: &tokio_postgres::Client, t0: DateTime<Utc>, watermark: DateTime<Utc>) -> DateTime<Utc> {
     let back = (t0 - Duration::days(40)).timestamp();
-    let long_ago = DateTime::from_timestamp(back - back.rem_euclid(7200), 0).unwrap();
-    // Scores rolled up to t0 + 1h; t0's hour has its snapshots still kept
-    // as well, which must not count twice. An hour without a score rolls
-    // up to no samples.
-    client.execute("UPDATE warden.retention_state SET score_watermark = $1", &[&hours(t0, 1)]).await.unwrap();
+    let long_ago = DateTime::from_timestamp(back - back.rem_euclid(21600), 0).unwrap();
+    let hour = |h: i64| long_ago + Duration::hours(h);
+    client.execute("UPDATE warden.retention_state SET score_watermark = $1", &[&watermark]).await.unwrap();
     client
         .execute(
             "INSERT INTO warden.score_rollups (agent_id, hour_start, samples, score_min, score_avg, score_max) \
              VALUES ('a', $1, 4, 50, 70, 90), ('a', $2, 1, 20, 20, 20), ('a', $3, 0, NULL, NULL, NULL), \
                     ('a', $4, 2, 80, 85, 90)",
-            &[&long_ago, &hours(long_ago, 1), &hours(long_ago, 2), &t0],
+            &[&long_ago, &hour(1), &hour(2), &t0],
         )
         .await
         .unwrap();
@@ -426,6 +424,18 @@ async fn score_history_reads_rolled_up_hours_then_the_snapshots_after_them() {
         )
         .await
         .unwrap();
+    long_ago
+}
+
+#[tokio::test]
+async fn score_history_reads_rolled_up_hours_then_the_snapshots_after_them() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    let t0 = t0();
+    let hours = |at: DateTime<Utc>, h: i64| at + Duration::hours(h);
+    // Rolled up to t0 + 1h: t0's hour is read from the rollups, never also
+    // from its snapshots.
+    let long_ago = seed_scores(&client, t0, hours(t0, 1)).await;
 
     let mut b = Bindings::new(&settings(), long_ago, hours(t0, 2));
     let history = |result: &ResultSet| -> Vec<(DateTime<Utc>, i64, [f64; 3])> {
@@ -935,33 +945,13 @@ async fn the_heartbeat_rate_panel_reads_the_rollups_for_hours_before_the_oldest_
 #[tokio::test]
 async fn the_score_panel_reads_the_rollups_for_hours_before_the_oldest_snapshot() {
     // As the heartbeat rate: rolled up to t0 + 2h; t0's hour also has its
-    // snapshots still kept and is read from them. An hour without a score
-    // rolls up to no samples and draws nothing.
+    // snapshots still kept and is read from them. The hour without a score
+    // draws nothing.
     let db = TestDb::migrated().await;
     let client = db.client().await;
     let t0 = t0();
     let hours = |at: DateTime<Utc>, h: i64| at + Duration::hours(h);
-    let back = (t0 - Duration::days(40)).timestamp();
-    let long_ago = DateTime::from_timestamp(back - back.rem_euclid(10800), 0).unwrap();
-    client.execute("UPDATE warden.retention_state SET score_watermark = $1", &[&hours(t0, 2)]).await.unwrap();
-    client
-        .execute(
-            "INSERT INTO warden.score_rollups (agent_id, hour_start, samples, score_min, score_avg, score_max) \
-             VALUES ('a', $1, 4, 50, 70, 90), ('a', $2, 1, 20, 20, 20), ('a', $3, 0, NULL, NULL, NULL), \
-                    ('a', $4, 2, 80, 85, 90), ('other', $1, 9, 0, 0, 0)",
-            &[&long_ago, &hours(long_ago, 1), &hours(long_ago, 2), &t0],
-        )
-        .await
-        .unwrap();
-    client
-        .execute(
-            "INSERT INTO warden.health_history (agent_id, evaluated_at, score, tier, liveness) \
-             VALUES ('a', $1, 10, 'critical', 'online'), ('a', $2, 40, 'poor', 'online'), \
-                    ('a', $3, 60, 'fair', 'online'), ('a', $4, NULL, NULL, 'unknown')",
-            &[&minutes(t0, 10), &minutes(t0, 70), &minutes(t0, 80), &minutes(t0, 90)],
-        )
-        .await
-        .unwrap();
+    let long_ago = seed_scores(&client, t0, hours(t0, 2)).await;
     let score = |range, interval| series(&client, "Score", "score", "a", range, interval);
 
     let months = (long_ago, hours(t0, 2));
