@@ -131,8 +131,11 @@ impl Settings {
 }
 
 /// Field names that hold secrets by the DESIGN rule: anything whose name
-/// contains url, secret, password or token.
+/// contains url, secret, password or token; and any HTTP header's value.
 pub fn is_secret_key(key: &str) -> bool {
+    if key.contains("headers.") {
+        return true;
+    }
     let last = key.rsplit('.').next().unwrap_or(key).to_ascii_lowercase();
     ["url", "secret", "password", "token"].iter().any(|w| last.contains(w))
 }
@@ -141,6 +144,14 @@ fn redact(value: &mut toml::Value) {
     match value {
         toml::Value::Table(table) => {
             for (key, v) in table.iter_mut() {
+                // HTTP headers carry credentials under any name
+                // (Authorization, X-Api-Key): every value goes.
+                if let ("headers", toml::Value::Table(headers)) = (key.as_str(), &mut *v) {
+                    for (_, h) in headers.iter_mut() {
+                        *h = toml::Value::String(Secret::REDACTED.to_string());
+                    }
+                    continue;
+                }
                 if let (true, toml::Value::String(s)) = (is_secret_key(key), &mut *v) {
                     if !s.is_empty() {
                         *s = Secret::REDACTED.to_string();

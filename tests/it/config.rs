@@ -216,6 +216,19 @@ fn printed_settings_redact_secrets_but_show_empty_ones() {
 }
 
 #[test]
+fn printed_settings_redact_every_header_of_an_http_recovery_action() {
+    let file = override_file(
+        "[[recovery.strategies]]\nname = \"r\"\nissues = [\"agent_unresponsive\"]\n\n\
+         [[recovery.strategies.actions]]\nkind = \"http\"\nurl = \"http://orchestrator/restart\"\n\
+         headers = { Authorization = \"Bearer hunter2\", X-Team = \"ops\" }\n",
+    );
+    let s = Settings::load(&Sources { file: Some(file.path().to_path_buf()), env: Some(HashMap::new()) }).unwrap();
+    let printed = s.to_redacted_toml();
+    assert!(!printed.contains("hunter2") && !printed.contains("ops\""), "{printed}");
+    assert!(printed.contains("Authorization = \"[redacted]\""), "{printed}");
+}
+
+#[test]
 fn a_malformed_database_url_is_refused_without_echoing_it() {
     let e = warden::db::parse_url("postgres://user:hunter2@host:notaport/db").unwrap_err();
     assert_eq!(e.key.as_deref(), Some("database.url"));

@@ -70,7 +70,10 @@ pub fn payload(m: &Message) -> Value {
     if let Some(hint) = m.ack_hint() {
         blocks.push(json!({"type": "context", "elements": [{"type": "mrkdwn", "text": escape(&hint)}]}));
     }
-    json!({"text": m.text(), "blocks": blocks})
+    // Slack reads the top-level text as mrkdwn too (it is what
+    // notifications show): an agent's name must not become <!channel> or a
+    // disguised link there either.
+    json!({"text": escape(&m.text()), "blocks": blocks})
 }
 
 #[cfg(test)]
@@ -92,5 +95,15 @@ mod tests {
     #[test]
     fn mrkdwn_control_characters_are_escaped() {
         assert_eq!(escape("a<b>&c"), "a&lt;b&gt;&amp;c");
+    }
+
+    #[test]
+    fn an_agent_name_cannot_mention_the_channel_or_disguise_a_link_in_the_fallback() {
+        let mut v = view(12, "w1");
+        v.agent_name = Some("<!channel> <https://evil.example/|ack>".into());
+        let p = payload(&message(vec![v]));
+        let text = p["text"].as_str().unwrap();
+        assert!(!text.contains('<') && !text.contains('>'), "{text}");
+        assert!(text.contains("&lt;!channel&gt;"), "{text}");
     }
 }
