@@ -11,7 +11,10 @@
 //!   own bearer key and stands alone, so any replica can answer it and no
 //!   state outlives a request.
 //! - Notifications (and responses, which warden never asks for) get 202 and
-//!   an empty body. A JSON array is a batch, as in protocol 2025-03-26.
+//!   an empty body. A JSON array is a batch, as in protocol 2025-03-26, of
+//!   at most [`MAX_BATCH`] messages: its calls run one after another under
+//!   a single rate-limit charge, and /v1/heartbeats' own batch limit must
+//!   not be dodged by sending many calls of one heartbeat each.
 //! - HTTP status codes speak for what happens before JSON-RPC: 401/403 for
 //!   the key (checked exactly as on /v1, scopes included), 413 past the body
 //!   limit, 400 for a body that is not JSON-RPC or an unsupported
@@ -229,6 +232,9 @@ impl Message {
     }
 }
 
+/// Most messages in one JSON-RPC batch.
+pub const MAX_BATCH: usize = 100;
+
 /// The messages of a body and whether it was a batch; or, when the body is
 /// not JSON-RPC at all, the error response to send with HTTP 400.
 fn parse_body(body: &[u8]) -> Result<(Vec<Message>, bool), Value> {
@@ -239,6 +245,13 @@ fn parse_body(body: &[u8]) -> Result<(Vec<Message>, bool), Value> {
         Value::Array(items) if items.is_empty() => {
             Err(reply(Value::Null, Err(RpcError::new(INVALID_REQUEST, "a batch must hold at least one message"))))
         }
+        Value::Array(items) if items.len() > MAX_BATCH => Err(reply(
+            Value::Null,
+            Err(RpcError::new(
+                INVALID_REQUEST,
+                format!("a batch holds {} messages; at most {MAX_BATCH} are allowed", items.len()),
+            )),
+        )),
         Value::Array(items) => Ok((items.into_iter().map(Message::classify).collect(), true)),
         single => match Message::classify(single) {
             Message::Invalid { id, reason } => Err(reply(id, Err(RpcError::new(INVALID_REQUEST, reason)))),

@@ -286,6 +286,17 @@ async fn a_batch_is_answered_with_an_array_of_the_responses_in_order() {
 
     let (status, answer) = rpc(&app, &key, &json!([])).await;
     assert_eq!((status, &answer["error"]["code"]), (400, &json!(-32600)));
+
+    // Past the batch limit nothing runs.
+    let heartbeat =
+        |i: i64| request(i, "tools/call", json!({"name": "heartbeat", "arguments": {"agent_id": format!("many-{i}")}}));
+    let (status, answer) = rpc(&app, &key, &Value::Array((0..101).map(heartbeat).collect())).await;
+    assert_eq!((status, &answer["error"]["code"]), (400, &json!(-32600)), "{answer}");
+    assert!(answer["error"]["message"].as_str().unwrap().contains("at most 100"), "{answer}");
+    assert_eq!(app.count("SELECT count(*) FROM warden.agent_status WHERE agent_id LIKE 'many-%'").await, 0);
+    let (status, answer) = rpc(&app, &key, &Value::Array((0..100).map(heartbeat).collect())).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(app.count("SELECT count(*) FROM warden.agent_status WHERE agent_id LIKE 'many-%'").await, 100);
 }
 
 #[tokio::test]
