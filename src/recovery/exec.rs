@@ -177,15 +177,33 @@ pub struct HttpCall<'a> {
     pub output_limit: usize,
 }
 
+/// The URL as recorded: outcomes are read with a read key and quoted in
+/// alert messages, so credentials in the user-info part or the query
+/// string (`?api_token=...`) are left out.
+fn shown_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) => {
+            let hidden = !u.username().is_empty() || u.password().is_some() || u.query().is_some();
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            u.set_query(None);
+            u.set_fragment(None);
+            if hidden { format!("{u}?[redacted]") } else { u.to_string() }
+        }
+        Err(_) => "[unparseable url]".to_string(),
+    }
+}
+
 /// Calls an HTTP endpoint and checks the status.
 pub async fn run_http(client: &reqwest::Client, call: HttpCall<'_>) -> Outcome {
-    let HttpCall { method, url, headers, body, expect_status, timeout, output_limit } = call;
+    let HttpCall { method, url: target, headers, body, expect_status, timeout, output_limit } = call;
+    let url = shown_url(target);
     let started = Instant::now();
     let method = match reqwest::Method::from_bytes(method.as_bytes()) {
         Ok(m) => m,
         Err(_) => return Outcome::failed(format!("bad method {method}"), json!({})),
     };
-    let mut request = client.request(method.clone(), url).timeout(timeout);
+    let mut request = client.request(method.clone(), target).timeout(timeout);
     for (name, value) in headers {
         request = request.header(name, value);
     }
@@ -198,10 +216,11 @@ pub async fn run_http(client: &reqwest::Client, call: HttpCall<'_>) -> Outcome {
             return Outcome {
                 ended: Ended::TimedOut,
                 summary: format!("{method} {url} got no answer within {}s", timeout.as_secs_f64()),
-                detail: json!({"url": url, "error": e.to_string(), "timeout_ms": timeout.as_millis() as u64}),
+                detail: json!({"url": url, "error": e.without_url().to_string(), "timeout_ms": timeout.as_millis() as u64}),
             };
         }
         Err(e) => {
+            let e = e.without_url();
             return Outcome::failed(format!("{method} {url} failed: {e}"), json!({"url": url, "error": e.to_string()}));
         }
     };
@@ -230,6 +249,16 @@ mod tests {
 
     fn env() -> BTreeMap<String, String> {
         command_env("a1", Some("agent_unresponsive"), Some(7))
+    }
+
+    #[test]
+    fn recorded_urls_leave_out_credentials_and_the_query() {
+        assert_eq!(shown_url("http://10.0.0.1:8080/restart/a1"), "http://10.0.0.1:8080/restart/a1");
+        assert_eq!(
+            shown_url("https://ops:hunter2@orch.example/restart/a1?api_token=T0K3N#x"),
+            "https://orch.example/restart/a1?[redacted]"
+        );
+        assert_eq!(shown_url("not a url"), "[unparseable url]");
     }
 
     #[tokio::test]

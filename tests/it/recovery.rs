@@ -343,7 +343,8 @@ async fn an_http_action_calls_the_orchestrator_with_the_filled_in_template() {
     let http = Action::Http {
         name: Some("orchestrator".into()),
         method: "POST".into(),
-        url: format!("{orchestrator_url}/restart/{{agent_id}}"),
+        // A credential in the query is sent but never recorded.
+        url: format!("{orchestrator_url}/restart/{{agent_id}}?api_token=ORCH-SECRET"),
         headers: [("x-reason".to_string(), "{issue_type}".to_string())].into(),
         body: Some(json!({"agent": "{agent_id}", "incident": "{incident_id}", "force": true})),
         expect_status: vec![202],
@@ -371,6 +372,8 @@ async fn an_http_action_calls_the_orchestrator_with_the_filled_in_template() {
     let steps = actions(&app, "rec-5").await;
     assert_eq!(steps[0].0, "orchestrator");
     assert_eq!(steps[0].4["status"], 202);
+    let recorded = format!("{:?} {}", steps[0].3, steps[0].4);
+    assert!(!recorded.contains("ORCH-SECRET") && recorded.contains("/restart/rec-5"), "{recorded}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
