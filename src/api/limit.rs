@@ -18,6 +18,7 @@
 //! 3. If the answer is 401 (no key, an unknown or revoked one), the token goes
 //!    back to the key and the address's failure bucket is charged instead, so
 //!    made-up secrets for a real key id cannot drain that key's bucket.
+//!    A console sign-in (POST /login) that fails is charged the same way.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -204,16 +205,19 @@ impl RateLimiter {
     }
 }
 
-/// Paths the limits apply to: the API proper. Probes, /metrics and
-/// /openapi.json stay reachable for orchestrators and scrapers.
-fn limited(path: &str) -> bool {
-    path.starts_with("/v1/") || path == "/v1" || path == "/mcp"
+/// Requests the limits apply to: the API proper, and the console's sign-in
+/// (a key typed into a form is checked like a bearer key, so guessing there
+/// empties the same failure bucket). Probes, /metrics and /openapi.json
+/// stay reachable for orchestrators and scrapers.
+fn limited(request: &Request) -> bool {
+    let path = request.uri().path();
+    path.starts_with("/v1/") || path == "/v1" || path == "/mcp" || (path == "/login" && request.method() == "POST")
 }
 
 /// The middleware: see the module documentation for the order of things.
 pub async fn enforce(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let settings = &state.settings.limits;
-    if !settings.enabled || !limited(request.uri().path()) {
+    if !settings.enabled || !limited(&request) {
         return next.run(request).await;
     }
     let limiter = &state.limiter;
@@ -381,12 +385,16 @@ mod tests {
     }
 
     #[test]
-    fn only_the_api_is_limited() {
-        for path in ["/v1/heartbeats", "/v1/agents/a", "/mcp", "/v1"] {
-            assert!(limited(path), "{path}");
+    fn only_the_api_and_signing_in_are_limited() {
+        let request = |method: &str, path: &str| {
+            Request::builder().method(method).uri(path).body(axum::body::Body::empty()).unwrap()
+        };
+        for (method, path) in [("POST", "/v1/heartbeats"), ("GET", "/v1/agents/a"), ("POST", "/mcp"), ("GET", "/v1")] {
+            assert!(limited(&request(method, path)), "{path}");
         }
-        for path in ["/healthz", "/readyz", "/metrics", "/openapi.json", "/", "/status", "/mcpx", "/v10/x"] {
-            assert!(!limited(path), "{path}");
+        assert!(limited(&request("POST", "/login")));
+        for path in ["/healthz", "/readyz", "/metrics", "/openapi.json", "/", "/status", "/mcpx", "/v10/x", "/login"] {
+            assert!(!limited(&request("GET", path)), "{path}");
         }
     }
 

@@ -355,3 +355,34 @@ async fn http_with_authentication_off_the_console_opens_without_a_key() {
     assert_eq!(status, 200);
     assert!(html.contains("anonymous") && html.contains("scope-admin"));
 }
+
+#[tokio::test]
+async fn http_guessing_keys_at_sign_in_empties_the_failure_bucket_like_the_api() {
+    let app = app_with(|s| {
+        s.limits.failed_auth_burst = 3;
+        s.limits.failed_auth_per_second = 0.01;
+    })
+    .await;
+    let http = client();
+    let page = http.get(app.url("/login")).send().await.unwrap();
+    let (login, _) = set_cookie(&page, "warden_login").unwrap();
+    let token = hidden(&page.text().await.unwrap(), "login_csrf");
+    let mut statuses = Vec::new();
+    for i in 0..5 {
+        let guess = format!("wdn_{i:012}_{}", "0".repeat(64));
+        let response = http
+            .post(app.url("/login"))
+            .header(COOKIE, format!("warden_login={login}"))
+            .header(CONTENT_TYPE, FORM)
+            .body(format!("key={guess}&login_csrf={token}&next=%2F"))
+            .send()
+            .await
+            .unwrap();
+        statuses.push(response.status().as_u16());
+    }
+    assert_eq!(statuses, [401, 401, 401, 429, 429], "the burst, then refused without a lookup");
+    // The API shares the address's bucket.
+    let bearer = format!("wdn_000000000009_{}", "0".repeat(64));
+    let api = http.get(app.url("/v1/fleet")).bearer_auth(bearer).send().await.unwrap();
+    assert_eq!(api.status(), 429);
+}
