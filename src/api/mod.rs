@@ -50,6 +50,8 @@ pub struct Shared {
     pub hub: Arc<crate::stream::Hub>,
     /// Request rate limits per key and per failing address.
     pub limiter: limit::RateLimiter,
+    /// One permit per open event stream (`server.max_streams`).
+    pub streams: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -67,7 +69,8 @@ impl AppState {
             max_clock_skew: settings.ingest.max_clock_skew.to_chrono(),
         };
         let limiter = limit::RateLimiter::new(&settings.limits);
-        Self { inner: Arc::new(Shared { pool, settings, auth, ingestor, limits, hub, limiter }) }
+        let streams = Arc::new(tokio::sync::Semaphore::new(settings.server.max_streams));
+        Self { inner: Arc::new(Shared { pool, settings, auth, ingestor, limits, hub, limiter, streams }) }
     }
 }
 

@@ -49,10 +49,19 @@ async fn stream(
     if heartbeats && agent.is_none() {
         return Err(ApiError::invalid("heartbeats", "observing heartbeats needs agent=ID"));
     }
+    // Each stream holds a task, a broadcast receiver and, when observing,
+    // a row refreshed in the database: a bounded number per replica.
+    let permit = state.streams.clone().try_acquire_owned().map_err(|_| {
+        ApiError::unavailable(format!(
+            "{} event streams are open on this replica, its limit (server.max_streams); retry shortly",
+            state.settings.server.max_streams
+        ))
+    })?;
     let guard = match (&agent, heartbeats) {
         (Some(agent), true) => Some(observe(&state, agent.clone()).await?),
         _ => None,
     };
+    let guard = (guard, permit);
     let rx = state.hub.subscribe();
     let hello = Event::default()
         .event("ready")

@@ -188,6 +188,9 @@ pub struct ServerSettings {
     pub header_read_timeout: Duration,
     /// How long shutdown waits for in-flight requests and background work.
     pub shutdown_timeout: Duration,
+    /// Most event streams (GET /v1/stream, the console's live pages) open
+    /// at once on this replica.
+    pub max_streams: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -259,6 +262,7 @@ impl Settings {
         }
         check_min("server.request_timeout", self.server.request_timeout, Duration::from_millis(100))?;
         check_min("server.header_read_timeout", self.server.header_read_timeout, Duration::from_millis(100))?;
+        check_range("server.max_streams", self.server.max_streams, 1, 100_000)?;
         check_max("auth.cache_ttl", self.auth.cache_ttl, Duration::from_secs(3600))?;
         let ingest = &self.ingest;
         check_range("ingest.max_batch", ingest.max_batch, 1, 100_000)?;

@@ -289,3 +289,25 @@ async fn an_agent_stream_can_observe_its_raw_heartbeats() {
     let (status, error) = get_json(&app, &read, "/v1/stream?heartbeats=true").await;
     assert_eq!((status, error["error"]["field"].as_str()), (422, Some("heartbeats")));
 }
+
+#[tokio::test]
+async fn event_streams_are_bounded_per_replica() {
+    let app = TestApp::spawn_with(|s| s.server.max_streams = 2).await;
+    let read = app.key(&[Scope::Read]).await;
+    let open = || app.http.get(app.url("/v1/stream")).bearer_auth(&read).timeout(Duration::from_secs(300)).send();
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut stream = open().await.unwrap();
+        assert_eq!(stream.status(), 200);
+        let mut buffer = String::new();
+        next_event(&mut stream, &mut buffer, |name, _| name == "ready").await;
+        held.push(stream);
+    }
+    let refused = open().await.unwrap();
+    assert_eq!(refused.status(), 503);
+    assert!(refused.headers().contains_key("retry-after"));
+    let body: Value = refused.json().await.unwrap();
+    assert!(body["error"]["message"].as_str().unwrap().contains("server.max_streams"), "{body}");
+    // Other requests are not affected.
+    assert_eq!(get_json(&app, &read, "/v1/fleet").await.0, 200);
+}
