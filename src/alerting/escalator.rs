@@ -583,7 +583,8 @@ async fn recovery_facts(tx: &tokio_postgres::Transaction<'_>, rows: &[Row]) -> R
     for r in tx
         .query(
             "SELECT DISTINCT (details->>'incident_id')::bigint FROM warden.system_events \
-             WHERE event_type = 'recovery_failed' AND occurred_at >= $2 AND details->>'incident_id' = ANY($1)",
+             WHERE event_type = 'recovery_failed' AND source = 'warden' AND occurred_at >= $2 \
+               AND details->>'incident_id' = ANY($1)",
             &[&texts, &oldest],
         )
         .await?

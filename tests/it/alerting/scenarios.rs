@@ -444,6 +444,16 @@ async fn a_recovery_under_way_holds_the_page_and_a_success_sends_auto_recovered_
         )
         .await
         .unwrap();
+    // The same event posted by an agent (POST /v1/events) about r2's
+    // incident is the agent's claim, not warden's: r2 stays held.
+    rig.c
+        .execute(
+            "INSERT INTO warden.system_events (occurred_at, agent_id, event_type, severity, message, details, source) \
+             VALUES ($1, 'r2', 'recovery_failed', 'critical', 'posted', jsonb_build_object('incident_id', $2::bigint), 'agent')",
+            &[&rig.now, &incidents[1]],
+        )
+        .await
+        .unwrap();
     rig.run_for(secs(10), secs(2)).await;
     let texts = |s: &HttpReceiver| -> Vec<String> {
         s.accepted().iter().map(|r| r.json()["text"].as_str().unwrap_or_default().to_string()).collect()
