@@ -933,6 +933,12 @@ async fn the_heartbeat_rate_panel_reads_the_rollups_for_hours_before_the_oldest_
     );
     // Coarser buckets sum the hours, per minute of the bucket.
     assert_points(&rate("a1", (long_ago, hours(long_ago, 3)), ("3h", 10800)).await, &[(long_ago, 1.0)]);
+    // From 10 minutes into an hour: that partial hour has neither a rollup
+    // nor raw rows, so the bucket's rate is over the two whole hours after it.
+    assert_points(
+        &rate("a1", (minutes(long_ago, 10), hours(long_ago, 3)), ("3h", 10800)).await,
+        &[(long_ago, 60.0 * 60.0 / 7200.0)],
+    );
     // A bucket holding both rolled-up hours and raw heartbeats adds them.
     assert_points(&rate("b", (b0, hours(b0, 3)), ("3h", 10800)).await, &[(b0, 32.0 * 60.0 / 10800.0)]);
     // Within the raw retention nothing changes.
