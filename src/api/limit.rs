@@ -18,7 +18,9 @@
 //! 3. If the answer is 401 (no key, an unknown or revoked one), the token goes
 //!    back to the key and the address's failure bucket is charged instead, so
 //!    made-up secrets for a real key id cannot drain that key's bucket.
-//!    A console sign-in (POST /login) that fails is charged the same way.
+//!    A console sign-in (POST /login) that fails is charged the same way;
+//!    the typed key is in the form, so the sign-in handler makes step 1's
+//!    check itself (see [`SignInAddress`]) and answers with its own page.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -205,6 +207,13 @@ impl RateLimiter {
     }
 }
 
+/// The client address of a console sign-in, for its handler: it refuses
+/// an address whose failures are used up unless the typed key is one this
+/// replica verified recently, as step 1 does for a bearer key. Present
+/// only while limits and authentication are on.
+#[derive(Debug, Clone, Copy)]
+pub struct SignInAddress(pub IpAddr);
+
 /// Requests the limits apply to: the API proper, and the console's sign-in
 /// (a key typed into a form is checked like a bearer key, so guessing there
 /// empties the same failure bucket). Probes, /metrics and /openapi.json
@@ -228,6 +237,17 @@ pub async fn enforce(State(state): State<AppState>, request: Request, next: Next
             Ok(()) => next.run(request).await,
             Err(wait) => too_many(wait, heartbeats),
         };
+    }
+    if request.uri().path() == "/login" {
+        let mut request = request;
+        request.extensions_mut().insert(SignInAddress(address));
+        let response = next.run(request).await;
+        if response.status() == StatusCode::UNAUTHORIZED {
+            // Used up or not, the handler's page stands; the next attempt
+            // is refused there.
+            let _ = limiter.charge_failure(address, Instant::now());
+        }
+        return response;
     }
     let header = request.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok());
     if let Some(wait) = limiter.failures_exhausted(address, Instant::now())

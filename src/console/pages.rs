@@ -468,6 +468,7 @@ impl std::fmt::Debug for LoginForm {
 pub async fn login(
     State(state): State<AppState>,
     headers: HeaderMap,
+    address: Option<axum::Extension<crate::api::limit::SignInAddress>>,
     form: Result<Form<LoginForm>, FormRejection>,
 ) -> Response {
     let Ok(Form(form)) = form else {
@@ -494,7 +495,18 @@ pub async fn login(
         if key.is_empty() {
             return login_form(&state, StatusCode::UNAUTHORIZED, &next, Some("Enter an API key."));
         }
-        match state.auth.authenticate(Some(&format!("Bearer {key}")), Scope::Read).await {
+        let bearer = format!("Bearer {key}");
+        if let Some(axum::Extension(crate::api::limit::SignInAddress(from))) = address
+            && let Some(wait) = state.limiter.failures_exhausted(from, std::time::Instant::now())
+            && !state.auth.recently_verified(Some(&bearer))
+        {
+            let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
+            let message = format!("Too many failed sign-ins from this address; try again in {seconds} s.");
+            let mut page = login_form(&state, StatusCode::TOO_MANY_REQUESTS, &next, Some(&message));
+            page.headers_mut().insert(axum::http::header::RETRY_AFTER, seconds.into());
+            return page;
+        }
+        match state.auth.authenticate(Some(&bearer), Scope::Read).await {
             Ok(principal) => (crate::auth::key_id_of(key), principal.label()),
             Err(AuthError::Missing | AuthError::Invalid) => {
                 return login_form(

@@ -363,26 +363,35 @@ async fn http_guessing_keys_at_sign_in_empties_the_failure_bucket_like_the_api()
         s.limits.failed_auth_per_second = 0.01;
     })
     .await;
+    let (_, read, _) = keys(&app).await;
     let http = client();
+    // A colleague behind the same address uses the API: their key is known.
+    assert_eq!(http.get(app.url("/v1/fleet")).bearer_auth(&read).send().await.unwrap().status(), 200);
     let page = http.get(app.url("/login")).send().await.unwrap();
     let (login, _) = set_cookie(&page, "warden_login").unwrap();
     let token = hidden(&page.text().await.unwrap(), "login_csrf");
-    let mut statuses = Vec::new();
-    for i in 0..5 {
-        let guess = format!("wdn_{i:012}_{}", "0".repeat(64));
-        let response = http
-            .post(app.url("/login"))
+    let sign_in_with = |key: String| {
+        http.post(app.url("/login"))
             .header(COOKIE, format!("warden_login={login}"))
             .header(CONTENT_TYPE, FORM)
-            .body(format!("key={guess}&login_csrf={token}&next=%2F"))
+            .body(format!("key={}&login_csrf={token}&next=%2F", url_encode(&key)))
             .send()
-            .await
-            .unwrap();
+    };
+    let mut statuses = Vec::new();
+    for i in 0..5 {
+        let response = sign_in_with(format!("wdn_{i:012}_{}", "0".repeat(64))).await.unwrap();
         statuses.push(response.status().as_u16());
+        if response.status() == 429 {
+            assert!(response.headers().contains_key("retry-after"));
+            let html = response.text().await.unwrap();
+            assert!(html.contains("Too many failed sign-ins"), "the console's own page: {html}");
+        }
     }
     assert_eq!(statuses, [401, 401, 401, 429, 429], "the burst, then refused without a lookup");
     // The API shares the address's bucket.
     let bearer = format!("wdn_000000000009_{}", "0".repeat(64));
     let api = http.get(app.url("/v1/fleet")).bearer_auth(bearer).send().await.unwrap();
     assert_eq!(api.status(), 429);
+    // A key this replica verified recently still signs in from there.
+    assert_eq!(sign_in_with(read.clone()).await.unwrap().status(), StatusCode::SEE_OTHER);
 }
