@@ -1,4 +1,5 @@
-//! Rate limits of `/v1` and `/mcp` (settings `[limits]`): a token bucket per
+//! Rate limits of `/v1`, `/mcp` and the console's sign-in (settings
+//! `[limits]`): a token bucket per
 //! API key, and a stricter one per client address for requests that fail
 //! authentication, so a flood from one key, or a stream of made-up keys, is
 //! answered 429 with Retry-After instead of reaching the database.

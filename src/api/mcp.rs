@@ -12,9 +12,10 @@
 //!   state outlives a request.
 //! - Notifications (and responses, which warden never asks for) get 202 and
 //!   an empty body. A JSON array is a batch, as in protocol 2025-03-26, of
-//!   at most [`MAX_BATCH`] messages: its calls run one after another under
-//!   a single rate-limit charge, and /v1/heartbeats' own batch limit must
-//!   not be dodged by sending many calls of one heartbeat each.
+//!   at most [`MAX_BATCH`] messages, or `ingest.max_batch` when lower: its
+//!   calls run one after another under a single rate-limit charge, and
+//!   /v1/heartbeats' own batch limit must not be dodged by sending many
+//!   calls of one heartbeat each.
 //! - HTTP status codes speak for what happens before JSON-RPC: 401/403 for
 //!   the key (checked exactly as on /v1, scopes included), 413 past the body
 //!   limit, 400 for a body that is not JSON-RPC or an unsupported
@@ -77,7 +78,8 @@ async fn post_mcp(State(state): State<AppState>, headers: HeaderMap, body: Body)
     check_protocol_version(&headers)?;
     // This route lives outside /v1 and its DefaultBodyLimit.
     let body = read_limited(body, state.settings.ingest.max_body_bytes).await?;
-    let (messages, batch) = match parse_body(&body) {
+    let most = MAX_BATCH.min(state.settings.ingest.max_batch);
+    let (messages, batch) = match parse_body(&body, most) {
         Ok(parsed) => parsed,
         Err(error) => return Ok((StatusCode::BAD_REQUEST, Json(error)).into_response()),
     };
@@ -232,12 +234,13 @@ impl Message {
     }
 }
 
-/// Most messages in one JSON-RPC batch.
+/// Most messages in one JSON-RPC batch (fewer when `ingest.max_batch` is).
 pub const MAX_BATCH: usize = 100;
 
 /// The messages of a body and whether it was a batch; or, when the body is
-/// not JSON-RPC at all, the error response to send with HTTP 400.
-fn parse_body(body: &[u8]) -> Result<(Vec<Message>, bool), Value> {
+/// not JSON-RPC at all or a batch holds more than `most` messages, the
+/// error response to send with HTTP 400.
+fn parse_body(body: &[u8], most: usize) -> Result<(Vec<Message>, bool), Value> {
     let value: Value = serde_json::from_slice(body).map_err(|e| {
         reply(Value::Null, Err(RpcError::new(PARSE_ERROR, format!("the body is not valid JSON ({e})"))))
     })?;
@@ -245,11 +248,11 @@ fn parse_body(body: &[u8]) -> Result<(Vec<Message>, bool), Value> {
         Value::Array(items) if items.is_empty() => {
             Err(reply(Value::Null, Err(RpcError::new(INVALID_REQUEST, "a batch must hold at least one message"))))
         }
-        Value::Array(items) if items.len() > MAX_BATCH => Err(reply(
+        Value::Array(items) if items.len() > most => Err(reply(
             Value::Null,
             Err(RpcError::new(
                 INVALID_REQUEST,
-                format!("a batch holds {} messages; at most {MAX_BATCH} are allowed", items.len()),
+                format!("a batch holds {} messages; at most {most} are allowed", items.len()),
             )),
         )),
         Value::Array(items) => Ok((items.into_iter().map(Message::classify).collect(), true)),

@@ -383,3 +383,14 @@ async fn transport_rules_get_405_400_403_and_413() {
     assert_eq!(error["error"]["code"], "payload_too_large");
     assert_eq!(app.count("SELECT count(*) FROM warden.agent_status").await, 0);
 }
+
+#[tokio::test]
+async fn a_batch_is_held_to_ingest_max_batch_when_that_is_lower() {
+    let app = TestApp::spawn_with(|s| s.ingest.max_batch = 3).await;
+    let key = app.key(&[Scope::Ingest]).await;
+    let pings = |n: i64| Value::Array((0..n).map(|i| request(i, "ping", json!({}))).collect());
+    let (status, answer) = rpc(&app, &key, &pings(4)).await;
+    assert_eq!((status, &answer["error"]["code"]), (400, &json!(-32600)), "{answer}");
+    assert!(answer["error"]["message"].as_str().unwrap().contains("at most 3"), "{answer}");
+    assert_eq!(rpc(&app, &key, &pings(3)).await.0, 200);
+}
