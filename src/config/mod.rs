@@ -210,9 +210,13 @@ fn translate(err: config::ConfigError, merged: Option<&Config>, sources: &Source
     let Some(key) = key else {
         return SettingsError::general(one_line(&problem));
     };
+    // Only a single value is shown: an error reported against a whole table
+    // (an HTTP recovery action with a field of the wrong type) would print
+    // every field in it, URLs and header values included.
     let value = merged
         .filter(|_| !unknown)
         .and_then(|m| m.get::<config::Value>(&key).ok())
+        .filter(|v| !matches!(v.kind, config::ValueKind::Table(_) | config::ValueKind::Array(_)))
         .map(|v| if is_secret_key(&key) { Secret::REDACTED.to_string() } else { v.to_string() });
     SettingsError { origin: origin_of(&key, sources), key: Some(key), value, allowed: one_line(&problem) }
 }

@@ -167,6 +167,19 @@ fn a_bad_value_in_an_array_of_tables_is_named_by_its_path_with_value_and_file() 
 }
 
 #[test]
+fn an_error_about_a_whole_table_does_not_print_the_table() {
+    let file = override_file(
+        "[[recovery.strategies]]\nname = \"r\"\nissues = [\"agent_unresponsive\"]\n\n\
+         [[recovery.strategies.actions]]\nkind = \"http\"\nurl = \"http://ops:pw@orch/restart?api_token=T0K3N\"\n\
+         headers = { Authorization = \"Bearer hunter2\" }\nattempts = \"two\"\n",
+    );
+    let e = Settings::load(&Sources { file: Some(file.path().to_path_buf()), env: Some(HashMap::new()) }).unwrap_err();
+    let line = e.to_string();
+    assert!(line.contains("recovery.strategies[0].actions[0]"), "{line}");
+    assert!(!line.contains("hunter2") && !line.contains("T0K3N") && !line.contains("pw@"), "{line}");
+}
+
+#[test]
 fn a_value_out_of_range_names_where_it_came_from() {
     let e = refused(&[("WARDEN__HEALTH__CHECK_INTERVAL", "0s")]);
     assert_eq!(e.origin.as_deref(), Some("WARDEN__HEALTH__CHECK_INTERVAL"), "{e}");
