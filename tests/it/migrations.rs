@@ -193,3 +193,101 @@ async fn only_one_incident_per_agent_and_issue_can_be_open() {
     client.execute("UPDATE warden.incidents SET state = 'resolved', resolved_at = now()", &[]).await.unwrap();
     client.execute(open, &[]).await.expect("a new episode may open once the last is resolved");
 }
+
+/// A score breakdown of the size the evaluator writes (about 500 bytes).
+const COMPONENTS: &str = r#"{"error_rate": {"score": null, "inputs": {}, "weight": 0.0},
+    "performance": {"score": null, "inputs": {}, "weight": 0.0},
+    "business_impact": {"score": null, "inputs": {}, "weight": 0.0},
+    "resource_efficiency": {"score": null, "inputs": {}, "weight": 0.0},
+    "heartbeat_consistency": {"score": 60.42, "inputs": {"delivery": 1.0, "jitter_cv": 0.5}, "weight": 1.0}}"#;
+
+mod up_to_v13 {
+    refinery::embed_migrations!("migrations");
+}
+
+#[tokio::test]
+async fn moving_components_to_the_end_of_the_row_keeps_every_breakdown() {
+    let db = TestDb::empty().await;
+    let mut client = db.client().await;
+    client.batch_execute("CREATE SCHEMA warden").await.unwrap();
+    up_to_v13::migrations::runner()
+        .set_target(refinery::Target::Version(13))
+        .set_grouped(true)
+        .set_migration_table_name("warden.refinery_schema_history")
+        .run_async(&mut client)
+        .await
+        .unwrap();
+    for agent in ["scored", "unscored"] {
+        client.execute("SELECT warden.record_heartbeat($1, uptime_seconds => 1)", &[&agent]).await.unwrap();
+    }
+    client
+        .execute(
+            "UPDATE warden.agent_status SET components = $1::text::jsonb WHERE agent_id = 'scored'",
+            &[&COMPONENTS],
+        )
+        .await
+        .unwrap();
+
+    let outcome = migrate::run(&mut client).await.unwrap();
+    assert!(outcome.applied.iter().any(|m| m.contains("components_last")), "{:?}", outcome.applied);
+
+    let rows = client
+        .query(
+            "SELECT agent_id, components = $1::text::jsonb, components IS NULL \
+             FROM warden.agent_status ORDER BY agent_id",
+            &[&COMPONENTS],
+        )
+        .await
+        .unwrap();
+    let got: Vec<(String, Option<bool>, bool)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    assert_eq!(got, [("scored".into(), Some(true), false), ("unscored".into(), None, true)]);
+    let last: String = client
+        .query_one(
+            "SELECT attname::text FROM pg_attribute \
+             WHERE attrelid = 'warden.agent_status'::regclass AND attnum > 0 AND NOT attisdropped \
+             ORDER BY attnum DESC LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(last, "components");
+}
+
+/// A heartbeat to a scored agent logs the columns it changes, not the
+/// score breakdown it leaves alone (PostgreSQL logs an in-page update from
+/// the first to the last byte that differ).
+#[tokio::test]
+async fn a_heartbeat_does_not_log_the_score_breakdown_again() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    client.batch_execute("CREATE EXTENSION pg_walinspect").await.expect("pg_walinspect (PostgreSQL 15+ contrib)");
+    client.execute("SELECT warden.record_heartbeat('scored', uptime_seconds => 1)", &[]).await.unwrap();
+    client.execute("UPDATE warden.agent_status SET components = $1::text::jsonb", &[&COMPONENTS]).await.unwrap();
+    let breakdown: i32 =
+        client.query_one("SELECT pg_column_size(components) FROM warden.agent_status", &[]).await.unwrap().get(0);
+    assert!(breakdown > 400, "breakdown of {breakdown} bytes");
+
+    // A checkpoint between two statements makes the next write of the page
+    // log the whole page instead; a few tries find a plain record.
+    for uptime in 2..6_i64 {
+        let start: String = client.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).await.unwrap().get(0);
+        client.execute("SELECT warden.record_heartbeat('scored', uptime_seconds => $1)", &[&uptime]).await.unwrap();
+        let record = client
+            .query_one(
+                "SELECT record_length, fpi_length \
+                 FROM pg_get_wal_records_info($1::text::pg_lsn, pg_current_wal_flush_lsn()) \
+                 WHERE resource_manager = 'Heap' AND record_type IN ('UPDATE', 'HOT_UPDATE') \
+                   AND block_ref LIKE '%/' || pg_relation_filenode('warden.agent_status') || ' %'",
+                &[&start],
+            )
+            .await
+            .unwrap();
+        let (length, fpi): (i32, i32) = (record.get(0), record.get(1));
+        if fpi == 0 {
+            assert!(length < breakdown / 2, "a heartbeat logged {length} bytes for agent_status");
+            return;
+        }
+    }
+    panic!("every heartbeat's update logged a full page");
+}
