@@ -90,7 +90,7 @@ impl Application {
             let engine = crate::recovery::engine::Engine::new(
                 database.pool.clone(),
                 settings.recovery.clone(),
-                settings.health.recover_after_healthy,
+                &settings.health,
                 replica_name(local_addr),
             );
             tasks.spawn(engine.run(background.clone()));

@@ -64,15 +64,15 @@ async fn run(
     if !state.settings.recovery.enabled {
         return Err(ApiError::conflict("recovery is disabled (recovery.enabled = false)"));
     }
-    let client = db::client(&state.pool).await?;
-    let job = recovery::run_now(&client, &state.settings.recovery, agent.as_str(), request.strategy.as_deref())
+    let mut client = db::client(&state.pool).await?;
+    let job = recovery::run_now(&mut client, &state.settings.recovery, agent.as_str(), request.strategy.as_deref())
         .await
         .map_err(|e| match e {
-        ManualError::UnknownAgent(_) => ApiError::not_found(e.to_string()),
-        ManualError::UnknownStrategy(_) => ApiError::invalid("strategy", e.to_string()),
-        ManualError::NoStrategy(_) => ApiError::invalid("strategy", e.to_string()),
-        ManualError::Busy(_) => ApiError::conflict(e.to_string()),
-        ManualError::Db(db) => db.into(),
-    })?;
+            ManualError::UnknownAgent(_) => ApiError::not_found(e.to_string()),
+            ManualError::UnknownStrategy(_) => ApiError::invalid("strategy", e.to_string()),
+            ManualError::NoStrategy(_) => ApiError::invalid("strategy", e.to_string()),
+            ManualError::Busy(_) => ApiError::conflict(e.to_string()),
+            ManualError::Db(db) => db.into(),
+        })?;
     Ok((StatusCode::ACCEPTED, Json(json!({ "job_id": job, "agent_id": agent }))))
 }

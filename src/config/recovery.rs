@@ -19,7 +19,8 @@ pub struct RecoverySettings {
     pub attempt_window: Duration,
     pub backoff_base: Duration,
     pub backoff_cap: Duration,
-    /// Fixed verification time; unset: recover_after_healthy intervals + 50%.
+    /// Fixed verification time; unset: recover_after_healthy intervals + 50%
+    /// + one health check interval.
     #[serde(default)]
     pub verify_timeout: Option<Duration>,
     /// How often each replica looks for recovery work.

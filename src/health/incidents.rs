@@ -33,6 +33,13 @@ text_enum! {
     }
 }
 
+impl IssueType {
+    /// Issues of an agent gone quiet, fixed once it is heard from again.
+    pub fn is_silence(self) -> bool {
+        matches!(self, Self::AgentUnresponsive | Self::HeartbeatLate | Self::ExtendedOffline)
+    }
+}
+
 /// Identity of an episode: agent (None for the fleet) and issue type.
 pub type Key = (Option<String>, IssueType);
 

@@ -33,6 +33,19 @@ use crate::config::{Action, RecoverySettings, Strategy};
 use crate::db::{self, DbError};
 use crate::health::incidents::IssueType;
 
+/// SQL: automatic attempts on job `j`'s agent that count against
+/// `max_attempts`, with $2 the time now and $3 `attempt_window` in seconds:
+/// those within the window, since the agent's last reset, made by
+/// automatic jobs (manual runs are outside the limit).
+macro_rules! attempts_in_window {
+    () => {
+        "(SELECT count(*) FROM warden.recovery_actions a WHERE a.agent_id = j.agent_id \
+           AND a.started_at > greatest($2::timestamptz - $3::float8 * interval '1 second', \
+                                       coalesce(j.window_start, '-infinity')) \
+           AND NOT EXISTS (SELECT 1 FROM warden.recovery_jobs m WHERE m.id = a.job_id AND m.manual))"
+    };
+}
+
 /// What one tick did, for tests and logs.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct TickReport {
@@ -50,6 +63,9 @@ pub struct Engine {
     pool: Pool,
     settings: Arc<RecoverySettings>,
     recover_after_healthy: u32,
+    /// How often the evaluator looks: an agent back is seen online up to
+    /// this much later.
+    check_interval: StdDuration,
     replica: String,
     http: reqwest::Client,
     /// Actions running on this replica.
@@ -57,13 +73,19 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new(pool: Pool, settings: RecoverySettings, recover_after_healthy: u32, replica: String) -> Arc<Self> {
+    pub fn new(
+        pool: Pool,
+        settings: RecoverySettings,
+        health: &crate::config::HealthSettings,
+        replica: String,
+    ) -> Arc<Self> {
         crate::alerting::tls::install_crypto_provider();
         let http = reqwest::Client::builder().build().unwrap_or_default();
         Arc::new(Self {
             pool,
             settings: Arc::new(settings),
-            recover_after_healthy,
+            recover_after_healthy: health.recover_after_healthy,
+            check_interval: health.check_interval.get(),
             replica,
             http,
             running: TaskTracker::new(),
@@ -160,8 +182,12 @@ impl Engine {
             let agent: String = row.get(1);
             opened += client
                 .execute(
-                    "INSERT INTO warden.recovery_jobs (incident_id, agent_id, strategy, next_run_at, created_at, updated_at) \
-                     VALUES ($1, $2, $3, $4, $4, $4) ON CONFLICT (incident_id) DO NOTHING",
+                    // Attempts before the agent's last reset stay forgiven.
+                    "INSERT INTO warden.recovery_jobs \
+                       (incident_id, agent_id, strategy, next_run_at, created_at, updated_at, window_start) \
+                     VALUES ($1, $2, $3, $4, $4, $4, \
+                             (SELECT max(window_start) FROM warden.recovery_jobs WHERE agent_id = $2)) \
+                     ON CONFLICT (incident_id) DO NOTHING",
                     &[&id, &agent, &strategy.name, &now],
                 )
                 .await? as usize;
@@ -216,6 +242,7 @@ impl Engine {
             self.settings.verify_timeout.map(|d| d.get()),
             i64::from(expected_interval_ms),
             self.recover_after_healthy,
+            self.check_interval,
         );
         Duration::from_std(d).unwrap_or(Duration::seconds(90))
     }
@@ -231,10 +258,11 @@ impl Engine {
         let rows = tx
             .query(
                 "SELECT j.id, j.current_action_id, j.verify_until, a.started_at, s.last_seen, s.liveness, \
-                        j.incident_id, j.attempts, j.strategy, a.action, j.agent_id \
+                        j.incident_id, j.attempts, j.strategy, a.action, j.agent_id, i.issue_type, i.resolved_at \
                  FROM warden.recovery_jobs j \
                  JOIN warden.recovery_actions a ON a.id = j.current_action_id \
                  JOIN warden.agent_status s ON s.agent_id = j.agent_id \
+                 LEFT JOIN warden.incidents i ON i.id = j.incident_id \
                  WHERE j.state = 'verifying' FOR UPDATE OF j SKIP LOCKED",
                 &[],
             )
@@ -252,14 +280,31 @@ impl Engine {
             let strategy: String = row.get(8);
             let action_name: String = row.get(9);
             let agent: String = row.get(10);
-            let back = liveness == "online" && started.is_some_and(|s| last_seen > s);
-            if back {
-                let took = started.map(|s| (last_seen - s).num_milliseconds() as f64 / 1000.0).unwrap_or(0.0);
+            let issue: Option<IssueType> = row.get::<_, Option<String>>(11).and_then(|t| t.parse().ok());
+            let resolved_at: Option<DateTime<Utc>> = row.get(12);
+            // Silence is fixed when the agent is heard from again and online.
+            // Any other issue (a restart loop, errors, resources) is fixed
+            // only when the evaluator finds its condition cleared and
+            // resolves the incident: an agent can be online throughout.
+            let fixed_at = if issue.is_none_or(IssueType::is_silence) {
+                (liveness == "online" && started.is_some_and(|s| last_seen > s)).then_some(last_seen)
+            } else {
+                resolved_at.filter(|r| started.is_some_and(|s| *r >= s))
+            };
+            if let Some(fixed_at) = fixed_at {
+                let took = started.map(|s| (fixed_at - s).num_milliseconds() as f64 / 1000.0).unwrap_or(0.0);
                 let credit = format!("auto-recovered by {strategy}/{action_name} on attempt {attempts}");
                 tx.execute(
                     "UPDATE warden.recovery_actions SET state = 'succeeded', \
                        outcome = coalesce(outcome || '; ', '') || $2 WHERE id = $1",
-                    &[&action, &format!("verified: the agent was back {took:.1}s after the action started")],
+                    &[
+                        &action,
+                        &if issue.is_none_or(IssueType::is_silence) {
+                            format!("verified: the agent was back {took:.1}s after the action started")
+                        } else {
+                            format!("verified: the condition cleared {took:.1}s after the action started")
+                        },
+                    ],
                 )
                 .await?;
                 finish(&tx, job, "succeeded", &credit, now).await?;
@@ -328,10 +373,11 @@ impl Engine {
     ) -> Result<bool, DbError> {
         let row = tx
             .query_one(
-                "SELECT j.attempts, j.agent_id, j.manual, \
-                   (SELECT count(*) FROM warden.recovery_actions a WHERE a.agent_id = j.agent_id \
-                      AND a.started_at > greatest($2::timestamptz - $3::float8 * interval '1 second', coalesce(j.window_start, '-infinity'))) \
-                 FROM warden.recovery_jobs j WHERE j.id = $1",
+                concat!(
+                    "SELECT j.attempts, j.agent_id, j.manual, ",
+                    attempts_in_window!(),
+                    " FROM warden.recovery_jobs j WHERE j.id = $1"
+                ),
                 &[&job, &now, &self.settings.attempt_window.get().as_secs_f64()],
             )
             .await?;
@@ -423,6 +469,11 @@ impl Engine {
         outage: bool,
     ) -> Result<(usize, usize), DbError> {
         let tx = client.transaction().await?;
+        // Claims (and manual runs queued) take turns across replicas, so
+        // the fleet-wide cap and "one recovery per agent at a time" are
+        // checked against every other claim's outcome, not a snapshot
+        // taken while another replica was claiming.
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&super::CLAIM_LOCK]).await?;
         let active: i64 = tx
             .query_one("SELECT count(*) FROM warden.recovery_jobs WHERE state IN ('running', 'verifying')", &[])
             .await?
@@ -436,27 +487,36 @@ impl Engine {
         // instead of a restart storm.
         let rows = tx
             .query(
-                "SELECT j.id, j.agent_id, j.strategy, j.action_index, j.action_attempts, j.attempts, j.incident_id, \
-                        j.manual, i.issue_type, s.name, s.labels, s.expected_interval_ms, \
-                        (SELECT count(*) FROM warden.recovery_actions a WHERE a.agent_id = j.agent_id \
-                           AND a.started_at > greatest($2::timestamptz - $3::float8 * interval '1 second', \
-                                                       coalesce(j.window_start, '-infinity'))) \
-                 FROM warden.recovery_jobs j \
-                 JOIN warden.agent_status s ON s.agent_id = j.agent_id \
-                 LEFT JOIN warden.incidents i ON i.id = j.incident_id \
-                 WHERE j.state = 'pending' AND j.next_run_at <= $2 AND (j.manual OR NOT $4) \
-                 ORDER BY j.next_run_at LIMIT $1 FOR UPDATE OF j SKIP LOCKED",
+                concat!(
+                    "SELECT j.id, j.agent_id, j.strategy, j.action_index, j.action_attempts, j.attempts, \
+                       j.incident_id, j.manual, i.issue_type, s.name, s.labels, s.expected_interval_ms, ",
+                    attempts_in_window!(),
+                    " FROM warden.recovery_jobs j \
+                     JOIN warden.agent_status s ON s.agent_id = j.agent_id \
+                     LEFT JOIN warden.incidents i ON i.id = j.incident_id \
+                     WHERE j.state = 'pending' AND j.next_run_at <= $2 AND (j.manual OR NOT $4) \
+                       AND NOT EXISTS (SELECT 1 FROM warden.recovery_jobs b \
+                                       WHERE b.agent_id = j.agent_id AND b.state IN ('running', 'verifying')) \
+                     ORDER BY j.next_run_at, j.id LIMIT $1 FOR UPDATE OF j SKIP LOCKED"
+                ),
                 &[&room, &now, &self.settings.attempt_window.get().as_secs_f64(), &outage],
             )
             .await?;
         let mut starts = Vec::new();
         let mut exhausted = 0;
+        // One recovery per agent at a time: of several due jobs of one agent
+        // (two incidents, or a manual run beside an automatic one) the
+        // oldest due goes; the others wait for it to end.
+        let mut agents_started = std::collections::HashSet::new();
         for row in &rows {
             let job: i64 = row.get(0);
             let agent: String = row.get(1);
             let strategy_name: String = row.get(2);
             let manual: bool = row.get(7);
             let in_window: i64 = row.get(12);
+            if agents_started.contains(&agent) {
+                continue;
+            }
             let Some(strategy) = self.strategy(&strategy_name).cloned() else {
                 finish(&tx, job, "cancelled", &format!("strategy {strategy_name} is no longer configured"), now)
                     .await?;
@@ -473,6 +533,20 @@ impl Engine {
             );
             let action = strategy.actions[pos.action_index].clone();
             let attempt = row.get::<_, i32>(5) + 1;
+            if let Action::None { .. } = action {
+                // Nothing to run and nothing to verify: not an attempt. As
+                // the first action it means "alert only", which the
+                // incident's own alert already does; after failed attempts
+                // it means "stop here", which is giving up.
+                if attempt == 1 {
+                    let outcome = format!("alert only: strategy {} takes no automatic action", strategy.name);
+                    finish(&tx, job, "cancelled", &outcome, now).await?;
+                } else {
+                    self.give_up(&tx, job, now, in_window, manual).await?;
+                    exhausted += 1;
+                }
+                continue;
+            }
             let ctx = Context {
                 agent_id: agent.clone(),
                 agent_name: row.get(9),
@@ -509,6 +583,7 @@ impl Engine {
                 ],
             )
             .await?;
+            agents_started.insert(agent);
             starts.push(Start { job, action_id, action, ctx, expected_interval_ms: row.get(11) });
         }
         tx.commit().await?;
@@ -619,13 +694,19 @@ impl Engine {
 }
 
 /// Fills a URL template, percent-encoding each filled-in value so agent
-/// text cannot change the URL's structure.
+/// text cannot change the URL's structure. "." and ".." stay refused
+/// whatever their encoding: URL parsers resolve them (and "%2e%2e") as path
+/// segments, so an agent named ".." would move a call up the path.
 fn fill_url(template: &str, ctx: &Context) -> Result<String, String> {
     let mut encoded = Context { agent_id: encode(&ctx.agent_id), ..ctx.clone() };
     encoded.agent_name = ctx.agent_name.as_deref().map(encode);
     encoded.issue_type = ctx.issue_type.as_deref().map(encode);
     encoded.labels = ctx.labels.iter().map(|(k, v)| (k.clone(), encode(v))).collect();
-    plan::fill(template, &encoded)
+    // Encoding keeps dots as they are, so the check sees the agent's text.
+    plan::fill_checked(template, &encoded, |value| match value {
+        "." | ".." => Err(format!("refused: {value:?} would be read as a URL path segment")),
+        _ => Ok(()),
+    })
 }
 
 fn encode(value: &str) -> String {
@@ -690,4 +771,21 @@ async fn cancel_resolved(client: &tokio_postgres::Client, now: DateTime<Utc>) ->
             &[&now],
         )
         .await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_text_cannot_climb_the_url_path() {
+        let ctx = |id: &str| Context { agent_id: id.into(), ..Context::default() };
+        let url = "http://orchestrator/v1/agents/{agent_id}/restart";
+        for dots in [".", ".."] {
+            let err = fill_url(url, &ctx(dots)).unwrap_err();
+            assert!(err.contains("path segment"), "{err}");
+        }
+        assert_eq!(fill_url(url, &ctx("a..b")).unwrap(), "http://orchestrator/v1/agents/a..b/restart");
+        assert_eq!(fill_url(url, &ctx("x:y")).unwrap(), "http://orchestrator/v1/agents/x%3Ay/restart");
+    }
 }

@@ -39,9 +39,7 @@ pub fn command_env(agent_id: &str, issue_type: Option<&str>, incident_id: Option
     let mut env = BTreeMap::new();
     env.insert("PATH".into(), std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()));
     env.insert("WARDEN_AGENT_ID".into(), agent_id.into());
-    if let Some(issue) = issue_type {
-        env.insert("WARDEN_ISSUE_TYPE".into(), issue.into());
-    }
+    env.insert("WARDEN_ISSUE_TYPE".into(), issue_type.unwrap_or("manual").into());
     if let Some(id) = incident_id {
         env.insert("WARDEN_INCIDENT_ID".into(), id.to_string());
     }

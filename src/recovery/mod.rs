@@ -27,7 +27,7 @@ pub enum ManualError {
     UnknownStrategy(String),
     #[error("no configured strategy applies to {0}; name one")]
     NoStrategy(String),
-    #[error("a recovery of {0} is already running")]
+    #[error("a recovery of {0} is already running or queued")]
     Busy(String),
     #[error(transparent)]
     Db(#[from] DbError),
@@ -39,10 +39,14 @@ impl From<tokio_postgres::Error> for ManualError {
     }
 }
 
+/// Advisory lock (transaction-scoped) that claims of recovery jobs and
+/// manual runs take turns on, across replicas.
+pub const CLAIM_LOCK: i64 = 0x7761_7264_656e_3a6a;
+
 /// Queues a manual recovery of `agent` (now, outside backoff and the
 /// attempt limit). Returns the job id.
 pub async fn run_now(
-    client: &tokio_postgres::Client,
+    client: &mut tokio_postgres::Client,
     settings: &RecoverySettings,
     agent: &str,
     strategy: Option<&str>,
@@ -66,9 +70,14 @@ pub async fn run_now(
                 .ok_or_else(|| ManualError::NoStrategy(agent.to_string()))?
         }
     };
-    let busy: bool = client
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&CLAIM_LOCK]).await?;
+    // A second request while one is running, verifying or still queued
+    // would restart the agent again right after.
+    let busy: bool = tx
         .query_one(
-            "SELECT EXISTS (SELECT 1 FROM warden.recovery_jobs WHERE agent_id = $1 AND state IN ('running', 'verifying'))",
+            "SELECT EXISTS (SELECT 1 FROM warden.recovery_jobs WHERE agent_id = $1 \
+               AND (state IN ('running', 'verifying') OR (state = 'pending' AND manual)))",
             &[&agent],
         )
         .await?
@@ -76,13 +85,14 @@ pub async fn run_now(
     if busy {
         return Err(ManualError::Busy(agent.to_string()));
     }
-    let id: i64 = client
+    let id: i64 = tx
         .query_one(
             "INSERT INTO warden.recovery_jobs (agent_id, strategy, manual) VALUES ($1, $2, true) RETURNING id",
             &[&agent, &chosen.name],
         )
         .await?
         .get(0);
+    tx.commit().await?;
     Ok(id)
 }
 
@@ -97,7 +107,8 @@ pub async fn reset(client: &tokio_postgres::Client, agent: &str) -> Result<u64, 
     Ok(client
         .execute(
             "UPDATE warden.recovery_jobs j SET state = 'pending', next_run_at = now(), window_start = now(), \
-               action_index = 0, action_attempts = 0, finished_at = NULL, outcome = NULL, updated_at = now() \
+               action_index = 0, action_attempts = 0, attempts = 0, finished_at = NULL, outcome = NULL, \
+               updated_at = now() \
              FROM warden.incidents i \
              WHERE j.agent_id = $1 AND j.state = 'exhausted' AND i.id = j.incident_id AND i.state = 'open'",
             &[&agent],

@@ -17,11 +17,17 @@ pub fn backoff(attempts: u32, base: Duration, cap: Duration) -> Duration {
 
 /// How long to wait for the agent to come back after an action: the
 /// setting if given, else `recover_after_healthy` of the agent's intervals
-/// plus half again (it must send that many on-time heartbeats to be online).
-pub fn verify_timeout(setting: Option<Duration>, expected_interval_ms: i64, recover_after_healthy: u32) -> Duration {
+/// plus half again (it must send that many on-time heartbeats to be online,
+/// and may take a while to start), plus one evaluator check (which notices).
+pub fn verify_timeout(
+    setting: Option<Duration>,
+    expected_interval_ms: i64,
+    recover_after_healthy: u32,
+    check_interval: Duration,
+) -> Duration {
     setting.unwrap_or_else(|| {
         let ms = expected_interval_ms.max(1) as f64 * f64::from(recover_after_healthy.max(1)) * 1.5;
-        Duration::from_millis(ms as u64)
+        Duration::from_millis(ms as u64).saturating_add(check_interval)
     })
 }
 
@@ -70,10 +76,10 @@ impl Context {
         match name {
             "agent_id" => Ok(self.agent_id.clone()),
             "agent_name" => Ok(self.agent_name.clone().unwrap_or_else(|| self.agent_id.clone())),
-            "issue_type" => self.issue_type.clone().ok_or_else(|| "no issue type (a manual recovery)".into()),
-            "incident_id" => {
-                self.incident_id.map(|i| i.to_string()).ok_or_else(|| "no incident (a manual recovery)".into())
-            }
+            // A manual run has no incident: its issue type reads "manual"
+            // and its incident id is empty, so one template serves both.
+            "issue_type" => Ok(self.issue_type.clone().unwrap_or_else(|| "manual".into())),
+            "incident_id" => Ok(self.incident_id.map(|i| i.to_string()).unwrap_or_default()),
             other => match other.strip_prefix("label.") {
                 Some(label) => {
                     self.labels.get(label).cloned().ok_or_else(|| format!("the agent has no label {label:?}"))
@@ -89,6 +95,15 @@ impl Context {
 /// value that would begin an argument with "-" is refused, so an agent named
 /// "--all" cannot turn into an option of the command.
 pub fn fill(template: &str, ctx: &Context) -> Result<String, String> {
+    fill_checked(template, ctx, |_| Ok(()))
+}
+
+/// [`fill`], with `check` refusing filled-in values the caller cannot take.
+pub fn fill_checked(
+    template: &str,
+    ctx: &Context,
+    check: impl Fn(&str) -> Result<(), String>,
+) -> Result<String, String> {
     let mut out = String::with_capacity(template.len());
     let mut rest = template;
     while let Some(start) = rest.find('{') {
@@ -102,6 +117,7 @@ pub fn fill(template: &str, ctx: &Context) -> Result<String, String> {
         if value.contains('\0') {
             return Err("refused: a value contains a NUL byte".into());
         }
+        check(&value)?;
         out.push_str(&value);
         rest = &after[end + 1..];
     }
@@ -148,9 +164,11 @@ mod tests {
     }
 
     #[test]
-    fn verification_waits_the_recovery_heartbeats_plus_half() {
-        assert_eq!(verify_timeout(None, 30_000, 2), Duration::from_secs(90));
-        assert_eq!(verify_timeout(Some(Duration::from_secs(5)), 30_000, 2), Duration::from_secs(5));
+    fn verification_waits_the_recovery_heartbeats_plus_half_and_one_check() {
+        let check = Duration::from_secs(10);
+        assert_eq!(verify_timeout(None, 30_000, 2, check), Duration::from_secs(100));
+        assert_eq!(verify_timeout(None, 5_000, 2, check), Duration::from_secs(25), "emergency mode");
+        assert_eq!(verify_timeout(Some(Duration::from_secs(5)), 30_000, 2, check), Duration::from_secs(5));
     }
 
     #[test]
@@ -193,6 +211,12 @@ mod tests {
         assert_eq!(fill("{agent_name}", &ctx()).unwrap(), "Worker 7; rm -rf /", "stays one inert argument");
         assert_eq!(fill("{label.role}/{issue_type}/{incident_id}", &ctx()).unwrap(), "worker/agent_unresponsive/42");
         assert!(fill("{label.zone}", &ctx()).unwrap_err().contains("no label"));
+    }
+
+    #[test]
+    fn a_manual_run_fills_the_incident_placeholders_too() {
+        let manual = Context { issue_type: None, incident_id: None, ..ctx() };
+        assert_eq!(fill("{issue_type}/{incident_id}", &manual).unwrap(), "manual/");
     }
 
     #[test]

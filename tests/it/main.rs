@@ -20,6 +20,7 @@ mod probes;
 mod procs;
 mod read_api;
 mod recovery;
+mod recovery_jobs;
 mod reports;
 mod retention;
 mod sql_path;

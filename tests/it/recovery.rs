@@ -387,8 +387,13 @@ async fn no_automatic_restart_while_the_fleet_is_out_but_a_manual_run_goes() {
     let mut settings = crate::helpers::default_settings().recovery;
     settings.strategies = vec![strategy(vec![command(vec!["/bin/true".into()], D::from_secs(5))])];
     let pool = warden::db::build_pool(app.db.config.clone(), &crate::helpers::default_settings().database).unwrap();
-    let engine = warden::recovery::engine::Engine::new(pool, settings.clone(), 2, "test".into());
-    let db = app.db.client().await;
+    let engine = warden::recovery::engine::Engine::new(
+        pool,
+        settings.clone(),
+        &crate::helpers::default_settings().health,
+        "test".into(),
+    );
+    let mut db = app.db.client().await;
     db.batch_execute(
         "INSERT INTO warden.agent_status (agent_id, expected_interval_ms, first_seen, last_seen, liveness) \
            VALUES ('paused', 1000, now(), now(), 'offline'); \
@@ -405,7 +410,7 @@ async fn no_automatic_restart_while_the_fleet_is_out_but_a_manual_run_goes() {
     assert_eq!(job_state(&app, "paused").await.as_deref(), Some("pending"), "the job waits");
     assert!(actions(&app, "paused").await.is_empty(), "nothing ran during the fleet outage");
 
-    let job = warden::recovery::run_now(&db, &settings, "paused", Some("restart")).await.unwrap();
+    let job = warden::recovery::run_now(&mut db, &settings, "paused", Some("restart")).await.unwrap();
     assert!(job > 0);
     let report = engine.tick(None).await.unwrap();
     assert_eq!(report.started, 1, "an operator's manual run is not held back");

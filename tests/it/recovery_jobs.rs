@@ -1,0 +1,250 @@
+//! The recovery engine's rules, driven tick by tick against a real
+//! database with real (instant) commands: one recovery per agent at a time,
+//! what verifies an action, alert-only strategies, manual runs and resets.
+
+use std::sync::Arc;
+
+use warden::config::{Action, Duration as D, RecoverySettings, Strategy};
+use warden::health::incidents::IssueType;
+use warden::recovery::ManualError;
+use warden::recovery::engine::Engine;
+
+use crate::helpers::{TestDb, default_settings};
+
+fn command(argv: &[&str]) -> Action {
+    Action::Command {
+        name: None,
+        argv: argv.iter().map(|a| a.to_string()).collect(),
+        timeout: D::from_secs(5),
+        attempts: 1,
+    }
+}
+
+fn strategy(issues: &[IssueType], actions: Vec<Action>) -> Strategy {
+    Strategy { name: "fix".into(), issues: issues.to_vec(), labels: Default::default(), actions }
+}
+
+struct Rig {
+    db: TestDb,
+    engine: Arc<Engine>,
+    settings: RecoverySettings,
+}
+
+/// Failed attempts are retried at once (1 ms backoff), so that ticks in
+/// real time go through a whole strategy.
+async fn rig(strategies: Vec<Strategy>, max_attempts: u32) -> Rig {
+    let db = TestDb::migrated().await;
+    let mut settings = default_settings().recovery;
+    settings.strategies = strategies;
+    settings.max_attempts = max_attempts;
+    settings.backoff_base = D::from_millis(1);
+    settings.backoff_cap = D::from_millis(1);
+    let pool = warden::db::build_pool(db.config.clone(), &default_settings().database).unwrap();
+    let engine = Engine::new(pool, settings.clone(), &default_settings().health, "test".into());
+    Rig { db, engine, settings }
+}
+
+impl Rig {
+    async fn agent(&self, id: &str) {
+        self.db
+            .client()
+            .await
+            .execute(
+                "INSERT INTO warden.agent_status (agent_id, expected_interval_ms, first_seen, last_seen, liveness) \
+                 VALUES ($1, 1000, now() - interval '1 minute', now() - interval '1 minute', 'offline')",
+                &[&id],
+            )
+            .await
+            .unwrap();
+    }
+
+    async fn incident(&self, agent: &str, issue: IssueType) -> i64 {
+        self.db
+            .client()
+            .await
+            .query_one(
+                "INSERT INTO warden.incidents (agent_id, issue_type, severity) VALUES ($1, $2, 'critical') RETURNING id",
+                &[&agent, &issue.as_str()],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// A tick, then the actions it started run to their end.
+    async fn tick(&self) -> warden::recovery::engine::TickReport {
+        let report = self.engine.tick(None).await.unwrap();
+        self.engine.settle().await;
+        report
+    }
+
+    /// (state, outcome) of the agent's jobs, oldest first.
+    async fn jobs(&self, agent: &str) -> Vec<(String, Option<String>)> {
+        let db = self.db.client().await;
+        let rows = db
+            .query("SELECT state, outcome FROM warden.recovery_jobs WHERE agent_id = $1 ORDER BY id", &[&agent])
+            .await
+            .unwrap();
+        rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+    }
+
+    async fn action_states(&self, agent: &str) -> Vec<String> {
+        let db = self.db.client().await;
+        let rows = db
+            .query("SELECT state FROM warden.recovery_actions WHERE agent_id = $1 ORDER BY id", &[&agent])
+            .await
+            .unwrap();
+        rows.iter().map(|r| r.get(0)).collect()
+    }
+
+    async fn count(&self, sql: &str) -> i64 {
+        self.db.client().await.query_one(sql, &[]).await.unwrap().get(0)
+    }
+}
+
+#[tokio::test]
+async fn an_agent_gets_one_recovery_at_a_time_whatever_asks_for_more() {
+    let rig =
+        rig(vec![strategy(&[IssueType::AgentUnresponsive, IssueType::RestartLoop], vec![command(&["/bin/true"])])], 3)
+            .await;
+    rig.agent("twice").await;
+    rig.agent("other").await;
+    rig.incident("twice", IssueType::AgentUnresponsive).await;
+    rig.incident("twice", IssueType::RestartLoop).await;
+    rig.incident("other", IssueType::AgentUnresponsive).await;
+
+    let report = rig.tick().await;
+    assert_eq!(report.opened, 3);
+    assert_eq!(report.started, 2, "one per agent: {report:?}");
+    let states: Vec<String> = rig.jobs("twice").await.into_iter().map(|j| j.0).collect();
+    assert_eq!(states, ["verifying", "pending"]);
+
+    // The second job of the agent waits while the first verifies, and so
+    // does an operator's request.
+    assert_eq!(rig.tick().await.started, 0);
+    let mut db = rig.db.client().await;
+    let busy = warden::recovery::run_now(&mut db, &rig.settings, "twice", None).await.unwrap_err();
+    assert!(matches!(busy, ManualError::Busy(_)), "{busy}");
+    assert_eq!(rig.action_states("twice").await, ["verifying"]);
+}
+
+#[tokio::test]
+async fn a_manual_run_is_queued_once() {
+    let rig = rig(vec![strategy(&[IssueType::AgentUnresponsive], vec![command(&["/bin/true"])])], 3).await;
+    rig.agent("manual").await;
+    let mut db = rig.db.client().await;
+    warden::recovery::run_now(&mut db, &rig.settings, "manual", None).await.unwrap();
+    let again = warden::recovery::run_now(&mut db, &rig.settings, "manual", None).await.unwrap_err();
+    assert!(matches!(again, ManualError::Busy(_)), "a second request while the first is queued: {again}");
+    assert_eq!(rig.tick().await.started, 1);
+    assert_eq!(rig.action_states("manual").await, ["verifying"]);
+}
+
+#[tokio::test]
+async fn an_alert_only_strategy_makes_no_attempt_and_escalates_nothing() {
+    let rig = rig(vec![strategy(&[IssueType::AgentUnresponsive], vec![Action::None { name: None }])], 3).await;
+    rig.agent("quiet").await;
+    rig.incident("quiet", IssueType::AgentUnresponsive).await;
+    for _ in 0..3 {
+        rig.tick().await;
+    }
+    let jobs = rig.jobs("quiet").await;
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].0, "cancelled");
+    assert!(jobs[0].1.as_deref().unwrap().starts_with("alert only"), "{jobs:?}");
+    assert!(rig.action_states("quiet").await.is_empty(), "no attempt recorded");
+    assert_eq!(rig.count("SELECT count(*) FROM warden.system_events WHERE event_type = 'recovery_failed'").await, 0);
+}
+
+#[tokio::test]
+async fn none_after_failed_actions_gives_up_there() {
+    let rig = rig(
+        vec![strategy(&[IssueType::AgentUnresponsive], vec![command(&["/bin/false"]), Action::None { name: None }])],
+        5,
+    )
+    .await;
+    rig.agent("stop").await;
+    rig.incident("stop", IssueType::AgentUnresponsive).await;
+    for _ in 0..4 {
+        rig.tick().await;
+    }
+    assert_eq!(rig.action_states("stop").await, ["failed"], "one command, then nothing more");
+    assert_eq!(rig.jobs("stop").await[0].0, "exhausted");
+    assert_eq!(rig.count("SELECT count(*) FROM warden.system_events WHERE event_type = 'recovery_failed'").await, 1);
+}
+
+#[tokio::test]
+async fn an_online_agent_is_not_fixed_until_the_evaluator_clears_its_issue() {
+    let rig = rig(vec![strategy(&[IssueType::RestartLoop], vec![command(&["/bin/true"])])], 3).await;
+    rig.agent("looping").await;
+    let incident = rig.incident("looping", IssueType::RestartLoop).await;
+    assert_eq!(rig.tick().await.started, 1);
+    let db = rig.db.client().await;
+    // It heartbeats and is online: for a restart loop that proves nothing.
+    db.execute("UPDATE warden.agent_status SET liveness = 'online', last_seen = now() + interval '1 second'", &[])
+        .await
+        .unwrap();
+    let report = rig.tick().await;
+    assert_eq!(report.succeeded, 0);
+    assert_eq!(rig.action_states("looping").await, ["verifying"]);
+    let open: String =
+        db.query_one("SELECT state FROM warden.incidents WHERE id = $1", &[&incident]).await.unwrap().get(0);
+    assert_eq!(open, "open", "recovery does not resolve what the evaluator still sees");
+
+    // The evaluator finds the condition cleared: now it counts.
+    db.execute(
+        "UPDATE warden.incidents SET state = 'resolved', resolved_at = now() + interval '2 seconds', \
+           resolution = 'condition cleared' WHERE id = $1",
+        &[&incident],
+    )
+    .await
+    .unwrap();
+    assert_eq!(rig.tick().await.succeeded, 1);
+    assert_eq!(rig.action_states("looping").await, ["succeeded"]);
+    let resolution: String =
+        db.query_one("SELECT resolution FROM warden.incidents WHERE id = $1", &[&incident]).await.unwrap().get(0);
+    assert!(resolution.starts_with("auto-recovered by fix/"), "{resolution}");
+}
+
+#[tokio::test]
+async fn manual_runs_do_not_use_up_automatic_attempts() {
+    let rig = rig(vec![strategy(&[IssueType::AgentUnresponsive], vec![command(&["/bin/false"])])], 1).await;
+    rig.agent("tried").await;
+    let mut db = rig.db.client().await;
+    warden::recovery::run_now(&mut db, &rig.settings, "tried", None).await.unwrap();
+    rig.tick().await;
+    assert_eq!(rig.action_states("tried").await, ["failed"]);
+
+    rig.incident("tried", IssueType::AgentUnresponsive).await;
+    let report = rig.tick().await;
+    assert_eq!((report.started, report.exhausted), (1, 0), "the automatic job gets its attempt: {report:?}");
+    assert_eq!(rig.action_states("tried").await, ["failed", "failed"]);
+}
+
+#[tokio::test]
+async fn a_reset_forgives_earlier_attempts_for_later_incidents_too() {
+    let rig = rig(vec![strategy(&[IssueType::AgentUnresponsive], vec![command(&["/bin/false"])])], 2).await;
+    rig.agent("reset").await;
+    let first = rig.incident("reset", IssueType::AgentUnresponsive).await;
+    for _ in 0..4 {
+        rig.tick().await;
+    }
+    assert_eq!(rig.jobs("reset").await[0].0, "exhausted");
+    assert_eq!(rig.action_states("reset").await.len(), 2);
+
+    let db = rig.db.client().await;
+    assert_eq!(warden::recovery::reset(&db, "reset").await.unwrap(), 1);
+    let attempts: i32 = db.query_one("SELECT attempts FROM warden.recovery_jobs", &[]).await.unwrap().get(0);
+    assert_eq!(attempts, 0, "backoff starts again from its base");
+    db.execute("UPDATE warden.incidents SET state = 'resolved', resolved_at = now() WHERE id = $1", &[&first])
+        .await
+        .unwrap();
+    rig.tick().await;
+    assert_eq!(rig.jobs("reset").await[0].0, "cancelled");
+
+    // Within the same attempt window, a new incident still gets its attempts.
+    rig.incident("reset", IssueType::AgentUnresponsive).await;
+    let report = rig.tick().await;
+    assert_eq!((report.started, report.exhausted), (1, 0), "{report:?}");
+    assert_eq!(rig.action_states("reset").await.len(), 3);
+}
