@@ -103,6 +103,28 @@ pub struct PassReport {
     pub sent: usize,
     pub failed: usize,
     pub dead: usize,
+    /// Escalations and repeats dropped because none of their alerts was
+    /// still firing.
+    pub cancelled: usize,
+}
+
+/// Escalations and repeats exist to get a firing alert seen. One whose
+/// alerts were all acknowledged or resolved since it was created is not
+/// sent: an acknowledgement may commit while the escalator is creating it
+/// (the acknowledgement's own cancelling cannot see it yet), and
+/// resolutions do not cancel anything. Deliveries being sent right now
+/// (claimed, claim not expired) are left to finish.
+async fn cancel_stale_escalations(client: &tokio_postgres::Client, now: DateTime<Utc>) -> Result<usize, DbError> {
+    Ok(client
+        .execute(
+            "UPDATE warden.alert_deliveries d SET state = 'cancelled', claimed_by = NULL, claimed_until = NULL, \
+                    last_error = 'no alert of it was firing any more' \
+             WHERE d.state = 'pending' AND d.kind IN ('escalation', 'repeat') \
+               AND (d.claimed_until IS NULL OR d.claimed_until <= $1) \
+               AND NOT EXISTS (SELECT 1 FROM warden.alerts x WHERE x.id = ANY (d.alert_ids) AND x.state = 'firing')",
+            &[&now],
+        )
+        .await? as usize)
 }
 
 /// One replica's dispatcher.
@@ -156,8 +178,9 @@ impl Dispatcher {
             Some(n) => n,
             None => client.query_one("SELECT now()", &[]).await?.get(0),
         };
+        let cancelled = cancel_stale_escalations(&client, now).await?;
         let rows = self.claim(&client, now).await?;
-        let mut report = PassReport { claimed: rows.len(), ..PassReport::default() };
+        let mut report = PassReport { claimed: rows.len(), cancelled, ..PassReport::default() };
         if rows.is_empty() {
             return Ok(report);
         }

@@ -249,7 +249,8 @@ pub async fn cycle(
 
     for (index, row) in rows.iter().enumerate() {
         let mut update = row.current();
-        let (route, policy) = match resolve_policy(p, row) {
+        let gave_up = row.incident_id.and_then(|i| recovery.get(&i)).is_some_and(|r| r.gave_up);
+        let (route, policy) = match resolve_policy(p, row, gave_up) {
             Some((route, policy)) => (Some(route), Some(policy)),
             None => (None, None),
         };
@@ -463,7 +464,11 @@ fn batch_key(row: &Row, route: &str, n: &Notice) -> String {
 
 /// The route and policy of an alert: the ones it was first sent by, else
 /// the routing table's answer now.
-fn resolve_policy(p: &EscalatorParams, row: &Row) -> Option<(String, Policy)> {
+/// The route and policy of an alert: kept once it has been paged, else
+/// chosen now. An alert whose recovery gave up is routed as critical (the
+/// severity it is raised to when paged), so the page reaches whoever
+/// critical alerts reach even when no route takes its own severity.
+fn resolve_policy(p: &EscalatorParams, row: &Row, recovery_gave_up: bool) -> Option<(String, Policy)> {
     if row.source == "channel" {
         let failing = row.subject.as_deref().unwrap_or_default();
         return Some((CHANNEL_ROUTE.to_string(), Policy::for_failing_channel(failing, p.router.channels())));
@@ -474,7 +479,8 @@ fn resolve_policy(p: &EscalatorParams, row: &Row) -> Option<(String, Policy)> {
     {
         return Some((route.clone(), policy.clone()));
     }
-    let subject = Subject { severity: row.severity, issue: &row.issue, labels: row.labels.as_ref() };
+    let severity = if recovery_gave_up { row.severity.max(Severity::Critical) } else { row.severity };
+    let subject = Subject { severity, issue: &row.issue, labels: row.labels.as_ref() };
     p.router.route(subject).map(|(route, policy)| (route.to_string(), policy.clone()))
 }
 

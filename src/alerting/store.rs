@@ -112,6 +112,7 @@ pub async fn acknowledge(
                UPDATE warden.alert_deliveries d SET state = 'cancelled', claimed_by = NULL, claimed_until = NULL, \
                       last_error = 'acknowledged before it was sent' \
                WHERE d.state = 'pending' AND d.kind IN ('escalation', 'repeat') AND d.alert_ids && ARRAY[$1::bigint] \
+                 AND d.claimed_by IS NULL \
                  AND EXISTS (SELECT 1 FROM u) \
                  AND NOT EXISTS (SELECT 1 FROM warden.alerts x \
                                  WHERE x.id = ANY (d.alert_ids) AND x.id <> $1 AND x.state = 'firing')), \

@@ -758,3 +758,109 @@ secret = "{}"
     assert_eq!(body["alerts"][0]["agent_id"], "db_1");
     assert_eq!(body["headline"], "[FIRING CRITICAL] db_1 is offline");
 }
+
+/// An acknowledgement can commit while the escalator is creating the next
+/// level's delivery, which its own cancelling then cannot see; and a
+/// resolution cancels nothing. The dispatcher drops escalations none of
+/// whose alerts is firing any more instead of sending them.
+#[tokio::test]
+async fn escalations_whose_alerts_stopped_firing_are_not_sent() {
+    let slack = HttpReceiver::start().await;
+    let smtp = SmtpServer::start().await;
+    let mut rig = Rig::new(&format!("{TIMINGS}{}{PAGE_POLICY}", channels_toml(&slack, &smtp, None))).await;
+    for agent in ["e1", "e2"] {
+        rig.beat(agent, 10_000, None).await;
+    }
+    rig.run_for(secs(40), secs(2)).await;
+    assert_eq!(slack.accepted().len(), 1, "level 1, both alerts in one message");
+    let (_, _, _, paged_at) = rig.alert("e1:agent_unresponsive").await;
+
+    // Level 2 becomes due and is created (one email about both), but not
+    // sent yet.
+    rig.auto_dispatch = false;
+    rig.run_to(paged_at.unwrap() + secs(300), secs(10)).await;
+    let pending = "SELECT count(*) FROM warden.alert_deliveries WHERE kind = 'escalation' AND state = 'pending'";
+    assert_eq!(rig.count(pending).await, 1);
+
+    // e1 acknowledged behind the escalation's back: e2 still fires, so the
+    // email still goes.
+    rig.c
+        .execute(
+            "UPDATE warden.alerts SET state = 'acknowledged', acknowledged_at = now() \
+             WHERE dedup_key = 'e1:agent_unresponsive'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let report = rig.dispatcher.pass(Some(rig.now)).await.unwrap();
+    assert_eq!((report.cancelled, report.sent), (0, 1), "{report:?}");
+    assert_eq!(smtp.mails().len(), 1);
+
+    // Later escalations for e2 (level 3) are created, then e2 resolves
+    // before they are sent: none goes out.
+    rig.run_to(paged_at.unwrap() + secs(15 * 60), secs(30)).await;
+    assert_eq!(rig.count(pending).await, 2, "level 3 is pending");
+    rig.c
+        .execute(
+            "UPDATE warden.alerts SET state = 'resolved', resolved_at = now() WHERE dedup_key = 'e2:agent_unresponsive'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let report = rig.dispatcher.pass(Some(rig.now)).await.unwrap();
+    assert_eq!((report.cancelled, report.claimed), (2, 0), "level 3's email and Slack post: {report:?}");
+    assert_eq!(rig.count(pending).await, 0);
+    assert_eq!(smtp.mails().len(), 1, "no escalation about alerts that stopped firing");
+    let texts: Vec<String> =
+        slack.accepted().iter().map(|r| r.json()["text"].as_str().unwrap_or_default().to_string()).collect();
+    assert!(!texts.iter().any(|t| t.contains("ESCALATED")), "{texts:?}");
+}
+
+/// A warning that no route takes, whose recovery gave up, is paged as
+/// critical on the critical route instead of waiting for a route forever.
+#[tokio::test]
+async fn a_warning_whose_recovery_gave_up_reaches_the_critical_route() {
+    let slack = HttpReceiver::start().await;
+    let smtp = SmtpServer::start().await;
+    let config = format!(
+        "{TIMINGS}{}\n[health.severities]\nagent_unresponsive = \"warning\"\n{}",
+        channels_toml(&slack, &smtp, None),
+        r#"
+[[alerting.policies]]
+name = "pager"
+levels = [{ after = "0s", channels = ["ops_slack"] }]
+
+[[alerting.routes]]
+severities = ["critical", "emergency"]
+policy = "pager"
+"#
+    );
+    let mut rig = Rig::new(&config).await;
+    rig.beat("g1", 10_000, None).await;
+    rig.run_for(secs(40), secs(2)).await;
+    assert!(slack.accepted().is_empty(), "no route takes warnings");
+    let (_, _, reason, paged) = rig.alert("g1:agent_unresponsive").await;
+    assert_eq!((reason.as_deref(), paged), (Some("no_route"), None));
+
+    let incident = rig.incident("g1", "agent_unresponsive").await;
+    rig.c
+        .execute(
+            "INSERT INTO warden.system_events (occurred_at, agent_id, event_type, severity, message, details) \
+             VALUES ($1, 'g1', 'recovery_failed', 'critical', 'recovery gave up', jsonb_build_object('incident_id', $2::bigint))",
+            &[&rig.now, &incident],
+        )
+        .await
+        .unwrap();
+    rig.run_for(secs(10), secs(2)).await;
+    let texts: Vec<String> =
+        slack.accepted().iter().map(|r| r.json()["text"].as_str().unwrap_or_default().to_string()).collect();
+    assert_eq!(texts.len(), 1, "{texts:?}");
+    assert!(texts[0].starts_with("[FIRING CRITICAL] g1 is offline"), "{texts:?}");
+    let severity: String = rig
+        .c
+        .query_one("SELECT severity FROM warden.alerts WHERE dedup_key = 'g1:agent_unresponsive'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(severity, "critical");
+}
