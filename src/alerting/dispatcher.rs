@@ -189,11 +189,16 @@ impl Dispatcher {
         for row in rows {
             let channels = self.channels.clone();
             let message = messages.remove(&row.id);
+            let lease = self.params.lease;
+            let reached: Vec<String> = row.detail["reached"]
+                .as_array()
+                .map(|r| r.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+                .unwrap_or_default();
             tasks.spawn(async move {
                 let started = Utc::now();
                 let clock = Instant::now();
                 let result = match (channels.get(&row.channel), message) {
-                    (Some(channel), Some(message)) => send_bounded(channel, &message).await,
+                    (Some(channel), Some(message)) => send_bounded(channel, &message, &reached, lease).await,
                     (None, _) => Err(SendError::new(format!("channel {} is no longer configured", row.channel))),
                     (_, None) => Err(SendError::new("the delivery's alerts could not be read")),
                 };
@@ -266,6 +271,12 @@ impl Dispatcher {
             Err(e) => (e.status, Some(e.error.as_str()), e.retry_after),
         };
         let status = status.map(i32::from);
+        // Recipients reached so far (a failure's partial progress), kept for
+        // the retry.
+        let reached = serde_json::Value::from(match &o.result {
+            Err(e) => e.reached.clone(),
+            Ok(_) => Vec::new(),
+        });
         let deadline = row.created_at + self.params.max_age;
         let recorded = match &o.result {
             Ok(_) => Recorded::Sent,
@@ -301,9 +312,21 @@ impl Dispatcher {
                    state = CASE $2 WHEN 'sent' THEN 'sent' WHEN 'dead' THEN 'dead' ELSE 'pending' END, \
                    sent_at = CASE WHEN $2 = 'sent' THEN $3::timestamptz END, \
                    next_attempt_at = $4, last_error = $5, last_attempt_at = $6, \
-                   last_status_code = $7, last_latency_ms = $8, claimed_by = NULL, claimed_until = NULL \
+                   last_status_code = $7, last_latency_ms = $8, claimed_by = NULL, claimed_until = NULL, \
+                   detail = CASE WHEN $10::jsonb = '[]' THEN detail ELSE detail || jsonb_build_object('reached', $10::jsonb) END \
                  WHERE id = $1 AND state = 'pending' AND claimed_by = $9",
-                &[&row.id, &outcome, &now, &next_attempt, &error, &o.started, &status, &o.latency_ms, &self.replica],
+                &[
+                    &row.id,
+                    &outcome,
+                    &now,
+                    &next_attempt,
+                    &error,
+                    &o.started,
+                    &status,
+                    &o.latency_ms,
+                    &self.replica,
+                    &reached,
+                ],
             )
             .await?;
         client
@@ -379,10 +402,17 @@ enum Recorded {
     Dead,
 }
 
-/// Sends with a hard bound, whatever the channel's own timeouts do.
-async fn send_bounded(channel: &super::channels::Channel, message: &Message) -> Result<Sent, SendError> {
-    let limit = std::time::Duration::from_secs(330);
-    match tokio::time::timeout(limit, channel.send(message)).await {
+/// Sends with a hard bound, whatever the channel's own timeouts do (an SMTP
+/// session's are per step): it ends well inside the claim, so no other
+/// dispatcher can take the delivery over while it is still being sent.
+async fn send_bounded(
+    channel: &super::channels::Channel,
+    message: &Message,
+    reached: &[String],
+    lease: Duration,
+) -> Result<Sent, SendError> {
+    let limit = (lease - Duration::seconds(10)).to_std().unwrap_or(std::time::Duration::from_secs(20));
+    match tokio::time::timeout(limit, channel.send(message, reached)).await {
         Ok(result) => result,
         Err(_) => Err(SendError::new("the send did not finish in time")),
     }

@@ -45,7 +45,8 @@ pub struct AlertingSettings {
     pub dispatch_interval: Duration,
     /// Most messages one dispatcher claims (and sends concurrently) at once.
     pub dispatch_batch: u32,
-    /// Time allowed for one send (HTTP request or SMTP session).
+    /// Time allowed for one HTTP request or SMTP step; a whole send is cut
+    /// off at 3 × this + 20s, inside its claim.
     pub delivery_timeout: Duration,
     /// First retry delay; doubles per failed attempt, with jitter.
     pub retry_base: Duration,

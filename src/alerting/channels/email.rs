@@ -58,6 +58,7 @@ impl Email {
                 status: e.status().map(u16::from),
                 retry_after: None,
                 error: format!("SMTP: {}", one_line(&e.to_string())),
+                reached: Vec::new(),
             }),
         }
     }

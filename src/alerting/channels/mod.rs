@@ -32,11 +32,14 @@ pub struct SendError {
     pub retry_after: Option<Duration>,
     /// One line, without secrets.
     pub error: String,
+    /// Recipients of a channel with several (Telegram chats) that did get
+    /// the message before the failure; a retry skips them.
+    pub reached: Vec<String>,
 }
 
 impl SendError {
     pub fn new(error: impl Into<String>) -> Self {
-        Self { status: None, retry_after: None, error: error.into() }
+        Self { status: None, retry_after: None, error: error.into(), reached: Vec::new() }
     }
 }
 
@@ -62,12 +65,14 @@ impl Channel {
     }
 
     /// Sends one message, once.
-    pub async fn send(&self, message: &Message) -> Result<Sent, SendError> {
+    /// Sends `message`; `reached` lists recipients an earlier attempt of
+    /// the same delivery already reached (see [`SendError::reached`]).
+    pub async fn send(&self, message: &Message, reached: &[String]) -> Result<Sent, SendError> {
         match self {
             Self::Slack(c) => c.send(message).await,
             Self::Email(c) => c.send(message).await,
             Self::Webhook(c) => c.send(message).await,
-            Self::Telegram(c) => c.send(message).await,
+            Self::Telegram(c) => c.send(message, reached).await,
             Self::Log(c) => c.send(message),
         }
     }
@@ -142,6 +147,7 @@ pub(crate) async fn post(request: reqwest::RequestBuilder) -> Result<Sent, SendE
         status: Some(status.as_u16()),
         retry_after,
         error: format!("HTTP {}{}", status.as_u16(), if body.is_empty() { String::new() } else { format!(": {body}") }),
+        reached: Vec::new(),
     })
 }
 

@@ -22,25 +22,47 @@ impl Telegram {
         Self { http, api_base, bot_token, chat_ids }
     }
 
-    /// Sends to every chat. A failure part-way is retried as a whole, so a
-    /// chat may see a message twice (at least once, as everywhere).
-    pub async fn send(&self, message: &Message) -> Result<Sent, SendError> {
+    /// Sends to every chat not in `reached`, all at once (so a send takes
+    /// one request's time, however many chats). When some fail, the error
+    /// lists the chats reached so far, which the retry then skips: a chat
+    /// that keeps failing does not repeat the message to the others.
+    pub async fn send(&self, message: &Message, reached: &[String]) -> Result<Sent, SendError> {
         let url = format!("{}/bot{}/sendMessage", self.api_base, self.bot_token.expose());
         let text = markdown(message);
-        let mut last = Sent { status: None };
-        for chat in &self.chat_ids {
+        let chats: Vec<&String> = self.chat_ids.iter().filter(|c| !reached.contains(c)).collect();
+        let results = futures_util::future::join_all(chats.iter().map(|chat| {
             let body = json!({
                 "chat_id": chat,
                 "text": text,
                 "parse_mode": "Markdown",
                 "disable_web_page_preview": true,
             });
-            last = post(self.http.post(&url).json(&body)).await.map_err(|mut e| {
-                e.error = format!("chat {chat}: {}", e.error);
-                e
-            })?;
+            post(self.http.post(&url).json(&body))
+        }))
+        .await;
+        let mut last = Sent { status: None };
+        let mut first_error: Option<SendError> = None;
+        let mut now_reached: Vec<String> = reached.to_vec();
+        for (chat, result) in chats.into_iter().zip(results) {
+            match result {
+                Ok(sent) => {
+                    last = sent;
+                    now_reached.push(chat.clone());
+                }
+                Err(mut e) if first_error.is_none() => {
+                    e.error = format!("chat {chat}: {}", e.error);
+                    first_error = Some(e);
+                }
+                Err(_) => {}
+            }
         }
-        Ok(last)
+        match first_error {
+            None => Ok(last),
+            Some(mut e) => {
+                e.reached = now_reached;
+                Err(e)
+            }
+        }
     }
 }
 

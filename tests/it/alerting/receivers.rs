@@ -50,6 +50,8 @@ struct Shared {
     requests: Vec<Request>,
     script: VecDeque<Reply>,
     delay: Duration,
+    /// Requests whose body holds this text get this status, always.
+    refuse: Option<(String, u16)>,
 }
 
 /// A receiver's accept loop: stopped on `down`, aborted when the receiver
@@ -89,7 +91,12 @@ async fn handle(
 ) -> Response {
     let (reply, delay) = {
         let mut s = shared.lock().unwrap();
-        (s.script.pop_front(), s.delay)
+        let refused = s
+            .refuse
+            .as_ref()
+            .filter(|(needle, _)| String::from_utf8_lossy(&body).contains(needle.as_str()))
+            .map(|(_, status)| Reply::Status(*status));
+        (refused.or_else(|| s.script.pop_front()), s.delay)
     };
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
@@ -141,6 +148,11 @@ impl HttpReceiver {
     /// Answers the next requests with these, in order.
     pub fn script(&self, replies: &[Reply]) {
         self.shared.lock().unwrap().script.extend(replies.iter().copied());
+    }
+
+    /// Answers every request whose body contains `needle` with `status`.
+    pub fn refuse_containing(&self, needle: &str, status: u16) {
+        self.shared.lock().unwrap().refuse = Some((needle.to_string(), status));
     }
 
     /// Takes this long over every answer.

@@ -734,9 +734,11 @@ secret = "{}"
         }],
         link_base: String::new(),
     };
-    channels.get("ops_telegram").unwrap().send(&message).await.unwrap();
-    let sent = bot.accepted();
+    channels.get("ops_telegram").unwrap().send(&message, &[]).await.unwrap();
+    let mut sent = bot.accepted();
     assert_eq!(sent.len(), 2, "one sendMessage per chat");
+    // The chats are sent to at once, in no particular order.
+    sent.sort_by_key(|r| r.json()["chat_id"].as_str() != Some("-100123"));
     assert_eq!(sent[0].path, "/bot123456:ABC-DEF/sendMessage");
     let body = sent[0].json();
     assert_eq!((body["chat_id"].as_str(), body["parse_mode"].as_str()), (Some("-100123"), Some("Markdown")));
@@ -745,11 +747,11 @@ secret = "{}"
 
     // A refused Telegram send never shows the token.
     bot.script(&[Reply::Status(401)]);
-    let e = channels.get("ops_telegram").unwrap().send(&message).await.unwrap_err();
+    let e = channels.get("ops_telegram").unwrap().send(&message, &[]).await.unwrap_err();
     assert_eq!(e.status, Some(401));
     assert!(!e.error.contains("ABC-DEF"), "{}", e.error);
 
-    channels.get("audit_hook").unwrap().send(&message).await.unwrap();
+    channels.get("audit_hook").unwrap().send(&message, &[]).await.unwrap();
     let r = &hook.accepted()[0];
     assert!(signature_valid(r));
     assert_eq!(r.header("idempotency-key"), Some("key-9"));
@@ -863,4 +865,45 @@ policy = "pager"
         .unwrap()
         .get(0);
     assert_eq!(severity, "critical");
+}
+
+/// A Telegram chat that keeps refusing (the bot was removed from it) is
+/// retried alone: the chats that got the message do not get it again with
+/// every retry.
+#[tokio::test]
+async fn a_telegram_chat_that_keeps_failing_does_not_repeat_the_message_to_the_others() {
+    let bot = HttpReceiver::start().await;
+    bot.refuse_containing(r#""chat_id":"42""#, 403);
+    let config = format!(
+        r#"{TIMINGS}
+[alerting.channels.ops_telegram]
+kind = "telegram"
+bot_token = "123456:ABC-DEF"
+chat_ids = ["-100123", "42"]
+api_base = "{}"
+
+[[alerting.policies]]
+name = "tg"
+levels = [{{ after = "0s", channels = ["ops_telegram"] }}]
+
+[[alerting.routes]]
+issues = ["agent_unresponsive"]
+policy = "tg"
+"#,
+        bot.url("")
+    );
+    let mut rig = Rig::new(&config).await;
+    rig.beat("t1", 10_000, None).await;
+    // Offline at +32s, sent after group_wait, then retried every 1-4s.
+    rig.run_for(secs(90), secs(2)).await;
+    let to = |chat: &str| bot.requests().iter().filter(|r| r.json()["chat_id"] == chat).count();
+    assert_eq!(to("-100123"), 1, "the chat that got it is not sent it again");
+    assert!(to("42") >= 5, "the refusing chat is retried: {}", to("42"));
+    let (state, detail): (String, serde_json::Value) = rig
+        .c
+        .query_one("SELECT state, detail FROM warden.alert_deliveries WHERE channel = 'ops_telegram'", &[])
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!((state.as_str(), &detail["reached"]), ("pending", &json!(["-100123"])));
 }
