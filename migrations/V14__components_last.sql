@@ -10,12 +10,18 @@
 -- (BENCHMARKS.md, "Ingest (2026-12-05)"). Keep columns that ingest writes
 -- ahead of it.
 --
+-- With wal_level = logical PostgreSQL logs every updated row whole, and
+-- this changes nothing.
+--
 -- PostgreSQL cannot reorder columns; adding a new one and dropping the old
 -- leaves a dropped-column slot, which costs a bit in each row's null
--- bitmap. The copy rewrites every row once, under the lock ALTER TABLE
--- takes: heartbeats to this database wait for it (seconds per 100,000
--- agents).
+-- bitmap. The copy rewrites every row once (clearing the old column, so
+-- rows do not grow), under the lock ALTER TABLE takes: heartbeats to this
+-- database wait for it, seconds per 100,000 agents. Behind a long query on
+-- agent_status the lock would keep them waiting as long; the migration
+-- gives up instead (warden reports it and exits; start it again).
+SET LOCAL lock_timeout = '10s';
 ALTER TABLE warden.agent_status ADD COLUMN components_moved jsonb;
-UPDATE warden.agent_status SET components_moved = components WHERE components IS NOT NULL;
+UPDATE warden.agent_status SET components_moved = components, components = NULL WHERE components IS NOT NULL;
 ALTER TABLE warden.agent_status DROP COLUMN components;
 ALTER TABLE warden.agent_status RENAME COLUMN components_moved TO components;

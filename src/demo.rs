@@ -46,6 +46,7 @@ pub fn demo_settings(mut settings: Settings, exe: PathBuf, url: &str) -> Setting
         name: "restart_demo_agent".into(),
         issues: vec![IssueType::AgentUnresponsive],
         labels: [("restartable".to_string(), "yes".to_string())].into(),
+        verify_timeout: None,
         actions: vec![Action::Command {
             name: Some("warden agent --detach".into()),
             argv: vec![

@@ -119,6 +119,18 @@ pub enum Decision {
 /// The decision for one alert at `now`.
 pub fn decide(f: &Facts, policy: &Policy, timing: &Timing, now: DateTime<Utc>) -> Decision {
     match f.state {
+        // Resolved while held for a recovery still verifying (the evaluator
+        // saw the condition clear first): the recovery engine credits the
+        // action within a tick, and the channels then hear "auto-recovered"
+        // rather than nothing.
+        AlertState::Resolved
+            if f.paged_at.is_none()
+                && f.recovery.under_way
+                && f.recovery.succeeded_attempt.is_none()
+                && now < f.opened_at + timing.hold_during_recovery =>
+        {
+            Decision::Wait { next: Some(f.opened_at + timing.hold_during_recovery), held_until: None }
+        }
         AlertState::Resolved => Decision::Close(resolution(f, policy)),
         AlertState::Acknowledged => Decision::Wait { next: None, held_until: None },
         AlertState::Firing => match f.paged_at {
@@ -372,6 +384,27 @@ mod tests {
         assert_eq!(notices.len(), 1);
         assert_eq!(notices[0].note, Some(Note::AutoRecovered { attempt: 2 }));
         assert_eq!(notices[0].channels, vec!["slack".to_string()]);
+    }
+
+    #[test]
+    fn resolved_while_a_recovery_verifies_waits_for_its_credit_within_the_hold() {
+        let verifying = Facts {
+            state: AlertState::Resolved,
+            recovery: Recovery { under_way: true, ..Recovery::default() },
+            ..facts()
+        };
+        let hold_end = t(0) + timing().hold_during_recovery;
+        assert_eq!(
+            decide(&verifying, &policy(), &timing(), t(30)),
+            Decision::Wait { next: Some(hold_end), held_until: None }
+        );
+        assert_eq!(decide(&verifying, &policy(), &timing(), hold_end), Decision::Close(vec![]), "not past the hold");
+        let credited = Facts {
+            recovery: Recovery { under_way: true, succeeded_attempt: Some(1), ..Recovery::default() },
+            ..verifying
+        };
+        let Decision::Close(notices) = decide(&credited, &policy(), &timing(), t(31)) else { panic!() };
+        assert_eq!(notices[0].note, Some(Note::AutoRecovered { attempt: 1 }));
     }
 
     #[test]

@@ -584,6 +584,18 @@ async fn recovery_facts(tx: &tokio_postgres::Transaction<'_>, rows: &[Row]) -> R
         e.under_way = r.get(1);
         e.succeeded_attempt = r.get(2);
     }
+    // A job waiting its turn (another recovery of the agent is under way)
+    // or its next attempt is under way too, though it has no action yet.
+    for r in tx
+        .query(
+            "SELECT DISTINCT incident_id FROM warden.recovery_jobs \
+             WHERE incident_id = ANY($1) AND state IN ('pending', 'running', 'verifying')",
+            &[&incidents],
+        )
+        .await?
+    {
+        out.entry(r.get(0)).or_default().under_way = true;
+    }
     let texts: Vec<String> = incidents.iter().map(i64::to_string).collect();
     let oldest = rows.iter().map(|r| r.opened_at).min().unwrap_or_else(Utc::now) - Duration::hours(1);
     for r in tx

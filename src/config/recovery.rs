@@ -42,6 +42,10 @@ pub struct Strategy {
     pub issues: Vec<IssueType>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// How long each action has to prove itself; unset: as
+    /// `recovery.verify_timeout`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify_timeout: Option<Duration>,
     pub actions: Vec<Action>,
 }
 
@@ -182,6 +186,9 @@ impl RecoverySettings {
             }
             if s.actions.is_empty() {
                 return Err(SettingsError::new(&key("actions"), "[]", "at least one [[recovery.strategies.actions]]"));
+            }
+            if let Some(v) = s.verify_timeout {
+                check_min(&key("verify_timeout"), v, Duration::from_millis(100))?;
             }
             for (j, action) in s.actions.iter().enumerate() {
                 validate_action(action, &format!("recovery.strategies[{i}].actions[{j}]"))?;

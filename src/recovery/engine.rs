@@ -62,10 +62,7 @@ pub struct TickReport {
 pub struct Engine {
     pool: Pool,
     settings: Arc<RecoverySettings>,
-    recover_after_healthy: u32,
-    /// How often the evaluator looks: an agent back is seen online up to
-    /// this much later.
-    check_interval: StdDuration,
+    verify_rules: plan::VerifyRules,
     replica: String,
     http: reqwest::Client,
     /// Actions running on this replica.
@@ -84,8 +81,11 @@ impl Engine {
         Arc::new(Self {
             pool,
             settings: Arc::new(settings),
-            recover_after_healthy: health.recover_after_healthy,
-            check_interval: health.check_interval.get(),
+            verify_rules: plan::VerifyRules {
+                recover_after_healthy: health.recover_after_healthy,
+                check_interval: health.check_interval.get(),
+                condition_window: health.restart_loop_window.get().max(health.score_interval.get() * 2),
+            },
             replica,
             http,
             running: TaskTracker::new(),
@@ -202,8 +202,9 @@ impl Engine {
         let tx = client.transaction().await?;
         let rows = tx
             .query(
-                "SELECT j.id, j.current_action_id, j.lease_owner, s.expected_interval_ms \
+                "SELECT j.id, j.current_action_id, j.lease_owner, s.expected_interval_ms, j.strategy, i.issue_type \
                  FROM warden.recovery_jobs j JOIN warden.agent_status s ON s.agent_id = j.agent_id \
+                 LEFT JOIN warden.incidents i ON i.id = j.incident_id \
                  WHERE j.state = 'running' AND j.lease_until < $1 FOR UPDATE OF j SKIP LOCKED",
                 &[&now],
             )
@@ -212,7 +213,8 @@ impl Engine {
             let job: i64 = row.get(0);
             let action: Option<i64> = row.get(1);
             let owner: Option<String> = row.get(2);
-            let verify = self.verify_for(row.get::<_, i32>(3));
+            let issue = row.get::<_, Option<String>>(5).and_then(|t| t.parse().ok());
+            let verify = self.verify_for(row.get(4), issue, row.get::<_, i32>(3));
             tx.execute(
                 "UPDATE warden.recovery_actions SET state = 'abandoned', finished_at = $2, \
                    outcome = $3 WHERE id = $1 AND state = 'running'",
@@ -237,12 +239,15 @@ impl Engine {
         Ok(rows.len())
     }
 
-    fn verify_for(&self, expected_interval_ms: i32) -> Duration {
+    /// Verification time of an action of `strategy` on an incident of
+    /// `issue` (None: a manual run).
+    fn verify_for(&self, strategy: &str, issue: Option<IssueType>, expected_interval_ms: i32) -> Duration {
         let d = plan::verify_timeout(
+            self.strategy(strategy).and_then(|s| s.verify_timeout).map(|d| d.get()),
             self.settings.verify_timeout.map(|d| d.get()),
+            &self.verify_rules,
             i64::from(expected_interval_ms),
-            self.recover_after_healthy,
-            self.check_interval,
+            issue.is_none_or(IssueType::is_silence),
         );
         Duration::from_std(d).unwrap_or(Duration::seconds(90))
     }
@@ -282,15 +287,15 @@ impl Engine {
             let agent: String = row.get(10);
             let issue: Option<IssueType> = row.get::<_, Option<String>>(11).and_then(|t| t.parse().ok());
             let resolved_at: Option<DateTime<Utc>> = row.get(12);
-            // Silence is fixed when the agent is heard from again and online.
-            // Any other issue (a restart loop, errors, resources) is fixed
-            // only when the evaluator finds its condition cleared and
-            // resolves the incident: an agent can be online throughout.
-            let fixed_at = if issue.is_none_or(IssueType::is_silence) {
-                (liveness == "online" && started.is_some_and(|s| last_seen > s)).then_some(last_seen)
-            } else {
-                resolved_at.filter(|r| started.is_some_and(|s| *r >= s))
-            };
+            // The agent must be heard from after the action and online. For
+            // silence that is the fix; any other issue (a restart loop,
+            // errors, resources) is fixed only when the evaluator also finds
+            // its condition cleared and resolves the incident, since an
+            // agent can be online throughout.
+            let silence = issue.is_none_or(IssueType::is_silence);
+            let back = (liveness == "online" && started.is_some_and(|s| last_seen > s)).then_some(last_seen);
+            let fixed_at =
+                if silence { back } else { back.and(resolved_at.filter(|r| started.is_some_and(|s| *r >= s))) };
             if let Some(fixed_at) = fixed_at {
                 let took = started.map(|s| (fixed_at - s).num_milliseconds() as f64 / 1000.0).unwrap_or(0.0);
                 let credit = format!("auto-recovered by {strategy}/{action_name} on attempt {attempts}");
@@ -299,7 +304,7 @@ impl Engine {
                        outcome = coalesce(outcome || '; ', '') || $2 WHERE id = $1",
                     &[
                         &action,
-                        &if issue.is_none_or(IssueType::is_silence) {
+                        &if silence {
                             format!("verified: the agent was back {took:.1}s after the action started")
                         } else {
                             format!("verified: the condition cleared {took:.1}s after the action started")
@@ -349,7 +354,14 @@ impl Engine {
                 tx.execute(
                     "UPDATE warden.recovery_actions SET state = 'failed', \
                        outcome = coalesce(outcome || '; ', '') || $2 WHERE id = $1",
-                    &[&action, &format!("the agent did not come back within {waited}s")],
+                    &[
+                        &action,
+                        &if silence {
+                            format!("the agent did not come back within {waited}s")
+                        } else {
+                            format!("the condition did not clear within {waited}s")
+                        },
+                    ],
                 )
                 .await?;
                 crate::metrics::METRICS.recovery_attempts.with_label_values(&["failed"]).inc();
@@ -414,7 +426,9 @@ impl Engine {
             .query(
                 "SELECT jsonb_build_object('strategy', strategy, 'action', action, 'attempt', attempt, 'state', state, \
                    'outcome', outcome, 'started_at', started_at, 'finished_at', finished_at) \
-                 FROM warden.recovery_actions WHERE job_id = $1 ORDER BY id",
+                 FROM warden.recovery_actions WHERE job_id = $1 \
+                   AND started_at > (SELECT coalesce(window_start, '-infinity') FROM warden.recovery_jobs WHERE id = $1) \
+                 ORDER BY id",
                 &[&job],
             )
             .await?
@@ -522,23 +536,24 @@ impl Engine {
                     .await?;
                 continue;
             };
-            if !manual && in_window >= i64::from(self.settings.max_attempts) {
-                self.give_up(&tx, job, now, in_window, false).await?;
-                exhausted += 1;
-                continue;
-            }
             let pos = plan::next_position(
                 &strategy,
                 Position { action_index: row.get::<_, i32>(3) as usize, action_attempts: row.get::<_, i32>(4) as u32 },
             );
             let action = strategy.actions[pos.action_index].clone();
             let attempt = row.get::<_, i32>(5) + 1;
+            let alert_only = attempt == 1 && matches!(action, Action::None { .. });
+            if !manual && !alert_only && in_window >= i64::from(self.settings.max_attempts) {
+                self.give_up(&tx, job, now, in_window, false).await?;
+                exhausted += 1;
+                continue;
+            }
             if let Action::None { .. } = action {
                 // Nothing to run and nothing to verify: not an attempt. As
                 // the first action it means "alert only", which the
                 // incident's own alert already does; after failed attempts
                 // it means "stop here", which is giving up.
-                if attempt == 1 {
+                if alert_only {
                     let outcome = format!("alert only: strategy {} takes no automatic action", strategy.name);
                     finish(&tx, job, "cancelled", &outcome, now).await?;
                 } else {
@@ -584,7 +599,9 @@ impl Engine {
             )
             .await?;
             agents_started.insert(agent);
-            starts.push(Start { job, action_id, action, ctx, expected_interval_ms: row.get(11) });
+            let issue = ctx.issue_type.as_deref().and_then(|t| t.parse().ok());
+            let verify = self.verify_for(&strategy.name, issue, row.get(11));
+            starts.push(Start { job, action_id, action, ctx, verify });
         }
         tx.commit().await?;
         let started = starts.len();
@@ -632,11 +649,10 @@ impl Engine {
             crate::metrics::METRICS.recovery_attempts.with_label_values(&[state]).inc();
         }
         if outcome.ended == Ended::Done {
-            let verify = self.verify_for(start.expected_interval_ms);
             tx.execute(
                 "UPDATE warden.recovery_jobs SET state = 'verifying', verify_until = $2, lease_owner = NULL, \
                    lease_until = NULL, updated_at = $3 WHERE id = $1",
-                &[&start.job, &(now + verify), &now],
+                &[&start.job, &(now + start.verify), &now],
             )
             .await?;
         } else {
@@ -705,6 +721,8 @@ fn fill_url(template: &str, ctx: &Context) -> Result<String, String> {
     // Encoding keeps dots as they are, so the check sees the agent's text.
     plan::fill_checked(template, &encoded, |value| match value {
         "." | ".." => Err(format!("refused: {value:?} would be read as a URL path segment")),
+        // An empty segment ("/incidents//ack") would address another resource.
+        "" => Err("refused: an empty value (a manual run's {incident_id}?) in a URL".into()),
         _ => Ok(()),
     })
 }
@@ -724,7 +742,8 @@ struct Start {
     action_id: i64,
     action: Action,
     ctx: Context,
-    expected_interval_ms: i32,
+    /// How long the action has to prove itself once it has run.
+    verify: Duration,
 }
 
 async fn finish(
@@ -787,5 +806,7 @@ mod tests {
         }
         assert_eq!(fill_url(url, &ctx("a..b")).unwrap(), "http://orchestrator/v1/agents/a..b/restart");
         assert_eq!(fill_url(url, &ctx("x:y")).unwrap(), "http://orchestrator/v1/agents/x%3Ay/restart");
+        let manual = fill_url("http://o/incidents/{incident_id}/ack", &ctx("a")).unwrap_err();
+        assert!(manual.contains("empty"), "{manual}");
     }
 }

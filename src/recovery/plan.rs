@@ -15,19 +15,37 @@ pub fn backoff(attempts: u32, base: Duration, cap: Duration) -> Duration {
     base.saturating_mul(1u32 << exponent).min(cap)
 }
 
-/// How long to wait for the agent to come back after an action: the
-/// setting if given, else `recover_after_healthy` of the agent's intervals
-/// plus half again (it must send that many on-time heartbeats to be online,
-/// and may take a while to start), plus one evaluator check (which notices).
+/// What the default verification time is made of (from `[health]`).
+#[derive(Debug, Clone, Copy)]
+pub struct VerifyRules {
+    pub recover_after_healthy: u32,
+    pub check_interval: Duration,
+    /// How long a condition judged over a window takes to clear: the
+    /// restart-loop window, or two score passes, whichever is longer.
+    pub condition_window: Duration,
+}
+
+/// How long an action has to prove itself. The strategy's own setting,
+/// else `recovery.verify_timeout`, else by issue: an agent gone quiet must
+/// send `recover_after_healthy` on-time heartbeats to be online again, so
+/// that many of its intervals plus half (it may take a while to start);
+/// any other issue clears only as the evaluator's window moves on. Either
+/// way plus one evaluator check, which notices.
 pub fn verify_timeout(
+    strategy: Option<Duration>,
     setting: Option<Duration>,
+    rules: &VerifyRules,
     expected_interval_ms: i64,
-    recover_after_healthy: u32,
-    check_interval: Duration,
+    silence: bool,
 ) -> Duration {
-    setting.unwrap_or_else(|| {
-        let ms = expected_interval_ms.max(1) as f64 * f64::from(recover_after_healthy.max(1)) * 1.5;
-        Duration::from_millis(ms as u64).saturating_add(check_interval)
+    strategy.or(setting).unwrap_or_else(|| {
+        let wait = if silence {
+            let ms = expected_interval_ms.max(1) as f64 * f64::from(rules.recover_after_healthy.max(1)) * 1.5;
+            Duration::from_millis(ms as u64)
+        } else {
+            rules.condition_window
+        };
+        wait.saturating_add(rules.check_interval)
     })
 }
 
@@ -143,7 +161,13 @@ mod tests {
     use super::*;
 
     fn strategy(actions: Vec<Action>) -> Strategy {
-        Strategy { name: "s".into(), issues: vec![IssueType::AgentUnresponsive], labels: BTreeMap::new(), actions }
+        Strategy {
+            name: "s".into(),
+            issues: vec![IssueType::AgentUnresponsive],
+            labels: BTreeMap::new(),
+            verify_timeout: None,
+            actions,
+        }
     }
 
     fn command(attempts: u32) -> Action {
@@ -164,11 +188,18 @@ mod tests {
     }
 
     #[test]
-    fn verification_waits_the_recovery_heartbeats_plus_half_and_one_check() {
-        let check = Duration::from_secs(10);
-        assert_eq!(verify_timeout(None, 30_000, 2, check), Duration::from_secs(100));
-        assert_eq!(verify_timeout(None, 5_000, 2, check), Duration::from_secs(25), "emergency mode");
-        assert_eq!(verify_timeout(Some(Duration::from_secs(5)), 30_000, 2, check), Duration::from_secs(5));
+    fn verification_waits_for_what_the_issue_needs_plus_one_check() {
+        let rules = VerifyRules {
+            recover_after_healthy: 2,
+            check_interval: Duration::from_secs(10),
+            condition_window: Duration::from_secs(600),
+        };
+        let secs = Duration::from_secs;
+        assert_eq!(verify_timeout(None, None, &rules, 30_000, true), secs(100));
+        assert_eq!(verify_timeout(None, None, &rules, 5_000, true), secs(25), "emergency mode");
+        assert_eq!(verify_timeout(None, None, &rules, 30_000, false), secs(610), "a restart loop's window");
+        assert_eq!(verify_timeout(None, Some(secs(5)), &rules, 30_000, false), secs(5));
+        assert_eq!(verify_timeout(Some(secs(60)), Some(secs(5)), &rules, 30_000, true), secs(60), "strategy first");
     }
 
     #[test]

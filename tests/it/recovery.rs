@@ -31,7 +31,13 @@ fn fast(s: &mut Settings, strategies: Vec<Strategy>) {
 }
 
 fn strategy(actions: Vec<Action>) -> Strategy {
-    Strategy { name: "restart".into(), issues: vec![IssueType::AgentUnresponsive], labels: Default::default(), actions }
+    Strategy {
+        name: "restart".into(),
+        issues: vec![IssueType::AgentUnresponsive],
+        labels: Default::default(),
+        verify_timeout: None,
+        actions,
+    }
 }
 
 fn command(argv: Vec<String>, timeout: D) -> Action {

@@ -21,7 +21,7 @@ fn command(argv: &[&str]) -> Action {
 }
 
 fn strategy(issues: &[IssueType], actions: Vec<Action>) -> Strategy {
-    Strategy { name: "fix".into(), issues: issues.to_vec(), labels: Default::default(), actions }
+    Strategy { name: "fix".into(), issues: issues.to_vec(), labels: Default::default(), verify_timeout: None, actions }
 }
 
 struct Rig {
@@ -157,6 +157,34 @@ async fn an_alert_only_strategy_makes_no_attempt_and_escalates_nothing() {
 }
 
 #[tokio::test]
+async fn an_alert_only_strategy_never_gives_up_for_attempts_made_elsewhere() {
+    let quiet = Strategy {
+        name: "quiet".into(),
+        ..strategy(&[IssueType::AgentUnresponsive], vec![Action::None { name: None }])
+    };
+    let rig = rig(vec![strategy(&[IssueType::RestartLoop], vec![command(&["/bin/false"])]), quiet], 1).await;
+    rig.agent("used").await;
+    let looping = rig.incident("used", IssueType::RestartLoop).await;
+    rig.tick().await;
+    rig.tick().await;
+    assert_eq!(rig.jobs("used").await[0].0, "exhausted", "its one attempt is used");
+    rig.db
+        .client()
+        .await
+        .execute("UPDATE warden.incidents SET state = 'resolved', resolved_at = now() WHERE id = $1", &[&looping])
+        .await
+        .unwrap();
+    let failed = "SELECT count(*) FROM warden.system_events WHERE event_type = 'recovery_failed'";
+    let before = rig.count(failed).await;
+
+    rig.incident("used", IssueType::AgentUnresponsive).await;
+    rig.tick().await;
+    let jobs = rig.jobs("used").await;
+    assert_eq!(jobs[1].0, "cancelled", "{jobs:?}");
+    assert_eq!(rig.count(failed).await, before, "no critical 'gave up' page for an alert-only strategy");
+}
+
+#[tokio::test]
 async fn none_after_failed_actions_gives_up_there() {
     let rig = rig(
         vec![strategy(&[IssueType::AgentUnresponsive], vec![command(&["/bin/false"]), Action::None { name: None }])],
@@ -174,35 +202,66 @@ async fn none_after_failed_actions_gives_up_there() {
 }
 
 #[tokio::test]
-async fn an_online_agent_is_not_fixed_until_the_evaluator_clears_its_issue() {
+async fn a_restart_loop_is_fixed_when_it_clears_and_the_agent_is_back() {
     let rig = rig(vec![strategy(&[IssueType::RestartLoop], vec![command(&["/bin/true"])])], 3).await;
-    rig.agent("looping").await;
-    let incident = rig.incident("looping", IssueType::RestartLoop).await;
-    assert_eq!(rig.tick().await.started, 1);
     let db = rig.db.client().await;
-    // It heartbeats and is online: for a restart loop that proves nothing.
-    db.execute("UPDATE warden.agent_status SET liveness = 'online', last_seen = now() + interval '1 second'", &[])
+    let mut incidents = Vec::new();
+    for agent in ["looping", "gone"] {
+        rig.agent(agent).await;
+        incidents.push(rig.incident(agent, IssueType::RestartLoop).await);
+    }
+    assert_eq!(rig.tick().await.started, 2);
+    // The loop's window has to move on: by default the restart-loop window
+    // (10 minutes) and one evaluator check.
+    let waits: Vec<f64> = db
+        .query(
+            "SELECT extract(epoch FROM j.verify_until - a.started_at)::float8 FROM warden.recovery_jobs j \
+             JOIN warden.recovery_actions a ON a.id = j.current_action_id ORDER BY j.id",
+            &[],
+        )
         .await
-        .unwrap();
-    let report = rig.tick().await;
-    assert_eq!(report.succeeded, 0);
-    assert_eq!(rig.action_states("looping").await, ["verifying"]);
-    let open: String =
-        db.query_one("SELECT state FROM warden.incidents WHERE id = $1", &[&incident]).await.unwrap().get(0);
-    assert_eq!(open, "open", "recovery does not resolve what the evaluator still sees");
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(waits.iter().all(|w| (610.0..620.0).contains(w)), "{waits:?}");
 
-    // The evaluator finds the condition cleared: now it counts.
+    // "looping" heartbeats and is online: for a restart loop that proves
+    // nothing. "gone" has its incident resolved but is not heard from.
+    db.execute(
+        "UPDATE warden.agent_status SET liveness = 'online', last_seen = now() + interval '1 second' \
+         WHERE agent_id = 'looping'",
+        &[],
+    )
+    .await
+    .unwrap();
     db.execute(
         "UPDATE warden.incidents SET state = 'resolved', resolved_at = now() + interval '2 seconds', \
            resolution = 'condition cleared' WHERE id = $1",
-        &[&incident],
+        &[&incidents[1]],
+    )
+    .await
+    .unwrap();
+    assert_eq!(rig.tick().await.succeeded, 0);
+    assert_eq!(rig.action_states("looping").await, ["verifying"]);
+    assert_eq!(rig.action_states("gone").await, ["verifying"]);
+    let open: String =
+        db.query_one("SELECT state FROM warden.incidents WHERE id = $1", &[&incidents[0]]).await.unwrap().get(0);
+    assert_eq!(open, "open", "recovery does not resolve what the evaluator still sees");
+
+    // The evaluator finds the loop cleared: now it counts.
+    db.execute(
+        "UPDATE warden.incidents SET state = 'resolved', resolved_at = now() + interval '2 seconds', \
+           resolution = 'condition cleared' WHERE id = $1",
+        &[&incidents[0]],
     )
     .await
     .unwrap();
     assert_eq!(rig.tick().await.succeeded, 1);
     assert_eq!(rig.action_states("looping").await, ["succeeded"]);
+    assert_eq!(rig.action_states("gone").await, ["verifying"], "resolved, but never heard from");
     let resolution: String =
-        db.query_one("SELECT resolution FROM warden.incidents WHERE id = $1", &[&incident]).await.unwrap().get(0);
+        db.query_one("SELECT resolution FROM warden.incidents WHERE id = $1", &[&incidents[0]]).await.unwrap().get(0);
     assert!(resolution.starts_with("auto-recovered by fix/"), "{resolution}");
 }
 

@@ -49,7 +49,11 @@ impl Telegram {
                     last = sent;
                     now_reached.push(chat.clone());
                 }
-                Err(mut e) if first_error.is_none() => {
+                // The error reported is the first, unless a later one asks
+                // to wait (429 Retry-After), which the retry must honour.
+                Err(mut e)
+                    if first_error.as_ref().is_none_or(|f| f.retry_after.is_none() && e.retry_after.is_some()) =>
+                {
                     e.error = format!("chat {chat}: {}", e.error);
                     first_error = Some(e);
                 }
