@@ -165,17 +165,32 @@ pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, SettingsError> {
     })
 }
 
+/// TCP keepalives PostgreSQL sends on warden's sessions: first probe after
+/// 30 s idle, then every 10 s, gone after 3 unanswered (about a minute);
+/// and data it sent must be acknowledged within a minute.
+const SERVER_KEEPALIVE_IDLE_S: u32 = 30;
+const SERVER_KEEPALIVE_INTERVAL_S: u32 = 10;
+const SERVER_KEEPALIVE_COUNT: u32 = 3;
+const SERVER_USER_TIMEOUT_MS: u32 = 60_000;
+
 /// `pg_config` with the session settings every warden connection needs.
 pub fn session_config(mut pg_config: tokio_postgres::Config, settings: &DatabaseSettings) -> tokio_postgres::Config {
     // JIT pays off for long analytical queries; warden's are short and
     // frequent, and compiling them costs more than running them.
+    //
+    // The server side probes idle connections too: a session whose host
+    // vanished (power off, network gone) ends within about a minute
+    // instead of the operating system's default of over two hours, and so
+    // do its session locks (the evaluator's leadership above all).
     pg_config
         .application_name("warden")
         .connect_timeout(settings.connect_timeout.get())
         .keepalives(true)
         .keepalives_idle(std::time::Duration::from_secs(30))
         .options(format!(
-            "-c statement_timeout={} -c timezone=UTC -c jit=off",
+            "-c statement_timeout={} -c timezone=UTC -c jit=off -c tcp_keepalives_idle={SERVER_KEEPALIVE_IDLE_S} \
+             -c tcp_keepalives_interval={SERVER_KEEPALIVE_INTERVAL_S} -c tcp_keepalives_count={SERVER_KEEPALIVE_COUNT} \
+             -c tcp_user_timeout={SERVER_USER_TIMEOUT_MS}",
             settings.statement_timeout.as_millis_u64()
         ));
     pg_config

@@ -233,3 +233,30 @@ timeout = "10s"
         .get(0);
     assert!(paged <= 1, "the victim's page was notified at most once per channel: {paged}");
 }
+
+/// A leader whose host vanishes (no FIN, no RST) keeps its session lock
+/// until PostgreSQL gives the session up; warden's sessions ask the server
+/// to probe them, so that takes about a minute, not the operating
+/// system's default of over two hours.
+#[tokio::test]
+async fn the_server_gives_up_warden_sessions_within_about_a_minute_of_silence() {
+    let db = TestDb::migrated().await;
+    let client = db.pooled().await;
+    let row = client
+        .query_one(
+            "SELECT inet_client_addr() IS NOT NULL, \
+                    (SELECT array_agg(setting || ' ' || source ORDER BY name) FROM pg_settings \
+                     WHERE name IN ('tcp_keepalives_idle', 'tcp_keepalives_interval', 'tcp_keepalives_count', \
+                                    'tcp_user_timeout'))",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (tcp, settings): (bool, Vec<String>) = (row.get(0), row.get(1));
+    if tcp {
+        assert_eq!(settings, ["3 client", "30 client", "10 client", "60000 client"]);
+    } else {
+        // Over a Unix socket the values read 0, but the request is made.
+        assert!(settings.iter().all(|s| s.ends_with(" client")), "{settings:?}");
+    }
+}
