@@ -231,7 +231,9 @@ pub async fn liveness_cycle(
                SELECT agent_id, liveness, liveness_since, last_seen, expected_interval_ms, ontime_streak, \
                       ia_count, ia_mean_ms, ia_var_ms2, \
                       extract(epoch FROM $1::timestamptz - greatest(last_seen, coalesce($2::timestamptz, last_seen))) * 1000 AS silence_ms, \
-                      CASE WHEN $6::bool AND ia_count >= $7::int THEN ia_mean_ms + $8::float8 ELSE 'Infinity'::float8 END AS phi_floor \
+                      CASE WHEN $6::bool AND ia_count >= $7::int \
+                                AND ia_mean_ms BETWEEN expected_interval_ms / $9::float8 AND expected_interval_ms * $9::float8 \
+                           THEN ia_mean_ms + $8::float8 ELSE 'Infinity'::float8 END AS phi_floor \
                FROM warden.agent_status) \
              SELECT agent_id, liveness, liveness_since, last_seen, expected_interval_ms, ontime_streak, \
                     ia_count, ia_mean_ms, ia_var_ms2 \
@@ -250,6 +252,7 @@ pub async fn liveness_cycle(
                 &phi,
                 &(lp.phi.min_samples as i32),
                 &lp.phi.acceptable_pause_ms,
+                &crate::health::liveness::RHYTHM_FACTOR,
             ],
         )
         .await?;

@@ -153,6 +153,20 @@ impl Transition {
     }
 }
 
+/// Whether the rhythm phi learned still fits the interval the agent now
+/// announces (within a factor of [`RHYTHM_FACTOR`]). An agent switching
+/// from 30s to sleep (15m) keeps its learned 30s for many beats; judged by
+/// it, every sleep would look like death, and the reverse switch would hide
+/// a real one for a quarter of an hour. Until the two agree again the
+/// fixed rule, which follows the announced interval, decides.
+pub fn rhythm_matches(mean_ms: f64, expected_interval_ms: i64) -> bool {
+    let expected = expected_interval_ms.max(1) as f64;
+    mean_ms >= expected / RHYTHM_FACTOR && mean_ms <= expected * RHYTHM_FACTOR
+}
+
+/// See [`rhythm_matches`]; the evaluator's SQL pre-filter uses it too.
+pub const RHYTHM_FACTOR: f64 = 2.0;
+
 /// How alarming the current silence is, before hysteresis.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Suspicion {
@@ -173,7 +187,9 @@ pub fn decide(
     let silence_ms = ((now - seen).num_milliseconds() - agent.refused_ms).max(0);
     let interval = agent.expected_interval_ms.max(1) as f64;
     let missed = ((silence_ms as f64 - params.jitter_tolerance * interval) / interval).max(0.0);
-    let use_phi = params.detector == Detector::Phi && agent.arrivals.count >= params.phi.min_samples;
+    let use_phi = params.detector == Detector::Phi
+        && agent.arrivals.count >= params.phi.min_samples
+        && rhythm_matches(agent.arrivals.mean_ms, agent.expected_interval_ms);
     let phi_value = use_phi.then(|| phi::phi(&agent.arrivals, silence_ms as f64, &params.phi));
     let suspicion = match phi_value {
         Some(p) if p >= params.phi.threshold => Suspicion::Silent,
@@ -362,6 +378,21 @@ mod tests {
         a.arrivals = ArrivalStats { count: 50, mean_ms: 30_000.0, variance_ms2: 15_000.0 * 15_000.0 };
         assert_eq!(decide(&a, now, None, &params), None, "50s is within this agent's usual wobble");
         assert_eq!(next(Liveness::Online, 50, 5), Some(Liveness::Degraded), "the fixed rule would not spare it");
+    }
+
+    #[test]
+    fn phi_steps_aside_when_the_announced_interval_changes() {
+        let params = LivenessParams { detector: Detector::Phi, ..PARAMS };
+        // Learned every 30s, now announcing sleep (15m): 40s is nothing.
+        let (mut a, now) = agent(Liveness::Online, 40, 5);
+        a.expected_interval_ms = 900_000;
+        a.arrivals = ArrivalStats { count: 50, mean_ms: 30_000.0, variance_ms2: 200.0 * 200.0 };
+        assert_eq!(decide(&a, now, None, &params), None);
+        // Learned 15m, now announcing 30s: silent for 100s is offline.
+        let (mut b, now) = agent(Liveness::Online, 100, 5);
+        b.arrivals = ArrivalStats { count: 50, mean_ms: 900_000.0, variance_ms2: 1000.0 * 1000.0 };
+        let t = decide(&b, now, None, &params).expect("the fixed rule on the announced 30s");
+        assert_eq!((t.to, t.figures.detector), (Liveness::Offline, Detector::Fixed));
     }
 
     #[test]
