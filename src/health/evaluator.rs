@@ -454,6 +454,9 @@ async fn liveness_incidents(
             &[],
         )
         .await?;
+    // Extended outages still under way although their agent's liveness
+    // changed since (a stray heartbeat: offline → recovering → offline).
+    let mut outage_goes_on: Vec<Key> = Vec::new();
     for row in &troubled {
         let agent: String = row.get(0);
         let liveness: String = row.get(1);
@@ -496,6 +499,8 @@ async fn liveness_incidents(
                     ExtendedOffline,
                     format!("{agent} has been offline for {:.0} minutes", seconds(now - since) / 60.0),
                 );
+            } else if open_now(ExtendedOffline) {
+                outage_goes_on.push((Some(agent.clone()), ExtendedOffline));
             }
         } else {
             want(
@@ -505,20 +510,34 @@ async fn liveness_incidents(
         }
     }
 
+    hold.extend(outage_goes_on);
+
     // Restart loops, from the restarts ingestion detected in the window.
     // Agents may post events of any type (source 'agent'); only warden's
     // own count, or an agent could open incidents about itself or others.
+    // An open loop stays open until the window holds at most one restart
+    // short of the threshold (hysteresis), so that a loop slower than the
+    // window's edge does not resolve and reopen with every restart.
+    let low = (params.restart_loop_count - 1).max(1);
+    let looping_now: HashSet<String> =
+        open.iter().filter(|o| o.issue == RestartLoop).filter_map(|o| o.agent_id.clone()).collect();
     let loops = tx
         .query(
             "SELECT agent_id, count(*) FROM warden.system_events \
              WHERE event_type = 'agent_restarted' AND source = 'warden' AND occurred_at > $1::timestamptz - $2::float8 * interval '1 second' AND occurred_at <= $1 \
              GROUP BY agent_id HAVING count(*) >= $3",
-            &[&now, &pg_interval(params.restart_loop_window), &params.restart_loop_count],
+            &[&now, &pg_interval(params.restart_loop_window), &low],
         )
         .await?;
     for row in &loops {
         let agent: String = row.get(0);
         let count: i64 = row.get(1);
+        if count < params.restart_loop_count {
+            if looping_now.contains(&agent) {
+                hold.insert((Some(agent), RestartLoop));
+            }
+            continue;
+        }
         wanted.insert(
             (Some(agent.clone()), RestartLoop),
             Wanted {

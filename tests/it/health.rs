@@ -265,6 +265,60 @@ async fn three_restarts_in_ten_minutes_are_a_restart_loop() {
 }
 
 #[tokio::test]
+async fn a_loop_slower_than_the_window_edge_stays_one_incident() {
+    let db = TestDb::migrated().await;
+    let mut c = db.client().await;
+    let p = params();
+    let t = t0();
+    warm_up(&mut c, &p, t).await;
+    // Crashes every 4 minutes for 28 minutes: three restarts fit in the
+    // 10-minute window, then two, then three again.
+    let mut uptime = 1;
+    for i in 0..=(28 * 6) {
+        let now = t + Duration::seconds(10 * i);
+        uptime = if i > 0 && i % 24 == 0 { 1 } else { uptime + 10 };
+        beat(&c, "crashy", now - Duration::seconds(1), 10_000, uptime).await;
+        evaluator::liveness_cycle(&mut c, &p, "test", Some(now)).await.unwrap();
+    }
+    let episodes: Vec<(String, Option<String>)> = c
+        .query(
+            "SELECT state, resolution FROM warden.incidents WHERE agent_id = 'crashy' AND issue_type = 'restart_loop'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(episodes, [("open".to_string(), None)], "one episode, not one per restart");
+}
+
+#[tokio::test]
+async fn a_stray_heartbeat_does_not_end_an_extended_outage() {
+    let db = TestDb::migrated().await;
+    let mut c = db.client().await;
+    let p = params();
+    let t = t0();
+    warm_up(&mut c, &p, t).await;
+    beat(&c, "stray", t, 10_000, 1).await;
+    cycles(&mut c, &p, t + Duration::seconds(10), t + Duration::seconds(350)).await;
+    assert_eq!(open_issues(&c, Some("stray")).await, vec!["agent_unresponsive", "extended_offline"]);
+
+    // One heartbeat (recovering), then silence again (offline).
+    beat(&c, "stray", t + Duration::seconds(355), 10_000, 1).await;
+    cycles(&mut c, &p, t + Duration::seconds(360), t + Duration::seconds(420)).await;
+    assert_eq!(liveness(&c, "stray").await, Liveness::Offline);
+    let extended: Vec<String> = c
+        .query("SELECT state FROM warden.incidents WHERE agent_id = 'stray' AND issue_type = 'extended_offline'", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(extended, ["open"], "the same outage, still open");
+}
+
+#[tokio::test]
 async fn an_agent_that_keeps_changing_state_is_flapping() {
     let db = TestDb::migrated().await;
     let mut c = db.client().await;
