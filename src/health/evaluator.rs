@@ -771,6 +771,13 @@ pub async fn score_pass(
         let history_at: Option<DateTime<Utc>> = row.get(12);
 
         let stat = |kind: Kind| stats.get(&(agent.clone(), kind));
+        // A gauge (cpu, memory, latency) keeps its last value until new
+        // samples come; one the agent stopped sending (renamed, dropped,
+        // or the agent is gone) is no data, not a reading frozen forever.
+        // Counters fade by themselves (their hourly sums decay).
+        let gauge_fresh_after =
+            now - (Duration::milliseconds(row.get::<_, i32>(5).into()) * 3).max(params.score_interval * 3);
+        let gauge = |kind: Kind| stat(kind).filter(|s| s.updated_at >= gauge_fresh_after);
         let inputs = score_inputs(ScoreFacts {
             now,
             liveness,
@@ -780,9 +787,9 @@ pub async fn score_pass(
             interval_s,
             beats_decayed: beats,
             arrival_cv: (ia_count >= 3 && ia_mean > 0.0).then(|| ia_var.max(0.0).sqrt() / ia_mean),
-            latency: stat(Kind::Latency),
-            cpu: stat(Kind::Cpu),
-            memory: stat(Kind::Memory),
+            latency: gauge(Kind::Latency),
+            cpu: gauge(Kind::Cpu),
+            memory: gauge(Kind::Memory),
             errors: stat(Kind::Errors),
             work: stat(Kind::Work),
             error_events: error_events.get(&agent).copied().unwrap_or(0),

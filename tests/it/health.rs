@@ -444,6 +444,37 @@ async fn scores_follow_the_metrics_and_metric_issues_open() {
 }
 
 #[tokio::test]
+async fn a_gauge_the_agent_stopped_sending_is_no_data_rather_than_frozen() {
+    let db = TestDb::migrated().await;
+    let mut c = db.client().await;
+    let p = params();
+    let mut now = t0();
+    for _ in 0..5 {
+        for _ in 0..6 {
+            beat_with_metrics(&c, "renamed", now, &[("cpu_percent", 95.0)]).await;
+            now += Duration::seconds(10);
+        }
+        evaluator::liveness_cycle(&mut c, &p, "test", Some(now)).await.unwrap();
+        evaluator::score_pass(&mut c, &p, Some(now + Duration::seconds(1))).await.unwrap();
+    }
+    assert_eq!(open_issues(&c, Some("renamed")).await, vec!["resource_exhaustion"]);
+
+    // It keeps heartbeating, but no longer reports cpu_percent.
+    for _ in 0..5 {
+        for _ in 0..6 {
+            beat(&c, "renamed", now, 10_000, 1000).await;
+            now += Duration::seconds(10);
+        }
+        evaluator::liveness_cycle(&mut c, &p, "test", Some(now)).await.unwrap();
+        evaluator::score_pass(&mut c, &p, Some(now + Duration::seconds(1))).await.unwrap();
+    }
+    assert!(open_issues(&c, Some("renamed")).await.is_empty());
+    let components: Value =
+        c.query_one("SELECT components FROM warden.agent_status WHERE agent_id = 'renamed'", &[]).await.unwrap().get(0);
+    assert_eq!(components["resource_efficiency"]["score"], Value::Null, "{components}");
+}
+
+#[tokio::test]
 async fn a_fleet_larger_than_one_write_is_scored_whole_and_a_failed_write_is_made_good() {
     // Scores are written SCORE_WRITE_CHUNK agents per transaction, after
     // the pass's own.
