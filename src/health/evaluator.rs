@@ -872,8 +872,14 @@ fn score_inputs(f: ScoreFacts<'_>) -> Inputs {
 
     let latency_reference =
         label_number(f.labels, "latency_target_ms").or_else(|| f.latency.filter(|s| s.samples >= 5).map(|s| s.slow));
-    let work_per_hour = f.work.map(|s| s.hour_sum_at(f.now));
-    let errors_metric = f.errors.map(|s| s.hour_sum_at(f.now));
+    // Counters' hourly sums decay with the same one-hour constant, so an
+    // agent reporting for `age` has only filled (1 − e^(−age/1h)) of one:
+    // scaled up as `expected` is, a new agent's steady rate reads as that
+    // rate, not a fraction of it (business impact 5 instead of 100 after a
+    // few minutes). Agents older than a few hours are unaffected.
+    let filled = (1.0 - (-age_s / HOUR_S).exp()).max(0.05);
+    let work_per_hour = f.work.map(|s| s.hour_sum_at(f.now) / filled);
+    let errors_metric = f.errors.map(|s| s.hour_sum_at(f.now) / filled);
     let errors_per_hour = match (errors_metric, f.error_events) {
         (None, 0) => None,
         (m, events) => Some(m.unwrap_or(0.0) + events as f64),
@@ -1322,6 +1328,42 @@ impl Pinger {
 mod tests {
     use super::*;
     use crate::config::Settings;
+
+    #[test]
+    fn a_new_agents_steady_work_rate_reads_as_that_rate() {
+        use crate::health::stats::{HOUR_S, Regression};
+        let now = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        let labels = serde_json::json!({});
+        // 600 items an hour for 5 minutes, as the decayed sum holds them.
+        let age_s = 300.0;
+        let work = MetricStat {
+            samples: 30,
+            updated_at: now,
+            fast: 600.0,
+            slow: 600.0,
+            hour_sum: 600.0 * (1.0 - (-age_s / HOUR_S).exp()),
+            trend: Regression::default(),
+        };
+        let inputs = score_inputs(ScoreFacts {
+            now,
+            liveness: Some(Liveness::Online),
+            labels: &labels,
+            first_seen: now - Duration::seconds(age_s as i64),
+            last_seen: now,
+            interval_s: 10.0,
+            beats_decayed: 30.0,
+            arrival_cv: None,
+            latency: None,
+            cpu: None,
+            memory: None,
+            errors: None,
+            work: Some(&work),
+            error_events: 0,
+        });
+        let rate = inputs.work_per_hour.unwrap();
+        assert!((rate - 600.0).abs() < 1.0, "{rate}");
+        assert_eq!(inputs.work_reference_per_hour, Some(600.0));
+    }
 
     #[test]
     fn a_history_snapshot_is_due_a_little_early_not_a_pass_late() {
