@@ -552,14 +552,23 @@ async fn liveness_incidents(
         );
     }
 
-    // Flapping, from the transitions of the last 21 evaluations.
-    let window = params.flap.slot * flap::SLOTS as i32;
+    // Flapping, from the transitions of the agent's last 21 evaluations.
+    // An evaluation of an agent is one of its intervals when that is longer
+    // than the check interval: a 30 s agent needs a few intervals to go
+    // degraded and back, and counted in 10 s slots it could never reach
+    // the threshold however badly it flapped.
+    let slot_ms = params.flap.slot.num_milliseconds() as f64;
     let flips = tx
         .query(
-            "SELECT agent_id, array_agg(occurred_at) FROM warden.system_events \
-             WHERE event_type = 'status_changed' AND source = 'warden' AND occurred_at > $1::timestamptz - $2::float8 * interval '1 second' AND occurred_at <= $1 \
-             GROUP BY agent_id",
-            &[&now, &pg_interval(window)],
+            "SELECT e.agent_id, array_agg(e.occurred_at), max(s.expected_interval_ms) \
+             FROM warden.system_events e JOIN warden.agent_status s ON s.agent_id = e.agent_id \
+             WHERE e.event_type = 'status_changed' AND e.source = 'warden' AND e.occurred_at <= $1 \
+               AND e.occurred_at > $1::timestamptz - $2::float8 * (SELECT greatest($3::float8, max(expected_interval_ms)) \
+                                                                    FROM warden.agent_status) * interval '1 millisecond' \
+               AND e.occurred_at > $1::timestamptz - $2::float8 * greatest($3::float8, s.expected_interval_ms) \
+                                                    * interval '1 millisecond' \
+             GROUP BY e.agent_id",
+            &[&now, &(flap::SLOTS as f64), &slot_ms],
         )
         .await?;
     let flapping_now: HashSet<String> =
@@ -567,7 +576,8 @@ async fn liveness_incidents(
     for row in &flips {
         let agent: String = row.get(0);
         let times: Vec<DateTime<Utc>> = row.get(1);
-        let percent = flap::percent_state_change(&times, now, params.flap.slot);
+        let slot = params.flap.slot.max(Duration::milliseconds(row.get::<_, i32>(2).into()));
+        let percent = flap::percent_state_change(&times, now, slot);
         if flap::is_flapping(percent, flapping_now.contains(&agent), &params.flap) {
             wanted.insert(
                 (Some(agent.clone()), Flapping),

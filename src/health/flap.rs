@@ -12,7 +12,8 @@ pub const SLOTS: usize = 20;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FlapParams {
-    /// Time one evaluation covers (the check interval).
+    /// Shortest time one evaluation covers (the check interval); an agent
+    /// whose interval is longer is evaluated per interval.
     pub slot: Duration,
     /// Start flapping at or above this percentage.
     pub high: f64,

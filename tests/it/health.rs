@@ -341,6 +341,38 @@ async fn an_agent_that_keeps_changing_state_is_flapping() {
 }
 
 #[tokio::test]
+async fn a_30s_agent_that_keeps_missing_every_other_beat_is_flapping() {
+    let db = TestDb::migrated().await;
+    let mut c = db.client().await;
+    let p = params();
+    let t = t0();
+    warm_up(&mut c, &p, t).await;
+    // Beats 60 s then 30 s apart, again and again: degraded 36 s into each
+    // long gap, online again at the second on-time beat.
+    let mut beats = vec![t];
+    while *beats.last().unwrap() < t + Duration::minutes(20) {
+        let gap = if beats.len() % 2 == 1 { 60 } else { 30 };
+        beats.push(*beats.last().unwrap() + Duration::seconds(gap));
+    }
+    let mut next_beat = beats.iter().peekable();
+    let mut now = t;
+    while now <= t + Duration::minutes(20) {
+        while let Some(at) = next_beat.next_if(|at| **at <= now) {
+            beat(&c, "wobbly", *at, 30_000, (*at - t).num_seconds() + 1).await;
+        }
+        evaluator::liveness_cycle(&mut c, &p, "test", Some(now)).await.unwrap();
+        now += Duration::seconds(10);
+    }
+    let changes: i64 = c
+        .query_one("SELECT count(*) FROM warden.system_events WHERE event_type = 'status_changed'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(changes >= 20, "it did flap: {changes} transitions");
+    assert!(open_issues(&c, Some("wobbly")).await.contains(&"flapping".to_string()));
+}
+
+#[tokio::test]
 async fn a_fleet_outage_is_one_incident_instead_of_many() {
     let db = TestDb::migrated().await;
     let mut c = db.client().await;
