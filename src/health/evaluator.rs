@@ -449,8 +449,13 @@ async fn liveness_incidents(
     // already open stay open.
     let troubled = tx
         .query(
-            "SELECT agent_id, liveness, liveness_since, last_seen, expected_interval_ms FROM warden.agent_status \
-             WHERE liveness IN ('offline', 'degraded')",
+            "SELECT s.agent_id, s.liveness, s.liveness_since, s.last_seen, s.expected_interval_ms, \
+                    s.liveness = 'degraded' AND (SELECT e.details->>'old' FROM warden.system_events e \
+                                                 WHERE e.agent_id = s.agent_id AND e.event_type = 'status_changed' \
+                                                   AND e.source = 'warden' \
+                                                 ORDER BY e.occurred_at DESC, e.id DESC LIMIT 1) = 'offline' \
+             FROM warden.agent_status s \
+             WHERE s.liveness IN ('offline', 'degraded')",
             &[],
         )
         .await?;
@@ -482,9 +487,12 @@ async fn liveness_incidents(
             }
         };
         let open_now = |issue: IssueType| open.iter().any(|o| o.issue == issue && o.agent_id.as_ref() == Some(&agent));
-        if liveness == "degraded" && open_now(AgentUnresponsive) {
+        // Degraded on its way back from offline, not on its way down.
+        let recovering: bool = row.get::<_, Option<bool>>(5).unwrap_or(false);
+        if liveness == "degraded" && (open_now(AgentUnresponsive) || recovering) {
             // Heartbeating again after an outage but not yet trusted: the
-            // outage episode is not over, and "late" would be noise.
+            // outage episode is not over, and "late" would be noise (also
+            // when a fleet outage stood in for the agent's own incident).
             hold.insert((Some(agent.clone()), AgentUnresponsive));
             hold.insert((Some(agent.clone()), ExtendedOffline));
             continue;

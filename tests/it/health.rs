@@ -414,6 +414,46 @@ async fn a_fleet_outage_is_one_incident_instead_of_many() {
 }
 
 #[tokio::test]
+async fn agents_coming_back_from_a_fleet_outage_are_not_late() {
+    let db = TestDb::migrated().await;
+    let mut c = db.client().await;
+    let p = params();
+    let t = t0();
+    let agents: Vec<String> = (0..10).map(|i| format!("back-{i}")).collect();
+    for a in &agents {
+        beat(&c, a, t, 10_000, 1).await;
+    }
+    evaluator::liveness_cycle(&mut c, &p, "test", Some(t + Duration::seconds(1))).await.unwrap();
+    let mut now = t + Duration::seconds(1);
+    for _ in 0..4 {
+        now += Duration::seconds(10);
+        for a in &agents[6..] {
+            beat(&c, a, now - Duration::seconds(1), 10_000, 5).await;
+        }
+        evaluator::liveness_cycle(&mut c, &p, "test", Some(now)).await.unwrap();
+    }
+    assert_eq!(open_issues(&c, None).await, vec!["fleet_outage"]);
+
+    // The partition heals: one heartbeat each so far (recovering), and the
+    // fleet incident resolves.
+    now += Duration::seconds(10);
+    for a in &agents {
+        beat(&c, a, now - Duration::seconds(1), 10_000, 10).await;
+    }
+    evaluator::liveness_cycle(&mut c, &p, "test", Some(now)).await.unwrap();
+    assert_eq!(liveness(&c, "back-0").await, Liveness::Degraded);
+    assert!(open_issues(&c, None).await.is_empty(), "the outage is over");
+    // (Those that went late on the way down, before the fleet incident
+    // could tell, are older and resolved by now.)
+    let open_per_agent: i64 = c
+        .query_one("SELECT count(*) FROM warden.incidents WHERE agent_id IS NOT NULL AND state = 'open'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(open_per_agent, 0, "no agent coming back is 'late'");
+}
+
+#[tokio::test]
 async fn scores_follow_the_metrics_and_metric_issues_open() {
     let db = TestDb::migrated().await;
     let mut c = db.client().await;
