@@ -25,3 +25,5 @@ ALTER TABLE warden.agent_status ADD COLUMN components_moved jsonb;
 UPDATE warden.agent_status SET components_moved = components, components = NULL WHERE components IS NOT NULL;
 ALTER TABLE warden.agent_status DROP COLUMN components;
 ALTER TABLE warden.agent_status RENAME COLUMN components_moved TO components;
+-- Migrations run in one transaction; later ones wait as long as they need.
+RESET lock_timeout;

@@ -452,7 +452,7 @@ async fn liveness_incidents(
             "SELECT s.agent_id, s.liveness, s.liveness_since, s.last_seen, s.expected_interval_ms, \
                     s.liveness = 'degraded' AND (SELECT e.details->>'old' FROM warden.system_events e \
                                                  WHERE e.agent_id = s.agent_id AND e.event_type = 'status_changed' \
-                                                   AND e.source = 'warden' \
+                                                   AND e.source = 'warden' AND e.occurred_at >= s.liveness_since \
                                                  ORDER BY e.occurred_at DESC, e.id DESC LIMIT 1) = 'offline' \
              FROM warden.agent_status s \
              WHERE s.liveness IN ('offline', 'degraded')",
@@ -487,8 +487,15 @@ async fn liveness_incidents(
             }
         };
         let open_now = |issue: IssueType| open.iter().any(|o| o.issue == issue && o.agent_id.as_ref() == Some(&agent));
-        // Degraded on its way back from offline, not on its way down.
-        let recovering: bool = row.get::<_, Option<bool>>(5).unwrap_or(false);
+        // Degraded on its way back from offline, not on its way down, for
+        // as long as coming back takes (recover_after_healthy intervals and
+        // half again); one that stays degraded past that is late after all.
+        let recovering = row.get::<_, Option<bool>>(5).unwrap_or(false)
+            && now - since
+                < Duration::milliseconds(
+                    (f64::from(row.get::<_, i32>(4)) * f64::from(params.liveness.recover_after_healthy.max(1)) * 1.5)
+                        as i64,
+                ) + params.check_interval;
         if liveness == "degraded" && (open_now(AgentUnresponsive) || recovering) {
             // Heartbeating again after an outage but not yet trusted: the
             // outage episode is not over, and "late" would be noise (also
@@ -523,8 +530,8 @@ async fn liveness_incidents(
     // Restart loops, from the restarts ingestion detected in the window.
     // Agents may post events of any type (source 'agent'); only warden's
     // own count, or an agent could open incidents about itself or others.
-    // An open loop stays open until the window holds at most one restart
-    // short of the threshold (hysteresis), so that a loop slower than the
+    // An open loop stays open while the window holds at least one restart
+    // fewer than the threshold (hysteresis), so that a loop slower than the
     // window's edge does not resolve and reopen with every restart.
     let low = (params.restart_loop_count - 1).max(1);
     let looping_now: HashSet<String> =
@@ -565,17 +572,22 @@ async fn liveness_incidents(
     // than the check interval: a 30 s agent needs a few intervals to go
     // degraded and back, and counted in 10 s slots it could never reach
     // the threshold however badly it flapped.
+    // Only agents whose last transition is within their window can be
+    // flapping; their transitions come from the per-agent index.
     let slot_ms = params.flap.slot.num_milliseconds() as f64;
     let flips = tx
         .query(
-            "SELECT e.agent_id, array_agg(e.occurred_at), max(s.expected_interval_ms) \
-             FROM warden.system_events e JOIN warden.agent_status s ON s.agent_id = e.agent_id \
-             WHERE e.event_type = 'status_changed' AND e.source = 'warden' AND e.occurred_at <= $1 \
-               AND e.occurred_at > $1::timestamptz - $2::float8 * (SELECT greatest($3::float8, max(expected_interval_ms)) \
-                                                                    FROM warden.agent_status) * interval '1 millisecond' \
-               AND e.occurred_at > $1::timestamptz - $2::float8 * greatest($3::float8, s.expected_interval_ms) \
-                                                    * interval '1 millisecond' \
-             GROUP BY e.agent_id",
+            "SELECT s.agent_id, t.times, s.expected_interval_ms \
+             FROM warden.agent_status s \
+             CROSS JOIN LATERAL ( \
+               SELECT array_agg(e.occurred_at) AS times FROM warden.system_events e \
+               WHERE e.agent_id = s.agent_id AND e.event_type = 'status_changed' AND e.source = 'warden' \
+                 AND e.occurred_at <= $1 \
+                 AND e.occurred_at > $1::timestamptz - $2::float8 * greatest($3::float8, s.expected_interval_ms) \
+                                                      * interval '1 millisecond') t \
+             WHERE s.liveness_since > $1::timestamptz - $2::float8 * greatest($3::float8, s.expected_interval_ms) \
+                                                      * interval '1 millisecond' \
+               AND t.times IS NOT NULL",
             &[&now, &(flap::SLOTS as f64), &slot_ms],
         )
         .await?;
@@ -790,11 +802,13 @@ pub async fn score_pass(
 
         let stat = |kind: Kind| stats.get(&(agent.clone(), kind));
         // A gauge (cpu, memory, latency) keeps its last value until new
-        // samples come; one the agent stopped sending (renamed, dropped,
-        // or the agent is gone) is no data, not a reading frozen forever.
-        // Counters fade by themselves (their hourly sums decay).
+        // samples come; one the agent stopped sending while it kept
+        // heartbeating (renamed, dropped) is no data, not a reading frozen
+        // for ever. An agent that went silent altogether keeps its last
+        // readings (what it died of stays on record). Counters fade by
+        // themselves (their hourly sums decay).
         let gauge_fresh_after =
-            now - (Duration::milliseconds(row.get::<_, i32>(5).into()) * 3).max(params.score_interval * 3);
+            last_seen - (Duration::milliseconds(row.get::<_, i32>(5).into()) * 3).max(params.score_interval * 3);
         let gauge = |kind: Kind| stat(kind).filter(|s| s.updated_at >= gauge_fresh_after);
         let inputs = score_inputs(ScoreFacts {
             now,
@@ -898,13 +912,16 @@ fn score_inputs(f: ScoreFacts<'_>) -> Inputs {
     let filled = (1.0 - (-age_s / HOUR_S).exp()).max(0.05);
     let work_per_hour = f.work.map(|s| s.hour_sum_at(f.now) / filled);
     let errors_metric = f.errors.map(|s| s.hour_sum_at(f.now) / filled);
+    // Error events are counted over the last hour, of which a new agent
+    // has lived only `age`.
+    let events_per_hour = f.error_events as f64 * HOUR_S / age_s.clamp(HOUR_S * 0.05, HOUR_S);
     let errors_per_hour = match (errors_metric, f.error_events) {
         (None, 0) => None,
-        (m, events) => Some(m.unwrap_or(0.0) + events as f64),
+        (m, _) => Some(m.unwrap_or(0.0) + events_per_hour),
     };
     // Without a work metric, heartbeats are the unit of work errors are
-    // counted against.
-    let work_for_errors = work_per_hour.or_else(|| errors_per_hour.map(|_| received));
+    // counted against (scaled like the counters).
+    let work_for_errors = work_per_hour.or_else(|| errors_per_hour.map(|_| received / filled));
     let work_reference = label_number(f.labels, "throughput_target_per_hour")
         .or_else(|| f.work.filter(|s| s.samples >= 5).map(|s| s.slow));
     Inputs {
@@ -1381,6 +1398,28 @@ mod tests {
         let rate = inputs.work_per_hour.unwrap();
         assert!((rate - 600.0).abs() < 1.0, "{rate}");
         assert_eq!(inputs.work_reference_per_hour, Some(600.0));
+
+        // Without a work metric errors are counted against heartbeats, both
+        // scaled alike: 3 errors in 30 heartbeats is 10 %, not 120 %.
+        let errors = MetricStat { hour_sum: 3.0, fast: 36.0, slow: 36.0, ..work };
+        let inputs = score_inputs(ScoreFacts {
+            now,
+            liveness: Some(Liveness::Online),
+            labels: &labels,
+            first_seen: now - Duration::seconds(age_s as i64),
+            last_seen: now,
+            interval_s: 10.0,
+            beats_decayed: 30.0,
+            arrival_cv: None,
+            latency: None,
+            cpu: None,
+            memory: None,
+            errors: Some(&errors),
+            work: None,
+            error_events: 0,
+        });
+        let rate = inputs.errors_per_hour.unwrap() / inputs.work_per_hour.unwrap();
+        assert!((rate - 0.1).abs() < 0.005, "{rate}");
     }
 
     #[test]

@@ -84,7 +84,8 @@ impl Engine {
             verify_rules: plan::VerifyRules {
                 recover_after_healthy: health.recover_after_healthy,
                 check_interval: health.check_interval.get(),
-                condition_window: health.restart_loop_window.get().max(health.score_interval.get() * 2),
+                score_interval: health.score_interval.get(),
+                restart_loop_window: health.restart_loop_window.get(),
             },
             replica,
             http,
@@ -247,7 +248,7 @@ impl Engine {
             self.settings.verify_timeout.map(|d| d.get()),
             &self.verify_rules,
             i64::from(expected_interval_ms),
-            issue.is_none_or(IssueType::is_silence),
+            issue,
         );
         Duration::from_std(d).unwrap_or(Duration::seconds(90))
     }
@@ -359,7 +360,7 @@ impl Engine {
                         &if silence {
                             format!("the agent did not come back within {waited}s")
                         } else {
-                            format!("the condition did not clear within {waited}s")
+                            format!("the agent was not back with the condition cleared within {waited}s")
                         },
                     ],
                 )
@@ -710,21 +711,25 @@ impl Engine {
 }
 
 /// Fills a URL template, percent-encoding each filled-in value so agent
-/// text cannot change the URL's structure. "." and ".." stay refused
-/// whatever their encoding: URL parsers resolve them (and "%2e%2e") as path
-/// segments, so an agent named ".." would move a call up the path.
+/// text cannot change the URL's structure. In the path, "." and ".." stay
+/// refused whatever their encoding (URL parsers resolve them, and "%2e%2e",
+/// as path segments, so an agent named ".." would move a call up the
+/// path), and so does an empty value ("/incidents//ack" or "/incidents/"
+/// is another resource). The query and fragment take any value.
 fn fill_url(template: &str, ctx: &Context) -> Result<String, String> {
     let mut encoded = Context { agent_id: encode(&ctx.agent_id), ..ctx.clone() };
     encoded.agent_name = ctx.agent_name.as_deref().map(encode);
     encoded.issue_type = ctx.issue_type.as_deref().map(encode);
     encoded.labels = ctx.labels.iter().map(|(k, v)| (k.clone(), encode(v))).collect();
+    let split = template.find(['?', '#']).unwrap_or(template.len());
+    let (path, rest) = template.split_at(split);
     // Encoding keeps dots as they are, so the check sees the agent's text.
-    plan::fill_checked(template, &encoded, |value| match value {
+    let path = plan::fill_checked(path, &encoded, |value| match value {
         "." | ".." => Err(format!("refused: {value:?} would be read as a URL path segment")),
-        // An empty segment ("/incidents//ack") would address another resource.
-        "" => Err("refused: an empty value (a manual run's {incident_id}?) in a URL".into()),
+        "" => Err("refused: an empty value (a manual run's {incident_id}?) in a URL path".into()),
         _ => Ok(()),
-    })
+    })?;
+    Ok(path + &plan::fill(rest, &encoded)?)
 }
 
 fn encode(value: &str) -> String {
@@ -808,5 +813,10 @@ mod tests {
         assert_eq!(fill_url(url, &ctx("x:y")).unwrap(), "http://orchestrator/v1/agents/x%3Ay/restart");
         let manual = fill_url("http://o/incidents/{incident_id}/ack", &ctx("a")).unwrap_err();
         assert!(manual.contains("empty"), "{manual}");
+        assert_eq!(
+            fill_url("http://o/restart?incident={incident_id}&a=..", &ctx("a")).unwrap(),
+            "http://o/restart?incident=&a=.."
+        );
+        assert_eq!(fill_url("http://o/r?agent={agent_id}", &ctx("..")).unwrap(), "http://o/r?agent=..", "not a path");
     }
 }

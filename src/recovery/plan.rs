@@ -20,32 +20,39 @@ pub fn backoff(attempts: u32, base: Duration, cap: Duration) -> Duration {
 pub struct VerifyRules {
     pub recover_after_healthy: u32,
     pub check_interval: Duration,
-    /// How long a condition judged over a window takes to clear: the
-    /// restart-loop window, or two score passes, whichever is longer.
-    pub condition_window: Duration,
+    pub score_interval: Duration,
+    pub restart_loop_window: Duration,
 }
 
-/// How long an action has to prove itself. The strategy's own setting,
-/// else `recovery.verify_timeout`, else by issue: an agent gone quiet must
-/// send `recover_after_healthy` on-time heartbeats to be online again, so
-/// that many of its intervals plus half (it may take a while to start);
-/// any other issue clears only as the evaluator's window moves on. Either
-/// way plus one evaluator check, which notices.
+/// How long an action has to prove itself: the strategy's own setting,
+/// else `recovery.verify_timeout`, else what the issue needs to clear,
+/// plus one evaluator check (which notices). An agent gone quiet must send
+/// `recover_after_healthy` on-time heartbeats to be online again: that many
+/// of its intervals plus half (it may take a while to start). Everything
+/// else needs the agent back too, and then its condition to clear as the
+/// evaluator's window moves on: the restart-loop window; 21 of the agent's
+/// evaluations for flapping; an hour for error rates (hourly sums with a
+/// one-hour decay take about 42 minutes to halve); ten minutes or two
+/// score passes for gauges (five-minute averages).
 pub fn verify_timeout(
     strategy: Option<Duration>,
     setting: Option<Duration>,
     rules: &VerifyRules,
     expected_interval_ms: i64,
-    silence: bool,
+    issue: Option<IssueType>,
 ) -> Duration {
     strategy.or(setting).unwrap_or_else(|| {
-        let wait = if silence {
-            let ms = expected_interval_ms.max(1) as f64 * f64::from(rules.recover_after_healthy.max(1)) * 1.5;
-            Duration::from_millis(ms as u64)
-        } else {
-            rules.condition_window
+        let interval = Duration::from_millis(expected_interval_ms.max(1) as u64);
+        let back = interval.mul_f64(f64::from(rules.recover_after_healthy.max(1)) * 1.5);
+        let clears = match issue {
+            None => Duration::ZERO,
+            Some(issue) if issue.is_silence() => Duration::ZERO,
+            Some(IssueType::RestartLoop) => rules.restart_loop_window,
+            Some(IssueType::Flapping) => rules.check_interval.max(interval) * 21,
+            Some(IssueType::HighErrorRate) => Duration::from_secs(3600),
+            Some(_) => Duration::from_secs(600).max(rules.score_interval * 2),
         };
-        wait.saturating_add(rules.check_interval)
+        back.saturating_add(clears).saturating_add(rules.check_interval)
     })
 }
 
@@ -192,14 +199,20 @@ mod tests {
         let rules = VerifyRules {
             recover_after_healthy: 2,
             check_interval: Duration::from_secs(10),
-            condition_window: Duration::from_secs(600),
+            score_interval: Duration::from_secs(60),
+            restart_loop_window: Duration::from_secs(600),
         };
         let secs = Duration::from_secs;
-        assert_eq!(verify_timeout(None, None, &rules, 30_000, true), secs(100));
-        assert_eq!(verify_timeout(None, None, &rules, 5_000, true), secs(25), "emergency mode");
-        assert_eq!(verify_timeout(None, None, &rules, 30_000, false), secs(610), "a restart loop's window");
-        assert_eq!(verify_timeout(None, Some(secs(5)), &rules, 30_000, false), secs(5));
-        assert_eq!(verify_timeout(Some(secs(60)), Some(secs(5)), &rules, 30_000, true), secs(60), "strategy first");
+        let quiet = Some(IssueType::AgentUnresponsive);
+        assert_eq!(verify_timeout(None, None, &rules, 30_000, quiet), secs(100));
+        assert_eq!(verify_timeout(None, None, &rules, 30_000, None), secs(100), "a manual run");
+        assert_eq!(verify_timeout(None, None, &rules, 5_000, quiet), secs(25), "emergency mode");
+        assert_eq!(verify_timeout(None, None, &rules, 30_000, Some(IssueType::RestartLoop)), secs(90 + 600 + 10));
+        assert_eq!(verify_timeout(None, None, &rules, 60_000, Some(IssueType::Flapping)), secs(180 + 21 * 60 + 10));
+        assert_eq!(verify_timeout(None, None, &rules, 30_000, Some(IssueType::HighErrorRate)), secs(90 + 3600 + 10));
+        assert_eq!(verify_timeout(None, None, &rules, 30_000, Some(IssueType::ResourceExhaustion)), secs(700));
+        assert_eq!(verify_timeout(None, Some(secs(5)), &rules, 30_000, quiet), secs(5));
+        assert_eq!(verify_timeout(Some(secs(60)), Some(secs(5)), &rules, 30_000, quiet), secs(60), "strategy first");
     }
 
     #[test]

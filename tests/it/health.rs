@@ -451,6 +451,23 @@ async fn agents_coming_back_from_a_fleet_outage_are_not_late() {
         .unwrap()
         .get(0);
     assert_eq!(open_per_agent, 0, "no agent coming back is 'late'");
+
+    // back-0 keeps beating, but every 20 s against its 10 s: it never gets
+    // back on time, and once coming back has taken too long it is late.
+    // The others are back for good.
+    for step in 0..12 {
+        now += Duration::seconds(10);
+        for a in &agents[1..] {
+            beat(&c, a, now - Duration::seconds(1), 10_000, 20 + step).await;
+        }
+        if step % 2 == 1 {
+            beat(&c, "back-0", now - Duration::seconds(1), 10_000, 20 + step).await;
+        }
+        evaluator::liveness_cycle(&mut c, &p, "test", Some(now)).await.unwrap();
+    }
+    assert_eq!(liveness(&c, "back-0").await, Liveness::Degraded);
+    assert_eq!(open_issues(&c, Some("back-0")).await, vec!["heartbeat_late"]);
+    assert_eq!(open_issues(&c, Some("back-1")).await, Vec::<String>::new());
 }
 
 #[tokio::test]

@@ -50,10 +50,9 @@ impl Telegram {
                     now_reached.push(chat.clone());
                 }
                 // The error reported is the first, unless a later one asks
-                // to wait (429 Retry-After), which the retry must honour.
-                Err(mut e)
-                    if first_error.as_ref().is_none_or(|f| f.retry_after.is_none() && e.retry_after.is_some()) =>
-                {
+                // to wait longer (429 Retry-After), which the retry must
+                // honour.
+                Err(mut e) if first_error.as_ref().is_none_or(|f| e.retry_after > f.retry_after) => {
                     e.error = format!("chat {chat}: {}", e.error);
                     first_error = Some(e);
                 }
