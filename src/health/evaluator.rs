@@ -1365,12 +1365,31 @@ mod tests {
     use crate::config::Settings;
 
     #[test]
-    fn a_new_agents_steady_work_rate_reads_as_that_rate() {
+    fn a_new_agents_steady_counter_rates_read_as_those_rates() {
         use crate::health::stats::{HOUR_S, Regression};
         let now = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
         let labels = serde_json::json!({});
-        // 600 items an hour for 5 minutes, as the decayed sum holds them.
+        // Five minutes old, 30 heartbeats (every 10 s).
         let age_s = 300.0;
+        let inputs = |work: Option<&MetricStat>, errors: Option<&MetricStat>| {
+            score_inputs(ScoreFacts {
+                now,
+                liveness: Some(Liveness::Online),
+                labels: &labels,
+                first_seen: now - Duration::seconds(age_s as i64),
+                last_seen: now,
+                interval_s: 10.0,
+                beats_decayed: 30.0,
+                arrival_cv: None,
+                latency: None,
+                cpu: None,
+                memory: None,
+                errors,
+                work,
+                error_events: 0,
+            })
+        };
+        // 600 items an hour for 5 minutes, as the decayed sum holds them.
         let work = MetricStat {
             samples: 30,
             updated_at: now,
@@ -1379,46 +1398,16 @@ mod tests {
             hour_sum: 600.0 * (1.0 - (-age_s / HOUR_S).exp()),
             trend: Regression::default(),
         };
-        let inputs = score_inputs(ScoreFacts {
-            now,
-            liveness: Some(Liveness::Online),
-            labels: &labels,
-            first_seen: now - Duration::seconds(age_s as i64),
-            last_seen: now,
-            interval_s: 10.0,
-            beats_decayed: 30.0,
-            arrival_cv: None,
-            latency: None,
-            cpu: None,
-            memory: None,
-            errors: None,
-            work: Some(&work),
-            error_events: 0,
-        });
-        let rate = inputs.work_per_hour.unwrap();
+        let with_work = inputs(Some(&work), None);
+        let rate = with_work.work_per_hour.unwrap();
         assert!((rate - 600.0).abs() < 1.0, "{rate}");
-        assert_eq!(inputs.work_reference_per_hour, Some(600.0));
+        assert_eq!(with_work.work_reference_per_hour, Some(600.0));
 
         // Without a work metric errors are counted against heartbeats, both
         // scaled alike: 3 errors in 30 heartbeats is 10 %, not 120 %.
         let errors = MetricStat { hour_sum: 3.0, fast: 36.0, slow: 36.0, ..work };
-        let inputs = score_inputs(ScoreFacts {
-            now,
-            liveness: Some(Liveness::Online),
-            labels: &labels,
-            first_seen: now - Duration::seconds(age_s as i64),
-            last_seen: now,
-            interval_s: 10.0,
-            beats_decayed: 30.0,
-            arrival_cv: None,
-            latency: None,
-            cpu: None,
-            memory: None,
-            errors: Some(&errors),
-            work: None,
-            error_events: 0,
-        });
-        let rate = inputs.errors_per_hour.unwrap() / inputs.work_per_hour.unwrap();
+        let with_errors = inputs(None, Some(&errors));
+        let rate = with_errors.errors_per_hour.unwrap() / with_errors.work_per_hour.unwrap();
         assert!((rate - 0.1).abs() < 0.005, "{rate}");
     }
 

@@ -372,26 +372,38 @@ async fn a_30s_agent_that_keeps_missing_every_other_beat_is_flapping() {
     assert!(open_issues(&c, Some("wobbly")).await.contains(&"flapping".to_string()));
 }
 
+/// Ten agents beating every 10 s from `t`, of which the first six go quiet
+/// together while the other four keep beating, for 40 s of cycles. Returns
+/// the agents and the time reached.
+async fn six_of_ten_go_quiet(
+    c: &mut tokio_postgres::Client,
+    p: &EvalParams,
+    prefix: &str,
+    t: DateTime<Utc>,
+) -> (Vec<String>, DateTime<Utc>) {
+    let agents: Vec<String> = (0..10).map(|i| format!("{prefix}-{i}")).collect();
+    for a in &agents {
+        beat(c, a, t, 10_000, 1).await;
+    }
+    evaluator::liveness_cycle(c, p, "test", Some(t + Duration::seconds(1))).await.unwrap();
+    let mut now = t + Duration::seconds(1);
+    for _ in 0..4 {
+        now += Duration::seconds(10);
+        for a in &agents[6..] {
+            beat(c, a, now - Duration::seconds(1), 10_000, 5).await;
+        }
+        evaluator::liveness_cycle(c, p, "test", Some(now)).await.unwrap();
+    }
+    (agents, now)
+}
+
 #[tokio::test]
 async fn a_fleet_outage_is_one_incident_instead_of_many() {
     let db = TestDb::migrated().await;
     let mut c = db.client().await;
     let p = params();
     let t = t0();
-    let agents: Vec<String> = (0..10).map(|i| format!("fleet-{i}")).collect();
-    for a in &agents {
-        beat(&c, a, t, 10_000, 1).await;
-    }
-    evaluator::liveness_cycle(&mut c, &p, "test", Some(t + Duration::seconds(1))).await.unwrap();
-    // Six of ten go quiet together; four keep beating.
-    let mut now = t + Duration::seconds(1);
-    for _ in 0..4 {
-        now += Duration::seconds(10);
-        for a in &agents[6..] {
-            beat(&c, a, now - Duration::seconds(1), 10_000, 5).await;
-        }
-        evaluator::liveness_cycle(&mut c, &p, "test", Some(now)).await.unwrap();
-    }
+    let (agents, mut now) = six_of_ten_go_quiet(&mut c, &p, "fleet", t).await;
     assert_eq!(liveness(&c, "fleet-0").await, Liveness::Offline);
     assert_eq!(open_issues(&c, None).await, vec!["fleet_outage"]);
     let per_agent: i64 = c
@@ -419,19 +431,7 @@ async fn agents_coming_back_from_a_fleet_outage_are_not_late() {
     let mut c = db.client().await;
     let p = params();
     let t = t0();
-    let agents: Vec<String> = (0..10).map(|i| format!("back-{i}")).collect();
-    for a in &agents {
-        beat(&c, a, t, 10_000, 1).await;
-    }
-    evaluator::liveness_cycle(&mut c, &p, "test", Some(t + Duration::seconds(1))).await.unwrap();
-    let mut now = t + Duration::seconds(1);
-    for _ in 0..4 {
-        now += Duration::seconds(10);
-        for a in &agents[6..] {
-            beat(&c, a, now - Duration::seconds(1), 10_000, 5).await;
-        }
-        evaluator::liveness_cycle(&mut c, &p, "test", Some(now)).await.unwrap();
-    }
+    let (agents, mut now) = six_of_ten_go_quiet(&mut c, &p, "back", t).await;
     assert_eq!(open_issues(&c, None).await, vec!["fleet_outage"]);
 
     // The partition heals: one heartbeat each so far (recovering), and the

@@ -97,6 +97,21 @@ impl Rig {
         rows.iter().map(|r| r.get(0)).collect()
     }
 
+    /// The evaluator resolves the incident, its condition cleared (just
+    /// after any action started now).
+    async fn evaluator_clears(&self, incident: i64) {
+        self.db
+            .client()
+            .await
+            .execute(
+                "UPDATE warden.incidents SET state = 'resolved', resolved_at = now() + interval '2 seconds', \
+                   resolution = 'condition cleared' WHERE id = $1",
+                &[&incident],
+            )
+            .await
+            .unwrap();
+    }
+
     async fn count(&self, sql: &str) -> i64 {
         self.db.client().await.query_one(sql, &[]).await.unwrap().get(0)
     }
@@ -235,13 +250,7 @@ async fn a_restart_loop_is_fixed_when_it_clears_and_the_agent_is_back() {
     )
     .await
     .unwrap();
-    db.execute(
-        "UPDATE warden.incidents SET state = 'resolved', resolved_at = now() + interval '2 seconds', \
-           resolution = 'condition cleared' WHERE id = $1",
-        &[&incidents[1]],
-    )
-    .await
-    .unwrap();
+    rig.evaluator_clears(incidents[1]).await;
     assert_eq!(rig.tick().await.succeeded, 0);
     assert_eq!(rig.action_states("looping").await, ["verifying"]);
     assert_eq!(rig.action_states("gone").await, ["verifying"]);
@@ -250,13 +259,7 @@ async fn a_restart_loop_is_fixed_when_it_clears_and_the_agent_is_back() {
     assert_eq!(open, "open", "recovery does not resolve what the evaluator still sees");
 
     // The evaluator finds the loop cleared: now it counts.
-    db.execute(
-        "UPDATE warden.incidents SET state = 'resolved', resolved_at = now() + interval '2 seconds', \
-           resolution = 'condition cleared' WHERE id = $1",
-        &[&incidents[0]],
-    )
-    .await
-    .unwrap();
+    rig.evaluator_clears(incidents[0]).await;
     assert_eq!(rig.tick().await.succeeded, 1);
     assert_eq!(rig.action_states("looping").await, ["succeeded"]);
     assert_eq!(rig.action_states("gone").await, ["verifying"], "resolved, but never heard from");
