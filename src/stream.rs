@@ -19,6 +19,8 @@ use tokio_util::sync::CancellationToken;
 pub const EVENTS: &str = "warden_events";
 /// Channel of raw heartbeats of agents someone is observing.
 pub const HEARTBEATS: &str = "warden_heartbeats";
+/// Event names of the `warden_events` channel (the evaluator's).
+const KINDS: [&str; 3] = ["status_changed", "incident_opened", "incident_resolved"];
 /// Events buffered per subscriber before a slow one starts missing some.
 const CAPACITY: usize = 4096;
 
@@ -36,10 +38,19 @@ pub struct StreamEvent {
 impl StreamEvent {
     /// Reads a notification payload: a JSON object with a `type` (heartbeats
     /// have none) and usually an `agent_id`.
+    ///
+    /// Any database role may `pg_notify` on these channels; only the event
+    /// names warden sends are passed on, so a payload cannot name an event
+    /// the clients never expect, nor one SSE cannot carry (a newline in an
+    /// event name would end the stream's task).
     pub fn from_notification(channel: &str, payload: &str) -> Option<Self> {
         let value: serde_json::Value = serde_json::from_str(payload).ok()?;
-        let kind =
-            if channel == HEARTBEATS { "heartbeat".to_string() } else { value.get("type")?.as_str()?.to_string() };
+        let kind = if channel == HEARTBEATS {
+            "heartbeat".to_string()
+        } else {
+            let kind = value.get("type")?.as_str()?;
+            KINDS.contains(&kind).then(|| kind.to_string())?
+        };
         let agent_id = value.get("agent_id").and_then(|a| a.as_str()).map(str::to_string);
         Some(Self { kind, agent_id, data: payload.to_string() })
     }
@@ -148,5 +159,8 @@ mod tests {
         assert_eq!(h.kind, "heartbeat");
         assert_eq!(StreamEvent::from_notification(EVENTS, "not json"), None);
         assert_eq!(StreamEvent::from_notification(EVENTS, r#"{"no_type":1}"#), None);
+        for forged in [r#"{"type":"a\nb"}"#, r#"{"type":"alert_sent"}"#, r#"{"type":7}"#] {
+            assert_eq!(StreamEvent::from_notification(EVENTS, forged), None, "{forged}");
+        }
     }
 }

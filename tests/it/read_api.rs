@@ -235,6 +235,14 @@ async fn the_stream_delivers_transitions_and_incidents_as_they_commit() {
     assert_eq!(online["old"], "unknown");
     assert!(online["timestamp"].is_string());
 
+    // Any database role can notify on the channel: a name SSE cannot carry
+    // (a newline) or one warden never sends is dropped, and the stream
+    // carries on.
+    let db = app.db.client().await;
+    for forged in [r#"{"type":"a\nb","agent_id":"live"}"#, r#"{"type":"forged","agent_id":"live"}"#] {
+        db.execute("SELECT pg_notify('warden_events', $1)", &[&forged]).await.unwrap();
+    }
+
     let opened = {
         let poke = async {
             loop {
@@ -243,7 +251,11 @@ async fn the_stream_delivers_transitions_and_incidents_as_they_commit() {
             }
         };
         tokio::select! {
-            event = next_event(&mut stream, &mut buffer, |name, v| name == "incident_opened" && v["issue_type"] == "agent_unresponsive") => event,
+            event = next_event(&mut stream, &mut buffer, |name, v| {
+                let known = ["ready", "status_changed", "incident_opened", "incident_resolved", "lagged"];
+                assert!(known.contains(&name), "event {name:?} reached a client");
+                name == "incident_opened" && v["issue_type"] == "agent_unresponsive"
+            }) => event,
             _ = poke => unreachable!(),
         }
     };
