@@ -14,7 +14,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::FromRequestParts;
 use axum::extract::{Query, State};
+use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::routing::get;
 use futures_util::Stream;
@@ -37,6 +39,7 @@ pub fn router() -> Router<AppState> {
 async fn stream(
     State(state): State<AppState>,
     _auth: Authorized<ReadScope>,
+    headers: HeaderMap,
     Query(raw): Query<HashMap<String, String>>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let params = Params::new(raw);
@@ -67,28 +70,69 @@ async fn stream(
         .event("ready")
         .data(serde_json::json!({ "agent": agent, "heartbeats": heartbeats }).to_string());
     let filter = Filter { agent: agent.map(AgentId::into_string), heartbeats };
-    let events =
-        futures_util::stream::unfold((rx, filter, guard, Some(hello)), |(mut rx, filter, guard, hello)| async move {
+    // The credential is checked again as long as the stream lasts: a key
+    // revoked or a session ended (logout, expiry) ends its streams within
+    // auth.cache_ttl, as it ends every other use of it.
+    let recheck =
+        Recheck { state: state.clone(), headers, every: state.settings.auth.cache_ttl.get().max(RECHECK_MIN) };
+    let next_check = tokio::time::Instant::now() + recheck.every;
+    let events = futures_util::stream::unfold(
+        (rx, filter, guard, Some(hello), recheck, next_check),
+        |(mut rx, filter, guard, hello, recheck, mut next_check)| async move {
             if let Some(hello) = hello {
-                return Some((Ok(hello), (rx, filter, guard, None)));
+                return Some((Ok(hello), (rx, filter, guard, None, recheck, next_check)));
             }
             loop {
-                match rx.recv().await {
+                let received = tokio::select! {
+                    received = rx.recv() => received,
+                    _ = tokio::time::sleep_until(next_check) => {
+                        if !recheck.still_allowed().await {
+                            return None;
+                        }
+                        next_check = tokio::time::Instant::now() + recheck.every;
+                        continue;
+                    }
+                };
+                match received {
                     Ok(event) if filter.admits(&event) => {
                         let sse = Event::default().event(event.kind.as_str()).data(event.data.as_str());
-                        return Some((Ok(sse), (rx, filter, guard, None)));
+                        return Some((Ok(sse), (rx, filter, guard, None, recheck, next_check)));
                     }
                     Ok(_) => continue,
                     Err(RecvError::Lagged(missed)) => {
                         // A client too slow to keep up is told, so it can refetch.
                         let sse = Event::default().event("lagged").data(format!("{{\"missed\":{missed}}}"));
-                        return Some((Ok(sse), (rx, filter, guard, None)));
+                        return Some((Ok(sse), (rx, filter, guard, None, recheck, next_check)));
                     }
                     Err(RecvError::Closed) => return None,
                 }
             }
-        });
+        },
+    );
     Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+/// Shortest time between two checks of a stream's credential.
+const RECHECK_MIN: Duration = Duration::from_secs(1);
+
+/// What a stream needs to check its credential again.
+struct Recheck {
+    state: AppState,
+    headers: HeaderMap,
+    every: Duration,
+}
+
+impl Recheck {
+    /// False once the key or session is refused; a database that cannot
+    /// answer now leaves the stream open (the next check asks again).
+    async fn still_allowed(&self) -> bool {
+        let (mut parts, ()) = axum::http::Request::get("/v1/stream").body(()).unwrap_or_default().into_parts();
+        parts.headers = self.headers.clone();
+        match Authorized::<ReadScope>::from_request_parts(&mut parts, &self.state).await {
+            Ok(_) => true,
+            Err(e) => e.status.is_server_error(),
+        }
+    }
 }
 
 struct Filter {

@@ -323,3 +323,28 @@ async fn event_streams_are_bounded_per_replica() {
     // Other requests are not affected.
     assert_eq!(get_json(&app, &read, "/v1/fleet").await.0, 200);
 }
+
+#[tokio::test]
+async fn a_revoked_key_loses_its_open_stream() {
+    let app = TestApp::spawn_with(|s| s.auth.cache_ttl = warden::config::Duration::from_secs(1)).await;
+    let read = app.key(&[Scope::Read]).await;
+    let other = app.key(&[Scope::Read]).await;
+    let open =
+        |key: &str| app.http.get(app.url("/v1/stream")).bearer_auth(key).timeout(Duration::from_secs(300)).send();
+    let (mut revoked, mut kept) = (open(&read).await.unwrap(), open(&other).await.unwrap());
+    let mut buffer = String::new();
+    next_event(&mut revoked, &mut buffer, |name, _| name == "ready").await;
+    let mut kept_buffer = String::new();
+    next_event(&mut kept, &mut kept_buffer, |name, _| name == "ready").await;
+
+    app.db.client().await.execute("UPDATE warden.api_keys SET revoked_at = now() WHERE revoked_at IS NULL AND id = (SELECT min(id) FROM warden.api_keys WHERE revoked_at IS NULL AND scopes = ARRAY['read'])", &[]).await.unwrap();
+    // The stream ends (the body completes) within a few checks.
+    let ended = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(_chunk) = revoked.chunk().await.unwrap_or(None) {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the revoked key's stream is still open");
+    // The other key's stream is still open: it gets the next keep-alive or event.
+    let more = tokio::time::timeout(Duration::from_secs(20), kept.chunk()).await;
+    assert!(matches!(more, Ok(Ok(Some(_)))), "the other stream stays open: {more:?}");
+}
