@@ -129,13 +129,37 @@ impl Snapshot {
     }
 }
 
-/// The per-replica cache of the page.
+/// The per-replica cache of the page. `/status` needs no key, so however
+/// many requests arrive when the copy is stale, one computes it and the
+/// others wait for that one (single flight); a failure is repeated to
+/// requests for a moment instead of retried by each.
 #[derive(Default)]
 pub struct Cache {
     slot: Mutex<Option<(Instant, Arc<Snapshot>)>>,
+    failed: Mutex<Option<(Instant, DbError)>>,
+    refresh: tokio::sync::Mutex<()>,
+    computed: std::sync::atomic::AtomicU64,
 }
 
+/// How long a failed refresh is repeated to later requests.
+const FAILURE_HOLD: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl Cache {
+    /// How many times this cache computed the page (or tried to).
+    pub fn computations(&self) -> u64 {
+        self.computed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn fresh(&self, ttl: std::time::Duration) -> Option<Arc<Snapshot>> {
+        let slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+        slot.as_ref().filter(|(at, _)| at.elapsed() < ttl).map(|(_, snapshot)| snapshot.clone())
+    }
+
+    fn recent_failure(&self) -> Option<DbError> {
+        let failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        failed.as_ref().filter(|(at, _)| at.elapsed() < FAILURE_HOLD).map(|(_, e)| repeat(e))
+    }
+
     /// The cached snapshot if younger than `ttl`, else a fresh one.
     pub async fn get(
         &self,
@@ -143,15 +167,43 @@ impl Cache {
         settings: &ConsoleSettings,
     ) -> Result<Arc<Snapshot>, DbError> {
         let ttl = settings.status_cache.get();
-        if let Some((at, snapshot)) = self.slot.lock().unwrap_or_else(|e| e.into_inner()).as_ref()
-            && at.elapsed() < ttl
-        {
-            return Ok(snapshot.clone());
+        if let Some(snapshot) = self.fresh(ttl) {
+            return Ok(snapshot);
         }
-        let client = crate::db::client(pool).await?;
-        let snapshot = Arc::new(compute(&client, settings).await?);
-        *self.slot.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), snapshot.clone()));
-        Ok(snapshot)
+        let _refreshing = self.refresh.lock().await;
+        // Whoever held the lock before may have refreshed it, or failed.
+        if let Some(snapshot) = self.fresh(ttl) {
+            return Ok(snapshot);
+        }
+        if let Some(e) = self.recent_failure() {
+            return Err(e);
+        }
+        self.computed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let result = async {
+            let client = crate::db::client(pool).await?;
+            compute(&client, settings).await
+        }
+        .await;
+        match result {
+            Ok(snapshot) => {
+                let snapshot = Arc::new(snapshot);
+                *self.slot.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), snapshot.clone()));
+                Ok(snapshot)
+            }
+            Err(e) => {
+                *self.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), repeat(&e)));
+                Err(e)
+            }
+        }
+    }
+}
+
+/// The same failure again, as the kind a caller must answer alike
+/// (unavailable stays unavailable: 503 with Retry-After).
+fn repeat(e: &DbError) -> DbError {
+    match e {
+        DbError::Unavailable(m) => DbError::Unavailable(m.clone()),
+        other => DbError::Repeated(other.to_string()),
     }
 }
 

@@ -395,3 +395,29 @@ async fn http_guessing_keys_at_sign_in_empties_the_failure_bucket_like_the_api()
     // A key this replica verified recently still signs in from there.
     assert_eq!(sign_in_with(read.clone()).await.unwrap().status(), StatusCode::SEE_OTHER);
 }
+
+/// `/status` needs no key: a crowd of requests finding the copy stale
+/// computes it once, not once each.
+#[tokio::test]
+async fn http_the_status_page_is_computed_once_for_a_crowd() {
+    let db = crate::helpers::TestDb::migrated().await;
+    let pool = warden::db::build_pool(db.config.clone(), &crate::helpers::default_settings().database).unwrap();
+    let mut settings = crate::helpers::default_settings().console;
+    settings.status_group_label = "team".into();
+    let cache = warden::console::status::Cache::default();
+    let crowd = (0..20).map(|_| cache.get(&pool, &settings));
+    let pages = futures_util::future::join_all(crowd).await;
+    assert!(pages.iter().all(Result::is_ok));
+    assert_eq!(cache.computations(), 1);
+
+    // A database that cannot be reached: the failure is repeated to the
+    // crowd, not retried by each.
+    drop(pool);
+    let mut dead = db.config.clone();
+    dead.port(1);
+    let pool = warden::db::build_pool(dead, &crate::helpers::default_settings().database).unwrap();
+    settings.status_cache = warden::config::Duration::from_secs(0);
+    let failures = futures_util::future::join_all((0..20).map(|_| cache.get(&pool, &settings))).await;
+    assert!(failures.iter().all(Result::is_err));
+    assert_eq!(cache.computations(), 2);
+}
