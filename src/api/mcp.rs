@@ -28,7 +28,7 @@
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::header::{ALLOW, AUTHORIZATION, HOST, ORIGIN, WWW_AUTHENTICATE};
+use axum::http::header::{ALLOW, AUTHORIZATION, WWW_AUTHENTICATE};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -73,7 +73,7 @@ pub fn router() -> Router<AppState> {
 
 /// One POST: authenticate, read the body, answer each JSON-RPC request in it.
 async fn post_mcp(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, Refusal> {
-    check_origin(&headers)?;
+    super::check_origin(&headers)?;
     let principal = authenticate(&state, &headers).await?;
     check_protocol_version(&headers)?;
     // This route lives outside /v1 and its DefaultBodyLimit.
@@ -128,22 +128,6 @@ impl IntoResponse for Refusal {
             response.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
-    }
-}
-
-/// Refuses a browser page from another origin: with authentication
-/// disabled, a page on any site could otherwise make a visitor's browser
-/// send heartbeats to a warden on their network. Clients that are not
-/// browsers send no `Origin` at all.
-fn check_origin(headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(origin) = headers.get(ORIGIN) else {
-        return Ok(());
-    };
-    let origin_host = origin.to_str().ok().and_then(|o| o.split_once("://")).map(|(_, host)| host);
-    let host = headers.get(HOST).and_then(|h| h.to_str().ok());
-    match (origin_host, host) {
-        (Some(origin_host), Some(host)) if origin_host.eq_ignore_ascii_case(host) => Ok(()),
-        _ => Err(ApiError::forbidden("requests from a web page on another origin are not accepted")),
     }
 }
 
@@ -667,6 +651,7 @@ mod tests {
 
     #[test]
     fn origins_other_than_the_host_are_refused() {
+        use axum::http::header::{HOST, ORIGIN};
         let headers = |origin: Option<&'static str>| {
             let mut h = HeaderMap::new();
             h.insert(HOST, HeaderValue::from_static("warden.example:8080"));
@@ -675,10 +660,14 @@ mod tests {
             }
             h
         };
-        assert!(check_origin(&headers(None)).is_ok());
-        assert!(check_origin(&headers(Some("https://warden.example:8080"))).is_ok());
+        assert!(crate::api::check_origin(&headers(None)).is_ok());
+        assert!(crate::api::check_origin(&headers(Some("https://warden.example:8080"))).is_ok());
         for foreign in ["https://evil.example", "https://warden.example", "null"] {
-            assert_eq!(check_origin(&headers(Some(foreign))).unwrap_err().status, StatusCode::FORBIDDEN, "{foreign}");
+            assert_eq!(
+                crate::api::check_origin(&headers(Some(foreign))).unwrap_err().status,
+                StatusCode::FORBIDDEN,
+                "{foreign}"
+            );
         }
     }
 }

@@ -91,7 +91,8 @@ pub fn router(state: AppState) -> Router {
         .merge(stream::router())
         // Handlers read bodies with `ingest::read_limited`, which enforces
         // the same limit; this one covers any extractor that buffers.
-        .layer(DefaultBodyLimit::max(state.settings.ingest.max_body_bytes));
+        .layer(DefaultBodyLimit::max(state.settings.ingest.max_body_bytes))
+        .layer(middleware::from_fn_with_state(state.clone(), same_origin_writes));
     Router::new()
         .merge(probes::router())
         .merge(mcp::router())
@@ -116,6 +117,41 @@ async fn request_timeout(State(state): State<AppState>, request: Request, next: 
         Ok(response) => response,
         Err(_) => deadline::expired(&body),
     }
+}
+
+/// Refuses a browser page from another origin: with authentication
+/// disabled, a page on any site could otherwise make a visitor's browser
+/// send heartbeats to a warden on their network. Clients that are not
+/// browsers send no `Origin` at all.
+pub(crate) fn check_origin(headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+    let Some(origin) = headers.get(axum::http::header::ORIGIN) else {
+        return Ok(());
+    };
+    let origin_host = origin.to_str().ok().and_then(|o| o.split_once("://")).map(|(_, host)| host);
+    let host = headers.get(axum::http::header::HOST).and_then(|h| h.to_str().ok());
+    match (origin_host, host) {
+        (Some(origin_host), Some(host)) if origin_host.eq_ignore_ascii_case(host) => Ok(()),
+        _ => Err(ApiError::forbidden("requests from a web page on another origin are not accepted")),
+    }
+}
+
+/// The same for every write under /v1 while authentication is disabled: a
+/// browser's cross-site POST needs no preflight when its body is
+/// `text/plain`, and nothing else would stop a page on any site from
+/// silencing alerts or starting a recovery on a warden the visitor can
+/// reach. With authentication on, a write needs a bearer key (which a
+/// browser never attaches by itself) or a console session's CSRF header
+/// (which another origin cannot send), and a reverse proxy that rewrites
+/// `Host` must not break the console's own writes.
+async fn same_origin_writes(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let safe = matches!(*request.method(), axum::http::Method::GET | axum::http::Method::HEAD);
+    if !safe
+        && !state.auth.enabled()
+        && let Err(e) = check_origin(request.headers())
+    {
+        return axum::response::IntoResponse::into_response(e);
+    }
+    next.run(request).await
 }
 
 async fn not_found() -> ApiError {

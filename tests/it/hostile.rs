@@ -451,3 +451,38 @@ async fn whole_numbers_written_as_floats_are_accepted() {
     let (status, body) = app.heartbeat(&key, json!({"agent_id": "py-1", "uptime_seconds": 1.5})).await;
     assert_eq!((status, body["error"]["field"].as_str()), (422, Some("uptime_seconds")));
 }
+
+/// With authentication off (local use), a web page on another site must
+/// not be able to make a visitor's browser write to warden: a `text/plain`
+/// POST needs no preflight, so warden refuses any write whose `Origin` is
+/// not its own. Clients that are not browsers send no `Origin`.
+#[tokio::test]
+async fn writes_from_a_page_on_another_origin_are_refused() {
+    let app = TestApp::spawn_with(|s| s.auth.enabled = false).await;
+    let body = json!({"agent_id": "from-a-page"}).to_string();
+    let post = |origin: Option<String>| {
+        let mut request =
+            app.http.post(app.url("/v1/heartbeats")).header("content-type", "text/plain").body(body.clone());
+        if let Some(origin) = origin {
+            request = request.header("origin", origin);
+        }
+        request.send()
+    };
+    let foreign = post(Some("https://evil.example".into())).await.unwrap();
+    let (status, error) = error_of(foreign).await;
+    assert_eq!(status, 403, "{error}");
+    assert_eq!(app.count("SELECT count(*) FROM warden.agent_status").await, 0, "nothing written");
+    let silence = app
+        .http
+        .post(app.url("/v1/silences"))
+        .header("origin", "https://evil.example")
+        .body(json!({"matchers": {"issue_type": "agent_unresponsive"}, "duration": "365d", "comment": "x"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(silence.status(), 403);
+
+    let own = format!("http://{}", app.url("").trim_start_matches("http://").trim_end_matches('/'));
+    assert_eq!(post(Some(own)).await.unwrap().status(), 200, "the console's own origin");
+    assert_eq!(post(None).await.unwrap().status(), 200, "a client that is not a browser");
+}
