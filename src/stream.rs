@@ -19,8 +19,12 @@ use tokio_util::sync::CancellationToken;
 pub const EVENTS: &str = "warden_events";
 /// Channel of raw heartbeats of agents someone is observing.
 pub const HEARTBEATS: &str = "warden_heartbeats";
-/// Event names of the `warden_events` channel (the evaluator's).
-const KINDS: [&str; 3] = ["status_changed", "incident_opened", "incident_resolved"];
+/// Event names of the `warden_events` channel (the evaluator's); nothing
+/// else is passed on.
+pub const STATUS_CHANGED: &str = "status_changed";
+pub const INCIDENT_OPENED: &str = "incident_opened";
+pub const INCIDENT_RESOLVED: &str = "incident_resolved";
+const KINDS: [&str; 3] = [STATUS_CHANGED, INCIDENT_OPENED, INCIDENT_RESOLVED];
 /// Events buffered per subscriber before a slow one starts missing some.
 const CAPACITY: usize = 4096;
 

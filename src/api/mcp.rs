@@ -662,6 +662,17 @@ mod tests {
         };
         assert!(crate::api::check_origin(&headers(None)).is_ok());
         assert!(crate::api::check_origin(&headers(Some("https://warden.example:8080"))).is_ok());
+        let with_host = |host: &'static str, origin: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(HOST, HeaderValue::from_static(host));
+            h.insert(ORIGIN, HeaderValue::from_static(origin));
+            crate::api::check_origin(&h).is_ok()
+        };
+        assert!(with_host("warden.example:443", "https://warden.example"), "default port spelled out");
+        assert!(with_host("warden.example", "https://Warden.example:443"));
+        assert!(with_host("[::1]:8080", "http://[::1]:8080"));
+        assert!(!with_host("[::1]:8080", "http://[::1]:8081"));
+        assert!(!with_host("warden.example:80", "https://warden.example"), "another port");
         for foreign in ["https://evil.example", "https://warden.example", "null"] {
             assert_eq!(
                 crate::api::check_origin(&headers(Some(foreign))).unwrap_err().status,

@@ -127,11 +127,33 @@ pub(crate) fn check_origin(headers: &axum::http::HeaderMap) -> Result<(), ApiErr
     let Some(origin) = headers.get(axum::http::header::ORIGIN) else {
         return Ok(());
     };
-    let origin_host = origin.to_str().ok().and_then(|o| o.split_once("://")).map(|(_, host)| host);
+    let origin = origin.to_str().ok().and_then(|o| o.split_once("://"));
     let host = headers.get(axum::http::header::HOST).and_then(|h| h.to_str().ok());
-    match (origin_host, host) {
-        (Some(origin_host), Some(host)) if origin_host.eq_ignore_ascii_case(host) => Ok(()),
-        _ => Err(ApiError::forbidden("requests from a web page on another origin are not accepted")),
+    let same = match (origin, host) {
+        (Some((scheme, origin_authority)), Some(host)) => {
+            let default_port = match scheme.to_ascii_lowercase().as_str() {
+                "https" => Some(443),
+                "http" => Some(80),
+                _ => None,
+            };
+            let (origin_host, origin_port) = host_and_port(origin_authority);
+            let (host, port) = host_and_port(host);
+            origin_host.eq_ignore_ascii_case(host) && origin_port.or(default_port) == port.or(default_port)
+        }
+        _ => false,
+    };
+    if same { Ok(()) } else { Err(ApiError::forbidden("requests from a web page on another origin are not accepted")) }
+}
+
+/// "host:port", "[v6]:port" or either without a port.
+fn host_and_port(authority: &str) -> (&str, Option<u16>) {
+    let split = match authority.rfind(':') {
+        Some(i) if !authority[i..].contains(']') => Some(i),
+        _ => None,
+    };
+    match split.and_then(|i| authority[i + 1..].parse::<u16>().ok().map(|port| (i, port))) {
+        Some((i, port)) => (&authority[..i], Some(port)),
+        None => (authority, None),
     }
 }
 

@@ -75,7 +75,10 @@ async fn stream(
     // auth.cache_ttl, as it ends every other use of it.
     let recheck =
         Recheck { state: state.clone(), headers, every: state.settings.auth.cache_ttl.get().max(RECHECK_MIN) };
-    let next_check = tokio::time::Instant::now() + recheck.every;
+    // Clients that reconnect together (after a restart) are not checked in
+    // step: the first check falls anywhere in the second half of a period.
+    let first = recheck.every.mul_f64(0.5 + 0.5 * rand_unit());
+    let next_check = tokio::time::Instant::now() + first;
     let events = futures_util::stream::unfold(
         (rx, filter, guard, Some(hello), recheck, next_check),
         |(mut rx, filter, guard, hello, recheck, mut next_check)| async move {
@@ -113,7 +116,7 @@ async fn stream(
 }
 
 /// Shortest time between two checks of a stream's credential.
-const RECHECK_MIN: Duration = Duration::from_secs(1);
+const RECHECK_MIN: Duration = Duration::from_secs(5);
 
 /// What a stream needs to check its credential again.
 struct Recheck {
@@ -133,6 +136,13 @@ impl Recheck {
             Err(e) => e.status.is_server_error(),
         }
     }
+}
+
+/// A number in [0, 1) from the operating system's generator.
+fn rand_unit() -> f64 {
+    let mut bytes = [0u8; 8];
+    let _ = getrandom::fill(&mut bytes);
+    (u64::from_le_bytes(bytes) >> 11) as f64 / (1u64 << 53) as f64
 }
 
 struct Filter {

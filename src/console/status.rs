@@ -143,6 +143,8 @@ pub struct Cache {
 
 /// How long a failed refresh is repeated to later requests.
 const FAILURE_HOLD: std::time::Duration = std::time::Duration::from_secs(2);
+/// Longest one computation of the page may take.
+const COMPUTE_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Cache {
     /// How many times this cache computed the page (or tried to).
@@ -150,40 +152,59 @@ impl Cache {
         self.computed.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    fn fresh(&self, ttl: std::time::Duration) -> Option<Arc<Snapshot>> {
+    /// The cached snapshot if made after `since` or within `ttl`.
+    fn cached(&self, ttl: std::time::Duration, since: Option<Instant>) -> Option<Arc<Snapshot>> {
         let slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
-        slot.as_ref().filter(|(at, _)| at.elapsed() < ttl).map(|(_, snapshot)| snapshot.clone())
+        slot.as_ref()
+            .filter(|(at, _)| at.elapsed() < ttl || since.is_some_and(|s| *at >= s))
+            .map(|(_, snapshot)| snapshot.clone())
     }
 
-    fn recent_failure(&self) -> Option<DbError> {
+    /// A failure seen in the last moment, or since `since`.
+    fn recent_failure(&self, since: Instant) -> Option<DbError> {
         let failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
-        failed.as_ref().filter(|(at, _)| at.elapsed() < FAILURE_HOLD).map(|(_, e)| repeat(e))
+        failed.as_ref().filter(|(at, _)| at.elapsed() < FAILURE_HOLD || *at >= since).map(|(_, e)| repeat(e))
     }
 
-    /// The cached snapshot if younger than `ttl`, else a fresh one.
+    /// The cached snapshot if younger than `ttl`, else a fresh one. While
+    /// one request refreshes it, the others get the stale copy (or, when
+    /// there is none yet, wait for that request's result).
     pub async fn get(
         &self,
         pool: &deadpool_postgres::Pool,
         settings: &ConsoleSettings,
     ) -> Result<Arc<Snapshot>, DbError> {
         let ttl = settings.status_cache.get();
-        if let Some(snapshot) = self.fresh(ttl) {
+        if let Some(snapshot) = self.cached(ttl, None) {
             return Ok(snapshot);
         }
-        let _refreshing = self.refresh.lock().await;
-        // Whoever held the lock before may have refreshed it, or failed.
-        if let Some(snapshot) = self.fresh(ttl) {
+        let arrived = Instant::now();
+        let _refreshing = match self.refresh.try_lock() {
+            Ok(guard) => guard,
+            Err(_) => {
+                if let Some(stale) = self.cached(std::time::Duration::MAX, None) {
+                    return Ok(stale);
+                }
+                self.refresh.lock().await
+            }
+        };
+        // A refresh that ended after this request arrived answers it too.
+        if let Some(snapshot) = self.cached(ttl, Some(arrived)) {
             return Ok(snapshot);
         }
-        if let Some(e) = self.recent_failure() {
+        if let Some(e) = self.recent_failure(arrived) {
             return Err(e);
         }
         self.computed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let result = async {
+        // Bounded well inside the request timeout, so that a slow database
+        // ends as a recorded failure rather than as cancelled requests,
+        // each of which would leave the next waiter to start over.
+        let result = tokio::time::timeout(COMPUTE_LIMIT, async {
             let client = crate::db::client(pool).await?;
             compute(&client, settings).await
-        }
-        .await;
+        })
+        .await
+        .unwrap_or_else(|_| Err(DbError::Unavailable("the status page took too long to compute".into())));
         match result {
             Ok(snapshot) => {
                 let snapshot = Arc::new(snapshot);

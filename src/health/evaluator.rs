@@ -367,7 +367,7 @@ async fn write_transitions(
     .await?;
     for (id, t) in transitions {
         notes.push(json!({
-            "type": "status_changed",
+            "type": crate::stream::STATUS_CHANGED,
             "agent_id": id,
             "old": t.from,
             "new": t.to,

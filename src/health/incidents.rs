@@ -164,7 +164,7 @@ pub async fn apply(
             .await?;
         for r in rows {
             notes.push(json!({
-                "type": "incident_resolved",
+                "type": crate::stream::INCIDENT_RESOLVED,
                 "id": r.get::<_, i64>(0),
                 "agent_id": r.get::<_, Option<String>>(1),
                 "issue_type": r.get::<_, String>(2),
@@ -212,7 +212,7 @@ pub async fn apply(
             .await?;
         for r in rows {
             notes.push(json!({
-                "type": "incident_opened",
+                "type": crate::stream::INCIDENT_OPENED,
                 "id": r.get::<_, i64>(0),
                 "agent_id": r.get::<_, Option<String>>(1),
                 "issue_type": r.get::<_, String>(2),

@@ -174,7 +174,8 @@ async fn incidents_are_listed_newest_first_with_filters() {
     }
 }
 
-/// Reads SSE events from a streaming response until `want` matches one.
+/// Reads SSE events from a streaming response until `want` matches one;
+/// keep-alive comments are not events and are skipped.
 async fn next_event(
     response: &mut reqwest::Response,
     buffer: &mut String,
@@ -192,6 +193,9 @@ async fn next_event(
                 } else if let Some(v) = line.strip_prefix("data:") {
                     data.push_str(v.trim());
                 }
+            }
+            if block.lines().all(|l| l.starts_with(':') || l.is_empty()) {
+                continue;
             }
             let value: Value = serde_json::from_str(&data).unwrap_or(Value::Null);
             if want(name, &value) {
