@@ -231,7 +231,7 @@ pub async fn enforce(State(state): State<AppState>, request: Request, next: Next
         return next.run(request).await;
     }
     let limiter = &state.limiter;
-    let address = client_address(&request, &settings.client_ip_header);
+    let address = charged_network(client_address(&request, &settings.client_ip_header));
     let heartbeats = request.uri().path() == "/v1/heartbeats";
     if !state.auth.enabled() {
         return match limiter.admit(&Client::Address(address), Instant::now()) {
@@ -294,6 +294,19 @@ pub fn client_address(request: &Request, header: &str) -> IpAddr {
     let peer = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
     let forwarded = (!header.is_empty()).then(|| forwarded_address(request.headers(), header)).flatten();
     forwarded.or(peer).unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+}
+
+/// What an address is charged as: an IPv4 address itself, an IPv6 address
+/// by its /64 (one host usually holds a whole /64, and would otherwise get
+/// a fresh bucket, and burst, from every address in it).
+pub fn charged_network(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        },
+        v4 => v4,
+    }
 }
 
 /// The last address of a comma-separated list: the one the nearest proxy
@@ -430,6 +443,16 @@ mod tests {
         request.headers_mut().insert("x-real-ip", "garbage".parse().unwrap());
         assert_eq!(client_address(&request, "x-real-ip"), "192.0.2.7".parse::<IpAddr>().unwrap());
         assert_eq!(client_address(&Request::new(axum::body::Body::empty()), ""), IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    }
+
+    #[test]
+    fn ipv6_clients_are_charged_per_64() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(charged_network(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
+        assert_eq!(charged_network(ip("2001:db8:1:2:ffff:ffff:ffff:ffff")), ip("2001:db8:1:2::"));
+        assert_ne!(charged_network(ip("2001:db8:1:3::1")), ip("2001:db8:1:2::"));
+        assert_eq!(charged_network(ip("::ffff:192.0.2.7")), ip("192.0.2.7"), "IPv4-mapped");
+        assert_eq!(charged_network(ip("192.0.2.7")), ip("192.0.2.7"));
     }
 
     #[test]
