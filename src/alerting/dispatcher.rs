@@ -88,7 +88,8 @@ pub fn retry_delay(
     half + Duration::milliseconds((half.num_milliseconds() as f64 * jitter) as i64)
 }
 
-fn jitter() -> f64 {
+/// A random fraction in [0, 1), for spreading retries and checks out.
+pub(crate) fn jitter() -> f64 {
     let mut bytes = [0u8; 8];
     if getrandom::fill(&mut bytes).is_err() {
         return 0.5;

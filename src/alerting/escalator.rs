@@ -462,8 +462,6 @@ fn batch_key(row: &Row, route: &str, n: &Notice) -> String {
     }
 }
 
-/// The route and policy of an alert: the ones it was first sent by, else
-/// the routing table's answer now.
 /// The route and policy of an alert: kept once it has been paged, else
 /// chosen now. An alert whose recovery gave up is routed as critical (the
 /// severity it is raised to when paged), so the page reaches whoever

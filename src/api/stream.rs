@@ -71,13 +71,14 @@ async fn stream(
         .data(serde_json::json!({ "agent": agent, "heartbeats": heartbeats }).to_string());
     let filter = Filter { agent: agent.map(AgentId::into_string), heartbeats };
     // The credential is checked again as long as the stream lasts: a key
-    // revoked or a session ended (logout, expiry) ends its streams within
-    // auth.cache_ttl, as it ends every other use of it.
+    // revoked or a session ended (logout, expiry) ends its streams too,
+    // within about twice auth.cache_ttl (the key cache's age plus the
+    // period).
     let recheck =
         Recheck { state: state.clone(), headers, every: state.settings.auth.cache_ttl.get().max(RECHECK_MIN) };
     // Clients that reconnect together (after a restart) are not checked in
     // step: the first check falls anywhere in the second half of a period.
-    let first = recheck.every.mul_f64(0.5 + 0.5 * rand_unit());
+    let first = recheck.every.mul_f64(0.5 + 0.5 * crate::alerting::dispatcher::jitter());
     let next_check = tokio::time::Instant::now() + first;
     let events = futures_util::stream::unfold(
         (rx, filter, guard, Some(hello), recheck, next_check),
@@ -136,13 +137,6 @@ impl Recheck {
             Err(e) => e.status.is_server_error(),
         }
     }
-}
-
-/// A number in [0, 1) from the operating system's generator.
-fn rand_unit() -> f64 {
-    let mut bytes = [0u8; 8];
-    let _ = getrandom::fill(&mut bytes);
-    (u64::from_le_bytes(bytes) >> 11) as f64 / (1u64 << 53) as f64
 }
 
 struct Filter {

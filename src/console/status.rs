@@ -130,9 +130,10 @@ impl Snapshot {
 }
 
 /// The per-replica cache of the page. `/status` needs no key, so however
-/// many requests arrive when the copy is stale, one computes it and the
-/// others wait for that one (single flight); a failure is repeated to
-/// requests for a moment instead of retried by each.
+/// many requests arrive when the copy is stale, one computes it while the
+/// others get the stale copy, or wait for that one when there is none
+/// (single flight); a failure is repeated to requests for a moment instead
+/// of retried by each.
 #[derive(Default)]
 pub struct Cache {
     slot: Mutex<Option<(Instant, Arc<Snapshot>)>>,
@@ -163,7 +164,7 @@ impl Cache {
     /// A failure seen in the last moment, or since `since`.
     fn recent_failure(&self, since: Instant) -> Option<DbError> {
         let failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
-        failed.as_ref().filter(|(at, _)| at.elapsed() < FAILURE_HOLD || *at >= since).map(|(_, e)| repeat(e))
+        failed.as_ref().filter(|(at, _)| at.elapsed() < FAILURE_HOLD || *at >= since).map(|(_, e)| e.again())
     }
 
     /// The cached snapshot if younger than `ttl`, else a fresh one. While
@@ -212,19 +213,10 @@ impl Cache {
                 Ok(snapshot)
             }
             Err(e) => {
-                *self.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), repeat(&e)));
+                *self.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), e.again()));
                 Err(e)
             }
         }
-    }
-}
-
-/// The same failure again, as the kind a caller must answer alike
-/// (unavailable stays unavailable: 503 with Retry-After).
-fn repeat(e: &DbError) -> DbError {
-    match e {
-        DbError::Unavailable(m) => DbError::Unavailable(m.clone()),
-        other => DbError::Repeated(other.to_string()),
     }
 }
 

@@ -57,6 +57,17 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
 }
 
 impl DbError {
+    /// This failure again, for a request that waited on the one that saw
+    /// it: of the same kind, so that only an unreachable database is
+    /// answered with 503 (and Retry-After), anything else with 500.
+    pub fn again(&self) -> DbError {
+        match self {
+            Self::Unavailable(m) => Self::Unavailable(m.clone()),
+            e if e.is_unavailable() => Self::Unavailable(e.to_string()),
+            e => Self::Repeated(e.to_string()),
+        }
+    }
+
     pub fn is_unavailable(&self) -> bool {
         match self {
             Self::Unavailable(_) => true,

@@ -488,14 +488,14 @@ async fn liveness_incidents(
         };
         let open_now = |issue: IssueType| open.iter().any(|o| o.issue == issue && o.agent_id.as_ref() == Some(&agent));
         // Degraded on its way back from offline, not on its way down, for
-        // as long as coming back takes (recover_after_healthy intervals and
-        // half again); one that stays degraded past that is late after all.
+        // as long as coming back takes; one that stays degraded past that
+        // is late after all.
+        let coming_back = crate::health::liveness::time_to_recover(
+            row.get::<_, i32>(4).into(),
+            params.liveness.recover_after_healthy,
+        );
         let recovering = row.get::<_, Option<bool>>(5).unwrap_or(false)
-            && now - since
-                < Duration::milliseconds(
-                    (f64::from(row.get::<_, i32>(4)) * f64::from(params.liveness.recover_after_healthy.max(1)) * 1.5)
-                        as i64,
-                ) + params.check_interval;
+            && now - since < Duration::from_std(coming_back).unwrap_or(Duration::weeks(52)) + params.check_interval;
         if liveness == "degraded" && (open_now(AgentUnresponsive) || recovering) {
             // Heartbeating again after an outage but not yet trusted: the
             // outage episode is not over, and "late" would be noise (also

@@ -164,6 +164,14 @@ pub fn rhythm_matches(mean_ms: f64, expected_interval_ms: i64) -> bool {
     mean_ms >= expected / RHYTHM_FACTOR && mean_ms <= expected * RHYTHM_FACTOR
 }
 
+/// How long an agent heard from again after a silence takes to be online:
+/// `recover_after_healthy` on-time heartbeats, so that many of its
+/// intervals, plus half again (it may take a while to start).
+pub fn time_to_recover(expected_interval_ms: i64, recover_after_healthy: u32) -> std::time::Duration {
+    std::time::Duration::from_millis(expected_interval_ms.max(1) as u64)
+        .mul_f64(f64::from(recover_after_healthy.max(1)) * 1.5)
+}
+
 /// See [`rhythm_matches`]; the evaluator's SQL pre-filter uses it too.
 pub const RHYTHM_FACTOR: f64 = 2.0;
 

@@ -43,12 +43,12 @@ pub fn verify_timeout(
 ) -> Duration {
     strategy.or(setting).unwrap_or_else(|| {
         let interval = Duration::from_millis(expected_interval_ms.max(1) as u64);
-        let back = interval.mul_f64(f64::from(rules.recover_after_healthy.max(1)) * 1.5);
+        let back = crate::health::liveness::time_to_recover(expected_interval_ms, rules.recover_after_healthy);
         let clears = match issue {
             None => Duration::ZERO,
             Some(issue) if issue.is_silence() => Duration::ZERO,
             Some(IssueType::RestartLoop) => rules.restart_loop_window,
-            Some(IssueType::Flapping) => rules.check_interval.max(interval) * 21,
+            Some(IssueType::Flapping) => rules.check_interval.max(interval) * (crate::health::flap::SLOTS as u32 + 1),
             Some(IssueType::HighErrorRate) => Duration::from_secs(3600),
             Some(_) => Duration::from_secs(600).max(rules.score_interval * 2),
         };
