@@ -532,7 +532,7 @@ pub async fn login(
     let ttl = state.settings.console.session_ttl.get().as_secs();
     let created = async {
         let client = db::client(&state.pool).await?;
-        session::create(&client, key_id, ttl).await
+        session::create(&client, key_id, ttl, policy.session_token(&headers)).await
     }
     .await;
     match created {

@@ -164,16 +164,22 @@ impl ConsoleUser {
 }
 
 /// Opens a session for the key `key_id` (already verified), or an
-/// anonymous one when authentication is off (`key_id` None). Returns the
+/// anonymous one when authentication is off (`key_id` None), ending the
+/// session the browser presented, if any (`replacing`): a sign-in replaces
+/// the one before it rather than leaving it valid beside it. Returns the
 /// token for the cookie, or `None` if the key vanished meanwhile.
 pub async fn create(
     client: &tokio_postgres::Client,
     key_id: Option<&str>,
     ttl_seconds: u64,
+    replacing: Option<&str>,
 ) -> Result<Option<String>, DbError> {
     let token = new_token();
     let hash = crate::auth::hash(&token);
     let ttl = ttl_seconds as f64;
+    if let Some(old) = replacing {
+        delete(client, &crate::auth::hash(old)).await?;
+    }
     // Expired sessions are swept on every login; there are few.
     client.execute("DELETE FROM warden.console_sessions WHERE expires_at < now()", &[]).await?;
     let inserted = match key_id {

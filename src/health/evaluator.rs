@@ -459,6 +459,18 @@ async fn liveness_incidents(
             &[],
         )
         .await?;
+    // A fleet on its way out goes late before it goes offline: while more
+    // than the outage share of it has gone degraded or offline within the
+    // window (not counting those coming back from offline), new per-agent
+    // incidents wait to see whether a fleet outage stands in for them. A
+    // real one among them opens once the window has passed.
+    let fell_quiet = troubled
+        .iter()
+        .filter(|row| row.get::<_, DateTime<Utc>>(2) > now - params.fleet_window)
+        .filter(|row| !row.get::<_, Option<bool>>(5).unwrap_or(false))
+        .count();
+    let going_quiet =
+        !outage && base >= params.fleet_min_agents && base > 0 && fell_quiet as f64 / base as f64 > params.fleet_ratio;
     // Extended outages still under way although their agent's liveness
     // changed since (a stray heartbeat: offline → recovering → offline).
     let mut outage_goes_on: Vec<Key> = Vec::new();
@@ -471,7 +483,7 @@ async fn liveness_incidents(
         let silent_s = seconds(now - last_seen);
         let mut want = |issue: IssueType, summary: String| {
             let key = (Some(agent.clone()), issue);
-            if outage {
+            if outage || going_quiet {
                 hold.insert(key);
             } else {
                 wanted.insert(

@@ -412,6 +412,9 @@ async fn a_fleet_outage_is_one_incident_instead_of_many() {
         .unwrap()
         .get(0);
     assert_eq!(per_agent, 0, "the fleet incident stands in for the agents");
+    let late_ever: i64 =
+        c.query_one("SELECT count(*) FROM warden.incidents WHERE agent_id IS NOT NULL", &[]).await.unwrap().get(0);
+    assert_eq!(late_ever, 0, "no agent was called late on the fleet's way down");
 
     // They come back: the outage resolves.
     for round in 0..2 {
@@ -423,6 +426,48 @@ async fn a_fleet_outage_is_one_incident_instead_of_many() {
     }
     assert_eq!(liveness(&c, "fleet-0").await, Liveness::Online);
     assert!(open_issues(&c, None).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_fleet_falling_silent_and_back_opens_nothing_but_a_lone_late_agent_is_late() {
+    let db = TestDb::migrated().await;
+    let mut c = db.client().await;
+    let p = params();
+    let t = t0();
+    warm_up(&mut c, &p, t).await;
+    let agents: Vec<String> = (0..10).map(|i| format!("blip-{i}")).collect();
+    for a in &agents {
+        beat(&c, a, t, 10_000, 1).await;
+    }
+    evaluator::liveness_cycle(&mut c, &p, "test", Some(t + Duration::seconds(1))).await.unwrap();
+
+    // Six fall silent long enough to be late, not offline; then all beat.
+    let mut now = t + Duration::seconds(15);
+    for a in &agents[6..] {
+        beat(&c, a, now - Duration::seconds(5), 10_000, 2).await;
+    }
+    evaluator::liveness_cycle(&mut c, &p, "test", Some(now)).await.unwrap();
+    assert_eq!(liveness(&c, "blip-0").await, Liveness::Degraded);
+    assert!(open_issues(&c, Some("blip-0")).await.is_empty(), "a fleet going quiet is not six late agents");
+    for step in 0..3 {
+        now += Duration::seconds(10);
+        for a in &agents {
+            beat(&c, a, now - Duration::seconds(1), 10_000, 3 + step).await;
+        }
+        evaluator::liveness_cycle(&mut c, &p, "test", Some(now)).await.unwrap();
+    }
+    assert_eq!(liveness(&c, "blip-0").await, Liveness::Online);
+    let ever: i64 = c.query_one("SELECT count(*) FROM warden.incidents", &[]).await.unwrap().get(0);
+    assert_eq!(ever, 0, "the blip left no incident behind");
+
+    // One agent alone falling behind is late at once.
+    now += Duration::seconds(15);
+    for a in &agents[1..] {
+        beat(&c, a, now - Duration::seconds(1), 10_000, 10).await;
+    }
+    evaluator::liveness_cycle(&mut c, &p, "test", Some(now)).await.unwrap();
+    assert_eq!(liveness(&c, "blip-0").await, Liveness::Degraded);
+    assert_eq!(open_issues(&c, Some("blip-0")).await, vec!["heartbeat_late"]);
 }
 
 #[tokio::test]

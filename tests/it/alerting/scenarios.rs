@@ -522,12 +522,16 @@ async fn dependants_of_an_offline_agent_are_suppressed_by_dependency_and_a_fleet
     for i in 0..7 {
         rig.beat(&format!("fleet-{i}"), 10_000, None).await;
     }
-    // The fleet keeps beating for 10 more seconds, then stops too.
-    rig.run_for(secs(10), secs(10)).await;
-    for i in 0..7 {
-        rig.beat(&format!("fleet-{i}"), 10_000, None).await;
+    // The fleet keeps beating for 30 more seconds, then stops too. (Had it
+    // fallen silent with the three, their incidents would have waited to
+    // see whether the fleet outage stood in for them.)
+    for _ in 0..3 {
+        rig.run_for(secs(10), secs(2)).await;
+        for i in 0..7 {
+            rig.beat(&format!("fleet-{i}"), 10_000, None).await;
+        }
     }
-    rig.run_for(secs(24), secs(2)).await;
+    rig.run_for(secs(4), secs(2)).await;
     let (_, _, reason, _) = rig.alert("app1:agent_unresponsive").await;
     assert_eq!(reason.as_deref(), Some("dependency:db1"));
     let (_, _, reason, _) = rig.alert("app2:agent_unresponsive").await;

@@ -44,6 +44,11 @@ impl Session {
 }
 
 async fn sign_in(app: &TestApp, key: &str) -> Session {
+    sign_in_over(app, key, None).await
+}
+
+/// Signs in, the browser presenting `before`'s session cookie if given.
+async fn sign_in_over(app: &TestApp, key: &str, before: Option<&Session>) -> Session {
     let http = client();
     let page = http.get(app.url("/login")).send().await.unwrap();
     assert_eq!(page.status(), 200);
@@ -53,6 +58,7 @@ async fn sign_in(app: &TestApp, key: &str) -> Session {
     let response = http
         .post(app.url("/login"))
         .header(COOKIE, format!("warden_login={login}"))
+        .header(COOKIE, before.map(Session::cookie).unwrap_or_default())
         .header(CONTENT_TYPE, FORM)
         .body(body)
         .send()
@@ -84,6 +90,21 @@ async fn post_form(app: &TestApp, session: &Session, path: &str, body: &str) -> 
         .send()
         .await
         .unwrap()
+}
+
+#[tokio::test]
+async fn http_a_new_sign_in_ends_the_session_the_browser_presented() {
+    let app = app().await;
+    let (_, read, admin) = keys(&app).await;
+    let first = sign_in(&app, &admin).await;
+    let other = sign_in(&app, &read).await;
+    let second = sign_in_over(&app, &read, Some(&first)).await;
+    assert_ne!(first.token, second.token);
+    let (status, headers, _) = get(&app, &first, "/").await;
+    assert_eq!(status, StatusCode::SEE_OTHER, "the admin session ended");
+    assert!(headers[LOCATION].to_str().unwrap().starts_with("/login"));
+    assert_eq!(get(&app, &second, "/").await.0, 200);
+    assert_eq!(get(&app, &other, "/").await.0, 200, "other browsers keep theirs");
 }
 
 #[tokio::test]
