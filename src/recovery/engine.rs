@@ -512,6 +512,10 @@ impl Engine {
                      WHERE j.state = 'pending' AND j.next_run_at <= $2 AND (j.manual OR NOT $4) \
                        AND NOT EXISTS (SELECT 1 FROM warden.recovery_jobs b \
                                        WHERE b.agent_id = j.agent_id AND b.state IN ('running', 'verifying')) \
+                       AND NOT EXISTS (SELECT 1 FROM warden.recovery_jobs o \
+                                       WHERE o.agent_id = j.agent_id AND o.state = 'pending' \
+                                         AND o.next_run_at <= $2 AND (o.manual OR NOT $4) \
+                                         AND (o.next_run_at, o.id) < (j.next_run_at, j.id)) \
                      ORDER BY j.next_run_at, j.id LIMIT $1 FOR UPDATE OF j SKIP LOCKED"
                 ),
                 &[&room, &now, &self.settings.attempt_window.get().as_secs_f64(), &outage],
@@ -521,17 +525,14 @@ impl Engine {
         let mut exhausted = 0;
         // One recovery per agent at a time: of several due jobs of one agent
         // (two incidents, or a manual run beside an automatic one) the
-        // oldest due goes; the others wait for it to end.
-        let mut agents_started = std::collections::HashSet::new();
+        // query takes only the oldest due; the others wait for it to end,
+        // and do not use up the claim's room meanwhile.
         for row in &rows {
             let job: i64 = row.get(0);
             let agent: String = row.get(1);
             let strategy_name: String = row.get(2);
             let manual: bool = row.get(7);
             let in_window: i64 = row.get(12);
-            if agents_started.contains(&agent) {
-                continue;
-            }
             let Some(strategy) = self.strategy(&strategy_name).cloned() else {
                 finish(&tx, job, "cancelled", &format!("strategy {strategy_name} is no longer configured"), now)
                     .await?;
@@ -599,7 +600,6 @@ impl Engine {
                 ],
             )
             .await?;
-            agents_started.insert(agent);
             let issue = ctx.issue_type.as_deref().and_then(|t| t.parse().ok());
             let verify = self.verify_for(&strategy.name, issue, row.get(11));
             starts.push(Start { job, action_id, action, ctx, verify });

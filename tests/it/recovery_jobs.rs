@@ -33,10 +33,15 @@ struct Rig {
 /// Failed attempts are retried at once (1 ms backoff), so that ticks in
 /// real time go through a whole strategy.
 async fn rig(strategies: Vec<Strategy>, max_attempts: u32) -> Rig {
+    rig_with(strategies, max_attempts, default_settings().recovery.max_concurrent).await
+}
+
+async fn rig_with(strategies: Vec<Strategy>, max_attempts: u32, max_concurrent: u32) -> Rig {
     let db = TestDb::migrated().await;
     let mut settings = default_settings().recovery;
     settings.strategies = strategies;
     settings.max_attempts = max_attempts;
+    settings.max_concurrent = max_concurrent;
     settings.backoff_base = D::from_millis(1);
     settings.backoff_cap = D::from_millis(1);
     let pool = warden::db::build_pool(db.config.clone(), &default_settings().database).unwrap();
@@ -141,6 +146,39 @@ async fn an_agent_gets_one_recovery_at_a_time_whatever_asks_for_more() {
     let busy = warden::recovery::run_now(&mut db, &rig.settings, "twice", None).await.unwrap_err();
     assert!(matches!(busy, ManualError::Busy(_)), "{busy}");
     assert_eq!(rig.action_states("twice").await, ["verifying"]);
+}
+
+#[tokio::test]
+async fn an_agent_waiting_for_its_own_recovery_takes_no_room_from_others() {
+    let rig = rig_with(
+        vec![strategy(&[IssueType::AgentUnresponsive, IssueType::RestartLoop], vec![command(&["/bin/true"])])],
+        3,
+        2,
+    )
+    .await;
+    rig.agent("twice").await;
+    rig.agent("other").await;
+    // Due in this order: both of twice's jobs before other's.
+    for (seconds_ago, agent, issue) in [
+        (3.0, "twice", IssueType::AgentUnresponsive),
+        (2.0, "twice", IssueType::RestartLoop),
+        (1.0, "other", IssueType::AgentUnresponsive),
+    ] {
+        let incident = rig.incident(agent, issue).await;
+        rig.db
+            .client()
+            .await
+            .execute(
+                "INSERT INTO warden.recovery_jobs (incident_id, agent_id, strategy, next_run_at) \
+                 VALUES ($1, $2, 'fix', now() - $3::float8 * interval '1 second')",
+                &[&incident, &agent, &seconds_ago],
+            )
+            .await
+            .unwrap();
+    }
+    let report = rig.tick().await;
+    assert_eq!(report.started, 2, "twice's second job leaves the second place to other: {report:?}");
+    assert_eq!(rig.action_states("other").await, ["verifying"]);
 }
 
 #[tokio::test]
