@@ -413,7 +413,10 @@ async fn send_bounded(
     lease: Duration,
 ) -> Result<Sent, SendError> {
     let limit = (lease - Duration::seconds(10)).to_std().unwrap_or(std::time::Duration::from_secs(20));
-    match tokio::time::timeout(limit, channel.send(message, reached)).await {
+    // A channel with several recipients bounds each one a second sooner,
+    // so that it can still say which of them it reached.
+    let each = limit.saturating_sub(std::time::Duration::from_secs(1));
+    match tokio::time::timeout(limit, channel.send(message, reached, each)).await {
         Ok(result) => result,
         Err(_) => Err(SendError::new("the send did not finish in time")),
     }

@@ -64,15 +64,16 @@ impl Channel {
         }
     }
 
-    /// Sends one message, once.
-    /// Sends `message`; `reached` lists recipients an earlier attempt of
-    /// the same delivery already reached (see [`SendError::reached`]).
-    pub async fn send(&self, message: &Message, reached: &[String]) -> Result<Sent, SendError> {
+    /// Sends `message` once; `reached` lists recipients an earlier attempt
+    /// of the same delivery already reached (see [`SendError::reached`]).
+    /// `limit` bounds each recipient of a channel with several; the caller
+    /// bounds the whole send.
+    pub async fn send(&self, message: &Message, reached: &[String], limit: Duration) -> Result<Sent, SendError> {
         match self {
             Self::Slack(c) => c.send(message).await,
             Self::Email(c) => c.send(message).await,
             Self::Webhook(c) => c.send(message).await,
-            Self::Telegram(c) => c.send(message, reached).await,
+            Self::Telegram(c) => c.send(message, reached, limit).await,
             Self::Log(c) => c.send(message),
         }
     }

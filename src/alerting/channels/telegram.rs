@@ -3,6 +3,8 @@
 //! it at a loopback server; the bot token is part of the path and so never
 //! appears in errors.
 
+use std::time::Duration;
+
 use serde_json::json;
 
 use super::{SendError, Sent, post};
@@ -23,10 +25,11 @@ impl Telegram {
     }
 
     /// Sends to every chat not in `reached`, all at once (so a send takes
-    /// one request's time, however many chats). When some fail, the error
-    /// lists the chats reached so far, which the retry then skips: a chat
-    /// that keeps failing does not repeat the message to the others.
-    pub async fn send(&self, message: &Message, reached: &[String]) -> Result<Sent, SendError> {
+    /// one request's time, however many chats), each given up after
+    /// `limit`. When some fail, the error lists the chats reached so far,
+    /// which the retry then skips: a chat that keeps failing, or hangs,
+    /// does not repeat the message to the others.
+    pub async fn send(&self, message: &Message, reached: &[String], limit: Duration) -> Result<Sent, SendError> {
         let url = format!("{}/bot{}/sendMessage", self.api_base, self.bot_token.expose());
         let text = markdown(message);
         let chats: Vec<&String> = self.chat_ids.iter().filter(|c| !reached.contains(c)).collect();
@@ -37,7 +40,10 @@ impl Telegram {
                 "parse_mode": "Markdown",
                 "disable_web_page_preview": true,
             });
-            post(self.http.post(&url).json(&body))
+            let request = post(self.http.post(&url).json(&body));
+            async move {
+                tokio::time::timeout(limit, request).await.unwrap_or_else(|_| Err(SendError::new("no answer in time")))
+            }
         }))
         .await;
         let mut last = Sent { status: None };

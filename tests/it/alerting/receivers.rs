@@ -52,6 +52,8 @@ struct Shared {
     delay: Duration,
     /// Requests whose body holds this text get this status, always.
     refuse: Option<(String, u16)>,
+    /// Requests whose body holds this text are answered this much later.
+    stall: Option<(String, Duration)>,
 }
 
 /// A receiver's accept loop: stopped on `down`, aborted when the receiver
@@ -96,7 +98,12 @@ async fn handle(
             .as_ref()
             .filter(|(needle, _)| String::from_utf8_lossy(&body).contains(needle.as_str()))
             .map(|(_, status)| Reply::Status(*status));
-        (refused.or_else(|| s.script.pop_front()), s.delay)
+        let stalled = s
+            .stall
+            .as_ref()
+            .filter(|(needle, _)| String::from_utf8_lossy(&body).contains(needle.as_str()))
+            .map(|(_, delay)| *delay);
+        (refused.or_else(|| s.script.pop_front()), stalled.unwrap_or(s.delay))
     };
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
@@ -153,6 +160,12 @@ impl HttpReceiver {
     /// Answers every request whose body contains `needle` with `status`.
     pub fn refuse_containing(&self, needle: &str, status: u16) {
         self.shared.lock().unwrap().refuse = Some((needle.to_string(), status));
+    }
+
+    /// Answers every request whose body contains `needle` only after
+    /// `delay`.
+    pub fn stall_containing(&self, needle: &str, delay: Duration) {
+        self.shared.lock().unwrap().stall = Some((needle.to_string(), delay));
     }
 
     /// Takes this long over every answer.

@@ -15,6 +15,10 @@ fn secs(s: i64) -> Duration {
     Duration::seconds(s)
 }
 
+fn std_secs(s: u64) -> std::time::Duration {
+    std::time::Duration::from_secs(s)
+}
+
 const TIMINGS: &str = r#"
 [health]
 extended_offline_after = "1h"
@@ -738,7 +742,7 @@ secret = "{}"
         }],
         link_base: String::new(),
     };
-    channels.get("ops_telegram").unwrap().send(&message, &[]).await.unwrap();
+    channels.get("ops_telegram").unwrap().send(&message, &[], std_secs(30)).await.unwrap();
     let mut sent = bot.accepted();
     assert_eq!(sent.len(), 2, "one sendMessage per chat");
     // The chats are sent to at once, in no particular order.
@@ -751,11 +755,20 @@ secret = "{}"
 
     // A refused Telegram send never shows the token.
     bot.script(&[Reply::Status(401)]);
-    let e = channels.get("ops_telegram").unwrap().send(&message, &[]).await.unwrap_err();
+    let e = channels.get("ops_telegram").unwrap().send(&message, &[], std_secs(30)).await.unwrap_err();
     assert_eq!(e.status, Some(401));
     assert!(!e.error.contains("ABC-DEF"), "{}", e.error);
 
-    channels.get("audit_hook").unwrap().send(&message, &[]).await.unwrap();
+    // A chat that does not answer in time is given up alone: the error
+    // says which chats were reached, for the retry to skip them.
+    bot.stall_containing(r#""chat_id":"42""#, std_secs(60));
+    let started = std::time::Instant::now();
+    let e = channels.get("ops_telegram").unwrap().send(&message, &[], std_secs(1)).await.unwrap_err();
+    assert!(started.elapsed() < std_secs(50), "the stalled chat was given up");
+    assert_eq!(e.reached, ["-100123"], "{}", e.error);
+    assert!(e.error.contains("chat 42"), "{}", e.error);
+
+    channels.get("audit_hook").unwrap().send(&message, &[], std_secs(30)).await.unwrap();
     let r = &hook.accepted()[0];
     assert!(signature_valid(r));
     assert_eq!(r.header("idempotency-key"), Some("key-9"));
