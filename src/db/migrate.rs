@@ -69,6 +69,21 @@ pub fn fingerprint() -> u64 {
 /// Applies pending migrations in one transaction. Replicas starting together
 /// take turns on an advisory lock, so exactly one of them does the work.
 pub async fn run(client: &mut Client) -> Result<Applied, MigrateError> {
+    // Neither waiting for another replica's migration nor a migration that
+    // rewrites a large table may be cut short by the pool's statement
+    // timeout: a replica would fail to start while another migrates, and
+    // a long upgrade could never finish. (Migrations that take locks on
+    // busy tables bound that wait themselves with lock_timeout.)
+    client.batch_execute("SET statement_timeout = 0").await?;
+    let result = run_unbounded(client).await;
+    // Back to the session's own default for whoever uses the connection next.
+    let reset = client.batch_execute("RESET statement_timeout").await;
+    let applied = result?;
+    reset?;
+    Ok(applied)
+}
+
+async fn run_unbounded(client: &mut Client) -> Result<Applied, MigrateError> {
     client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK]).await?;
     let result = run_locked(client).await;
     // The lock is session-scoped; release it even when the run failed so a

@@ -1,6 +1,8 @@
 //! Migrations: an empty database gets the whole contract schema, a second
 //! run changes nothing, and partitions are ready for today and ahead.
 
+use std::time::Duration;
+
 use crate::helpers::TestDb;
 use warden::db::migrate;
 
@@ -123,6 +125,43 @@ async fn concurrent_migrations_take_turns() {
     }
     applied.sort();
     assert_eq!(applied.iter().filter(|n| **n > 0).count(), 1, "exactly one run applies: {applied:?}");
+}
+
+#[tokio::test]
+async fn a_replica_waits_out_another_migration_longer_than_its_statement_timeout() {
+    let db = TestDb::empty().await;
+    let holder = db.client().await;
+    // The migration lock, held by "another replica" (same key as warden's).
+    holder.execute("SELECT pg_advisory_lock(x'77617264656e3a6d'::bigint)", &[]).await.unwrap();
+    let mut config = db.config.clone();
+    config.options("-c statement_timeout=300ms");
+    let waiting = tokio::spawn(async move {
+        let mut client = crate::helpers::connect(&config).await;
+        let applied = migrate::run(&mut client).await;
+        let timeout: String = client.query_one("SHOW statement_timeout", &[]).await.unwrap().get(0);
+        (applied.map(|a| a.version), timeout)
+    });
+    // Let it wait well past its timeout before the lock is released.
+    crate::helpers::eventually(Duration::from_secs(30), "the migration waiting a second", || {
+        let holder = &holder;
+        async move {
+            let waited: Option<f64> = holder
+                .query_one(
+                    "SELECT max(extract(epoch FROM now() - query_start))::float8 FROM pg_stat_activity \
+                     WHERE wait_event_type = 'Lock' AND wait_event = 'advisory' AND datname = current_database()",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            waited.filter(|w| *w > 1.0)
+        }
+    })
+    .await;
+    holder.execute("SELECT pg_advisory_unlock_all()", &[]).await.unwrap();
+    let (applied, timeout) = waiting.await.unwrap();
+    assert_eq!(applied.unwrap(), migrate::latest_version());
+    assert_eq!(timeout, "300ms", "the session's own timeout is back afterwards");
 }
 
 #[tokio::test]
