@@ -5,11 +5,19 @@
 //! `retention.interval`:
 //! 1. roll heartbeats up per agent and minute, minutes up per hour, and
 //!    scores up per hour (each from a watermark, so a cycle reads only what
-//!    is new);
+//!    is new), a short stretch per transaction, so that a backlog (days of
+//!    retention switched off) is caught up in steps no statement timeout
+//!    cuts off;
 //! 2. drop daily partitions of heartbeats, metrics and score history past
 //!    their retention, detaching them CONCURRENTLY first so the parent
-//!    table is never locked against ingestion;
+//!    table is never locked against ingestion; never a partition whose rows
+//!    are not rolled up yet, and also a partition left detached by a cycle
+//!    that died between detaching and dropping;
 //! 3. delete old rows of the unpartitioned tables in small batches.
+//!
+//! A step that fails (a lock timeout behind a long transaction, say) is
+//! reported and the cycle goes on with the next: one stuck table must not
+//! let every other grow.
 
 use std::collections::BTreeMap;
 
@@ -26,6 +34,14 @@ pub const LOCK: i64 = 0x7761_7264_656e_3a72;
 /// Rows of a heartbeat may commit a little after their received_at; minutes
 /// closer to now than this are rolled up next time.
 const SETTLE: Duration = Duration::seconds(30);
+/// The most of each rollup's backlog one transaction takes on: a minute
+/// rollup of ten minutes of a 100,000-agent fleet heartbeating every 10 s
+/// reads 6 million rows, well inside the default statement timeout.
+const MINUTE_STEP: Duration = Duration::minutes(10);
+const HOUR_STEP: Duration = Duration::hours(1);
+/// How long one cycle spends catching rollups up before it goes on to
+/// dropping and pruning; the next cycle carries on.
+const CATCH_UP_BUDGET: std::time::Duration = std::time::Duration::from_secs(120);
 /// How long the stretches in which ingestion refused heartbeats are kept
 /// (liveness leaves them out of agents' silence): an agent silent for
 /// longer has been offline for days whatever they excuse.
@@ -39,6 +55,14 @@ pub struct Report {
     pub score_rows: u64,
     pub dropped_partitions: Vec<String>,
     pub pruned: BTreeMap<&'static str, u64>,
+    /// Steps that failed, with their error; the others still ran.
+    pub failed: Vec<(&'static str, String)>,
+}
+
+impl Report {
+    fn failure(&mut self, step: &'static str, e: DbError) {
+        self.failed.push((step, e.to_string()));
+    }
 }
 
 /// Runs cycles until `stop`, on whichever replica holds the lock.
@@ -51,10 +75,15 @@ pub async fn run(pool: Pool, settings: RetentionSettings, stop: CancellationToke
             _ = ticks.tick() => {}
         }
         match run_once(&pool, &settings).await {
-            Ok(Some(report)) if !report.dropped_partitions.is_empty() => {
-                tracing::info!(dropped = ?report.dropped_partitions, pruned = ?report.pruned, "retention cycle");
+            Ok(Some(report)) => {
+                for (step, error) in &report.failed {
+                    tracing::warn!(step, error, "retention step failed; the others ran, it will be retried");
+                }
+                if !report.dropped_partitions.is_empty() {
+                    tracing::info!(dropped = ?report.dropped_partitions, pruned = ?report.pruned, "retention cycle");
+                }
             }
-            Ok(_) => {}
+            Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, "retention cycle failed; will retry"),
         }
     }
@@ -75,23 +104,55 @@ pub async fn run_once(pool: &Pool, settings: &RetentionSettings) -> Result<Optio
     Ok(Some(report))
 }
 
-/// One retention cycle at `now`.
+/// One retention cycle at `now`. Fails only when the database cannot be
+/// reached at all; a step that fails is listed in [`Report::failed`].
 pub async fn cycle(
     client: &mut db::Client,
     settings: &RetentionSettings,
     now: DateTime<Utc>,
 ) -> Result<Report, DbError> {
     let mut report = Report::default();
-    rollups(client, now, &mut report).await?;
-    for (parent, keep) in [
-        ("agent_heartbeats", settings.heartbeats),
-        ("performance_metrics", settings.metrics),
-        ("health_history", settings.health_history),
-    ] {
-        let cutoff = now - keep.to_chrono();
-        for child in expired_partitions(client, parent, cutoff).await? {
-            drop_partition(client, parent, &child).await?;
-            report.dropped_partitions.push(child);
+    if let Err(e) = rollups(client, now, &mut report).await {
+        report.failure("rollups", e);
+    }
+    // Raw rows go only once they are rolled up: heartbeats up to the minute
+    // watermark, scores up to the score watermark. (Metrics have no rollup.)
+    let marks =
+        match client.query_one("SELECT minute_watermark, score_watermark FROM warden.retention_state", &[]).await {
+            Ok(row) => Some((row.get::<_, Option<DateTime<Utc>>>(0), row.get::<_, Option<DateTime<Utc>>>(1))),
+            Err(e) => {
+                report.failure("watermarks", e.into());
+                None
+            }
+        };
+    if let Some((minutes, scores)) = marks {
+        for (parent, keep, rolled_up_to) in [
+            ("agent_heartbeats", settings.heartbeats, Some(minutes)),
+            ("performance_metrics", settings.metrics, None),
+            ("health_history", settings.health_history, Some(scores)),
+        ] {
+            let cutoff = now - keep.to_chrono();
+            let cutoff = match rolled_up_to {
+                Some(Some(mark)) => cutoff.min(mark),
+                Some(None) => continue,
+                None => cutoff,
+            };
+            let expired = match expired_partitions(client, parent, cutoff).await {
+                Ok(expired) => expired,
+                Err(e) => {
+                    report.failure(parent, e);
+                    continue;
+                }
+            };
+            for (child, attached) in expired {
+                match drop_partition(client, parent, &child, attached).await {
+                    Ok(()) => report.dropped_partitions.push(child),
+                    Err(e) => {
+                        report.failure(parent, e);
+                        break;
+                    }
+                }
+            }
         }
     }
     let batch = i64::from(settings.batch);
@@ -136,20 +197,30 @@ pub async fn cycle(
     for (name, sql, keep) in prunes {
         let cutoff = now - keep;
         let mut total = 0;
-        loop {
-            let n = client.execute(sql, &[&cutoff, &batch]).await?;
-            total += n;
-            if n < batch as u64 {
-                break;
+        let done = loop {
+            match client.execute(sql, &[&cutoff, &batch]).await {
+                Ok(n) => {
+                    total += n;
+                    if n < batch as u64 {
+                        break Ok(());
+                    }
+                }
+                Err(e) => break Err(e),
             }
-        }
+        };
         if total > 0 {
             report.pruned.insert(name, total);
         }
+        if let Err(e) = done {
+            report.failure(name, e.into());
+        }
     }
-    let pruned = prune_incidents(client, now - settings.incidents.to_chrono(), batch).await?;
-    if pruned > 0 {
-        report.pruned.insert("incidents", pruned);
+    match prune_incidents(client, now - settings.incidents.to_chrono(), batch).await {
+        Ok(0) => {}
+        Ok(pruned) => {
+            report.pruned.insert("incidents", pruned);
+        }
+        Err(e) => report.failure("incidents", e),
     }
     client.execute("UPDATE warden.retention_state SET last_run_at = $1", &[&now]).await?;
     Ok(report)
@@ -195,13 +266,28 @@ async fn prune_incidents(client: &mut db::Client, cutoff: DateTime<Utc>, batch: 
             return Ok(total);
         }
         tx.batch_execute("SET LOCAL lock_timeout = '10s'").await?;
-        let steps: [(&str, &(dyn tokio_postgres::types::ToSql + Sync)); 9] = [
+        // A grouped message covers several alerts; it goes only with the
+        // last of them. One that still covers others loses the pruned ones
+        // from its list (and its first alert becomes the first left), so
+        // what it told the others' channels stays known.
+        let steps: [(&str, &(dyn tokio_postgres::types::ToSql + Sync)); 10] = [
             (
-                "DELETE FROM warden.alert_delivery_attempts WHERE delivery_id IN                    (SELECT id FROM warden.alert_deliveries WHERE alert_id = ANY ($1))",
+                "DELETE FROM warden.alert_delivery_attempts WHERE delivery_id IN \
+                   (SELECT id FROM warden.alert_deliveries WHERE alert_id = ANY ($1) AND alert_ids <@ $1)",
                 &alerts,
             ),
             (
-                "DELETE FROM warden.alert_notifications WHERE alert_id = ANY ($1) OR delivery_id IN                    (SELECT id FROM warden.alert_deliveries WHERE alert_id = ANY ($1))",
+                "DELETE FROM warden.alert_notifications WHERE alert_id = ANY ($1) OR delivery_id IN \
+                   (SELECT id FROM warden.alert_deliveries WHERE alert_id = ANY ($1) AND alert_ids <@ $1)",
+                &alerts,
+            ),
+            (
+                "UPDATE warden.alert_deliveries d SET alert_ids = k.ids, alert_id = k.ids[1] \
+                 FROM (SELECT d2.id, array_agg(x.id ORDER BY x.n) AS ids \
+                       FROM warden.alert_deliveries d2, unnest(d2.alert_ids) WITH ORDINALITY AS x(id, n) \
+                       WHERE d2.alert_ids && $1 AND NOT d2.alert_ids <@ $1 AND x.id <> ALL ($1) \
+                       GROUP BY d2.id) k \
+                 WHERE d.id = k.id",
                 &alerts,
             ),
             ("DELETE FROM warden.alert_deliveries WHERE alert_id = ANY ($1)", &alerts),
@@ -227,8 +313,22 @@ async fn prune_incidents(client: &mut db::Client, cutoff: DateTime<Utc>, batch: 
 }
 
 /// Folds heartbeats into minute rollups, minutes into hours, and scores into
-/// hours, each from its watermark to the last complete bucket.
+/// hours, each from its watermark to the last complete bucket, a step at a
+/// time, for at most [`CATCH_UP_BUDGET`].
 async fn rollups(client: &mut db::Client, now: DateTime<Utc>, report: &mut Report) -> Result<(), DbError> {
+    let started = std::time::Instant::now();
+    while rollup_step(client, now, report).await? {
+        if started.elapsed() > CATCH_UP_BUDGET {
+            tracing::info!("rollups are catching up on a backlog; the next cycle goes on");
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// One transaction: each rollup moves its watermark on by at most its
+/// step. Returns whether any of them is still behind.
+async fn rollup_step(client: &mut db::Client, now: DateTime<Utc>, report: &mut Report) -> Result<bool, DbError> {
     let tx = client.transaction().await?;
     let state = tx
         .query_one(
@@ -242,8 +342,6 @@ async fn rollups(client: &mut db::Client, now: DateTime<Utc>, report: &mut Repor
         Some(open) => (now - SETTLE).min(open),
         None => now - SETTLE,
     };
-    let minute_upto = truncate(settled, 60);
-    let hour_upto = truncate(minute_upto, 3600);
     // A fresh installation starts an hour back rather than reading the
     // whole raw history at once. The start is kept at once: in the first
     // half-minute of an hour the previous hour is not complete yet, so
@@ -260,9 +358,16 @@ async fn rollups(client: &mut db::Client, now: DateTime<Utc>, report: &mut Repor
         .await?;
     }
     let [minute_from, hour_from, score_from] = watermarks.map(|w| w.unwrap_or(start));
+    let minute_target = truncate(settled, 60);
+    let minute_upto = minute_target.min(minute_from + MINUTE_STEP);
+    // Hours close only once their minutes are rolled up.
+    let hour_target = truncate(minute_upto.max(minute_from), 3600);
+    let hour_upto = hour_target.min(hour_from + HOUR_STEP);
+    let score_target = truncate(minute_target, 3600);
+    let score_upto = score_target.min(score_from + HOUR_STEP);
 
     if minute_upto > minute_from {
-        report.minute_rows = tx
+        report.minute_rows += tx
             .execute(
                 "INSERT INTO warden.heartbeat_rollups AS r (agent_id, bucket, bucket_start, heartbeats, restarts, unhealthy) \
                  SELECT agent_id, 'minute', date_trunc('minute', received_at), count(*), \
@@ -278,7 +383,7 @@ async fn rollups(client: &mut db::Client, now: DateTime<Utc>, report: &mut Repor
         tx.execute("UPDATE warden.retention_state SET minute_watermark = $1", &[&minute_upto]).await?;
     }
     if hour_upto > hour_from {
-        report.hour_rows = tx
+        report.hour_rows += tx
             .execute(
                 "INSERT INTO warden.heartbeat_rollups AS r (agent_id, bucket, bucket_start, heartbeats, restarts, unhealthy) \
                  SELECT agent_id, 'hour', date_trunc('hour', bucket_start), sum(heartbeats), sum(restarts), sum(unhealthy) \
@@ -292,8 +397,8 @@ async fn rollups(client: &mut db::Client, now: DateTime<Utc>, report: &mut Repor
             .await?;
         tx.execute("UPDATE warden.retention_state SET hour_watermark = $1", &[&hour_upto]).await?;
     }
-    if hour_upto > score_from {
-        report.score_rows = tx
+    if score_upto > score_from {
+        report.score_rows += tx
             .execute(
                 "INSERT INTO warden.score_rollups AS r (agent_id, hour_start, samples, score_min, score_avg, score_max) \
                  SELECT agent_id, date_trunc('hour', evaluated_at), count(score), min(score), avg(score), max(score) \
@@ -305,13 +410,13 @@ async fn rollups(client: &mut db::Client, now: DateTime<Utc>, report: &mut Repor
                    score_avg = (r.score_avg * r.samples + EXCLUDED.score_avg * EXCLUDED.samples) \
                                / nullif(r.samples + EXCLUDED.samples, 0), \
                    samples = r.samples + EXCLUDED.samples",
-                &[&score_from, &hour_upto],
+                &[&score_from, &score_upto],
             )
             .await?;
-        tx.execute("UPDATE warden.retention_state SET score_watermark = $1", &[&hour_upto]).await?;
+        tx.execute("UPDATE warden.retention_state SET score_watermark = $1", &[&score_upto]).await?;
     }
     tx.commit().await?;
-    Ok(())
+    Ok(minute_upto < minute_target || hour_upto < hour_target || score_upto < score_target)
 }
 
 fn truncate(at: DateTime<Utc>, seconds: i64) -> DateTime<Utc> {
@@ -328,25 +433,30 @@ pub fn partition_day(parent: &str, child: &str) -> Option<NaiveDate> {
     NaiveDate::parse_from_str(digits, "%Y%m%d").ok()
 }
 
-/// Partitions of `parent` whose whole day lies before `cutoff`.
+/// Partitions of `parent` whose whole day lies before `cutoff`, oldest
+/// first, each with whether it is still attached: a table of the
+/// partition's name that is no partition any more was detached by a cycle
+/// that died before it could drop it.
 async fn expired_partitions(
     client: &tokio_postgres::Client,
     parent: &str,
     cutoff: DateTime<Utc>,
-) -> Result<Vec<String>, DbError> {
+) -> Result<Vec<(String, bool)>, DbError> {
     let rows = client
         .query(
-            "SELECT c.relname::text FROM pg_inherits i \
-             JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_class p ON p.oid = i.inhparent \
-             JOIN pg_namespace n ON n.oid = p.relnamespace \
-             WHERE n.nspname = 'warden' AND p.relname = $1",
+            "SELECT c.relname::text, c.relispartition FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = 'warden' AND c.relkind = 'r' AND left(c.relname, length($1) + 2) = $1 || '_p' \
+               AND (NOT c.relispartition \
+                    OR EXISTS (SELECT 1 FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent \
+                               WHERE i.inhrelid = c.oid AND p.relname = $1 AND p.relnamespace = n.oid))",
             &[&parent],
         )
         .await?;
-    let mut expired: Vec<String> = rows
+    let mut expired: Vec<(String, bool)> = rows
         .iter()
-        .map(|r| r.get::<_, String>(0))
-        .filter(|child| {
+        .map(|r| (r.get::<_, String>(0), r.get::<_, bool>(1)))
+        .filter(|(child, _)| {
             partition_day(parent, child)
                 .and_then(|day| day.succ_opt())
                 .and_then(|end| end.and_hms_opt(0, 0, 0))
@@ -358,24 +468,47 @@ async fn expired_partitions(
 }
 
 /// Detaches a partition without locking the parent against writers, then
-/// drops it. A detach interrupted earlier is finished first.
-async fn drop_partition(client: &tokio_postgres::Client, parent: &str, child: &str) -> Result<(), DbError> {
+/// drops it. A detach interrupted earlier is finished first; a table
+/// detached earlier is only dropped.
+async fn drop_partition(
+    client: &tokio_postgres::Client,
+    parent: &str,
+    child: &str,
+    attached: bool,
+) -> Result<(), DbError> {
     // Both names are warden's own (checked against the partition pattern),
     // never input; identifiers cannot be bound as parameters.
     debug_assert!(partition_day(parent, child).is_some());
     client.batch_execute("SET lock_timeout = '10s'").await?;
-    let detach = client
-        .batch_execute(&format!("ALTER TABLE warden.{parent} DETACH PARTITION warden.{child} CONCURRENTLY"))
-        .await;
-    if let Err(e) = detach {
-        let pending = e.as_db_error().is_some_and(|d| d.message().contains("pending"));
-        if !pending {
-            let _ = client.batch_execute("RESET lock_timeout").await;
-            return Err(e.into());
+    let result = detach_and_drop(client, parent, child, attached).await;
+    // The session goes back to the pool: whatever happened, it must not
+    // keep a lock timeout that ingestion or the evaluator would then hit.
+    let reset = client.batch_execute("RESET lock_timeout").await;
+    result?;
+    reset?;
+    Ok(())
+}
+
+async fn detach_and_drop(
+    client: &tokio_postgres::Client,
+    parent: &str,
+    child: &str,
+    attached: bool,
+) -> Result<(), DbError> {
+    if attached {
+        let detach = client
+            .batch_execute(&format!("ALTER TABLE warden.{parent} DETACH PARTITION warden.{child} CONCURRENTLY"))
+            .await;
+        if let Err(e) = detach {
+            if !e.as_db_error().is_some_and(|d| d.message().contains("pending")) {
+                return Err(e.into());
+            }
+            client
+                .batch_execute(&format!("ALTER TABLE warden.{parent} DETACH PARTITION warden.{child} FINALIZE"))
+                .await?;
         }
-        client.batch_execute(&format!("ALTER TABLE warden.{parent} DETACH PARTITION warden.{child} FINALIZE")).await?;
     }
-    client.batch_execute(&format!("DROP TABLE warden.{child}; RESET lock_timeout")).await?;
+    client.batch_execute(&format!("DROP TABLE warden.{child}")).await?;
     Ok(())
 }
 

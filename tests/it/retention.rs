@@ -238,3 +238,162 @@ async fn resolved_incidents_past_retention_go_with_their_alerts_and_recoveries()
         assert_eq!(app.count(&format!("SELECT count(*) FROM warden.{table}")).await, 0, "{table}");
     }
 }
+
+/// Heartbeats at noon of each of the last `days` days (agent `b`), with
+/// every watermark at the start of the oldest of them.
+async fn backlog(db: &tokio_postgres::Client, days: i64) -> chrono::NaiveDate {
+    let today = Utc::now().date_naive();
+    let oldest = today - Span::days(days);
+    db.execute("SELECT warden.ensure_partitions($1, $2)", &[&(oldest - Span::days(1)), &today]).await.unwrap();
+    for d in 0..days {
+        let noon = (oldest + Span::days(d)).and_hms_opt(12, 0, 0).unwrap().and_utc();
+        db.execute(
+            "INSERT INTO warden.agent_heartbeats (agent_id, received_at, status) VALUES ('b', $1, 'healthy')",
+            &[&noon],
+        )
+        .await
+        .unwrap();
+    }
+    let start = oldest.and_hms_opt(0, 0, 0).unwrap().and_utc();
+    db.execute(
+        "UPDATE warden.retention_state SET minute_watermark = $1, hour_watermark = $1, score_watermark = $1",
+        &[&start],
+    )
+    .await
+    .unwrap();
+    oldest
+}
+
+#[tokio::test]
+async fn a_backlog_of_days_is_rolled_up_in_steps_before_its_partitions_go() {
+    let test_db = TestDb::migrated().await;
+    let db = test_db.client().await;
+    let oldest = backlog(&db, 9).await;
+    let settings = default_settings().retention;
+    let mut client = test_db.pooled().await;
+    let now = Utc::now();
+    let report = warden::retention::cycle(&mut client, &settings, now).await.unwrap();
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    let sum = |bucket: &'static str| {
+        let db = &db;
+        async move {
+            db.query_one(
+                "SELECT coalesce(sum(heartbeats), 0)::bigint FROM warden.heartbeat_rollups \
+                 WHERE agent_id = 'b' AND bucket = $1",
+                &[&bucket],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+        }
+    };
+    assert_eq!(sum("minute").await, 9, "every day of the backlog, once");
+    assert_eq!(sum("hour").await, 9);
+    let minute_mark: chrono::DateTime<Utc> =
+        db.query_one("SELECT minute_watermark FROM warden.retention_state", &[]).await.unwrap().get(0);
+    assert!(now - minute_mark < Span::minutes(2), "caught up to {minute_mark}");
+    // Seven days kept: the partitions of the days before went, after
+    // their rows were rolled up.
+    for d in [oldest - Span::days(1), oldest, oldest + Span::days(1)] {
+        let name = format!("agent_heartbeats_p{}", d.format("%Y%m%d"));
+        assert!(report.dropped_partitions.contains(&name), "{name} in {:?}", report.dropped_partitions);
+    }
+}
+
+#[tokio::test]
+async fn a_failing_rollup_keeps_its_raw_rows_and_stops_nothing_else() {
+    let test_db = TestDb::migrated().await;
+    let db = test_db.client().await;
+    let oldest = backlog(&db, 9).await;
+    // The first day's minute can no longer be added to: every rollup step
+    // fails until it is fixed.
+    let noon = oldest.and_hms_opt(12, 0, 0).unwrap().and_utc();
+    db.execute(
+        "INSERT INTO warden.heartbeat_rollups (agent_id, bucket, bucket_start, heartbeats, restarts, unhealthy) \
+         VALUES ('b', 'minute', $1, 9223372036854775807, 0, 0)",
+        &[&noon],
+    )
+    .await
+    .unwrap();
+    db.execute(
+        "INSERT INTO warden.system_events (occurred_at, agent_id, event_type, severity, message) \
+         VALUES (now() - interval '100 days', 'b', 'agent_restarted', 'info', 'old')",
+        &[],
+    )
+    .await
+    .unwrap();
+    let settings = default_settings().retention;
+    let mut client = test_db.pooled().await;
+    let report = warden::retention::cycle(&mut client, &settings, Utc::now()).await.unwrap();
+    assert_eq!(report.failed.iter().map(|f| f.0).collect::<Vec<_>>(), ["rollups"], "{:?}", report.failed);
+    assert_eq!(report.pruned.get("events"), Some(&1), "pruning went on");
+    // Past their seven days, but not rolled up: they stay. (The day
+    // before, empty and behind the watermark, may go.)
+    for d in [oldest, oldest + Span::days(1)] {
+        let name = format!("agent_heartbeats_p{}", d.format("%Y%m%d"));
+        assert!(!report.dropped_partitions.contains(&name), "{name} in {:?}", report.dropped_partitions);
+    }
+    let raw: i64 = db.query_one("SELECT count(*) FROM warden.agent_heartbeats", &[]).await.unwrap().get(0);
+    assert_eq!(raw, 9);
+    // Whatever failed did not leave the pooled session with a lock timeout.
+    let timeout: String = client.query_one("SHOW lock_timeout", &[]).await.unwrap().get(0);
+    assert_eq!(timeout, "0");
+}
+
+#[tokio::test]
+async fn a_partition_left_detached_by_a_dead_cycle_is_dropped_later() {
+    let test_db = TestDb::migrated().await;
+    let db = test_db.client().await;
+    let today = Utc::now().date_naive();
+    let day = today - Span::days(20);
+    db.execute("SELECT warden.ensure_partitions($1, $1)", &[&day]).await.unwrap();
+    let name = format!("agent_heartbeats_p{}", day.format("%Y%m%d"));
+    db.batch_execute(&format!("ALTER TABLE warden.agent_heartbeats DETACH PARTITION warden.{name}")).await.unwrap();
+    let settings = default_settings().retention;
+    let mut client = test_db.pooled().await;
+    let report = warden::retention::cycle(&mut client, &settings, Utc::now()).await.unwrap();
+    assert!(report.dropped_partitions.contains(&name), "{:?}", report.dropped_partitions);
+    let gone: bool = db.query_one("SELECT to_regclass('warden.' || $1) IS NULL", &[&name]).await.unwrap().get(0);
+    assert!(gone);
+}
+
+#[tokio::test]
+async fn pruning_an_old_alert_keeps_the_grouped_message_of_one_still_firing() {
+    let test_db = TestDb::migrated().await;
+    let db = test_db.client().await;
+    db.batch_execute(
+        "INSERT INTO warden.incidents (id, agent_id, issue_type, severity, state, opened_at, resolved_at) OVERRIDING SYSTEM VALUE \
+           VALUES (1, 'a', 'agent_unresponsive', 'critical', 'resolved', now() - interval '500 days', now() - interval '499 days'), \
+                  (2, 'b', 'agent_unresponsive', 'critical', 'open', now() - interval '500 days', NULL); \
+         INSERT INTO warden.alerts (id, incident_id, dedup_key, severity, state, opened_at, resolved_at) OVERRIDING SYSTEM VALUE \
+           VALUES (10, 1, 'a:agent_unresponsive', 'critical', 'resolved', now() - interval '500 days', now() - interval '499 days'), \
+                  (11, 2, 'b:agent_unresponsive', 'critical', 'firing', now() - interval '500 days', NULL); \
+         INSERT INTO warden.alert_deliveries (id, alert_id, alert_ids, channel, kind, level, state, sent_at) OVERRIDING SYSTEM VALUE \
+           VALUES (100, 10, '{10,11}', 'ops', 'firing', 1, 'sent', now() - interval '500 days'), \
+                  (101, 10, '{10}', 'ops', 'resolved', 0, 'sent', now() - interval '499 days'); \
+         INSERT INTO warden.alert_notifications (alert_id, channel, kind, level, sequence, delivery_id) \
+           VALUES (10, 'ops', 'firing', 1, 0, 100), (11, 'ops', 'firing', 1, 0, 100), (10, 'ops', 'resolved', 0, 0, 101);",
+    )
+    .await
+    .unwrap();
+    let settings = default_settings().retention;
+    let mut client = test_db.pooled().await;
+    let report = warden::retention::cycle(&mut client, &settings, Utc::now()).await.unwrap();
+    assert_eq!(report.pruned.get("incidents"), Some(&1), "{report:?}");
+    let left: Vec<(i64, i64, Vec<i64>)> = db
+        .query("SELECT id, alert_id, alert_ids FROM warden.alert_deliveries ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(left, vec![(100, 11, vec![11])], "the message that also covered b stays, as b's");
+    let ledger: Vec<(i64, i64)> = db
+        .query("SELECT alert_id, delivery_id FROM warden.alert_notifications ORDER BY alert_id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(ledger, vec![(11, 100)], "b's ledger is whole");
+}
