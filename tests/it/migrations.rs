@@ -165,6 +165,62 @@ async fn a_replica_waits_out_another_migration_longer_than_its_statement_timeout
 }
 
 #[tokio::test]
+async fn a_new_partition_does_not_wait_for_a_long_reader_nor_make_ingestion_wait() {
+    let db = TestDb::migrated().await;
+    let mut reader = db.client().await;
+    let report = reader.transaction().await.unwrap();
+    report.query_one("SELECT count(*) FROM warden.agent_heartbeats", &[]).await.unwrap();
+    // With the reader still open: upkeep creates next month's partitions
+    // and a heartbeat goes in, each well inside a short statement timeout.
+    let mut config = db.config.clone();
+    config.options("-c statement_timeout=5s");
+    let upkeep = crate::helpers::connect(&config).await;
+    let created: i32 = upkeep
+        .query_one(
+            "SELECT warden.ensure_partitions((now() AT TIME ZONE 'UTC')::date + 30, (now() AT TIME ZONE 'UTC')::date + 30)",
+            &[],
+        )
+        .await
+        .expect("attaching waits for no reader")
+        .get(0);
+    assert_eq!(created, 3);
+    upkeep
+        .execute(
+            "SELECT * FROM warden.ingest_heartbeats(ARRAY['beside'], ARRAY[NULL::text], ARRAY[NULL::jsonb], \
+               ARRAY[NULL::text], ARRAY['healthy'], ARRAY[NULL::bigint], ARRAY[NULL::int], ARRAY[NULL::timestamptz], \
+               '{}', '{}', '{}', '{}')",
+            &[],
+        )
+        .await
+        .unwrap();
+    report.commit().await.unwrap();
+    // The new partition is a partition like the others: rows of its day
+    // land there, constraints and indexes included.
+    let row = upkeep
+        .query_one(
+            "WITH ins AS (INSERT INTO warden.agent_heartbeats (agent_id, received_at, status) \
+               VALUES ('future', now() + interval '30 days', 'healthy') RETURNING tableoid::regclass::text) \
+             SELECT (SELECT * FROM ins), \
+                    (SELECT count(*) FROM pg_indexes WHERE schemaname = 'warden' \
+                       AND tablename = 'agent_heartbeats_p' || to_char((now() AT TIME ZONE 'UTC')::date + 30, 'YYYYMMDD'))",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (table, indexes): (String, i64) = (row.get(0), row.get(1));
+    assert!(table.starts_with("warden.agent_heartbeats_p"), "{table}");
+    assert_eq!(indexes, 2);
+    let refused = upkeep
+        .execute(
+            "INSERT INTO warden.agent_heartbeats (agent_id, received_at, status) \
+             VALUES ('future', now() + interval '30 days', 'bogus')",
+            &[],
+        )
+        .await;
+    assert!(refused.is_err(), "the status check came along");
+}
+
+#[tokio::test]
 async fn partitions_exist_for_today_and_the_week_ahead() {
     let db = TestDb::migrated().await;
     let client = db.client().await;
