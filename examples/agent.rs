@@ -11,7 +11,7 @@
 
 use std::time::{Duration, Instant};
 
-use warden::client::{Client, HeartbeatRequest};
+use warden::client::{Client, Failover, HeartbeatRequest};
 use warden::model::Mode;
 
 struct Options {
@@ -95,11 +95,14 @@ async fn main() {
             std::process::exit(2);
         }
     };
-    let mut current = 0;
     let started = Instant::now();
     let mut sent = 0u64;
-    let mut backoff = Duration::from_millis(500);
+    // Which warden to send to next and when: Retry-After honoured, backoff
+    // with jitter once every warden is resting, the others tried meanwhile.
+    let mut schedule = Failover::new(clients.len());
     loop {
+        let (current, wait) = schedule.next(Instant::now());
+        tokio::time::sleep(wait).await;
         let mut heartbeat = HeartbeatRequest::new(&opts.agent_id).uptime(started.elapsed().as_secs());
         if let Some(mode) = opts.mode {
             heartbeat = heartbeat.mode(mode);
@@ -110,38 +113,27 @@ async fn main() {
         for (name, value) in metrics() {
             heartbeat = heartbeat.metric(name, value);
         }
-        let wait = match clients[current].heartbeat(&heartbeat).await {
+        match clients[current].heartbeat(&heartbeat).await {
             Ok(ack) => {
                 sent += 1;
-                backoff = Duration::from_millis(500);
+                schedule.succeeded();
                 println!("heartbeat {sent} acknowledged; next in {} ms", ack.next_heartbeat_ms);
                 if opts.count.is_some_and(|c| sent >= c) {
                     return;
                 }
-                opts.every.unwrap_or(Duration::from_millis(u64::from(ack.next_heartbeat_ms)))
-            }
-            // This replica is unreachable: try the next one straight away.
-            Err(warden::client::ClientError::Transport(e)) if clients.len() > 1 => {
-                eprintln!("agent: {}: {e}; trying the next warden", urls[current]);
-                current = (current + 1) % clients.len();
-                Duration::from_millis(100)
+                let every = opts.every.unwrap_or(Duration::from_millis(u64::from(ack.next_heartbeat_ms)));
+                tokio::time::sleep(every).await;
             }
             Err(e) => match e.retry_after() {
                 Some(hint) => {
-                    // Exponential backoff with jitter, never shorter than
-                    // warden's own hint, so a recovering warden is not stampeded.
-                    let jitter = Duration::from_millis(u64::from(std::process::id() % 250));
-                    let wait = hint.max(backoff) + jitter;
-                    backoff = (backoff * 2).min(Duration::from_secs(60));
-                    eprintln!("agent: {e}; retrying in {wait:?}");
-                    wait
+                    eprintln!("agent: {}: {e}; retrying", urls[current]);
+                    schedule.failed(hint, Instant::now());
                 }
                 None => {
                     eprintln!("agent: {e}");
                     std::process::exit(1);
                 }
             },
-        };
-        tokio::time::sleep(wait).await;
+        }
     }
 }

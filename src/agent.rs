@@ -1,9 +1,9 @@
 //! `warden agent`: a small heartbeat sender for anything that can run a
 //! command — a cron job's wrapper, a shell service, the demo's fleet.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use crate::client::{Client, HeartbeatRequest};
+use crate::client::{Client, ClientError, Failover, HeartbeatRequest};
 use crate::model::Mode;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -49,11 +49,17 @@ pub async fn run(args: AgentArgs) -> Result<(), String> {
         .collect::<Result<_, _>>()
         .map_err(|e| e.to_string())?;
     let started = Instant::now();
-    let mut current = 0;
-    let mut backoff = Duration::from_millis(500);
+    let mut schedule = Failover::new(clients.len());
+    // The host's clock, unless warden found it too far ahead.
+    let mut send_clock = true;
     loop {
+        let (current, wait) = schedule.next(Instant::now());
+        tokio::time::sleep(wait).await;
         let mut heartbeat =
             HeartbeatRequest::new(&args.agent_id).uptime(started.elapsed().as_secs()).next_in(args.interval.get());
+        if !send_clock {
+            heartbeat.sent_at = None;
+        }
         if let Some(mode) = args.mode {
             heartbeat = heartbeat.mode(mode);
         }
@@ -63,22 +69,25 @@ pub async fn run(args: AgentArgs) -> Result<(), String> {
         for (k, v) in &args.labels {
             heartbeat = heartbeat.label(k, v);
         }
-        let wait = match clients[current].heartbeat(&heartbeat).await {
+        match clients[current].heartbeat(&heartbeat).await {
             Ok(_) => {
-                backoff = Duration::from_millis(500);
-                args.interval.get()
+                schedule.succeeded();
+                tokio::time::sleep(args.interval.get()).await;
+            }
+            Err(ClientError::Rejected { status: 422, field: Some(field), message, .. })
+                if field == "sent_at" && send_clock =>
+            {
+                tracing::warn!(%message, "this host's clock is ahead of warden's; sending heartbeats without sent_at");
+                send_clock = false;
             }
             Err(e) => match e.retry_after() {
                 Some(hint) => {
-                    current = (current + 1) % clients.len();
-                    let wait = hint.min(backoff).max(Duration::from_millis(100));
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
-                    wait
+                    tracing::warn!(url = %args.urls[current], error = %e, "heartbeat not taken; retrying");
+                    schedule.failed(hint, Instant::now());
                 }
                 None => return Err(e.to_string()),
             },
-        };
-        tokio::time::sleep(wait).await;
+        }
     }
 }
 

@@ -117,11 +117,72 @@ pub enum ClientError {
 
 impl ClientError {
     /// How long to wait before retrying, when retrying makes sense.
+    ///
+    /// Heartbeats may be retried: one that did commit before its answer was
+    /// lost counts twice at worst. An event retried after a lost answer may
+    /// be recorded twice.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::Unavailable { retry_after, .. } => Some(retry_after.unwrap_or(Duration::from_secs(5))),
             Self::Transport(_) => Some(Duration::from_secs(5)),
             _ => None,
+        }
+    }
+}
+
+/// Statuses worth retrying: warden busy or restarting (503, 429), a proxy
+/// in front of it between replicas (502, 504), a request cut off (408), an
+/// error of the moment (500).
+fn transient(status: u16) -> bool {
+    matches!(status, 408 | 429 | 500 | 502 | 503 | 504)
+}
+
+/// When to send next, and to which of several wardens, for an agent that
+/// keeps sending. A warden that failed rests for at least what it asked
+/// (Retry-After) and at least the current backoff, with random jitter so
+/// that a fleet does not come back in step; the others are tried
+/// meanwhile. The backoff doubles (up to a minute) each time every warden
+/// is resting, and starts again after a success.
+#[derive(Debug, Clone)]
+pub struct Failover {
+    rest_until: Vec<std::time::Instant>,
+    current: usize,
+    backoff: Duration,
+}
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+impl Failover {
+    /// A schedule over `wardens` (at least one).
+    pub fn new(wardens: usize) -> Self {
+        let now = std::time::Instant::now();
+        Self { rest_until: vec![now; wardens.max(1)], current: 0, backoff: FIRST_BACKOFF }
+    }
+
+    /// The warden to send to: the current one unless it is resting, else
+    /// the one whose rest ends first, with how long to wait for it.
+    pub fn next(&mut self, now: std::time::Instant) -> (usize, Duration) {
+        if self.rest_until[self.current] > now
+            && let Some((i, _)) = self.rest_until.iter().enumerate().min_by_key(|(_, until)| **until)
+        {
+            self.current = i;
+        }
+        (self.current, self.rest_until[self.current].saturating_duration_since(now))
+    }
+
+    /// The last send succeeded.
+    pub fn succeeded(&mut self) {
+        self.backoff = FIRST_BACKOFF;
+    }
+
+    /// The last send failed and may be retried after `hint`.
+    pub fn failed(&mut self, hint: Duration, now: std::time::Instant) {
+        let jitter = 1.0 + crate::alerting::dispatcher::jitter() / 2.0;
+        self.rest_until[self.current] = now + hint.max(self.backoff).mul_f64(jitter);
+        self.current = (self.current + 1) % self.rest_until.len();
+        if self.rest_until.iter().all(|until| *until > now) {
+            self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
         }
     }
 }
@@ -153,7 +214,10 @@ impl Client {
             return Err(ClientError::BadUrl(base_url.to_string()));
         }
         crate::alerting::tls::install_crypto_provider();
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
+        // Longer than warden's own request timeout (30 s by default), so
+        // that a slow warden's answer (503) arrives rather than being cut
+        // off here with the outcome unknown.
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(40)).build()?;
         Ok(Self { base, key, http })
     }
 
@@ -191,9 +255,55 @@ impl Client {
             Some(d) => (d.code, d.message, d.field),
             None => (status.as_str().to_string(), status.canonical_reason().unwrap_or("error").to_string(), None),
         };
-        if status.as_u16() == 503 || status.as_u16() == 429 {
+        if transient(status.as_u16()) {
             return Err(ClientError::Unavailable { retry_after, message });
         }
         Err(ClientError::Rejected { status: status.as_u16(), code, message, field })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn a_resting_warden_waits_at_least_what_it_asked_and_the_backoff_grows() {
+        let mut f = Failover::new(1);
+        let t = Instant::now();
+        assert_eq!(f.next(t), (0, Duration::ZERO));
+        f.failed(Duration::from_secs(10), t);
+        let (i, wait) = f.next(t);
+        assert_eq!(i, 0);
+        assert!(wait >= Duration::from_secs(10) && wait <= Duration::from_secs(15), "{wait:?}");
+        // No hint: the backoff, doubling with each failure, jittered up.
+        let mut f = Failover::new(1);
+        let mut waits = Vec::new();
+        for _ in 0..4 {
+            f.failed(Duration::ZERO, t);
+            waits.push(f.next(t).1);
+        }
+        for (n, wait) in waits.iter().enumerate() {
+            let floor = FIRST_BACKOFF * 2u32.pow(n as u32);
+            assert!(*wait >= floor && *wait <= floor.mul_f64(1.5), "failure {n}: {wait:?}");
+        }
+        f.succeeded();
+        f.failed(Duration::ZERO, t);
+        assert!(f.next(t).1 <= FIRST_BACKOFF.mul_f64(1.5), "a success starts the backoff again");
+    }
+
+    #[test]
+    fn another_warden_is_tried_at_once_and_the_backoff_grows_only_when_all_rest() {
+        let mut f = Failover::new(2);
+        let t = Instant::now();
+        f.failed(Duration::from_secs(5), t);
+        assert_eq!(f.next(t), (1, Duration::ZERO), "the other one, straight away");
+        f.failed(Duration::from_secs(1), t);
+        let (i, wait) = f.next(t);
+        assert_eq!(i, 1, "the one whose rest ends first");
+        assert!(wait >= Duration::from_secs(1) && wait <= Duration::from_millis(1500), "{wait:?}");
+        assert_eq!(f.backoff, FIRST_BACKOFF * 2, "both resting: backoff doubled once");
+        // Once its rest is over the first is ready again.
+        assert_eq!(f.next(t + Duration::from_secs(8)), (1, Duration::ZERO));
     }
 }

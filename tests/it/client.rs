@@ -6,8 +6,9 @@ use warden::auth::Scope;
 use warden::client::{Client, ClientError, HeartbeatRequest};
 use warden::model::Mode;
 
+use crate::alerting::receivers::{HttpReceiver, Reply};
 use crate::helpers::{TestApp, eventually};
-use crate::procs::example_agent;
+use crate::procs::{Process, example_agent, warden};
 
 #[tokio::test]
 async fn the_client_sends_heartbeats_and_reads_the_answer() {
@@ -68,4 +69,29 @@ async fn the_example_agent_heartbeats_on_its_interval() {
         100
     );
     assert!(app.count("SELECT count(*) FROM warden.performance_metrics WHERE agent_id = 'example-1'").await >= 3);
+}
+
+#[tokio::test]
+async fn warden_agent_rides_out_a_proxy_error_and_waits_as_long_as_asked() {
+    let receiver = HttpReceiver::start().await;
+    receiver.script(&[Reply::Status(502), Reply::RetryAfter(2), Reply::Status(500)]);
+    let mut agent = Process::spawn(warden().args([
+        "agent",
+        "--url",
+        &receiver.url(""),
+        "--agent-id",
+        "proxied",
+        "--interval",
+        "1h",
+    ]));
+    let requests = eventually(Duration::from_secs(60), "four heartbeats", || async {
+        let requests = receiver.requests();
+        (requests.len() >= 4).then_some(requests)
+    })
+    .await;
+    let answered: Vec<u16> = requests.iter().map(|r| r.answered).collect();
+    assert_eq!(answered[..4], [502, 429, 500, 200]);
+    assert!(requests[2].at - requests[1].at >= Duration::from_secs(2), "Retry-After: 2 was honoured");
+    assert!(requests[1].at - requests[0].at >= Duration::from_millis(500), "backoff, not a hot loop");
+    assert!(agent.running(), "errors of the moment do not stop the agent");
 }

@@ -4,7 +4,7 @@
 //! dispatcher all run at chosen `now`s, so escalation delays of minutes
 //! take no time at all (only the sends themselves are real).
 
-mod receivers;
+pub mod receivers;
 mod scenarios;
 mod service;
 

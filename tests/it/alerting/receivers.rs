@@ -25,6 +25,8 @@ pub struct Request {
     pub headers: HashMap<String, String>,
     pub body: Vec<u8>,
     pub answered: u16,
+    /// When it arrived.
+    pub at: std::time::Instant,
 }
 
 impl Request {
@@ -91,6 +93,7 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let at = std::time::Instant::now();
     let (reply, delay) = {
         let mut s = shared.lock().unwrap();
         let refused = s
@@ -122,6 +125,7 @@ async fn handle(
             .collect(),
         body: body.to_vec(),
         answered: status,
+        at,
     });
     let mut response = (StatusCode::from_u16(status).unwrap(), if status == 200 { "ok" } else { "no" }).into_response();
     // No keep-alive: once the receiver is down, nothing reaches it.
