@@ -131,13 +131,14 @@ impl Settings {
 }
 
 /// Field names that hold secrets by the DESIGN rule: anything whose name
-/// contains url, secret, password or token; and any HTTP header's value.
+/// contains url, secret, password or token; any HTTP header's value; and
+/// the body of an HTTP recovery action (it may carry an API key).
 pub fn is_secret_key(key: &str) -> bool {
     if key.contains("headers.") {
         return true;
     }
     let last = key.rsplit('.').next().unwrap_or(key).to_ascii_lowercase();
-    ["url", "secret", "password", "token"].iter().any(|w| last.contains(w))
+    last == "body" || ["url", "secret", "password", "token"].iter().any(|w| last.contains(w))
 }
 
 fn redact(value: &mut toml::Value) {
@@ -150,6 +151,10 @@ fn redact(value: &mut toml::Value) {
                     for (_, h) in headers.iter_mut() {
                         *h = toml::Value::String(Secret::REDACTED.to_string());
                     }
+                    continue;
+                }
+                if key == "body" {
+                    *v = toml::Value::String(Secret::REDACTED.to_string());
                     continue;
                 }
                 if let (true, toml::Value::String(s)) = (is_secret_key(key), &mut *v) {

@@ -272,6 +272,21 @@ impl Settings {
         check_range("ingest.queue_capacity", ingest.queue_capacity, 1, 10_000_000)?;
         check_range("ingest.max_flush", ingest.max_flush, 1, 100_000)?;
         check_range("ingest.writers", ingest.writers, 1, 64)?;
+        check_max("ingest.max_clock_skew", ingest.max_clock_skew, Duration::from_secs(86_400))?;
+        // Each writer keeps a connection, the evaluator keeps one (also
+        // while it waits to lead); requests and the other background jobs
+        // need at least one more, or readiness and reads fail with the
+        // pool exhausted.
+        if (db.pool_size as usize) < ingest.writers + 2 {
+            return Err(SettingsError::new(
+                "database.pool_size",
+                db.pool_size,
+                format!(
+                    "at least ingest.writers + 2 ({}): each writer and the evaluator keep a connection, and requests need the rest",
+                    ingest.writers + 2
+                ),
+            ));
+        }
         if ingest.queue_capacity < ingest.max_batch {
             return Err(SettingsError::new(
                 "ingest.queue_capacity",
@@ -281,6 +296,10 @@ impl Settings {
         }
         let h = &self.health;
         check_min("health.check_interval", h.check_interval, Duration::from_millis(100))?;
+        check_max("health.check_interval", h.check_interval, Duration::from_secs(3600))?;
+        check_min("health.restart_loop_window", h.restart_loop_window, Duration::from_secs(1))?;
+        check_min("health.fleet_outage_window", h.fleet_outage_window, Duration::from_secs(1))?;
+        check_range("health.fleet_outage_min_agents", h.fleet_outage_min_agents, 1, 1_000_000)?;
         check_min("health.score_interval", h.score_interval, Duration::from_millis(100))?;
         check_min("health.history_interval", h.history_interval, Duration::from_millis(100))?;
         check_range("health.degraded_after_missed", h.degraded_after_missed, 1, 1000)?;

@@ -42,9 +42,17 @@ impl Duration {
         if text.bytes().all(|b| b.is_ascii_digit()) {
             return Err(format!("a duration with a unit, like {text}s or {text}ms (a bare number is ambiguous)"));
         }
-        humantime::parse_duration(text).map(Self).map_err(|e| format!("a duration like 30s, 5m or 7d ({e})"))
+        let d = humantime::parse_duration(text).map_err(|e| format!("a duration like 30s, 5m or 7d ({e})"))?;
+        // Anything longer means "never" to a person and an overflow to
+        // date arithmetic (now plus a duration must stay a date).
+        if d > MAX_DURATION {
+            return Err(format!("a duration of at most 1000 years (got {text})"));
+        }
+        Ok(Self(d))
     }
 }
+
+const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(1000 * 365 * 86_400);
 
 impl std::str::FromStr for Duration {
     type Err = String;
@@ -63,6 +71,17 @@ impl fmt::Display for Duration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.0.is_zero() {
             return f.write_str("0s");
+        }
+        // In the largest unit that divides it, as people write them (90d,
+        // not humantime's "2months 29days 2h 52m 48s", a month being 30.44
+        // days to it); both parse back to the same duration.
+        let ms = self.0.as_millis();
+        if self.0.subsec_nanos().is_multiple_of(1_000_000) {
+            for (unit, size) in [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000), ("ms", 1)] {
+                if ms.is_multiple_of(size) {
+                    return write!(f, "{}{unit}", ms / size);
+                }
+            }
         }
         write!(f, "{}", humantime::format_duration(self.0))
     }
@@ -157,6 +176,8 @@ mod tests {
         assert!(Duration::parse("").is_err());
         assert!(Duration::parse("soon").is_err());
         assert!(Duration::parse("-5s").is_err());
+        assert!(Duration::parse("300000y").unwrap_err().contains("at most 1000 years"));
+        assert!(Duration::parse("999y").is_ok());
     }
 
     #[test]
@@ -164,6 +185,13 @@ mod tests {
         assert_eq!(Duration::from_secs(300).to_string(), "5m");
         assert_eq!(Duration::from_secs(0).to_string(), "0s");
         assert_eq!(Duration::parse(&Duration::from_secs(5400).to_string()).unwrap(), Duration::from_secs(5400));
+        for (text, shown) in [("90d", "90d"), ("400d", "400d"), ("36h", "36h"), ("90m", "90m"), ("1500ms", "1500ms")] {
+            let d = Duration::parse(text).unwrap();
+            assert_eq!(d.to_string(), shown);
+            assert_eq!(Duration::parse(&d.to_string()).unwrap(), d);
+        }
+        let odd = Duration::from(std::time::Duration::from_micros(1500));
+        assert_eq!(Duration::parse(&odd.to_string()).unwrap(), odd, "{odd}");
     }
 
     #[test]

@@ -38,14 +38,14 @@ fn environment_overrides_every_kind_of_value() {
     let s = load_env(&[
         ("WARDEN__SERVER__LISTEN", "0.0.0.0:9999"),
         ("WARDEN__SERVER__REQUEST_TIMEOUT", "1m30s"),
-        ("WARDEN__DATABASE__POOL_SIZE", "3"),
+        ("WARDEN__DATABASE__POOL_SIZE", "5"),
         ("WARDEN__DATABASE__MIGRATE_ON_START", "false"),
         ("WARDEN__TELEMETRY__FORMAT", "json"),
     ])
     .unwrap();
     assert_eq!(s.server.listen.port(), 9999);
     assert_eq!(s.server.request_timeout, Duration::from_secs(90));
-    assert_eq!(s.database.pool_size, 3);
+    assert_eq!(s.database.pool_size, 5);
     assert!(!s.database.migrate_on_start);
     assert_eq!(s.telemetry.format, LogFormat::Json);
 }
@@ -239,6 +239,41 @@ fn printed_settings_redact_every_header_of_an_http_recovery_action() {
     let printed = s.to_redacted_toml();
     assert!(!printed.contains("hunter2") && !printed.contains("ops\""), "{printed}");
     assert!(printed.contains("Authorization = \"[redacted]\""), "{printed}");
+}
+
+#[test]
+fn the_body_of_an_http_recovery_action_is_never_printed() {
+    let strategy = "[[recovery.strategies]]\nname = \"r\"\nissues = [\"agent_unresponsive\"]\n\n\
+         [[recovery.strategies.actions]]\nkind = \"http\"\nurl = \"http://orchestrator/restart\"\n";
+    let file = override_file(&format!("{strategy}body = {{ api_key = \"hunter2\", agent = \"{{agent_id}}\" }}\n"));
+    let s = Settings::load(&Sources { file: Some(file.path().to_path_buf()), env: Some(HashMap::new()) }).unwrap();
+    let printed = s.to_redacted_toml();
+    assert!(!printed.contains("hunter2"), "{printed}");
+    assert!(printed.contains("body = \"[redacted]\""), "{printed}");
+    // Nor in the error about a bad placeholder in it.
+    let file = override_file(&format!("{strategy}body = {{ api_key = \"hunter2\", agent = \"{{nope}}\" }}\n"));
+    let e = Settings::load(&Sources { file: Some(file.path().to_path_buf()), env: Some(HashMap::new()) }).unwrap_err();
+    assert!(e.key.as_deref().unwrap().ends_with(".body"), "{e}");
+    assert!(!e.to_string().contains("hunter2"), "{e}");
+}
+
+#[test]
+fn settings_that_could_not_work_are_refused_by_name() {
+    let e = refused(&[("WARDEN__DATABASE__POOL_SIZE", "3"), ("WARDEN__INGEST__WRITERS", "2")]);
+    assert_eq!(e.key.as_deref(), Some("database.pool_size"));
+    assert!(e.allowed.contains("ingest.writers + 2 (4)"), "{e}");
+    assert!(load_env(&[("WARDEN__DATABASE__POOL_SIZE", "4"), ("WARDEN__INGEST__WRITERS", "2")]).is_ok());
+    for (var, key, value) in [
+        ("WARDEN__INGEST__MAX_CLOCK_SKEW", "ingest.max_clock_skew", "300000y"),
+        ("WARDEN__INGEST__MAX_CLOCK_SKEW", "ingest.max_clock_skew", "2d"),
+        ("WARDEN__HEALTH__FLEET_OUTAGE_WINDOW", "health.fleet_outage_window", "0s"),
+        ("WARDEN__HEALTH__RESTART_LOOP_WINDOW", "health.restart_loop_window", "0s"),
+        ("WARDEN__HEALTH__CHECK_INTERVAL", "health.check_interval", "100d"),
+        ("WARDEN__HEALTH__FLEET_OUTAGE_MIN_AGENTS", "health.fleet_outage_min_agents", "0"),
+    ] {
+        let e = refused(&[(var, value)]);
+        assert_eq!(e.key.as_deref(), Some(key), "{value}: {e}");
+    }
 }
 
 #[test]
