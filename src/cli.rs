@@ -389,8 +389,10 @@ async fn bench_ingest(client: &mut db::Client, bench: crate::bench::IngestBench)
 
 type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
-/// Opens the database (the embedded cluster too), brings the schema up to
-/// date, runs `work`, and closes everything again.
+/// Opens the database (the embedded cluster too), brings an older schema
+/// up to date when `database.migrate_on_start` allows, runs `work`, and
+/// closes everything again. A schema that is current is left alone, so
+/// these verbs also work on a read-only replica.
 async fn with_database<F>(settings: &Settings, work: F) -> Result<(), Failure>
 where
     F: for<'c> FnOnce(&'c mut db::Client) -> BoxFuture<'c, Result<(), Failure>>,
@@ -398,7 +400,18 @@ where
     let database = Database::open(&settings.database).await.map_err(|e| Failure::from(StartError::from(e)))?;
     let result = async {
         let mut client = db::client(&database.pool).await.map_err(Failure::other)?;
-        migrate::run(&mut client).await.map_err(Failure::other)?;
+        let found = migrate::current_version(&client).await.map_err(Failure::other)?;
+        let latest = migrate::latest_version();
+        if found.is_none_or(|v| v < latest) {
+            if !settings.database.migrate_on_start {
+                return Err(Failure::other(format!(
+                    "the database schema is at version {}, this warden needs {latest}: run `warden migrate` \
+                     (database.migrate_on_start is off)",
+                    found.unwrap_or(0)
+                )));
+            }
+            migrate::run(&mut client).await.map_err(Failure::other)?;
+        }
         work(&mut client).await
     }
     .await;

@@ -82,7 +82,7 @@ impl From<deadpool_postgres::PoolError> for DbError {
         use deadpool_postgres::PoolError as P;
         match e {
             P::Backend(e) if !is_connectivity_error(&e) => Self::Query(e),
-            P::Backend(e) => Self::Unavailable(e.to_string()),
+            P::Backend(e) => Self::Unavailable(describe(&e)),
             P::Timeout(_) => Self::Unavailable("no database connection became free in time".into()),
             other => Self::Unavailable(other.to_string()),
         }

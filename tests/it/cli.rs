@@ -97,3 +97,40 @@ async fn the_demo_shows_a_live_fleet_and_stops_cleanly_on_ctrl_c() {
         .count();
     assert_eq!(leftovers, 0, "no demo agent outlives the demo");
 }
+
+#[tokio::test]
+async fn database_verbs_read_a_current_schema_on_a_read_only_database() {
+    let db = crate::helpers::TestDb::migrated().await;
+    let admin = crate::helpers::admin_client().await;
+    admin.batch_execute(&format!("ALTER DATABASE {} SET default_transaction_read_only = on", db.name)).await.unwrap();
+    let out = warden().args(["keys", "list"]).env("WARDEN__DATABASE__URL", db.url()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test]
+async fn database_verbs_migrate_an_empty_database_only_when_allowed() {
+    let db = crate::helpers::TestDb::empty().await;
+    let out = warden()
+        .args(["keys", "list"])
+        .env("WARDEN__DATABASE__URL", db.url())
+        .env("WARDEN__DATABASE__MIGRATE_ON_START", "false")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("run `warden migrate`"), "{stderr}");
+    let client = db.client().await;
+    let schema: bool = client.query_one("SELECT to_regnamespace('warden') IS NOT NULL", &[]).await.unwrap().get(0);
+    assert!(!schema, "nothing was created");
+    let out = warden().args(["keys", "list"]).env("WARDEN__DATABASE__URL", db.url()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn an_unreachable_database_is_named_with_the_cause() {
+    let db_url = "host=127.0.0.1 port=5432 user=postgres dbname=warden_no_such_database";
+    let out = warden().args(["keys", "list"]).env("WARDEN__DATABASE__URL", db_url).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("warden_no_such_database\" does not exist"), "{stderr}");
+}
