@@ -280,7 +280,10 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             tokio::spawn(forward_signals(shutdown.clone()));
             crate::demo::run(settings, crate::demo::DemoOptions { agents }, shutdown).await.map_err(Failure::other)
         }
-        Command::Agent(args) => crate::agent::run(args).await.map_err(Failure::other),
+        Command::Agent(args) => {
+            telemetry::init(&settings.telemetry);
+            crate::agent::run(args).await.map_err(Failure::other)
+        }
         Command::Simulate(args) => simulate(args).await,
         Command::Alerts(c) => with_database(&settings, |db| Box::pin(crate::alerting::cli::alerts(db, c))).await,
         Command::Silence(c) => with_database(&settings, |db| Box::pin(crate::alerting::cli::silence(db, c))).await,

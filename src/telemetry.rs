@@ -15,8 +15,14 @@ pub fn init(settings: &TelemetrySettings) {
     // A closed log pipe must not take the service down: without this, a
     // failed write makes the subscriber eprintln!, which panics the task
     // that logged (the signal handler, say).
-    let builder =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).log_internal_errors(false);
+    // Colours only for a person at a terminal: escape codes in a log file
+    // or journal are noise.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .log_internal_errors(false);
     let _ = match settings.format {
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
         LogFormat::Compact => builder.compact().try_init(),
