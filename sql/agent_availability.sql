@@ -2,12 +2,14 @@
 --
 -- Purpose: how much of the range each agent was available. Computed from
 --   the recorded liveness transitions (warden.liveness_time over
---   warden.liveness_intervals), not by sampling, so a one-minute outage
---   counts as exactly one minute, and an agent's liveness before the range
---   carries into it. Definition (the same in every report):
---     up       = online + degraded (degraded: late, but still heartbeating;
---                shown on its own in degraded_seconds),
---     down     = offline,
+--   warden.liveness_spans), not by sampling, and an agent's liveness before
+--   the range carries into it. Definition (the same in every report):
+--     up       = online + degraded (degraded: late but back without going
+--                offline, or on probation coming back; shown on its own in
+--                degraded_seconds),
+--     down     = offline, from when the first missed heartbeat was due
+--                (the offline transition records the silence it saw), so
+--                the late stretch before an outage is down time too,
 --     excluded = unknown (not yet evaluated) and any time before first_seen.
 --   availability_pct = up / (up + down); online_pct = online / (up + down).
 --   The range is clipped to now(). Agents that did not exist during the

@@ -32,7 +32,7 @@ WITH per_alert AS (
     SELECT a.id,
            a.severity,
            coalesce(d.channel, '(none)') AS channel,
-           a.escalation_level > 0 AS escalated,
+           a.escalation_level > 1 AS escalated,
            a.acknowledged_at IS NOT NULL AS acknowledged,
            a.state = 'resolved' AS resolved,
            extract(epoch FROM a.acknowledged_at - a.opened_at)::float8 AS ack_seconds,

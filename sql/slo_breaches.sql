@@ -35,13 +35,7 @@ SELECT m.agent_id,
        m.offline_seconds,
        m.observed_seconds * (100.0 - $4::float8) / 100.0 AS budget_seconds,
        greatest(m.offline_seconds - m.observed_seconds * (100.0 - $4::float8) / 100.0, 0) AS over_budget_seconds,
-       (SELECT max(extract(epoch FROM least(coalesce(i.valid_to, now()), $2::timestamptz, now())
-                                      - greatest(i.valid_from, $1::timestamptz)))::float8
-        FROM warden.liveness_intervals i
-        WHERE i.agent_id = m.agent_id
-          AND i.liveness = 'offline'
-          AND i.valid_from < $2::timestamptz
-          AND (i.valid_to IS NULL OR i.valid_to > $1::timestamptz)) AS longest_outage_seconds,
+       m.longest_offline_seconds AS longest_outage_seconds,
        (SELECT count(*)
         FROM warden.incidents n
         WHERE n.agent_id = m.agent_id

@@ -11,7 +11,7 @@
 //! Uptime reuses the reporting definitions of migrations/V6__reporting.sql
 //! (up = online + degraded, down = offline, unknown excluded): the total is
 //! `warden.liveness_time(since, until)` summed over the group's agents,
-//! time-weighted; the daily bars clip `warden.liveness_intervals` to each
+//! time-weighted; the daily bars clip `warden.liveness_spans` to each
 //! UTC day. Both read the liveness transitions in `system_events`, kept for
 //! `retention.transitions` (400 days by default): one row per change of
 //! state is smaller than any rollup and exact, where the heartbeat rollups
@@ -282,9 +282,9 @@ pub async fn compute(client: &tokio_postgres::Client, settings: &ConsoleSettings
                  c AS ( \
                    SELECT {GROUP_OF} AS grp, d.day, i.liveness, \
                           extract(epoch FROM least(coalesce(i.valid_to, d.hi), d.hi) - greatest(i.valid_from, d.lo))::float8 AS secs \
-                   FROM warden.liveness_intervals i \
+                   FROM warden.liveness_spans((SELECT min(lo) FROM days), $4::timestamptz) i \
                    JOIN warden.agent_status s ON s.agent_id = i.agent_id \
-                   JOIN days d ON i.valid_from < d.hi AND (i.valid_to IS NULL OR i.valid_to > d.lo)) \
+                   JOIN days d ON i.valid_from < d.hi AND i.valid_to > d.lo) \
                  SELECT grp, day, coalesce(sum(secs) FILTER (WHERE liveness IN ('online', 'degraded')), 0), \
                         coalesce(sum(secs) FILTER (WHERE liveness IN ('online', 'degraded', 'offline')), 0) \
                  FROM c WHERE secs > 0 AND grp IS NOT NULL GROUP BY grp, day"

@@ -239,6 +239,8 @@ async fn fleet_recovery_and_alert_reports_count_what_was_seeded() {
         rows(&alerts).into_iter().map(|r| (format!("{}/{}", text(r["severity"]), text(r["channel"])), r)).collect();
     let slack = &by_key["critical/ops_slack"];
     assert_eq!((int(slack["alerts"]), int(slack["deliveries"]), int(slack["pending"])), (2, 3, 1));
+    // escalation_level counts the levels notified: 1 is the first page.
+    assert_eq!(int(slack["escalated"]), 1, "only the alert that reached its second level");
     close(slack["mean_ack_seconds"], 360.0);
     assert_eq!(int(by_key["critical/oncall_email"]["dead"]), 1);
     assert_eq!(int(by_key["warning/ops_slack"]["acknowledged"]), 0);
@@ -542,11 +544,39 @@ async fn reports_read_what_the_evaluator_writes() {
     let b = Bindings::new(&settings(), t + Duration::seconds(1), t + Duration::seconds(101));
     let availability = run(&c, "agent_availability", &b).await;
     let w1 = row(&availability, "agent_id", "w1");
-    // online 11 + 31, degraded 20 + 9, offline 29, of 100 seconds.
-    close(w1["online_seconds"], 42.0);
-    close(w1["degraded_seconds"], 29.0);
-    close(w1["offline_seconds"], 29.0);
-    close(w1["availability_pct"], 71.0);
+    // The outage began when the heartbeat due at 10 did not come (the
+    // offline transition at 32 says: silent 32 s, expecting one every
+    // 10 s), not when warden gave up on it: online 9 + 31, offline 51
+    // (10-61, the late stretch included), degraded 9 on the way back, of
+    // 100 seconds.
+    close(w1["online_seconds"], 40.0);
+    close(w1["degraded_seconds"], 9.0);
+    close(w1["offline_seconds"], 51.0);
+    close(w1["availability_pct"], 49.0);
+    // The whole-history view draws the same lines.
+    let spans = |sql: &'static str| {
+        let c = &c;
+        async move {
+            c.query(sql, &[&(t + Duration::seconds(1)), &(t + Duration::seconds(101))])
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| (r.get::<_, String>(0), r.get::<_, DateTime<Utc>>(1), r.get::<_, DateTime<Utc>>(2)))
+                .collect::<Vec<_>>()
+        }
+    };
+    let clipped_view = spans(
+        "SELECT liveness, greatest(valid_from, $1), least(coalesce(valid_to, $2), $2) FROM warden.liveness_intervals \
+         WHERE agent_id = 'w1' AND valid_from < $2 AND (valid_to IS NULL OR valid_to > $1) ORDER BY 2",
+    )
+    .await;
+    let from_spans =
+        spans("SELECT liveness, valid_from, valid_to FROM warden.liveness_spans($1, $2, 'w1') ORDER BY 2").await;
+    assert_eq!(clipped_view, from_spans);
+    assert_eq!(
+        from_spans.iter().map(|s| s.0.as_str()).collect::<Vec<_>>(),
+        ["online", "offline", "degraded", "online"]
+    );
 
     let timings = run(&c, "mttd_mttr", &b).await;
     let unresponsive = row(&timings, "issue_type", "agent_unresponsive");

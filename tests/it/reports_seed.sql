@@ -115,8 +115,8 @@ INSERT INTO warden.alerts
     (incident_id, dedup_key, severity, state, escalation_level, opened_at, acknowledged_at, acknowledged_by, resolved_at)
 VALUES
     (2, 'a1:heartbeat_late', 'warning', 'resolved', 0, pg_temp.t(40), NULL, NULL, pg_temp.t(45)),
-    (3, 'a1:agent_unresponsive', 'critical', 'resolved', 1, pg_temp.t(45), pg_temp.t(47), 'alice', pg_temp.t(61)),
-    (5, 'a2:restart_loop', 'critical', 'acknowledged', 0, pg_temp.t(20), pg_temp.t(30), 'bob', NULL);
+    (3, 'a1:agent_unresponsive', 'critical', 'resolved', 2, pg_temp.t(45), pg_temp.t(47), 'alice', pg_temp.t(61)),
+    (5, 'a2:restart_loop', 'critical', 'acknowledged', 1, pg_temp.t(20), pg_temp.t(30), 'bob', NULL);
 
 INSERT INTO warden.alert_deliveries (alert_id, channel, kind, state, attempts, created_at, next_attempt_at, last_error, sent_at)
 VALUES
