@@ -38,12 +38,56 @@ pub struct Metrics {
     pub key_lookups: IntCounterVec,
     /// Pool connections, by state (set when scraped).
     pub pool: IntGaugeVec,
-    /// Agents by liveness (set when scraped).
+}
+
+/// Fleet figures read from the database for one scrape. They live in a
+/// registry of their own, made per scrape: when the database cannot be
+/// read they are left out (and `warden_fleet_figures_up` is 0) rather
+/// than served stale from the last scrape that could.
+pub struct Fleet {
+    registry: Registry,
+    /// Agents by liveness.
     pub agents: IntGaugeVec,
-    /// Agents by tier (set when scraped).
+    /// Agents by tier.
     pub agents_by_tier: IntGaugeVec,
-    /// Open incidents by issue type (set when scraped).
+    /// Open incidents by issue type.
     pub incidents_open: IntGaugeVec,
+}
+
+impl Fleet {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        Self {
+            agents: gauge(&registry, "warden_agents", "Agents by liveness", &["liveness"]),
+            agents_by_tier: gauge(&registry, "warden_agents_by_tier", "Agents by health tier", &["tier"]),
+            incidents_open: gauge(&registry, "warden_incidents_open", "Open incidents by issue type", &["issue_type"]),
+            registry,
+        }
+    }
+
+    /// These figures, or none when `read` is false, and whether they could
+    /// be read, in the text format.
+    pub fn render(&self, read: bool) -> String {
+        let up = IntGauge::new(
+            "warden_fleet_figures_up",
+            "1 if this scrape could read the fleet figures (warden_agents and the like) from the database",
+        )
+        .expect("valid metric");
+        up.set(i64::from(read));
+        let mut families = prometheus::core::Collector::collect(&up);
+        if read {
+            families.extend(self.registry.gather());
+        }
+        let mut out = Vec::new();
+        TextEncoder::new().encode(&families, &mut out).expect("text encoding cannot fail");
+        String::from_utf8(out).expect("the text format is UTF-8")
+    }
+}
+
+impl Default for Fleet {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -114,9 +158,6 @@ impl Metrics {
                 &["outcome"],
             ),
             pool: gauge(&registry, "warden_db_pool_connections", "Database pool connections", &["state"]),
-            agents: gauge(&registry, "warden_agents", "Agents by liveness", &["liveness"]),
-            agents_by_tier: gauge(&registry, "warden_agents_by_tier", "Agents by health tier", &["tier"]),
-            incidents_open: gauge(&registry, "warden_incidents_open", "Open incidents by issue type", &["issue_type"]),
             registry,
         }
     }

@@ -15,7 +15,8 @@ pub fn router() -> Router<AppState> {
 
 /// Prometheus text exposition: this process's counters plus fleet figures
 /// read from the database. If the database is down the process's own
-/// figures are still served (they say what is going wrong).
+/// figures are still served (they say what is going wrong), the fleet's
+/// are left out and `warden_fleet_figures_up` is 0.
 async fn metrics(State(state): State<AppState>) -> axum::response::Response {
     use axum::response::IntoResponse;
     let m = &crate::metrics::METRICS;
@@ -25,16 +26,22 @@ async fn metrics(State(state): State<AppState>) -> axum::response::Response {
     m.pool.with_label_values(&["idle"]).set(status.available as i64);
     m.pool.with_label_values(&["in_use"]).set(status.size.saturating_sub(status.available) as i64);
     m.pool.with_label_values(&["max"]).set(status.max_size as i64);
-    if let Err(e) = fleet_figures(&state).await {
-        tracing::debug!(error = %e, "fleet figures unavailable for /metrics");
-    }
-    ([(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], m.render()).into_response()
+    let fleet = crate::metrics::Fleet::new();
+    let read = match fleet_figures(&state, &fleet).await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::debug!(error = %e, "fleet figures unavailable for /metrics");
+            false
+        }
+    };
+    let mut text = m.render();
+    text.push_str(&fleet.render(read));
+    ([(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
 }
 
-async fn fleet_figures(state: &AppState) -> Result<(), db::DbError> {
+async fn fleet_figures(state: &AppState, m: &crate::metrics::Fleet) -> Result<(), db::DbError> {
     use crate::health::incidents::IssueType;
     use crate::model::{Liveness, Tier};
-    let m = &crate::metrics::METRICS;
     let client = db::client(&state.pool).await?;
     let liveness = client.query("SELECT liveness, count(*) FROM warden.agent_status GROUP BY liveness", &[]).await?;
     for l in Liveness::ALL {

@@ -78,3 +78,21 @@ async fn metrics_count_the_work_and_pass_promtool() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test]
+async fn fleet_figures_that_cannot_be_read_are_left_out_not_served_stale() {
+    let app = TestApp::spawn().await;
+    let key = app.key(&[Scope::Ingest]).await;
+    assert_eq!(app.heartbeat(&key, json!({"agent_id": "stale"})).await.0, 200);
+    let text = app.get("/metrics").await.text().await.unwrap();
+    assert_eq!(metric(&text, "warden_fleet_figures_up"), Some(1.0));
+    assert!(metric(&text, "warden_agents{liveness=\"unknown\"}").is_some());
+
+    app.db.drop_now().await;
+    let response = app.get("/metrics").await;
+    assert_eq!(response.status(), 200, "the process's own figures are still served");
+    let text = response.text().await.unwrap();
+    assert_eq!(metric(&text, "warden_fleet_figures_up"), Some(0.0));
+    assert!(!text.contains("warden_agents{"), "no stale fleet figures: {text}");
+    assert!(text.contains("warden_ingest_queue_depth "));
+}
