@@ -700,12 +700,16 @@ fn is_numeric(ty: &Type) -> bool {
 /// The query of the agent-detail dashboard's panel of type `kind` titled
 /// `title` (a stat and a time series are both called "Score").
 fn agent_detail_panel(kind: &str, title: &str) -> Query {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("dashboards/agent-detail.json");
+    dashboard_panel("agent-detail.json", kind, title)
+}
+
+fn dashboard_panel(file: &str, kind: &str, title: &str) -> Query {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("dashboards").join(file);
     let dashboard: Json = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     queries(&dashboard)
         .into_iter()
         .find(|q| q.kind == kind && q.place.starts_with(&format!("panel \"{title}\"")))
-        .unwrap_or_else(|| panic!("no {kind} panel {title:?} in agent-detail.json"))
+        .unwrap_or_else(|| panic!("no {kind} panel {title:?} in {file}"))
 }
 
 /// Runs one expanded query and checks the shape its panel type needs.
@@ -795,6 +799,42 @@ async fn every_dashboard_query_runs_with_grafana_macros_expanded_and_has_its_pan
     }
     assert_eq!(dashboards, 2, "fleet overview and agent detail");
     assert!(checked >= 30, "only {checked} queries found");
+}
+
+#[tokio::test]
+async fn deliveries_by_channel_averages_the_time_to_ack_per_alert_not_per_message() {
+    // Two alerts on one channel: one acknowledged after 600 s that took
+    // three messages (it escalated), one after 60 s with one.
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "INSERT INTO warden.alerts (id, dedup_key, severity, state, escalation_level, opened_at, acknowledged_at) \
+               OVERRIDING SYSTEM VALUE VALUES \
+               (1, 'a:x', 'critical', 'acknowledged', 3, now() - interval '20 minutes', now() - interval '10 minutes'), \
+               (2, 'b:x', 'critical', 'acknowledged', 1, now() - interval '20 minutes', now() - interval '19 minutes'); \
+             INSERT INTO warden.alert_deliveries (alert_id, channel, kind, level, state, sent_at) VALUES \
+               (1, 'ops', 'firing', 1, 'sent', now()), (1, 'ops', 'escalation', 2, 'sent', now()), \
+               (1, 'ops', 'escalation', 3, 'sent', now()), (2, 'ops', 'firing', 1, 'sent', now());",
+        )
+        .await
+        .unwrap();
+    let now: DateTime<Utc> = client.query_one("SELECT now()", &[]).await.unwrap().get(0);
+    let context = GrafanaContext {
+        from: now - chrono::Duration::hours(1),
+        to: now,
+        interval: "1m",
+        interval_secs: 60,
+        variables: vec![],
+    };
+    let query = dashboard_panel("fleet-overview.json", "table", "Deliveries by channel");
+    let sql = format!(
+        "SELECT q.messages::bigint, q.\"mean time to ack (s)\"::float8 FROM ({}) q WHERE q.channel = 'ops'",
+        context.expand(&query.sql)
+    );
+    let row = client.query_one(&sql, &[]).await.unwrap();
+    assert_eq!(row.get::<_, i64>(0), 4);
+    close(&Value::Float(row.get(1)), 330.0);
 }
 
 #[tokio::test]
