@@ -7,7 +7,7 @@
 --     agents' observed time (up = online + degraded, down = offline,
 --     unknown excluded; see agent_availability).
 --   * Incidents are those opened in the period; MTTD and MTTR as in
---     mttd_mttr (predictions left out).
+--     mttd_mttr (predictions and superseded incidents left out).
 --   * An incident counts as resolved automatically when a recovery action
 --     for it succeeded; the share is over the non-predicted incidents
 --     opened in the period.
@@ -70,7 +70,7 @@ incidents AS (
            count(it.incident_id) FILTER (WHERE it.severity = 'warning') AS warning,
            count(it.incident_id) FILTER (WHERE it.severity = 'info') AS info,
            avg(it.detect_seconds) AS mttd,
-           avg(it.recover_seconds) FILTER (WHERE NOT it.predicted) AS mttr,
+           avg(it.recover_seconds) FILTER (WHERE NOT it.predicted AND NOT it.superseded) AS mttr,
            100.0 * count(it.incident_id) FILTER (WHERE it.auto_resolved AND NOT it.predicted)
                / nullif(count(it.incident_id) FILTER (WHERE NOT it.predicted), 0) AS auto_pct
     FROM periods p

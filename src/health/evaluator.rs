@@ -378,6 +378,11 @@ async fn write_transitions(
     Ok(())
 }
 
+/// The resolution of a heartbeat_late incident whose agent went offline;
+/// reports leave incidents resolved as `superseded: ...` out of the time
+/// to recover.
+pub const SUPERSEDED_BY_OFFLINE: &str = "superseded: the agent went offline (agent_unresponsive)";
+
 /// Decides which liveness-driven incidents should be open: per-agent
 /// unresponsive, late, extended offline, restart loops and flapping, and
 /// the fleet outage that stands in for the per-agent ones.
@@ -474,6 +479,10 @@ async fn liveness_incidents(
     // Extended outages still under way although their agent's liveness
     // changed since (a stray heartbeat: offline → recovering → offline).
     let mut outage_goes_on: Vec<Key> = Vec::new();
+    // Late incidents that end because their agent went offline: the
+    // problem did not go away, it became agent_unresponsive, and reports
+    // must not count it as recovered.
+    let mut superseded: HashSet<i64> = HashSet::new();
     for row in &troubled {
         let agent: String = row.get(0);
         let liveness: String = row.get(1);
@@ -517,6 +526,9 @@ async fn liveness_incidents(
             continue;
         }
         if liveness == "offline" {
+            if let Some(late) = open.iter().find(|o| o.issue == HeartbeatLate && o.agent_id.as_ref() == Some(&agent)) {
+                superseded.insert(late.id);
+            }
             want(
                 AgentUnresponsive,
                 format!("{agent} is offline: no heartbeat for {silent_s:.0}s (expected every {interval_s:.0}s)"),
@@ -623,7 +635,13 @@ async fn liveness_incidents(
         }
     }
 
-    Ok(incidents::reconcile(&managed, wanted, &open, &hold))
+    let mut plan = incidents::reconcile(&managed, wanted, &open, &hold);
+    for (id, reason) in &mut plan.resolve {
+        if superseded.contains(id) {
+            *reason = SUPERSEDED_BY_OFFLINE.into();
+        }
+    }
+    Ok(plan)
 }
 
 /// A chrono duration as seconds, for `$n::float8 * interval '1 second'`.

@@ -582,6 +582,17 @@ async fn reports_read_what_the_evaluator_writes() {
     let unresponsive = row(&timings, "issue_type", "agent_unresponsive");
     close(unresponsive["mttd_seconds"], 32.0);
     close(unresponsive["mttr_seconds"], 38.0);
+    // The late incident did not end in recovery: it became the outage.
+    let resolution: String = c
+        .query_one("SELECT resolution FROM warden.incidents WHERE issue_type = 'heartbeat_late'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(resolution.starts_with("superseded:"), "{resolution}");
+    let late = row(&timings, "issue_type", "heartbeat_late");
+    assert_eq!(int(late["resolved"]), 1);
+    assert_eq!(late["mttr_seconds"], &Value::Null, "not a recovery");
+    close(row(&timings, "issue_type", "all")["mttr_seconds"], 38.0);
 }
 
 // ------------------------------------------------------------------ dashboards
