@@ -19,6 +19,11 @@
 --    range through the per-type index; liveness_time is built on it. The
 --    view keeps its columns, now with the same boundaries, and no longer
 --    materialises the whole history before an agent filter applies.
+-- 3. Stretches in which warden evaluated nothing (it was down; the
+--    evaluator records an evaluation_paused event when it resumes) are
+--    unknown in liveness_spans, and so left out of availability, instead
+--    of being credited with each agent's state before them. (The
+--    whole-history view does not cut them out.)
 
 -- The time a transition takes effect from (see 1 above). STABLE, like
 -- timestamptz - interval, so that the planner inlines it (an IMMUTABLE
@@ -137,10 +142,44 @@ AS $$
         FROM moves m
         LEFT JOIN agents a ON a.agent_id = m.agent_id
         CROSS JOIN b
+    ),
+    clipped AS (
+        SELECT sp.agent_id, sp.liveness, greatest(sp.valid_from, b.lo) AS valid_from,
+               least(sp.valid_to, b.hi) AS valid_to
+        FROM spans sp, b
+        WHERE least(sp.valid_to, b.hi) > greatest(sp.valid_from, b.lo)
+    ),
+    -- Stretches in which no replica evaluated liveness (warden itself was
+    -- down): what agents were then is unknown, whatever they were before.
+    gaps AS (
+        SELECT greatest((e.details ->> 'from')::timestamptz, b.lo) AS g_from, least(e.occurred_at, b.hi) AS g_to
+        FROM warden.system_events e, b
+        WHERE e.event_type = 'evaluation_paused' AND e.source = 'warden' AND e.agent_id IS NULL
+          AND e.occurred_at > b.lo AND (e.details ->> 'from')::timestamptz < b.hi
+    ),
+    -- With gaps in the range, each span is cut at the gap edges inside it.
+    pieces AS (
+        SELECT c.agent_id, c.liveness, c.valid_to, x.at AS p_from,
+               coalesce(lead(x.at) OVER (PARTITION BY c.agent_id, c.valid_from ORDER BY x.at), c.valid_to) AS p_to
+        FROM clipped c
+        CROSS JOIN LATERAL (
+            SELECT c.valid_from AS at
+            UNION
+            SELECT g.g_from FROM gaps g WHERE g.g_from > c.valid_from AND g.g_from < c.valid_to
+            UNION
+            SELECT g.g_to FROM gaps g WHERE g.g_to > c.valid_from AND g.g_to < c.valid_to
+        ) x
+        WHERE EXISTS (SELECT 1 FROM gaps)
     )
-    SELECT sp.agent_id, sp.liveness, greatest(sp.valid_from, b.lo), least(sp.valid_to, b.hi)
-    FROM spans sp, b
-    WHERE least(sp.valid_to, b.hi) > greatest(sp.valid_from, b.lo)
+    SELECT c.agent_id, c.liveness, c.valid_from, c.valid_to
+    FROM clipped c
+    WHERE NOT EXISTS (SELECT 1 FROM gaps)
+    UNION ALL
+    SELECT p.agent_id,
+           CASE WHEN EXISTS (SELECT 1 FROM gaps g WHERE g.g_from <= p.p_from AND g.g_to >= p.p_to)
+                THEN 'unknown' ELSE p.liveness END,
+           p.p_from, p.p_to
+    FROM pieces p
 $$;
 
 COMMENT ON FUNCTION warden.liveness_spans IS

@@ -214,8 +214,23 @@ pub async fn liveness_cycle(
     let last_cycle: Option<DateTime<Utc>> = state.get(0);
     let mut resumed: Option<DateTime<Utc>> = state.get(1);
     if last_cycle.is_none_or(|at| now - at > params.gap_limit()) {
-        if last_cycle.is_some() {
+        if let Some(paused_at) = last_cycle {
             tracing::info!(?last_cycle, "evaluation resumed after a gap; every agent gets a fresh grace");
+            // Nobody judged the fleet meanwhile: availability counts the
+            // stretch as unknown rather than as whatever each agent was.
+            tx.execute(
+                "INSERT INTO warden.system_events (occurred_at, event_type, severity, message, details) \
+                 VALUES ($1, 'evaluation_paused', 'warning', $2, jsonb_build_object('from', $3::timestamptz))",
+                &[
+                    &now,
+                    &format!(
+                        "no liveness evaluation for {:.0}s; every agent gets a fresh grace",
+                        seconds(now - paused_at)
+                    ),
+                    &paused_at,
+                ],
+            )
+            .await?;
         }
         resumed = Some(now);
         report.resumed = true;

@@ -595,6 +595,43 @@ async fn reports_read_what_the_evaluator_writes() {
     close(row(&timings, "issue_type", "all")["mttr_seconds"], 38.0);
 }
 
+/// While no replica evaluated liveness (warden was down), nobody knows what
+/// agents were: the stretch is unknown, not whatever they were before.
+#[tokio::test]
+async fn a_stretch_without_evaluation_is_unknown_not_up() {
+    let db = TestDb::migrated().await;
+    let mut c = db.client().await;
+    let p = EvalParams::from_settings(&default_settings().health);
+    let t = Utc::now() - Duration::minutes(30);
+    let at = |s: i64| t + Duration::seconds(s);
+    evaluator::liveness_cycle(&mut c, &p, "test", Some(at(-5))).await.unwrap();
+    beat(&c, "w2", at(0)).await;
+    evaluator::liveness_cycle(&mut c, &p, "test", Some(at(1))).await.unwrap();
+    // warden is down from 1 to 301; the agent died meanwhile. Back, the
+    // evaluator grants a fresh grace, then finds it late and offline.
+    for s in [301, 311, 321, 331, 341] {
+        let r = evaluator::liveness_cycle(&mut c, &p, "test", Some(at(s))).await.unwrap();
+        assert_eq!(r.resumed, s == 301);
+    }
+    let paused: i64 = c
+        .query_one("SELECT count(*) FROM warden.system_events WHERE event_type = 'evaluation_paused'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(paused, 1);
+
+    let b = Bindings::new(&settings(), t, t + Duration::seconds(400));
+    let availability = run(&c, "agent_availability", &b).await;
+    let w2 = row(&availability, "agent_id", "w2");
+    // Unknown 0-1 (not evaluated yet) and 1-301 (nobody evaluating);
+    // online 301-311; offline from 311, when the first heartbeat due after
+    // the grace was missed.
+    close(w2["unknown_seconds"], 301.0);
+    close(w2["online_seconds"], 10.0);
+    close(w2["offline_seconds"], 89.0);
+    close(w2["availability_pct"], 100.0 * 10.0 / 99.0);
+}
+
 // ------------------------------------------------------------------ dashboards
 
 /// What Grafana substitutes for one query: the time range, the interval
