@@ -1,7 +1,8 @@
 -- executive_summary: one page: availability vs target, incidents, MTTD/MTTR, automation, downtime cost, trend.
 --
 -- Purpose: the few figures a manager asks for, each for the range and for
---   the previous period of equal length ([since - (until - since), since)),
+--   the previous period of equal length ([since - (until - since), since),
+--   with until clipped to now: month-to-date against as many days before),
 --   with the change and whether it is better or worse.
 --   * Fleet availability is time-weighted: all agents' up time over all
 --     agents' observed time (up = online + degraded, down = offline,
@@ -37,9 +38,13 @@
 --   incidents_critical, incidents_warning, incidents_info, mttd_seconds,
 --   mttr_seconds, auto_resolved_pct, recovery_success_pct, offline_minutes,
 --   downtime_cost.
+-- A range reaching into the future is measured up to now, and so is the
+-- previous period's length: month-to-date is compared with as many days
+-- before it, not with a whole month.
 WITH periods (period, lo, hi) AS (
-    VALUES ('current', $1::timestamptz, $2::timestamptz),
-           ('previous', $1::timestamptz - ($2::timestamptz - $1::timestamptz), $1::timestamptz)
+    VALUES ('current', $1::timestamptz, least($2::timestamptz, now())),
+           ('previous', $1::timestamptz - (greatest(least($2::timestamptz, now()), $1::timestamptz) - $1::timestamptz),
+            $1::timestamptz)
 ),
 agent_cost AS (
     SELECT s.agent_id,

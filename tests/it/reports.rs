@@ -505,6 +505,27 @@ async fn the_executive_summary_compares_with_the_previous_period_and_prices_down
     flat.label_costs = serde_json::json!({});
     let result = run(&client, "executive_summary", &flat).await;
     close(row(&result, "metric", "downtime_cost")["current"], 150.0);
+
+    // A range reaching into the future (month to date) is compared with as
+    // much time before it as it has had so far, not with its whole length:
+    // an incident a day before is outside both.
+    client
+        .execute(
+            "INSERT INTO warden.incidents (agent_id, issue_type, severity, state, opened_at, resolved_at) \
+             VALUES ('a2', 'restart_loop', 'critical', 'resolved', $1::timestamptz, $1::timestamptz + interval '1 minute')",
+            &[&(t0 - Duration::days(1))],
+        )
+        .await
+        .unwrap();
+    let previous_incidents = |until: DateTime<Utc>| {
+        let client = &client;
+        async move {
+            let b = Bindings::new(&settings(), minutes(t0, 30), until);
+            float(row(&run(client, "executive_summary", &b).await, "metric", "incidents")["previous"])
+        }
+    };
+    let so_far = previous_incidents(Utc::now()).await;
+    assert_eq!(previous_incidents(Utc::now() + Duration::days(10)).await, so_far);
 }
 
 /// One heartbeat of `agent` received at `at`, through the ingest function.
