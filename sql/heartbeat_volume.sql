@@ -24,7 +24,7 @@
 --   heartbeats             bigint       heartbeats received in the bucket
 --   restarts               bigint       of which reported a restart
 --   unhealthy              bigint       of which reported a status other than healthy
---   heartbeats_per_minute  float8       heartbeats over the bucket's width
+--   heartbeats_per_minute  float8       heartbeats over the minutes of the bucket inside the range (and before now)
 WITH params AS (
     SELECT ceil(greatest($4::float8, 3600) / 3600) * 3600 AS width, s.covered_from, s.covered_to
     FROM warden.rollup_span('heartbeats', $1::timestamptz, $2::timestamptz) s
@@ -57,7 +57,13 @@ SELECT x.agent_id,
        sum(x.heartbeats)::bigint AS heartbeats,
        sum(x.restarts)::bigint AS restarts,
        sum(x.unhealthy)::bigint AS unhealthy,
-       sum(x.heartbeats)::float8 / (p.width / 60) AS heartbeats_per_minute
+       -- Over the part of the bucket inside the range (and before now):
+       -- the first and last buckets are usually partial.
+       sum(x.heartbeats)::float8
+           / nullif(extract(epoch FROM least(to_timestamp((floor(extract(epoch FROM x.at) / p.width) + 1) * p.width),
+                                       $2::timestamptz, now())
+                             - greatest(to_timestamp(floor(extract(epoch FROM x.at) / p.width) * p.width),
+                                        $1::timestamptz)) / 60, 0) AS heartbeats_per_minute
 FROM hours x, params p
-GROUP BY x.agent_id, 2, p.width
+GROUP BY x.agent_id, 2, p.width, floor(extract(epoch FROM x.at) / p.width)
 ORDER BY x.agent_id, 2;

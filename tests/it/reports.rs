@@ -360,6 +360,8 @@ async fn heartbeat_volume_reads_rolled_up_hours_then_the_raw_heartbeats_after_th
     b.until = minutes(t0, 75);
     let a = volume(&run(&client, "heartbeat_volume", &b).await);
     assert_eq!(a.iter().map(|r| (r.1, r.2)).collect::<Vec<_>>(), [(t0, [1, 0, 0]), (hours(1), [1, 0, 0])]);
+    // Per minute of each bucket inside the range: 55 and 15 minutes.
+    assert!((a[0].3 - 1.0 / 55.0).abs() < 1e-9 && (a[1].3 - 1.0 / 15.0).abs() < 1e-9, "{a:?}");
     b.since = t0;
     b.until = hours(2);
 
