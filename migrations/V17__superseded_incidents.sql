@@ -6,6 +6,12 @@
 -- new last column, and the reports leave such incidents out of the time
 -- to recover, which they used to pull down (a late incident "recovered"
 -- in seconds at every outage).
+--
+-- Time to detect is measured for silence incidents only (agent
+-- unresponsive, late, extended offline): from the last heartbeat is what
+-- detecting silence means. For an error rate or a gauge the last heartbeat
+-- is the one that carried the bad figure, under an interval ago, which
+-- pulled every mean towards zero and changed with the mix of issues.
 CREATE OR REPLACE VIEW warden.incident_timings AS
 SELECT i.id AS incident_id,
        i.agent_id,
@@ -16,7 +22,7 @@ SELECT i.id AS incident_id,
        i.opened_at,
        i.resolved_at,
        ev.evidence_at,
-       CASE WHEN NOT i.predicted
+       CASE WHEN NOT i.predicted AND i.issue_type IN ('agent_unresponsive', 'heartbeat_late', 'extended_offline')
             THEN greatest(extract(epoch FROM i.opened_at - ev.evidence_at), 0)::float8 END AS detect_seconds,
        extract(epoch FROM i.resolved_at - i.opened_at)::float8 AS recover_seconds,
        EXISTS (

@@ -6,7 +6,9 @@
 --     (details.last_seen of liveness incidents, else the last
 --     agent_heartbeats row at or before opened_at) to opened_at. It
 --     includes the configured thresholds (an agent is offline only after
---     3 missed intervals). Predictions and fleet-wide incidents have none.
+--     3 missed intervals). Only silence incidents (agent_unresponsive,
+--     heartbeat_late, extended_offline) have one; predictions and
+--     fleet-wide incidents have none.
 --   Time to recover: opened_at to resolved_at; open incidents have none yet,
 --     and predictions (warnings before anything failed) are left out, as
 --     are incidents superseded by another (a heartbeat_late incident ends

@@ -185,8 +185,10 @@ async fn mttd_and_mttr_match_the_hand_computed_figures() {
     close(unresponsive["mttd_seconds"], 360.0);
     close(unresponsive["mttr_seconds"], 960.0);
     assert_eq!(int(unresponsive["auto_resolved"]), 1);
-    // The error-rate incident has no last_seen: its last heartbeat row (34) counts.
-    close(row(&result, "issue_type", "high_error_rate")["mttd_seconds"], 60.0);
+    // Time to detect is about silence: an error rate has none (its last
+    // heartbeat carried the bad figure).
+    assert_eq!(row(&result, "issue_type", "high_error_rate")["mttd_seconds"], &Value::Null);
+    close(row(&result, "issue_type", "heartbeat_late")["mttd_seconds"], 60.0);
     let looping = row(&result, "issue_type", "restart_loop");
     assert_eq!(int(looping["still_open"]), 1);
     assert_eq!(looping["mttr_seconds"], &Value::Null);
@@ -194,11 +196,11 @@ async fn mttd_and_mttr_match_the_hand_computed_figures() {
     assert_eq!(int(predicted["predicted"]), 1);
     assert_eq!(predicted["mttd_seconds"], &Value::Null);
     assert_eq!(predicted["mttr_seconds"], &Value::Null, "predictions are not recoveries");
-    // All: detect 360, 180, 60, 60, 0; recover 960, 780, 300, 900.
+    // All: detect 360, 60 (the silences); recover 960, 780, 300, 900.
     let all = row(&result, "issue_type", "all");
     assert_eq!(result.rows.last().unwrap()[0], Value::Text("all".into()));
     assert_eq!(int(all["incidents"]), 6);
-    close(all["mttd_seconds"], 132.0);
+    close(all["mttd_seconds"], 210.0);
     close(all["mttr_seconds"], 735.0);
     close(all["max_mttr_seconds"], 960.0);
 }
@@ -494,7 +496,7 @@ async fn the_executive_summary_compares_with_the_previous_period_and_prices_down
     // One of five real incidents had a recovery action that succeeded.
     close(metric("auto_resolved_pct")["current"], 20.0);
     close(metric("auto_resolved_pct")["previous"], 100.0);
-    close(metric("mttd_seconds")["current"], 132.0);
+    close(metric("mttd_seconds")["current"], 210.0);
     close(metric("mttd_seconds")["previous"], 120.0);
     close(metric("mttr_seconds")["current"], 735.0);
     close(metric("incidents")["current"], 6.0);
