@@ -153,6 +153,47 @@ pub fn placeholders(template: &str) -> Result<Vec<&str>, String> {
     Ok(found)
 }
 
+/// Prefix of the environment variables a header may read.
+pub const SECRET_ENV_PREFIX: &str = "WARDEN_SECRET_";
+
+/// Like [`placeholders`], and also `{env.WARDEN_SECRET_NAME}`: a credential
+/// an orchestrator wants (a bearer token) from the environment rather than
+/// the settings file. Only headers take them (an argument would show in the
+/// process list, a URL or body in logs and errors), only variables with the
+/// prefix (nothing else of warden's environment can be sent out), and the
+/// variable must be set when the settings load. The value is read when the
+/// request is made.
+pub fn header_placeholders(template: &str) -> Result<(), String> {
+    let mut rest = template;
+    while let Some(start) = rest.find('{') {
+        let after = &rest[start + 1..];
+        let Some(end) = after.find('}') else {
+            return Err(format!("unclosed {{ in {template:?}"));
+        };
+        let name = &after[..end];
+        match name.strip_prefix("env.") {
+            Some(var) => {
+                let well_formed = var.strip_prefix(SECRET_ENV_PREFIX).is_some_and(|n| {
+                    !n.is_empty() && n.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+                });
+                if !well_formed {
+                    return Err(format!(
+                        "{{env.{var}}}: only variables named {SECRET_ENV_PREFIX}<NAME> (capitals, digits, _) can be read"
+                    ));
+                }
+                if std::env::var_os(var).is_none() {
+                    return Err(format!("{{env.{var}}}: the environment variable {var} is not set"));
+                }
+            }
+            None => {
+                placeholders(&format!("{{{name}}}"))?;
+            }
+        }
+        rest = &after[end + 1..];
+    }
+    Ok(())
+}
+
 fn is_name(text: &str) -> bool {
     !text.is_empty()
         && text.len() <= 64
@@ -228,7 +269,8 @@ fn validate_action(action: &Action, key: &str) -> Result<(), SettingsError> {
                 return Err(SettingsError::new(&field("url"), url, "an http:// or https:// URL"));
             }
             for (name, value) in headers {
-                placeholders(value).map_err(|e| SettingsError::new(&field(&format!("headers.{name}")), value, e))?;
+                header_placeholders(value)
+                    .map_err(|e| SettingsError::new(&field(&format!("headers.{name}")), value, e))?;
             }
             if let Some(body) = body {
                 check_body(body).map_err(|e| SettingsError::new(&field("body"), body, e))?;

@@ -105,11 +105,16 @@ impl Context {
             // and its incident id is empty, so one template serves both.
             "issue_type" => Ok(self.issue_type.clone().unwrap_or_else(|| "manual".into())),
             "incident_id" => Ok(self.incident_id.map(|i| i.to_string()).unwrap_or_default()),
-            other => match other.strip_prefix("label.") {
-                Some(label) => {
+            other => match (other.strip_prefix("label."), other.strip_prefix("env.")) {
+                (Some(label), _) => {
                     self.labels.get(label).cloned().ok_or_else(|| format!("the agent has no label {label:?}"))
                 }
-                None => Err(format!("unknown placeholder {{{other}}}")),
+                // Headers only (settings refuse it elsewhere), and only the
+                // variables set aside for it.
+                (_, Some(var)) if var.starts_with(crate::config::SECRET_ENV_PREFIX) => {
+                    std::env::var(var).map_err(|_| format!("the environment variable {var} is not set"))
+                }
+                _ => Err(format!("unknown placeholder {{{other}}}")),
             },
         }
     }

@@ -258,6 +258,23 @@ fn the_body_of_an_http_recovery_action_is_never_printed() {
 }
 
 #[test]
+fn a_header_reads_only_set_warden_secret_variables() {
+    let strategy = "[[recovery.strategies]]\nname = \"r\"\nissues = [\"agent_unresponsive\"]\n\n\
+         [[recovery.strategies.actions]]\nkind = \"http\"\nurl = \"http://orchestrator/restart\"\n";
+    let load = |header: &str| {
+        let file = override_file(&format!("{strategy}headers = {{ authorization = \"{header}\" }}\n"));
+        Settings::load(&Sources { file: Some(file.path().to_path_buf()), env: Some(HashMap::new()) })
+    };
+    let e = load("Bearer {env.WARDEN_SECRET_SURELY_NOT_SET_12345}").unwrap_err();
+    assert!(e.key.as_deref().unwrap().ends_with("headers.authorization"), "{e}");
+    assert!(e.allowed.contains("is not set"), "{e}");
+    let e = load("Bearer {env.HOME}").unwrap_err();
+    assert!(e.allowed.contains("WARDEN_SECRET_"), "{e}");
+    // PATH is set everywhere, and still not WARDEN_SECRET_: refused.
+    assert!(load("{env.PATH}").is_err());
+}
+
+#[test]
 fn settings_that_could_not_work_are_refused_by_name() {
     let e = refused(&[("WARDEN__DATABASE__POOL_SIZE", "3"), ("WARDEN__INGEST__WRITERS", "2")]);
     assert_eq!(e.key.as_deref(), Some("database.pool_size"));

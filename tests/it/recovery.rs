@@ -578,3 +578,75 @@ async fn recoveries_are_listed_and_a_manual_run_needs_the_admin_scope() {
     };
     assert_eq!((status, error["error"]["field"].as_str()), (422, Some("incident")));
 }
+
+#[tokio::test]
+async fn an_http_action_reads_its_credential_from_the_environment_and_never_records_it() {
+    warden::alerting::tls::install_crypto_provider();
+    let db = crate::helpers::TestDb::migrated().await;
+    let orchestrator = crate::alerting::receivers::HttpReceiver::start().await;
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("warden.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[auth]
+enabled = false
+[health]
+check_interval = "200ms"
+[recovery]
+poll_interval = "100ms"
+verify_timeout = "30s"
+[[recovery.strategies]]
+name = "restart"
+issues = ["agent_unresponsive"]
+[[recovery.strategies.actions]]
+kind = "http"
+url = "{}/restart/{{agent_id}}"
+headers = {{ authorization = "Bearer {{env.WARDEN_SECRET_ORCHESTRATOR}}" }}
+expect_status = [200]
+"#,
+            orchestrator.url("")
+        ),
+    )
+    .unwrap();
+    let mut cmd = crate::procs::warden();
+    cmd.arg("--config")
+        .arg(&config)
+        .arg("serve")
+        .env("WARDEN__DATABASE__URL", db.url())
+        .env("WARDEN__SERVER__LISTEN", format!("127.0.0.1:{port}"))
+        .env("WARDEN_SECRET_ORCHESTRATOR", "orch-token-123");
+    let _warden = Process::spawn(&mut cmd);
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+    eventually(WAIT, "warden ready", || async {
+        (http.get(format!("{base}/readyz")).send().await.ok()?.status() == 200).then_some(())
+    })
+    .await;
+    let beat = http
+        .post(format!("{base}/v1/heartbeats"))
+        .json(&json!({"agent_id": "env-1", "next_heartbeat_ms": 1000}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(beat.status(), 200);
+    // It goes silent: offline, then the orchestrator is called.
+    let call =
+        eventually(WAIT, "the orchestrator called", || async { orchestrator.requests().into_iter().next() }).await;
+    assert_eq!(call.path, "/restart/env-1");
+    assert_eq!(call.header("authorization"), Some("Bearer orch-token-123"));
+    let recorded: i64 = db
+        .client()
+        .await
+        .query_one(
+            "SELECT count(*) FROM warden.recovery_actions WHERE detail::text LIKE '%orch-token%' \
+               OR coalesce(outcome, '') LIKE '%orch-token%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(recorded, 0);
+}
