@@ -363,7 +363,13 @@ async fn rollup_step(client: &mut db::Client, now: DateTime<Utc>, report: &mut R
     // Hours close only once their minutes are rolled up.
     let hour_target = truncate(minute_upto.max(minute_from), 3600);
     let hour_upto = hour_target.min(hour_from + HOUR_STEP);
-    let score_target = truncate(minute_target, 3600);
+    // A score pass stamps its snapshots with its start and writes them in
+    // short transactions after it (ingest must not wait on its row locks):
+    // an hour closes only once a pass has started after it, when the
+    // writes of the one before are over.
+    let last_score: Option<DateTime<Utc>> =
+        tx.query_one("SELECT last_score_at FROM warden.evaluator_state", &[]).await?.get(0);
+    let score_target = truncate(last_score.map_or(minute_target, |at| minute_target.min(at)), 3600);
     let score_upto = score_target.min(score_from + HOUR_STEP);
 
     if minute_upto > minute_from {

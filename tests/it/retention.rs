@@ -397,3 +397,45 @@ async fn pruning_an_old_alert_keeps_the_grouped_message_of_one_still_firing() {
         .collect();
     assert_eq!(ledger, vec![(11, 100)], "b's ledger is whole");
 }
+
+#[tokio::test]
+async fn scores_of_a_pass_still_writing_are_not_left_behind_the_watermark() {
+    // A score pass stamps its snapshots with its start and writes them in
+    // short transactions afterwards; the hour it started in closes only
+    // once a later pass has begun.
+    let test_db = TestDb::migrated().await;
+    let db = test_db.client().await;
+    let top = Utc::now().timestamp();
+    let hour = chrono::DateTime::from_timestamp(top - top % 3600 - 3 * 3600, 0).unwrap();
+    let pass = hour + Span::minutes(59);
+    db.execute(
+        "UPDATE warden.retention_state SET minute_watermark = $1, hour_watermark = $1, score_watermark = $1",
+        &[&hour],
+    )
+    .await
+    .unwrap();
+    db.execute("UPDATE warden.evaluator_state SET last_score_at = $1", &[&pass]).await.unwrap();
+    let settings = default_settings().retention;
+    let mut client = test_db.pooled().await;
+    let now = hour + Span::hours(2);
+    warden::retention::cycle(&mut client, &settings, now).await.unwrap();
+    // The pass's snapshot commits only now.
+    db.execute(
+        "INSERT INTO warden.health_history (agent_id, evaluated_at, score, tier, liveness) \
+         VALUES ('late', $1, 42, 'poor', 'online')",
+        &[&pass],
+    )
+    .await
+    .unwrap();
+    db.execute("UPDATE warden.evaluator_state SET last_score_at = $1", &[&(pass + Span::minutes(1))]).await.unwrap();
+    warden::retention::cycle(&mut client, &settings, now).await.unwrap();
+    let samples: i64 = db
+        .query_one(
+            "SELECT coalesce(sum(samples), 0)::bigint FROM warden.score_rollups WHERE agent_id = 'late' AND hour_start = $1",
+            &[&hour],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(samples, 1);
+}
