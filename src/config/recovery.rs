@@ -135,22 +135,30 @@ impl Action {
 /// Every `{...}` in a template, checked against the known placeholders.
 pub fn placeholders(template: &str) -> Result<Vec<&str>, String> {
     let mut found = Vec::new();
-    let mut rest = template;
-    while let Some(start) = rest.find('{') {
-        let after = &rest[start + 1..];
-        let Some(end) = after.find('}') else {
-            return Err(format!("unclosed {{ in {template:?}"));
-        };
-        let name = &after[..end];
+    each_placeholder(template, |name| {
         let known = matches!(name, "agent_id" | "agent_name" | "issue_type" | "incident_id")
             || name.strip_prefix("label.").is_some_and(|l| !l.is_empty());
         if !known {
             return Err(format!("unknown placeholder {{{name}}}; known: {}", PLACEHOLDERS.join(", ")));
         }
         found.push(name);
+        Ok(())
+    })?;
+    Ok(found)
+}
+
+/// Calls `check` with the name inside every `{...}` of `template`.
+fn each_placeholder<'t>(template: &'t str, mut check: impl FnMut(&'t str) -> Result<(), String>) -> Result<(), String> {
+    let mut rest = template;
+    while let Some(start) = rest.find('{') {
+        let after = &rest[start + 1..];
+        let Some(end) = after.find('}') else {
+            return Err(format!("unclosed {{ in {template:?}"));
+        };
+        check(&after[..end])?;
         rest = &after[end + 1..];
     }
-    Ok(found)
+    Ok(())
 }
 
 /// Prefix of the environment variables a header may read.
@@ -164,34 +172,23 @@ pub const SECRET_ENV_PREFIX: &str = "WARDEN_SECRET_";
 /// variable must be set when the settings load. The value is read when the
 /// request is made.
 pub fn header_placeholders(template: &str) -> Result<(), String> {
-    let mut rest = template;
-    while let Some(start) = rest.find('{') {
-        let after = &rest[start + 1..];
-        let Some(end) = after.find('}') else {
-            return Err(format!("unclosed {{ in {template:?}"));
-        };
-        let name = &after[..end];
-        match name.strip_prefix("env.") {
-            Some(var) => {
-                let well_formed = var.strip_prefix(SECRET_ENV_PREFIX).is_some_and(|n| {
-                    !n.is_empty() && n.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
-                });
-                if !well_formed {
-                    return Err(format!(
-                        "{{env.{var}}}: only variables named {SECRET_ENV_PREFIX}<NAME> (capitals, digits, _) can be read"
-                    ));
-                }
-                if std::env::var_os(var).is_none() {
-                    return Err(format!("{{env.{var}}}: the environment variable {var} is not set"));
-                }
+    each_placeholder(template, |name| match name.strip_prefix("env.") {
+        Some(var) => {
+            let well_formed = var.strip_prefix(SECRET_ENV_PREFIX).is_some_and(|n| {
+                !n.is_empty() && n.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+            });
+            if !well_formed {
+                return Err(format!(
+                    "{{env.{var}}}: only variables named {SECRET_ENV_PREFIX}<NAME> (capitals, digits, _) can be read"
+                ));
             }
-            None => {
-                placeholders(&format!("{{{name}}}"))?;
+            if std::env::var_os(var).is_none() {
+                return Err(format!("{{env.{var}}}: the environment variable {var} is not set"));
             }
+            Ok(())
         }
-        rest = &after[end + 1..];
-    }
-    Ok(())
+        None => placeholders(&format!("{{{name}}}")).map(drop),
+    })
 }
 
 fn is_name(text: &str) -> bool {
