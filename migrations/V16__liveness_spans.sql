@@ -89,19 +89,29 @@ AS $$
         SELECT p_since AS lo, least(p_until, now()) AS hi
     ),
     agents AS (
-        SELECT s.agent_id, s.first_seen, s.liveness
+        SELECT s.agent_id, s.first_seen, s.liveness, s.expected_interval_ms
         FROM warden.agent_status s, b
         WHERE (p_agent IS NULL OR s.agent_id = p_agent) AND s.first_seen < b.hi
     ),
-    -- Transitions in the range, and those of the following day: an outage
-    -- recorded just after the range may have begun inside it.
+    -- An outage is recorded up to (offline_after_missed + jitter) intervals
+    -- after it began: the transitions that far past the range (a day at
+    -- least) may still reach back into it.
+    ahead AS (
+        SELECT greatest(interval '1 day',
+                        coalesce(max(a.expected_interval_ms), 0)
+                        * coalesce((SELECT hp.offline_after_missed + hp.jitter_tolerance + 1
+                                    FROM warden.health_params hp), 5)
+                        * interval '1 millisecond') AS span
+        FROM agents a
+    ),
+    -- Transitions in the range and that far after it.
     -- (Only the few columns needed travel through the sort.)
     raw AS MATERIALIZED (
         SELECT e.agent_id, e.id, e.occurred_at, e.details ->> 'new' AS new_liveness,
                warden.transition_effective_at(e.occurred_at, e.details) AS eff
-        FROM warden.system_events e, b
+        FROM warden.system_events e, b, ahead
         WHERE e.event_type = 'status_changed' AND e.source = 'warden' AND e.agent_id IS NOT NULL
-          AND e.occurred_at > b.lo AND e.occurred_at < b.hi + interval '1 day'
+          AND e.occurred_at > b.lo AND e.occurred_at < b.hi + ahead.span
           AND (p_agent IS NULL OR e.agent_id = p_agent)
     ),
     -- Newest first, the earliest effective time from a transition on is
@@ -137,10 +147,9 @@ AS $$
         LEFT JOIN (SELECT m.agent_id, min(m.bound) AS first_bound FROM moves m GROUP BY m.agent_id) f
                ON f.agent_id = a.agent_id
         UNION ALL
-        SELECT m.agent_id, m.new_liveness, greatest(m.bound, coalesce(a.first_seen, m.bound)),
-               coalesce(m.next_bound, b.hi)
+        SELECT m.agent_id, m.new_liveness, greatest(m.bound, a.first_seen), coalesce(m.next_bound, b.hi)
         FROM moves m
-        LEFT JOIN agents a ON a.agent_id = m.agent_id
+        JOIN agents a ON a.agent_id = m.agent_id
         CROSS JOIN b
     ),
     clipped AS (

@@ -152,6 +152,8 @@ pub struct Failover {
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// The longest a warden's Retry-After is honoured.
+pub const MAX_REST: Duration = Duration::from_secs(300);
 
 impl Failover {
     /// A schedule over `wardens` (at least one).
@@ -176,10 +178,12 @@ impl Failover {
         self.backoff = FIRST_BACKOFF;
     }
 
-    /// The last send failed and may be retried after `hint`.
+    /// The last send failed and may be retried after `hint` (at most
+    /// [`MAX_REST`]: a proxy asking for a day would have the agent reported
+    /// offline for it).
     pub fn failed(&mut self, hint: Duration, now: std::time::Instant) {
         let jitter = 1.0 + crate::alerting::dispatcher::jitter() / 2.0;
-        self.rest_until[self.current] = now + hint.max(self.backoff).mul_f64(jitter);
+        self.rest_until[self.current] = now + hint.min(MAX_REST).max(self.backoff).mul_f64(jitter);
         self.current = (self.current + 1) % self.rest_until.len();
         if self.rest_until.iter().all(|until| *until > now) {
             self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
@@ -276,6 +280,9 @@ mod tests {
         let (i, wait) = f.next(t);
         assert_eq!(i, 0);
         assert!(wait >= Duration::from_secs(10) && wait <= Duration::from_secs(15), "{wait:?}");
+        // A Retry-After of days (or garbage) is cut to five minutes.
+        f.failed(Duration::from_secs(u64::MAX / 4), t);
+        assert!(f.next(t).1 <= MAX_REST.mul_f64(1.5));
         // No hint: the backoff, doubling with each failure, jittered up.
         let mut f = Failover::new(1);
         let mut waits = Vec::new();

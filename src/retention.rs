@@ -160,13 +160,16 @@ pub async fn cycle(
         (
             "events",
             "DELETE FROM warden.system_events WHERE id IN (SELECT id FROM warden.system_events \
-               WHERE occurred_at < $1 AND NOT (event_type = 'status_changed' AND source = 'warden') LIMIT $2)",
+               WHERE occurred_at < $1 AND NOT (event_type IN ('status_changed', 'evaluation_paused') \
+                                               AND source = 'warden') LIMIT $2)",
             settings.events.to_chrono(),
         ),
         (
+            // With them, the stretches nobody evaluated: availability reads both.
             "transitions",
             "DELETE FROM warden.system_events WHERE id IN (SELECT id FROM warden.system_events \
-               WHERE occurred_at < $1 AND event_type = 'status_changed' AND source = 'warden' LIMIT $2)",
+               WHERE occurred_at < $1 AND event_type IN ('status_changed', 'evaluation_paused') \
+                 AND source = 'warden' LIMIT $2)",
             settings.transitions.to_chrono(),
         ),
         (
@@ -194,8 +197,23 @@ pub async fn cycle(
             INGEST_OUTAGE_MEMORY,
         ),
     ];
+    // Minute rollups go only once they are rolled into hours.
+    let hours_rolled: Option<DateTime<Utc>> =
+        match client.query_one("SELECT hour_watermark FROM warden.retention_state", &[]).await {
+            Ok(row) => row.get(0),
+            Err(e) => {
+                report.failure("watermarks", e.into());
+                None
+            }
+        };
     for (name, sql, keep) in prunes {
-        let cutoff = now - keep;
+        let cutoff = match name {
+            "minute_rollups" => match hours_rolled {
+                Some(mark) => (now - keep).min(mark),
+                None => continue,
+            },
+            _ => now - keep,
+        };
         let mut total = 0;
         let done = loop {
             match client.execute(sql, &[&cutoff, &batch]).await {
@@ -268,26 +286,28 @@ async fn prune_incidents(client: &mut db::Client, cutoff: DateTime<Utc>, batch: 
         tx.batch_execute("SET LOCAL lock_timeout = '10s'").await?;
         // A grouped message covers several alerts; it goes only with the
         // last of them. One that still covers others loses the pruned ones
-        // from its list (and its first alert becomes the first left), so
-        // what it told the others' channels stays known.
+        // (and any gone before) from its list, and its first alert becomes
+        // the first left, so what it told the others' channels stays
+        // known; then whatever still points at a pruned alert goes.
         let steps: [(&str, &(dyn tokio_postgres::types::ToSql + Sync)); 10] = [
-            (
-                "DELETE FROM warden.alert_delivery_attempts WHERE delivery_id IN \
-                   (SELECT id FROM warden.alert_deliveries WHERE alert_id = ANY ($1) AND alert_ids <@ $1)",
-                &alerts,
-            ),
-            (
-                "DELETE FROM warden.alert_notifications WHERE alert_id = ANY ($1) OR delivery_id IN \
-                   (SELECT id FROM warden.alert_deliveries WHERE alert_id = ANY ($1) AND alert_ids <@ $1)",
-                &alerts,
-            ),
             (
                 "UPDATE warden.alert_deliveries d SET alert_ids = k.ids, alert_id = k.ids[1] \
                  FROM (SELECT d2.id, array_agg(x.id ORDER BY x.n) AS ids \
                        FROM warden.alert_deliveries d2, unnest(d2.alert_ids) WITH ORDINALITY AS x(id, n) \
-                       WHERE d2.alert_ids && $1 AND NOT d2.alert_ids <@ $1 AND x.id <> ALL ($1) \
+                       WHERE d2.alert_ids && $1 AND x.id <> ALL ($1) \
+                         AND EXISTS (SELECT 1 FROM warden.alerts a WHERE a.id = x.id) \
                        GROUP BY d2.id) k \
                  WHERE d.id = k.id",
+                &alerts,
+            ),
+            (
+                "DELETE FROM warden.alert_delivery_attempts WHERE delivery_id IN \
+                   (SELECT id FROM warden.alert_deliveries WHERE alert_id = ANY ($1))",
+                &alerts,
+            ),
+            (
+                "DELETE FROM warden.alert_notifications WHERE alert_id = ANY ($1) OR delivery_id IN \
+                   (SELECT id FROM warden.alert_deliveries WHERE alert_id = ANY ($1))",
                 &alerts,
             ),
             ("DELETE FROM warden.alert_deliveries WHERE alert_id = ANY ($1)", &alerts),
@@ -439,10 +459,13 @@ pub fn partition_day(parent: &str, child: &str) -> Option<NaiveDate> {
     NaiveDate::parse_from_str(digits, "%Y%m%d").ok()
 }
 
+/// The comment a partition carries from just before it is detached for
+/// dropping.
+const DETACHING: &str = "warden retention: detached for dropping";
+
 /// Partitions of `parent` whose whole day lies before `cutoff`, oldest
-/// first, each with whether it is still attached: a table of the
-/// partition's name that is no partition any more was detached by a cycle
-/// that died before it could drop it.
+/// first, each with whether it is still attached; also tables a cycle
+/// detached (they carry [`DETACHING`]) and died before it could drop.
 async fn expired_partitions(
     client: &tokio_postgres::Client,
     parent: &str,
@@ -453,10 +476,10 @@ async fn expired_partitions(
             "SELECT c.relname::text, c.relispartition FROM pg_class c \
              JOIN pg_namespace n ON n.oid = c.relnamespace \
              WHERE n.nspname = 'warden' AND c.relkind = 'r' AND left(c.relname, length($1) + 2) = $1 || '_p' \
-               AND (NOT c.relispartition \
+               AND ((NOT c.relispartition AND obj_description(c.oid, 'pg_class') = $2) \
                     OR EXISTS (SELECT 1 FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent \
                                WHERE i.inhrelid = c.oid AND p.relname = $1 AND p.relnamespace = n.oid))",
-            &[&parent],
+            &[&parent, &DETACHING],
         )
         .await?;
     let mut expired: Vec<(String, bool)> = rows
@@ -502,6 +525,10 @@ async fn detach_and_drop(
     attached: bool,
 ) -> Result<(), DbError> {
     if attached {
+        // Marked first, so that a later cycle knows a table left detached
+        // (this one dying before its DROP) as its own, and never drops a
+        // table of the same name an operator restored to look at.
+        client.batch_execute(&format!("COMMENT ON TABLE warden.{child} IS '{DETACHING}'")).await?;
         let detach = client
             .batch_execute(&format!("ALTER TABLE warden.{parent} DETACH PARTITION warden.{child} CONCURRENTLY"))
             .await;

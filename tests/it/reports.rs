@@ -620,6 +620,41 @@ async fn reports_read_what_the_evaluator_writes() {
     close(row(&timings, "issue_type", "all")["mttr_seconds"], 38.0);
 }
 
+/// An agent that reports once a day is declared offline days after its
+/// outage began; a range ending before that still counts the outage.
+#[tokio::test]
+async fn the_outage_of_a_daily_agent_counts_in_a_range_that_ends_before_it_was_declared() {
+    let db = TestDb::migrated().await;
+    let c = db.client().await;
+    let base = Utc::now() - Duration::days(10);
+    let day = |d: i64| base + Duration::days(d);
+    c.execute(
+        "INSERT INTO warden.agent_status (agent_id, expected_interval_ms, first_seen, last_seen, liveness, liveness_since) \
+         VALUES ('daily', 86400000, $1, $1, 'offline', $2)",
+        &[&base, &(day(3) + Duration::minutes(288))],
+    )
+    .await
+    .unwrap();
+    // Online from its first heartbeat; declared offline after 3.2 silent
+    // days: the heartbeat due at day 1 was the first missed.
+    c.execute(
+        "INSERT INTO warden.system_events (occurred_at, agent_id, event_type, severity, message, details) VALUES \
+           ($1::timestamptz + interval '1 minute', 'daily', 'status_changed', 'info', 'up', \
+            '{\"old\": \"unknown\", \"new\": \"online\"}'), \
+           ($2, 'daily', 'status_changed', 'critical', 'down', \
+            jsonb_build_object('old', 'online', 'new', 'offline', \
+              'figures', jsonb_build_object('silence_ms', 276480000, 'expected_interval_ms', 86400000)))",
+        &[&base, &(day(3) + Duration::minutes(288))],
+    )
+    .await
+    .unwrap();
+    let b = Bindings::new(&settings(), day(1), day(2));
+    let availability = run(&c, "agent_availability", &b).await;
+    let daily = row(&availability, "agent_id", "daily");
+    close(daily["offline_seconds"], 86400.0);
+    close(daily["availability_pct"], 0.0);
+}
+
 /// While no replica evaluated liveness (warden was down), nobody knows what
 /// agents were: the stretch is unknown, not whatever they were before.
 #[tokio::test]

@@ -177,6 +177,8 @@ async fn old_events_are_pruned_but_transitions_are_kept_longer() {
            (now() - interval '100 days', 'a', 'status_changed', 'info', 'old transition'), \
            (now() - interval '500 days', 'a', 'status_changed', 'info', 'ancient transition'), \
            (now() - interval '1 day', 'a', 'agent_restarted', 'info', 'recent'); \
+         INSERT INTO warden.system_events (occurred_at, event_type, severity, message) VALUES \
+           (now() - interval '100 days', 'evaluation_paused', 'warning', 'old pause'); \
          INSERT INTO warden.ingest_outages (started_at, ended_at) VALUES \
            (now() - interval '8 days 1 minute', now() - interval '8 days'), \
            (now() - interval '6 days 1 minute', now() - interval '6 days')",
@@ -196,7 +198,7 @@ async fn old_events_are_pruned_but_transitions_are_kept_longer() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(left, vec!["old transition", "recent"]);
+    assert_eq!(left, vec!["old transition", "old pause", "recent"], "pauses are kept as long as transitions");
     assert_eq!(report.pruned.get("ingest_outages"), Some(&1), "outages are kept a week");
     assert_eq!(app.count("SELECT count(*) FROM warden.ingest_outages").await, 1);
 }
@@ -348,13 +350,28 @@ async fn a_partition_left_detached_by_a_dead_cycle_is_dropped_later() {
     let day = today - Span::days(20);
     db.execute("SELECT warden.ensure_partitions($1, $1)", &[&day]).await.unwrap();
     let name = format!("agent_heartbeats_p{}", day.format("%Y%m%d"));
-    db.batch_execute(&format!("ALTER TABLE warden.agent_heartbeats DETACH PARTITION warden.{name}")).await.unwrap();
+    // As a cycle leaves it: marked, detached, not dropped.
+    db.batch_execute(&format!(
+        "COMMENT ON TABLE warden.{name} IS 'warden retention: detached for dropping'; \
+         ALTER TABLE warden.agent_heartbeats DETACH PARTITION warden.{name}"
+    ))
+    .await
+    .unwrap();
+    // And a table of an old day an operator restored to look at.
+    let restored = format!("agent_heartbeats_p{}", (day - Span::days(1)).format("%Y%m%d"));
+    db.batch_execute(&format!("CREATE TABLE warden.{restored} (LIKE warden.agent_heartbeats)")).await.unwrap();
     let settings = default_settings().retention;
     let mut client = test_db.pooled().await;
     let report = warden::retention::cycle(&mut client, &settings, Utc::now()).await.unwrap();
     assert!(report.dropped_partitions.contains(&name), "{:?}", report.dropped_partitions);
-    let gone: bool = db.query_one("SELECT to_regclass('warden.' || $1) IS NULL", &[&name]).await.unwrap().get(0);
-    assert!(gone);
+    let exists = |table: String| {
+        let db = &db;
+        async move {
+            db.query_one("SELECT to_regclass('warden.' || $1) IS NOT NULL", &[&table]).await.unwrap().get::<_, bool>(0)
+        }
+    };
+    assert!(!exists(name).await);
+    assert!(exists(restored).await, "not ours: left alone");
 }
 
 #[tokio::test]
@@ -369,7 +386,7 @@ async fn pruning_an_old_alert_keeps_the_grouped_message_of_one_still_firing() {
            VALUES (10, 1, 'a:agent_unresponsive', 'critical', 'resolved', now() - interval '500 days', now() - interval '499 days'), \
                   (11, 2, 'b:agent_unresponsive', 'critical', 'firing', now() - interval '500 days', NULL); \
          INSERT INTO warden.alert_deliveries (id, alert_id, alert_ids, channel, kind, level, state, sent_at) OVERRIDING SYSTEM VALUE \
-           VALUES (100, 10, '{10,11}', 'ops', 'firing', 1, 'sent', now() - interval '500 days'), \
+           VALUES (100, 10, '{10,9,11}', 'ops', 'firing', 1, 'sent', now() - interval '500 days'), \
                   (101, 10, '{10}', 'ops', 'resolved', 0, 'sent', now() - interval '499 days'); \
          INSERT INTO warden.alert_notifications (alert_id, channel, kind, level, sequence, delivery_id) \
            VALUES (10, 'ops', 'firing', 1, 0, 100), (11, 'ops', 'firing', 1, 0, 100), (10, 'ops', 'resolved', 0, 0, 101);",
@@ -438,4 +455,34 @@ async fn scores_of_a_pass_still_writing_are_not_left_behind_the_watermark() {
         .unwrap()
         .get(0);
     assert_eq!(samples, 1);
+}
+
+#[tokio::test]
+async fn minute_rollups_past_their_days_wait_to_be_rolled_into_hours() {
+    let test_db = TestDb::migrated().await;
+    let db = test_db.client().await;
+    // Hours rolled up to 40 days back, and stuck there: the next hour can
+    // no longer be added to.
+    db.batch_execute(
+        "UPDATE warden.retention_state SET minute_watermark = date_trunc('hour', now() - interval '40 days'), \
+           hour_watermark = date_trunc('hour', now() - interval '40 days'), \
+           score_watermark = date_trunc('hour', now() - interval '40 days'); \
+         INSERT INTO warden.heartbeat_rollups (agent_id, bucket, bucket_start, heartbeats, restarts, unhealthy) VALUES \
+           ('a', 'minute', date_trunc('minute', now() - interval '45 days'), 1, 0, 0), \
+           ('a', 'minute', date_trunc('hour', now() - interval '40 days') + interval '5 minutes', 1, 0, 0), \
+           ('a', 'hour', date_trunc('hour', now() - interval '40 days'), 9223372036854775807, 0, 0);",
+    )
+    .await
+    .unwrap();
+    let settings = default_settings().retention;
+    let mut client = test_db.pooled().await;
+    let report = warden::retention::cycle(&mut client, &settings, Utc::now()).await.unwrap();
+    assert_eq!(report.failed.iter().map(|f| f.0).collect::<Vec<_>>(), ["rollups"], "{:?}", report.failed);
+    assert_eq!(report.pruned.get("minute_rollups"), Some(&1), "only the one already in an hour");
+    let left: i64 = db
+        .query_one("SELECT count(*) FROM warden.heartbeat_rollups WHERE bucket = 'minute'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 1);
 }
