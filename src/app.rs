@@ -98,6 +98,9 @@ impl Application {
         if settings.retention.enabled {
             tasks.spawn(crate::retention::run(database.pool.clone(), settings.retention.clone(), background.clone()));
         }
+        if let Some(cluster) = database.embedded() {
+            tasks.spawn(keep_embedded_running(cluster, background.clone()));
+        }
         tasks.spawn(partition_upkeep(
             database.pool.clone(),
             settings.database.partitions_ahead_days,
@@ -222,6 +225,25 @@ fn clamp_ms(d: crate::config::Duration) -> i32 {
 }
 
 /// Keeps daily partitions created ahead of time; runs at start and hourly.
+/// Checks every few seconds that the embedded cluster runs, and starts it
+/// again if it does not; meanwhile requests are answered 503, and the pool
+/// reconnects by itself once it is back.
+async fn keep_embedded_running(cluster: db::embedded::EmbeddedCluster, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match cluster.revive().await {
+            Ok(true) => tracing::warn!("the embedded PostgreSQL was not running; started it again"),
+            Ok(false) => {}
+            Err(e) => tracing::error!(error = %e, "the embedded PostgreSQL is not running and could not be started"),
+        }
+    }
+}
+
 async fn partition_upkeep(pool: deadpool_postgres::Pool, ahead_days: u32, stop: CancellationToken) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(3600));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

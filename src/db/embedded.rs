@@ -55,7 +55,7 @@ struct RunAs {
 }
 
 /// A running embedded cluster.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct EmbeddedCluster {
     data_dir: PathBuf,
     bin_dir: PathBuf,
@@ -117,6 +117,17 @@ impl EmbeddedCluster {
     /// it on clusters of their own.
     pub async fn restart(&self) -> Result<(), EmbeddedError> {
         self.launch("pg_ctl restart", &[os("-m"), os("fast"), os("restart")]).await
+    }
+
+    /// Starts the server again if it is not running (it crashed, ran out
+    /// of memory, was killed): with the default settings nobody else looks
+    /// after it. Returns whether it had to.
+    pub async fn revive(&self) -> Result<bool, EmbeddedError> {
+        if self.is_running().await {
+            return Ok(false);
+        }
+        self.pg_ctl_start().await?;
+        Ok(true)
     }
 
     /// Stops the server if this process started it.

@@ -156,6 +156,11 @@ impl Database {
         Ok(Self { pool, pg_config, embedded })
     }
 
+    /// The embedded cluster, for a task that keeps it running.
+    pub fn embedded(&self) -> Option<EmbeddedCluster> {
+        self.embedded.clone()
+    }
+
     /// Closes the pool and stops the embedded cluster if this process started it.
     pub async fn close(self) {
         self.pool.close();

@@ -81,6 +81,8 @@ struct Served {
 }
 
 fn serve(data: &Path) -> Served {
+    // The tests below speak HTTP without a TestApp, which would install it.
+    warden::alerting::tls::install_crypto_provider();
     let mut child = Command::new(env!("CARGO_BIN_EXE_warden"))
         .arg("serve")
         .env_remove("WARDEN_CONFIG")
@@ -142,5 +144,33 @@ async fn serve_without_a_url_runs_its_own_cluster_and_stops_it_on_sigterm() {
     assert!(!served.initialised, "second start reuses the cluster");
     let ready = reqwest::get(format!("http://{}/readyz", served.addr)).await.unwrap();
     assert_eq!(ready.status(), 200);
+    assert!(terminate(served).success());
+}
+
+#[tokio::test]
+async fn serve_starts_its_own_cluster_again_when_it_dies() {
+    let dir = scratch();
+    let data = dir.path().join("pgdata");
+    let served = serve(&data);
+    let ready = |addr: String| async move {
+        reqwest::get(format!("http://{addr}/readyz")).await.map(|r| r.status().as_u16()).unwrap_or(0)
+    };
+    assert_eq!(ready(served.addr.clone()).await, 200);
+    let pid: i32 =
+        std::fs::read_to_string(data.join("postmaster.pid")).unwrap().lines().next().unwrap().parse().unwrap();
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    crate::helpers::eventually(Duration::from_secs(30), "the database gone", || {
+        let addr = served.addr.clone();
+        async move { (ready(addr).await == 503).then_some(()) }
+    })
+    .await;
+    crate::helpers::eventually(Duration::from_secs(120), "the cluster started again and ready", || {
+        let addr = served.addr.clone();
+        async move { (ready(addr).await == 200).then_some(()) }
+    })
+    .await;
+    let again: i32 =
+        std::fs::read_to_string(data.join("postmaster.pid")).unwrap().lines().next().unwrap().parse().unwrap();
+    assert_ne!(again, pid);
     assert!(terminate(served).success());
 }
