@@ -116,7 +116,9 @@ AS $$
     ),
     -- Newest first, the earliest effective time from a transition on is
     -- its boundary, and the same over the transitions after it is the
-    -- next one's: both from one sort.
+    -- next one's: both from one sort. (liveness_boundaries says the same
+    -- over the whole history; a time filter cannot reach its scan through
+    -- the window functions, so the range's rows are windowed here.)
     moves AS (
         SELECT r.agent_id, r.new_liveness,
                min(r.eff) OVER (PARTITION BY r.agent_id ORDER BY r.occurred_at DESC, r.id DESC) AS bound,

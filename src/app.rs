@@ -224,7 +224,6 @@ fn clamp_ms(d: crate::config::Duration) -> i32 {
     i32::try_from(d.as_millis_u64()).unwrap_or(i32::MAX)
 }
 
-/// Keeps daily partitions created ahead of time; runs at start and hourly.
 /// Checks every few seconds that the embedded cluster runs, and starts it
 /// again if it does not; meanwhile requests are answered 503, and the pool
 /// reconnects by itself once it is back.
@@ -244,6 +243,7 @@ async fn keep_embedded_running(cluster: db::embedded::EmbeddedCluster, stop: Can
     }
 }
 
+/// Keeps daily partitions created ahead of time; runs at start and hourly.
 async fn partition_upkeep(pool: deadpool_postgres::Pool, ahead_days: u32, stop: CancellationToken) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(3600));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -115,17 +115,24 @@ pub async fn cycle(
     if let Err(e) = rollups(client, now, &mut report).await {
         report.failure("rollups", e);
     }
-    // Raw rows go only once they are rolled up: heartbeats up to the minute
-    // watermark, scores up to the score watermark. (Metrics have no rollup.)
-    let marks =
-        match client.query_one("SELECT minute_watermark, score_watermark FROM warden.retention_state", &[]).await {
-            Ok(row) => Some((row.get::<_, Option<DateTime<Utc>>>(0), row.get::<_, Option<DateTime<Utc>>>(1))),
-            Err(e) => {
-                report.failure("watermarks", e.into());
-                None
-            }
-        };
-    if let Some((minutes, scores)) = marks {
+    // Rows go only once they are rolled up: raw heartbeats up to the
+    // minute watermark, scores up to the score watermark (metrics have no
+    // rollup), minute rollups up to the hour watermark.
+    let marks = match client
+        .query_one("SELECT minute_watermark, hour_watermark, score_watermark FROM warden.retention_state", &[])
+        .await
+    {
+        Ok(row) => Some((
+            row.get::<_, Option<DateTime<Utc>>>(0),
+            row.get::<_, Option<DateTime<Utc>>>(1),
+            row.get::<_, Option<DateTime<Utc>>>(2),
+        )),
+        Err(e) => {
+            report.failure("watermarks", e.into());
+            None
+        }
+    };
+    if let Some((minutes, _, scores)) = marks {
         for (parent, keep, rolled_up_to) in [
             ("agent_heartbeats", settings.heartbeats, Some(minutes)),
             ("performance_metrics", settings.metrics, None),
@@ -156,13 +163,15 @@ pub async fn cycle(
         }
     }
     let batch = i64::from(settings.batch);
-    let prunes: [(&'static str, &str, Duration); 6] = [
+    let hours_rolled = marks.and_then(|(_, hours, _)| hours);
+    // Each prune with its cutoff; None: not now.
+    let prunes: [(&'static str, &str, Option<DateTime<Utc>>); 6] = [
         (
             "events",
             "DELETE FROM warden.system_events WHERE id IN (SELECT id FROM warden.system_events \
                WHERE occurred_at < $1 AND NOT (event_type IN ('status_changed', 'evaluation_paused') \
                                                AND source = 'warden') LIMIT $2)",
-            settings.events.to_chrono(),
+            Some(now - settings.events.to_chrono()),
         ),
         (
             // With them, the stretches nobody evaluated: availability reads both.
@@ -170,50 +179,35 @@ pub async fn cycle(
             "DELETE FROM warden.system_events WHERE id IN (SELECT id FROM warden.system_events \
                WHERE occurred_at < $1 AND event_type IN ('status_changed', 'evaluation_paused') \
                  AND source = 'warden' LIMIT $2)",
-            settings.transitions.to_chrono(),
+            Some(now - settings.transitions.to_chrono()),
         ),
         (
             "minute_rollups",
             "DELETE FROM warden.heartbeat_rollups WHERE ctid IN (SELECT ctid FROM warden.heartbeat_rollups \
                WHERE bucket = 'minute' AND bucket_start < $1 LIMIT $2)",
-            settings.minute_rollups.to_chrono(),
+            hours_rolled.map(|mark| (now - settings.minute_rollups.to_chrono()).min(mark)),
         ),
         (
             "hour_rollups",
             "DELETE FROM warden.heartbeat_rollups WHERE ctid IN (SELECT ctid FROM warden.heartbeat_rollups \
                WHERE bucket = 'hour' AND bucket_start < $1 LIMIT $2)",
-            settings.hour_rollups.to_chrono(),
+            Some(now - settings.hour_rollups.to_chrono()),
         ),
         (
             "score_rollups",
             "DELETE FROM warden.score_rollups WHERE ctid IN (SELECT ctid FROM warden.score_rollups \
                WHERE hour_start < $1 LIMIT $2)",
-            settings.hour_rollups.to_chrono(),
+            Some(now - settings.hour_rollups.to_chrono()),
         ),
         (
             "ingest_outages",
             "DELETE FROM warden.ingest_outages WHERE ctid IN (SELECT ctid FROM warden.ingest_outages \
                WHERE ended_at < $1 LIMIT $2)",
-            INGEST_OUTAGE_MEMORY,
+            Some(now - INGEST_OUTAGE_MEMORY),
         ),
     ];
-    // Minute rollups go only once they are rolled into hours.
-    let hours_rolled: Option<DateTime<Utc>> =
-        match client.query_one("SELECT hour_watermark FROM warden.retention_state", &[]).await {
-            Ok(row) => row.get(0),
-            Err(e) => {
-                report.failure("watermarks", e.into());
-                None
-            }
-        };
-    for (name, sql, keep) in prunes {
-        let cutoff = match name {
-            "minute_rollups" => match hours_rolled {
-                Some(mark) => (now - keep).min(mark),
-                None => continue,
-            },
-            _ => now - keep,
-        };
+    for (name, sql, cutoff) in prunes {
+        let Some(cutoff) = cutoff else { continue };
         let mut total = 0;
         let done = loop {
             match client.execute(sql, &[&cutoff, &batch]).await {
