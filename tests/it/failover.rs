@@ -87,13 +87,10 @@ timeout = "10s"
     )
     .unwrap();
     let mut replicas: Vec<Process> = ports.iter().map(|p| Process::replica(&config, &db.url(), *p)).collect();
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
-    for url in &urls {
-        eventually(WAIT, "replicas ready", || async {
-            (http.get(format!("{url}/readyz")).send().await.ok()?.status() == 200).then_some(())
-        })
-        .await;
+    for r in &replicas {
+        r.ready(WAIT).await;
     }
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
 
     // Load: twenty steady agents spread over the replicas, skipping dead ones.
     let stop = tokio_util::sync::CancellationToken::new();

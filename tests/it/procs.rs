@@ -44,16 +44,33 @@ impl Process {
 
     /// `warden serve` with a settings file on the given database and port.
     pub fn replica(config: &Path, db_url: &str, port: u16) -> Self {
+        Self::replica_with_env(config, db_url, port, &[])
+    }
+
+    /// [`Process::replica`] with more environment variables.
+    pub fn replica_with_env(config: &Path, db_url: &str, port: u16, env: &[(&str, &str)]) -> Self {
         let mut cmd = warden();
         cmd.arg("--config")
             .arg(config)
             .arg("serve")
             .env("WARDEN__DATABASE__URL", db_url)
             .env("WARDEN__SERVER__LISTEN", format!("127.0.0.1:{port}"))
-            .env("WARDEN__TELEMETRY__LEVEL", "warn");
+            .env("WARDEN__TELEMETRY__LEVEL", "warn")
+            .envs(env.iter().copied());
         let mut process = Self::spawn(&mut cmd);
         process.port = port;
         process
+    }
+
+    /// Waits, up to `deadline`, until this replica answers /readyz with 200.
+    pub async fn ready(&self, deadline: std::time::Duration) {
+        warden::alerting::tls::install_crypto_provider();
+        let http = reqwest::Client::builder().timeout(std::time::Duration::from_secs(5)).build().unwrap();
+        let url = format!("http://127.0.0.1:{}/readyz", self.port);
+        crate::helpers::eventually(deadline, "a replica to be ready", || async {
+            (http.get(&url).send().await.ok()?.status() == 200).then_some(())
+        })
+        .await;
     }
 
     /// The example agent, heartbeating every `every_ms` against a declared

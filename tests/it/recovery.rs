@@ -474,14 +474,8 @@ timeout = "10s"
     )
     .unwrap();
     let mut replicas = vec![Process::replica(&config, &db.url(), port_a), Process::replica(&config, &db.url(), port_b)];
-    warden::alerting::tls::install_crypto_provider();
-    let http = reqwest::Client::new();
     for r in &replicas {
-        let url = format!("http://127.0.0.1:{}/readyz", r.port);
-        eventually(WAIT, "a replica to be ready", || async {
-            (http.get(&url).send().await.ok()?.status() == 200).then_some(())
-        })
-        .await;
+        r.ready(WAIT).await;
     }
 
     let mut agent = Process::agent(&[&url_a, &url_b], "rec-6", 1000, 300);
@@ -611,20 +605,11 @@ expect_status = [200]
         ),
     )
     .unwrap();
-    let mut cmd = crate::procs::warden();
-    cmd.arg("--config")
-        .arg(&config)
-        .arg("serve")
-        .env("WARDEN__DATABASE__URL", db.url())
-        .env("WARDEN__SERVER__LISTEN", format!("127.0.0.1:{port}"))
-        .env("WARDEN_SECRET_ORCHESTRATOR", "orch-token-123");
-    let _warden = Process::spawn(&mut cmd);
+    let warden =
+        Process::replica_with_env(&config, &db.url(), port, &[("WARDEN_SECRET_ORCHESTRATOR", "orch-token-123")]);
+    warden.ready(WAIT).await;
     let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
-    eventually(WAIT, "warden ready", || async {
-        (http.get(format!("{base}/readyz")).send().await.ok()?.status() == 200).then_some(())
-    })
-    .await;
     let beat = http
         .post(format!("{base}/v1/heartbeats"))
         .json(&json!({"agent_id": "env-1", "next_heartbeat_ms": 1000}))

@@ -551,17 +551,25 @@ async fn beat(client: &tokio_postgres::Client, agent: &str, at: DateTime<Utc>) {
         .unwrap();
 }
 
-/// The evaluator's own transitions and incidents, not hand-made rows: the
-/// reports must read what warden really writes.
-#[tokio::test]
-async fn reports_read_what_the_evaluator_writes() {
+/// A database whose evaluator has run its first cycle (which starts a
+/// grace) five seconds before `t`, half an hour ago, and `agent`'s first
+/// heartbeat at `t`: the clock is the tests' to drive from there.
+async fn evaluated_with_a_beat(agent: &str) -> (TestDb, tokio_postgres::Client, EvalParams, DateTime<Utc>) {
     let db = TestDb::migrated().await;
     let mut c = db.client().await;
     let p = EvalParams::from_settings(&default_settings().health);
     let t = Utc::now() - Duration::minutes(30);
+    evaluator::liveness_cycle(&mut c, &p, "test", Some(t - Duration::seconds(5))).await.unwrap();
+    beat(&c, agent, t).await;
+    (db, c, p, t)
+}
+
+/// The evaluator's own transitions and incidents, not hand-made rows: the
+/// reports must read what warden really writes.
+#[tokio::test]
+async fn reports_read_what_the_evaluator_writes() {
+    let (_db, mut c, p, t) = evaluated_with_a_beat("w1").await;
     let at = |s: i64| t + Duration::seconds(s);
-    evaluator::liveness_cycle(&mut c, &p, "test", Some(at(-5))).await.unwrap();
-    beat(&c, "w1", at(0)).await;
     // online at 1, degraded at 12, offline at 32; back: degraded at 61, online at 70.
     for s in [1, 12, 22, 32] {
         evaluator::liveness_cycle(&mut c, &p, "test", Some(at(s))).await.unwrap();
@@ -665,13 +673,8 @@ async fn the_outage_of_a_daily_agent_counts_in_a_range_that_ends_before_it_was_d
 /// agents were: the stretch is unknown, not whatever they were before.
 #[tokio::test]
 async fn a_stretch_without_evaluation_is_unknown_not_up() {
-    let db = TestDb::migrated().await;
-    let mut c = db.client().await;
-    let p = EvalParams::from_settings(&default_settings().health);
-    let t = Utc::now() - Duration::minutes(30);
+    let (_db, mut c, p, t) = evaluated_with_a_beat("w2").await;
     let at = |s: i64| t + Duration::seconds(s);
-    evaluator::liveness_cycle(&mut c, &p, "test", Some(at(-5))).await.unwrap();
-    beat(&c, "w2", at(0)).await;
     evaluator::liveness_cycle(&mut c, &p, "test", Some(at(1))).await.unwrap();
     // warden is down from 1 to 301; the agent died meanwhile. Back, the
     // evaluator grants a fresh grace, then finds it late and offline.

@@ -6,8 +6,21 @@ use std::time::Duration;
 use chrono::{Duration as Span, Utc};
 use serde_json::json;
 use warden::auth::Scope;
+use warden::retention::Report;
 
 use crate::helpers::{TestApp, TestDb, default_settings};
+
+/// One retention cycle at `now` with the default settings, on a pooled
+/// connection as warden runs it.
+async fn cycle(db: &TestDb, now: chrono::DateTime<Utc>) -> Report {
+    let mut client = db.pooled().await;
+    warden::retention::cycle(&mut client, &default_settings().retention, now).await.unwrap()
+}
+
+/// The steps of a cycle that failed.
+fn failed_steps(report: &Report) -> Vec<&'static str> {
+    report.failed.iter().map(|f| f.0).collect()
+}
 
 #[tokio::test]
 async fn heartbeats_and_scores_roll_up_per_minute_and_hour() {
@@ -40,9 +53,7 @@ async fn heartbeats_and_scores_roll_up_per_minute_and_hour() {
     .await
     .unwrap();
 
-    let settings = default_settings().retention;
-    let mut client = test_db.pooled().await;
-    let report = warden::retention::cycle(&mut client, &settings, now).await.unwrap();
+    let report = cycle(&test_db, now).await;
     assert!(report.minute_rows >= 1, "{report:?}");
     let row = db
         .query_one(
@@ -55,7 +66,7 @@ async fn heartbeats_and_scores_roll_up_per_minute_and_hour() {
     assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (3, 1));
 
     // A second cycle adds nothing twice.
-    warden::retention::cycle(&mut client, &settings, now).await.unwrap();
+    cycle(&test_db, now).await;
     let total: i64 = db
         .query_one("SELECT sum(heartbeats)::bigint FROM warden.heartbeat_rollups WHERE bucket = 'minute'", &[])
         .await
@@ -65,7 +76,7 @@ async fn heartbeats_and_scores_roll_up_per_minute_and_hour() {
 
     // Two hours later the hour is complete: heartbeats and scores per hour.
     let later = now + Span::hours(2);
-    warden::retention::cycle(&mut client, &settings, later).await.unwrap();
+    cycle(&test_db, later).await;
     let hour = chrono::DateTime::from_timestamp(minute.timestamp() - minute.timestamp() % 3600, 0).unwrap();
     let hourly: i64 = db
         .query_one(
@@ -104,11 +115,9 @@ async fn a_heartbeat_of_a_write_still_open_is_rolled_up_once_it_commits() {
     .await
     .unwrap();
 
-    let settings = default_settings().retention;
-    let mut client = test_db.pooled().await;
-    warden::retention::cycle(&mut client, &settings, started + Span::minutes(3)).await.unwrap();
+    cycle(&test_db, started + Span::minutes(3)).await;
     tx.commit().await.unwrap();
-    warden::retention::cycle(&mut client, &settings, started + Span::minutes(4)).await.unwrap();
+    cycle(&test_db, started + Span::minutes(4)).await;
     let counted: i64 = db
         .query_one(
             "SELECT coalesce(sum(heartbeats), 0)::bigint FROM warden.heartbeat_rollups \
@@ -152,9 +161,7 @@ async fn old_partitions_are_dropped_while_ingestion_goes_on() {
             statuses
         })
     };
-    let settings = default_settings().retention;
-    let mut client = app.db.pooled().await;
-    let report = warden::retention::cycle(&mut client, &settings, Utc::now()).await.unwrap();
+    let report = cycle(&app.db, Utc::now()).await;
     assert!(report.dropped_partitions.contains(&old), "{:?}", report.dropped_partitions);
     let statuses = flowing.await.unwrap();
     assert!(statuses.iter().all(|s| *s == 200), "ingestion never failed: {statuses:?}");
@@ -229,9 +236,7 @@ async fn resolved_incidents_past_retention_go_with_their_alerts_and_recoveries()
     )
     .await
     .unwrap();
-    let settings = default_settings().retention;
-    let mut client = app.db.pooled().await;
-    let report = warden::retention::cycle(&mut client, &settings, Utc::now()).await.unwrap();
+    let report = cycle(&app.db, Utc::now()).await;
     assert_eq!(report.pruned.get("incidents"), Some(&1));
     let left: Vec<i64> =
         db.query("SELECT id FROM warden.incidents ORDER BY id", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
@@ -271,10 +276,8 @@ async fn a_backlog_of_days_is_rolled_up_in_steps_before_its_partitions_go() {
     let test_db = TestDb::migrated().await;
     let db = test_db.client().await;
     let oldest = backlog(&db, 9).await;
-    let settings = default_settings().retention;
-    let mut client = test_db.pooled().await;
     let now = Utc::now();
-    let report = warden::retention::cycle(&mut client, &settings, now).await.unwrap();
+    let report = cycle(&test_db, now).await;
     assert!(report.failed.is_empty(), "{:?}", report.failed);
     let sum = |bucket: &'static str| {
         let db = &db;
@@ -324,10 +327,10 @@ async fn a_failing_rollup_keeps_its_raw_rows_and_stops_nothing_else() {
     )
     .await
     .unwrap();
-    let settings = default_settings().retention;
+    // On a session of its own, to look at it afterwards.
     let mut client = test_db.pooled().await;
-    let report = warden::retention::cycle(&mut client, &settings, Utc::now()).await.unwrap();
-    assert_eq!(report.failed.iter().map(|f| f.0).collect::<Vec<_>>(), ["rollups"], "{:?}", report.failed);
+    let report = warden::retention::cycle(&mut client, &default_settings().retention, Utc::now()).await.unwrap();
+    assert_eq!(failed_steps(&report), ["rollups"], "{:?}", report.failed);
     assert_eq!(report.pruned.get("events"), Some(&1), "pruning went on");
     // Past their seven days, but not rolled up: they stay. (The day
     // before, empty and behind the watermark, may go.)
@@ -360,9 +363,7 @@ async fn a_partition_left_detached_by_a_dead_cycle_is_dropped_later() {
     // And a table of an old day an operator restored to look at.
     let restored = format!("agent_heartbeats_p{}", (day - Span::days(1)).format("%Y%m%d"));
     db.batch_execute(&format!("CREATE TABLE warden.{restored} (LIKE warden.agent_heartbeats)")).await.unwrap();
-    let settings = default_settings().retention;
-    let mut client = test_db.pooled().await;
-    let report = warden::retention::cycle(&mut client, &settings, Utc::now()).await.unwrap();
+    let report = cycle(&test_db, Utc::now()).await;
     assert!(report.dropped_partitions.contains(&name), "{:?}", report.dropped_partitions);
     let exists = |table: String| {
         let db = &db;
@@ -393,9 +394,7 @@ async fn pruning_an_old_alert_keeps_the_grouped_message_of_one_still_firing() {
     )
     .await
     .unwrap();
-    let settings = default_settings().retention;
-    let mut client = test_db.pooled().await;
-    let report = warden::retention::cycle(&mut client, &settings, Utc::now()).await.unwrap();
+    let report = cycle(&test_db, Utc::now()).await;
     assert_eq!(report.pruned.get("incidents"), Some(&1), "{report:?}");
     let left: Vec<(i64, i64, Vec<i64>)> = db
         .query("SELECT id, alert_id, alert_ids FROM warden.alert_deliveries ORDER BY id", &[])
@@ -432,10 +431,8 @@ async fn scores_of_a_pass_still_writing_are_not_left_behind_the_watermark() {
     .await
     .unwrap();
     db.execute("UPDATE warden.evaluator_state SET last_score_at = $1", &[&pass]).await.unwrap();
-    let settings = default_settings().retention;
-    let mut client = test_db.pooled().await;
     let now = hour + Span::hours(2);
-    warden::retention::cycle(&mut client, &settings, now).await.unwrap();
+    cycle(&test_db, now).await;
     // The pass's snapshot commits only now.
     db.execute(
         "INSERT INTO warden.health_history (agent_id, evaluated_at, score, tier, liveness) \
@@ -445,7 +442,7 @@ async fn scores_of_a_pass_still_writing_are_not_left_behind_the_watermark() {
     .await
     .unwrap();
     db.execute("UPDATE warden.evaluator_state SET last_score_at = $1", &[&(pass + Span::minutes(1))]).await.unwrap();
-    warden::retention::cycle(&mut client, &settings, now).await.unwrap();
+    cycle(&test_db, now).await;
     let samples: i64 = db
         .query_one(
             "SELECT coalesce(sum(samples), 0)::bigint FROM warden.score_rollups WHERE agent_id = 'late' AND hour_start = $1",
@@ -474,10 +471,8 @@ async fn minute_rollups_past_their_days_wait_to_be_rolled_into_hours() {
     )
     .await
     .unwrap();
-    let settings = default_settings().retention;
-    let mut client = test_db.pooled().await;
-    let report = warden::retention::cycle(&mut client, &settings, Utc::now()).await.unwrap();
-    assert_eq!(report.failed.iter().map(|f| f.0).collect::<Vec<_>>(), ["rollups"], "{:?}", report.failed);
+    let report = cycle(&test_db, Utc::now()).await;
+    assert_eq!(failed_steps(&report), ["rollups"], "{:?}", report.failed);
     assert_eq!(report.pruned.get("minute_rollups"), Some(&1), "only the one already in an hour");
     let left: i64 = db
         .query_one("SELECT count(*) FROM warden.heartbeat_rollups WHERE bucket = 'minute'", &[])
