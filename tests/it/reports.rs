@@ -699,6 +699,26 @@ async fn a_stretch_without_evaluation_is_unknown_not_up() {
     close(w2["online_seconds"], 10.0);
     close(w2["offline_seconds"], 89.0);
     close(w2["availability_pct"], 100.0 * 10.0 / 99.0);
+
+    // The agent-detail dashboard's timeline says the same.
+    let context = GrafanaContext {
+        from: t,
+        to: t + Duration::seconds(400),
+        interval: "1m",
+        interval_secs: 60,
+        variables: vec![("agent", "w2")],
+    };
+    let sql = format!(
+        "SELECT extract(epoch FROM q.time - $1::timestamptz)::float8, q.liveness FROM ({}) q",
+        context.expand(&agent_detail_panel("state-timeline", "Liveness").sql)
+    );
+    let timeline: Vec<(f64, String)> =
+        c.query(&sql, &[&t]).await.unwrap().iter().map(|r| (r.get(0), r.get(1))).collect();
+    let states: Vec<&str> = timeline.iter().map(|(_, s)| s.as_str()).collect();
+    assert_eq!(states, ["unknown", "unknown", "online", "offline"], "{timeline:?}");
+    for ((at, _), want) in timeline.iter().zip([0.0, 1.0, 301.0, 311.0]) {
+        assert!((at - want).abs() < 1e-3, "{timeline:?}");
+    }
 }
 
 // ------------------------------------------------------------------ dashboards
