@@ -315,8 +315,10 @@ impl AlertingSettings {
             })?;
         }
         if smtp.username.is_empty() != smtp.password.is_empty() {
+            // Name the one that is missing.
+            let missing = if smtp.password.is_empty() { "alerting.smtp.password" } else { "alerting.smtp.username" };
             return Err(SettingsError::new(
-                "alerting.smtp.password",
+                missing,
                 "",
                 "set both alerting.smtp.username and alerting.smtp.password, or neither",
             ));

@@ -52,7 +52,9 @@ pub struct SettingsError {
 
 impl SettingsError {
     pub fn new(key: &str, value: impl fmt::Display, allowed: impl Into<String>) -> Self {
-        let value = if is_secret_key(key) { Secret::REDACTED.to_string() } else { value.to_string() };
+        let value = value.to_string();
+        // An unset secret shows as empty: "[redacted]" would say it was set.
+        let value = if is_secret_key(key) && !value.is_empty() { Secret::REDACTED.to_string() } else { value };
         Self { key: Some(key.to_string()), value: Some(value), origin: None, allowed: allowed.into() }
     }
 
@@ -180,7 +182,7 @@ pub fn env_var_for(key: &str) -> String {
 fn translate(err: config::ConfigError, merged: Option<&Config>, sources: &Sources) -> SettingsError {
     use config::ConfigError as E;
     let (key, mut problem) = match &err {
-        E::Type { key, unexpected, expected, .. } => (key.clone(), format!("expected {expected}, found {unexpected}")),
+        E::Type { key, unexpected, expected, .. } => (key.clone(), type_problem(unexpected, expected)),
         E::At { key, error, .. } => (key.clone(), error.to_string()),
         E::NotFound(key) => (Some(key.clone()), "this setting is required".to_string()),
         E::FileParse { cause, .. } => {
@@ -212,9 +214,12 @@ fn translate(err: config::ConfigError, merged: Option<&Config>, sources: &Source
             format!("not a known setting; expected {siblings}")
         };
     }
-    let Some(key) = key else {
+    let Some(mut key) = key else {
         return SettingsError::general(one_line(&problem));
     };
+    if let Some(field) = merged.and_then(|m| field_with_bad_value(m, &key, &problem)) {
+        key = format!("{key}.{field}");
+    }
     // Only a single value is shown: an error reported against a whole table
     // (an HTTP recovery action with a field of the wrong type) would print
     // every field in it, URLs and header values included.
@@ -224,6 +229,50 @@ fn translate(err: config::ConfigError, merged: Option<&Config>, sources: &Source
         .filter(|v| !matches!(v.kind, config::ValueKind::Table(_) | config::ValueKind::Array(_)))
         .map(|v| if is_secret_key(&key) { Secret::REDACTED.to_string() } else { v.to_string() });
     SettingsError { origin: origin_of(&key, sources), key: Some(key), value, allowed: one_line(&problem) }
+}
+
+/// The config crate speaks of "an unsigned 32 bit integer" and, for a
+/// value from the environment, of a string `"-1"`: say what the operator
+/// can act on instead.
+fn type_problem(unexpected: &impl fmt::Display, expected: &str) -> String {
+    let unexpected = unexpected.to_string();
+    if !expected.contains("integer") {
+        return format!("expected {expected}, found {unexpected}");
+    }
+    // Shown as 64-bit integer `-1`, or string "-1" from the environment.
+    let number = quoted_value(&unexpected).unwrap_or(&unexpected).trim().parse::<i128>().ok();
+    match number {
+        Some(n) if n < 0 => "expected a whole number, 0 or more".to_string(),
+        Some(_) => "a whole number too large for this setting".to_string(),
+        None => "expected a whole number".to_string(),
+    }
+}
+
+/// The value serde quotes in a message: `30` or "two" after the first word
+/// or words (`integer `30``, `string "two"`).
+fn quoted_value(text: &str) -> Option<&str> {
+    let at = text.find(['`', '"'])?;
+    let close = if text[at..].starts_with('`') { '`' } else { '"' };
+    text[at + 1..].split_once(close).map(|(v, _)| v)
+}
+
+/// A table deserialized through buffered content (a recovery action, whose
+/// fields depend on its `kind`) reports a bad field's type against the
+/// whole table. serde's message still quotes the value (``invalid type:
+/// integer `30`, expected a duration``): the field is the one table entry
+/// holding exactly that value, when only one does.
+fn field_with_bad_value(merged: &Config, key: &str, problem: &str) -> Option<String> {
+    let rest = problem.strip_prefix("invalid type: ").or_else(|| problem.strip_prefix("invalid value: "))?;
+    let (found, _) = rest.split_once(", expected")?;
+    let value = quoted_value(found)?;
+    let config::ValueKind::Table(table) = merged.get::<config::Value>(key).ok()?.kind else {
+        return None;
+    };
+    let mut matching = table.iter().filter(|(_, v)| {
+        !matches!(v.kind, config::ValueKind::Table(_) | config::ValueKind::Array(_)) && v.to_string() == value
+    });
+    let (field, _) = matching.next()?;
+    matching.next().is_none().then(|| field.clone())
 }
 
 /// Which layer set `key`: the environment variable if one is set, else the

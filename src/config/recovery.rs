@@ -52,7 +52,7 @@ pub struct Strategy {
 /// One way to recover, tried `attempts` times before the next action; the
 /// last action repeats until the attempt limit.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Action {
     /// Runs a program with arguments, no shell; placeholders are filled in
     /// per argument, so agent-supplied text can never add an argument.

@@ -68,7 +68,7 @@ fn a_word_where_a_number_belongs_names_key_value_and_origin() {
     assert_eq!(e.origin.as_deref(), Some("WARDEN__DATABASE__POOL_SIZE"));
     let line = e.to_string();
     assert!(!line.contains('\n'), "one line: {line}");
-    assert!(line.contains("database.pool_size") && line.contains("banana") && line.contains("integer"), "{line}");
+    assert!(line.contains("database.pool_size") && line.contains("banana") && line.contains("whole number"), "{line}");
 }
 
 #[test]
@@ -175,8 +175,53 @@ fn an_error_about_a_whole_table_does_not_print_the_table() {
     );
     let e = Settings::load(&Sources { file: Some(file.path().to_path_buf()), env: Some(HashMap::new()) }).unwrap_err();
     let line = e.to_string();
-    assert!(line.contains("recovery.strategies[0].actions[0]"), "{line}");
+    assert_eq!(e.key.as_deref(), Some("recovery.strategies[0].actions[0].attempts"), "{line}");
+    assert_eq!(e.value.as_deref(), Some("two"), "{line}");
     assert!(!line.contains("hunter2") && !line.contains("T0K3N") && !line.contains("pw@"), "{line}");
+}
+
+/// A recovery action's fields depend on its kind, so serde reads the table
+/// whole; a mistake in it still names the field.
+#[test]
+fn a_recovery_action_names_its_bad_or_unknown_field() {
+    let load = |action: &str| {
+        let file = override_file(&format!(
+            "[[recovery.strategies]]\nname = \"r\"\nissues = [\"agent_unresponsive\"]\n\n\
+             [[recovery.strategies.actions]]\nkind = \"command\"\nargv = [\"true\"]\n{action}\n"
+        ));
+        Settings::load(&Sources { file: Some(file.path().to_path_buf()), env: Some(HashMap::new()) })
+    };
+    let e = load("timeout = 30").unwrap_err();
+    assert_eq!(e.key.as_deref(), Some("recovery.strategies[0].actions[0].timeout"), "{e}");
+    assert_eq!(e.value.as_deref(), Some("30"), "{e}");
+    assert!(e.allowed.contains("30s"), "{e}");
+    // A mistyped key used to be ignored, leaving the default in force.
+    let e = load("timout = \"5s\"").unwrap_err();
+    assert_eq!(e.key.as_deref(), Some("recovery.strategies[0].actions[0].timout"), "{e}");
+    assert!(e.allowed.contains("timeout"), "{e}");
+    load("timeout = \"5s\"").expect("a well-formed action loads");
+}
+
+#[test]
+fn a_negative_or_oversized_whole_number_says_so() {
+    for (value, says) in [("-1", "0 or more"), ("99999999999", "too large"), ("ten", "whole number")] {
+        let e = refused(&[("WARDEN__DATABASE__POOL_SIZE", value)]);
+        assert_eq!(e.key.as_deref(), Some("database.pool_size"), "{e}");
+        assert!(e.allowed.contains(says) && !e.allowed.contains("bit"), "{value}: {e}");
+    }
+    let file = override_file("[database]\npool_size = -1\n");
+    let e = Settings::load(&Sources { file: Some(file.path().to_path_buf()), env: Some(HashMap::new()) }).unwrap_err();
+    assert!(e.allowed.contains("0 or more"), "{e}");
+}
+
+#[test]
+fn smtp_credentials_name_the_missing_half_and_never_claim_a_secret_was_set() {
+    let e = refused(&[("WARDEN__ALERTING__SMTP__TLS", "starttls"), ("WARDEN__ALERTING__SMTP__USERNAME", "bob")]);
+    assert_eq!(e.key.as_deref(), Some("alerting.smtp.password"), "{e}");
+    assert_eq!(e.value.as_deref(), Some(""), "{e}");
+    let e = refused(&[("WARDEN__ALERTING__SMTP__TLS", "starttls"), ("WARDEN__ALERTING__SMTP__PASSWORD", "hunter2")]);
+    assert_eq!(e.key.as_deref(), Some("alerting.smtp.username"), "{e}");
+    assert!(!e.to_string().contains("hunter2"), "{e}");
 }
 
 #[test]
