@@ -111,6 +111,31 @@ async fn run_locked(client: &mut Client) -> Result<Applied, MigrateError> {
     Ok(Applied { applied, version })
 }
 
+/// Migrations recorded in the database that this binary knows by another
+/// name or content: the database was migrated by a build whose migration
+/// of the same version differs. `warden migrate` refuses such a database
+/// (refinery's divergence check); this reads the same thing without
+/// writing, for verbs that leave a current schema alone.
+pub async fn divergent(client: &Client) -> Result<Vec<String>, DbError> {
+    let exists: bool = client.query_one("SELECT to_regclass($1) IS NOT NULL", &[&HISTORY_TABLE]).await?.get(0);
+    if !exists {
+        return Ok(Vec::new());
+    }
+    let rows =
+        client.query(&format!("SELECT version, name, checksum FROM {HISTORY_TABLE} ORDER BY version"), &[]).await?;
+    let known = embedded::migrations::runner().get_migrations().to_vec();
+    Ok(rows
+        .iter()
+        .filter_map(|row| {
+            let (version, name, checksum): (i32, Option<String>, Option<String>) = (row.get(0), row.get(1), row.get(2));
+            let ours = known.iter().find(|m| m.version() == version)?;
+            // The checksum covers the version, the name and the SQL.
+            let same = checksum.as_deref() == Some(&ours.checksum().to_string());
+            (!same).then(|| format!("V{version}__{}", name.unwrap_or_default()))
+        })
+        .collect())
+}
+
 /// The schema version recorded in the database, `None` before any migration.
 pub async fn current_version(client: &Client) -> Result<Option<i32>, DbError> {
     let exists: bool = client.query_one("SELECT to_regclass($1) IS NOT NULL", &[&HISTORY_TABLE]).await?.get(0);

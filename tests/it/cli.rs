@@ -107,6 +107,25 @@ async fn database_verbs_read_a_current_schema_on_a_read_only_database() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// A database migrated by another build whose migration of the same version
+/// differs is refused by `warden migrate`; the verbs that leave a current
+/// schema alone refuse it too, instead of working on tables they may not
+/// understand.
+#[tokio::test]
+async fn database_verbs_refuse_a_schema_migrated_by_a_different_build() {
+    let db = crate::helpers::TestDb::migrated().await;
+    let out = warden().args(["keys", "list"]).env("WARDEN__DATABASE__URL", db.url()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let client = db.client().await;
+    client.batch_execute("UPDATE warden.refinery_schema_history SET checksum = '1' WHERE version = 3").await.unwrap();
+    let out = warden().args(["keys", "list"]).env("WARDEN__DATABASE__URL", db.url()).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("V3__health") && stderr.contains("different build"), "{stderr}");
+    let out = warden().arg("migrate").env("WARDEN__DATABASE__URL", db.url()).output().unwrap();
+    assert!(!out.status.success(), "migrate refuses it as well");
+}
+
 #[tokio::test]
 async fn database_verbs_migrate_an_empty_database_only_when_allowed() {
     let db = crate::helpers::TestDb::empty().await;
