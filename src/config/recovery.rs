@@ -20,7 +20,8 @@ pub struct RecoverySettings {
     pub backoff_base: Duration,
     pub backoff_cap: Duration,
     /// Fixed verification time; unset: recover_after_healthy intervals + 50%
-    /// + one health check interval.
+    /// + one health check interval + what the issue needs to clear (see
+    /// settings.toml).
     #[serde(default)]
     pub verify_timeout: Option<Duration>,
     /// How often each replica looks for recovery work.

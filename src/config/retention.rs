@@ -16,9 +16,9 @@ pub struct RetentionSettings {
     pub health_history: Duration,
     pub minute_rollups: Duration,
     pub hour_rollups: Duration,
-    /// system_events other than liveness transitions.
+    /// system_events other than liveness transitions and evaluation_paused.
     pub events: Duration,
-    /// Liveness transitions (availability history).
+    /// Liveness transitions and evaluation_paused events (availability history).
     pub transitions: Duration,
     /// Resolved incidents with their recovery jobs, actions, alerts and deliveries.
     pub incidents: Duration,

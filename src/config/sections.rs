@@ -28,7 +28,8 @@ pub struct Settings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthSettings {
-    /// Require an API key on every call but the probes.
+    /// Require an API key on every call but the probes, /metrics,
+    /// /openapi.json and the public status page.
     pub enabled: bool,
     /// How long a verified key is trusted before it is checked again.
     pub cache_ttl: Duration,
@@ -210,7 +211,8 @@ pub struct DatabaseSettings {
     pub acquire_timeout: Duration,
     /// Server-side limit for any one statement.
     pub statement_timeout: Duration,
-    /// Whether `serve` applies pending migrations on start.
+    /// Whether `serve` applies pending migrations on start (and the database
+    /// verbs before they run against an older schema).
     pub migrate_on_start: bool,
     /// Days of daily partitions kept ready ahead of today.
     pub partitions_ahead_days: u32,
