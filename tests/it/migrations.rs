@@ -364,7 +364,9 @@ async fn a_heartbeat_does_not_log_the_score_breakdown_again() {
     assert!(breakdown > 400, "breakdown of {breakdown} bytes");
 
     // A checkpoint between two statements makes the next write of the page
-    // log the whole page instead; a few tries find a plain record.
+    // log the whole page instead; a few tries find a plain record. (The WAL
+    // is the cluster's: every test database, cloned from one template, has
+    // the same file node, so the record is picked by this database's OID.)
     for uptime in 2..6_i64 {
         let start: String = client.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).await.unwrap().get(0);
         client.execute("SELECT warden.record_heartbeat('scored', uptime_seconds => $1)", &[&uptime]).await.unwrap();
@@ -373,7 +375,8 @@ async fn a_heartbeat_does_not_log_the_score_breakdown_again() {
                 "SELECT record_length, fpi_length \
                  FROM pg_get_wal_records_info($1::text::pg_lsn, pg_current_wal_flush_lsn()) \
                  WHERE resource_manager = 'Heap' AND record_type IN ('UPDATE', 'HOT_UPDATE') \
-                   AND block_ref LIKE '%/' || pg_relation_filenode('warden.agent_status') || ' %'",
+                   AND block_ref LIKE '%/' || (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                                      || '/' || pg_relation_filenode('warden.agent_status') || ' %'",
                 &[&start],
             )
             .await

@@ -15,9 +15,13 @@ async fn app() -> TestApp {
 }
 
 async fn cycle(app: &TestApp) -> evaluator::CycleReport {
+    cycle_at(app, None).await
+}
+
+async fn cycle_at(app: &TestApp, now: Option<chrono::DateTime<chrono::Utc>>) -> evaluator::CycleReport {
     let mut client = app.db.client().await;
     let params = EvalParams::from_settings(&crate::helpers::default_settings().health);
-    evaluator::liveness_cycle(&mut client, &params, "test", None).await.unwrap()
+    evaluator::liveness_cycle(&mut client, &params, "test", now).await.unwrap()
 }
 
 async fn get_json(app: &TestApp, key: &str, path: &str) -> (u16, Value) {
@@ -220,21 +224,30 @@ async fn the_stream_delivers_transitions_and_incidents_as_they_commit() {
     assert_eq!(stream.headers()["content-type"], "text/event-stream");
     let mut buffer = String::new();
     next_event(&mut stream, &mut buffer, |name, _| name == "ready").await;
+    // The replica's listener connects on its own; a transition committed
+    // before it listens reaches no stream (clients resync over REST).
+    let db = app.db.client().await;
+    eventually(Duration::from_secs(30), "the stream listener", || async {
+        let n: i64 = db
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN %'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (n > 0).then_some(())
+    })
+    .await;
 
-    app.heartbeat(&ingest, json!({"agent_id": "live", "next_heartbeat_ms": 100})).await;
-    // The stream listener connects asynchronously; keep cycling until seen.
-    let online = {
-        let poke = async {
-            loop {
-                cycle(&app).await;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        };
-        tokio::select! {
-            event = next_event(&mut stream, &mut buffer, |name, v| name == "status_changed" && v["new"] == "online") => event,
-            _ = poke => unreachable!(),
-        }
-    };
+    // The clock is driven: the transitions do not depend on how soon after
+    // the heartbeat a cycle runs.
+    app.heartbeat(&ingest, json!({"agent_id": "live", "next_heartbeat_ms": 1000})).await;
+    let seen: chrono::DateTime<chrono::Utc> =
+        db.query_one("SELECT last_seen FROM warden.agent_status WHERE agent_id = 'live'", &[]).await.unwrap().get(0);
+    cycle_at(&app, Some(seen + chrono::Duration::milliseconds(100))).await;
+    let online =
+        next_event(&mut stream, &mut buffer, |name, v| name == "status_changed" && v["new"] == "online").await;
     assert_eq!(online["agent_id"], "live");
     assert_eq!(online["old"], "unknown");
     assert!(online["timestamp"].is_string());
@@ -242,15 +255,14 @@ async fn the_stream_delivers_transitions_and_incidents_as_they_commit() {
     // Any database role can notify on the channel: a name SSE cannot carry
     // (a newline) or one warden never sends is dropped, and the stream
     // carries on.
-    let db = app.db.client().await;
     for forged in [r#"{"type":"a\nb","agent_id":"live"}"#, r#"{"type":"forged","agent_id":"live"}"#] {
         db.execute("SELECT pg_notify('warden_events', $1)", &[&forged]).await.unwrap();
     }
 
     let opened = {
         let poke = async {
-            loop {
-                cycle(&app).await;
+            for k in 1.. {
+                cycle_at(&app, Some(seen + chrono::Duration::seconds(k))).await;
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         };
