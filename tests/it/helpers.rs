@@ -34,11 +34,15 @@ async fn admin_config() -> &'static tokio_postgres::Config {
             let mut config =
                 tokio_postgres::Config::from_str(&url).expect("WARDEN_TEST_DATABASE_URL is not a valid URL");
             config.connect_timeout(Duration::from_secs(5));
-            if config.connect(NoTls).await.is_ok() {
-                return config;
+            if config.connect(NoTls).await.is_err() {
+                eprintln!("no PostgreSQL at {url}; using an embedded cluster for the tests");
+                config = embedded_admin_config().await;
             }
-            eprintln!("no PostgreSQL at {url}; using an embedded cluster for the tests");
-            embedded_admin_config().await
+            // The tests' own SQL (date_trunc, now() + interval '30 days')
+            // reads days and hours in UTC, as warden's sessions do, whatever
+            // the server's time zone.
+            config.options("-c timezone=UTC");
+            config
         })
         .await
 }
@@ -257,6 +261,26 @@ impl TestApp {
         let server = tokio::spawn(app.run(shutdown.clone()));
         let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
         Self { addr, db, http, shutdown, server: Some(server) }
+    }
+
+    /// A warden whose own evaluator stays out of the way: it runs one
+    /// liveness cycle and one score pass as it starts, then sleeps for the
+    /// hour. Waiting for that pass keeps it from landing in the middle of a
+    /// test (making a fresh agent online, or overwriting scores the test's
+    /// own clock-driven cycles wrote).
+    pub async fn spawn_quiet_with(tweak: impl FnOnce(&mut Settings)) -> Self {
+        let app = Self::spawn_with(|s| {
+            s.health.check_interval = warden::config::Duration::from_secs(3600);
+            tweak(s);
+        })
+        .await;
+        eventually(Duration::from_secs(60), "the service's first score pass", || async {
+            let client = app.db.client().await;
+            let row = client.query_one("SELECT last_score_at FROM warden.evaluator_state", &[]).await.ok()?;
+            row.get::<_, Option<chrono::DateTime<chrono::Utc>>>(0).map(|_| ())
+        })
+        .await;
+        app
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -185,7 +185,7 @@ async fn bad_heartbeat_arguments_are_tool_errors_naming_the_field_and_write_noth
 
 #[tokio::test]
 async fn agent_status_reports_the_agents_row_and_refuses_unknown_agents() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_quiet_with(|_| {}).await;
     let key = app.key(&[Scope::Ingest, Scope::Read]).await;
     for uptime in [10, 20, 30] {
         let (status, _) =

@@ -246,8 +246,7 @@ async fn the_stream_delivers_transitions_and_incidents_as_they_commit() {
     let seen: chrono::DateTime<chrono::Utc> =
         db.query_one("SELECT last_seen FROM warden.agent_status WHERE agent_id = 'live'", &[]).await.unwrap().get(0);
     cycle_at(&app, Some(seen + chrono::Duration::milliseconds(100))).await;
-    let online =
-        next_event(&mut stream, &mut buffer, |name, v| name == "status_changed" && v["new"] == "online").await;
+    let online = next_event(&mut stream, &mut buffer, |name, v| name == "status_changed" && v["new"] == "online").await;
     assert_eq!(online["agent_id"], "live");
     assert_eq!(online["old"], "unknown");
     assert!(online["timestamp"].is_string());

@@ -23,7 +23,9 @@ fn fast(s: &mut Settings, strategies: Vec<Strategy>) {
     s.recovery.poll_interval = D::from_millis(100);
     s.recovery.backoff_base = D::from_millis(200);
     s.recovery.backoff_cap = D::from_secs(1);
-    s.recovery.verify_timeout = Some(D::from_secs(6));
+    // A restarted agent is a new process that must start, heartbeat and be
+    // seen on time again: generous on a loaded machine.
+    s.recovery.verify_timeout = Some(D::from_secs(20));
     s.recovery.max_attempts = 3;
     s.recovery.attempt_window = D::from_secs(600);
     s.recovery.lease_margin = D::from_secs(1);
@@ -145,7 +147,17 @@ async fn a_killed_agent_is_restarted_verified_and_its_incident_resolved() {
     let mut agent = start_agent(&app, "rec-1");
     wait_liveness(&app, "rec-1", "online").await;
     agent.kill();
-    wait_liveness(&app, "rec-1", "offline").await;
+    // Offline is brief (the restart follows at once): wait for its record.
+    eventually(WAIT, "rec-1 declared offline", || async {
+        let n = app
+            .count(
+                "SELECT count(*) FROM warden.system_events WHERE agent_id = 'rec-1' \
+                 AND event_type = 'status_changed' AND details ->> 'new' = 'offline'",
+            )
+            .await;
+        (n > 0).then_some(())
+    })
+    .await;
 
     // The strategy restarts it; the agent is verified back and the incident
     // resolves with the recovery credited (the evaluator may resolve it a
@@ -276,7 +288,13 @@ async fn a_hung_command_times_out_and_the_next_action_is_tried() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_that_never_comes_back_fails_verification_until_exhausted() {
-    let app = spawn_recovering(|_| vec![strategy(vec![command(vec!["/bin/true".into()], D::from_secs(5))])]).await;
+    // It never comes back, so a short verification only makes the test quicker.
+    let app = spawn_recovering(|_| {
+        let mut s = strategy(vec![command(vec!["/bin/true".into()], D::from_secs(5))]);
+        s.verify_timeout = Some(D::from_secs(6));
+        vec![s]
+    })
+    .await;
     let mut agent = start_agent(&app, "rec-4");
     wait_liveness(&app, "rec-4", "online").await;
     agent.kill();
@@ -444,8 +462,11 @@ async fn a_replica_killed_mid_recovery_leaves_the_job_to_another_and_nothing_run
     let _cleanup = Pidfile(pidfile.clone());
     let (port_a, port_b) = (free_port(), free_port());
     let (url_a, url_b) = (format!("http://127.0.0.1:{port_a}"), format!("http://127.0.0.1:{port_b}"));
-    // The restart takes two seconds, long enough to kill the replica running it.
-    let script = "sleep 2; \"$0\" --url \"$1\" --url \"$2\" --agent-id \"$3\" --interval-ms 1000 --every-ms 300 \
+    // The restart waits for the test's go-ahead (a file; a minute at most),
+    // so the replica running it is killed while it runs, however slow.
+    let go = dir.path().join("go");
+    let script = "i=0; while [ ! -e \"$5\" ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; \
+                  \"$0\" --url \"$1\" --url \"$2\" --agent-id \"$3\" --interval-ms 1000 --every-ms 300 \
                   </dev/null >/dev/null 2>&1 & echo $! > \"$4\"";
     let config = dir.path().join("warden.toml");
     std::fs::write(
@@ -465,11 +486,12 @@ name = "restart"
 issues = ["agent_unresponsive"]
 [[recovery.strategies.actions]]
 kind = "command"
-argv = ["/bin/sh", "-c", {script:?}, {bin:?}, {url_a:?}, {url_b:?}, "{{agent_id}}", {pid:?}]
-timeout = "10s"
+argv = ["/bin/sh", "-c", {script:?}, {bin:?}, {url_a:?}, {url_b:?}, "{{agent_id}}", {pid:?}, {go:?}]
+timeout = "20s"
 "#,
             bin = example_agent().display().to_string(),
             pid = pidfile.display().to_string(),
+            go = go.display().to_string(),
         ),
     )
     .unwrap();
@@ -505,6 +527,7 @@ timeout = "10s"
     let owner_port: u16 = owner.rsplit(':').next().unwrap().parse().unwrap();
     let victim = replicas.iter().position(|r| r.port == owner_port).expect("the owner is one of ours");
     replicas[victim].kill();
+    std::fs::write(&go, "").unwrap();
 
     // The survivor takes the job over once the lease lapses; the orphaned
     // restart still brings the agent back, and the job succeeds once.

@@ -24,28 +24,17 @@ pub async fn app() -> TestApp {
 }
 
 pub async fn app_with(tweak: impl FnOnce(&mut warden::config::Settings)) -> TestApp {
-    let app = TestApp::spawn_with(|s| {
-        s.health.check_interval = warden::config::Duration::from_secs(3600);
-        tweak(s);
-    })
-    .await;
-    // The service's own evaluator runs one liveness cycle and one score
-    // pass as it starts, then sleeps for the hour. Waiting for that pass
-    // keeps it from landing in the middle of the tests' own, clock-driven
-    // ones (and overwriting their scores).
-    eventually(Duration::from_secs(60), "the service's first score pass", || async {
-        let client = app.db.client().await;
-        let row = client.query_one("SELECT last_score_at FROM warden.evaluator_state", &[]).await.ok()?;
-        row.get::<_, Option<chrono::DateTime<chrono::Utc>>>(0).map(|_| ())
-    })
-    .await;
-    app
+    TestApp::spawn_quiet_with(tweak).await
 }
 
 pub async fn cycle(app: &TestApp) -> evaluator::CycleReport {
+    cycle_at(app, None).await
+}
+
+async fn cycle_at(app: &TestApp, now: Option<chrono::DateTime<chrono::Utc>>) -> evaluator::CycleReport {
     let mut client = app.db.client().await;
     let params = EvalParams::from_settings(&crate::helpers::default_settings().health);
-    evaluator::liveness_cycle(&mut client, &params, "test", None).await.unwrap()
+    evaluator::liveness_cycle(&mut client, &params, "test", now).await.unwrap()
 }
 
 /// Liveness of one agent as stored.
@@ -64,15 +53,16 @@ pub async fn keys(app: &TestApp) -> (String, String, String) {
     (app.key(&[Scope::Ingest]).await, app.key(&[Scope::Read]).await, app.key(&[Scope::Admin]).await)
 }
 
-/// Agents `steady-1`, `steady-2` (30 s interval, labelled) and `flaky`
-/// (2 s interval: short enough to go offline within a test, long enough to
-/// be online at the first cycle on a busy machine), all online and scored.
+/// Agents `steady-1`, `steady-2` (hourly, labelled: online however long a
+/// test waits for its browser) and `flaky` (2 s interval: offline within
+/// seconds of real time), all online and scored.
 pub async fn seed_fleet(app: &TestApp, ingest: &str) {
     for (id, name, role) in [("steady-1", "Steady one", "api"), ("steady-2", "Steady two", "worker")] {
         let (status, _) = app
             .heartbeat(
                 ingest,
-                json!({"agent_id": id, "name": name, "mode": "active", "labels": {"role": role, "service": "Payments"},
+                json!({"agent_id": id, "name": name, "mode": "active", "next_heartbeat_ms": 3_600_000,
+                       "labels": {"role": role, "service": "Payments"},
                        "metrics": {"cpu_percent": 35.0, "latency_ms": 120.0}}),
             )
             .await;
@@ -82,7 +72,16 @@ pub async fn seed_fleet(app: &TestApp, ingest: &str) {
         .heartbeat(ingest, json!({"agent_id": "flaky", "next_heartbeat_ms": 2000, "labels": {"service": "Search"}}))
         .await;
     assert_eq!(status, 200);
-    cycle(app).await;
+    // Right after flaky's heartbeat, whenever this runs.
+    let seen: chrono::DateTime<chrono::Utc> = app
+        .db
+        .client()
+        .await
+        .query_one("SELECT last_seen FROM warden.agent_status WHERE agent_id = 'flaky'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    cycle_at(app, Some(seen + chrono::Duration::milliseconds(100))).await;
     // A score pass, a few seconds ahead (it reads samples up to two seconds
     // before its clock), so the agents have scores, tiers and breakdowns.
     let mut client = app.db.client().await;

@@ -9,7 +9,7 @@ use super::browser::Browser;
 use super::{alert_state, app, app_with, keys, seed_fleet, take_flaky_offline};
 use crate::helpers::TestApp;
 
-const PATIENCE: Duration = Duration::from_secs(15);
+const PATIENCE: Duration = Duration::from_secs(30);
 
 async fn sign_in(b: &Browser, app: &TestApp, key: &str) {
     b.goto(&app.url("/")).await;
@@ -103,7 +103,7 @@ async fn browser_an_agent_going_offline_updates_its_row_totals_and_incidents_liv
     let committed = tokio::time::Instant::now();
     b.wait_until(
         "flaky's row, the totals and the incident list to update",
-        Duration::from_secs(10),
+        PATIENCE,
         "document.querySelector(\"tr[data-agent='flaky']\").dataset.liveness === 'offline' \
          && document.querySelector(\"tr[data-agent='flaky'] [data-field='liveness']\").innerText.includes('offline') \
          && document.querySelector(\"[data-total='offline']\").textContent === '1' \
