@@ -19,9 +19,9 @@ pub struct RecoverySettings {
     pub attempt_window: Duration,
     pub backoff_base: Duration,
     pub backoff_cap: Duration,
-    /// Fixed verification time; unset: recover_after_healthy intervals + 50%
-    /// + one health check interval + what the issue needs to clear (see
-    /// settings.toml).
+    /// Fixed verification time. Unset: recover_after_healthy intervals and
+    /// half as much again, plus one health check interval, plus what the
+    /// issue needs to clear (see settings.toml).
     #[serde(default)]
     pub verify_timeout: Option<Duration>,
     /// How often each replica looks for recovery work.
