@@ -28,6 +28,8 @@ pub enum StartError {
     Migrate(#[from] migrate::MigrateError),
     #[error("could not connect to the database to migrate it: {0}")]
     Connect(db::DbError),
+    #[error("{0}")]
+    Schema(migrate::MigrateError),
     #[error("could not listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
 }
@@ -50,6 +52,12 @@ impl Application {
             if !outcome.applied.is_empty() {
                 tracing::info!(applied = ?outcome.applied, version = outcome.version, "database migrated");
             }
+        } else {
+            // Another replica or `warden migrate` brings the schema up to
+            // date (readiness waits for it); one migrated by a different
+            // build is refused, as `warden migrate` would.
+            let client = db::client(&database.pool).await.map_err(StartError::Connect)?;
+            migrate::check_divergence(&client).await.map_err(StartError::Schema)?;
         }
         {
             let client = db::client(&database.pool).await.map_err(StartError::Connect)?;

@@ -415,14 +415,7 @@ where
             }
             migrate::run(&mut client).await.map_err(Failure::other)?;
         } else {
-            let divergent = migrate::divergent(&client).await.map_err(Failure::other)?;
-            if !divergent.is_empty() {
-                return Err(Failure::other(format!(
-                    "the database was migrated by a different build of warden: its {} differ from this \
-                     binary's; run the build that migrated it",
-                    divergent.join(", ")
-                )));
-            }
+            migrate::check_divergence(&client).await.map_err(Failure::other)?;
         }
         work(&mut client).await
     }

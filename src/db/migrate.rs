@@ -23,6 +23,12 @@ pub enum MigrateError {
     Refinery(#[from] refinery::Error),
     #[error("PostgreSQL {MIN_SERVER_MAJOR} or newer is required; this server is {0}")]
     UnsupportedServer(String),
+    #[error(
+        "the database was migrated by a different build of warden: its {} differ from this binary's; \
+         run the build that migrated it",
+        .0.join(", ")
+    )]
+    Divergent(Vec<String>),
 }
 
 /// The oldest PostgreSQL major version warden runs on: retention detaches
@@ -134,6 +140,12 @@ pub async fn divergent(client: &Client) -> Result<Vec<String>, DbError> {
             (!same).then(|| format!("V{version}__{}", name.unwrap_or_default()))
         })
         .collect())
+}
+
+/// Refuses a database with [`divergent`] migrations.
+pub async fn check_divergence(client: &Client) -> Result<(), MigrateError> {
+    let divergent = divergent(client).await?;
+    if divergent.is_empty() { Ok(()) } else { Err(MigrateError::Divergent(divergent)) }
 }
 
 /// The schema version recorded in the database, `None` before any migration.

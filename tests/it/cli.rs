@@ -130,6 +130,17 @@ async fn database_verbs_refuse_a_schema_migrated_by_a_different_build() {
     assert!(stderr.contains("V3__health") && stderr.contains("different build"), "{stderr}");
     let out = warden().arg("migrate").env("WARDEN__DATABASE__URL", db.url()).output().unwrap();
     assert!(!out.status.success(), "migrate refuses it as well");
+    // So does a replica that leaves migrations to others.
+    let out = warden()
+        .arg("serve")
+        .env("WARDEN__DATABASE__URL", db.url())
+        .env("WARDEN__DATABASE__MIGRATE_ON_START", "false")
+        .env("WARDEN__SERVER__LISTEN", "127.0.0.1:0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("V3__health") && stderr.contains("different build"), "{stderr}");
 }
 
 #[tokio::test]
