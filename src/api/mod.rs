@@ -52,6 +52,8 @@ pub struct Shared {
     pub limiter: limit::RateLimiter,
     /// One permit per open event stream (`server.max_streams`).
     pub streams: Arc<tokio::sync::Semaphore>,
+    /// Open event streams per API key id (`server.max_streams_per_key`).
+    pub streams_per_key: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
 }
 
 impl AppState {
@@ -70,7 +72,10 @@ impl AppState {
         };
         let limiter = limit::RateLimiter::new(&settings.limits);
         let streams = Arc::new(tokio::sync::Semaphore::new(settings.server.max_streams));
-        Self { inner: Arc::new(Shared { pool, settings, auth, ingestor, limits, hub, limiter, streams }) }
+        let streams_per_key = Arc::default();
+        Self {
+            inner: Arc::new(Shared { pool, settings, auth, ingestor, limits, hub, limiter, streams, streams_per_key }),
+        }
     }
 }
 

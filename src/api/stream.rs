@@ -29,6 +29,52 @@ use super::{ApiError, AppState};
 use crate::model::AgentId;
 use crate::stream::StreamEvent;
 
+/// Seconds a client over its key's stream limit is asked to wait.
+const PER_KEY_RETRY_AFTER: u64 = 15;
+
+/// One of a key's open streams, counted in `AppState::streams_per_key`
+/// while it lives.
+struct KeyStream {
+    counts: Arc<std::sync::Mutex<HashMap<String, usize>>>,
+    key_id: String,
+}
+
+impl KeyStream {
+    fn open(state: &AppState, key_id: String) -> Result<Self, ApiError> {
+        let limit = state.settings.server.max_streams_per_key;
+        let counts = state.streams_per_key.clone();
+        {
+            let mut open = counts.lock().unwrap_or_else(|e| e.into_inner());
+            let n = open.entry(key_id.clone()).or_default();
+            if *n >= limit {
+                return Err(ApiError::new(
+                    axum::http::StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    format!(
+                        "{limit} event streams are open with this key on this replica, its limit \
+                         (server.max_streams_per_key); close one or retry later"
+                    ),
+                )
+                .with_retry_after(PER_KEY_RETRY_AFTER));
+            }
+            *n += 1;
+        }
+        Ok(Self { counts, key_id })
+    }
+}
+
+impl Drop for KeyStream {
+    fn drop(&mut self) {
+        let mut open = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.key_id) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.key_id);
+            }
+        }
+    }
+}
+
 /// How long one registration of an observed agent lasts; refreshed at half.
 const OBSERVE_FOR: Duration = Duration::from_secs(60);
 
@@ -38,7 +84,7 @@ pub fn router() -> Router<AppState> {
 
 async fn stream(
     State(state): State<AppState>,
-    _auth: Authorized<ReadScope>,
+    auth: Authorized<ReadScope>,
     headers: HeaderMap,
     Query(raw): Query<HashMap<String, String>>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
@@ -60,11 +106,15 @@ async fn stream(
             state.settings.server.max_streams
         ))
     })?;
+    let per_key = match auth.principal.key_id {
+        Some(key_id) => Some(KeyStream::open(&state, key_id)?),
+        None => None,
+    };
     let guard = match (&agent, heartbeats) {
         (Some(agent), true) => Some(observe(&state, agent.clone()).await?),
         _ => None,
     };
-    let guard = (guard, permit);
+    let guard = (guard, permit, per_key);
     let rx = state.hub.subscribe();
     let hello = Event::default()
         .event("ready")

@@ -64,12 +64,15 @@ pub struct KeyInfo {
 pub struct Principal {
     /// The key's name, or `None` when authentication is disabled.
     pub key_name: Option<String>,
+    /// The key's public id (`wdn_<id>_...`), or `None` when authentication
+    /// is disabled: what per-key limits count by (names need not be unique).
+    pub key_id: Option<String>,
     pub scopes: Vec<Scope>,
 }
 
 impl Principal {
     pub fn anonymous() -> Self {
-        Self { key_name: None, scopes: Scope::ALL.to_vec() }
+        Self { key_name: None, key_id: None, scopes: Scope::ALL.to_vec() }
     }
 
     pub fn allows(&self, needed: Scope) -> bool {
@@ -353,7 +356,8 @@ impl Authenticator {
             hash.copy_from_slice(&stored);
             let scopes: Vec<String> = r.get(2);
             let scopes = scopes.iter().filter_map(|s| s.parse().ok()).collect();
-            std::sync::Arc::new(StoredKey { hash, principal: Principal { key_name: Some(r.get(1)), scopes } })
+            let principal = Principal { key_name: Some(r.get(1)), key_id: Some(key_id.to_string()), scopes };
+            std::sync::Arc::new(StoredKey { hash, principal })
         });
         let entry = Cached { key, fetched: Instant::now() };
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
@@ -408,9 +412,9 @@ mod tests {
 
     #[test]
     fn admin_implies_every_scope_and_others_only_themselves() {
-        let admin = Principal { key_name: None, scopes: vec![Scope::Admin] };
+        let admin = Principal { key_name: None, key_id: None, scopes: vec![Scope::Admin] };
         assert!(Scope::ALL.iter().all(|s| admin.allows(*s)));
-        let ingest = Principal { key_name: None, scopes: vec![Scope::Ingest] };
+        let ingest = Principal { key_name: None, key_id: None, scopes: vec![Scope::Ingest] };
         assert!(ingest.allows(Scope::Ingest));
         assert!(!ingest.allows(Scope::Read) && !ingest.allows(Scope::Admin));
     }

@@ -332,6 +332,8 @@ fn settings_that_could_not_work_are_refused_by_name() {
         ("WARDEN__HEALTH__RESTART_LOOP_WINDOW", "health.restart_loop_window", "0s"),
         ("WARDEN__HEALTH__CHECK_INTERVAL", "health.check_interval", "100d"),
         ("WARDEN__HEALTH__FLEET_OUTAGE_MIN_AGENTS", "health.fleet_outage_min_agents", "0"),
+        ("WARDEN__SERVER__MAX_STREAMS_PER_KEY", "server.max_streams_per_key", "0"),
+        ("WARDEN__SERVER__MAX_STREAMS_PER_KEY", "server.max_streams_per_key", "257"),
     ] {
         let e = refused(&[(var, value)]);
         assert_eq!(e.key.as_deref(), Some(key), "{value}: {e}");

@@ -363,3 +363,33 @@ async fn a_revoked_key_loses_its_open_stream() {
     let more = tokio::time::timeout(Duration::from_secs(20), kept.chunk()).await;
     assert!(matches!(more, Ok(Ok(Some(_)))), "the other stream stays open: {more:?}");
 }
+
+/// One key cannot take every stream of a replica; other keys still get one,
+/// and a stream the client closes is given back.
+#[tokio::test]
+async fn one_key_holds_at_most_max_streams_per_key_streams() {
+    let app = TestApp::spawn_quiet_with(|s| s.server.max_streams_per_key = 2).await;
+    let (greedy, other) = (app.key(&[Scope::Read]).await, app.key(&[Scope::Read]).await);
+    let open = |key: String| {
+        let request = app.http.get(app.url("/v1/stream")).bearer_auth(key).timeout(Duration::from_secs(300));
+        async move { request.send().await.unwrap() }
+    };
+    let first = open(greedy.clone()).await;
+    let second = open(greedy.clone()).await;
+    assert_eq!((first.status().as_u16(), second.status().as_u16()), (200, 200));
+    let refused = open(greedy.clone()).await;
+    assert_eq!(refused.status(), 429);
+    assert_eq!(refused.headers()["retry-after"], "15");
+    let body: Value = refused.json().await.unwrap();
+    assert!(body["error"]["message"].as_str().unwrap().contains("max_streams_per_key"), "{body}");
+    assert_eq!(open(other).await.status(), 200, "another key is unaffected");
+
+    // Closed by the client: noticed at the stream's next write (keep-alive).
+    drop(first);
+    let _again = eventually(Duration::from_secs(60), "a stream given back", || async {
+        let response = open(greedy.clone()).await;
+        (response.status() == 200).then_some(response)
+    })
+    .await;
+    drop(second);
+}
