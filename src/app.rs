@@ -236,13 +236,8 @@ fn clamp_ms(d: crate::config::Duration) -> i32 {
 /// again if it does not; meanwhile requests are answered 503, and the pool
 /// reconnects by itself once it is back.
 async fn keep_embedded_running(cluster: db::embedded::EmbeddedCluster, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+    let mut every = crate::every::Every::new(std::time::Duration::from_secs(5), &stop);
+    while every.tick().await {
         match cluster.revive().await {
             Ok(true) => tracing::warn!("the embedded PostgreSQL was not running; started it again"),
             Ok(false) => {}
@@ -253,13 +248,8 @@ async fn keep_embedded_running(cluster: db::embedded::EmbeddedCluster, stop: Can
 
 /// Keeps daily partitions created ahead of time; runs at start and hourly.
 async fn partition_upkeep(pool: deadpool_postgres::Pool, ahead_days: u32, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(3600));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+    let mut every = crate::every::Every::new(std::time::Duration::from_secs(3600), &stop);
+    while every.tick().await {
         let result = async {
             let client = db::client(&pool).await?;
             db::ensure_partitions(&client, ahead_days).await

@@ -12,6 +12,8 @@
 //! - [`api`] — the axum router: probes and the `/v1` API.
 //! - [`console`] — the web console at `/` and the public status page at `/status`.
 //! - [`app`] — start-up and orderly shutdown of `warden serve`.
+//! - [`every`] — the clock of the periodic background loops (evaluator,
+//!   recovery, escalator, dispatcher, retention, partition upkeep).
 //! - [`cli`] — the command line verbs.
 //! - [`telemetry`] — logging.
 
@@ -30,6 +32,7 @@ pub mod config;
 pub mod console;
 pub mod db;
 pub mod demo;
+pub mod every;
 pub mod health;
 pub mod ingest;
 pub mod loadgen;

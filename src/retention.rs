@@ -67,13 +67,8 @@ impl Report {
 
 /// Runs cycles until `stop`, on whichever replica holds the lock.
 pub async fn run(pool: Pool, settings: RetentionSettings, stop: CancellationToken) {
-    let mut ticks = tokio::time::interval(settings.interval.get());
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = ticks.tick() => {}
-        }
+    let mut every = crate::every::Every::new(settings.interval.get(), &stop);
+    while every.tick().await {
         match run_once(&pool, &settings).await {
             Ok(Some(report)) => {
                 for (step, error) in &report.failed {

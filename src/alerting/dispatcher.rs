@@ -150,13 +150,8 @@ impl Dispatcher {
 
     /// Runs passes every `dispatch_interval` until `stop`.
     pub async fn run(self, stop: CancellationToken) {
-        let mut ticks = tokio::time::interval(self.params.interval);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = ticks.tick() => {}
-            }
+        let mut every = crate::every::Every::new(self.params.interval, &stop);
+        while every.tick().await {
             // A full batch means more may be due: go again at once.
             loop {
                 match self.pass(None).await {

@@ -160,13 +160,8 @@ struct Pending {
 
 /// Runs cycles every `evaluate_interval` until `stop`.
 pub async fn run(pool: Pool, params: EscalatorParams, stop: CancellationToken) {
-    let mut ticks = tokio::time::interval(params.interval);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = ticks.tick() => {}
-        }
+    let mut every = crate::every::Every::new(params.interval, &stop);
+    while every.tick().await {
         let result = async {
             let mut client = db::client(&pool).await?;
             cycle(&mut client, &params, None).await

@@ -1326,15 +1326,10 @@ impl Leader<'_> {
 
     async fn evaluate(&self, client: &mut tokio_postgres::Client) -> Result<(), DbError> {
         let (params, check) = (self.params, self.check);
-        let mut ticks = tokio::time::interval(check);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut every = crate::every::Every::new(check, self.stop);
         let mut last_score = tokio::time::Instant::now() - self.score_every;
         let mut failures = 0;
-        loop {
-            tokio::select! {
-                _ = self.stop.cancelled() => return Ok(()),
-                _ = ticks.tick() => {}
-            }
+        while every.tick().await {
             let started = std::time::Instant::now();
             match liveness_cycle(client, params, self.replica, None).await {
                 Ok(report) => {
@@ -1368,6 +1363,7 @@ impl Leader<'_> {
                 }
             }
         }
+        Ok(())
     }
 }
 

@@ -95,13 +95,8 @@ impl Engine {
 
     /// Ticks until `stop`, then lets running actions finish.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
-        let mut ticks = tokio::time::interval(self.settings.poll_interval.get());
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => break,
-                _ = ticks.tick() => {}
-            }
+        let mut every = crate::every::Every::new(self.settings.poll_interval.get(), &stop);
+        while every.tick().await {
             match self.tick(None).await {
                 Ok(report) if report != TickReport::default() && !report.paused_by_fleet_outage => {
                     tracing::debug!(?report, "recovery tick");
