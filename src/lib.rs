@@ -13,7 +13,8 @@
 //! - [`console`] — the web console at `/` and the public status page at `/status`.
 //! - [`app`] — start-up and orderly shutdown of `warden serve`.
 //! - [`every`] — the clock of the periodic background loops (evaluator,
-//!   recovery, escalator, dispatcher, retention, partition upkeep).
+//!   recovery, escalator, dispatcher, retention, partition upkeep, the
+//!   embedded cluster's watch).
 //! - [`cli`] — the command line verbs.
 //! - [`telemetry`] — logging.
 

@@ -317,9 +317,8 @@ impl AlertingSettings {
         if smtp.username.is_empty() != smtp.password.is_empty() {
             // Name the one that is missing.
             let missing = if smtp.password.is_empty() { "alerting.smtp.password" } else { "alerting.smtp.username" };
-            return Err(SettingsError::new(
+            return Err(SettingsError::unset(
                 missing,
-                "",
                 "set both alerting.smtp.username and alerting.smtp.password, or neither",
             ));
         }
@@ -454,9 +453,8 @@ impl AlertingSettings {
         // refuses to start without them rather than fail on the first page.
         let required = |field: &str, secret: &Secret| -> Result<(), SettingsError> {
             if self.enabled && secret.is_empty() {
-                return Err(SettingsError::new(
+                return Err(SettingsError::unset(
                     &key(field),
-                    "",
                     format!("required for kind {}; set {}", c.kind, super::env_var_for(&key(field))),
                 ));
             }

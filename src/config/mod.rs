@@ -52,10 +52,14 @@ pub struct SettingsError {
 
 impl SettingsError {
     pub fn new(key: &str, value: impl fmt::Display, allowed: impl Into<String>) -> Self {
-        let value = value.to_string();
-        // An unset secret shows as empty: "[redacted]" would say it was set.
-        let value = if is_secret_key(key) && !value.is_empty() { Secret::REDACTED.to_string() } else { value };
+        let value = if is_secret_key(key) { Secret::REDACTED.to_string() } else { value.to_string() };
         Self { key: Some(key.to_string()), value: Some(value), origin: None, allowed: allowed.into() }
+    }
+
+    /// A required setting left empty: shown as `""` (for a secret too;
+    /// `[redacted]` would say it was set).
+    pub fn unset(key: &str, allowed: impl Into<String>) -> Self {
+        Self { key: Some(key.to_string()), value: Some(String::new()), origin: None, allowed: allowed.into() }
     }
 
     fn general(message: impl Into<String>) -> Self {
@@ -140,7 +144,7 @@ pub fn is_secret_key(key: &str) -> bool {
         return true;
     }
     let last = key.rsplit('.').next().unwrap_or(key).to_ascii_lowercase();
-    last == "body" || ["url", "secret", "password", "token"].iter().any(|w| last.contains(w))
+    last == "body" || last == "headers" || ["url", "secret", "password", "token"].iter().any(|w| last.contains(w))
 }
 
 fn redact(value: &mut toml::Value) {
@@ -220,6 +224,17 @@ fn translate(err: config::ConfigError, merged: Option<&Config>, sources: &Source
     if let Some(field) = merged.and_then(|m| field_with_bad_value(m, &key, &problem)) {
         key = format!("{key}.{field}");
     }
+    // serde quotes the offending value in its message: out with it when it
+    // belongs to a secret, or to a field of a table that could not be told
+    // (a header given as a string would print the credential).
+    let whole_table = merged
+        .and_then(|m| m.get::<config::Value>(&key).ok())
+        .is_some_and(|v| matches!(v.kind, config::ValueKind::Table(_) | config::ValueKind::Array(_)));
+    if (is_secret_key(&key) || whole_table)
+        && let Some(span) = quoted_span(&problem).filter(|s| !s.is_empty())
+    {
+        problem.replace_range(span, Secret::REDACTED);
+    }
     // Only a single value is shown: an error reported against a whole table
     // (an HTTP recovery action with a field of the wrong type) would print
     // every field in it, URLs and header values included.
@@ -240,7 +255,7 @@ fn type_problem(unexpected: &impl fmt::Display, expected: &str) -> String {
         return format!("expected {expected}, found {unexpected}");
     }
     // Shown as 64-bit integer `-1`, or string "-1" from the environment.
-    let number = quoted_value(&unexpected).unwrap_or(&unexpected).trim().parse::<i128>().ok();
+    let number = quoted_value(&unexpected).unwrap_or(&unexpected).parse::<i128>().ok();
     match number {
         Some(n) if n < 0 => "expected a whole number, 0 or more".to_string(),
         Some(_) => "a whole number too large for this setting".to_string(),
@@ -251,28 +266,52 @@ fn type_problem(unexpected: &impl fmt::Display, expected: &str) -> String {
 /// The value serde quotes in a message: `30` or "two" after the first word
 /// or words (`integer `30``, `string "two"`).
 fn quoted_value(text: &str) -> Option<&str> {
+    quoted_span(text).map(|span| &text[span])
+}
+
+fn quoted_span(text: &str) -> Option<std::ops::Range<usize>> {
     let at = text.find(['`', '"'])?;
     let close = if text[at..].starts_with('`') { '`' } else { '"' };
-    text[at + 1..].split_once(close).map(|(v, _)| v)
+    let len = text[at + 1..].find(close)?;
+    Some(at + 1..at + 1 + len)
 }
 
 /// A table deserialized through buffered content (a recovery action, whose
 /// fields depend on its `kind`) reports a bad field's type against the
 /// whole table. serde's message still quotes the value (``invalid type:
 /// integer `30`, expected a duration``): the field is the one table entry
-/// holding exactly that value, when only one does.
+/// holding exactly that value, of the kind serde names, when only one does
+/// and nothing nested in the table holds it too.
 fn field_with_bad_value(merged: &Config, key: &str, problem: &str) -> Option<String> {
+    use config::ValueKind as K;
     let rest = problem.strip_prefix("invalid type: ").or_else(|| problem.strip_prefix("invalid value: "))?;
     let (found, _) = rest.split_once(", expected")?;
     let value = quoted_value(found)?;
-    let config::ValueKind::Table(table) = merged.get::<config::Value>(key).ok()?.kind else {
+    let kind = found.split(['`', '"']).next().unwrap_or_default();
+    let same = |v: &config::Value| {
+        let kind_matches = match &v.kind {
+            K::Boolean(_) => kind.contains("boolean"),
+            K::I64(_) | K::I128(_) | K::U64(_) | K::U128(_) => kind.contains("integer"),
+            K::Float(_) => kind.contains("floating point"),
+            K::String(_) => kind.contains("string"),
+            _ => false,
+        };
+        kind_matches && v.to_string() == value
+    };
+    fn nested(v: &config::Value, same: &dyn Fn(&config::Value) -> bool) -> usize {
+        match &v.kind {
+            K::Table(t) => t.values().map(|v| nested(v, same)).sum(),
+            K::Array(a) => a.iter().map(|v| nested(v, same)).sum(),
+            _ => usize::from(same(v)),
+        }
+    }
+    let K::Table(table) = merged.get::<config::Value>(key).ok()?.kind else {
         return None;
     };
-    let mut matching = table.iter().filter(|(_, v)| {
-        !matches!(v.kind, config::ValueKind::Table(_) | config::ValueKind::Array(_)) && v.to_string() == value
-    });
+    let mut matching = table.iter().filter(|(_, v)| !matches!(v.kind, K::Table(_) | K::Array(_)) && same(v));
     let (field, _) = matching.next()?;
-    matching.next().is_none().then(|| field.clone())
+    let anywhere: usize = table.values().map(|v| nested(v, &same)).sum();
+    (matching.next().is_none() && anywhere == 1).then(|| field.clone())
 }
 
 /// Which layer set `key`: the environment variable if one is set, else the

@@ -193,7 +193,8 @@ pub struct ServerSettings {
     /// at once on this replica.
     pub max_streams: usize,
     /// Most of them open with one API key (a console session counts as its
-    /// key), so that one client cannot take every stream.
+    /// key), so that one client cannot take every stream. Above
+    /// `max_streams` it changes nothing.
     pub max_streams_per_key: usize,
 }
 
@@ -268,7 +269,7 @@ impl Settings {
         check_min("server.request_timeout", self.server.request_timeout, Duration::from_millis(100))?;
         check_min("server.header_read_timeout", self.server.header_read_timeout, Duration::from_millis(100))?;
         check_range("server.max_streams", self.server.max_streams, 1, 100_000)?;
-        check_range("server.max_streams_per_key", self.server.max_streams_per_key, 1, self.server.max_streams)?;
+        check_range("server.max_streams_per_key", self.server.max_streams_per_key, 1, 100_000)?;
         check_max("auth.cache_ttl", self.auth.cache_ttl, Duration::from_secs(3600))?;
         let ingest = &self.ingest;
         check_range("ingest.max_batch", ingest.max_batch, 1, 100_000)?;

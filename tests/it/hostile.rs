@@ -227,7 +227,9 @@ async fn a_trickling_body_is_cut_off_with_408_and_holds_no_database_connection()
     });
     // Meanwhile the database is free for everyone else: had the slow
     // requests held the pool's connections, these would have waited for
-    // database.acquire_timeout and got 503.
+    // database.acquire_timeout and got 503. (The pause lets the slow
+    // requests reach their handlers first; it decides no assertion.)
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let (status, _) = app.heartbeat(&key, json!({"agent_id": "fast"})).await;
     assert_eq!(status, 200);
     assert_eq!(app.http.get(app.url("/v1/fleet")).bearer_auth(&key).send().await.unwrap().status(), 200);
