@@ -52,15 +52,15 @@ impl Application {
             if !outcome.applied.is_empty() {
                 tracing::info!(applied = ?outcome.applied, version = outcome.version, "database migrated");
             }
-        } else {
-            // Another replica or `warden migrate` brings the schema up to
-            // date (readiness waits for it); one migrated by a different
-            // build is refused, as `warden migrate` would.
-            let client = db::client(&database.pool).await.map_err(StartError::Connect)?;
-            migrate::check_divergence(&client).await.map_err(StartError::Schema)?;
         }
         {
             let client = db::client(&database.pool).await.map_err(StartError::Connect)?;
+            if !settings.database.migrate_on_start {
+                // Another replica or `warden migrate` brings the schema up
+                // to date (readiness waits for it); one migrated by a
+                // different build is refused, as `warden migrate` would.
+                migrate::check_divergence(&client).await.map_err(StartError::Schema)?;
+            }
             sync_mode_intervals(&client, &settings).await.map_err(StartError::Connect)?;
             warn_without_autovacuum(&client).await;
         }

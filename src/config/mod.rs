@@ -308,10 +308,11 @@ fn field_with_bad_value(merged: &Config, key: &str, problem: &str) -> Option<Str
     let K::Table(table) = merged.get::<config::Value>(key).ok()?.kind else {
         return None;
     };
-    let mut matching = table.iter().filter(|(_, v)| !matches!(v.kind, K::Table(_) | K::Array(_)) && same(v));
-    let (field, _) = matching.next()?;
+    // Counted everywhere in the table, the entry's own value included: one
+    // in all, and it sits at the top.
     let anywhere: usize = table.values().map(|v| nested(v, &same)).sum();
-    (matching.next().is_none() && anywhere == 1).then(|| field.clone())
+    let (field, _) = table.iter().find(|(_, v)| !matches!(v.kind, K::Table(_) | K::Array(_)) && same(v))?;
+    (anywhere == 1).then(|| field.clone())
 }
 
 /// Which layer set `key`: the environment variable if one is set, else the

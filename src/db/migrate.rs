@@ -123,13 +123,13 @@ async fn run_locked(client: &mut Client) -> Result<Applied, MigrateError> {
 /// (refinery's divergence check); this reads the same thing without
 /// writing, for verbs that leave a current schema alone.
 pub async fn divergent(client: &Client) -> Result<Vec<String>, DbError> {
-    let exists: bool = client.query_one("SELECT to_regclass($1) IS NOT NULL", &[&HISTORY_TABLE]).await?.get(0);
-    if !exists {
+    if !history_exists(client).await? {
         return Ok(Vec::new());
     }
     let rows =
         client.query(&format!("SELECT version, name, checksum FROM {HISTORY_TABLE} ORDER BY version"), &[]).await?;
-    let known = embedded::migrations::runner().get_migrations().to_vec();
+    let runner = embedded::migrations::runner();
+    let known = runner.get_migrations();
     Ok(rows
         .iter()
         .filter_map(|row| {
@@ -142,6 +142,11 @@ pub async fn divergent(client: &Client) -> Result<Vec<String>, DbError> {
         .collect())
 }
 
+/// Whether any migration was ever recorded (the history table exists).
+async fn history_exists(client: &Client) -> Result<bool, DbError> {
+    Ok(client.query_one("SELECT to_regclass($1) IS NOT NULL", &[&HISTORY_TABLE]).await?.get(0))
+}
+
 /// Refuses a database with [`divergent`] migrations.
 pub async fn check_divergence(client: &Client) -> Result<(), MigrateError> {
     let divergent = divergent(client).await?;
@@ -150,8 +155,7 @@ pub async fn check_divergence(client: &Client) -> Result<(), MigrateError> {
 
 /// The schema version recorded in the database, `None` before any migration.
 pub async fn current_version(client: &Client) -> Result<Option<i32>, DbError> {
-    let exists: bool = client.query_one("SELECT to_regclass($1) IS NOT NULL", &[&HISTORY_TABLE]).await?.get(0);
-    if !exists {
+    if !history_exists(client).await? {
         return Ok(None);
     }
     let row = client.query_one(&format!("SELECT max(version) FROM {HISTORY_TABLE}"), &[]).await?;
