@@ -283,6 +283,17 @@ impl TestApp {
         app
     }
 
+    /// One liveness cycle of the default settings, at `now` (the database's
+    /// clock when `None`), run by the test instead of the service.
+    pub async fn liveness_cycle(
+        &self,
+        now: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> warden::health::evaluator::CycleReport {
+        let mut client = self.db.client().await;
+        let params = warden::health::evaluator::EvalParams::from_settings(&default_settings().health);
+        warden::health::evaluator::liveness_cycle(&mut client, &params, "test", now).await.unwrap()
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }

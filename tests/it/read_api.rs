@@ -4,24 +4,13 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use warden::auth::Scope;
-use warden::health::evaluator::{self, EvalParams};
 
 use crate::helpers::{TestApp, eventually};
 
-/// A warden whose background evaluator stays out of the way (it runs once at
-/// start, then hourly), so tests run cycles themselves.
+/// A warden whose background evaluator stays out of the way, so tests run
+/// cycles themselves.
 async fn app() -> TestApp {
-    TestApp::spawn_with(|s| s.health.check_interval = warden::config::Duration::from_secs(3600)).await
-}
-
-async fn cycle(app: &TestApp) -> evaluator::CycleReport {
-    cycle_at(app, None).await
-}
-
-async fn cycle_at(app: &TestApp, now: Option<chrono::DateTime<chrono::Utc>>) -> evaluator::CycleReport {
-    let mut client = app.db.client().await;
-    let params = EvalParams::from_settings(&crate::helpers::default_settings().health);
-    evaluator::liveness_cycle(&mut client, &params, "test", now).await.unwrap()
+    TestApp::spawn_quiet_with(|_| {}).await
 }
 
 async fn get_json(app: &TestApp, key: &str, path: &str) -> (u16, Value) {
@@ -39,7 +28,7 @@ async fn agents_are_listed_filtered_and_paged() {
         let role = if i % 2 == 0 { "worker" } else { "api" };
         app.heartbeat(&ingest, json!({"agent_id": format!("a{i}"), "labels": {"role": role}})).await;
     }
-    cycle(&app).await;
+    app.liveness_cycle(None).await;
 
     let (status, page) = get_json(&app, &read, "/v1/agents?limit=2").await;
     assert_eq!(status, 200);
@@ -87,10 +76,10 @@ async fn one_agent_carries_its_breakdown_transitions_and_incidents() {
     let ingest = app.key(&[Scope::Ingest]).await;
     let read = app.key(&[Scope::Read]).await;
     app.heartbeat(&ingest, json!({"agent_id": "solo", "next_heartbeat_ms": 100, "name": "Solo"})).await;
-    cycle(&app).await;
+    app.liveness_cycle(None).await;
     // 100 ms interval: silent for a moment, it goes offline.
     eventually(Duration::from_secs(20), "solo offline", || async {
-        cycle(&app).await;
+        app.liveness_cycle(None).await;
         let (_, agent) = get_json(&app, &read, "/v1/agents/solo").await;
         (agent["liveness"] == "offline").then_some(())
     })
@@ -115,7 +104,7 @@ async fn an_agent_s_own_status_changed_event_is_an_event_not_a_transition() {
     let ingest = app.key(&[Scope::Ingest]).await;
     let read = app.key(&[Scope::Read]).await;
     app.heartbeat(&ingest, json!({"agent_id": "teller"})).await;
-    cycle(&app).await;
+    app.liveness_cycle(None).await;
     let posted = json!({"agent_id": "teller", "event_type": "status_changed", "message": "I went offline",
                         "details": {"old": "online", "new": "offline"}});
     assert_eq!(app.post("/v1/events", &ingest, &posted).await.status(), 201);
@@ -138,7 +127,7 @@ async fn fleet_totals_count_every_liveness_and_tier() {
     for (id, mode) in [("f1", "active"), ("f2", "active"), ("f3", "idle")] {
         app.heartbeat(&ingest, json!({"agent_id": id, "mode": mode})).await;
     }
-    cycle(&app).await;
+    app.liveness_cycle(None).await;
     let (status, fleet) = get_json(&app, &read, "/v1/fleet").await;
     assert_eq!(status, 200);
     assert_eq!(fleet["total"], 3);
@@ -156,9 +145,9 @@ async fn incidents_are_listed_newest_first_with_filters() {
     for id in ["i1", "i2"] {
         app.heartbeat(&ingest, json!({"agent_id": id, "next_heartbeat_ms": 100})).await;
     }
-    cycle(&app).await;
+    app.liveness_cycle(None).await;
     eventually(Duration::from_secs(20), "two open incidents", || async {
-        cycle(&app).await;
+        app.liveness_cycle(None).await;
         let (_, list) = get_json(&app, &read, "/v1/incidents?state=open&issue_type=agent_unresponsive").await;
         (list["incidents"].as_array().unwrap().len() == 2).then_some(())
     })
@@ -245,7 +234,7 @@ async fn the_stream_delivers_transitions_and_incidents_as_they_commit() {
     app.heartbeat(&ingest, json!({"agent_id": "live", "next_heartbeat_ms": 1000})).await;
     let seen: chrono::DateTime<chrono::Utc> =
         db.query_one("SELECT last_seen FROM warden.agent_status WHERE agent_id = 'live'", &[]).await.unwrap().get(0);
-    cycle_at(&app, Some(seen + chrono::Duration::milliseconds(100))).await;
+    app.liveness_cycle(Some(seen + chrono::Duration::milliseconds(100))).await;
     let online = next_event(&mut stream, &mut buffer, |name, v| name == "status_changed" && v["new"] == "online").await;
     assert_eq!(online["agent_id"], "live");
     assert_eq!(online["old"], "unknown");
@@ -261,7 +250,7 @@ async fn the_stream_delivers_transitions_and_incidents_as_they_commit() {
     let opened = {
         let poke = async {
             for k in 1.. {
-                cycle_at(&app, Some(seen + chrono::Duration::seconds(k))).await;
+                app.liveness_cycle(Some(seen + chrono::Duration::seconds(k))).await;
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         };

@@ -27,14 +27,8 @@ pub async fn app_with(tweak: impl FnOnce(&mut warden::config::Settings)) -> Test
     TestApp::spawn_quiet_with(tweak).await
 }
 
-pub async fn cycle(app: &TestApp) -> evaluator::CycleReport {
-    cycle_at(app, None).await
-}
-
-async fn cycle_at(app: &TestApp, now: Option<chrono::DateTime<chrono::Utc>>) -> evaluator::CycleReport {
-    let mut client = app.db.client().await;
-    let params = EvalParams::from_settings(&crate::helpers::default_settings().health);
-    evaluator::liveness_cycle(&mut client, &params, "test", now).await.unwrap()
+pub async fn cycle(app: &TestApp) -> warden::health::evaluator::CycleReport {
+    app.liveness_cycle(None).await
 }
 
 /// Liveness of one agent as stored.
@@ -81,7 +75,7 @@ pub async fn seed_fleet(app: &TestApp, ingest: &str) {
         .await
         .unwrap()
         .get(0);
-    cycle_at(app, Some(seen + chrono::Duration::milliseconds(100))).await;
+    app.liveness_cycle(Some(seen + chrono::Duration::milliseconds(100))).await;
     // A score pass, a few seconds ahead (it reads samples up to two seconds
     // before its clock), so the agents have scores, tiers and breakdowns.
     let mut client = app.db.client().await;
