@@ -63,6 +63,7 @@ impl Application {
             }
             sync_mode_intervals(&client, &settings).await.map_err(StartError::Connect)?;
             warn_without_autovacuum(&client).await;
+            report_tls(&client, &database.pg_config).await;
         }
         if !settings.auth.enabled {
             tracing::warn!(
@@ -128,7 +129,12 @@ impl Application {
         let auth =
             Arc::new(Authenticator::new(database.pool.clone(), settings.auth.enabled, settings.auth.cache_ttl.get()));
         let hub = Arc::new(crate::stream::Hub::default());
-        tasks.spawn(crate::stream::listen(database.pg_config.clone(), hub.clone(), background.clone()));
+        tasks.spawn(crate::stream::listen(
+            database.pg_config.clone(),
+            database.tls.clone(),
+            hub.clone(),
+            background.clone(),
+        ));
         let state = AppState::new(database.pool.clone(), settings.clone(), auth, ingestor, hub);
         let app = api::router(state);
         tracing::info!(addr = %local_addr, "warden is serving");
@@ -216,6 +222,30 @@ async fn warn_without_autovacuum(client: &tokio_postgres::Client) {
         tracing::warn!(
             "PostgreSQL runs with autovacuum = off: warden's tables (agent_status above all, updated by every \
              heartbeat) will bloat and slow down; turn it on or vacuum them on a schedule (docs/operations.md)"
+        );
+    }
+}
+
+/// Says whether the connection to PostgreSQL is encrypted, and warns when
+/// it crosses a network in the clear.
+async fn report_tls(client: &tokio_postgres::Client, pg_config: &tokio_postgres::Config) {
+    let Ok(row) = client.query_one("SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[]).await
+    else {
+        return;
+    };
+    let (encrypted, version): (bool, Option<String>) = (row.get(0), row.get(1));
+    let remote = pg_config.get_hosts().iter().any(|host| match host {
+        tokio_postgres::config::Host::Tcp(name) => {
+            name != "localhost" && !name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        }
+        tokio_postgres::config::Host::Unix(_) => false,
+    });
+    if encrypted {
+        tracing::info!(tls = version.as_deref().unwrap_or("yes"), "connected to PostgreSQL over TLS");
+    } else if remote {
+        tracing::warn!(
+            "the connection to PostgreSQL is not encrypted: add sslmode=require to database.url (and set \
+             database.tls_verify = \"full\" on a network you do not control)"
         );
     }
 }

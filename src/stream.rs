@@ -82,13 +82,41 @@ impl Hub {
     }
 }
 
+/// Event name telling clients that events may have been missed (they
+/// refetch): a subscriber fell behind, or the listener lost its connection
+/// and notifications sent meanwhile never reached this replica.
+pub const LAGGED: &str = "lagged";
+
 /// Listens until `stop`, reconnecting with backoff when the connection drops.
-pub async fn listen(config: tokio_postgres::Config, hub: Arc<Hub>, stop: CancellationToken) {
-    let mut backoff = Duration::from_millis(250);
+pub async fn listen(
+    config: tokio_postgres::Config,
+    tls: crate::db::tls::Connector,
+    hub: Arc<Hub>,
+    stop: CancellationToken,
+) {
+    const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+    let mut backoff = FIRST_BACKOFF;
+    let mut listened_before = false;
     loop {
-        let result = listen_once(&config, &hub, &stop).await;
+        let mut listening = false;
+        let result = listen_once(&config, &tls, &hub, &stop, || {
+            listening = true;
+            if listened_before {
+                hub.publish(StreamEvent {
+                    kind: LAGGED.into(),
+                    agent_id: None,
+                    data: r#"{"missed":null,"reason":"reconnected"}"#.into(),
+                });
+            }
+        })
+        .await;
         if stop.is_cancelled() {
             return;
+        }
+        if listening {
+            // A drop after a working connection starts the backoff afresh.
+            listened_before = true;
+            backoff = FIRST_BACKOFF;
         }
         match result {
             Ok(()) => tracing::warn!("stream listener's connection ended; reconnecting"),
@@ -102,12 +130,15 @@ pub async fn listen(config: tokio_postgres::Config, hub: Arc<Hub>, stop: Cancell
     }
 }
 
+/// One connection's life; `on_listening` runs once its LISTEN took effect.
 async fn listen_once(
     config: &tokio_postgres::Config,
+    tls: &crate::db::tls::Connector,
     hub: &Hub,
     stop: &CancellationToken,
+    on_listening: impl FnOnce(),
 ) -> Result<(), tokio_postgres::Error> {
-    let (client, mut connection) = config.connect(tokio_postgres::NoTls).await?;
+    let (client, mut connection) = config.connect(tls.clone()).await?;
     // The connection must be polled for the LISTEN below to complete and for
     // notifications to arrive; messages flow through this stream.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -129,6 +160,7 @@ async fn listen_once(
     });
     client.batch_execute(&format!("LISTEN {EVENTS}; LISTEN {HEARTBEATS}")).await?;
     tracing::debug!("stream listener connected");
+    on_listening();
     let result = loop {
         tokio::select! {
             _ = stop.cancelled() => break Ok(()),

@@ -155,7 +155,8 @@ async fn stream(
                     Ok(_) => continue,
                     Err(RecvError::Lagged(missed)) => {
                         // A client too slow to keep up is told, so it can refetch.
-                        let sse = Event::default().event("lagged").data(format!("{{\"missed\":{missed}}}"));
+                        let sse =
+                            Event::default().event(crate::stream::LAGGED).data(format!("{{\"missed\":{missed}}}"));
                         return Some((Ok(sse), (rx, filter, guard, None, recheck, next_check)));
                     }
                     Err(RecvError::Closed) => return None,
@@ -196,6 +197,10 @@ struct Filter {
 
 impl Filter {
     fn admits(&self, event: &StreamEvent) -> bool {
+        // What was missed may concern any agent.
+        if event.kind == crate::stream::LAGGED {
+            return true;
+        }
         if event.kind == "heartbeat" && !self.heartbeats {
             return false;
         }

@@ -220,6 +220,23 @@ pub struct DatabaseSettings {
     pub migrate_on_start: bool,
     /// Days of daily partitions kept ready ahead of today.
     pub partitions_ahead_days: u32,
+    /// What is checked of the server's TLS certificate.
+    pub tls_verify: TlsVerify,
+    /// PEM file of the certificate authorities `tls_verify = "full"` trusts;
+    /// empty: the system's.
+    pub tls_ca_file: PathBuf,
+}
+
+text_enum! {
+    /// What warden checks of PostgreSQL's certificate when a connection
+    /// uses TLS (whether it does follows the URL's `sslmode`).
+    pub enum TlsVerify {
+        /// Nothing: encrypted, but not proof against an impostor (libpq's
+        /// `prefer` and `require`).
+        None = "none",
+        /// The chain and the host name (libpq's `verify-full`); TLS required.
+        Full = "full",
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -259,6 +276,20 @@ impl Settings {
         check_min("database.connect_timeout", db.connect_timeout, Duration::from_millis(100))?;
         check_min("database.acquire_timeout", db.acquire_timeout, Duration::from_millis(10))?;
         check_min("database.statement_timeout", db.statement_timeout, Duration::from_millis(100))?;
+        if !db.tls_ca_file.as_os_str().is_empty() && db.tls_verify != TlsVerify::Full {
+            return Err(SettingsError::new(
+                "database.tls_ca_file",
+                db.tls_ca_file.display(),
+                "empty unless database.tls_verify = \"full\" (the file is what full verification trusts)",
+            ));
+        }
+        if db.url.is_empty() && db.tls_verify == TlsVerify::Full {
+            return Err(SettingsError::new(
+                "database.tls_verify",
+                "full",
+                "\"none\" when database.url is empty: the embedded cluster is reached over its Unix socket, without TLS",
+            ));
+        }
         if db.url.is_empty() && db.data_dir.as_os_str().is_empty() {
             return Err(SettingsError::new(
                 "database.data_dir",

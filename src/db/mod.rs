@@ -3,11 +3,12 @@
 
 pub mod embedded;
 pub mod migrate;
+pub mod tls;
 
 use std::str::FromStr;
+use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 
 use crate::config::{DatabaseSettings, SettingsError};
@@ -136,6 +137,8 @@ pub struct Database {
     /// Connection settings, for the few connections that live outside the
     /// pool (the stream listener).
     pub pg_config: tokio_postgres::Config,
+    /// TLS for those connections, as the pool's.
+    pub tls: tls::Connector,
     embedded: Option<EmbeddedCluster>,
 }
 
@@ -144,16 +147,17 @@ impl Database {
     /// URL is set. Connections are opened lazily, so this succeeds even if
     /// an external server is down; readiness reports it instead.
     pub async fn open(settings: &DatabaseSettings) -> Result<Self, OpenError> {
-        let (pg_config, embedded) = if settings.url.is_empty() {
+        let (mut pg_config, embedded) = if settings.url.is_empty() {
             let bin_dir = Some(settings.pg_bin_dir.as_path()).filter(|p| !p.as_os_str().is_empty());
             let cluster = EmbeddedCluster::start(&settings.data_dir, bin_dir).await?;
             (cluster.connect_config(), Some(cluster))
         } else {
             (parse_url(settings.url.expose())?, None)
         };
-        let pool = build_pool(pg_config.clone(), settings)?;
+        let tls = tls::connector(settings, &mut pg_config)?;
+        let pool = pool_with(pg_config.clone(), tls.clone(), settings)?;
         let pg_config = session_config(pg_config, settings);
-        Ok(Self { pool, pg_config, embedded })
+        Ok(Self { pool, pg_config, tls, embedded })
     }
 
     /// The embedded cluster, for a task that keeps it running.
@@ -173,17 +177,23 @@ impl Database {
 /// Parses `database.url` without ever echoing it (it may hold a password).
 pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, SettingsError> {
     tokio_postgres::Config::from_str(url).map_err(|e| {
+        // libpq's certificate options are settings of their own here.
+        let hint = if url.contains("verify-full") || url.contains("verify-ca") || url.contains("sslrootcert") {
+            "; for sslmode=verify-full or sslrootcert set database.tls_verify = \"full\" and database.tls_ca_file instead"
+        } else {
+            ""
+        };
         SettingsError::new(
             "database.url",
             "",
-            format!("a PostgreSQL URL like postgres://user@host:5432/db or a key=value string ({e})"),
+            format!("a PostgreSQL URL like postgres://user@host:5432/db or a key=value string ({e}){hint}"),
         )
     })
 }
 
-/// TCP keepalives PostgreSQL sends on warden's sessions: first probe after
+/// TCP keepalives on warden's sessions, from both ends: first probe after
 /// 30 s idle, then every 10 s, gone after 3 unanswered (about a minute);
-/// and data it sent must be acknowledged within a minute.
+/// and data sent must be acknowledged within a minute.
 const SERVER_KEEPALIVE_IDLE_S: u32 = 30;
 const SERVER_KEEPALIVE_INTERVAL_S: u32 = 10;
 const SERVER_KEEPALIVE_COUNT: u32 = 3;
@@ -194,15 +204,20 @@ pub fn session_config(mut pg_config: tokio_postgres::Config, settings: &Database
     // JIT pays off for long analytical queries; warden's are short and
     // frequent, and compiling them costs more than running them.
     //
-    // The server side probes idle connections too: a session whose host
-    // vanished (power off, network gone) ends within about a minute
-    // instead of the operating system's default of over two hours, and so
-    // do its session locks (the evaluator's leadership above all).
+    // Both ends probe idle connections: a session whose host vanished
+    // (power off, network gone, a failover that moved the address) ends
+    // within about a minute instead of the operating system's default of
+    // over two hours. On the server that frees its session locks (the
+    // evaluator's leadership above all); here a query on a dead connection
+    // fails instead of hanging, and the pool replaces the connection.
     pg_config
         .application_name("warden")
         .connect_timeout(settings.connect_timeout.get())
         .keepalives(true)
-        .keepalives_idle(std::time::Duration::from_secs(30))
+        .keepalives_idle(Duration::from_secs(SERVER_KEEPALIVE_IDLE_S.into()))
+        .keepalives_interval(Duration::from_secs(SERVER_KEEPALIVE_INTERVAL_S.into()))
+        .keepalives_retries(SERVER_KEEPALIVE_COUNT)
+        .tcp_user_timeout(Duration::from_millis(SERVER_USER_TIMEOUT_MS.into()))
         .options(format!(
             "-c statement_timeout={} -c timezone=UTC -c jit=off -c tcp_keepalives_idle={SERVER_KEEPALIVE_IDLE_S} \
              -c tcp_keepalives_interval={SERVER_KEEPALIVE_INTERVAL_S} -c tcp_keepalives_count={SERVER_KEEPALIVE_COUNT} \
@@ -212,10 +227,20 @@ pub fn session_config(mut pg_config: tokio_postgres::Config, settings: &Database
     pg_config
 }
 
-/// A pool over `pg_config` with the session settings every connection needs.
-pub fn build_pool(pg_config: tokio_postgres::Config, settings: &DatabaseSettings) -> Result<Pool, OpenError> {
+/// A pool over `pg_config` with the session settings and TLS every
+/// connection needs.
+pub fn build_pool(mut pg_config: tokio_postgres::Config, settings: &DatabaseSettings) -> Result<Pool, OpenError> {
+    let tls = tls::connector(settings, &mut pg_config)?;
+    pool_with(pg_config, tls, settings)
+}
+
+fn pool_with(
+    pg_config: tokio_postgres::Config,
+    tls: tls::Connector,
+    settings: &DatabaseSettings,
+) -> Result<Pool, OpenError> {
     let pg_config = session_config(pg_config, settings);
-    let manager = Manager::from_config(pg_config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+    let manager = Manager::from_config(pg_config, tls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
     Pool::builder(manager)
         .max_size(settings.pool_size as usize)
         .runtime(Runtime::Tokio1)

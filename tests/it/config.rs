@@ -392,3 +392,24 @@ fn the_shipped_settings_file_is_the_compiled_default() {
     let on_disk = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/settings.toml")).unwrap();
     assert_eq!(on_disk, warden::config::DEFAULTS);
 }
+
+#[test]
+fn database_tls_settings_are_checked_together() {
+    let e = refused(&[
+        ("WARDEN__DATABASE__URL", "postgres://db.example/warden"),
+        ("WARDEN__DATABASE__TLS_CA_FILE", "/etc/ca.pem"),
+    ]);
+    assert_eq!(e.key.as_deref(), Some("database.tls_ca_file"));
+    assert!(e.allowed.contains("tls_verify"), "{e}");
+    let e = refused(&[("WARDEN__DATABASE__TLS_VERIFY", "full")]);
+    assert_eq!(e.key.as_deref(), Some("database.tls_verify"), "the embedded cluster has no TLS");
+    let e = refused(&[("WARDEN__DATABASE__TLS_VERIFY", "verify-full")]);
+    assert!(e.allowed.contains("none") && e.allowed.contains("full"), "{e}");
+    let s = load_env(&[
+        ("WARDEN__DATABASE__URL", "postgres://db.example/warden"),
+        ("WARDEN__DATABASE__TLS_VERIFY", "full"),
+        ("WARDEN__DATABASE__TLS_CA_FILE", "/etc/ca.pem"),
+    ])
+    .unwrap();
+    assert_eq!(s.database.tls_verify, warden::config::TlsVerify::Full);
+}

@@ -268,6 +268,38 @@ async fn the_stream_delivers_transitions_and_incidents_as_they_commit() {
 }
 
 #[tokio::test]
+async fn a_stream_is_told_to_refetch_when_its_replica_lost_the_listener() {
+    let app = app().await;
+    let read = app.key(&[Scope::Read]).await;
+    let mut stream = app
+        .http
+        .get(app.url("/v1/stream?agent=someone"))
+        .bearer_auth(&read)
+        .timeout(Duration::from_secs(300))
+        .send()
+        .await
+        .unwrap();
+    let mut buffer = String::new();
+    next_event(&mut stream, &mut buffer, |name, _| name == "ready").await;
+    // Notifications sent while the listener reconnects never reach this
+    // replica: its clients cannot know what they missed, so they are told.
+    let db = app.db.client().await;
+    let listener = "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN %'";
+    let pid: i32 = eventually(Duration::from_secs(30), "the stream listener", || async {
+        db.query_opt(listener, &[]).await.unwrap().map(|r| r.get(0))
+    })
+    .await;
+    db.execute("SELECT pg_terminate_backend($1)", &[&pid]).await.unwrap();
+    let lagged = next_event(&mut stream, &mut buffer, |name, _| name == "lagged").await;
+    assert_eq!(lagged["reason"], "reconnected", "{lagged}");
+    let again: i32 = eventually(Duration::from_secs(30), "a new listener", || async {
+        db.query_opt(listener, &[]).await.unwrap().map(|r| r.get(0))
+    })
+    .await;
+    assert_ne!(again, pid);
+}
+
+#[tokio::test]
 async fn an_agent_stream_can_observe_its_raw_heartbeats() {
     let app = app().await;
     let ingest = app.key(&[Scope::Ingest]).await;
