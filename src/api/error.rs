@@ -124,6 +124,9 @@ impl From<DbError> for ApiError {
         if e.is_unavailable() {
             tracing::warn!(error = %e, "database unavailable; answering 503");
             Self::unavailable("the database is unavailable; retry later")
+        } else if e.is_transient() {
+            tracing::warn!(error = %e, "database busy; answering 503");
+            Self::unavailable("the database is busy; retry later")
         } else {
             tracing::error!(error = %e, "database error");
             Self::internal()

@@ -27,10 +27,17 @@ async fn metrics(State(state): State<AppState>) -> axum::response::Response {
     m.pool.with_label_values(&["in_use"]).set(status.size.saturating_sub(status.available) as i64);
     m.pool.with_label_values(&["max"]).set(status.max_size as i64);
     let fleet = crate::metrics::Fleet::new();
-    let read = match fleet_figures(&state, &fleet).await {
-        Ok(()) => true,
-        Err(e) => {
+    // A database that hangs must not take the process's own figures with
+    // it: they are what says what is going wrong.
+    let limit = state.settings.database.connect_timeout.get();
+    let read = match tokio::time::timeout(limit, fleet_figures(&state, &fleet)).await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
             tracing::debug!(error = %e, "fleet figures unavailable for /metrics");
+            false
+        }
+        Err(_) => {
+            tracing::debug!("fleet figures took longer than database.connect_timeout; left out of /metrics");
             false
         }
     };
@@ -42,7 +49,12 @@ async fn metrics(State(state): State<AppState>) -> axum::response::Response {
 async fn fleet_figures(state: &AppState, m: &crate::metrics::Fleet) -> Result<(), db::DbError> {
     use crate::health::incidents::IssueType;
     use crate::model::{Liveness, Tier};
-    let client = db::client(&state.pool).await?;
+    let mut client = db::client(&state.pool).await?;
+    // The server gives up when the caller does, so the connection goes
+    // back to the pool free rather than still waiting on a lock.
+    let client = client.transaction().await?;
+    let limit = format!("{}ms", state.settings.database.connect_timeout.as_millis_u64());
+    client.execute("SELECT set_config('statement_timeout', $1, true)", &[&limit]).await?;
     let liveness = client.query("SELECT liveness, count(*) FROM warden.agent_status GROUP BY liveness", &[]).await?;
     for l in Liveness::ALL {
         let n = liveness.iter().find(|r| r.get::<_, String>(0) == l.as_str()).map(|r| r.get::<_, i64>(1)).unwrap_or(0);

@@ -30,6 +30,10 @@ pub enum DbError {
     /// The database answered something warden's own schema rules out.
     #[error("inconsistent answer from the database: {0}")]
     Inconsistent(String),
+    /// The database is there but could not do it now (a deadlock, a lock
+    /// or a statement that took too long): retry later.
+    #[error("database busy: {0}")]
+    Busy(String),
     /// A failure other than unavailability, seen moments ago by another
     /// request doing the same work and repeated rather than retried.
     #[error("{0}")]
@@ -65,6 +69,7 @@ impl DbError {
         match self {
             Self::Unavailable(m) => Self::Unavailable(m.clone()),
             e if e.is_unavailable() => Self::Unavailable(e.to_string()),
+            e if e.is_transient() => Self::Busy(e.to_string()),
             e => Self::Repeated(e.to_string()),
         }
     }
@@ -73,9 +78,33 @@ impl DbError {
         match self {
             Self::Unavailable(_) => true,
             Self::Query(e) => is_connectivity_error(e),
-            Self::Inconsistent(_) | Self::Repeated(_) => false,
+            Self::Busy(_) | Self::Inconsistent(_) | Self::Repeated(_) => false,
         }
     }
+
+    /// A failure the same statement may not meet if tried again later.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Busy(_) => true,
+            Self::Query(e) => is_transient_error(e),
+            Self::Unavailable(_) | Self::Inconsistent(_) | Self::Repeated(_) => false,
+        }
+    }
+}
+
+/// Deadlocks, serialization failures, locks not granted and statements
+/// cancelled (statement_timeout above all): the server is there, and the
+/// same work may succeed later.
+pub fn is_transient_error(e: &tokio_postgres::Error) -> bool {
+    matches!(
+        e.code(),
+        Some(
+            &SqlState::T_R_DEADLOCK_DETECTED
+                | &SqlState::T_R_SERIALIZATION_FAILURE
+                | &SqlState::LOCK_NOT_AVAILABLE
+                | &SqlState::QUERY_CANCELED
+        )
+    )
 }
 
 impl From<deadpool_postgres::PoolError> for DbError {

@@ -447,6 +447,13 @@ impl Writer {
     }
 
     async fn flush(&mut self, jobs: Vec<Job>) {
+        // A request already answered (its deadline passed, its client
+        // left) was told nothing was stored: storing it now would make a
+        // retry count twice.
+        let jobs: Vec<Job> = jobs.into_iter().filter(|j| !j.reply.is_closed()).collect();
+        if jobs.is_empty() {
+            return;
+        }
         let started = Instant::now();
         let all: Vec<&Heartbeat> = jobs.iter().flat_map(|j| j.heartbeats.iter()).collect();
         let result = self.write(&all).await;
@@ -467,6 +474,14 @@ impl Writer {
                     let _ = job.reply.send(Err(SubmitError::Unavailable));
                 }
             }
+            Err(e) if e.is_transient() => {
+                // A lock held or a statement timed out: each request alone
+                // would wait the same, one after another.
+                tracing::warn!(error = %e, requests = jobs.len(), "group flush could not be done now; answering 503");
+                for job in jobs {
+                    let _ = job.reply.send(Err(SubmitError::Db(e.again())));
+                }
+            }
             Err(e) if jobs.len() == 1 => {
                 let _ = jobs.into_iter().next().map(|j| j.reply.send(Err(SubmitError::Db(e))));
             }
@@ -480,6 +495,9 @@ impl Writer {
     }
 
     async fn flush_one(&mut self, job: Job) {
+        if job.reply.is_closed() {
+            return;
+        }
         let refs: Vec<&Heartbeat> = job.heartbeats.iter().collect();
         let result = self.write(&refs).await;
         let _ = job.reply.send(result.map_err(classify));

@@ -504,6 +504,71 @@ async fn a_full_queue_answers_503_at_once_and_loses_nothing() {
     assert_eq!(app.count("SELECT count(*) FROM warden.agent_status WHERE agent_id = 'other'").await, 0);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_held_up_by_locks_get_503_and_are_not_stored_later() {
+    // Locked rows make every write run into the statement timeout: each
+    // request is answered 503 with Retry-After (retry later, nothing
+    // stored), and no request is written after its answer. Splitting a
+    // timed-out group into single writes used to answer 500 and go on
+    // storing heartbeats whose clients had already been told otherwise.
+    let app = TestApp::spawn_quiet_with(|s| {
+        s.database.statement_timeout = warden::config::Duration::from_secs(1);
+        s.server.request_timeout = warden::config::Duration::from_secs(5);
+        s.ingest.writers = 1;
+    })
+    .await;
+    let key = app.key(&[Scope::Ingest]).await;
+    let agents: Vec<String> = (0..20).map(|i| format!("busy-{i}")).collect();
+    for agent in &agents {
+        assert_eq!(app.heartbeat(&key, json!({"agent_id": agent})).await.0, 200);
+    }
+    let mut blocker = app.db.client().await;
+    let tx = blocker.transaction().await.unwrap();
+    tx.execute("SELECT 1 FROM warden.agent_status WHERE agent_id LIKE 'busy-%' FOR UPDATE", &[]).await.unwrap();
+
+    let app = std::sync::Arc::new(app);
+    let sends = agents.iter().map(|agent| {
+        let (app, key, agent) = (app.clone(), key.clone(), agent.clone());
+        tokio::spawn(async move {
+            let response = app.post("/v1/heartbeats", &key, &json!({"agent_id": agent})).await;
+            let retry_after = response.headers().contains_key("retry-after");
+            (response.status().as_u16(), retry_after)
+        })
+    });
+    for answer in futures_util::future::join_all(sends).await {
+        assert_eq!(answer.unwrap(), (503, true));
+    }
+    // Nothing still waits to be written when the rows are let go.
+    let db_name = app.db.name.clone();
+    crate::helpers::eventually(std::time::Duration::from_secs(60), "the writer to stop waiting on the rows", || {
+        let (app, db_name) = (app.clone(), db_name.clone());
+        async move {
+            let waiting: i64 = app
+                .db
+                .client()
+                .await
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock' \
+                     AND query LIKE '%ingest_heartbeats%'",
+                    &[&db_name],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (waiting == 0).then_some(())
+        }
+    })
+    .await;
+    tx.rollback().await.unwrap();
+    // A heartbeat that gets through afterwards shows the writer is free.
+    assert_eq!(app.heartbeat(&key, json!({"agent_id": "after"})).await.0, 200);
+    assert_eq!(
+        app.count("SELECT sum(heartbeat_count)::bigint FROM warden.agent_status WHERE agent_id LIKE 'busy-%'").await,
+        20,
+        "only the heartbeats answered 200 are stored"
+    );
+}
+
 #[tokio::test]
 async fn a_vanished_database_gets_503_with_retry_after() {
     let (app, key) = app_and_key().await;

@@ -96,3 +96,23 @@ async fn fleet_figures_that_cannot_be_read_are_left_out_not_served_stale() {
     assert!(!text.contains("warden_agents{"), "no stale fleet figures: {text}");
     assert!(text.contains("warden_ingest_queue_depth "));
 }
+
+#[tokio::test]
+async fn a_database_that_hangs_leaves_the_fleet_figures_out_in_time() {
+    let app = TestApp::spawn_quiet_with(|s| {
+        s.database.connect_timeout = warden::config::Duration::from_secs(1);
+        s.server.request_timeout = warden::config::Duration::from_secs(10);
+    })
+    .await;
+    // A lock held on the table the figures count: their query waits (up to
+    // the statement timeout, 30 s) instead of failing.
+    let mut blocker = app.db.client().await;
+    let tx = blocker.transaction().await.unwrap();
+    tx.execute("LOCK TABLE warden.agent_status IN ACCESS EXCLUSIVE MODE", &[]).await.unwrap();
+    let response = app.get("/metrics").await;
+    assert_eq!(response.status(), 200, "not the request timeout's 503");
+    let text = response.text().await.unwrap();
+    assert_eq!(metric(&text, "warden_fleet_figures_up"), Some(0.0));
+    assert!(text.contains("warden_db_pool_connections{"), "{text}");
+    tx.rollback().await.unwrap();
+}
