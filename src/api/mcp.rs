@@ -16,20 +16,27 @@
 //!   calls run one after another under a single rate-limit charge, and
 //!   /v1/heartbeats' own batch limit must not be dodged by sending many
 //!   calls of one heartbeat each.
-//! - HTTP status codes speak for what happens before JSON-RPC: 401/403 for
-//!   the key (checked exactly as on /v1, scopes included), 413 past the body
-//!   limit, 400 for a body that is not JSON-RPC or an unsupported
-//!   `MCP-Protocol-Version`, 403 for a browser page on another origin.
-//!   Inside JSON-RPC, protocol mistakes are JSON-RPC errors; a tool that ran
-//!   and failed (bad arguments, unknown agent, database down) answers a
-//!   result with `isError: true`, which the model reads and can act on.
+//! - HTTP status codes speak for what happens before JSON-RPC: 401 for a
+//!   missing or unknown key, 413 past the body limit, 400 for a body that is
+//!   not JSON-RPC or an unsupported `MCP-Protocol-Version`, 403 for a
+//!   browser page on another origin, 429 and 503 as on /v1. Their bodies are
+//!   JSON-RPC errors with `id: null` ([`refusals_as_json_rpc`]), not the
+//!   REST error shape, since that is what an MCP client can parse.
+//! - Inside JSON-RPC, protocol mistakes are JSON-RPC errors, and so is a
+//!   tool call the key's scopes do not allow ([`FORBIDDEN`]): MCP SDKs treat
+//!   an HTTP error status on a request as a broken connection, not as an
+//!   answer to that one request. `tools/list` names only the tools the key
+//!   may call. A tool that ran and failed (bad arguments, unknown agent,
+//!   database down, anything unexpected) answers a result with
+//!   `isError: true`, which the model reads and can act on.
 //! - The scopes every tool call in a request needs are checked before
-//!   anything runs, so a refused batch has done nothing.
+//!   anything runs: in a batch with a forbidden call, no tool runs at all.
 
-use axum::body::Body;
-use axum::extract::State;
-use axum::http::header::{ALLOW, AUTHORIZATION, WWW_AUTHENTICATE};
+use axum::body::{Body, HttpBody as _};
+use axum::extract::{Request, State};
+use axum::http::header::{ALLOW, AUTHORIZATION, CONTENT_LENGTH, RETRY_AFTER, WWW_AUTHENTICATE};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
@@ -45,7 +52,7 @@ use crate::model::{AGENT_ID_MAX, AgentId, HeartbeatStatus, Mode};
 
 /// Protocol revisions warden speaks, newest first. Nothing warden uses
 /// differs between them.
-const PROTOCOL_VERSIONS: [&str; 3] = ["2025-06-18", "2025-03-26", "2024-11-05"];
+const PROTOCOL_VERSIONS: [&str; 4] = ["2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05"];
 /// Offered to a client that asks for a revision warden does not know.
 const LATEST_VERSION: &str = PROTOCOL_VERSIONS[0];
 /// Sent by clients on every request after `initialize`.
@@ -61,7 +68,15 @@ const PARSE_ERROR: i64 = -32700;
 const INVALID_REQUEST: i64 = -32600;
 const METHOD_NOT_FOUND: i64 = -32601;
 const INVALID_PARAMS: i64 = -32602;
-const INTERNAL_ERROR: i64 = -32603;
+// warden's own codes, from the range JSON-RPC leaves to servers. Not
+// -32001, which the TypeScript SDK names a request timeout, nor -32002,
+// MCP's unknown resource.
+/// Refused before JSON-RPC dispatch; `data.http_status` says how.
+const REFUSED: i64 = -32000;
+/// A tool call the key's scopes do not allow.
+const FORBIDDEN: i64 = -32003;
+/// A tool call not run because another call of its batch is forbidden.
+const WITHHELD: i64 = -32004;
 
 const AGENT_STATUS_SQL: &str = "SELECT agent_id, name, labels, mode, status, expected_interval_ms, first_seen, \
      last_seen, uptime_seconds, heartbeat_count, restart_count, liveness, liveness_since, score, tier, evaluated_at \
@@ -75,7 +90,6 @@ pub fn router() -> Router<AppState> {
 async fn post_mcp(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, Refusal> {
     super::check_origin(&headers)?;
     let principal = authenticate(&state, &headers).await?;
-    check_protocol_version(&headers)?;
     // This route lives outside /v1 and its DefaultBodyLimit.
     let body = read_limited(body, state.settings.ingest.max_body_bytes).await?;
     let most = MAX_BATCH.min(state.settings.ingest.max_batch);
@@ -83,10 +97,15 @@ async fn post_mcp(State(state): State<AppState>, headers: HeaderMap, body: Body)
         Ok(parsed) => parsed,
         Err(error) => return Ok((StatusCode::BAD_REQUEST, Json(error)).into_response()),
     };
-    authorize(&principal, &messages)?;
+    // Clients send the header only after initialization, and one that does
+    // send it on `initialize` must still get to negotiate.
+    if !messages.iter().all(Message::is_initialize) {
+        check_protocol_version(&headers)?;
+    }
+    let forbidden = forbidden_scope(&principal, &messages);
     let mut replies = Vec::with_capacity(messages.len());
     for message in messages {
-        if let Some(reply) = answer(&state, message).await {
+        if let Some(reply) = answer(&state, &principal, forbidden, message).await {
             replies.push(reply);
         }
     }
@@ -110,8 +129,9 @@ async fn get_mcp() -> Response {
     response
 }
 
-/// An HTTP-level refusal: the usual `ApiError` body, plus
-/// `WWW-Authenticate` on 401, where MCP clients look for how to log in.
+/// An HTTP-level refusal: an `ApiError` (turned into a JSON-RPC error by
+/// [`refusals_as_json_rpc`]), plus `WWW-Authenticate` on 401, where MCP
+/// clients look for how to log in.
 struct Refusal(ApiError);
 
 impl From<ApiError> for Refusal {
@@ -131,8 +151,57 @@ impl IntoResponse for Refusal {
     }
 }
 
+/// Far more than any `ApiError` body; a larger body passes untouched.
+const REFUSAL_MAX_BYTES: u64 = 16 * 1024;
+
+/// Rewrites the REST error body of any refusal on /mcp (from the handler,
+/// the rate limit, the request timeout, the router's 405) into a JSON-RPC
+/// error with `id: null`, keeping the status and headers. MCP clients
+/// parse only JSON-RPC, and a refusal made before dispatch answers no
+/// request in particular. Layered outside every middleware that can refuse.
+pub async fn refusals_as_json_rpc(request: Request, next: Next) -> Response {
+    if request.uri().path() != "/mcp" {
+        return next.run(request).await;
+    }
+    let response = next.run(request).await;
+    if response.status().is_success() || response.body().size_hint().upper().is_none_or(|n| n > REFUSAL_MAX_BYTES) {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, REFUSAL_MAX_BYTES as usize).await else {
+        return Response::from_parts(parts, Body::empty());
+    };
+    match refusal_as_json_rpc(parts.status, &parts.headers, &bytes) {
+        Some(refusal) => {
+            parts.headers.remove(CONTENT_LENGTH);
+            Response::from_parts(parts, Body::from(refusal.to_string()))
+        }
+        None => Response::from_parts(parts, Body::from(bytes)),
+    }
+}
+
+/// The JSON-RPC form of a REST error body (`{"error": {"code": "...",
+/// ...}}`); `None` for any other body, such as a JSON-RPC error already.
+fn refusal_as_json_rpc(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Option<Value> {
+    let rest: Value = serde_json::from_slice(body).ok()?;
+    let error = rest.get("error")?;
+    let (reason, message) = (error.get("code")?.as_str()?, error.get("message")?.as_str()?);
+    let mut data = json!({ "http_status": status.as_u16(), "reason": reason });
+    if let Some(field) = error.get("field") {
+        data["field"] = field.clone();
+    }
+    if let Some(seconds) = headers.get(RETRY_AFTER).and_then(|v| v.to_str().ok()?.parse::<u64>().ok()) {
+        data["retry_after"] = seconds.into();
+    }
+    Some(json!({
+        "jsonrpc": "2.0",
+        "id": null,
+        "error": { "code": REFUSED, "message": message, "data": data },
+    }))
+}
+
 /// Connecting and listing tools need a valid key of either scope an agent
-/// or a dashboard would hold; each tool then needs its own (`authorize`).
+/// or a dashboard would hold; each tool then needs its own.
 ///
 /// A key that cannot be checked because the database is out of reach
 /// counts as a refused heartbeat (the call may well be one; which tool it
@@ -152,8 +221,7 @@ async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Principal
 }
 
 /// The spec asks for 400 when a client names a revision the server does
-/// not speak. Clients send none before `initialize`, and 2024-11-05 clients
-/// never do.
+/// not speak. 2024-11-05 clients never send one.
 fn check_protocol_version(headers: &HeaderMap) -> Result<(), ApiError> {
     match headers.get(PROTOCOL_HEADER) {
         None => Ok(()),
@@ -207,6 +275,10 @@ impl Message {
         }
     }
 
+    fn is_initialize(&self) -> bool {
+        matches!(self, Self::Request { method, .. } if method == "initialize")
+    }
+
     /// The tool a `tools/call` request names, if it names a known one.
     fn tool(&self) -> Option<Tool> {
         match self {
@@ -247,14 +319,10 @@ fn parse_body(body: &[u8], most: usize) -> Result<(Vec<Message>, bool), Value> {
     }
 }
 
-/// 403 unless the key holds the scope of every tool the request calls.
-fn authorize(principal: &Principal, messages: &[Message]) -> Result<(), ApiError> {
-    for scope in messages.iter().filter_map(Message::tool).map(Tool::scope) {
-        if !principal.allows(scope) {
-            return Err(AuthError::Forbidden(scope).into());
-        }
-    }
-    Ok(())
+/// The scope of the first tool call in the request that the key may not
+/// make, if any: then no tool of the request runs.
+fn forbidden_scope(principal: &Principal, messages: &[Message]) -> Option<Scope> {
+    messages.iter().filter_map(Message::tool).map(Tool::scope).find(|scope| !principal.allows(*scope))
 }
 
 /// A JSON-RPC error: the request was not carried out.
@@ -262,43 +330,80 @@ fn authorize(principal: &Principal, messages: &[Message]) -> Result<(), ApiError
 struct RpcError {
     code: i64,
     message: String,
+    data: Option<Value>,
 }
 
 impl RpcError {
     fn new(code: i64, message: impl Into<String>) -> Self {
-        Self { code, message: message.into() }
+        Self { code, message: message.into(), data: None }
     }
 
     fn invalid_params(message: impl Into<String>) -> Self {
         Self::new(INVALID_PARAMS, message)
     }
 
-    /// The details are logged where the error arose, never sent.
-    fn internal() -> Self {
-        Self::new(INTERNAL_ERROR, "internal error; the details are in warden's log")
+    fn forbidden(tool: Tool) -> Self {
+        let scope = tool.scope();
+        Self {
+            code: FORBIDDEN,
+            message: format!("this API key lacks the `{scope}` scope, which the `{}` tool needs", tool.name()),
+            data: Some(json!({ "required_scope": scope.as_str() })),
+        }
+    }
+
+    /// The other tool calls of a batch with a forbidden one: a batch runs
+    /// all its tool calls or none, so a refused batch has done nothing.
+    fn withheld(scope: Scope) -> Self {
+        Self::new(
+            WITHHELD,
+            format!(
+                "not run: another call in this batch needs the `{scope}` scope, which this API key lacks, \
+                 and a batch runs all its tool calls or none"
+            ),
+        )
     }
 }
 
 fn reply(id: Value, outcome: Result<Value, RpcError>) -> Value {
     match outcome {
         Ok(result) => json!({ "jsonrpc": "2.0", "id": id, "result": result }),
-        Err(e) => json!({ "jsonrpc": "2.0", "id": id, "error": { "code": e.code, "message": e.message } }),
+        Err(RpcError { code, message, data: None }) => {
+            json!({ "jsonrpc": "2.0", "id": id, "error": { "code": code, "message": message } })
+        }
+        Err(RpcError { code, message, data: Some(data) }) => {
+            json!({ "jsonrpc": "2.0", "id": id, "error": { "code": code, "message": message, "data": data } })
+        }
     }
 }
 
-async fn answer(state: &AppState, message: Message) -> Option<Value> {
+/// `forbidden` is the scope that keeps the request's tools from running,
+/// from [`forbidden_scope`].
+async fn answer(state: &AppState, principal: &Principal, forbidden: Option<Scope>, message: Message) -> Option<Value> {
+    let tool = message.tool();
     match message {
-        Message::Request { id, method, params } => Some(reply(id, dispatch(state, &method, params).await)),
+        Message::Request { id, method, params } => {
+            let outcome = match (tool, forbidden) {
+                (Some(tool), Some(_)) if !principal.allows(tool.scope()) => Err(RpcError::forbidden(tool)),
+                (Some(_), Some(scope)) => Err(RpcError::withheld(scope)),
+                _ => dispatch(state, principal, &method, params).await,
+            };
+            Some(reply(id, outcome))
+        }
         Message::Invalid { id, reason } => Some(reply(id, Err(RpcError::new(INVALID_REQUEST, reason)))),
         Message::Silent => None,
     }
 }
 
-async fn dispatch(state: &AppState, method: &str, params: Option<Value>) -> Result<Value, RpcError> {
+async fn dispatch(
+    state: &AppState,
+    principal: &Principal,
+    method: &str,
+    params: Option<Value>,
+) -> Result<Value, RpcError> {
     match method {
         "initialize" => Ok(initialize(&params_object(params)?)),
         "ping" => params_object(params).map(|_| json!({})),
-        "tools/list" => params_object(params).map(|_| json!({ "tools": Tool::ALL.map(Tool::describe) })),
+        "tools/list" => params_object(params).map(|_| list_tools(principal)),
         "tools/call" => call_tool(state, params_object(params)?).await,
         _ => Err(RpcError::new(METHOD_NOT_FOUND, format!("method `{method}` is not supported"))),
     }
@@ -323,6 +428,14 @@ fn initialize(params: &Map<String, Value>) -> Value {
         "serverInfo": { "name": "warden", "version": env!("CARGO_PKG_VERSION") },
         "instructions": INSTRUCTIONS,
     })
+}
+
+/// Only the tools the key may call: a client offers its model every tool
+/// listed, and a call the key cannot make would only be refused.
+fn list_tools(principal: &Principal) -> Value {
+    let tools: Vec<Value> =
+        Tool::ALL.into_iter().filter(|tool| principal.allows(tool.scope())).map(Tool::describe).collect();
+    json!({ "tools": tools })
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -467,10 +580,10 @@ async fn call_tool(state: &AppState, mut params: Map<String, Value>) -> Result<V
         Some(Value::Object(arguments)) => arguments,
         Some(_) => return Err(RpcError::invalid_params("`arguments` must be an object")),
     };
-    match tool {
+    Ok(match tool {
         Tool::Heartbeat => heartbeat_tool(state, arguments).await,
         Tool::AgentStatus => agent_status_tool(state, arguments).await,
-    }
+    })
 }
 
 /// A successful tool result: the object both as structured content and, for
@@ -492,34 +605,43 @@ fn argument_error(field: &str, message: &str) -> Value {
     tool_error(format!("invalid argument `{field}`: {message}"))
 }
 
-/// A failure while a tool ran. Temporary ones (503: queue full, database
-/// down) are results that tell the model to retry; anything else is an
-/// internal error, already logged by the conversion into `ApiError`.
-fn failure(e: ApiError) -> Result<Value, RpcError> {
+/// A failure while a tool ran, as a tool error: MCP puts errors of a tool's
+/// execution in its result, where the model sees them. Temporary ones (503:
+/// queue full, database down) tell the model to retry; anything else was
+/// logged by the conversion into `ApiError`, and its details stay there.
+fn failure(e: ApiError) -> Value {
     if e.status == StatusCode::SERVICE_UNAVAILABLE {
         let after = e.retry_after.unwrap_or(DEFAULT_RETRY_AFTER);
-        Ok(tool_error(format!("{}; retry in {after} s", e.message)))
+        tool_error(format!("{}; retry in {after} s", e.message))
     } else {
-        Err(RpcError::internal())
+        internal_tool_error()
     }
+}
+
+fn internal_tool_error() -> Value {
+    tool_error("internal error; see warden's log")
 }
 
 /// The same heartbeat as POST /v1/heartbeats takes, through the same
 /// validation and the same group commit.
-async fn heartbeat_tool(state: &AppState, arguments: Map<String, Value>) -> Result<Value, RpcError> {
+async fn heartbeat_tool(state: &AppState, arguments: Map<String, Value>) -> Value {
     let heartbeat = match parse_heartbeat(arguments, &state.limits) {
         Ok(heartbeat) => heartbeat,
-        Err(refusal) => return Ok(refusal),
+        Err(refusal) => return refusal,
     };
     let agent = heartbeat.agent_id.clone();
-    let ack = match state.ingestor.submit(vec![heartbeat]).await {
-        Ok(acks) => acks.into_iter().next().ok_or_else(RpcError::internal)?,
+    let ack = match state.ingestor.submit(vec![heartbeat]).await.map(|acks| acks.into_iter().next()) {
+        Ok(Some(ack)) => ack,
+        Ok(None) => {
+            tracing::error!(agent_id = %agent, "the ingestor acknowledged no heartbeat for an MCP call");
+            return internal_tool_error();
+        }
         Err(e) => return failure(submit_error(e)),
     };
     crate::metrics::METRICS.heartbeats.with_label_values(&["mcp"]).inc();
     let now = Utc::now();
     let interval = ack.next_heartbeat_ms;
-    Ok(tool_result(json!({
+    tool_result(json!({
         "status": "alive",
         "agent": agent,
         "timestamp": rfc3339(now),
@@ -528,7 +650,7 @@ async fn heartbeat_tool(state: &AppState, arguments: Map<String, Value>) -> Resu
         "recorded": true,
         "is_new": ack.is_new,
         "restart_detected": ack.restart_detected,
-    })))
+    }))
 }
 
 /// Reads the arguments with the parser of a POST /v1/heartbeats body, so the
@@ -543,18 +665,18 @@ fn parse_heartbeat(arguments: Map<String, Value>, limits: &Limits) -> Result<Hea
     heartbeat::validate(wire, limits, Utc::now()).map_err(|e| argument_error(&e.field, &e.message))
 }
 
-async fn agent_status_tool(state: &AppState, arguments: Map<String, Value>) -> Result<Value, RpcError> {
+async fn agent_status_tool(state: &AppState, arguments: Map<String, Value>) -> Value {
     let agent_id = match arguments.get("agent_id") {
         Some(Value::String(text)) => match AgentId::parse(text.as_str()) {
             Ok(id) => id,
-            Err(message) => return Ok(argument_error("agent_id", &message)),
+            Err(message) => return argument_error("agent_id", &message),
         },
-        None | Some(Value::Null) => return Ok(argument_error("agent_id", "is required")),
-        Some(_) => return Ok(argument_error("agent_id", "must be a string")),
+        None | Some(Value::Null) => return argument_error("agent_id", "is required"),
+        Some(_) => return argument_error("agent_id", "must be a string"),
     };
     match read_agent_status(state, &agent_id).await {
-        Ok(Some(status)) => Ok(tool_result(status)),
-        Ok(None) => Ok(tool_error(format!("unknown agent `{agent_id}`: warden has had no heartbeat from it"))),
+        Ok(Some(status)) => tool_result(status),
+        Ok(None) => tool_error(format!("unknown agent `{agent_id}`: warden has had no heartbeat from it")),
         Err(e) => failure(e),
     }
 }
@@ -639,7 +761,72 @@ mod tests {
     }
 
     #[test]
+    fn tools_are_listed_and_a_batch_refused_by_the_scopes_of_the_key() {
+        let key = |scopes: &[Scope]| Principal { key_name: None, key_id: None, scopes: scopes.to_vec() };
+        let names = |principal: &Principal| -> Vec<String> {
+            let list = list_tools(principal);
+            list["tools"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap().to_string()).collect()
+        };
+        assert_eq!(names(&key(&[Scope::Ingest])), ["heartbeat"]);
+        assert_eq!(names(&key(&[Scope::Read])), ["agent_status"]);
+        assert_eq!(names(&key(&[Scope::Admin])), ["heartbeat", "agent_status"]);
+        assert_eq!(names(&key(&[Scope::Ingest, Scope::Read])), ["heartbeat", "agent_status"]);
+
+        let batch = [
+            classify(r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"heartbeat"}}"#),
+            classify(r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"agent_status"}}"#),
+        ];
+        assert!(matches!(forbidden_scope(&key(&[Scope::Ingest]), &batch), Some(Scope::Read)));
+        assert!(matches!(forbidden_scope(&key(&[Scope::Read]), &batch), Some(Scope::Ingest)));
+        assert!(forbidden_scope(&key(&[Scope::Admin]), &batch).is_none());
+        assert!(forbidden_scope(&key(&[Scope::Ingest]), &batch[..1]).is_none());
+
+        let refused = reply(json!(2), Err(RpcError::forbidden(Tool::AgentStatus)));
+        assert_eq!(refused["error"]["code"], FORBIDDEN);
+        assert_eq!(refused["error"]["data"], json!({ "required_scope": "read" }));
+        assert!(refused["error"]["message"].as_str().unwrap().contains("`read`"), "{refused}");
+        assert!(refused.get("result").is_none());
+    }
+
+    #[test]
+    fn tool_failures_are_tool_errors_that_keep_the_details_in_the_log() {
+        let internal = failure(ApiError::internal());
+        assert_eq!(internal["isError"], true);
+        assert_eq!(internal["content"][0]["text"], "internal error; see warden's log");
+        let conflict = failure(ApiError::conflict("constraint warden_agents_pkey was violated"));
+        assert_eq!(conflict, internal, "nothing of the error itself is told");
+        let busy = failure(ApiError::unavailable("the database is unavailable; retry later").with_retry_after(7));
+        assert_eq!(busy["isError"], true);
+        assert_eq!(busy["content"][0]["text"], "the database is unavailable; retry later; retry in 7 s");
+        assert_eq!(internal_tool_error(), internal);
+    }
+
+    #[test]
+    fn rest_refusals_become_json_rpc_errors_and_other_bodies_are_left_alone() {
+        let limited = ApiError::too_many_requests(3).into_response();
+        let (parts, _) = limited.into_parts();
+        let body = br#"{"error":{"code":"rate_limited","message":"too many requests; slow down"}}"#;
+        let refusal = refusal_as_json_rpc(StatusCode::TOO_MANY_REQUESTS, &parts.headers, body).unwrap();
+        assert_eq!(
+            refusal,
+            json!({"jsonrpc": "2.0", "id": null, "error": {
+                "code": REFUSED, "message": "too many requests; slow down",
+                "data": {"http_status": 429, "reason": "rate_limited", "retry_after": 3},
+            }})
+        );
+        let with_field = br#"{"error":{"code":"malformed_request","message":"m","field":"f"}}"#;
+        let refusal = refusal_as_json_rpc(StatusCode::BAD_REQUEST, &HeaderMap::new(), with_field).unwrap();
+        assert_eq!(refusal["error"]["data"], json!({"http_status": 400, "reason": "malformed_request", "field": "f"}));
+
+        let json_rpc = br#"{"jsonrpc":"2.0","id":null,"error":{"code":-32700,"message":"not JSON"}}"#;
+        for other in [&json_rpc[..], b"", b"not json", br#"{"error":"text"}"#] {
+            assert!(refusal_as_json_rpc(StatusCode::BAD_REQUEST, &HeaderMap::new(), other).is_none());
+        }
+    }
+
+    #[test]
     fn the_protocol_version_is_echoed_when_known_else_the_newest_is_offered() {
+        assert_eq!(LATEST_VERSION, "2025-11-25");
         for version in PROTOCOL_VERSIONS {
             let params = json!({ "protocolVersion": version });
             assert_eq!(initialize(params.as_object().unwrap())["protocolVersion"], version);

@@ -108,6 +108,8 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), limit::enforce))
         .layer(middleware::from_fn_with_state(state.clone(), request_timeout))
+        // Outermost, to reach the refusals of the rate limit and the timeout.
+        .layer(middleware::from_fn(mcp::refusals_as_json_rpc))
         .with_state(state)
 }
 

@@ -99,8 +99,15 @@ async fn oversized_bodies_get_413_on_every_post_endpoint() {
     let big = format!("{{\"agent_id\": \"worker-1\", \"pad\": \"{}\"}}", "x".repeat(4096));
     for (_, path, _) in posts {
         let url = concrete(&path);
-        let (status, body) = error_of(send(&app, "POST", &url, &admin, big.clone().into_bytes()).await).await;
-        assert_eq!((status, body["error"]["code"].as_str()), (413, Some("payload_too_large")), "{path}");
+        let response = send(&app, "POST", &url, &admin, big.clone().into_bytes()).await;
+        if path == "/mcp" {
+            let status = response.status().as_u16();
+            let body: Value = response.json().await.unwrap();
+            assert_eq!((status, &body["error"]["data"]["reason"]), (413, &json!("payload_too_large")), "{body}");
+        } else {
+            let (status, body) = error_of(response).await;
+            assert_eq!((status, body["error"]["code"].as_str()), (413, Some("payload_too_large")), "{path}");
+        }
         let mut stream = TcpStream::connect(app.addr).await.unwrap();
         let head = format!(
             "POST {url} HTTP/1.1\r\nhost: warden\r\nauthorization: Bearer {admin}\r\n\

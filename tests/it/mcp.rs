@@ -48,7 +48,8 @@ async fn initialize_echoes_a_supported_protocol_version_and_offers_the_newest_ot
         ("2025-03-26", "2025-03-26"),
         ("2024-11-05", "2024-11-05"),
         ("2025-06-18", "2025-06-18"),
-        ("1999-01-01", "2025-06-18"),
+        ("2025-11-25", "2025-11-25"),
+        ("1999-01-01", "2025-11-25"),
     ] {
         let body = json!({"jsonrpc": "2.0", "id": "init", "method": "initialize", "params": {
             "protocolVersion": requested, "capabilities": {}, "clientInfo": {"name": "test", "version": "1"}
@@ -85,7 +86,7 @@ async fn notifications_are_accepted_with_202_and_an_empty_body() {
 #[tokio::test]
 async fn tools_list_describes_both_tools_with_input_schemas() {
     let app = TestApp::spawn().await;
-    let key = app.key(&[Scope::Read]).await;
+    let key = app.key(&[Scope::Ingest, Scope::Read]).await;
     let (status, body) = rpc(&app, &key, &request(1, "tools/list", json!({}))).await;
     assert_eq!(status, 200, "{body}");
     let tools = body["result"]["tools"].as_array().unwrap();
@@ -304,37 +305,62 @@ async fn keys_and_scopes_are_checked_like_the_rest_of_the_api() {
     let app = TestApp::spawn().await;
     let ping = request(1, "ping", json!({}));
 
+    // An unknown or missing key is refused for the whole connection, with
+    // the HTTP status MCP clients start their authorization flow on.
     let anonymous = app.http.post(app.url("/mcp")).json(&ping).send().await.unwrap();
-    assert_eq!(anonymous.status(), 401);
     assert_eq!(anonymous.headers()["www-authenticate"], "Bearer");
-    let error: Value = anonymous.json().await.unwrap();
-    assert_eq!(error["error"]["code"], "unauthorized");
+    let error = refusal(anonymous, 401).await;
+    assert_eq!(error["error"]["data"]["reason"], "unauthorized");
     let (_, made_up) = warden::auth::generate();
     assert_eq!(rpc(&app, &made_up, &ping).await.0, 401);
     assert_eq!(rpc(&app, "wdn_garbage", &ping).await.0, 401);
 
-    // Either scope may connect and list; each tool needs its own.
+    // Either scope may connect and list the tools it may call; each tool
+    // needs its own scope.
     let ingest = app.key(&[Scope::Ingest]).await;
     let read = app.key(&[Scope::Read]).await;
-    for key in [&ingest, &read] {
+    for (key, tool) in [(&ingest, "heartbeat"), (&read, "agent_status")] {
         assert_eq!(rpc(&app, key, &ping).await.0, 200);
-        assert_eq!(rpc(&app, key, &request(2, "tools/list", json!({}))).await.0, 200);
+        let (status, list) = rpc(&app, key, &request(2, "tools/list", json!({}))).await;
+        assert_eq!(status, 200);
+        let names: Vec<&Value> = list["result"]["tools"].as_array().unwrap().iter().map(|t| &t["name"]).collect();
+        assert_eq!(names, [tool], "{list}");
     }
+    // A forbidden call is a JSON-RPC error for that request, inside a 200:
+    // SDKs take an HTTP error status for a broken connection.
     let status_call = request(3, "tools/call", json!({"name": "agent_status", "arguments": {"agent_id": "a"}}));
-    let response = app.post("/mcp", &ingest, &status_call).await;
-    assert_eq!(response.status(), 403);
-    let error: Value = response.json().await.unwrap();
-    assert_eq!(error["error"]["code"], "forbidden");
-    assert!(error["error"]["message"].as_str().unwrap().contains("read"), "{error}");
-
     let heartbeat_call = request(4, "tools/call", json!({"name": "heartbeat", "arguments": {"agent_id": "a"}}));
-    let (status, error) = rpc(&app, &read, &heartbeat_call).await;
-    assert_eq!(status, 403);
-    assert!(error["error"]["message"].as_str().unwrap().contains("ingest"), "{error}");
-    // A batch with one forbidden call does nothing at all.
-    let (status, _) = rpc(&app, &ingest, &json!([heartbeat_call, status_call])).await;
-    assert_eq!(status, 403);
-    assert_eq!(app.count("SELECT count(*) FROM warden.agent_status").await, 0);
+    for (key, body, scope) in [(&ingest, &status_call, "read"), (&read, &heartbeat_call, "ingest")] {
+        let (status, answer) = rpc(&app, key, body).await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["id"], body["id"]);
+        assert!(answer.get("result").is_none(), "{answer}");
+        let error = &answer["error"];
+        assert!((-32099..=-32000).contains(&error["code"].as_i64().unwrap()), "a server error code: {answer}");
+        assert!(error["message"].as_str().unwrap().contains(&format!("`{scope}`")), "{answer}");
+        assert_eq!(error["data"], json!({"required_scope": scope}));
+    }
+    assert_eq!(app.count("SELECT count(*) FROM warden.agent_status").await, 0, "the heartbeat was not recorded");
+
+    // A batch with a forbidden call runs no tool: each forbidden call gets
+    // its refusal, each other call an error saying it did not run; other
+    // requests are answered.
+    let other_heartbeat = request(5, "tools/call", json!({"name": "heartbeat", "arguments": {"agent_id": "b"}}));
+    let (status, answer) =
+        rpc(&app, &ingest, &json!([heartbeat_call, status_call, request(6, "ping", json!({})), other_heartbeat])).await;
+    assert_eq!(status, 200, "{answer}");
+    let replies = answer.as_array().unwrap();
+    let ids: Vec<&Value> = replies.iter().map(|r| &r["id"]).collect();
+    assert_eq!(ids, [&json!(4), &json!(3), &json!(6), &json!(5)]);
+    assert_eq!(replies[1]["error"]["data"], json!({"required_scope": "read"}));
+    for withheld in [&replies[0], &replies[3]] {
+        let code = withheld["error"]["code"].as_i64().unwrap();
+        assert!((-32099..=-32000).contains(&code), "{withheld}");
+        assert_ne!(withheld["error"]["code"], replies[1]["error"]["code"], "not itself forbidden");
+        assert!(withheld["error"]["message"].as_str().unwrap().starts_with("not run"), "{withheld}");
+    }
+    assert_eq!(replies[2]["result"], json!({}));
+    assert_eq!(app.count("SELECT count(*) FROM warden.agent_status").await, 0, "nothing ran");
 
     let admin = app.key(&[Scope::Admin]).await;
     assert_eq!(call(&app, &admin, "heartbeat", json!({"agent_id": "a"})).await["isError"], false);
@@ -351,24 +377,44 @@ async fn with_auth_disabled_no_key_is_needed() {
     assert_eq!(answer["result"]["structuredContent"]["status"], "alive");
 }
 
+/// The JSON-RPC error a refusal made before dispatch carries: `id` null,
+/// a numeric code, and the HTTP status again in `data`.
+async fn refusal(response: reqwest::Response, status: u16) -> Value {
+    assert_eq!(response.status(), status);
+    assert_eq!(response.headers()["content-type"], "application/json");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["jsonrpc"], "2.0", "{body}");
+    assert!(body.as_object().unwrap().contains_key("id") && body["id"].is_null(), "{body}");
+    assert!(body["error"]["code"].is_i64(), "{body}");
+    assert!(!body["error"]["message"].as_str().unwrap().is_empty(), "{body}");
+    assert_eq!(body["error"]["data"]["http_status"], status, "{body}");
+    assert!(body.get("result").is_none());
+    body
+}
+
 #[tokio::test]
 async fn transport_rules_get_405_400_403_and_413() {
     let app = TestApp::spawn_with(|s| s.ingest.max_body_bytes = 2048).await;
     let key = app.key(&[Scope::Ingest]).await;
 
     let get = app.http.get(app.url("/mcp")).bearer_auth(&key).send().await.unwrap();
-    assert_eq!(get.status(), 405, "no SSE stream is offered");
     assert_eq!(get.headers()["allow"], "POST");
+    refusal(get, 405).await;
+    // warden keeps no sessions for a client to end.
+    let delete = app.http.delete(app.url("/mcp")).bearer_auth(&key).send().await.unwrap();
+    assert!(delete.headers()["allow"].to_str().unwrap().contains("POST"), "{:?}", delete.headers());
+    refusal(delete, 405).await;
 
     let ping = request(1, "ping", json!({}));
-    let with_header = |version: &'static str| {
-        app.http.post(app.url("/mcp")).bearer_auth(&key).header("mcp-protocol-version", version).json(&ping).send()
+    let with_header = |version: &'static str, body: &Value| {
+        app.http.post(app.url("/mcp")).bearer_auth(&key).header("mcp-protocol-version", version).json(body).send()
     };
-    assert_eq!(with_header("2025-03-26").await.unwrap().status(), 200);
-    assert_eq!(with_header("1999-01-01").await.unwrap().status(), 400);
+    assert_eq!(with_header("2025-03-26", &ping).await.unwrap().status(), 200);
+    let body = refusal(with_header("1999-01-01", &ping).await.unwrap(), 400).await;
+    assert!(body["error"]["message"].as_str().unwrap().contains("2025-11-25"), "{body}");
 
     let foreign = app.http.post(app.url("/mcp")).bearer_auth(&key).header("origin", "https://elsewhere.example");
-    assert_eq!(foreign.json(&ping).send().await.unwrap().status(), 403);
+    refusal(foreign.json(&ping).send().await.unwrap(), 403).await;
     let own = app.http.post(app.url("/mcp")).bearer_auth(&key).header("origin", format!("http://{}", app.addr));
     assert_eq!(own.json(&ping).send().await.unwrap().status(), 200);
 
@@ -377,11 +423,102 @@ async fn transport_rules_get_405_400_403_and_413() {
         "tools/call",
         json!({"name": "heartbeat", "arguments": {"agent_id": "a", "name": "n".repeat(4000)}}),
     );
-    let response = app.post("/mcp", &key, &big).await;
-    assert_eq!(response.status(), 413);
-    let error: Value = response.json().await.unwrap();
-    assert_eq!(error["error"]["code"], "payload_too_large");
+    let body = refusal(app.post("/mcp", &key, &big).await, 413).await;
+    assert_eq!(body["error"]["data"]["reason"], "payload_too_large");
     assert_eq!(app.count("SELECT count(*) FROM warden.agent_status").await, 0);
+
+    // JSON-RPC errors of the protocol itself keep their own codes.
+    let response = app.post_raw("/mcp", &key, "{").await;
+    assert_eq!(response.status(), 400);
+    assert_eq!(response.json::<Value>().await.unwrap()["error"]["code"], -32700);
+}
+
+#[tokio::test]
+async fn the_protocol_version_header_is_checked_on_every_request_but_initialize() {
+    let app = TestApp::spawn().await;
+    let key = app.key(&[Scope::Ingest]).await;
+    let (app, key) = (&app, &key);
+    let post = |version: &'static str, body: Value| async move {
+        let response = app
+            .http
+            .post(app.url("/mcp"))
+            .bearer_auth(key)
+            .header("mcp-protocol-version", version)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json::<Value>().await.unwrap())
+    };
+    let (status, list) = post("2025-11-25", request(1, "tools/list", json!({}))).await;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(list["result"]["tools"][0]["name"], "heartbeat");
+
+    // A client may send the header it hopes for on initialize too; it
+    // learns the revision warden speaks from the answer.
+    let initialize = |id: i64| {
+        request(
+            id,
+            "initialize",
+            json!({"protocolVersion": "2099-01-01", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}),
+        )
+    };
+    let (status, answer) = post("2099-01-01", initialize(2)).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["result"]["protocolVersion"], "2025-11-25");
+    let (status, answer) = post("2099-01-01", json!([initialize(3), initialize(4)])).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer[1]["result"]["protocolVersion"], "2025-11-25");
+
+    // Anything else with that header is refused, in a batch with an
+    // initialize too.
+    let (status, _) = post("2099-01-01", request(5, "ping", json!({}))).await;
+    assert_eq!(status, 400);
+    let (status, _) = post("2099-01-01", json!([initialize(6), request(7, "ping", json!({}))])).await;
+    assert_eq!(status, 400);
+}
+
+#[tokio::test]
+async fn refusals_of_the_key_limit_and_timeout_are_json_rpc_errors_with_their_status_and_headers() {
+    let app = TestApp::spawn_with(|s| {
+        s.limits.rate_per_second = 0.1;
+        s.limits.burst = 2;
+        s.server.request_timeout = warden::config::Duration::from_secs(1);
+    })
+    .await;
+    let ping = request(1, "ping", json!({}));
+
+    let anonymous = app.http.post(app.url("/mcp")).json(&ping).send().await.unwrap();
+    assert_eq!(anonymous.headers()["www-authenticate"], "Bearer");
+    let body = refusal(anonymous, 401).await;
+    assert_eq!(body["error"]["data"]["reason"], "unauthorized");
+
+    let key = app.key(&[Scope::Read]).await;
+    for _ in 0..2 {
+        assert_eq!(rpc(&app, &key, &ping).await.0, 200);
+    }
+    let limited = app.post("/mcp", &key, &ping).await;
+    let retry_after: u64 = limited.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    let body = refusal(limited, 429).await;
+    assert_eq!(body["error"]["data"]["retry_after"], retry_after);
+
+    // A body that stops arriving: 408 from the request timeout.
+    let other = app.key(&[Scope::Read]).await;
+    let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let head = format!(
+        "POST /mcp HTTP/1.1\r\nhost: warden\r\nauthorization: Bearer {other}\r\n\
+         content-type: application/json\r\ncontent-length: 100\r\n\r\n{{\"jsonrpc\":"
+    );
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(std::time::Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "the connection is closed after the timeout");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    let body: Value = serde_json::from_str(&answer[answer.find("\r\n\r\n").unwrap() + 4..]).unwrap();
+    assert_eq!((&body["jsonrpc"], &body["error"]["data"]["http_status"]), (&json!("2.0"), &json!(408)), "{body}");
 }
 
 #[tokio::test]
