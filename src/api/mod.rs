@@ -108,6 +108,7 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), limit::enforce))
         .layer(middleware::from_fn_with_state(state.clone(), request_timeout))
+        .layer(middleware::from_fn_with_state(state.clone(), known_hosts_without_auth))
         // Outermost, to reach the refusals of the rate limit and the timeout.
         .layer(middleware::from_fn(mcp::refusals_as_json_rpc))
         .with_state(state)
@@ -152,6 +153,48 @@ pub(crate) fn check_origin(headers: &axum::http::HeaderMap) -> Result<(), ApiErr
     if same { Ok(()) } else { Err(ApiError::forbidden("requests from a web page on another origin are not accepted")) }
 }
 
+/// With authentication disabled, refuses requests addressed to a host name
+/// warden was not told about. A page on any site can point a name of its
+/// own at an address on its visitor's network (DNS rebinding): its requests
+/// are then same-origin to the browser, Origin and Host agree, and with no
+/// key needed nothing else would stop it reading everything, silencing
+/// alerts or starting recoveries. An IP address or `localhost` cannot be
+/// rebound. The probes and the public status page ask for no key anyway
+/// (with its stylesheets) and are left alone, so schedulers and scrapers may
+/// use any name.
+async fn known_hosts_without_auth(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let path = request.uri().path();
+    let keyless = matches!(path, "/healthz" | "/readyz" | "/metrics" | "/status" | "/status/theme.css")
+        || path.starts_with("/assets/");
+    if state.auth.enabled() || keyless {
+        return next.run(request).await;
+    }
+    let host = request.headers().get(axum::http::header::HOST).map(|h| h.to_str().unwrap_or("?"));
+    match host {
+        Some(host) if !host_allowed(host, &state.settings.server.allowed_hosts) => {
+            let shown: String = host_and_port(host).0.chars().take(100).collect();
+            let message = format!(
+                "requests addressed to host {shown:?} are not accepted while auth.enabled = false; \
+                 add it to server.allowed_hosts, or use an IP address"
+            );
+            axum::response::IntoResponse::into_response(ApiError::forbidden(message))
+        }
+        _ => next.run(request).await,
+    }
+}
+
+/// Whether a Host header names an IP address, `localhost` (or a name
+/// under it) or one of `allowed`.
+fn host_allowed(host: &str, allowed: &[String]) -> bool {
+    let name = host_and_port(host).0;
+    let name = name.strip_prefix('[').and_then(|n| n.strip_suffix(']')).unwrap_or(name);
+    let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+    name.parse::<std::net::IpAddr>().is_ok()
+        || name == "localhost"
+        || name.ends_with(".localhost")
+        || allowed.iter().any(|a| a.trim().trim_end_matches('.').eq_ignore_ascii_case(&name))
+}
+
 /// "host:port", "[v6]:port" or either without a port.
 fn host_and_port(authority: &str) -> (&str, Option<u16>) {
     let split = match authority.rfind(':') {
@@ -189,4 +232,34 @@ async fn not_found() -> ApiError {
 
 async fn method_not_allowed() -> ApiError {
     ApiError::new(axum::http::StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this path")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_allowed;
+
+    #[test]
+    fn only_addresses_localhost_and_the_allowed_names_pass_without_auth() {
+        let allowed = vec!["warden.lan".to_string()];
+        for host in [
+            "127.0.0.1:8080",
+            "10.1.2.3",
+            "[::1]:8080",
+            "[fe80::1]",
+            "localhost:8080",
+            "LOCALHOST",
+            "app.localhost",
+            "localhost.",
+            "warden.lan:8080",
+            "WARDEN.LAN",
+            "warden.lan.",
+        ] {
+            assert!(host_allowed(host, &allowed), "{host}");
+        }
+        for host in
+            ["evil.example:8080", "127.0.0.1.nip.io", "warden.lan.evil.example", "localhost.evil.example", "", "?"]
+        {
+            assert!(!host_allowed(host, &allowed), "{host}");
+        }
+    }
 }

@@ -196,6 +196,9 @@ pub struct ServerSettings {
     /// key), so that one client cannot take every stream. Above
     /// `max_streams` it changes nothing.
     pub max_streams_per_key: usize,
+    /// With authentication off, the host names (Host header) requests may
+    /// use besides `localhost` and IP addresses.
+    pub allowed_hosts: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -301,6 +304,16 @@ impl Settings {
         check_min("server.header_read_timeout", self.server.header_read_timeout, Duration::from_millis(100))?;
         check_range("server.max_streams", self.server.max_streams, 1, 100_000)?;
         check_range("server.max_streams_per_key", self.server.max_streams_per_key, 1, 100_000)?;
+        for (i, host) in self.server.allowed_hosts.iter().enumerate() {
+            let name = host.trim();
+            if name.is_empty() || name.contains([':', '/', '[', ']', ' ', '@']) {
+                return Err(SettingsError::new(
+                    &format!("server.allowed_hosts[{i}]"),
+                    host,
+                    "a host name without scheme or port, like warden.lan",
+                ));
+            }
+        }
         check_max("auth.cache_ttl", self.auth.cache_ttl, Duration::from_secs(3600))?;
         let ingest = &self.ingest;
         check_range("ingest.max_batch", ingest.max_batch, 1, 100_000)?;

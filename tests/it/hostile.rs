@@ -491,3 +491,61 @@ async fn writes_from_a_page_on_another_origin_are_refused() {
     assert_eq!(post(Some(own)).await.unwrap().status(), 200, "the console's own origin");
     assert_eq!(post(None).await.unwrap().status(), 200, "a client that is not a browser");
 }
+
+/// With authentication off, a page that points a name of its own at
+/// warden (DNS rebinding) sends requests whose Origin and Host agree: the
+/// Host itself is checked, against IP addresses, localhost and
+/// server.allowed_hosts.
+#[tokio::test]
+async fn without_auth_requests_for_an_unknown_host_name_are_refused() {
+    let app = TestApp::spawn_with(|s| {
+        s.auth.enabled = false;
+        s.server.allowed_hosts = vec!["warden.lan".into()];
+    })
+    .await;
+    let port = app.addr.port();
+    let send = |host: String, method: reqwest::Method, path: &str| {
+        app.http
+            .request(method, app.url(path))
+            .header("host", host.clone())
+            .header("origin", format!("http://{host}"))
+            .header("content-type", "text/plain")
+            .body(
+                json!({"issue_type": "agent_unresponsive", "duration": "2h", "comment": "x"})
+                    .to_string(),
+            )
+            .send()
+    };
+    let rebound = format!("rebind.example:{port}");
+    let (status, error) = error_of(send(rebound.clone(), reqwest::Method::POST, "/v1/silences").await.unwrap()).await;
+    assert_eq!(status, 403);
+    assert_eq!(error["error"]["code"], "forbidden");
+    assert!(error["error"]["message"].as_str().unwrap().contains("server.allowed_hosts"), "{error}");
+    assert_eq!(app.count("SELECT count(*) FROM warden.silences").await, 0, "nothing written");
+    assert_eq!(send(rebound.clone(), reqwest::Method::GET, "/v1/agents").await.unwrap().status(), 403, "reads too");
+    assert_eq!(send(rebound.clone(), reqwest::Method::GET, "/").await.unwrap().status(), 403, "the console too");
+    assert_eq!(
+        send(rebound.clone(), reqwest::Method::GET, "/healthz").await.unwrap().status(),
+        200,
+        "probes ask no key"
+    );
+
+    for host in [format!("127.0.0.1:{port}"), format!("localhost:{port}"), format!("warden.lan:{port}")] {
+        assert_eq!(send(host.clone(), reqwest::Method::GET, "/v1/agents").await.unwrap().status(), 200, "{host}");
+    }
+    let ok = send(format!("warden.lan:{port}"), reqwest::Method::POST, "/v1/silences").await.unwrap();
+    assert_eq!(ok.status(), 201, "an allowed name writes");
+
+    // With keys on, a key is what counts, whatever the name.
+    let keyed = TestApp::spawn().await;
+    let read = keyed.key(&[Scope::Read]).await;
+    let response = keyed
+        .http
+        .get(keyed.url("/v1/agents"))
+        .header("host", format!("rebind.example:{}", keyed.addr.port()))
+        .bearer_auth(read)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+}
