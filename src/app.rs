@@ -9,6 +9,8 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -32,6 +34,23 @@ pub enum StartError {
     Schema(migrate::MigrateError),
     #[error("could not listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
+    #[error(
+        "the database schema is at version {found} but this warden needs {needed}: waiting for `warden migrate` \
+         (or a replica with database.migrate_on_start)"
+    )]
+    SchemaBehind { found: i32, needed: i32 },
+}
+
+impl StartError {
+    /// The database is not there, or not migrated, yet: worth waiting for.
+    pub fn is_temporary(&self) -> bool {
+        match self {
+            Self::Connect(e) => e.is_unavailable(),
+            Self::Migrate(migrate::MigrateError::Db(e)) => e.is_unavailable(),
+            Self::SchemaBehind { .. } => true,
+            _ => false,
+        }
+    }
 }
 
 pub struct Application {
@@ -39,6 +58,9 @@ pub struct Application {
     database: Database,
     listener: TcpListener,
     local_addr: SocketAddr,
+    /// Whether the database was migrated and checked at start; if not, it
+    /// was unreachable and `run` waits for it.
+    prepared: bool,
 }
 
 impl Application {
@@ -46,25 +68,18 @@ impl Application {
         crate::alerting::tls::install_crypto_provider();
         let settings = Arc::new(settings);
         let database = Database::open(&settings.database).await?;
-        if settings.database.migrate_on_start {
-            let mut client = db::client(&database.pool).await.map_err(StartError::Connect)?;
-            let outcome = migrate::run(&mut client).await?;
-            if !outcome.applied.is_empty() {
-                tracing::info!(applied = ?outcome.applied, version = outcome.version, "database migrated");
+        // A database that is not there yet (starting beside warden, failing
+        // over) is waited for while serving 503s; anything else (a refused
+        // login, a schema from another build, a failed migration) needs an
+        // operator, so the process exits saying what.
+        let prepared = match prepare(&database, &settings).await {
+            Ok(()) => true,
+            Err(e) if e.is_temporary() => {
+                tracing::warn!(error = %e, "the database is not ready; serving 503 until it is");
+                false
             }
-        }
-        {
-            let client = db::client(&database.pool).await.map_err(StartError::Connect)?;
-            if !settings.database.migrate_on_start {
-                // Another replica or `warden migrate` brings the schema up
-                // to date (readiness waits for it); one migrated by a
-                // different build is refused, as `warden migrate` would.
-                migrate::check_divergence(&client).await.map_err(StartError::Schema)?;
-            }
-            sync_mode_intervals(&client, &settings).await.map_err(StartError::Connect)?;
-            warn_without_autovacuum(&client).await;
-            report_tls(&client, &database.pg_config).await;
-        }
+            Err(e) => return Err(e),
+        };
         if !settings.auth.enabled {
             tracing::warn!(
                 "auth.enabled = false: every API call is accepted without a key; never do this in production"
@@ -73,7 +88,7 @@ impl Application {
         let addr = settings.server.listen;
         let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
         let local_addr = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
-        Ok(Self { settings, database, listener, local_addr })
+        Ok(Self { settings, database, listener, local_addr, prepared })
     }
 
     /// The bound address; with `listen = "127.0.0.1:0"` the port chosen.
@@ -83,48 +98,10 @@ impl Application {
 
     /// Serves until `shutdown` is cancelled, then drains and cleans up.
     pub async fn run(self, shutdown: CancellationToken) -> std::io::Result<()> {
-        let Self { settings, database, listener, local_addr } = self;
+        let Self { settings, database, listener, local_addr, prepared } = self;
         let background = CancellationToken::new();
         let tasks = TaskTracker::new();
-
-        let ping = Some(settings.telemetry.self_heartbeat_url.expose().to_string()).filter(|u| !u.is_empty());
-        tasks.spawn(crate::health::evaluator::run_with_ping(
-            database.pool.clone(),
-            crate::health::evaluator::EvalParams::from_settings(&settings.health),
-            replica_name(local_addr),
-            ping,
-            background.clone(),
-        ));
-        if settings.recovery.enabled {
-            let engine = crate::recovery::engine::Engine::new(
-                database.pool.clone(),
-                settings.recovery.clone(),
-                &settings.health,
-                replica_name(local_addr),
-            );
-            tasks.spawn(engine.run(background.clone()));
-        }
-        if settings.retention.enabled {
-            tasks.spawn(crate::retention::run(database.pool.clone(), settings.retention.clone(), background.clone()));
-        }
-        if let Some(cluster) = database.embedded() {
-            tasks.spawn(keep_embedded_running(cluster, background.clone()));
-        }
-        tasks.spawn(partition_upkeep(
-            database.pool.clone(),
-            settings.database.partitions_ahead_days,
-            background.clone(),
-        ));
-
-        if let Err(e) = crate::alerting::start(
-            database.pool.clone(),
-            &settings.alerting,
-            replica_name(local_addr),
-            background.clone(),
-            &tasks,
-        ) {
-            tracing::error!(error = %e, "alerting could not start; alerts are recorded but not sent");
-        }
+        let started = Arc::new(AtomicBool::new(prepared));
         let ingestor = Ingestor::start(database.pool.clone(), &writer_settings(&settings), background.clone(), &tasks);
         let auth =
             Arc::new(Authenticator::new(database.pool.clone(), settings.auth.enabled, settings.auth.cache_ttl.get()));
@@ -135,8 +112,36 @@ impl Application {
             hub.clone(),
             background.clone(),
         ));
-        let state = AppState::new(database.pool.clone(), settings.clone(), auth, ingestor, hub);
+        if let Some(cluster) = database.embedded() {
+            tasks.spawn(keep_embedded_running(cluster, background.clone()));
+        }
+        let state = AppState::new(database.pool.clone(), settings.clone(), auth, ingestor, hub, started.clone());
         let app = api::router(state);
+        let database = Arc::new(database);
+        // Set when the database answered with something only an operator
+        // can fix while warden waited for it: the process stops with it.
+        let fatal = Arc::new(std::sync::OnceLock::<String>::new());
+        {
+            let (settings, database, tasks_in, stop) =
+                (settings.clone(), database.clone(), tasks.clone(), background.clone());
+            let (shutdown, fatal) = (shutdown.clone(), fatal.clone());
+            tasks.spawn(async move {
+                if !prepared {
+                    match wait_until_prepared(&database, &settings, &stop).await {
+                        Ok(true) => {}
+                        Ok(false) => return,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot start; stopping");
+                            let _ = fatal.set(e.to_string());
+                            shutdown.cancel();
+                            return;
+                        }
+                    }
+                }
+                start_background(&settings, &database, local_addr, &stop, &tasks_in);
+                started.store(true, Ordering::Release);
+            });
+        }
         tracing::info!(addr = %local_addr, "warden is serving");
 
         let grace = settings.server.shutdown_timeout.get();
@@ -164,9 +169,115 @@ impl Application {
         if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
             tracing::warn!("background tasks did not stop within the shutdown timeout");
         }
-        database.close().await;
+        match Arc::try_unwrap(database) {
+            Ok(database) => database.close().await,
+            // A task that outlived the grace period still holds it: the
+            // pool closes when that goes; the embedded cluster is stopped.
+            Err(database) => database.pool.close(),
+        }
         tracing::info!("warden stopped");
-        served
+        match fatal.get() {
+            Some(e) => Err(std::io::Error::other(e.clone())),
+            None => served,
+        }
+    }
+}
+
+/// The database steps before serving: migrations (or the divergence check),
+/// the settings the SQL ingest path reads, and what is worth a log line.
+async fn prepare(database: &Database, settings: &Settings) -> Result<(), StartError> {
+    if settings.database.migrate_on_start {
+        let mut client = db::client(&database.pool).await.map_err(StartError::Connect)?;
+        let outcome = migrate::run(&mut client).await?;
+        if !outcome.applied.is_empty() {
+            tracing::info!(applied = ?outcome.applied, version = outcome.version, "database migrated");
+        }
+    }
+    let client = db::client(&database.pool).await.map_err(StartError::Connect)?;
+    if !settings.database.migrate_on_start {
+        // Another replica or `warden migrate` brings the schema up to date
+        // (serve waits for it, answering 503); one migrated by a different
+        // build is refused, as `warden migrate` would.
+        migrate::check_divergence(&client).await.map_err(StartError::Schema)?;
+        let found = migrate::current_version(&client).await.map_err(StartError::Connect)?.unwrap_or(0);
+        let needed = migrate::latest_version();
+        if found < needed {
+            return Err(StartError::SchemaBehind { found, needed });
+        }
+    }
+    sync_mode_intervals(&client, settings).await.map_err(StartError::Connect)?;
+    warn_without_autovacuum(&client).await;
+    report_tls(&client, &database.pg_config).await;
+    Ok(())
+}
+
+/// Retries [`prepare`] while the database is not ready: true once it is
+/// done, false when stopped first, the error when the database answers
+/// with something only an operator can fix.
+async fn wait_until_prepared(
+    database: &Database,
+    settings: &Settings,
+    stop: &CancellationToken,
+) -> Result<bool, StartError> {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(false),
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        match prepare(database, settings).await {
+            Ok(()) => {
+                tracing::info!("the database answers; starting evaluation, recovery and alerting");
+                return Ok(true);
+            }
+            Err(e) if e.is_temporary() => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "the database is still not ready");
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The loops that need a migrated database: evaluation, recovery,
+/// retention, partition upkeep and alerting.
+fn start_background(
+    settings: &Settings,
+    database: &Database,
+    local_addr: SocketAddr,
+    background: &CancellationToken,
+    tasks: &TaskTracker,
+) {
+    let ping = Some(settings.telemetry.self_heartbeat_url.expose().to_string()).filter(|u| !u.is_empty());
+    tasks.spawn(crate::health::evaluator::run_with_ping(
+        database.pool.clone(),
+        crate::health::evaluator::EvalParams::from_settings(&settings.health),
+        replica_name(local_addr),
+        ping,
+        background.clone(),
+    ));
+    if settings.recovery.enabled {
+        let engine = crate::recovery::engine::Engine::new(
+            database.pool.clone(),
+            settings.recovery.clone(),
+            &settings.health,
+            replica_name(local_addr),
+        );
+        tasks.spawn(engine.run(background.clone()));
+    }
+    if settings.retention.enabled {
+        tasks.spawn(crate::retention::run(database.pool.clone(), settings.retention.clone(), background.clone()));
+    }
+    tasks.spawn(partition_upkeep(database.pool.clone(), settings.database.partitions_ahead_days, background.clone()));
+
+    if let Err(e) = crate::alerting::start(
+        database.pool.clone(),
+        &settings.alerting,
+        replica_name(local_addr),
+        background.clone(),
+        tasks,
+    ) {
+        tracing::error!(error = %e, "alerting could not start; alerts are recorded but not sent");
     }
 }
 

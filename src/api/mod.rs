@@ -54,6 +54,8 @@ pub struct Shared {
     pub streams: Arc<tokio::sync::Semaphore>,
     /// Open event streams per API key id (`server.max_streams_per_key`).
     pub streams_per_key: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    /// False while the database, unreachable at start, is waited for.
+    pub started: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl AppState {
@@ -63,6 +65,7 @@ impl AppState {
         auth: Arc<Authenticator>,
         ingestor: Arc<Ingestor>,
         hub: Arc<crate::stream::Hub>,
+        started: Arc<std::sync::atomic::AtomicBool>,
     ) -> Self {
         let limits = Limits {
             max_batch: settings.ingest.max_batch,
@@ -74,7 +77,18 @@ impl AppState {
         let streams = Arc::new(tokio::sync::Semaphore::new(settings.server.max_streams));
         let streams_per_key = Arc::default();
         Self {
-            inner: Arc::new(Shared { pool, settings, auth, ingestor, limits, hub, limiter, streams, streams_per_key }),
+            inner: Arc::new(Shared {
+                pool,
+                settings,
+                auth,
+                ingestor,
+                limits,
+                hub,
+                limiter,
+                streams,
+                streams_per_key,
+                started,
+            }),
         }
     }
 }
@@ -109,9 +123,22 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), limit::enforce))
         .layer(middleware::from_fn_with_state(state.clone(), request_timeout))
         .layer(middleware::from_fn_with_state(state.clone(), known_hosts_without_auth))
+        .layer(middleware::from_fn_with_state(state.clone(), until_started))
         // Outermost, to reach the refusals of the rate limit and the timeout.
         .layer(middleware::from_fn(mcp::refusals_as_json_rpc))
         .with_state(state)
+}
+
+/// While warden waits for a database that was unreachable at start (and
+/// so is neither migrated nor checked), every request but liveness and the
+/// process's own metrics is answered 503 with Retry-After.
+async fn until_started(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if state.started.load(std::sync::atomic::Ordering::Acquire)
+        || matches!(request.uri().path(), "/healthz" | "/metrics")
+    {
+        return next.run(request).await;
+    }
+    axum::response::IntoResponse::into_response(ApiError::unavailable("warden is starting: waiting for the database"))
 }
 
 /// Answers 503 when a handler outlives `server.request_timeout`, so a stuck

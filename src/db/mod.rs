@@ -174,7 +174,7 @@ pub struct Database {
 impl Database {
     /// Opens the configured database, starting the embedded cluster when no
     /// URL is set. Connections are opened lazily, so this succeeds even if
-    /// an external server is down; readiness reports it instead.
+    /// an external server is down (`serve` then waits for it).
     pub async fn open(settings: &DatabaseSettings) -> Result<Self, OpenError> {
         let (mut pg_config, embedded) = if settings.url.is_empty() {
             let bin_dir = Some(settings.pg_bin_dir.as_path()).filter(|p| !p.as_os_str().is_empty());

@@ -510,10 +510,7 @@ async fn without_auth_requests_for_an_unknown_host_name_are_refused() {
             .header("host", host.clone())
             .header("origin", format!("http://{host}"))
             .header("content-type", "text/plain")
-            .body(
-                json!({"issue_type": "agent_unresponsive", "duration": "2h", "comment": "x"})
-                    .to_string(),
-            )
+            .body(json!({"issue_type": "agent_unresponsive", "duration": "2h", "comment": "x"}).to_string())
             .send()
     };
     let rebound = format!("rebind.example:{port}");

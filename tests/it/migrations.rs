@@ -110,6 +110,44 @@ async fn migrating_twice_applies_nothing_the_second_time() {
 }
 
 #[tokio::test]
+async fn serve_without_migrate_on_start_waits_for_the_schema_then_starts() {
+    // An empty schema used to stop serve with "relation does not exist";
+    // another replica or `warden migrate` may well be on its way.
+    let db = TestDb::empty().await;
+    let mut settings = crate::helpers::default_settings();
+    settings.database.url = warden::config::Secret::new(db.url());
+    settings.database.migrate_on_start = false;
+    settings.database.pool_size = 4;
+    settings.server.listen = "127.0.0.1:0".parse().unwrap();
+    settings.health.check_interval = warden::config::Duration::from_secs(1);
+    let app = warden::app::Application::build(settings).await.expect("serves while the schema is behind");
+    let base = format!("http://{}", app.local_addr());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(app.run(shutdown.clone()));
+    let http = reqwest::Client::new();
+    let ready = http.get(format!("{base}/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    assert!(ready.headers().contains_key("retry-after"));
+    let tables: i64 = db
+        .client()
+        .await
+        .query_one("SELECT count(*) FROM pg_tables WHERE schemaname = 'warden'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(tables, 0, "serve applied nothing itself");
+
+    migrate::run(&mut db.client().await).await.unwrap();
+    crate::helpers::eventually(Duration::from_secs(120), "ready once the schema is current", || async {
+        let response = http.get(format!("{base}/readyz")).send().await.ok()?;
+        (response.status() == 200).then_some(())
+    })
+    .await;
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+}
+
+#[tokio::test]
 async fn concurrent_migrations_take_turns() {
     let db = TestDb::empty().await;
     let runs = (0..3).map(|_| {

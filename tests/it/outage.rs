@@ -573,3 +573,55 @@ async fn a_large_batch_refused_in_an_outage_gets_its_503_on_a_connection_that_st
     let (status, _, body) = read_response(&mut stream).await;
     assert_eq!(status, 503, "still out of reach, and still answered: {body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_starts_without_its_database_and_migrates_when_it_answers() {
+    // A database starting beside warden, or failing over while it starts:
+    // warden serves 503s instead of exiting, then migrates and starts its
+    // work by itself.
+    let db = crate::helpers::TestDb::empty().await;
+    let url = db.url();
+    let (host, real_port) = (setting(&url, "host"), setting(&url, "port"));
+    if host.starts_with('/') {
+        eprintln!("skipped: the tests' database listens on a Unix socket only");
+        return;
+    }
+    let relay = Relay::start().await;
+    relay.target.set(format!("{host}:{real_port}")).unwrap();
+    relay.cut();
+    let mut settings = default_settings();
+    let through = url.replace(&format!("port={real_port}"), &format!("port={}", relay.port));
+    settings.database.url = Secret::new(through.replace(&format!("host={host}"), "host=127.0.0.1"));
+    settings.database.pool_size = 4;
+    settings.database.connect_timeout = warden::config::Duration::from_secs(1);
+    settings.database.acquire_timeout = warden::config::Duration::from_secs(1);
+    settings.server.listen = "127.0.0.1:0".parse().unwrap();
+    settings.health.check_interval = warden::config::Duration::from_secs(1);
+    let app = Application::build(settings).await.expect("starts without its database");
+    let base = format!("http://{}", app.local_addr());
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(app.run(shutdown.clone()));
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+
+    assert_eq!(http.get(format!("{base}/healthz")).send().await.unwrap().status(), 200, "alive");
+    for path in ["/readyz", "/v1/agents"] {
+        let response = http.get(format!("{base}{path}")).send().await.unwrap();
+        assert_eq!(response.status(), 503, "{path}");
+        assert!(response.headers().contains_key("retry-after"), "{path}");
+    }
+    let beat = http.post(format!("{base}/v1/heartbeats")).json(&json!({"agent_id": "early"})).send().await.unwrap();
+    assert_eq!(beat.status(), 503);
+
+    relay.restore();
+    eventually(Duration::from_secs(120), "migrated, evaluating and ready", || async {
+        let response = http.get(format!("{base}/readyz")).send().await.ok()?;
+        (response.status() == 200).then_some(())
+    })
+    .await;
+    let key = warden::auth::create_key(&db.client().await, "late", &[Scope::Ingest]).await.unwrap().token;
+    let beat =
+        http.post(format!("{base}/v1/heartbeats")).bearer_auth(&key).json(&json!({"agent_id": "late"})).send().await;
+    assert_eq!(beat.unwrap().status(), 200);
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+}
