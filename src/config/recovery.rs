@@ -29,7 +29,8 @@ pub struct RecoverySettings {
     /// How long past an action's timeout its replica's claim lasts; a
     /// replica that dies mid-action gives the job up after this.
     pub lease_margin: Duration,
-    /// Bytes of a command's stdout and of its stderr kept in the log.
+    /// Bytes of a command's stdout, of its stderr, and of an HTTP action's
+    /// response body kept in the log.
     pub output_limit: usize,
     #[serde(default)]
     pub strategies: Vec<Strategy>,
@@ -77,7 +78,8 @@ pub enum Action {
         headers: BTreeMap<String, String>,
         #[serde(default)]
         body: Option<serde_json::Value>,
-        /// Accepted status codes; empty accepts any 2xx.
+        /// Accepted status codes; empty accepts any 2xx. Redirects are not
+        /// followed: a 3xx is judged like any other status.
         #[serde(default)]
         expect_status: Vec<u16>,
         #[serde(default = "default_timeout")]
@@ -262,6 +264,15 @@ fn validate_action(action: &Action, key: &str) -> Result<(), SettingsError> {
                 return Err(SettingsError::new(&field("method"), method, "an HTTP method like POST or PUT"));
             }
             placeholders(url).map_err(|e| SettingsError::new(&field("url"), url, e))?;
+            // Agent text (its name, a label) must never choose where the
+            // request, with its credential headers, is sent.
+            if before_path(url).contains('{') {
+                return Err(SettingsError::new(
+                    &field("url"),
+                    url,
+                    "placeholders only in the path and query, none in the scheme, host or port",
+                ));
+            }
             let sample = url.replace(['{', '}'], "");
             if reqwest::Url::parse(&sample).map(|u| !matches!(u.scheme(), "http" | "https")).unwrap_or(true) {
                 return Err(SettingsError::new(&field("url"), url, "an http:// or https:// URL"));
@@ -280,6 +291,17 @@ fn validate_action(action: &Action, key: &str) -> Result<(), SettingsError> {
         Action::None { .. } => {}
     }
     Ok(())
+}
+
+/// The scheme and authority of a URL template: up to the first '/', '?'
+/// or '#' after "://", or all of it without "://". URL parsers take more
+/// forms ("http:host", a backslash for a slash, tabs dropped) but never
+/// find the authority past this point, so a placeholder after it is in the
+/// path, query or fragment.
+fn before_path(url: &str) -> &str {
+    let Some(start) = url.find("://").map(|i| i + 3) else { return url };
+    let end = url[start..].find(['/', '?', '#']).map_or(url.len(), |i| start + i);
+    &url[..end]
 }
 
 fn check_body(value: &serde_json::Value) -> Result<(), String> {
@@ -303,5 +325,14 @@ mod tests {
         assert!(placeholders("{label.}").is_err());
         assert!(placeholders("{agent_id").is_err());
         assert!(placeholders("plain").unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_part_before_a_urls_path_is_found_however_it_is_written() {
+        assert_eq!(before_path("http://orch:8000/restart/{agent_id}"), "http://orch:8000");
+        assert_eq!(before_path("https://orch?agent={agent_id}"), "https://orch");
+        assert_eq!(before_path("http://{label.host}"), "http://{label.host}");
+        assert_eq!(before_path("http:/{label.host}/restart"), "http:/{label.host}/restart");
+        assert_eq!(before_path("http://orch\\{label.host}/x"), "http://orch\\{label.host}");
     }
 }

@@ -77,7 +77,14 @@ impl Engine {
         replica: String,
     ) -> Arc<Self> {
         crate::alerting::tls::install_crypto_provider();
-        let http = reqwest::Client::builder().build().unwrap_or_default();
+        // Redirects are not followed: reqwest would carry the action's own
+        // headers (an API key from {env.WARDEN_SECRET_*}) to whatever host a
+        // Location names. A 3xx is an answer like any other, judged by
+        // expect_status.
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("the HTTP client of recovery actions builds");
         Arc::new(Self {
             pool,
             settings: Arc::new(settings),
@@ -597,24 +604,51 @@ impl Engine {
             .await?;
             let issue = ctx.issue_type.as_deref().and_then(|t| t.parse().ok());
             let verify = self.verify_for(&strategy.name, issue, row.get(11));
-            starts.push(Start { job, action_id, action, ctx, verify });
+            let lease_ends = tokio::time::Instant::now() + timeout + self.settings.lease_margin.get();
+            starts.push(Start { job, action_id, action, ctx, verify, lease_ends });
         }
         tx.commit().await?;
         let started = starts.len();
         for start in starts {
             let engine = self.clone();
-            self.running.spawn(async move {
-                if let Err(e) = engine.execute(start).await {
-                    tracing::warn!(error = %e, "could not record a recovery action's result; its lease will expire");
-                }
-            });
+            self.running.spawn(engine.execute(start));
         }
         Ok((started, exhausted))
     }
 
-    /// Runs the action, then records how it ended.
-    async fn execute(self: Arc<Self>, start: Start) -> Result<(), DbError> {
+    /// Runs the action, then records how it ended. A database blip at that
+    /// moment must not lose the outcome: the lease would run out, the
+    /// attempt be called abandoned ("replica stopped") although this
+    /// replica is alive, and a definite failure would wait out the
+    /// verification time instead of the backoff. So the record is tried
+    /// again with backoff until the lease is about to end: no try is begun
+    /// within the pool's acquire timeout of it, as it could still be
+    /// waiting for a connection when another replica takes the job over.
+    async fn execute(self: Arc<Self>, start: Start) {
         let outcome = self.perform(&start.action, &start.ctx).await;
+        let margin = self.pool.timeouts().wait.unwrap_or_default();
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let Err(e) = self.record(&start, &outcome).await else { return };
+            let wait = plan::backoff(tries, StdDuration::from_millis(250), StdDuration::from_secs(5));
+            if tokio::time::Instant::now() + wait + margin >= start.lease_ends {
+                tracing::warn!(
+                    error = %e, job = start.job, action = start.action_id, tries,
+                    "could not record a recovery action's result; giving up, its lease will expire"
+                );
+                return;
+            }
+            tracing::warn!(
+                error = %e, job = start.job, action = start.action_id, retry_in = ?wait,
+                "could not record a recovery action's result; will retry"
+            );
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// Records how the action ended, unless the job is no longer ours.
+    async fn record(&self, start: &Start, outcome: &Outcome) -> Result<(), DbError> {
         let mut client = db::client(&self.pool).await?;
         let tx = client.transaction().await?;
         let now: DateTime<Utc> = tx.query_one("SELECT now()", &[]).await?.get(0);
@@ -641,9 +675,6 @@ impl Engine {
             &[&start.action_id, &state, &now, &outcome.summary, &outcome.detail],
         )
         .await?;
-        if state != "verifying" {
-            crate::metrics::METRICS.recovery_attempts.with_label_values(&[state]).inc();
-        }
         if outcome.ended == Ended::Done {
             tx.execute(
                 "UPDATE warden.recovery_jobs SET state = 'verifying', verify_until = $2, lease_owner = NULL, \
@@ -655,6 +686,10 @@ impl Engine {
             self.after_failed_attempt(&tx, start.job, now).await?;
         }
         tx.commit().await?;
+        // Counted once committed: a try that failed before is not counted.
+        if state != "verifying" {
+            crate::metrics::METRICS.recovery_attempts.with_label_values(&[state]).inc();
+        }
         Ok(())
     }
 
@@ -744,6 +779,8 @@ struct Start {
     ctx: Context,
     /// How long the action has to prove itself once it has run.
     verify: Duration,
+    /// When the job's lease runs out, on this replica's clock.
+    lease_ends: tokio::time::Instant,
 }
 
 async fn finish(

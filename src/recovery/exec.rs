@@ -171,7 +171,7 @@ pub struct HttpCall<'a> {
     /// Accepted statuses; empty means any 2xx.
     pub expect_status: &'a [u16],
     pub timeout: Duration,
-    /// Bytes of the response body kept in the log.
+    /// Bytes of the response body read and kept in the log.
     pub output_limit: usize,
 }
 
@@ -190,6 +190,23 @@ fn shown_url(url: &str) -> String {
         }
         Err(_) => "[unparseable url]".to_string(),
     }
+}
+
+/// Reads at most `limit` bytes of a response's body; the rest is never
+/// read, so whatever answers cannot make warden hold a body of any size.
+/// A body cut short by an error or the timeout keeps what had arrived.
+async fn read_body(mut response: reqwest::Response, limit: usize) -> (String, bool) {
+    let mut kept = Vec::new();
+    let mut truncated = false;
+    while let Ok(Some(chunk)) = response.chunk().await {
+        let room = limit - kept.len();
+        kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if chunk.len() > room {
+            truncated = true;
+            break;
+        }
+    }
+    (String::from_utf8_lossy(&kept).into_owned(), truncated)
 }
 
 /// Calls an HTTP endpoint and checks the status.
@@ -223,13 +240,13 @@ pub async fn run_http(client: &reqwest::Client, call: HttpCall<'_>) -> Outcome {
         }
     };
     let status = response.status().as_u16();
-    let text = response.text().await.unwrap_or_default();
-    let excerpt: String = text.chars().take(output_limit).collect();
+    let (excerpt, truncated) = read_body(response, output_limit).await;
     let detail = json!({
         "url": url,
         "method": method.as_str(),
         "status": status,
         "body": excerpt,
+        "body_truncated": truncated,
         "duration_ms": started.elapsed().as_millis() as u64,
     });
     let accepted =
@@ -304,6 +321,52 @@ mod tests {
             o.detail["stdout"].as_str().unwrap().lines().filter_map(|l| l.split('=').next()).collect();
         names.sort();
         assert_eq!(names, ["PATH", "WARDEN_AGENT_ID", "WARDEN_INCIDENT_ID", "WARDEN_ISSUE_TYPE"]);
+    }
+
+    #[tokio::test]
+    async fn a_huge_response_body_is_read_only_up_to_the_limit() {
+        use tokio::io::AsyncWriteExt;
+        crate::alerting::tls::install_crypto_provider();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/restart", listener.local_addr().unwrap());
+        // 8 MB of a body that promises a gigabyte, then nothing more: a
+        // reader after the whole body would wait for the timeout.
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            // The request first: an answer before it is not one to it.
+            let mut request = Vec::new();
+            let mut byte = [0u8; 1];
+            while !request.ends_with(b"\r\n\r\n") && socket.read(&mut byte).await.is_ok_and(|n| n == 1) {
+                request.push(byte[0]);
+            }
+            let head = "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 1000000000\r\n\r\n";
+            if socket.write_all(head.as_bytes()).await.is_err() {
+                return;
+            }
+            let chunk = vec![b'x'; 1 << 16];
+            for _ in 0..128 {
+                if socket.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+            let mut rest = [0u8; 1024];
+            while matches!(socket.read(&mut rest).await, Ok(n) if n > 0) {}
+        });
+        let started = Instant::now();
+        let call = HttpCall {
+            method: "POST",
+            url: &url,
+            headers: &BTreeMap::new(),
+            body: None,
+            expect_status: &[],
+            timeout: Duration::from_secs(10),
+            output_limit: 4096,
+        };
+        let o = run_http(&reqwest::Client::new(), call).await;
+        assert_eq!(o.ended, Ended::Done, "{}", o.summary);
+        assert_eq!(o.detail["body"].as_str().unwrap().len(), 4096);
+        assert_eq!(o.detail["body_truncated"], true);
+        assert!(started.elapsed() < Duration::from_secs(5), "the rest was not waited for: {:?}", started.elapsed());
     }
 
     #[tokio::test]

@@ -360,6 +360,40 @@ fn a_header_reads_only_set_warden_secret_variables() {
 }
 
 #[test]
+fn an_http_action_takes_placeholders_only_in_its_path_and_query() {
+    // A label is the agent's own text: in the host it would choose where
+    // the request, and its credential headers, go.
+    let load = |url: &str| {
+        let file = override_file(&format!(
+            "[[recovery.strategies]]\nname = \"r\"\nissues = [\"agent_unresponsive\"]\n\n\
+             [[recovery.strategies.actions]]\nkind = \"http\"\nurl = \"{url}\"\n\
+             headers = {{ x-api-key = \"orch-key\" }}\n"
+        ));
+        Settings::load(&Sources { file: Some(file.path().to_path_buf()), env: Some(HashMap::new()) })
+    };
+    for url in [
+        "http://{label.host}/restart",
+        "http://orch.{label.zone}.example/restart",
+        "http://orch:{label.port}/restart",
+        "http://{agent_id}@orch/restart",
+        "{label.scheme}://orch/restart",
+        "http:/{label.host}/restart",
+        "http://orch{label.host}?agent=a",
+    ] {
+        let e = load(url).expect_err(url);
+        assert_eq!(e.key.as_deref(), Some("recovery.strategies[0].actions[0].url"), "{url}: {e}");
+        assert!(e.allowed.contains("only in the path and query"), "{url}: {e}");
+    }
+    for url in [
+        "http://orch/restart/{agent_id}",
+        "http://orch:8000/v1/{label.pool}/restart?incident={incident_id}",
+        "https://orch?agent={agent_id}",
+    ] {
+        load(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+    }
+}
+
+#[test]
 fn settings_that_could_not_work_are_refused_by_name() {
     load_env(&[("WARDEN__SERVER__MAX_STREAMS", "16")]).expect("fewer streams than one key may hold is fine");
     let e = refused(&[("WARDEN__DATABASE__POOL_SIZE", "3"), ("WARDEN__INGEST__WRITERS", "2")]);

@@ -22,6 +22,7 @@ mod procs;
 mod read_api;
 mod recovery;
 mod recovery_jobs;
+mod relay;
 mod reports;
 mod retention;
 mod sql_path;

@@ -19,6 +19,7 @@ use warden::config::Secret;
 use warden::db::embedded::EmbeddedCluster;
 
 use crate::helpers::{TestApp, default_settings, eventually};
+use crate::relay::Relay;
 
 fn url_of(cluster: &EmbeddedCluster) -> String {
     format!("host={} port=5432 user=postgres dbname=warden", cluster.data_dir().display())
@@ -184,58 +185,6 @@ async fn heartbeats_survive_a_restart_and_an_outage_with_503s_and_no_false_acks(
 
     drop(client);
     cluster.stop().await;
-}
-
-/// A TCP relay in front of PostgreSQL that a test can cut and restore: a
-/// network outage of one warden's database, leaving the server (shared
-/// with every other test) untouched.
-struct Relay {
-    port: u16,
-    /// host:port of PostgreSQL, known once warden's settings are.
-    target: Arc<std::sync::OnceLock<String>>,
-    up: Arc<AtomicBool>,
-    cuts: tokio::sync::watch::Sender<u64>,
-}
-
-impl Relay {
-    async fn start() -> Self {
-        let target = Arc::new(std::sync::OnceLock::<String>::new());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let up = Arc::new(AtomicBool::new(true));
-        let (cuts, cut_seen) = tokio::sync::watch::channel(0u64);
-        let (open, to) = (up.clone(), target.clone());
-        tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                // Cuts from here on close this link; one made before
-                // shows in `open`.
-                let mut cut = cut_seen.clone();
-                cut.borrow_and_update();
-                if !open.load(Ordering::SeqCst) {
-                    continue; // dropped: the connection is refused
-                }
-                let target = to.get().cloned().expect("target set before warden starts");
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else { return };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = cut.changed() => {}
-                    }
-                });
-            }
-        });
-        Self { port, target, up, cuts }
-    }
-
-    /// Closes every relayed connection and refuses new ones.
-    fn cut(&self) {
-        self.up.store(false, Ordering::SeqCst);
-        self.cuts.send_modify(|n| *n += 1);
-    }
-
-    fn restore(&self) {
-        self.up.store(true, Ordering::SeqCst);
-    }
 }
 
 /// `key=value` from a libpq-style connection string.

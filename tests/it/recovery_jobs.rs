@@ -348,3 +348,83 @@ async fn a_reset_forgives_earlier_attempts_for_later_incidents_too() {
     assert_eq!((report.started, report.exhausted), (1, 0), "{report:?}");
     assert_eq!(rig.action_states("reset").await.len(), 3);
 }
+
+#[tokio::test]
+async fn an_http_action_follows_no_redirect_and_a_302_is_a_failure() {
+    // Whoever can make the orchestrator answer 302 names another host;
+    // the action's API key must not go there.
+    let elsewhere = crate::alerting::receivers::HttpReceiver::start().await;
+    let location = elsewhere.url("/collect");
+    let redirecting =
+        axum::Router::new().fallback(move || async move { (axum::http::StatusCode::FOUND, [("location", location)]) });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let orchestrator = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, redirecting).await });
+    let http = Action::Http {
+        name: None,
+        method: "POST".into(),
+        url: format!("{orchestrator}/restart/{{agent_id}}"),
+        headers: [("x-api-key".to_string(), "orch-key-123".to_string())].into(),
+        body: None,
+        expect_status: vec![],
+        timeout: D::from_secs(5),
+        attempts: 1,
+    };
+    let rig = rig(vec![strategy(&[IssueType::AgentUnresponsive], vec![http])], 3).await;
+    rig.agent("moved").await;
+    rig.incident("moved", IssueType::AgentUnresponsive).await;
+    assert_eq!(rig.tick().await.started, 1);
+
+    assert!(elsewhere.requests().is_empty(), "the redirect was followed: {:?}", elsewhere.requests());
+    let row = rig
+        .db
+        .client()
+        .await
+        .query_one("SELECT state, outcome, detail FROM warden.recovery_actions WHERE agent_id = 'moved'", &[])
+        .await
+        .unwrap();
+    let (state, outcome, detail): (String, String, serde_json::Value) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!(state, "failed");
+    assert!(outcome.contains("answered 302"), "{outcome}");
+    assert_eq!(detail["status"], 302);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_is_recorded_through_a_database_blip_not_abandoned() {
+    let db = TestDb::migrated().await;
+    let Some((relay, through)) = crate::relay::Relay::to(&db).await else { return };
+    let mut settings = default_settings().recovery;
+    settings.strategies = vec![strategy(
+        &[IssueType::AgentUnresponsive],
+        vec![command(&["/bin/sh", "-c", "sleep 1; echo restarting; echo refused >&2; exit 3"])],
+    )];
+    let pool = warden::db::build_pool(through, &default_settings().database).unwrap();
+    let engine = Engine::new(pool, settings.clone(), &default_settings().health, "alive".into());
+    let rig = Rig { db, engine, settings };
+    rig.agent("blip").await;
+    rig.incident("blip", IssueType::AgentUnresponsive).await;
+    assert_eq!(rig.engine.tick(None).await.unwrap().started, 1);
+
+    // The database is out of reach when the command ends, and back a few
+    // seconds later; the replica never stopped.
+    relay.cut();
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    relay.restore();
+    rig.engine.settle().await;
+
+    let row = rig
+        .db
+        .client()
+        .await
+        .query_one("SELECT state, outcome, detail FROM warden.recovery_actions WHERE agent_id = 'blip'", &[])
+        .await
+        .unwrap();
+    let (state, outcome, detail): (String, Option<String>, serde_json::Value) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!(state, "failed", "the command's own outcome, recorded: {outcome:?}");
+    assert!(outcome.as_deref().unwrap().contains("exited 3"), "{outcome:?}");
+    assert_eq!((detail["exit_code"].as_i64(), detail["stdout"].as_str()), (Some(3), Some("restarting\n")));
+    assert_eq!(detail["stderr"], "refused\n");
+    // A definite failure moves on to the next attempt after the backoff.
+    let jobs = rig.jobs("blip").await;
+    assert_eq!(jobs[0].0, "pending", "{jobs:?}");
+}
