@@ -93,6 +93,10 @@ impl Channels {
             .timeout(settings.delivery_timeout.get())
             .connect_timeout(settings.delivery_timeout.get())
             .user_agent(concat!("warden/", env!("CARGO_PKG_VERSION")))
+            // A redirect is a failed send, not an invitation: followed, the
+            // signed body and any credential header would go wherever it
+            // points (reqwest keeps custom headers across hosts).
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| format!("could not build the HTTP client for alert channels: {e}"))?;
         let mut by_name = BTreeMap::new();

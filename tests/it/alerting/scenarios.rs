@@ -695,6 +695,19 @@ async fn telegram_and_webhook_channels_speak_their_protocols() {
 
     let bot = HttpReceiver::start().await;
     let hook = HttpReceiver::start().await;
+    // A webhook URL that answers with a redirect to the real receiver:
+    // followed, the signed body would go wherever it points.
+    let redirector = {
+        let to = hook.url("/in");
+        let app = axum::Router::new().fallback(move || {
+            let to = to.clone();
+            async move { (axum::http::StatusCode::TEMPORARY_REDIRECT, [(axum::http::header::LOCATION, to)]) }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/in", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        url
+    };
     let s = settings(&format!(
         r#"
 [alerting.channels.ops_telegram]
@@ -707,9 +720,16 @@ api_base = "{}"
 kind = "webhook"
 url = "{}"
 secret = "{}"
+
+[alerting.channels.moved_hook]
+kind = "webhook"
+url = "{}"
+secret = "{}"
 "#,
         bot.url(""),
         hook.url("/in"),
+        super::HOOK_SECRET,
+        redirector,
         super::HOOK_SECRET
     ));
     let channels = Channels::from_settings(&s.alerting).unwrap();
@@ -776,6 +796,11 @@ secret = "{}"
     let body = r.json();
     assert_eq!(body["alerts"][0]["agent_id"], "db_1");
     assert_eq!(body["headline"], "[FIRING CRITICAL] db_1 is offline");
+
+    // A redirect is an answer like any other, and not a success.
+    let e = channels.get("moved_hook").unwrap().send(&message, &[], std_secs(30)).await.unwrap_err();
+    assert_eq!(e.status, Some(307), "{}", e.error);
+    assert_eq!(hook.requests().len(), 1, "nothing followed the redirect");
 }
 
 /// An acknowledgement can commit while the escalator is creating the next
