@@ -204,6 +204,20 @@ impl TestDb {
         warden::db::client(&pool).await.unwrap()
     }
 
+    /// How many ingest writes on this database wait for a lock right now.
+    pub async fn ingest_writes_waiting_on_locks(&self) -> i64 {
+        self.client()
+            .await
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND wait_event_type = 'Lock' AND query LIKE '%ingest_heartbeats%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+
     /// Drops the database now, with any connections still open to it.
     pub async fn drop_now(&self) {
         let admin = admin_client().await;

@@ -472,25 +472,8 @@ async fn a_full_queue_answers_503_at_once_and_loses_nothing() {
         let (app, key) = (app.clone(), key.clone());
         tokio::spawn(async move { app.heartbeat(&key, json!({"agent_id": "held"})).await })
     };
-    let db_name = app.db.name.clone();
-    crate::helpers::eventually(std::time::Duration::from_secs(20), "the writer to wait on the row lock", || {
-        let app = app.clone();
-        let db_name = db_name.clone();
-        async move {
-            let waiting = app
-                .db
-                .client()
-                .await
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock' \
-                     AND query LIKE '%ingest_heartbeats%'",
-                    &[&db_name],
-                )
-                .await
-                .unwrap()
-                .get::<_, i64>(0);
-            (waiting > 0).then_some(())
-        }
+    crate::helpers::eventually(std::time::Duration::from_secs(20), "the writer to wait on the row lock", || async {
+        (app.db.ingest_writes_waiting_on_locks().await > 0).then_some(())
     })
     .await;
     let refused = app.post("/v1/heartbeats", &key, &json!({"agent_id": "other"})).await;
@@ -539,25 +522,11 @@ async fn heartbeats_held_up_by_locks_get_503_and_are_not_stored_later() {
         assert_eq!(answer.unwrap(), (503, true));
     }
     // Nothing still waits to be written when the rows are let go.
-    let db_name = app.db.name.clone();
-    crate::helpers::eventually(std::time::Duration::from_secs(60), "the writer to stop waiting on the rows", || {
-        let (app, db_name) = (app.clone(), db_name.clone());
-        async move {
-            let waiting: i64 = app
-                .db
-                .client()
-                .await
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock' \
-                     AND query LIKE '%ingest_heartbeats%'",
-                    &[&db_name],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            (waiting == 0).then_some(())
-        }
-    })
+    crate::helpers::eventually(
+        std::time::Duration::from_secs(60),
+        "the writer to stop waiting on the rows",
+        || async { (app.db.ingest_writes_waiting_on_locks().await == 0).then_some(()) },
+    )
     .await;
     tx.rollback().await.unwrap();
     // A heartbeat that gets through afterwards shows the writer is free.

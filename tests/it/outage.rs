@@ -529,18 +529,11 @@ async fn serve_starts_without_its_database_and_migrates_when_it_answers() {
     // warden serves 503s instead of exiting, then migrates and starts its
     // work by itself.
     let db = crate::helpers::TestDb::empty().await;
-    let url = db.url();
-    let (host, real_port) = (setting(&url, "host"), setting(&url, "port"));
-    if host.starts_with('/') {
-        eprintln!("skipped: the tests' database listens on a Unix socket only");
-        return;
-    }
-    let relay = Relay::start().await;
-    relay.target.set(format!("{host}:{real_port}")).unwrap();
+    let Some((relay, through)) = Relay::to(&db).await else { return };
     relay.cut();
     let mut settings = default_settings();
-    let through = url.replace(&format!("port={real_port}"), &format!("port={}", relay.port));
-    settings.database.url = Secret::new(through.replace(&format!("host={host}"), "host=127.0.0.1"));
+    let user = through.get_user().unwrap_or("postgres");
+    settings.database.url = Secret::new(format!("host=127.0.0.1 port={} user={user} dbname={}", relay.port, db.name));
     settings.database.pool_size = 4;
     settings.database.connect_timeout = warden::config::Duration::from_secs(1);
     settings.database.acquire_timeout = warden::config::Duration::from_secs(1);
