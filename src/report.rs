@@ -570,12 +570,15 @@ fn render_table(result: &ResultSet) -> String {
     crate::text_table::render(&rows)
 }
 
-/// CSV cells: full precision, RFC 3339 times, empty for NULL.
+/// CSV cells: full precision, RFC 3339 times, empty for NULL. Text that a
+/// spreadsheet would run as a formula (agent names, labels and messages are
+/// agent-supplied) starts with a `'`, as OWASP recommends.
 fn csv_cell(value: &Value) -> String {
     let text = match value {
         Value::Null => String::new(),
         Value::Float(f) => f.to_string(),
         Value::Time(t) => rfc3339(*t),
+        Value::Text(s) if s.starts_with(['=', '+', '-', '@', '\t', '\r']) => format!("'{s}"),
         other => table_cell(other),
     };
     csv_quote(&text)
@@ -706,6 +709,17 @@ mod tests {
             csv,
             "agent_id,pct,at,ok,extra\r\n\"a,1\",66.66666666666667,2025-01-31T10:00:00Z,true,\"{\"\"role\"\":\"\"db\"\"}\"\r\n\"say \"\"hi\"\"\",,,false,3\r\n"
         );
+    }
+
+    #[test]
+    fn csv_text_that_a_spreadsheet_would_run_is_defused() {
+        let row = |cells: Vec<Value>| ResultSet { columns: vec!["x".into(); cells.len()], rows: vec![cells] };
+        let text = |s: &str| Value::Text(s.into());
+        let csv =
+            render(&row(vec![text("=HYPERLINK(\"http://x\")"), text("+1"), text("-2"), text("@SUM(A1)")]), Format::Csv);
+        assert_eq!(csv.lines().nth(1).unwrap(), "\"'=HYPERLINK(\"\"http://x\"\")\",'+1,'-2,'@SUM(A1)");
+        let csv = render(&row(vec![text("\tx"), text("a=b"), Value::Int(-3), Value::Float(-0.5)]), Format::Csv);
+        assert_eq!(csv.lines().nth(1).unwrap(), "'\tx,a=b,-3,-0.5", "numbers keep their sign");
     }
 
     #[test]

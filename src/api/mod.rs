@@ -126,7 +126,18 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), until_started))
         // Outermost, to reach the refusals of the rate limit and the timeout.
         .layer(middleware::from_fn(mcp::refusals_as_json_rpc))
+        .layer(middleware::map_response(no_sniffing))
         .with_state(state)
+}
+
+/// Every answer is what its Content-Type says: a browser must not guess
+/// HTML or script into an API answer that echoes agent-supplied text.
+async fn no_sniffing(mut response: Response) -> Response {
+    response.headers_mut().insert(
+        axum::http::HeaderName::from_static("x-content-type-options"),
+        axum::http::HeaderValue::from_static("nosniff"),
+    );
+    response
 }
 
 /// While warden waits for a database that was unreachable at start (and
