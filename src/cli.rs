@@ -161,6 +161,11 @@ pub enum KeysCommand {
         /// Repeat or separate with commas.
         #[arg(long = "scope", value_delimiter = ',', default_value = "ingest")]
         scopes: Vec<Scope>,
+        /// Agents the key may send heartbeats and events for: an agent id,
+        /// or its start followed by `*` ("web-*"). Repeat or separate with
+        /// commas; without it, any agent. Reads are not limited by it.
+        #[arg(long = "agent", value_delimiter = ',', value_parser = auth::parse_agent_pattern)]
+        agents: Vec<String>,
     },
     /// List keys (never their secrets).
     List,
@@ -485,7 +490,7 @@ async fn recovery_command(
 
 async fn keys(client: &mut db::Client, command: KeysCommand) -> Result<(), Failure> {
     match command {
-        KeysCommand::Create { name, scopes } => {
+        KeysCommand::Create { name, scopes, agents } => {
             let name = name.trim();
             if name.is_empty() || name.chars().count() > 128 {
                 return Err(Failure::usage("--name must be 1-128 characters"));
@@ -493,16 +498,25 @@ async fn keys(client: &mut db::Client, command: KeysCommand) -> Result<(), Failu
             let mut scopes = scopes;
             scopes.sort();
             scopes.dedup();
-            let key = auth::create_key(client, name, &scopes).await.map_err(Failure::other)?;
+            let mut agents = agents;
+            agents.sort();
+            agents.dedup();
+            let limited = (!agents.is_empty()).then_some(agents.as_slice());
+            let key = auth::create_key_for(client, name, &scopes, limited).await.map_err(Failure::other)?;
             let scopes: Vec<&str> = scopes.iter().map(|s| s.as_str()).collect();
-            eprintln!("created key {} ({name}) with scopes {}; it is shown only this once:", key.id, scopes.join(","));
+            let reports_for = if agents.is_empty() { "any agent".to_string() } else { agents.join(",") };
+            eprintln!(
+                "created key {} ({name}) with scopes {}, reporting for {reports_for}; it is shown only this once:",
+                key.id,
+                scopes.join(",")
+            );
             println!("{}", key.token);
             Ok(())
         }
         KeysCommand::List => {
             let keys = auth::list_keys(client).await.map_err(Failure::other)?;
             let mut rows =
-                vec![["id", "key_id", "name", "scopes", "created", "last used", "revoked"].map(String::from)];
+                vec![["id", "key_id", "name", "scopes", "agents", "created", "last used", "revoked"].map(String::from)];
             let when = |t: Option<chrono::DateTime<chrono::Utc>>| {
                 t.map(|t| t.format("%Y-%m-%d %H:%M").to_string()).unwrap_or_else(|| "-".into())
             };
@@ -512,6 +526,7 @@ async fn keys(client: &mut db::Client, command: KeysCommand) -> Result<(), Failu
                     k.key_id,
                     k.name,
                     k.scopes.join(","),
+                    k.agents.map_or_else(|| "any".into(), |a| a.join(",")),
                     when(Some(k.created_at)),
                     when(k.last_used_at),
                     when(k.revoked_at),

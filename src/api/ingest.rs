@@ -21,7 +21,9 @@ use serde_json::json;
 
 use super::auth::{Authorized, IngestScope};
 use super::{ApiError, AppState};
+use crate::auth::Principal;
 use crate::ingest::{self, Ack, ParseError, SubmitError};
+use crate::model::AgentId;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -72,9 +74,10 @@ async fn post_heartbeats(
     if auth.as_ref().is_err_and(|e| e.status == StatusCode::SERVICE_UNAVAILABLE) {
         state.ingestor.refused_unreachable(std::time::Instant::now());
     }
-    let body = admit(auth, body, state.settings.ingest.max_body_bytes).await?;
+    let (principal, body) = admit(auth, body, state.settings.ingest.max_body_bytes).await?;
     let (heartbeats, batch) =
         ingest::heartbeat::parse_body(&body, &state.limits, chrono::Utc::now()).map_err(parse_error)?;
+    check_agents(&principal, heartbeats.iter().map(|h| &h.agent_id), batch.then_some("heartbeats"))?;
     let ids: Vec<_> = if batch { heartbeats.iter().map(|h| h.agent_id.clone()).collect() } else { Vec::new() };
     let acks = state.ingestor.submit(heartbeats).await.map_err(submit_error)?;
     crate::metrics::METRICS.heartbeats.with_label_values(&["http"]).inc_by(acks.len() as u64);
@@ -91,8 +94,9 @@ async fn post_events(
     auth: Result<Authorized<IngestScope>, ApiError>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let body = admit(auth, body, state.settings.ingest.max_body_bytes).await?;
+    let (principal, body) = admit(auth, body, state.settings.ingest.max_body_bytes).await?;
     let (events, batch) = ingest::events::parse_body(&body, &state.limits, chrono::Utc::now()).map_err(parse_error)?;
+    check_agents(&principal, events.iter().map(|e| &e.agent_id), batch.then_some("events"))?;
     let mut client = crate::db::client(&state.pool).await?;
     let ids = ingest::events::insert(&mut client, &events, batch)
         .await?
@@ -102,11 +106,29 @@ async fn post_events(
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
-/// The body of a request whose key check gave `auth` (see the module
-/// comment for when a refusal waits for the body).
-async fn admit(auth: Result<Authorized<IngestScope>, ApiError>, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+/// 403 naming the first agent the key may not report for, so that a batch
+/// is written whole or not at all. `batch` names the list of a batch.
+pub fn check_agents<'a>(
+    principal: &Principal,
+    agents: impl IntoIterator<Item = &'a AgentId>,
+    batch: Option<&str>,
+) -> Result<(), ApiError> {
+    let Some((i, agent)) = agents.into_iter().enumerate().find(|(_, a)| !principal.may_report_for(a.as_str())) else {
+        return Ok(());
+    };
+    let field = batch.map_or_else(|| "agent_id".to_string(), |list| format!("{list}[{i}].agent_id"));
+    Err(ApiError::forbidden(format!("this API key may not report for agent `{agent}`")).with_field(field))
+}
+
+/// The caller and the body of a request whose key check gave `auth` (see
+/// the module comment for when a refusal waits for the body).
+async fn admit(
+    auth: Result<Authorized<IngestScope>, ApiError>,
+    body: Body,
+    limit: usize,
+) -> Result<(Principal, Bytes), ApiError> {
     match auth {
-        Ok(_) => read_limited(body, limit).await,
+        Ok(authorized) => Ok((authorized.principal, read_limited(body, limit).await?)),
         Err(e) if e.status == StatusCode::SERVICE_UNAVAILABLE => {
             let mut body = Limited::new(body, limit);
             while let Some(Ok(_)) = body.frame().await {}

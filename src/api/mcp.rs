@@ -404,7 +404,7 @@ async fn dispatch(
         "initialize" => Ok(initialize(&params_object(params)?)),
         "ping" => params_object(params).map(|_| json!({})),
         "tools/list" => params_object(params).map(|_| list_tools(principal)),
-        "tools/call" => call_tool(state, params_object(params)?).await,
+        "tools/call" => call_tool(state, principal, params_object(params)?).await,
         _ => Err(RpcError::new(METHOD_NOT_FOUND, format!("method `{method}` is not supported"))),
     }
 }
@@ -568,7 +568,7 @@ fn heartbeat_schema() -> Value {
 
 /// `tools/call`: a well-formed call of a known tool runs; anything else is
 /// -32602.
-async fn call_tool(state: &AppState, mut params: Map<String, Value>) -> Result<Value, RpcError> {
+async fn call_tool(state: &AppState, principal: &Principal, mut params: Map<String, Value>) -> Result<Value, RpcError> {
     let tool = match params.get("name") {
         Some(Value::String(name)) => Tool::parse(name)
             .ok_or_else(|| RpcError::invalid_params(format!("unknown tool `{name}`; tools/list names the tools")))?,
@@ -581,7 +581,7 @@ async fn call_tool(state: &AppState, mut params: Map<String, Value>) -> Result<V
         Some(_) => return Err(RpcError::invalid_params("`arguments` must be an object")),
     };
     Ok(match tool {
-        Tool::Heartbeat => heartbeat_tool(state, arguments).await,
+        Tool::Heartbeat => heartbeat_tool(state, principal, arguments).await,
         Tool::AgentStatus => agent_status_tool(state, arguments).await,
     })
 }
@@ -624,12 +624,15 @@ fn internal_tool_error() -> Value {
 
 /// The same heartbeat as POST /v1/heartbeats takes, through the same
 /// validation and the same group commit.
-async fn heartbeat_tool(state: &AppState, arguments: Map<String, Value>) -> Value {
+async fn heartbeat_tool(state: &AppState, principal: &Principal, arguments: Map<String, Value>) -> Value {
     let heartbeat = match parse_heartbeat(arguments, &state.limits) {
         Ok(heartbeat) => heartbeat,
         Err(refusal) => return refusal,
     };
     let agent = heartbeat.agent_id.clone();
+    if !principal.may_report_for(agent.as_str()) {
+        return tool_error(format!("refused: this API key may not report for agent `{agent}`; nothing was recorded"));
+    }
     let ack = match state.ingestor.submit(vec![heartbeat]).await.map(|acks| acks.into_iter().next()) {
         Ok(Some(ack)) => ack,
         Ok(None) => {
@@ -762,7 +765,7 @@ mod tests {
 
     #[test]
     fn tools_are_listed_and_a_batch_refused_by_the_scopes_of_the_key() {
-        let key = |scopes: &[Scope]| Principal { key_name: None, key_id: None, scopes: scopes.to_vec() };
+        let key = |scopes: &[Scope]| Principal { scopes: scopes.to_vec(), ..Principal::anonymous() };
         let names = |principal: &Principal| -> Vec<String> {
             let list = list_tools(principal);
             list["tools"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap().to_string()).collect()

@@ -57,6 +57,8 @@ pub struct KeyInfo {
     pub created_at: DateTime<Utc>,
     pub last_used_at: Option<DateTime<Utc>>,
     pub revoked_at: Option<DateTime<Utc>>,
+    /// The agent patterns the key may report for; `None` for any agent.
+    pub agents: Option<Vec<String>>,
 }
 
 /// Who made a request.
@@ -68,11 +70,29 @@ pub struct Principal {
     /// is disabled: what per-key limits count by (names need not be unique).
     pub key_id: Option<String>,
     pub scopes: Vec<Scope>,
+    /// The agents the key may send heartbeats and events for (exact ids,
+    /// or prefixes ending in `*`); `None` for any agent.
+    pub agents: Option<std::sync::Arc<[String]>>,
 }
 
 impl Principal {
     pub fn anonymous() -> Self {
-        Self { key_name: None, key_id: None, scopes: Scope::ALL.to_vec() }
+        Self { key_name: None, key_id: None, scopes: Scope::ALL.to_vec(), agents: None }
+    }
+
+    /// A key's principal as its stored row gives it.
+    pub fn of_key(name: String, key_id: String, scopes: &[String], agents: Option<Vec<String>>) -> Self {
+        Self {
+            key_name: Some(name),
+            key_id: Some(key_id),
+            scopes: scopes.iter().filter_map(|s| s.parse().ok()).collect(),
+            agents: agents.map(Into::into),
+        }
+    }
+
+    /// Whether the key may send heartbeats and events for `agent_id`.
+    pub fn may_report_for(&self, agent_id: &str) -> bool {
+        self.agents.as_deref().is_none_or(|patterns| patterns.iter().any(|p| pattern_matches(p, agent_id)))
     }
 
     pub fn allows(&self, needed: Scope) -> bool {
@@ -95,6 +115,39 @@ pub enum AuthError {
     Forbidden(Scope),
     #[error(transparent)]
     Db(#[from] DbError),
+}
+
+/// Whether `agent_id` is `pattern`: the same id, or one starting with the
+/// prefix of a pattern ending in `*`.
+fn pattern_matches(pattern: &str, agent_id: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => agent_id.starts_with(prefix),
+        None => agent_id == pattern,
+    }
+}
+
+/// Checks an agent pattern as `keys create --agent` takes it: an agent id,
+/// or the start of one followed by `*`.
+pub fn parse_agent_pattern(text: &str) -> Result<String, String> {
+    let text = text.trim();
+    let prefix = text.strip_suffix('*').unwrap_or(text);
+    if prefix.is_empty() {
+        return Err(if text.is_empty() {
+            "an agent pattern may not be empty".into()
+        } else {
+            "`*` alone would allow every agent: leave --agent out for that".into()
+        });
+    }
+    if prefix.len() > crate::model::AGENT_ID_MAX {
+        return Err(format!("`{text}` is longer than an agent id may be ({} characters)", crate::model::AGENT_ID_MAX));
+    }
+    if let Some(bad) = prefix.chars().find(|c| !crate::model::is_id_char(*c)) {
+        return Err(format!(
+            "`{text}`: an agent pattern is an agent id (A-Z a-z 0-9 . _ : -), or its start followed by `*` \
+             (found {bad:?})"
+        ));
+    }
+    Ok(text.to_string())
 }
 
 /// Generates a key: its public id and the full token.
@@ -126,15 +179,29 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().flat_map(|b| [DIGITS[(b >> 4) as usize] as char, DIGITS[(b & 15) as usize] as char]).collect()
 }
 
-/// Stores a new key and returns it, token included.
-#[tracing::instrument(skip(client))]
+/// Stores a new key that may report for any agent and returns it, token
+/// included.
 pub async fn create_key(client: &tokio_postgres::Client, name: &str, scopes: &[Scope]) -> Result<NewKey, DbError> {
+    create_key_for(client, name, scopes, None).await
+}
+
+/// Stores a new key and returns it, token included. With `agents`, the key
+/// may send heartbeats and events only for agents those patterns (checked
+/// by [`parse_agent_pattern`]) match.
+#[tracing::instrument(skip(client))]
+pub async fn create_key_for(
+    client: &tokio_postgres::Client,
+    name: &str,
+    scopes: &[Scope],
+    agents: Option<&[String]>,
+) -> Result<NewKey, DbError> {
     let (key_id, token) = generate();
     let scopes: Vec<&str> = scopes.iter().map(|s| s.as_str()).collect();
     let row = client
         .query_one(
-            "INSERT INTO warden.api_keys (key_id, secret_hash, name, scopes) VALUES ($1, $2, $3, $4) RETURNING id",
-            &[&key_id, &hash(&token).as_slice(), &name, &scopes],
+            "INSERT INTO warden.api_keys (key_id, secret_hash, name, scopes, agents) \
+             VALUES ($1, $2, $3, $4, $5) RETURNING id",
+            &[&key_id, &hash(&token).as_slice(), &name, &scopes, &agents],
         )
         .await?;
     Ok(NewKey { id: row.get(0), key_id, token })
@@ -143,7 +210,8 @@ pub async fn create_key(client: &tokio_postgres::Client, name: &str, scopes: &[S
 pub async fn list_keys(client: &tokio_postgres::Client) -> Result<Vec<KeyInfo>, DbError> {
     let rows = client
         .query(
-            "SELECT id, key_id, name, scopes, created_at, last_used_at, revoked_at FROM warden.api_keys ORDER BY id",
+            "SELECT id, key_id, name, scopes, created_at, last_used_at, revoked_at, agents \
+             FROM warden.api_keys ORDER BY id",
             &[],
         )
         .await?;
@@ -157,6 +225,7 @@ pub async fn list_keys(client: &tokio_postgres::Client) -> Result<Vec<KeyInfo>, 
             created_at: r.get(4),
             last_used_at: r.get(5),
             revoked_at: r.get(6),
+            agents: r.get(7),
         })
         .collect())
 }
@@ -345,7 +414,7 @@ impl Authenticator {
             .query_opt(
                 "UPDATE warden.api_keys SET last_used_at = now() \
                  WHERE key_id = $1 AND revoked_at IS NULL \
-                 RETURNING secret_hash, name, scopes",
+                 RETURNING secret_hash, name, scopes, agents",
                 &[&key_id],
             )
             .await
@@ -355,8 +424,7 @@ impl Authenticator {
             let mut hash = [0u8; 32];
             hash.copy_from_slice(&stored);
             let scopes: Vec<String> = r.get(2);
-            let scopes = scopes.iter().filter_map(|s| s.parse().ok()).collect();
-            let principal = Principal { key_name: Some(r.get(1)), key_id: Some(key_id.to_string()), scopes };
+            let principal = Principal::of_key(r.get(1), key_id.to_string(), &scopes, r.get(3));
             std::sync::Arc::new(StoredKey { hash, principal })
         });
         let entry = Cached { key, fetched: Instant::now() };
@@ -412,10 +480,40 @@ mod tests {
 
     #[test]
     fn admin_implies_every_scope_and_others_only_themselves() {
-        let admin = Principal { key_name: None, key_id: None, scopes: vec![Scope::Admin] };
+        let admin = Principal { scopes: vec![Scope::Admin], ..Principal::anonymous() };
         assert!(Scope::ALL.iter().all(|s| admin.allows(*s)));
-        let ingest = Principal { key_name: None, key_id: None, scopes: vec![Scope::Ingest] };
+        let ingest = Principal { scopes: vec![Scope::Ingest], ..Principal::anonymous() };
         assert!(ingest.allows(Scope::Ingest));
         assert!(!ingest.allows(Scope::Read) && !ingest.allows(Scope::Admin));
+    }
+
+    #[test]
+    fn agent_patterns_match_exact_ids_and_prefixes() {
+        let key = |patterns: &[&str]| Principal {
+            agents: Some(patterns.iter().map(|p| p.to_string()).collect()),
+            ..Principal::anonymous()
+        };
+        let web = key(&["web-*", "db-1"]);
+        assert!(web.may_report_for("web-1") && web.may_report_for("web-") && web.may_report_for("db-1"));
+        assert!(!web.may_report_for("db-10") && !web.may_report_for("web") && !web.may_report_for("xweb-1"));
+        assert!(Principal::anonymous().may_report_for("anything"));
+        assert!(!key(&["a"]).may_report_for("A"), "agent ids are case-sensitive");
+    }
+
+    #[test]
+    fn agent_patterns_are_ids_or_prefixes_and_never_everything() {
+        assert_eq!(parse_agent_pattern(" web-* ").as_deref(), Ok("web-*"));
+        assert_eq!(parse_agent_pattern("host:db.1").as_deref(), Ok("host:db.1"));
+        for (bad, says) in [
+            ("*", "every agent"),
+            ("", "empty"),
+            ("w*b", "found '*'"),
+            ("web-**", "found '*'"),
+            ("a b", "found ' '"),
+            (&"x".repeat(129), "longer"),
+        ] {
+            let e = parse_agent_pattern(bad).unwrap_err();
+            assert!(e.contains(says), "{bad:?}: {e}");
+        }
     }
 }

@@ -219,7 +219,7 @@ pub async fn lookup(state: &AppState, token: &str) -> Result<Option<ConsoleUser>
     let client = db::client(&state.pool).await?;
     let row = client
         .query_opt(
-            "SELECT s.api_key_id IS NULL, k.name, k.scopes, k.key_id \
+            "SELECT s.api_key_id IS NULL, k.name, k.scopes, k.key_id, k.agents \
              FROM warden.console_sessions s LEFT JOIN warden.api_keys k ON k.id = s.api_key_id \
              WHERE s.token_hash = $1 AND s.expires_at > now() \
                AND (s.api_key_id IS NULL OR k.revoked_at IS NULL)",
@@ -236,11 +236,7 @@ pub async fn lookup(state: &AppState, token: &str) -> Result<Option<ConsoleUser>
         Principal::anonymous()
     } else {
         let scopes: Vec<String> = row.get(2);
-        Principal {
-            key_name: Some(row.get(1)),
-            key_id: Some(row.get(3)),
-            scopes: scopes.iter().filter_map(|s| s.parse().ok()).collect(),
-        }
+        Principal::of_key(row.get(1), row.get(3), &scopes, row.get(4))
     };
     Ok(Some(ConsoleUser { principal, csrf: csrf_for(token), token_hash }))
 }

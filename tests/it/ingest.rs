@@ -321,6 +321,62 @@ async fn writes_need_a_valid_key_with_the_ingest_scope() {
     assert_eq!(app.count("SELECT heartbeat_count FROM warden.agent_status").await, 2);
 }
 
+/// A key made by `warden keys create --agent` reports for the agents its
+/// patterns match and no other: a batch naming one other agent is refused
+/// whole, with the field that named it.
+#[tokio::test]
+async fn a_key_limited_to_some_agents_reports_for_those_only() {
+    let app = TestApp::spawn().await;
+    let create = |args: &[&str]| {
+        crate::procs::warden()
+            .args(["keys", "create", "--name", "web tier"])
+            .args(args)
+            .env("WARDEN__DATABASE__URL", app.db.url())
+            .output()
+            .unwrap()
+    };
+    let out = create(&["--agent", "*"]);
+    assert_eq!(out.status.code(), Some(2), "a usage error");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--agent"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = create(&["--agent", "web-*,db-1", "--agent", "db-1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let key = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let stored: Vec<String> =
+        app.db.client().await.query_one("SELECT agents FROM warden.api_keys", &[]).await.unwrap().get(0);
+    assert_eq!(stored, ["db-1", "web-*"]);
+    let list =
+        crate::procs::warden().args(["keys", "list"]).env("WARDEN__DATABASE__URL", app.db.url()).output().unwrap();
+    assert!(String::from_utf8_lossy(&list.stdout).contains("db-1,web-*"), "{}", String::from_utf8_lossy(&list.stdout));
+
+    assert_eq!(app.heartbeat(&key, json!({"agent_id": "web-1"})).await.0, 200);
+    assert_eq!(app.heartbeat(&key, json!({"agent_id": "db-1"})).await.0, 200);
+    let (status, error) = app.heartbeat(&key, json!({"agent_id": "db-10"})).await;
+    assert_eq!(status, 403);
+    assert_eq!(error["error"]["code"], "forbidden");
+    assert_eq!(error["error"]["field"], "agent_id");
+    assert!(error["error"]["message"].as_str().unwrap().contains("`db-10`"), "{error}");
+    let batch = json!({"heartbeats": [{"agent_id": "web-2"}, {"agent_id": "db-1"}, {"agent_id": "mail-1"}]});
+    let (status, error) = app.heartbeat(&key, batch).await;
+    assert_eq!(status, 403);
+    assert_eq!(error["error"]["field"], "heartbeats[2].agent_id");
+    assert_eq!(app.count("SELECT count(*) FROM warden.agent_status").await, 2, "web-2 was not written either");
+    assert_eq!(app.count("SELECT count(*) FROM warden.agent_heartbeats").await, 2);
+
+    // Events are held to the same agents, even for an agent that exists.
+    let unlimited = app.key(&[Scope::Ingest]).await;
+    assert_eq!(app.heartbeat(&unlimited, json!({"agent_id": "mail-1"})).await.0, 200);
+    let event =
+        |agent: &str| json!({"agent_id": agent, "event_type": "task_failed", "severity": "warning", "message": "m"});
+    let response = app.post("/v1/events", &key, &json!({"events": [event("web-1"), event("mail-1")]})).await;
+    assert_eq!(response.status(), 403);
+    assert_eq!(response.headers()["x-content-type-options"], "nosniff", "API answers are never sniffed");
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["field"], "events[1].agent_id");
+    assert_eq!(app.count("SELECT count(*) FROM warden.system_events WHERE source = 'agent'").await, 0);
+    assert_eq!(app.post("/v1/events", &key, &event("web-1")).await.status(), 201);
+    assert_eq!(app.post("/v1/events", &unlimited, &event("mail-1")).await.status(), 201);
+}
+
 #[tokio::test]
 async fn with_auth_disabled_heartbeats_need_no_key() {
     let app = TestApp::spawn_with(|s| s.auth.enabled = false).await;

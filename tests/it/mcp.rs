@@ -531,3 +531,19 @@ async fn a_batch_is_held_to_ingest_max_batch_when_that_is_lower() {
     assert!(answer["error"]["message"].as_str().unwrap().contains("at most 3"), "{answer}");
     assert_eq!(rpc(&app, &key, &pings(3)).await.0, 200);
 }
+
+#[tokio::test]
+async fn the_heartbeat_tool_reports_only_for_the_agents_of_a_limited_key() {
+    let app = TestApp::spawn().await;
+    let patterns = ["worker-*".to_string()];
+    let key = warden::auth::create_key_for(&app.db.client().await, "workers", &[Scope::Ingest], Some(&patterns))
+        .await
+        .unwrap()
+        .token;
+    let result = call(&app, &key, "heartbeat", json!({"agent_id": "worker-7"})).await;
+    assert_eq!(result["isError"], false, "{result}");
+    let result = call(&app, &key, "heartbeat", json!({"agent_id": "planner"})).await;
+    assert_eq!(result["isError"], true);
+    assert!(text_of(&result).contains("may not report for agent `planner`"), "{result}");
+    assert_eq!(app.count("SELECT count(*) FROM warden.agent_status WHERE agent_id = 'planner'").await, 0);
+}

@@ -176,6 +176,31 @@ async fn http_pages_carry_their_data_without_javascript() {
     assert!(response.text().await.unwrap().contains("EventSource"));
 }
 
+/// A session acts with its key's limits, the agents it may report for
+/// among them.
+#[tokio::test]
+async fn a_session_of_a_key_limited_to_some_agents_reports_for_those_only() {
+    let app = app().await;
+    let patterns = ["a*".to_string()];
+    let scopes = [warden::auth::Scope::Read, warden::auth::Scope::Ingest];
+    let key =
+        warden::auth::create_key_for(&app.db.client().await, "a-team", &scopes, Some(&patterns)).await.unwrap().token;
+    let session = sign_in(&app, &key).await;
+    let beat = |agent: &str| {
+        client()
+            .post(app.url("/v1/heartbeats"))
+            .header(COOKIE, session.cookie())
+            .header("x-csrf-token", &session.csrf)
+            .json(&json!({"agent_id": agent}))
+    };
+    assert_eq!(beat("a9").send().await.unwrap().status(), 200);
+    let refused = beat("b1").send().await.unwrap();
+    assert_eq!(refused.status(), 403);
+    let error: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(error["error"]["field"], "agent_id");
+    assert_eq!(app.count("SELECT count(*) FROM warden.agent_status WHERE agent_id IN ('a9', 'b1')").await, 1);
+}
+
 #[tokio::test]
 async fn http_pages_need_a_session_and_sessions_are_hashed_revocable_and_end_at_logout() {
     let app = app().await;

@@ -1,0 +1,16 @@
+-- warden schema, version 18: keys that report for some agents only.
+--
+-- A key handed to one machine used to be able to send heartbeats and
+-- events for any agent id: a stolen or misconfigured key could keep a dead
+-- agent looking alive. `agents` lists what the key may report for, each an
+-- exact agent id or a prefix followed by `*` ("web-*"); NULL means any
+-- agent, as before. warden checks the patterns' form when it creates a key;
+-- the constraint keeps hand-written rows to the same form.
+ALTER TABLE warden.api_keys
+    ADD COLUMN agents text[]
+        CHECK (agents IS NULL
+               OR (cardinality(agents) BETWEEN 1 AND 1000
+                   AND array_position(agents, NULL) IS NULL));
+
+COMMENT ON COLUMN warden.api_keys.agents IS
+    'Agent ids this key may send heartbeats and events for: exact ids or prefixes ending in *; NULL for any agent.';
