@@ -219,11 +219,12 @@ async fn wait_until_prepared(
     settings: &Settings,
     stop: &CancellationToken,
 ) -> Result<bool, StartError> {
-    let mut backoff = Duration::from_millis(250);
+    let mut waits = crate::every::retry_waits(Duration::from_millis(250), Duration::from_secs(5));
+    let mut wait = waits.next().unwrap_or_default();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return Ok(false),
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
         match prepare(database, settings).await {
             Ok(()) => {
@@ -231,8 +232,8 @@ async fn wait_until_prepared(
                 return Ok(true);
             }
             Err(e) if e.is_temporary() => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "the database is still not ready");
-                backoff = (backoff * 2).min(Duration::from_secs(10));
+                wait = waits.next().unwrap_or_default();
+                tracing::warn!(error = %e, retry_in = ?wait, "the database is still not ready");
             }
             Err(e) => return Err(e),
         }

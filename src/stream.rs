@@ -94,8 +94,8 @@ pub async fn listen(
     hub: Arc<Hub>,
     stop: CancellationToken,
 ) {
-    const FIRST_BACKOFF: Duration = Duration::from_millis(250);
-    let mut backoff = FIRST_BACKOFF;
+    let fresh_waits = || crate::every::retry_waits(Duration::from_millis(250), Duration::from_secs(5));
+    let mut waits = fresh_waits();
     let mut listened_before = false;
     loop {
         let mut listening = false;
@@ -116,7 +116,7 @@ pub async fn listen(
         if listening {
             // A drop after a working connection starts the backoff afresh.
             listened_before = true;
-            backoff = FIRST_BACKOFF;
+            waits = fresh_waits();
         }
         match result {
             Ok(()) => tracing::warn!("stream listener's connection ended; reconnecting"),
@@ -124,9 +124,8 @@ pub async fn listen(
         }
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(waits.next().unwrap_or_default()) => {}
         }
-        backoff = (backoff * 2).min(Duration::from_secs(10));
     }
 }
 

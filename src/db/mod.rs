@@ -280,6 +280,41 @@ fn pool_with(
         .map_err(|e| OpenError::Pool(e.to_string()))
 }
 
+/// Runs `attempt` until it succeeds, trying again (with [`retry_waits`]
+/// between tries) as long as a new try could still be done `margin` before
+/// `deadline`; the last error otherwise. For writes that must outlive a
+/// short outage, such as the outcome of an alert already sent or of a
+/// recovery action already run, each try taking its own connection.
+///
+/// [`retry_waits`]: crate::every::retry_waits
+pub async fn retry_until<T, F, Fut>(
+    deadline: tokio::time::Instant,
+    margin: Duration,
+    what: &str,
+    mut attempt: F,
+) -> Result<T, DbError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, DbError>>,
+{
+    let mut waits = crate::every::retry_waits(Duration::from_millis(250), Duration::from_secs(4));
+    let mut tries = 0u32;
+    loop {
+        tries += 1;
+        let e = match attempt().await {
+            Ok(done) => return Ok(done),
+            Err(e) => e,
+        };
+        let wait = waits.next().unwrap_or(Duration::from_secs(4));
+        if tokio::time::Instant::now() + wait + margin >= deadline {
+            tracing::warn!(error = %e, tries, "could not record {what}; giving up");
+            return Err(e);
+        }
+        tracing::warn!(error = %e, retry_in = ?wait, "could not record {what}; will retry");
+        tokio::time::sleep(wait).await;
+    }
+}
+
 /// Takes a connection, mapping pool failures to [`DbError`].
 pub async fn client(pool: &Pool) -> Result<Client, DbError> {
     Ok(pool.get().await?)

@@ -627,24 +627,9 @@ impl Engine {
     async fn execute(self: Arc<Self>, start: Start) {
         let outcome = self.perform(&start.action, &start.ctx).await;
         let margin = self.pool.timeouts().wait.unwrap_or_default();
-        let mut tries = 0;
-        loop {
-            tries += 1;
-            let Err(e) = self.record(&start, &outcome).await else { return };
-            let wait = plan::backoff(tries, StdDuration::from_millis(250), StdDuration::from_secs(5));
-            if tokio::time::Instant::now() + wait + margin >= start.lease_ends {
-                tracing::warn!(
-                    error = %e, job = start.job, action = start.action_id, tries,
-                    "could not record a recovery action's result; giving up, its lease will expire"
-                );
-                return;
-            }
-            tracing::warn!(
-                error = %e, job = start.job, action = start.action_id, retry_in = ?wait,
-                "could not record a recovery action's result; will retry"
-            );
-            tokio::time::sleep(wait).await;
-        }
+        let what = format!("the result of recovery action {} (job {})", start.action_id, start.job);
+        // Giving up was logged; the lease will expire.
+        let _ = db::retry_until(start.lease_ends, margin, &what, || self.record(&start, &outcome)).await;
     }
 
     /// Records how the action ended, unless the job is no longer ours.
