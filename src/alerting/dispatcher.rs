@@ -15,6 +15,11 @@
 //! - Every attempt is recorded (`alert_delivery_attempts`: status code,
 //!   latency, outcome) and folded into the channel's health
 //!   (`alert_channels`), which the escalator turns into channel alerts.
+//!   The record of a send is one transaction, tried again through a
+//!   database blip until the claim is about to run out: a message that
+//!   went out is not sent again because its outcome could not be written
+//!   at the first try, and one failed record stops neither the sends still
+//!   in flight nor the records of the others.
 //!
 //! It never blocks evaluation: it has its own task and connections, and
 //! holds no lock while sending.
@@ -107,6 +112,9 @@ pub struct PassReport {
     /// Escalations and repeats dropped because none of their alerts was
     /// still firing.
     pub cancelled: usize,
+    /// Sends whose outcome could not be recorded before the claim ran out
+    /// (the database away all that time): they go again after the lease.
+    pub unrecorded: usize,
 }
 
 /// Escalations and repeats exist to get a firing alert seen. One whose
@@ -181,6 +189,11 @@ impl Dispatcher {
             return Ok(report);
         }
         let mut messages = message::load(&client, &rows, &self.params.link_base).await?;
+        drop(client);
+        // The claim's lease counted from the database's clock at `now`; this
+        // replica's own clock started a little later, which only shortens it.
+        let lease_ends = tokio::time::Instant::now() + self.params.lease.to_std().unwrap_or_default();
+        let margin = self.pool.timeouts().wait.unwrap_or_default();
         let mut tasks = tokio::task::JoinSet::new();
         for row in rows {
             let channels = self.channels.clone();
@@ -204,10 +217,12 @@ impl Dispatcher {
         }
         while let Some(joined) = tasks.join_next().await {
             let Ok(outcome) = joined else { continue };
-            match self.record(&client, &outcome, now).await? {
-                Recorded::Sent => report.sent += 1,
-                Recorded::Failed => report.failed += 1,
-                Recorded::Dead => report.dead += 1,
+            let what = format!("the outcome of alert delivery {} to {}", outcome.row.id, outcome.row.channel);
+            match db::retry_until(lease_ends, margin, &what, || self.record(&outcome, now)).await {
+                Ok(Recorded::Sent) => report.sent += 1,
+                Ok(Recorded::Failed) => report.failed += 1,
+                Ok(Recorded::Dead) => report.dead += 1,
+                Err(_) => report.unrecorded += 1,
             }
         }
         Ok(report)
@@ -255,12 +270,13 @@ impl Dispatcher {
             .collect())
     }
 
-    async fn record(
-        &self,
-        client: &tokio_postgres::Client,
-        o: &Outcome,
-        now: DateTime<Utc>,
-    ) -> Result<Recorded, DbError> {
+    /// Records one send's outcome in one transaction. Tried again after a
+    /// failure that may have come after the commit (a lost answer), so it
+    /// writes the attempt, and counts it in the channel's health, only if
+    /// this claim's attempt is not logged yet.
+    async fn record(&self, o: &Outcome, now: DateTime<Utc>) -> Result<Recorded, DbError> {
+        let mut client = db::client(&self.pool).await?;
+        let tx = client.transaction().await?;
         let row = &o.row;
         let (status, error, retry_after) = match &o.result {
             Ok(sent) => (sent.status, None, None),
@@ -302,7 +318,7 @@ impl Dispatcher {
         // Every write is guarded by the claim: if the lease ran out and
         // another dispatcher took the delivery, this one's outcome only
         // goes into the attempt log.
-        let updated = client
+        let updated = tx
             .execute(
                 "UPDATE warden.alert_deliveries SET \
                    state = CASE $2 WHEN 'sent' THEN 'sent' WHEN 'dead' THEN 'dead' ELSE 'pending' END, \
@@ -325,16 +341,20 @@ impl Dispatcher {
                 ],
             )
             .await?;
-        client
+        let logged = tx
             .execute(
                 "WITH a AS ( \
                    INSERT INTO warden.alert_delivery_attempts \
                      (delivery_id, channel, attempt, started_at, latency_ms, status_code, outcome, error, replica) \
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)) \
+                   SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 \
+                   WHERE NOT EXISTS (SELECT 1 FROM warden.alert_delivery_attempts \
+                                     WHERE delivery_id = $1 AND attempt = $3 AND replica IS NOT DISTINCT FROM $9) \
+                   RETURNING 1) \
                  INSERT INTO warden.alert_channels AS c (channel, kind, consecutive_failures, sent, failed, \
                      last_attempt_at, last_success_at, last_failure_at, last_status_code, last_latency_ms, last_error) \
-                 VALUES ($2, $10, CASE WHEN $7 = 'sent' THEN 0 ELSE 1 END, ($7 = 'sent')::int, ($7 <> 'sent')::int, \
-                         $4, CASE WHEN $7 = 'sent' THEN $4 END, CASE WHEN $7 <> 'sent' THEN $4 END, $6, $5, $8) \
+                 SELECT $2, $10, CASE WHEN $7 = 'sent' THEN 0 ELSE 1 END, ($7 = 'sent')::int, ($7 <> 'sent')::int, \
+                        $4, CASE WHEN $7 = 'sent' THEN $4 END, CASE WHEN $7 <> 'sent' THEN $4 END, $6, $5, $8 \
+                 FROM a \
                  ON CONFLICT (channel) DO UPDATE SET \
                    kind = EXCLUDED.kind, \
                    consecutive_failures = CASE WHEN $7 = 'sent' THEN 0 ELSE c.consecutive_failures + 1 END, \
@@ -358,35 +378,38 @@ impl Dispatcher {
                 ],
             )
             .await?;
+        let given_up = matches!(recorded, Recorded::Dead) && updated == 1;
+        if given_up {
+            tx.execute(
+                "INSERT INTO warden.system_events (occurred_at, agent_id, event_type, severity, message, details) \
+                 VALUES ($1, NULL, 'alert_delivery_dead', 'critical', $2, $3)",
+                &[
+                    &now,
+                    &format!(
+                        "alert delivery {} to {} given up after {} attempts: {}",
+                        row.id,
+                        row.channel,
+                        row.attempts,
+                        error.unwrap_or_default()
+                    ),
+                    &json!({"delivery_id": row.id, "alert_ids": row.alert_ids, "channel": row.channel,
+                            "kind": row.kind, "attempts": row.attempts, "last_error": error}),
+                ],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        if logged == 0 {
+            // An earlier try committed this before its answer was lost.
+            return Ok(recorded);
+        }
         crate::metrics::METRICS.deliveries.with_label_values(&[row.channel.as_str(), outcome]).inc();
-        match (&recorded, updated) {
-            (Recorded::Dead, 1) => {
-                tracing::warn!(delivery = row.id, channel = %row.channel, attempts = row.attempts,
-                    error = error.unwrap_or_default(), "alert delivery given up after alerting.max_delivery_age");
-                client
-                    .execute(
-                        "INSERT INTO warden.system_events (occurred_at, agent_id, event_type, severity, message, details) \
-                         VALUES ($1, NULL, 'alert_delivery_dead', 'critical', $2, $3)",
-                        &[
-                            &now,
-                            &format!(
-                                "alert delivery {} to {} given up after {} attempts: {}",
-                                row.id,
-                                row.channel,
-                                row.attempts,
-                                error.unwrap_or_default()
-                            ),
-                            &json!({"delivery_id": row.id, "alert_ids": row.alert_ids, "channel": row.channel,
-                                    "kind": row.kind, "attempts": row.attempts, "last_error": error}),
-                        ],
-                    )
-                    .await?;
-            }
-            (Recorded::Failed, _) => {
-                tracing::info!(delivery = row.id, channel = %row.channel, attempt = row.attempts,
-                    error = error.unwrap_or_default(), retry_at = %next_attempt, "alert delivery failed; will retry");
-            }
-            _ => {}
+        if given_up {
+            tracing::warn!(delivery = row.id, channel = %row.channel, attempts = row.attempts,
+                error = error.unwrap_or_default(), "alert delivery given up after alerting.max_delivery_age");
+        } else if matches!(recorded, Recorded::Failed) {
+            tracing::info!(delivery = row.id, channel = %row.channel, attempt = row.attempts,
+                error = error.unwrap_or_default(), retry_at = %next_attempt, "alert delivery failed; will retry");
         }
         Ok(recorded)
     }

@@ -3,7 +3,7 @@
 //! with every other test) untouched.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use crate::helpers::TestDb;
 
@@ -13,6 +13,7 @@ pub struct Relay {
     pub target: Arc<std::sync::OnceLock<String>>,
     up: Arc<AtomicBool>,
     cuts: tokio::sync::watch::Sender<u64>,
+    refused: Arc<AtomicUsize>,
 }
 
 impl Relay {
@@ -22,7 +23,8 @@ impl Relay {
         let port = listener.local_addr().unwrap().port();
         let up = Arc::new(AtomicBool::new(true));
         let (cuts, cut_seen) = tokio::sync::watch::channel(0u64);
-        let (open, to) = (up.clone(), target.clone());
+        let refused = Arc::new(AtomicUsize::new(0));
+        let (open, to, turned_away) = (up.clone(), target.clone(), refused.clone());
         tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
                 // Cuts from here on close this link; one made before
@@ -30,6 +32,7 @@ impl Relay {
                 let mut cut = cut_seen.clone();
                 cut.borrow_and_update();
                 if !open.load(Ordering::SeqCst) {
+                    turned_away.fetch_add(1, Ordering::SeqCst);
                     continue; // dropped: the connection is refused
                 }
                 let target = to.get().cloned().expect("target set before warden starts");
@@ -42,7 +45,7 @@ impl Relay {
                 });
             }
         });
-        Self { port, target, up, cuts }
+        Self { port, target, up, cuts, refused }
     }
 
     /// A relay to `db`, and connection settings that go through it; `None`
@@ -65,6 +68,11 @@ impl Relay {
     pub fn cut(&self) {
         self.up.store(false, Ordering::SeqCst);
         self.cuts.send_modify(|n| *n += 1);
+    }
+
+    /// Connections turned away while cut, so far.
+    pub fn refused(&self) -> usize {
+        self.refused.load(Ordering::SeqCst)
     }
 
     pub fn restore(&self) {

@@ -50,6 +50,8 @@ pub enum Reply {
 #[derive(Default)]
 struct Shared {
     requests: Vec<Request>,
+    /// Requests come in so far, answered or not yet.
+    arrived: usize,
     script: VecDeque<Reply>,
     delay: Duration,
     /// Requests whose body holds this text get this status, always.
@@ -96,6 +98,7 @@ async fn handle(
     let at = std::time::Instant::now();
     let (reply, delay) = {
         let mut s = shared.lock().unwrap();
+        s.arrived += 1;
         let refused = s
             .refuse
             .as_ref()
@@ -175,6 +178,11 @@ impl HttpReceiver {
     /// Takes this long over every answer.
     pub fn slow(&self, delay: Duration) {
         self.shared.lock().unwrap().delay = delay;
+    }
+
+    /// Requests come in so far, including those not answered yet.
+    pub fn arrived(&self) -> usize {
+        self.shared.lock().unwrap().arrived
     }
 
     pub fn requests(&self) -> Vec<Request> {

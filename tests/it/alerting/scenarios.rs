@@ -10,6 +10,7 @@ use warden::alerting::store;
 
 use super::receivers::{HttpReceiver, Reply, SmtpServer};
 use super::{Rig, channels_toml, dispatcher, settings, signature_valid};
+use crate::helpers::eventually;
 
 fn secs(s: i64) -> Duration {
     Duration::seconds(s)
@@ -648,6 +649,56 @@ async fn two_dispatchers_on_one_database_never_send_a_delivery_twice() {
     assert_eq!(a.pass(Some(Utc::now())).await.unwrap().claimed, 0, "claimed by the dead replica");
     assert_eq!(a.pass(Some(Utc::now() + secs(61))).await.unwrap().sent, 1, "retried after the lease");
     assert_eq!(slack.accepted().len(), 41);
+}
+
+/// The database goes away while two sends are under way and comes back a
+/// little later: both outcomes are recorded then, once each, and nothing
+/// is sent again. (A failed record used to end the pass, leaving both
+/// deliveries claimed until the lease ran out, then sending them twice.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outcomes_of_sends_are_recorded_through_a_database_blip() {
+    let slack = HttpReceiver::start().await;
+    let smtp = SmtpServer::start().await;
+    let toml = channels_toml(&slack, &smtp, None);
+    let rig = Rig::new(&toml).await;
+    let Some((relay, through)) = crate::relay::Relay::to(&rig.db).await else { return };
+    rig.c
+        .batch_execute(
+            "WITH a AS ( \
+               INSERT INTO warden.alerts (dedup_key, severity, source, subject, issue, summary) \
+               SELECT 'b' || i || ':agent_unresponsive', 'critical', 'incident', 'b' || i, 'agent_unresponsive', \
+                      'b' || i || ' is offline' \
+               FROM generate_series(1, 2) i RETURNING id) \
+             INSERT INTO warden.alert_deliveries (alert_id, alert_ids, channel, kind, level) \
+             SELECT id, ARRAY[id], 'ops_slack', 'firing', 1 FROM a",
+        )
+        .await
+        .unwrap();
+    let s = settings(&toml);
+    let d = warden::alerting::dispatcher::Dispatcher::new(
+        warden::db::build_pool(through, &s.database).unwrap(),
+        std::sync::Arc::new(warden::alerting::channels::Channels::from_settings(&s.alerting).unwrap()),
+        warden::alerting::dispatcher::DispatchParams::from_settings(&s.alerting),
+        "replica-a".into(),
+    );
+    slack.slow(std::time::Duration::from_secs(1));
+    let pass = tokio::spawn(async move { (d.pass(Some(Utc::now())).await, d) });
+    let wait = std::time::Duration::from_secs(30);
+    eventually(wait, "both sends under way", || async { (slack.arrived() == 2).then_some(()) }).await;
+    relay.cut();
+    eventually(wait, "both sends answered", || async { (slack.accepted().len() == 2).then_some(()) }).await;
+    eventually(wait, "records tried in vain", || async { (relay.refused() >= 2).then_some(()) }).await;
+    relay.restore();
+    let (report, d) = pass.await.unwrap();
+    let report = report.expect("the pass outlives the blip");
+    assert_eq!((report.claimed, report.sent, report.unrecorded), (2, 2, 0), "{report:?}");
+    let states: Vec<String> = rig.deliveries().await.into_iter().map(|d| d.3).collect();
+    assert_eq!(states, ["sent", "sent"]);
+    assert_eq!(rig.count("SELECT count(*) FROM warden.alert_delivery_attempts").await, 2, "each attempt once");
+    assert_eq!(rig.count("SELECT sent FROM warden.alert_channels WHERE channel = 'ops_slack'").await, 2);
+    let later = d.pass(Some(Utc::now() + secs(3600))).await.unwrap();
+    assert_eq!(later.claimed, 0, "nothing is left to send again");
+    assert_eq!(slack.accepted().len(), 2);
 }
 
 #[tokio::test]
