@@ -35,6 +35,7 @@ pub mod db;
 pub mod demo;
 pub mod every;
 pub mod health;
+pub mod http;
 pub mod ingest;
 pub mod loadgen;
 pub mod metrics;

@@ -192,23 +192,6 @@ fn shown_url(url: &str) -> String {
     }
 }
 
-/// Reads at most `limit` bytes of a response's body; the rest is never
-/// read, so whatever answers cannot make warden hold a body of any size.
-/// A body cut short by an error or the timeout keeps what had arrived.
-async fn read_body(mut response: reqwest::Response, limit: usize) -> (String, bool) {
-    let mut kept = Vec::new();
-    let mut truncated = false;
-    while let Ok(Some(chunk)) = response.chunk().await {
-        let room = limit - kept.len();
-        kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        if chunk.len() > room {
-            truncated = true;
-            break;
-        }
-    }
-    (String::from_utf8_lossy(&kept).into_owned(), truncated)
-}
-
 /// Calls an HTTP endpoint and checks the status.
 pub async fn run_http(client: &reqwest::Client, call: HttpCall<'_>) -> Outcome {
     let HttpCall { method, url: target, headers, body, expect_status, timeout, output_limit } = call;
@@ -240,7 +223,7 @@ pub async fn run_http(client: &reqwest::Client, call: HttpCall<'_>) -> Outcome {
         }
     };
     let status = response.status().as_u16();
-    let (excerpt, truncated) = read_body(response, output_limit).await;
+    let (excerpt, truncated) = crate::http::read_body(response, output_limit).await;
     let detail = json!({
         "url": url,
         "method": method.as_str(),

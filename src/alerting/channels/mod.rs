@@ -146,7 +146,8 @@ pub(crate) async fn post(request: reqwest::RequestBuilder) -> Result<Sent, SendE
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
         .map(Duration::from_secs);
-    let body = response.text().await.unwrap_or_default();
+    // A refusal's first 200 characters say why; the rest is never read.
+    let (body, _) = crate::http::read_body(response, 200 * 4).await;
     let body: String = body.chars().filter(|c| !c.is_control()).take(200).collect();
     Err(SendError {
         status: Some(status.as_u16()),
@@ -178,4 +179,33 @@ fn describe(e: &reqwest::Error) -> String {
         text.push_str(&cause);
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A receiver that refuses with a body that never ends: the refusal
+    /// is told by its first 200 characters, and reading stops there.
+    #[tokio::test]
+    async fn a_refusal_is_told_by_the_start_of_its_body_however_long() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 4096];
+            let _ = socket.read(&mut request).await;
+            let head =
+                "HTTP/1.1 500 Internal Server Error\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n";
+            socket.write_all(head.as_bytes()).await.unwrap();
+            let chunk = format!("{:x}\r\n{}\r\n", 1024, "é".repeat(512));
+            while socket.write_all(chunk.as_bytes()).await.is_ok() {}
+        });
+        crate::alerting::tls::install_crypto_provider();
+        let client = reqwest::Client::new();
+        let request = client.post(url).timeout(std::time::Duration::from_secs(60)).body("{}");
+        let refused = super::post(request).await.unwrap_err();
+        assert_eq!(refused.status, Some(500));
+        assert_eq!(refused.error, format!("HTTP 500: {}", "é".repeat(200)));
+    }
 }
