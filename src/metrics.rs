@@ -84,6 +84,36 @@ impl Fleet {
     }
 }
 
+/// How long the fleet figures of one read serve later scrapes.
+pub const FLEET_FRESH: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The fleet figures as last rendered. `/metrics` needs no key, so its
+/// database reads must not grow with the rate of scrapes: scrapes within
+/// [`FLEET_FRESH`] of a read get its text, and scrapes that arrive while a
+/// read is under way wait for it instead of starting their own.
+#[derive(Default)]
+pub struct FleetCache(tokio::sync::Mutex<Option<(std::time::Instant, String)>>);
+
+impl FleetCache {
+    /// The rendered figures of a read made at most [`FLEET_FRESH`] before
+    /// `now`, else those `read` renders now.
+    pub async fn get_or_read<F, Fut>(&self, now: std::time::Instant, read: F) -> String
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = String>,
+    {
+        let mut last = self.0.lock().await;
+        if let Some((at, text)) = last.as_ref()
+            && now.saturating_duration_since(*at) < FLEET_FRESH
+        {
+            return text.clone();
+        }
+        let text = read().await;
+        *last = Some((now, text.clone()));
+        text
+    }
+}
+
 impl Default for Fleet {
     fn default() -> Self {
         Self::new()
@@ -175,3 +205,56 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 
 /// The content type of [`Metrics::render`].
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn fleet_figures_are_read_at_most_once_a_second() {
+        let cache = FleetCache::default();
+        let reads = std::sync::atomic::AtomicUsize::new(0);
+        let read = |text: &'static str| {
+            reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move { text.to_string() }
+        };
+        let t0 = Instant::now();
+        assert_eq!(cache.get_or_read(t0, || read("first")).await, "first");
+        let soon = t0 + FLEET_FRESH - Duration::from_millis(1);
+        assert_eq!(cache.get_or_read(soon, || read("second")).await, "first");
+        assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), 1, "the second scrape read nothing");
+        assert_eq!(cache.get_or_read(t0 + FLEET_FRESH, || read("third")).await, "third");
+        assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn scrapes_during_a_read_wait_for_it() {
+        let cache = std::sync::Arc::new(FleetCache::default());
+        let (release, wait) = tokio::sync::oneshot::channel::<()>();
+        let t0 = Instant::now();
+        let first = tokio::spawn({
+            let cache = cache.clone();
+            async move {
+                cache
+                    .get_or_read(t0, || async move {
+                        wait.await.unwrap();
+                        "slow".to_string()
+                    })
+                    .await
+            }
+        });
+        // The second scrape queues behind the read under way.
+        while cache.0.try_lock().is_ok() {
+            tokio::task::yield_now().await;
+        }
+        let second = tokio::spawn({
+            let cache = cache.clone();
+            async move { cache.get_or_read(t0, || async { "own read".to_string() }).await }
+        });
+        release.send(()).unwrap();
+        assert_eq!(first.await.unwrap(), "slow");
+        assert_eq!(second.await.unwrap(), "slow", "served by the first scrape's read");
+    }
+}

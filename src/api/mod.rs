@@ -56,6 +56,8 @@ pub struct Shared {
     pub streams_per_key: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
     /// False while the database, unreachable at start, is waited for.
     pub started: Arc<std::sync::atomic::AtomicBool>,
+    /// The fleet figures of `/metrics`, read at most once a second.
+    pub fleet: crate::metrics::FleetCache,
 }
 
 impl AppState {
@@ -88,6 +90,7 @@ impl AppState {
                 streams,
                 streams_per_key,
                 started,
+                fleet: Default::default(),
             }),
         }
     }

@@ -14,9 +14,10 @@ pub fn router() -> Router<AppState> {
 }
 
 /// Prometheus text exposition: this process's counters plus fleet figures
-/// read from the database. If the database is down the process's own
-/// figures are still served (they say what is going wrong), the fleet's
-/// are left out and `warden_fleet_figures_up` is 0.
+/// read from the database (at most once a second, whatever the rate of
+/// scrapes). If the database is down the process's own figures are still
+/// served (they say what is going wrong), the fleet's are left out and
+/// `warden_fleet_figures_up` is 0.
 async fn metrics(State(state): State<AppState>) -> axum::response::Response {
     use axum::response::IntoResponse;
     let m = &crate::metrics::METRICS;
@@ -26,11 +27,20 @@ async fn metrics(State(state): State<AppState>) -> axum::response::Response {
     m.pool.with_label_values(&["idle"]).set(status.available as i64);
     m.pool.with_label_values(&["in_use"]).set(status.size.saturating_sub(status.available) as i64);
     m.pool.with_label_values(&["max"]).set(status.max_size as i64);
+    let fleet = state.fleet.get_or_read(std::time::Instant::now(), || read_fleet(&state)).await;
+    let mut text = m.render();
+    text.push_str(&fleet);
+    ([(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
+}
+
+/// The fleet figures rendered, or only `warden_fleet_figures_up 0` when
+/// they cannot be read.
+async fn read_fleet(state: &AppState) -> String {
     let fleet = crate::metrics::Fleet::new();
     // A database that hangs must not take the process's own figures with
     // it: they are what says what is going wrong.
     let limit = state.settings.database.connect_timeout.get();
-    let read = match tokio::time::timeout(limit, fleet_figures(&state, &fleet)).await {
+    let read = match tokio::time::timeout(limit, fleet_figures(state, &fleet)).await {
         Ok(Ok(())) => true,
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "fleet figures unavailable for /metrics");
@@ -41,9 +51,7 @@ async fn metrics(State(state): State<AppState>) -> axum::response::Response {
             false
         }
     };
-    let mut text = m.render();
-    text.push_str(&fleet.render(read));
-    ([(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
+    fleet.render(read)
 }
 
 async fn fleet_figures(state: &AppState, m: &crate::metrics::Fleet) -> Result<(), db::DbError> {

@@ -4,7 +4,9 @@
 use serde_json::json;
 use warden::auth::Scope;
 
-use crate::helpers::TestApp;
+use std::time::Duration;
+
+use crate::helpers::{TestApp, eventually};
 
 fn metric(text: &str, name_with_labels: &str) -> Option<f64> {
     text.lines()
@@ -52,12 +54,17 @@ async fn metrics_count_the_work_and_pass_promtool() {
     assert!(metric(&text, "warden_ingest_commit_seconds_count").unwrap() >= 1.0);
     assert!(text.contains("warden_ingest_queue_depth "));
     assert!(metric(&text, "warden_db_pool_connections{state=\"max\"}").unwrap() >= 1.0);
-    // Fleet figures come from this test's own database.
-    assert_eq!(
-        metric(&text, "warden_agents{liveness=\"unknown\"}").unwrap()
-            + metric(&text, "warden_agents{liveness=\"online\"}").unwrap(),
-        3.0
-    );
+    // Fleet figures come from this test's own database, read at most a
+    // second before the scrape.
+    let agents = |text: &str| {
+        metric(text, "warden_agents{liveness=\"unknown\"}").unwrap()
+            + metric(text, "warden_agents{liveness=\"online\"}").unwrap()
+    };
+    let text = eventually(Duration::from_secs(30), "the three agents in the fleet figures", || async {
+        let text = app.get("/metrics").await.text().await.unwrap();
+        (agents(&text) == 3.0).then_some(text)
+    })
+    .await;
     assert_eq!(metric(&text, "warden_incidents_open{issue_type=\"fleet_outage\"}"), Some(0.0));
 
     // promtool is installed by .ci/run; a missing one is a failure, not a skip.
@@ -89,10 +96,15 @@ async fn fleet_figures_that_cannot_be_read_are_left_out_not_served_stale() {
     assert!(metric(&text, "warden_agents{liveness=\"unknown\"}").is_some());
 
     app.db.drop_now().await;
-    let response = app.get("/metrics").await;
-    assert_eq!(response.status(), 200, "the process's own figures are still served");
-    let text = response.text().await.unwrap();
-    assert_eq!(metric(&text, "warden_fleet_figures_up"), Some(0.0));
+    // Figures read within the last second may still be served; after that,
+    // none.
+    let text = eventually(Duration::from_secs(30), "the fleet figures left out", || async {
+        let response = app.get("/metrics").await;
+        assert_eq!(response.status(), 200, "the process's own figures are still served");
+        let text = response.text().await.unwrap();
+        (metric(&text, "warden_fleet_figures_up") == Some(0.0)).then_some(text)
+    })
+    .await;
     assert!(!text.contains("warden_agents{"), "no stale fleet figures: {text}");
     assert!(text.contains("warden_ingest_queue_depth "));
 }
