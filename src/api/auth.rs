@@ -51,6 +51,11 @@ impl<S: RequiredScope> FromRequestParts<AppState> for Authorized<S> {
             && let Some(principal) =
                 crate::console::session::api_principal(parts, state, S::SCOPE).await.map_err(ApiError::from)?
         {
+            // The rate limit charges bearer keys before this; a session's
+            // calls go to its key's bucket here, now that it is known.
+            if let Some(key_id) = &principal.key_id {
+                super::limit::charge_session(state, key_id)?;
+            }
             return Ok(Self { principal, _scope: PhantomData });
         }
         let principal = state.auth.authenticate(header, S::SCOPE).await.map_err(ApiError::from)?;

@@ -291,9 +291,37 @@ fn too_many(wait: Duration, heartbeats: bool) -> Response {
 /// The client's address: from `header` when configured and usable, else the
 /// connection's peer (unspecified when the router runs without one).
 pub fn client_address(request: &Request, header: &str) -> IpAddr {
-    let peer = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
-    let forwarded = (!header.is_empty()).then(|| forwarded_address(request.headers(), header)).flatten();
+    address_of(request.extensions(), request.headers(), header)
+}
+
+fn address_of(extensions: &axum::http::Extensions, headers: &HeaderMap, header: &str) -> IpAddr {
+    let peer = extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+    let forwarded = (!header.is_empty()).then(|| forwarded_address(headers, header)).flatten();
     forwarded.or(peer).unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+}
+
+/// The address a console request is charged to for failed sign-ins and
+/// unknown session cookies, or `None` while limits or authentication are
+/// off. A session cookie costs a query to look up, so a stream of made-up
+/// ones is charged like made-up keys, and refused once the address's
+/// failures are used up.
+pub fn console_address(state: &AppState, parts: &axum::http::request::Parts) -> Option<IpAddr> {
+    let settings = &state.settings.limits;
+    (settings.enabled && state.auth.enabled())
+        .then(|| charged_network(address_of(&parts.extensions, &parts.headers, &settings.client_ip_header)))
+}
+
+/// Takes a token from the bucket of the key behind a console session, for
+/// an API call made with the session's cookie: the same budget as calls
+/// made with the key itself.
+pub fn charge_session(state: &AppState, key_id: &str) -> Result<(), ApiError> {
+    if !state.settings.limits.enabled {
+        return Ok(());
+    }
+    state
+        .limiter
+        .admit(&Client::Key(key_id.to_string()), Instant::now())
+        .map_err(|wait| ApiError::too_many_requests(wait.as_secs_f64().ceil() as u64))
 }
 
 /// What an address is charged as: an IPv4 address itself, an IPv6 address

@@ -267,12 +267,25 @@ impl FromRequestParts<AppState> for ConsoleUser {
         let Some(token) = policy.session_token(&parts.headers) else {
             return Err(to_login(parts));
         };
+        let unknown = |parts: &Parts| {
+            let mut response = to_login(parts);
+            response.headers_mut().append(SET_COOKIE, policy.clear_session());
+            response
+        };
+        let address = crate::api::limit::console_address(state, parts);
+        let limiter = &state.limiter;
+        if address.is_some_and(|a| limiter.failures_exhausted(a, std::time::Instant::now()).is_some()) {
+            // Not looked up: this address has been sending unknown cookies
+            // or keys. A real session gets back in once the burst refills.
+            return Err(unknown(parts));
+        }
         match lookup(state, token).await {
             Ok(Some(user)) => Ok(user),
             Ok(None) => {
-                let mut response = to_login(parts);
-                response.headers_mut().append(SET_COOKIE, policy.clear_session());
-                Err(response)
+                if let Some(address) = address {
+                    let _ = limiter.charge_failure(address, std::time::Instant::now());
+                }
+                Err(unknown(parts))
             }
             Err(e) => Err(crate::api::ApiError::from(e).into_response()),
         }

@@ -176,6 +176,48 @@ async fn http_pages_carry_their_data_without_javascript() {
     assert!(response.text().await.unwrap().contains("EventSource"));
 }
 
+/// API calls made with a session cookie spend the bucket of the session's
+/// key, like calls made with the key itself.
+#[tokio::test]
+async fn calls_with_a_session_cookie_are_charged_to_its_key() {
+    let app = app_with(|s| {
+        s.limits.rate_per_second = 0.001;
+        s.limits.burst = 3;
+    })
+    .await;
+    let (_, read, _) = keys(&app).await;
+    let session = sign_in(&app, &read).await;
+    let by_cookie = || client().get(app.url("/v1/fleet")).header(COOKIE, session.cookie());
+    let by_key = || client().get(app.url("/v1/fleet")).bearer_auth(&read);
+    assert_eq!(by_cookie().send().await.unwrap().status(), 200);
+    assert_eq!(by_cookie().send().await.unwrap().status(), 200);
+    assert_eq!(by_key().send().await.unwrap().status(), 200, "the third token");
+    let refused = by_key().send().await.unwrap();
+    assert_eq!(refused.status(), 429);
+    assert!(refused.headers().contains_key("retry-after"));
+    assert_eq!(by_cookie().send().await.unwrap().status(), 429, "the cookie shares the key's empty bucket");
+}
+
+/// Made-up session cookies on console pages cost a lookup each, so they
+/// are charged to the address like made-up keys: once its failures are
+/// used up, the API refuses that address's unknown keys at once.
+#[tokio::test]
+async fn made_up_session_cookies_use_up_the_address_failures() {
+    let app = app_with(|s| {
+        s.limits.failed_auth_per_second = 0.001;
+        s.limits.failed_auth_burst = 3;
+    })
+    .await;
+    for _ in 0..3 {
+        let made_up = format!("warden_session={}", warden::console::session::new_token());
+        let page = client().get(app.url("/")).header(COOKIE, made_up).send().await.unwrap();
+        assert_eq!(page.status(), StatusCode::SEE_OTHER, "to the login page");
+    }
+    let (_, made_up_key) = warden::auth::generate();
+    let refused = client().get(app.url("/v1/fleet")).bearer_auth(made_up_key).send().await.unwrap();
+    assert_eq!(refused.status(), 429, "the address has no failures left");
+}
+
 /// A session acts with its key's limits, the agents it may report for
 /// among them.
 #[tokio::test]
