@@ -85,6 +85,18 @@ impl Application {
                 "auth.enabled = false: every API call is accepted without a key; never do this in production"
             );
         }
+        let console = &settings.console;
+        if settings.auth.enabled
+            && console.enabled
+            && !console.secure_cookie
+            && !settings.server.listen.ip().is_loopback()
+        {
+            tracing::warn!(
+                listen = %settings.server.listen,
+                "console.secure_cookie = false while listening beyond this machine: console session cookies may \
+                 travel over plain HTTP; serve the console behind HTTPS and set console.secure_cookie = true"
+            );
+        }
         let addr = settings.server.listen;
         let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
         let local_addr = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;

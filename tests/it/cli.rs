@@ -170,3 +170,46 @@ fn an_unreachable_database_is_named_with_the_cause() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("warden_no_such_database\" does not exist"), "{stderr}");
 }
+
+/// The log lines `warden serve` writes until it says it is serving.
+async fn start_up_log(listen: &str) -> Vec<String> {
+    use std::io::BufRead;
+    let db = crate::helpers::TestDb::migrated().await;
+    let mut child = warden()
+        .arg("serve")
+        .env("WARDEN__DATABASE__URL", db.url())
+        .env("WARDEN__SERVER__LISTEN", listen)
+        .env("WARDEN__TELEMETRY__FORMAT", "json")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    // Serving, or exiting (which ends the output): either ends the read.
+    let lines = tokio::task::spawn_blocking(move || {
+        let mut lines = Vec::new();
+        for line in stderr.lines().map_while(Result::ok) {
+            let serving = line.contains("warden is serving");
+            lines.push(line);
+            if serving {
+                break;
+            }
+        }
+        lines
+    })
+    .await
+    .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    lines
+}
+
+#[tokio::test]
+async fn serving_beyond_this_machine_without_secure_cookies_is_warned_about() {
+    let wide = start_up_log("0.0.0.0:0").await;
+    assert!(wide.last().is_some_and(|l| l.contains("warden is serving")), "{wide:#?}");
+    assert!(wide.iter().any(|l| l.contains("console.secure_cookie = false")), "{wide:#?}");
+    let local = start_up_log("127.0.0.1:0").await;
+    assert!(local.last().is_some_and(|l| l.contains("warden is serving")), "{local:#?}");
+    assert!(!local.iter().any(|l| l.contains("secure_cookie")), "{local:#?}");
+}
