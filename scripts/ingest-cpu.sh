@@ -7,6 +7,7 @@
 #
 #   scripts/ingest-cpu.sh --batch 100
 #   WARDEN=/tmp/warden-old scripts/ingest-cpu.sh --batch 100 --metrics 2
+#   SSLMODE=require scripts/ingest-cpu.sh --batch 100
 #
 # Arguments go to `warden bench ingest`. Uses (drops and creates) the
 # database warden_bench on the PostgreSQL at 127.0.0.1:5432 (user
@@ -27,8 +28,9 @@ if [ -z "${WARDEN:-}" ]; then
 fi
 export PGOPTIONS="-c client_min_messages=warning"
 "${PSQL[@]}" -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" -c "CREATE DATABASE $DB"
-# sslmode=disable: TLS on loopback would only add its CPU to the figures.
-export WARDEN__DATABASE__URL="postgres://postgres@127.0.0.1:5432/$DB?sslmode=disable"
+# sslmode=disable by default: TLS on loopback would only add its CPU to the
+# figures. SSLMODE=require measures what TLS to PostgreSQL costs.
+export WARDEN__DATABASE__URL="postgres://postgres@127.0.0.1:5432/$DB?sslmode=${SSLMODE:-disable}"
 "$WARDEN" migrate >/dev/null
 
 output=$(mktemp)
