@@ -22,6 +22,11 @@
 //!    A console sign-in (POST /login) that fails is charged the same way;
 //!    the typed key is in the form, so the sign-in handler makes step 1's
 //!    check itself (see [`SignInAddress`]) and answers with its own page.
+//! 4. A request carrying a console session cookie instead of a key is
+//!    charged once the session is known: an API call to its key's bucket
+//!    ([`charge_session`]), a console page with an unknown or expired
+//!    cookie to the address's failures ([`console_address`]). Step 1 lets
+//!    a session this replica found valid recently through, as it does a key.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -253,6 +258,7 @@ pub async fn enforce(State(state): State<AppState>, request: Request, next: Next
     let header = request.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok());
     if let Some(wait) = limiter.failures_exhausted(address, Instant::now())
         && !state.auth.recently_verified(header)
+        && (header.is_some() || !state.recent_sessions.cookie_seen(&state, request.headers()))
     {
         return too_many(wait, heartbeats);
     }

@@ -58,6 +58,8 @@ pub struct Shared {
     pub started: Arc<std::sync::atomic::AtomicBool>,
     /// The fleet figures of `/metrics`, read at most once a second.
     pub fleet: crate::metrics::FleetCache,
+    /// Console sessions found valid lately (see the type).
+    pub recent_sessions: crate::console::session::RecentSessions,
 }
 
 impl AppState {
@@ -76,6 +78,7 @@ impl AppState {
             max_clock_skew: settings.ingest.max_clock_skew.to_chrono(),
         };
         let limiter = limit::RateLimiter::new(&settings.limits);
+        let recent_sessions = crate::console::session::RecentSessions::new(settings.auth.cache_ttl.get());
         let streams = Arc::new(tokio::sync::Semaphore::new(settings.server.max_streams));
         let streams_per_key = Arc::default();
         Self {
@@ -91,6 +94,7 @@ impl AppState {
                 streams_per_key,
                 started,
                 fleet: Default::default(),
+                recent_sessions,
             }),
         }
     }

@@ -212,6 +212,50 @@ async fn delete(client: &tokio_postgres::Client, token_hash: &[u8; 32]) -> Resul
     Ok(())
 }
 
+/// Session tokens (by hash) this replica found valid within
+/// `auth.cache_ttl`. It decides nothing about access, which every request
+/// looks up; it only keeps a known session working from an address whose
+/// failed authentications are used up (a proxy or NAT shared with someone
+/// trying made-up keys or cookies), as the key cache does for bearer keys.
+pub struct RecentSessions {
+    ttl: std::time::Duration,
+    seen: std::sync::Mutex<std::collections::HashMap<[u8; 32], std::time::Instant>>,
+}
+
+/// Sessions remembered at most; past it, expired ones are swept, and if
+/// none had, all are forgotten (they are only an exemption).
+const RECENT_SESSIONS_LIMIT: usize = 10_000;
+
+impl RecentSessions {
+    pub fn new(ttl: std::time::Duration) -> Self {
+        Self { ttl, seen: Default::default() }
+    }
+
+    fn remember(&self, token_hash: [u8; 32]) {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.len() >= RECENT_SESSIONS_LIMIT {
+            let ttl = self.ttl;
+            seen.retain(|_, at| at.elapsed() < ttl);
+            if seen.len() >= RECENT_SESSIONS_LIMIT {
+                seen.clear();
+            }
+        }
+        seen.insert(token_hash, std::time::Instant::now());
+    }
+
+    fn recently_seen(&self, token_hash: &[u8; 32]) -> bool {
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.get(token_hash).is_some_and(|at| at.elapsed() < self.ttl)
+    }
+
+    /// Whether the request's session cookie names a session this replica
+    /// found valid within the TTL.
+    pub fn cookie_seen(&self, state: &AppState, headers: &HeaderMap) -> bool {
+        let policy = super::cookie_policy(&state.settings.console);
+        policy.session_token(headers).is_some_and(|token| self.recently_seen(&crate::auth::hash(token)))
+    }
+}
+
 /// The session of `token`, if it exists, has not expired, and its key is
 /// still valid.
 pub async fn lookup(state: &AppState, token: &str) -> Result<Option<ConsoleUser>, DbError> {
@@ -238,6 +282,7 @@ pub async fn lookup(state: &AppState, token: &str) -> Result<Option<ConsoleUser>
         let scopes: Vec<String> = row.get(2);
         Principal::of_key(row.get(1), row.get(3), &scopes, row.get(4))
     };
+    state.recent_sessions.remember(token_hash);
     Ok(Some(ConsoleUser { principal, csrf: csrf_for(token), token_hash }))
 }
 
@@ -274,10 +319,14 @@ impl FromRequestParts<AppState> for ConsoleUser {
         };
         let address = crate::api::limit::console_address(state, parts);
         let limiter = &state.limiter;
-        if address.is_some_and(|a| limiter.failures_exhausted(a, std::time::Instant::now()).is_some()) {
+        if let Some(wait) = address.and_then(|a| limiter.failures_exhausted(a, std::time::Instant::now()))
+            && !state.recent_sessions.recently_seen(&crate::auth::hash(token))
+        {
             // Not looked up: this address has been sending unknown cookies
-            // or keys. A real session gets back in once the burst refills.
-            return Err(unknown(parts));
+            // or keys. The cookie stays; it works again once the burst
+            // refills.
+            let wait = wait.as_secs_f64().ceil() as u64;
+            return Err(crate::api::ApiError::too_many_requests(wait).into_response());
         }
         match lookup(state, token).await {
             Ok(Some(user)) => Ok(user),

@@ -216,6 +216,40 @@ async fn made_up_session_cookies_use_up_the_address_failures() {
     let (_, made_up_key) = warden::auth::generate();
     let refused = client().get(app.url("/v1/fleet")).bearer_auth(made_up_key).send().await.unwrap();
     assert_eq!(refused.status(), 429, "the address has no failures left");
+    let made_up = format!("warden_session={}", warden::console::session::new_token());
+    let page = client().get(app.url("/")).header(COOKIE, made_up).send().await.unwrap();
+    assert_eq!(page.status(), 429, "not looked up, and the cookie is left alone");
+    assert!(page.headers().contains_key("retry-after"));
+    assert!(page.headers().get(SET_COOKIE).is_none());
+}
+
+/// Someone at the same address (a shared proxy) using up its failures
+/// does not lock out a session this replica has just seen, in the console
+/// or in the API.
+#[tokio::test]
+async fn a_known_session_keeps_working_from_an_address_out_of_failures() {
+    let app = app_with(|s| {
+        s.limits.failed_auth_per_second = 0.001;
+        s.limits.failed_auth_burst = 3;
+    })
+    .await;
+    let (_, read, _) = keys(&app).await;
+    let session = sign_in(&app, &read).await;
+    let page = || client().get(app.url("/")).header(COOKIE, session.cookie());
+    assert_eq!(page().send().await.unwrap().status(), 200);
+    for _ in 0..3 {
+        let (_, made_up_key) = warden::auth::generate();
+        let refused = client().get(app.url("/v1/fleet")).bearer_auth(made_up_key).send().await.unwrap();
+        assert_eq!(refused.status(), 401);
+    }
+    let (_, made_up_key) = warden::auth::generate();
+    let refused = client().get(app.url("/v1/fleet")).bearer_auth(made_up_key).send().await.unwrap();
+    assert_eq!(refused.status(), 429, "the address is out of failures");
+    let still = page().send().await.unwrap();
+    assert_eq!(still.status(), 200);
+    assert!(still.headers().get(SET_COOKIE).is_none(), "the session is kept");
+    let api = client().get(app.url("/v1/fleet")).header(COOKIE, session.cookie()).send().await.unwrap();
+    assert_eq!(api.status(), 200);
 }
 
 /// A session acts with its key's limits, the agents it may report for
