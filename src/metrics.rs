@@ -88,29 +88,37 @@ impl Fleet {
 pub const FLEET_FRESH: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The fleet figures as last rendered. `/metrics` needs no key, so its
-/// database reads must not grow with the rate of scrapes: scrapes within
-/// [`FLEET_FRESH`] of a read get its text, and scrapes that arrive while a
-/// read is under way wait for it instead of starting their own.
+/// database reads must not grow with the rate of scrapes: a scrape gets
+/// the text of a read that finished at most [`FLEET_FRESH`] before it
+/// arrived, or after (it was under way when the scrape came, and the
+/// scrape waited for it), and reads only when there is none.
 #[derive(Default)]
 pub struct FleetCache(tokio::sync::Mutex<Option<(std::time::Instant, String)>>);
 
 impl FleetCache {
-    /// The rendered figures of a read made at most [`FLEET_FRESH`] before
-    /// `now`, else those `read` renders now.
-    pub async fn get_or_read<F, Fut>(&self, now: std::time::Instant, read: F) -> String
+    /// The figures for a scrape that arrived at `arrived`: shared as above,
+    /// else those `read` renders now. `None` when another scrape's read has
+    /// held them for `wait` (a database that hangs), so that scrapes never
+    /// queue behind reads one after another.
+    pub async fn get_or_read<F, Fut>(
+        &self,
+        arrived: std::time::Instant,
+        wait: std::time::Duration,
+        read: F,
+    ) -> Option<String>
     where
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = String>,
     {
-        let mut last = self.0.lock().await;
-        if let Some((at, text)) = last.as_ref()
-            && now.saturating_duration_since(*at) < FLEET_FRESH
+        let mut last = tokio::time::timeout(wait, self.0.lock()).await.ok()?;
+        if let Some((finished, text)) = last.as_ref()
+            && (*finished >= arrived || arrived.duration_since(*finished) < FLEET_FRESH)
         {
-            return text.clone();
+            return Some(text.clone());
         }
         let text = read().await;
-        *last = Some((now, text.clone()));
-        text
+        *last = Some((std::time::Instant::now(), text.clone()));
+        Some(text)
     }
 }
 
@@ -212,6 +220,8 @@ mod tests {
 
     use super::*;
 
+    const WAIT: Duration = Duration::from_secs(60);
+
     #[tokio::test]
     async fn fleet_figures_are_read_at_most_once_a_second() {
         let cache = FleetCache::default();
@@ -220,41 +230,47 @@ mod tests {
             reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             async move { text.to_string() }
         };
-        let t0 = Instant::now();
-        assert_eq!(cache.get_or_read(t0, || read("first")).await, "first");
-        let soon = t0 + FLEET_FRESH - Duration::from_millis(1);
-        assert_eq!(cache.get_or_read(soon, || read("second")).await, "first");
+        let first = cache.get_or_read(Instant::now(), WAIT, || read("first")).await;
+        assert_eq!(first.as_deref(), Some("first"));
+        let again = cache.get_or_read(Instant::now(), WAIT, || read("second")).await;
+        assert_eq!(again.as_deref(), Some("first"));
         assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), 1, "the second scrape read nothing");
-        assert_eq!(cache.get_or_read(t0 + FLEET_FRESH, || read("third")).await, "third");
+        let later = Instant::now() + FLEET_FRESH;
+        assert_eq!(cache.get_or_read(later, WAIT, || read("third")).await.as_deref(), Some("third"));
         assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 
+    /// A scrape that came while a read was under way takes that read's
+    /// figures, however long it took; one that cannot get at them within
+    /// its wait gets none.
     #[tokio::test]
-    async fn scrapes_during_a_read_wait_for_it() {
+    async fn scrapes_during_a_read_wait_for_it_within_bounds() {
         let cache = std::sync::Arc::new(FleetCache::default());
-        let (release, wait) = tokio::sync::oneshot::channel::<()>();
-        let t0 = Instant::now();
+        let (release, held) = tokio::sync::oneshot::channel::<()>();
         let first = tokio::spawn({
             let cache = cache.clone();
             async move {
-                cache
-                    .get_or_read(t0, || async move {
-                        wait.await.unwrap();
-                        "slow".to_string()
-                    })
-                    .await
+                let read = || async move {
+                    held.await.unwrap();
+                    "slow".to_string()
+                };
+                cache.get_or_read(Instant::now(), WAIT, read).await
             }
         });
-        // The second scrape queues behind the read under way.
         while cache.0.try_lock().is_ok() {
             tokio::task::yield_now().await;
         }
+        // However long the read has been going on: it finishes after this
+        // scrape arrived.
+        let arrived = Instant::now();
         let second = tokio::spawn({
             let cache = cache.clone();
-            async move { cache.get_or_read(t0, || async { "own read".to_string() }).await }
+            async move { cache.get_or_read(arrived, WAIT, || async { "own read".to_string() }).await }
         });
+        let impatient = cache.get_or_read(Instant::now(), Duration::from_millis(1), || async { "x".to_string() });
+        assert_eq!(impatient.await, None, "the read under way holds the figures");
         release.send(()).unwrap();
-        assert_eq!(first.await.unwrap(), "slow");
-        assert_eq!(second.await.unwrap(), "slow", "served by the first scrape's read");
+        assert_eq!(first.await.unwrap().as_deref(), Some("slow"));
+        assert_eq!(second.await.unwrap().as_deref(), Some("slow"), "served by the read under way");
     }
 }

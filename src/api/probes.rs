@@ -27,7 +27,13 @@ async fn metrics(State(state): State<AppState>) -> axum::response::Response {
     m.pool.with_label_values(&["idle"]).set(status.available as i64);
     m.pool.with_label_values(&["in_use"]).set(status.size.saturating_sub(status.available) as i64);
     m.pool.with_label_values(&["max"]).set(status.max_size as i64);
-    let fleet = state.fleet.get_or_read(std::time::Instant::now(), || read_fleet(&state)).await;
+    // A scrape waits for another's read no longer than a read may take.
+    let wait = state.settings.database.connect_timeout.get();
+    let fleet = state
+        .fleet
+        .get_or_read(std::time::Instant::now(), wait, || read_fleet(&state))
+        .await
+        .unwrap_or_else(|| crate::metrics::Fleet::new().render(false));
     let mut text = m.render();
     text.push_str(&fleet);
     ([(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
