@@ -177,6 +177,10 @@ impl Dispatcher {
     /// One pass at `now` (the database's clock when `None`): claim due
     /// deliveries, send them concurrently, record the outcomes.
     pub async fn pass(&self, now: Option<DateTime<Utc>>) -> Result<PassReport, DbError> {
+        // The claim's lease runs from the database's `now`, read below; this
+        // replica's clock starts before it, so its idea of the lease ends
+        // first.
+        let lease_ends = tokio::time::Instant::now() + self.params.lease.to_std().unwrap_or_default();
         let client = db::client(&self.pool).await?;
         let now: DateTime<Utc> = match now {
             Some(n) => n,
@@ -190,9 +194,6 @@ impl Dispatcher {
         }
         let mut messages = message::load(&client, &rows, &self.params.link_base).await?;
         drop(client);
-        // The claim's lease counted from the database's clock at `now`; this
-        // replica's own clock started a little later, which only shortens it.
-        let lease_ends = tokio::time::Instant::now() + self.params.lease.to_std().unwrap_or_default();
         let margin = self.pool.timeouts().wait.unwrap_or_default();
         let mut tasks = tokio::task::JoinSet::new();
         for row in rows {
@@ -273,7 +274,9 @@ impl Dispatcher {
     /// Records one send's outcome in one transaction. Tried again after a
     /// failure that may have come after the commit (a lost answer), so it
     /// writes the attempt, and counts it in the channel's health, only if
-    /// this claim's attempt is not logged yet.
+    /// this claim's attempt is not logged yet: the attempt's unique key
+    /// (V19) makes a retry wait for a try still open on the server, then
+    /// skip what it committed.
     async fn record(&self, o: &Outcome, now: DateTime<Utc>) -> Result<Recorded, DbError> {
         let mut client = db::client(&self.pool).await?;
         let tx = client.transaction().await?;
@@ -346,9 +349,8 @@ impl Dispatcher {
                 "WITH a AS ( \
                    INSERT INTO warden.alert_delivery_attempts \
                      (delivery_id, channel, attempt, started_at, latency_ms, status_code, outcome, error, replica) \
-                   SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 \
-                   WHERE NOT EXISTS (SELECT 1 FROM warden.alert_delivery_attempts \
-                                     WHERE delivery_id = $1 AND attempt = $3 AND replica IS NOT DISTINCT FROM $9) \
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                   ON CONFLICT (delivery_id, attempt, replica) DO NOTHING \
                    RETURNING 1) \
                  INSERT INTO warden.alert_channels AS c (channel, kind, consecutive_failures, sent, failed, \
                      last_attempt_at, last_success_at, last_failure_at, last_status_code, last_latency_ms, last_error) \

@@ -282,7 +282,8 @@ fn pool_with(
 
 /// Runs `attempt` until it succeeds, trying again (with [`retry_waits`]
 /// between tries) as long as a new try could still be done `margin` before
-/// `deadline`; the last error otherwise. For writes that must outlive a
+/// `deadline`; the last error otherwise. The first try is made unless the
+/// deadline has passed. For writes that must outlive a
 /// short outage, such as the outcome of an alert already sent or of a
 /// recovery action already run, each try taking its own connection.
 ///
@@ -298,6 +299,12 @@ where
     Fut: std::future::Future<Output = Result<T, DbError>>,
 {
     let mut waits = crate::every::retry_waits(Duration::from_millis(250), Duration::from_secs(4));
+    if tokio::time::Instant::now() >= deadline {
+        // Another outcome's retries used up the time: a try now would land
+        // after someone else may have taken the work over.
+        tracing::warn!("could not record {what}: no time left before its lease ends");
+        return Err(DbError::Unavailable(format!("no time left to record {what}")));
+    }
     let mut tries = 0u32;
     loop {
         tries += 1;

@@ -52,6 +52,8 @@ struct Shared {
     requests: Vec<Request>,
     /// Requests come in so far, answered or not yet.
     arrived: usize,
+    /// While held, requests wait to be answered until released.
+    held: Option<tokio::sync::watch::Receiver<bool>>,
     script: VecDeque<Reply>,
     delay: Duration,
     /// Requests whose body holds this text get this status, always.
@@ -111,6 +113,10 @@ async fn handle(
             .map(|(_, delay)| *delay);
         (refused.or_else(|| s.script.pop_front()), stalled.unwrap_or(s.delay))
     };
+    let held = shared.lock().unwrap().held.clone();
+    if let Some(mut held) = held {
+        let _ = held.wait_for(|released| *released).await;
+    }
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
@@ -178,6 +184,14 @@ impl HttpReceiver {
     /// Takes this long over every answer.
     pub fn slow(&self, delay: Duration) {
         self.shared.lock().unwrap().delay = delay;
+    }
+
+    /// Holds every answer from now on until the returned sender sends
+    /// `true` or is dropped.
+    pub fn hold(&self) -> tokio::sync::watch::Sender<bool> {
+        let (release, held) = tokio::sync::watch::channel(false);
+        self.shared.lock().unwrap().held = Some(held);
+        release
     }
 
     /// Requests come in so far, including those not answered yet.

@@ -681,11 +681,12 @@ async fn outcomes_of_sends_are_recorded_through_a_database_blip() {
         warden::alerting::dispatcher::DispatchParams::from_settings(&s.alerting),
         "replica-a".into(),
     );
-    slack.slow(std::time::Duration::from_secs(1));
+    let release = slack.hold();
     let pass = tokio::spawn(async move { (d.pass(Some(Utc::now())).await, d) });
     let wait = std::time::Duration::from_secs(30);
     eventually(wait, "both sends under way", || async { (slack.arrived() == 2).then_some(()) }).await;
     relay.cut();
+    release.send(true).unwrap();
     eventually(wait, "both sends answered", || async { (slack.accepted().len() == 2).then_some(()) }).await;
     eventually(wait, "records tried in vain", || async { (relay.refused() >= 2).then_some(()) }).await;
     relay.restore();
@@ -699,6 +700,49 @@ async fn outcomes_of_sends_are_recorded_through_a_database_blip() {
     let later = d.pass(Some(Utc::now() + secs(3600))).await.unwrap();
     assert_eq!(later.claimed, 0, "nothing is left to send again");
     assert_eq!(slack.accepted().len(), 2);
+}
+
+/// A record tried again after its first try committed (the answer lost on
+/// the way) writes the attempt, and counts it in the channel's health,
+/// once: here the first try's attempt row is already there when the pass
+/// records.
+#[tokio::test]
+async fn an_attempt_already_recorded_is_not_recorded_twice() {
+    let slack = HttpReceiver::start().await;
+    let smtp = SmtpServer::start().await;
+    let rig = Rig::new(&channels_toml(&slack, &smtp, None)).await;
+    let delivery: i64 = rig
+        .c
+        .query_one(
+            "WITH a AS ( \
+               INSERT INTO warden.alerts (dedup_key, severity, source, subject, issue, summary) \
+               VALUES ('r:agent_unresponsive', 'critical', 'incident', 'r', 'agent_unresponsive', 'r is offline') \
+               RETURNING id) \
+             INSERT INTO warden.alert_deliveries (alert_id, alert_ids, channel, kind, level) \
+             SELECT id, ARRAY[id], 'ops_slack', 'firing', 1 FROM a RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    // The attempt the pass's claim will number 1, from this replica.
+    rig.c
+        .execute(
+            "INSERT INTO warden.alert_delivery_attempts (delivery_id, channel, attempt, started_at, latency_ms, \
+               outcome, replica) VALUES ($1, 'ops_slack', 1, now(), 5, 'sent', 'replica-a')",
+            &[&delivery],
+        )
+        .await
+        .unwrap();
+    let report = rig.dispatcher.pass(Some(Utc::now())).await.unwrap();
+    assert_eq!((report.claimed, report.sent), (1, 1), "{report:?}");
+    assert_eq!(rig.count("SELECT count(*) FROM warden.alert_delivery_attempts").await, 1);
+    assert_eq!(
+        rig.count("SELECT count(*) FROM warden.alert_channels WHERE channel = 'ops_slack'").await,
+        0,
+        "the channel's health counted it when it was first recorded, not again"
+    );
+    assert_eq!(rig.deliveries().await[0].3, "sent");
 }
 
 #[tokio::test]
