@@ -186,7 +186,7 @@ async fn start_up_log(listen: &str) -> Vec<String> {
         .unwrap();
     let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
     // Serving, or exiting (which ends the output): either ends the read.
-    let lines = tokio::task::spawn_blocking(move || {
+    let reader = tokio::task::spawn_blocking(move || {
         let mut lines = Vec::new();
         for line in stderr.lines().map_while(Result::ok) {
             let serving = line.contains("warden is serving");
@@ -196,12 +196,12 @@ async fn start_up_log(listen: &str) -> Vec<String> {
             }
         }
         lines
-    })
-    .await
-    .unwrap();
+    });
+    let lines = tokio::time::timeout(std::time::Duration::from_secs(120), reader).await;
+    // Killing it also ends a read still waiting (its output closes).
     let _ = child.kill();
     let _ = child.wait();
-    lines
+    lines.expect("warden serve said it was serving, or exited, within two minutes").unwrap()
 }
 
 #[tokio::test]

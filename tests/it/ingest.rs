@@ -344,6 +344,12 @@ async fn a_key_limited_to_some_agents_reports_for_those_only() {
     let stored: Vec<String> =
         app.db.client().await.query_one("SELECT agents FROM warden.api_keys", &[]).await.unwrap().get(0);
     assert_eq!(stored, ["db-1", "web-*"]);
+    // Rows written by hand are held to the same form.
+    for bad in ["{*}", "{\"\"}", "{w*b}", "{a,NULL}"] {
+        let sql = format!("UPDATE warden.api_keys SET agents = '{bad}'");
+        let refused = app.db.client().await.batch_execute(&sql).await;
+        assert!(refused.is_err(), "{bad} was accepted");
+    }
     let list =
         crate::procs::warden().args(["keys", "list"]).env("WARDEN__DATABASE__URL", app.db.url()).output().unwrap();
     assert!(String::from_utf8_lossy(&list.stdout).contains("db-1,web-*"), "{}", String::from_utf8_lossy(&list.stdout));
