@@ -364,11 +364,20 @@ pub async fn cycle(
         }
         members.entry(group).or_default().push((index, policy, route));
     }
+    // Due groups that no alert went out with (all were held, resolved or
+    // acknowledged meanwhile): no flush, so the route's next group waits
+    // group_wait alone, not group_interval after a message never sent.
+    let mut empty = Vec::new();
     for (route, (group, flush_at)) in &groups {
         if *flush_at > now {
             continue;
         }
-        for (index, policy, _) in members.remove(group).unwrap_or_default() {
+        let due = members.remove(group).unwrap_or_default();
+        if due.is_empty() {
+            empty.push(*group);
+            continue;
+        }
+        for (index, policy, _) in due {
             let row = &rows[index];
             let (Some(update), Some(facts)) = (updates.get_mut(&row.id), facts_of.get(&row.id)) else { continue };
             update.paged_at = Some(*flush_at);
@@ -395,6 +404,18 @@ pub async fn cycle(
     report.notifications = notifications;
     report.deliveries = deliveries;
     write_updates(&tx, &rows, &updates).await?;
+    if !empty.is_empty() {
+        // After the updates, which took this cycle's alerts out of them;
+        // a group an alert of another cycle still names (one locked now)
+        // is closed as flushed instead, as before.
+        tx.execute(
+            "DELETE FROM warden.alert_groups g WHERE g.id = ANY ($1) \
+               AND NOT EXISTS (SELECT 1 FROM warden.alerts a WHERE a.group_id = g.id)",
+            &[&empty],
+        )
+        .await?;
+        tx.execute("UPDATE warden.alert_groups SET flushed = true WHERE id = ANY ($1)", &[&empty]).await?;
+    }
     tx.commit().await?;
     Ok(report)
 }

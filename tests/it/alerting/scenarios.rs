@@ -417,6 +417,46 @@ async fn silences_and_maintenance_windows_suppress_sending_but_alerts_are_record
     assert!(texts[1].contains("s1 is offline"));
 }
 
+/// A group that falls due while its only alert is held for a recovery
+/// sends nothing, and is no flush: when the hold ends the page waits
+/// group_wait, not group_interval after a message that never went out.
+#[tokio::test]
+async fn a_group_that_sent_nothing_does_not_delay_the_next_page() {
+    let slack = HttpReceiver::start().await;
+    let smtp = SmtpServer::start().await;
+    let timings = TIMINGS.replace("group_interval = \"1m\"", "group_interval = \"5m\"");
+    let mut rig = Rig::new(&format!("{timings}{SLACK_POLICY}{}", channels_toml(&slack, &smtp, None))).await;
+    rig.beat("h1", 10_000, None).await;
+    rig.run_for(secs(32), secs(2)).await;
+    let incident = rig.incident("h1", "agent_unresponsive").await;
+    let (_, state, _, _) = rig.alert("h1:agent_unresponsive").await;
+    assert_eq!(state, "firing");
+    let opened: chrono::DateTime<Utc> = rig
+        .c
+        .query_one("SELECT opened_at FROM warden.alerts WHERE dedup_key = 'h1:agent_unresponsive'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // The recovery engine starts within the group's wait.
+    rig.c
+        .execute(
+            "INSERT INTO warden.recovery_actions (incident_id, agent_id, strategy, action, attempt, state, started_at) \
+             VALUES ($1, 'h1', 'restart_worker', 'command', 1, 'running', $2)",
+            &[&incident, &rig.now],
+        )
+        .await
+        .unwrap();
+    rig.run_for(secs(20), secs(2)).await;
+    assert!(slack.accepted().is_empty(), "held while recovering");
+    // The hold (1m) ends; one group_wait (4s) and a tick or two later the
+    // page is out, not 5 minutes after the group that sent nothing.
+    rig.run_to(opened + secs(60 + 4 + 4), secs(1)).await;
+    let texts: Vec<String> =
+        slack.accepted().iter().map(|r| r.json()["text"].as_str().unwrap_or_default().to_string()).collect();
+    assert_eq!(texts.len(), 1, "{texts:?}");
+    assert!(texts[0].contains("h1 is offline"), "{texts:?}");
+}
+
 #[tokio::test]
 async fn a_recovery_under_way_holds_the_page_and_a_success_sends_auto_recovered_instead() {
     let slack = HttpReceiver::start().await;
