@@ -399,3 +399,50 @@ async fn bad_sql_heartbeats_raise_invalid_parameter_value_naming_the_parameter()
     }
     assert_eq!(app.count("SELECT count(*) FROM warden.agent_status").await, 0);
 }
+
+/// Each call is received when it is made, not when its transaction began:
+/// an agent calling from inside a long transaction is heard from at the
+/// call, and a later call in the same transaction is a later heartbeat
+/// (one restart is detected once).
+#[tokio::test]
+async fn a_heartbeat_from_sql_is_received_when_the_call_is_made() {
+    let app = TestApp::spawn().await;
+    let mut client = app.db.client().await;
+    let tx = client.transaction().await.unwrap();
+    let began: chrono::DateTime<chrono::Utc> = tx.query_one("SELECT now()", &[]).await.unwrap().get(0);
+    let restarts: Vec<bool> = {
+        let mut restarts = Vec::new();
+        for uptime in [100_i64, 5, 6] {
+            let row = tx
+                .query_one(
+                    "SELECT restart_detected FROM warden.record_heartbeat('in-tx', uptime_seconds => $1)",
+                    &[&uptime],
+                )
+                .await
+                .unwrap();
+            restarts.push(row.get(0));
+        }
+        restarts
+    };
+    tx.commit().await.unwrap();
+    assert_eq!(restarts, [false, true, false], "the restart is the second call's alone");
+    let client = app.db.client().await;
+    let stamps: Vec<chrono::DateTime<chrono::Utc>> = client
+        .query("SELECT received_at FROM warden.agent_heartbeats WHERE agent_id = 'in-tx' ORDER BY received_at", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(stamps.len(), 3);
+    assert!(stamps[0] > began, "received at the call ({}), after the transaction began ({began})", stamps[0]);
+    assert!(stamps[0] < stamps[1] && stamps[1] < stamps[2], "{stamps:?}");
+    let last_seen: chrono::DateTime<chrono::Utc> = client
+        .query_one("SELECT last_seen FROM warden.agent_status WHERE agent_id = 'in-tx'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(last_seen, stamps[2]);
+    let events = app.count("SELECT count(*) FROM warden.system_events WHERE event_type = 'agent_restarted'").await;
+    assert_eq!(events, 1);
+}
