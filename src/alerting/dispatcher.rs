@@ -344,6 +344,11 @@ impl Dispatcher {
                 ],
             )
             .await?;
+        // A receiver slowing warden down (429, as Slack does in an alert
+        // storm, a burst of sends at once) is working: its refusals are
+        // neither a failure streak, which would page about the channel,
+        // nor a success. Deliveries wait out its Retry-After.
+        let rate_limited = status == Some(429);
         let logged = tx
             .execute(
                 "WITH a AS ( \
@@ -354,12 +359,14 @@ impl Dispatcher {
                    RETURNING 1) \
                  INSERT INTO warden.alert_channels AS c (channel, kind, consecutive_failures, sent, failed, \
                      last_attempt_at, last_success_at, last_failure_at, last_status_code, last_latency_ms, last_error) \
-                 SELECT $2, $10, CASE WHEN $7 = 'sent' THEN 0 ELSE 1 END, ($7 = 'sent')::int, ($7 <> 'sent')::int, \
+                 SELECT $2, $10, CASE WHEN $7 = 'sent' OR $11 THEN 0 ELSE 1 END, ($7 = 'sent')::int, \
+                        ($7 <> 'sent')::int, \
                         $4, CASE WHEN $7 = 'sent' THEN $4 END, CASE WHEN $7 <> 'sent' THEN $4 END, $6, $5, $8 \
                  FROM a \
                  ON CONFLICT (channel) DO UPDATE SET \
                    kind = EXCLUDED.kind, \
-                   consecutive_failures = CASE WHEN $7 = 'sent' THEN 0 ELSE c.consecutive_failures + 1 END, \
+                   consecutive_failures = CASE WHEN $7 = 'sent' THEN 0 WHEN $11 THEN c.consecutive_failures \
+                                               ELSE c.consecutive_failures + 1 END, \
                    sent = c.sent + EXCLUDED.sent, failed = c.failed + EXCLUDED.failed, \
                    last_attempt_at = EXCLUDED.last_attempt_at, \
                    last_success_at = coalesce(EXCLUDED.last_success_at, c.last_success_at), \
@@ -377,6 +384,7 @@ impl Dispatcher {
                     &error,
                     &self.replica,
                     &self.channels.get(&row.channel).map(|c| c.kind().as_str()).unwrap_or("unknown"),
+                    &rate_limited,
                 ],
             )
             .await?;

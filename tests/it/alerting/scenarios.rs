@@ -632,6 +632,40 @@ async fn a_channel_that_keeps_failing_raises_its_own_alert_through_the_others() 
     assert_eq!(to_slack, 0, "a failing channel's alert never goes to itself");
 }
 
+/// A burst of sends that the receiver rate-limits (429) is no channel
+/// failure: no alert about the channel, and the messages go out once the
+/// receiver takes them.
+#[tokio::test]
+async fn a_rate_limited_channel_is_not_failing() {
+    let slack = HttpReceiver::start().await;
+    let smtp = SmtpServer::start().await;
+    let toml = format!(
+        "{}{BOTH_POLICY}{}",
+        TIMINGS.replace("channel_failure_threshold = 10", "channel_failure_threshold = 2"),
+        channels_toml(&slack, &smtp, None)
+    );
+    let mut rig = Rig::new(&toml).await;
+    slack.script(&[Reply::RetryAfter(1), Reply::RetryAfter(1), Reply::RetryAfter(1)]);
+    for agent in ["q1", "q2", "q3"] {
+        rig.beat(agent, 10_000, Some(json!({"team": agent}))).await;
+    }
+    rig.run_for(secs(60), secs(1)).await;
+    let refused = slack.requests().iter().filter(|r| r.answered == 429).count();
+    assert_eq!(refused, 3, "the script was used up");
+    assert_eq!(
+        rig.count("SELECT count(*) FROM warden.alerts WHERE source = 'channel'").await,
+        0,
+        "no alert about the channel"
+    );
+    assert_eq!(
+        rig.count("SELECT consecutive_failures::bigint FROM warden.alert_channels WHERE channel = 'ops_slack'").await,
+        0
+    );
+    let texts: Vec<String> =
+        slack.accepted().iter().map(|r| r.json()["text"].as_str().unwrap_or_default().to_string()).collect();
+    assert!(texts.iter().any(|t| t.contains("offline")), "the page went out after all: {texts:?}");
+}
+
 /// Passes until nothing is left to claim; returns how many it sent.
 async fn drain(d: &warden::alerting::dispatcher::Dispatcher, now: chrono::DateTime<Utc>) -> usize {
     let mut sent = 0;
