@@ -77,9 +77,10 @@ impl ApiError {
         )
     }
 
-    pub fn too_many_requests(retry_after: u64) -> Self {
+    /// 429, Retry-After being `wait` rounded up to whole seconds.
+    pub fn too_many_requests(wait: std::time::Duration) -> Self {
         Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "too many requests; slow down")
-            .with_retry_after(retry_after)
+            .with_retry_after(wait.as_secs_f64().ceil() as u64)
     }
 
     /// 503 with Retry-After: try again later, nothing was done.

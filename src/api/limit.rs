@@ -291,7 +291,7 @@ fn too_many(wait: Duration, heartbeats: bool) -> Response {
     if heartbeats {
         crate::metrics::METRICS.rejects.with_label_values(&["rate_limited"]).inc();
     }
-    ApiError::too_many_requests(wait.as_secs_f64().ceil() as u64).into_response()
+    ApiError::too_many_requests(wait).into_response()
 }
 
 /// The client's address: from `header` when configured and usable, else the
@@ -324,10 +324,7 @@ pub fn charge_session(state: &AppState, key_id: &str) -> Result<(), ApiError> {
     if !state.settings.limits.enabled {
         return Ok(());
     }
-    state
-        .limiter
-        .admit(&Client::Key(key_id.to_string()), Instant::now())
-        .map_err(|wait| ApiError::too_many_requests(wait.as_secs_f64().ceil() as u64))
+    state.limiter.admit(&Client::Key(key_id.to_string()), Instant::now()).map_err(ApiError::too_many_requests)
 }
 
 /// What an address is charged as: an IPv4 address itself, an IPv6 address

@@ -806,7 +806,7 @@ mod tests {
 
     #[test]
     fn rest_refusals_become_json_rpc_errors_and_other_bodies_are_left_alone() {
-        let limited = ApiError::too_many_requests(3).into_response();
+        let limited = ApiError::too_many_requests(std::time::Duration::from_secs(3)).into_response();
         let (parts, _) = limited.into_parts();
         let body = br#"{"error":{"code":"rate_limited","message":"too many requests; slow down"}}"#;
         let refusal = refusal_as_json_rpc(StatusCode::TOO_MANY_REQUESTS, &parts.headers, body).unwrap();

@@ -325,7 +325,6 @@ impl FromRequestParts<AppState> for ConsoleUser {
             // Not looked up: this address has been sending unknown cookies
             // or keys. The cookie stays; it works again once the burst
             // refills.
-            let wait = wait.as_secs_f64().ceil() as u64;
             return Err(crate::api::ApiError::too_many_requests(wait).into_response());
         }
         match lookup(state, token).await {

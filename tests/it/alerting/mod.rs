@@ -138,6 +138,27 @@ impl Rig {
             .get(0)
     }
 
+    /// `n` firing alerts (`{prefix}1` to `{prefix}n` offline), each with a
+    /// firing delivery to ops_slack due now; the deliveries' ids.
+    pub async fn firing_deliveries(&self, prefix: &str, n: i32) -> Vec<i64> {
+        self.c
+            .query(
+                "WITH a AS ( \
+                   INSERT INTO warden.alerts (dedup_key, severity, source, subject, issue, summary) \
+                   SELECT $1 || i || ':agent_unresponsive', 'critical', 'incident', $1 || i, 'agent_unresponsive', \
+                          $1 || i || ' is offline' \
+                   FROM generate_series(1, $2) i RETURNING id) \
+                 INSERT INTO warden.alert_deliveries (alert_id, alert_ids, channel, kind, level) \
+                 SELECT id, ARRAY[id], 'ops_slack', 'firing', 1 FROM a RETURNING id",
+                &[&prefix, &n],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+
     /// Deliveries as (channel, kind, level, state, number of alerts), oldest first.
     pub async fn deliveries(&self) -> Vec<(String, String, i32, String, usize)> {
         self.c
@@ -155,7 +176,12 @@ impl Rig {
 
 /// A dispatcher of its own (own pool) on the rig's database.
 pub fn dispatcher(db: &TestDb, settings: &Settings, replica: &str) -> Dispatcher {
-    let pool = warden::db::build_pool(db.config.clone(), &settings.database).unwrap();
+    dispatcher_through(db.config.clone(), settings, replica)
+}
+
+/// A dispatcher whose pool connects with `config` (a relay, say).
+pub fn dispatcher_through(config: tokio_postgres::Config, settings: &Settings, replica: &str) -> Dispatcher {
+    let pool = warden::db::build_pool(config, &settings.database).unwrap();
     let channels = Channels::from_settings(&settings.alerting).unwrap();
     Dispatcher::new(
         pool,

@@ -9,7 +9,7 @@ use warden::alerting::silences::{self, NewSilence};
 use warden::alerting::store;
 
 use super::receivers::{HttpReceiver, Reply, SmtpServer};
-use super::{Rig, channels_toml, dispatcher, settings, signature_valid};
+use super::{Rig, channels_toml, dispatcher, dispatcher_through, settings, signature_valid};
 use crate::helpers::eventually;
 
 fn secs(s: i64) -> Duration {
@@ -685,18 +685,7 @@ async fn two_dispatchers_on_one_database_never_send_a_delivery_twice() {
     slack.slow(std::time::Duration::from_millis(20));
     let toml = format!("[alerting]\ndispatch_batch = 4\n{}", channels_toml(&slack, &smtp, None));
     let rig = Rig::new(&toml).await;
-    rig.c
-        .batch_execute(
-            "WITH a AS ( \
-               INSERT INTO warden.alerts (dedup_key, severity, source, subject, issue, summary) \
-               SELECT 'x' || i || ':agent_unresponsive', 'critical', 'incident', 'x' || i, 'agent_unresponsive', \
-                      'x' || i || ' is offline' \
-               FROM generate_series(1, 40) i RETURNING id) \
-             INSERT INTO warden.alert_deliveries (alert_id, alert_ids, channel, kind, level) \
-             SELECT id, ARRAY[id], 'ops_slack', 'firing', 1 FROM a",
-        )
-        .await
-        .unwrap();
+    rig.firing_deliveries("x", 40).await;
     let s = settings(&toml);
     let a = dispatcher(&rig.db, &s, "replica-a");
     let b = dispatcher(&rig.db, &s, "replica-b");
@@ -736,25 +725,9 @@ async fn outcomes_of_sends_are_recorded_through_a_database_blip() {
     let toml = channels_toml(&slack, &smtp, None);
     let rig = Rig::new(&toml).await;
     let Some((relay, through)) = crate::relay::Relay::to(&rig.db).await else { return };
-    rig.c
-        .batch_execute(
-            "WITH a AS ( \
-               INSERT INTO warden.alerts (dedup_key, severity, source, subject, issue, summary) \
-               SELECT 'b' || i || ':agent_unresponsive', 'critical', 'incident', 'b' || i, 'agent_unresponsive', \
-                      'b' || i || ' is offline' \
-               FROM generate_series(1, 2) i RETURNING id) \
-             INSERT INTO warden.alert_deliveries (alert_id, alert_ids, channel, kind, level) \
-             SELECT id, ARRAY[id], 'ops_slack', 'firing', 1 FROM a",
-        )
-        .await
-        .unwrap();
+    rig.firing_deliveries("b", 2).await;
     let s = settings(&toml);
-    let d = warden::alerting::dispatcher::Dispatcher::new(
-        warden::db::build_pool(through, &s.database).unwrap(),
-        std::sync::Arc::new(warden::alerting::channels::Channels::from_settings(&s.alerting).unwrap()),
-        warden::alerting::dispatcher::DispatchParams::from_settings(&s.alerting),
-        "replica-a".into(),
-    );
+    let d = dispatcher_through(through, &s, "replica-a");
     let release = slack.hold();
     let pass = tokio::spawn(async move { (d.pass(Some(Utc::now())).await, d) });
     let wait = std::time::Duration::from_secs(30);
@@ -785,20 +758,7 @@ async fn an_attempt_already_recorded_is_not_recorded_twice() {
     let slack = HttpReceiver::start().await;
     let smtp = SmtpServer::start().await;
     let rig = Rig::new(&channels_toml(&slack, &smtp, None)).await;
-    let delivery: i64 = rig
-        .c
-        .query_one(
-            "WITH a AS ( \
-               INSERT INTO warden.alerts (dedup_key, severity, source, subject, issue, summary) \
-               VALUES ('r:agent_unresponsive', 'critical', 'incident', 'r', 'agent_unresponsive', 'r is offline') \
-               RETURNING id) \
-             INSERT INTO warden.alert_deliveries (alert_id, alert_ids, channel, kind, level) \
-             SELECT id, ARRAY[id], 'ops_slack', 'firing', 1 FROM a RETURNING id",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let delivery = rig.firing_deliveries("r", 1).await[0];
     // The attempt the pass's claim will number 1, from this replica.
     rig.c
         .execute(
