@@ -111,6 +111,9 @@ struct Row {
     suppressed_reason: Option<String>,
     held_until: Option<DateTime<Utc>>,
     next_escalation_at: Option<DateTime<Utc>>,
+    /// Resolved only because its problem changed form (late became
+    /// offline), sent, and the agent is not back yet: its all-clear waits.
+    problem_goes_on: bool,
 }
 
 /// The escalator-owned columns of one alert after the cycle.
@@ -243,6 +246,12 @@ pub async fn cycle(
     let mut facts_of: HashMap<i64, Facts> = HashMap::new();
 
     for (index, row) in rows.iter().enumerate() {
+        if row.problem_goes_on {
+            // "Resolved" now would tell people a problem is over that has
+            // only turned into another; it goes out once the agent is back,
+            // with the resolution of what it became.
+            continue;
+        }
         let mut update = row.current();
         let gave_up = row.incident_id.and_then(|i| recovery.get(&i)).is_some_and(|r| r.gave_up);
         let (route, policy) = match resolve_policy(p, row, gave_up) {
@@ -540,13 +549,19 @@ async fn load_alerts(tx: &tokio_postgres::Transaction<'_>) -> Result<Vec<Row>, D
         .query(
             "SELECT a.id, a.incident_id, a.severity, a.state, a.opened_at, a.paged_at, a.escalation_level, a.repeats, \
                     a.route, a.policy, a.group_id, a.recovery_failed_at, a.source, a.subject, \
-                    coalesce(a.issue, 'unknown'), s.labels, a.suppressed_reason, a.held_until, a.next_escalation_at \
+                    coalesce(a.issue, 'unknown'), s.labels, a.suppressed_reason, a.held_until, a.next_escalation_at, \
+                    a.state = 'resolved' AND a.paged_at IS NOT NULL AND i.resolution LIKE 'superseded:%' \
+                      AND (s.liveness IN ('offline', 'degraded') \
+                           OR EXISTS (SELECT 1 FROM warden.alerts b \
+                                      WHERE b.source = 'incident' AND b.subject = a.subject AND b.id <> a.id \
+                                        AND b.state <> 'resolved' AND b.issue = ANY ($1))) \
              FROM warden.alerts a \
              LEFT JOIN warden.agent_status s ON a.source = 'incident' AND s.agent_id = a.subject \
+             LEFT JOIN warden.incidents i ON i.id = a.incident_id \
              WHERE NOT a.closed \
              ORDER BY a.id \
              FOR NO KEY UPDATE OF a SKIP LOCKED",
-            &[],
+            &[&FLEET_COVERED],
         )
         .await?;
     Ok(rows
@@ -572,6 +587,7 @@ async fn load_alerts(tx: &tokio_postgres::Transaction<'_>) -> Result<Vec<Row>, D
                 suppressed_reason: r.get(16),
                 held_until: r.get(17),
                 next_escalation_at: r.get(18),
+                problem_goes_on: r.get::<_, Option<bool>>(19).unwrap_or(false),
             })
         })
         .collect())
@@ -626,15 +642,21 @@ async fn recovery_facts(tx: &tokio_postgres::Transaction<'_>, rows: &[Row]) -> R
     Ok(out)
 }
 
-/// Channels each alert got a firing, escalation or repeat message on.
+/// Channels each alert got a firing, escalation or repeat message on, or
+/// has one on its way to: not those whose messages were all cancelled or
+/// given up, where a resolution would close what nobody saw open.
 async fn notified_channels(
     tx: &tokio_postgres::Transaction<'_>,
     ids: &[i64],
 ) -> Result<HashMap<i64, Vec<String>>, DbError> {
     let rows = tx
         .query(
-            "SELECT alert_id, array_agg(DISTINCT channel ORDER BY channel) FROM warden.alert_notifications \
-             WHERE alert_id = ANY($1) AND kind <> 'resolved' GROUP BY alert_id",
+            "SELECT n.alert_id, array_agg(DISTINCT n.channel ORDER BY n.channel) \
+             FROM warden.alert_notifications n \
+             LEFT JOIN warden.alert_deliveries d ON d.id = n.delivery_id \
+             WHERE n.alert_id = ANY($1) AND n.kind <> 'resolved' \
+               AND (d.state IS NULL OR d.state NOT IN ('cancelled', 'dead')) \
+             GROUP BY n.alert_id",
             &[&ids],
         )
         .await?;
@@ -643,6 +665,9 @@ async fn notified_channels(
 
 /// For each of `agents` with a dependency (direct or transitive, through
 /// the `depends_on` label) that is offline now: the nearest such one.
+/// Agents that depend on each other (a path leads from the dependency back
+/// to the agent) do not suppress each other: neither can be told to be
+/// the cause, and suppressing both would page nobody.
 async fn dependencies_down(
     tx: &tokio_postgres::Transaction<'_>,
     agents: &[String],
@@ -667,6 +692,9 @@ async fn dependencies_down(
              SELECT DISTINCT ON (dep.agent_id) dep.agent_id, dep.dep_id \
              FROM dep JOIN warden.agent_status s ON s.agent_id = dep.dep_id \
              WHERE s.liveness = 'offline' AND dep.dep_id <> dep.agent_id \
+               AND NOT EXISTS (SELECT 1 FROM dep back \
+                               WHERE back.agent_id = dep.agent_id AND back.dep_id = dep.agent_id \
+                                 AND dep.dep_id::text = ANY (back.path)) \
              ORDER BY dep.agent_id, dep.depth, dep.dep_id",
             &[&agents, &label],
         )

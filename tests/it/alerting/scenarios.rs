@@ -596,6 +596,92 @@ async fn dependants_of_an_offline_agent_are_suppressed_by_dependency_and_a_fleet
     assert!(texts[0].starts_with("[FIRING EMERGENCY] fleet outage"), "{}", texts[0]);
 }
 
+fn slack_texts(slack: &HttpReceiver) -> Vec<String> {
+    slack.accepted().iter().map(|r| r.json()["text"].as_str().unwrap_or_default().to_string()).collect()
+}
+
+#[tokio::test]
+async fn a_late_agent_that_goes_offline_gets_no_all_clear_until_it_is_back() {
+    let slack = HttpReceiver::start().await;
+    let smtp = SmtpServer::start().await;
+    let policy = SLACK_POLICY.replace("\"fleet_outage\"]", "\"heartbeat_late\"]");
+    let mut rig = Rig::new(&format!("{TIMINGS}{}{policy}", channels_toml(&slack, &smtp, None))).await;
+    rig.beat("w1", 10_000, None).await;
+    rig.run_for(secs(26), secs(2)).await;
+    let texts = slack_texts(&slack);
+    assert_eq!(texts.len(), 1, "{texts:?}");
+    assert!(texts[0].starts_with("[FIRING WARNING] w1 is late"), "{texts:?}");
+
+    // Offline: the late incident is over, its problem is not. The offline
+    // page follows (a minute after the last, the route's group_interval),
+    // and nothing in between says the agent is fine.
+    rig.run_for(secs(90), secs(2)).await;
+    let (_, state, _, _) = rig.alert("w1:heartbeat_late").await;
+    assert_eq!(state, "resolved");
+    let texts = slack_texts(&slack);
+    assert_eq!(texts.len(), 2, "{texts:?}");
+    assert!(texts[1].starts_with("[FIRING CRITICAL] w1 is offline"), "{texts:?}");
+
+    // Back: both close, and only now.
+    rig.come_back("w1").await;
+    let resolved: Vec<String> = slack_texts(&slack).into_iter().skip(2).collect();
+    assert!(resolved.iter().all(|t| t.starts_with("[RESOLVED]")), "{resolved:?}");
+    let all = resolved.join("\n");
+    assert!(all.contains("w1 is late") && all.contains("w1 is offline"), "{all}");
+    assert_eq!(rig.count("SELECT count(*) FROM warden.alerts WHERE NOT closed").await, 0);
+}
+
+#[tokio::test]
+async fn agents_that_depend_on_each_other_are_both_paged() {
+    let slack = HttpReceiver::start().await;
+    let smtp = SmtpServer::start().await;
+    let mut rig = Rig::new(&format!("{TIMINGS}{SLACK_POLICY}{}", channels_toml(&slack, &smtp, None))).await;
+    rig.beat("m1", 10_000, Some(json!({"depends_on": "m2"}))).await;
+    rig.beat("m2", 10_000, Some(json!({"depends_on": "m1"}))).await;
+    rig.beat("leaf", 10_000, Some(json!({"depends_on": "m1"}))).await;
+    rig.run_for(secs(40), secs(2)).await;
+    for agent in ["m1", "m2"] {
+        let (_, _, reason, paged) = rig.alert(&format!("{agent}:agent_unresponsive")).await;
+        assert_eq!(reason, None, "{agent}: neither of two mutual dependencies is the other's cause");
+        assert!(paged.is_some(), "{agent} paged");
+    }
+    let (_, _, reason, paged) = rig.alert("leaf:agent_unresponsive").await;
+    assert_eq!(reason.as_deref(), Some("dependency:m1"), "an agent outside the cycle is still covered");
+    assert!(paged.is_none());
+    let all = slack_texts(&slack).join("\n");
+    assert!(all.contains("m1") && all.contains("m2") && !all.contains("leaf"), "{all}");
+}
+
+#[tokio::test]
+async fn a_resolution_goes_only_where_the_page_arrived() {
+    let mut slack = HttpReceiver::start().await;
+    let smtp = SmtpServer::start().await;
+    let timings = TIMINGS.replace("channel_failure_threshold = 10", "channel_failure_threshold = 1000")
+        + "max_delivery_age = \"1m\"\n";
+    let mut rig = Rig::new(&format!("{timings}{}{BOTH_POLICY}", channels_toml(&slack, &smtp, None))).await;
+    slack.down().await;
+    rig.beat("w1", 10_000, None).await;
+    rig.run_for(secs(40), secs(2)).await;
+    assert_eq!(smtp.mails().len(), 1, "the page by email");
+    // Slack stays down until its copy of the page is given up.
+    rig.run_for(secs(70), secs(5)).await;
+    assert_eq!(
+        rig.count("SELECT count(*) FROM warden.alert_deliveries WHERE channel = 'ops_slack' AND state = 'dead'").await,
+        1
+    );
+    slack.up().await;
+
+    rig.come_back("w1").await;
+    rig.run_for(secs(10), secs(2)).await;
+    let (_, state, _, _) = rig.alert("w1:agent_unresponsive").await;
+    assert_eq!(state, "resolved");
+    let mails = smtp.mails();
+    assert_eq!(mails.len(), 2);
+    assert!(mails[1].subject().starts_with("[RESOLVED]"), "{}", mails[1].subject());
+    assert!(slack.requests().is_empty(), "Slack never had the page, so no all-clear either");
+    assert_eq!(rig.count("SELECT count(*) FROM warden.alert_deliveries WHERE kind = 'resolved'").await, 1);
+}
+
 #[tokio::test]
 async fn a_channel_that_keeps_failing_raises_its_own_alert_through_the_others() {
     let slack = HttpReceiver::start().await;
