@@ -8,6 +8,7 @@
 #   scripts/ingest-cpu.sh --batch 100
 #   WARDEN=/tmp/warden-old scripts/ingest-cpu.sh --batch 100 --metrics 2
 #   SSLMODE=require scripts/ingest-cpu.sh --batch 100
+#   AFTER_MIGRATE_SQL=variant.sql scripts/ingest-cpu.sh --batch 100
 #
 # Arguments go to `warden bench ingest`. Uses (drops and creates) the
 # database warden_bench on the PostgreSQL at 127.0.0.1:5432 (user
@@ -32,6 +33,11 @@ export PGOPTIONS="-c client_min_messages=warning"
 # figures. SSLMODE=require measures what TLS to PostgreSQL costs.
 export WARDEN__DATABASE__URL="postgres://postgres@127.0.0.1:5432/$DB?sslmode=${SSLMODE:-disable}"
 "$WARDEN" migrate >/dev/null
+# A schema variant to compare against (a function's earlier body, say),
+# applied on top of the migrations.
+if [ -n "${AFTER_MIGRATE_SQL:-}" ]; then
+    "${PSQL[@]}" -d "$DB" -v ON_ERROR_STOP=1 -f "$AFTER_MIGRATE_SQL"
+fi
 
 output=$(mktemp)
 times_file=$(mktemp)

@@ -273,7 +273,7 @@ pub async fn liveness_cycle(
         .await?;
     report.candidates = rows.len();
 
-    let mut transitions: Vec<(String, Transition)> = Vec::new();
+    let mut transitions: Vec<(String, Transition, DateTime<Utc>)> = Vec::new();
     for row in &rows {
         let Ok(liveness) = row.get::<_, String>(1).parse::<Liveness>() else { continue };
         let last_seen = row.get(3);
@@ -291,15 +291,14 @@ pub async fn liveness_cycle(
             refused_ms: outages.within(liveness::silence_start(last_seen, resumed), now),
         };
         if let Some(t) = liveness::decide(&presence, now, resumed, lp) {
-            transitions.push((row.get(0), t));
+            transitions.push((row.get(0), t, last_seen));
         }
     }
 
     let mut notes = Vec::new();
     if !transitions.is_empty() {
-        write_transitions(&tx, &transitions, now, &mut notes).await?;
+        report.transitions = write_transitions(&tx, &transitions, now, &mut notes).await?;
     }
-    report.transitions = transitions.iter().map(|(id, t)| (id.clone(), t.from, t.to)).collect();
 
     let plan = liveness_incidents(&tx, params, now).await?;
     report.resolved += plan.resolve.len();
@@ -343,44 +342,61 @@ async fn ingest_outages(tx: &tokio_postgres::Transaction<'_>, now: DateTime<Utc>
     Ok(Outages::new(rows.iter().map(|r| (r.get(0), r.get(1))).collect()))
 }
 
+/// Writes the transitions whose agents are as they were read: the read
+/// above takes no lock, so a heartbeat committed since (its agent waited
+/// for here) has made the decision stale, and the next cycle decides
+/// again from the new row. Written without that check, an agent heard
+/// from that very moment went offline with `liveness_since` after its
+/// heartbeat, and stayed offline until its next one. Returns the
+/// transitions written.
 async fn write_transitions(
     tx: &tokio_postgres::Transaction<'_>,
-    transitions: &[(String, Transition)],
+    transitions: &[(String, Transition, DateTime<Utc>)],
     now: DateTime<Utc>,
     notes: &mut Vec<Value>,
-) -> Result<(), DbError> {
-    let ids: Vec<&str> = transitions.iter().map(|(id, _)| id.as_str()).collect();
-    let states: Vec<&str> = transitions.iter().map(|(_, t)| t.to.as_str()).collect();
+) -> Result<Vec<(String, Liveness, Liveness)>, DbError> {
+    let ids: Vec<&str> = transitions.iter().map(|(id, _, _)| id.as_str()).collect();
+    let from: Vec<&str> = transitions.iter().map(|(_, t, _)| t.from.as_str()).collect();
+    let seen: Vec<DateTime<Utc>> = transitions.iter().map(|(_, _, seen)| *seen).collect();
+    let states: Vec<&str> = transitions.iter().map(|(_, t, _)| t.to.as_str()).collect();
     let severities: Vec<&str> = transitions
         .iter()
-        .map(|(_, t)| match t.to {
+        .map(|(_, t, _)| match t.to {
             Liveness::Offline => Severity::Warning.as_str(),
             _ => Severity::Info.as_str(),
         })
         .collect();
     lock_agents(tx, &ids).await?;
-    let messages: Vec<String> = transitions.iter().map(|(id, t)| format!("{id}: {}", t.describe())).collect();
+    let messages: Vec<String> = transitions.iter().map(|(id, t, _)| format!("{id}: {}", t.describe())).collect();
     let details: Vec<Value> = transitions
         .iter()
-        .map(|(_, t)| json!({"old": t.from, "new": t.to, "reason": t.reason, "figures": t.figures}))
+        .map(|(_, t, _)| json!({"old": t.from, "new": t.to, "reason": t.reason, "figures": t.figures}))
         .collect();
     // The state change, its event, and a score snapshot, in one statement.
-    tx.execute(
-        "WITH u AS ( \
-           UPDATE warden.agent_status s SET liveness = v.state, liveness_since = $6, history_at = $6 \
-           FROM unnest($1::text[], $2::text[]) AS v(agent_id, state) \
-           WHERE s.agent_id = v.agent_id \
-           RETURNING s.agent_id, s.score, s.tier, s.liveness, s.components), \
-         h AS ( \
-           INSERT INTO warden.health_history (agent_id, evaluated_at, score, tier, liveness, components) \
-           SELECT agent_id, $6, score, tier, liveness, components FROM u) \
-         INSERT INTO warden.system_events (occurred_at, agent_id, event_type, severity, message, details) \
-         SELECT $6, e.agent_id, 'status_changed', e.severity, e.message, e.details \
-         FROM unnest($1::text[], $3::text[], $4::text[], $5::jsonb[]) AS e(agent_id, severity, message, details)",
-        &[&ids, &states, &severities, &messages, &details, &now],
-    )
-    .await?;
-    for (id, t) in transitions {
+    let written: HashSet<String> = tx
+        .query(
+            "WITH u AS ( \
+               UPDATE warden.agent_status s SET liveness = v.state, liveness_since = $6, history_at = $6 \
+               FROM unnest($1::text[], $2::text[], $7::text[], $8::timestamptz[]) AS v(agent_id, state, old, seen) \
+               WHERE s.agent_id = v.agent_id AND s.liveness = v.old AND s.last_seen = v.seen \
+               RETURNING s.agent_id, s.score, s.tier, s.liveness, s.components), \
+             h AS ( \
+               INSERT INTO warden.health_history (agent_id, evaluated_at, score, tier, liveness, components) \
+               SELECT agent_id, $6, score, tier, liveness, components FROM u), \
+             e AS ( \
+               INSERT INTO warden.system_events (occurred_at, agent_id, event_type, severity, message, details) \
+               SELECT $6, e.agent_id, 'status_changed', e.severity, e.message, e.details \
+               FROM unnest($1::text[], $3::text[], $4::text[], $5::jsonb[]) AS e(agent_id, severity, message, details) \
+               WHERE e.agent_id IN (SELECT agent_id FROM u)) \
+             SELECT agent_id::text FROM u",
+            &[&ids, &states, &severities, &messages, &details, &now, &from, &seen],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut done = Vec::with_capacity(written.len());
+    for (id, t, _) in transitions.iter().filter(|(id, _, _)| written.contains(id)) {
         notes.push(json!({
             "type": crate::stream::STATUS_CHANGED,
             "agent_id": id,
@@ -389,8 +405,9 @@ async fn write_transitions(
             "reason": t.reason,
             "timestamp": now,
         }));
+        done.push((id.clone(), t.from, t.to));
     }
-    Ok(())
+    Ok(done)
 }
 
 /// The resolution of a heartbeat_late incident whose agent went offline;

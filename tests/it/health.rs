@@ -162,6 +162,143 @@ async fn an_agent_that_stops_goes_degraded_then_offline_and_two_beats_bring_it_b
 }
 
 #[tokio::test]
+async fn buffered_heartbeats_sent_together_are_one_beat_not_a_recovery() {
+    let db = TestDb::migrated().await;
+    let mut c = db.client().await;
+    let p = params();
+    let t = t0();
+    warm_up(&mut c, &p, t).await;
+    beat(&c, "w1", t, 10_000, 1).await;
+    cycles(&mut c, &p, t + Duration::seconds(1), t + Duration::seconds(41)).await;
+    assert_eq!(liveness(&c, "w1").await, Liveness::Offline);
+
+    // Back with two heartbeats it could not send, in one request.
+    let back = t + Duration::seconds(60);
+    c.execute(
+        "SELECT * FROM warden.ingest_heartbeats(ARRAY['w1', 'w1'], ARRAY[NULL, NULL]::text[], \
+           ARRAY[NULL, NULL]::jsonb[], ARRAY[NULL, NULL]::text[], ARRAY['healthy', 'healthy'], ARRAY[90, 100]::bigint[], \
+           ARRAY[10000, 10000], ARRAY[NULL, NULL]::timestamptz[], '{}', '{}', '{}', '{}', $1)",
+        &[&back],
+    )
+    .await
+    .unwrap();
+    evaluator::liveness_cycle(&mut c, &p, "test", Some(back + Duration::seconds(1))).await.unwrap();
+    assert_eq!(liveness(&c, "w1").await, Liveness::Degraded, "recovering: one on-time beat so far");
+    assert_eq!(open_issues(&c, Some("w1")).await, vec!["agent_unresponsive"]);
+    beat(&c, "w1", back + Duration::seconds(9), 10_000, 109).await;
+    evaluator::liveness_cycle(&mut c, &p, "test", Some(back + Duration::seconds(10))).await.unwrap();
+    assert_eq!(liveness(&c, "w1").await, Liveness::Online);
+}
+
+#[tokio::test]
+async fn a_heartbeat_committed_while_a_cycle_decides_keeps_its_agent_from_going_offline() {
+    let db = TestDb::migrated().await;
+    let mut c = db.client().await;
+    let p = params();
+    let t = t0();
+    warm_up(&mut c, &p, t).await;
+    beat(&c, "w1", t, 10_000, 1).await;
+    cycles(&mut c, &p, t + Duration::seconds(1), t + Duration::seconds(31)).await;
+    assert_eq!(liveness(&c, "w1").await, Liveness::Degraded);
+
+    // A heartbeat is being written (its row locked, not yet committed)
+    // when a cycle finds the agent silent for 41 s, long enough to be
+    // offline.
+    let mut writer = db.client().await;
+    let heartbeat = writer.transaction().await.unwrap();
+    heartbeat
+        .execute(
+            "SELECT * FROM warden.ingest_heartbeats(ARRAY['w1'], ARRAY[NULL::text], ARRAY[NULL::jsonb], \
+               ARRAY[NULL::text], ARRAY['healthy'], ARRAY[41::bigint], ARRAY[10000], ARRAY[NULL::timestamptz], \
+               '{}', '{}', '{}', '{}', $1)",
+            &[&(t + Duration::seconds(40))],
+        )
+        .await
+        .unwrap();
+    let cycle = {
+        let p = p.clone();
+        tokio::spawn(async move {
+            let r = evaluator::liveness_cycle(&mut c, &p, "test", Some(t + Duration::seconds(41))).await.unwrap();
+            (c, r)
+        })
+    };
+    let watcher = db.client().await;
+    crate::helpers::eventually(std::time::Duration::from_secs(60), "the cycle to wait for the agent's row", || {
+        let watcher = &watcher;
+        async move {
+            let waiting: i64 = watcher
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (waiting > 0).then_some(())
+        }
+    })
+    .await;
+    heartbeat.commit().await.unwrap();
+    let (c, report) = cycle.await.unwrap();
+    assert!(report.transitions.is_empty(), "decided on a row that changed: {:?}", report.transitions);
+    assert_eq!(liveness(&c, "w1").await, Liveness::Degraded, "late, but heard from");
+    let changes: i64 = c
+        .query_one("SELECT count(*) FROM warden.system_events WHERE event_type = 'status_changed' AND details->>'new' = 'offline'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(changes, 0);
+}
+
+/// A heartbeat of `agent` in `mode` (its interval the mode's), at `at`.
+async fn beat_in_mode(db: &tokio_postgres::Client, agent: &str, at: DateTime<Utc>, mode: &str) {
+    db.execute(
+        "SELECT * FROM warden.ingest_heartbeats(ARRAY[$1::text], ARRAY[NULL::text], ARRAY[NULL::jsonb], \
+           ARRAY[$2::text], ARRAY['healthy'], ARRAY[NULL::bigint], ARRAY[NULL::int], ARRAY[NULL::timestamptz], \
+           '{}', '{}', '{}', '{}', $3)",
+        &[&agent, &mode, &at],
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn an_agent_waking_from_sleep_keeps_its_heartbeat_score() {
+    let db = TestDb::migrated().await;
+    let mut c = db.client().await;
+    let p = params();
+    let wake = t0();
+    // Three hours asleep, a heartbeat every 15 minutes (sleep mode's
+    // interval) right on time; then active, every 30 s for ten minutes.
+    let mut at = wake - Duration::hours(3);
+    warm_up(&mut c, &p, at).await;
+    while at < wake {
+        beat_in_mode(&c, "owl", at, "sleep").await;
+        at += Duration::minutes(15);
+    }
+    while at <= wake + Duration::minutes(10) {
+        beat_in_mode(&c, "owl", at, "active").await;
+        at += Duration::seconds(30);
+    }
+    let now = wake + Duration::minutes(10) + Duration::seconds(5);
+    evaluator::liveness_cycle(&mut c, &p, "test", Some(now)).await.unwrap();
+    assert_eq!(liveness(&c, "owl").await, Liveness::Online);
+    evaluator::score_pass(&mut c, &p, Some(now)).await.unwrap();
+    let (components, mean, interval): (Value, f64, i32) = c
+        .query_one(
+            "SELECT components, ia_mean_ms, expected_interval_ms FROM warden.agent_status WHERE agent_id = 'owl'",
+            &[],
+        )
+        .await
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .unwrap();
+    assert_eq!(interval, 30_000);
+    assert!((mean - 30_000.0).abs() < 100.0, "the rhythm is learnt at the new interval: {mean}");
+    let hb = components["heartbeat_consistency"]["score"].as_f64().unwrap();
+    assert!(hb > 95.0, "every beat on time before and after the switch: {hb} ({components})");
+}
+
+#[tokio::test]
 async fn a_long_outage_opens_extended_offline_after_five_minutes() {
     let db = TestDb::migrated().await;
     let mut c = db.client().await;
