@@ -5,10 +5,12 @@
 --
 -- - Mode switch (sleep 15 min -> active 30 s, or a new next_heartbeat_ms):
 --   the inter-arrival mean and variance are rescaled by new / old interval
---   (their coefficient of variation, which scores jitter, is unchanged),
---   and the decayed heartbeat count by old / new (received / expected,
---   which scores delivery, is unchanged). Before, an agent waking from
---   sleep read as badly jittery and short of heartbeats for an hour.
+--   (their coefficient of variation, which scores jitter, is unchanged).
+--   Before, an agent waking from sleep read as badly jittery for dozens of
+--   beats, and phi judged it on a variance learnt at the old scale. The
+--   decayed heartbeat count is left as it is: it also stands for work when
+--   errors are counted per heartbeat, and must stay the heartbeats really
+--   received.
 -- - Heartbeats under 10 ms apart (one request's, or one flush's) leave the
 --   on-time run where it was, as they already left the inter-arrival
 --   statistics alone: two buffered beats sent together after an outage
@@ -216,9 +218,8 @@ BEGIN
                 -- and variance are rescaled to it, keeping their coefficient
                 -- of variation: learnt at 15 minutes, they would otherwise
                 -- read a 30 s rhythm as wild jitter for dozens of beats. The
-                -- decayed count is rescaled the other way, so received over
-                -- expected stays what it was. The heartbeat that makes the switch ends
-                -- a gap of the old rhythm, so it is counted before the rescaling.
+                -- heartbeat that makes the switch ends a gap of the old
+                -- rhythm, so its sample is taken before the rescaling.
                 ia_count              = s.ia_count + CASE WHEN date_part('epoch', r_ts - s.last_seen) * 1000
                                              BETWEEN 10 AND s.expected_interval_ms * (off_after + tol) THEN 1 ELSE 0 END,
                 ia_mean_ms            = CASE WHEN date_part('epoch', r_ts - s.last_seen) * 1000
@@ -237,9 +238,7 @@ BEGIN
                                              ELSE s.ia_var_ms2 END
                                         * power(warden.interval_after(h.given_ms, s.mode, default_ms, emergency_ms, active_ms, idle_ms, sleep_ms)::float8
                                         / s.expected_interval_ms, 2),
-                beats_decayed         = (s.beats_decayed * exp(greatest(-date_part('epoch', r_ts - s.last_seen) / 3600.0::float8, -700.0::float8)) + 1)
-                                        / (warden.interval_after(h.given_ms, s.mode, default_ms, emergency_ms, active_ms, idle_ms, sleep_ms)::float8
-                                        / s.expected_interval_ms)
+                beats_decayed         = s.beats_decayed * exp(greatest(-date_part('epoch', r_ts - s.last_seen) / 3600.0::float8, -700.0::float8)) + 1
             FROM hb h
             WHERE s.agent_id = h.agent_id
             RETURNING h.i, s.agent_id, s.last_restart_at IS NOT DISTINCT FROM r_ts AS restart,

@@ -114,6 +114,9 @@ struct Row {
     /// Resolved only because its problem changed form (late became
     /// offline), sent, and the agent is not back yet: its all-clear waits.
     problem_goes_on: bool,
+    /// Sent, and resolved only because its problem changed form: its
+    /// all-clear, sent once the agent is back, is dated then.
+    all_clear_held: bool,
 }
 
 /// The escalator-owned columns of one alert after the cycle.
@@ -223,7 +226,7 @@ pub async fn cycle(
     }
     let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
     let recovery = recovery_facts(&tx, &rows).await?;
-    let notified = notified_channels(&tx, &ids).await?;
+    let notified = notified_channels(&tx, &ids, now).await?;
     let silences = silences::active(&tx, now).await?;
     let fleet: Option<(i64, DateTime<Utc>)> = tx
         .query_opt(
@@ -249,7 +252,7 @@ pub async fn cycle(
         if row.problem_goes_on {
             // "Resolved" now would tell people a problem is over that has
             // only turned into another; it goes out once the agent is back,
-            // with the resolution of what it became.
+            // in the same cycle as the resolution of what it became.
             continue;
         }
         let mut update = row.current();
@@ -413,6 +416,20 @@ pub async fn cycle(
     report.notifications = notifications;
     report.deliveries = deliveries;
     write_updates(&tx, &rows, &updates).await?;
+    // The all-clears held back until the agent was back say when that was,
+    // not when the problem changed form.
+    let released: Vec<i64> = rows
+        .iter()
+        .filter(|r| r.all_clear_held && updates.get(&r.id).is_some_and(|u| u.closed))
+        .map(|r| r.id)
+        .collect();
+    if !released.is_empty() {
+        tx.execute(
+            "UPDATE warden.alerts SET resolved_at = greatest($2, opened_at) WHERE id = ANY ($1)",
+            &[&released, &now],
+        )
+        .await?;
+    }
     if !empty.is_empty() {
         // After the updates, which took this cycle's alerts out of them;
         // a group an alert of another cycle still names (one locked now)
@@ -553,8 +570,9 @@ async fn load_alerts(tx: &tokio_postgres::Transaction<'_>) -> Result<Vec<Row>, D
                     a.state = 'resolved' AND a.paged_at IS NOT NULL AND i.resolution LIKE 'superseded:%' \
                       AND (s.liveness IN ('offline', 'degraded') \
                            OR EXISTS (SELECT 1 FROM warden.alerts b \
-                                      WHERE b.source = 'incident' AND b.subject = a.subject AND b.id <> a.id \
-                                        AND b.state <> 'resolved' AND b.issue = ANY ($1))) \
+                                      WHERE NOT b.closed AND b.state <> 'resolved' AND b.source = 'incident' \
+                                        AND b.subject = a.subject AND b.id <> a.id AND b.issue = ANY ($1))), \
+                    a.state = 'resolved' AND a.paged_at IS NOT NULL AND i.resolution LIKE 'superseded:%' \
              FROM warden.alerts a \
              LEFT JOIN warden.agent_status s ON a.source = 'incident' AND s.agent_id = a.subject \
              LEFT JOIN warden.incidents i ON i.id = a.incident_id \
@@ -588,6 +606,7 @@ async fn load_alerts(tx: &tokio_postgres::Transaction<'_>) -> Result<Vec<Row>, D
                 held_until: r.get(17),
                 next_escalation_at: r.get(18),
                 problem_goes_on: r.get::<_, Option<bool>>(19).unwrap_or(false),
+                all_clear_held: r.get::<_, Option<bool>>(20).unwrap_or(false),
             })
         })
         .collect())
@@ -643,11 +662,15 @@ async fn recovery_facts(tx: &tokio_postgres::Transaction<'_>, rows: &[Row]) -> R
 }
 
 /// Channels each alert got a firing, escalation or repeat message on, or
-/// has one on its way to: not those whose messages were all cancelled or
-/// given up, where a resolution would close what nobody saw open.
+/// will: a pending firing message (a resolution waits for it), or one
+/// being sent now. Not a channel whose messages were all cancelled or
+/// given up, nor one whose only message is an escalation or repeat still
+/// waiting (the dispatcher drops those once their alert stops firing):
+/// there a resolution would close what nobody saw open.
 async fn notified_channels(
     tx: &tokio_postgres::Transaction<'_>,
     ids: &[i64],
+    now: DateTime<Utc>,
 ) -> Result<HashMap<i64, Vec<String>>, DbError> {
     let rows = tx
         .query(
@@ -655,9 +678,10 @@ async fn notified_channels(
              FROM warden.alert_notifications n \
              LEFT JOIN warden.alert_deliveries d ON d.id = n.delivery_id \
              WHERE n.alert_id = ANY($1) AND n.kind <> 'resolved' \
-               AND (d.state IS NULL OR d.state NOT IN ('cancelled', 'dead')) \
+               AND (d.state IS NULL OR d.state = 'sent' \
+                    OR (d.state = 'pending' AND (n.kind = 'firing' OR d.claimed_until > $2))) \
              GROUP BY n.alert_id",
-            &[&ids],
+            &[&ids, &now],
         )
         .await?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())

@@ -244,14 +244,14 @@ pub async fn liveness_cycle(
         .query(
             "WITH a AS ( \
                SELECT agent_id, liveness, liveness_since, last_seen, expected_interval_ms, ontime_streak, \
-                      ia_count, ia_mean_ms, ia_var_ms2, \
+                      ia_count, ia_mean_ms, ia_var_ms2, heartbeat_count, \
                       extract(epoch FROM $1::timestamptz - greatest(last_seen, coalesce($2::timestamptz, last_seen))) * 1000 AS silence_ms, \
                       CASE WHEN $6::bool AND ia_count >= $7::int \
                                 AND ia_mean_ms BETWEEN expected_interval_ms / $9::float8 AND expected_interval_ms * $9::float8 \
                            THEN ia_mean_ms + $8::float8 ELSE 'Infinity'::float8 END AS phi_floor \
                FROM warden.agent_status) \
              SELECT agent_id, liveness, liveness_since, last_seen, expected_interval_ms, ontime_streak, \
-                    ia_count, ia_mean_ms, ia_var_ms2 \
+                    ia_count, ia_mean_ms, ia_var_ms2, heartbeat_count \
              FROM a \
              WHERE liveness = 'unknown' \
                 OR (liveness = 'online' AND silence_ms >= least(expected_interval_ms * ($3::float8 + $5::float8), phi_floor)) \
@@ -273,7 +273,7 @@ pub async fn liveness_cycle(
         .await?;
     report.candidates = rows.len();
 
-    let mut transitions: Vec<(String, Transition, DateTime<Utc>)> = Vec::new();
+    let mut transitions: Vec<(String, Transition, i64)> = Vec::new();
     for row in &rows {
         let Ok(liveness) = row.get::<_, String>(1).parse::<Liveness>() else { continue };
         let last_seen = row.get(3);
@@ -291,7 +291,7 @@ pub async fn liveness_cycle(
             refused_ms: outages.within(liveness::silence_start(last_seen, resumed), now),
         };
         if let Some(t) = liveness::decide(&presence, now, resumed, lp) {
-            transitions.push((row.get(0), t, last_seen));
+            transitions.push((row.get(0), t, row.get(9)));
         }
     }
 
@@ -342,22 +342,22 @@ async fn ingest_outages(tx: &tokio_postgres::Transaction<'_>, now: DateTime<Utc>
     Ok(Outages::new(rows.iter().map(|r| (r.get(0), r.get(1))).collect()))
 }
 
-/// Writes the transitions whose agents are as they were read: the read
-/// above takes no lock, so a heartbeat committed since (its agent waited
-/// for here) has made the decision stale, and the next cycle decides
-/// again from the new row. Written without that check, an agent heard
+/// Writes the transitions whose agents are as they were read (same
+/// liveness, same heartbeat count): the read above takes no lock, so a
+/// heartbeat committed since (its agent waited for here) has made the
+/// decision stale, and the next cycle decides again from the new row. Written without that check, an agent heard
 /// from that very moment went offline with `liveness_since` after its
 /// heartbeat, and stayed offline until its next one. Returns the
 /// transitions written.
 async fn write_transitions(
     tx: &tokio_postgres::Transaction<'_>,
-    transitions: &[(String, Transition, DateTime<Utc>)],
+    transitions: &[(String, Transition, i64)],
     now: DateTime<Utc>,
     notes: &mut Vec<Value>,
 ) -> Result<Vec<(String, Liveness, Liveness)>, DbError> {
     let ids: Vec<&str> = transitions.iter().map(|(id, _, _)| id.as_str()).collect();
     let from: Vec<&str> = transitions.iter().map(|(_, t, _)| t.from.as_str()).collect();
-    let seen: Vec<DateTime<Utc>> = transitions.iter().map(|(_, _, seen)| *seen).collect();
+    let beats: Vec<i64> = transitions.iter().map(|(_, _, beats)| *beats).collect();
     let states: Vec<&str> = transitions.iter().map(|(_, t, _)| t.to.as_str()).collect();
     let severities: Vec<&str> = transitions
         .iter()
@@ -377,8 +377,8 @@ async fn write_transitions(
         .query(
             "WITH u AS ( \
                UPDATE warden.agent_status s SET liveness = v.state, liveness_since = $6, history_at = $6 \
-               FROM unnest($1::text[], $2::text[], $7::text[], $8::timestamptz[]) AS v(agent_id, state, old, seen) \
-               WHERE s.agent_id = v.agent_id AND s.liveness = v.old AND s.last_seen = v.seen \
+               FROM unnest($1::text[], $2::text[], $7::text[], $8::bigint[]) AS v(agent_id, state, old, beats) \
+               WHERE s.agent_id = v.agent_id AND s.liveness = v.old AND s.heartbeat_count = v.beats \
                RETURNING s.agent_id, s.score, s.tier, s.liveness, s.components), \
              h AS ( \
                INSERT INTO warden.health_history (agent_id, evaluated_at, score, tier, liveness, components) \
@@ -389,7 +389,7 @@ async fn write_transitions(
                FROM unnest($1::text[], $3::text[], $4::text[], $5::jsonb[]) AS e(agent_id, severity, message, details) \
                WHERE e.agent_id IN (SELECT agent_id FROM u)) \
              SELECT agent_id::text FROM u",
-            &[&ids, &states, &severities, &messages, &details, &now, &from, &seen],
+            &[&ids, &states, &severities, &messages, &details, &now, &from, &beats],
         )
         .await?
         .iter()

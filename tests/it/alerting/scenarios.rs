@@ -622,13 +622,54 @@ async fn a_late_agent_that_goes_offline_gets_no_all_clear_until_it_is_back() {
     assert_eq!(texts.len(), 2, "{texts:?}");
     assert!(texts[1].starts_with("[FIRING CRITICAL] w1 is offline"), "{texts:?}");
 
-    // Back: both close, and only now.
+    // Back: both close, and only now, the late one dated then.
+    let (_, _, _, offline_paged) = rig.alert("w1:agent_unresponsive").await;
     rig.come_back("w1").await;
+    let late_resolved: chrono::DateTime<Utc> = rig
+        .c
+        .query_one("SELECT resolved_at FROM warden.alerts WHERE dedup_key = 'w1:heartbeat_late'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(late_resolved > offline_paged.unwrap(), "{late_resolved}");
     let resolved: Vec<String> = slack_texts(&slack).into_iter().skip(2).collect();
     assert!(resolved.iter().all(|t| t.starts_with("[RESOLVED]")), "{resolved:?}");
     let all = resolved.join("\n");
     assert!(all.contains("w1 is late") && all.contains("w1 is offline"), "{all}");
     assert_eq!(rig.count("SELECT count(*) FROM warden.alerts WHERE NOT closed").await, 0);
+}
+
+#[tokio::test]
+async fn an_escalation_still_waiting_when_the_alert_resolves_gets_no_all_clear() {
+    let slack = HttpReceiver::start().await;
+    let mut smtp = SmtpServer::start().await;
+    let mut rig = Rig::new(&format!("{TIMINGS}{}{PAGE_POLICY}", channels_toml(&slack, &smtp, None))).await;
+    rig.beat("w1", 10_000, None).await;
+    rig.run_for(secs(40), secs(2)).await;
+    let (_, _, _, paged_at) = rig.alert("w1:agent_unresponsive").await;
+    // Level 2 (email, 5 minutes on) falls due while the mail server is down.
+    smtp.down().await;
+    rig.run_to(paged_at.unwrap() + secs(302), secs(30)).await;
+    assert_eq!(
+        rig.count("SELECT count(*) FROM warden.alert_deliveries WHERE kind = 'escalation' AND state = 'pending'").await,
+        1
+    );
+
+    rig.come_back("w1").await;
+    smtp.up().await;
+    rig.run_for(secs(30), secs(2)).await;
+    assert!(smtp.mails().is_empty(), "email never had the alert, so no all-clear either");
+    let kinds: Vec<(String, String, String)> = rig.deliveries().await.into_iter().map(|d| (d.0, d.1, d.3)).collect();
+    assert_eq!(
+        kinds,
+        [
+            ("ops_slack", "firing", "sent"),
+            ("oncall_email", "escalation", "cancelled"),
+            ("ops_slack", "resolved", "sent")
+        ]
+        .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+        .to_vec()
+    );
 }
 
 #[tokio::test]
