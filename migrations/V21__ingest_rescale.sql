@@ -7,14 +7,40 @@
 --   the inter-arrival mean and variance are rescaled by new / old interval
 --   (their coefficient of variation, which scores jitter, is unchanged).
 --   Before, an agent waking from sleep read as badly jittery for dozens of
---   beats, and phi judged it on a variance learnt at the old scale. The
---   decayed heartbeat count is left as it is: it also stands for work when
---   errors are counted per heartbeat, and must stay the heartbeats really
---   received.
+--   beats, and phi judged it on a variance learnt at the old scale.
+-- - Delivery (heartbeats received / expected over the last hour, both
+--   decayed) needs what was expected under each interval in force, not
+--   the current interval applied to the agent's whole life: a new column,
+--   beats_expected, accumulates it heartbeat by heartbeat as beats_decayed
+--   accumulates what arrived. Before, an agent waking from a 15 minute
+--   sleep was held to 120 heartbeats an hour it had never owed, and read
+--   as missing most of them for an hour. beats_decayed itself is left the
+--   heartbeats really received: it is also the unit errors are counted
+--   against when an agent has no work metric.
 -- - Heartbeats under 10 ms apart (one request's, or one flush's) leave the
 --   on-time run where it was, as they already left the inter-arrival
 --   statistics alone: two buffered beats sent together after an outage
 --   are not two on-time beats, and so not a recovery.
+
+-- Heartbeats expected of the agent over its life, decayed with a one-hour
+-- time constant, as at last_seen: each gap adds what its interval called
+-- for (3600 s / interval at the steady state). Existing agents start from
+-- what their current interval, held since first_seen, would have given.
+--
+-- components must stay the row's last column (V14: a heartbeat then logs
+-- the bytes it changes, not the score breakdown behind them), so it moves
+-- behind the new column as V14 moved it, rewriting every row once under
+-- ALTER TABLE's lock: seconds per 100,000 agents, heartbeats waiting.
+SET LOCAL lock_timeout = '10s';
+ALTER TABLE warden.agent_status ADD COLUMN beats_expected double precision NOT NULL DEFAULT 0;
+ALTER TABLE warden.agent_status ADD COLUMN components_moved jsonb;
+UPDATE warden.agent_status
+SET beats_expected = 3600000.0::float8 / expected_interval_ms
+                     * (1 - exp(-greatest(date_part('epoch', last_seen - first_seen), 0) / 3600.0::float8)),
+    components_moved = components, components = NULL;
+ALTER TABLE warden.agent_status DROP COLUMN components;
+ALTER TABLE warden.agent_status RENAME COLUMN components_moved TO components;
+RESET lock_timeout;
 
 -- The interval an agent is expected at after a heartbeat: the one it gave
 -- (next_heartbeat_ms, else its mode's), else its recorded mode's default,
@@ -238,7 +264,11 @@ BEGIN
                                              ELSE s.ia_var_ms2 END
                                         * power(warden.interval_after(h.given_ms, s.mode, default_ms, emergency_ms, active_ms, idle_ms, sleep_ms)::float8
                                         / s.expected_interval_ms, 2),
-                beats_decayed         = s.beats_decayed * exp(greatest(-date_part('epoch', r_ts - s.last_seen) / 3600.0::float8, -700.0::float8)) + 1
+                beats_decayed         = s.beats_decayed * exp(greatest(-date_part('epoch', r_ts - s.last_seen) / 3600.0::float8, -700.0::float8)) + 1,
+                -- The gap just ended was owed at the interval in force during it.
+                beats_expected        = s.beats_expected * exp(greatest(-date_part('epoch', r_ts - s.last_seen) / 3600.0::float8, -700.0::float8))
+                                        + 3600000.0::float8 / s.expected_interval_ms
+                                          * (1 - exp(greatest(-date_part('epoch', r_ts - s.last_seen) / 3600.0::float8, -700.0::float8)))
             FROM hb h
             WHERE s.agent_id = h.agent_id
             RETURNING h.i, s.agent_id, s.last_restart_at IS NOT DISTINCT FROM r_ts AS restart,
@@ -321,7 +351,10 @@ BEGIN
                 uptime_before_restart = CASE WHEN EXCLUDED.uptime_seconds < s.uptime_seconds THEN s.uptime_seconds
                                              ELSE s.uptime_before_restart END,
                 ontime_streak         = s.ontime_streak + 1,
-                beats_decayed         = s.beats_decayed * exp(greatest(-date_part('epoch', r_ts - s.last_seen) / 3600.0::float8, -700.0::float8)) + 1
+                beats_decayed         = s.beats_decayed * exp(greatest(-date_part('epoch', r_ts - s.last_seen) / 3600.0::float8, -700.0::float8)) + 1,
+                beats_expected        = s.beats_expected * exp(greatest(-date_part('epoch', r_ts - s.last_seen) / 3600.0::float8, -700.0::float8))
+                                        + 3600000.0::float8 / s.expected_interval_ms
+                                          * (1 - exp(greatest(-date_part('epoch', r_ts - s.last_seen) / 3600.0::float8, -700.0::float8)))
             RETURNING s.agent_id, s.heartbeat_count = 1 AS fresh, s.last_restart_at IS NOT DISTINCT FROM r_ts AS restart,
                       s.uptime_before_restart, s.uptime_seconds, s.mode, s.expected_interval_ms
         ),

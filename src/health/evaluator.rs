@@ -833,7 +833,7 @@ pub async fn score_pass(
     let agents = tx
         .query(
             "SELECT agent_id, liveness, labels, first_seen, last_seen, expected_interval_ms, beats_decayed, \
-                    ia_count, ia_mean_ms, ia_var_ms2, score, tier, history_at \
+                    ia_count, ia_mean_ms, ia_var_ms2, score, tier, history_at, beats_expected \
              FROM warden.agent_status",
             &[],
         )
@@ -880,6 +880,7 @@ pub async fn score_pass(
             last_seen,
             interval_s,
             beats_decayed: beats,
+            beats_expected: row.get(13),
             arrival_cv: (ia_count >= 3 && ia_mean > 0.0).then(|| ia_var.max(0.0).sqrt() / ia_mean),
             latency: gauge(Kind::Latency),
             cpu: gauge(Kind::Cpu),
@@ -940,6 +941,8 @@ struct ScoreFacts<'a> {
     last_seen: DateTime<Utc>,
     interval_s: f64,
     beats_decayed: f64,
+    /// Heartbeats owed, decayed like `beats_decayed`, as at `last_seen`.
+    beats_expected: f64,
     arrival_cv: Option<f64>,
     latency: Option<&'a MetricStat>,
     cpu: Option<&'a MetricStat>,
@@ -958,10 +961,17 @@ fn label_number(labels: &Value, key: &str) -> Option<f64> {
 fn score_inputs(f: ScoreFacts<'_>) -> Inputs {
     use crate::health::stats::HOUR_S;
     // Heartbeats received vs expected, both decayed with a one-hour time
-    // constant: an agent that beats every interval converges to 1.
+    // constant: an agent that beats every interval converges to 1. What
+    // was owed up to the last heartbeat is kept by ingest under each
+    // interval in force at the time (a mode switch changes what is owed
+    // from then on, not in hindsight); the silence since is owed at the
+    // current interval.
     let age_s = seconds(f.now - f.first_seen).max(0.0);
-    let expected = if f.interval_s > 0.0 { (HOUR_S / f.interval_s) * (1.0 - (-age_s / HOUR_S).exp()) } else { 0.0 };
-    let received = f.beats_decayed * (-(seconds(f.now - f.last_seen).max(0.0)) / HOUR_S).exp();
+    let since_s = seconds(f.now - f.last_seen).max(0.0);
+    let fade = (-since_s / HOUR_S).exp();
+    let expected =
+        f.beats_expected * fade + if f.interval_s > 0.0 { (HOUR_S / f.interval_s) * (1.0 - fade) } else { 0.0 };
+    let received = f.beats_decayed * fade;
     let delivery = (expected >= 1.0).then(|| (received / expected).min(1.0)).or(Some(1.0));
 
     let latency_reference =
@@ -1428,7 +1438,7 @@ mod tests {
         let now = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
         let labels = serde_json::json!({});
         // Five minutes old, 30 heartbeats (every 10 s).
-        let age_s = 300.0;
+        let age_s: f64 = 300.0;
         let inputs = |work: Option<&MetricStat>, errors: Option<&MetricStat>| {
             score_inputs(ScoreFacts {
                 now,
@@ -1438,6 +1448,7 @@ mod tests {
                 last_seen: now,
                 interval_s: 10.0,
                 beats_decayed: 30.0,
+                beats_expected: 360.0 * (1.0 - (-age_s / 3600.0).exp()),
                 arrival_cv: None,
                 latency: None,
                 cpu: None,

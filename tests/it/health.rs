@@ -263,7 +263,7 @@ async fn beat_in_mode(db: &tokio_postgres::Client, agent: &str, at: DateTime<Utc
 }
 
 #[tokio::test]
-async fn an_agent_waking_from_sleep_is_judged_on_its_new_rhythm() {
+async fn an_agent_waking_from_sleep_keeps_its_heartbeat_score() {
     let db = TestDb::migrated().await;
     let mut c = db.client().await;
     let p = params();
@@ -296,6 +296,10 @@ async fn an_agent_waking_from_sleep_is_judged_on_its_new_rhythm() {
     assert!((mean - 30_000.0).abs() < 100.0, "the rhythm is learnt at the new interval: {mean}");
     let cv = components["heartbeat_consistency"]["inputs"]["jitter_cv"].as_f64().unwrap();
     assert!(cv < 0.05, "every beat on time before and after the switch: {cv} ({components})");
+    let delivery = components["heartbeat_consistency"]["inputs"]["delivery"].as_f64().unwrap();
+    assert!(delivery > 0.97, "nothing owed was missed: {delivery} ({components})");
+    let hb = components["heartbeat_consistency"]["score"].as_f64().unwrap();
+    assert!(hb > 95.0, "{hb}");
 }
 
 #[tokio::test]

@@ -334,6 +334,7 @@ const COMPONENTS: &str = r#"{"error_rate": {"score": null, "inputs": {}, "weight
     "resource_efficiency": {"score": null, "inputs": {}, "weight": 0.0},
     "heartbeat_consistency": {"score": 60.42, "inputs": {"delivery": 1.0, "jitter_cv": 0.5}, "weight": 1.0}}"#;
 
+/// Every migration, for tests that stop at an earlier version first.
 mod up_to_v13 {
     refinery::embed_migrations!("migrations");
 }
@@ -385,6 +386,51 @@ async fn moving_components_to_the_end_of_the_row_keeps_every_breakdown() {
         .unwrap()
         .get(0);
     assert_eq!(last, "components");
+}
+
+#[tokio::test]
+async fn agents_from_before_v21_are_owed_what_their_interval_gave_and_keep_their_breakdown() {
+    let db = TestDb::empty().await;
+    let mut client = db.client().await;
+    client.batch_execute("CREATE SCHEMA warden").await.unwrap();
+    up_to_v13::migrations::runner()
+        .set_target(refinery::Target::Version(20))
+        .set_grouped(true)
+        .set_migration_table_name("warden.refinery_schema_history")
+        .run_async(&mut client)
+        .await
+        .unwrap();
+    client.execute("SELECT warden.record_heartbeat('old', 'active', uptime_seconds => 1)", &[]).await.unwrap();
+    client
+        .execute(
+            "UPDATE warden.agent_status SET components = $1::text::jsonb, first_seen = last_seen - interval '2 hours'",
+            &[&COMPONENTS],
+        )
+        .await
+        .unwrap();
+
+    let outcome = migrate::run(&mut client).await.unwrap();
+    assert!(outcome.applied.iter().any(|m| m.contains("ingest_rescale")), "{:?}", outcome.applied);
+    let row = client
+        .query_one("SELECT beats_expected, components = $1::text::jsonb FROM warden.agent_status", &[&COMPONENTS])
+        .await
+        .unwrap();
+    let owed: f64 = row.get(0);
+    // Two hours at 30 s: 120 an hour, decayed with a one-hour constant.
+    let want = 120.0 * (1.0 - (-2.0_f64).exp());
+    assert!((owed - want).abs() < 1e-6, "{owed} vs {want}");
+    assert!(row.get::<_, bool>(1), "the breakdown survives the move");
+    let last: String = client
+        .query_one(
+            "SELECT attname::text FROM pg_attribute \
+             WHERE attrelid = 'warden.agent_status'::regclass AND attnum > 0 AND NOT attisdropped \
+             ORDER BY attnum DESC LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(last, "components", "the score breakdown stays behind what every heartbeat writes");
 }
 
 /// A heartbeat to a scored agent logs the columns it changes, not the

@@ -14,7 +14,7 @@ async fn footprint(app: &TestApp, agent: &str) -> Value {
     let status = db
         .query_one(
             "SELECT to_jsonb(s) - 'agent_id' - 'first_seen' - 'last_seen' - 'liveness_since' - 'last_restart_at' \
-             - 'ia_count' - 'ia_mean_ms' - 'ia_var_ms2' - 'beats_decayed' \
+             - 'ia_count' - 'ia_mean_ms' - 'ia_var_ms2' - 'beats_decayed' - 'beats_expected' \
              - 'liveness' - 'score' - 'tier' - 'components' - 'evaluated_at' - 'score_trend' - 'history_at' \
              FROM warden.agent_status s WHERE agent_id = $1",
             &[&agent],
