@@ -14,7 +14,8 @@ pub struct RecoverySettings {
     pub enabled: bool,
     /// Recoveries running or verifying at once, fleet-wide.
     pub max_concurrent: u32,
-    /// Attempts per agent within `attempt_window` before giving up.
+    /// Attempts per agent within `attempt_window`, or for one incident
+    /// however long they took, before giving up.
     pub max_attempts: u32,
     pub attempt_window: Duration,
     pub backoff_base: Duration,

@@ -33,18 +33,29 @@ use crate::config::{Action, RecoverySettings, Strategy};
 use crate::db::{self, DbError};
 use crate::health::incidents::IssueType;
 
-/// SQL: automatic attempts on job `j`'s agent that count against
-/// `max_attempts`, with $2 the time now and $3 `attempt_window` in seconds:
-/// those within the window, since the agent's last reset, made by
-/// automatic jobs (manual runs are outside the limit).
+/// SQL: automatic attempts that count against `max_attempts` for job `j`,
+/// with $2 the time now and $3 `attempt_window` in seconds: the agent's
+/// within the window since its last reset, made by automatic jobs (manual
+/// runs are outside the limit), or the job's own since that reset,
+/// whichever are more. The job's own count makes one incident give up
+/// however long its attempts take: with verification longer than a third
+/// of the window (a restart loop's is about 12 minutes against the
+/// default 30), three attempts never fall within one window, and the
+/// agent was restarted for as long as the incident stayed open.
 macro_rules! attempts_in_window {
     () => {
-        "(SELECT count(*) FROM warden.recovery_actions a WHERE a.agent_id = j.agent_id \
-           AND a.started_at > greatest($2::timestamptz - $3::float8 * interval '1 second', \
-                                       coalesce(j.window_start, '-infinity')) \
-           AND NOT EXISTS (SELECT 1 FROM warden.recovery_jobs m WHERE m.id = a.job_id AND m.manual))"
+        "greatest( \
+           (SELECT count(*) FROM warden.recovery_actions a WHERE a.agent_id = j.agent_id \
+              AND a.started_at > greatest($2::timestamptz - $3::float8 * interval '1 second', \
+                                          coalesce(j.window_start, '-infinity')) \
+              AND NOT EXISTS (SELECT 1 FROM warden.recovery_jobs m WHERE m.id = a.job_id AND m.manual)), \
+           (SELECT count(*) FROM warden.recovery_actions a WHERE a.job_id = j.id AND NOT j.manual \
+              AND a.started_at > coalesce(j.window_start, '-infinity')))"
     };
 }
+
+/// Attempts a give-up message lists by name; the rest are counted.
+const SUMMARY_ATTEMPTS: usize = 10;
 
 /// What one tick did, for tests and logs.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -266,7 +277,8 @@ impl Engine {
         let rows = tx
             .query(
                 "SELECT j.id, j.current_action_id, j.verify_until, a.started_at, s.last_seen, s.liveness, \
-                        j.incident_id, j.attempts, j.strategy, a.action, j.agent_id, i.issue_type, i.resolved_at \
+                        j.incident_id, j.attempts, j.strategy, a.action, j.agent_id, i.issue_type, i.resolved_at, \
+                        a.finished_at \
                  FROM warden.recovery_jobs j \
                  JOIN warden.recovery_actions a ON a.id = j.current_action_id \
                  JOIN warden.agent_status s ON s.agent_id = j.agent_id \
@@ -290,13 +302,18 @@ impl Engine {
             let agent: String = row.get(10);
             let issue: Option<IssueType> = row.get::<_, Option<String>>(11).and_then(|t| t.parse().ok());
             let resolved_at: Option<DateTime<Utc>> = row.get(12);
+            // Heard from after the action ended, not merely after it began:
+            // a heartbeat sent while a restart was under way can come from
+            // the process being replaced. (One whose replica died ended
+            // when another took it over.)
+            let ended: Option<DateTime<Utc>> = row.get::<_, Option<DateTime<Utc>>>(13).or(started);
             // The agent must be heard from after the action and online. For
             // silence that is the fix; any other issue (a restart loop,
             // errors, resources) is fixed only when the evaluator also finds
             // its condition cleared and resolves the incident, since an
             // agent can be online throughout.
             let silence = issue.is_none_or(IssueType::is_silence);
-            let back = (liveness == "online" && started.is_some_and(|s| last_seen > s)).then_some(last_seen);
+            let back = (liveness == "online" && ended.is_some_and(|e| last_seen > e)).then_some(last_seen);
             let fixed_at =
                 if silence { back } else { back.and(resolved_at.filter(|r| started.is_some_and(|s| *r >= s))) };
             if let Some(fixed_at) = fixed_at {
@@ -447,20 +464,24 @@ impl Engine {
         let summary = if manual {
             format!("manual recovery of {agent} with {strategy} failed")
         } else {
-            format!(
-                "recovery of {agent} gave up after {in_window} attempts in {}: {}",
-                crate::config::Duration::from(self.settings.attempt_window.get()),
-                tried
-                    .iter()
-                    .map(|t| format!(
+            // The event's message is bounded (4096 characters); the
+            // details keep every attempt.
+            let mut listed: Vec<String> = tried
+                .iter()
+                .take(SUMMARY_ATTEMPTS)
+                .map(|t| {
+                    format!(
                         "{} #{} {}",
                         t["action"].as_str().unwrap_or("?"),
                         t["attempt"],
                         t["state"].as_str().unwrap_or("?")
-                    ))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
+                    )
+                })
+                .collect();
+            if tried.len() > SUMMARY_ATTEMPTS {
+                listed.push(format!("and {} more", tried.len() - SUMMARY_ATTEMPTS));
+            }
+            format!("recovery of {agent} gave up after {in_window} attempts: {}", listed.join(", "))
         };
         finish(tx, job, "exhausted", &summary, now).await?;
         if !manual {
@@ -512,6 +533,7 @@ impl Engine {
                      JOIN warden.agent_status s ON s.agent_id = j.agent_id \
                      LEFT JOIN warden.incidents i ON i.id = j.incident_id \
                      WHERE j.state = 'pending' AND j.next_run_at <= $2 AND (j.manual OR NOT $4) \
+                       AND (j.incident_id IS NULL OR i.state = 'open') \
                        AND NOT EXISTS (SELECT 1 FROM warden.recovery_jobs b \
                                        WHERE b.agent_id = j.agent_id AND b.state IN ('running', 'verifying')) \
                        AND NOT EXISTS (SELECT 1 FROM warden.recovery_jobs o \
@@ -682,7 +704,7 @@ impl Engine {
         let limit = self.settings.output_limit;
         match action {
             Action::Command { argv, timeout, .. } => {
-                let filled: Result<Vec<String>, String> = argv.iter().map(|a| plan::fill(a, ctx)).collect();
+                let filled: Result<Vec<String>, String> = argv.iter().map(|a| plan::fill_arg(a, ctx)).collect();
                 match filled {
                     Ok(argv) => {
                         let env = exec::command_env(&ctx.agent_id, ctx.issue_type.as_deref(), ctx.incident_id);

@@ -120,12 +120,19 @@ impl Context {
     }
 }
 
-/// Fills in one argument (or URL, header, body string). The result is one
-/// value whatever the agent's text contains: no splitting, no shell. A
-/// value that would begin an argument with "-" is refused, so an agent named
-/// "--all" cannot turn into an option of the command.
+/// Fills in a URL, header or body string. The result is one value
+/// whatever the agent's text contains: no splitting, no shell.
 pub fn fill(template: &str, ctx: &Context) -> Result<String, String> {
     fill_checked(template, ctx, |_| Ok(()))
+}
+
+/// Fills in one argument of a command, as [`fill`] does, and refuses a
+/// value that would begin the argument with "-", so an agent named "--all"
+/// cannot turn into an option of the command. Only arguments: in a URL,
+/// header or body such text is inert, and a header may hold a secret that
+/// happens to start with "-".
+pub fn fill_arg(template: &str, ctx: &Context) -> Result<String, String> {
+    fill_with(template, ctx, true, |_| Ok(()))
 }
 
 /// [`fill`], with `check` refusing filled-in values the caller cannot take.
@@ -134,18 +141,30 @@ pub fn fill_checked(
     ctx: &Context,
     check: impl Fn(&str) -> Result<(), String>,
 ) -> Result<String, String> {
+    fill_with(template, ctx, false, check)
+}
+
+/// Errors name the placeholder, never the value: `{env.WARDEN_SECRET_*}`
+/// values are credentials, and an error is recorded as the outcome.
+fn fill_with(
+    template: &str,
+    ctx: &Context,
+    argument: bool,
+    check: impl Fn(&str) -> Result<(), String>,
+) -> Result<String, String> {
     let mut out = String::with_capacity(template.len());
     let mut rest = template;
     while let Some(start) = rest.find('{') {
         out.push_str(&rest[..start]);
         let after = &rest[start + 1..];
         let end = after.find('}').ok_or_else(|| format!("unclosed {{ in {template:?}"))?;
-        let value = ctx.value(&after[..end])?;
-        if out.is_empty() && value.starts_with('-') {
-            return Err(format!("refused: {value:?} would begin an argument with '-' and could be read as an option"));
+        let name = &after[..end];
+        let value = ctx.value(name)?;
+        if argument && out.is_empty() && value.starts_with('-') {
+            return Err(format!("refused: {{{name}}} would begin an argument with '-' and could be read as an option"));
         }
         if value.contains('\0') {
-            return Err("refused: a value contains a NUL byte".into());
+            return Err(format!("refused: {{{name}}} contains a NUL byte"));
         }
         check(&value)?;
         out.push_str(&value);
@@ -269,10 +288,12 @@ mod tests {
     }
 
     #[test]
-    fn a_value_that_would_start_an_option_is_refused() {
+    fn a_value_that_would_start_an_option_is_refused_as_an_argument_only() {
         let evil = Context { agent_id: "--all".into(), ..ctx() };
-        assert!(fill("{agent_id}", &evil).unwrap_err().contains("option"));
-        assert_eq!(fill("--agent={agent_id}", &evil).unwrap(), "--agent=--all", "inside an argument it is inert");
+        let err = fill_arg("{agent_id}", &evil).unwrap_err();
+        assert!(err.contains("option") && err.contains("{agent_id}") && !err.contains("--all"), "{err}");
+        assert_eq!(fill_arg("--agent={agent_id}", &evil).unwrap(), "--agent=--all", "inside an argument it is inert");
+        assert_eq!(fill("{agent_id}", &evil).unwrap(), "--all", "a header or body value is no option");
     }
 
     #[test]

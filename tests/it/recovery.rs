@@ -621,15 +621,21 @@ issues = ["agent_unresponsive"]
 [[recovery.strategies.actions]]
 kind = "http"
 url = "{}/restart/{{agent_id}}"
-headers = {{ authorization = "Bearer {{env.WARDEN_SECRET_ORCHESTRATOR}}" }}
+headers = {{ authorization = "Bearer {{env.WARDEN_SECRET_ORCHESTRATOR}}", x-api-key = "{{env.WARDEN_SECRET_API_KEY}}" }}
 expect_status = [200]
 "#,
             orchestrator.url("")
         ),
     )
     .unwrap();
-    let warden =
-        Process::replica_with_env(&config, &db.url(), port, &[("WARDEN_SECRET_ORCHESTRATOR", "orch-token-123")]);
+    // A key may begin with "-": in a header that is no option, and it is
+    // neither refused nor quoted anywhere.
+    let warden = Process::replica_with_env(
+        &config,
+        &db.url(),
+        port,
+        &[("WARDEN_SECRET_ORCHESTRATOR", "orch-token-123"), ("WARDEN_SECRET_API_KEY", "-orch-key-456")],
+    );
     warden.ready(WAIT).await;
     let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
@@ -645,12 +651,13 @@ expect_status = [200]
         eventually(WAIT, "the orchestrator called", || async { orchestrator.requests().into_iter().next() }).await;
     assert_eq!(call.path, "/restart/env-1");
     assert_eq!(call.header("authorization"), Some("Bearer orch-token-123"));
+    assert_eq!(call.header("x-api-key"), Some("-orch-key-456"));
     let recorded: i64 = db
         .client()
         .await
         .query_one(
-            "SELECT count(*) FROM warden.recovery_actions WHERE detail::text LIKE '%orch-token%' \
-               OR coalesce(outcome, '') LIKE '%orch-token%'",
+            "SELECT count(*) FROM warden.recovery_actions WHERE detail::text ~ 'orch-(token|key)' \
+               OR coalesce(outcome, '') ~ 'orch-(token|key)'",
             &[],
         )
         .await

@@ -255,6 +255,63 @@ async fn none_after_failed_actions_gives_up_there() {
 }
 
 #[tokio::test]
+async fn attempts_slower_than_the_window_still_give_up_after_max_attempts() {
+    // Each attempt takes 20 minutes to fail its verification: three never
+    // start within one 30 minute window.
+    let mut slow = strategy(&[IssueType::AgentUnresponsive], vec![command(&["/bin/true"])]);
+    slow.verify_timeout = Some(D::from_secs(20 * 60));
+    let rig = rig(vec![slow], 3).await;
+    assert_eq!(rig.settings.attempt_window.get(), std::time::Duration::from_secs(30 * 60));
+    rig.agent("slow").await;
+    rig.incident("slow", IssueType::AgentUnresponsive).await;
+    let mut now = chrono::Utc::now();
+    for _ in 0..12 {
+        rig.engine.tick(Some(now)).await.unwrap();
+        rig.engine.settle().await;
+        now += chrono::Duration::minutes(11);
+    }
+    assert_eq!(rig.action_states("slow").await, ["failed", "failed", "failed"]);
+    let jobs = rig.jobs("slow").await;
+    assert_eq!(jobs[0].0, "exhausted");
+    assert!(
+        jobs[0].1.as_deref().unwrap_or_default().starts_with("recovery of slow gave up after 3 attempts"),
+        "{jobs:?}"
+    );
+    assert_eq!(rig.count("SELECT count(*) FROM warden.system_events WHERE event_type = 'recovery_failed'").await, 1);
+}
+
+#[tokio::test]
+async fn a_heartbeat_sent_while_the_restart_ran_proves_nothing() {
+    let rig = rig(vec![strategy(&[IssueType::AgentUnresponsive], vec![command(&["/bin/sleep", "0.3"])])], 3).await;
+    rig.agent("w").await;
+    rig.incident("w", IssueType::AgentUnresponsive).await;
+    assert_eq!(rig.tick().await.started, 1);
+    assert_eq!(rig.action_states("w").await, ["verifying"]);
+    let db = rig.db.client().await;
+    // The old process, still running while the restart was under way.
+    db.execute(
+        "UPDATE warden.agent_status s SET liveness = 'online', \
+           last_seen = a.started_at + (a.finished_at - a.started_at) / 2 \
+         FROM warden.recovery_actions a WHERE s.agent_id = 'w' AND a.agent_id = 'w'",
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(rig.tick().await.succeeded, 0);
+    assert_eq!(rig.action_states("w").await, ["verifying"]);
+    // The new process.
+    db.execute(
+        "UPDATE warden.agent_status s SET last_seen = a.finished_at + interval '1 millisecond' \
+         FROM warden.recovery_actions a WHERE s.agent_id = 'w' AND a.agent_id = 'w'",
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(rig.tick().await.succeeded, 1);
+    assert_eq!(rig.action_states("w").await, ["succeeded"]);
+}
+
+#[tokio::test]
 async fn a_restart_loop_is_fixed_when_it_clears_and_the_agent_is_back() {
     let rig = rig(vec![strategy(&[IssueType::RestartLoop], vec![command(&["/bin/true"])])], 3).await;
     let db = rig.db.client().await;
