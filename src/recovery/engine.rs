@@ -54,6 +54,9 @@ macro_rules! attempts_in_window {
     };
 }
 
+/// Manual runs one claim starts while the fleet-wide cap is full.
+const MANUAL_OVER_CAP: i64 = 10;
+
 /// Attempts a give-up message lists by name; the rest are counted.
 const SUMMARY_ATTEMPTS: usize = 10;
 
@@ -516,11 +519,11 @@ impl Engine {
             .query_one("SELECT count(*) FROM warden.recovery_jobs WHERE state IN ('running', 'verifying')", &[])
             .await?
             .get(0);
+        // An operator's run is not held back by the fleet-wide cap: a full
+        // cap is what long verifications look like (ten high_error_rate
+        // checks take up to an hour each), and the run was asked for now.
         let room = i64::from(self.settings.max_concurrent) - active;
-        if room <= 0 {
-            tx.commit().await?;
-            return Ok((0, 0));
-        }
+        let (limit, automatic) = if room > 0 { (room, true) } else { (MANUAL_OVER_CAP, false) };
         // While the fleet is out only manual runs start: one emergency page
         // instead of a restart storm.
         let rows = tx
@@ -532,17 +535,17 @@ impl Engine {
                     " FROM warden.recovery_jobs j \
                      JOIN warden.agent_status s ON s.agent_id = j.agent_id \
                      LEFT JOIN warden.incidents i ON i.id = j.incident_id \
-                     WHERE j.state = 'pending' AND j.next_run_at <= $2 AND (j.manual OR NOT $4) \
+                     WHERE j.state = 'pending' AND j.next_run_at <= $2 AND (j.manual OR (NOT $4 AND $5)) \
                        AND (j.incident_id IS NULL OR i.state = 'open') \
                        AND NOT EXISTS (SELECT 1 FROM warden.recovery_jobs b \
                                        WHERE b.agent_id = j.agent_id AND b.state IN ('running', 'verifying')) \
                        AND NOT EXISTS (SELECT 1 FROM warden.recovery_jobs o \
                                        WHERE o.agent_id = j.agent_id AND o.state = 'pending' \
-                                         AND o.next_run_at <= $2 AND (o.manual OR NOT $4) \
+                                         AND o.next_run_at <= $2 AND (o.manual OR (NOT $4 AND $5)) \
                                          AND (o.next_run_at, o.id) < (j.next_run_at, j.id)) \
                      ORDER BY j.next_run_at, j.id LIMIT $1 FOR UPDATE OF j SKIP LOCKED"
                 ),
-                &[&room, &now, &self.settings.attempt_window.get().as_secs_f64(), &outage],
+                &[&limit, &now, &self.settings.attempt_window.get().as_secs_f64(), &outage, &automatic],
             )
             .await?;
         let mut starts = Vec::new();

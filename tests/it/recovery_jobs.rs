@@ -149,6 +149,24 @@ async fn an_agent_gets_one_recovery_at_a_time_whatever_asks_for_more() {
 }
 
 #[tokio::test]
+async fn an_operators_run_starts_while_the_fleet_cap_is_full() {
+    let rig = rig_with(vec![strategy(&[IssueType::AgentUnresponsive], vec![command(&["/bin/true"])])], 3, 1).await;
+    for agent in ["busy", "queued", "asked"] {
+        rig.agent(agent).await;
+    }
+    rig.incident("busy", IssueType::AgentUnresponsive).await;
+    assert_eq!(rig.tick().await.started, 1);
+    rig.incident("queued", IssueType::AgentUnresponsive).await;
+    assert_eq!(rig.tick().await.started, 0, "the cap (1) is taken by busy's verification");
+
+    let mut db = rig.db.client().await;
+    warden::recovery::run_now(&mut db, &rig.settings, "asked", None).await.unwrap();
+    assert_eq!(rig.tick().await.started, 1, "a manual run goes now");
+    assert_eq!(rig.action_states("asked").await, ["verifying"]);
+    assert!(rig.action_states("queued").await.is_empty(), "automatic ones still wait for room");
+}
+
+#[tokio::test]
 async fn an_agent_waiting_for_its_own_recovery_takes_no_room_from_others() {
     let rig = rig_with(
         vec![strategy(&[IssueType::AgentUnresponsive, IssueType::RestartLoop], vec![command(&["/bin/true"])])],
