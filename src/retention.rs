@@ -163,9 +163,12 @@ pub async fn cycle(
     let prunes: [(&'static str, &str, Option<DateTime<Utc>>); 6] = [
         (
             "events",
+            // Oldest first, through system_events_prunable_idx (V22): the
+            // planner takes it for the ordered read, where without the
+            // order it walked past every transition kept for 400 days.
             "DELETE FROM warden.system_events WHERE id IN (SELECT id FROM warden.system_events \
                WHERE occurred_at < $1 AND NOT (event_type IN ('status_changed', 'evaluation_paused') \
-                                               AND source = 'warden') LIMIT $2)",
+                                               AND source = 'warden') ORDER BY occurred_at LIMIT $2)",
             Some(now - settings.events.to_chrono()),
         ),
         (

@@ -485,6 +485,24 @@ async fn score_history_reads_rolled_up_hours_then_the_snapshots_after_them() {
 }
 
 #[tokio::test]
+async fn a_late_heartbeat_that_became_an_outage_is_not_an_incident_recovery_missed() {
+    let (_db, client, t0) = seeded().await;
+    // a2 went late, then offline: the late incident is superseded, and
+    // recovery acts on the outage it became, not on it.
+    client
+        .execute(
+            "INSERT INTO warden.incidents (agent_id, issue_type, severity, state, opened_at, resolved_at, resolution) \
+             VALUES ('a2', 'heartbeat_late', 'warning', 'resolved', $1, $2, $3)",
+            &[&minutes(t0, 30), &minutes(t0, 31), &warden::health::evaluator::SUPERSEDED_BY_OFFLINE],
+        )
+        .await
+        .unwrap();
+    let result = run(&client, "executive_summary", &range(t0)).await;
+    // As in the seed alone: one of five real incidents.
+    close(row(&result, "metric", "auto_resolved_pct")["current"], 20.0);
+}
+
+#[tokio::test]
 async fn the_executive_summary_compares_with_the_previous_period_and_prices_downtime() {
     let (_db, client, t0) = seeded().await;
     let result = run(&client, "executive_summary", &range(t0)).await;

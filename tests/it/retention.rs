@@ -277,7 +277,10 @@ async fn a_backlog_of_days_is_rolled_up_in_steps_before_its_partitions_go() {
     let db = test_db.client().await;
     let oldest = backlog(&db, 9).await;
     let now = Utc::now();
-    let report = cycle(&test_db, now).await;
+    // Minute rollups kept long enough to count them all below.
+    let mut settings = default_settings().retention;
+    settings.minute_rollups = warden::config::Duration::from_secs(30 * 86_400);
+    let report = warden::retention::cycle(&mut test_db.pooled().await, &settings, now).await.unwrap();
     assert!(report.failed.is_empty(), "{:?}", report.failed);
     let sum = |bucket: &'static str| {
         let db = &db;
@@ -480,4 +483,30 @@ async fn minute_rollups_past_their_days_wait_to_be_rolled_into_hours() {
         .unwrap()
         .get(0);
     assert_eq!(left, 1);
+}
+
+#[tokio::test]
+async fn minute_rollups_go_a_day_after_their_hour_is_rolled_up() {
+    let test_db = TestDb::migrated().await;
+    let db = test_db.client().await;
+    db.batch_execute(
+        "UPDATE warden.retention_state SET minute_watermark = date_trunc('hour', now()), \
+           hour_watermark = date_trunc('hour', now()), score_watermark = date_trunc('hour', now()); \
+         INSERT INTO warden.heartbeat_rollups (agent_id, bucket, bucket_start, heartbeats, restarts, unhealthy) VALUES \
+           ('a', 'minute', date_trunc('minute', now() - interval '2 days'), 1, 0, 0), \
+           ('a', 'minute', date_trunc('minute', now() - interval '3 hours'), 1, 0, 0), \
+           ('a', 'hour', date_trunc('hour', now() - interval '2 days'), 1, 0, 0);",
+    )
+    .await
+    .unwrap();
+    let report = cycle(&test_db, Utc::now()).await;
+    assert_eq!(report.pruned.get("minute_rollups"), Some(&1), "{report:?}");
+    let kept: Vec<(String, i64)> = db
+        .query("SELECT bucket, count(*) FROM warden.heartbeat_rollups GROUP BY 1 ORDER BY 1", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(kept, [("hour".to_string(), 1), ("minute".to_string(), 1)], "the hour stays, as does today's minute");
 }
