@@ -96,28 +96,34 @@ pub async fn run_command(
     };
     let stdout = child.stdout.take().map(|o| tokio::spawn(read_limited(o, output_limit)));
     let stderr = child.stderr.take().map(|e| tokio::spawn(read_limited(e, output_limit)));
+    // Dropped unfinished (warden stopping mid-action), the whole group
+    // goes, as on a timeout: kill_on_drop alone reaches the first process
+    // only, and what it started would outlive warden.
+    let mut group = GroupGuard(child.id());
     let waited = tokio::time::timeout(timeout, child.wait()).await;
     let timed_out = waited.is_err();
     let status = match waited {
         Ok(status) => status.ok(),
         Err(_) => {
             kill_group(&child);
-            let _ = child.kill().await;
+            // SIGKILL cannot be refused; the wait is bounded all the same,
+            // since the lease does not wait.
+            let _ = tokio::time::timeout(GRACE, child.kill()).await;
             None
         }
     };
+    // A command that finished may leave processes behind on purpose (an
+    // agent it started in the background).
+    group.0 = None;
     // Output of a killed group ends with it; a grandchild that kept the
-    // pipe open is not waited for beyond a moment.
+    // pipe open is not waited for beyond a moment (both pipes at once).
     let collect = |task: Option<tokio::task::JoinHandle<(String, bool)>>| async move {
         match task {
-            Some(t) => {
-                tokio::time::timeout(Duration::from_secs(2), t).await.ok().and_then(Result::ok).unwrap_or_default()
-            }
+            Some(t) => tokio::time::timeout(GRACE, t).await.ok().and_then(Result::ok).unwrap_or_default(),
             None => Default::default(),
         }
     };
-    let (out, out_cut) = collect(stdout).await;
-    let (err, err_cut) = collect(stderr).await;
+    let ((out, out_cut), (err, err_cut)) = tokio::join!(collect(stdout), collect(stderr));
     let elapsed_ms = started.elapsed().as_millis() as u64;
     let mut detail = json!({
         "argv": argv,
@@ -151,6 +157,22 @@ pub async fn run_command(
             Outcome { ended: Ended::Failed, summary: format!("{program} exited {code}"), detail }
         }
         (false, None) => Outcome::failed(format!("could not wait for {program}"), detail),
+    }
+}
+
+/// How long a killed command's end and its output are waited for.
+const GRACE: Duration = Duration::from_secs(2);
+
+/// Kills the process group of the pid it holds when dropped.
+struct GroupGuard(Option<u32>);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        #[cfg(unix)]
+        if let Some(pid) = self.0 {
+            // SAFETY: kill(2) on the process group created for the child.
+            unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };
+        }
     }
 }
 
@@ -285,6 +307,50 @@ mod tests {
         let o = run_command(&argv, &env(), Duration::from_millis(200), 100).await;
         assert_eq!(o.ended, Ended::TimedOut);
         assert!(started.elapsed() < Duration::from_secs(20), "killed, not waited for");
+    }
+
+    fn alive(pid: i32) -> bool {
+        // SAFETY: signal 0 only checks that the process exists.
+        unsafe { libc::kill(pid, 0) == 0 }
+    }
+
+    #[tokio::test]
+    async fn a_command_dropped_unfinished_takes_what_it_started_with_it() {
+        let dir = std::env::temp_dir().join(format!("warden-exec-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pidfile = dir.join("bg.pid");
+        let script = format!("sleep 300 & echo $! > {}; sleep 300", pidfile.display());
+        let argv = ["/bin/sh".to_string(), "-c".to_string(), script];
+        let running = tokio::spawn(async move { run_command(&argv, &env(), Duration::from_secs(600), 100).await });
+        let until = Instant::now() + Duration::from_secs(60);
+        let pid = loop {
+            if let Some(pid) = std::fs::read_to_string(&pidfile).ok().and_then(|p| p.trim().parse::<i32>().ok()) {
+                break pid;
+            }
+            assert!(Instant::now() < until, "the command never started its background process");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert!(alive(pid));
+        // As when warden stops mid-action: the future is dropped.
+        running.abort();
+        let _ = running.await;
+        let until = Instant::now() + Duration::from_secs(60);
+        while alive(pid) {
+            assert!(Instant::now() < until, "the background process {pid} outlived the action");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_command_that_finished_keeps_what_it_started_in_the_background() {
+        let argv = ["/bin/sh", "-c", "sleep 300 >/dev/null 2>&1 & echo $!"].map(String::from);
+        let o = run_command(&argv, &env(), Duration::from_secs(10), 100).await;
+        assert_eq!(o.ended, Ended::Done);
+        let pid: i32 = o.detail["stdout"].as_str().unwrap().trim().parse().unwrap();
+        assert!(alive(pid), "an agent a restart started stays up");
+        // SAFETY: the test's own background sleep.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
     }
 
     #[tokio::test]
