@@ -37,6 +37,10 @@ use crate::model::Severity;
 /// Advisory lock key of the escalator ("warden:a").
 pub const ESCALATOR_LOCK: i64 = 0x7761_7264_656e_3a61;
 
+/// How long past its flush time a group waits for a member locked at
+/// that instant.
+const LOCKED_MEMBER_WAIT: Duration = Duration::seconds(10);
+
 /// Issue types a fleet outage stands in for.
 pub const FLEET_COVERED: &[&str] = &["agent_unresponsive", "heartbeat_late", "extended_offline"];
 
@@ -376,12 +380,31 @@ pub async fn cycle(
         }
         members.entry(group).or_default().push((index, policy, route));
     }
+    // A due group with a member this cycle could not lock (being
+    // acknowledged or resolved at that instant) waits a little for it:
+    // flushed now, the group would leave that member to the route's next
+    // group, group_interval later.
+    let due_groups: Vec<i64> =
+        groups.values().filter(|(_, at)| *at <= now && *at > now - LOCKED_MEMBER_WAIT).map(|(id, _)| *id).collect();
+    let held_back: HashSet<i64> = if due_groups.is_empty() {
+        HashSet::new()
+    } else {
+        tx.query(
+            "SELECT DISTINCT group_id FROM warden.alerts \
+             WHERE group_id = ANY ($1) AND NOT closed AND NOT (id = ANY ($2))",
+            &[&due_groups, &ids],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    };
     // Due groups that no alert went out with (all were held, resolved or
     // acknowledged meanwhile): no flush, so the route's next group waits
     // group_wait alone, not group_interval after a message never sent.
     let mut empty = Vec::new();
     for (route, (group, flush_at)) in &groups {
-        if *flush_at > now {
+        if *flush_at > now || held_back.contains(group) {
             continue;
         }
         let due = members.remove(group).unwrap_or_default();
@@ -402,7 +425,8 @@ pub async fn cycle(
     }
     // Alerts left in a group they can no longer go out with (flushed, or
     // no longer ready) wait for the next one.
-    let pending_groups: HashSet<i64> = groups.values().filter(|(_, at)| *at > now).map(|(id, _)| *id).collect();
+    let pending_groups: HashSet<i64> =
+        groups.values().filter(|(id, at)| *at > now || held_back.contains(id)).map(|(id, _)| *id).collect();
     let waiting: HashSet<i64> = members.values().flatten().map(|(i, _, _)| rows[*i].id).collect();
     for (id, update) in updates.iter_mut() {
         if let Some(g) = update.group_id

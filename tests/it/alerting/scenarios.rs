@@ -601,6 +601,33 @@ fn slack_texts(slack: &HttpReceiver) -> Vec<String> {
 }
 
 #[tokio::test]
+async fn a_group_waits_for_a_member_locked_as_it_falls_due() {
+    let slack = HttpReceiver::start().await;
+    let smtp = SmtpServer::start().await;
+    let mut rig = Rig::new(&format!("{TIMINGS}{SLACK_POLICY}{}", channels_toml(&slack, &smtp, None))).await;
+    rig.beat("g1", 10_000, None).await;
+    rig.beat("g2", 10_000, None).await;
+    rig.run_for(secs(32), secs(2)).await;
+    let grouped = rig.count("SELECT count(*) FROM warden.alerts WHERE group_id IS NOT NULL").await;
+    assert_eq!(grouped, 2, "both wait in the route's group");
+
+    // g2's alert is locked (an acknowledgement committing, say) when the
+    // group falls due.
+    let mut other = rig.db.client().await;
+    let lock = other.transaction().await.unwrap();
+    lock.execute("SELECT 1 FROM warden.alerts WHERE dedup_key = 'g2:agent_unresponsive' FOR UPDATE", &[])
+        .await
+        .unwrap();
+    rig.run_for(secs(4), secs(2)).await;
+    assert!(slack_texts(&slack).is_empty(), "the group waits for its member");
+    lock.rollback().await.unwrap();
+    rig.run_for(secs(2), secs(2)).await;
+    let texts = slack_texts(&slack);
+    assert_eq!(texts.len(), 1, "{texts:?}");
+    assert!(texts[0].contains("g1") && texts[0].contains("g2"), "one message for both: {}", texts[0]);
+}
+
+#[tokio::test]
 async fn a_late_agent_that_goes_offline_gets_no_all_clear_until_it_is_back() {
     let slack = HttpReceiver::start().await;
     let smtp = SmtpServer::start().await;
