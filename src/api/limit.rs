@@ -23,9 +23,10 @@
 //!    the typed key is in the form, so the sign-in handler makes step 1's
 //!    check itself (see [`SignInAddress`]) and answers with its own page.
 //! 4. A request carrying a console session cookie instead of a key is
-//!    charged once the session is known: an API call to its key's bucket
-//!    ([`charge_session`]), a console page with an unknown or expired
-//!    cookie to the address's failures ([`console_address`]). Step 1 lets
+//!    charged once the session is known: an API call or a console page to
+//!    its key's bucket ([`charge_session`]), an unknown or expired cookie
+//!    (the sign-in page's included) to the address's failures
+//!    ([`console_address`]). Step 1 lets
 //!    a session this replica found valid recently through, as it does a key.
 
 use std::collections::HashMap;

@@ -437,13 +437,19 @@ fn login_form(state: &AppState, status: StatusCode, next: &str, error: Option<&s
 
 pub async fn login_page(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    mut parts: axum::http::request::Parts,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
     let next = next_of(query.get("next").map(String::as_str));
     let policy = super::cookie_policy(&state.settings.console);
-    if let Some(token) = policy.session_token(&headers)
-        && let Ok(Some(_)) = session::lookup(&state, token).await
+    // A signed-in visitor goes straight on. The cookie is checked as on any
+    // console page, limits included: an address sending made-up cookies
+    // spends its failures here too, and once out of them gets the form
+    // without a query.
+    if policy.session_token(&parts.headers).is_some()
+        && <ConsoleUser as axum::extract::FromRequestParts<AppState>>::from_request_parts(&mut parts, &state)
+            .await
+            .is_ok()
     {
         return see_other(&next);
     }
@@ -482,7 +488,9 @@ pub async fn login(
     let next = next_of(Some(&form.next));
     let policy = super::cookie_policy(&state.settings.console);
     let form_ok = policy.login_token(&headers).is_some_and(|t| session::same_secret(t, &form.login_csrf));
-    if cross_site(&headers) || !form_ok {
+    // Origin too: without HTTPS browsers send no Sec-Fetch-Site, and a page
+    // on a sibling domain can plant the login cookie it then submits.
+    if cross_site(&headers) || crate::api::check_origin(&headers).is_err() || !form_ok {
         return login_form(
             &state,
             StatusCode::FORBIDDEN,

@@ -328,7 +328,15 @@ impl FromRequestParts<AppState> for ConsoleUser {
             return Err(crate::api::ApiError::too_many_requests(wait).into_response());
         }
         match lookup(state, token).await {
-            Ok(Some(user)) => Ok(user),
+            Ok(Some(user)) => {
+                // Pages read as much as the API calls behind them (the
+                // alerts page up to a thousand alerts), so they spend the
+                // key's allowance as cookie calls to /v1 do.
+                if let Some(key_id) = &user.principal.key_id {
+                    crate::api::limit::charge_session(state, key_id).map_err(IntoResponse::into_response)?;
+                }
+                Ok(user)
+            }
             Ok(None) => {
                 if let Some(address) = address {
                     let _ = limiter.charge_failure(address, std::time::Instant::now());

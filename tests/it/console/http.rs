@@ -182,20 +182,89 @@ async fn http_pages_carry_their_data_without_javascript() {
 async fn calls_with_a_session_cookie_are_charged_to_its_key() {
     let app = app_with(|s| {
         s.limits.rate_per_second = 0.001;
-        s.limits.burst = 3;
+        s.limits.burst = 4;
     })
     .await;
     let (_, read, _) = keys(&app).await;
+    // Signing in opens the fleet page: the first token.
     let session = sign_in(&app, &read).await;
     let by_cookie = || client().get(app.url("/v1/fleet")).header(COOKIE, session.cookie());
     let by_key = || client().get(app.url("/v1/fleet")).bearer_auth(&read);
     assert_eq!(by_cookie().send().await.unwrap().status(), 200);
     assert_eq!(by_cookie().send().await.unwrap().status(), 200);
-    assert_eq!(by_key().send().await.unwrap().status(), 200, "the third token");
+    assert_eq!(by_key().send().await.unwrap().status(), 200, "the fourth token");
     let refused = by_key().send().await.unwrap();
     assert_eq!(refused.status(), 429);
     assert!(refused.headers().contains_key("retry-after"));
     assert_eq!(by_cookie().send().await.unwrap().status(), 429, "the cookie shares the key's empty bucket");
+}
+
+/// Console pages read as much as the API calls behind them, and spend the
+/// same allowance.
+#[tokio::test]
+async fn console_pages_are_charged_to_the_sessions_key() {
+    let app = app_with(|s| {
+        s.limits.rate_per_second = 0.001;
+        s.limits.burst = 3;
+    })
+    .await;
+    let (_, read, _) = keys(&app).await;
+    let session = sign_in(&app, &read).await;
+    assert_eq!(get(&app, &session, "/alerts").await.0, 200);
+    assert_eq!(get(&app, &session, "/").await.0, 200, "the third token");
+    let (status, headers, _) = get(&app, &session, "/alerts").await;
+    assert_eq!(status, 429);
+    assert!(headers.contains_key("retry-after"));
+    assert!(headers.get(SET_COOKIE).is_none(), "the session is kept");
+}
+
+/// The sign-in page looks up a cookie it is shown, so made-up ones spend
+/// the address's failures there too.
+#[tokio::test]
+async fn made_up_session_cookies_at_the_sign_in_page_use_up_the_address_failures() {
+    let app = app_with(|s| {
+        s.limits.failed_auth_per_second = 0.001;
+        s.limits.failed_auth_burst = 3;
+    })
+    .await;
+    for _ in 0..3 {
+        let made_up = format!("warden_session={}", warden::console::session::new_token());
+        let page = client().get(app.url("/login")).header(COOKIE, made_up).send().await.unwrap();
+        assert_eq!(page.status(), 200, "the form");
+    }
+    let (_, made_up_key) = warden::auth::generate();
+    let refused = client().get(app.url("/v1/fleet")).bearer_auth(made_up_key).send().await.unwrap();
+    assert_eq!(refused.status(), 429, "the address has no failures left");
+    let made_up = format!("warden_session={}", warden::console::session::new_token());
+    let page = client().get(app.url("/login")).header(COOKIE, made_up).send().await.unwrap();
+    assert_eq!(page.status(), 200, "still the form, without a lookup");
+}
+
+/// Without HTTPS browsers send no Sec-Fetch-Site; the Origin header still
+/// tells a sign-in posted from another site's page.
+#[tokio::test]
+async fn a_sign_in_posted_from_another_origin_is_refused() {
+    let app = app().await;
+    let (_, read, _) = keys(&app).await;
+    let http = client();
+    let page = http.get(app.url("/login")).send().await.unwrap();
+    let (login, _) = set_cookie(&page, "warden_login").unwrap();
+    let html = page.text().await.unwrap();
+    let body = format!("key={}&login_csrf={}&next=%2F", url_encode(&read), url_encode(&hidden(&html, "login_csrf")));
+    let post = |origin: &str| {
+        http.post(app.url("/login"))
+            .header(COOKIE, format!("warden_login={login}"))
+            .header(CONTENT_TYPE, FORM)
+            .header("origin", origin.to_string())
+            .body(body.clone())
+    };
+    let refused = post("http://evil.example").send().await.unwrap();
+    assert_eq!(refused.status(), 403);
+    assert!(set_cookie(&refused, "warden_session").is_none());
+    let own = app.url("");
+    let accepted = post(own.trim_end_matches('/')).send().await.unwrap();
+    assert_eq!(accepted.status(), StatusCode::SEE_OTHER, "the page's own origin signs in");
+    assert!(set_cookie(&accepted, "warden_session").is_some());
 }
 
 /// Made-up session cookies on console pages cost a lookup each, so they
