@@ -163,20 +163,23 @@ pub async fn cycle(
     let prunes: [(&'static str, &str, Option<DateTime<Utc>>); 6] = [
         (
             "events",
-            // Oldest first, through system_events_prunable_idx (V22): the
+            // Oldest first, through system_events_prunable_idx (V21): the
             // planner takes it for the ordered read, where without the
             // order it walked past every transition kept for 400 days.
-            "DELETE FROM warden.system_events WHERE id IN (SELECT id FROM warden.system_events \
+            // The ids as an array, so the delete finds them by primary
+            // key: `id IN (subquery)` of a full batch was planned as a hash
+            // join over the whole table.
+            "DELETE FROM warden.system_events WHERE id = ANY (ARRAY(SELECT id FROM warden.system_events \
                WHERE occurred_at < $1 AND NOT (event_type IN ('status_changed', 'evaluation_paused') \
-                                               AND source = 'warden') ORDER BY occurred_at LIMIT $2)",
+                                               AND source = 'warden') ORDER BY occurred_at LIMIT $2))",
             Some(now - settings.events.to_chrono()),
         ),
         (
             // With them, the stretches nobody evaluated: availability reads both.
             "transitions",
-            "DELETE FROM warden.system_events WHERE id IN (SELECT id FROM warden.system_events \
+            "DELETE FROM warden.system_events WHERE id = ANY (ARRAY(SELECT id FROM warden.system_events \
                WHERE occurred_at < $1 AND event_type IN ('status_changed', 'evaluation_paused') \
-                 AND source = 'warden' LIMIT $2)",
+                 AND source = 'warden' LIMIT $2))",
             Some(now - settings.transitions.to_chrono()),
         ),
         (

@@ -110,7 +110,7 @@ pub struct PassReport {
     pub failed: usize,
     pub dead: usize,
     /// Escalations and repeats dropped because none of their alerts was
-    /// still firing.
+    /// still firing, and resolutions to a channel that never saw them.
     pub cancelled: usize,
     /// Sends whose outcome could not be recorded before the claim ran out
     /// (the database away all that time): they go again after the lease.
@@ -123,8 +123,14 @@ pub struct PassReport {
 /// (the acknowledgement's own cancelling cannot see it yet), and
 /// resolutions do not cancel anything. Deliveries being sent right now
 /// (claimed, claim not expired) are left to finish.
+///
+/// Likewise a resolution whose channel never got a message about any of
+/// its alerts: it was queued behind a firing message still being retried,
+/// which was then given up (dead) or cancelled, and would close what the
+/// channel never saw open. (An "auto-recovered" note is the first and only
+/// message by design.)
 async fn cancel_stale_escalations(client: &tokio_postgres::Client, now: DateTime<Utc>) -> Result<usize, DbError> {
-    Ok(client
+    let escalations = client
         .execute(
             "UPDATE warden.alert_deliveries d SET state = 'cancelled', claimed_by = NULL, claimed_until = NULL, \
                     last_error = 'no alert of it was firing any more' \
@@ -133,7 +139,20 @@ async fn cancel_stale_escalations(client: &tokio_postgres::Client, now: DateTime
                AND NOT EXISTS (SELECT 1 FROM warden.alerts x WHERE x.id = ANY (d.alert_ids) AND x.state = 'firing')",
             &[&now],
         )
-        .await? as usize)
+        .await?;
+    let resolutions = client
+        .execute(
+            "UPDATE warden.alert_deliveries d SET state = 'cancelled', claimed_by = NULL, claimed_until = NULL, \
+                    last_error = 'the channel never received a message about these alerts' \
+             WHERE d.state = 'pending' AND d.kind = 'resolved' AND NOT d.detail ? 'auto_recovered_attempt' \
+               AND (d.claimed_until IS NULL OR d.claimed_until <= $1) \
+               AND NOT EXISTS (SELECT 1 FROM warden.alert_deliveries o \
+                               WHERE o.channel = d.channel AND o.kind <> 'resolved' AND o.alert_ids && d.alert_ids \
+                                 AND o.state IN ('sent', 'pending'))",
+            &[&now],
+        )
+        .await?;
+    Ok((escalations + resolutions) as usize)
 }
 
 /// One replica's dispatcher.

@@ -244,14 +244,14 @@ pub async fn liveness_cycle(
         .query(
             "WITH a AS ( \
                SELECT agent_id, liveness, liveness_since, last_seen, expected_interval_ms, ontime_streak, \
-                      ia_count, ia_mean_ms, ia_var_ms2, heartbeat_count, \
+                      ia_count, ia_mean_ms, ia_var_ms2, \
                       extract(epoch FROM $1::timestamptz - greatest(last_seen, coalesce($2::timestamptz, last_seen))) * 1000 AS silence_ms, \
                       CASE WHEN $6::bool AND ia_count >= $7::int \
                                 AND ia_mean_ms BETWEEN expected_interval_ms / $9::float8 AND expected_interval_ms * $9::float8 \
                            THEN ia_mean_ms + $8::float8 ELSE 'Infinity'::float8 END AS phi_floor \
                FROM warden.agent_status) \
              SELECT agent_id, liveness, liveness_since, last_seen, expected_interval_ms, ontime_streak, \
-                    ia_count, ia_mean_ms, ia_var_ms2, heartbeat_count \
+                    ia_count, ia_mean_ms, ia_var_ms2 \
              FROM a \
              WHERE liveness = 'unknown' \
                 OR (liveness = 'online' AND silence_ms >= least(expected_interval_ms * ($3::float8 + $5::float8), phi_floor)) \
@@ -273,9 +273,8 @@ pub async fn liveness_cycle(
         .await?;
     report.candidates = rows.len();
 
-    let mut transitions: Vec<(String, Transition, i64)> = Vec::new();
-    for row in &rows {
-        let Ok(liveness) = row.get::<_, String>(1).parse::<Liveness>() else { continue };
+    let decide = |row: &tokio_postgres::Row| -> Option<(String, Transition)> {
+        let liveness = row.get::<_, String>(1).parse::<Liveness>().ok()?;
         let last_seen = row.get(3);
         let presence = Presence {
             liveness,
@@ -290,15 +289,33 @@ pub async fn liveness_cycle(
             },
             refused_ms: outages.within(liveness::silence_start(last_seen, resumed), now),
         };
-        if let Some(t) = liveness::decide(&presence, now, resumed, lp) {
-            transitions.push((row.get(0), t, row.get(9)));
-        }
+        liveness::decide(&presence, now, resumed, lp).map(|t| (row.get(0), t))
+    };
+    // The read above takes no lock. The agents it finds changing are
+    // locked (in agent_id order, as ingest locks them) and decided again
+    // from their rows as locked: a heartbeat committed in between has its
+    // say, where a transition written from the first read could take an
+    // agent offline just after it was heard from, and keep it there until
+    // its next heartbeat.
+    let changing: Vec<String> = rows.iter().filter_map(&decide).map(|(id, _)| id).collect();
+    let mut transitions: Vec<(String, Transition)> = Vec::new();
+    if !changing.is_empty() {
+        let locked = tx
+            .query(
+                "SELECT agent_id, liveness, liveness_since, last_seen, expected_interval_ms, ontime_streak, \
+                        ia_count, ia_mean_ms, ia_var_ms2 \
+                 FROM warden.agent_status WHERE agent_id = ANY ($1) ORDER BY agent_id FOR NO KEY UPDATE",
+                &[&changing],
+            )
+            .await?;
+        transitions = locked.iter().filter_map(&decide).collect();
     }
 
     let mut notes = Vec::new();
     if !transitions.is_empty() {
-        report.transitions = write_transitions(&tx, &transitions, now, &mut notes).await?;
+        write_transitions(&tx, &transitions, now, &mut notes).await?;
     }
+    report.transitions = transitions.iter().map(|(id, t)| (id.clone(), t.from, t.to)).collect();
 
     let plan = liveness_incidents(&tx, params, now).await?;
     report.resolved += plan.resolve.len();
@@ -342,61 +359,44 @@ async fn ingest_outages(tx: &tokio_postgres::Transaction<'_>, now: DateTime<Utc>
     Ok(Outages::new(rows.iter().map(|r| (r.get(0), r.get(1))).collect()))
 }
 
-/// Writes the transitions whose agents are as they were read (same
-/// liveness, same heartbeat count): the read above takes no lock, so a
-/// heartbeat committed since (its agent waited for here) has made the
-/// decision stale, and the next cycle decides again from the new row. Written without that check, an agent heard
-/// from that very moment went offline with `liveness_since` after its
-/// heartbeat, and stayed offline until its next one. Returns the
-/// transitions written.
+/// Writes transitions of agents the caller has locked.
 async fn write_transitions(
     tx: &tokio_postgres::Transaction<'_>,
-    transitions: &[(String, Transition, i64)],
+    transitions: &[(String, Transition)],
     now: DateTime<Utc>,
     notes: &mut Vec<Value>,
-) -> Result<Vec<(String, Liveness, Liveness)>, DbError> {
-    let ids: Vec<&str> = transitions.iter().map(|(id, _, _)| id.as_str()).collect();
-    let from: Vec<&str> = transitions.iter().map(|(_, t, _)| t.from.as_str()).collect();
-    let beats: Vec<i64> = transitions.iter().map(|(_, _, beats)| *beats).collect();
-    let states: Vec<&str> = transitions.iter().map(|(_, t, _)| t.to.as_str()).collect();
+) -> Result<(), DbError> {
+    let ids: Vec<&str> = transitions.iter().map(|(id, _)| id.as_str()).collect();
+    let states: Vec<&str> = transitions.iter().map(|(_, t)| t.to.as_str()).collect();
     let severities: Vec<&str> = transitions
         .iter()
-        .map(|(_, t, _)| match t.to {
+        .map(|(_, t)| match t.to {
             Liveness::Offline => Severity::Warning.as_str(),
             _ => Severity::Info.as_str(),
         })
         .collect();
-    lock_agents(tx, &ids).await?;
-    let messages: Vec<String> = transitions.iter().map(|(id, t, _)| format!("{id}: {}", t.describe())).collect();
+    let messages: Vec<String> = transitions.iter().map(|(id, t)| format!("{id}: {}", t.describe())).collect();
     let details: Vec<Value> = transitions
         .iter()
-        .map(|(_, t, _)| json!({"old": t.from, "new": t.to, "reason": t.reason, "figures": t.figures}))
+        .map(|(_, t)| json!({"old": t.from, "new": t.to, "reason": t.reason, "figures": t.figures}))
         .collect();
     // The state change, its event, and a score snapshot, in one statement.
-    let written: HashSet<String> = tx
-        .query(
-            "WITH u AS ( \
-               UPDATE warden.agent_status s SET liveness = v.state, liveness_since = $6, history_at = $6 \
-               FROM unnest($1::text[], $2::text[], $7::text[], $8::bigint[]) AS v(agent_id, state, old, beats) \
-               WHERE s.agent_id = v.agent_id AND s.liveness = v.old AND s.heartbeat_count = v.beats \
-               RETURNING s.agent_id, s.score, s.tier, s.liveness, s.components), \
-             h AS ( \
-               INSERT INTO warden.health_history (agent_id, evaluated_at, score, tier, liveness, components) \
-               SELECT agent_id, $6, score, tier, liveness, components FROM u), \
-             e AS ( \
-               INSERT INTO warden.system_events (occurred_at, agent_id, event_type, severity, message, details) \
-               SELECT $6, e.agent_id, 'status_changed', e.severity, e.message, e.details \
-               FROM unnest($1::text[], $3::text[], $4::text[], $5::jsonb[]) AS e(agent_id, severity, message, details) \
-               WHERE e.agent_id IN (SELECT agent_id FROM u)) \
-             SELECT agent_id::text FROM u",
-            &[&ids, &states, &severities, &messages, &details, &now, &from, &beats],
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let mut done = Vec::with_capacity(written.len());
-    for (id, t, _) in transitions.iter().filter(|(id, _, _)| written.contains(id)) {
+    tx.execute(
+        "WITH u AS ( \
+           UPDATE warden.agent_status s SET liveness = v.state, liveness_since = $6, history_at = $6 \
+           FROM unnest($1::text[], $2::text[]) AS v(agent_id, state) \
+           WHERE s.agent_id = v.agent_id \
+           RETURNING s.agent_id, s.score, s.tier, s.liveness, s.components), \
+         h AS ( \
+           INSERT INTO warden.health_history (agent_id, evaluated_at, score, tier, liveness, components) \
+           SELECT agent_id, $6, score, tier, liveness, components FROM u) \
+         INSERT INTO warden.system_events (occurred_at, agent_id, event_type, severity, message, details) \
+         SELECT $6, e.agent_id, 'status_changed', e.severity, e.message, e.details \
+         FROM unnest($1::text[], $3::text[], $4::text[], $5::jsonb[]) AS e(agent_id, severity, message, details)",
+        &[&ids, &states, &severities, &messages, &details, &now],
+    )
+    .await?;
+    for (id, t) in transitions {
         notes.push(json!({
             "type": crate::stream::STATUS_CHANGED,
             "agent_id": id,
@@ -405,9 +405,8 @@ async fn write_transitions(
             "reason": t.reason,
             "timestamp": now,
         }));
-        done.push((id.clone(), t.from, t.to));
     }
-    Ok(done)
+    Ok(())
 }
 
 /// The resolution of a heartbeat_late incident whose agent went offline;

@@ -54,7 +54,8 @@ macro_rules! attempts_in_window {
     };
 }
 
-/// Manual runs one claim starts while the fleet-wide cap is full.
+/// Manual runs that may be running or verifying at once while the
+/// fleet-wide cap is full.
 const MANUAL_OVER_CAP: i64 = 10;
 
 /// Attempts a give-up message lists by name; the rest are counted.
@@ -515,15 +516,24 @@ impl Engine {
         // checked against every other claim's outcome, not a snapshot
         // taken while another replica was claiming.
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&super::CLAIM_LOCK]).await?;
-        let active: i64 = tx
-            .query_one("SELECT count(*) FROM warden.recovery_jobs WHERE state IN ('running', 'verifying')", &[])
-            .await?
-            .get(0);
+        let active = tx
+            .query_one(
+                "SELECT count(*), count(*) FILTER (WHERE manual) FROM warden.recovery_jobs \
+                 WHERE state IN ('running', 'verifying')",
+                &[],
+            )
+            .await?;
+        let (active, active_manual): (i64, i64) = (active.get(0), active.get(1));
         // An operator's run is not held back by the fleet-wide cap: a full
         // cap is what long verifications look like (ten high_error_rate
         // checks take up to an hour each), and the run was asked for now.
+        // Manual runs past the cap are bounded on their own.
         let room = i64::from(self.settings.max_concurrent) - active;
-        let (limit, automatic) = if room > 0 { (room, true) } else { (MANUAL_OVER_CAP, false) };
+        let (limit, automatic) = if room > 0 { (room, true) } else { (MANUAL_OVER_CAP - active_manual, false) };
+        if limit <= 0 {
+            tx.commit().await?;
+            return Ok((0, 0));
+        }
         // While the fleet is out only manual runs start: one emergency page
         // instead of a restart storm.
         let rows = tx

@@ -164,6 +164,15 @@ async fn an_operators_run_starts_while_the_fleet_cap_is_full() {
     assert_eq!(rig.tick().await.started, 1, "a manual run goes now");
     assert_eq!(rig.action_states("asked").await, ["verifying"]);
     assert!(rig.action_states("queued").await.is_empty(), "automatic ones still wait for room");
+
+    // Past the cap, manual runs are bounded on their own: ten at once.
+    for i in 0..10 {
+        let agent = format!("more-{i}");
+        rig.agent(&agent).await;
+        warden::recovery::run_now(&mut db, &rig.settings, &agent, None).await.unwrap();
+    }
+    assert_eq!(rig.tick().await.started, 9, "with asked's, ten");
+    assert_eq!(rig.tick().await.started, 0);
 }
 
 #[tokio::test]

@@ -667,6 +667,39 @@ async fn a_late_agent_that_goes_offline_gets_no_all_clear_until_it_is_back() {
 }
 
 #[tokio::test]
+async fn a_resolution_queued_behind_a_page_that_is_then_given_up_is_not_sent() {
+    let mut slack = HttpReceiver::start().await;
+    let smtp = SmtpServer::start().await;
+    let timings = TIMINGS.replace("channel_failure_threshold = 10", "channel_failure_threshold = 1000")
+        + "max_delivery_age = \"90s\"\n";
+    let mut rig = Rig::new(&format!("{timings}{}{BOTH_POLICY}", channels_toml(&slack, &smtp, None))).await;
+    let t0 = rig.now;
+    slack.down().await;
+    rig.beat("w1", 10_000, None).await;
+    rig.run_for(secs(40), secs(2)).await;
+    assert_eq!(smtp.mails().len(), 1, "the page by email; Slack's is being retried");
+    // Back while Slack's page is still being retried: the resolution to
+    // Slack waits behind it.
+    rig.come_back("w1").await;
+    assert_eq!(smtp.mails().len(), 2, "email has its all-clear");
+    // Slack's page is given up; then Slack is back.
+    rig.run_to(t0 + secs(130), secs(5)).await;
+    assert_eq!(
+        rig.count("SELECT count(*) FROM warden.alert_deliveries WHERE channel = 'ops_slack' AND kind = 'firing' AND state = 'dead'").await,
+        1
+    );
+    slack.up().await;
+    rig.run_for(secs(8), secs(2)).await;
+    // (w1, silent again since, may be paged anew meanwhile.)
+    let resolved: Vec<String> = slack_texts(&slack).into_iter().filter(|t| t.starts_with("[RESOLVED]")).collect();
+    assert!(resolved.is_empty(), "Slack never had the page, so no all-clear either: {resolved:?}");
+    assert_eq!(
+        rig.count("SELECT count(*) FROM warden.alert_deliveries WHERE channel = 'ops_slack' AND kind = 'resolved' AND state = 'cancelled'").await,
+        1
+    );
+}
+
+#[tokio::test]
 async fn an_escalation_still_waiting_when_the_alert_resolves_gets_no_all_clear() {
     let slack = HttpReceiver::start().await;
     let mut smtp = SmtpServer::start().await;
