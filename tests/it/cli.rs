@@ -58,7 +58,7 @@ fn an_unknown_verb_is_a_usage_error() {
 async fn the_demo_shows_a_live_fleet_and_stops_cleanly_on_ctrl_c() {
     use std::io::{BufRead, BufReader};
     let db = crate::helpers::TestDb::migrated().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = crate::procs::free_port();
     let mut child = warden()
         .args(["demo", "--agents", "8"])
         .env("WARDEN__DATABASE__URL", db.url())

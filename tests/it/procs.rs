@@ -11,9 +11,31 @@ pub fn example_agent() -> PathBuf {
 }
 
 /// A free loopback port, for a process whose URL must be known before it
-/// starts.
+/// starts. Taken from 20000-29999, below the kernel's ephemeral range
+/// (32768 and up here): a port that port 0 handed out and that was let go
+/// could be handed out again, to another test's listener or client,
+/// before the process came to bind it. Ports here go out in turn from a
+/// random start, so tests running side by side do not pick the same one,
+/// and one found taken is skipped.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 10_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::collections::hash_map::RandomState::new().build_hasher().finish() as u32 % SPAN,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..SPAN {
+        let port = (FIRST + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {FIRST}-{}", FIRST + SPAN - 1)
 }
 
 /// The warden binary with none of the developer's own `WARDEN*` settings.

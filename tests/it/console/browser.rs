@@ -60,10 +60,7 @@ impl Browser {
             );
         };
         let permit = ONE_AT_A_TIME.acquire().await.expect("the semaphore is never closed");
-        let port = {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
-            listener.local_addr().unwrap().port()
-        };
+        let port = crate::procs::free_port();
         let log = std::fs::create_dir_all(screenshot_dir())
             .ok()
             .and_then(|_| std::fs::File::create(screenshot_dir().join(format!("chromedriver-{port}.log"))).ok());
