@@ -469,9 +469,19 @@ async fn recovery_command(
         }
         RecoveryCommand::Run { agent, strategy } => {
             let agent = agent_arg(&agent)?;
-            let job = crate::recovery::run_now(client, &settings, agent.as_str(), strategy.as_deref())
-                .await
-                .map_err(Failure::other)?;
+            // The engine does not run then: a queued job would wait, unseen,
+            // until recovery is switched on again, and restart the agent then.
+            if !settings.enabled {
+                return Err(Failure::other("recovery is disabled (recovery.enabled = false); nothing was queued"));
+            }
+            let job = crate::recovery::run_now(client, &settings, agent.as_str(), strategy.as_deref()).await.map_err(
+                |e| match e {
+                    crate::recovery::ManualError::UnknownStrategy(_) | crate::recovery::ManualError::NoStrategy(_) => {
+                        Failure::usage(e.to_string())
+                    }
+                    e => Failure::other(e),
+                },
+            )?;
             println!("recovery of {agent} queued as job {job}; `warden recovery list --agent {agent}` follows it");
             Ok(())
         }

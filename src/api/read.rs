@@ -65,9 +65,12 @@ impl Params {
 /// A label selector `key:value` (or `key=value`).
 fn label_filter(params: &Params) -> Result<Option<Value>, ApiError> {
     let Some(raw) = params.text("label") else { return Ok(None) };
-    let Some((key, value)) = raw.split_once(':').or_else(|| raw.split_once('=')) else {
+    // At whichever separator comes first: label keys hold neither, values
+    // may hold both (`zone=eu:west`).
+    let Some(at) = raw.find([':', '=']) else {
         return Err(ApiError::invalid("label", "must be key:value"));
     };
+    let (key, value) = (&raw[..at], &raw[at + 1..]);
     if key.is_empty() {
         return Err(ApiError::invalid("label", "must be key:value with a non-empty key"));
     }

@@ -42,7 +42,10 @@ async fn list(
     Ok(Json(json!({ "recoveries": rows, "next_cursor": next })))
 }
 
+/// Unknown fields are refused: a misspelt `strategy` would otherwise run
+/// the default strategy, which cannot be taken back.
 #[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 struct RunRequest {
     strategy: Option<String>,
 }

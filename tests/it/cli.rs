@@ -105,6 +105,31 @@ async fn the_demo_shows_a_live_fleet_and_stops_cleanly_on_ctrl_c() {
 }
 
 #[tokio::test]
+async fn recovery_run_refuses_when_nothing_would_run_it() {
+    let db = crate::helpers::TestDb::migrated().await;
+    db.client().await.execute("SELECT warden.record_heartbeat('r1')", &[]).await.unwrap();
+    let run = |env: &[(&str, &str)], args: &[&str]| {
+        warden()
+            .args(["recovery", "run", "r1"])
+            .args(args)
+            .env("WARDEN__DATABASE__URL", db.url())
+            .envs(env.iter().copied())
+            .output()
+            .unwrap()
+    };
+    // The engine does not run with recovery off: a queued job would wait
+    // unseen and restart the agent whenever it was switched on again.
+    let off = run(&[("WARDEN__RECOVERY__ENABLED", "false")], &[]);
+    assert_eq!(off.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&off.stderr).contains("recovery is disabled"), "{off:?}");
+    // A strategy that is not there is bad usage.
+    let unknown = run(&[], &["--strategy", "nosuch"]);
+    assert_eq!(unknown.status.code(), Some(2), "{unknown:?}");
+    let jobs: i64 = db.client().await.query_one("SELECT count(*) FROM warden.recovery_jobs", &[]).await.unwrap().get(0);
+    assert_eq!(jobs, 0);
+}
+
+#[tokio::test]
 async fn database_verbs_read_a_current_schema_on_a_read_only_database() {
     let db = crate::helpers::TestDb::migrated().await;
     let admin = crate::helpers::admin_client().await;

@@ -430,6 +430,8 @@ async fn values_postgresql_cannot_store_are_refused_not_failed() {
             "labels.a",
         ),
         ("/v1/agents/worker-1/recover", json!({"strategy": 5}), "strategy"),
+        // A misspelt strategy must not run the default one.
+        ("/v1/agents/worker-1/recover", json!({"stratgy": "drain"}), "stratgy"),
     ];
     for (path, body, field) in cases {
         let (status, error) = error_of(app.post(path, &admin, &body).await).await;

@@ -41,6 +41,14 @@ async fn agents_are_listed_filtered_and_paged() {
     let (_, workers) = get_json(&app, &read, "/v1/agents?label=role:worker").await;
     assert_eq!(workers["agents"].as_array().unwrap().len(), 3);
     assert_eq!(workers["next_cursor"], Value::Null);
+    // A value may hold either separator; the key ends at the first.
+    app.heartbeat(&ingest, json!({"agent_id": "a9", "labels": {"zone": "eu:west=2"}})).await;
+    for query in ["label=zone=eu:west%3D2", "label=zone:eu:west%3D2"] {
+        let (_, zoned) = get_json(&app, &read, &format!("/v1/agents?{query}")).await;
+        let ids: Vec<&str> =
+            zoned["agents"].as_array().unwrap().iter().map(|a| a["agent_id"].as_str().unwrap()).collect();
+        assert_eq!(ids, ["a9"], "{query}");
+    }
     let (_, online) = get_json(&app, &read, "/v1/agents?liveness=online").await;
     assert_eq!(online["agents"].as_array().unwrap().len(), 5);
     assert_eq!(online["agents"][0]["liveness"], "online");
