@@ -17,27 +17,40 @@ use hyper::body::{Body as HttpBody, Frame, SizeHint};
 
 use super::ApiError;
 
-/// Whether a request's body has been read to its end.
+/// Whether a request's body has been read from, and to its end.
 #[derive(Clone)]
-pub struct BodyProgress(Arc<AtomicBool>);
+pub struct BodyProgress {
+    started: Arc<AtomicBool>,
+    done: Arc<AtomicBool>,
+}
 
 impl BodyProgress {
     pub fn complete(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.done.load(Ordering::Relaxed)
+    }
+
+    /// Whether warden has begun reading the body. Handlers check the key
+    /// first: one still waiting for the database then has not.
+    pub fn started(&self) -> bool {
+        self.started.load(Ordering::Relaxed)
     }
 }
 
-/// Wraps the request's body so its completion can be observed.
+/// Wraps the request's body so its reading can be observed.
 pub fn track(request: Request) -> (Request, BodyProgress) {
     let (parts, body) = request.into_parts();
     let done = Arc::new(AtomicBool::new(body.is_end_stream()));
-    let progress = BodyProgress(done.clone());
-    (Request::from_parts(parts, Body::new(Tracked { inner: body, done })), progress)
+    let started = Arc::new(AtomicBool::new(false));
+    let progress = BodyProgress { started: started.clone(), done: done.clone() };
+    (Request::from_parts(parts, Body::new(Tracked { inner: body, started, done })), progress)
 }
 
-/// The answer when the request outlived the timeout.
+/// The answer when the request outlived the timeout: 408 only when warden
+/// was reading the body and the client had not sent it all; when warden
+/// had not got as far as reading it (a key check waiting for the
+/// database), the slowness was warden's.
 pub fn expired(progress: &BodyProgress) -> Response {
-    let error = if progress.complete() {
+    let error = if progress.complete() || !progress.started() {
         ApiError::unavailable("the request took too long and was abandoned")
     } else {
         ApiError::new(
@@ -53,6 +66,7 @@ pub fn expired(progress: &BodyProgress) -> Response {
 
 struct Tracked {
     inner: Body,
+    started: Arc<AtomicBool>,
     done: Arc<AtomicBool>,
 }
 
@@ -61,6 +75,7 @@ impl HttpBody for Tracked {
     type Error = axum::Error;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        self.started.store(true, Ordering::Relaxed);
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         if matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream() {
             self.done.store(true, Ordering::Relaxed);

@@ -254,6 +254,29 @@ async fn a_trickling_body_is_cut_off_with_408_and_holds_no_database_connection()
     );
 }
 
+/// A key check stuck on the database is warden's slowness, not the
+/// client's: 503 with Retry-After, although the body was never read.
+#[tokio::test]
+async fn a_request_timed_out_before_warden_read_its_body_is_503_not_408() {
+    let app = TestApp::spawn_with(|s| s.server.request_timeout = SettingsDuration::from_secs(2)).await;
+    let key = app.key(&[Scope::Ingest]).await;
+    let mut holder = app.db.client().await;
+    let lock = holder.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE warden.api_keys IN ACCESS EXCLUSIVE MODE").await.unwrap();
+    let response = app
+        .http
+        .post(app.url("/v1/heartbeats"))
+        .bearer_auth(&key)
+        .json(&json!({"agent_id": "patient"}))
+        .send()
+        .await
+        .unwrap();
+    lock.rollback().await.unwrap();
+    assert_eq!(response.status(), 503);
+    assert!(response.headers().contains_key("retry-after"));
+    assert_eq!(app.count("SELECT count(*) FROM warden.agent_status").await, 0, "nothing was written");
+}
+
 #[tokio::test]
 async fn slow_or_absent_request_headers_close_the_connection() {
     let app = TestApp::spawn_with(|s| s.server.header_read_timeout = SettingsDuration::from_millis(500)).await;
