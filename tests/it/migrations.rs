@@ -335,22 +335,28 @@ const COMPONENTS: &str = r#"{"error_rate": {"score": null, "inputs": {}, "weight
     "heartbeat_consistency": {"score": 60.42, "inputs": {"delivery": 1.0, "jitter_cv": 0.5}, "weight": 1.0}}"#;
 
 /// Every migration, for tests that stop at an earlier version first.
-mod up_to_v13 {
+mod all_migrations {
     refinery::embed_migrations!("migrations");
 }
 
-#[tokio::test]
-async fn moving_components_to_the_end_of_the_row_keeps_every_breakdown() {
+/// A database migrated up to `version` only, for a test of the one after.
+async fn migrated_up_to(version: i32) -> (TestDb, tokio_postgres::Client) {
     let db = TestDb::empty().await;
     let mut client = db.client().await;
     client.batch_execute("CREATE SCHEMA warden").await.unwrap();
-    up_to_v13::migrations::runner()
-        .set_target(refinery::Target::Version(13))
+    all_migrations::migrations::runner()
+        .set_target(refinery::Target::Version(version))
         .set_grouped(true)
         .set_migration_table_name("warden.refinery_schema_history")
         .run_async(&mut client)
         .await
         .unwrap();
+    (db, client)
+}
+
+#[tokio::test]
+async fn moving_components_to_the_end_of_the_row_keeps_every_breakdown() {
+    let (_db, mut client) = migrated_up_to(13).await;
     for agent in ["scored", "unscored"] {
         client.execute("SELECT warden.record_heartbeat($1, uptime_seconds => 1)", &[&agent]).await.unwrap();
     }
@@ -389,17 +395,8 @@ async fn moving_components_to_the_end_of_the_row_keeps_every_breakdown() {
 }
 
 #[tokio::test]
-async fn agents_from_before_v21_are_owed_what_their_interval_gave_and_keep_their_breakdown() {
-    let db = TestDb::empty().await;
-    let mut client = db.client().await;
-    client.batch_execute("CREATE SCHEMA warden").await.unwrap();
-    up_to_v13::migrations::runner()
-        .set_target(refinery::Target::Version(20))
-        .set_grouped(true)
-        .set_migration_table_name("warden.refinery_schema_history")
-        .run_async(&mut client)
-        .await
-        .unwrap();
+async fn agents_from_before_v22_are_owed_what_their_interval_gave_and_keep_their_breakdown() {
+    let (_db, mut client) = migrated_up_to(21).await;
     client.execute("SELECT warden.record_heartbeat('old', 'active', uptime_seconds => 1)", &[]).await.unwrap();
     client
         .execute(
