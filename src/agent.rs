@@ -39,15 +39,17 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
 /// warden cannot take them.
 pub async fn run(args: AgentArgs) -> Result<(), String> {
     crate::model::AgentId::parse(args.agent_id.clone()).map_err(|e| format!("--agent-id: {e}"))?;
-    if args.detach {
-        return detach();
-    }
+    // Built before detaching, so a bad --url is reported by the command
+    // that was given it, not by a child whose output goes nowhere.
     let clients: Vec<Client> = args
         .urls
         .iter()
         .map(|u| Client::new(u, args.key.clone()))
         .collect::<Result<_, _>>()
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| format!("--url: {e}"))?;
+    if args.detach {
+        return detach();
+    }
     let started = Instant::now();
     let mut schedule = Failover::new(clients.len());
     // The host's clock, unless warden found it too far ahead.

@@ -104,6 +104,15 @@ async fn the_demo_shows_a_live_fleet_and_stops_cleanly_on_ctrl_c() {
     .await;
 }
 
+#[test]
+fn a_detached_agent_with_a_bad_url_fails_where_it_was_started() {
+    // The detached child's output goes nowhere: the command given the URL
+    // must say it is wrong, and not start anything.
+    let out = warden().args(["agent", "--agent-id", "a1", "--url", "127.0.0.1:8080", "--detach"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--url"), "{out:?}");
+}
+
 #[tokio::test]
 async fn recovery_run_refuses_when_nothing_would_run_it() {
     let db = crate::helpers::TestDb::migrated().await;
