@@ -129,7 +129,7 @@ pub struct PassReport {
 /// which was then given up (dead) or cancelled, and would close what the
 /// channel never saw open. (An "auto-recovered" note is the first and only
 /// message by design.)
-async fn cancel_stale_escalations(client: &tokio_postgres::Client, now: DateTime<Utc>) -> Result<usize, DbError> {
+async fn cancel_stale(client: &tokio_postgres::Client, now: DateTime<Utc>) -> Result<usize, DbError> {
     let escalations = client
         .execute(
             "UPDATE warden.alert_deliveries d SET state = 'cancelled', claimed_by = NULL, claimed_until = NULL, \
@@ -205,7 +205,7 @@ impl Dispatcher {
             Some(n) => n,
             None => client.query_one("SELECT now()", &[]).await?.get(0),
         };
-        let cancelled = cancel_stale_escalations(&client, now).await?;
+        let cancelled = cancel_stale(&client, now).await?;
         let rows = self.claim(&client, now).await?;
         let mut report = PassReport { claimed: rows.len(), cancelled, ..PassReport::default() };
         if rows.is_empty() {

@@ -115,12 +115,13 @@ struct Row {
     suppressed_reason: Option<String>,
     held_until: Option<DateTime<Utc>>,
     next_escalation_at: Option<DateTime<Utc>>,
-    /// Resolved only because its problem changed form (late became
-    /// offline), sent, and the agent is not back yet: its all-clear waits.
-    problem_goes_on: bool,
-    /// Sent, and resolved only because its problem changed form: its
-    /// all-clear, sent once the agent is back, is dated then.
+    /// Sent, and resolved only because its problem changed form (late
+    /// became offline): its all-clear waits for the agent to be back, and
+    /// is dated then.
     all_clear_held: bool,
+    /// Held, and the agent still offline or degraded or with another
+    /// late, offline or extended-offline alert active.
+    problem_goes_on: bool,
 }
 
 /// The escalator-owned columns of one alert after the cycle.
@@ -591,15 +592,16 @@ async fn load_alerts(tx: &tokio_postgres::Transaction<'_>) -> Result<Vec<Row>, D
             "SELECT a.id, a.incident_id, a.severity, a.state, a.opened_at, a.paged_at, a.escalation_level, a.repeats, \
                     a.route, a.policy, a.group_id, a.recovery_failed_at, a.source, a.subject, \
                     coalesce(a.issue, 'unknown'), s.labels, a.suppressed_reason, a.held_until, a.next_escalation_at, \
-                    a.state = 'resolved' AND a.paged_at IS NOT NULL AND i.resolution LIKE 'superseded:%' \
-                      AND (s.liveness IN ('offline', 'degraded') \
-                           OR EXISTS (SELECT 1 FROM warden.alerts b \
-                                      WHERE NOT b.closed AND b.state <> 'resolved' AND b.source = 'incident' \
-                                        AND b.subject = a.subject AND b.id <> a.id AND b.issue = ANY ($1))), \
-                    a.state = 'resolved' AND a.paged_at IS NOT NULL AND i.resolution LIKE 'superseded:%' \
+                    h.held, \
+                    h.held AND (s.liveness IN ('offline', 'degraded') \
+                                OR EXISTS (SELECT 1 FROM warden.alerts b \
+                                           WHERE NOT b.closed AND b.state <> 'resolved' AND b.source = 'incident' \
+                                             AND b.subject = a.subject AND b.id <> a.id AND b.issue = ANY ($1))) \
              FROM warden.alerts a \
              LEFT JOIN warden.agent_status s ON a.source = 'incident' AND s.agent_id = a.subject \
              LEFT JOIN warden.incidents i ON i.id = a.incident_id \
+             CROSS JOIN LATERAL (SELECT coalesce(a.state = 'resolved' AND a.paged_at IS NOT NULL \
+                                                 AND i.resolution LIKE 'superseded:%', false) AS held) h \
              WHERE NOT a.closed \
              ORDER BY a.id \
              FOR NO KEY UPDATE OF a SKIP LOCKED",
@@ -629,8 +631,8 @@ async fn load_alerts(tx: &tokio_postgres::Transaction<'_>) -> Result<Vec<Row>, D
                 suppressed_reason: r.get(16),
                 held_until: r.get(17),
                 next_escalation_at: r.get(18),
-                problem_goes_on: r.get::<_, Option<bool>>(19).unwrap_or(false),
-                all_clear_held: r.get::<_, Option<bool>>(20).unwrap_or(false),
+                all_clear_held: r.get::<_, Option<bool>>(19).unwrap_or(false),
+                problem_goes_on: r.get::<_, Option<bool>>(20).unwrap_or(false),
             })
         })
         .collect())

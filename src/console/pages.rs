@@ -441,15 +441,11 @@ pub async fn login_page(
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
     let next = next_of(query.get("next").map(String::as_str));
-    let policy = super::cookie_policy(&state.settings.console);
     // A signed-in visitor goes straight on. The cookie is checked as on any
     // console page, limits included: an address sending made-up cookies
     // spends its failures here too, and once out of them gets the form
     // without a query.
-    if policy.session_token(&parts.headers).is_some()
-        && <ConsoleUser as axum::extract::FromRequestParts<AppState>>::from_request_parts(&mut parts, &state)
-            .await
-            .is_ok()
+    if <ConsoleUser as axum::extract::FromRequestParts<AppState>>::from_request_parts(&mut parts, &state).await.is_ok()
     {
         return see_other(&next);
     }

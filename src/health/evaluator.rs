@@ -198,6 +198,15 @@ fn seconds(d: Duration) -> f64 {
     d.num_milliseconds() as f64 / 1000.0
 }
 
+/// The agent_status columns liveness decides from, in the order `decide`
+/// reads them (by position), for both reads of a cycle.
+macro_rules! presence_columns {
+    () => {
+        "agent_id, liveness, liveness_since, last_seen, expected_interval_ms, ontime_streak, \
+         ia_count, ia_mean_ms, ia_var_ms2"
+    };
+}
+
 /// One liveness cycle at `now` (the database's clock when `None`).
 #[tracing::instrument(skip_all)]
 pub async fn liveness_cycle(
@@ -242,22 +251,24 @@ pub async fn liveness_cycle(
     let phi = lp.detector == Detector::Phi;
     let rows = tx
         .query(
-            "WITH a AS ( \
-               SELECT agent_id, liveness, liveness_since, last_seen, expected_interval_ms, ontime_streak, \
-                      ia_count, ia_mean_ms, ia_var_ms2, \
-                      extract(epoch FROM $1::timestamptz - greatest(last_seen, coalesce($2::timestamptz, last_seen))) * 1000 AS silence_ms, \
+            concat!(
+                "WITH a AS ( \
+                   SELECT ",
+                presence_columns!(),
+                ", extract(epoch FROM $1::timestamptz - greatest(last_seen, coalesce($2::timestamptz, last_seen))) * 1000 AS silence_ms, \
                       CASE WHEN $6::bool AND ia_count >= $7::int \
                                 AND ia_mean_ms BETWEEN expected_interval_ms / $9::float8 AND expected_interval_ms * $9::float8 \
                            THEN ia_mean_ms + $8::float8 ELSE 'Infinity'::float8 END AS phi_floor \
-               FROM warden.agent_status) \
-             SELECT agent_id, liveness, liveness_since, last_seen, expected_interval_ms, ontime_streak, \
-                    ia_count, ia_mean_ms, ia_var_ms2 \
-             FROM a \
+                   FROM warden.agent_status) \
+                 SELECT ",
+                presence_columns!(),
+                " FROM a \
              WHERE liveness = 'unknown' \
                 OR (liveness = 'online' AND silence_ms >= least(expected_interval_ms * ($3::float8 + $5::float8), phi_floor)) \
                 OR (liveness = 'degraded' AND (last_seen > liveness_since \
                     OR silence_ms >= least(expected_interval_ms * ($4::float8 + $5::float8), phi_floor))) \
-                OR (liveness = 'offline' AND last_seen > liveness_since)",
+                OR (liveness = 'offline' AND last_seen > liveness_since)"
+            ),
             &[
                 &now,
                 &resumed,
@@ -302,9 +313,11 @@ pub async fn liveness_cycle(
     if !changing.is_empty() {
         let locked = tx
             .query(
-                "SELECT agent_id, liveness, liveness_since, last_seen, expected_interval_ms, ontime_streak, \
-                        ia_count, ia_mean_ms, ia_var_ms2 \
-                 FROM warden.agent_status WHERE agent_id = ANY ($1) ORDER BY agent_id FOR NO KEY UPDATE",
+                concat!(
+                    "SELECT ",
+                    presence_columns!(),
+                    " FROM warden.agent_status WHERE agent_id = ANY ($1) ORDER BY agent_id FOR NO KEY UPDATE"
+                ),
                 &[&changing],
             )
             .await?;

@@ -105,7 +105,7 @@ pub async fn run_command(
     let status = match waited {
         Ok(status) => status.ok(),
         Err(_) => {
-            kill_group(&child);
+            kill_group(child.id());
             // SIGKILL cannot be refused; the wait is bounded all the same,
             // since the lease does not wait.
             let _ = tokio::time::timeout(GRACE, child.kill()).await;
@@ -168,17 +168,14 @@ struct GroupGuard(Option<u32>);
 
 impl Drop for GroupGuard {
     fn drop(&mut self) {
-        #[cfg(unix)]
-        if let Some(pid) = self.0 {
-            // SAFETY: kill(2) on the process group created for the child.
-            unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };
-        }
+        kill_group(self.0);
     }
 }
 
-fn kill_group(child: &tokio::process::Child) {
+/// SIGKILL to the process group led by `pid` (the child's, created for it).
+fn kill_group(pid: Option<u32>) {
     #[cfg(unix)]
-    if let Some(pid) = child.id() {
+    if let Some(pid) = pid {
         // SAFETY: kill(2) on the process group we created for this child.
         unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };
     }
