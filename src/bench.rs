@@ -271,6 +271,7 @@ pub mod evaluate {
                 ontime_streak: r.get(4),
                 arrivals: ArrivalStats { count: r.get::<_, i32>(5) as u32, mean_ms: r.get(6), variance_ms2: r.get(7) },
                 refused_ms: 0,
+                refused_at: None,
             };
             if let Some(t) = liveness::decide(&presence, now, None, &params.liveness) {
                 client.execute(&update, &[&agent, &t.to.as_str(), &now]).await?;

@@ -42,9 +42,10 @@ const HOUR_STEP: Duration = Duration::hours(1);
 /// How long one cycle spends catching rollups up before it goes on to
 /// dropping and pruning; the next cycle carries on.
 const CATCH_UP_BUDGET: std::time::Duration = std::time::Duration::from_secs(120);
-/// How long the stretches in which ingestion refused heartbeats are kept
-/// (liveness leaves them out of agents' silence): an agent silent for
-/// longer has been offline for days whatever they excuse.
+/// How long ingestion's refusals are kept, the stretches without the
+/// database and each agent's latest refusal at capacity (liveness leaves
+/// both out of agents' silence): an agent silent for longer has been
+/// offline for days whatever they excuse.
 const INGEST_OUTAGE_MEMORY: Duration = Duration::days(7);
 
 /// What one cycle did.
@@ -160,7 +161,7 @@ pub async fn cycle(
     let batch = i64::from(settings.batch);
     let hours_rolled = marks.and_then(|(_, hours, _)| hours);
     // Each prune with its cutoff; None: not now.
-    let prunes: [(&'static str, &str, Option<DateTime<Utc>>); 6] = [
+    let prunes: [(&'static str, &str, Option<DateTime<Utc>>); 7] = [
         (
             "events",
             // Oldest first, through system_events_prunable_idx (V21): the
@@ -204,6 +205,12 @@ pub async fn cycle(
             "ingest_outages",
             "DELETE FROM warden.ingest_outages WHERE ctid IN (SELECT ctid FROM warden.ingest_outages \
                WHERE ended_at < $1 LIMIT $2)",
+            Some(now - INGEST_OUTAGE_MEMORY),
+        ),
+        (
+            "ingest_refusals",
+            "DELETE FROM warden.ingest_refusals WHERE agent_id = ANY (ARRAY(SELECT agent_id \
+               FROM warden.ingest_refusals WHERE refused_at < $1 LIMIT $2))",
             Some(now - INGEST_OUTAGE_MEMORY),
         ),
     ];

@@ -198,12 +198,17 @@ fn seconds(d: Duration) -> f64 {
     d.num_milliseconds() as f64 / 1000.0
 }
 
-/// The agent_status columns liveness decides from, in the order `decide`
-/// reads them (by position), for both reads of a cycle.
+/// The columns liveness decides from, in the order `decide` reads them
+/// (by position), and where they come from, for both reads of a cycle.
 macro_rules! presence_columns {
     () => {
         "agent_id, liveness, liveness_since, last_seen, expected_interval_ms, ontime_streak, \
-         ia_count, ia_mean_ms, ia_var_ms2"
+         ia_count, ia_mean_ms, ia_var_ms2, refused_at"
+    };
+}
+macro_rules! presence_from {
+    () => {
+        " FROM warden.agent_status s LEFT JOIN warden.ingest_refusals r USING (agent_id)"
     };
 }
 
@@ -255,11 +260,12 @@ pub async fn liveness_cycle(
                 "WITH a AS ( \
                    SELECT ",
                 presence_columns!(),
-                ", extract(epoch FROM $1::timestamptz - greatest(last_seen, coalesce($2::timestamptz, last_seen))) * 1000 AS silence_ms, \
+                ", extract(epoch FROM $1::timestamptz - greatest(last_seen, $2::timestamptz, refused_at)) * 1000 AS silence_ms, \
                       CASE WHEN $6::bool AND ia_count >= $7::int \
                                 AND ia_mean_ms BETWEEN expected_interval_ms / $9::float8 AND expected_interval_ms * $9::float8 \
-                           THEN ia_mean_ms + $8::float8 ELSE 'Infinity'::float8 END AS phi_floor \
-                   FROM warden.agent_status) \
+                           THEN ia_mean_ms + $8::float8 ELSE 'Infinity'::float8 END AS phi_floor",
+                presence_from!(),
+                ") \
                  SELECT ",
                 presence_columns!(),
                 " FROM a \
@@ -286,11 +292,10 @@ pub async fn liveness_cycle(
 
     let decide = |row: &tokio_postgres::Row| -> Option<(String, Transition)> {
         let liveness = row.get::<_, String>(1).parse::<Liveness>().ok()?;
-        let last_seen = row.get(3);
-        let presence = Presence {
+        let mut presence = Presence {
             liveness,
             liveness_since: row.get(2),
-            last_seen,
+            last_seen: row.get(3),
             expected_interval_ms: i64::from(row.get::<_, i32>(4)),
             ontime_streak: row.get(5),
             arrivals: ArrivalStats {
@@ -298,8 +303,10 @@ pub async fn liveness_cycle(
                 mean_ms: row.get(7),
                 variance_ms2: row.get(8),
             },
-            refused_ms: outages.within(liveness::silence_start(last_seen, resumed), now),
+            refused_ms: 0,
+            refused_at: row.get(9),
         };
+        presence.refused_ms = outages.within(liveness::silence_start(presence.last_heard(), resumed), now);
         liveness::decide(&presence, now, resumed, lp).map(|t| (row.get(0), t))
     };
     // The read above takes no lock. The agents it finds changing are
@@ -316,7 +323,8 @@ pub async fn liveness_cycle(
                 concat!(
                     "SELECT ",
                     presence_columns!(),
-                    " FROM warden.agent_status WHERE agent_id = ANY ($1) ORDER BY agent_id FOR NO KEY UPDATE"
+                    presence_from!(),
+                    " WHERE agent_id = ANY ($1) ORDER BY agent_id FOR NO KEY UPDATE OF s"
                 ),
                 &[&changing],
             )

@@ -6,7 +6,9 @@
 //!   resumed evaluating after a gap in its own operation, whichever is
 //!   later: warden's downtime never counts against agents. Nor do the
 //!   stretches in which ingestion refused heartbeats because the database
-//!   was out of reach (`Outages`), which are left out of the silence.
+//!   was out of reach (`Outages`), which are left out of the silence, nor
+//!   heartbeats refused because warden was at capacity: silence counts
+//!   from the last of them (`Presence::refused_at`).
 //! - Missed intervals = (silence − tolerance × interval) / interval, the
 //!   tolerance [0.2] absorbing network and scheduling jitter.
 //! - Fixed detector: degraded at `degraded_after_missed` [1] missed
@@ -57,6 +59,18 @@ pub struct Presence {
     /// Milliseconds of the silence during which warden refused heartbeats
     /// (`Outages::within`); they do not count.
     pub refused_ms: i64,
+    /// The agent's latest heartbeat refused at capacity
+    /// (`warden.ingest_refusals`), if any.
+    pub refused_at: Option<DateTime<Utc>>,
+}
+
+impl Presence {
+    /// When the agent was last known alive: its last stored heartbeat, or
+    /// a later one warden refused at capacity. A refusal holds the silence
+    /// back and nothing more: coming back online takes stored heartbeats.
+    pub fn last_heard(&self) -> DateTime<Utc> {
+        self.refused_at.map_or(self.last_seen, |refused| refused.max(self.last_seen))
+    }
 }
 
 /// When ingestion refused heartbeats because the database was out of
@@ -191,7 +205,7 @@ pub fn decide(
     resumed_at: Option<DateTime<Utc>>,
     params: &LivenessParams,
 ) -> Option<Transition> {
-    let seen = silence_start(agent.last_seen, resumed_at);
+    let seen = silence_start(agent.last_heard(), resumed_at);
     let silence_ms = ((now - seen).num_milliseconds() - agent.refused_ms).max(0);
     let interval = agent.expected_interval_ms.max(1) as f64;
     let missed = ((silence_ms as f64 - params.jitter_tolerance * interval) / interval).max(0.0);
@@ -275,6 +289,7 @@ mod tests {
             ontime_streak: streak,
             arrivals: ArrivalStats { count: 0, mean_ms: 0.0, variance_ms2: 0.0 },
             refused_ms: 0,
+            refused_at: None,
         };
         (presence, now)
     }
@@ -359,6 +374,33 @@ mod tests {
         assert_eq!((t.to, t.figures.silence_ms), (Liveness::Offline, 580_000));
     }
 
+    #[test]
+    fn a_heartbeat_refused_at_capacity_holds_the_silence_back_and_nothing_more() {
+        // Stored 10 minutes ago, refused 10 s ago: heard 10 s ago.
+        let (mut a, now) = agent(Liveness::Online, 600, 5);
+        a.refused_at = Some(now - Duration::seconds(10));
+        assert_eq!(decide(&a, now, None, &PARAMS), None);
+        let t = decide(&a, now + Duration::seconds(30), None, &PARAMS).unwrap();
+        assert_eq!((t.to, t.figures.silence_ms), (Liveness::Degraded, 40_000), "silence counts from the refusal");
+        // A refusal older than the last stored heartbeat changes nothing.
+        let (mut b, now) = agent(Liveness::Online, 40, 5);
+        b.refused_at = Some(now - Duration::seconds(600));
+        assert_eq!(decide(&b, now, None, &PARAMS).unwrap().figures.silence_ms, 40_000);
+        // It does not bring an agent back: that takes heartbeats stored
+        // since it went degraded or offline (5 minutes ago here).
+        for liveness in [Liveness::Degraded, Liveness::Offline] {
+            let (mut c, now) = agent(liveness, 600, 5);
+            c.liveness_since = now - Duration::seconds(300);
+            c.refused_at = Some(now - Duration::seconds(1));
+            assert_eq!(decide(&c, now, None, &PARAMS), None, "{liveness} stays {liveness}");
+        }
+        // With refused time left out as well, both apply: silent 40 s since
+        // the refusal, 20 of them without the database.
+        let (mut d, now) = agent(Liveness::Online, 600, 5);
+        d.refused_at = Some(now - Duration::seconds(40));
+        d.refused_ms = 20_000;
+        assert_eq!(decide(&d, now, None, &PARAMS), None);
+    }
     #[test]
     fn transitions_carry_their_figures_and_a_description() {
         let (a, now) = agent(Liveness::Online, 45, 5);

@@ -3,6 +3,7 @@
 
 pub mod events;
 pub mod heartbeat;
+mod refused;
 pub mod writer;
 
 pub use heartbeat::{FieldError, Heartbeat, Limits, ParseError};

@@ -17,7 +17,9 @@
 //!
 //! Bounds and failure:
 //! - The queue is measured in heartbeats. When `ingest.queue_capacity` is
-//!   reached, new requests are refused at once (503) instead of piling up.
+//!   reached, new requests are refused at once (503) instead of piling up,
+//!   and their agents' refusals are recorded as signs of life
+//!   (`refused`).
 //! - When PostgreSQL is unreachable, the requests in the failed flush and
 //!   everything still queued get 503, and new requests are refused at once
 //!   until a probe finds the database again. Requests refused earlier,
@@ -48,6 +50,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::heartbeat::Heartbeat;
+use super::refused::Refused;
 use crate::db::{self, DbError};
 
 const INGEST_SQL: &str = "SELECT idx, is_new, restart_detected, next_heartbeat_ms \
@@ -104,6 +107,7 @@ pub struct Ingestor {
     sender: mpsc::UnboundedSender<Job>,
     queue: Arc<Queue>,
     refusals: Arc<Refusals>,
+    refused: Arc<Refused>,
     pool: Pool,
     group_commit: bool,
     stop: CancellationToken,
@@ -244,7 +248,9 @@ impl Ingestor {
                 tasks.spawn(writer.help());
             }
         }
-        Arc::new(Self { sender, queue, refusals, pool, group_commit: settings.group_commit, stop })
+        let refused = Arc::new(Refused::default());
+        tasks.spawn(refused.clone().record(pool.clone(), stop.clone()));
+        Arc::new(Self { sender, queue, refusals, refused, pool, group_commit: settings.group_commit, stop })
     }
 
     /// A heartbeat was refused at `at`, before it reached the writers,
@@ -287,7 +293,10 @@ impl Ingestor {
             return self.submit_naive(&heartbeats).await;
         }
         let n = heartbeats.len().min(self.queue.capacity) as u32;
-        let permit = self.queue.permits.clone().try_acquire_many_owned(n).map_err(|_| SubmitError::QueueFull)?;
+        let Ok(permit) = self.queue.permits.clone().try_acquire_many_owned(n) else {
+            self.refused.note(heartbeats.iter().map(|h| h.agent_id.as_str()), Instant::now());
+            return Err(SubmitError::QueueFull);
+        };
         let (reply, answer) = oneshot::channel();
         self.sender.send(Job { heartbeats, reply, _permit: permit }).map_err(|_| SubmitError::ShuttingDown)?;
         if self.queue.queued() >= HELPER_MIN_QUEUED {

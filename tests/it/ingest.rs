@@ -3,6 +3,7 @@
 
 use serde_json::{Value, json};
 use warden::auth::Scope;
+use warden::model::Liveness;
 
 use crate::helpers::TestApp;
 
@@ -547,6 +548,84 @@ async fn a_full_queue_answers_503_at_once_and_loses_nothing() {
     assert_eq!(status, 200, "the queued heartbeat is written once the row is free");
     assert_eq!(app.count("SELECT heartbeat_count FROM warden.agent_status WHERE agent_id = 'held'").await, 2);
     assert_eq!(app.count("SELECT count(*) FROM warden.agent_status WHERE agent_id = 'other'").await, 0);
+}
+
+#[tokio::test]
+async fn agents_turned_away_at_capacity_are_not_taken_offline_for_it() {
+    let app = TestApp::spawn_quiet_with(|s| {
+        s.ingest.max_batch = 1;
+        s.ingest.queue_capacity = 1;
+        s.ingest.writers = 1;
+    })
+    .await;
+    let key = app.key(&[Scope::Ingest]).await;
+    for agent in ["held", "turned", "silent"] {
+        app.heartbeat(&key, json!({"agent_id": agent, "next_heartbeat_ms": 30_000})).await;
+    }
+    app.liveness_cycle(None).await;
+    // Both last stored a heartbeat ten minutes ago (twenty intervals), and
+    // warden has been evaluating for longer (no fresh grace since start).
+    app.db
+        .client()
+        .await
+        .batch_execute(
+            "UPDATE warden.agent_status SET last_seen = last_seen - interval '10 minutes' \
+             WHERE agent_id IN ('turned', 'silent'); \
+             UPDATE warden.evaluator_state SET resumed_at = resumed_at - interval '1 hour';",
+        )
+        .await
+        .unwrap();
+
+    // The writer waits on a locked row with the queue's one heartbeat.
+    let mut blocker = app.db.client().await;
+    let tx = blocker.transaction().await.unwrap();
+    tx.execute("SELECT 1 FROM warden.agent_status WHERE agent_id = 'held' FOR UPDATE", &[]).await.unwrap();
+    let app = std::sync::Arc::new(app);
+    let first = {
+        let (app, key) = (app.clone(), key.clone());
+        tokio::spawn(async move { app.heartbeat(&key, json!({"agent_id": "held"})).await })
+    };
+    crate::helpers::eventually(std::time::Duration::from_secs(20), "the writer to wait on the row lock", || async {
+        (app.db.ingest_writes_waiting_on_locks().await > 0).then_some(())
+    })
+    .await;
+    for agent in ["turned", "stranger"] {
+        let refused = app.post("/v1/heartbeats", &key, &json!({"agent_id": agent})).await;
+        assert_eq!(refused.status(), 503, "{agent}: the queue is full");
+    }
+    let refused_at =
+        crate::helpers::eventually(std::time::Duration::from_secs(20), "the refusal to be recorded", || async {
+            let client = app.db.client().await;
+            let row = client
+                .query_opt("SELECT refused_at FROM warden.ingest_refusals WHERE agent_id = 'turned'", &[])
+                .await
+                .unwrap()?;
+            Some(row.get::<_, chrono::DateTime<chrono::Utc>>(0))
+        })
+        .await;
+    assert_eq!(
+        app.count("SELECT count(*) FROM warden.ingest_refusals").await,
+        1,
+        "an unknown agent's refusal has no silence to hold back"
+    );
+
+    // Judged a second after the refusal: the agent turned away was heard
+    // from then; the one that sent nothing has been silent ten minutes.
+    let report = app.liveness_cycle(Some(refused_at + chrono::Duration::seconds(1))).await;
+    let changed: Vec<(String, Liveness)> = report.transitions.iter().map(|(id, _, to)| (id.clone(), *to)).collect();
+    assert_eq!(changed, vec![("silent".to_string(), Liveness::Offline)]);
+
+    tx.rollback().await.unwrap();
+    assert_eq!(first.await.unwrap().0, 200);
+    // Its silence still counts from the refusal (cycles less than the
+    // evaluator's gap limit apart, or it would grant a fresh grace).
+    app.liveness_cycle(Some(refused_at + chrono::Duration::seconds(20))).await;
+    let report = app.liveness_cycle(Some(refused_at + chrono::Duration::seconds(40))).await;
+    assert!(
+        report.transitions.iter().any(|(id, _, to)| id == "turned" && *to == Liveness::Degraded),
+        "{:?}",
+        report.transitions
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

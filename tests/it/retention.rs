@@ -188,7 +188,10 @@ async fn old_events_are_pruned_but_transitions_are_kept_longer() {
            (now() - interval '100 days', 'evaluation_paused', 'warning', 'old pause'); \
          INSERT INTO warden.ingest_outages (started_at, ended_at) VALUES \
            (now() - interval '8 days 1 minute', now() - interval '8 days'), \
-           (now() - interval '6 days 1 minute', now() - interval '6 days')",
+           (now() - interval '6 days 1 minute', now() - interval '6 days'); \
+         SELECT warden.record_heartbeat('a'), warden.record_heartbeat('b'); \
+         INSERT INTO warden.ingest_refusals (agent_id, refused_at) VALUES \
+           ('a', now() - interval '8 days'), ('b', now() - interval '6 days')",
     )
     .await
     .unwrap();
@@ -199,7 +202,10 @@ async fn old_events_are_pruned_but_transitions_are_kept_longer() {
     assert_eq!(report.pruned.get("events"), Some(&1));
     assert_eq!(report.pruned.get("transitions"), Some(&1));
     let left: Vec<String> = db
-        .query("SELECT message FROM warden.system_events ORDER BY occurred_at", &[])
+        .query(
+            "SELECT message FROM warden.system_events WHERE occurred_at < now() - interval '1 hour' ORDER BY occurred_at",
+            &[],
+        )
         .await
         .unwrap()
         .iter()
@@ -208,6 +214,8 @@ async fn old_events_are_pruned_but_transitions_are_kept_longer() {
     assert_eq!(left, vec!["old transition", "old pause", "recent"], "pauses are kept as long as transitions");
     assert_eq!(report.pruned.get("ingest_outages"), Some(&1), "outages are kept a week");
     assert_eq!(app.count("SELECT count(*) FROM warden.ingest_outages").await, 1);
+    assert_eq!(report.pruned.get("ingest_refusals"), Some(&1), "and so are refusals at capacity");
+    assert_eq!(app.count("SELECT count(*) FROM warden.ingest_refusals WHERE agent_id = 'b'").await, 1);
 }
 
 #[tokio::test]
