@@ -127,7 +127,8 @@ impl Application {
         if let Some(cluster) = database.embedded() {
             tasks.spawn(keep_embedded_running(cluster, background.clone()));
         }
-        let state = AppState::new(database.pool.clone(), settings.clone(), auth, ingestor, hub, started.clone());
+        let state =
+            AppState::new(database.pool.clone(), settings.clone(), auth, ingestor, hub.clone(), started.clone());
         let app = api::router(state);
         let database = Arc::new(database);
         // Set when the database answered with something only an operator
@@ -158,10 +159,11 @@ impl Application {
 
         let grace = settings.server.shutdown_timeout.get();
         let drained = {
-            let shutdown = shutdown.clone();
+            let (shutdown, hub) = (shutdown.clone(), hub.clone());
             async move {
                 shutdown.cancelled().await;
                 tracing::info!("shutting down: no new connections, draining in-flight requests");
+                hub.close();
             }
         };
         // hyper's own loop rather than axum::serve: it needs a header read

@@ -63,17 +63,31 @@ impl StreamEvent {
 /// Fans notifications out to subscribers.
 pub struct Hub {
     tx: broadcast::Sender<Arc<StreamEvent>>,
+    /// Cancelled when warden begins to shut down: streams never end on
+    /// their own, and the server's drain waits for every response to end.
+    closing: CancellationToken,
 }
 
 impl Default for Hub {
     fn default() -> Self {
-        Self { tx: broadcast::channel(CAPACITY).0 }
+        Self { tx: broadcast::channel(CAPACITY).0, closing: CancellationToken::new() }
     }
 }
 
 impl Hub {
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<StreamEvent>> {
         self.tx.subscribe()
+    }
+
+    /// Ends every stream (clients reconnect, to another replica or to this
+    /// one once it is back).
+    pub fn close(&self) {
+        self.closing.cancel();
+    }
+
+    /// Cancelled by [`Hub::close`].
+    pub fn closing(&self) -> CancellationToken {
+        self.closing.clone()
     }
 
     pub fn publish(&self, event: StreamEvent) {

@@ -130,36 +130,42 @@ async fn stream(
     // step: the first check falls anywhere in the second half of a period.
     let first = recheck.every.mul_f64(0.5 + 0.5 * crate::alerting::dispatcher::jitter());
     let next_check = tokio::time::Instant::now() + first;
+    let closing = state.hub.closing();
     let events = futures_util::stream::unfold(
         (rx, filter, guard, Some(hello), recheck, next_check),
-        |(mut rx, filter, guard, hello, recheck, mut next_check)| async move {
-            if let Some(hello) = hello {
-                return Some((Ok(hello), (rx, filter, guard, None, recheck, next_check)));
-            }
-            loop {
-                let received = tokio::select! {
-                    received = rx.recv() => received,
-                    _ = tokio::time::sleep_until(next_check) => {
-                        if !recheck.still_allowed().await {
-                            return None;
+        move |(mut rx, filter, guard, hello, recheck, mut next_check)| {
+            let closing = closing.clone();
+            async move {
+                if let Some(hello) = hello {
+                    return Some((Ok(hello), (rx, filter, guard, None, recheck, next_check)));
+                }
+                loop {
+                    let received = tokio::select! {
+                        // Shutting down: the drain would wait for this stream.
+                        _ = closing.cancelled() => return None,
+                        received = rx.recv() => received,
+                        _ = tokio::time::sleep_until(next_check) => {
+                            if !recheck.still_allowed().await {
+                                return None;
+                            }
+                            next_check = tokio::time::Instant::now() + recheck.every;
+                            continue;
                         }
-                        next_check = tokio::time::Instant::now() + recheck.every;
-                        continue;
+                    };
+                    match received {
+                        Ok(event) if filter.admits(&event) => {
+                            let sse = Event::default().event(event.kind.as_str()).data(event.data.as_str());
+                            return Some((Ok(sse), (rx, filter, guard, None, recheck, next_check)));
+                        }
+                        Ok(_) => continue,
+                        Err(RecvError::Lagged(missed)) => {
+                            // A client too slow to keep up is told, so it can refetch.
+                            let sse =
+                                Event::default().event(crate::stream::LAGGED).data(format!("{{\"missed\":{missed}}}"));
+                            return Some((Ok(sse), (rx, filter, guard, None, recheck, next_check)));
+                        }
+                        Err(RecvError::Closed) => return None,
                     }
-                };
-                match received {
-                    Ok(event) if filter.admits(&event) => {
-                        let sse = Event::default().event(event.kind.as_str()).data(event.data.as_str());
-                        return Some((Ok(sse), (rx, filter, guard, None, recheck, next_check)));
-                    }
-                    Ok(_) => continue,
-                    Err(RecvError::Lagged(missed)) => {
-                        // A client too slow to keep up is told, so it can refetch.
-                        let sse =
-                            Event::default().event(crate::stream::LAGGED).data(format!("{{\"missed\":{missed}}}"));
-                        return Some((Ok(sse), (rx, filter, guard, None, recheck, next_check)));
-                    }
-                    Err(RecvError::Closed) => return None,
                 }
             }
         },

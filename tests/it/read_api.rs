@@ -209,6 +209,30 @@ async fn next_event(
 }
 
 #[tokio::test]
+async fn open_streams_end_when_warden_shuts_down() {
+    // A stream never ends on its own; the shutdown's drain used to wait
+    // for it the whole shutdown_timeout (a console tab open was enough),
+    // and an orchestrator's own grace then killed warden mid-drain.
+    let app = TestApp::spawn_quiet_with(|s| s.server.shutdown_timeout = warden::config::Duration::from_secs(600)).await;
+    let read = app.key(&[Scope::Read]).await;
+    let mut stream =
+        app.http.get(app.url("/v1/stream")).bearer_auth(&read).timeout(Duration::from_secs(900)).send().await.unwrap();
+    let mut buffer = String::new();
+    next_event(&mut stream, &mut buffer, |name, _| name == "ready").await;
+
+    let stopping = tokio::spawn(app.stop());
+    let ended = tokio::time::timeout(Duration::from_secs(120), async {
+        while stream.chunk().await.expect("the stream ends cleanly").is_some() {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream is still open two minutes into the shutdown");
+    tokio::time::timeout(Duration::from_secs(120), stopping)
+        .await
+        .expect("warden stops once its streams have ended")
+        .unwrap();
+}
+
+#[tokio::test]
 async fn the_stream_delivers_transitions_and_incidents_as_they_commit() {
     let app = app().await;
     let ingest = app.key(&[Scope::Ingest]).await;
