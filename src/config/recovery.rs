@@ -137,13 +137,16 @@ impl Action {
 }
 
 /// Every `{...}` in a template, checked against the known placeholders.
+///
+/// Errors give where in the template, never its text: a URL, header or
+/// body may hold a credential (`{"key": "..."}` reads as a placeholder).
 pub fn placeholders(template: &str) -> Result<Vec<&str>, String> {
     let mut found = Vec::new();
-    each_placeholder(template, |name| {
+    each_placeholder(template, |name, at| {
         let known = matches!(name, "agent_id" | "agent_name" | "issue_type" | "incident_id")
             || name.strip_prefix("label.").is_some_and(|l| !l.is_empty());
         if !known {
-            return Err(format!("unknown placeholder {{{name}}}; known: {}", PLACEHOLDERS.join(", ")));
+            return Err(format!("unknown placeholder at character {at}; known: {}", PLACEHOLDERS.join(", ")));
         }
         found.push(name);
         Ok(())
@@ -151,16 +154,22 @@ pub fn placeholders(template: &str) -> Result<Vec<&str>, String> {
     Ok(found)
 }
 
-/// Calls `check` with the name inside every `{...}` of `template`.
-fn each_placeholder<'t>(template: &'t str, mut check: impl FnMut(&'t str) -> Result<(), String>) -> Result<(), String> {
-    let mut rest = template;
-    while let Some(start) = rest.find('{') {
-        let after = &rest[start + 1..];
+/// Calls `check` with the name inside every `{...}` of `template` and
+/// where its `{` is (the character's number, from 1).
+fn each_placeholder<'t>(
+    template: &'t str,
+    mut check: impl FnMut(&'t str, usize) -> Result<(), String>,
+) -> Result<(), String> {
+    let mut offset = 0;
+    while let Some(start) = template[offset..].find('{') {
+        let open = offset + start;
+        let at = template[..open].chars().count() + 1;
+        let after = &template[open + 1..];
         let Some(end) = after.find('}') else {
-            return Err(format!("unclosed {{ in {template:?}"));
+            return Err(format!("the {{ at character {at} is never closed"));
         };
-        check(&after[..end])?;
-        rest = &after[end + 1..];
+        check(&after[..end], at)?;
+        offset = open + 1 + end + 1;
     }
     Ok(())
 }
@@ -176,14 +185,15 @@ pub const SECRET_ENV_PREFIX: &str = "WARDEN_SECRET_";
 /// variable must be set when the settings load. The value is read when the
 /// request is made.
 pub fn header_placeholders(template: &str) -> Result<(), String> {
-    each_placeholder(template, |name| match name.strip_prefix("env.") {
+    each_placeholder(template, |name, at| match name.strip_prefix("env.") {
         Some(var) => {
             let well_formed = var.strip_prefix(SECRET_ENV_PREFIX).is_some_and(|n| {
                 !n.is_empty() && n.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
             });
             if !well_formed {
                 return Err(format!(
-                    "{{env.{var}}}: only variables named {SECRET_ENV_PREFIX}<NAME> (capitals, digits, _) can be read"
+                    "the {{env...}} at character {at}: only variables named {SECRET_ENV_PREFIX}<NAME> (capitals, \
+                     digits, _) can be read"
                 ));
             }
             if std::env::var_os(var).is_none() {
@@ -191,7 +201,12 @@ pub fn header_placeholders(template: &str) -> Result<(), String> {
             }
             Ok(())
         }
-        None => placeholders(&format!("{{{name}}}")).map(drop),
+        None => placeholders(&format!("{{{name}}}")).map(drop).map_err(|_| {
+            format!(
+                "unknown placeholder at character {at}; known: {}, env.{SECRET_ENV_PREFIX}<NAME>",
+                PLACEHOLDERS.join(", ")
+            )
+        }),
     })
 }
 

@@ -114,7 +114,8 @@ impl Context {
                 (_, Some(var)) if var.starts_with(crate::config::SECRET_ENV_PREFIX) => {
                     std::env::var(var).map_err(|_| format!("the environment variable {var} is not set"))
                 }
-                _ => Err(format!("unknown placeholder {{{other}}}")),
+                // Settings refuse it at load; the name could be a secret.
+                _ => Err("unknown placeholder".to_string()),
             },
         }
     }
@@ -157,7 +158,7 @@ fn fill_with(
     while let Some(start) = rest.find('{') {
         out.push_str(&rest[..start]);
         let after = &rest[start + 1..];
-        let end = after.find('}').ok_or_else(|| format!("unclosed {{ in {template:?}"))?;
+        let end = after.find('}').ok_or_else(|| "a { is never closed".to_string())?;
         let name = &after[..end];
         let value = ctx.value(name)?;
         if argument && out.is_empty() && value.starts_with('-') {

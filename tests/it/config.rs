@@ -235,6 +235,31 @@ fn a_header_given_as_a_string_never_prints_its_credential() {
 }
 
 #[test]
+fn a_malformed_template_never_prints_the_credential_beside_it() {
+    // The value is redacted for these fields; the reason used to quote the
+    // template (an unclosed brace) or the "placeholder" (a JSON body or
+    // header read as one).
+    let cases = [
+        "url = \"https://orch/restart?token=hunter2&agent={agent_id\"",
+        "url = \"https://orch/restart?token={hunter2}\"",
+        "url = \"https://orch/restart\"\nheaders = { X-Api-Key = \"{\\\"key\\\": \\\"hunter2\\\"}\" }",
+        "url = \"https://orch/restart\"\nheaders = { Authorization = \"Bearer {env.hunter2}\" }",
+        "url = \"https://orch/restart\"\nbody = { auth = \"{hunter2\" }",
+    ];
+    for case in cases {
+        let file = override_file(&format!(
+            "[[recovery.strategies]]\nname = \"r\"\nissues = [\"agent_unresponsive\"]\n\n\
+             [[recovery.strategies.actions]]\nkind = \"http\"\n{case}\n"
+        ));
+        let e = Settings::load(&Sources { file: Some(file.path().to_path_buf()), env: Some(HashMap::new()) })
+            .expect_err(case);
+        let shown = e.to_string();
+        assert!(!shown.contains("hunter2"), "{case}: {shown}");
+        assert!(shown.contains("at character"), "says where instead: {shown}");
+    }
+}
+
+#[test]
 fn a_secret_that_is_set_but_invalid_shows_redacted_not_empty() {
     let e = refused(&[("WARDEN__TELEMETRY__SELF_HEARTBEAT_URL", "ftp://user:pw@host/x")]);
     assert_eq!(e.key.as_deref(), Some("telemetry.self_heartbeat_url"));
