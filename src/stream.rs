@@ -25,7 +25,8 @@ pub const STATUS_CHANGED: &str = "status_changed";
 pub const INCIDENT_OPENED: &str = "incident_opened";
 pub const INCIDENT_RESOLVED: &str = "incident_resolved";
 const KINDS: [&str; 3] = [STATUS_CHANGED, INCIDENT_OPENED, INCIDENT_RESOLVED];
-/// Events buffered per subscriber before a slow one starts missing some.
+/// Events buffered per subscriber before a slow one starts missing some,
+/// and kept for clients that reconnect (`Last-Event-ID`).
 const CAPACITY: usize = 4096;
 
 /// One notification, as SSE clients receive it.
@@ -37,6 +38,8 @@ pub struct StreamEvent {
     pub agent_id: Option<String>,
     /// The JSON payload.
     pub data: String,
+    /// Its place in this replica's sequence, set when published.
+    pub seq: u64,
 }
 
 impl StreamEvent {
@@ -56,27 +59,90 @@ impl StreamEvent {
             KINDS.contains(&kind).then(|| kind.to_string())?
         };
         let agent_id = value.get("agent_id").and_then(|a| a.as_str()).map(str::to_string);
-        Some(Self { kind, agent_id, data: payload.to_string() })
+        Some(Self { kind, agent_id, data: payload.to_string(), seq: 0 })
     }
 }
 
 /// Fans notifications out to subscribers.
+///
+/// Every event gets an SSE id, `<hub>-<seq>`: the hub's own name (unique
+/// to this process) and the event's number. The last [`CAPACITY`] events
+/// are kept, so a client that reconnects to the same process with the id
+/// of the last event it saw (`Last-Event-ID`, which browsers send by
+/// themselves) gets what it missed; from anywhere else it is told to
+/// refetch.
 pub struct Hub {
     tx: broadcast::Sender<Arc<StreamEvent>>,
+    /// The recent events, oldest first, and the sequence: publishing and
+    /// subscribing hold it, so a subscriber's replay and its live events
+    /// neither overlap nor leave a gap.
+    recent: std::sync::Mutex<Recent>,
+    name: String,
     /// Cancelled when warden begins to shut down: streams never end on
     /// their own, and the server's drain waits for every response to end.
     closing: CancellationToken,
 }
 
+#[derive(Default)]
+struct Recent {
+    events: std::collections::VecDeque<Arc<StreamEvent>>,
+    /// The last sequence number given (0: none yet).
+    last: u64,
+}
+
 impl Default for Hub {
     fn default() -> Self {
-        Self { tx: broadcast::channel(CAPACITY).0, closing: CancellationToken::new() }
+        // Unique across restarts and replicas (start time and pid) and
+        // within the process.
+        static MADE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let made = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let name = format!("{:x}.{:x}.{made:x}", started.as_micros(), std::process::id());
+        Self { tx: broadcast::channel(CAPACITY).0, recent: Default::default(), name, closing: CancellationToken::new() }
     }
 }
 
+/// Where a new subscriber starts.
+#[derive(Debug)]
+pub enum Resume {
+    /// No `Last-Event-ID`: from now on.
+    Fresh,
+    /// The events after the client's last one, still kept here.
+    Replay(Vec<Arc<StreamEvent>>),
+    /// An id this hub cannot resume from (another replica's, one from
+    /// before a restart, or older than the events kept): refetch.
+    Lost,
+}
+
 impl Hub {
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<StreamEvent>> {
-        self.tx.subscribe()
+    /// Subscribes, resuming after `last_event_id` when this hub still has
+    /// every event since; also returns the id of the position subscribed
+    /// at (the last event published).
+    pub fn subscribe_after(
+        &self,
+        last_event_id: Option<&str>,
+    ) -> (broadcast::Receiver<Arc<StreamEvent>>, Resume, String) {
+        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        let rx = self.tx.subscribe();
+        let at = self.id(recent.last);
+        let Some(id) = last_event_id else { return (rx, Resume::Fresh, at) };
+        let seq =
+            id.strip_prefix(self.name.as_str()).and_then(|s| s.strip_prefix('-')).and_then(|s| s.parse::<u64>().ok());
+        // Resumable when no event after `seq` has been dropped yet: the
+        // oldest kept is at most one past it.
+        let oldest = recent.events.front().map_or(recent.last + 1, |e| e.seq);
+        let resume = match seq {
+            Some(seq) if seq <= recent.last && seq + 1 >= oldest => {
+                Resume::Replay(recent.events.iter().filter(|e| e.seq > seq).cloned().collect())
+            }
+            _ => Resume::Lost,
+        };
+        (rx, resume, at)
+    }
+
+    /// The SSE id of event `seq`.
+    pub fn id(&self, seq: u64) -> String {
+        format!("{}-{seq}", self.name)
     }
 
     /// Ends every stream (clients reconnect, to another replica or to this
@@ -90,9 +156,17 @@ impl Hub {
         self.closing.clone()
     }
 
-    pub fn publish(&self, event: StreamEvent) {
+    pub fn publish(&self, mut event: StreamEvent) {
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        recent.last += 1;
+        event.seq = recent.last;
+        let event = Arc::new(event);
+        if recent.events.len() == CAPACITY {
+            recent.events.pop_front();
+        }
+        recent.events.push_back(event.clone());
         // No subscribers is fine: nobody is watching.
-        let _ = self.tx.send(Arc::new(event));
+        let _ = self.tx.send(event);
     }
 }
 
@@ -110,18 +184,19 @@ pub async fn listen(
 ) {
     let fresh_waits = || crate::every::retry_waits(Duration::from_millis(250), Duration::from_secs(5));
     let mut waits = fresh_waits();
-    let mut listened_before = false;
     loop {
         let mut listening = false;
         let result = listen_once(&config, &tls, &hub, &stop, || {
             listening = true;
-            if listened_before {
-                hub.publish(StreamEvent {
-                    kind: LAGGED.into(),
-                    agent_id: None,
-                    data: r#"{"missed":null,"reason":"reconnected"}"#.into(),
-                });
-            }
+            // Whatever committed while nothing listened reached no stream:
+            // after a drop, and also at the first LISTEN, since streams are
+            // served as soon as the database is, maybe before this.
+            hub.publish(StreamEvent {
+                kind: LAGGED.into(),
+                agent_id: None,
+                data: r#"{"missed":null,"reason":"reconnected"}"#.into(),
+                seq: 0,
+            });
         })
         .await;
         if stop.is_cancelled() {
@@ -129,7 +204,6 @@ pub async fn listen(
         }
         if listening {
             // A drop after a working connection starts the backoff afresh.
-            listened_before = true;
             waits = fresh_waits();
         }
         match result {
@@ -211,5 +285,29 @@ mod tests {
         for forged in [r#"{"type":"a\nb"}"#, r#"{"type":"alert_sent"}"#, r#"{"type":7}"#] {
             assert_eq!(StreamEvent::from_notification(EVENTS, forged), None, "{forged}");
         }
+    }
+
+    #[test]
+    fn a_subscriber_resumes_only_while_every_event_since_is_kept() {
+        let hub = Hub::default();
+        let event = |n: u64| StreamEvent { kind: "status_changed".into(), agent_id: None, data: n.to_string(), seq: 0 };
+        let (_, fresh, at) = hub.subscribe_after(None);
+        assert!(matches!(fresh, Resume::Fresh));
+        assert!(matches!(hub.subscribe_after(Some(&at)).1, Resume::Replay(r) if r.is_empty()), "nothing yet");
+        let total = CAPACITY as u64 + 10;
+        for n in 1..=total {
+            hub.publish(event(n));
+        }
+        let replay = |after: u64| match hub.subscribe_after(Some(&hub.id(after))).1 {
+            Resume::Replay(events) => Some(events.iter().map(|e| e.seq).collect::<Vec<_>>()),
+            _ => None,
+        };
+        assert_eq!(replay(10), Some((11..=total).collect()), "the oldest kept is the next one");
+        assert_eq!(replay(9), None, "event 10 is gone");
+        assert_eq!(replay(total - 2), Some(vec![total - 1, total]));
+        assert_eq!(replay(total), Some(vec![]));
+        assert_eq!(replay(total + 1), None, "not yet given");
+        assert!(matches!(hub.subscribe_after(Some(&Hub::default().id(total))).1, Resume::Lost), "another hub's");
+        assert!(matches!(hub.subscribe_after(Some("12")).1, Resume::Lost));
     }
 }

@@ -276,7 +276,8 @@ pub async fn enforce(State(state): State<AppState>, request: Request, next: Next
             limiter.refund(client, now);
         }
         if let Err(wait) = limiter.charge_failure(address, now) {
-            return too_many(wait, heartbeats);
+            // Counted already, as the 401 it was (heartbeats' own layer).
+            return ApiError::too_many_requests(wait).into_response();
         }
     }
     response

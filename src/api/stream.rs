@@ -27,7 +27,7 @@ use super::auth::{Authorized, ReadScope};
 use super::read::Params;
 use super::{ApiError, AppState};
 use crate::model::AgentId;
-use crate::stream::StreamEvent;
+use crate::stream::{Hub, Resume, StreamEvent};
 
 /// Seconds a client over its key's stream limit is asked to wait.
 const PER_KEY_RETRY_AFTER: u64 = 15;
@@ -115,11 +115,29 @@ async fn stream(
         _ => None,
     };
     let guard = (guard, permit, per_key);
-    let rx = state.hub.subscribe();
-    let hello = Event::default()
+    let last_event_id = headers.get("last-event-id").and_then(|v| v.to_str().ok());
+    let hub = state.hub.clone();
+    let (rx, resume, at) = hub.subscribe_after(last_event_id);
+    let filter = Filter { agent: agent.clone().map(AgentId::into_string), heartbeats };
+    let resumed = matches!(resume, Resume::Replay(_));
+    let mut ready = Event::default()
         .event("ready")
-        .data(serde_json::json!({ "agent": agent, "heartbeats": heartbeats }).to_string());
-    let filter = Filter { agent: agent.map(AgentId::into_string), heartbeats };
+        .data(serde_json::json!({ "agent": agent, "heartbeats": heartbeats, "resumed": resumed }).to_string());
+    // A replay's own events carry the ids; `ready` before them must not,
+    // or a client cut off right after it would skip them on its return.
+    if !resumed {
+        ready = ready.id(at);
+    }
+    let mut pending = std::collections::VecDeque::from([ready]);
+    match resume {
+        Resume::Fresh => {}
+        Resume::Replay(missed) => {
+            pending.extend(missed.iter().filter(|e| filter.admits(e)).map(|e| sse_event(&hub, e)));
+        }
+        Resume::Lost => pending.push_back(
+            Event::default().event(crate::stream::LAGGED).data(r#"{"missed":null,"reason":"not_resumable"}"#),
+        ),
+    }
     // The credential is checked again as long as the stream lasts: a key
     // revoked or a session ended (logout, expiry) ends its streams too,
     // within about twice auth.cache_ttl (the key cache's age plus the
@@ -129,48 +147,73 @@ async fn stream(
     // Clients that reconnect together (after a restart) are not checked in
     // step: the first check falls anywhere in the second half of a period.
     let first = recheck.every.mul_f64(0.5 + 0.5 * crate::alerting::dispatcher::jitter());
-    let next_check = tokio::time::Instant::now() + first;
-    let closing = state.hub.closing();
-    let events = futures_util::stream::unfold(
-        (rx, filter, guard, Some(hello), recheck, next_check),
-        move |(mut rx, filter, guard, hello, recheck, mut next_check)| {
-            let closing = closing.clone();
-            async move {
-                if let Some(hello) = hello {
-                    return Some((Ok(hello), (rx, filter, guard, None, recheck, next_check)));
-                }
-                loop {
-                    let received = tokio::select! {
-                        // Shutting down: the drain would wait for this stream.
-                        _ = closing.cancelled() => return None,
-                        received = rx.recv() => received,
-                        _ = tokio::time::sleep_until(next_check) => {
-                            if !recheck.still_allowed().await {
-                                return None;
-                            }
-                            next_check = tokio::time::Instant::now() + recheck.every;
-                            continue;
-                        }
-                    };
-                    match received {
-                        Ok(event) if filter.admits(&event) => {
-                            let sse = Event::default().event(event.kind.as_str()).data(event.data.as_str());
-                            return Some((Ok(sse), (rx, filter, guard, None, recheck, next_check)));
-                        }
-                        Ok(_) => continue,
-                        Err(RecvError::Lagged(missed)) => {
-                            // A client too slow to keep up is told, so it can refetch.
-                            let sse =
-                                Event::default().event(crate::stream::LAGGED).data(format!("{{\"missed\":{missed}}}"));
-                            return Some((Ok(sse), (rx, filter, guard, None, recheck, next_check)));
-                        }
-                        Err(RecvError::Closed) => return None,
-                    }
-                }
-            }
-        },
-    );
+    let open = Open {
+        rx,
+        filter,
+        _guard: guard,
+        pending,
+        recheck,
+        next_check: tokio::time::Instant::now() + first,
+        closing: hub.closing(),
+        hub,
+    };
+    let events = futures_util::stream::unfold(open, |mut open| async move {
+        let event = open.next().await?;
+        Some((Ok(event), open))
+    });
     Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+/// One open stream's state.
+struct Open<G> {
+    rx: tokio::sync::broadcast::Receiver<Arc<StreamEvent>>,
+    filter: Filter,
+    /// Held for the stream's life: its permits and observation.
+    _guard: G,
+    /// Sent before anything live: `ready`, then a replay or `lagged`.
+    pending: std::collections::VecDeque<Event>,
+    recheck: Recheck,
+    next_check: tokio::time::Instant,
+    closing: CancellationToken,
+    hub: Arc<Hub>,
+}
+
+impl<G> Open<G> {
+    /// The next event to send; `None` ends the stream.
+    async fn next(&mut self) -> Option<Event> {
+        if let Some(event) = self.pending.pop_front() {
+            return Some(event);
+        }
+        loop {
+            let received = tokio::select! {
+                // Shutting down: the drain would wait for this stream.
+                _ = self.closing.cancelled() => return None,
+                received = self.rx.recv() => received,
+                _ = tokio::time::sleep_until(self.next_check) => {
+                    if !self.recheck.still_allowed().await {
+                        return None;
+                    }
+                    self.next_check = tokio::time::Instant::now() + self.recheck.every;
+                    continue;
+                }
+            };
+            match received {
+                Ok(event) if self.filter.admits(&event) => return Some(sse_event(&self.hub, &event)),
+                Ok(_) => continue,
+                // A client too slow to keep up is told, so it can refetch.
+                Err(RecvError::Lagged(missed)) => {
+                    return Some(
+                        Event::default().event(crate::stream::LAGGED).data(format!("{{\"missed\":{missed}}}")),
+                    );
+                }
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    }
+}
+
+fn sse_event(hub: &Hub, event: &StreamEvent) -> Event {
+    Event::default().id(hub.id(event.seq)).event(event.kind.as_str()).data(event.data.as_str())
 }
 
 /// Shortest time between two checks of a stream's credential.
@@ -184,16 +227,23 @@ struct Recheck {
 }
 
 impl Recheck {
-    /// False once the key or session is refused; a database that cannot
-    /// answer now leaves the stream open (the next check asks again).
+    /// False once the key or session is refused.
     async fn still_allowed(&self) -> bool {
         let (mut parts, ()) = axum::http::Request::get("/v1/stream").body(()).unwrap_or_default().into_parts();
         parts.headers = self.headers.clone();
         match Authorized::<ReadScope>::from_request_parts(&mut parts, &self.state).await {
             Ok(_) => true,
-            Err(e) => e.status.is_server_error(),
+            Err(e) => undecided(e.status),
         }
     }
+}
+
+/// Whether a refused re-check leaves the credential's standing open: a
+/// database that cannot answer, or a rate limit spent by the key's other
+/// calls, says nothing of the key (the next check asks again); a refusal
+/// of the key or session itself does.
+fn undecided(status: axum::http::StatusCode) -> bool {
+    status.is_server_error() || status == axum::http::StatusCode::TOO_MANY_REQUESTS
 }
 
 struct Filter {
@@ -250,4 +300,21 @@ async fn refresh(pool: &deadpool_postgres::Pool, agent: &str) -> Result<(), ApiE
         )
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::StatusCode;
+
+    #[test]
+    fn only_a_refused_credential_ends_a_stream() {
+        for status in [StatusCode::UNAUTHORIZED, StatusCode::FORBIDDEN] {
+            assert!(!super::undecided(status), "{status}");
+        }
+        for status in
+            [StatusCode::TOO_MANY_REQUESTS, StatusCode::SERVICE_UNAVAILABLE, StatusCode::INTERNAL_SERVER_ERROR]
+        {
+            assert!(super::undecided(status), "{status}");
+        }
+    }
 }

@@ -472,3 +472,12 @@ fn database_tls_settings_are_checked_together() {
     .unwrap();
     assert_eq!(s.database.tls_verify, warden::config::TlsVerify::Full);
 }
+
+#[test]
+fn a_list_from_the_environment_is_refused_by_name() {
+    // The environment holds one string per key; lists come from a file
+    // (docs/configuration.md), and saying so beats taking the string.
+    let e = refused(&[("WARDEN__SERVER__ALLOWED_HOSTS", "warden.example.com")]);
+    assert_eq!(e.key.as_deref(), Some("server.allowed_hosts"), "{e}");
+    assert!(e.to_string().contains("WARDEN__SERVER__ALLOWED_HOSTS"), "names where it came from: {e}");
+}

@@ -182,29 +182,116 @@ async fn next_event(
     buffer: &mut String,
     want: impl Fn(&str, &Value) -> bool,
 ) -> Value {
+    loop {
+        let (name, _, value) = next_block(response, buffer).await;
+        if want(&name, &value) {
+            return value;
+        }
+    }
+}
+
+/// The next event of a stream: its name, id and data.
+async fn next_block(response: &mut reqwest::Response, buffer: &mut String) -> (String, Option<String>, Value) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         while let Some(end) = buffer.find("\n\n") {
             let block: String = buffer.drain(..end + 2).collect();
-            let mut name = "message";
+            if block.lines().all(|l| l.starts_with(':') || l.is_empty()) {
+                continue;
+            }
+            let mut name = "message".to_string();
+            let mut id = None;
             let mut data = String::new();
             for line in block.lines() {
                 if let Some(v) = line.strip_prefix("event:") {
-                    name = v.trim();
+                    name = v.trim().to_string();
+                } else if let Some(v) = line.strip_prefix("id:") {
+                    id = Some(v.trim().to_string());
                 } else if let Some(v) = line.strip_prefix("data:") {
                     data.push_str(v.trim());
                 }
             }
-            if block.lines().all(|l| l.starts_with(':') || l.is_empty()) {
-                continue;
-            }
-            let value: Value = serde_json::from_str(&data).unwrap_or(Value::Null);
-            if want(name, &value) {
-                return value;
-            }
+            return (name, id, serde_json::from_str(&data).unwrap_or(Value::Null));
         }
         let chunk = tokio::time::timeout_at(deadline, response.chunk()).await.expect("event within 30s").unwrap();
         buffer.push_str(&String::from_utf8_lossy(&chunk.expect("stream stays open")));
+    }
+}
+
+#[tokio::test]
+async fn a_client_back_with_its_last_event_id_gets_what_it_missed() {
+    let app = app().await;
+    let read = app.key(&[Scope::Read]).await;
+    let open = |last: Option<&str>| {
+        let mut request = app.http.get(app.url("/v1/stream")).bearer_auth(&read).timeout(Duration::from_secs(300));
+        if let Some(id) = last {
+            request = request.header("Last-Event-ID", id);
+        }
+        request.send()
+    };
+    let db = app.db.client().await;
+    let notify = |agent: &'static str| {
+        let db = &db;
+        async move {
+            let payload = json!({"type": "status_changed", "agent_id": agent, "old": "online", "new": "offline"});
+            db.execute("SELECT pg_notify('warden_events', $1)", &[&payload.to_string()]).await.unwrap();
+        }
+    };
+    let mut stream = open(None).await.unwrap();
+    let mut buffer = String::new();
+    let (name, ready_id, ready) = next_block(&mut stream, &mut buffer).await;
+    assert_eq!((name.as_str(), &ready["resumed"]), ("ready", &json!(false)));
+    assert!(ready_id.is_some(), "ready marks the position");
+    // Notifications reach streams once the replica's listener listens; it
+    // says so with a `lagged` of its own, and poking until an event comes
+    // through covers the moment before.
+    let id = loop {
+        notify("a").await;
+        let (name, id, event) = next_block(&mut stream, &mut buffer).await;
+        if name == "status_changed" && event["agent_id"] == "a" {
+            break id.expect("live events carry ids");
+        }
+    };
+    drop(stream);
+
+    // Missed while away.
+    notify("b").await;
+    notify("c").await;
+    // The listener hands them over on its own time: the replay holds them
+    // once a fresh stream sees them live.
+    let mut witness = open(None).await.unwrap();
+    let mut witness_buffer = String::new();
+    next_event(&mut witness, &mut witness_buffer, |name, _| name == "ready").await;
+    notify("d").await;
+    next_event(&mut witness, &mut witness_buffer, |name, v| name == "status_changed" && v["agent_id"] == "d").await;
+
+    let mut again = open(Some(&id)).await.unwrap();
+    let mut buffer = String::new();
+    let (name, ready_id, ready) = next_block(&mut again, &mut buffer).await;
+    assert_eq!((name.as_str(), &ready["resumed"]), ("ready", &json!(true)));
+    assert_eq!(ready_id, None, "a client cut off now must come back for the replay");
+    let mut replayed = Vec::new();
+    let seq = |id: &str| id.rsplit_once('-').and_then(|(_, n)| n.parse::<u64>().ok()).expect("<hub>-<seq>");
+    let mut last = seq(&id);
+    for _ in 0..3 {
+        let (name, id, event) = next_block(&mut again, &mut buffer).await;
+        replayed.push((name, event["agent_id"].as_str().unwrap_or_default().to_string()));
+        let n = seq(&id.expect("replayed events carry their ids"));
+        assert!(n > last, "ids rise: {n} after {last}");
+        last = n;
+    }
+    let agents: Vec<&str> = replayed.iter().map(|(_, agent)| agent.as_str()).collect();
+    assert_eq!(agents, ["b", "c", "d"], "{replayed:?}");
+
+    // An id this replica cannot resume from (another's, or one from before
+    // a restart): the client is told to refetch.
+    for foreign in ["0123abc-7", "garbage", &format!("{id}0000")] {
+        let mut elsewhere = open(Some(foreign)).await.unwrap();
+        let mut buffer = String::new();
+        let (name, _, ready) = next_block(&mut elsewhere, &mut buffer).await;
+        assert_eq!((name.as_str(), &ready["resumed"]), ("ready", &json!(false)), "{foreign}");
+        let (name, _, lagged) = next_block(&mut elsewhere, &mut buffer).await;
+        assert_eq!((name.as_str(), &lagged["reason"]), ("lagged", &json!("not_resumable")), "{foreign}");
     }
 }
 
