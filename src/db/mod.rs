@@ -239,8 +239,15 @@ pub fn session_config(mut pg_config: tokio_postgres::Config, settings: &Database
     // over two hours. On the server that frees its session locks (the
     // evaluator's leadership above all); here a query on a dead connection
     // fails instead of hanging, and the pool replaces the connection.
+    //
+    // Options and an application name given in `database.url` are kept
+    // (a hosted PostgreSQL may need `options=endpoint=...`); warden's own
+    // settings come after the URL's, so for the same setting they win.
+    let given = pg_config.get_options().filter(|o| !o.trim().is_empty()).map(|o| format!("{o} "));
+    if pg_config.get_application_name().is_none() {
+        pg_config.application_name("warden");
+    }
     pg_config
-        .application_name("warden")
         .connect_timeout(settings.connect_timeout.get())
         .keepalives(true)
         .keepalives_idle(Duration::from_secs(SERVER_KEEPALIVE_IDLE_S.into()))
@@ -248,9 +255,10 @@ pub fn session_config(mut pg_config: tokio_postgres::Config, settings: &Database
         .keepalives_retries(SERVER_KEEPALIVE_COUNT)
         .tcp_user_timeout(Duration::from_millis(SERVER_USER_TIMEOUT_MS.into()))
         .options(format!(
-            "-c statement_timeout={} -c timezone=UTC -c jit=off -c tcp_keepalives_idle={SERVER_KEEPALIVE_IDLE_S} \
+            "{}-c statement_timeout={} -c timezone=UTC -c jit=off -c tcp_keepalives_idle={SERVER_KEEPALIVE_IDLE_S} \
              -c tcp_keepalives_interval={SERVER_KEEPALIVE_INTERVAL_S} -c tcp_keepalives_count={SERVER_KEEPALIVE_COUNT} \
              -c tcp_user_timeout={SERVER_USER_TIMEOUT_MS}",
+            given.unwrap_or_default(),
             settings.statement_timeout.as_millis_u64()
         ));
     pg_config

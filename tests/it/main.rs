@@ -7,6 +7,7 @@ mod cli;
 mod client;
 mod config;
 mod console;
+mod database;
 mod db_tls;
 mod embedded;
 mod failover;
