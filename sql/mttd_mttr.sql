@@ -2,8 +2,10 @@
 --
 -- Purpose: how quickly warden notices problems and how quickly they go
 --   away, for incidents opened within the range (warden.incident_timings).
---   Time to detect: from the agent's last heartbeat before the incident
---     (details.last_seen of liveness incidents, else the last
+--   Time to detect: from the agent's last sign of life before the incident
+--     (details.last_heard of liveness incidents: the last heartbeat, or a
+--     later one refused at capacity; details.last_seen for incidents from
+--     before it was recorded; else the last
 --     agent_heartbeats row at or before opened_at) to opened_at. It
 --     includes the configured thresholds (an agent is offline only after
 --     3 missed intervals). Only silence incidents (agent_unresponsive,

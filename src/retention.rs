@@ -209,8 +209,9 @@ pub async fn cycle(
         ),
         (
             "ingest_refusals",
+            // Checked again outside: a refusal recorded meanwhile stays.
             "DELETE FROM warden.ingest_refusals WHERE agent_id = ANY (ARRAY(SELECT agent_id \
-               FROM warden.ingest_refusals WHERE refused_at < $1 LIMIT $2))",
+               FROM warden.ingest_refusals WHERE refused_at < $1 LIMIT $2)) AND refused_at < $1",
             Some(now - INGEST_OUTAGE_MEMORY),
         ),
     ];

@@ -129,11 +129,12 @@ async fn stream(
         ready = ready.id(at);
     }
     let mut pending = std::collections::VecDeque::from([ready]);
+    let mut replay = std::collections::VecDeque::new();
     match resume {
         Resume::Fresh => {}
-        Resume::Replay(missed) => {
-            pending.extend(missed.iter().filter(|e| filter.admits(e)).map(|e| sse_event(&hub, e)));
-        }
+        // Shared, and made SSE events one at a time as they are sent: a
+        // crowd reconnecting at once holds no copies.
+        Resume::Replay(missed) => replay.extend(missed.into_iter().filter(|e| filter.admits(e))),
         Resume::Lost => pending.push_back(
             Event::default().event(crate::stream::LAGGED).data(r#"{"missed":null,"reason":"not_resumable"}"#),
         ),
@@ -152,6 +153,9 @@ async fn stream(
         filter,
         _guard: guard,
         pending,
+        replay,
+        skipped: None,
+        position_at: tokio::time::Instant::now(),
         recheck,
         next_check: tokio::time::Instant::now() + first,
         closing: hub.closing(),
@@ -170,8 +174,13 @@ struct Open<G> {
     filter: Filter,
     /// Held for the stream's life: its permits and observation.
     _guard: G,
-    /// Sent before anything live: `ready`, then a replay or `lagged`.
+    /// Sent before anything live: `ready`, then `lagged` or the replay.
     pending: std::collections::VecDeque<Event>,
+    replay: std::collections::VecDeque<Arc<StreamEvent>>,
+    /// The last event this stream's filter left out since it last sent
+    /// one, and when to tell the client its position anyway.
+    skipped: Option<u64>,
+    position_at: tokio::time::Instant,
     recheck: Recheck,
     next_check: tokio::time::Instant,
     closing: CancellationToken,
@@ -184,22 +193,45 @@ impl<G> Open<G> {
         if let Some(event) = self.pending.pop_front() {
             return Some(event);
         }
+        if let Some(event) = self.replay.pop_front() {
+            return Some(sse_event(&self.hub, &event));
+        }
         loop {
             let received = tokio::select! {
                 // Shutting down: the drain would wait for this stream.
                 _ = self.closing.cancelled() => return None,
                 received = self.rx.recv() => received,
                 _ = tokio::time::sleep_until(self.next_check) => {
-                    if !self.recheck.still_allowed().await {
+                    let allowed = tokio::select! {
+                        allowed = self.recheck.still_allowed() => allowed,
+                        _ = self.closing.cancelled() => return None,
+                    };
+                    if !allowed {
                         return None;
                     }
                     self.next_check = tokio::time::Instant::now() + self.recheck.every;
                     continue;
                 }
+                // A narrowed stream may see nothing for longer than the hub
+                // keeps events; an id alone (no event is dispatched) moves
+                // the client's Last-Event-ID past what it did not want, so
+                // that it can still resume.
+                _ = tokio::time::sleep_until(self.position_at), if self.skipped.is_some() => {
+                    let seq = self.skipped.take().unwrap_or_default();
+                    return Some(Event::default().id(self.hub.id(seq)));
+                }
             };
             match received {
-                Ok(event) if self.filter.admits(&event) => return Some(sse_event(&self.hub, &event)),
-                Ok(_) => continue,
+                Ok(event) if self.filter.admits(&event) => {
+                    self.skipped = None;
+                    return Some(sse_event(&self.hub, &event));
+                }
+                Ok(event) => {
+                    if self.skipped.is_none() {
+                        self.position_at = tokio::time::Instant::now() + POSITION_EVERY;
+                    }
+                    self.skipped = Some(event.seq);
+                }
                 // A client too slow to keep up is told, so it can refetch.
                 Err(RecvError::Lagged(missed)) => {
                     return Some(
@@ -215,6 +247,10 @@ impl<G> Open<G> {
 fn sse_event(hub: &Hub, event: &StreamEvent) -> Event {
     Event::default().id(hub.id(event.seq)).event(event.kind.as_str()).data(event.data.as_str())
 }
+
+/// How long after the first event a stream's filter leaves out it sends
+/// its position (an id alone), unless it sent an event meanwhile.
+const POSITION_EVERY: Duration = Duration::from_secs(5);
 
 /// Shortest time between two checks of a stream's credential.
 const RECHECK_MIN: Duration = Duration::from_secs(5);

@@ -510,8 +510,9 @@ async fn liveness_incidents(
                     s.liveness = 'degraded' AND (SELECT e.details->>'old' FROM warden.system_events e \
                                                  WHERE e.agent_id = s.agent_id AND e.event_type = 'status_changed' \
                                                    AND e.source = 'warden' AND e.occurred_at >= s.liveness_since \
-                                                 ORDER BY e.occurred_at DESC, e.id DESC LIMIT 1) = 'offline' \
-             FROM warden.agent_status s \
+                                                 ORDER BY e.occurred_at DESC, e.id DESC LIMIT 1) = 'offline', \
+                    greatest(s.last_seen, r.refused_at) \
+             FROM warden.agent_status s LEFT JOIN warden.ingest_refusals r USING (agent_id) \
              WHERE s.liveness IN ('offline', 'degraded')",
             &[],
         )
@@ -540,8 +541,11 @@ async fn liveness_incidents(
         let liveness: String = row.get(1);
         let since: DateTime<Utc> = row.get(2);
         let last_seen: DateTime<Utc> = row.get(3);
+        // Silence counts from the last sign of life, a refused heartbeat
+        // included, as liveness counted it.
+        let last_heard: DateTime<Utc> = row.get(6);
         let interval_s = f64::from(row.get::<_, i32>(4)) / 1000.0;
-        let silent_s = seconds(now - last_seen);
+        let silent_s = seconds(now - last_heard);
         let mut want = |issue: IssueType, summary: String| {
             let key = (Some(agent.clone()), issue);
             if outage || going_quiet {
@@ -552,7 +556,7 @@ async fn liveness_incidents(
                     Wanted {
                         severity: params.severity(issue),
                         summary,
-                        details: json!({"last_seen": last_seen, "silent_seconds": silent_s,
+                        details: json!({"last_seen": last_seen, "last_heard": last_heard, "silent_seconds": silent_s,
                                         "expected_interval_seconds": interval_s, "since": since}),
                         predicted: false,
                     },

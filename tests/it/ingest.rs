@@ -626,6 +626,22 @@ async fn agents_turned_away_at_capacity_are_not_taken_offline_for_it() {
         "{:?}",
         report.transitions
     );
+    // Its incident says the same, and time to detect counts from then.
+    let row = app
+        .db
+        .client()
+        .await
+        .query_one(
+            "SELECT i.summary, (i.details->>'silent_seconds')::float8, t.detect_seconds \
+             FROM warden.incidents i JOIN warden.incident_timings t ON t.incident_id = i.id \
+             WHERE i.agent_id = 'turned' AND i.issue_type = 'heartbeat_late'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (summary, silent, detect): (String, f64, f64) = (row.get(0), row.get(1), row.get(2));
+    assert!(summary.contains("no heartbeat for 40s"), "{summary}");
+    assert_eq!((silent, detect), (40.0, 40.0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -296,6 +296,49 @@ async fn a_client_back_with_its_last_event_id_gets_what_it_missed() {
 }
 
 #[tokio::test]
+async fn a_narrowed_stream_is_told_its_position_past_what_it_left_out() {
+    // A stream for one agent may see nothing of it while the replica's
+    // other events push its last id out of what the replica keeps; an id
+    // alone moves it on, so that it can still resume.
+    let app = app().await;
+    let read = app.key(&[Scope::Read]).await;
+    let open = |last: Option<String>| {
+        let mut request =
+            app.http.get(app.url("/v1/stream?agent=quiet")).bearer_auth(&read).timeout(Duration::from_secs(300));
+        if let Some(id) = last {
+            request = request.header("Last-Event-ID", id);
+        }
+        request.send()
+    };
+    let db = app.db.client().await;
+    let mut stream = open(None).await.unwrap();
+    let mut buffer = String::new();
+    let (name, ready_id, _) = next_block(&mut stream, &mut buffer).await;
+    assert_eq!(name, "ready");
+    let ready_seq = ready_id.as_deref().and_then(|id| id.rsplit_once('-')).map(|(_, n)| n.parse::<u64>().unwrap());
+    let payload = json!({"type": "status_changed", "agent_id": "noisy", "old": "online", "new": "offline"}).to_string();
+    // Until the listener listens, notifications reach no stream: keep
+    // sending until the position comes.
+    let position = loop {
+        db.execute("SELECT pg_notify('warden_events', $1)", &[&payload]).await.unwrap();
+        let (name, id, data) = next_block(&mut stream, &mut buffer).await;
+        // (The listener's own `lagged`, if it comes now, is for everyone.)
+        if name == "lagged" {
+            continue;
+        }
+        assert_eq!((name.as_str(), data), ("message", Value::Null), "an id alone, no event");
+        break id.expect("the position");
+    };
+    let seq: u64 = position.rsplit_once('-').unwrap().1.parse().unwrap();
+    assert!(Some(seq) > ready_seq, "{position} is past ready's {ready_id:?}");
+    drop(stream);
+    let mut again = open(Some(position)).await.unwrap();
+    let mut buffer = String::new();
+    let (name, _, ready) = next_block(&mut again, &mut buffer).await;
+    assert_eq!((name.as_str(), &ready["resumed"]), ("ready", &json!(true)));
+}
+
+#[tokio::test]
 async fn open_streams_end_when_warden_shuts_down() {
     // A stream never ends on its own; the shutdown's drain used to wait
     // for it the whole shutdown_timeout (a console tab open was enough),
