@@ -198,17 +198,21 @@ fn seconds(d: Duration) -> f64 {
     d.num_milliseconds() as f64 / 1000.0
 }
 
-/// The columns liveness decides from, in the order `decide` reads them
-/// (by position), and where they come from, for both reads of a cycle.
-macro_rules! presence_columns {
+/// The agent_status columns liveness decides from.
+macro_rules! status_columns {
     () => {
         "agent_id, liveness, liveness_since, last_seen, expected_interval_ms, ontime_streak, \
-         ia_count, ia_mean_ms, ia_var_ms2, refused_at"
+         ia_count, ia_mean_ms, ia_var_ms2"
     };
 }
-macro_rules! presence_from {
+/// What `decide` reads, by position, for both reads of a cycle: the
+/// status columns of a row `s` and the agent's last refusal at capacity.
+macro_rules! presence_columns {
     () => {
-        " FROM warden.agent_status s LEFT JOIN warden.ingest_refusals r USING (agent_id)"
+        concat!(
+            status_columns!(),
+            ", (SELECT r.refused_at FROM warden.ingest_refusals r WHERE r.agent_id = s.agent_id) AS refused_at"
+        )
     };
 }
 
@@ -251,7 +255,10 @@ pub async fn liveness_cycle(
     }
     let outages = ingest_outages(&tx, now).await?;
 
-    // Agents that could change now; everything else provably cannot.
+    // Agents that could change now; everything else provably cannot. A
+    // refusal at capacity only shortens silence, so candidates found
+    // without refusals are a superset, and only they look theirs up;
+    // `decide` lets a refusal hold them back.
     let lp = &params.liveness;
     let phi = lp.detector == Detector::Phi;
     let rows = tx
@@ -259,16 +266,15 @@ pub async fn liveness_cycle(
             concat!(
                 "WITH a AS ( \
                    SELECT ",
-                presence_columns!(),
-                ", extract(epoch FROM $1::timestamptz - greatest(last_seen, $2::timestamptz, refused_at)) * 1000 AS silence_ms, \
+                status_columns!(),
+                ", extract(epoch FROM $1::timestamptz - greatest(last_seen, $2::timestamptz)) * 1000 AS silence_ms, \
                       CASE WHEN $6::bool AND ia_count >= $7::int \
                                 AND ia_mean_ms BETWEEN expected_interval_ms / $9::float8 AND expected_interval_ms * $9::float8 \
-                           THEN ia_mean_ms + $8::float8 ELSE 'Infinity'::float8 END AS phi_floor",
-                presence_from!(),
-                ") \
+                           THEN ia_mean_ms + $8::float8 ELSE 'Infinity'::float8 END AS phi_floor \
+                 FROM warden.agent_status) \
                  SELECT ",
                 presence_columns!(),
-                " FROM a \
+                " FROM a AS s \
              WHERE liveness = 'unknown' \
                 OR (liveness = 'online' AND silence_ms >= least(expected_interval_ms * ($3::float8 + $5::float8), phi_floor)) \
                 OR (liveness = 'degraded' AND (last_seen > liveness_since \
@@ -323,8 +329,7 @@ pub async fn liveness_cycle(
                 concat!(
                     "SELECT ",
                     presence_columns!(),
-                    presence_from!(),
-                    " WHERE agent_id = ANY ($1) ORDER BY agent_id FOR NO KEY UPDATE OF s"
+                    " FROM warden.agent_status s WHERE agent_id = ANY ($1) ORDER BY agent_id FOR NO KEY UPDATE"
                 ),
                 &[&changing],
             )
