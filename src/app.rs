@@ -97,6 +97,16 @@ impl Application {
                  travel over plain HTTP; serve the console behind HTTPS and set console.secure_cookie = true"
             );
         }
+        let recovery = &settings.recovery;
+        let needed = crate::recovery::exec::AFTER_TIMEOUT + settings.database.acquire_timeout.get();
+        if recovery.enabled && recovery.lease_margin.get() < needed {
+            tracing::warn!(
+                lease_margin = ?recovery.lease_margin.get(),
+                needed = ?needed,
+                "recovery.lease_margin is shorter than a timed-out command may take to be killed and its outcome \
+                 recorded (4s plus database.acquire_timeout): such attempts may be recorded as abandoned"
+            );
+        }
         let addr = settings.server.listen;
         let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
         let local_addr = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;

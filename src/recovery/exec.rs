@@ -163,6 +163,10 @@ pub async fn run_command(
 /// How long a killed command's end and its output are waited for.
 const GRACE: Duration = Duration::from_secs(2);
 
+/// The longest a timed-out command can keep its action from ending: its
+/// end, then its output, each waited for up to `GRACE`.
+pub const AFTER_TIMEOUT: Duration = Duration::from_secs(2 * GRACE.as_secs());
+
 /// Kills the process group of the pid it holds when dropped.
 struct GroupGuard(Option<u32>);
 

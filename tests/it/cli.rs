@@ -206,7 +206,7 @@ fn an_unreachable_database_is_named_with_the_cause() {
 }
 
 /// The log lines `warden serve` writes until it says it is serving.
-async fn start_up_log(listen: &str) -> Vec<String> {
+async fn start_up_log(listen: &str, env: &[(&str, &str)]) -> Vec<String> {
     use std::io::BufRead;
     let db = crate::helpers::TestDb::migrated().await;
     let mut child = warden()
@@ -214,6 +214,7 @@ async fn start_up_log(listen: &str) -> Vec<String> {
         .env("WARDEN__DATABASE__URL", db.url())
         .env("WARDEN__SERVER__LISTEN", listen)
         .env("WARDEN__TELEMETRY__FORMAT", "json")
+        .envs(env.iter().copied())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -240,10 +241,20 @@ async fn start_up_log(listen: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn serving_beyond_this_machine_without_secure_cookies_is_warned_about() {
-    let wide = start_up_log("0.0.0.0:0").await;
+    let wide = start_up_log("0.0.0.0:0", &[]).await;
     assert!(wide.last().is_some_and(|l| l.contains("warden is serving")), "{wide:#?}");
     assert!(wide.iter().any(|l| l.contains("console.secure_cookie = false")), "{wide:#?}");
-    let local = start_up_log("127.0.0.1:0").await;
+    let local = start_up_log("127.0.0.1:0", &[]).await;
     assert!(local.last().is_some_and(|l| l.contains("warden is serving")), "{local:#?}");
     assert!(!local.iter().any(|l| l.contains("secure_cookie")), "{local:#?}");
+}
+
+#[tokio::test]
+async fn a_lease_margin_too_short_for_a_killed_command_is_warned_about() {
+    let short = start_up_log("127.0.0.1:0", &[("WARDEN__RECOVERY__LEASE_MARGIN", "1s")]).await;
+    assert!(short.last().is_some_and(|l| l.contains("warden is serving")), "{short:#?}");
+    assert!(short.iter().any(|l| l.contains("recovery.lease_margin is shorter")), "{short:#?}");
+    let default = start_up_log("127.0.0.1:0", &[]).await;
+    assert!(default.last().is_some_and(|l| l.contains("warden is serving")), "{default:#?}");
+    assert!(!default.iter().any(|l| l.contains("lease_margin")), "{default:#?}");
 }
