@@ -62,6 +62,12 @@ impl SettingsError {
         Self { key: Some(key.to_string()), value: Some(String::new()), origin: None, allowed: allowed.into() }
     }
 
+    /// A value not repeated in the message, as it may carry a credential
+    /// although its key does not say so (a command's argument).
+    pub fn unquoted(key: &str, allowed: impl Into<String>) -> Self {
+        Self { key: Some(key.to_string()), value: None, origin: None, allowed: allowed.into() }
+    }
+
     fn general(message: impl Into<String>) -> Self {
         Self { key: None, value: None, origin: None, allowed: message.into() }
     }

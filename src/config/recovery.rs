@@ -54,7 +54,7 @@ pub struct Strategy {
 
 /// One way to recover, tried `attempts` times before the next action; the
 /// last action repeats until the attempt limit.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Action {
     /// Runs a program with arguments, no shell; placeholders are filled in
@@ -93,6 +93,34 @@ pub enum Action {
         #[serde(default)]
         name: Option<String>,
     },
+}
+
+/// Header values and bodies carry credentials, and a URL may too (a token
+/// in its query): a debug print names them without their values.
+impl std::fmt::Debug for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Action::Command { name, argv, timeout, attempts } => f
+                .debug_struct("Command")
+                .field("name", name)
+                .field("argv", &format_args!("[{} arguments]", argv.len()))
+                .field("timeout", timeout)
+                .field("attempts", attempts)
+                .finish(),
+            Action::Http { name, method, headers, body, expect_status, timeout, attempts, .. } => f
+                .debug_struct("Http")
+                .field("name", name)
+                .field("method", method)
+                .field("url", &format_args!("[redacted]"))
+                .field("headers", &headers.keys().collect::<Vec<_>>())
+                .field("body", &format_args!("{}", if body.is_some() { "[redacted]" } else { "None" }))
+                .field("expect_status", expect_status)
+                .field("timeout", timeout)
+                .field("attempts", attempts)
+                .finish(),
+            Action::None { name } => f.debug_struct("None").field("name", name).finish(),
+        }
+    }
 }
 
 fn default_timeout() -> Duration {
@@ -270,8 +298,8 @@ fn validate_action(action: &Action, key: &str) -> Result<(), SettingsError> {
             if program.contains('{') {
                 return Err(SettingsError::new(&field("argv"), program, "a program path without placeholders"));
             }
-            for arg in argv {
-                placeholders(arg).map_err(|e| SettingsError::new(&field("argv"), arg, e))?;
+            for (i, arg) in argv.iter().enumerate() {
+                placeholders(arg).map_err(|e| SettingsError::unquoted(&field(&format!("argv[{i}]")), e))?;
             }
         }
         Action::Http { method, url, headers, body, expect_status, attempts, .. } => {
@@ -350,5 +378,30 @@ mod tests {
         assert_eq!(before_path("http://{label.host}"), "http://{label.host}");
         assert_eq!(before_path("http:/{label.host}/restart"), "http:/{label.host}/restart");
         assert_eq!(before_path("http://orch\\{label.host}/x"), "http://orch\\{label.host}");
+    }
+
+    #[test]
+    fn a_debug_print_of_an_action_keeps_its_credentials_out() {
+        let http = Action::Http {
+            name: Some("orchestrator".into()),
+            method: "POST".into(),
+            url: "https://orch/restart?token=url-secret".into(),
+            headers: BTreeMap::from([("Authorization".into(), "Bearer header-secret".into())]),
+            body: Some(serde_json::json!({"key": "body-secret"})),
+            expect_status: vec![202],
+            timeout: Duration::from_secs(5),
+            attempts: 2,
+        };
+        let command = Action::Command {
+            name: None,
+            argv: vec!["restart".into(), "--token=argv-secret".into()],
+            timeout: Duration::from_secs(5),
+            attempts: 1,
+        };
+        let printed = format!("{http:?} {command:?}");
+        for secret in ["url-secret", "header-secret", "body-secret", "argv-secret"] {
+            assert!(!printed.contains(secret), "{secret} printed: {printed}");
+        }
+        assert!(printed.contains("orchestrator") && printed.contains("Authorization"), "{printed}");
     }
 }

@@ -257,6 +257,17 @@ fn a_malformed_template_never_prints_the_credential_beside_it() {
         assert!(!shown.contains("hunter2"), "{case}: {shown}");
         assert!(shown.contains("at character"), "says where instead: {shown}");
     }
+    // A command's arguments are no secret field, yet one may carry a token.
+    let file = override_file(
+        "[[recovery.strategies]]\nname = \"r\"\nissues = [\"agent_unresponsive\"]\n\n\
+         [[recovery.strategies.actions]]\nkind = \"command\"\n\
+         argv = [\"/usr/bin/restart\", \"{agent_id}\", \"--token={hunter2\"]\n",
+    );
+    let e = Settings::load(&Sources { file: Some(file.path().to_path_buf()), env: Some(HashMap::new()) })
+        .expect_err("an unclosed placeholder");
+    let shown = e.to_string();
+    assert!(!shown.contains("hunter2"), "{shown}");
+    assert!(shown.contains("argv[2]") && shown.contains("at character 9"), "says which and where: {shown}");
 }
 
 #[test]
