@@ -36,8 +36,12 @@ pub struct Metrics {
     pub deliveries: IntCounterVec,
     /// API keys looked up in the database (cache misses), by outcome.
     pub key_lookups: IntCounterVec,
-    /// Pool connections, by state (set when scraped).
+    /// Open pool connections, by state: `idle` and `in_use` (set when
+    /// scraped; they sum to the connections open).
     pub pool: IntGaugeVec,
+    /// The pool's size limit, apart so that a sum over `pool` is
+    /// meaningful.
+    pub pool_max: IntGauge,
 }
 
 /// Fleet figures read from the database for one scrape. They live in a
@@ -152,6 +156,9 @@ impl Metrics {
         let seconds = vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
         let queue_depth = IntGauge::new("warden_ingest_queue_depth", "Heartbeats waiting for a writer").unwrap();
         registry.register(Box::new(queue_depth.clone())).unwrap();
+        let pool_max =
+            IntGauge::new("warden_db_pool_max_connections", "Connections the database pool may open").unwrap();
+        registry.register(Box::new(pool_max.clone())).unwrap();
         let cycle_seconds = HistogramVec::new(
             HistogramOpts::new("warden_evaluation_cycle_seconds", "Duration of evaluator cycles")
                 .buckets(seconds.clone()),
@@ -195,7 +202,13 @@ impl Metrics {
                 "API keys looked up in the database (not found in the cache), by outcome",
                 &["outcome"],
             ),
-            pool: gauge(&registry, "warden_db_pool_connections", "Database pool connections", &["state"]),
+            pool: gauge(
+                &registry,
+                "warden_db_pool_connections",
+                "Open database pool connections, by state",
+                &["state"],
+            ),
+            pool_max,
             registry,
         }
     }

@@ -23,10 +23,9 @@ async fn metrics(State(state): State<AppState>) -> axum::response::Response {
     let m = &crate::metrics::METRICS;
     m.queue_depth.set(state.ingestor.queued() as i64);
     let status = state.pool.status();
-    m.pool.with_label_values(&["open"]).set(status.size as i64);
     m.pool.with_label_values(&["idle"]).set(status.available as i64);
     m.pool.with_label_values(&["in_use"]).set(status.size.saturating_sub(status.available) as i64);
-    m.pool.with_label_values(&["max"]).set(status.max_size as i64);
+    m.pool_max.set(status.max_size as i64);
     // A scrape waits for another's read no longer than a read may take.
     let wait = state.settings.database.connect_timeout.get();
     let fleet = state

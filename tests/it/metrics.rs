@@ -53,7 +53,11 @@ async fn metrics_count_the_work_and_pass_promtool() {
     assert!(lookup(&text, "unknown") >= unknown_before + 1.0);
     assert!(metric(&text, "warden_ingest_commit_seconds_count").unwrap() >= 1.0);
     assert!(text.contains("warden_ingest_queue_depth "));
-    assert!(metric(&text, "warden_db_pool_connections{state=\"max\"}").unwrap() >= 1.0);
+    assert!(metric(&text, "warden_db_pool_max_connections").unwrap() >= 1.0);
+    // The heartbeats above were written over at least one connection.
+    let open = metric(&text, "warden_db_pool_connections{state=\"idle\"}").unwrap()
+        + metric(&text, "warden_db_pool_connections{state=\"in_use\"}").unwrap();
+    assert!(open >= 1.0 && !text.contains("state=\"max\""), "{text}");
     // Fleet figures come from this test's own database, read at most a
     // second before the scrape.
     let agents = |text: &str| {
