@@ -206,13 +206,16 @@ macro_rules! status_columns {
     };
 }
 /// What `decide` reads, by position, for both reads of a cycle: the
-/// status columns of a row `s` and the agent's last refusal at capacity.
+/// status columns and the agent's last refusal at capacity, from rows `s`
+/// joined by `refusals_join!` after they are filtered.
 macro_rules! presence_columns {
     () => {
-        concat!(
-            status_columns!(),
-            ", (SELECT r.refused_at FROM warden.ingest_refusals r WHERE r.agent_id = s.agent_id) AS refused_at"
-        )
+        concat!(status_columns!(), ", r.refused_at")
+    };
+}
+macro_rules! refusals_join {
+    () => {
+        " LEFT JOIN warden.ingest_refusals r USING (agent_id)"
     };
 }
 
@@ -257,8 +260,9 @@ pub async fn liveness_cycle(
 
     // Agents that could change now; everything else provably cannot. A
     // refusal at capacity only shortens silence, so candidates found
-    // without refusals are a superset, and only they look theirs up;
-    // `decide` lets a refusal hold them back.
+    // without refusals are a superset: the filter runs over agent_status
+    // alone and only its survivors are joined to their refusals (hashed,
+    // as there are few), and `decide` lets a refusal hold them back.
     let lp = &params.liveness;
     let phi = lp.detector == Detector::Phi;
     let rows = tx
@@ -274,8 +278,9 @@ pub async fn liveness_cycle(
                  FROM warden.agent_status) \
                  SELECT ",
                 presence_columns!(),
-                " FROM a AS s \
-             WHERE liveness = 'unknown' \
+                " FROM a AS s",
+                refusals_join!(),
+                " WHERE liveness = 'unknown' \
                 OR (liveness = 'online' AND silence_ms >= least(expected_interval_ms * ($3::float8 + $5::float8), phi_floor)) \
                 OR (liveness = 'degraded' AND (last_seen > liveness_since \
                     OR silence_ms >= least(expected_interval_ms * ($4::float8 + $5::float8), phi_floor))) \
@@ -329,7 +334,9 @@ pub async fn liveness_cycle(
                 concat!(
                     "SELECT ",
                     presence_columns!(),
-                    " FROM warden.agent_status s WHERE agent_id = ANY ($1) ORDER BY agent_id FOR NO KEY UPDATE"
+                    " FROM warden.agent_status s",
+                    refusals_join!(),
+                    " WHERE agent_id = ANY ($1) ORDER BY agent_id FOR NO KEY UPDATE OF s"
                 ),
                 &[&changing],
             )
