@@ -98,13 +98,18 @@ impl Application {
             );
         }
         let recovery = &settings.recovery;
-        let needed = crate::recovery::exec::AFTER_TIMEOUT + settings.database.acquire_timeout.get();
+        // Writing the outcome waits for a pooled connection, and a new one
+        // may take connect_timeout on top of the wait for a free one.
+        let db = &settings.database;
+        let needed = crate::recovery::exec::AFTER_TIMEOUT + db.acquire_timeout.get() + db.connect_timeout.get();
         if recovery.enabled && recovery.lease_margin.get() < needed {
             tracing::warn!(
                 lease_margin = ?recovery.lease_margin.get(),
                 needed = ?needed,
                 "recovery.lease_margin is shorter than a timed-out command may take to be killed and its outcome \
-                 recorded (4s plus database.acquire_timeout): such attempts may be recorded as abandoned"
+                 recorded ({:?} plus database.acquire_timeout and database.connect_timeout): such attempts may be \
+                 recorded as abandoned",
+                crate::recovery::exec::AFTER_TIMEOUT
             );
         }
         let addr = settings.server.listen;

@@ -103,7 +103,10 @@ impl std::fmt::Debug for Action {
             Action::Command { name, argv, timeout, attempts } => f
                 .debug_struct("Command")
                 .field("name", name)
-                .field("argv", &format_args!("[{} arguments]", argv.len()))
+                // The program is the operator's and holds no placeholder;
+                // its arguments may carry a token.
+                .field("program", &argv.first())
+                .field("arguments", &argv.len().saturating_sub(1))
                 .field("timeout", timeout)
                 .field("attempts", attempts)
                 .finish(),
@@ -403,5 +406,6 @@ mod tests {
             assert!(!printed.contains(secret), "{secret} printed: {printed}");
         }
         assert!(printed.contains("orchestrator") && printed.contains("Authorization"), "{printed}");
+        assert!(printed.contains("\"restart\"") && printed.contains("arguments: 1"), "{printed}");
     }
 }
