@@ -165,7 +165,7 @@ const GRACE: Duration = Duration::from_secs(2);
 
 /// The longest a timed-out command can keep its action from ending: its
 /// end, then its output, each waited for up to `GRACE`.
-pub const AFTER_TIMEOUT: Duration = Duration::from_secs(2 * GRACE.as_secs());
+pub const AFTER_TIMEOUT: Duration = GRACE.saturating_mul(2);
 
 /// Kills the process group of the pid it holds when dropped.
 struct GroupGuard(Option<u32>);
