@@ -243,7 +243,7 @@ pub fn session_config(mut pg_config: tokio_postgres::Config, settings: &Database
     // Options and an application name given in `database.url` are kept
     // (a hosted PostgreSQL may need `options=endpoint=...`); warden's own
     // settings come after the URL's, so for the same setting they win.
-    let given = pg_config.get_options().filter(|o| !o.trim().is_empty()).map(|o| format!("{o} "));
+    let given = pg_config.get_options().map(options_before_warden_s).unwrap_or_default();
     if pg_config.get_application_name().is_none() {
         pg_config.application_name("warden");
     }
@@ -258,10 +258,23 @@ pub fn session_config(mut pg_config: tokio_postgres::Config, settings: &Database
             "{}-c statement_timeout={} -c timezone=UTC -c jit=off -c tcp_keepalives_idle={SERVER_KEEPALIVE_IDLE_S} \
              -c tcp_keepalives_interval={SERVER_KEEPALIVE_INTERVAL_S} -c tcp_keepalives_count={SERVER_KEEPALIVE_COUNT} \
              -c tcp_user_timeout={SERVER_USER_TIMEOUT_MS}",
-            given.unwrap_or_default(),
+            given,
             settings.statement_timeout.as_millis_u64()
         ));
     pg_config
+}
+
+/// The URL's own `options`, ready to have warden's appended after a space.
+///
+/// PostgreSQL splits options at unescaped spaces, a backslash escaping the
+/// next character; an unpaired backslash at the very end escapes nothing
+/// and is dropped. Followed by warden's options, it would escape the space
+/// between them instead and run the URL's last option into warden's first,
+/// so it is dropped here, as the server would have.
+fn options_before_warden_s(given: &str) -> String {
+    let trailing = given.len() - given.trim_end_matches('\\').len();
+    let given = if trailing % 2 == 1 { &given[..given.len() - 1] } else { given };
+    if given.trim().is_empty() { String::new() } else { format!("{given} ") }
 }
 
 /// A pool over `pg_config` with the session settings and TLS every
@@ -382,4 +395,23 @@ pub async fn ensure_partitions(client: &tokio_postgres::Client, ahead_days: u32)
         )
         .await?;
     Ok(row.get(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::options_before_warden_s as prefix;
+
+    #[test]
+    fn the_urls_options_come_first_and_end_where_the_server_would_end_them() {
+        assert_eq!(prefix(""), "");
+        assert_eq!(prefix("  "), "");
+        assert_eq!(prefix("-c work_mem=8MB"), "-c work_mem=8MB ");
+        // Unpaired: dropped, as PostgreSQL drops it at the end of options.
+        assert_eq!(prefix("-c search_path=a\\"), "-c search_path=a ");
+        // Paired: an escaped backslash, part of the value.
+        assert_eq!(prefix("-c search_path=a\\\\"), "-c search_path=a\\\\ ");
+        assert_eq!(prefix("-c search_path=a\\\\\\"), "-c search_path=a\\\\ ");
+        // An escaped space at the end stays part of the value.
+        assert_eq!(prefix("-c application_name=a\\ "), "-c application_name=a\\  ");
+    }
 }
