@@ -112,6 +112,16 @@ impl Application {
                 crate::recovery::exec::AFTER_TIMEOUT
             );
         }
+        let health = &settings.health;
+        // A score pass follows a liveness cycle, so it cannot come more often.
+        if health.score_interval.get() < health.check_interval.get() {
+            tracing::warn!(
+                score_interval = ?health.score_interval.get(),
+                check_interval = ?health.check_interval.get(),
+                "health.score_interval is shorter than health.check_interval: scores are computed right after a \
+                 liveness cycle, so only every check_interval"
+            );
+        }
         let addr = settings.server.listen;
         let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
         let local_addr = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;

@@ -250,11 +250,16 @@ async fn serving_beyond_this_machine_without_secure_cookies_is_warned_about() {
 }
 
 #[tokio::test]
-async fn a_lease_margin_too_short_for_a_killed_command_is_warned_about() {
-    let short = start_up_log("127.0.0.1:0", &[("WARDEN__RECOVERY__LEASE_MARGIN", "1s")]).await;
+async fn settings_that_cannot_work_as_written_are_warned_about_at_start() {
+    let short = start_up_log(
+        "127.0.0.1:0",
+        &[("WARDEN__RECOVERY__LEASE_MARGIN", "1s"), ("WARDEN__HEALTH__SCORE_INTERVAL", "5s")],
+    )
+    .await;
     assert!(short.last().is_some_and(|l| l.contains("warden is serving")), "{short:#?}");
     assert!(short.iter().any(|l| l.contains("recovery.lease_margin is shorter")), "{short:#?}");
+    assert!(short.iter().any(|l| l.contains("health.score_interval is shorter")), "{short:#?}");
     let default = start_up_log("127.0.0.1:0", &[]).await;
     assert!(default.last().is_some_and(|l| l.contains("warden is serving")), "{default:#?}");
-    assert!(!default.iter().any(|l| l.contains("lease_margin")), "{default:#?}");
+    assert!(!default.iter().any(|l| l.contains("lease_margin") || l.contains("score_interval")), "{default:#?}");
 }
