@@ -26,9 +26,15 @@ pub struct AgentArgs {
     /// API key with the ingest scope.
     #[arg(long, env = "WARDEN_KEY", hide_env_values = true)]
     pub key: Option<String>,
-    /// Start in the background and return at once.
+    /// Send the first heartbeat, then go on in the background and return:
+    /// with an error if warden refused that heartbeat (a wrong key, a bad
+    /// agent id), else at once.
     #[arg(long)]
     pub detach: bool,
+    /// Set by --detach for the background process: the first heartbeat is
+    /// sent, so the next is due an interval from now.
+    #[arg(long, hide = true)]
+    pub first_sent: bool,
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -47,39 +53,28 @@ pub async fn run(args: AgentArgs) -> Result<(), String> {
         .map(|u| Client::new(u, args.key.clone()))
         .collect::<Result<_, _>>()
         .map_err(|e| format!("--url: {e}"))?;
-    if args.detach {
-        return detach();
-    }
     let started = Instant::now();
+    if args.detach {
+        let sent = first_heartbeat(&args, &clients, started).await?;
+        return detach(sent);
+    }
     let mut schedule = Failover::new(clients.len());
     // The host's clock, unless warden found it too far ahead.
     let mut send_clock = true;
+    if args.first_sent {
+        tokio::time::sleep(args.interval.get()).await;
+    }
     loop {
         let (current, wait) = schedule.next(Instant::now());
         tokio::time::sleep(wait).await;
-        let mut heartbeat =
-            HeartbeatRequest::new(&args.agent_id).uptime(started.elapsed().as_secs()).next_in(args.interval.get());
-        if !send_clock {
-            heartbeat.sent_at = None;
-        }
-        if let Some(mode) = args.mode {
-            heartbeat = heartbeat.mode(mode);
-        }
-        if let Some(name) = &args.name {
-            heartbeat = heartbeat.name(name);
-        }
-        for (k, v) in &args.labels {
-            heartbeat = heartbeat.label(k, v);
-        }
+        let heartbeat = heartbeat(&args, started, send_clock);
         match clients[current].heartbeat(&heartbeat).await {
             Ok(_) => {
                 schedule.succeeded();
                 tokio::time::sleep(args.interval.get()).await;
             }
-            Err(ClientError::Rejected { status: 422, field: Some(field), message, .. })
-                if field == "sent_at" && send_clock =>
-            {
-                tracing::warn!(%message, "this host's clock is ahead of warden's; sending heartbeats without sent_at");
+            Err(e) if clock_refused(&e) && send_clock => {
+                tracing::warn!(error = %e, "this host's clock is ahead of warden's; sending heartbeats without sent_at");
                 send_clock = false;
             }
             Err(e) => match e.retry_after() {
@@ -93,11 +88,59 @@ pub async fn run(args: AgentArgs) -> Result<(), String> {
     }
 }
 
+fn heartbeat(args: &AgentArgs, started: Instant, send_clock: bool) -> HeartbeatRequest {
+    let mut heartbeat =
+        HeartbeatRequest::new(&args.agent_id).uptime(started.elapsed().as_secs()).next_in(args.interval.get());
+    if !send_clock {
+        heartbeat.sent_at = None;
+    }
+    if let Some(mode) = args.mode {
+        heartbeat = heartbeat.mode(mode);
+    }
+    if let Some(name) = &args.name {
+        heartbeat = heartbeat.name(name);
+    }
+    for (k, v) in &args.labels {
+        heartbeat = heartbeat.label(k, v);
+    }
+    heartbeat
+}
+
+/// warden found sent_at too far ahead of its own clock.
+fn clock_refused(e: &ClientError) -> bool {
+    matches!(e, ClientError::Rejected { status: 422, field: Some(field), .. } if field == "sent_at")
+}
+
+/// The first heartbeat of a detaching agent, sent before detaching so that
+/// a refusal that retrying cannot cure (a wrong key, a bad agent id) is
+/// reported by the command that was given them: the background process's
+/// output goes nowhere. Each URL is tried once. True when one took it;
+/// false when none could be reached or was ready, which the background
+/// process keeps trying.
+async fn first_heartbeat(args: &AgentArgs, clients: &[Client], started: Instant) -> Result<bool, String> {
+    for (client, url) in clients.iter().zip(&args.urls) {
+        match client.heartbeat(&heartbeat(args, started, true)).await {
+            Ok(_) => return Ok(true),
+            // The background process sends without sent_at.
+            Err(e) if clock_refused(&e) => return Ok(false),
+            Err(e) if e.retry_after().is_some() => {
+                tracing::warn!(%url, error = %e, "first heartbeat not taken; the agent keeps trying in the background");
+            }
+            Err(e) => return Err(format!("{url}: {e}")),
+        }
+    }
+    Ok(false)
+}
+
 /// Starts this same command line without `--detach`, in its own session
-/// with no terminal, and returns.
-fn detach() -> Result<(), String> {
+/// with no terminal, and returns. `first_sent`: the first heartbeat is
+/// sent, so the background process starts with the wait for the next.
+fn detach(first_sent: bool) -> Result<(), String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--detach").collect();
+    let mut args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--detach").collect();
+    if first_sent {
+        args.push("--first-sent".into());
+    }
     let mut command = std::process::Command::new(exe);
     command
         .args(args)

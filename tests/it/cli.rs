@@ -114,6 +114,81 @@ fn a_detached_agent_with_a_bad_url_fails_where_it_was_started() {
 }
 
 #[tokio::test]
+async fn a_detached_agent_reports_a_refused_key_where_it_was_started() {
+    let app = crate::helpers::TestApp::spawn().await;
+    let key = app.key(&[warden::auth::Scope::Ingest]).await;
+    let url = app.url("");
+    let background = |agent_id: &str| {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+            .filter(|c| {
+                let c = String::from_utf8_lossy(c);
+                c.contains(agent_id) && c.contains(&url)
+            })
+            .count()
+    };
+    let detach = |agent_id: &str, key: &str| {
+        let (url, agent_id, key) = (url.clone(), agent_id.to_string(), key.to_string());
+        tokio::task::spawn_blocking(move || {
+            warden()
+                .args(["agent", "--url", &url, "--agent-id", &agent_id, "--interval", "500ms", "--detach"])
+                .env("WARDEN_KEY", key)
+                .output()
+                .unwrap()
+        })
+    };
+
+    let refused = detach("detach-refused", "wk_not_a_key").await.unwrap();
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("401"), "{refused:?}");
+    assert_eq!(background("detach-refused"), 0, "nothing left running");
+
+    let taken = detach("detach-taken", &key).await.unwrap();
+    assert!(taken.status.success(), "{taken:?}");
+    // Answered only once the first heartbeat was committed.
+    let count = || {
+        app.count(
+            "SELECT coalesce(sum(heartbeat_count), 0)::bigint FROM warden.agent_status WHERE agent_id = 'detach-taken'",
+        )
+    };
+    assert_eq!(count().await, 1);
+    crate::helpers::eventually(std::time::Duration::from_secs(30), "the background agent to keep sending", || async {
+        (count().await >= 3).then_some(())
+    })
+    .await;
+    // Its second heartbeat came an interval after the first, not at once.
+    let gap: f64 = app
+        .db
+        .client()
+        .await
+        .query_one(
+            "SELECT extract(epoch FROM (array_agg(received_at ORDER BY received_at))[2] - min(received_at))::float8 \
+             FROM warden.agent_heartbeats WHERE agent_id = 'detach-taken'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(gap >= 0.45, "second heartbeat {gap} s after the first");
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if cmdline.contains("detach-taken")
+            && cmdline.contains(&url)
+            && let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>()
+        {
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+    crate::helpers::eventually(std::time::Duration::from_secs(20), "the background agent to be gone", || async {
+        (background("detach-taken") == 0).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn recovery_run_refuses_when_nothing_would_run_it() {
     let db = crate::helpers::TestDb::migrated().await;
     db.client().await.execute("SELECT warden.record_heartbeat('r1')", &[]).await.unwrap();
