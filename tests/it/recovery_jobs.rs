@@ -512,3 +512,41 @@ async fn an_outcome_is_recorded_through_a_database_blip_not_abandoned() {
     let jobs = rig.jobs("blip").await;
     assert_eq!(jobs[0].0, "pending", "{jobs:?}");
 }
+
+#[tokio::test]
+async fn an_incident_resolved_while_a_claim_waits_for_its_turn_starts_nothing() {
+    // Pending jobs of resolved incidents are cancelled early in a tick; an
+    // incident can still resolve between that and the claim, which then
+    // must not start the job. The test holds the claim lock so that the
+    // resolution lands in exactly that gap.
+    let rig = rig(vec![strategy(&[IssueType::AgentUnresponsive], vec![command(&["/bin/true"])])], 3).await;
+    rig.agent("gap").await;
+    let incident = rig.incident("gap", IssueType::AgentUnresponsive).await;
+    let mut holder = rig.db.client().await;
+    let held = holder.transaction().await.unwrap();
+    held.execute("SELECT pg_advisory_xact_lock($1)", &[&warden::recovery::CLAIM_LOCK]).await.unwrap();
+
+    let engine = rig.engine.clone();
+    let tick = tokio::spawn(async move { engine.tick(None).await.unwrap() });
+    crate::helpers::eventually(std::time::Duration::from_secs(30), "the claim to wait for the lock", || async {
+        let waiting = rig
+            .count(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+                   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            )
+            .await;
+        (waiting == 1).then_some(())
+    })
+    .await;
+    assert_eq!(rig.jobs("gap").await, [("pending".to_string(), None)], "opened, not yet claimed");
+    rig.evaluator_clears(incident).await;
+    held.commit().await.unwrap();
+
+    let report = tick.await.unwrap();
+    rig.engine.settle().await;
+    assert_eq!((report.opened, report.started), (1, 0), "{report:?}");
+    assert!(rig.action_states("gap").await.is_empty(), "no action ran");
+    // The next tick cancels it like any job of a resolved incident.
+    assert_eq!(rig.tick().await.cancelled, 1);
+    assert_eq!(rig.jobs("gap").await[0].0, "cancelled");
+}
