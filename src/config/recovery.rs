@@ -14,6 +14,9 @@ pub struct RecoverySettings {
     pub enabled: bool,
     /// Recoveries running or verifying at once, fleet-wide.
     pub max_concurrent: u32,
+    /// Manual runs that may be running or verifying at once while
+    /// `max_concurrent` is full (they are not held back by it).
+    pub max_concurrent_manual: u32,
     /// Attempts per agent within `attempt_window`, or for one incident
     /// however long they took, before giving up.
     pub max_attempts: u32,
@@ -250,6 +253,7 @@ fn is_name(text: &str) -> bool {
 impl RecoverySettings {
     pub(super) fn validate(&self) -> Result<(), SettingsError> {
         check_range("recovery.max_concurrent", self.max_concurrent, 1, 10_000)?;
+        check_range("recovery.max_concurrent_manual", self.max_concurrent_manual, 1, 10_000)?;
         check_range("recovery.max_attempts", self.max_attempts, 1, 1000)?;
         check_min("recovery.attempt_window", self.attempt_window, Duration::from_secs(1))?;
         check_min("recovery.backoff_base", self.backoff_base, Duration::from_millis(10))?;

@@ -54,10 +54,6 @@ macro_rules! attempts_in_window {
     };
 }
 
-/// Manual runs that may be running or verifying at once while the
-/// fleet-wide cap is full.
-const MANUAL_OVER_CAP: i64 = 10;
-
 /// Attempts a give-up message lists by name; the rest are counted.
 const SUMMARY_ATTEMPTS: usize = 10;
 
@@ -529,7 +525,11 @@ impl Engine {
         // checks take up to an hour each), and the run was asked for now.
         // Manual runs past the cap are bounded on their own.
         let room = i64::from(self.settings.max_concurrent) - active;
-        let (limit, automatic) = if room > 0 { (room, true) } else { (MANUAL_OVER_CAP - active_manual, false) };
+        let (limit, automatic) = if room > 0 {
+            (room, true)
+        } else {
+            (i64::from(self.settings.max_concurrent_manual) - active_manual, false)
+        };
         if limit <= 0 {
             tx.commit().await?;
             return Ok((0, 0));

@@ -165,7 +165,9 @@ async fn an_operators_run_starts_while_the_fleet_cap_is_full() {
     assert_eq!(rig.action_states("asked").await, ["verifying"]);
     assert!(rig.action_states("queued").await.is_empty(), "automatic ones still wait for room");
 
-    // Past the cap, manual runs are bounded on their own: ten at once.
+    // Past the cap, manual runs are bounded on their own: by default ten
+    // at once.
+    assert_eq!(rig.settings.max_concurrent_manual, 10);
     for i in 0..10 {
         let agent = format!("more-{i}");
         rig.agent(&agent).await;
@@ -173,6 +175,26 @@ async fn an_operators_run_starts_while_the_fleet_cap_is_full() {
     }
     assert_eq!(rig.tick().await.started, 9, "with asked's, ten");
     assert_eq!(rig.tick().await.started, 0);
+}
+
+#[tokio::test]
+async fn manual_runs_past_a_full_cap_are_bounded_by_their_own_setting() {
+    let mut rig = rig_with(vec![strategy(&[IssueType::AgentUnresponsive], vec![command(&["/bin/true"])])], 3, 1).await;
+    rig.settings.max_concurrent_manual = 2;
+    let pool = warden::db::build_pool(rig.db.config.clone(), &default_settings().database).unwrap();
+    rig.engine = Engine::new(pool, rig.settings.clone(), &default_settings().health, "test".into());
+    rig.agent("busy").await;
+    rig.incident("busy", IssueType::AgentUnresponsive).await;
+    assert_eq!(rig.tick().await.started, 1, "the cap (1) is taken");
+    let mut db = rig.db.client().await;
+    for i in 0..3 {
+        let agent = format!("asked-{i}");
+        rig.agent(&agent).await;
+        warden::recovery::run_now(&mut db, &rig.settings, &agent, None).await.unwrap();
+    }
+    assert_eq!(rig.tick().await.started, 2);
+    assert_eq!(rig.tick().await.started, 0, "the third waits for one of them to end");
+    assert_eq!(rig.count("SELECT count(*) FROM warden.recovery_jobs WHERE manual AND state = 'pending'").await, 1);
 }
 
 #[tokio::test]
