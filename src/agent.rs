@@ -27,15 +27,22 @@ pub struct AgentArgs {
     #[arg(long, env = "WARDEN_KEY", hide_env_values = true)]
     pub key: Option<String>,
     /// Send the first heartbeat, then go on in the background and return:
-    /// with an error if warden refused that heartbeat (a wrong key, a bad
-    /// agent id), else at once.
+    /// with an error if warden refused that heartbeat for good (a wrong
+    /// key, a label it does not take).
     #[arg(long)]
     pub detach: bool,
     /// Set by --detach for the background process: the first heartbeat is
     /// sent, so the next is due an interval from now.
     #[arg(long, hide = true)]
     pub first_sent: bool,
+    /// Set by --detach for the background process: warden found this
+    /// host's clock too far ahead, so heartbeats go without sent_at.
+    #[arg(long, hide = true)]
+    pub without_clock: bool,
 }
+
+/// The flags --detach hands to the background process in its own way.
+const DETACH_FLAGS: [&str; 3] = ["--detach", "--first-sent", "--without-clock"];
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
     text.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| "expected name=value".into())
@@ -55,12 +62,12 @@ pub async fn run(args: AgentArgs) -> Result<(), String> {
         .map_err(|e| format!("--url: {e}"))?;
     let started = Instant::now();
     if args.detach {
-        let sent = first_heartbeat(&args, &clients, started).await?;
-        return detach(sent);
+        let first = first_heartbeat(&args, &clients, started).await?;
+        return detach(first);
     }
     let mut schedule = Failover::new(clients.len());
     // The host's clock, unless warden found it too far ahead.
-    let mut send_clock = true;
+    let mut send_clock = !args.without_clock;
     if args.first_sent {
         tokio::time::sleep(args.interval.get()).await;
     }
@@ -111,35 +118,53 @@ fn clock_refused(e: &ClientError) -> bool {
     matches!(e, ClientError::Rejected { status: 422, field: Some(field), .. } if field == "sent_at")
 }
 
-/// The first heartbeat of a detaching agent, sent before detaching so that
-/// a refusal that retrying cannot cure (a wrong key, a bad agent id) is
-/// reported by the command that was given them: the background process's
-/// output goes nowhere. Each URL is tried once. True when one took it;
-/// false when none could be reached or was ready, which the background
-/// process keeps trying.
-async fn first_heartbeat(args: &AgentArgs, clients: &[Client], started: Instant) -> Result<bool, String> {
-    for (client, url) in clients.iter().zip(&args.urls) {
-        match client.heartbeat(&heartbeat(args, started, true)).await {
-            Ok(_) => return Ok(true),
-            // The background process sends without sent_at.
-            Err(e) if clock_refused(&e) => return Ok(false),
-            Err(e) if e.retry_after().is_some() => {
-                tracing::warn!(%url, error = %e, "first heartbeat not taken; the agent keeps trying in the background");
-            }
-            Err(e) => return Err(format!("{url}: {e}")),
-        }
-    }
-    Ok(false)
+/// What the first heartbeat of a detaching agent found.
+struct First {
+    taken: bool,
+    send_clock: bool,
 }
 
-/// Starts this same command line without `--detach`, in its own session
-/// with no terminal, and returns. `first_sent`: the first heartbeat is
-/// sent, so the background process starts with the wait for the next.
-fn detach(first_sent: bool) -> Result<(), String> {
+/// The first heartbeat of a detaching agent, sent before detaching so that
+/// a refusal that retrying cannot cure (a wrong key, a key held to other
+/// agents, a label warden does not take) is reported by the command that
+/// was given them: the background process's output goes nowhere. Each URL
+/// is tried once (again without sent_at if warden finds the clock ahead),
+/// each try waiting up to the client's timeout for the answer. Not taken
+/// when no warden could be reached or was ready: the background process
+/// keeps trying.
+async fn first_heartbeat(args: &AgentArgs, clients: &[Client], started: Instant) -> Result<First, String> {
+    let mut send_clock = true;
+    for (client, url) in clients.iter().zip(&args.urls) {
+        loop {
+            match client.heartbeat(&heartbeat(args, started, send_clock)).await {
+                Ok(_) => return Ok(First { taken: true, send_clock }),
+                Err(e) if clock_refused(&e) && send_clock => {
+                    tracing::warn!(error = %e, "this host's clock is ahead of warden's; sending heartbeats without sent_at");
+                    send_clock = false;
+                }
+                Err(e) if e.retry_after().is_some() => {
+                    tracing::warn!(%url, error = %e, "first heartbeat not taken; the agent keeps trying in the background");
+                    break;
+                }
+                Err(e) => return Err(format!("{url}: {e}")),
+            }
+        }
+    }
+    Ok(First { taken: false, send_clock })
+}
+
+/// Starts this same command line without `--detach`, in a process group
+/// of its own with no terminal, and returns; the background process is
+/// told what the first heartbeat found.
+fn detach(first: First) -> Result<(), String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let mut args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--detach").collect();
-    if first_sent {
+    let mut args: Vec<std::ffi::OsString> =
+        std::env::args_os().skip(1).filter(|a| !DETACH_FLAGS.iter().any(|flag| a == flag)).collect();
+    if first.taken {
         args.push("--first-sent".into());
+    }
+    if !first.send_clock {
+        args.push("--without-clock".into());
     }
     let mut command = std::process::Command::new(exe);
     command

@@ -266,15 +266,32 @@ pub fn session_config(mut pg_config: tokio_postgres::Config, settings: &Database
 
 /// The URL's own `options`, ready to have warden's appended after a space.
 ///
-/// PostgreSQL splits options at unescaped spaces, a backslash escaping the
-/// next character; an unpaired backslash at the very end escapes nothing
-/// and is dropped. Followed by warden's options, it would escape the space
-/// between them instead and run the URL's last option into warden's first,
-/// so it is dropped here, as the server would have.
+/// PostgreSQL splits options into words at unescaped whitespace, a
+/// backslash escaping the next character (`pg_split_opts`); a backslash
+/// that ends the options escapes nothing and is dropped. Followed by
+/// warden's options, it would escape the space between them instead and
+/// run the URL's last word into warden's first, so it is dropped here, as
+/// the server would have. A backslash standing alone as the last word
+/// makes an empty word, which the server refuses; it is kept, and the
+/// connection is refused as it would have been without warden's options.
 fn options_before_warden_s(given: &str) -> String {
-    let trailing = given.len() - given.trim_end_matches('\\').len();
-    let given = if trailing % 2 == 1 { &given[..given.len() - 1] } else { given };
-    if given.trim().is_empty() { String::new() } else { format!("{given} ") }
+    let c_space = |c: char| matches!(c, ' ' | '\t' | '\n' | '\x0b' | '\x0c' | '\r');
+    if given.chars().all(c_space) {
+        return String::new();
+    }
+    let (mut word_len, mut escaped) = (0usize, false);
+    for c in given.chars() {
+        if c_space(c) && !escaped {
+            word_len = 0;
+        } else if c == '\\' && !escaped {
+            escaped = true;
+        } else {
+            escaped = false;
+            word_len += 1;
+        }
+    }
+    let given = if escaped && word_len > 0 { &given[..given.len() - 1] } else { given };
+    format!("{given} ")
 }
 
 /// A pool over `pg_config` with the session settings and TLS every
@@ -404,14 +421,20 @@ mod tests {
     #[test]
     fn the_urls_options_come_first_and_end_where_the_server_would_end_them() {
         assert_eq!(prefix(""), "");
-        assert_eq!(prefix("  "), "");
+        assert_eq!(prefix(" \t "), "");
         assert_eq!(prefix("-c work_mem=8MB"), "-c work_mem=8MB ");
-        // Unpaired: dropped, as PostgreSQL drops it at the end of options.
+        // Unpaired, ending a word: dropped, as PostgreSQL drops it.
         assert_eq!(prefix("-c search_path=a\\"), "-c search_path=a ");
         // Paired: an escaped backslash, part of the value.
         assert_eq!(prefix("-c search_path=a\\\\"), "-c search_path=a\\\\ ");
         assert_eq!(prefix("-c search_path=a\\\\\\"), "-c search_path=a\\\\ ");
         // An escaped space at the end stays part of the value.
         assert_eq!(prefix("-c application_name=a\\ "), "-c application_name=a\\  ");
+        // After an escaped space the word goes on: its final backslash goes.
+        assert_eq!(prefix("-c application_name=a\\ \\"), "-c application_name=a\\  ");
+        // Alone, a backslash is an empty word the server refuses: kept.
+        assert_eq!(prefix("-c a=b \\"), "-c a=b \\ ");
+        assert_eq!(prefix("\\"), "\\ ");
+        assert_eq!(prefix("  \\"), "  \\ ");
     }
 }

@@ -11,7 +11,8 @@
 //! 4. settle verifying jobs: succeeded once the agent was heard from after
 //!    the action and is online, else, past the verification time, failed;
 //! 5. claim due jobs with `FOR UPDATE SKIP LOCKED`, up to `max_concurrent`
-//!    active fleet-wide and none while a fleet outage is open, and run them.
+//!    active fleet-wide and none while a fleet outage is open (manual runs
+//!    past a full cap up to `max_concurrent_manual`), and run them.
 //!
 //! Each state change is its own short transaction that re-checks the job is
 //! still where it was, so replicas never step on each other, and an action

@@ -552,10 +552,12 @@ async fn an_incident_resolved_while_a_claim_waits_for_its_turn_starts_nothing() 
     let tick = tokio::spawn(async move { engine.tick(None).await.unwrap() });
     crate::helpers::eventually(std::time::Duration::from_secs(30), "the claim to wait for the lock", || async {
         let waiting = rig
-            .count(
+            .count(&format!(
                 "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
-                   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-            )
+                       AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                       AND (classid::bigint << 32 | objid::bigint) = {}",
+                warden::recovery::CLAIM_LOCK
+            ))
             .await;
         (waiting == 1).then_some(())
     })
