@@ -604,7 +604,10 @@ async fn liveness_incidents(
             if now - since >= params.extended_offline_after {
                 want(
                     ExtendedOffline,
-                    format!("{agent} has been offline for {:.0} minutes", seconds(now - since) / 60.0),
+                    format!(
+                        "{agent} has been offline for {}",
+                        crate::console::format::span((now - since).num_seconds())
+                    ),
                 );
             } else if open_now(ExtendedOffline) {
                 outage_goes_on.push((Some(agent.clone()), ExtendedOffline));

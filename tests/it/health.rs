@@ -316,6 +316,12 @@ async fn a_long_outage_opens_extended_offline_after_five_minutes() {
     assert_eq!(open_issues(&c, Some("gone")).await, vec!["agent_unresponsive"], "offline 4m59s");
     evaluator::liveness_cycle(&mut c, &p, "test", Some(t + Duration::seconds(341))).await.unwrap();
     assert_eq!(open_issues(&c, Some("gone")).await, vec!["agent_unresponsive", "extended_offline"]);
+    let summary: String = c
+        .query_one("SELECT summary FROM warden.incidents WHERE issue_type = 'extended_offline'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(summary, "gone has been offline for 5m");
 }
 
 #[tokio::test]
