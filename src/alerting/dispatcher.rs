@@ -415,10 +415,11 @@ impl Dispatcher {
                 &[
                     &now,
                     &format!(
-                        "alert delivery {} to {} given up after {} attempts: {}",
+                        "alert delivery {} to {} given up after {} attempt{}: {}",
                         row.id,
                         row.channel,
                         row.attempts,
+                        if row.attempts == 1 { "" } else { "s" },
                         error.unwrap_or_default()
                     ),
                     &json!({"delivery_id": row.id, "alert_ids": row.alert_ids, "channel": row.channel,

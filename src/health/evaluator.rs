@@ -653,8 +653,8 @@ async fn liveness_incidents(
             Wanted {
                 severity: params.severity(RestartLoop),
                 summary: format!(
-                    "{agent} restarted {count} times in {} minutes",
-                    params.restart_loop_window.num_minutes()
+                    "{agent} restarted {count} times in {}",
+                    crate::console::format::span(params.restart_loop_window.num_seconds())
                 ),
                 details: json!({"restarts": count, "window_seconds": params.restart_loop_window.num_seconds()}),
                 predicted: false,

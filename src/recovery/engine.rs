@@ -482,7 +482,8 @@ impl Engine {
             if tried.len() > SUMMARY_ATTEMPTS {
                 listed.push(format!("and {} more", tried.len() - SUMMARY_ATTEMPTS));
             }
-            format!("recovery of {agent} gave up after {in_window} attempts: {}", listed.join(", "))
+            let attempts = if in_window == 1 { "attempt" } else { "attempts" };
+            format!("recovery of {agent} gave up after {in_window} {attempts}: {}", listed.join(", "))
         };
         finish(tx, job, "exhausted", &summary, now).await?;
         if !manual {

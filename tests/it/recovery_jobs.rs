@@ -425,6 +425,9 @@ async fn manual_runs_do_not_use_up_automatic_attempts() {
     let report = rig.tick().await;
     assert_eq!((report.started, report.exhausted), (1, 0), "the automatic job gets its attempt: {report:?}");
     assert_eq!(rig.action_states("tried").await, ["failed", "failed"]);
+    // Its one attempt used up, the job gives up as the attempt fails.
+    let outcome = rig.jobs("tried").await.pop().and_then(|j| j.1).unwrap_or_default();
+    assert!(outcome.starts_with("recovery of tried gave up after 1 attempt: "), "{outcome}");
 }
 
 #[tokio::test]
