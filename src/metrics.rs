@@ -28,6 +28,9 @@ pub struct Metrics {
     pub queue_depth: IntGauge,
     /// Liveness cycles and score passes, by kind.
     pub cycle_seconds: HistogramVec,
+    /// Liveness cycles and score passes that failed (the database there,
+    /// a statement refused), by kind.
+    pub cycle_failures: IntCounterVec,
     /// Liveness transitions, by new state.
     pub transitions: IntCounterVec,
     /// Recovery attempts finished, by outcome.
@@ -166,6 +169,17 @@ impl Metrics {
         )
         .unwrap();
         registry.register(Box::new(cycle_seconds.clone())).unwrap();
+        let cycle_failures = counter(
+            &registry,
+            "warden_evaluation_failures_total",
+            "Evaluator cycles that failed with the database reachable, by kind",
+            &["kind"],
+        );
+        // Present from the start, so that an alert on their increase sees
+        // the first failure.
+        for kind in ["liveness", "score"] {
+            cycle_failures.with_label_values(&[kind]);
+        }
         Self {
             heartbeats: counter(&registry, "warden_heartbeats_total", "Heartbeats committed", &["path"]),
             rejects: counter(&registry, "warden_heartbeat_rejects_total", "Heartbeat requests refused", &["reason"]),
@@ -183,6 +197,7 @@ impl Metrics {
             ),
             queue_depth,
             cycle_seconds,
+            cycle_failures,
             transitions: counter(&registry, "warden_liveness_transitions_total", "Liveness transitions", &["to"]),
             recovery_attempts: counter(
                 &registry,

@@ -542,15 +542,18 @@ fn heartbeat_schema() -> Value {
                 "propertyNames": { "pattern": "^[A-Za-z0-9._:/-]+$", "maxLength": heartbeat::METRIC_NAME_MAX },
                 "additionalProperties": {
                     "oneOf": [
-                        { "type": "number" },
+                        { "type": "number", "minimum": -heartbeat::METRIC_VALUE_MAX, "maximum": heartbeat::METRIC_VALUE_MAX },
                         {
                             "type": "object",
                             "properties": {
-                                "value": { "type": "number" },
+                                "value": {
+                                    "type": "number",
+                                    "minimum": -heartbeat::METRIC_VALUE_MAX,
+                                    "maximum": heartbeat::METRIC_VALUE_MAX,
+                                },
                                 "unit": { "type": "string", "minLength": 1, "maxLength": heartbeat::UNIT_MAX },
                             },
                             "required": ["value"],
-                            "additionalProperties": false,
                         },
                     ],
                 },

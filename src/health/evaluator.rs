@@ -757,13 +757,15 @@ pub async fn score_pass(
     let span_s = seconds(upto - from).max(1.0);
 
     let names: Vec<&str> = params.metric_names.iter().map(|(n, _)| n.as_str()).collect();
+    // Samples beyond the bound ingest holds metrics to (written before it
+    // did) are left out: one would overflow avg() and fail the whole pass.
     let samples = if upto > from {
         tx.query(
             "SELECT agent_id, name, count(*)::bigint, avg(value), sum(value), max(recorded_at) \
              FROM warden.performance_metrics \
-             WHERE recorded_at > $1 AND recorded_at <= $2 AND name = ANY ($3) \
+             WHERE recorded_at > $1 AND recorded_at <= $2 AND name = ANY ($3) AND abs(value) <= $4 \
              GROUP BY agent_id, name",
-            &[&from, &upto, &names],
+            &[&from, &upto, &names, &crate::ingest::heartbeat::METRIC_VALUE_MAX],
         )
         .await?
     } else {
@@ -1407,8 +1409,12 @@ impl Leader<'_> {
                 // migration, a bad row) must not pin leadership here:
                 // after a few in a row, give the lock up so another
                 // replica, or a fresh connection, tries.
-                Err(e) if failures + 1 >= MAX_FAILED_CYCLES => return Err(e),
+                Err(e) if failures + 1 >= MAX_FAILED_CYCLES => {
+                    crate::metrics::METRICS.cycle_failures.with_label_values(&["liveness"]).inc();
+                    return Err(e);
+                }
                 Err(e) => {
+                    crate::metrics::METRICS.cycle_failures.with_label_values(&["liveness"]).inc();
                     failures += 1;
                     tracing::error!(error = %e, "liveness cycle failed; trying again next interval");
                 }
@@ -1425,7 +1431,10 @@ impl Leader<'_> {
                         tracing::debug!(?report, "score pass");
                     }
                     Err(e) if e.is_unavailable() => return Err(e),
-                    Err(e) => tracing::error!(error = %e, "score pass failed; trying again next interval"),
+                    Err(e) => {
+                        crate::metrics::METRICS.cycle_failures.with_label_values(&["score"]).inc();
+                        tracing::error!(error = %e, "score pass failed; trying again next interval");
+                    }
                 }
             }
         }

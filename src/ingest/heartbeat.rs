@@ -23,6 +23,13 @@ pub const LABEL_KEY_MAX: usize = 63;
 pub const LABEL_VALUE_MAX: usize = 256;
 pub const METRIC_NAME_MAX: usize = 128;
 pub const UNIT_MAX: usize = 32;
+/// The largest magnitude of a metric value. Averages and variances square
+/// the samples: PostgreSQL's avg(float8) overflows once two samples differ
+/// by more than about 1.3e154, and one such sample failed every score pass
+/// for the whole fleet. No real metric comes near this bound, and squares
+/// and sums of any number of samples within it stay finite (migration V24
+/// holds `warden.record_heartbeat` to the same bound).
+pub const METRIC_VALUE_MAX: f64 = 1e100;
 pub const NEXT_HEARTBEAT_MIN_MS: i64 = 100;
 pub const NEXT_HEARTBEAT_MAX_MS: i64 = 7 * 24 * 3600 * 1000;
 
@@ -147,8 +154,9 @@ pub struct WireMetric {
 
 impl<'de> Deserialize<'de> for WireMetric {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // Unknown fields are ignored here too, as everywhere in a
+        // heartbeat: an agent may send what a newer warden understands.
         #[derive(Deserialize)]
-        #[serde(deny_unknown_fields)]
         struct Detailed {
             value: f64,
             unit: Option<String>,
@@ -371,9 +379,15 @@ pub fn validate(w: WireHeartbeat, limits: &Limits, now: DateTime<Utc>) -> Result
             if !m.value.is_finite() {
                 return Err(FieldError::new(field, "must be a finite number"));
             }
+            if m.value.abs() > METRIC_VALUE_MAX {
+                return Err(FieldError::new(field, "must be from -1e100 to 1e100"));
+            }
             let bad_unit = |u: &String| u.is_empty() || u.chars().count() > UNIT_MAX || u.chars().any(char::is_control);
             if m.unit.as_ref().is_some_and(bad_unit) {
-                return Err(FieldError::new(field, format!("units are 1-{UNIT_MAX} characters")));
+                return Err(FieldError::new(
+                    format!("{field}.unit"),
+                    format!("units are 1-{UNIT_MAX} characters, none of them control characters"),
+                ));
             }
             metrics.push(Metric { name, value: m.value, unit: m.unit });
         }
@@ -492,9 +506,11 @@ mod tests {
             (r#"{"agent_id":"a","metrics":{"cpu":NaN}}"#, "metrics.cpu"),
             ("{\"agent_id\":\"a\",\n\"metrics\":{\"cpu\":-Infinity}}", "metrics.cpu"),
             (r#"{"agent_id":"a","metrics":{"cpu":{"value":Infinity}}}"#, "metrics.cpu"),
+            (r#"{"agent_id":"a","metrics":{"cpu":1.0000001e100}}"#, "metrics.cpu"),
+            (r#"{"agent_id":"a","metrics":{"cpu":{"value":-1e308}}}"#, "metrics.cpu"),
             (r#"{"agent_id":"a","metrics":{"bad name":1}}"#, "metrics.bad name"),
             (r#"{"agent_id":"a","metrics":{"a":1,"b":2,"c":3}}"#, "metrics"),
-            (r#"{"agent_id":"a","metrics":{"l":{"value":1,"unit":""}}}"#, "metrics.l"),
+            (r#"{"agent_id":"a","metrics":{"l":{"value":1,"unit":""}}}"#, "metrics.l.unit"),
             (r#"{"agent_id":"a","labels":{"role":5}}"#, "labels.role"),
             (r#"{"agent_id":"a","labels":{"bad key":"x"}}"#, "labels.bad key"),
             (r#"{"agent_id":"a","labels":{"a":"1","b":"2","c":"3"}}"#, "labels"),
@@ -505,6 +521,19 @@ mod tests {
             assert!(e.field.starts_with(field), "{body}: field {} should be {field}", e.field);
             assert!(!e.message.is_empty());
         }
+    }
+
+    #[test]
+    fn metric_values_up_to_the_bound_and_unknown_metric_fields_are_taken() {
+        let values = |body: &str| -> Vec<(f64, Option<String>)> {
+            parse(body).unwrap().0[0].metrics.iter().map(|m| (m.value, m.unit.clone())).collect()
+        };
+        assert_eq!(
+            values(r#"{"agent_id":"a","metrics":{"big":1e100,"small":-1e100}}"#),
+            [(1e100, None), (-1e100, None)]
+        );
+        let detailed = r#"{"agent_id":"a","metrics":{"x":{"value":2,"unit":"ms","kind":"gauge"}}}"#;
+        assert_eq!(values(detailed), [(2.0, Some("ms".to_string()))]);
     }
 
     #[test]

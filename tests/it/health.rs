@@ -941,3 +941,21 @@ async fn events_agents_post_with_warden_s_own_types_are_never_its_findings() {
     assert_eq!(open_issues(&c, Some("honest")).await, Vec::<String>::new());
     assert_eq!(liveness(&c, "honest").await, Liveness::Online);
 }
+
+#[tokio::test]
+async fn a_metric_sample_too_large_to_average_leaves_the_score_pass_running() {
+    // Samples written before ingest bounded metric values: two of them
+    // overflowed avg() in PostgreSQL and failed every pass, fleet-wide.
+    let db = TestDb::migrated().await;
+    let mut c = db.client().await;
+    let p = params();
+    let now = t0();
+    beat_with_metrics(&c, "huge", now, &[("cpu_percent", 1e300)]).await;
+    beat_with_metrics(&c, "huge", now + Duration::seconds(10), &[("cpu_percent", 2.0)]).await;
+    beat_with_metrics(&c, "fine", now + Duration::seconds(10), &[("cpu_percent", 20.0)]).await;
+    evaluator::liveness_cycle(&mut c, &p, "test", Some(now + Duration::seconds(20))).await.unwrap();
+    evaluator::score_pass(&mut c, &p, Some(now + Duration::seconds(21))).await.unwrap();
+    let scored: i64 =
+        c.query_one("SELECT count(*) FROM warden.agent_status WHERE score IS NOT NULL", &[]).await.unwrap().get(0);
+    assert_eq!(scored, 2);
+}

@@ -242,6 +242,8 @@ async fn bad_heartbeats_are_refused_naming_the_field_and_write_nothing() {
         (json!({"agent_id": "a", "sent_at": "not a time"}), 422, "sent_at"),
         (json!({"agent_id": "a", "sent_at": future}), 422, "sent_at"),
         (json!({"agent_id": "a", "metrics": {"cpu": "high"}}), 422, "metrics.cpu"),
+        (json!({"agent_id": "a", "metrics": {"cpu": 1e308}}), 422, "metrics.cpu"),
+        (json!({"agent_id": "a", "metrics": {"lat": {"value": 1, "unit": "m\u{0}s"}}}), 422, "metrics.lat.unit"),
         (json!({"agent_id": "a", "labels": {"k": 1}}), 422, "labels.k"),
         (json!({"heartbeats": []}), 422, "heartbeats"),
         (

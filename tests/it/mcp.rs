@@ -169,6 +169,7 @@ async fn bad_heartbeat_arguments_are_tool_errors_naming_the_field_and_write_noth
         (json!({"agent_id": "a", "next_heartbeat_ms": 0}), "next_heartbeat_ms"),
         (json!({"agent_id": "a", "sent_at": future}), "sent_at"),
         (json!({"agent_id": "a", "metrics": {"cpu": "high"}}), "metrics.cpu"),
+        (json!({"agent_id": "a", "metrics": {"cpu": -1e200}}), "metrics.cpu"),
         (json!({"agent_id": "a", "labels": {"k": 1}}), "labels.k"),
         (json!({"heartbeats": [{"agent_id": "a"}]}), "heartbeats"),
     ];

@@ -53,6 +53,10 @@ async fn metrics_count_the_work_and_pass_promtool() {
     assert!(lookup(&text, "unknown") >= unknown_before + 1.0);
     assert!(metric(&text, "warden_ingest_commit_seconds_count").unwrap() >= 1.0);
     assert!(text.contains("warden_ingest_queue_depth "));
+    for kind in ["liveness", "score"] {
+        let series = format!("warden_evaluation_failures_total{{kind=\"{kind}\"}}");
+        assert!(metric(&text, &series).is_some(), "{series} is there before any failure: {text}");
+    }
     assert!(metric(&text, "warden_db_pool_max_connections").unwrap() >= 1.0);
     // Their values are whichever pool was scraped last: the registry is
     // the process's, and other tests' apps scrape it too.
@@ -133,4 +137,23 @@ async fn a_database_that_hangs_leaves_the_fleet_figures_out_in_time() {
     assert_eq!(metric(&text, "warden_fleet_figures_up"), Some(0.0));
     assert!(text.contains("warden_db_pool_connections{"), "{text}");
     tx.rollback().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_score_pass_the_database_refuses_is_counted() {
+    let app = TestApp::spawn_with(|s| {
+        s.health.check_interval = warden::config::Duration::from_millis(200);
+        s.health.score_interval = warden::config::Duration::from_millis(200);
+    })
+    .await;
+    let failures = |text: &str| metric(text, "warden_evaluation_failures_total{kind=\"score\"}").unwrap();
+    let before = failures(&app.get("/metrics").await.text().await.unwrap());
+    // A table the score pass reads, gone: every pass fails, and liveness
+    // cycles go on.
+    app.db.client().await.batch_execute("ALTER TABLE warden.agent_metric_stats RENAME TO stats_gone").await.unwrap();
+    eventually(Duration::from_secs(60), "a failed score pass to be counted", || async {
+        let text = app.get("/metrics").await.text().await.unwrap();
+        (failures(&text) > before).then_some(())
+    })
+    .await;
 }

@@ -400,6 +400,8 @@ async fn bad_sql_heartbeats_raise_invalid_parameter_value_naming_the_parameter()
         ("SELECT warden.record_heartbeat('a', 'idle', 'healthy', 1, 5)", "next_heartbeat_ms"),
         ("SELECT warden.record_heartbeat('a', metrics => '{\"cpu\": \"x\"}')", "metrics"),
         ("SELECT warden.record_heartbeat('a', metrics => '[1]')", "metrics"),
+        ("SELECT warden.record_heartbeat('a', metrics => '{\"cpu\": 1.5e100}')", "metrics"),
+        ("SELECT warden.record_heartbeat('a', metrics => '{\"cpu\": {\"value\": -1e200}}')", "metrics"),
         ("SELECT warden.record_heartbeat('a', labels => '{\"k\": 1}')", "labels"),
     ];
     for (sql, column) in cases {

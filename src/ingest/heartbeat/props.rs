@@ -75,7 +75,7 @@ fn satisfies_rules(h: &Heartbeat) -> Result<(), TestCaseError> {
     for m in &h.metrics {
         prop_assert!((1..=128).contains(&m.name.len()));
         prop_assert!(m.name.chars().all(|c| c.is_ascii_alphanumeric() || "._:/-".contains(c)));
-        prop_assert!(m.value.is_finite());
+        prop_assert!(m.value.is_finite() && m.value.abs() <= METRIC_VALUE_MAX);
         if let Some(unit) = &m.unit {
             prop_assert!((1..=32).contains(&unit.chars().count()) && !unit.chars().any(char::is_control));
         }
@@ -269,12 +269,15 @@ fn metric_name() -> impl Strategy<Value = String> {
 /// A metrics object: each entry valid, or one breaking a rule or a type.
 fn metrics() -> impl Strategy<Value = Case> {
     let value = prop_oneof![
-        3 => any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(|v| (json!(v), 0)),
+        3 => any::<f64>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(|v| (json!(v), if v.abs() <= METRIC_VALUE_MAX { 0 } else { 1 })),
+        1 => (-1e100..=1e100f64).prop_map(|v| (json!(v), 0)),
         1 => (any::<i32>(), string_of(printable(), 1..33)).prop_map(|(v, u)| (json!({"value": v, "unit": u}), 0)),
         1 => any::<i32>().prop_map(|v| (json!({"value": v}), 0)),
         1 => Just((json!({"value": 1, "unit": ""}), 1)),
         1 => (string_of(printable(), 0..5), control()).prop_map(|(u, c)| (json!({"value": 1, "unit": format!("{u}{c}")}), 1)),
-        1 => Just((json!({"value": 1, "extra": 2}), 2)),
+        1 => Just((json!({"value": 1, "extra": 2}), 0)),
         1 => Just((json!("high"), 2)),
     ];
     let entry = prop_oneof![
