@@ -314,7 +314,9 @@ pub async fn alerts_in(
 ) -> Result<Vec<AlertRow>, DbError> {
     let filter = crate::alerting::store::ListFilter { state: Some(state), severity: None, before: None, limit };
     let rows = crate::alerting::store::list(client, &filter).await?;
-    Ok(rows.iter().map(|(_, v)| AlertRow::from_json(v)).collect())
+    let mut alerts: Vec<AlertRow> = rows.iter().map(|(_, v)| AlertRow::from_json(v)).collect();
+    attach_deliveries(client, &mut alerts).await?;
+    Ok(alerts)
 }
 
 /// One message of an alert to one channel.

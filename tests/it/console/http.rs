@@ -159,9 +159,23 @@ async fn http_pages_carry_their_data_without_javascript() {
 
     let (_, _, incidents) = get(&app, &session, "/incidents").await;
     assert!(incidents.contains("Agent unresponsive") && incidents.contains("href=\"/agents/flaky\""));
+    // A message already sent about it, on a channel of its own.
+    app.db
+        .client()
+        .await
+        .execute(
+            "INSERT INTO warden.alert_deliveries (alert_id, alert_ids, channel, kind, level, state, attempts, sent_at) \
+             VALUES ($1, ARRAY[$1::bigint], 'pager_check', 'firing', 0, 'sent', 1, now())",
+            &[&alert],
+        )
+        .await
+        .unwrap();
     let (_, _, alerts) = get(&app, &session, "/alerts").await;
     assert!(alerts.contains(&format!("action=\"/alerts/{alert}/ack\"")));
     assert!(alerts.contains(&format!("id=\"ack-{alert}\"")));
+    let row = alerts.split(&format!("id=\"ack-{alert}\"")).next().unwrap();
+    let row = &row[row.rfind("<tr").unwrap()..];
+    assert!(row.contains("pager_check") && row.contains("dl-sent"), "its deliveries are listed: {row}");
 
     for page in [&fleet, &agent, &incidents, &alerts] {
         assert!(!page.contains(&admin) && !page.contains(&session.token), "no secret in a page");
