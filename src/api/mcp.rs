@@ -308,7 +308,7 @@ fn parse_body(body: &[u8], most: usize) -> Result<(Vec<Message>, bool), Value> {
             Value::Null,
             Err(RpcError::new(
                 INVALID_REQUEST,
-                format!("a batch holds {} messages; at most {most} are allowed", items.len()),
+                format!("a batch holds {} messages, over the limit of {most}", items.len()),
             )),
         )),
         Value::Array(items) => Ok((items.into_iter().map(Message::classify).collect(), true)),

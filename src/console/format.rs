@@ -30,6 +30,11 @@ pub fn span(secs: i64) -> String {
     }
 }
 
+/// "1 alert", "2 alerts": a count with its noun.
+pub fn counted(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 /// An interval in milliseconds the way settings write it: "500ms", "30s",
 /// "15m", "1h 30m".
 pub fn interval(ms: i64) -> String {
@@ -221,6 +226,13 @@ mod tests {
         assert_eq!(span(86_400 + 4 * 3600 + 59), "1d 4h");
         assert_eq!(span(7200), "2h");
         assert_eq!(span(-5), "0s");
+    }
+
+    #[test]
+    fn counts_take_the_singular_for_one() {
+        assert_eq!(counted(0, "alert", "alerts"), "0 alerts");
+        assert_eq!(counted(1, "alert", "alerts"), "1 alert");
+        assert_eq!(counted(2, "message", "messages"), "2 messages");
     }
 
     #[test]

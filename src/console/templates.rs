@@ -971,7 +971,10 @@ fn incident_card(v: &IncidentsView<'_>, i: &IncidentRow, open: bool) -> Markup {
                 (recovery_table(v.now, recoveries))
             }
             details id={ "inc-" (i.id) "-alerts" } open[open && deliveries > 0] {
-                summary { "Alerts and deliveries (" (alerts.len()) " alerts, " (deliveries) " messages)" }
+                summary {
+                    "Alerts and deliveries (" (format::counted(alerts.len(), "alert", "alerts")) ", "
+                    (format::counted(deliveries, "message", "messages")) ")"
+                }
                 @if alerts.is_empty() {
                     p.empty { "No alert." }
                 } @else {

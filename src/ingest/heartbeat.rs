@@ -204,7 +204,11 @@ pub fn parse_body(body: &[u8], limits: &Limits, now: DateTime<Utc>) -> Result<(V
             if list.len() > limits.max_batch {
                 return Err(ParseError::Invalid(FieldError::new(
                     "heartbeats",
-                    format!("holds {} heartbeats; at most {} are allowed per request", list.len(), limits.max_batch),
+                    format!(
+                        "holds {} heartbeats; ingest.max_batch allows {} per request",
+                        list.len(),
+                        limits.max_batch
+                    ),
                 )));
             }
             let validated = list
@@ -341,7 +345,10 @@ pub fn validate(w: WireHeartbeat, limits: &Limits, now: DateTime<Utc>) -> Result
         None => None,
         Some(labels) => {
             if labels.len() > limits.max_labels {
-                return Err(FieldError::new("labels", format!("at most {} labels are allowed", limits.max_labels)));
+                return Err(FieldError::new(
+                    "labels",
+                    format!("holds {} labels; ingest.max_labels allows {}", labels.len(), limits.max_labels),
+                ));
             }
             for (key, value) in &labels {
                 let field = format!("labels.{key}");
@@ -365,7 +372,10 @@ pub fn validate(w: WireHeartbeat, limits: &Limits, now: DateTime<Utc>) -> Result
     let mut metrics = Vec::new();
     if let Some(wire_metrics) = w.metrics {
         if wire_metrics.len() > limits.max_metrics {
-            return Err(FieldError::new("metrics", format!("at most {} metrics are allowed", limits.max_metrics)));
+            return Err(FieldError::new(
+                "metrics",
+                format!("holds {} metrics; ingest.max_metrics allows {}", wire_metrics.len(), limits.max_metrics),
+            ));
         }
         metrics.reserve(wire_metrics.len());
         for (name, m) in wire_metrics {
@@ -480,7 +490,7 @@ mod tests {
     fn batches_are_bounded_and_not_empty() {
         assert_eq!(invalid(r#"{"heartbeats":[]}"#).field, "heartbeats");
         let four = r#"{"heartbeats":[{"agent_id":"a"},{"agent_id":"a"},{"agent_id":"a"},{"agent_id":"a"}]}"#;
-        assert!(invalid(four).message.contains("at most 3"));
+        assert_eq!(invalid(four).message, "holds 4 heartbeats; ingest.max_batch allows 3 per request");
         assert_eq!(invalid(r#"{"agent_id":"a","heartbeats":[{"agent_id":"b"}]}"#).field, "heartbeats");
         assert_eq!(invalid(r#"{"heartbeats":[{"agent_id":"a","heartbeats":[]}]}"#).field, "heartbeats[0].heartbeats");
     }

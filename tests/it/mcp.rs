@@ -294,7 +294,7 @@ async fn a_batch_is_answered_with_an_array_of_the_responses_in_order() {
         |i: i64| request(i, "tools/call", json!({"name": "heartbeat", "arguments": {"agent_id": format!("many-{i}")}}));
     let (status, answer) = rpc(&app, &key, &Value::Array((0..101).map(heartbeat).collect())).await;
     assert_eq!((status, &answer["error"]["code"]), (400, &json!(-32600)), "{answer}");
-    assert!(answer["error"]["message"].as_str().unwrap().contains("at most 100"), "{answer}");
+    assert!(answer["error"]["message"].as_str().unwrap().contains("over the limit of 100"), "{answer}");
     assert_eq!(app.count("SELECT count(*) FROM warden.agent_status WHERE agent_id LIKE 'many-%'").await, 0);
     let (status, answer) = rpc(&app, &key, &Value::Array((0..100).map(heartbeat).collect())).await;
     assert_eq!(status, 200, "{answer}");
@@ -529,7 +529,7 @@ async fn a_batch_is_held_to_ingest_max_batch_when_that_is_lower() {
     let pings = |n: i64| Value::Array((0..n).map(|i| request(i, "ping", json!({}))).collect());
     let (status, answer) = rpc(&app, &key, &pings(4)).await;
     assert_eq!((status, &answer["error"]["code"]), (400, &json!(-32600)), "{answer}");
-    assert!(answer["error"]["message"].as_str().unwrap().contains("at most 3"), "{answer}");
+    assert!(answer["error"]["message"].as_str().unwrap().contains("over the limit of 3"), "{answer}");
     assert_eq!(rpc(&app, &key, &pings(3)).await.0, 200);
 }
 
