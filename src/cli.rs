@@ -262,6 +262,9 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
     let settings = Settings::load(&sources)?;
     match cli.command {
         Command::Config => {
+            // A pre-flight check: what `serve` would refuse at start, this
+            // refuses too, as far as it can be told without connecting.
+            crate::db::check_settings(&settings.database)?;
             print!("{}", settings.to_redacted_toml());
             Ok(())
         }

@@ -203,6 +203,17 @@ impl Database {
     }
 }
 
+/// Checks what of `[database]` can be checked without connecting: the URL
+/// parses, and TLS can be set up as configured (the CA file read). For
+/// `warden config`, which otherwise only loads the settings.
+pub fn check_settings(settings: &DatabaseSettings) -> Result<(), SettingsError> {
+    if settings.url.is_empty() {
+        return Ok(());
+    }
+    let mut pg_config = parse_url(settings.url.expose())?;
+    tls::connector(settings, &mut pg_config).map(drop)
+}
+
 /// Parses `database.url` without ever echoing it (it may hold a password).
 pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, SettingsError> {
     tokio_postgres::Config::from_str(url).map_err(|e| {

@@ -13,6 +13,29 @@ fn a_bad_setting_exits_2_with_one_line_naming_the_key() {
 }
 
 #[test]
+fn config_refuses_database_settings_serve_would_refuse() {
+    // `warden config` is the pre-flight check the operations guide gives.
+    let cases: [&[(&str, &str)]; 3] = [
+        &[("WARDEN__DATABASE__URL", "postgres://warden:hunter2@db:notaport/warden")],
+        &[("WARDEN__DATABASE__URL", "postgres://db/warden?sslmode=disable"), ("WARDEN__DATABASE__TLS_VERIFY", "full")],
+        &[
+            ("WARDEN__DATABASE__URL", "postgres://db/warden"),
+            ("WARDEN__DATABASE__TLS_VERIFY", "full"),
+            ("WARDEN__DATABASE__TLS_CA_FILE", "/nonexistent/ca.pem"),
+        ],
+    ];
+    for env in cases {
+        let out = warden().arg("config").envs(env.iter().copied()).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{env:?}");
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.contains("database."), "{env:?}: {stderr}");
+        assert!(!stderr.contains("hunter2"), "{stderr}");
+        assert!(out.stdout.is_empty());
+    }
+}
+
+#[test]
 fn a_bad_setting_stops_serve_before_it_starts() {
     let out = warden().arg("serve").env("WARDEN__SERVER__LISTEN", "nope").output().unwrap();
     assert_eq!(out.status.code(), Some(2));
