@@ -60,6 +60,23 @@ pub enum Command {
     /// Recovery: history, run one now, reset an agent that gave up.
     #[command(subcommand)]
     Recovery(RecoveryCommand),
+    /// Agents: remove one that is gone for good.
+    #[command(subcommand)]
+    Agents(AgentsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AgentsCommand {
+    /// Remove an agent gone for good (decommissioned, renamed): it leaves
+    /// the fleet, its open incidents and their alerts resolve, its queued
+    /// recoveries are cancelled. Its history stays for reports until
+    /// retention drops it; a heartbeat from it registers it again.
+    Remove {
+        agent: String,
+        /// Who removes it, recorded in its agent_removed event (default: $USER).
+        #[arg(long)]
+        by: Option<String>,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -295,6 +312,23 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Simulate(args) => simulate(args).await,
         Command::Alerts(c) => with_database(&settings, |db| Box::pin(crate::alerting::cli::alerts(db, c))).await,
         Command::Silence(c) => with_database(&settings, |db| Box::pin(crate::alerting::cli::silence(db, c))).await,
+        Command::Agents(AgentsCommand::Remove { agent, by }) => {
+            let agent = crate::model::AgentId::parse(agent).map_err(|m| Failure::usage(format!("agent: {m}")))?;
+            let by = by.unwrap_or_else(crate::alerting::cli::user);
+            with_database(&settings, |client| {
+                Box::pin(async move {
+                    let removed = crate::health::removal::remove(client, agent.as_str(), &by, None)
+                        .await
+                        .map_err(Failure::other)?;
+                    println!(
+                        "{} removed: {} open incident(s) resolved, {} queued recovery(ies) cancelled",
+                        removed.agent_id, removed.incidents_resolved, removed.recoveries_cancelled
+                    );
+                    Ok(())
+                })
+            })
+            .await
+        }
         Command::Recovery(c) => {
             let recovery_settings = settings.recovery.clone();
             with_database(&settings, |db| Box::pin(recovery_command(db, recovery_settings, c))).await

@@ -75,7 +75,7 @@ pub enum SilenceCommand {
     Remove { id: i64 },
 }
 
-fn user() -> String {
+pub fn user() -> String {
     std::env::var("USER").ok().filter(|u| !u.trim().is_empty()).unwrap_or_else(|| "cli".into())
 }
 

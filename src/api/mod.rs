@@ -1,6 +1,7 @@
 //! HTTP: the axum router, shared state, and the middleware every request
 //! passes through. Handlers live in one module per resource.
 
+mod agents;
 mod alerts;
 pub mod auth;
 mod deadline;

@@ -1,6 +1,7 @@
 //! The read API (scope `read`): agents, one agent in detail, fleet totals,
 //! incidents. Lists use keyset pagination: `next_cursor` is the last key
-//! of the page, so pages stay cheap and stable while rows change.
+//! of the page, so pages stay cheap and stable while rows change. (An
+//! agent's path also takes DELETE, admin: `super::agents::remove`.)
 
 use std::collections::HashMap;
 
@@ -20,7 +21,7 @@ use crate::model::{AgentId, Liveness, Severity, Tier};
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/agents", get(list_agents))
-        .route("/agents/{id}", get(get_agent))
+        .route("/agents/{id}", get(get_agent).delete(super::agents::remove))
         .route("/fleet", get(fleet))
         .route("/incidents", get(list_incidents))
 }

@@ -185,7 +185,7 @@ async fn clock(tx: &tokio_postgres::Transaction<'_>, now: Option<DateTime<Utc>>)
     }
 }
 
-async fn notify(tx: &tokio_postgres::Transaction<'_>, notes: &[Value]) -> Result<(), DbError> {
+pub(crate) async fn notify(tx: &tokio_postgres::Transaction<'_>, notes: &[Value]) -> Result<(), DbError> {
     if notes.is_empty() {
         return Ok(());
     }

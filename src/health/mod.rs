@@ -10,5 +10,6 @@ pub mod flap;
 pub mod incidents;
 pub mod liveness;
 pub mod phi;
+pub mod removal;
 pub mod score;
 pub mod stats;

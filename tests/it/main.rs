@@ -24,6 +24,7 @@ mod read_api;
 mod recovery;
 mod recovery_jobs;
 mod relay;
+mod removal;
 mod reports;
 mod retention;
 mod sql_path;
