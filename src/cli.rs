@@ -398,6 +398,12 @@ async fn simulate(args: SimulateArgs) -> Result<(), Failure> {
     );
     let report = crate::loadgen::run(spec).await.map_err(Failure::other)?;
     print!("{}", report.summary());
+    // A run warden refused throughout (a missing or wrong key, a warden
+    // that is down) measured nothing: say so in the exit status too.
+    if report.heartbeats_ok == 0 && report.heartbeats_failed > 0 {
+        let errors: Vec<String> = report.errors.iter().map(|(e, n)| format!("{e} x{n}")).collect();
+        return Err(Failure::other(format!("no heartbeat was taken ({})", errors.join(", "))));
+    }
     Ok(())
 }
 
@@ -548,6 +554,13 @@ async fn keys(client: &mut db::Client, command: KeysCommand) -> Result<(), Failu
             let mut agents = agents;
             agents.sort();
             agents.dedup();
+            // The agents a key is held to bound what it reports; a key that
+            // cannot report would carry a limit that limits nothing.
+            if !agents.is_empty() && !scopes.iter().any(|s| matches!(s, Scope::Ingest | Scope::Admin)) {
+                return Err(Failure::usage(
+                    "--agent holds a key to the agents it may report for: it needs --scope ingest (or admin)",
+                ));
+            }
             let limited = (!agents.is_empty()).then_some(agents.as_slice());
             let key = auth::create_key_for(client, name, &scopes, limited).await.map_err(Failure::other)?;
             let scopes: Vec<&str> = scopes.iter().map(|s| s.as_str()).collect();

@@ -27,6 +27,8 @@ pub enum ManualError {
     UnknownStrategy(String),
     #[error("no configured strategy applies to {0}; name one")]
     NoStrategy(String),
+    #[error("no recovery strategies are configured ([[recovery.strategies]] in the settings)")]
+    NoStrategies,
     #[error("a recovery of {0} is already running or queued")]
     Busy(String),
     #[error(transparent)]
@@ -55,6 +57,9 @@ pub async fn run_now(
         .query_opt("SELECT labels FROM warden.agent_status WHERE agent_id = $1", &[&agent])
         .await?
         .ok_or_else(|| ManualError::UnknownAgent(agent.to_string()))?;
+    if settings.strategies.is_empty() {
+        return Err(ManualError::NoStrategies);
+    }
     let chosen = match strategy {
         Some(name) => settings
             .strategies

@@ -364,3 +364,26 @@ async fn settings_that_cannot_work_as_written_are_warned_about_at_start() {
     assert!(default.last().is_some_and(|l| l.contains("warden is serving")), "{default:#?}");
     assert!(!default.iter().any(|l| l.contains("lease_margin") || l.contains("score_interval")), "{default:#?}");
 }
+
+#[tokio::test]
+async fn simulate_fails_when_warden_took_no_heartbeat() {
+    let app = crate::helpers::TestApp::spawn().await;
+    let key = app.key(&[warden::auth::Scope::Ingest]).await;
+    let url = app.url("");
+    let run = |key: &str| {
+        let (url, key) = (url.clone(), key.to_string());
+        tokio::task::spawn_blocking(move || {
+            warden()
+                .args(["simulate", "--url", &url, "--agents", "2", "--connections", "1", "--rate", "20"])
+                .args(["--duration", "1s"])
+                .env("WARDEN_KEY", key)
+                .output()
+                .unwrap()
+        })
+    };
+    let refused = run("").await.unwrap();
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("no heartbeat was taken"), "{refused:?}");
+    let taken = run(&key).await.unwrap();
+    assert!(taken.status.success(), "{taken:?}");
+}

@@ -297,6 +297,7 @@ async fn writes_need_a_valid_key_with_the_ingest_scope() {
 
     let anonymous = app.http.post(app.url("/v1/heartbeats")).json(&body).send().await.unwrap();
     assert_eq!(anonymous.status(), 401);
+    assert_eq!(anonymous.headers()["www-authenticate"], "Bearer");
     let error: Value = anonymous.json().await.unwrap();
     assert_eq!(error["error"]["code"], "unauthorized");
 
@@ -341,6 +342,11 @@ async fn a_key_limited_to_some_agents_reports_for_those_only() {
     let out = create(&["--agent", "*"]);
     assert_eq!(out.status.code(), Some(2), "a usage error");
     assert!(String::from_utf8_lossy(&out.stderr).contains("--agent"), "{}", String::from_utf8_lossy(&out.stderr));
+    // A read key reports nothing: an agent limit on it would limit nothing.
+    let out = create(&["--scope", "read", "--agent", "web-*"]);
+    assert_eq!(out.status.code(), Some(2), "a usage error");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--scope ingest"), "{out:?}");
+    assert_eq!(app.count("SELECT count(*) FROM warden.api_keys").await, 0);
     let out = create(&["--agent", "web-*,db-1", "--agent", "db-1"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let key = String::from_utf8(out.stdout).unwrap().trim().to_string();

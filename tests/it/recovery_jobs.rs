@@ -577,3 +577,16 @@ async fn an_incident_resolved_while_a_claim_waits_for_its_turn_starts_nothing() 
     assert_eq!(rig.tick().await.cancelled, 1);
     assert_eq!(rig.jobs("gap").await[0].0, "cancelled");
 }
+
+#[tokio::test]
+async fn a_manual_run_without_any_strategy_says_none_is_configured() {
+    let rig = rig(Vec::new(), 3).await;
+    rig.agent("plain").await;
+    let mut db = rig.db.client().await;
+    let err = warden::recovery::run_now(&mut db, &rig.settings, "plain", None).await.unwrap_err();
+    assert!(matches!(err, ManualError::NoStrategies), "{err}");
+    assert!(err.to_string().contains("[[recovery.strategies]]"), "{err}");
+    // An agent that is not there is still the first thing said.
+    let err = warden::recovery::run_now(&mut db, &rig.settings, "nobody", None).await.unwrap_err();
+    assert!(matches!(err, ManualError::UnknownAgent(_)), "{err}");
+}
