@@ -89,7 +89,7 @@ pub async fn run(args: AgentArgs) -> Result<(), String> {
                     tracing::warn!(url = %args.urls[current], error = %e, "heartbeat not taken; retrying");
                     schedule.failed(hint, Instant::now());
                 }
-                None => return Err(e.to_string()),
+                None => return Err(refusal(&e, args.key.is_some())),
             },
         }
     }
@@ -111,6 +111,20 @@ fn heartbeat(args: &AgentArgs, started: Instant, send_clock: bool) -> HeartbeatR
         heartbeat = heartbeat.label(k, v);
     }
     heartbeat
+}
+
+/// A refusal retrying cannot cure, with what to do about a key.
+fn refusal(e: &ClientError, keyed: bool) -> String {
+    match e {
+        ClientError::Rejected { status: 401, .. } if !keyed => {
+            format!("{e}; give an API key with the ingest scope in --key or WARDEN_KEY")
+        }
+        ClientError::Rejected { status: 401, .. } => format!("{e}; the key given (--key or WARDEN_KEY) is not known"),
+        ClientError::Rejected { status: 403, .. } => {
+            format!("{e}; the key needs the ingest scope, and to be allowed this agent id")
+        }
+        e => e.to_string(),
+    }
 }
 
 /// warden found sent_at too far ahead of its own clock.
@@ -146,7 +160,7 @@ async fn first_heartbeat(args: &AgentArgs, clients: &[Client], started: Instant)
                     tracing::warn!(%url, error = %e, "first heartbeat not taken; the agent keeps trying in the background");
                     break;
                 }
-                Err(e) => return Err(format!("{url}: {e}")),
+                Err(e) => return Err(format!("{url}: {}", refusal(&e, args.key.is_some()))),
             }
         }
     }

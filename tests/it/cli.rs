@@ -183,7 +183,8 @@ async fn a_detached_agent_reports_a_refused_key_where_it_was_started() {
     let _refused_guard = KillOnDrop(vec!["detach-refused".into(), url.clone()]);
     let refused = detach("detach-refused", "wk_not_a_key").await.unwrap();
     assert_eq!(refused.status.code(), Some(1), "{refused:?}");
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("401"), "{refused:?}");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("401") && stderr.contains("--key or WARDEN_KEY"), "{refused:?}");
     assert!(processes_with(&["detach-refused", &url]).is_empty(), "nothing left running");
     assert_eq!(app.count("SELECT count(*) FROM warden.agent_status").await, 0);
 
