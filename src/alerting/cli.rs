@@ -128,14 +128,20 @@ pub async fn alerts(client: &mut db::Client, command: AlertsCommand) -> Result<(
         }
         AlertsCommand::Ack { ids, by, comment } => {
             let by = by.unwrap_or_else(user);
+            // One alert that cannot be acknowledged (a mistyped id, one
+            // resolved meanwhile) does not hold back the others asked for.
+            let mut refused = Vec::new();
             for id in ids {
                 match store::acknowledge(client, id, by.trim(), comment.as_deref()).await {
                     Ok(a) => {
                         println!("alert {id} acknowledged by {} ({})", text(&a, "acknowledged_by"), text(&a, "state"))
                     }
-                    Err(e @ (AckError::NotFound(_) | AckError::Resolved(_))) => return Err(Failure::other(e)),
+                    Err(e @ (AckError::NotFound(_) | AckError::Resolved(_))) => refused.push(e.to_string()),
                     Err(AckError::Db(e)) => return Err(Failure::other(e)),
                 }
+            }
+            if !refused.is_empty() {
+                return Err(Failure::other(refused.join("; ")));
             }
             Ok(())
         }

@@ -388,3 +388,37 @@ async fn simulate_fails_when_warden_took_no_heartbeat() {
     let taken = run(&key).await.unwrap();
     assert!(taken.status.success(), "{taken:?}");
 }
+
+#[tokio::test]
+async fn alerts_ack_goes_on_past_an_id_it_cannot_acknowledge() {
+    let db = crate::helpers::TestDb::migrated().await;
+    let client = db.client().await;
+    let mut alerts = Vec::new();
+    for agent in ["a1", "a2"] {
+        let id: i64 = client
+            .query_one(
+                "WITH i AS (INSERT INTO warden.incidents (agent_id, issue_type, severity) \
+                            VALUES ($1, 'agent_unresponsive', 'critical') RETURNING id) \
+                 INSERT INTO warden.alerts (incident_id, dedup_key, severity) \
+                 SELECT id, $1 || ':agent_unresponsive', 'critical' FROM i RETURNING id",
+                &[&agent],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        alerts.push(id.to_string());
+    }
+    let out = warden()
+        .args(["alerts", "ack", "999", &alerts[0], &alerts[1], "--by", "ops"])
+        .env("WARDEN__DATABASE__URL", db.url())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("999"), "{out:?}");
+    let acked: i64 = client
+        .query_one("SELECT count(*) FROM warden.alerts WHERE state = 'acknowledged' AND acknowledged_by = 'ops'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(acked, 2, "the alerts after the bad id too");
+}
