@@ -8,10 +8,12 @@
 --     agents' observed time (up = online + degraded, down = offline,
 --     unknown excluded; see agent_availability).
 --   * Incidents are those opened in the period; MTTD and MTTR as in
---     mttd_mttr (predictions and superseded incidents left out).
+--     mttd_mttr (predictions, superseded incidents and those ended by
+--     removing their agent left out).
 --   * An incident counts as resolved automatically when a recovery action
 --     for it succeeded; the share is over the incidents opened in the
---     period, predictions and superseded ones left out (a late heartbeat
+--     period, predictions, superseded ones and those ended by removing
+--     their agent left out (a late heartbeat
 --     that turned into an outage is one problem, which recovery acts on
 --     as the outage).
 --   * Downtime cost = each agent's offline minutes x its cost per minute:
@@ -77,9 +79,9 @@ incidents AS (
            count(it.incident_id) FILTER (WHERE it.severity = 'warning') AS warning,
            count(it.incident_id) FILTER (WHERE it.severity = 'info') AS info,
            avg(it.detect_seconds) AS mttd,
-           avg(it.recover_seconds) FILTER (WHERE NOT it.predicted AND NOT it.superseded) AS mttr,
-           100.0 * count(it.incident_id) FILTER (WHERE it.auto_resolved AND NOT it.predicted AND NOT it.superseded)
-               / nullif(count(it.incident_id) FILTER (WHERE NOT it.predicted AND NOT it.superseded), 0) AS auto_pct
+           avg(it.recover_seconds) FILTER (WHERE NOT it.predicted AND NOT it.superseded AND NOT it.removed) AS mttr,
+           100.0 * count(it.incident_id) FILTER (WHERE it.auto_resolved AND NOT it.predicted AND NOT it.superseded AND NOT it.removed)
+               / nullif(count(it.incident_id) FILTER (WHERE NOT it.predicted AND NOT it.superseded AND NOT it.removed), 0) AS auto_pct
     FROM periods p
     LEFT JOIN warden.incident_timings it
            ON it.opened_at >= p.lo AND it.opened_at < p.hi

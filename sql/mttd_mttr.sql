@@ -15,7 +15,8 @@
 --     and predictions (warnings before anything failed) are left out, as
 --     are incidents superseded by another (a heartbeat_late incident ends
 --     when its agent goes offline: the problem became agent_unresponsive,
---     it was not recovered from).
+--     it was not recovered from), and incidents ended by removing their
+--     agent (`warden agents remove`: nothing recovered).
 --   The last row, issue_type 'all', covers every incident in the range.
 --
 -- Parameters:
@@ -32,7 +33,7 @@
 --   predicted           bigint  of those, predictions rather than failures
 --   mttd_seconds        float8  mean time to detect
 --   mttd_p90_seconds    float8  90th percentile of time to detect
---   mttr_seconds        float8  mean time to recover, over resolved incidents that were neither predictions nor superseded
+--   mttr_seconds        float8  mean time to recover, over resolved incidents that were neither predictions, superseded nor ended by a removal
 --   mttr_p90_seconds    float8  90th percentile of time to recover
 --   max_mttr_seconds    float8  the longest recovery
 SELECT coalesce(it.issue_type, 'all') AS issue_type,
@@ -43,10 +44,10 @@ SELECT coalesce(it.issue_type, 'all') AS issue_type,
        count(*) FILTER (WHERE it.predicted) AS predicted,
        avg(it.detect_seconds) AS mttd_seconds,
        percentile_cont(0.9) WITHIN GROUP (ORDER BY it.detect_seconds) AS mttd_p90_seconds,
-       avg(it.recover_seconds) FILTER (WHERE NOT it.predicted AND NOT it.superseded) AS mttr_seconds,
+       avg(it.recover_seconds) FILTER (WHERE NOT it.predicted AND NOT it.superseded AND NOT it.removed) AS mttr_seconds,
        percentile_cont(0.9) WITHIN GROUP (ORDER BY it.recover_seconds)
-           FILTER (WHERE NOT it.predicted AND NOT it.superseded) AS mttr_p90_seconds,
-       max(it.recover_seconds) FILTER (WHERE NOT it.predicted AND NOT it.superseded) AS max_mttr_seconds
+           FILTER (WHERE NOT it.predicted AND NOT it.superseded AND NOT it.removed) AS mttr_p90_seconds,
+       max(it.recover_seconds) FILTER (WHERE NOT it.predicted AND NOT it.superseded AND NOT it.removed) AS max_mttr_seconds
 FROM warden.incident_timings it
 WHERE it.opened_at >= $1::timestamptz
   AND it.opened_at < $2::timestamptz

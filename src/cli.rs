@@ -400,7 +400,7 @@ async fn simulate(args: SimulateArgs) -> Result<(), Failure> {
     print!("{}", report.summary());
     // A run warden refused throughout (a missing or wrong key, a warden
     // that is down) measured nothing: say so in the exit status too.
-    if report.heartbeats_ok == 0 && report.heartbeats_failed > 0 {
+    if report.heartbeats_ok == 0 {
         let errors: Vec<String> = report.errors.iter().map(|(e, n)| format!("{e} x{n}")).collect();
         return Err(Failure::other(format!("no heartbeat was taken ({})", errors.join(", "))));
     }

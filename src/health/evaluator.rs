@@ -633,9 +633,14 @@ async fn liveness_incidents(
         open.iter().filter(|o| o.issue == RestartLoop).filter_map(|o| o.agent_id.clone()).collect();
     let loops = tx
         .query(
-            "SELECT agent_id, count(*) FROM warden.system_events \
-             WHERE event_type = 'agent_restarted' AND source = 'warden' AND occurred_at > $1::timestamptz - $2::float8 * interval '1 second' AND occurred_at <= $1 \
-             GROUP BY agent_id HAVING count(*) >= $3",
+            // Registered agents' restarts since they registered: a removed
+            // agent's restarts open nothing, and one that registers again
+            // starts afresh.
+            "SELECT e.agent_id, count(*) FROM warden.system_events e \
+             JOIN warden.agent_status s ON s.agent_id = e.agent_id AND e.occurred_at >= s.first_seen \
+             WHERE e.event_type = 'agent_restarted' AND e.source = 'warden' \
+               AND e.occurred_at > $1::timestamptz - $2::float8 * interval '1 second' AND e.occurred_at <= $1 \
+             GROUP BY e.agent_id HAVING count(*) >= $3",
             &[&now, &pg_interval(params.restart_loop_window), &low],
         )
         .await?;
@@ -761,10 +766,14 @@ pub async fn score_pass(
     // did) are left out: one would overflow avg() and fail the whole pass.
     let samples = if upto > from {
         tx.query(
-            "SELECT agent_id, name, count(*)::bigint, avg(value), sum(value), max(recorded_at) \
-             FROM warden.performance_metrics \
-             WHERE recorded_at > $1 AND recorded_at <= $2 AND name = ANY ($3) AND abs(value) <= $4 \
-             GROUP BY agent_id, name",
+            // Registered agents only: a removed agent's last samples would
+            // otherwise bring back the statistics its removal deleted.
+            "SELECT m.* FROM ( \
+               SELECT agent_id, name, count(*)::bigint, avg(value), sum(value), max(recorded_at) \
+               FROM warden.performance_metrics \
+               WHERE recorded_at > $1 AND recorded_at <= $2 AND name = ANY ($3) AND abs(value) <= $4 \
+               GROUP BY agent_id, name) m \
+             WHERE EXISTS (SELECT 1 FROM warden.agent_status s WHERE s.agent_id = m.agent_id)",
             &[&from, &upto, &names, &crate::ingest::heartbeat::METRIC_VALUE_MAX],
         )
         .await?

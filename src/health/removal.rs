@@ -51,9 +51,13 @@ pub async fn remove(
         Some(now) => now,
         None => tx.query_one("SELECT now()", &[]).await?.get(0),
     };
-    // The row lock makes a heartbeat of the agent wait; once this commits,
-    // that heartbeat registers the agent anew. The recovery claim lock
-    // keeps a job from starting between the check below and the commit.
+    // Locks, in the order every other holder takes them: the evaluator's
+    // row (a liveness cycle or score pass that read the agent would
+    // otherwise open incidents about it, or bring back its statistics,
+    // after this commits), the recovery claim lock (no job starts, and no
+    // manual run is queued, between the check below and the commit), the
+    // agent's row (a heartbeat of it waits, then registers it anew).
+    tx.execute("SELECT 1 FROM warden.evaluator_state FOR UPDATE", &[]).await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&crate::recovery::CLAIM_LOCK]).await?;
     if tx.query_opt("SELECT 1 FROM warden.agent_status WHERE agent_id = $1 FOR UPDATE", &[&agent]).await?.is_none() {
         return Err(RemoveError::NotFound(agent.to_string()));
@@ -67,6 +71,8 @@ pub async fn remove(
     if busy.is_some() {
         return Err(RemoveError::Recovering(agent.to_string()));
     }
+    // Statistics before incidents, the order the score pass writes them.
+    tx.execute("DELETE FROM warden.agent_metric_stats WHERE agent_id = $1", &[&agent]).await?;
     let open = tx.query("SELECT id FROM warden.incidents WHERE agent_id = $1 AND state = 'open'", &[&agent]).await?;
     let plan = Plan { open: Vec::new(), resolve: open.iter().map(|r| (r.get(0), RESOLUTION.to_string())).collect() };
     let incidents_resolved = plan.resolve.len();
@@ -79,7 +85,6 @@ pub async fn remove(
             &[&agent, &now],
         )
         .await?;
-    tx.execute("DELETE FROM warden.agent_metric_stats WHERE agent_id = $1", &[&agent]).await?;
     tx.execute("DELETE FROM warden.agent_status WHERE agent_id = $1", &[&agent]).await?;
     tx.execute(
         "INSERT INTO warden.system_events (occurred_at, agent_id, event_type, severity, message, details) \

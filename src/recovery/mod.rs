@@ -57,15 +57,13 @@ pub async fn run_now(
         .query_opt("SELECT labels FROM warden.agent_status WHERE agent_id = $1", &[&agent])
         .await?
         .ok_or_else(|| ManualError::UnknownAgent(agent.to_string()))?;
-    if settings.strategies.is_empty() {
-        return Err(ManualError::NoStrategies);
-    }
     let chosen = match strategy {
         Some(name) => settings
             .strategies
             .iter()
             .find(|s| s.name == name)
             .ok_or_else(|| ManualError::UnknownStrategy(name.to_string()))?,
+        None if settings.strategies.is_empty() => return Err(ManualError::NoStrategies),
         None => {
             let labels = serde_json::from_value(row.get::<_, Value>(0)).unwrap_or_default();
             settings
@@ -77,6 +75,11 @@ pub async fn run_now(
     };
     let tx = client.transaction().await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&CLAIM_LOCK]).await?;
+    // Removing the agent takes the same lock: it may have been removed
+    // while this waited for it.
+    if tx.query_opt("SELECT 1 FROM warden.agent_status WHERE agent_id = $1", &[&agent]).await?.is_none() {
+        return Err(ManualError::UnknownAgent(agent.to_string()));
+    }
     // A second request while one is running, verifying or still queued
     // would restart the agent again right after.
     let busy: bool = tx

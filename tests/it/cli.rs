@@ -236,6 +236,10 @@ async fn recovery_run_refuses_when_nothing_would_run_it() {
     // A strategy that is not there is bad usage.
     let unknown = run(&[], &["--strategy", "nosuch"]);
     assert_eq!(unknown.status.code(), Some(2), "{unknown:?}");
+    // With none configured, that is what is said.
+    let none = run(&[], &[]);
+    assert_eq!(none.status.code(), Some(1), "{none:?}");
+    assert!(String::from_utf8_lossy(&none.stderr).contains("no recovery strategies are configured"), "{none:?}");
     let jobs: i64 = db.client().await.query_one("SELECT count(*) FROM warden.recovery_jobs", &[]).await.unwrap().get(0);
     assert_eq!(jobs, 0);
 }

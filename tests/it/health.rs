@@ -958,4 +958,10 @@ async fn a_metric_sample_too_large_to_average_leaves_the_score_pass_running() {
     let scored: i64 =
         c.query_one("SELECT count(*) FROM warden.agent_status WHERE score IS NOT NULL", &[]).await.unwrap().get(0);
     assert_eq!(scored, 2);
+    let sampled: i64 = c
+        .query_one("SELECT count(*) FROM warden.agent_metric_stats WHERE agent_id IN ('fine', 'huge')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(sampled, 2, "the samples within the bound were read");
 }

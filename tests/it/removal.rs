@@ -4,6 +4,8 @@
 use serde_json::{Value, json};
 use warden::auth::Scope;
 
+use warden::health::evaluator::{self, EvalParams};
+
 use crate::helpers::TestApp;
 use crate::procs::warden;
 
@@ -17,10 +19,26 @@ async fn a_removed_agent_leaves_the_fleet_with_its_incidents_resolved_and_its_hi
     let ingest = app.key(&[Scope::Ingest]).await;
     let read = app.key(&[Scope::Read]).await;
     let admin = app.key(&[Scope::Admin]).await;
+    let score_pass = || async {
+        let mut client = app.db.client().await;
+        let params = EvalParams::from_settings(&crate::helpers::default_settings().health);
+        let ahead = chrono::Utc::now() + chrono::Duration::seconds(3);
+        evaluator::score_pass(&mut client, &params, Some(ahead)).await.unwrap();
+    };
     for agent in ["gone", "stays"] {
         let (status, _) =
             app.heartbeat(&ingest, json!({"agent_id": agent, "next_heartbeat_ms": 1000, "metrics": {"cpu": 5}})).await;
         assert_eq!(status, 200);
+    }
+    score_pass().await;
+    let stats = || app.count("SELECT count(*) FROM warden.agent_metric_stats WHERE agent_id = 'gone'");
+    assert!(stats().await >= 1);
+    // "gone" restarts three times (a restart loop), with samples the next
+    // score pass would read.
+    for uptime in [100, 1, 100, 1, 100, 1] {
+        let body =
+            json!({"agent_id": "gone", "next_heartbeat_ms": 1000, "uptime_seconds": uptime, "metrics": {"cpu": 7}});
+        assert_eq!(app.heartbeat(&ingest, body).await.0, 200);
     }
     // Both silent long enough to be offline, with incidents and alerts.
     let seen: chrono::DateTime<chrono::Utc> =
@@ -28,7 +46,9 @@ async fn a_removed_agent_leaves_the_fleet_with_its_incidents_resolved_and_its_hi
     for ms in [100, 2_000, 4_000, 6_000, 8_000] {
         app.liveness_cycle(Some(seen + chrono::Duration::milliseconds(ms))).await;
     }
-    assert!(open(&app, "gone").await >= 1 && open(&app, "stays").await >= 1);
+    assert!(open(&app, "gone").await >= 2 && open(&app, "stays").await >= 1);
+    let looping = "SELECT count(*) FROM warden.incidents WHERE agent_id = 'gone' AND issue_type = 'restart_loop'";
+    assert_eq!(app.count(looping).await, 1);
     let delete =
         |key: &str, agent: &str| app.http.delete(app.url(&format!("/v1/agents/{agent}"))).bearer_auth(key).send();
 
@@ -52,9 +72,14 @@ async fn a_removed_agent_leaves_the_fleet_with_its_incidents_resolved_and_its_hi
     db.execute("UPDATE warden.recovery_jobs SET state = 'succeeded', finished_at = now() WHERE agent_id = 'gone'", &[])
         .await
         .unwrap();
-    db.execute("INSERT INTO warden.recovery_jobs (agent_id, strategy, manual) VALUES ('gone', 'fix', true)", &[])
-        .await
-        .unwrap();
+    // Queued for later, so that the service's own engine leaves it alone.
+    db.execute(
+        "INSERT INTO warden.recovery_jobs (agent_id, strategy, manual, next_run_at) \
+         VALUES ('gone', 'fix', true, now() + interval '1 hour')",
+        &[],
+    )
+    .await
+    .unwrap();
 
     let removed = delete(&admin, "gone").await.unwrap();
     assert_eq!(removed.status(), 200);
@@ -81,6 +106,15 @@ async fn a_removed_agent_leaves_the_fleet_with_its_incidents_resolved_and_its_hi
         body["incidents_resolved"].as_i64().unwrap()
     );
     assert_eq!(app.count("SELECT count(*) FROM warden.agent_status WHERE agent_id = 'gone'").await, 0);
+    assert_eq!(stats().await, 0);
+    // The evaluator's next cycle and pass open nothing about it again (its
+    // restarts are still in the window) and keep no statistics of it (its
+    // last samples are still unread).
+    app.liveness_cycle(Some(seen + chrono::Duration::milliseconds(10_000))).await;
+    score_pass().await;
+    assert_eq!(open(&app, "gone").await, 0);
+    assert_eq!(app.count(looping).await, 1, "the loop is not opened again");
+    assert_eq!(stats().await, 0);
     assert_eq!(app.count("SELECT count(*) FROM warden.agent_status WHERE agent_id = 'stays'").await, 1);
     let event: Value = db
         .query_one(
@@ -92,8 +126,8 @@ async fn a_removed_agent_leaves_the_fleet_with_its_incidents_resolved_and_its_hi
         .get(0);
     assert_eq!(event["by"], "test");
     // History stays for reports.
-    assert_eq!(app.count("SELECT count(*) FROM warden.agent_heartbeats WHERE agent_id = 'gone'").await, 1);
-    assert_eq!(app.count("SELECT count(*) FROM warden.performance_metrics WHERE agent_id = 'gone'").await, 1);
+    assert_eq!(app.count("SELECT count(*) FROM warden.agent_heartbeats WHERE agent_id = 'gone'").await, 7);
+    assert_eq!(app.count("SELECT count(*) FROM warden.performance_metrics WHERE agent_id = 'gone'").await, 7);
     assert_eq!(app.get("/v1/agents/gone").await.status(), 401, "reads need a key");
     let get = app.http.get(app.url("/v1/agents/gone")).bearer_auth(&read).send().await.unwrap();
     assert_eq!(get.status(), 404);
