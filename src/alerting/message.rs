@@ -53,6 +53,8 @@ pub struct AlertView {
     pub opened_at: DateTime<Utc>,
     pub acknowledged_by: Option<String>,
     pub resolved_at: Option<DateTime<Utc>>,
+    /// Why its incident resolved ("condition cleared", "agent removed").
+    pub resolution: Option<String>,
     pub liveness: Option<String>,
     pub score: Option<f64>,
     pub tier: Option<String>,
@@ -172,7 +174,10 @@ impl Message {
         }
         lines.push(format!("Since: {}", alert.opened_at.format("%Y-%m-%d %H:%M:%S UTC")));
         if let Some(at) = alert.resolved_at {
-            lines.push(format!("Resolved: {}", at.format("%Y-%m-%d %H:%M:%S UTC")));
+            // An incident can end without the agent recovering (it was
+            // removed, or the problem became another): say how.
+            let how = alert.resolution.as_deref().map(|r| format!(" ({r})")).unwrap_or_default();
+            lines.push(format!("Resolved: {}{how}", at.format("%Y-%m-%d %H:%M:%S UTC")));
         }
         if let Some(by) = &alert.acknowledged_by {
             lines.push(format!("Acknowledged by {by}"));
@@ -315,7 +320,7 @@ pub async fn load(
         .query(
             "SELECT a.id, a.incident_id, a.severity, a.state, coalesce(a.subject, i.agent_id), s.name, \
                     coalesce(a.issue, i.issue_type, 'unknown'), coalesce(a.summary, i.summary), a.opened_at, \
-                    a.acknowledged_by, a.resolved_at, s.liveness, s.score, s.tier, s.last_seen \
+                    a.acknowledged_by, a.resolved_at, s.liveness, s.score, s.tier, s.last_seen, i.resolution \
              FROM warden.alerts a \
              LEFT JOIN warden.incidents i ON i.id = a.incident_id \
              LEFT JOIN warden.agent_status s ON a.source = 'incident' AND s.agent_id = coalesce(a.subject, i.agent_id) \
@@ -339,6 +344,7 @@ pub async fn load(
             opened_at: r.get(8),
             acknowledged_by: r.get(9),
             resolved_at: r.get(10),
+            resolution: r.get(15),
             liveness: r.get(11),
             score: r.get(12),
             tier: r.get(13),
@@ -439,6 +445,7 @@ pub(crate) mod tests {
             opened_at: DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
             acknowledged_by: None,
             resolved_at: None,
+            resolution: None,
             liveness: Some("offline".into()),
             score: Some(41.6),
             tier: Some("poor".into()),
@@ -489,6 +496,18 @@ pub(crate) mod tests {
         ] {
             assert!(text.contains(needle), "missing {needle:?} in\n{text}");
         }
+    }
+
+    #[test]
+    fn a_resolution_that_is_no_recovery_is_said() {
+        let mut alert = view(7, "w7");
+        alert.state = "resolved".into();
+        alert.resolved_at = DateTime::from_timestamp(1_700_000_600, 0);
+        alert.resolution = Some("agent removed".into());
+        let mut m = message(vec![alert]);
+        m.kind = Kind::Resolved;
+        let text = m.text();
+        assert!(text.contains("Resolved: 2023-11-14 22:23:20 UTC (agent removed)"), "{text}");
     }
 
     #[test]

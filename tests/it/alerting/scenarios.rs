@@ -1069,6 +1069,7 @@ secret = "{}"
             opened_at: Utc::now(),
             acknowledged_by: None,
             resolved_at: None,
+            resolution: None,
             liveness: Some("offline".into()),
             score: Some(12.0),
             tier: Some("critical".into()),
