@@ -75,6 +75,25 @@ pub enum SilenceCommand {
     Remove { id: i64 },
 }
 
+/// A refused silence in the words of `silence add`'s flags rather than
+/// the API's fields.
+fn in_flags(e: &silences::Invalid) -> String {
+    let flag = match e.field {
+        "agent_id" if e.message.contains("matcher") => {
+            return "give at least one of --agent, --issue or --label".into();
+        }
+        "agent_id" => "--agent",
+        "issue_type" => "--issue",
+        "labels" => "--label",
+        "ends_at" => "--for/--until",
+        "comment" => "--comment",
+        "created_by" => "--by",
+        other => other,
+    };
+    let message = e.message.strip_prefix(e.field).map(str::trim_start).unwrap_or(&e.message);
+    format!("{flag}: {message}")
+}
+
 pub fn user() -> String {
     std::env::var("USER").ok().filter(|u| !u.trim().is_empty()).unwrap_or_else(|| "cli".into())
 }
@@ -174,7 +193,7 @@ pub async fn silence(client: &mut db::Client, command: SilenceCommand) -> Result
                 comment,
                 created_by: by.unwrap_or_else(user),
             };
-            s.validate(now).map_err(|e| Failure::usage(e.message))?;
+            s.validate(now).map_err(|e| Failure::usage(in_flags(&e)))?;
             let created = silences::create(client, &s).await.map_err(Failure::other)?;
             println!(
                 "silence {} in force from {} to {} UTC",
@@ -213,5 +232,33 @@ pub async fn silence(client: &mut db::Client, command: SilenceCommand) -> Result
             }
             None => Err(Failure::other(format!("no silence {id} in force"))),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_silence_names_the_flags_of_silence_add() {
+        let now = Utc::now();
+        let silence = |agent: Option<&str>, issue: Option<&str>, comment: &str| NewSilence {
+            agent_id: agent.map(String::from),
+            issue_type: issue.map(String::from),
+            labels: BTreeMap::new(),
+            starts_at: None,
+            ends_at: Some(now + chrono::Duration::hours(1)),
+            comment: comment.into(),
+            created_by: "ops".into(),
+        };
+        let said = |s: NewSilence| in_flags(&s.validate(now).unwrap_err());
+        assert_eq!(said(silence(None, None, "why")), "give at least one of --agent, --issue or --label");
+        assert!(
+            said(silence(None, Some("nope"), "why")).starts_with("--issue: must be "),
+            "{}",
+            said(silence(None, Some("nope"), "why"))
+        );
+        assert!(said(silence(Some("bad id"), None, "why")).starts_with("--agent: "));
+        assert_eq!(said(silence(Some("a1"), None, " ")), "--comment: must be 1-1024 characters: say why");
     }
 }
