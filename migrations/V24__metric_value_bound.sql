@@ -9,6 +9,15 @@
 -- realistic number of samples far from overflowing, and no real metric
 -- (bytes, nanoseconds since 1970, tokens) comes near it. Otherwise the
 -- same function as V20.
+--
+-- The table holds every writer to the bound too (warden.ingest_heartbeats
+-- can be called directly): NOT VALID, so that adding it scans nothing and
+-- rows written before stay (the score pass leaves them out); partitions
+-- made from now on copy it, validated.
+SET LOCAL lock_timeout = '10s';
+ALTER TABLE warden.performance_metrics
+    ADD CONSTRAINT performance_metrics_value_bound CHECK (abs(value) <= 1e100) NOT VALID;
+RESET lock_timeout;
 
 CREATE OR REPLACE FUNCTION warden.record_heartbeat(
     agent_id          text,
