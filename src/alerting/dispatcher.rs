@@ -415,11 +415,10 @@ impl Dispatcher {
                 &[
                     &now,
                     &format!(
-                        "alert delivery {} to {} given up after {} attempt{}: {}",
+                        "alert delivery {} to {} given up after {}: {}",
                         row.id,
                         row.channel,
-                        row.attempts,
-                        if row.attempts == 1 { "" } else { "s" },
+                        crate::console::format::counted(row.attempts.into(), "attempt", "attempts"),
                         error.unwrap_or_default()
                     ),
                     &json!({"delivery_id": row.id, "alert_ids": row.alert_ids, "channel": row.channel,

@@ -31,7 +31,7 @@ pub fn span(secs: i64) -> String {
 }
 
 /// "1 alert", "2 alerts": a count with its noun.
-pub fn counted(n: usize, one: &str, many: &str) -> String {
+pub fn counted(n: i64, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
 }
 

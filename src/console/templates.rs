@@ -972,8 +972,8 @@ fn incident_card(v: &IncidentsView<'_>, i: &IncidentRow, open: bool) -> Markup {
             }
             details id={ "inc-" (i.id) "-alerts" } open[open && deliveries > 0] {
                 summary {
-                    "Alerts and deliveries (" (format::counted(alerts.len(), "alert", "alerts")) ", "
-                    (format::counted(deliveries, "message", "messages")) ")"
+                    "Alerts and deliveries (" (format::counted(alerts.len() as i64, "alert", "alerts")) ", "
+                    (format::counted(deliveries as i64, "message", "messages")) ")"
                 }
                 @if alerts.is_empty() {
                     p.empty { "No alert." }

@@ -178,7 +178,10 @@ pub struct ScoreReport {
     pub resolved: usize,
 }
 
-async fn clock(tx: &tokio_postgres::Transaction<'_>, now: Option<DateTime<Utc>>) -> Result<DateTime<Utc>, DbError> {
+pub(crate) async fn clock(
+    tx: &tokio_postgres::Transaction<'_>,
+    now: Option<DateTime<Utc>>,
+) -> Result<DateTime<Utc>, DbError> {
     match now {
         Some(now) => Ok(now),
         None => Ok(tx.query_one("SELECT now()", &[]).await?.get(0)),
@@ -1418,12 +1421,11 @@ impl Leader<'_> {
                 // migration, a bad row) must not pin leadership here:
                 // after a few in a row, give the lock up so another
                 // replica, or a fresh connection, tries.
-                Err(e) if failures + 1 >= MAX_FAILED_CYCLES => {
-                    crate::metrics::METRICS.cycle_failures.with_label_values(&["liveness"]).inc();
-                    return Err(e);
-                }
                 Err(e) => {
                     crate::metrics::METRICS.cycle_failures.with_label_values(&["liveness"]).inc();
+                    if failures + 1 >= MAX_FAILED_CYCLES {
+                        return Err(e);
+                    }
                     failures += 1;
                     tracing::error!(error = %e, "liveness cycle failed; trying again next interval");
                 }

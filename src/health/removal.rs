@@ -47,10 +47,7 @@ pub async fn remove(
     now: Option<DateTime<Utc>>,
 ) -> Result<Removed, RemoveError> {
     let tx = client.transaction().await?;
-    let now: DateTime<Utc> = match now {
-        Some(now) => now,
-        None => tx.query_one("SELECT now()", &[]).await?.get(0),
-    };
+    let now = super::evaluator::clock(&tx, now).await?;
     // Locks, in the order every other holder takes them: the evaluator's
     // row (a liveness cycle or score pass that read the agent would
     // otherwise open incidents about it, or bring back its statistics,
@@ -58,7 +55,7 @@ pub async fn remove(
     // manual run is queued, between the check below and the commit), the
     // agent's row (a heartbeat of it waits, then registers it anew).
     tx.execute("SELECT 1 FROM warden.evaluator_state FOR UPDATE", &[]).await?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&crate::recovery::CLAIM_LOCK]).await?;
+    crate::recovery::take_claim_turn(&tx).await?;
     if tx.query_opt("SELECT 1 FROM warden.agent_status WHERE agent_id = $1 FOR UPDATE", &[&agent]).await?.is_none() {
         return Err(RemoveError::NotFound(agent.to_string()));
     }

@@ -482,8 +482,8 @@ impl Engine {
             if tried.len() > SUMMARY_ATTEMPTS {
                 listed.push(format!("and {} more", tried.len() - SUMMARY_ATTEMPTS));
             }
-            let attempts = if in_window == 1 { "attempt" } else { "attempts" };
-            format!("recovery of {agent} gave up after {in_window} {attempts}: {}", listed.join(", "))
+            let attempts = crate::console::format::counted(in_window, "attempt", "attempts");
+            format!("recovery of {agent} gave up after {attempts}: {}", listed.join(", "))
         };
         finish(tx, job, "exhausted", &summary, now).await?;
         if !manual {
@@ -513,7 +513,7 @@ impl Engine {
         // the fleet-wide cap and "one recovery per agent at a time" are
         // checked against every other claim's outcome, not a snapshot
         // taken while another replica was claiming.
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&super::CLAIM_LOCK]).await?;
+        super::take_claim_turn(&tx).await?;
         let active = tx
             .query_one(
                 "SELECT count(*), count(*) FILTER (WHERE manual) FROM warden.recovery_jobs \

@@ -45,6 +45,11 @@ impl From<tokio_postgres::Error> for ManualError {
 /// manual runs take turns on, across replicas.
 pub const CLAIM_LOCK: i64 = 0x7761_7264_656e_3a6a;
 
+/// Waits for [`CLAIM_LOCK`] and holds it to the end of `tx`.
+pub(crate) async fn take_claim_turn(tx: &tokio_postgres::Transaction<'_>) -> Result<(), tokio_postgres::Error> {
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&CLAIM_LOCK]).await.map(drop)
+}
+
 /// Queues a manual recovery of `agent` (now, outside backoff and the
 /// attempt limit). Returns the job id.
 pub async fn run_now(
@@ -74,7 +79,7 @@ pub async fn run_now(
         }
     };
     let tx = client.transaction().await?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&CLAIM_LOCK]).await?;
+    take_claim_turn(&tx).await?;
     // Removing the agent takes the same lock: it may have been removed
     // while this waited for it.
     if tx.query_opt("SELECT 1 FROM warden.agent_status WHERE agent_id = $1", &[&agent]).await?.is_none() {

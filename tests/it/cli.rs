@@ -113,14 +113,8 @@ async fn the_demo_shows_a_live_fleet_and_stops_cleanly_on_ctrl_c() {
     let status = child.wait().unwrap();
     assert!(status.success(), "Ctrl-C is a clean exit: {status}");
     // The demo signals its agents as it exits; they take a moment to go.
-    let leftovers = || {
-        std::fs::read_dir("/proc")
-            .unwrap()
-            .flatten()
-            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-            .filter(|c| String::from_utf8_lossy(c).contains(&format!("127.0.0.1:{port}")))
-            .count()
-    };
+    let address = format!("127.0.0.1:{port}");
+    let leftovers = || processes_with(&[&address]).len();
     crate::helpers::eventually(std::time::Duration::from_secs(20), "no demo agent to outlive the demo", || async {
         (leftovers() == 0).then_some(())
     })
