@@ -83,6 +83,18 @@ impl ApiError {
             .with_retry_after(wait.as_secs_f64().ceil() as u64)
     }
 
+    /// 429 for an address that has failed authentication too often: the
+    /// likely cause is a wrong key, which waiting alone does not fix.
+    pub fn too_many_failed_authentications(wait: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "too many requests from this address failed authentication; check the API key \
+             (Authorization: Bearer KEY) before retrying",
+        )
+        .with_retry_after(wait.as_secs_f64().ceil() as u64)
+    }
+
     /// 503 with Retry-After: try again later, nothing was done.
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message).with_retry_after(DEFAULT_RETRY_AFTER)

@@ -261,7 +261,10 @@ pub async fn enforce(State(state): State<AppState>, request: Request, next: Next
         && !state.auth.recently_verified(header)
         && (header.is_some() || !state.recent_sessions.cookie_seen(&state, request.headers()))
     {
-        return too_many(wait, heartbeats);
+        if heartbeats {
+            crate::metrics::METRICS.rejects.with_label_values(&["rate_limited"]).inc();
+        }
+        return ApiError::too_many_failed_authentications(wait).into_response();
     }
     let client = header.and_then(bearer_key_id).map(|id| Client::Key(id.to_string()));
     if let Some(client) = &client
@@ -277,7 +280,7 @@ pub async fn enforce(State(state): State<AppState>, request: Request, next: Next
         }
         if let Err(wait) = limiter.charge_failure(address, now) {
             // Counted already, as the 401 it was (heartbeats' own layer).
-            return ApiError::too_many_requests(wait).into_response();
+            return ApiError::too_many_failed_authentications(wait).into_response();
         }
     }
     response

@@ -235,7 +235,7 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Pars
         let path = e.path().to_string();
         let names_a_field = !path.is_empty() && names_a_field(e.path());
         let inner = e.into_inner();
-        let message = strip_position(&inner.to_string());
+        let message = plain_wording(&strip_position(&inner.to_string()));
         // serde names a missing field in its message, against the object
         // that lacks it.
         if let Some(field) = message.strip_prefix("missing field `").and_then(|r| r.split('`').next()) {
@@ -277,6 +277,33 @@ fn non_finite_number(body: &[u8], e: &serde_json::Error) -> bool {
     let at = (line_start + e.column()).saturating_sub(1);
     let near = &body[at.saturating_sub(1).min(body.len())..body.len().min(at + 9)];
     [&b"NaN"[..], b"Infinity"].iter().any(|lit| near.windows(lit.len()).any(|w| w == *lit))
+}
+
+/// serde names what it expected in Rust's terms ("struct WireHeartbeat",
+/// "i64", "a sequence"); a client knows JSON's.
+fn plain_wording(message: &str) -> String {
+    let mut out = message
+        .replace("expected struct WireHeartbeat", "expected a heartbeat object")
+        .replace("a sequence", "an array")
+        .replace("invalid type: sequence", "invalid type: array")
+        .replace("invalid type: map", "invalid type: object")
+        .replace("expected a map", "expected an object");
+    if let Some(i) = out.find("expected struct ") {
+        let end = out[i + 16..].find(|c: char| !c.is_alphanumeric() && c != '_').map_or(out.len(), |e| i + 16 + e);
+        out.replace_range(i..end, "expected an object");
+    }
+    for (rust, json) in [
+        ("expected i64", "expected an integer"),
+        ("expected i32", "expected an integer"),
+        ("expected u64", "expected a whole number from 0"),
+        ("expected u32", "expected a whole number from 0"),
+        ("expected f64", "expected a number"),
+    ] {
+        if let Some(rest) = out.strip_suffix(rust) {
+            out = format!("{rest}{json}");
+        }
+    }
+    out
 }
 
 /// serde_json appends " at line L column C", which names no field and means
@@ -531,6 +558,26 @@ mod tests {
             assert!(e.field.starts_with(field), "{body}: field {} should be {field}", e.field);
             assert!(!e.message.is_empty());
         }
+    }
+
+    #[test]
+    fn messages_speak_of_json_types_not_rust_ones() {
+        for body in [
+            r#"{"heartbeats":[1]}"#,
+            r#"{"heartbeats":{"agent_id":"a"}}"#,
+            r#"{"agent_id":["a"]}"#,
+            r#"{"agent_id":"a","uptime_seconds":"5"}"#,
+            r#"{"agent_id":"a","uptime_seconds":1.5}"#,
+            r#"{"agent_id":"a","next_heartbeat_ms":-5}"#,
+            r#"{"agent_id":"a","labels":[]}"#,
+            r#"{"agent_id":"a","metrics":{"cpu":[1]}}"#,
+        ] {
+            let e = invalid(body);
+            for rust in ["struct", "Wire", "i64", "u64", "i32", "u32", "f64", "sequence", "map"] {
+                assert!(!e.message.contains(rust), "{body}: {:?} says {rust}", e.message);
+            }
+        }
+        assert!(invalid(r#"{"heartbeats":[1]}"#).message.contains("expected a heartbeat object"));
     }
 
     #[test]

@@ -370,6 +370,9 @@ async fn failed_authentication_is_limited_per_address_without_hurting_known_keys
     let response = app.http.get(app.url("/v1/fleet")).bearer_auth(&made_up).send().await.unwrap();
     assert!(response.headers().contains_key("retry-after"));
     assert_eq!(response.status(), 429);
+    let body: serde_json::Value = response.json().await.unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("failed authentication") && message.contains("API key"), "{message}");
     assert_eq!(fleet(unknown_yet).await, 429, "a key not verified recently is not checked either");
     assert_eq!(fleet(known).await, 200, "a recently verified key still works from this address");
 }
