@@ -156,6 +156,10 @@ pub async fn alerts(client: &mut db::Client, command: AlertsCommand) -> Result<(
                         println!("alert {id} acknowledged by {} ({})", text(&a, "acknowledged_by"), text(&a, "state"))
                     }
                     Err(e @ (AckError::NotFound(_) | AckError::Resolved(_))) => refused.push(e.to_string()),
+                    Err(AckError::Invalid { field, message }) => {
+                        let message = message.strip_prefix(field).map(str::trim_start).unwrap_or(&message);
+                        return Err(Failure::usage(format!("--{field}: {message}")));
+                    }
                     Err(AckError::Db(e)) => return Err(Failure::other(e)),
                 }
             }

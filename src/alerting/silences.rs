@@ -139,8 +139,24 @@ impl NewSilence {
         {
             return Err(Invalid { field: "issue_type", message: format!("issue_type must be {allowed}") });
         }
-        if self.labels.keys().any(|k| k.is_empty() || k.len() > 128) || self.labels.len() > 32 {
-            return bad("labels", "labels must be at most 32 pairs with keys of 1-128 characters");
+        // The rules of heartbeat labels, the only ones a silence can match.
+        use crate::ingest::heartbeat::{LABEL_KEY_MAX, LABEL_VALUE_MAX};
+        if self.labels.len() > 32 {
+            return bad("labels", "labels must be at most 32 pairs");
+        }
+        for (key, value) in &self.labels {
+            let key_ok = !key.is_empty()
+                && key.len() <= LABEL_KEY_MAX
+                && key.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '/' | '-'));
+            if !key_ok {
+                let message = format!("label names are 1-{LABEL_KEY_MAX} characters of A-Z a-z 0-9 . _ / -");
+                return Err(Invalid { field: "labels", message });
+            }
+            if value.chars().count() > LABEL_VALUE_MAX || value.chars().any(char::is_control) {
+                let message =
+                    format!("label values are at most {LABEL_VALUE_MAX} characters, without control characters");
+                return Err(Invalid { field: "labels", message });
+            }
         }
         if self.agent_id.is_none() && self.issue_type.is_none() && self.labels.is_empty() {
             return bad("agent_id", "a silence needs at least one matcher: agent_id, issue_type or labels");
@@ -154,11 +170,13 @@ impl NewSilence {
             return bad("ends_at", "a silence may last at most a year");
         }
         let comment = self.comment.trim();
-        if comment.is_empty() || comment.chars().count() > 1024 {
-            return bad("comment", "comment must be 1-1024 characters: say why");
+        // PostgreSQL cannot store U+0000 in text.
+        if comment.is_empty() || comment.chars().count() > 1024 || comment.contains('\0') {
+            return bad("comment", "comment must be 1-1024 characters, without U+0000: say why");
         }
-        if self.created_by.trim().is_empty() || self.created_by.chars().count() > 128 {
-            return bad("created_by", "created_by must be 1-128 characters");
+        let by = &self.created_by;
+        if by.trim().is_empty() || by.chars().count() > 128 || by.chars().any(char::is_control) {
+            return bad("created_by", "created_by must be 1-128 characters, without control characters");
         }
         Ok(())
     }

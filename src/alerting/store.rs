@@ -81,8 +81,25 @@ pub enum AckError {
     NotFound(i64),
     #[error("alert {0} is already resolved")]
     Resolved(i64),
+    #[error("{message}")]
+    Invalid { field: &'static str, message: String },
     #[error(transparent)]
     Db(#[from] DbError),
+}
+
+/// What an acknowledgement may say, whoever records it (API, console,
+/// command line): PostgreSQL cannot store U+0000, and the name is shown on
+/// one line in alerts and the console.
+fn check_ack_text(by: &str, comment: Option<&str>) -> Result<(), AckError> {
+    if by.trim().is_empty() || by.chars().count() > 128 || by.chars().any(char::is_control) {
+        let message = "by must be 1-128 characters, without control characters".into();
+        return Err(AckError::Invalid { field: "by", message });
+    }
+    if comment.is_some_and(|c| c.contains('\0') || c.chars().count() > 1024) {
+        let message = "comment must be at most 1024 characters, without U+0000".into();
+        return Err(AckError::Invalid { field: "comment", message });
+    }
+    Ok(())
 }
 
 impl From<tokio_postgres::Error> for AckError {
@@ -101,6 +118,7 @@ pub async fn acknowledge(
     by: &str,
     comment: Option<&str>,
 ) -> Result<Value, AckError> {
+    check_ack_text(by, comment)?;
     let acked: i64 = client
         .query_one(
             "WITH u AS ( \

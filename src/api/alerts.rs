@@ -95,27 +95,16 @@ async fn ack_alert(
     } else {
         parse_json(&body).map_err(parse_error)?
     };
-    if ack.by.as_deref().is_some_and(|b| b.chars().any(char::is_control) || b.chars().count() > 128) {
-        return Err(ApiError::invalid("by", "by must be at most 128 characters, without control characters"));
-    }
-    if ack.comment.as_deref().is_some_and(|c| c.contains('\0')) {
-        return Err(ApiError::invalid("comment", "comment must not contain U+0000"));
-    }
     let by = match ack.by.as_deref().map(str::trim) {
         Some(b) if !b.is_empty() => b.to_string(),
         _ => auth.principal.key_name.clone().unwrap_or_else(|| "anonymous".into()),
     };
-    if by.chars().count() > 128 {
-        return Err(ApiError::invalid("by", "by must be at most 128 characters"));
-    }
-    if ack.comment.as_deref().is_some_and(|c| c.chars().count() > 1024) {
-        return Err(ApiError::invalid("comment", "comment must be at most 1024 characters"));
-    }
     let client = db::client(&state.pool).await?;
     match store::acknowledge(&client, id, &by, ack.comment.as_deref()).await {
         Ok(alert) => Ok(Json(alert)),
         Err(AckError::NotFound(_)) => Err(ApiError::not_found(format!("no alert {id}"))),
         Err(e @ AckError::Resolved(_)) => Err(ApiError::conflict(e.to_string())),
+        Err(AckError::Invalid { field, message }) => Err(ApiError::invalid(field, message)),
         Err(AckError::Db(e)) => Err(e.into()),
     }
 }
@@ -142,7 +131,6 @@ async fn create_silence(
 ) -> Result<Response, ApiError> {
     let body = read_limited(body, state.settings.ingest.max_body_bytes).await?;
     let b: SilenceBody = parse_json(&body).map_err(parse_error)?;
-    check_silence_text(&b)?;
     let now = Utc::now();
     let ends_at = match (b.ends_at, &b.duration) {
         (Some(_), Some(_)) => return Err(ApiError::invalid("duration", "give ends_at or duration, not both")),
@@ -171,38 +159,6 @@ async fn create_silence(
     let client = db::client(&state.pool).await?;
     let created = silences::create(&client, &silence).await?;
     Ok((StatusCode::CREATED, Json(created)).into_response())
-}
-
-/// What PostgreSQL could not store, or no agent could ever match: control
-/// characters where agents cannot send them, U+0000 anywhere. Label names
-/// and values follow the rules of heartbeat labels, the only ones a silence
-/// can match.
-fn check_silence_text(b: &SilenceBody) -> Result<(), ApiError> {
-    use crate::ingest::heartbeat::{LABEL_KEY_MAX, LABEL_VALUE_MAX};
-    for (key, value) in &b.labels {
-        let key_ok = !key.is_empty()
-            && key.len() <= LABEL_KEY_MAX
-            && key.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '/' | '-'));
-        if !key_ok {
-            return Err(ApiError::invalid(
-                "labels",
-                format!("label names are 1-{LABEL_KEY_MAX} characters of A-Z a-z 0-9 . _ / -"),
-            ));
-        }
-        if value.chars().count() > LABEL_VALUE_MAX || value.chars().any(char::is_control) {
-            return Err(ApiError::invalid(
-                "labels",
-                format!("label values are at most {LABEL_VALUE_MAX} characters, without control characters"),
-            ));
-        }
-    }
-    if b.comment.contains('\0') || b.comment.chars().count() > 1024 {
-        return Err(ApiError::invalid("comment", "comment must be 1-1024 characters, without U+0000"));
-    }
-    if b.created_by.as_deref().is_some_and(|c| c.chars().any(char::is_control) || c.chars().count() > 128) {
-        return Err(ApiError::invalid("created_by", "created_by must be 1-128 characters, without control characters"));
-    }
-    Ok(())
 }
 
 async fn list_silences(

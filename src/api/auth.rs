@@ -67,7 +67,7 @@ impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> Self {
         match e {
             AuthError::Missing | AuthError::Invalid => ApiError::unauthorized(e.to_string()),
-            AuthError::Forbidden(_) => ApiError::forbidden(e.to_string()),
+            AuthError::Forbidden(_) | AuthError::CsrfToken => ApiError::forbidden(e.to_string()),
             AuthError::Db(db) => db.into(),
         }
     }

@@ -113,6 +113,10 @@ pub enum AuthError {
     Invalid,
     #[error("this API key lacks the `{0}` scope")]
     Forbidden(Scope),
+    /// A console session's cookie on a changing request without the
+    /// session's token: another site's page could have sent the cookie.
+    #[error("a console session makes changes only with its CSRF token in the X-CSRF-Token header")]
+    CsrfToken,
     #[error(transparent)]
     Db(#[from] DbError),
 }

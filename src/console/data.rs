@@ -110,7 +110,8 @@ impl FleetFilter {
         Self {
             liveness: get("liveness").and_then(|v| v.parse().ok()),
             tier: get("tier").and_then(|v| v.parse().ok()),
-            q: get("q").map(|q| q.chars().take(200).collect()).unwrap_or_default(),
+            // Nothing searchable holds U+0000, and PostgreSQL refuses it in text.
+            q: get("q").map(|q| q.chars().filter(|c| *c != '\0').take(200).collect()).unwrap_or_default(),
             sort: get("sort").and_then(|v| v.parse().ok()).unwrap_or(SortKey::Liveness),
             descending: get("dir") == Some("desc"),
             page: get("page").and_then(|v| v.parse().ok()).filter(|p| (1..=100_000).contains(p)).unwrap_or(1),

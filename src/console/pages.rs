@@ -309,6 +309,9 @@ pub async fn ack(
             "Already resolved",
             &format!("Alert #{id} resolved before it was acknowledged; there is nothing left to stop."),
         )),
+        Err(AckError::Invalid { message, .. }) => {
+            Err(problem(StatusCode::UNPROCESSABLE_ENTITY, Some(&user), "Not acknowledged", &format!("The {message}.")))
+        }
         Err(AckError::Db(e)) => Err(failure(&user, e)),
     }
 }
@@ -520,7 +523,7 @@ pub async fn login(
                     Some("That key is not valid, or it has been revoked."),
                 );
             }
-            Err(AuthError::Forbidden(_)) => {
+            Err(AuthError::Forbidden(_) | AuthError::CsrfToken) => {
                 return login_form(
                     &state,
                     StatusCode::FORBIDDEN,

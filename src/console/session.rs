@@ -351,21 +351,22 @@ impl FromRequestParts<AppState> for ConsoleUser {
 /// The console session behind an API request that has no `Authorization`
 /// header, as a principal holding `needed`. `Ok(None)`: no usable session
 /// (the caller then answers as for a missing key). Changing methods need the
-/// session's CSRF token in `X-CSRF-Token`, so a cookie alone can only read.
+/// session's CSRF token in `X-CSRF-Token`, so a cookie alone can only read;
+/// a live session without it is refused as such (403), not as keyless.
 pub async fn api_principal(parts: &Parts, state: &AppState, needed: Scope) -> Result<Option<Principal>, AuthError> {
     if !state.settings.console.enabled {
         return Ok(None);
     }
     let policy = super::cookie_policy(&state.settings.console);
     let Some(token) = policy.session_token(&parts.headers) else { return Ok(None) };
+    let Some(user) = lookup(state, token).await? else { return Ok(None) };
     let safe = parts.method == Method::GET || parts.method == Method::HEAD;
     if !safe {
         let header = parts.headers.get(CSRF_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
         if !same_secret(&csrf_for(token), header) {
-            return Ok(None);
+            return Err(AuthError::CsrfToken);
         }
     }
-    let Some(user) = lookup(state, token).await? else { return Ok(None) };
     if !user.principal.allows(needed) {
         return Err(AuthError::Forbidden(needed));
     }

@@ -466,6 +466,14 @@ async fn http_actions_need_the_admin_scope_the_csrf_token_and_the_same_site() {
     assert!(refused.text().await.unwrap().contains("Not allowed with this key"));
     assert_eq!(alert_state(&app, alert).await, "firing");
 
+    // What PostgreSQL cannot store is refused with the form's reason, not failed.
+    let nul = post_form(&app, &admin_session, &path, &format!("csrf={}&comment=a%00b", admin_session.csrf)).await;
+    assert_eq!(nul.status(), 422);
+    assert!(nul.text().await.unwrap().contains("U+0000"));
+    assert_eq!(alert_state(&app, alert).await, "firing");
+    let (searched, _, _) = get(&app, &admin_session, "/?q=a%00b").await;
+    assert_eq!(searched, 200);
+
     let done = post_form(&app, &admin_session, &path, &format!("csrf={}&comment=on+it", admin_session.csrf)).await;
     assert_eq!(done.status(), StatusCode::SEE_OTHER);
     assert_eq!(done.headers()[LOCATION].to_str().unwrap(), format!("/alerts?done=acked&alert={alert}"));
@@ -477,6 +485,18 @@ async fn http_actions_need_the_admin_scope_the_csrf_token_and_the_same_site() {
             .await;
     assert_eq!(bad.status(), 422);
     assert!(bad.text().await.unwrap().contains("at least one matcher"));
+    for (fields, reason) in [
+        ("agent_id=steady-1&duration=2h&comment=a%00b", "U+0000"),
+        ("label=role%3Dapi%00&duration=2h&comment=x", "control characters"),
+        ("label=bad+key%3Dx&duration=2h&comment=x", "names are 1-63"),
+    ] {
+        let refused =
+            post_form(&app, &admin_session, "/silences", &format!("csrf={}&{fields}", admin_session.csrf)).await;
+        assert_eq!(refused.status(), 422, "{fields}");
+        let page = refused.text().await.unwrap();
+        assert!(page.contains(reason), "{fields}: {page}");
+    }
+    assert_eq!(app.count("SELECT count(*) FROM warden.silences").await, 0);
     let made = post_form(
         &app,
         &admin_session,
@@ -500,6 +520,21 @@ async fn http_actions_need_the_admin_scope_the_csrf_token_and_the_same_site() {
         .await
         .unwrap();
     assert_eq!(created.status(), 201);
+    // Without its token the session is refused as such, not as keyless.
+    for token in [None, Some("0".repeat(64))] {
+        let mut request = client()
+            .post(app.url("/v1/silences"))
+            .header(COOKIE, admin_session.cookie())
+            .json(&json!({"agent_id": "steady-3", "duration": "1h", "comment": "no token"}));
+        if let Some(token) = &token {
+            request = request.header("x-csrf-token", token);
+        }
+        let refused = request.send().await.unwrap();
+        assert_eq!(refused.status(), 403, "{token:?}");
+        let body: serde_json::Value = refused.json().await.unwrap();
+        assert!(body["error"]["message"].as_str().unwrap().contains("X-CSRF-Token"), "{body}");
+    }
+    assert_eq!(app.count("SELECT count(*) FROM warden.silences WHERE agent_id = 'steady-3'").await, 0);
 }
 
 #[tokio::test]
