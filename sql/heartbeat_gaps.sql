@@ -26,46 +26,46 @@
 --   longest_gap_to             timestamptz  the heartbeat after it
 --   late_gaps                  bigint       gaps longer than expected interval x (1 + jitter tolerance)
 --   trailing_silence_seconds   float8       from the last heartbeat in the range to the range's end (or now)
-WITH beats AS (
+WITH gaps AS (
     SELECT h.agent_id,
            h.received_at,
-           lag(h.received_at) OVER (PARTITION BY h.agent_id ORDER BY h.received_at) AS previous_at
+           extract(epoch FROM h.received_at - lag(h.received_at) OVER w)::float8 AS gap_seconds
     FROM warden.agent_heartbeats h
     WHERE h.received_at >= $1::timestamptz
       AND h.received_at < $2::timestamptz
       AND ($3::text IS NULL OR h.agent_id = $3::text)
+    WINDOW w AS (PARTITION BY h.agent_id ORDER BY h.received_at)
 ),
-gaps AS (
-    SELECT b.agent_id, b.previous_at, b.received_at,
-           extract(epoch FROM b.received_at - b.previous_at)::float8 AS gap_seconds
-    FROM beats b
-    WHERE b.previous_at IS NOT NULL
-),
-longest AS (
-    SELECT DISTINCT ON (g.agent_id) g.agent_id, g.gap_seconds, g.previous_at, g.received_at
-    FROM gaps g
-    ORDER BY g.agent_id, g.gap_seconds DESC, g.received_at
-),
+-- One pass over the heartbeats in the order the window left them (a
+-- second reading, or a join before grouping, would sort them all again).
+-- Gap lengths are kept per agent, to be compared with the agent's interval
+-- once it is joined.
 per_agent AS (
-    SELECT b.agent_id, count(*) AS heartbeats, max(b.received_at) AS last_at
-    FROM beats b
-    GROUP BY b.agent_id
+    SELECT g.agent_id,
+           count(*) AS heartbeats,
+           max(g.received_at) AS last_at,
+           avg(g.gap_seconds) AS mean_gap_seconds,
+           array_agg(g.gap_seconds) FILTER (WHERE g.gap_seconds IS NOT NULL) AS gap_lengths,
+           max(g.gap_seconds) AS longest_gap_seconds,
+           -- the end of the longest gap, the earliest of equal ones
+           (array_agg(g.received_at ORDER BY g.gap_seconds DESC, g.received_at)
+                FILTER (WHERE g.gap_seconds IS NOT NULL))[1] AS longest_gap_to
+    FROM gaps g
+    GROUP BY g.agent_id
 )
 SELECT p.agent_id,
        p.heartbeats,
        s.expected_interval_ms / 1000.0::float8 AS expected_interval_seconds,
-       (SELECT avg(g.gap_seconds) FROM gaps g WHERE g.agent_id = p.agent_id) AS mean_gap_seconds,
-       l.gap_seconds AS longest_gap_seconds,
-       l.previous_at AS longest_gap_from,
-       l.received_at AS longest_gap_to,
+       p.mean_gap_seconds,
+       p.longest_gap_seconds,
+       p.longest_gap_to - p.longest_gap_seconds * interval '1 second' AS longest_gap_from,
+       p.longest_gap_to,
        (SELECT count(*)
-        FROM gaps g
-        WHERE g.agent_id = p.agent_id
-          AND g.gap_seconds * 1000.0 > s.expected_interval_ms * (1 + hp.jitter_tolerance)) AS late_gaps,
+        FROM unnest(p.gap_lengths) AS l(seconds)
+        WHERE l.seconds * 1000.0 > s.expected_interval_ms * (1 + hp.jitter_tolerance)) AS late_gaps,
        greatest(extract(epoch FROM least($2::timestamptz, now()) - p.last_at), 0)::float8 AS trailing_silence_seconds
 FROM per_agent p
-LEFT JOIN longest l ON l.agent_id = p.agent_id
 LEFT JOIN warden.agent_status s ON s.agent_id = p.agent_id
 LEFT JOIN warden.health_params hp ON true
-ORDER BY l.gap_seconds DESC NULLS LAST, p.agent_id
+ORDER BY p.longest_gap_seconds DESC NULLS LAST, p.agent_id
 LIMIT $4::bigint;

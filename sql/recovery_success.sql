@@ -41,9 +41,12 @@ SELECT r.strategy,
         / nullif(count(*) FILTER (WHERE r.state IN ('succeeded', 'failed', 'timed_out', 'abandoned')), 0))::float8
            AS success_rate_pct,
        avg(r.attempt)::float8 AS mean_attempt,
-       avg(extract(epoch FROM r.finished_at - r.started_at))::float8 AS mean_duration_seconds,
+       -- An attempt being verified has finished_at (its action is done) but
+       -- no outcome yet: finished attempts only, as the header says.
+       avg(extract(epoch FROM r.finished_at - r.started_at))
+           FILTER (WHERE r.state IN ('succeeded', 'failed', 'timed_out', 'abandoned'))::float8 AS mean_duration_seconds,
        percentile_cont(0.9) WITHIN GROUP (ORDER BY extract(epoch FROM r.finished_at - r.started_at)::float8)
-           AS p90_duration_seconds
+           FILTER (WHERE r.state IN ('succeeded', 'failed', 'timed_out', 'abandoned')) AS p90_duration_seconds
 FROM warden.recovery_actions r
 WHERE r.created_at >= $1::timestamptz
   AND r.created_at < $2::timestamptz

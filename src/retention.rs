@@ -171,15 +171,17 @@ pub async fn cycle(
             // key: `id IN (subquery)` of a full batch was planned as a hash
             // join over the whole table.
             "DELETE FROM warden.system_events WHERE id = ANY (ARRAY(SELECT id FROM warden.system_events \
-               WHERE occurred_at < $1 AND NOT (event_type IN ('status_changed', 'evaluation_paused') \
+               WHERE occurred_at < $1 AND NOT (event_type IN ('status_changed', 'evaluation_paused', 'agent_restarted') \
                                                AND source = 'warden') ORDER BY occurred_at LIMIT $2))",
             Some(now - settings.events.to_chrono()),
         ),
         (
-            // With them, the stretches nobody evaluated: availability reads both.
+            // With them, the stretches nobody evaluated (availability reads
+            // both) and warden's restart detections (restart_loops beside
+            // the restart_loop incidents, kept as long).
             "transitions",
             "DELETE FROM warden.system_events WHERE id = ANY (ARRAY(SELECT id FROM warden.system_events \
-               WHERE occurred_at < $1 AND event_type IN ('status_changed', 'evaluation_paused') \
+               WHERE occurred_at < $1 AND event_type IN ('status_changed', 'evaluation_paused', 'agent_restarted') \
                  AND source = 'warden' LIMIT $2))",
             Some(now - settings.transitions.to_chrono()),
         ),

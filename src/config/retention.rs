@@ -16,9 +16,10 @@ pub struct RetentionSettings {
     pub health_history: Duration,
     pub minute_rollups: Duration,
     pub hour_rollups: Duration,
-    /// system_events other than liveness transitions and evaluation_paused.
+    /// system_events other than those `transitions` keeps.
     pub events: Duration,
-    /// Liveness transitions and evaluation_paused events (availability history).
+    /// Liveness transitions, evaluation_paused and warden's agent_restarted
+    /// events (availability and restart history).
     pub transitions: Duration,
     /// Resolved incidents with their recovery jobs, actions, alerts and deliveries.
     pub incidents: Duration,

@@ -233,8 +233,10 @@ async fn fleet_recovery_and_alert_reports_count_what_was_seeded() {
     close(command["success_rate_pct"], 50.0);
     close(command["mean_duration_seconds"], 45.0);
     let http = row(&recovery, "action", "http");
-    assert_eq!((int(http["timed_out"]), int(http["in_progress"])), (1, 1));
+    assert_eq!((int(http["timed_out"]), int(http["in_progress"])), (1, 2));
     close(http["success_rate_pct"], 0.0);
+    close(http["mean_duration_seconds"], 60.0);
+    close(http["p90_duration_seconds"], 60.0);
 
     let alerts = run(&client, "alert_volume", &b).await;
     let by_key: BTreeMap<String, BTreeMap<&str, &Value>> =
@@ -1340,4 +1342,45 @@ fn reporting_settings_have_defaults_and_refuse_nonsense_in_one_line() {
         let message = load_with(&[(var, value)]).expect_err(var).to_string();
         assert!(message.contains(key) && !message.contains('\n'), "{var}={value}: {message}");
     }
+}
+
+#[tokio::test]
+async fn the_liveness_over_time_panel_counts_each_point_as_the_spans_say() {
+    // a1 turns degraded at 40 and offline at 45 of the seeded hour, both
+    // on points of a one-minute grid: a span counts from its first instant
+    // up to, not including, its end.
+    let (_db, client, t0) = seeded().await;
+    let context = GrafanaContext {
+        from: minutes(t0, -60),
+        to: minutes(t0, 60),
+        interval: "1m",
+        interval_secs: 60,
+        variables: vec![],
+    };
+    let query = dashboard_panel("fleet-overview.json", "timeseries", "Liveness over time");
+    let panel = format!(
+        "SELECT q.time, q.online::bigint, q.degraded::bigint, q.offline::bigint, q.unknown::bigint FROM ({}) q",
+        context.expand(&query.sql)
+    );
+    // Each point against every span, the direct way.
+    let direct = context.expand(
+        "SELECT p.at, count(*) FILTER (WHERE s.liveness = 'online'), count(*) FILTER (WHERE s.liveness = 'degraded'), \
+                count(*) FILTER (WHERE s.liveness = 'offline'), count(*) FILTER (WHERE s.liveness = 'unknown') \
+         FROM generate_series($__timeFrom()::timestamptz, least($__timeTo()::timestamptz, now()) - interval '1 millisecond', \
+                              interval '1 minute') AS p(at) \
+         LEFT JOIN warden.liveness_spans($__timeFrom(), $__timeTo()) s ON s.valid_from <= p.at AND s.valid_to > p.at \
+         GROUP BY p.at ORDER BY p.at",
+    );
+    type Counts = (DateTime<Utc>, i64, i64, i64, i64);
+    let read = |rows: Vec<tokio_postgres::Row>| -> Vec<Counts> {
+        rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))).collect()
+    };
+    let shown = read(client.query(&panel, &[]).await.unwrap());
+    let expected = read(client.query(&direct, &[]).await.unwrap());
+    assert_eq!(shown.len(), 120);
+    assert_eq!(shown, expected);
+    let at = |m: i64| shown.iter().find(|c| c.0 == minutes(t0, m)).copied().unwrap();
+    let (before, entered, offline) = (at(39), at(40), at(45));
+    assert_eq!(entered.2, before.2 + 1, "a1 counts as degraded from minute 40 itself");
+    assert_eq!(offline.3, at(44).3 + 1, "and offline from minute 45");
 }

@@ -108,7 +108,9 @@ VALUES
     (3, 'a1', 'restart_worker', 'command', 1, 'failed', pg_temp.t(46), pg_temp.t(46), pg_temp.t(47), 'exit 1'),
     (3, 'a1', 'restart_worker', 'command', 2, 'succeeded', pg_temp.t(50), pg_temp.t(50), pg_temp.t(50.5), 'ok'),
     (5, 'a2', 'restart_worker', 'http', 1, 'timed_out', pg_temp.t(21), pg_temp.t(21), pg_temp.t(22), 'timeout'),
-    (5, 'a2', 'restart_worker', 'http', 2, 'running', pg_temp.t(25), pg_temp.t(25), NULL, NULL);
+    (5, 'a2', 'restart_worker', 'http', 2, 'running', pg_temp.t(25), pg_temp.t(25), NULL, NULL),
+    -- its action done, no outcome yet: in progress, and no duration
+    (5, 'a2', 'restart_worker', 'http', 3, 'verifying', pg_temp.t(26), pg_temp.t(26), pg_temp.t(28), NULL);
 
 -- Alerts (ids 1-3) and their deliveries.
 INSERT INTO warden.alerts

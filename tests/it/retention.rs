@@ -180,12 +180,15 @@ async fn old_events_are_pruned_but_transitions_are_kept_longer() {
     let db = app.db.client().await;
     db.batch_execute(
         "INSERT INTO warden.system_events (occurred_at, agent_id, event_type, severity, message) VALUES \
-           (now() - interval '100 days', 'a', 'agent_restarted', 'info', 'old'), \
+           (now() - interval '101 days', 'a', 'agent_restarted', 'info', 'old restart'), \
            (now() - interval '100 days', 'a', 'status_changed', 'info', 'old transition'), \
            (now() - interval '500 days', 'a', 'status_changed', 'info', 'ancient transition'), \
            (now() - interval '1 day', 'a', 'agent_restarted', 'info', 'recent'); \
+         INSERT INTO warden.system_events (occurred_at, agent_id, event_type, severity, message, source) VALUES \
+           (now() - interval '100 days', 'a', 'agent_restarted', 'info', 'old restart the agent posted', 'agent'), \
+           (now() - interval '100 days', 'a', 'job_failed', 'warning', 'old error', 'agent'); \
          INSERT INTO warden.system_events (occurred_at, event_type, severity, message) VALUES \
-           (now() - interval '100 days', 'evaluation_paused', 'warning', 'old pause'); \
+           (now() - interval '99 days', 'evaluation_paused', 'warning', 'old pause'); \
          INSERT INTO warden.ingest_outages (started_at, ended_at) VALUES \
            (now() - interval '8 days 1 minute', now() - interval '8 days'), \
            (now() - interval '6 days 1 minute', now() - interval '6 days'); \
@@ -199,7 +202,7 @@ async fn old_events_are_pruned_but_transitions_are_kept_longer() {
     settings.batch = 100;
     let mut client = app.db.pooled().await;
     let report = warden::retention::cycle(&mut client, &settings, Utc::now()).await.unwrap();
-    assert_eq!(report.pruned.get("events"), Some(&1));
+    assert_eq!(report.pruned.get("events"), Some(&2));
     assert_eq!(report.pruned.get("transitions"), Some(&1));
     let left: Vec<String> = db
         .query(
@@ -211,7 +214,11 @@ async fn old_events_are_pruned_but_transitions_are_kept_longer() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(left, vec!["old transition", "old pause", "recent"], "pauses are kept as long as transitions");
+    assert_eq!(
+        left,
+        vec!["old restart", "old transition", "old pause", "recent"],
+        "pauses and restarts warden detected are kept as long as transitions"
+    );
     assert_eq!(report.pruned.get("ingest_outages"), Some(&1), "outages are kept a week");
     assert_eq!(app.count("SELECT count(*) FROM warden.ingest_outages").await, 1);
     assert_eq!(report.pruned.get("ingest_refusals"), Some(&1), "and so are refusals at capacity");
@@ -333,7 +340,7 @@ async fn a_failing_rollup_keeps_its_raw_rows_and_stops_nothing_else() {
     .unwrap();
     db.execute(
         "INSERT INTO warden.system_events (occurred_at, agent_id, event_type, severity, message) \
-         VALUES (now() - interval '100 days', 'b', 'agent_restarted', 'info', 'old')",
+         VALUES (now() - interval '100 days', 'b', 'job_failed', 'info', 'old')",
         &[],
     )
     .await
