@@ -61,6 +61,9 @@ pub struct AlertView {
     pub last_seen: Option<DateTime<Utc>>,
     pub transitions: Vec<Transition>,
     pub recovery: Vec<Attempt>,
+    /// Why automated recovery of its incident gave up (the latest
+    /// `recovery_failed` event), if it did.
+    pub gave_up: Option<String>,
 }
 
 /// A message ready to render: one delivery.
@@ -84,8 +87,11 @@ impl Message {
         self.detail.get("auto_recovered_attempt").and_then(Value::as_i64)
     }
 
+    /// An update saying recovery gave up, or a first page about an alert
+    /// whose recovery had given up before it was sent.
     pub fn recovery_failed(&self) -> bool {
         self.detail.get("recovery_failed").and_then(Value::as_bool).unwrap_or(false)
+            || (self.kind == Kind::Firing && self.alerts.iter().any(|a| a.state == "firing" && a.gave_up.is_some()))
     }
 
     /// The highest severity among the alerts.
@@ -203,7 +209,7 @@ impl Message {
             lines.push(format!("Recent transitions: {}", t.join("; ")));
         }
         if alert.recovery.is_empty() {
-            if alert.incident_id.is_some() {
+            if alert.incident_id.is_some() && alert.gave_up.is_none() {
                 lines.push("Recovery attempts: none".to_string());
             }
         } else {
@@ -216,6 +222,15 @@ impl Message {
                 })
                 .collect();
             lines.push(format!("Recovery attempts: {}", r.join("; ")));
+        }
+        if let Some(why) = &alert.gave_up {
+            // The engine's own summary: "recovery of w1 gave up after ...".
+            let mut why = why.clone();
+            if let Some(first) = why.get(..1) {
+                let upper = first.to_ascii_uppercase();
+                why.replace_range(..1, &upper);
+            }
+            lines.push(why);
         }
         lines
     }
@@ -351,6 +366,7 @@ pub async fn load(
             last_seen: r.get(14),
             transitions: Vec::new(),
             recovery: Vec::new(),
+            gave_up: None,
         };
         if let Some(i) = view.incident_id {
             incidents.push(i);
@@ -399,9 +415,26 @@ pub async fn load(
                 reason: r.get(4),
             });
         }
+        // Through the per-agent index: recovery_failed events name the
+        // incident in their details.
+        let texts: Vec<String> = incidents.iter().map(i64::to_string).collect();
+        let gave_up: HashMap<i64, String> = client
+            .query(
+                "SELECT DISTINCT ON (details->>'incident_id') (details->>'incident_id')::bigint, message \
+                 FROM warden.system_events \
+                 WHERE agent_id = ANY($1) AND event_type = 'recovery_failed' AND source = 'warden' \
+                   AND details->>'incident_id' = ANY($2) \
+                 ORDER BY details->>'incident_id', occurred_at DESC, id DESC",
+                &[&agents, &texts],
+            )
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
         for view in views.values_mut() {
             if let Some(i) = view.incident_id {
                 view.recovery = by_incident.get(&i).cloned().unwrap_or_default();
+                view.gave_up = gave_up.get(&i).cloned();
                 if let Some(a) = &view.subject {
                     view.transitions = by_agent.get(a).cloned().unwrap_or_default();
                 }
@@ -463,6 +496,7 @@ pub(crate) mod tests {
                 state: "failed".into(),
                 outcome: Some("exit status 1".into()),
             }],
+            gave_up: None,
         }
     }
 

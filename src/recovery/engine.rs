@@ -371,16 +371,19 @@ impl Engine {
                 crate::metrics::METRICS.recovery_attempts.with_label_values(&["succeeded"]).inc();
                 succeeded += 1;
             } else if verify_until.is_some_and(|v| now >= v) {
-                let waited = verify_until.zip(started).map(|(v, s)| (v - s).num_seconds()).unwrap_or(0);
+                // Counted from the action's end, as verification is.
+                let waited = verify_until.zip(ended).map(|(v, e)| (v - e).num_seconds().max(0)).unwrap_or(0);
                 tx.execute(
                     "UPDATE warden.recovery_actions SET state = 'failed', \
                        outcome = coalesce(outcome || '; ', '') || $2 WHERE id = $1",
                     &[
                         &action,
                         &if silence {
-                            format!("the agent did not come back within {waited}s")
+                            format!("the agent did not come back within {waited}s of the action's end")
                         } else {
-                            format!("the agent was not back with the condition cleared within {waited}s")
+                            format!(
+                                "the agent was not back with the condition cleared within {waited}s of the action's end"
+                            )
                         },
                     ],
                 )
@@ -409,7 +412,9 @@ impl Engine {
                 concat!(
                     "SELECT j.attempts, j.agent_id, j.manual, ",
                     attempts_in_window!(),
-                    " FROM warden.recovery_jobs j WHERE j.id = $1"
+                    ", i.resolution FROM warden.recovery_jobs j \
+                     LEFT JOIN warden.incidents i ON i.id = j.incident_id AND i.state = 'resolved' \
+                     WHERE j.id = $1"
                 ),
                 &[&job, &now, &self.settings.attempt_window.get().as_secs_f64()],
             )
@@ -417,6 +422,13 @@ impl Engine {
         let attempts: i32 = row.get(0);
         let manual: bool = row.get(2);
         let in_window: i64 = row.get(3);
+        // The incident resolved while the attempt ran or was verified (the
+        // condition cleared by itself, or the agent was removed): nothing
+        // is left to recover, and nobody to page about giving up.
+        if let Some(resolution) = row.get::<_, Option<String>>(4).filter(|_| !manual) {
+            finish(tx, job, "cancelled", &format!("incident resolved meanwhile ({resolution})"), now).await?;
+            return Ok(false);
+        }
         if manual || in_window >= i64::from(self.settings.max_attempts) {
             self.give_up(tx, job, now, in_window, manual).await?;
             return Ok(true);
@@ -443,14 +455,24 @@ impl Engine {
         in_window: i64,
         manual: bool,
     ) -> Result<(), DbError> {
+        // The attempts counted against the budget (attempts_in_window!):
+        // this job's, and within the window those of the agent's other
+        // automatic jobs, which may have used it all up before this one
+        // ran anything.
         let tried: Vec<Value> = tx
             .query(
-                "SELECT jsonb_build_object('strategy', strategy, 'action', action, 'attempt', attempt, 'state', state, \
-                   'outcome', outcome, 'started_at', started_at, 'finished_at', finished_at) \
-                 FROM warden.recovery_actions WHERE job_id = $1 \
-                   AND started_at > (SELECT coalesce(window_start, '-infinity') FROM warden.recovery_jobs WHERE id = $1) \
-                 ORDER BY id",
-                &[&job],
+                "SELECT jsonb_build_object('strategy', a.strategy, 'action', a.action, 'attempt', a.attempt, \
+                   'state', a.state, 'outcome', a.outcome, 'started_at', a.started_at, 'finished_at', a.finished_at, \
+                   'incident_id', a.incident_id, 'job_id', a.job_id) \
+                 FROM warden.recovery_jobs j JOIN warden.recovery_actions a ON a.agent_id = j.agent_id \
+                 WHERE j.id = $1 AND ( \
+                   (a.job_id = j.id AND a.started_at > coalesce(j.window_start, '-infinity')) \
+                   OR (NOT j.manual \
+                       AND a.started_at > greatest($2::timestamptz - $3::float8 * interval '1 second', \
+                                                   coalesce(j.window_start, '-infinity')) \
+                       AND NOT EXISTS (SELECT 1 FROM warden.recovery_jobs m WHERE m.id = a.job_id AND m.manual))) \
+                 ORDER BY a.id",
+                &[&job, &now, &self.settings.attempt_window.get().as_secs_f64()],
             )
             .await?
             .iter()
@@ -471,8 +493,14 @@ impl Engine {
                 .iter()
                 .take(SUMMARY_ATTEMPTS)
                 .map(|t| {
+                    let other = t["job_id"].as_i64() != Some(job);
+                    let whose = match t["incident_id"].as_i64() {
+                        Some(i) if other => format!(" (incident {i})"),
+                        _ if other => " (another recovery)".to_string(),
+                        _ => String::new(),
+                    };
                     format!(
-                        "{} #{} {}",
+                        "{} attempt {} {}{whose}",
                         t["action"].as_str().unwrap_or("?"),
                         t["attempt"],
                         t["state"].as_str().unwrap_or("?")
@@ -483,7 +511,20 @@ impl Engine {
                 listed.push(format!("and {} more", tried.len() - SUMMARY_ATTEMPTS));
             }
             let attempts = crate::console::format::counted(in_window, "attempt", "attempts");
-            format!("recovery of {agent} gave up after {attempts}: {}", listed.join(", "))
+            let own = tried.iter().filter(|t| t["job_id"].as_i64() == Some(job)).count();
+            if own == 0 {
+                // Stopped by the budget alone: say so, or it reads as if
+                // nothing had ever been tried.
+                let window = crate::console::format::span(self.settings.attempt_window.get().as_secs() as i64);
+                format!(
+                    "recovery of {agent} gave up without a new attempt: {attempts} in the last {window} already \
+                     (recovery.max_attempts = {}): {}",
+                    self.settings.max_attempts,
+                    listed.join(", ")
+                )
+            } else {
+                format!("recovery of {agent} gave up after {attempts}: {}", listed.join(", "))
+            }
         };
         finish(tx, job, "exhausted", &summary, now).await?;
         if !manual {

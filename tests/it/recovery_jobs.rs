@@ -590,3 +590,84 @@ async fn a_manual_run_without_any_strategy_says_none_is_configured() {
     let err = warden::recovery::run_now(&mut db, &rig.settings, "nobody", None).await.unwrap_err();
     assert!(matches!(err, ManualError::UnknownAgent(_)), "{err}");
 }
+
+#[tokio::test]
+async fn a_job_stopped_by_the_budget_alone_says_what_used_it_up() {
+    // One attempt per window: the restart loop's job uses it, so the next
+    // incident's job gives up at once. Its page must not read as if
+    // nothing had been tried.
+    let rig =
+        rig(vec![strategy(&[IssueType::RestartLoop, IssueType::AgentUnresponsive], vec![command(&["/bin/false"])])], 1)
+            .await;
+    rig.agent("spent").await;
+    let looping = rig.incident("spent", IssueType::RestartLoop).await;
+    rig.tick().await;
+    rig.tick().await;
+    assert_eq!(rig.jobs("spent").await[0].0, "exhausted");
+    rig.db
+        .client()
+        .await
+        .execute("UPDATE warden.incidents SET state = 'resolved', resolved_at = now() WHERE id = $1", &[&looping])
+        .await
+        .unwrap();
+    let offline = rig.incident("spent", IssueType::AgentUnresponsive).await;
+    rig.tick().await;
+    assert_eq!(rig.action_states("spent").await, ["failed"], "no new attempt");
+    let row = rig
+        .db
+        .client()
+        .await
+        .query_one(
+            "SELECT message, jsonb_array_length(details->'attempts') FROM warden.system_events \
+             WHERE event_type = 'recovery_failed' AND (details->>'incident_id')::bigint = $1",
+            &[&offline],
+        )
+        .await
+        .unwrap();
+    let (message, listed): (String, i32) = (row.get(0), row.get(1));
+    assert!(message.contains("without a new attempt"), "{message}");
+    assert!(message.contains("recovery.max_attempts = 1"), "{message}");
+    assert!(message.contains(&format!("command#1 attempt 1 failed (incident {looping})")), "{message}");
+    assert_eq!(listed, 1, "the attempt that used the budget is in the details");
+}
+
+#[tokio::test]
+async fn an_incident_resolved_during_verification_ends_the_job_without_giving_up() {
+    let mut fix = strategy(&[IssueType::AgentUnresponsive], vec![command(&["/bin/true"])]);
+    fix.verify_timeout = Some(D::from_secs(60));
+    let rig = rig(vec![fix], 3).await;
+    rig.agent("cleared").await;
+    let incident = rig.incident("cleared", IssueType::AgentUnresponsive).await;
+    let now = chrono::Utc::now();
+    rig.engine.tick(Some(now)).await.unwrap();
+    rig.engine.settle().await;
+    assert_eq!(rig.jobs("cleared").await[0].0, "verifying");
+    rig.db
+        .client()
+        .await
+        .execute(
+            "UPDATE warden.incidents SET state = 'resolved', resolved_at = now(), resolution = 'condition cleared' \
+             WHERE id = $1",
+            &[&incident],
+        )
+        .await
+        .unwrap();
+    // The agent never came back after the action: verification fails.
+    rig.engine.tick(Some(now + chrono::Duration::minutes(2))).await.unwrap();
+    rig.engine.settle().await;
+    assert_eq!(rig.action_states("cleared").await, ["failed"]);
+    let outcome = rig
+        .db
+        .client()
+        .await
+        .query_one("SELECT outcome FROM warden.recovery_actions WHERE agent_id = 'cleared'", &[])
+        .await
+        .unwrap()
+        .get::<_, String>(0);
+    assert!(outcome.contains("within 60s of the action's end"), "{outcome}");
+    let jobs = rig.jobs("cleared").await;
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].0, "cancelled", "{jobs:?}");
+    assert!(jobs[0].1.as_deref().unwrap().contains("incident resolved meanwhile"), "{jobs:?}");
+    assert_eq!(rig.count("SELECT count(*) FROM warden.system_events WHERE event_type = 'recovery_failed'").await, 0);
+}

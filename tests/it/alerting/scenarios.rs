@@ -1076,6 +1076,7 @@ secret = "{}"
             last_seen: None,
             transitions: vec![],
             recovery: vec![],
+            gave_up: None,
         }],
         link_base: String::new(),
     };
@@ -1216,7 +1217,10 @@ policy = "pager"
     let texts: Vec<String> =
         slack.accepted().iter().map(|r| r.json()["text"].as_str().unwrap_or_default().to_string()).collect();
     assert_eq!(texts.len(), 1, "{texts:?}");
-    assert!(texts[0].starts_with("[FIRING CRITICAL] g1 is offline"), "{texts:?}");
+    // Paged after recovery gave up: the first message says so.
+    assert!(texts[0].starts_with("[RECOVERY FAILED CRITICAL] g1 is offline"), "{texts:?}");
+    assert!(texts[0].contains("\nRecovery gave up\n"), "{texts:?}");
+    assert!(!texts[0].contains("Recovery attempts: none"), "{texts:?}");
     let severity: String = rig
         .c
         .query_one("SELECT severity FROM warden.alerts WHERE dedup_key = 'g1:agent_unresponsive'", &[])
