@@ -170,9 +170,12 @@ impl NewSilence {
             return bad("ends_at", "a silence may last at most a year");
         }
         let comment = self.comment.trim();
-        // PostgreSQL cannot store U+0000 in text.
-        if comment.is_empty() || comment.chars().count() > 1024 || comment.contains('\0') {
-            return bad("comment", "comment must be 1-1024 characters, without U+0000: say why");
+        if comment.is_empty() || comment.chars().count() > 1024 {
+            return bad("comment", "comment must be 1-1024 characters: say why");
+        }
+        // PostgreSQL cannot store it in text.
+        if comment.contains('\0') {
+            return bad("comment", "comment must not contain U+0000");
         }
         let by = &self.created_by;
         if by.trim().is_empty() || by.chars().count() > 128 || by.chars().any(char::is_control) {
