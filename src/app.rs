@@ -303,7 +303,8 @@ fn start_background(
             &settings.health,
             replica_name(local_addr),
         );
-        tasks.spawn(engine.run(background.clone()));
+        // Half the grace for actions to finish; the rest to record them.
+        tasks.spawn(engine.run(background.clone(), settings.server.shutdown_timeout.get() / 2));
     }
     if settings.retention.enabled {
         tasks.spawn(crate::retention::run(database.pool.clone(), settings.retention.clone(), background.clone()));

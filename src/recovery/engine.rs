@@ -49,8 +49,10 @@ macro_rules! attempts_in_window {
            (SELECT count(*) FROM warden.recovery_actions a WHERE a.agent_id = j.agent_id \
               AND a.started_at > greatest($2::timestamptz - $3::float8 * interval '1 second', \
                                           coalesce(j.window_start, '-infinity')) \
+              AND a.detail->'interrupted' IS NULL \
               AND NOT EXISTS (SELECT 1 FROM warden.recovery_jobs m WHERE m.id = a.job_id AND m.manual)), \
            (SELECT count(*) FROM warden.recovery_actions a WHERE a.job_id = j.id AND NOT j.manual \
+              AND a.detail->'interrupted' IS NULL \
               AND a.started_at > coalesce(j.window_start, '-infinity')))"
     };
 }
@@ -79,6 +81,8 @@ pub struct Engine {
     http: reqwest::Client,
     /// Actions running on this replica.
     running: TaskTracker,
+    /// Fired when warden stops and running actions may not finish.
+    interrupt: CancellationToken,
 }
 
 impl Engine {
@@ -109,11 +113,16 @@ impl Engine {
             replica,
             http,
             running: TaskTracker::new(),
+            interrupt: CancellationToken::new(),
         })
     }
 
-    /// Ticks until `stop`, then lets running actions finish.
-    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+    /// Ticks until `stop`, then lets running actions finish for up to
+    /// `drain`; those still running are ended and recorded as interrupted,
+    /// their jobs due again at once (on any replica). Left running, they
+    /// would die with the process and hold their job until the lease ran
+    /// out, to be called "effect unknown" long after warden knew.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken, drain: StdDuration) {
         let mut every = crate::every::Every::new(self.settings.poll_interval.get(), &stop);
         while every.tick().await {
             match self.tick(None).await {
@@ -125,7 +134,11 @@ impl Engine {
             }
         }
         self.running.close();
-        self.running.wait().await;
+        if tokio::time::timeout(drain, self.running.wait()).await.is_err() {
+            tracing::warn!(running = self.running.len(), "stopping: ending the recovery actions still running");
+            self.interrupt.cancel();
+            self.running.wait().await;
+        }
     }
 
     /// Waits for the actions this replica started to finish (tests).
@@ -465,7 +478,7 @@ impl Engine {
                    'state', a.state, 'outcome', a.outcome, 'started_at', a.started_at, 'finished_at', a.finished_at, \
                    'incident_id', a.incident_id, 'job_id', a.job_id) \
                  FROM warden.recovery_jobs j JOIN warden.recovery_actions a ON a.agent_id = j.agent_id \
-                 WHERE j.id = $1 AND ( \
+                 WHERE j.id = $1 AND a.detail->'interrupted' IS NULL AND ( \
                    (a.job_id = j.id AND a.started_at > coalesce(j.window_start, '-infinity')) \
                    OR (NOT j.manual \
                        AND a.started_at > greatest($2::timestamptz - $3::float8 * interval '1 second', \
@@ -703,7 +716,16 @@ impl Engine {
     /// within the pool's acquire timeout of it, as it could still be
     /// waiting for a connection when another replica takes the job over.
     async fn execute(self: Arc<Self>, start: Start) {
-        let outcome = self.perform(&start.action, &start.ctx).await;
+        let outcome = tokio::select! {
+            outcome = self.perform(&start.action, &start.ctx) => outcome,
+            // Dropping the action ends it: a command's whole process
+            // group is killed, a request abandoned.
+            () = self.interrupt.cancelled() => Outcome {
+                ended: Ended::Interrupted,
+                summary: "interrupted: warden stopped while it ran and ended it; it will run again".into(),
+                detail: json!({"interrupted": true}),
+            },
+        };
         let margin = self.pool.timeouts().wait.unwrap_or_default();
         let what = format!("the result of recovery action {} (job {})", start.action_id, start.job);
         // Giving up was logged; the lease will expire.
@@ -732,6 +754,7 @@ impl Engine {
             Ended::Done => "verifying",
             Ended::Failed => "failed",
             Ended::TimedOut => "timed_out",
+            Ended::Interrupted => "abandoned",
         };
         tx.execute(
             "UPDATE warden.recovery_actions SET state = $2, finished_at = $3, outcome = $4, detail = $5 WHERE id = $1",
@@ -743,6 +766,17 @@ impl Engine {
                 "UPDATE warden.recovery_jobs SET state = 'verifying', verify_until = $2, lease_owner = NULL, \
                    lease_until = NULL, updated_at = $3 WHERE id = $1",
                 &[&start.job, &(now + start.verify), &now],
+            )
+            .await?;
+        } else if outcome.ended == Ended::Interrupted {
+            // Not an attempt that failed: the same action, with the same
+            // attempt number, is due again now, on whichever replica
+            // claims it first (attempts_in_window! leaves this row out).
+            tx.execute(
+                "UPDATE warden.recovery_jobs SET state = 'pending', next_run_at = $2, lease_owner = NULL, \
+                   lease_until = NULL, attempts = greatest(attempts - 1, 0), \
+                   action_attempts = greatest(action_attempts - 1, 0), updated_at = $2 WHERE id = $1",
+                &[&start.job, &now],
             )
             .await?;
         } else {

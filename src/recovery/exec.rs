@@ -16,6 +16,8 @@ pub enum Ended {
     Done,
     Failed,
     TimedOut,
+    /// warden stopped while it ran and ended it: the job runs it again.
+    Interrupted,
 }
 
 #[derive(Debug, Clone, PartialEq)]

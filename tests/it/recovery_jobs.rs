@@ -671,3 +671,64 @@ async fn an_incident_resolved_during_verification_ends_the_job_without_giving_up
     assert!(jobs[0].1.as_deref().unwrap().contains("incident resolved meanwhile"), "{jobs:?}");
     assert_eq!(rig.count("SELECT count(*) FROM warden.system_events WHERE event_type = 'recovery_failed'").await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_ends_running_actions_and_leaves_their_jobs_due_at_once() {
+    // One attempt allowed: the interrupted run must not use it up.
+    let marker = format!("warden-interrupted-{}", std::process::id());
+    let slow = Action::Command {
+        name: None,
+        argv: vec!["/bin/sh".into(), "-c".into(), format!("sleep 60; : {marker}")],
+        timeout: D::from_secs(120),
+        attempts: 1,
+    };
+    let rig = rig(vec![strategy(&[IssueType::AgentUnresponsive], vec![slow])], 1).await;
+    rig.agent("busy").await;
+    rig.incident("busy", IssueType::AgentUnresponsive).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(rig.engine.clone().run(stop.clone(), std::time::Duration::from_millis(100)));
+    crate::helpers::eventually(std::time::Duration::from_secs(30), "the action running", || async {
+        (rig.action_states("busy").await == ["running"]).then_some(())
+    })
+    .await;
+    stop.cancel();
+    tokio::time::timeout(std::time::Duration::from_secs(60), running).await.expect("the engine stops").unwrap();
+
+    let db = rig.db.client().await;
+    let row = db
+        .query_one(
+            "SELECT a.state, a.outcome, a.detail->>'interrupted', j.state, j.lease_owner, j.attempts, j.next_run_at <= now() \
+             FROM warden.recovery_actions a JOIN warden.recovery_jobs j ON j.id = a.job_id WHERE a.agent_id = 'busy'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "abandoned");
+    assert!(row.get::<_, String>(1).starts_with("interrupted"));
+    assert_eq!(row.get::<_, Option<String>>(2).as_deref(), Some("true"));
+    assert_eq!(row.get::<_, String>(3), "pending", "due again, not held until the lease runs out");
+    assert_eq!(row.get::<_, Option<String>>(4), None);
+    assert_eq!(row.get::<_, i32>(5), 0, "the interrupted run is not an attempt");
+    assert!(row.get::<_, bool>(6));
+    let left = std::process::Command::new("pgrep").args(["-f", &marker]).output().unwrap();
+    assert!(left.stdout.is_empty(), "the command's processes were ended: {:?}", String::from_utf8_lossy(&left.stdout));
+
+    // The next engine (after a restart) runs it again as attempt 1, within
+    // the budget.
+    let pool = warden::db::build_pool(rig.db.config.clone(), &default_settings().database).unwrap();
+    let next = Engine::new(pool, rig.settings.clone(), &default_settings().health, "next".into());
+    let report = next.tick(None).await.unwrap();
+    assert_eq!((report.started, report.exhausted), (1, 0), "{report:?}");
+    let attempts: Vec<i32> = db
+        .query("SELECT attempt FROM warden.recovery_actions WHERE agent_id = 'busy' ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(attempts, [1, 1]);
+    // End the second run too, so no sleep outlives the test.
+    let done = tokio_util::sync::CancellationToken::new();
+    done.cancel();
+    next.run(done, std::time::Duration::ZERO).await;
+}
