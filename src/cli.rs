@@ -519,9 +519,9 @@ async fn recovery_command(
             }
             let job = crate::recovery::run_now(client, &settings, agent.as_str(), strategy.as_deref()).await.map_err(
                 |e| match e {
-                    crate::recovery::ManualError::UnknownStrategy(_) | crate::recovery::ManualError::NoStrategy(_) => {
-                        Failure::usage(e.to_string())
-                    }
+                    crate::recovery::ManualError::UnknownStrategy(_)
+                    | crate::recovery::ManualError::NoStrategy(_)
+                    | crate::recovery::ManualError::AlertOnly(_) => Failure::usage(e.to_string()),
                     e => Failure::other(e),
                 },
             )?;
@@ -534,7 +534,8 @@ async fn recovery_command(
             if n == 0 {
                 println!("{agent} had no recovery that gave up on an open incident; nothing to reset");
             } else {
-                println!("{agent}: {n} recovery job(s) will start again");
+                let jobs = crate::console::format::counted(n as i64, "recovery job", "recovery jobs");
+                println!("{agent}: {jobs} will start again");
             }
             Ok(())
         }

@@ -73,7 +73,7 @@ async fn run(
         .map_err(|e| match e {
             ManualError::UnknownAgent(_) => ApiError::not_found(e.to_string()),
             ManualError::UnknownStrategy(_) => ApiError::invalid("strategy", e.to_string()),
-            ManualError::NoStrategy(_) => ApiError::invalid("strategy", e.to_string()),
+            ManualError::NoStrategy(_) | ManualError::AlertOnly(_) => ApiError::invalid("strategy", e.to_string()),
             ManualError::NoStrategies => ApiError::conflict(e.to_string()),
             ManualError::Busy(_) => ApiError::conflict(e.to_string()),
             ManualError::Db(db) => db.into(),

@@ -29,6 +29,8 @@ pub enum ManualError {
     NoStrategy(String),
     #[error("no recovery strategies are configured ([[recovery.strategies]] in the settings)")]
     NoStrategies,
+    #[error("strategy {0} takes no action (its first action is kind = \"none\", alert only); name one that does")]
+    AlertOnly(String),
     #[error("a recovery of {0} is already running or queued")]
     Busy(String),
     #[error(transparent)]
@@ -78,6 +80,11 @@ pub async fn run_now(
                 .ok_or_else(|| ManualError::NoStrategy(agent.to_string()))?
         }
     };
+    // Queued, it would be cancelled at once, "alert only": the operator
+    // asked for a recovery and would be told one was queued.
+    if matches!(chosen.actions.first(), None | Some(crate::config::Action::None { .. })) {
+        return Err(ManualError::AlertOnly(chosen.name.clone()));
+    }
     let tx = client.transaction().await?;
     take_claim_turn(&tx).await?;
     // Removing the agent takes the same lock: it may have been removed
@@ -116,7 +123,10 @@ fn labels_get<'a>(labels: &'a std::collections::BTreeMap<String, String>, key: &
 /// Lifts the block on an agent whose recovery gave up: its exhausted jobs
 /// (of incidents still open) start afresh, with a fresh attempt window.
 /// Returns how many jobs were reset.
-pub async fn reset(client: &tokio_postgres::Client, agent: &str) -> Result<u64, DbError> {
+pub async fn reset(client: &tokio_postgres::Client, agent: &str) -> Result<u64, ManualError> {
+    if client.query_opt("SELECT 1 FROM warden.agent_status WHERE agent_id = $1", &[&agent]).await?.is_none() {
+        return Err(ManualError::UnknownAgent(agent.to_string()));
+    }
     Ok(client
         .execute(
             "UPDATE warden.recovery_jobs j SET state = 'pending', next_run_at = now(), window_start = now(), \

@@ -236,6 +236,10 @@ async fn recovery_run_refuses_when_nothing_would_run_it() {
     assert!(String::from_utf8_lossy(&none.stderr).contains("no recovery strategies are configured"), "{none:?}");
     let jobs: i64 = db.client().await.query_one("SELECT count(*) FROM warden.recovery_jobs", &[]).await.unwrap().get(0);
     assert_eq!(jobs, 0);
+    // Resetting an agent warden does not know is an error, not "nothing to reset".
+    let reset = warden().args(["recovery", "reset", "nosuch"]).env("WARDEN__DATABASE__URL", db.url()).output().unwrap();
+    assert_eq!(reset.status.code(), Some(1), "{reset:?}");
+    assert!(String::from_utf8_lossy(&reset.stderr).contains("no agent nosuch"), "{reset:?}");
 }
 
 #[tokio::test]

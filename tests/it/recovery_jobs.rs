@@ -589,6 +589,23 @@ async fn a_manual_run_without_any_strategy_says_none_is_configured() {
     // An agent that is not there is still the first thing said.
     let err = warden::recovery::run_now(&mut db, &rig.settings, "nobody", None).await.unwrap_err();
     assert!(matches!(err, ManualError::UnknownAgent(_)), "{err}");
+    // Nor can an agent that is not there be reset.
+    let err = warden::recovery::reset(&db, "nobody").await.unwrap_err();
+    assert!(matches!(err, ManualError::UnknownAgent(_)), "{err}");
+}
+
+#[tokio::test]
+async fn a_manual_run_of_an_alert_only_strategy_is_refused_not_queued() {
+    let quiet = strategy(&[IssueType::AgentUnresponsive], vec![Action::None { name: None }]);
+    let rig = rig(vec![quiet], 3).await;
+    rig.agent("noop").await;
+    let mut db = rig.db.client().await;
+    for named in [None, Some("fix")] {
+        let err = warden::recovery::run_now(&mut db, &rig.settings, "noop", named).await.unwrap_err();
+        assert!(matches!(err, ManualError::AlertOnly(ref s) if s == "fix"), "{err}");
+        assert!(err.to_string().contains("takes no action"), "{err}");
+    }
+    assert!(rig.jobs("noop").await.is_empty(), "nothing was queued");
 }
 
 #[tokio::test]
