@@ -380,6 +380,10 @@ async fn simulate(args: SimulateArgs) -> Result<(), Failure> {
     if args.batch == 0 || args.connections == 0 || args.agents == 0 {
         return Err(Failure::usage("--batch, --connections and --agents must be at least 1"));
     }
+    // A rate of zero would send one request and report its speed as the rate.
+    if let Some(rate) = args.rate.filter(|r| !(r.is_finite() && *r > 0.0)) {
+        return Err(Failure::usage(format!("--rate must be a positive number of heartbeats per second (got {rate})")));
+    }
     let spec = crate::loadgen::LoadSpec {
         addr,
         key: args.key,
@@ -565,9 +569,14 @@ async fn keys(client: &mut db::Client, command: KeysCommand) -> Result<(), Failu
             let limited = (!agents.is_empty()).then_some(agents.as_slice());
             let key = auth::create_key_for(client, name, &scopes, limited).await.map_err(Failure::other)?;
             let scopes: Vec<&str> = scopes.iter().map(|s| s.as_str()).collect();
-            let reports_for = if agents.is_empty() { "any agent".to_string() } else { agents.join(",") };
+            let reports = scopes.iter().any(|s| *s == "ingest" || *s == "admin");
+            let reports_for = match (reports, agents.is_empty()) {
+                (false, _) => String::new(),
+                (true, true) => ", reporting for any agent".to_string(),
+                (true, false) => format!(", reporting for {}", agents.join(",")),
+            };
             eprintln!(
-                "created key {} ({name}) with scopes {}, reporting for {reports_for}; it is shown only this once:",
+                "created key {} ({name}) with scopes {}{reports_for}; it is shown only this once:",
                 key.id,
                 scopes.join(",")
             );

@@ -79,6 +79,8 @@ pub async fn run(settings: Settings, options: DemoOptions, shutdown: Cancellatio
         probe.local_addr().map_err(|e| e.to_string())?.port()
     };
     let url = format!("http://127.0.0.1:{port}");
+    // An empty database.url: warden runs its own cluster, stopped with it.
+    let embedded = settings.database.url.expose().trim().is_empty();
     let mut settings = demo_settings(settings, exe.clone(), &url);
     settings.server.listen.set_port(port);
     let app = Application::build(settings).await.map_err(|e| e.to_string())?;
@@ -122,7 +124,7 @@ pub async fn run(settings: Settings, options: DemoOptions, shutdown: Cancellatio
             let _ = crasher.kill().await;
             crashed = true;
         }
-        match view(&url, started.elapsed()).await {
+        match view(&url, started.elapsed(), embedded).await {
             Ok(text) => {
                 let mut out = std::io::stdout().lock();
                 if interactive {
@@ -226,7 +228,7 @@ async fn simulate(client: Client, persona: Persona, id: String, stop: Cancellati
 
 /// The live view: a compact summary from the read API and the database
 /// views, like an operator would look at it.
-async fn view(url: &str, elapsed: Duration) -> Result<String, String> {
+async fn view(url: &str, elapsed: Duration, embedded: bool) -> Result<String, String> {
     let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().map_err(|e| e.to_string())?;
     let get = |path: &str| {
         let http = http.clone();
@@ -329,6 +331,10 @@ async fn view(url: &str, elapsed: Duration) -> Result<String, String> {
             a["dedup_key"].as_str().unwrap_or("")
         ));
     }
-    out.push_str("\nCtrl-C stops warden, the fleet and the embedded database.\n");
+    out.push_str(if embedded {
+        "\nCtrl-C stops warden, the fleet and the embedded database.\n"
+    } else {
+        "\nCtrl-C stops warden and the fleet.\n"
+    });
     Ok(out)
 }

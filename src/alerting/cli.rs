@@ -192,15 +192,19 @@ pub async fn silence(client: &mut db::Client, command: SilenceCommand) -> Result
                 agent_id: agent,
                 issue_type: issue,
                 labels: pairs,
-                starts_at: start,
+                // This clock's now, not the database's: the one the end
+                // was counted from, so `--for 1h` lasts exactly an hour.
+                starts_at: Some(start.unwrap_or(now)),
                 ends_at,
                 comment,
                 created_by: by.unwrap_or_else(user),
             };
             s.validate(now).map_err(|e| Failure::usage(in_flags(&e)))?;
             let created = silences::create(client, &s).await.map_err(Failure::other)?;
+            // One starting later is not in force yet.
+            let from = if created.starts_at > now { "scheduled" } else { "in force" };
             println!(
-                "silence {} in force from {} to {} UTC",
+                "silence {} {from} from {} to {} UTC",
                 created.id,
                 when(Some(created.starts_at)),
                 when(Some(created.ends_at))

@@ -146,7 +146,8 @@ async fn create_silence(
         agent_id: b.agent_id,
         issue_type: b.issue_type,
         labels: b.labels,
-        starts_at: b.starts_at,
+        // The now the duration was counted from, not the database's.
+        starts_at: Some(b.starts_at.unwrap_or(now)),
         ends_at,
         comment: b.comment,
         created_by: b

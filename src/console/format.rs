@@ -4,10 +4,14 @@
 
 use chrono::{DateTime, Utc};
 
-/// "just now", "12s ago", "5m ago", "3h ago", "2d ago"; a time in the
-/// future (clock skew) reads "just now".
+/// "just now", "12s ago", "5m ago", "3h ago", "2d ago"; a time more than
+/// a minute ahead (a scheduled silence) "in 3d 4h", one less (clock skew
+/// between database and server) "just now".
 pub fn ago(now: DateTime<Utc>, then: DateTime<Utc>) -> String {
     let secs = (now - then).num_seconds();
+    if secs < -60 {
+        return format!("in {}", span(-secs));
+    }
     if secs < 2 {
         return "just now".into();
     }
@@ -217,7 +221,8 @@ mod tests {
     #[test]
     fn times_read_as_words() {
         assert_eq!(ago(at(0), at(0)), "just now");
-        assert_eq!(ago(at(0), at(5)), "just now", "the future is now");
+        assert_eq!(ago(at(0), at(5)), "just now", "skew: the near future is now");
+        assert_eq!(ago(at(0), at(3 * 86_400 + 4 * 3600)), "in 3d 4h", "a scheduled time");
         assert_eq!(ago(at(12), at(0)), "12s ago");
         assert_eq!(ago(at(65), at(0)), "1m 5s ago");
         assert_eq!(ago(at(600), at(0)), "10m ago");

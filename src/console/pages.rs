@@ -343,7 +343,7 @@ fn silence_from(form: &SilenceForm, by: String, now: chrono::DateTime<Utc>) -> R
         agent_id: text(&form.agent_id),
         issue_type: text(&form.issue_type),
         labels,
-        starts_at: None,
+        starts_at: Some(now),
         ends_at: Some(now + duration.to_chrono()),
         comment: form.comment.clone(),
         created_by: by,

@@ -1044,10 +1044,16 @@ pub const DURATIONS: [(&str, &str); 7] = [
 ];
 
 pub fn alerts(v: &AlertsView<'_>) -> Markup {
+    let in_force = v.silences.iter().filter(|s| s.starts_at <= v.now).count();
+    let scheduled = v.silences.len() - in_force;
     html! {
         div.page-head {
             h1 { "Alerts" }
-            p.sub { (v.firing.len()) " firing · " (v.acknowledged.len()) " acknowledged · " (v.silences.len()) " silences in force" }
+            p.sub {
+                (v.firing.len()) " firing · " (v.acknowledged.len()) " acknowledged · "
+                (format::counted(in_force as i64, "silence", "silences")) " in force"
+                @if scheduled > 0 { " · " (scheduled) " scheduled" }
+            }
         }
         @if let Some((kind, text)) = &v.flash { (notice(kind, text)) }
         section #alerts-firing .panel data-live aria-labelledby="af-title" {
@@ -1063,7 +1069,7 @@ pub fn alerts(v: &AlertsView<'_>) -> Markup {
             (alert_table(v.now, v.user, v.resolved, "/alerts", AlertColumns::Full))
         }
         section #silences .panel data-live aria-labelledby="si-title" {
-            h2 #si-title { "Silences in force" span.count-pill { (v.silences.len()) } }
+            h2 #si-title { "Silences in force or scheduled" span.count-pill { (v.silences.len()) } }
             @if v.silences.is_empty() {
                 p.empty { "No silences. Every alert that matches a route is sent." }
             } @else {

@@ -75,6 +75,12 @@ fn the_config_flag_reads_an_override_file() {
 fn an_unknown_verb_is_a_usage_error() {
     let out = warden().arg("frobnicate").output().unwrap();
     assert_eq!(out.status.code(), Some(2));
+    // A rate of nothing would report one request's speed as the rate.
+    for rate in ["0", "-5", "NaN"] {
+        let out = warden().args(["simulate", &format!("--rate={rate}"), "--duration", "1s"]).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "--rate {rate}: {out:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--rate must be a positive number"), "{out:?}");
+    }
 }
 
 #[tokio::test]
@@ -109,6 +115,10 @@ async fn the_demo_shows_a_live_fleet_and_stops_cleanly_on_ctrl_c() {
         }
     }
     assert!(saw_online, "the live view shows agents online");
+    // On a database of its own it stops no embedded cluster, and says none.
+    let footer =
+        rx.try_iter().chain(rx.recv_timeout(std::time::Duration::from_secs(10))).find(|l| l.starts_with("Ctrl-C"));
+    assert_eq!(footer.as_deref(), Some("Ctrl-C stops warden and the fleet."));
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let status = child.wait().unwrap();
     assert!(status.success(), "Ctrl-C is a clean exit: {status}");

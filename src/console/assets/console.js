@@ -23,7 +23,10 @@
     if (d === 0) return m === 0 ? h + 'h' : h + 'h ' + m + 'm';
     return h === 0 ? d + 'd' : d + 'd ' + h + 'h';
   }
-  function ago(secs) { return secs < 2 ? 'just now' : span(secs) + ' ago'; }
+  function ago(secs) {
+    if (secs < -60) return 'in ' + span(-secs);
+    return secs < 2 ? 'just now' : span(secs) + ' ago';
+  }
   function tickTimes() {
     var now = Date.now();
     document.querySelectorAll('time[data-rel]').forEach(function (el) {

@@ -98,6 +98,11 @@ async fn the_service_pages_slack_and_the_api_lists_acknowledges_and_silences() {
     .await;
     assert_eq!(status, 201, "{created}");
     assert_eq!(created["created_by"], "test", "the key's name");
+    let span = |s: &serde_json::Value| {
+        let at = |k: &str| chrono::DateTime::parse_from_rfc3339(s[k].as_str().unwrap()).unwrap();
+        at("ends_at") - at("starts_at")
+    };
+    assert_eq!(span(&created), chrono::Duration::hours(2), "a duration is exact: {created}");
     let sid = created["id"].as_i64().unwrap();
     let (_, list) = call(&app, "GET", &read, "/v1/silences", None).await;
     assert_eq!(list["silences"].as_array().unwrap().len(), 1);

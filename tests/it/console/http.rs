@@ -393,7 +393,7 @@ async fn http_pages_need_a_session_and_sessions_are_hashed_revocable_and_end_at_
     // Changing things with only a cookie: no.
     let silence = json!({"agent_id": "a1", "duration": "1h", "comment": "x"});
     let post = || http.post(app.url("/v1/silences")).header(COOKIE, session.cookie()).json(&silence);
-    assert_eq!(post().send().await.unwrap().status(), 401, "no CSRF header");
+    assert_eq!(post().send().await.unwrap().status(), 403, "no CSRF header");
     assert_eq!(post().header("x-csrf-token", &session.csrf).send().await.unwrap().status(), 403, "read scope");
 
     // Logging out deletes the session.
@@ -535,6 +535,22 @@ async fn http_actions_need_the_admin_scope_the_csrf_token_and_the_same_site() {
         assert!(body["error"]["message"].as_str().unwrap().contains("X-CSRF-Token"), "{body}");
     }
     assert_eq!(app.count("SELECT count(*) FROM warden.silences WHERE agent_id = 'steady-3'").await, 0);
+
+    // A silence that starts later reads as scheduled, not in force.
+    let later = (chrono::Utc::now() + chrono::Duration::days(3) + chrono::Duration::hours(1)).to_rfc3339();
+    let scheduled = client()
+        .post(app.url("/v1/silences"))
+        .header(COOKIE, admin_session.cookie())
+        .header("x-csrf-token", &admin_session.csrf)
+        .json(&json!({"agent_id": "steady-2", "starts_at": later, "duration": "1h", "comment": "next week's window"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(scheduled.status(), 201);
+    let (status, _, page) = get(&app, &admin_session, "/alerts").await;
+    assert_eq!(status, 200);
+    assert!(page.contains("2 silences in force · 1 scheduled"), "{page}");
+    assert!(page.contains(">in 3d</time>"), "{page}");
 }
 
 #[tokio::test]
