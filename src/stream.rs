@@ -51,14 +51,20 @@ impl StreamEvent {
     /// the clients never expect, nor one SSE cannot carry (a newline in an
     /// event name would end the stream's task).
     pub fn from_notification(channel: &str, payload: &str) -> Option<Self> {
-        let value: serde_json::Value = serde_json::from_str(payload).ok()?;
-        let kind = if channel == HEARTBEATS {
-            "heartbeat".to_string()
-        } else {
-            let kind = value.get("type")?.as_str()?;
-            KINDS.contains(&kind).then(|| kind.to_string())?
-        };
+        let mut value: serde_json::Value = serde_json::from_str(payload).ok()?;
         let agent_id = value.get("agent_id").and_then(|a| a.as_str()).map(str::to_string);
+        if channel == HEARTBEATS {
+            // Ingest's SQL writes the row's columns; clients read every
+            // event by its `type` and `timestamp`, as the evaluator's carry.
+            let object = value.as_object_mut()?;
+            object.insert("type".into(), "heartbeat".into());
+            if let Some(at) = object.get("received_at").cloned() {
+                object.entry("timestamp").or_insert(at);
+            }
+            return Some(Self { kind: "heartbeat".into(), agent_id, data: value.to_string(), seq: 0 });
+        }
+        let kind = value.get("type")?.as_str()?;
+        let kind = KINDS.contains(&kind).then(|| kind.to_string())?;
         Some(Self { kind, agent_id, data: payload.to_string(), seq: 0 })
     }
 }
@@ -278,8 +284,16 @@ mod tests {
             .unwrap();
         assert_eq!(e.kind, "status_changed");
         assert_eq!(e.agent_id.as_deref(), Some("a"));
-        let h = StreamEvent::from_notification(HEARTBEATS, r#"{"agent_id":"b","uptime_seconds":3}"#).unwrap();
+        let h = StreamEvent::from_notification(
+            HEARTBEATS,
+            r#"{"agent_id" : "b", "received_at" : "2026-12-06T22:00:00.5+00:00", "uptime_seconds" : 3}"#,
+        )
+        .unwrap();
         assert_eq!(h.kind, "heartbeat");
+        let data: serde_json::Value = serde_json::from_str(&h.data).unwrap();
+        assert_eq!(data["type"], "heartbeat", "named like every other event");
+        assert_eq!(data["timestamp"], data["received_at"]);
+        assert_eq!(data["uptime_seconds"], 3);
         assert_eq!(StreamEvent::from_notification(EVENTS, "not json"), None);
         assert_eq!(StreamEvent::from_notification(EVENTS, r#"{"no_type":1}"#), None);
         for forged in [r#"{"type":"a\nb"}"#, r#"{"type":"alert_sent"}"#, r#"{"type":7}"#] {

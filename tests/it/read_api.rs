@@ -495,6 +495,7 @@ async fn an_agent_stream_can_observe_its_raw_heartbeats() {
     };
     assert_eq!(beat["agent_id"], "watched", "only the observed agent's heartbeats");
     assert!(beat["uptime_seconds"].as_i64().unwrap() >= 1);
+    assert_eq!((&beat["type"], &beat["timestamp"]), (&json!("heartbeat"), &beat["received_at"]));
 
     let (status, error) = get_json(&app, &read, "/v1/stream?heartbeats=true").await;
     assert_eq!((status, error["error"]["field"].as_str()), (422, Some("heartbeats")));
