@@ -1112,7 +1112,10 @@ fn metric_issues(
     }
 
     if let (Some(errors), Some(work)) = (inputs.errors_per_hour, inputs.work_per_hour) {
-        let rate = if work > 0.0 { errors / work } else { 1.0 };
+        // Errors and work are decayed sums scaled a little differently, so
+        // one error per unit of work can come out at 100.2 %; and errors
+        // beyond the work done (several per heartbeat) are still "all of it".
+        let rate = if work > 0.0 { (errors / work).min(1.0) } else { 1.0 };
         if errors >= 1.0 && rate >= params.error_rate_threshold {
             add(
                 IssueType::HighErrorRate,

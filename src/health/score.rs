@@ -197,7 +197,8 @@ pub fn compute(inputs: &Inputs, weights: &Weights, tiers: &TierBounds, t: &Thres
     let mut figures = BTreeMap::new();
     let errors = match (inputs.errors_per_hour, inputs.work_per_hour) {
         (Some(errors), Some(work)) if work > 0.0 => {
-            let rate = errors / work;
+            // A share of the work (see the evaluator's high_error_rate).
+            let rate = (errors / work).min(1.0);
             figures.insert("errors_per_hour", round2(errors));
             figures.insert("work_per_hour", round2(work));
             figures.insert("rate", (rate * 10_000.0).round() / 10_000.0);
@@ -430,5 +431,12 @@ mod tests {
         let s =
             score(&Inputs { errors_per_hour: Some(0.0), work_per_hour: None, work_reference_per_hour: None, ..full() });
         assert_eq!(s.components["error_rate"].score, None, "no errors and no work: no data");
+    }
+
+    #[test]
+    fn an_error_rate_is_at_most_all_of_the_work() {
+        let s = score(&Inputs { errors_per_hour: Some(10.0), work_per_hour: Some(4.0), ..full() });
+        assert_eq!(s.components["error_rate"].inputs["rate"], 1.0);
+        assert_eq!(s.components["error_rate"].score, Some(0.0));
     }
 }
