@@ -282,6 +282,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             // A pre-flight check: what `serve` would refuse at start, this
             // refuses too, as far as it can be told without connecting.
             crate::db::check_settings(&settings.database)?;
+            settings.recovery.check_secret_env()?;
             print!("{}", settings.to_redacted_toml());
             Ok(())
         }
@@ -290,11 +291,13 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             migrate_command(&settings).await
         }
         Command::Serve => {
+            settings.recovery.check_secret_env()?;
             telemetry::init(&settings.telemetry);
             serve(settings).await
         }
         Command::Keys(command) => with_database(&settings, |client| Box::pin(keys(client, command))).await,
         Command::Demo { agents } => {
+            settings.recovery.check_secret_env()?;
             if !(6..=10_000).contains(&agents) {
                 return Err(Failure::usage("--agents must be from 6 to 10000"));
             }

@@ -215,9 +215,12 @@ pub const SECRET_ENV_PREFIX: &str = "WARDEN_SECRET_";
 /// an orchestrator wants (a bearer token) from the environment rather than
 /// the settings file. Only headers take them (an argument would show in the
 /// process list, a URL or body in logs and errors), only variables with the
-/// prefix (nothing else of warden's environment can be sent out), and the
-/// variable must be set when the settings load. The value is read when the
-/// request is made.
+/// prefix (nothing else of warden's environment can be sent out). The
+/// variable must be set where recovery runs (checked by
+/// [`RecoverySettings::check_secret_env`] when `serve` or `demo` starts, and
+/// by `warden config`), not for every command: an on-call engineer
+/// acknowledging an alert need not hold the orchestrator's token. The value
+/// is read when the request is made.
 pub fn header_placeholders(template: &str) -> Result<(), String> {
     each_placeholder(template, |name, at| match name.strip_prefix("env.") {
         Some(var) => {
@@ -229,9 +232,6 @@ pub fn header_placeholders(template: &str) -> Result<(), String> {
                     "the {{env...}} at character {at}: only variables named {SECRET_ENV_PREFIX}<NAME> (capitals, \
                      digits, _) can be read"
                 ));
-            }
-            if std::env::var_os(var).is_none() {
-                return Err(format!("{{env.{var}}}: the environment variable {var} is not set"));
             }
             Ok(())
         }
@@ -250,7 +250,44 @@ fn is_name(text: &str) -> bool {
         && text.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
 }
 
+/// The `{env.WARDEN_SECRET_*}` variables a header names that are not set.
+fn unset_secret_env(template: &str) -> Option<String> {
+    let mut unset = None;
+    let _ = each_placeholder(template, |name, _| {
+        if let Some(var) = name.strip_prefix("env.")
+            && std::env::var_os(var).is_none()
+        {
+            unset.get_or_insert_with(|| var.to_string());
+        }
+        Ok(())
+    });
+    unset
+}
+
 impl RecoverySettings {
+    /// Every `{env.WARDEN_SECRET_*}` a header names is set, when recovery
+    /// is on: what `serve` needs before it may run an action.
+    pub fn check_secret_env(&self) -> Result<(), SettingsError> {
+        if !self.enabled {
+            return Ok(());
+        }
+        for (i, strategy) in self.strategies.iter().enumerate() {
+            for (j, action) in strategy.actions.iter().enumerate() {
+                let Action::Http { headers, .. } = action else { continue };
+                for (name, value) in headers {
+                    if let Some(var) = unset_secret_env(value) {
+                        return Err(SettingsError::new(
+                            &format!("recovery.strategies[{i}].actions[{j}].headers.{name}"),
+                            value,
+                            format!("{{env.{var}}}: the environment variable {var} is not set"),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub(super) fn validate(&self) -> Result<(), SettingsError> {
         check_range("recovery.max_concurrent", self.max_concurrent, 1, 10_000)?;
         check_range("recovery.max_concurrent_manual", self.max_concurrent_manual, 1, 10_000)?;

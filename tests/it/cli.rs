@@ -434,3 +434,30 @@ async fn alerts_ack_goes_on_past_an_id_it_cannot_acknowledge() {
         .get(0);
     assert_eq!(acked, 2, "the alerts after the bad id too");
 }
+
+#[tokio::test]
+async fn on_call_commands_work_without_the_recovery_secrets_serve_needs() {
+    let db = crate::helpers::TestDb::migrated().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("warden.toml");
+    std::fs::write(
+        &config,
+        "[[recovery.strategies]]\nname = \"orch\"\nissues = [\"agent_unresponsive\"]\n\n\
+         [[recovery.strategies.actions]]\nkind = \"http\"\nurl = \"http://orchestrator/restart\"\n\
+         headers = { authorization = \"Bearer {env.WARDEN_SECRET_ORCH_UNSET_IN_TESTS}\" }\n",
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        warden().arg("--config").arg(&config).args(args).env("WARDEN__DATABASE__URL", db.url()).output().unwrap()
+    };
+    for args in [&["alerts", "list"][..], &["silence", "list"], &["recovery", "list"]] {
+        let out = run(args);
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    // What would run the action refuses to start without it, naming it.
+    for args in [&["config"][..], &["serve"]] {
+        let out = run(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("WARDEN_SECRET_ORCH_UNSET_IN_TESTS"), "{out:?}");
+    }
+}

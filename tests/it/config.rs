@@ -386,9 +386,15 @@ fn a_header_reads_only_set_warden_secret_variables() {
         let file = override_file(&format!("{strategy}headers = {{ authorization = \"{header}\" }}\n"));
         Settings::load(&Sources { file: Some(file.path().to_path_buf()), env: Some(HashMap::new()) })
     };
-    let e = load("Bearer {env.WARDEN_SECRET_SURELY_NOT_SET_12345}").unwrap_err();
+    // An unset variable loads (commands that never run recovery work without
+    // it), and is refused where recovery would run.
+    let settings = load("Bearer {env.WARDEN_SECRET_SURELY_NOT_SET_12345}").unwrap();
+    let e = settings.recovery.check_secret_env().unwrap_err();
     assert!(e.key.as_deref().unwrap().ends_with("headers.authorization"), "{e}");
     assert!(e.allowed.contains("is not set"), "{e}");
+    let mut off = settings.recovery.clone();
+    off.enabled = false;
+    assert!(off.check_secret_env().is_ok(), "recovery off: nothing will send it");
     let e = load("Bearer {env.HOME}").unwrap_err();
     assert!(e.allowed.contains("WARDEN_SECRET_"), "{e}");
     // PATH is set everywhere, and still not WARDEN_SECRET_: refused.
