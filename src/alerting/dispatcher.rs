@@ -200,7 +200,7 @@ impl Dispatcher {
         // replica's clock starts before it, so its idea of the lease ends
         // first.
         let lease_ends = tokio::time::Instant::now() + self.params.lease.to_std().unwrap_or_default();
-        let client = db::client(&self.pool).await?;
+        let mut client = db::client(&self.pool).await?;
         let now: DateTime<Utc> = match now {
             Some(n) => n,
             None => client.query_one("SELECT now()", &[]).await?.get(0),
@@ -211,7 +211,17 @@ impl Dispatcher {
         if rows.is_empty() {
             return Ok(report);
         }
-        let mut messages = message::load(&client, &rows, &self.params.link_base).await?;
+        // One snapshot for all of a message's queries: read one by one, an
+        // evaluator commit between them could show "Now: degraded" beside
+        // a transition to offline.
+        let snapshot = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await?;
+        let mut messages = message::load(&snapshot, &rows, &self.params.link_base).await?;
+        snapshot.commit().await?;
         drop(client);
         let margin = self.pool.timeouts().wait.unwrap_or_default();
         let mut tasks = tokio::task::JoinSet::new();

@@ -324,7 +324,7 @@ pub struct DeliveryRow {
 
 /// Builds the messages of `rows` with three queries in all.
 pub async fn load(
-    client: &tokio_postgres::Client,
+    client: &tokio_postgres::Transaction<'_>,
     rows: &[DeliveryRow],
     link_base: &str,
 ) -> Result<HashMap<i64, Message>, DbError> {
