@@ -49,10 +49,8 @@ macro_rules! attempts_in_window {
            (SELECT count(*) FROM warden.recovery_actions a WHERE a.agent_id = j.agent_id \
               AND a.started_at > greatest($2::timestamptz - $3::float8 * interval '1 second', \
                                           coalesce(j.window_start, '-infinity')) \
-              AND a.detail->'interrupted' IS NULL \
               AND NOT EXISTS (SELECT 1 FROM warden.recovery_jobs m WHERE m.id = a.job_id AND m.manual)), \
            (SELECT count(*) FROM warden.recovery_actions a WHERE a.job_id = j.id AND NOT j.manual \
-              AND a.detail->'interrupted' IS NULL \
               AND a.started_at > coalesce(j.window_start, '-infinity')))"
     };
 }
@@ -118,10 +116,11 @@ impl Engine {
     }
 
     /// Ticks until `stop`, then lets running actions finish for up to
-    /// `drain`; those still running are ended and recorded as interrupted,
-    /// their jobs due again at once (on any replica). Left running, they
-    /// would die with the process and hold their job until the lease ran
-    /// out, to be called "effect unknown" long after warden knew.
+    /// `drain`; those still running are ended and recorded at once as
+    /// interrupted, their jobs verifying whether they took effect (as a
+    /// takeover would, without waiting for the lease to run out). Left
+    /// running, they would die with the process, hold their job until the
+    /// lease ran out, and show as running meanwhile.
     pub async fn run(self: Arc<Self>, stop: CancellationToken, drain: StdDuration) {
         let mut every = crate::every::Every::new(self.settings.poll_interval.get(), &stop);
         while every.tick().await {
@@ -443,7 +442,7 @@ impl Engine {
             return Ok(false);
         }
         if manual || in_window >= i64::from(self.settings.max_attempts) {
-            self.give_up(tx, job, now, in_window, manual).await?;
+            self.give_up(tx, job, now, manual).await?;
             return Ok(true);
         }
         let wait =
@@ -465,7 +464,6 @@ impl Engine {
         tx: &tokio_postgres::Transaction<'_>,
         job: i64,
         now: DateTime<Utc>,
-        in_window: i64,
         manual: bool,
     ) -> Result<(), DbError> {
         // The attempts counted against the budget (attempts_in_window!):
@@ -478,7 +476,7 @@ impl Engine {
                    'state', a.state, 'outcome', a.outcome, 'started_at', a.started_at, 'finished_at', a.finished_at, \
                    'incident_id', a.incident_id, 'job_id', a.job_id) \
                  FROM warden.recovery_jobs j JOIN warden.recovery_actions a ON a.agent_id = j.agent_id \
-                 WHERE j.id = $1 AND a.detail->'interrupted' IS NULL AND ( \
+                 WHERE j.id = $1 AND ( \
                    (a.job_id = j.id AND a.started_at > coalesce(j.window_start, '-infinity')) \
                    OR (NOT j.manual \
                        AND a.started_at > greatest($2::timestamptz - $3::float8 * interval '1 second', \
@@ -523,7 +521,10 @@ impl Engine {
             if tried.len() > SUMMARY_ATTEMPTS {
                 listed.push(format!("and {} more", tried.len() - SUMMARY_ATTEMPTS));
             }
-            let attempts = crate::console::format::counted(in_window, "attempt", "attempts");
+            // The rows listed, not the budget's count (the larger of the
+            // agent's attempts in the window and this job's): the sentence
+            // must add up.
+            let attempts = crate::console::format::counted(tried.len() as i64, "attempt", "attempts");
             let own = tried.iter().filter(|t| t["job_id"].as_i64() == Some(job)).count();
             if own == 0 {
                 // Stopped by the budget alone: say so, or it reads as if
@@ -639,7 +640,7 @@ impl Engine {
             let attempt = row.get::<_, i32>(5) + 1;
             let alert_only = attempt == 1 && matches!(action, Action::None { .. });
             if !manual && !alert_only && in_window >= i64::from(self.settings.max_attempts) {
-                self.give_up(&tx, job, now, in_window, false).await?;
+                self.give_up(&tx, job, now, false).await?;
                 exhausted += 1;
                 continue;
             }
@@ -652,7 +653,7 @@ impl Engine {
                     let outcome = format!("alert only: strategy {} takes no automatic action", strategy.name);
                     finish(&tx, job, "cancelled", &outcome, now).await?;
                 } else {
-                    self.give_up(&tx, job, now, in_window, manual).await?;
+                    self.give_up(&tx, job, now, manual).await?;
                     exhausted += 1;
                 }
                 continue;
@@ -722,7 +723,7 @@ impl Engine {
             // group is killed, a request abandoned.
             () = self.interrupt.cancelled() => Outcome {
                 ended: Ended::Interrupted,
-                summary: "interrupted: warden stopped while it ran and ended it; it will run again".into(),
+                summary: "interrupted: warden stopped while it ran and ended it; its effect is verified".into(),
                 detail: json!({"interrupted": true}),
             },
         };
@@ -761,22 +762,16 @@ impl Engine {
             &[&start.action_id, &state, &now, &outcome.summary, &outcome.detail],
         )
         .await?;
-        if outcome.ended == Ended::Done {
+        // An interrupted action may have done its part already (a
+        // request sent, a restart half through): like one whose replica
+        // died, it is an attempt whose effect is verified, never simply run
+        // again, so that stopping replicas one after another cannot restart
+        // an agent once per replica.
+        if matches!(outcome.ended, Ended::Done | Ended::Interrupted) {
             tx.execute(
                 "UPDATE warden.recovery_jobs SET state = 'verifying', verify_until = $2, lease_owner = NULL, \
                    lease_until = NULL, updated_at = $3 WHERE id = $1",
                 &[&start.job, &(now + start.verify), &now],
-            )
-            .await?;
-        } else if outcome.ended == Ended::Interrupted {
-            // Not an attempt that failed: the same action, with the same
-            // attempt number, is due again now, on whichever replica
-            // claims it first (attempts_in_window! leaves this row out).
-            tx.execute(
-                "UPDATE warden.recovery_jobs SET state = 'pending', next_run_at = $2, lease_owner = NULL, \
-                   lease_until = NULL, attempts = greatest(attempts - 1, 0), \
-                   action_attempts = greatest(action_attempts - 1, 0), updated_at = $2 WHERE id = $1",
-                &[&start.job, &now],
             )
             .await?;
         } else {

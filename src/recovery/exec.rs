@@ -16,7 +16,8 @@ pub enum Ended {
     Done,
     Failed,
     TimedOut,
-    /// warden stopped while it ran and ended it: the job runs it again.
+    /// warden stopped while it ran and ended it: whether it took effect is
+    /// verified, as after a takeover.
     Interrupted,
 }
 

@@ -690,8 +690,7 @@ async fn an_incident_resolved_during_verification_ends_the_job_without_giving_up
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stopping_ends_running_actions_and_leaves_their_jobs_due_at_once() {
-    // One attempt allowed: the interrupted run must not use it up.
+async fn stopping_ends_running_actions_and_verifies_them_at_once() {
     let marker = format!("warden-interrupted-{}", std::process::id());
     let slow = Action::Command {
         name: None,
@@ -699,7 +698,9 @@ async fn stopping_ends_running_actions_and_leaves_their_jobs_due_at_once() {
         timeout: D::from_secs(120),
         attempts: 1,
     };
-    let rig = rig(vec![strategy(&[IssueType::AgentUnresponsive], vec![slow])], 1).await;
+    let mut fix = strategy(&[IssueType::AgentUnresponsive], vec![slow]);
+    fix.verify_timeout = Some(D::from_secs(60));
+    let rig = rig(vec![fix], 2).await;
     rig.agent("busy").await;
     rig.incident("busy", IssueType::AgentUnresponsive).await;
     let stop = tokio_util::sync::CancellationToken::new();
@@ -711,10 +712,12 @@ async fn stopping_ends_running_actions_and_leaves_their_jobs_due_at_once() {
     stop.cancel();
     tokio::time::timeout(std::time::Duration::from_secs(60), running).await.expect("the engine stops").unwrap();
 
+    // Recorded at once, not left `running` under a lease until it expires;
+    // whether it took effect is verified, as after a takeover.
     let db = rig.db.client().await;
     let row = db
         .query_one(
-            "SELECT a.state, a.outcome, a.detail->>'interrupted', j.state, j.lease_owner, j.attempts, j.next_run_at <= now() \
+            "SELECT a.state, a.outcome, a.detail->>'interrupted', j.state, j.lease_owner, j.verify_until > now() \
              FROM warden.recovery_actions a JOIN warden.recovery_jobs j ON j.id = a.job_id WHERE a.agent_id = 'busy'",
             &[],
         )
@@ -723,27 +726,28 @@ async fn stopping_ends_running_actions_and_leaves_their_jobs_due_at_once() {
     assert_eq!(row.get::<_, String>(0), "abandoned");
     assert!(row.get::<_, String>(1).starts_with("interrupted"));
     assert_eq!(row.get::<_, Option<String>>(2).as_deref(), Some("true"));
-    assert_eq!(row.get::<_, String>(3), "pending", "due again, not held until the lease runs out");
-    assert_eq!(row.get::<_, Option<String>>(4), None);
-    assert_eq!(row.get::<_, i32>(5), 0, "the interrupted run is not an attempt");
-    assert!(row.get::<_, bool>(6));
+    assert_eq!(row.get::<_, String>(3), "verifying");
+    assert_eq!(row.get::<_, Option<String>>(4), None, "no lease held");
+    assert!(row.get::<_, bool>(5));
     let left = std::process::Command::new("pgrep").args(["-f", &marker]).output().unwrap();
     assert!(left.stdout.is_empty(), "the command's processes were ended: {:?}", String::from_utf8_lossy(&left.stdout));
 
-    // The next engine (after a restart) runs it again as attempt 1, within
-    // the budget.
+    // The agent never came back: after the verification time the next
+    // engine (after a restart) makes the second attempt.
     let pool = warden::db::build_pool(rig.db.config.clone(), &default_settings().database).unwrap();
     let next = Engine::new(pool, rig.settings.clone(), &default_settings().health, "next".into());
-    let report = next.tick(None).await.unwrap();
+    let later = chrono::Utc::now() + chrono::Duration::minutes(2);
+    next.tick(Some(later)).await.unwrap();
+    let report = next.tick(Some(later + chrono::Duration::seconds(1))).await.unwrap();
     assert_eq!((report.started, report.exhausted), (1, 0), "{report:?}");
-    let attempts: Vec<i32> = db
-        .query("SELECT attempt FROM warden.recovery_actions WHERE agent_id = 'busy' ORDER BY id", &[])
+    let attempts: Vec<(i32, String)> = db
+        .query("SELECT attempt, state FROM warden.recovery_actions WHERE agent_id = 'busy' ORDER BY id", &[])
         .await
         .unwrap()
         .iter()
-        .map(|r| r.get(0))
+        .map(|r| (r.get(0), r.get(1)))
         .collect();
-    assert_eq!(attempts, [1, 1]);
+    assert_eq!(attempts, [(1, "failed".to_string()), (2, "running".to_string())], "verified, and failed");
     // End the second run too, so no sleep outlives the test.
     let done = tokio_util::sync::CancellationToken::new();
     done.cancel();
