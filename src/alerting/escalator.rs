@@ -309,7 +309,15 @@ pub async fn cycle(
                     update.route = Some(route.clone());
                     update.policy = Some(policy.name.clone());
                     let facts = Facts { paged_at: Some(now), ..facts.clone() };
+                    let first = pending.len();
                     page(&facts, &policy, p, row.id, &route, now, &mut update, &mut pending, true);
+                    // Paged after recovery gave up: the page says so (and
+                    // stands for the update an earlier page would get).
+                    if facts.recovery.gave_up {
+                        for n in &mut pending[first..] {
+                            n.notice.note.get_or_insert(Note::RecoveryFailed);
+                        }
+                    }
                 } else {
                     ready.push((index, policy, route));
                 }
@@ -675,9 +683,11 @@ async fn recovery_facts(tx: &tokio_postgres::Transaction<'_>, rows: &[Row]) -> R
     let oldest = rows.iter().map(|r| r.opened_at).min().unwrap_or_else(Utc::now) - Duration::hours(1);
     for r in tx
         .query(
-            "SELECT DISTINCT (details->>'incident_id')::bigint FROM warden.system_events \
-             WHERE event_type = 'recovery_failed' AND source = 'warden' AND occurred_at >= $2 \
-               AND details->>'incident_id' = ANY($1)",
+            "SELECT DISTINCT (e.details->>'incident_id')::bigint FROM warden.system_events e \
+             WHERE e.event_type = 'recovery_failed' AND e.source = 'warden' AND e.occurred_at >= $2 \
+               AND e.details->>'incident_id' = ANY($1) \
+               AND EXISTS (SELECT 1 FROM warden.recovery_jobs j \
+                           WHERE j.incident_id = (e.details->>'incident_id')::bigint AND j.state = 'exhausted')",
             &[&texts, &oldest],
         )
         .await?

@@ -87,11 +87,10 @@ impl Message {
         self.detail.get("auto_recovered_attempt").and_then(Value::as_i64)
     }
 
-    /// An update saying recovery gave up, or a first page about an alert
-    /// whose recovery had given up before it was sent.
+    /// An update saying recovery gave up, or a first page made after it
+    /// had (the escalator marks both).
     pub fn recovery_failed(&self) -> bool {
         self.detail.get("recovery_failed").and_then(Value::as_bool).unwrap_or(false)
-            || (self.kind == Kind::Firing && self.alerts.iter().any(|a| a.state == "firing" && a.gave_up.is_some()))
     }
 
     /// The highest severity among the alerts.
@@ -416,15 +415,19 @@ pub async fn load(
             });
         }
         // Through the per-agent index: recovery_failed events name the
-        // incident in their details.
+        // incident in their details. Only while recovery stays given up
+        // (the incident's job exhausted): after `warden recovery
+        // reset` it is trying again.
         let texts: Vec<String> = incidents.iter().map(i64::to_string).collect();
         let gave_up: HashMap<i64, String> = client
             .query(
-                "SELECT DISTINCT ON (details->>'incident_id') (details->>'incident_id')::bigint, message \
-                 FROM warden.system_events \
-                 WHERE agent_id = ANY($1) AND event_type = 'recovery_failed' AND source = 'warden' \
-                   AND details->>'incident_id' = ANY($2) \
-                 ORDER BY details->>'incident_id', occurred_at DESC, id DESC",
+                "SELECT DISTINCT ON (e.details->>'incident_id') (e.details->>'incident_id')::bigint, e.message \
+                 FROM warden.system_events e \
+                 WHERE e.agent_id = ANY($1) AND e.event_type = 'recovery_failed' AND e.source = 'warden' \
+                   AND e.details->>'incident_id' = ANY($2) \
+                   AND EXISTS (SELECT 1 FROM warden.recovery_jobs j \
+                               WHERE j.incident_id = (e.details->>'incident_id')::bigint AND j.state = 'exhausted') \
+                 ORDER BY e.details->>'incident_id', e.occurred_at DESC, e.id DESC",
                 &[&agents, &texts],
             )
             .await?

@@ -46,11 +46,20 @@ impl<S: RequiredScope> FromRequestParts<AppState> for Authorized<S> {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let header = parts.headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok());
-        if header.is_none()
-            && state.auth.enabled()
-            && let Some(principal) =
-                crate::console::session::api_principal(parts, state, S::SCOPE).await.map_err(ApiError::from)?
-        {
+        let session = if header.is_none() && state.auth.enabled() {
+            match crate::console::session::api_principal(parts, state, S::SCOPE).await {
+                // Refused, but the session is live: its key pays for the
+                // lookup, as for any call it makes (429 once spent).
+                Err(AuthError::CsrfToken { key_id: Some(key_id) }) => {
+                    super::limit::charge_session(state, &key_id)?;
+                    return Err(AuthError::CsrfToken { key_id: None }.into());
+                }
+                other => other.map_err(ApiError::from)?,
+            }
+        } else {
+            None
+        };
+        if let Some(principal) = session {
             // The rate limit charges bearer keys before this; a session's
             // calls go to its key's bucket here, now that it is known.
             if let Some(key_id) = &principal.key_id {
@@ -67,7 +76,7 @@ impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> Self {
         match e {
             AuthError::Missing | AuthError::Invalid => ApiError::unauthorized(e.to_string()),
-            AuthError::Forbidden(_) | AuthError::CsrfToken => ApiError::forbidden(e.to_string()),
+            AuthError::Forbidden(_) | AuthError::CsrfToken { .. } => ApiError::forbidden(e.to_string()),
             AuthError::Db(db) => db.into(),
         }
     }

@@ -116,7 +116,10 @@ pub enum AuthError {
     /// A console session's cookie on a changing request without the
     /// session's token: another site's page could have sent the cookie.
     #[error("a console session makes changes only with its CSRF token in the X-CSRF-Token header")]
-    CsrfToken,
+    CsrfToken {
+        /// The session's key, whose budget the refusal is charged to.
+        key_id: Option<String>,
+    },
     #[error(transparent)]
     Db(#[from] DbError),
 }

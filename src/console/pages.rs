@@ -523,7 +523,7 @@ pub async fn login(
                     Some("That key is not valid, or it has been revoked."),
                 );
             }
-            Err(AuthError::Forbidden(_) | AuthError::CsrfToken) => {
+            Err(AuthError::Forbidden(_) | AuthError::CsrfToken { .. }) => {
                 return login_form(
                     &state,
                     StatusCode::FORBIDDEN,

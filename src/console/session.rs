@@ -364,7 +364,7 @@ pub async fn api_principal(parts: &Parts, state: &AppState, needed: Scope) -> Re
     if !safe {
         let header = parts.headers.get(CSRF_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
         if !same_secret(&csrf_for(token), header) {
-            return Err(AuthError::CsrfToken);
+            return Err(AuthError::CsrfToken { key_id: user.principal.key_id.clone() });
         }
     }
     if !user.principal.allows(needed) {

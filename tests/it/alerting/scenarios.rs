@@ -480,7 +480,18 @@ async fn a_recovery_under_way_holds_the_page_and_a_success_sends_auto_recovered_
             .unwrap();
         incidents.push(incident);
     }
-    // r3's recovery gives up: its page goes out now, hold or not.
+    // r3's recovery gives up: its page goes out now, hold or not. (r2's job
+    // is exhausted too, below, so that only the event's source differs.)
+    for (agent, incident) in [("r3", incidents[2]), ("r2", incidents[1])] {
+        rig.c
+            .execute(
+                "INSERT INTO warden.recovery_jobs (incident_id, agent_id, strategy, state, finished_at) \
+                 VALUES ($1, $2, 'restart_worker', 'exhausted', now())",
+                &[&incident, &agent],
+            )
+            .await
+            .unwrap();
+    }
     rig.c
         .execute(
             "INSERT INTO warden.system_events (occurred_at, agent_id, event_type, severity, message, details) \
@@ -1205,6 +1216,14 @@ policy = "pager"
     assert_eq!((reason.as_deref(), paged), (Some("no_route"), None));
 
     let incident = rig.incident("g1", "agent_unresponsive").await;
+    rig.c
+        .execute(
+            "INSERT INTO warden.recovery_jobs (incident_id, agent_id, strategy, state, finished_at) \
+             VALUES ($1, 'g1', 'restart_worker', 'exhausted', now())",
+            &[&incident],
+        )
+        .await
+        .unwrap();
     rig.c
         .execute(
             "INSERT INTO warden.system_events (occurred_at, agent_id, event_type, severity, message, details) \

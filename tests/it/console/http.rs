@@ -205,7 +205,9 @@ async fn calls_with_a_session_cookie_are_charged_to_its_key() {
     let by_cookie = || client().get(app.url("/v1/fleet")).header(COOKIE, session.cookie());
     let by_key = || client().get(app.url("/v1/fleet")).bearer_auth(&read);
     assert_eq!(by_cookie().send().await.unwrap().status(), 200);
-    assert_eq!(by_cookie().send().await.unwrap().status(), 200);
+    // A write without the session's CSRF token is refused, and paid for.
+    let tokenless = client().post(app.url("/v1/silences")).header(COOKIE, session.cookie()).json(&json!({}));
+    assert_eq!(tokenless.send().await.unwrap().status(), 403);
     assert_eq!(by_key().send().await.unwrap().status(), 200, "the fourth token");
     let refused = by_key().send().await.unwrap();
     assert_eq!(refused.status(), 429);
