@@ -53,14 +53,17 @@ trap cleanup EXIT
 say "scratch database $DB on $PGHOST:$PGPORT"
 psql -q -v ON_ERROR_STOP=1 -d postgres -c "CREATE DATABASE $DB" >/dev/null
 
-# A strategy whose action does nothing, so manual recoveries are recorded.
+# A strategy whose command does nothing, so recoveries are recorded (a
+# strategy of kind "none" is alert only, and refuses manual runs).
 cat >"$WORK/settings.toml" <<'EOF'
 [[recovery.strategies]]
 name = "note"
 issues = ["agent_unresponsive", "heartbeat_late"]
 
 [[recovery.strategies.actions]]
-kind = "none"
+kind = "command"
+argv = ["/bin/true"]
+timeout = "5s"
 EOF
 export WARDEN_CONFIG="$WORK/settings.toml"
 export WARDEN__DATABASE__URL="host=$PGHOST port=$PGPORT user=$PGUSER dbname=$DB"
