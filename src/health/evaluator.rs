@@ -1233,7 +1233,9 @@ struct ScoreUpdates {
     agents: Vec<String>,
     scores: Vec<f64>,
     tiers: Vec<&'static str>,
-    components: Vec<Value>,
+    /// As JSON text: a whole fleet's breakdowns wait here for the writes,
+    /// and a serde_json::Value tree of one takes several times its text.
+    components: Vec<String>,
     trends: Vec<Option<f64>>,
     snapshot: Vec<bool>,
 }
@@ -1243,7 +1245,7 @@ impl ScoreUpdates {
         self.agents.push(agent);
         self.scores.push(score.score);
         self.tiers.push(score.tier.as_str());
-        self.components.push(serde_json::to_value(&score.components).unwrap_or(Value::Null));
+        self.components.push(serde_json::to_string(&score.components).unwrap_or_else(|_| "null".into()));
         self.trends.push(trend);
         self.snapshot.push(snapshot);
     }
@@ -1283,7 +1285,7 @@ impl ScoreUpdates {
         let agents = &self.agents[range.clone()];
         lock_agents(tx, agents).await?;
         tx.execute(
-            "WITH v AS (SELECT * FROM unnest($1::text[], $2::float8[], $3::text[], $4::jsonb[], $5::float8[], $6::bool[]) \
+            "WITH v AS (SELECT * FROM unnest($1::text[], $2::float8[], $3::text[], $4::text[]::jsonb[], $5::float8[], $6::bool[]) \
                         AS v(agent_id, score, tier, components, trend, snapshot)), \
              u AS ( \
                UPDATE warden.agent_status s SET score = v.score, tier = v.tier, components = v.components, \
