@@ -290,7 +290,7 @@ impl Engine {
         let rows = tx
             .query(
                 "SELECT j.id, j.current_action_id, j.verify_until, a.started_at, s.last_seen, s.liveness, \
-                        j.incident_id, j.attempts, j.strategy, a.action, j.agent_id, i.issue_type, i.resolved_at, \
+                        j.incident_id, a.attempt, j.strategy, a.action, j.agent_id, i.issue_type, i.resolved_at, \
                         a.finished_at \
                  FROM warden.recovery_jobs j \
                  JOIN warden.recovery_actions a ON a.id = j.current_action_id \
@@ -637,7 +637,15 @@ impl Engine {
                 Position { action_index: row.get::<_, i32>(3) as usize, action_attempts: row.get::<_, i32>(4) as u32 },
             );
             let action = strategy.actions[pos.action_index].clone();
+            // job.attempts counts toward backoff and starts again after a
+            // reset; the number an attempt is known by (in pages, in the
+            // resolution) goes on across resets, so that "attempt 1" is
+            // never said twice of one incident.
             let attempt = row.get::<_, i32>(5) + 1;
+            let number: i32 = tx
+                .query_one("SELECT (count(*) + 1)::integer FROM warden.recovery_actions WHERE job_id = $1", &[&job])
+                .await?
+                .get(0);
             let alert_only = attempt == 1 && matches!(action, Action::None { .. });
             if !manual && !alert_only && in_window >= i64::from(self.settings.max_attempts) {
                 self.give_up(&tx, job, now, false).await?;
@@ -674,7 +682,7 @@ impl Engine {
                     "INSERT INTO warden.recovery_actions \
                        (incident_id, agent_id, strategy, action, attempt, state, created_at, started_at, job_id) \
                      VALUES ($1, $2, $3, $4, $5, 'running', $6, $6, $7) RETURNING id",
-                    &[&ctx.incident_id, &agent, &strategy.name, &action.label(pos.action_index), &attempt, &now, &job],
+                    &[&ctx.incident_id, &agent, &strategy.name, &action.label(pos.action_index), &number, &now, &job],
                 )
                 .await?
                 .get(0);

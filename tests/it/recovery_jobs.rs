@@ -753,3 +753,27 @@ async fn stopping_ends_running_actions_and_verifies_them_at_once() {
     done.cancel();
     next.run(done, std::time::Duration::ZERO).await;
 }
+
+#[tokio::test]
+async fn attempts_after_a_reset_go_on_numbering_while_backoff_starts_again() {
+    let rig = rig(vec![strategy(&[IssueType::AgentUnresponsive], vec![command(&["/bin/false"])])], 2).await;
+    rig.agent("again").await;
+    rig.incident("again", IssueType::AgentUnresponsive).await;
+    for _ in 0..4 {
+        rig.tick().await;
+    }
+    assert_eq!(rig.jobs("again").await[0].0, "exhausted");
+    let db = rig.db.client().await;
+    assert_eq!(warden::recovery::reset(&db, "again").await.unwrap(), 1);
+    rig.tick().await;
+    let numbers: Vec<i32> = db
+        .query("SELECT attempt FROM warden.recovery_actions WHERE agent_id = 'again' ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(numbers, [1, 2, 3], "never a second \"attempt 1\" of one incident");
+    let attempts: i32 = db.query_one("SELECT attempts FROM warden.recovery_jobs", &[]).await.unwrap().get(0);
+    assert_eq!(attempts, 1, "the budget and backoff count from the reset");
+}
