@@ -113,6 +113,11 @@ impl Process {
         self.child.try_wait().unwrap().is_none()
     }
 
+    /// Asks it to stop, as systemd or Kubernetes would (SIGTERM).
+    pub fn terminate(&self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

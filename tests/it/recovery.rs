@@ -665,3 +665,66 @@ expect_status = [200]
         .get(0);
     assert_eq!(recorded, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_stopped_mid_recovery_records_the_action_at_once_and_leaves_no_process() {
+    let db = crate::helpers::TestDb::migrated().await;
+    let dir = tempfile::tempdir().unwrap();
+    let marker = format!("warden-sigterm-{}", std::process::id());
+    let config = dir.path().join("warden.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[server]
+shutdown_timeout = "2s"
+[auth]
+enabled = false
+[health]
+check_interval = "200ms"
+[recovery]
+poll_interval = "100ms"
+[[recovery.strategies]]
+name = "slow"
+issues = ["agent_unresponsive"]
+[[recovery.strategies.actions]]
+kind = "command"
+argv = ["/bin/sh", "-c", "sleep 120; : {marker}"]
+timeout = "3m"
+"#
+        ),
+    )
+    .unwrap();
+    let mut replica = Process::replica(&config, &db.url(), free_port());
+    replica.ready(WAIT).await;
+    let client = db.client().await;
+    client.execute("SELECT warden.record_heartbeat('stopped', next_heartbeat_ms => 500)", &[]).await.unwrap();
+    eventually(WAIT, "the recovery running", || async {
+        let n: i64 = client
+            .query_one("SELECT count(*) FROM warden.recovery_actions WHERE state = 'running'", &[])
+            .await
+            .ok()?
+            .get(0);
+        (n == 1).then_some(())
+    })
+    .await;
+
+    replica.terminate();
+    eventually(WAIT, "the replica to exit", || {
+        let exited = !replica.running();
+        async move { exited.then_some(()) }
+    })
+    .await;
+    let row = client
+        .query_one(
+            "SELECT a.state, a.detail->>'interrupted', j.state, j.lease_owner IS NULL \
+             FROM warden.recovery_actions a JOIN warden.recovery_jobs j ON j.id = a.job_id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let seen: (String, Option<String>, String, bool) = (row.get(0), row.get(1), row.get(2), row.get(3));
+    assert_eq!(seen, ("abandoned".into(), Some("true".into()), "verifying".into(), true));
+    let left = std::process::Command::new("pgrep").args(["-f", &marker]).output().unwrap();
+    assert!(left.stdout.is_empty(), "no command outlives warden: {:?}", String::from_utf8_lossy(&left.stdout));
+}
