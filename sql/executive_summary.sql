@@ -61,7 +61,8 @@ agent_cost AS (
 ),
 availability AS (
     SELECT p.period,
-           100.0 * sum(lt.online_seconds + lt.degraded_seconds) / nullif(sum(lt.observed_seconds), 0) AS fleet_pct,
+           CASE WHEN sum(lt.observed_seconds) > 0
+                THEN least(100.0 * sum(lt.online_seconds + lt.degraded_seconds) / sum(lt.observed_seconds), 100) END AS fleet_pct,
            count(*) FILTER (WHERE lt.observed_seconds > 0) AS observed,
            count(*) FILTER (WHERE lt.availability_pct < $4::float8) AS below,
            coalesce(sum(lt.offline_seconds), 0) / 60.0 AS offline_minutes,

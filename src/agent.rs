@@ -50,16 +50,27 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
 
 /// Sends heartbeats until killed. Backs off (and moves to the next URL) when
 /// warden cannot take them.
-pub async fn run(args: AgentArgs) -> Result<(), String> {
+/// What is wrong with the command line itself (exit 2), before anything is
+/// sent: warden would refuse an interval outside what next_heartbeat_ms
+/// allows, and say so in milliseconds under a name never typed.
+pub fn check(args: &AgentArgs) -> Result<Vec<Client>, String> {
     crate::model::AgentId::parse(args.agent_id.clone()).map_err(|e| format!("--agent-id: {e}"))?;
+    use crate::ingest::heartbeat::{NEXT_HEARTBEAT_MAX_MS, NEXT_HEARTBEAT_MIN_MS};
+    let ms = i64::try_from(args.interval.get().as_millis()).unwrap_or(i64::MAX);
+    if !(NEXT_HEARTBEAT_MIN_MS..=NEXT_HEARTBEAT_MAX_MS).contains(&ms) {
+        return Err(format!("--interval: must be from 100ms to 7d (got {})", args.interval));
+    }
     // Built before detaching, so a bad --url is reported by the command
     // that was given it, not by a child whose output goes nowhere.
-    let clients: Vec<Client> = args
-        .urls
+    args.urls
         .iter()
         .map(|u| Client::new(u, args.key.clone()))
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("--url: {e}"))?;
+        .map_err(|e| format!("--url: {e}"))
+}
+
+pub async fn run(args: AgentArgs) -> Result<(), String> {
+    let clients = check(&args)?;
     let started = Instant::now();
     if args.detach {
         let first = first_heartbeat(&args, &clients, started).await?;

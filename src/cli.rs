@@ -310,6 +310,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Agent(args) => {
             telemetry::init(&settings.telemetry);
+            crate::agent::check(&args).map_err(Failure::usage)?;
             crate::agent::run(args).await.map_err(Failure::other)
         }
         Command::Simulate(args) => simulate(args).await,
@@ -318,14 +319,21 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Agents(AgentsCommand::Remove { agent, by }) => {
             let agent = crate::model::AgentId::parse(agent).map_err(|m| Failure::usage(format!("agent: {m}")))?;
             let by = by.unwrap_or_else(crate::alerting::cli::user);
+            // Recorded as who removed it: a name, on one line.
+            if by.trim().is_empty() || by.chars().count() > 128 || by.chars().any(char::is_control) {
+                return Err(Failure::usage("--by: must be 1-128 characters, without control characters"));
+            }
             with_database(&settings, |client| {
                 Box::pin(async move {
-                    let removed = crate::health::removal::remove(client, agent.as_str(), &by, None)
+                    let removed = crate::health::removal::remove(client, agent.as_str(), by.trim(), None)
                         .await
                         .map_err(Failure::other)?;
+                    use crate::console::format::counted;
                     println!(
-                        "{} removed: {} open incident(s) resolved, {} queued recovery(ies) cancelled",
-                        removed.agent_id, removed.incidents_resolved, removed.recoveries_cancelled
+                        "{} removed: {} resolved, {} cancelled",
+                        removed.agent_id,
+                        counted(removed.incidents_resolved as i64, "open incident", "open incidents"),
+                        counted(removed.recoveries_cancelled as i64, "queued recovery", "queued recoveries")
                     );
                     Ok(())
                 })

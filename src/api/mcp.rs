@@ -83,7 +83,7 @@ const AGENT_STATUS_SQL: &str = "SELECT agent_id, name, labels, mode, status, exp
      FROM warden.agent_status WHERE agent_id = $1";
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/mcp", post(post_mcp).get(get_mcp))
+    Router::new().route("/mcp", post(post_mcp).get(not_post).fallback(not_post))
 }
 
 /// One POST: authenticate, read the body, answer each JSON-RPC request in it.
@@ -116,13 +116,14 @@ async fn post_mcp(State(state): State<AppState>, headers: HeaderMap, body: Body)
     })
 }
 
-/// warden has nothing to push to clients, so it offers no SSE stream; the
-/// spec's answer for that is 405.
-async fn get_mcp() -> Response {
+/// warden has nothing to push to clients, so it offers no SSE stream (GET),
+/// and keeps no sessions to end (DELETE); the spec's answer for both is
+/// 405. Any other method gets the same, with the same Allow.
+async fn not_post() -> Response {
     let mut response = ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
-        "warden offers no event stream on /mcp; send JSON-RPC messages with POST",
+        "warden offers no event stream and keeps no session on /mcp; send JSON-RPC messages with POST",
     )
     .into_response();
     response.headers_mut().insert(ALLOW, HeaderValue::from_static("POST"));

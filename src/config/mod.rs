@@ -249,7 +249,19 @@ fn translate(err: config::ConfigError, merged: Option<&Config>, sources: &Source
         .and_then(|m| m.get::<config::Value>(&key).ok())
         .filter(|v| !matches!(v.kind, config::ValueKind::Table(_) | config::ValueKind::Array(_)))
         .map(|v| if is_secret_key(&key) { Secret::REDACTED.to_string() } else { v.to_string() });
-    SettingsError { origin: origin_of(&key, sources), key: Some(key), value, allowed: one_line(&problem) }
+    SettingsError { origin: origin_of(&key, sources), key: Some(key), value, allowed: one_line(&table_words(&problem)) }
+}
+
+/// serde names the Rust type a table becomes ("expected struct
+/// ServerSettings", "a map"); the operator wrote TOML.
+fn table_words(problem: &str) -> String {
+    let mut out = problem.replace("expected a map", "expected a table");
+    while let Some(i) = out.find("struct ") {
+        let rest = &out[i + 7..];
+        let end = rest.find(|c: char| !c.is_alphanumeric() && c != '_').unwrap_or(rest.len());
+        out.replace_range(i..i + 7 + end, "a table");
+    }
+    out
 }
 
 /// The config crate speaks of "an unsigned 32 bit integer" and, for a

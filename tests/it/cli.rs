@@ -132,11 +132,25 @@ async fn the_demo_shows_a_live_fleet_and_stops_cleanly_on_ctrl_c() {
 }
 
 #[test]
+fn the_agent_refuses_a_bad_command_line_before_sending_anything() {
+    for (args, flag) in [
+        (&["--agent-id", "bad id"][..], "--agent-id"),
+        (&["--agent-id", "a", "--url", "not-a-url"], "--url"),
+        (&["--agent-id", "a", "--interval", "50ms"], "--interval"),
+        (&["--agent-id", "a", "--interval", "8d"], "--interval"),
+    ] {
+        let out = warden().arg("agent").args(args).args(["--key", "k"]).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains(flag), "{args:?}: {out:?}");
+    }
+}
+
+#[test]
 fn a_detached_agent_with_a_bad_url_fails_where_it_was_started() {
     // The detached child's output goes nowhere: the command given the URL
     // must say it is wrong, and not start anything.
     let out = warden().args(["agent", "--agent-id", "a1", "--url", "127.0.0.1:8080", "--detach"]).output().unwrap();
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(out.status.code(), Some(2), "bad usage: {out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("--url"), "{out:?}");
 }
 

@@ -379,6 +379,14 @@ fn the_body_of_an_http_recovery_action_is_never_printed() {
 }
 
 #[test]
+fn a_value_where_a_table_belongs_is_named_in_toml_words() {
+    let file = override_file("server = 5\n");
+    let e = Settings::load(&Sources { file: Some(file.path().to_path_buf()), env: Some(HashMap::new()) }).unwrap_err();
+    assert_eq!(e.key.as_deref(), Some("server"));
+    assert!(e.allowed.contains("expected a table") && !e.allowed.contains("Settings"), "{e}");
+}
+
+#[test]
 fn a_header_reads_only_set_warden_secret_variables() {
     let strategy = "[[recovery.strategies]]\nname = \"r\"\nissues = [\"agent_unresponsive\"]\n\n\
          [[recovery.strategies.actions]]\nkind = \"http\"\nurl = \"http://orchestrator/restart\"\n";

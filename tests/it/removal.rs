@@ -137,7 +137,14 @@ async fn a_removed_agent_leaves_the_fleet_with_its_incidents_resolved_and_its_hi
     let (_, again) = app.heartbeat(&ingest, json!({"agent_id": "gone"})).await;
     assert_eq!(again["is_new"], true);
 
-    // The same from the command line.
+    // The same from the command line; the remover is a name.
+    let nameless = warden()
+        .args(["agents", "remove", "stays", "--by", " "])
+        .env("WARDEN__DATABASE__URL", app.db.url())
+        .output()
+        .unwrap();
+    assert_eq!(nameless.status.code(), Some(2), "{nameless:?}");
+    assert!(String::from_utf8_lossy(&nameless.stderr).contains("--by"), "{nameless:?}");
     let out = warden()
         .args(["agents", "remove", "stays", "--by", "ops"])
         .env("WARDEN__DATABASE__URL", app.db.url())
