@@ -83,7 +83,7 @@ const AGENT_STATUS_SQL: &str = "SELECT agent_id, name, labels, mode, status, exp
      FROM warden.agent_status WHERE agent_id = $1";
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/mcp", post(post_mcp).get(not_post).fallback(not_post))
+    Router::new().route("/mcp", post(post_mcp).fallback(not_post))
 }
 
 /// One POST: authenticate, read the body, answer each JSON-RPC request in it.
