@@ -48,8 +48,6 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
     text.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| "expected name=value".into())
 }
 
-/// Sends heartbeats until killed. Backs off (and moves to the next URL) when
-/// warden cannot take them.
 /// What is wrong with the command line itself (exit 2), before anything is
 /// sent: warden would refuse an interval outside what next_heartbeat_ms
 /// allows, and say so in milliseconds under a name never typed.
@@ -69,8 +67,9 @@ pub fn check(args: &AgentArgs) -> Result<Vec<Client>, String> {
         .map_err(|e| format!("--url: {e}"))
 }
 
-pub async fn run(args: AgentArgs) -> Result<(), String> {
-    let clients = check(&args)?;
+/// Sends heartbeats until killed, with the clients [`check`] built. Backs
+/// off (and moves to the next URL) when warden cannot take them.
+pub async fn run(args: AgentArgs, clients: Vec<Client>) -> Result<(), String> {
     let started = Instant::now();
     if args.detach {
         let first = first_heartbeat(&args, &clients, started).await?;

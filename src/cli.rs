@@ -310,8 +310,8 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Agent(args) => {
             telemetry::init(&settings.telemetry);
-            crate::agent::check(&args).map_err(Failure::usage)?;
-            crate::agent::run(args).await.map_err(Failure::other)
+            let clients = crate::agent::check(&args).map_err(Failure::usage)?;
+            crate::agent::run(args, clients).await.map_err(Failure::other)
         }
         Command::Simulate(args) => simulate(args).await,
         Command::Alerts(c) => with_database(&settings, |db| Box::pin(crate::alerting::cli::alerts(db, c))).await,
@@ -319,8 +319,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Agents(AgentsCommand::Remove { agent, by }) => {
             let agent = crate::model::AgentId::parse(agent).map_err(|m| Failure::usage(format!("agent: {m}")))?;
             let by = by.unwrap_or_else(crate::alerting::cli::user);
-            // Recorded as who removed it: a name, on one line.
-            if by.trim().is_empty() || by.chars().count() > 128 || by.chars().any(char::is_control) {
+            if !crate::model::is_actor_name(&by) {
                 return Err(Failure::usage("--by: must be 1-128 characters, without control characters"));
             }
             with_database(&settings, |client| {

@@ -87,6 +87,13 @@ impl AgentId {
     }
 }
 
+/// Whether `name` can stand for who did something (acknowledged an alert,
+/// made a silence, removed an agent): shown on one line in messages and
+/// the console, and storable by PostgreSQL (no U+0000).
+pub fn is_actor_name(name: &str) -> bool {
+    !name.trim().is_empty() && name.chars().count() <= 128 && !name.chars().any(char::is_control)
+}
+
 /// The characters allowed in agent ids.
 pub fn is_id_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')

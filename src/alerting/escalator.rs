@@ -683,11 +683,11 @@ async fn recovery_facts(tx: &tokio_postgres::Transaction<'_>, rows: &[Row]) -> R
     let oldest = rows.iter().map(|r| r.opened_at).min().unwrap_or_else(Utc::now) - Duration::hours(1);
     for r in tx
         .query(
-            "SELECT DISTINCT (e.details->>'incident_id')::bigint FROM warden.system_events e \
-             WHERE e.event_type = 'recovery_failed' AND e.source = 'warden' AND e.occurred_at >= $2 \
-               AND e.details->>'incident_id' = ANY($1) \
-               AND EXISTS (SELECT 1 FROM warden.recovery_jobs j \
-                           WHERE j.incident_id = (e.details->>'incident_id')::bigint AND j.state = 'exhausted')",
+            concat!(
+                "SELECT DISTINCT (e.details->>'incident_id')::bigint FROM warden.system_events e \
+                 WHERE e.occurred_at >= $2 AND e.details->>'incident_id' = ANY($1) AND ",
+                gave_up_event!()
+            ),
             &[&texts, &oldest],
         )
         .await?

@@ -224,12 +224,7 @@ impl Message {
         }
         if let Some(why) = &alert.gave_up {
             // The engine's own summary: "recovery of w1 gave up after ...".
-            let mut why = why.clone();
-            if let Some(first) = why.get(..1) {
-                let upper = first.to_ascii_uppercase();
-                why.replace_range(..1, &upper);
-            }
-            lines.push(why);
+            lines.push(crate::console::format::capitalized(why));
         }
         lines
     }
@@ -415,19 +410,17 @@ pub async fn load(
             });
         }
         // Through the per-agent index: recovery_failed events name the
-        // incident in their details. Only while recovery stays given up
-        // (the incident's job exhausted): after `warden recovery
-        // reset` it is trying again.
+        // incident in their details.
         let texts: Vec<String> = incidents.iter().map(i64::to_string).collect();
         let gave_up: HashMap<i64, String> = client
             .query(
-                "SELECT DISTINCT ON (e.details->>'incident_id') (e.details->>'incident_id')::bigint, e.message \
-                 FROM warden.system_events e \
-                 WHERE e.agent_id = ANY($1) AND e.event_type = 'recovery_failed' AND e.source = 'warden' \
-                   AND e.details->>'incident_id' = ANY($2) \
-                   AND EXISTS (SELECT 1 FROM warden.recovery_jobs j \
-                               WHERE j.incident_id = (e.details->>'incident_id')::bigint AND j.state = 'exhausted') \
-                 ORDER BY e.details->>'incident_id', e.occurred_at DESC, e.id DESC",
+                concat!(
+                    "SELECT DISTINCT ON (e.details->>'incident_id') (e.details->>'incident_id')::bigint, e.message \
+                     FROM warden.system_events e \
+                     WHERE e.agent_id = ANY($1) AND e.details->>'incident_id' = ANY($2) AND ",
+                    gave_up_event!(),
+                    " ORDER BY e.details->>'incident_id', e.occurred_at DESC, e.id DESC"
+                ),
                 &[&agents, &texts],
             )
             .await?

@@ -26,6 +26,18 @@
 //! - [`store`] — listing and acknowledging alerts (API and CLI).
 //! - [`tls`] — the process-wide rustls crypto provider.
 
+/// The condition on `warden.system_events e` that automated recovery gave
+/// up on the incident its details name, and was not reset since (a reset
+/// sets the incident's job going again): read by the escalator, which pages
+/// at once, and by the message, which says what was tried.
+macro_rules! gave_up_event {
+    () => {
+        "e.event_type = 'recovery_failed' AND e.source = 'warden' \
+         AND EXISTS (SELECT 1 FROM warden.recovery_jobs j \
+                     WHERE j.incident_id = (e.details->>'incident_id')::bigint AND j.state = 'exhausted')"
+    };
+}
+
 pub mod channels;
 pub mod cli;
 pub mod dispatcher;

@@ -139,24 +139,13 @@ impl NewSilence {
         {
             return Err(Invalid { field: "issue_type", message: format!("issue_type must be {allowed}") });
         }
-        // The rules of heartbeat labels, the only ones a silence can match.
-        use crate::ingest::heartbeat::{LABEL_KEY_MAX, LABEL_VALUE_MAX};
         if self.labels.len() > 32 {
             return bad("labels", "labels must be at most 32 pairs");
         }
+        // The rules of heartbeat labels, the only ones a silence can match.
         for (key, value) in &self.labels {
-            let key_ok = !key.is_empty()
-                && key.len() <= LABEL_KEY_MAX
-                && key.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '/' | '-'));
-            if !key_ok {
-                let message = format!("label names are 1-{LABEL_KEY_MAX} characters of A-Z a-z 0-9 . _ / -");
-                return Err(Invalid { field: "labels", message });
-            }
-            if value.chars().count() > LABEL_VALUE_MAX || value.chars().any(char::is_control) {
-                let message =
-                    format!("label values are at most {LABEL_VALUE_MAX} characters, without control characters");
-                return Err(Invalid { field: "labels", message });
-            }
+            crate::ingest::heartbeat::check_label(key, value)
+                .map_err(|message| Invalid { field: "labels", message })?;
         }
         if self.agent_id.is_none() && self.issue_type.is_none() && self.labels.is_empty() {
             return bad("agent_id", "a silence needs at least one matcher: agent_id, issue_type or labels");
@@ -177,8 +166,7 @@ impl NewSilence {
         if comment.contains('\0') {
             return bad("comment", "comment must not contain U+0000");
         }
-        let by = &self.created_by;
-        if by.trim().is_empty() || by.chars().count() > 128 || by.chars().any(char::is_control) {
+        if !crate::model::is_actor_name(&self.created_by) {
             return bad("created_by", "created_by must be 1-128 characters, without control characters");
         }
         Ok(())

@@ -91,7 +91,7 @@ pub enum AckError {
 /// command line): PostgreSQL cannot store U+0000, and the name is shown on
 /// one line in alerts and the console.
 fn check_ack_text(by: &str, comment: Option<&str>) -> Result<(), AckError> {
-    if by.trim().is_empty() || by.chars().count() > 128 || by.chars().any(char::is_control) {
+    if !crate::model::is_actor_name(by) {
         let message = "by must be 1-128 characters, without control characters".into();
         return Err(AckError::Invalid { field: "by", message });
     }

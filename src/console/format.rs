@@ -102,7 +102,12 @@ pub fn count(n: i64) -> String {
 
 /// Snake-case words as a phrase: "heartbeat_consistency" → "Heartbeat consistency".
 pub fn words(snake: &str) -> String {
-    let mut out = snake.replace('_', " ");
+    capitalized(&snake.replace('_', " "))
+}
+
+/// The text with its first letter capital, to begin a sentence.
+pub fn capitalized(text: &str) -> String {
+    let mut out = text.to_string();
     if let Some(first) = out.get(..1) {
         let upper = first.to_ascii_uppercase();
         out.replace_range(..1, &upper);

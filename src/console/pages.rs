@@ -349,11 +349,7 @@ fn silence_from(form: &SilenceForm, by: String, now: chrono::DateTime<Utc>) -> R
         created_by: by,
     };
     silence.validate(now).map_err(|e| {
-        let mut m = e.message;
-        if let Some(first) = m.get(..1) {
-            let upper = first.to_ascii_uppercase();
-            m.replace_range(..1, &upper);
-        }
+        let m = format::capitalized(&e.message);
         if m.ends_with('.') { m } else { format!("{m}.") }
     })?;
     Ok(silence)

@@ -378,19 +378,7 @@ pub fn validate(w: WireHeartbeat, limits: &Limits, now: DateTime<Utc>) -> Result
                 ));
             }
             for (key, value) in &labels {
-                let field = format!("labels.{key}");
-                if key.is_empty() || key.len() > LABEL_KEY_MAX || !key.chars().all(is_label_key_char) {
-                    return Err(FieldError::new(
-                        field,
-                        format!("label names are 1-{LABEL_KEY_MAX} characters of A-Z a-z 0-9 . _ / -"),
-                    ));
-                }
-                if value.chars().count() > LABEL_VALUE_MAX || value.chars().any(char::is_control) {
-                    return Err(FieldError::new(
-                        field,
-                        format!("label values are at most {LABEL_VALUE_MAX} characters, without control characters"),
-                    ));
-                }
+                check_label(key, value).map_err(|m| FieldError::new(format!("labels.{key}"), m))?;
             }
             Some(labels)
         }
@@ -441,6 +429,18 @@ pub fn validate(w: WireHeartbeat, limits: &Limits, now: DateTime<Utc>) -> Result
         sent_at,
         metrics,
     })
+}
+
+/// The rule of one label, for heartbeats and for the silences that match
+/// them: what is wrong with it, if anything.
+pub fn check_label(key: &str, value: &str) -> Result<(), String> {
+    if key.is_empty() || key.len() > LABEL_KEY_MAX || !key.chars().all(is_label_key_char) {
+        return Err(format!("label names are 1-{LABEL_KEY_MAX} characters of A-Z a-z 0-9 . _ / -"));
+    }
+    if value.chars().count() > LABEL_VALUE_MAX || value.chars().any(char::is_control) {
+        return Err(format!("label values are at most {LABEL_VALUE_MAX} characters, without control characters"));
+    }
+    Ok(())
 }
 
 fn is_label_key_char(c: char) -> bool {

@@ -1,6 +1,6 @@
 //! The binary as an operator meets it: exit codes, one-line errors, output.
 
-use crate::procs::warden;
+use crate::procs::{processes_with, warden};
 
 #[test]
 fn a_bad_setting_exits_2_with_one_line_naming_the_key() {
@@ -152,20 +152,6 @@ fn a_detached_agent_with_a_bad_url_fails_where_it_was_started() {
     let out = warden().args(["agent", "--agent-id", "a1", "--url", "127.0.0.1:8080", "--detach"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "bad usage: {out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("--url"), "{out:?}");
-}
-
-/// Processes whose command line holds every one of the marks.
-fn processes_with(marks: &[&str]) -> Vec<i32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| {
-            let pid = e.file_name().to_string_lossy().parse::<i32>().ok()?;
-            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
-            let cmdline = String::from_utf8_lossy(&cmdline);
-            marks.iter().all(|m| cmdline.contains(m)).then_some(pid)
-        })
-        .collect()
 }
 
 /// Kills, when dropped, the processes whose command line holds every mark:

@@ -129,3 +129,17 @@ impl Drop for Process {
         self.kill();
     }
 }
+
+/// Processes whose command line holds every one of the marks.
+pub fn processes_with(marks: &[&str]) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_string_lossy().parse::<i32>().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            marks.iter().all(|m| cmdline.contains(m)).then_some(pid)
+        })
+        .collect()
+}

@@ -725,6 +725,6 @@ timeout = "3m"
         .unwrap();
     let seen: (String, Option<String>, String, bool) = (row.get(0), row.get(1), row.get(2), row.get(3));
     assert_eq!(seen, ("abandoned".into(), Some("true".into()), "verifying".into(), true));
-    let left = std::process::Command::new("pgrep").args(["-f", &marker]).output().unwrap();
-    assert!(left.stdout.is_empty(), "no command outlives warden: {:?}", String::from_utf8_lossy(&left.stdout));
+    let left = crate::procs::processes_with(&[&marker]);
+    assert!(left.is_empty(), "no command outlives warden: {left:?}");
 }

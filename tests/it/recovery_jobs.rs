@@ -729,8 +729,8 @@ async fn stopping_ends_running_actions_and_verifies_them_at_once() {
     assert_eq!(row.get::<_, String>(3), "verifying");
     assert_eq!(row.get::<_, Option<String>>(4), None, "no lease held");
     assert!(row.get::<_, bool>(5));
-    let left = std::process::Command::new("pgrep").args(["-f", &marker]).output().unwrap();
-    assert!(left.stdout.is_empty(), "the command's processes were ended: {:?}", String::from_utf8_lossy(&left.stdout));
+    let left = crate::procs::processes_with(&[&marker]);
+    assert!(left.is_empty(), "the command's processes were ended: {left:?}");
 
     // The agent never came back: after the verification time the next
     // engine (after a restart) makes the second attempt.
