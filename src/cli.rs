@@ -276,7 +276,14 @@ pub fn main() -> ExitCode {
 /// Runs one parsed command line.
 pub async fn run(cli: Cli) -> Result<(), Failure> {
     let sources = Sources { file: override_file(cli.config.as_deref()), env: None };
-    let settings = Settings::load(&sources)?;
+    command(cli, &sources).await.map_err(|failure| match failure {
+        Failure::Settings(e) => Failure::Settings(sources.locate(e)),
+        other => other,
+    })
+}
+
+async fn command(cli: Cli, sources: &Sources) -> Result<(), Failure> {
+    let settings = Settings::load(sources)?;
     match cli.command {
         Command::Config => {
             // A pre-flight check: what `serve` would refuse at start, this

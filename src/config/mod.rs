@@ -99,6 +99,18 @@ pub struct Sources {
     pub env: Option<std::collections::HashMap<String, String>>,
 }
 
+impl Sources {
+    /// Names where the value behind `e` came from, when the check that
+    /// refused it (a cross-key rule, a URL only the driver parses, a secret
+    /// variable that is unset) could not tell.
+    pub fn locate(&self, mut e: SettingsError) -> SettingsError {
+        if let (None, Some(key)) = (&e.origin, &e.key) {
+            e.origin = origin_of(key, self);
+        }
+        e
+    }
+}
+
 impl Settings {
     /// The built-in defaults alone: no file, no environment.
     pub fn defaults() -> Self {
@@ -125,12 +137,7 @@ impl Settings {
         }
         let merged = builder.add_source(env).build().map_err(|e| translate(e, None, sources))?;
         let settings: Settings = merged.clone().try_deserialize().map_err(|e| translate(e, Some(&merged), sources))?;
-        settings.validate().map_err(|mut e| {
-            if let (None, Some(key)) = (&e.origin, &e.key) {
-                e.origin = origin_of(key, sources);
-            }
-            e
-        })?;
+        settings.validate().map_err(|e| sources.locate(e))?;
         Ok(settings)
     }
 

@@ -30,6 +30,7 @@ fn config_refuses_database_settings_serve_would_refuse() {
         let stderr = String::from_utf8(out.stderr).unwrap();
         assert_eq!(stderr.lines().count(), 1, "{stderr}");
         assert!(stderr.contains("database."), "{env:?}: {stderr}");
+        assert!(stderr.contains("(from WARDEN__DATABASE__"), "where the value came from: {stderr}");
         assert!(!stderr.contains("hunter2"), "{stderr}");
         assert!(out.stdout.is_empty());
     }
