@@ -480,7 +480,13 @@ async fn liveness_incidents(
     let base = known - old_offline;
     let fleet_open = open.iter().find(|o| o.issue == FleetOutage);
     let fleet_key: Key = (None, FleetOutage);
-    let outage = match fleet_open {
+    // While a fleet outage is open it stands in for the agents last heard
+    // from before it opened: they went silent with the fleet. One heard
+    // from since, then silent, failed on its own and gets its own
+    // incident: otherwise a handful of agents that stay offline (or a key
+    // that registers agents and lets them lapse) would keep every later
+    // failure in the fleet from being noticed.
+    let outage: Option<DateTime<Utc>> = match fleet_open {
         None => {
             let ratio = if base > 0 { recent_offline as f64 / base as f64 } else { 0.0 };
             if base >= params.fleet_min_agents && ratio > params.fleet_ratio {
@@ -497,9 +503,9 @@ async fn liveness_incidents(
                         predicted: false,
                     },
                 );
-                true
+                Some(now)
             } else {
-                false
+                None
             }
         }
         Some(o) => {
@@ -509,9 +515,9 @@ async fn liveness_incidents(
             let still = (recent_offline + old_offline - baseline).max(0) as f64 / of as f64;
             if still >= params.fleet_ratio / 2.0 {
                 hold.insert(fleet_key.clone());
-                true
+                Some(o.opened_at)
             } else {
-                false
+                None
             }
         }
     };
@@ -542,8 +548,10 @@ async fn liveness_incidents(
         .filter(|row| row.get::<_, DateTime<Utc>>(2) > now - params.fleet_window)
         .filter(|row| !row.get::<_, Option<bool>>(5).unwrap_or(false))
         .count();
-    let going_quiet =
-        !outage && base >= params.fleet_min_agents && base > 0 && fell_quiet as f64 / base as f64 > params.fleet_ratio;
+    let going_quiet = outage.is_none()
+        && base >= params.fleet_min_agents
+        && base > 0
+        && fell_quiet as f64 / base as f64 > params.fleet_ratio;
     // Extended outages still under way although their agent's liveness
     // changed since (a stray heartbeat: offline → recovering → offline).
     let mut outage_goes_on: Vec<Key> = Vec::new();
@@ -563,7 +571,7 @@ async fn liveness_incidents(
         let silent_s = seconds(now - last_heard);
         let mut want = |issue: IssueType, summary: String| {
             let key = (Some(agent.clone()), issue);
-            if outage || going_quiet {
+            if going_quiet || outage.is_some_and(|opened| last_heard <= opened) {
                 hold.insert(key);
             } else {
                 wanted.insert(
@@ -1469,7 +1477,13 @@ struct Pinger {
 impl Pinger {
     fn new(url: String) -> Self {
         crate::alerting::tls::install_crypto_provider();
-        let http = reqwest::Client::builder().timeout(StdDuration::from_secs(10)).build().unwrap_or_default();
+        // No redirects, as for every outbound request: the URL may carry a
+        // token, which a redirect would hand to another host.
+        let http = reqwest::Client::builder()
+            .timeout(StdDuration::from_secs(10))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap_or_default();
         Self { url, http, busy: Default::default() }
     }
 

@@ -60,6 +60,7 @@ pub struct Open {
     pub issue: IssueType,
     pub predicted: bool,
     pub details: Value,
+    pub opened_at: DateTime<Utc>,
 }
 
 impl Open {
@@ -109,7 +110,7 @@ pub async fn load_open(tx: &tokio_postgres::Transaction<'_>, types: &[IssueType]
     let names: Vec<&str> = types.iter().map(|t| t.as_str()).collect();
     let rows = tx
         .query(
-            "SELECT id, agent_id, issue_type, predicted, details FROM warden.incidents \
+            "SELECT id, agent_id, issue_type, predicted, details, opened_at FROM warden.incidents \
              WHERE state = 'open' AND issue_type = ANY ($1)",
             &[&names],
         )
@@ -123,6 +124,7 @@ pub async fn load_open(tx: &tokio_postgres::Transaction<'_>, types: &[IssueType]
                 issue: r.get::<_, String>(2).parse().ok()?,
                 predicted: r.get(3),
                 details: r.get(4),
+                opened_at: r.get(5),
             })
         })
         .collect())
@@ -235,7 +237,7 @@ mod tests {
     }
 
     fn open(id: i64, agent: &str, issue: IssueType, predicted: bool) -> Open {
-        Open { id, agent_id: Some(agent.into()), issue, predicted, details: json!({}) }
+        Open { id, agent_id: Some(agent.into()), issue, predicted, details: json!({}), opened_at: DateTime::UNIX_EPOCH }
     }
 
     const MANAGED: &[IssueType] = &[IssueType::AgentUnresponsive, IssueType::ResourceExhaustion];

@@ -164,14 +164,14 @@ impl Engine {
         report.succeeded = succeeded;
         report.failed = failed;
         report.exhausted += exhausted;
-        let outage: bool = client
+        let outage: Option<DateTime<Utc>> = client
             .query_one(
-                "SELECT EXISTS (SELECT 1 FROM warden.incidents WHERE state = 'open' AND issue_type = 'fleet_outage')",
+                "SELECT min(opened_at) FROM warden.incidents WHERE state = 'open' AND issue_type = 'fleet_outage'",
                 &[],
             )
             .await?
             .get(0);
-        report.paused_by_fleet_outage = outage;
+        report.paused_by_fleet_outage = outage.is_some();
         let (started, exhausted) = self.claim_and_start(&mut client, now, outage).await?;
         report.started = started;
         report.exhausted += exhausted;
@@ -561,7 +561,7 @@ impl Engine {
         self: &Arc<Self>,
         client: &mut db::Client,
         now: DateTime<Utc>,
-        outage: bool,
+        outage: Option<DateTime<Utc>>,
     ) -> Result<(usize, usize), DbError> {
         let tx = client.transaction().await?;
         // Claims (and manual runs queued) take turns across replicas, so
@@ -591,8 +591,10 @@ impl Engine {
             tx.commit().await?;
             return Ok((0, 0));
         }
-        // While the fleet is out only manual runs start: one emergency page
-        // instead of a restart storm.
+        // While the fleet is out only manual runs start, and the recoveries
+        // of incidents opened since (agents heard from after the outage
+        // began, that failed on their own): one emergency page instead of
+        // a restart storm.
         let rows = tx
             .query(
                 concat!(
@@ -602,13 +604,17 @@ impl Engine {
                     " FROM warden.recovery_jobs j \
                      JOIN warden.agent_status s ON s.agent_id = j.agent_id \
                      LEFT JOIN warden.incidents i ON i.id = j.incident_id \
-                     WHERE j.state = 'pending' AND j.next_run_at <= $2 AND (j.manual OR (NOT $4 AND $5)) \
+                     WHERE j.state = 'pending' AND j.next_run_at <= $2 \
+                       AND (j.manual OR ($5 AND ($4::timestamptz IS NULL OR i.opened_at > $4))) \
                        AND (j.incident_id IS NULL OR i.state = 'open') \
                        AND NOT EXISTS (SELECT 1 FROM warden.recovery_jobs b \
                                        WHERE b.agent_id = j.agent_id AND b.state IN ('running', 'verifying')) \
                        AND NOT EXISTS (SELECT 1 FROM warden.recovery_jobs o \
                                        WHERE o.agent_id = j.agent_id AND o.state = 'pending' \
-                                         AND o.next_run_at <= $2 AND (o.manual OR (NOT $4 AND $5)) \
+                                         AND o.next_run_at <= $2 \
+                                         AND (o.manual OR ($5 AND ($4::timestamptz IS NULL \
+                                              OR (SELECT x.opened_at FROM warden.incidents x \
+                                                  WHERE x.id = o.incident_id) > $4))) \
                                          AND (o.next_run_at, o.id) < (j.next_run_at, j.id)) \
                      ORDER BY j.next_run_at, j.id LIMIT $1 FOR UPDATE OF j SKIP LOCKED"
                 ),

@@ -576,6 +576,29 @@ async fn a_fleet_outage_is_one_incident_instead_of_many() {
 }
 
 #[tokio::test]
+async fn an_agent_failing_after_a_fleet_outage_opened_gets_its_own_incident() {
+    let db = TestDb::migrated().await;
+    let mut c = db.client().await;
+    let p = params();
+    let t = t0();
+    let (agents, mut now) = six_of_ten_go_quiet(&mut c, &p, "later", t).await;
+    assert_eq!(open_issues(&c, None).await, vec!["fleet_outage"]);
+    // The six stay offline; of the four still beating, later-6 beats once
+    // more after the outage opened, then stops too.
+    for step in 0..6 {
+        now += Duration::seconds(10);
+        for a in &agents[if step == 0 { 6 } else { 7 }..] {
+            beat(&c, a, now - Duration::seconds(1), 10_000, 50 + step).await;
+        }
+        evaluator::liveness_cycle(&mut c, &p, "test", Some(now)).await.unwrap();
+    }
+    assert_eq!(liveness(&c, "later-6").await, Liveness::Offline);
+    assert_eq!(open_issues(&c, None).await, vec!["fleet_outage"], "the outage goes on");
+    assert_eq!(open_issues(&c, Some("later-6")).await, vec!["agent_unresponsive"], "it failed on its own");
+    assert!(open_issues(&c, Some("later-0")).await.is_empty(), "the outage still stands in for the six");
+}
+
+#[tokio::test]
 async fn a_fleet_falling_silent_and_back_opens_nothing_but_a_lone_late_agent_is_late() {
     let db = TestDb::migrated().await;
     let mut c = db.client().await;

@@ -401,7 +401,7 @@ async fn an_http_action_calls_the_orchestrator_with_the_filled_in_template() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_automatic_restart_while_the_fleet_is_out_but_a_manual_run_goes() {
+async fn no_automatic_restart_while_the_fleet_is_out_but_a_manual_run_or_a_later_failure_goes() {
     // The engine is driven tick by tick here, so "nothing ran" is exact.
     let app = TestApp::spawn_with(|s| {
         fast(s, vec![]);
@@ -421,8 +421,10 @@ async fn no_automatic_restart_while_the_fleet_is_out_but_a_manual_run_goes() {
     db.batch_execute(
         "INSERT INTO warden.agent_status (agent_id, expected_interval_ms, first_seen, last_seen, liveness) \
            VALUES ('paused', 1000, now(), now(), 'offline'); \
-         INSERT INTO warden.incidents (agent_id, issue_type, severity) VALUES (NULL, 'fleet_outage', 'emergency'); \
-         INSERT INTO warden.incidents (agent_id, issue_type, severity) VALUES ('paused', 'agent_unresponsive', 'critical');",
+         INSERT INTO warden.incidents (agent_id, issue_type, severity, opened_at) \
+           VALUES (NULL, 'fleet_outage', 'emergency', now() - interval '1 minute'); \
+         INSERT INTO warden.incidents (agent_id, issue_type, severity, opened_at) \
+           VALUES ('paused', 'agent_unresponsive', 'critical', now() - interval '2 minutes');",
     )
     .await
     .unwrap();
@@ -442,6 +444,22 @@ async fn no_automatic_restart_while_the_fleet_is_out_but_a_manual_run_goes() {
     let steps = actions(&app, "paused").await;
     assert_eq!(steps.len(), 1);
     assert_eq!(steps[0].2, "verifying");
+
+    // An agent that fails on its own while the outage is still open (the
+    // evaluator opens its incident only because it was heard from after
+    // the outage began) is recovered as usual.
+    db.batch_execute(
+        "INSERT INTO warden.agent_status (agent_id, expected_interval_ms, first_seen, last_seen, liveness) \
+           VALUES ('alone', 1000, now(), now(), 'offline'); \
+         INSERT INTO warden.incidents (agent_id, issue_type, severity) VALUES ('alone', 'agent_unresponsive', 'critical');",
+    )
+    .await
+    .unwrap();
+    let report = engine.tick(None).await.unwrap();
+    assert!(report.paused_by_fleet_outage);
+    assert_eq!(report.started, 1, "a failure after the outage opened is not held back");
+    engine.settle().await;
+    assert_eq!(actions(&app, "alone").await.len(), 1);
 
     // The outage ends: the automatic job runs at the next tick.
     db.execute(

@@ -607,6 +607,41 @@ async fn dependants_of_an_offline_agent_are_suppressed_by_dependency_and_a_fleet
     assert!(texts[0].starts_with("[FIRING EMERGENCY] fleet outage"), "{}", texts[0]);
 }
 
+#[tokio::test]
+async fn an_agent_failing_on_its_own_during_a_fleet_outage_is_paged() {
+    let slack = HttpReceiver::start().await;
+    let smtp = SmtpServer::start().await;
+    let mut rig = Rig::new(&format!("{TIMINGS}{SLACK_POLICY}{}", channels_toml(&slack, &smtp, None))).await;
+    for i in 0..6 {
+        rig.beat(&format!("gone-{i}"), 10_000, None).await;
+    }
+    rig.beat("loner", 10_000, None).await;
+    // Six of seven fall silent together: a fleet outage. The loner beats on
+    // for a minute after it opened, then stops as well.
+    for _ in 0..9 {
+        rig.run_for(secs(10), secs(2)).await;
+        rig.beat("loner", 10_000, None).await;
+    }
+    let fleet =
+        rig.count("SELECT count(*) FROM warden.incidents WHERE issue_type = 'fleet_outage' AND state = 'open'").await;
+    assert_eq!(fleet, 1);
+    let opened_before = rig
+        .count(
+            "SELECT count(*) FROM warden.incidents i, warden.agent_status s \
+             WHERE i.issue_type = 'fleet_outage' AND s.agent_id = 'loner' AND s.last_seen > i.opened_at",
+        )
+        .await;
+    assert_eq!(opened_before, 1, "the loner was heard from after the outage opened");
+    rig.run_for(secs(60), secs(2)).await;
+
+    let (_, _, reason, paged) = rig.alert("loner:agent_unresponsive").await;
+    assert_eq!(reason, None, "not covered by the outage");
+    assert!(paged.is_some());
+    let texts = slack_texts(&slack);
+    assert!(texts.iter().any(|t| t.contains("loner")), "{texts:?}");
+    assert!(!texts.iter().any(|t| t.contains("gone-0")), "the six are the outage's: {texts:?}");
+}
+
 fn slack_texts(slack: &HttpReceiver) -> Vec<String> {
     slack.accepted().iter().map(|r| r.json()["text"].as_str().unwrap_or_default().to_string()).collect()
 }
