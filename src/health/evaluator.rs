@@ -450,6 +450,9 @@ async fn write_transitions(
 /// to recover.
 pub const SUPERSEDED_BY_OFFLINE: &str = "superseded: the agent went offline (agent_unresponsive)";
 
+/// How many of its agents a fleet outage's summary names.
+const FLEET_OUTAGE_NAMED: i64 = 5;
+
 /// Decides which liveness-driven incidents should be open: per-agent
 /// unresponsive, late, extended offline, restart loops and flapping, and
 /// the fleet outage that stands in for the per-agent ones.
@@ -490,16 +493,31 @@ async fn liveness_incidents(
         None => {
             let ratio = if base > 0 { recent_offline as f64 / base as f64 } else { 0.0 };
             if base >= params.fleet_min_agents && ratio > params.fleet_ratio {
+                // Which agents, so that the page says whether they are the
+                // fleet that matters (the first few; the count says the rest).
+                let named: Vec<String> = tx
+                    .query(
+                        "SELECT agent_id FROM warden.agent_status \
+                         WHERE liveness = 'offline' AND liveness_since > $1::timestamptz - $2::float8 * interval '1 second' \
+                         ORDER BY liveness_since, agent_id LIMIT $3",
+                        &[&now, &pg_interval(params.fleet_window), &FLEET_OUTAGE_NAMED],
+                    )
+                    .await?
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect();
+                let more = recent_offline - named.len() as i64;
+                let among = if more > 0 { format!("{} and {more} more", named.join(", ")) } else { named.join(", ") };
                 wanted.insert(
                     fleet_key.clone(),
                     Wanted {
                         severity: params.severity(FleetOutage),
                         summary: format!(
-                            "fleet outage: {recent_offline} of {base} agents went offline within {}s",
+                            "fleet outage: {recent_offline} of {base} agents went offline within {}s ({among})",
                             params.fleet_window.num_seconds()
                         ),
                         details: json!({"offline": recent_offline, "of": base, "ratio": ratio,
-                                        "baseline_offline": old_offline, "known": known}),
+                                        "baseline_offline": old_offline, "known": known, "agents": named}),
                         predicted: false,
                     },
                 );

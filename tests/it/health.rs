@@ -553,6 +553,17 @@ async fn a_fleet_outage_is_one_incident_instead_of_many() {
     let (agents, mut now) = six_of_ten_go_quiet(&mut c, &p, "fleet", t).await;
     assert_eq!(liveness(&c, "fleet-0").await, Liveness::Offline);
     assert_eq!(open_issues(&c, None).await, vec!["fleet_outage"]);
+    let summary: String = c
+        .query_one("SELECT summary FROM warden.incidents WHERE issue_type = 'fleet_outage'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        summary,
+        "fleet outage: 6 of 10 agents went offline within 120s \
+         (fleet-0, fleet-1, fleet-2, fleet-3, fleet-4 and 1 more)",
+        "the page names who"
+    );
     let per_agent: i64 = c
         .query_one("SELECT count(*) FROM warden.incidents WHERE state = 'open' AND agent_id IS NOT NULL", &[])
         .await

@@ -639,7 +639,8 @@ async fn an_agent_failing_on_its_own_during_a_fleet_outage_is_paged() {
     assert!(paged.is_some());
     let texts = slack_texts(&slack);
     assert!(texts.iter().any(|t| t.contains("loner")), "{texts:?}");
-    assert!(!texts.iter().any(|t| t.contains("gone-0")), "the six are the outage's: {texts:?}");
+    assert!(!texts.iter().any(|t| t.contains("gone-0 is offline")), "the six are the outage's: {texts:?}");
+    assert!(texts.iter().any(|t| t.contains("fleet outage") && t.contains("gone-0")), "{texts:?}");
 }
 
 fn slack_texts(slack: &HttpReceiver) -> Vec<String> {
