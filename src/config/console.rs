@@ -26,6 +26,8 @@ pub struct ConsoleSettings {
     pub status_group_label: String,
     /// Group name for agents without that label; empty leaves them out.
     pub status_ungrouped: String,
+    /// The groups the page may show; empty shows every value agents give.
+    pub status_groups: Vec<String>,
     /// Heading of the status page.
     pub status_title: String,
     /// Logo shown on the status page: an https:// address or a /path; empty for none.
@@ -70,6 +72,14 @@ fn logo_origin_host(rest: &str) -> Option<&str> {
 impl ConsoleSettings {
     /// The origin (`https://host[:port]`) of an https:// logo, for the
     /// status page's `img-src`; `None` for no logo or a local path.
+    /// Whether the status page may show the group `name`: any when
+    /// `status_groups` is empty, else only those listed and the catch-all.
+    pub fn status_group_shown(&self, name: &str) -> bool {
+        self.status_groups.is_empty()
+            || name == self.status_ungrouped.trim()
+            || self.status_groups.iter().any(|g| g.trim() == name)
+    }
+
     pub fn status_logo_origin(&self) -> Option<String> {
         let rest = self.status_logo.strip_prefix("https://")?;
         logo_origin_host(rest).map(|host| format!("https://{host}"))
@@ -88,6 +98,16 @@ impl ConsoleSettings {
                 &self.status_ungrouped,
                 "at most 128 characters",
             ));
+        }
+        for (i, group) in self.status_groups.iter().enumerate() {
+            let n = group.trim().chars().count();
+            if n == 0 || n > 128 || group.chars().any(char::is_control) {
+                return Err(SettingsError::new(
+                    &format!("console.status_groups[{i}]"),
+                    group,
+                    "a group name of 1-128 characters",
+                ));
+            }
         }
         let title = self.status_title.trim();
         if title.is_empty() || title.chars().count() > 200 {

@@ -243,6 +243,12 @@ pub async fn compute(client: &tokio_postgres::Client, settings: &ConsoleSettings
         .await?;
     for r in rows {
         let name: String = r.get(0);
+        // Agents choose their labels: with a list of groups, a value not on
+        // it publishes nothing. (The later queries fill in only the groups
+        // made here.)
+        if !settings.status_group_shown(&name) {
+            continue;
+        }
         let state = GroupState::of(r.get(1), r.get(2), r.get(3));
         groups.insert(name.clone(), Group { name, state, uptime: None, days: Vec::new(), problems: Vec::new() });
     }

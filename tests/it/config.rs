@@ -167,6 +167,17 @@ fn a_bad_value_in_an_array_of_tables_is_named_by_its_path_with_value_and_file() 
 }
 
 #[test]
+fn status_groups_are_named_groups() {
+    let file = override_file("[console]\nstatus_groups = [\"Payments\", \" \"]\n");
+    let e = Settings::load(&Sources { file: Some(file.path().to_path_buf()), env: Some(HashMap::new()) }).unwrap_err();
+    assert_eq!(e.key.as_deref(), Some("console.status_groups[1]"), "{e}");
+    let file = override_file("[console]\nstatus_groups = [\"Payments\"]\nstatus_ungrouped = \"Other\"\n");
+    let s = Settings::load(&Sources { file: Some(file.path().to_path_buf()), env: Some(HashMap::new()) }).unwrap();
+    assert!(s.console.status_group_shown("Payments") && s.console.status_group_shown("Other"));
+    assert!(!s.console.status_group_shown("Search"));
+}
+
+#[test]
 fn an_error_about_a_whole_table_does_not_print_the_table() {
     let file = override_file(
         "[[recovery.strategies]]\nname = \"r\"\nissues = [\"agent_unresponsive\"]\n\n\

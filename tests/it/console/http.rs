@@ -590,6 +590,30 @@ async fn http_the_status_page_is_public_only_when_enabled_and_the_console_can_be
 }
 
 #[tokio::test]
+async fn http_the_status_page_shows_only_the_groups_it_lists() {
+    let app = app_with(|s| {
+        s.console.public_status = true;
+        s.console.status_groups = vec!["Payments".into()];
+    })
+    .await;
+    let (ingest, _, _) = keys(&app).await;
+    seed_fleet(&app, &ingest).await;
+    // An agent names a group of its own choosing.
+    let beat = app
+        .post(
+            "/v1/heartbeats",
+            &ingest,
+            &json!({"agent_id": "intruder", "labels": {"service": "Reset your password at evil.example"}}),
+        )
+        .await;
+    assert_eq!(beat.status(), 200);
+    let html = app.get("/status").await.text().await.unwrap();
+    assert!(html.contains("data-group=\"Payments\""), "{html}");
+    assert!(!html.contains("data-group=\"Search\""), "not listed: {html}");
+    assert!(!html.contains("evil.example"), "{html}");
+}
+
+#[tokio::test]
 async fn http_with_authentication_off_the_console_opens_without_a_key() {
     let app = app_with(|s| s.auth.enabled = false).await;
     let http = client();
