@@ -42,6 +42,10 @@ use crate::db::{self, DbError};
 /// Longest Retry-After honoured.
 const MAX_RETRY_AFTER: Duration = Duration::hours(1);
 
+/// Passes of one dispatcher under way at once: a slow channel holds up
+/// its own pass, not the deliveries queued after it.
+const MAX_PASSES: usize = 4;
+
 /// The dispatcher's settings.
 #[derive(Debug, Clone)]
 pub struct DispatchParams {
@@ -166,6 +170,8 @@ pub struct Dispatcher {
 struct Outcome {
     row: DeliveryRow,
     started: DateTime<Utc>,
+    /// When the send ended: what `sent_at` and the retry schedule count from.
+    finished: DateTime<Utc>,
     latency_ms: i32,
     result: Result<Sent, SendError>,
 }
@@ -175,19 +181,37 @@ impl Dispatcher {
         Self { pool, channels, params, replica }
     }
 
-    /// Runs passes every `dispatch_interval` until `stop`.
+    /// Runs passes every `dispatch_interval` until `stop`, then waits for
+    /// the sends under way (each bounded inside its claim).
+    ///
+    /// A pass ends when its slowest send does, so passes overlap: while
+    /// one waits on a slow SMTP server, the next tick starts another, and
+    /// a page to Slack queued meanwhile goes out at once. Claims keep them
+    /// apart, and [`MAX_PASSES`] bounds the sends in flight.
     pub async fn run(self, stop: CancellationToken) {
-        let mut every = crate::every::Every::new(self.params.interval, &stop);
+        let this = Arc::new(self);
+        let mut passes = tokio::task::JoinSet::new();
+        let mut every = crate::every::Every::new(this.params.interval, &stop);
         while every.tick().await {
-            // A full batch means more may be due: go again at once.
-            loop {
-                match self.pass(None).await {
-                    Ok(report) if report.claimed as i64 >= self.params.batch && !stop.is_cancelled() => continue,
-                    Ok(_) => break,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "alert dispatch failed; will retry");
-                        break;
-                    }
+            while passes.try_join_next().is_some() {}
+            if passes.len() < MAX_PASSES {
+                let (dispatcher, stop) = (this.clone(), stop.clone());
+                passes.spawn(async move { dispatcher.drain(&stop).await });
+            }
+        }
+        while passes.join_next().await.is_some() {}
+    }
+
+    /// Passes until one claims less than a full batch (a full batch means
+    /// more may be due: go again at once).
+    async fn drain(&self, stop: &CancellationToken) {
+        loop {
+            match self.pass(None).await {
+                Ok(report) if report.claimed as i64 >= self.params.batch && !stop.is_cancelled() => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "alert dispatch failed; will retry");
+                    break;
                 }
             }
         }
@@ -205,6 +229,11 @@ impl Dispatcher {
             Some(n) => n,
             None => client.query_one("SELECT now()", &[]).await?.get(0),
         };
+        // Sends are dated on the pass's clock (the database's, or a test's),
+        // advanced by the time they took: a slow send's sent_at is when it
+        // was accepted, not when it was claimed.
+        let pass_clock = Instant::now();
+        let on_pass_clock = move || now + Duration::from_std(pass_clock.elapsed()).unwrap_or_default();
         let cancelled = cancel_stale(&client, now).await?;
         let rows = self.claim(&client, now).await?;
         let mut report = PassReport { claimed: rows.len(), cancelled, ..PassReport::default() };
@@ -234,7 +263,7 @@ impl Dispatcher {
                 .map(|r| r.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
                 .unwrap_or_default();
             tasks.spawn(async move {
-                let started = Utc::now();
+                let started = on_pass_clock();
                 let clock = Instant::now();
                 let result = match (channels.get(&row.channel), message) {
                     (Some(channel), Some(message)) => send_bounded(channel, &message, &reached, lease).await,
@@ -242,13 +271,13 @@ impl Dispatcher {
                     (_, None) => Err(SendError::new("the delivery's alerts could not be read")),
                 };
                 let latency_ms = i32::try_from(clock.elapsed().as_millis()).unwrap_or(i32::MAX);
-                Outcome { row, started, latency_ms, result }
+                Outcome { row, started, finished: on_pass_clock(), latency_ms, result }
             });
         }
         while let Some(joined) = tasks.join_next().await {
             let Ok(outcome) = joined else { continue };
             let what = format!("the outcome of alert delivery {} to {}", outcome.row.id, outcome.row.channel);
-            match db::retry_until(lease_ends, margin, &what, || self.record(&outcome, now)).await {
+            match db::retry_until(lease_ends, margin, &what, || self.record(&outcome)).await {
                 Ok(Recorded::Sent) => report.sent += 1,
                 Ok(Recorded::Failed) => report.failed += 1,
                 Ok(Recorded::Dead) => report.dead += 1,
@@ -306,7 +335,8 @@ impl Dispatcher {
     /// this claim's attempt is not logged yet: the attempt's unique key
     /// (V19) makes a retry wait for a try still open on the server, then
     /// skip what it committed.
-    async fn record(&self, o: &Outcome, now: DateTime<Utc>) -> Result<Recorded, DbError> {
+    async fn record(&self, o: &Outcome) -> Result<Recorded, DbError> {
+        let now = o.finished;
         let mut client = db::client(&self.pool).await?;
         let tx = client.transaction().await?;
         let row = &o.row;

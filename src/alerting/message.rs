@@ -161,9 +161,15 @@ impl Message {
             n => format!(" (and {n} more: `warden alerts list --state firing --limit {}`)", open.len().min(1000)),
         };
         let base = self.link_base.trim_end_matches('/');
+        // The API acknowledges one alert per call: a grouped message must
+        // not suggest that its first alert's URL stops them all.
+        let post = if open.len() == 1 {
+            format!("POST {base}/v1/alerts/{first}/ack")
+        } else {
+            format!("POST {base}/v1/alerts/ID/ack for each")
+        };
         Some(format!(
-            "Acknowledge to stop escalation: `warden alerts ack {shown}`{more} or POST {base}/v1/alerts/{first}/ack \
-             with {{\"by\": \"your name\"}}"
+            "Acknowledge to stop escalation: `warden alerts ack {shown}`{more} or {post} with {{\"by\": \"your name\"}}"
         ))
     }
 
@@ -547,6 +553,7 @@ pub(crate) mod tests {
         let ids: Vec<String> = (1..=20).map(|i| i.to_string()).collect();
         assert!(hint.contains(&format!("`warden alerts ack {}`", ids.join(" "))), "{hint}");
         assert!(hint.contains("and 1900 more"), "{hint}");
+        assert!(hint.contains("/v1/alerts/ID/ack for each"), "one URL acknowledges one alert: {hint}");
         assert!(hint.len() < 300, "{hint}");
     }
 

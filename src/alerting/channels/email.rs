@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use lettre::address::Envelope;
 use lettre::message::header::ContentType;
 use lettre::message::{Mailbox, MultiPart, SinglePart};
 use lettre::transport::smtp::authentication::Credentials;
@@ -50,16 +51,46 @@ impl Email {
         Ok(Self { transport: builder.build(), from, to })
     }
 
-    pub async fn send(&self, message: &Message) -> Result<Sent, SendError> {
+    /// Sends to every recipient not in `reached`, one SMTP transaction
+    /// each (the headers name them all): in one transaction, a server that
+    /// refuses one address (550, a typo) refuses the message to everyone.
+    /// When some fail, the error lists those reached so far, and the retry
+    /// sends only to the rest.
+    pub async fn send(&self, message: &Message, reached: &[String]) -> Result<Sent, SendError> {
         let email = build(message, &self.from, &self.to).map_err(SendError::new)?;
-        match self.transport.send(email).await {
-            Ok(response) => Ok(Sent { status: Some(u16::from(response.code())) }),
-            Err(e) => Err(SendError {
-                status: e.status().map(u16::from),
-                retry_after: None,
-                error: format!("SMTP: {}", one_line(&e.to_string())),
-                reached: Vec::new(),
-            }),
+        let raw = email.formatted();
+        let mut last = Sent { status: None };
+        let mut first_error: Option<SendError> = None;
+        let mut now_reached: Vec<String> = reached.to_vec();
+        for to in &self.to {
+            let address = to.email.to_string();
+            if reached.contains(&address) {
+                continue;
+            }
+            let envelope = Envelope::new(Some(self.from.email.clone()), vec![to.email.clone()])
+                .map_err(|e| SendError::new(format!("SMTP: {address}: {e}")))?;
+            match self.transport.send_raw(&envelope, &raw).await {
+                Ok(response) => {
+                    last = Sent { status: Some(u16::from(response.code())) };
+                    now_reached.push(address);
+                }
+                Err(e) if first_error.is_none() => {
+                    first_error = Some(SendError {
+                        status: e.status().map(u16::from),
+                        retry_after: None,
+                        error: format!("SMTP: {address}: {}", one_line(&e.to_string())),
+                        reached: Vec::new(),
+                    });
+                }
+                Err(_) => {}
+            }
+        }
+        match first_error {
+            None => Ok(last),
+            Some(mut e) => {
+                e.reached = now_reached;
+                Err(e)
+            }
         }
     }
 }

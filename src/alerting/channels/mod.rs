@@ -32,8 +32,9 @@ pub struct SendError {
     pub retry_after: Option<Duration>,
     /// One line, without secrets.
     pub error: String,
-    /// Recipients of a channel with several (Telegram chats) that did get
-    /// the message before the failure; a retry skips them.
+    /// Recipients of a channel with several (Telegram chats, email
+    /// addresses) that did get the message before the failure; a retry
+    /// skips them.
     pub reached: Vec<String>,
 }
 
@@ -71,7 +72,7 @@ impl Channel {
     pub async fn send(&self, message: &Message, reached: &[String], limit: Duration) -> Result<Sent, SendError> {
         match self {
             Self::Slack(c) => c.send(message).await,
-            Self::Email(c) => c.send(message).await,
+            Self::Email(c) => c.send(message, reached).await,
             Self::Webhook(c) => c.send(message).await,
             Self::Telegram(c) => c.send(message, reached, limit).await,
             Self::Log(c) => c.send(message),

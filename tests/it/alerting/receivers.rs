@@ -241,7 +241,8 @@ impl Mail {
     }
 }
 
-/// A minimal SMTP server (EHLO/HELO, MAIL, RCPT, DATA, RSET, NOOP, QUIT).
+/// A minimal SMTP server (EHLO/HELO, MAIL, RCPT, DATA, RSET, NOOP, QUIT);
+/// it refuses recipients whose address contains "refused".
 pub struct SmtpServer {
     pub addr: SocketAddr,
     mails: Arc<Mutex<Vec<Mail>>>,
@@ -308,8 +309,14 @@ async fn session(socket: tokio::net::TcpStream, mails: Arc<Mutex<Vec<Mail>>>) ->
             from = address(&command[10..]);
             write.write_all(b"250 ok\r\n").await?;
         } else if upper.starts_with("RCPT TO:") {
-            to.push(address(&command[8..]));
-            write.write_all(b"250 ok\r\n").await?;
+            // An address with "refused" in it does not exist here.
+            let rcpt = address(&command[8..]);
+            if rcpt.contains("refused") {
+                write.write_all(b"550 5.1.1 no such user\r\n").await?;
+            } else {
+                to.push(rcpt);
+                write.write_all(b"250 ok\r\n").await?;
+            }
         } else if upper == "DATA" {
             write.write_all(b"354 go ahead\r\n").await?;
             let mut data = String::new();

@@ -214,29 +214,39 @@ policy = "page"
     let counted = |outcome: &str| warden::metrics::METRICS.deliveries.with_label_values(&["ops_slack", outcome]).get();
     let (failed_before, sent_before) = (counted("failed"), counted("sent"));
 
+    // Retries count from when the send ended: the pass's clock plus at
+    // most the pass's own duration.
+    let timed_pass = |t| async move {
+        let clock = std::time::Instant::now();
+        let report = d.pass(Some(t)).await.unwrap();
+        (report, Duration::from_std(clock.elapsed()).unwrap())
+    };
+
     // 500: retried after base backoff with jitter (0.5-1s for attempt 1).
     let t = rig.now;
-    assert_eq!(d.pass(Some(t)).await.unwrap().failed, 1);
+    let (report, took) = timed_pass(t).await;
+    assert_eq!(report.failed, 1);
     let (state, attempts, next, status, _) = delivery_row(&rig.c, delivery).await;
     assert_eq!((state.as_str(), attempts, status), ("pending", 1, Some(500)));
-    assert!(next >= t + Duration::milliseconds(500) && next <= t + secs(1), "{next} vs {t}");
+    assert!(next >= t + Duration::milliseconds(500) && next <= t + secs(1) + took, "{next} vs {t}");
     assert_eq!(d.pass(Some(t + Duration::milliseconds(400))).await.unwrap().claimed, 0, "not due yet");
 
     // 429 with Retry-After: 7 is honoured to the second.
-    let t = t + secs(1);
-    d.pass(Some(t)).await.unwrap();
+    let t = next;
+    let (_, took) = timed_pass(t).await;
     let (_, attempts, next, status, _) = delivery_row(&rig.c, delivery).await;
-    assert_eq!((attempts, status, next), (2, Some(429), t + secs(7)));
+    assert_eq!((attempts, status), (2, Some(429)));
+    assert!(next >= t + secs(7) && next <= t + secs(7) + took, "{next} vs {t}");
 
     // Connection refused.
     slack.down().await;
-    let t = t + secs(7);
-    d.pass(Some(t)).await.unwrap();
+    let t = next;
+    let (_, took) = timed_pass(t).await;
     let (_, attempts, next, status, error) = delivery_row(&rig.c, delivery).await;
     assert_eq!((attempts, status), (3, None));
     assert!(error.as_deref().unwrap_or_default().contains("connect"), "{error:?}");
     assert!(!error.unwrap_or_default().contains("XXXX"), "the webhook URL is a secret and never logged");
-    assert!(next >= t + secs(2) && next <= t + secs(4));
+    assert!(next >= t + secs(2) && next <= t + secs(4) + took);
 
     // Back up: delivered, once.
     slack.up().await;
@@ -268,7 +278,15 @@ policy = "page"
     for _ in 0..3 {
         let report = rig.dispatcher.pass(Some(t)).await.unwrap();
         assert_eq!(report.failed, 1, "{report:?}");
-        t += secs(5);
+        t = rig
+            .c
+            .query_one(
+                "SELECT next_attempt_at FROM warden.alert_deliveries WHERE channel = 'oncall_email' AND state = 'pending'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
     }
     smtp.up().await;
     assert_eq!(rig.dispatcher.pass(Some(t)).await.unwrap().sent, 1);
@@ -293,6 +311,135 @@ policy = "page"
         ))
         .await;
     assert_eq!(per_alert, 0, "no notification twice");
+}
+
+#[tokio::test]
+async fn an_address_the_server_refuses_does_not_keep_the_page_from_the_others() {
+    let slack = HttpReceiver::start().await;
+    let smtp = SmtpServer::start().await;
+    let policy = r#"
+[[alerting.policies]]
+name = "mail"
+levels = [{ after = "0s", channels = ["oncall_email"] }]
+
+[[alerting.routes]]
+issues = ["agent_unresponsive"]
+policy = "mail"
+"#;
+    let channels = channels_toml(&slack, &smtp, None)
+        .replace(r#"to = ["oncall@test.local"]"#, r#"to = ["oncall@test.local", "refused@test.local"]"#);
+    let mut rig = Rig::new(&format!("{TIMINGS}{channels}{policy}")).await;
+    rig.auto_dispatch = false;
+    rig.beat("m1", 10_000, None).await;
+    rig.run_for(secs(40), secs(2)).await;
+    let report = rig.dispatcher.pass(Some(rig.now)).await.unwrap();
+    assert_eq!(report.failed, 1, "{report:?}");
+    let mails = smtp.mails();
+    assert_eq!(mails.len(), 1, "the address that exists got it");
+    assert_eq!(mails[0].to, vec!["oncall@test.local"]);
+    let (state, error, reached): (String, Option<String>, serde_json::Value) = {
+        let r = rig
+            .c
+            .query_one(
+                "SELECT state, last_error, detail -> 'reached' FROM warden.alert_deliveries \
+                 WHERE channel = 'oncall_email'",
+                &[],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1), r.get(2))
+    };
+    assert_eq!(state, "pending", "the refused address is tried again");
+    let error = error.unwrap_or_default();
+    assert!(error.contains("refused@test.local") && error.contains("550"), "{error}");
+    assert_eq!(reached, json!(["oncall@test.local"]));
+
+    // The retry goes to the refused address only.
+    let next: chrono::DateTime<Utc> = rig
+        .c
+        .query_one("SELECT next_attempt_at FROM warden.alert_deliveries WHERE channel = 'oncall_email'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rig.dispatcher.pass(Some(next)).await.unwrap().failed, 1);
+    assert_eq!(smtp.mails().len(), 1, "nobody gets it twice");
+}
+
+#[tokio::test]
+async fn a_delivery_is_dated_when_the_receiver_took_it() {
+    let slack = HttpReceiver::start().await;
+    let smtp = SmtpServer::start().await;
+    let mut rig = Rig::new(&format!("{TIMINGS}{SLACK_POLICY}{}", channels_toml(&slack, &smtp, None))).await;
+    rig.auto_dispatch = false;
+    rig.beat("d1", 10_000, None).await;
+    rig.run_for(secs(40), secs(2)).await;
+    slack.slow(std::time::Duration::from_millis(1500));
+    let t = rig.now;
+    assert_eq!(rig.dispatcher.pass(Some(t)).await.unwrap().sent, 1);
+    let r = rig
+        .c
+        .query_one("SELECT sent_at, last_attempt_at FROM warden.alert_deliveries WHERE channel = 'ops_slack'", &[])
+        .await
+        .unwrap();
+    let (sent, started): (chrono::DateTime<Utc>, chrono::DateTime<Utc>) = (r.get(0), r.get(1));
+    assert!(started >= t, "{started} vs {t}");
+    assert!(sent >= started + Duration::milliseconds(1500), "sent_at {sent} is after the answer, started {started}");
+}
+
+#[tokio::test]
+async fn a_slow_channel_does_not_hold_up_pages_to_the_others() {
+    let slack = HttpReceiver::start().await;
+    let smtp = SmtpServer::start().await;
+    let hook = HttpReceiver::start().await;
+    let routes = r#"
+[[alerting.policies]]
+name = "chat"
+levels = [{ after = "0s", channels = ["ops_slack"] }]
+
+[[alerting.policies]]
+name = "audit"
+levels = [{ after = "0s", channels = ["audit_hook"] }]
+
+[[alerting.routes]]
+issues = ["agent_unresponsive"]
+labels = { to = "audit" }
+policy = "audit"
+
+[[alerting.routes]]
+issues = ["agent_unresponsive"]
+policy = "chat"
+"#;
+    let timings =
+        TIMINGS.replace("[alerting]\n", "[alerting]\ndispatch_interval = \"100ms\"\ndelivery_timeout = \"2m\"\n");
+    let toml = format!("{timings}{routes}{}", channels_toml(&slack, &smtp, Some(&hook)));
+    let mut rig = Rig::new(&toml).await;
+    rig.auto_dispatch = false;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(dispatcher(&rig.db, &settings(&toml), "replica-b").run(stop.clone()));
+    let release = hook.hold();
+    rig.beat("a1", 10_000, Some(json!({"to": "audit"}))).await;
+    rig.run_for(secs(40), secs(2)).await;
+    let long = std::time::Duration::from_secs(30);
+    eventually(long, "the audit page to leave", || async { (hook.arrived() > 0).then_some(()) }).await;
+
+    // The audit receiver holds its answer (for less than delivery_timeout);
+    // a page to Slack meanwhile goes.
+    rig.beat("s1", 10_000, None).await;
+    rig.run_for(secs(40), secs(2)).await;
+    eventually(long, "the Slack page, while the audit hook holds", || async {
+        (!slack.accepted().is_empty()).then_some(())
+    })
+    .await;
+    assert!(hook.accepted().is_empty(), "the audit hook is still answering");
+
+    release.send(true).unwrap();
+    eventually(long, "both pages recorded as sent", || async {
+        let sent = rig.count("SELECT count(*) FROM warden.alert_deliveries WHERE state = 'sent'").await;
+        (sent == 2).then_some(())
+    })
+    .await;
+    stop.cancel();
+    running.await.unwrap();
 }
 
 #[tokio::test]
