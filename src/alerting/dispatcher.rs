@@ -131,7 +131,9 @@ pub struct PassReport {
 /// Likewise a resolution whose channel never got a message about any of
 /// its alerts: it was queued behind a firing message still being retried,
 /// which was then given up (dead) or cancelled, and would close what the
-/// channel never saw open. (An "auto-recovered" note is the first and only
+/// channel never saw open. A message given up after it reached some of
+/// the channel's recipients (`detail.reached`) was seen: its resolution
+/// goes. (An "auto-recovered" note is the first and only
 /// message by design.)
 async fn cancel_stale(client: &tokio_postgres::Client, now: DateTime<Utc>) -> Result<usize, DbError> {
     let escalations = client
@@ -152,7 +154,7 @@ async fn cancel_stale(client: &tokio_postgres::Client, now: DateTime<Utc>) -> Re
                AND (d.claimed_until IS NULL OR d.claimed_until <= $1) \
                AND NOT EXISTS (SELECT 1 FROM warden.alert_deliveries o \
                                WHERE o.channel = d.channel AND o.kind <> 'resolved' AND o.alert_ids && d.alert_ids \
-                                 AND o.state IN ('sent', 'pending'))",
+                                 AND (o.state IN ('sent', 'pending') OR (o.state = 'dead' AND o.detail ? 'reached')))",
             &[&now],
         )
         .await?;

@@ -328,7 +328,8 @@ policy = "mail"
 "#;
     let channels = channels_toml(&slack, &smtp, None)
         .replace(r#"to = ["oncall@test.local"]"#, r#"to = ["oncall@test.local", "refused@test.local"]"#);
-    let mut rig = Rig::new(&format!("{TIMINGS}{channels}{policy}")).await;
+    let timings = TIMINGS.replace("[alerting]\n", "[alerting]\nmax_delivery_age = \"2m\"\n");
+    let mut rig = Rig::new(&format!("{timings}{channels}{policy}")).await;
     rig.auto_dispatch = false;
     rig.beat("m1", 10_000, None).await;
     rig.run_for(secs(40), secs(2)).await;
@@ -363,6 +364,19 @@ policy = "mail"
         .get(0);
     assert_eq!(rig.dispatcher.pass(Some(next)).await.unwrap().failed, 1);
     assert_eq!(smtp.mails().len(), 1, "nobody gets it twice");
+
+    // Given up at max_delivery_age: oncall saw the page, so the all-clear
+    // still goes to the channel.
+    rig.now += secs(120);
+    assert_eq!(rig.dispatcher.pass(Some(rig.now)).await.unwrap().dead, 1);
+    rig.come_back("m1").await;
+    for _ in 0..3 {
+        rig.dispatcher.pass(Some(rig.now)).await.unwrap();
+        rig.now += secs(5);
+    }
+    let mails = smtp.mails();
+    assert_eq!(mails.len(), 2, "{mails:?}");
+    assert!(mails[1].subject().starts_with("[RESOLVED]") && mails[1].to == vec!["oncall@test.local"]);
 }
 
 #[tokio::test]
