@@ -311,11 +311,13 @@ fn start_background(
     }
     tasks.spawn(partition_upkeep(database.pool.clone(), settings.database.partitions_ahead_days, background.clone()));
 
+    // Half the grace for alert sends under way to finish and be recorded.
     if let Err(e) = crate::alerting::start(
         database.pool.clone(),
         &settings.alerting,
         replica_name(local_addr),
         background.clone(),
+        settings.server.shutdown_timeout.get() / 2,
         tasks,
     ) {
         tracing::error!(error = %e, "alerting could not start; alerts are recorded but not sent");

@@ -42,9 +42,8 @@ use crate::db::{self, DbError};
 /// Longest Retry-After honoured.
 const MAX_RETRY_AFTER: Duration = Duration::hours(1);
 
-/// Passes of one dispatcher under way at once: a slow channel holds up
-/// its own pass, not the deliveries queued after it.
-const MAX_PASSES: usize = 4;
+/// Sends one dispatcher has in flight at most, in `dispatch_batch`es.
+const IN_FLIGHT_BATCHES: i64 = 4;
 
 /// The dispatcher's settings.
 #[derive(Debug, Clone)]
@@ -169,6 +168,48 @@ pub struct Dispatcher {
     replica: String,
 }
 
+/// Deliveries claimed in one look, with their messages.
+struct Claimed {
+    now: DateTime<Utc>,
+    /// Started at `now`: sends are dated on it.
+    pass_clock: Instant,
+    lease_ends: tokio::time::Instant,
+    cancelled: usize,
+    jobs: Vec<(DeliveryRow, Option<Message>)>,
+}
+
+/// One send in flight, counted against its channel until dropped (also
+/// when the send's task panics).
+struct InFlight {
+    counts: Arc<std::sync::Mutex<HashMap<String, i64>>>,
+    channel: String,
+}
+
+impl InFlight {
+    fn take(counts: &Arc<std::sync::Mutex<HashMap<String, i64>>>, channel: &str) -> Self {
+        *counts.lock().unwrap_or_else(|e| e.into_inner()).entry(channel.to_string()).or_default() += 1;
+        Self { counts: counts.clone(), channel: channel.to_string() }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = counts.get_mut(&self.channel) {
+            *n -= 1;
+            if *n <= 0 {
+                counts.remove(&self.channel);
+            }
+        }
+    }
+}
+
+fn log_panic(joined: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = joined {
+        tracing::error!(error = %e, "an alert send failed unexpectedly; its delivery goes again once its claim runs out");
+    }
+}
+
 struct Outcome {
     row: DeliveryRow,
     started: DateTime<Utc>,
@@ -183,45 +224,106 @@ impl Dispatcher {
         Self { pool, channels, params, replica }
     }
 
-    /// Runs passes every `dispatch_interval` until `stop`, then waits for
-    /// the sends under way (each bounded inside its claim).
+    /// Looks for due deliveries every `dispatch_interval` until `stop`.
     ///
-    /// A pass ends when its slowest send does, so passes overlap: while
-    /// one waits on a slow SMTP server, the next tick starts another, and
-    /// a page to Slack queued meanwhile goes out at once. Claims keep them
-    /// apart, and [`MAX_PASSES`] bounds the sends in flight.
-    pub async fn run(self, stop: CancellationToken) {
+    /// Each send records its own outcome as soon as it ends, so a slow
+    /// receiver holds up nothing but its own sends: a page to Slack queued
+    /// while an SMTP server takes its time goes out at the next look. A
+    /// channel has at most `dispatch_batch` sends in flight (its further
+    /// deliveries wait for the next look with room), and the dispatcher
+    /// [`IN_FLIGHT_BATCHES`] times that in all.
+    ///
+    /// On `stop`, sends under way get up to `drain` to finish and be
+    /// recorded; any still going then are dropped, and their deliveries
+    /// are sent again once their claim runs out (at least once, with the
+    /// same Idempotency-Key).
+    pub async fn run(self, stop: CancellationToken, drain: std::time::Duration) {
         let this = Arc::new(self);
-        let mut passes = tokio::task::JoinSet::new();
+        let batch = this.params.batch.max(1);
+        let in_flight: Arc<std::sync::Mutex<HashMap<String, i64>>> = Default::default();
+        let mut sends = tokio::task::JoinSet::new();
         let mut every = crate::every::Every::new(this.params.interval, &stop);
         while every.tick().await {
-            while passes.try_join_next().is_some() {}
-            if passes.len() < MAX_PASSES {
-                let (dispatcher, stop) = (this.clone(), stop.clone());
-                passes.spawn(async move { dispatcher.drain(&stop).await });
-            }
-        }
-        while passes.join_next().await.is_some() {}
-    }
-
-    /// Passes until one claims less than a full batch (a full batch means
-    /// more may be due: go again at once).
-    async fn drain(&self, stop: &CancellationToken) {
-        loop {
-            match self.pass(None).await {
-                Ok(report) if report.claimed as i64 >= self.params.batch && !stop.is_cancelled() => continue,
-                Ok(_) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, "alert dispatch failed; will retry");
+            // A look that fills what it asked for means more may be due:
+            // look again at once, while there is room.
+            loop {
+                while let Some(joined) = sends.try_join_next() {
+                    log_panic(joined);
+                }
+                let room = batch * IN_FLIGHT_BATCHES - sends.len() as i64;
+                if room <= 0 {
+                    break;
+                }
+                let busy: Vec<String> = {
+                    let counts = in_flight.lock().unwrap_or_else(|e| e.into_inner());
+                    counts.iter().filter(|(_, n)| **n >= batch).map(|(c, _)| c.clone()).collect()
+                };
+                let limit = batch.min(room);
+                let claimed = match this.claim_due(None, limit, &busy).await {
+                    Ok(claimed) => claimed,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "alert dispatch failed; will retry");
+                        break;
+                    }
+                };
+                let full = claimed.jobs.len() as i64 >= limit;
+                let (now, pass_clock, lease_ends) = (claimed.now, claimed.pass_clock, claimed.lease_ends);
+                for (row, message) in claimed.jobs {
+                    let slot = InFlight::take(&in_flight, &row.channel);
+                    let dispatcher = this.clone();
+                    sends.spawn(async move {
+                        let outcome = dispatcher.send_one(row, message, now, pass_clock).await;
+                        let _ = dispatcher.settle(&outcome, lease_ends).await;
+                        drop(slot);
+                    });
+                }
+                if !full || stop.is_cancelled() {
                     break;
                 }
             }
         }
+        let finished = tokio::time::timeout(drain, async {
+            while let Some(joined) = sends.join_next().await {
+                log_panic(joined);
+            }
+        })
+        .await;
+        if finished.is_err() {
+            tracing::warn!(
+                sends = sends.len(),
+                "alert sends still under way at shutdown were dropped; they go again once their claim runs out"
+            );
+            sends.shutdown().await;
+        }
     }
 
     /// One pass at `now` (the database's clock when `None`): claim due
-    /// deliveries, send them concurrently, record the outcomes.
+    /// deliveries, send them concurrently, record the outcomes, and return
+    /// once all are recorded.
     pub async fn pass(&self, now: Option<DateTime<Utc>>) -> Result<PassReport, DbError> {
+        let claimed = self.claim_due(now, self.params.batch, &[]).await?;
+        let mut report =
+            PassReport { claimed: claimed.jobs.len(), cancelled: claimed.cancelled, ..PassReport::default() };
+        let mut tasks = tokio::task::JoinSet::new();
+        for (row, message) in claimed.jobs {
+            let send = self.send_one(row, message, claimed.now, claimed.pass_clock);
+            tasks.spawn(send);
+        }
+        while let Some(joined) = tasks.join_next().await {
+            let Ok(outcome) = joined else { continue };
+            match self.settle(&outcome, claimed.lease_ends).await {
+                Ok(Recorded::Sent) => report.sent += 1,
+                Ok(Recorded::Failed) => report.failed += 1,
+                Ok(Recorded::Dead) => report.dead += 1,
+                Err(_) => report.unrecorded += 1,
+            }
+        }
+        Ok(report)
+    }
+
+    /// Cancels what went stale, then claims up to `limit` due deliveries
+    /// (none to the `busy` channels) and reads their messages.
+    async fn claim_due(&self, now: Option<DateTime<Utc>>, limit: i64, busy: &[String]) -> Result<Claimed, DbError> {
         // The claim's lease runs from the database's `now`, read below; this
         // replica's clock starts before it, so its idea of the lease ends
         // first.
@@ -231,16 +333,12 @@ impl Dispatcher {
             Some(n) => n,
             None => client.query_one("SELECT now()", &[]).await?.get(0),
         };
-        // Sends are dated on the pass's clock (the database's, or a test's),
-        // advanced by the time they took: a slow send's sent_at is when it
-        // was accepted, not when it was claimed.
         let pass_clock = Instant::now();
-        let on_pass_clock = move || now + Duration::from_std(pass_clock.elapsed()).unwrap_or_default();
         let cancelled = cancel_stale(&client, now).await?;
-        let rows = self.claim(&client, now).await?;
-        let mut report = PassReport { claimed: rows.len(), cancelled, ..PassReport::default() };
+        let rows = self.claim(&client, now, limit, busy).await?;
+        let mut claimed = Claimed { now, pass_clock, lease_ends, cancelled, jobs: Vec::new() };
         if rows.is_empty() {
-            return Ok(report);
+            return Ok(claimed);
         }
         // One snapshot for all of a message's queries: read one by one, an
         // evaluator commit between them could show "Now: degraded" beside
@@ -253,43 +351,61 @@ impl Dispatcher {
             .await?;
         let mut messages = message::load(&snapshot, &rows, &self.params.link_base).await?;
         snapshot.commit().await?;
-        drop(client);
-        let margin = self.pool.timeouts().wait.unwrap_or_default();
-        let mut tasks = tokio::task::JoinSet::new();
-        for row in rows {
-            let channels = self.channels.clone();
-            let message = messages.remove(&row.id);
-            let lease = self.params.lease;
+        claimed.jobs = rows
+            .into_iter()
+            .map(|row| {
+                let message = messages.remove(&row.id);
+                (row, message)
+            })
+            .collect();
+        Ok(claimed)
+    }
+
+    /// Sends one claimed delivery. Its times are on the claim's clock (the
+    /// database's, or a test's) advanced by the time taken: a slow send's
+    /// sent_at is when the receiver took it, not when it was claimed.
+    fn send_one(
+        &self,
+        row: DeliveryRow,
+        message: Option<Message>,
+        now: DateTime<Utc>,
+        pass_clock: Instant,
+    ) -> impl std::future::Future<Output = Outcome> + Send + 'static {
+        let channels = self.channels.clone();
+        let lease = self.params.lease;
+        let on_pass_clock = move || now + Duration::from_std(pass_clock.elapsed()).unwrap_or_default();
+        async move {
             let reached: Vec<String> = row.detail["reached"]
                 .as_array()
                 .map(|r| r.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
                 .unwrap_or_default();
-            tasks.spawn(async move {
-                let started = on_pass_clock();
-                let clock = Instant::now();
-                let result = match (channels.get(&row.channel), message) {
-                    (Some(channel), Some(message)) => send_bounded(channel, &message, &reached, lease).await,
-                    (None, _) => Err(SendError::new(format!("channel {} is no longer configured", row.channel))),
-                    (_, None) => Err(SendError::new("the delivery's alerts could not be read")),
-                };
-                let latency_ms = i32::try_from(clock.elapsed().as_millis()).unwrap_or(i32::MAX);
-                Outcome { row, started, finished: on_pass_clock(), latency_ms, result }
-            });
+            let started = on_pass_clock();
+            let clock = Instant::now();
+            let result = match (channels.get(&row.channel), message) {
+                (Some(channel), Some(message)) => send_bounded(channel, &message, &reached, lease).await,
+                (None, _) => Err(SendError::new(format!("channel {} is no longer configured", row.channel))),
+                (_, None) => Err(SendError::new("the delivery's alerts could not be read")),
+            };
+            let latency_ms = i32::try_from(clock.elapsed().as_millis()).unwrap_or(i32::MAX);
+            Outcome { row, started, finished: on_pass_clock(), latency_ms, result }
         }
-        while let Some(joined) = tasks.join_next().await {
-            let Ok(outcome) = joined else { continue };
-            let what = format!("the outcome of alert delivery {} to {}", outcome.row.id, outcome.row.channel);
-            match db::retry_until(lease_ends, margin, &what, || self.record(&outcome)).await {
-                Ok(Recorded::Sent) => report.sent += 1,
-                Ok(Recorded::Failed) => report.failed += 1,
-                Ok(Recorded::Dead) => report.dead += 1,
-                Err(_) => report.unrecorded += 1,
-            }
-        }
-        Ok(report)
     }
 
-    async fn claim(&self, client: &tokio_postgres::Client, now: DateTime<Utc>) -> Result<Vec<DeliveryRow>, DbError> {
+    /// Records an outcome, tried again through a database blip until the
+    /// claim is about to run out.
+    async fn settle(&self, outcome: &Outcome, lease_ends: tokio::time::Instant) -> Result<Recorded, DbError> {
+        let margin = self.pool.timeouts().wait.unwrap_or_default();
+        let what = format!("the outcome of alert delivery {} to {}", outcome.row.id, outcome.row.channel);
+        db::retry_until(lease_ends, margin, &what, || self.record(outcome)).await
+    }
+
+    async fn claim(
+        &self,
+        client: &tokio_postgres::Client,
+        now: DateTime<Utc>,
+        limit: i64,
+        busy: &[String],
+    ) -> Result<Vec<DeliveryRow>, DbError> {
         let lease_ms = self.params.lease.num_milliseconds() as f64;
         let rows = client
             .query(
@@ -297,6 +413,7 @@ impl Dispatcher {
                    SELECT d.id FROM warden.alert_deliveries d \
                    WHERE d.state = 'pending' AND d.next_attempt_at <= $1 \
                      AND (d.claimed_until IS NULL OR d.claimed_until <= $1) \
+                     AND NOT (d.channel = ANY ($5)) \
                      AND NOT EXISTS ( \
                        SELECT 1 FROM warden.alert_deliveries p \
                        WHERE p.state = 'pending' AND p.channel = d.channel AND p.id < d.id \
@@ -309,7 +426,7 @@ impl Dispatcher {
                  FROM c WHERE d.id = c.id \
                  RETURNING d.id, d.alert_ids, d.channel, d.kind, d.level, d.attempts, d.created_at, \
                            d.idempotency_key, d.detail, d.route",
-                &[&now, &self.params.batch, &self.replica, &lease_ms],
+                &[&now, &limit, &self.replica, &lease_ms, &busy],
             )
             .await?;
         Ok(rows
@@ -342,8 +459,14 @@ impl Dispatcher {
         let mut client = db::client(&self.pool).await?;
         let tx = client.transaction().await?;
         let row = &o.row;
+        // Sent with some addresses refused for good: sent, and the refusal
+        // kept as the error, so that the typo in `to` is found.
+        let refused = match &o.result {
+            Ok(sent) if !sent.refused.is_empty() => Some(format!("sent; refused: {}", sent.refused.join("; "))),
+            _ => None,
+        };
         let (status, error, retry_after) = match &o.result {
-            Ok(sent) => (sent.status, None, None),
+            Ok(sent) => (sent.status, refused.as_deref(), None),
             Err(e) => (e.status, Some(e.error.as_str()), e.retry_after),
         };
         let status = status.map(i32::from);
@@ -381,7 +504,9 @@ impl Dispatcher {
         };
         // Every write is guarded by the claim: if the lease ran out and
         // another dispatcher took the delivery, this one's outcome only
-        // goes into the attempt log.
+        // goes into the attempt log. A claim is this replica's name and
+        // the attempt number it set (sends of one replica overlap, so the
+        // name alone could match a later claim of the same delivery).
         let updated = tx
             .execute(
                 "UPDATE warden.alert_deliveries SET \
@@ -390,7 +515,7 @@ impl Dispatcher {
                    next_attempt_at = $4, last_error = $5, last_attempt_at = $6, \
                    last_status_code = $7, last_latency_ms = $8, claimed_by = NULL, claimed_until = NULL, \
                    detail = CASE WHEN $10::jsonb = '[]' THEN detail ELSE detail || jsonb_build_object('reached', $10::jsonb) END \
-                 WHERE id = $1 AND state = 'pending' AND claimed_by = $9",
+                 WHERE id = $1 AND state = 'pending' AND claimed_by = $9 AND attempts = $11",
                 &[
                     &row.id,
                     &outcome,
@@ -402,6 +527,7 @@ impl Dispatcher {
                     &o.latency_ms,
                     &self.replica,
                     &reached,
+                    &row.attempts,
                 ],
             )
             .await?;
@@ -469,12 +595,29 @@ impl Dispatcher {
             )
             .await?;
         }
+        if let (Some(note), 1) = (&refused, updated) {
+            tx.execute(
+                "INSERT INTO warden.system_events (occurred_at, agent_id, event_type, severity, message, details) \
+                 VALUES ($1, NULL, 'alert_recipient_refused', 'warning', $2, $3)",
+                &[
+                    &now,
+                    &format!("alert delivery {} to {}: {note}", row.id, row.channel),
+                    &json!({"delivery_id": row.id, "alert_ids": row.alert_ids, "channel": row.channel,
+                            "refused": o.result.as_ref().map(|s| s.refused.clone()).unwrap_or_default()}),
+                ],
+            )
+            .await?;
+        }
         tx.commit().await?;
         if logged == 0 {
             // An earlier try committed this before its answer was lost.
             return Ok(recorded);
         }
         crate::metrics::METRICS.deliveries.with_label_values(&[row.channel.as_str(), outcome]).inc();
+        if let Some(note) = &refused {
+            tracing::warn!(delivery = row.id, channel = %row.channel, refused = %note,
+                "alert delivered, but the server refused some recipients for good; check the channel's addresses");
+        }
         if given_up {
             tracing::warn!(delivery = row.id, channel = %row.channel, attempts = row.attempts,
                 error = error.unwrap_or_default(), "alert delivery given up after alerting.max_delivery_age");

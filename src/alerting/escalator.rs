@@ -122,9 +122,9 @@ struct Row {
     /// Held, and the agent still offline or degraded or with another
     /// late, offline or extended-offline alert active.
     problem_goes_on: bool,
-    /// The agent's last sign of life when its incident opened, for the
-    /// incidents that record it (silences).
-    last_heard: Option<DateTime<Utc>>,
+    /// Its incident opened during a fleet outage for an agent that failed
+    /// on its own (the evaluator's `details.outside_fleet_outage`).
+    outside_fleet_outage: bool,
 }
 
 /// The escalator-owned columns of one alert after the cycle.
@@ -574,13 +574,12 @@ fn suppression(
 ) -> Option<String> {
     let agent = row.subject.as_deref().filter(|_| row.source == "incident");
     if row.source == "incident" && row.paged_at.is_none() {
-        // The outage covers the agents that went silent with it, not one
-        // heard from after it opened (the evaluator opens such an agent's
-        // incident during the outage for the same reason).
+        // The outage covers the agents that went down with it, not one the
+        // evaluator found failing on its own while it was open.
         if let (Some((fleet_id, fleet_opened)), Some(_)) = (fleet, agent)
             && FLEET_COVERED.contains(&row.issue.as_str())
             && row.opened_at >= fleet_opened - p.fleet_outage_lookback
-            && row.last_heard.is_none_or(|heard| heard <= fleet_opened)
+            && !row.outside_fleet_outage
         {
             return Some(format!("fleet_outage:{fleet_id}"));
         }
@@ -607,7 +606,7 @@ async fn load_alerts(tx: &tokio_postgres::Transaction<'_>) -> Result<Vec<Row>, D
             "SELECT a.id, a.incident_id, a.severity, a.state, a.opened_at, a.paged_at, a.escalation_level, a.repeats, \
                     a.route, a.policy, a.group_id, a.recovery_failed_at, a.source, a.subject, \
                     coalesce(a.issue, 'unknown'), s.labels, a.suppressed_reason, a.held_until, a.next_escalation_at, \
-                    h.held, i.details ->> 'last_heard', \
+                    h.held, coalesce(i.details ? 'outside_fleet_outage', false), \
                     h.held AND (s.liveness IN ('offline', 'degraded') \
                                 OR EXISTS (SELECT 1 FROM warden.alerts b \
                                            WHERE NOT b.closed AND b.state <> 'resolved' AND b.source = 'incident' \
@@ -647,10 +646,7 @@ async fn load_alerts(tx: &tokio_postgres::Transaction<'_>) -> Result<Vec<Row>, D
                 held_until: r.get(17),
                 next_escalation_at: r.get(18),
                 all_clear_held: r.get::<_, Option<bool>>(19).unwrap_or(false),
-                last_heard: r
-                    .get::<_, Option<String>>(20)
-                    .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
-                    .map(|t| t.with_timezone(&Utc)),
+                outside_fleet_outage: r.get(20),
                 problem_goes_on: r.get::<_, Option<bool>>(21).unwrap_or(false),
             })
         })

@@ -59,12 +59,14 @@ use tokio_util::task::TaskTracker;
 use crate::config::AlertingSettings;
 
 /// Starts the escalator and this replica's dispatcher on `tasks`; both stop
-/// when `stop` is cancelled. Does nothing when `alerting.enabled` is false.
+/// when `stop` is cancelled, the dispatcher giving its sends under way up
+/// to `drain`. Does nothing when `alerting.enabled` is false.
 pub fn start(
     pool: Pool,
     settings: &AlertingSettings,
     replica: String,
     stop: CancellationToken,
+    drain: std::time::Duration,
     tasks: &TaskTracker,
 ) -> Result<(), String> {
     if !settings.enabled {
@@ -77,6 +79,6 @@ pub fn start(
     tasks.spawn(escalator::run(pool.clone(), escalator::EscalatorParams::from_settings(settings), stop.clone()));
     let dispatcher =
         dispatcher::Dispatcher::new(pool, channels, dispatcher::DispatchParams::from_settings(settings), replica);
-    tasks.spawn(dispatcher.run(stop));
+    tasks.spawn(dispatcher.run(stop, drain));
     Ok(())
 }

@@ -70,8 +70,6 @@ fn logo_origin_host(rest: &str) -> Option<&str> {
 }
 
 impl ConsoleSettings {
-    /// The origin (`https://host[:port]`) of an https:// logo, for the
-    /// status page's `img-src`; `None` for no logo or a local path.
     /// Whether the status page may show the group `name`: any when
     /// `status_groups` is empty, else only those listed and the catch-all.
     pub fn status_group_shown(&self, name: &str) -> bool {
@@ -80,6 +78,8 @@ impl ConsoleSettings {
             || self.status_groups.iter().any(|g| g.trim() == name)
     }
 
+    /// The origin (`https://host[:port]`) of an https:// logo, for the
+    /// status page's `img-src`; `None` for no logo or a local path.
     pub fn status_logo_origin(&self) -> Option<String> {
         let rest = self.status_logo.strip_prefix("https://")?;
         logo_origin_host(rest).map(|host| format!("https://{host}"))

@@ -483,12 +483,12 @@ async fn liveness_incidents(
     let base = known - old_offline;
     let fleet_open = open.iter().find(|o| o.issue == FleetOutage);
     let fleet_key: Key = (None, FleetOutage);
-    // While a fleet outage is open it stands in for the agents last heard
-    // from before it opened: they went silent with the fleet. One heard
-    // from since, then silent, failed on its own and gets its own
-    // incident: otherwise a handful of agents that stay offline (or a key
-    // that registers agents and lets them lapse) would keep every later
-    // failure in the fleet from being noticed.
+    // While a fleet outage is open it stands in for the agents that went
+    // down with the fleet. One that was still online after it opened and
+    // then went down failed on its own and gets its own incident (see
+    // `on_their_own` below): otherwise a handful of agents that stay
+    // offline (or a key that registers agents and lets them lapse) would
+    // keep every later failure in the fleet from being noticed.
     let outage: Option<DateTime<Utc>> = match fleet_open {
         None => {
             let ratio = if base > 0 { recent_offline as f64 / base as f64 } else { 0.0 };
@@ -541,8 +541,8 @@ async fn liveness_incidents(
     };
 
     // Per-agent liveness incidents; while the fleet is out they are not
-    // opened (the fleet incident stands in for them), though the ones
-    // already open stay open.
+    // opened for the agents that went down with it (the fleet incident
+    // stands in for them), though the ones already open stay open.
     let troubled = tx
         .query(
             "SELECT s.agent_id, s.liveness, s.liveness_since, s.last_seen, s.expected_interval_ms, \
@@ -566,6 +566,28 @@ async fn liveness_incidents(
         .filter(|row| row.get::<_, DateTime<Utc>>(2) > now - params.fleet_window)
         .filter(|row| !row.get::<_, Option<bool>>(5).unwrap_or(false))
         .count();
+    // Online after the outage opened, in trouble now: agents that left
+    // online since. (Not merely heard from since: in a lossy partition an
+    // agent of the outage gets the odd heartbeat through, and that is no
+    // failure of its own.) The incidents opened for them say so, and the
+    // escalator and the recovery engine read that rather than decide again.
+    let on_their_own: HashSet<String> = match (outage, fleet_open) {
+        (Some(opened), Some(_)) => {
+            let agents: Vec<String> = troubled.iter().map(|r| r.get(0)).collect();
+            tx.query(
+                "SELECT DISTINCT agent_id FROM warden.system_events \
+                 WHERE event_type = 'status_changed' AND source = 'warden' AND agent_id = ANY ($1) \
+                   AND occurred_at > $2 AND details ->> 'old' = 'online'",
+                &[&agents, &opened],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+        }
+        _ => HashSet::new(),
+    };
+    let fleet_id = fleet_open.map(|o| o.id);
     let going_quiet = outage.is_none()
         && base >= params.fleet_min_agents
         && base > 0
@@ -589,19 +611,15 @@ async fn liveness_incidents(
         let silent_s = seconds(now - last_heard);
         let mut want = |issue: IssueType, summary: String| {
             let key = (Some(agent.clone()), issue);
-            if going_quiet || outage.is_some_and(|opened| last_heard <= opened) {
+            if going_quiet || (outage.is_some() && !on_their_own.contains(&agent)) {
                 hold.insert(key);
             } else {
-                wanted.insert(
-                    key,
-                    Wanted {
-                        severity: params.severity(issue),
-                        summary,
-                        details: json!({"last_seen": last_seen, "last_heard": last_heard, "silent_seconds": silent_s,
-                                        "expected_interval_seconds": interval_s, "since": since}),
-                        predicted: false,
-                    },
-                );
+                let mut details = json!({"last_seen": last_seen, "last_heard": last_heard, "silent_seconds": silent_s,
+                                         "expected_interval_seconds": interval_s, "since": since});
+                if let Some(id) = fleet_id.filter(|_| outage.is_some()) {
+                    details["outside_fleet_outage"] = json!(id);
+                }
+                wanted.insert(key, Wanted { severity: params.severity(issue), summary, details, predicted: false });
             }
         };
         let open_now = |issue: IssueType| open.iter().any(|o| o.issue == issue && o.agent_id.as_ref() == Some(&agent));

@@ -11,8 +11,9 @@
 //! 4. settle verifying jobs: succeeded once the agent was heard from after
 //!    the action and is online, else, past the verification time, failed;
 //! 5. claim due jobs with `FOR UPDATE SKIP LOCKED`, up to `max_concurrent`
-//!    active fleet-wide and none while a fleet outage is open (manual runs
-//!    past a full cap up to `max_concurrent_manual`), and run them.
+//!    active fleet-wide and, while a fleet outage is open, only those of
+//!    agents that failed on their own meanwhile (manual runs past a full
+//!    cap up to `max_concurrent_manual`), and run them.
 //!
 //! Each state change is its own short transaction that re-checks the job is
 //! still where it was, so replicas never step on each other, and an action
@@ -125,7 +126,14 @@ impl Engine {
         let mut every = crate::every::Every::new(self.settings.poll_interval.get(), &stop);
         while every.tick().await {
             match self.tick(None).await {
-                Ok(report) if report != TickReport::default() && !report.paused_by_fleet_outage => {
+                // A fleet outage makes every tick look busy; say only what moved.
+                Ok(report)
+                    if report
+                        != (TickReport {
+                            paused_by_fleet_outage: report.paused_by_fleet_outage,
+                            ..TickReport::default()
+                        }) =>
+                {
                     tracing::debug!(?report, "recovery tick");
                 }
                 Ok(_) => {}
@@ -164,14 +172,14 @@ impl Engine {
         report.succeeded = succeeded;
         report.failed = failed;
         report.exhausted += exhausted;
-        let outage: Option<DateTime<Utc>> = client
+        let outage: bool = client
             .query_one(
-                "SELECT min(opened_at) FROM warden.incidents WHERE state = 'open' AND issue_type = 'fleet_outage'",
+                "SELECT EXISTS (SELECT 1 FROM warden.incidents WHERE state = 'open' AND issue_type = 'fleet_outage')",
                 &[],
             )
             .await?
             .get(0);
-        report.paused_by_fleet_outage = outage.is_some();
+        report.paused_by_fleet_outage = outage;
         let (started, exhausted) = self.claim_and_start(&mut client, now, outage).await?;
         report.started = started;
         report.exhausted += exhausted;
@@ -561,7 +569,7 @@ impl Engine {
         self: &Arc<Self>,
         client: &mut db::Client,
         now: DateTime<Utc>,
-        outage: Option<DateTime<Utc>>,
+        outage: bool,
     ) -> Result<(usize, usize), DbError> {
         let tx = client.transaction().await?;
         // Claims (and manual runs queued) take turns across replicas, so
@@ -592,9 +600,9 @@ impl Engine {
             return Ok((0, 0));
         }
         // While the fleet is out only manual runs start, and the recoveries
-        // of incidents opened since (agents heard from after the outage
-        // began, that failed on their own): one emergency page instead of
-        // a restart storm.
+        // of incidents the evaluator opened for agents that failed on their
+        // own meanwhile (details.outside_fleet_outage): one emergency page
+        // instead of a restart storm.
         let rows = tx
             .query(
                 concat!(
@@ -605,16 +613,16 @@ impl Engine {
                      JOIN warden.agent_status s ON s.agent_id = j.agent_id \
                      LEFT JOIN warden.incidents i ON i.id = j.incident_id \
                      WHERE j.state = 'pending' AND j.next_run_at <= $2 \
-                       AND (j.manual OR ($5 AND ($4::timestamptz IS NULL OR i.opened_at > $4))) \
+                       AND (j.manual OR ($5 AND (NOT $4 OR i.details ? 'outside_fleet_outage'))) \
                        AND (j.incident_id IS NULL OR i.state = 'open') \
                        AND NOT EXISTS (SELECT 1 FROM warden.recovery_jobs b \
                                        WHERE b.agent_id = j.agent_id AND b.state IN ('running', 'verifying')) \
                        AND NOT EXISTS (SELECT 1 FROM warden.recovery_jobs o \
                                        WHERE o.agent_id = j.agent_id AND o.state = 'pending' \
                                          AND o.next_run_at <= $2 \
-                                         AND (o.manual OR ($5 AND ($4::timestamptz IS NULL \
-                                              OR (SELECT x.opened_at FROM warden.incidents x \
-                                                  WHERE x.id = o.incident_id) > $4))) \
+                                         AND (o.manual OR ($5 AND (NOT $4 \
+                                              OR (SELECT x.details ? 'outside_fleet_outage' FROM warden.incidents x \
+                                                  WHERE x.id = o.incident_id)))) \
                                          AND (o.next_run_at, o.id) < (j.next_run_at, j.id)) \
                      ORDER BY j.next_run_at, j.id LIMIT $1 FOR UPDATE OF j SKIP LOCKED"
                 ),

@@ -446,12 +446,14 @@ async fn no_automatic_restart_while_the_fleet_is_out_but_a_manual_run_or_a_later
     assert_eq!(steps[0].2, "verifying");
 
     // An agent that fails on its own while the outage is still open (the
-    // evaluator opens its incident only because it was heard from after
-    // the outage began) is recovered as usual.
+    // evaluator marks its incident so) is recovered as usual; any other
+    // incident opened meanwhile still waits.
     db.batch_execute(
         "INSERT INTO warden.agent_status (agent_id, expected_interval_ms, first_seen, last_seen, liveness) \
-           VALUES ('alone', 1000, now(), now(), 'offline'); \
-         INSERT INTO warden.incidents (agent_id, issue_type, severity) VALUES ('alone', 'agent_unresponsive', 'critical');",
+           VALUES ('alone', 1000, now(), now(), 'offline'), ('erring', 1000, now(), now(), 'online'); \
+         INSERT INTO warden.incidents (agent_id, issue_type, severity, details) \
+           VALUES ('alone', 'agent_unresponsive', 'critical', '{\"outside_fleet_outage\": 1}'), \
+                  ('erring', 'agent_unresponsive', 'critical', '{}');",
     )
     .await
     .unwrap();
@@ -460,6 +462,7 @@ async fn no_automatic_restart_while_the_fleet_is_out_but_a_manual_run_or_a_later
     assert_eq!(report.started, 1, "a failure after the outage opened is not held back");
     engine.settle().await;
     assert_eq!(actions(&app, "alone").await.len(), 1);
+    assert!(actions(&app, "erring").await.is_empty(), "not one of the outage's exceptions");
 
     // The outage ends: the automatic job runs at the next tick.
     db.execute(

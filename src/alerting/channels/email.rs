@@ -51,42 +51,56 @@ impl Email {
         Ok(Self { transport: builder.build(), from, to })
     }
 
-    /// Sends to every recipient not in `reached`, one SMTP transaction
-    /// each (the headers name them all): in one transaction, a server that
-    /// refuses one address (550, a typo) refuses the message to everyone.
-    /// When some fail, the error lists those reached so far, and the retry
-    /// sends only to the rest.
-    pub async fn send(&self, message: &Message, reached: &[String]) -> Result<Sent, SendError> {
+    /// Sends to every address not in `reached`, one SMTP transaction each
+    /// (the headers name them all) and all at once, each within `limit`:
+    /// in one transaction, a server refusing one address (550, a typo)
+    /// would refuse the message to everyone. An address refused for good
+    /// (5xx) is not retried once another has the message (it is named in
+    /// [`Sent::refused`]); any other failure is retried for the addresses
+    /// not reached yet, which the error lists.
+    pub async fn send(&self, message: &Message, reached: &[String], limit: Duration) -> Result<Sent, SendError> {
         let email = build(message, &self.from, &self.to).map_err(SendError::new)?;
         let raw = email.formatted();
-        let mut last = Sent { status: None };
-        let mut first_error: Option<SendError> = None;
-        let mut now_reached: Vec<String> = reached.to_vec();
-        for to in &self.to {
-            let address = to.email.to_string();
-            if reached.contains(&address) {
-                continue;
+        let pending: Vec<&Mailbox> = self.to.iter().filter(|to| !reached.contains(&to.email.to_string())).collect();
+        let results = futures_util::future::join_all(pending.iter().map(|to| {
+            let envelope = Envelope::new(Some(self.from.email.clone()), vec![to.email.clone()]);
+            let raw = &raw;
+            async move {
+                let envelope = envelope.map_err(|e| (false, None, e.to_string()))?;
+                match tokio::time::timeout(limit, self.transport.send_raw(&envelope, raw)).await {
+                    Ok(Ok(response)) => Ok(u16::from(response.code())),
+                    Ok(Err(e)) => Err((e.is_permanent(), e.status().map(u16::from), one_line(&e.to_string()))),
+                    Err(_) => Err((false, None, "no answer in time".to_string())),
+                }
             }
-            let envelope = Envelope::new(Some(self.from.email.clone()), vec![to.email.clone()])
-                .map_err(|e| SendError::new(format!("SMTP: {address}: {e}")))?;
-            match self.transport.send_raw(&envelope, &raw).await {
-                Ok(response) => {
-                    last = Sent { status: Some(u16::from(response.code())) };
+        }))
+        .await;
+        let mut sent = Sent::default();
+        let mut now_reached: Vec<String> = reached.to_vec();
+        let mut retry: Option<SendError> = None;
+        let mut refused: Option<SendError> = None;
+        for (to, result) in pending.into_iter().zip(results) {
+            let address = to.email.to_string();
+            match result {
+                Ok(code) => {
+                    sent.status = Some(code);
                     now_reached.push(address);
                 }
-                Err(e) if first_error.is_none() => {
-                    first_error = Some(SendError {
-                        status: e.status().map(u16::from),
-                        retry_after: None,
-                        error: format!("SMTP: {address}: {}", one_line(&e.to_string())),
-                        reached: Vec::new(),
-                    });
+                Err((permanent, status, text)) => {
+                    let error = SendError { status, error: format!("SMTP: {address}: {text}"), ..SendError::new("") };
+                    if permanent {
+                        sent.refused.push(format!("{address}: {text}"));
+                        refused.get_or_insert(error);
+                    } else {
+                        retry.get_or_insert(error);
+                    }
                 }
-                Err(_) => {}
             }
         }
-        match first_error {
-            None => Ok(last),
+        // Refused for good is final only once someone has the message:
+        // refused everywhere, the channel is failing and retries say so.
+        match retry.or(if now_reached.is_empty() { refused } else { None }) {
+            None => Ok(sent),
             Some(mut e) => {
                 e.reached = now_reached;
                 Err(e)

@@ -28,6 +28,6 @@ impl Log {
             "{}",
             message.text()
         );
-        Ok(Sent { status: None })
+        Ok(Sent::default())
     }
 }

@@ -18,10 +18,19 @@ use super::message::Message;
 use crate::config::{AlertingSettings, ChannelKind};
 
 /// A send that the receiver accepted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Sent {
     /// HTTP status or SMTP reply code, when there is one.
     pub status: Option<u16>,
+    /// Recipients refused for good (an SMTP 5xx: no such user), one line
+    /// each: the message went to the others and is not retried for these.
+    pub refused: Vec<String>,
+}
+
+impl Sent {
+    pub fn status(status: u16) -> Self {
+        Self { status: Some(status), refused: Vec::new() }
+    }
 }
 
 /// A send that failed; the dispatcher retries it.
@@ -72,7 +81,7 @@ impl Channel {
     pub async fn send(&self, message: &Message, reached: &[String], limit: Duration) -> Result<Sent, SendError> {
         match self {
             Self::Slack(c) => c.send(message).await,
-            Self::Email(c) => c.send(message, reached).await,
+            Self::Email(c) => c.send(message, reached, limit).await,
             Self::Webhook(c) => c.send(message).await,
             Self::Telegram(c) => c.send(message, reached, limit).await,
             Self::Log(c) => c.send(message),
@@ -139,7 +148,7 @@ pub(crate) async fn post(request: reqwest::RequestBuilder) -> Result<Sent, SendE
     let response = request.send().await.map_err(|e| SendError::new(describe(&e)))?;
     let status = response.status();
     if status.is_success() {
-        return Ok(Sent { status: Some(status.as_u16()) });
+        return Ok(Sent::status(status.as_u16()));
     }
     let retry_after = response
         .headers()

@@ -46,7 +46,7 @@ impl Telegram {
             }
         }))
         .await;
-        let mut last = Sent { status: None };
+        let mut last = Sent::default();
         let mut first_error: Option<SendError> = None;
         let mut now_reached: Vec<String> = reached.to_vec();
         for (chat, result) in chats.into_iter().zip(results) {

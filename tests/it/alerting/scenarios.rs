@@ -328,55 +328,61 @@ policy = "mail"
 "#;
     let channels = channels_toml(&slack, &smtp, None)
         .replace(r#"to = ["oncall@test.local"]"#, r#"to = ["oncall@test.local", "refused@test.local"]"#);
-    let timings = TIMINGS.replace("[alerting]\n", "[alerting]\nmax_delivery_age = \"2m\"\n");
-    let mut rig = Rig::new(&format!("{timings}{channels}{policy}")).await;
+    let mut rig = Rig::new(&format!("{TIMINGS}{channels}{policy}")).await;
     rig.auto_dispatch = false;
     rig.beat("m1", 10_000, None).await;
     rig.run_for(secs(40), secs(2)).await;
     let report = rig.dispatcher.pass(Some(rig.now)).await.unwrap();
-    assert_eq!(report.failed, 1, "{report:?}");
+    assert_eq!(report.sent, 1, "{report:?}");
     let mails = smtp.mails();
     assert_eq!(mails.len(), 1, "the address that exists got it");
     assert_eq!(mails[0].to, vec!["oncall@test.local"]);
-    let (state, error, reached): (String, Option<String>, serde_json::Value) = {
+    let (state, error): (String, Option<String>) = {
         let r = rig
             .c
-            .query_one(
-                "SELECT state, last_error, detail -> 'reached' FROM warden.alert_deliveries \
-                 WHERE channel = 'oncall_email'",
-                &[],
-            )
+            .query_one("SELECT state, last_error FROM warden.alert_deliveries WHERE channel = 'oncall_email'", &[])
             .await
             .unwrap();
-        (r.get(0), r.get(1), r.get(2))
+        (r.get(0), r.get(1))
     };
-    assert_eq!(state, "pending", "the refused address is tried again");
+    assert_eq!(state, "sent", "refused for good is not retried once someone has it");
     let error = error.unwrap_or_default();
     assert!(error.contains("refused@test.local") && error.contains("550"), "{error}");
-    assert_eq!(reached, json!(["oncall@test.local"]));
+    let told =
+        rig.count("SELECT count(*) FROM warden.system_events WHERE event_type = 'alert_recipient_refused'").await;
+    assert_eq!(told, 1, "the typo is on record");
 
-    // The retry goes to the refused address only.
-    let next: chrono::DateTime<Utc> = rig
-        .c
-        .query_one("SELECT next_attempt_at FROM warden.alert_deliveries WHERE channel = 'oncall_email'", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(rig.dispatcher.pass(Some(next)).await.unwrap().failed, 1);
-    assert_eq!(smtp.mails().len(), 1, "nobody gets it twice");
-
-    // Given up at max_delivery_age: oncall saw the page, so the all-clear
-    // still goes to the channel.
-    rig.now += secs(120);
-    assert_eq!(rig.dispatcher.pass(Some(rig.now)).await.unwrap().dead, 1);
+    // The all-clear follows at once, not after the refused address's retries.
     rig.come_back("m1").await;
-    for _ in 0..3 {
-        rig.dispatcher.pass(Some(rig.now)).await.unwrap();
-        rig.now += secs(5);
-    }
+    let report = rig.dispatcher.pass(Some(rig.now)).await.unwrap();
+    assert_eq!(report.sent, 1, "{report:?}");
     let mails = smtp.mails();
     assert_eq!(mails.len(), 2, "{mails:?}");
     assert!(mails[1].subject().starts_with("[RESOLVED]") && mails[1].to == vec!["oncall@test.local"]);
+}
+
+#[tokio::test]
+async fn a_channel_whose_every_address_is_refused_keeps_failing() {
+    let slack = HttpReceiver::start().await;
+    let smtp = SmtpServer::start().await;
+    let policy = r#"
+[[alerting.policies]]
+name = "mail"
+levels = [{ after = "0s", channels = ["oncall_email"] }]
+
+[[alerting.routes]]
+issues = ["agent_unresponsive"]
+policy = "mail"
+"#;
+    let channels =
+        channels_toml(&slack, &smtp, None).replace(r#"to = ["oncall@test.local"]"#, r#"to = ["refused@test.local"]"#);
+    let mut rig = Rig::new(&format!("{TIMINGS}{channels}{policy}")).await;
+    rig.auto_dispatch = false;
+    rig.beat("m2", 10_000, None).await;
+    rig.run_for(secs(40), secs(2)).await;
+    let report = rig.dispatcher.pass(Some(rig.now)).await.unwrap();
+    assert_eq!(report.failed, 1, "nobody has it: {report:?}");
+    assert!(smtp.mails().is_empty());
 }
 
 #[tokio::test]
@@ -429,7 +435,9 @@ policy = "chat"
     let mut rig = Rig::new(&toml).await;
     rig.auto_dispatch = false;
     let stop = tokio_util::sync::CancellationToken::new();
-    let running = tokio::spawn(dispatcher(&rig.db, &settings(&toml), "replica-b").run(stop.clone()));
+    let running = tokio::spawn(
+        dispatcher(&rig.db, &settings(&toml), "replica-b").run(stop.clone(), std::time::Duration::from_secs(30)),
+    );
     let release = hook.hold();
     rig.beat("a1", 10_000, Some(json!({"to": "audit"}))).await;
     rig.run_for(secs(40), secs(2)).await;
@@ -1453,8 +1461,9 @@ policy = "pager"
 async fn a_telegram_chat_that_keeps_failing_does_not_repeat_the_message_to_the_others() {
     let bot = HttpReceiver::start().await;
     bot.refuse_containing(r#""chat_id":"42""#, 403);
+    let timings = TIMINGS.replace("[alerting]\n", "[alerting]\nmax_delivery_age = \"2m\"\n");
     let config = format!(
-        r#"{TIMINGS}
+        r#"{timings}
 [alerting.channels.ops_telegram]
 kind = "telegram"
 bot_token = "123456:ABC-DEF"
@@ -1485,4 +1494,25 @@ policy = "tg"
         .map(|r| (r.get(0), r.get(1)))
         .unwrap();
     assert_eq!((state.as_str(), &detail["reached"]), ("pending", &json!(["-100123"])));
+
+    // Given up at max_delivery_age: the chat that saw the page still gets
+    // its all-clear.
+    rig.run_for(secs(120), secs(2)).await;
+    let state: String = rig
+        .c
+        .query_one("SELECT state FROM warden.alert_deliveries WHERE channel = 'ops_telegram'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(state, "dead");
+    rig.come_back("t1").await;
+    rig.run_for(secs(10), secs(2)).await;
+    let texts: Vec<String> = bot
+        .accepted()
+        .iter()
+        .filter(|r| r.json()["chat_id"] == "-100123")
+        .map(|r| r.json()["text"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(texts.len(), 2, "{texts:?}");
+    assert!(texts[1].contains("RESOLVED"), "{}", texts[1]);
 }
