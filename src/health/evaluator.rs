@@ -450,6 +450,10 @@ async fn write_transitions(
 /// to recover.
 pub const SUPERSEDED_BY_OFFLINE: &str = "superseded: the agent went offline (agent_unresponsive)";
 
+/// An open metric incident (error rate, resources, latency) resolves once
+/// its figure falls below this share of the threshold that opened it.
+const CLEAR_AT: f64 = 0.9;
+
 /// How many of its agents a fleet outage's summary names.
 const FLEET_OUTAGE_NAMED: i64 = 5;
 
@@ -986,7 +990,10 @@ pub async fn score_pass(
             work: stat(Kind::Work),
             error_events: error_events.get(&agent).copied().unwrap_or(0),
         });
-        metric_issues(&agent, &inputs, &stats, params, now, &mut wanted);
+        let is_open = |issue: IssueType| {
+            open.iter().any(|o| o.issue == issue && !o.predicted && o.agent_id.as_deref() == Some(agent.as_str()))
+        };
+        metric_issues(&agent, &inputs, &stats, params, now, is_open, &mut wanted);
         let Some(score) = score::compute(&inputs, &params.weights, &params.tiers, &params.thresholds) else {
             continue;
         };
@@ -1115,9 +1122,15 @@ fn metric_issues(
     stats: &HashMap<(String, Kind), MetricStat>,
     params: &EvalParams,
     now: DateTime<Utc>,
+    is_open: impl Fn(IssueType) -> bool,
     wanted: &mut HashMap<Key, Wanted>,
 ) {
     let th = &params.thresholds;
+    // A figure that sits at its threshold (an error rate of exactly 5 %,
+    // both its decayed sums falling alike) reads a hair either side from
+    // one pass to the next; an open incident stays open until the figure
+    // is clearly below, or it would open and resolve every few seconds.
+    let bar = |issue: IssueType, threshold: f64| if is_open(issue) { threshold * CLEAR_AT } else { threshold };
     let key = |issue| (Some(agent.to_string()), issue);
     let horizon_s = seconds(params.prediction_horizon);
     let mut add = |issue: IssueType, severity: Severity, summary: String, details: Value, predicted: bool| {
@@ -1134,7 +1147,7 @@ fn metric_issues(
         (Kind::Memory, inputs.memory_percent, th.memory_critical, "memory"),
     ] {
         let Some(value) = value else { continue };
-        if value >= critical {
+        if value >= bar(IssueType::ResourceExhaustion, critical) {
             add(
                 IssueType::ResourceExhaustion,
                 params.severity(IssueType::ResourceExhaustion),
@@ -1160,7 +1173,7 @@ fn metric_issues(
         // one error per unit of work can come out at 100.2 %; and errors
         // beyond the work done (several per heartbeat) are still "all of it".
         let rate = if work > 0.0 { (errors / work).min(1.0) } else { 1.0 };
-        if errors >= 1.0 && rate >= params.error_rate_threshold {
+        if errors >= 1.0 && rate >= bar(IssueType::HighErrorRate, params.error_rate_threshold) {
             add(
                 IssueType::HighErrorRate,
                 params.severity(IssueType::HighErrorRate),
@@ -1188,7 +1201,7 @@ fn metric_issues(
 
     if let (Some(latency), Some(reference)) = (inputs.latency, inputs.latency_reference)
         && reference > 0.0
-        && latency / reference >= params.latency_degradation
+        && latency / reference >= bar(IssueType::PerformanceDegradation, params.latency_degradation)
     {
         add(
             IssueType::PerformanceDegradation,
@@ -1592,6 +1605,35 @@ mod tests {
         let with_errors = inputs(None, Some(&errors));
         let rate = with_errors.errors_per_hour.unwrap() / with_errors.work_per_hour.unwrap();
         assert!((rate - 0.1).abs() < 0.005, "{rate}");
+    }
+
+    #[test]
+    fn an_open_metric_incident_stays_open_until_its_figure_is_clearly_below() {
+        let params = EvalParams::from_settings(&Settings::defaults().health);
+        let now = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        let stats = HashMap::new();
+        // 5 % is the threshold; floating point puts a steady 5 % a hair under.
+        let at = |rate: f64, cpu: f64, open: bool| {
+            let inputs = Inputs {
+                errors_per_hour: Some(rate * 1000.0),
+                work_per_hour: Some(1000.0),
+                cpu_percent: Some(cpu),
+                ..Inputs::default()
+            };
+            let mut wanted = HashMap::new();
+            metric_issues("a", &inputs, &stats, &params, now, |_| open, &mut wanted);
+            let mut issues: Vec<IssueType> =
+                wanted.into_iter().filter(|(_, w)| !w.predicted).map(|(k, _)| k.1).collect();
+            issues.sort_by_key(|i| i.as_str());
+            issues
+        };
+        let both = vec![IssueType::HighErrorRate, IssueType::ResourceExhaustion];
+        // CPU is critical at 90 %.
+        assert!(at(0.0499999999, 89.9, false).is_empty(), "not yet");
+        assert_eq!(at(0.05, 90.0, false), both);
+        assert_eq!(at(0.0499999999, 89.9, true), both, "open: a hair under keeps it");
+        assert_eq!(at(0.046, 82.0, true), both);
+        assert!(at(0.044, 80.0, true).is_empty(), "clearly below clears");
     }
 
     #[test]
