@@ -234,10 +234,21 @@ pub async fn liveness_cycle(
     let now = clock(&tx, now).await?;
     let mut report = CycleReport { now: Some(now), ..CycleReport::default() };
 
-    let state = tx.query_one("SELECT last_cycle_at, resumed_at FROM warden.evaluator_state FOR UPDATE", &[]).await?;
+    let state =
+        tx.query_one("SELECT last_cycle_at, resumed_at, leader FROM warden.evaluator_state FOR UPDATE", &[]).await?;
     let last_cycle: Option<DateTime<Utc>> = state.get(0);
     let mut resumed: Option<DateTime<Utc>> = state.get(1);
-    if last_cycle.is_none_or(|at| now - at > params.gap_limit()) {
+    // A new leader (replica names carry the process id) after a pause
+    // longer than a cycle's spacing is a restart: this replica heard no
+    // heartbeat while it was down, and an agent with a 5 s interval would
+    // read as offline after a restart of 20 s. Otherwise only a longer
+    // pause (a stalled cycle, say) is a gap.
+    let limit = if state.get::<_, Option<String>>(2).as_deref() == Some(replica) {
+        params.gap_limit()
+    } else {
+        params.check_interval
+    };
+    if last_cycle.is_none_or(|at| now - at > limit) {
         if let Some(paused_at) = last_cycle {
             tracing::info!(?last_cycle, "evaluation resumed after a gap; every agent gets a fresh grace");
             // Nobody judged the fleet meanwhile: availability counts the

@@ -625,6 +625,43 @@ async fn an_agent_failing_after_a_fleet_outage_opened_gets_its_own_incident() {
 }
 
 #[tokio::test]
+async fn a_short_restart_does_not_take_quick_agents_offline() {
+    let db = TestDb::migrated().await;
+    let mut c = db.client().await;
+    let p = params();
+    let t = t0();
+    evaluator::liveness_cycle(&mut c, &p, "warden-1", Some(t - Duration::seconds(20))).await.unwrap();
+    for round in 0..3 {
+        let at = t - Duration::seconds(10) + Duration::seconds(5 * round);
+        beat(&c, "quick", at, 5_000, 10 + round).await;
+        evaluator::liveness_cycle(&mut c, &p, "warden-1", Some(at + Duration::milliseconds(500))).await.unwrap();
+    }
+    assert_eq!(liveness(&c, "quick").await, Liveness::Online);
+    // warden-1 stops; warden-2 (the same replica restarted) starts 22 s
+    // later, before the agent has got through again: 23 s of silence is
+    // more than three of its intervals, but warden heard nothing meanwhile.
+    let back = t + Duration::milliseconds(500) + Duration::seconds(22);
+    let report = evaluator::liveness_cycle(&mut c, &p, "warden-2", Some(back)).await.unwrap();
+    assert!(report.resumed, "a fresh grace");
+    assert_ne!(liveness(&c, "quick").await, Liveness::Offline);
+    assert!(open_issues(&c, Some("quick")).await.is_empty());
+    let paused = c
+        .query_one("SELECT count(*) FROM warden.system_events WHERE event_type = 'evaluation_paused'", &[])
+        .await
+        .unwrap()
+        .get::<_, i64>(0);
+    assert_eq!(paused, 1, "availability counts the restart as unknown");
+
+    // The same replica pausing as long (a slow cycle) is no restart: the
+    // agent that fell silent meanwhile is offline.
+    beat(&c, "quick", back, 5_000, 40).await;
+    let later = back + Duration::seconds(23);
+    let report = evaluator::liveness_cycle(&mut c, &p, "warden-2", Some(later)).await.unwrap();
+    assert!(!report.resumed);
+    assert_eq!(liveness(&c, "quick").await, Liveness::Offline);
+}
+
+#[tokio::test]
 async fn a_fleet_falling_silent_and_back_opens_nothing_but_a_lone_late_agent_is_late() {
     let db = TestDb::migrated().await;
     let mut c = db.client().await;
