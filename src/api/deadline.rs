@@ -48,9 +48,14 @@ pub fn track(request: Request) -> (Request, BodyProgress) {
 /// The answer when the request outlived the timeout: 408 only when warden
 /// was reading the body and the client had not sent it all; when warden
 /// had not got as far as reading it (a key check waiting for the
-/// database), the slowness was warden's.
-pub fn expired(progress: &BodyProgress) -> Response {
-    let error = if progress.complete() || !progress.started() {
+/// database), the slowness was warden's. `written`: heartbeats of the
+/// request were in a transaction that may still commit.
+pub fn expired(progress: &BodyProgress, written: bool) -> Response {
+    let error = if written {
+        ApiError::unavailable(
+            "the database did not confirm the write in time: it may still be stored, so a retry may record it twice",
+        )
+    } else if progress.complete() || !progress.started() {
         ApiError::unavailable("the request took too long and was abandoned")
     } else {
         ApiError::new(

@@ -167,9 +167,13 @@ async fn until_started(State(state): State<AppState>, request: Request, next: Ne
 async fn request_timeout(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let limit = state.settings.server.request_timeout.get();
     let (request, body) = deadline::track(request);
-    match tokio::time::timeout(limit, next.run(request)).await {
+    let writes = crate::ingest::writer::WriteStarted::default();
+    // The handler is dropped when this returns: only then is the flag read
+    // (see WriteStarted).
+    let outcome = tokio::time::timeout(limit, writes.observe(next.run(request))).await;
+    match outcome {
         Ok(response) => response,
-        Err(_) => deadline::expired(&body),
+        Err(_) => deadline::expired(&body, writes.started()),
     }
 }
 

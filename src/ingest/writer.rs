@@ -98,6 +98,9 @@ pub struct WriterSettings {
 struct Job {
     heartbeats: Vec<Heartbeat>,
     reply: oneshot::Sender<Result<Vec<Ack>, SubmitError>>,
+    /// Set once a writer has taken the job into a transaction (see
+    /// [`WriteStarted`]).
+    started: Option<Arc<AtomicBool>>,
     /// Released when the job is answered, freeing queue capacity.
     _permit: OwnedSemaphorePermit,
 }
@@ -226,6 +229,7 @@ impl Ingestor {
     /// when `stop` is cancelled.
     pub fn start(pool: Pool, settings: &WriterSettings, stop: CancellationToken, tasks: &TaskTracker) -> Arc<Self> {
         let refusals = Arc::new(Refusals::new());
+        let refused = Arc::new(Refused::default());
         let (sender, jobs) = mpsc::unbounded_channel();
         let queue = Arc::new(Queue {
             jobs: Mutex::new(jobs),
@@ -240,6 +244,7 @@ impl Ingestor {
                 queue: queue.clone(),
                 max_flush: settings.max_flush.max(1),
                 refusals: refusals.clone(),
+                refused: refused.clone(),
                 stop: stop.clone(),
             };
             if n == 0 {
@@ -248,7 +253,6 @@ impl Ingestor {
                 tasks.spawn(writer.help());
             }
         }
-        let refused = Arc::new(Refused::default());
         tasks.spawn(refused.clone().record(pool.clone(), stop.clone()));
         Arc::new(Self { sender, queue, refusals, refused, pool, group_commit: settings.group_commit, stop })
     }
@@ -298,7 +302,8 @@ impl Ingestor {
             return Err(SubmitError::QueueFull);
         };
         let (reply, answer) = oneshot::channel();
-        self.sender.send(Job { heartbeats, reply, _permit: permit }).map_err(|_| SubmitError::ShuttingDown)?;
+        let started = WRITE_STARTED.try_with(|w| w.0.clone()).ok();
+        self.sender.send(Job { heartbeats, reply, started, _permit: permit }).map_err(|_| SubmitError::ShuttingDown)?;
         if self.queue.queued() >= HELPER_MIN_QUEUED {
             self.queue.deep.notify_one();
         }
@@ -307,6 +312,7 @@ impl Ingestor {
 
     /// One transaction per heartbeat, straight from the request.
     async fn submit_naive(&self, heartbeats: &[Heartbeat]) -> Result<Vec<Ack>, SubmitError> {
+        let _ = WRITE_STARTED.try_with(|w| w.0.store(true, Ordering::SeqCst));
         let started = Instant::now();
         let result = async {
             let client = db::client(&self.pool).await?;
@@ -341,6 +347,7 @@ struct Writer {
     queue: Arc<Queue>,
     max_flush: usize,
     refusals: Arc<Refusals>,
+    refused: Arc<Refused>,
     stop: CancellationToken,
 }
 
@@ -458,8 +465,13 @@ impl Writer {
     async fn flush(&mut self, jobs: Vec<Job>) {
         // A request already answered (its deadline passed, its client
         // left) was told nothing was stored: storing it now would make a
-        // retry count twice.
-        let jobs: Vec<Job> = jobs.into_iter().filter(|j| !j.reply.is_closed()).collect();
+        // retry count twice. Marking a job started before looking closes
+        // the race with a deadline passing now (see WriteStarted).
+        for job in &jobs {
+            job.mark_started();
+        }
+        let (jobs, abandoned): (Vec<Job>, Vec<Job>) = jobs.into_iter().partition(|j| !j.reply.is_closed());
+        self.note_abandoned(&abandoned);
         if jobs.is_empty() {
             return;
         }
@@ -503,8 +515,20 @@ impl Writer {
         }
     }
 
+    /// Requests answered 503 while they waited (the database stalled, so
+    /// the deadline passed first) came from agents that were alive: their
+    /// refusals count as signs of life, as refusals at capacity do, or a
+    /// stall would read as every agent falling silent at once.
+    fn note_abandoned(&self, abandoned: &[Job]) {
+        if !abandoned.is_empty() {
+            let agents = abandoned.iter().flat_map(|j| j.heartbeats.iter().map(|h| h.agent_id.as_str()));
+            self.refused.note(agents, Instant::now());
+        }
+    }
+
     async fn flush_one(&mut self, job: Job) {
         if job.reply.is_closed() {
+            self.note_abandoned(std::slice::from_ref(&job));
             return;
         }
         let refs: Vec<&Heartbeat> = job.heartbeats.iter().collect();
@@ -556,6 +580,43 @@ async fn record_outage(pool: Pool, since: Instant) {
     };
     if let Err(e) = result {
         tracing::warn!(error = %e, "could not record how long heartbeats were refused");
+    }
+}
+
+impl Job {
+    fn mark_started(&self) {
+        if let Some(started) = &self.started {
+            started.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+tokio::task_local! {
+    static WRITE_STARTED: WriteStarted;
+}
+
+/// Whether the heartbeats of the request being served went into a write.
+/// When the request outlives `server.request_timeout`, its answer depends
+/// on it: heartbeats never taken into a transaction are not stored and
+/// never will be (the writer skips a request whose client was answered),
+/// while a transaction already under way may still commit after the 503,
+/// and the answer must not say "nothing was recorded" then.
+///
+/// The writer sets the flag before it checks whether the request was
+/// answered, and the deadline drops the request before it reads the flag
+/// (both sequentially consistent), so a request read as not started is
+/// one the writer will skip.
+#[derive(Clone, Default)]
+pub struct WriteStarted(Arc<AtomicBool>);
+
+impl WriteStarted {
+    /// Runs `work` (a request's handling) with its writes observed here.
+    pub async fn observe<F: std::future::Future>(&self, work: F) -> F::Output {
+        WRITE_STARTED.scope(self.clone(), work).await
+    }
+
+    pub fn started(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
     }
 }
 

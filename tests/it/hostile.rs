@@ -574,3 +574,48 @@ async fn without_auth_requests_for_an_unknown_host_name_are_refused() {
         .unwrap();
     assert_eq!(response.status(), 200);
 }
+
+#[tokio::test]
+async fn a_503_after_a_stalled_write_says_it_may_be_stored_and_a_queued_one_is_never_written() {
+    let app = TestApp::spawn_with(|s| {
+        s.server.request_timeout = SettingsDuration::from_secs(1);
+        s.ingest.writers = 1;
+    })
+    .await;
+    let key = app.key(&[Scope::Ingest]).await;
+    assert_eq!(app.heartbeat(&key, json!({"agent_id": "stalled"})).await.0, 200);
+    assert_eq!(app.heartbeat(&key, json!({"agent_id": "queued"})).await.0, 200);
+
+    // The database stalls mid-write: the agent's row is locked, so the
+    // writer's transaction waits inside PostgreSQL.
+    let mut blocker = app.db.client().await;
+    let lock = blocker.transaction().await.unwrap();
+    lock.execute("SELECT 1 FROM warden.agent_status WHERE agent_id = 'stalled' FOR UPDATE", &[]).await.unwrap();
+    let (status, body) = app.heartbeat(&key, json!({"agent_id": "stalled"})).await;
+    assert_eq!(status, 503);
+    let message = body["error"]["message"].as_str().unwrap_or_default().to_string();
+    assert!(message.contains("may still be stored"), "{message}");
+
+    // Meanwhile another request waits behind it in the queue, and times out.
+    let (status, body) = app.heartbeat(&key, json!({"agent_id": "queued"})).await;
+    assert_eq!(status, 503);
+    assert!(!body["error"]["message"].as_str().unwrap_or_default().contains("may"), "{body}");
+
+    lock.commit().await.unwrap();
+    // The stalled write commits after all, as its answer warned; then the
+    // queue moves on, and a heartbeat sent now is answered in order.
+    let (status, _) = app.heartbeat(&key, json!({"agent_id": "after"})).await;
+    assert_eq!(status, 200);
+    assert_eq!(app.count("SELECT count(*) FROM warden.agent_heartbeats WHERE agent_id = 'stalled'").await, 2);
+    assert_eq!(
+        app.count("SELECT count(*) FROM warden.agent_heartbeats WHERE agent_id = 'queued'").await,
+        1,
+        "answered 503 before any write took it: never written"
+    );
+    // Its agent was alive, though: liveness counts the refusal as a sign
+    // of life, or a stalled database would read as agents falling silent.
+    crate::helpers::eventually(Duration::from_secs(30), "the refusal recorded", || async {
+        (app.count("SELECT count(*) FROM warden.ingest_refusals WHERE agent_id = 'queued'").await == 1).then_some(())
+    })
+    .await;
+}
