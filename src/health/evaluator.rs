@@ -428,9 +428,13 @@ async fn write_transitions(
         .map(|(_, t)| json!({"old": t.from, "new": t.to, "reason": t.reason, "figures": t.figures}))
         .collect();
     // The state change, its event, and a score snapshot, in one statement.
+    // Going offline ends the on-time run: the phi detector can find an
+    // agent offline sooner than its heartbeats stop counting as on time,
+    // and its next beat must start a new run, not bring it straight back.
     tx.execute(
         "WITH u AS ( \
-           UPDATE warden.agent_status s SET liveness = v.state, liveness_since = $6, history_at = $6 \
+           UPDATE warden.agent_status s SET liveness = v.state, liveness_since = $6, history_at = $6, \
+                  ontime_streak = CASE WHEN v.state = 'offline' THEN 0 ELSE s.ontime_streak END \
            FROM unnest($1::text[], $2::text[]) AS v(agent_id, state) \
            WHERE s.agent_id = v.agent_id \
            RETURNING s.agent_id, s.score, s.tier, s.liveness, s.components), \

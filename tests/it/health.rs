@@ -625,6 +625,36 @@ async fn an_agent_failing_after_a_fleet_outage_opened_gets_its_own_incident() {
 }
 
 #[tokio::test]
+async fn an_agent_phi_found_offline_needs_a_new_run_of_on_time_beats_to_be_online() {
+    let db = TestDb::migrated().await;
+    let mut c = db.client().await;
+    let mut p = params();
+    p.liveness.detector = warden::health::liveness::Detector::Phi;
+    p.liveness.phi.min_std_ms = 100.0;
+    let t = t0();
+    warm_up(&mut c, &p, t).await;
+    // A metronome: thirteen beats 10 s apart.
+    let mut at = t;
+    for n in 0..13 {
+        beat(&c, "metronome", at, 10_000, n).await;
+        evaluator::liveness_cycle(&mut c, &p, "test", Some(at + Duration::milliseconds(10))).await.unwrap();
+        at += Duration::seconds(10);
+    }
+    let last = at - Duration::seconds(10);
+    // 11.1 s of silence is far outside its rhythm: offline, by phi, though
+    // a beat now would still be on time by the fixed rule (12 s).
+    evaluator::liveness_cycle(&mut c, &p, "test", Some(last + Duration::milliseconds(11_100))).await.unwrap();
+    assert_eq!(liveness(&c, "metronome").await, Liveness::Offline);
+    // One beat is not a recovery.
+    beat(&c, "metronome", last + Duration::milliseconds(11_600), 10_000, 13).await;
+    evaluator::liveness_cycle(&mut c, &p, "test", Some(last + Duration::milliseconds(11_700))).await.unwrap();
+    assert_eq!(liveness(&c, "metronome").await, Liveness::Degraded, "recovering, not back");
+    beat(&c, "metronome", last + Duration::milliseconds(21_600), 10_000, 14).await;
+    evaluator::liveness_cycle(&mut c, &p, "test", Some(last + Duration::milliseconds(21_700))).await.unwrap();
+    assert_eq!(liveness(&c, "metronome").await, Liveness::Online, "two on time in a row");
+}
+
+#[tokio::test]
 async fn a_short_restart_does_not_take_quick_agents_offline() {
     let db = TestDb::migrated().await;
     let mut c = db.client().await;
