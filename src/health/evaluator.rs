@@ -1076,6 +1076,10 @@ fn label_number(labels: &Value, key: &str) -> Option<f64> {
     labels.get(key)?.as_str()?.trim().parse::<f64>().ok().filter(|v| v.is_finite() && *v > 0.0)
 }
 
+/// The least share of an hour's counter sums taken as filled: a counter
+/// seconds old would otherwise read as a huge hourly rate.
+const MIN_FILLED: f64 = 0.05;
+
 /// The score inputs of one agent (formulas in `score`).
 fn score_inputs(f: ScoreFacts<'_>) -> Inputs {
     use crate::health::stats::HOUR_S;
@@ -1100,7 +1104,7 @@ fn score_inputs(f: ScoreFacts<'_>) -> Inputs {
     // scaled up as `expected` is, a new agent's steady rate reads as that
     // rate, not a fraction of it (business impact 5 instead of 100 after a
     // few minutes). Agents older than a few hours are unaffected.
-    let filled = (1.0 - (-age_s / HOUR_S).exp()).max(0.05);
+    let filled = (1.0 - (-age_s / HOUR_S).exp()).max(MIN_FILLED);
     let work_per_hour = f.work.map(|s| s.hour_sum_at(f.now) / filled);
     let errors_metric = f.errors.map(|s| s.hour_sum_at(f.now) / filled);
     // Error events are counted over the last hour, of which a new agent
@@ -1113,8 +1117,12 @@ fn score_inputs(f: ScoreFacts<'_>) -> Inputs {
     // Without a work metric, heartbeats are the unit of work errors are
     // counted against (scaled like the counters).
     let work_for_errors = work_per_hour.or_else(|| errors_per_hour.map(|_| received / filled));
+    // Until the floor of `filled` stops mattering (3 minutes), a new
+    // agent's rate reads low (13 % of it at 18 s): no throughput verdict,
+    // rather than "below target" about an agent doing its work.
     let work_reference = label_number(f.labels, "throughput_target_per_hour")
-        .or_else(|| f.work.filter(|s| s.samples >= 5).map(|s| s.slow));
+        .or_else(|| f.work.filter(|s| s.samples >= 5).map(|s| s.slow))
+        .filter(|_| age_s >= HOUR_S * MIN_FILLED);
     Inputs {
         delivery,
         arrival_cv: f.arrival_cv,
@@ -1620,6 +1628,42 @@ mod tests {
         let with_errors = inputs(None, Some(&errors));
         let rate = with_errors.errors_per_hour.unwrap() / with_errors.work_per_hour.unwrap();
         assert!((rate - 0.1).abs() < 0.005, "{rate}");
+    }
+
+    #[test]
+    fn an_agent_minutes_old_gets_no_throughput_verdict_yet() {
+        use crate::health::stats::Regression;
+        let now = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        let labels = serde_json::json!({});
+        let work = MetricStat {
+            samples: 9,
+            updated_at: now,
+            fast: 18_000.0,
+            slow: 18_000.0,
+            hour_sum: 90.0,
+            trend: Regression::default(),
+        };
+        let at_age = |age_s: i64| {
+            score_inputs(ScoreFacts {
+                now,
+                liveness: Some(Liveness::Online),
+                labels: &labels,
+                first_seen: now - Duration::seconds(age_s),
+                last_seen: now,
+                interval_s: 2.0,
+                beats_decayed: age_s as f64 / 2.0,
+                beats_expected: age_s as f64 / 2.0,
+                arrival_cv: None,
+                latency: None,
+                cpu: None,
+                memory: None,
+                errors: None,
+                work: Some(&work),
+                error_events: 0,
+            })
+        };
+        assert_eq!(at_age(18).work_reference_per_hour, None, "18 s old: its rate reads low, so no verdict");
+        assert_eq!(at_age(200).work_reference_per_hour, Some(18_000.0));
     }
 
     #[test]
