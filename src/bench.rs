@@ -257,7 +257,11 @@ pub mod evaluate {
             )
             .await?;
         let update = client
-            .prepare("UPDATE warden.agent_status SET liveness = $2, liveness_since = $3 WHERE agent_id = $1")
+            .prepare(
+                "UPDATE warden.agent_status SET liveness = $2, liveness_since = $3, \
+                        ontime_streak = CASE WHEN $2 = 'offline' THEN 0 ELSE ontime_streak END \
+                 WHERE agent_id = $1",
+            )
             .await?;
         for id in &ids {
             let agent: String = id.get(0);

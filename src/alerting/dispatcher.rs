@@ -42,6 +42,9 @@ use crate::db::{self, DbError};
 /// Longest Retry-After honoured.
 const MAX_RETRY_AFTER: Duration = Duration::hours(1);
 
+/// The longest note about refused recipients kept with a delivery.
+const REFUSED_NOTE_MAX: usize = 1000;
+
 /// Sends one dispatcher has in flight at most, in `dispatch_batch`es.
 const IN_FLIGHT_BATCHES: i64 = 4;
 
@@ -461,8 +464,13 @@ impl Dispatcher {
         let row = &o.row;
         // Sent with some addresses refused for good: sent, and the refusal
         // kept as the error, so that the typo in `to` is found.
+        // (Bounded: an SMTP server's refusals can run long, and the event's
+        // message holds 4096 characters; its details keep them all.)
         let refused = match &o.result {
-            Ok(sent) if !sent.refused.is_empty() => Some(format!("sent; refused: {}", sent.refused.join("; "))),
+            Ok(sent) if !sent.refused.is_empty() => Some(crate::console::format::at_most(
+                &format!("sent; refused: {}", sent.refused.join("; ")),
+                REFUSED_NOTE_MAX,
+            )),
             _ => None,
         };
         let (status, error, retry_after) = match &o.result {
@@ -548,7 +556,8 @@ impl Dispatcher {
                      last_attempt_at, last_success_at, last_failure_at, last_status_code, last_latency_ms, last_error) \
                  SELECT $2, $10, CASE WHEN $7 = 'sent' OR $11 THEN 0 ELSE 1 END, ($7 = 'sent')::int, \
                         ($7 <> 'sent')::int, \
-                        $4, CASE WHEN $7 = 'sent' THEN $4 END, CASE WHEN $7 <> 'sent' THEN $4 END, $6, $5, $8 \
+                        $4, CASE WHEN $7 = 'sent' THEN $4 END, CASE WHEN $7 <> 'sent' THEN $4 END, $6, $5, \
+                        CASE WHEN $7 <> 'sent' THEN $8 END \
                  FROM a \
                  ON CONFLICT (channel) DO UPDATE SET \
                    kind = EXCLUDED.kind, \

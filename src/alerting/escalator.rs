@@ -122,9 +122,9 @@ struct Row {
     /// Held, and the agent still offline or degraded or with another
     /// late, offline or extended-offline alert active.
     problem_goes_on: bool,
-    /// Its incident opened during a fleet outage for an agent that failed
-    /// on its own (the evaluator's `details.outside_fleet_outage`).
-    outside_fleet_outage: bool,
+    /// The fleet outage during which its incident opened for an agent
+    /// that failed on its own (the evaluator's `details.outside_fleet_outage`).
+    outside_fleet_outage: Option<i64>,
 }
 
 /// The escalator-owned columns of one alert after the cycle.
@@ -579,7 +579,7 @@ fn suppression(
         if let (Some((fleet_id, fleet_opened)), Some(_)) = (fleet, agent)
             && FLEET_COVERED.contains(&row.issue.as_str())
             && row.opened_at >= fleet_opened - p.fleet_outage_lookback
-            && !row.outside_fleet_outage
+            && row.outside_fleet_outage != Some(fleet_id)
         {
             return Some(format!("fleet_outage:{fleet_id}"));
         }
@@ -606,7 +606,8 @@ async fn load_alerts(tx: &tokio_postgres::Transaction<'_>) -> Result<Vec<Row>, D
             "SELECT a.id, a.incident_id, a.severity, a.state, a.opened_at, a.paged_at, a.escalation_level, a.repeats, \
                     a.route, a.policy, a.group_id, a.recovery_failed_at, a.source, a.subject, \
                     coalesce(a.issue, 'unknown'), s.labels, a.suppressed_reason, a.held_until, a.next_escalation_at, \
-                    h.held, coalesce(i.details ? 'outside_fleet_outage', false), \
+                    h.held, CASE WHEN jsonb_typeof(i.details -> 'outside_fleet_outage') = 'number' \
+                                 THEN (i.details ->> 'outside_fleet_outage')::bigint END, \
                     h.held AND (s.liveness IN ('offline', 'degraded') \
                                 OR EXISTS (SELECT 1 FROM warden.alerts b \
                                            WHERE NOT b.closed AND b.state <> 'resolved' AND b.source = 'incident' \

@@ -167,13 +167,11 @@ async fn until_started(State(state): State<AppState>, request: Request, next: Ne
 async fn request_timeout(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let limit = state.settings.server.request_timeout.get();
     let (request, body) = deadline::track(request);
-    let writes = crate::ingest::writer::WriteStarted::default();
-    // The handler is dropped when this returns: only then is the flag read
-    // (see WriteStarted).
+    let writes = crate::ingest::writer::RequestWrites::default();
     let outcome = tokio::time::timeout(limit, writes.observe(next.run(request))).await;
     match outcome {
         Ok(response) => response,
-        Err(_) => deadline::expired(&body, writes.started()),
+        Err(_) => deadline::expired(&body, writes.abandon()),
     }
 }
 

@@ -106,6 +106,14 @@ pub fn words(snake: &str) -> String {
 }
 
 /// The text with its first letter capital, to begin a sentence.
+/// `text` cut to at most `max` characters, an ellipsis marking the cut.
+pub fn at_most(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max.saturating_sub(1)) {
+        Some((end, _)) if text.chars().count() > max => format!("{}…", &text[..end]),
+        _ => text.to_string(),
+    }
+}
+
 pub fn capitalized(text: &str) -> String {
     let mut out = text.to_string();
     if let Some(first) = out.get(..1) {

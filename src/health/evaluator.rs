@@ -239,16 +239,26 @@ pub async fn liveness_cycle(
     let last_cycle: Option<DateTime<Utc>> = state.get(0);
     let mut resumed: Option<DateTime<Utc>> = state.get(1);
     // A new leader (replica names carry the process id) after a pause
-    // longer than a cycle's spacing is a restart: this replica heard no
-    // heartbeat while it was down, and an agent with a 5 s interval would
-    // read as offline after a restart of 20 s. Otherwise only a longer
-    // pause (a stalled cycle, say) is a gap.
-    let limit = if state.get::<_, Option<String>>(2).as_deref() == Some(replica) {
-        params.gap_limit()
-    } else {
-        params.check_interval
+    // longer than a cycle's spacing, with nothing stored or refused
+    // meanwhile, is a restart of the only replica: nobody heard the agents,
+    // and one on a 5 s interval would read as offline after a 20 s
+    // restart. (A failover between running replicas has them ingesting
+    // throughout, and is no gap.) Otherwise only a longer pause is a gap.
+    let restarted = match last_cycle {
+        Some(at)
+            if now - at > params.check_interval && state.get::<_, Option<String>>(2).as_deref() != Some(replica) =>
+        {
+            tx.query_one(
+                "SELECT NOT EXISTS (SELECT 1 FROM warden.agent_status WHERE last_seen > $1) \
+                    AND NOT EXISTS (SELECT 1 FROM warden.ingest_refusals WHERE refused_at > $1)",
+                &[&at],
+            )
+            .await?
+            .get(0)
+        }
+        _ => false,
     };
-    if last_cycle.is_none_or(|at| now - at > limit) {
+    if restarted || last_cycle.is_none_or(|at| now - at > params.gap_limit()) {
         if let Some(paused_at) = last_cycle {
             tracing::info!(?last_cycle, "evaluation resumed after a gap; every agent gets a fresh grace");
             // Nobody judged the fleet meanwhile: availability counts the
@@ -585,14 +595,17 @@ async fn liveness_incidents(
         .filter(|row| row.get::<_, DateTime<Utc>>(2) > now - params.fleet_window)
         .filter(|row| !row.get::<_, Option<bool>>(5).unwrap_or(false))
         .count();
-    // Online after the outage opened, in trouble now: agents that left
-    // online since. (Not merely heard from since: in a lossy partition an
-    // agent of the outage gets the odd heartbeat through, and that is no
-    // failure of its own.) The incidents opened for them say so, and the
+    // In trouble now, but heard from after the outage opened and online
+    // since it did: failing on their own. Both, for an agent of the outage
+    // may get the odd heartbeat through a lossy partition without ever
+    // being back online, and one on a long interval (idle, sleep) may
+    // still read as online when the outage opens although it went silent
+    // with the rest. The incidents opened for them say so, and the
     // escalator and the recovery engine read that rather than decide again.
     let on_their_own: HashSet<String> = match (outage, fleet_open) {
         (Some(opened), Some(_)) => {
-            let agents: Vec<String> = troubled.iter().map(|r| r.get(0)).collect();
+            let agents: Vec<String> =
+                troubled.iter().filter(|r| r.get::<_, DateTime<Utc>>(6) > opened).map(|r| r.get(0)).collect();
             tx.query(
                 "SELECT DISTINCT agent_id FROM warden.system_events \
                  WHERE event_type = 'status_changed' AND source = 'warden' AND agent_id = ANY ($1) \
@@ -1005,10 +1018,12 @@ pub async fn score_pass(
             work: stat(Kind::Work),
             error_events: error_events.get(&agent).copied().unwrap_or(0),
         });
-        let is_open = |issue: IssueType| {
-            open.iter().any(|o| o.issue == issue && !o.predicted && o.agent_id.as_deref() == Some(agent.as_str()))
+        let open_now = |issue: IssueType| {
+            open.iter()
+                .find(|o| o.issue == issue && !o.predicted && o.agent_id.as_deref() == Some(agent.as_str()))
+                .map(|o| &o.details)
         };
-        metric_issues(&agent, &inputs, &stats, params, now, is_open, &mut wanted);
+        metric_issues(&agent, &inputs, &stats, params, now, open_now, &mut wanted);
         let Some(score) = score::compute(&inputs, &params.weights, &params.tiers, &params.thresholds) else {
             continue;
         };
@@ -1122,7 +1137,7 @@ fn score_inputs(f: ScoreFacts<'_>) -> Inputs {
     // rather than "below target" about an agent doing its work.
     let work_reference = label_number(f.labels, "throughput_target_per_hour")
         .or_else(|| f.work.filter(|s| s.samples >= 5).map(|s| s.slow))
-        .filter(|_| age_s >= HOUR_S * MIN_FILLED);
+        .filter(|_| 1.0 - (-age_s / HOUR_S).exp() >= MIN_FILLED);
     Inputs {
         delivery,
         arrival_cv: f.arrival_cv,
@@ -1139,13 +1154,13 @@ fn score_inputs(f: ScoreFacts<'_>) -> Inputs {
 }
 
 /// Metric-driven incidents of one agent: actual and predicted.
-fn metric_issues(
+fn metric_issues<'o>(
     agent: &str,
     inputs: &Inputs,
     stats: &HashMap<(String, Kind), MetricStat>,
     params: &EvalParams,
     now: DateTime<Utc>,
-    is_open: impl Fn(IssueType) -> bool,
+    open_now: impl Fn(IssueType) -> Option<&'o Value>,
     wanted: &mut HashMap<Key, Wanted>,
 ) {
     let th = &params.thresholds;
@@ -1153,7 +1168,12 @@ fn metric_issues(
     // both its decayed sums falling alike) reads a hair either side from
     // one pass to the next; an open incident stays open until the figure
     // is clearly below, or it would open and resolve every few seconds.
-    let bar = |issue: IssueType, threshold: f64| if is_open(issue) { threshold * CLEAR_AT } else { threshold };
+    // (One resource_exhaustion incident serves cpu and memory: only the
+    // resource it is about keeps it open.)
+    let bar = |issue: IssueType, resource: Option<&str>, threshold: f64| {
+        let held = open_now(issue).is_some_and(|d| resource.is_none_or(|r| d["resource"] == r));
+        if held { threshold * CLEAR_AT } else { threshold }
+    };
     let key = |issue| (Some(agent.to_string()), issue);
     let horizon_s = seconds(params.prediction_horizon);
     let mut add = |issue: IssueType, severity: Severity, summary: String, details: Value, predicted: bool| {
@@ -1170,7 +1190,7 @@ fn metric_issues(
         (Kind::Memory, inputs.memory_percent, th.memory_critical, "memory"),
     ] {
         let Some(value) = value else { continue };
-        if value >= bar(IssueType::ResourceExhaustion, critical) {
+        if value >= bar(IssueType::ResourceExhaustion, Some(name), critical) {
             add(
                 IssueType::ResourceExhaustion,
                 params.severity(IssueType::ResourceExhaustion),
@@ -1196,7 +1216,7 @@ fn metric_issues(
         // one error per unit of work can come out at 100.2 %; and errors
         // beyond the work done (several per heartbeat) are still "all of it".
         let rate = if work > 0.0 { (errors / work).min(1.0) } else { 1.0 };
-        if errors >= 1.0 && rate >= bar(IssueType::HighErrorRate, params.error_rate_threshold) {
+        if errors >= 1.0 && rate >= bar(IssueType::HighErrorRate, None, params.error_rate_threshold) {
             add(
                 IssueType::HighErrorRate,
                 params.severity(IssueType::HighErrorRate),
@@ -1224,7 +1244,7 @@ fn metric_issues(
 
     if let (Some(latency), Some(reference)) = (inputs.latency, inputs.latency_reference)
         && reference > 0.0
-        && latency / reference >= bar(IssueType::PerformanceDegradation, params.latency_degradation)
+        && latency / reference >= bar(IssueType::PerformanceDegradation, None, params.latency_degradation)
     {
         add(
             IssueType::PerformanceDegradation,
@@ -1680,7 +1700,8 @@ mod tests {
                 ..Inputs::default()
             };
             let mut wanted = HashMap::new();
-            metric_issues("a", &inputs, &stats, &params, now, |_| open, &mut wanted);
+            let details = json!({"resource": "cpu"});
+            metric_issues("a", &inputs, &stats, &params, now, |_| open.then_some(&details), &mut wanted);
             let mut issues: Vec<IssueType> =
                 wanted.into_iter().filter(|(_, w)| !w.predicted).map(|(k, _)| k.1).collect();
             issues.sort_by_key(|i| i.as_str());
@@ -1693,6 +1714,17 @@ mod tests {
         assert_eq!(at(0.0499999999, 89.9, true), both, "open: a hair under keeps it");
         assert_eq!(at(0.046, 82.0, true), both);
         assert!(at(0.044, 80.0, true).is_empty(), "clearly below clears");
+        // The open resource incident is about cpu: memory is not held by it.
+        let memory = |percent: f64| {
+            let inputs = Inputs { memory_percent: Some(percent), ..Inputs::default() };
+            let mut wanted = HashMap::new();
+            let details = json!({"resource": "cpu"});
+            metric_issues("a", &inputs, &stats, &params, now, |_| Some(&details), &mut wanted);
+            wanted.values().any(|w| !w.predicted)
+        };
+        let critical = params.thresholds.memory_critical;
+        assert!(!memory(critical - 1.0), "memory a little under its own threshold opens nothing");
+        assert!(memory(critical));
     }
 
     #[test]

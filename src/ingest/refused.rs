@@ -1,9 +1,9 @@
 //! Heartbeats refused at capacity, remembered as signs of life.
 //!
 //! A heartbeat refused because the queue is full passed its key check and
-//! validation: its agent was alive when it sent it. (So did one that
-//! waited in the queue past `server.request_timeout`, the database
-//! stalling: the writers note those too when they skip them.) Counting only stored
+//! validation: its agent was alive when it sent it. (So did one given up
+//! unanswered, its deadline passing while the database stalled: those are
+//! noted too.) Counting only stored
 //! heartbeats, an overloaded warden would take the agents it turns away
 //! late and offline, and page and restart them for its own overload. So
 //! each refused agent's latest refusal goes to `warden.ingest_refusals`

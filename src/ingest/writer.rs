@@ -39,7 +39,7 @@
 //! at once is possible, and retried).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
@@ -98,9 +98,9 @@ pub struct WriterSettings {
 struct Job {
     heartbeats: Vec<Heartbeat>,
     reply: oneshot::Sender<Result<Vec<Ack>, SubmitError>>,
-    /// Set once a writer has taken the job into a transaction (see
-    /// [`WriteStarted`]).
-    started: Option<Arc<AtomicBool>>,
+    /// Queued, taken into a transaction, or given up by the request's
+    /// deadline (see [`RequestWrites`]); `None` outside a request.
+    state: Option<Arc<AtomicU8>>,
     /// Released when the job is answered, freeing queue capacity.
     _permit: OwnedSemaphorePermit,
 }
@@ -244,7 +244,6 @@ impl Ingestor {
                 queue: queue.clone(),
                 max_flush: settings.max_flush.max(1),
                 refusals: refusals.clone(),
-                refused: refused.clone(),
                 stop: stop.clone(),
             };
             if n == 0 {
@@ -302,17 +301,28 @@ impl Ingestor {
             return Err(SubmitError::QueueFull);
         };
         let (reply, answer) = oneshot::channel();
-        let started = WRITE_STARTED.try_with(|w| w.0.clone()).ok();
-        self.sender.send(Job { heartbeats, reply, started, _permit: permit }).map_err(|_| SubmitError::ShuttingDown)?;
+        let state = REQUEST_WRITES.try_with(RequestWrites::track).ok();
+        // A request given up before its answer (its deadline passed, its
+        // client left) came from an agent alive when it sent it: a sign of
+        // life, as a refusal at capacity is, or a database that stalls
+        // would read as every agent falling silent at once.
+        let unanswered = Unanswered {
+            refused: &self.refused,
+            agents: heartbeats.iter().map(|h| h.agent_id.as_str().to_owned()).collect(),
+            at: Instant::now(),
+        };
+        self.sender.send(Job { heartbeats, reply, state, _permit: permit }).map_err(|_| SubmitError::ShuttingDown)?;
         if self.queue.queued() >= HELPER_MIN_QUEUED {
             self.queue.deep.notify_one();
         }
-        answer.await.map_err(|_| SubmitError::ShuttingDown)?
+        let answered = answer.await;
+        unanswered.disarm();
+        answered.map_err(|_| SubmitError::ShuttingDown)?
     }
 
     /// One transaction per heartbeat, straight from the request.
     async fn submit_naive(&self, heartbeats: &[Heartbeat]) -> Result<Vec<Ack>, SubmitError> {
-        let _ = WRITE_STARTED.try_with(|w| w.0.store(true, Ordering::SeqCst));
+        let _ = REQUEST_WRITES.try_with(|w| w.track().store(WRITING, Ordering::SeqCst));
         let started = Instant::now();
         let result = async {
             let client = db::client(&self.pool).await?;
@@ -347,7 +357,6 @@ struct Writer {
     queue: Arc<Queue>,
     max_flush: usize,
     refusals: Arc<Refusals>,
-    refused: Arc<Refused>,
     stop: CancellationToken,
 }
 
@@ -463,29 +472,37 @@ impl Writer {
     }
 
     async fn flush(&mut self, jobs: Vec<Job>) {
+        let started = Instant::now();
+        // Connected first, so that a wait for a connection is not taken
+        // for a write under way (see RequestWrites).
+        if let Err(e) = self.connection().await {
+            self.client = None;
+            self.failed(jobs, e, started).await;
+            return;
+        }
         // A request already answered (its deadline passed, its client
         // left) was told nothing was stored: storing it now would make a
-        // retry count twice. Marking a job started before looking closes
-        // the race with a deadline passing now (see WriteStarted).
-        for job in &jobs {
-            job.mark_started();
-        }
-        let (jobs, abandoned): (Vec<Job>, Vec<Job>) = jobs.into_iter().partition(|j| !j.reply.is_closed());
-        self.note_abandoned(&abandoned);
+        // retry count twice.
+        let jobs: Vec<Job> = jobs.into_iter().filter(Job::take).collect();
         if jobs.is_empty() {
             return;
         }
-        let started = Instant::now();
         let all: Vec<&Heartbeat> = jobs.iter().flat_map(|j| j.heartbeats.iter()).collect();
-        let result = self.write(&all).await;
-        match result {
+        match self.write(&all).await {
             Ok(acks) => {
                 let metrics = &crate::metrics::METRICS;
                 metrics.flush_size.observe(acks.len() as f64);
                 metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
                 answer_all(jobs, acks)
             }
-            Err(e) if e.is_unavailable() => {
+            Err(e) => self.failed(jobs, e, started).await,
+        }
+    }
+
+    /// Answers the jobs of a flush that failed, begun at `started`.
+    async fn failed(&mut self, jobs: Vec<Job>, e: DbError, started: Instant) {
+        match e {
+            e if e.is_unavailable() => {
                 // Refusing began when the failed flush did, not when it
                 // gave up (a connect timeout can take seconds).
                 if self.refusals.writer_lost(started) {
@@ -495,7 +512,7 @@ impl Writer {
                     let _ = job.reply.send(Err(SubmitError::Unavailable));
                 }
             }
-            Err(e) if e.is_transient() => {
+            e if e.is_transient() => {
                 // A lock held or a statement timed out: each request alone
                 // would wait the same, one after another.
                 tracing::warn!(error = %e, requests = jobs.len(), "group flush could not be done now; answering 503");
@@ -503,10 +520,10 @@ impl Writer {
                     let _ = job.reply.send(Err(SubmitError::Db(e.again())));
                 }
             }
-            Err(e) if jobs.len() == 1 => {
+            e if jobs.len() == 1 => {
                 let _ = jobs.into_iter().next().map(|j| j.reply.send(Err(SubmitError::Db(e))));
             }
-            Err(e) => {
+            e => {
                 tracing::warn!(error = %e, requests = jobs.len(), "group flush failed; retrying request by request");
                 for job in jobs {
                     self.flush_one(job).await;
@@ -515,20 +532,8 @@ impl Writer {
         }
     }
 
-    /// Requests answered 503 while they waited (the database stalled, so
-    /// the deadline passed first) came from agents that were alive: their
-    /// refusals count as signs of life, as refusals at capacity do, or a
-    /// stall would read as every agent falling silent at once.
-    fn note_abandoned(&self, abandoned: &[Job]) {
-        if !abandoned.is_empty() {
-            let agents = abandoned.iter().flat_map(|j| j.heartbeats.iter().map(|h| h.agent_id.as_str()));
-            self.refused.note(agents, Instant::now());
-        }
-    }
-
     async fn flush_one(&mut self, job: Job) {
         if job.reply.is_closed() {
-            self.note_abandoned(std::slice::from_ref(&job));
             return;
         }
         let refs: Vec<&Heartbeat> = job.heartbeats.iter().collect();
@@ -583,40 +588,80 @@ async fn record_outage(pool: Pool, since: Instant) {
     }
 }
 
+/// A job's [`Job::state`]: waiting in the queue; taken into a write; given
+/// up by its request's deadline before any writer took it.
+const QUEUED: u8 = 0;
+const WRITING: u8 = 1;
+const ABANDONED: u8 = 2;
+
 impl Job {
-    fn mark_started(&self) {
-        if let Some(started) = &self.started {
-            started.store(true, Ordering::SeqCst);
+    /// Whether a writer may write this job, claiming it if so: not when
+    /// its request's deadline gave it up first, nor when its client is
+    /// gone (nobody would hear the answer, and a retry would count twice).
+    fn take(&self) -> bool {
+        let taken = self
+            .state
+            .as_ref()
+            .is_none_or(|s| s.compare_exchange(QUEUED, WRITING, Ordering::AcqRel, Ordering::Acquire).is_ok());
+        taken && !self.reply.is_closed()
+    }
+}
+
+/// Notes a request's agents as refused when it is dropped unanswered.
+struct Unanswered<'a> {
+    refused: &'a Refused,
+    agents: Vec<String>,
+    at: Instant,
+}
+
+impl Unanswered<'_> {
+    fn disarm(mut self) {
+        self.agents.clear();
+    }
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if !self.agents.is_empty() {
+            self.refused.note(self.agents.iter().map(String::as_str), self.at);
         }
     }
 }
 
 tokio::task_local! {
-    static WRITE_STARTED: WriteStarted;
+    static REQUEST_WRITES: RequestWrites;
 }
 
-/// Whether the heartbeats of the request being served went into a write.
-/// When the request outlives `server.request_timeout`, its answer depends
-/// on it: heartbeats never taken into a transaction are not stored and
-/// never will be (the writer skips a request whose client was answered),
-/// while a transaction already under way may still commit after the 503,
-/// and the answer must not say "nothing was recorded" then.
-///
-/// The writer sets the flag before it checks whether the request was
-/// answered, and the deadline drops the request before it reads the flag
-/// (both sequentially consistent), so a request read as not started is
-/// one the writer will skip.
+/// The heartbeat jobs of the request being served. When the request
+/// outlives `server.request_timeout`, its answer depends on them: a job
+/// no writer took yet is given up (the writer will skip it: nothing is
+/// stored, ever), while one already in a transaction may still commit
+/// after the 503, and the answer must not say "nothing was recorded" then.
+/// Writer and deadline decide each job with one compare-and-swap on its
+/// state, so exactly one of them wins.
 #[derive(Clone, Default)]
-pub struct WriteStarted(Arc<AtomicBool>);
+pub struct RequestWrites(Arc<std::sync::Mutex<Vec<Arc<AtomicU8>>>>);
 
-impl WriteStarted {
-    /// Runs `work` (a request's handling) with its writes observed here.
+impl RequestWrites {
+    /// Runs `work` (a request's handling) with its jobs tracked here.
     pub async fn observe<F: std::future::Future>(&self, work: F) -> F::Output {
-        WRITE_STARTED.scope(self.clone(), work).await
+        REQUEST_WRITES.scope(self.clone(), work).await
     }
 
-    pub fn started(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+    fn track(&self) -> Arc<AtomicU8> {
+        let state = Arc::new(AtomicU8::new(QUEUED));
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(state.clone());
+        state
+    }
+
+    /// Gives up every job no writer took; true when some was taken (its
+    /// heartbeats may be stored).
+    pub fn abandon(&self) -> bool {
+        let jobs = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        jobs.iter().fold(false, |taken, state| {
+            let lost = state.compare_exchange(QUEUED, ABANDONED, Ordering::AcqRel, Ordering::Acquire);
+            taken | matches!(lost, Err(WRITING))
+        })
     }
 }
 

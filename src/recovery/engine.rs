@@ -172,14 +172,11 @@ impl Engine {
         report.succeeded = succeeded;
         report.failed = failed;
         report.exhausted += exhausted;
-        let outage: bool = client
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM warden.incidents WHERE state = 'open' AND issue_type = 'fleet_outage')",
-                &[],
-            )
+        let outage: Option<i64> = client
+            .query_one("SELECT min(id) FROM warden.incidents WHERE state = 'open' AND issue_type = 'fleet_outage'", &[])
             .await?
             .get(0);
-        report.paused_by_fleet_outage = outage;
+        report.paused_by_fleet_outage = outage.is_some();
         let (started, exhausted) = self.claim_and_start(&mut client, now, outage).await?;
         report.started = started;
         report.exhausted += exhausted;
@@ -569,7 +566,7 @@ impl Engine {
         self: &Arc<Self>,
         client: &mut db::Client,
         now: DateTime<Utc>,
-        outage: bool,
+        outage: Option<i64>,
     ) -> Result<(usize, usize), DbError> {
         let tx = client.transaction().await?;
         // Claims (and manual runs queued) take turns across replicas, so
@@ -601,8 +598,8 @@ impl Engine {
         }
         // While the fleet is out only manual runs start, and the recoveries
         // of incidents the evaluator opened for agents that failed on their
-        // own meanwhile (details.outside_fleet_outage): one emergency page
-        // instead of a restart storm.
+        // own during this outage (details.outside_fleet_outage): one
+        // emergency page instead of a restart storm.
         let rows = tx
             .query(
                 concat!(
@@ -613,16 +610,17 @@ impl Engine {
                      JOIN warden.agent_status s ON s.agent_id = j.agent_id \
                      LEFT JOIN warden.incidents i ON i.id = j.incident_id \
                      WHERE j.state = 'pending' AND j.next_run_at <= $2 \
-                       AND (j.manual OR ($5 AND (NOT $4 OR i.details ? 'outside_fleet_outage'))) \
+                       AND (j.manual OR ($5 AND ($4::bigint IS NULL \
+                                                 OR i.details -> 'outside_fleet_outage' = to_jsonb($4::bigint)))) \
                        AND (j.incident_id IS NULL OR i.state = 'open') \
                        AND NOT EXISTS (SELECT 1 FROM warden.recovery_jobs b \
                                        WHERE b.agent_id = j.agent_id AND b.state IN ('running', 'verifying')) \
                        AND NOT EXISTS (SELECT 1 FROM warden.recovery_jobs o \
                                        WHERE o.agent_id = j.agent_id AND o.state = 'pending' \
                                          AND o.next_run_at <= $2 \
-                                         AND (o.manual OR ($5 AND (NOT $4 \
-                                              OR (SELECT x.details ? 'outside_fleet_outage' FROM warden.incidents x \
-                                                  WHERE x.id = o.incident_id)))) \
+                                         AND (o.manual OR ($5 AND ($4::bigint IS NULL \
+                                              OR (SELECT x.details -> 'outside_fleet_outage' FROM warden.incidents x \
+                                                  WHERE x.id = o.incident_id) = to_jsonb($4::bigint)))) \
                                          AND (o.next_run_at, o.id) < (j.next_run_at, j.id)) \
                      ORDER BY j.next_run_at, j.id LIMIT $1 FOR UPDATE OF j SKIP LOCKED"
                 ),

@@ -592,8 +592,12 @@ async fn an_agent_failing_after_a_fleet_outage_opened_gets_its_own_incident() {
     let mut c = db.client().await;
     let p = params();
     let t = t0();
+    // An agent on a minute's interval goes silent with the six: still
+    // online when the outage opens, it goes late only later.
+    beat(&c, "later-slow", t, 60_000, 1).await;
     let (agents, mut now) = six_of_ten_go_quiet(&mut c, &p, "later", t).await;
     assert_eq!(open_issues(&c, None).await, vec!["fleet_outage"]);
+    assert_eq!(liveness(&c, "later-slow").await, Liveness::Online);
     // The six stay offline but for later-0, one of whose heartbeats gets
     // through (a lossy partition); of the four still beating, later-6 beats
     // once more, then stops too.
@@ -622,6 +626,8 @@ async fn an_agent_failing_after_a_fleet_outage_opened_gets_its_own_incident() {
     assert!(marked.is_some(), "the incident says why it opened during the outage");
     assert!(open_issues(&c, Some("later-0")).await.is_empty(), "a heartbeat getting through is no failure of its own");
     assert!(open_issues(&c, Some("later-1")).await.is_empty(), "the outage still stands in for the six");
+    assert_eq!(liveness(&c, "later-slow").await, Liveness::Degraded);
+    assert!(open_issues(&c, Some("later-slow")).await.is_empty(), "silent since before the outage: one of it");
 }
 
 #[tokio::test]
@@ -689,6 +695,20 @@ async fn a_short_restart_does_not_take_quick_agents_offline() {
     let report = evaluator::liveness_cycle(&mut c, &p, "warden-2", Some(later)).await.unwrap();
     assert!(!report.resumed);
     assert_eq!(liveness(&c, "quick").await, Liveness::Offline);
+
+    // Nor is a failover to a replica that was ingesting all along: another
+    // agent was stored during the pause, so the agents were heard.
+    for n in 0..2 {
+        beat(&c, "quick", later + Duration::seconds(5 * n), 5_000, 50 + n).await;
+    }
+    evaluator::liveness_cycle(&mut c, &p, "warden-2", Some(later + Duration::seconds(6))).await.unwrap();
+    assert_eq!(liveness(&c, "quick").await, Liveness::Online);
+    let heard = later + Duration::seconds(20);
+    beat(&c, "other", heard, 5_000, 1).await;
+    let failover = later + Duration::seconds(30);
+    let report = evaluator::liveness_cycle(&mut c, &p, "warden-3", Some(failover)).await.unwrap();
+    assert!(!report.resumed, "heartbeats were stored meanwhile");
+    assert_eq!(liveness(&c, "quick").await, Liveness::Offline, "silent 25 s: offline, as it was");
 }
 
 #[tokio::test]

@@ -578,7 +578,7 @@ async fn without_auth_requests_for_an_unknown_host_name_are_refused() {
 #[tokio::test]
 async fn a_503_after_a_stalled_write_says_it_may_be_stored_and_a_queued_one_is_never_written() {
     let app = TestApp::spawn_with(|s| {
-        s.server.request_timeout = SettingsDuration::from_secs(1);
+        s.server.request_timeout = SettingsDuration::from_secs(3);
         s.ingest.writers = 1;
     })
     .await;
@@ -600,6 +600,8 @@ async fn a_503_after_a_stalled_write_says_it_may_be_stored_and_a_queued_one_is_n
     let (status, body) = app.heartbeat(&key, json!({"agent_id": "queued"})).await;
     assert_eq!(status, 503);
     assert!(!body["error"]["message"].as_str().unwrap_or_default().contains("may"), "{body}");
+    let before_release: chrono::DateTime<chrono::Utc> =
+        app.db.client().await.query_one("SELECT clock_timestamp()", &[]).await.unwrap().get(0);
 
     lock.commit().await.unwrap();
     // The stalled write commits after all, as its answer warned; then the
@@ -613,9 +615,13 @@ async fn a_503_after_a_stalled_write_says_it_may_be_stored_and_a_queued_one_is_n
         "answered 503 before any write took it: never written"
     );
     // Its agent was alive, though: liveness counts the refusal as a sign
-    // of life, or a stalled database would read as agents falling silent.
-    crate::helpers::eventually(Duration::from_secs(30), "the refusal recorded", || async {
-        (app.count("SELECT count(*) FROM warden.ingest_refusals WHERE agent_id = 'queued'").await == 1).then_some(())
+    // of life, dated when it arrived, or a stalled database would read as
+    // agents falling silent.
+    let refused_at = crate::helpers::eventually(Duration::from_secs(30), "the refusal recorded", || async {
+        let db = app.db.client().await;
+        let row = db.query_opt("SELECT refused_at FROM warden.ingest_refusals WHERE agent_id = 'queued'", &[]).await;
+        row.unwrap().map(|r| r.get::<_, chrono::DateTime<chrono::Utc>>(0))
     })
     .await;
+    assert!(refused_at < before_release, "{refused_at} is when it came, not when the stall ended");
 }

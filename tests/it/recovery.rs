@@ -450,10 +450,14 @@ async fn no_automatic_restart_while_the_fleet_is_out_but_a_manual_run_or_a_later
     // incident opened meanwhile still waits.
     db.batch_execute(
         "INSERT INTO warden.agent_status (agent_id, expected_interval_ms, first_seen, last_seen, liveness) \
-           VALUES ('alone', 1000, now(), now(), 'offline'), ('erring', 1000, now(), now(), 'online'); \
+           VALUES ('alone', 1000, now(), now(), 'offline'), ('erring', 1000, now(), now(), 'online'), \
+                  ('before', 1000, now(), now(), 'offline'); \
          INSERT INTO warden.incidents (agent_id, issue_type, severity, details) \
-           VALUES ('alone', 'agent_unresponsive', 'critical', '{\"outside_fleet_outage\": 1}'), \
-                  ('erring', 'agent_unresponsive', 'critical', '{}');",
+           SELECT a, 'agent_unresponsive', 'critical', d FROM (VALUES \
+             ('alone', jsonb_build_object('outside_fleet_outage', \
+                (SELECT id FROM warden.incidents WHERE issue_type = 'fleet_outage'))), \
+             ('erring', '{}'::jsonb), \
+             ('before', '{\"outside_fleet_outage\": 999999}'::jsonb)) v(a, d);",
     )
     .await
     .unwrap();
@@ -463,6 +467,7 @@ async fn no_automatic_restart_while_the_fleet_is_out_but_a_manual_run_or_a_later
     engine.settle().await;
     assert_eq!(actions(&app, "alone").await.len(), 1);
     assert!(actions(&app, "erring").await.is_empty(), "not one of the outage's exceptions");
+    assert!(actions(&app, "before").await.is_empty(), "an exception of another outage is not this one's");
 
     // The outage ends: the automatic job runs at the next tick.
     db.execute(

@@ -20,7 +20,13 @@ pub struct Email {
     transport: AsyncSmtpTransport<Tokio1Executor>,
     from: Mailbox,
     to: Vec<Mailbox>,
+    /// SMTP sessions open at once, over every delivery to this channel: a
+    /// relay limits connections per client, and each address is a session.
+    sessions: tokio::sync::Semaphore,
 }
+
+/// See [`Email::sessions`].
+const SESSIONS: usize = 4;
 
 impl std::fmt::Debug for Email {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -48,16 +54,16 @@ impl Email {
             builder = builder
                 .credentials(Credentials::new(smtp.username.expose().to_string(), smtp.password.expose().to_string()));
         }
-        Ok(Self { transport: builder.build(), from, to })
+        Ok(Self { transport: builder.build(), from, to, sessions: tokio::sync::Semaphore::new(SESSIONS) })
     }
 
     /// Sends to every address not in `reached`, one SMTP transaction each
-    /// (the headers name them all) and all at once, each within `limit`:
+    /// (the headers name them all), a few at once, each within `limit`:
     /// in one transaction, a server refusing one address (550, a typo)
     /// would refuse the message to everyone. An address refused for good
-    /// (5xx) is not retried once another has the message (it is named in
-    /// [`Sent::refused`]); any other failure is retried for the addresses
-    /// not reached yet, which the error lists.
+    /// (see [`refused_for_good`]) is not retried once another has the
+    /// message (it is named in [`Sent::refused`]); any other failure is
+    /// retried for the addresses not reached yet, which the error lists.
     pub async fn send(&self, message: &Message, reached: &[String], limit: Duration) -> Result<Sent, SendError> {
         let email = build(message, &self.from, &self.to).map_err(SendError::new)?;
         let raw = email.formatted();
@@ -65,13 +71,21 @@ impl Email {
         let results = futures_util::future::join_all(pending.iter().map(|to| {
             let envelope = Envelope::new(Some(self.from.email.clone()), vec![to.email.clone()]);
             let raw = &raw;
-            async move {
+            let send = async move {
                 let envelope = envelope.map_err(|e| (false, None, e.to_string()))?;
-                match tokio::time::timeout(limit, self.transport.send_raw(&envelope, raw)).await {
-                    Ok(Ok(response)) => Ok(u16::from(response.code())),
-                    Ok(Err(e)) => Err((e.is_permanent(), e.status().map(u16::from), one_line(&e.to_string()))),
-                    Err(_) => Err((false, None, "no answer in time".to_string())),
+                let _session = self.sessions.acquire().await.map_err(|e| (false, None, e.to_string()))?;
+                match self.transport.send_raw(&envelope, raw).await {
+                    Ok(response) => Ok(u16::from(response.code())),
+                    Err(e) => {
+                        let status = e.status().map(u16::from);
+                        Err((refused_for_good(status), status, one_line(&e.to_string())))
+                    }
                 }
+            };
+            async move {
+                tokio::time::timeout(limit, send)
+                    .await
+                    .unwrap_or_else(|_| Err((false, None, "no answer in time".into())))
             }
         }))
         .await;
@@ -107,6 +121,14 @@ impl Email {
             }
         }
     }
+}
+
+/// Whether an SMTP reply refuses the address itself, for good: no such
+/// mailbox (550), not local (551), a mailbox name not allowed (553).
+/// Other 5xx replies (authentication, a policy on the whole message, an
+/// overloaded relay's 554) say nothing about one address, and are retried.
+fn refused_for_good(status: Option<u16>) -> bool {
+    matches!(status, Some(550 | 551 | 553))
 }
 
 fn one_line(text: &str) -> String {
@@ -179,6 +201,14 @@ pub fn html(m: &Message) -> String {
 mod tests {
     use super::*;
     use crate::alerting::message::tests::{message, view};
+
+    #[test]
+    fn only_a_refusal_of_the_address_itself_is_final() {
+        assert!(refused_for_good(Some(550)) && refused_for_good(Some(551)) && refused_for_good(Some(553)));
+        for retried in [Some(421), Some(450), Some(530), Some(535), Some(552), Some(554), None] {
+            assert!(!refused_for_good(retried), "{retried:?}");
+        }
+    }
 
     #[test]
     fn the_email_has_subject_text_and_html() {

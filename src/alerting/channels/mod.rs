@@ -57,7 +57,7 @@ impl SendError {
 #[derive(Debug)]
 pub enum Channel {
     Slack(slack::Slack),
-    Email(email::Email),
+    Email(Box<email::Email>),
     Webhook(webhook::Webhook),
     Telegram(telegram::Telegram),
     Log(log::Log),
@@ -122,10 +122,10 @@ impl Channels {
                     c.bot_token.clone(),
                     c.chat_ids.clone(),
                 )),
-                ChannelKind::Email => Channel::Email(
+                ChannelKind::Email => Channel::Email(Box::new(
                     email::Email::new(&settings.smtp, &c.to, settings.delivery_timeout.get())
                         .map_err(|e| format!("alerting.channels.{name}: {e}"))?,
-                ),
+                )),
                 ChannelKind::Log => Channel::Log(log::Log::new(name.clone())),
             };
             by_name.insert(name, channel);
