@@ -91,41 +91,50 @@ impl Fleet {
     }
 }
 
-/// How long the fleet figures of one read serve later scrapes.
+/// How long one read serves later callers (fleet figures, readiness).
 pub const FLEET_FRESH: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// The fleet figures as last rendered. `/metrics` needs no key, so its
-/// database reads must not grow with the rate of scrapes: a scrape gets
-/// the text of a read that finished at most [`FLEET_FRESH`] before it
-/// arrived, or after (it was under way when the scrape came, and the
-/// scrape waited for it), and reads only when there is none.
-#[derive(Default)]
-pub struct FleetCache(tokio::sync::Mutex<Option<(std::time::Instant, String)>>);
+/// The outcome of a read that callers without a key may ask for (the
+/// fleet figures of `/metrics`, the readiness of `/readyz`): their
+/// database reads must not grow with the rate of requests. A caller gets
+/// the outcome of a read that finished at most [`FLEET_FRESH`] before it
+/// arrived, or after (it was under way when the caller came, and the
+/// caller waited for it), and reads only when there is none.
+pub struct SharedRead<T>(tokio::sync::Mutex<Option<(std::time::Instant, T)>>);
 
-impl FleetCache {
-    /// The figures for a scrape that arrived at `arrived`: shared as above,
-    /// else those `read` renders now. `None` when another scrape's read has
-    /// held them for `wait` (a database that hangs), so that scrapes never
+impl<T> Default for SharedRead<T> {
+    fn default() -> Self {
+        Self(tokio::sync::Mutex::new(None))
+    }
+}
+
+/// The fleet figures as last rendered.
+pub type FleetCache = SharedRead<String>;
+
+impl<T: Clone> SharedRead<T> {
+    /// The outcome for a caller that arrived at `arrived`: shared as above,
+    /// else what `read` gives now. `None` when another caller's read has
+    /// held it for `wait` (a database that hangs), so that callers never
     /// queue behind reads one after another.
     pub async fn get_or_read<F, Fut>(
         &self,
         arrived: std::time::Instant,
         wait: std::time::Duration,
         read: F,
-    ) -> Option<String>
+    ) -> Option<T>
     where
         F: FnOnce() -> Fut,
-        Fut: std::future::Future<Output = String>,
+        Fut: std::future::Future<Output = T>,
     {
         let mut last = tokio::time::timeout(wait, self.0.lock()).await.ok()?;
-        if let Some((finished, text)) = last.as_ref()
+        if let Some((finished, value)) = last.as_ref()
             && (*finished >= arrived || arrived.duration_since(*finished) < FLEET_FRESH)
         {
-            return Some(text.clone());
+            return Some(value.clone());
         }
-        let text = read().await;
-        *last = Some((std::time::Instant::now(), text.clone()));
-        Some(text)
+        let value = read().await;
+        *last = Some((std::time::Instant::now(), value.clone()));
+        Some(value)
     }
 }
 

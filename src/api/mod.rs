@@ -59,6 +59,8 @@ pub struct Shared {
     pub started: Arc<std::sync::atomic::AtomicBool>,
     /// The fleet figures of `/metrics`, read at most once a second.
     pub fleet: crate::metrics::FleetCache,
+    /// What `/readyz` found, checked at most once a second.
+    pub ready: crate::metrics::SharedRead<probes::Readiness>,
     /// Console sessions found valid lately (see the type).
     pub recent_sessions: crate::console::session::RecentSessions,
 }
@@ -95,6 +97,7 @@ impl AppState {
                 streams_per_key,
                 started,
                 fleet: Default::default(),
+                ready: Default::default(),
                 recent_sessions,
             }),
         }

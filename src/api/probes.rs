@@ -96,28 +96,54 @@ async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
+/// What one readiness check of the database found.
+#[derive(Clone)]
+pub enum Readiness {
+    /// Schema version, and seconds since the last liveness cycle.
+    Reached(i32, Option<f64>),
+    Unavailable(&'static str),
+    Failed,
+}
+
 /// Readiness: 200 only when the database answers and its schema is at least
 /// the version this binary needs; 503 with Retry-After otherwise.
 async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let check = async {
-        let client = db::client(&state.pool).await?;
-        let version = migrate::current_version(&client).await?;
-        // Seconds since any replica last finished a liveness cycle.
-        let stalled: Option<f64> = match version {
-            Some(v) if v >= 3 => client
-                .query_one("SELECT extract(epoch FROM now() - last_cycle_at)::float8 FROM warden.evaluator_state", &[])
-                .await?
-                .get(0),
-            _ => None,
-        };
-        Ok::<_, db::DbError>((version, stalled))
-    };
+    // Unauthenticated: one check of the database serves every probe of
+    // the same second, however many there are.
     let limit = state.settings.database.connect_timeout.get();
-    let (version, since_cycle) = match tokio::time::timeout(limit, check).await {
-        Ok(Ok((version, since))) => (version.unwrap_or(0), since),
-        Ok(Err(e)) if e.is_unavailable() => return Err(ApiError::unavailable("the database is unreachable")),
-        Ok(Err(e)) => return Err(e.into()),
-        Err(_) => return Err(ApiError::unavailable("the database did not answer in time")),
+    let check = || async {
+        let probe = async {
+            let client = db::client(&state.pool).await?;
+            let version = migrate::current_version(&client).await?;
+            // Seconds since any replica last finished a liveness cycle.
+            let stalled: Option<f64> = match version {
+                Some(v) if v >= 3 => client
+                    .query_one(
+                        "SELECT extract(epoch FROM now() - last_cycle_at)::float8 FROM warden.evaluator_state",
+                        &[],
+                    )
+                    .await?
+                    .get(0),
+                _ => None,
+            };
+            Ok::<_, db::DbError>((version, stalled))
+        };
+        match tokio::time::timeout(limit, probe).await {
+            Ok(Ok((version, since))) => Readiness::Reached(version.unwrap_or(0), since),
+            Ok(Err(e)) if e.is_unavailable() => Readiness::Unavailable("the database is unreachable"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "readiness check failed");
+                Readiness::Failed
+            }
+            Err(_) => Readiness::Unavailable("the database did not answer in time"),
+        }
+    };
+    let found = state.ready.get_or_read(std::time::Instant::now(), limit, check).await;
+    let (version, since_cycle) = match found {
+        Some(Readiness::Reached(version, since)) => (version, since),
+        Some(Readiness::Unavailable(why)) => return Err(ApiError::unavailable(why)),
+        Some(Readiness::Failed) => return Err(ApiError::internal()),
+        None => return Err(ApiError::unavailable("the database did not answer in time")),
     };
     let needed = migrate::latest_version();
     // Evaluation is warden's core job: three missed cycles make every
