@@ -12,7 +12,7 @@ use lettre::message::{Mailbox, MultiPart, SinglePart};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
 
-use super::{SendError, Sent};
+use super::{Reply, SendError, Sent, merge};
 use crate::alerting::message::{DETAILED, Message};
 use crate::config::{SmtpSettings, SmtpTls};
 
@@ -68,58 +68,39 @@ impl Email {
         let email = build(message, &self.from, &self.to).map_err(SendError::new)?;
         let raw = email.formatted();
         let pending: Vec<&Mailbox> = self.to.iter().filter(|to| !reached.contains(&to.email.to_string())).collect();
-        let results = futures_util::future::join_all(pending.iter().map(|to| {
+        let replies = futures_util::future::join_all(pending.iter().map(|to| {
             let envelope = Envelope::new(Some(self.from.email.clone()), vec![to.email.clone()]);
             let raw = &raw;
+            let address = to.email.to_string();
             let send = async move {
-                let envelope = envelope.map_err(|e| (false, None, e.to_string()))?;
-                let _session = self.sessions.acquire().await.map_err(|e| (false, None, e.to_string()))?;
-                match self.transport.send_raw(&envelope, raw).await {
-                    Ok(response) => Ok(u16::from(response.code())),
-                    Err(e) => {
-                        let status = e.status().map(u16::from);
-                        Err((refused_for_good(status), status, one_line(&e.to_string())))
+                let local = |e: String| Reply::Refused { error: SendError::new(format!("SMTP: {e}")), for_good: false };
+                let envelope = envelope.map_err(|e| local(e.to_string()))?;
+                let _session = self.sessions.acquire().await.map_err(|e| local(e.to_string()))?;
+                self.transport.send_raw(&envelope, raw).await.map_err(|e| {
+                    let status = e.status().map(u16::from);
+                    Reply::Refused {
+                        error: SendError {
+                            status,
+                            ..SendError::new(format!("SMTP: {}: {}", to.email, one_line(&e.to_string())))
+                        },
+                        for_good: refused_for_good(status),
                     }
-                }
+                })
             };
             async move {
-                tokio::time::timeout(limit, send)
-                    .await
-                    .unwrap_or_else(|_| Err((false, None, "no answer in time".into())))
+                let reply = match tokio::time::timeout(limit, send).await {
+                    Ok(Ok(response)) => Reply::Took(Some(u16::from(response.code()))),
+                    Ok(Err(reply)) => reply,
+                    Err(_) => Reply::Refused {
+                        error: SendError::new(format!("SMTP: {address}: no answer in time")),
+                        for_good: false,
+                    },
+                };
+                (address, reply)
             }
         }))
         .await;
-        let mut sent = Sent::default();
-        let mut now_reached: Vec<String> = reached.to_vec();
-        let mut retry: Option<SendError> = None;
-        let mut refused: Option<SendError> = None;
-        for (to, result) in pending.into_iter().zip(results) {
-            let address = to.email.to_string();
-            match result {
-                Ok(code) => {
-                    sent.status = Some(code);
-                    now_reached.push(address);
-                }
-                Err((permanent, status, text)) => {
-                    let error = SendError { status, error: format!("SMTP: {address}: {text}"), ..SendError::new("") };
-                    if permanent {
-                        sent.refused.push(format!("{address}: {text}"));
-                        refused.get_or_insert(error);
-                    } else {
-                        retry.get_or_insert(error);
-                    }
-                }
-            }
-        }
-        // Refused for good is final only once someone has the message:
-        // refused everywhere, the channel is failing and retries say so.
-        match retry.or(if now_reached.is_empty() { refused } else { None }) {
-            None => Ok(sent),
-            Some(mut e) => {
-                e.reached = now_reached;
-                Err(e)
-            }
-        }
+        merge(reached, replies)
     }
 }
 

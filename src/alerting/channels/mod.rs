@@ -53,6 +53,58 @@ impl SendError {
     }
 }
 
+/// One recipient's outcome in a send to several (email addresses,
+/// Telegram chats).
+pub(crate) enum Reply {
+    Took(Option<u16>),
+    /// Refused (the error names the recipient), `for_good` when the
+    /// refusal is about the recipient itself (no such mailbox, a chat the
+    /// bot was removed from).
+    Refused {
+        error: SendError,
+        for_good: bool,
+    },
+}
+
+/// Folds a send to several recipients into one outcome. Sent when every
+/// recipient took it or refused it for good, provided one has it (a
+/// recipient refused for good is named in [`Sent::refused`] and not tried
+/// again); otherwise an error carrying the recipients reached so far, for
+/// the retry to skip. The error reported is the first, unless a later one
+/// asks to wait longer (429 Retry-After), which the retry must honour.
+pub(crate) fn merge(reached: &[String], replies: Vec<(String, Reply)>) -> Result<Sent, SendError> {
+    let mut sent = Sent::default();
+    let mut now_reached: Vec<String> = reached.to_vec();
+    let mut retry: Option<SendError> = None;
+    let mut refused: Option<SendError> = None;
+    for (recipient, reply) in replies {
+        match reply {
+            Reply::Took(status) => {
+                sent.status = status.or(sent.status);
+                now_reached.push(recipient);
+            }
+            Reply::Refused { error, for_good } => {
+                if for_good {
+                    sent.refused.push(error.error.clone());
+                }
+                let slot = if for_good { &mut refused } else { &mut retry };
+                if slot.as_ref().is_none_or(|f| error.retry_after > f.retry_after) {
+                    *slot = Some(error);
+                }
+            }
+        }
+    }
+    // Refused for good is final only once someone has the message: refused
+    // everywhere, the channel is failing and retries say so.
+    match retry.or(if now_reached.is_empty() { refused } else { None }) {
+        None => Ok(sent),
+        Some(mut e) => {
+            e.reached = now_reached;
+            Err(e)
+        }
+    }
+}
+
 /// A configured channel.
 #[derive(Debug)]
 pub enum Channel {

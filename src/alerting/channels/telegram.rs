@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use super::{SendError, Sent, post};
+use super::{Reply, SendError, Sent, merge, post};
 use crate::alerting::message::{DETAILED, Message};
 use crate::config::Secret;
 
@@ -46,32 +46,26 @@ impl Telegram {
             }
         }))
         .await;
-        let mut last = Sent::default();
-        let mut first_error: Option<SendError> = None;
-        let mut now_reached: Vec<String> = reached.to_vec();
-        for (chat, result) in chats.into_iter().zip(results) {
-            match result {
-                Ok(sent) => {
-                    last = sent;
-                    now_reached.push(chat.clone());
-                }
-                // The error reported is the first, unless a later one asks
-                // to wait longer (429 Retry-After), which the retry must
-                // honour.
-                Err(mut e) if first_error.as_ref().is_none_or(|f| e.retry_after > f.retry_after) => {
-                    e.error = format!("chat {chat}: {}", e.error);
-                    first_error = Some(e);
-                }
-                Err(_) => {}
-            }
-        }
-        match first_error {
-            None => Ok(last),
-            Some(mut e) => {
-                e.reached = now_reached;
-                Err(e)
-            }
-        }
+        let replies = chats
+            .into_iter()
+            .zip(results)
+            .map(|(chat, result)| {
+                let reply = match result {
+                    Ok(sent) => Reply::Took(sent.status),
+                    // The bot was blocked or removed from the chat (403),
+                    // or the chat does not exist (400): about this chat
+                    // alone. (A message the API cannot parse fails every
+                    // chat alike, and so is retried.)
+                    Err(error) => {
+                        let for_good = matches!(error.status, Some(400 | 403));
+                        let error = SendError { error: format!("chat {chat}: {}", error.error), ..error };
+                        Reply::Refused { error, for_good }
+                    }
+                };
+                (chat.clone(), reply)
+            })
+            .collect();
+        merge(reached, replies)
     }
 }
 

@@ -57,6 +57,17 @@ issues = ["agent_unresponsive", "fleet_outage"]
 policy = "slack"
 "#;
 
+/// Offline agents go to email alone.
+const MAIL_POLICY: &str = r#"
+[[alerting.policies]]
+name = "mail"
+levels = [{ after = "0s", channels = ["oncall_email"] }]
+
+[[alerting.routes]]
+issues = ["agent_unresponsive"]
+policy = "mail"
+"#;
+
 const PAGE_POLICY: &str = r#"
 [[alerting.policies]]
 name = "page"
@@ -317,18 +328,9 @@ policy = "page"
 async fn an_address_the_server_refuses_does_not_keep_the_page_from_the_others() {
     let slack = HttpReceiver::start().await;
     let smtp = SmtpServer::start().await;
-    let policy = r#"
-[[alerting.policies]]
-name = "mail"
-levels = [{ after = "0s", channels = ["oncall_email"] }]
-
-[[alerting.routes]]
-issues = ["agent_unresponsive"]
-policy = "mail"
-"#;
     let channels = channels_toml(&slack, &smtp, None)
         .replace(r#"to = ["oncall@test.local"]"#, r#"to = ["oncall@test.local", "refused@test.local"]"#);
-    let mut rig = Rig::new(&format!("{TIMINGS}{channels}{policy}")).await;
+    let mut rig = Rig::new(&format!("{TIMINGS}{channels}{MAIL_POLICY}")).await;
     rig.auto_dispatch = false;
     rig.beat("m1", 10_000, None).await;
     rig.run_for(secs(40), secs(2)).await;
@@ -365,18 +367,9 @@ policy = "mail"
 async fn a_channel_whose_every_address_is_refused_keeps_failing() {
     let slack = HttpReceiver::start().await;
     let smtp = SmtpServer::start().await;
-    let policy = r#"
-[[alerting.policies]]
-name = "mail"
-levels = [{ after = "0s", channels = ["oncall_email"] }]
-
-[[alerting.routes]]
-issues = ["agent_unresponsive"]
-policy = "mail"
-"#;
     let channels =
         channels_toml(&slack, &smtp, None).replace(r#"to = ["oncall@test.local"]"#, r#"to = ["refused@test.local"]"#);
-    let mut rig = Rig::new(&format!("{TIMINGS}{channels}{policy}")).await;
+    let mut rig = Rig::new(&format!("{TIMINGS}{channels}{MAIL_POLICY}")).await;
     rig.auto_dispatch = false;
     rig.beat("m2", 10_000, None).await;
     rig.run_for(secs(40), secs(2)).await;
@@ -1454,13 +1447,13 @@ policy = "pager"
     assert_eq!(severity, "critical");
 }
 
-/// A Telegram chat that keeps refusing (the bot was removed from it) is
+/// A Telegram chat that keeps failing (502, not a refusal for good) is
 /// retried alone: the chats that got the message do not get it again with
 /// every retry.
 #[tokio::test]
 async fn a_telegram_chat_that_keeps_failing_does_not_repeat_the_message_to_the_others() {
     let bot = HttpReceiver::start().await;
-    bot.refuse_containing(r#""chat_id":"42""#, 403);
+    bot.refuse_containing(r#""chat_id":"42""#, 502);
     let timings = TIMINGS.replace("[alerting]\n", "[alerting]\nmax_delivery_age = \"2m\"\n");
     let config = format!(
         r#"{timings}
@@ -1515,4 +1508,46 @@ policy = "tg"
         .collect();
     assert_eq!(texts.len(), 2, "{texts:?}");
     assert!(texts[1].contains("RESOLVED"), "{}", texts[1]);
+}
+
+/// A chat the bot was removed from (403) is refused for good: once another
+/// chat has the message it is not tried again, and the refusal is on record.
+#[tokio::test]
+async fn a_telegram_chat_that_refuses_the_bot_for_good_is_not_retried() {
+    let bot = HttpReceiver::start().await;
+    bot.refuse_containing(r#""chat_id":"42""#, 403);
+    let config = format!(
+        r#"{TIMINGS}
+[alerting.channels.ops_telegram]
+kind = "telegram"
+bot_token = "123456:ABC-DEF"
+chat_ids = ["-100123", "42"]
+api_base = "{}"
+
+[[alerting.policies]]
+name = "tg"
+levels = [{{ after = "0s", channels = ["ops_telegram"] }}]
+
+[[alerting.routes]]
+issues = ["agent_unresponsive"]
+policy = "tg"
+"#,
+        bot.url("")
+    );
+    let mut rig = Rig::new(&config).await;
+    rig.beat("t2", 10_000, None).await;
+    rig.run_for(secs(90), secs(2)).await;
+    let to = |chat: &str| bot.requests().iter().filter(|r| r.json()["chat_id"] == chat).count();
+    assert_eq!((to("-100123"), to("42")), (1, 1), "each chat once");
+    let (state, error): (String, Option<String>) = rig
+        .c
+        .query_one("SELECT state, last_error FROM warden.alert_deliveries WHERE channel = 'ops_telegram'", &[])
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(state, "sent");
+    assert!(error.unwrap_or_default().contains("chat 42"));
+    let told =
+        rig.count("SELECT count(*) FROM warden.system_events WHERE event_type = 'alert_recipient_refused'").await;
+    assert_eq!(told, 1);
 }
