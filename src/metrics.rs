@@ -92,12 +92,12 @@ impl Fleet {
 }
 
 /// How long one read serves later callers (fleet figures, readiness).
-pub const FLEET_FRESH: std::time::Duration = std::time::Duration::from_secs(1);
+pub const SHARED_READ_FRESH: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The outcome of a read that callers without a key may ask for (the
 /// fleet figures of `/metrics`, the readiness of `/readyz`): their
 /// database reads must not grow with the rate of requests. A caller gets
-/// the outcome of a read that finished at most [`FLEET_FRESH`] before it
+/// the outcome of a read that finished at most [`SHARED_READ_FRESH`] before it
 /// arrived, or after (it was under way when the caller came, and the
 /// caller waited for it), and reads only when there is none.
 pub struct SharedRead<T>(tokio::sync::Mutex<Option<(std::time::Instant, T)>>);
@@ -128,7 +128,7 @@ impl<T: Clone> SharedRead<T> {
     {
         let mut last = tokio::time::timeout(wait, self.0.lock()).await.ok()?;
         if let Some((finished, value)) = last.as_ref()
-            && (*finished >= arrived || arrived.duration_since(*finished) < FLEET_FRESH)
+            && (*finished >= arrived || arrived.duration_since(*finished) < SHARED_READ_FRESH)
         {
             return Some(value.clone());
         }
@@ -272,7 +272,7 @@ mod tests {
         let again = cache.get_or_read(Instant::now(), WAIT, || read("second")).await;
         assert_eq!(again.as_deref(), Some("first"));
         assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), 1, "the second scrape read nothing");
-        let later = Instant::now() + FLEET_FRESH;
+        let later = Instant::now() + SHARED_READ_FRESH;
         assert_eq!(cache.get_or_read(later, WAIT, || read("third")).await.as_deref(), Some("third"));
         assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), 2);
     }

@@ -585,35 +585,38 @@ impl Dispatcher {
             )
             .await?;
         let given_up = matches!(recorded, Recorded::Dead) && updated == 1;
-        if given_up {
+        // What an operator must hear of: a delivery given up, or one sent
+        // with some recipients refused for good (never both).
+        let event = if given_up {
+            Some((
+                "alert_delivery_dead",
+                "critical",
+                format!(
+                    "alert delivery {} to {} given up after {}: {}",
+                    row.id,
+                    row.channel,
+                    crate::console::format::counted(row.attempts.into(), "attempt", "attempts"),
+                    error.unwrap_or_default()
+                ),
+                json!({"delivery_id": row.id, "alert_ids": row.alert_ids, "channel": row.channel,
+                       "kind": row.kind, "attempts": row.attempts, "last_error": error}),
+            ))
+        } else {
+            refused.as_ref().filter(|_| updated == 1).map(|note| {
+                (
+                    "alert_recipient_refused",
+                    "warning",
+                    format!("alert delivery {} to {}: {note}", row.id, row.channel),
+                    json!({"delivery_id": row.id, "alert_ids": row.alert_ids, "channel": row.channel,
+                           "refused": o.result.as_ref().map(|s| s.refused.clone()).unwrap_or_default()}),
+                )
+            })
+        };
+        if let Some((event_type, severity, message, details)) = event {
             tx.execute(
                 "INSERT INTO warden.system_events (occurred_at, agent_id, event_type, severity, message, details) \
-                 VALUES ($1, NULL, 'alert_delivery_dead', 'critical', $2, $3)",
-                &[
-                    &now,
-                    &format!(
-                        "alert delivery {} to {} given up after {}: {}",
-                        row.id,
-                        row.channel,
-                        crate::console::format::counted(row.attempts.into(), "attempt", "attempts"),
-                        error.unwrap_or_default()
-                    ),
-                    &json!({"delivery_id": row.id, "alert_ids": row.alert_ids, "channel": row.channel,
-                            "kind": row.kind, "attempts": row.attempts, "last_error": error}),
-                ],
-            )
-            .await?;
-        }
-        if let (Some(note), 1) = (&refused, updated) {
-            tx.execute(
-                "INSERT INTO warden.system_events (occurred_at, agent_id, event_type, severity, message, details) \
-                 VALUES ($1, NULL, 'alert_recipient_refused', 'warning', $2, $3)",
-                &[
-                    &now,
-                    &format!("alert delivery {} to {}: {note}", row.id, row.channel),
-                    &json!({"delivery_id": row.id, "alert_ids": row.alert_ids, "channel": row.channel,
-                            "refused": o.result.as_ref().map(|s| s.refused.clone()).unwrap_or_default()}),
-                ],
+                 VALUES ($1, NULL, $2, $3, $4, $5)",
+                &[&now, &event_type, &severity, &message, &details],
             )
             .await?;
         }

@@ -1447,15 +1447,10 @@ policy = "pager"
     assert_eq!(severity, "critical");
 }
 
-/// A Telegram chat that keeps failing (502, not a refusal for good) is
-/// retried alone: the chats that got the message do not get it again with
-/// every retry.
-#[tokio::test]
-async fn a_telegram_chat_that_keeps_failing_does_not_repeat_the_message_to_the_others() {
-    let bot = HttpReceiver::start().await;
-    bot.refuse_containing(r#""chat_id":"42""#, 502);
-    let timings = TIMINGS.replace("[alerting]\n", "[alerting]\nmax_delivery_age = \"2m\"\n");
-    let config = format!(
+/// `timings`, and a Telegram channel of two chats (-100123 and 42) at
+/// `bot` that gets every offline agent's page.
+fn telegram_only(timings: &str, bot: &HttpReceiver) -> String {
+    format!(
         r#"{timings}
 [alerting.channels.ops_telegram]
 kind = "telegram"
@@ -1472,8 +1467,18 @@ issues = ["agent_unresponsive"]
 policy = "tg"
 "#,
         bot.url("")
-    );
-    let mut rig = Rig::new(&config).await;
+    )
+}
+
+/// A Telegram chat that keeps failing (502, not a refusal for good) is
+/// retried alone: the chats that got the message do not get it again with
+/// every retry.
+#[tokio::test]
+async fn a_telegram_chat_that_keeps_failing_does_not_repeat_the_message_to_the_others() {
+    let bot = HttpReceiver::start().await;
+    bot.refuse_containing(r#""chat_id":"42""#, 502);
+    let timings = TIMINGS.replace("[alerting]\n", "[alerting]\nmax_delivery_age = \"2m\"\n");
+    let mut rig = Rig::new(&telegram_only(&timings, &bot)).await;
     rig.beat("t1", 10_000, None).await;
     // Offline at +32s, sent after group_wait, then retried every 1-4s.
     rig.run_for(secs(90), secs(2)).await;
@@ -1516,25 +1521,7 @@ policy = "tg"
 async fn a_telegram_chat_that_refuses_the_bot_for_good_is_not_retried() {
     let bot = HttpReceiver::start().await;
     bot.refuse_containing(r#""chat_id":"42""#, 403);
-    let config = format!(
-        r#"{TIMINGS}
-[alerting.channels.ops_telegram]
-kind = "telegram"
-bot_token = "123456:ABC-DEF"
-chat_ids = ["-100123", "42"]
-api_base = "{}"
-
-[[alerting.policies]]
-name = "tg"
-levels = [{{ after = "0s", channels = ["ops_telegram"] }}]
-
-[[alerting.routes]]
-issues = ["agent_unresponsive"]
-policy = "tg"
-"#,
-        bot.url("")
-    );
-    let mut rig = Rig::new(&config).await;
+    let mut rig = Rig::new(&telegram_only(TIMINGS, &bot)).await;
     rig.beat("t2", 10_000, None).await;
     rig.run_for(secs(90), secs(2)).await;
     let to = |chat: &str| bot.requests().iter().filter(|r| r.json()["chat_id"] == chat).count();
