@@ -130,21 +130,35 @@ pub struct PassReport {
 /// resolutions do not cancel anything. Deliveries being sent right now
 /// (claimed, claim not expired) are left to finish.
 ///
+/// A first message that reached some recipients and is being retried for
+/// the others is settled once all its alerts have resolved: retried to
+/// the end, it would hold the all-clear queued behind it from those who
+/// were paged, for as long as `max_delivery_age`. The resolution then goes
+/// to the whole channel, so the recipients it never reached hear of the
+/// alert once, as over.
+///
 /// Likewise a resolution whose channel never got a message about any of
 /// its alerts: it was queued behind a firing message still being retried,
 /// which was then given up (dead) or cancelled, and would close what the
-/// channel never saw open. A message given up after it reached some of
-/// the channel's recipients (`detail.reached`) was seen: its resolution
-/// goes. (An "auto-recovered" note is the first and only
+/// channel never saw open. A message given up or settled after it reached
+/// some of the channel's recipients (`detail.reached`) was seen: its
+/// resolution goes. (An "auto-recovered" note is the first and only
 /// message by design.)
 async fn cancel_stale(client: &tokio_postgres::Client, now: DateTime<Utc>) -> Result<usize, DbError> {
-    let escalations = client
+    let overtaken = client
         .execute(
             "UPDATE warden.alert_deliveries d SET state = 'cancelled', claimed_by = NULL, claimed_until = NULL, \
-                    last_error = 'no alert of it was firing any more' \
-             WHERE d.state = 'pending' AND d.kind IN ('escalation', 'repeat') \
+                    last_error = CASE WHEN d.kind = 'firing' \
+                      THEN 'its alerts resolved before it reached every recipient; the all-clear goes to all' \
+                      ELSE 'no alert of it was firing any more' END \
+             WHERE d.state = 'pending' \
                AND (d.claimed_until IS NULL OR d.claimed_until <= $1) \
-               AND NOT EXISTS (SELECT 1 FROM warden.alerts x WHERE x.id = ANY (d.alert_ids) AND x.state = 'firing')",
+               AND ((d.kind IN ('escalation', 'repeat') \
+                     AND NOT EXISTS (SELECT 1 FROM warden.alerts x \
+                                     WHERE x.id = ANY (d.alert_ids) AND x.state = 'firing')) \
+                 OR (d.kind = 'firing' AND d.detail ? 'reached' \
+                     AND NOT EXISTS (SELECT 1 FROM warden.alerts x \
+                                     WHERE x.id = ANY (d.alert_ids) AND x.state <> 'resolved')))",
             &[&now],
         )
         .await?;
@@ -156,11 +170,11 @@ async fn cancel_stale(client: &tokio_postgres::Client, now: DateTime<Utc>) -> Re
                AND (d.claimed_until IS NULL OR d.claimed_until <= $1) \
                AND NOT EXISTS (SELECT 1 FROM warden.alert_deliveries o \
                                WHERE o.channel = d.channel AND o.kind <> 'resolved' AND o.alert_ids && d.alert_ids \
-                                 AND (o.state IN ('sent', 'pending') OR (o.state = 'dead' AND o.detail ? 'reached')))",
+                                 AND (o.state IN ('sent', 'pending') OR o.detail ? 'reached'))",
             &[&now],
         )
         .await?;
-    Ok((escalations + resolutions) as usize)
+    Ok((overtaken + resolutions) as usize)
 }
 
 /// One replica's dispatcher.

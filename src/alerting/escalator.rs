@@ -707,8 +707,10 @@ async fn recovery_facts(tx: &tokio_postgres::Transaction<'_>, rows: &[Row]) -> R
 
 /// Channels each alert got a firing, escalation or repeat message on, or
 /// will: a pending firing message (a resolution waits for it), or one
-/// being sent now. Not a channel whose messages were all cancelled or
-/// given up before reaching anyone, nor one whose only message is an escalation or repeat still
+/// being sent now. Any message that reached some of the channel's
+/// recipients (`detail.reached`) counts, whatever became of it. Not a
+/// channel whose messages were all cancelled or given up before reaching
+/// anyone, nor one whose only message is an escalation or repeat still
 /// waiting (the dispatcher drops those once their alert stops firing):
 /// there a resolution would close what nobody saw open.
 async fn notified_channels(
@@ -722,7 +724,7 @@ async fn notified_channels(
              FROM warden.alert_notifications n \
              LEFT JOIN warden.alert_deliveries d ON d.id = n.delivery_id \
              WHERE n.alert_id = ANY($1) AND n.kind <> 'resolved' \
-               AND (d.state IS NULL OR d.state = 'sent' OR (d.state = 'dead' AND d.detail ? 'reached') \
+               AND (d.state IS NULL OR d.state = 'sent' OR d.detail ? 'reached' \
                     OR (d.state = 'pending' AND (n.kind = 'firing' OR d.claimed_until > $2))) \
              GROUP BY n.alert_id",
             &[&ids, &now],

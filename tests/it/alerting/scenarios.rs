@@ -1515,6 +1515,51 @@ async fn a_telegram_chat_that_keeps_failing_does_not_repeat_the_message_to_the_o
     assert!(texts[1].contains("RESOLVED"), "{}", texts[1]);
 }
 
+/// An alert that resolves while its page is still being retried to one
+/// chat: the chat that was paged gets the all-clear at once, not after
+/// the retries run out (max_delivery_age, an hour here), and the failing
+/// chat is sent the all-clear instead of the page.
+#[tokio::test]
+async fn a_resolution_is_not_held_behind_a_page_retried_to_one_chat() {
+    let bot = HttpReceiver::start().await;
+    bot.refuse_containing(r#""chat_id":"42""#, 502);
+    let mut rig = Rig::new(&telegram_only(TIMINGS, &bot)).await;
+    rig.beat("t3", 10_000, None).await;
+    rig.run_for(secs(60), secs(2)).await;
+    let texts = |chat: &str| -> Vec<String> {
+        bot.requests()
+            .iter()
+            .filter(|r| r.json()["chat_id"] == chat)
+            .map(|r| r.json()["text"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    assert_eq!(texts("-100123").len(), 1, "paged once");
+    assert!(texts("42").len() >= 3, "the failing chat is retried: {:?}", texts("42"));
+
+    rig.come_back("t3").await;
+    rig.run_for(secs(4), secs(2)).await;
+    let to_paged = texts("-100123");
+    assert_eq!(to_paged.len(), 2, "{to_paged:?}");
+    assert!(to_paged[1].contains("RESOLVED"), "{}", to_paged[1]);
+    let (state, error): (String, Option<String>) = rig
+        .c
+        .query_one(
+            "SELECT state, last_error FROM warden.alert_deliveries WHERE channel = 'ops_telegram' AND kind = 'firing'",
+            &[],
+        )
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(state, "cancelled");
+    assert!(error.unwrap_or_default().contains("resolved before it reached every recipient"));
+    let pages_42 = || texts("42").iter().filter(|t| !t.contains("RESOLVED")).count();
+    let paged_42 = pages_42();
+    rig.run_for(secs(20), secs(2)).await;
+    assert_eq!(pages_42(), paged_42, "the page is not retried once its alert resolved");
+    let to_failing = texts("42");
+    assert!(to_failing.last().is_some_and(|t| t.contains("RESOLVED")), "{to_failing:?}");
+}
+
 /// A chat the bot was removed from (403) is refused for good: once another
 /// chat has the message it is not tried again, and the refusal is on record.
 #[tokio::test]
