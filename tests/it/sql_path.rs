@@ -7,14 +7,16 @@ use warden::auth::Scope;
 use crate::helpers::TestApp;
 
 /// Everything an agent's heartbeats left in the tables, minus its id, the
-/// wall-clock times and the evaluator's columns (the background evaluator
-/// may score one agent a moment before the other), in a comparable form.
+/// wall-clock times, what follows from the gaps between them (inter-arrival
+/// statistics, and the on-time run, which beats under 10 ms apart do not
+/// extend) and the evaluator's columns (the background evaluator may score
+/// one agent a moment before the other), in a comparable form.
 async fn footprint(app: &TestApp, agent: &str) -> Value {
     let db = app.db.client().await;
     let status = db
         .query_one(
             "SELECT to_jsonb(s) - 'agent_id' - 'first_seen' - 'last_seen' - 'liveness_since' - 'last_restart_at' \
-             - 'ia_count' - 'ia_mean_ms' - 'ia_var_ms2' - 'beats_decayed' - 'beats_expected' \
+             - 'ontime_streak' - 'ia_count' - 'ia_mean_ms' - 'ia_var_ms2' - 'beats_decayed' - 'beats_expected' \
              - 'liveness' - 'score' - 'tier' - 'components' - 'evaluated_at' - 'score_trend' - 'history_at' \
              FROM warden.agent_status s WHERE agent_id = $1",
             &[&agent],
