@@ -3,9 +3,10 @@
 //! [`Application::build`] does everything that can fail before serving
 //! (open the database, migrate, bind the port), so a misconfigured replica
 //! exits at once instead of half-running. [`Application::run`] serves until
-//! the shutdown token fires, then stops in order: stop accepting, let
-//! in-flight requests finish, stop background loops, close the pool, stop
-//! the embedded cluster.
+//! the shutdown token fires, then stops in order: stop accepting and stop
+//! the loops that act (evaluation, recovery, alerting), let in-flight
+//! requests finish, stop ingest's writer, close the pool, stop the
+//! embedded cluster.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -137,6 +138,13 @@ impl Application {
     pub async fn run(self, shutdown: CancellationToken) -> std::io::Result<()> {
         let Self { settings, database, listener, local_addr, prepared } = self;
         let background = CancellationToken::new();
+        // The loops that decide and act (evaluation, recovery, alerting,
+        // retention) stop as soon as shutdown begins: a stopping replica
+        // must not open incidents, restart agents or send pages while
+        // in-flight requests drain. Ingest's writer, the stream listener
+        // and an embedded cluster serve those requests, so they stop with
+        // `background`, after the drain.
+        let loops = background.child_token();
         let tasks = TaskTracker::new();
         let started = Arc::new(AtomicBool::new(prepared));
         let ingestor = Ingestor::start(database.pool.clone(), &writer_settings(&settings), background.clone(), &tasks);
@@ -161,7 +169,7 @@ impl Application {
         let fatal = Arc::new(std::sync::OnceLock::<String>::new());
         {
             let (settings, database, tasks_in, stop) =
-                (settings.clone(), database.clone(), tasks.clone(), background.clone());
+                (settings.clone(), database.clone(), tasks.clone(), loops.clone());
             let (shutdown, fatal) = (shutdown.clone(), fatal.clone());
             tasks.spawn(async move {
                 if !prepared {
@@ -184,10 +192,11 @@ impl Application {
 
         let grace = settings.server.shutdown_timeout.get();
         let drained = {
-            let (shutdown, hub) = (shutdown.clone(), hub.clone());
+            let (shutdown, hub, loops) = (shutdown.clone(), hub.clone(), loops.clone());
             async move {
                 shutdown.cancelled().await;
                 tracing::info!("shutting down: no new connections, draining in-flight requests");
+                loops.cancel();
                 hub.close();
             }
         };
@@ -285,7 +294,7 @@ fn start_background(
     settings: &Settings,
     database: &Database,
     local_addr: SocketAddr,
-    background: &CancellationToken,
+    stop: &CancellationToken,
     tasks: &TaskTracker,
 ) {
     let ping = Some(settings.telemetry.self_heartbeat_url.expose().to_string()).filter(|u| !u.is_empty());
@@ -294,7 +303,7 @@ fn start_background(
         crate::health::evaluator::EvalParams::from_settings(&settings.health),
         replica_name(local_addr),
         ping,
-        background.clone(),
+        stop.clone(),
     ));
     if settings.recovery.enabled {
         let engine = crate::recovery::engine::Engine::new(
@@ -304,19 +313,19 @@ fn start_background(
             replica_name(local_addr),
         );
         // Half the grace for actions to finish; the rest to record them.
-        tasks.spawn(engine.run(background.clone(), settings.server.shutdown_timeout.get() / 2));
+        tasks.spawn(engine.run(stop.clone(), settings.server.shutdown_timeout.get() / 2));
     }
     if settings.retention.enabled {
-        tasks.spawn(crate::retention::run(database.pool.clone(), settings.retention.clone(), background.clone()));
+        tasks.spawn(crate::retention::run(database.pool.clone(), settings.retention.clone(), stop.clone()));
     }
-    tasks.spawn(partition_upkeep(database.pool.clone(), settings.database.partitions_ahead_days, background.clone()));
+    tasks.spawn(partition_upkeep(database.pool.clone(), settings.database.partitions_ahead_days, stop.clone()));
 
     // Half the grace for alert sends under way to finish and be recorded.
     if let Err(e) = crate::alerting::start(
         database.pool.clone(),
         &settings.alerting,
         replica_name(local_addr),
-        background.clone(),
+        stop.clone(),
         settings.server.shutdown_timeout.get() / 2,
         tasks,
     ) {

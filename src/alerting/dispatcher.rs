@@ -398,11 +398,16 @@ impl Dispatcher {
                 .unwrap_or_default();
             let started = on_pass_clock();
             let clock = Instant::now();
-            let result = match (channels.get(&row.channel), message) {
+            let mut result = match (channels.get(&row.channel), message) {
                 (Some(channel), Some(message)) => send_bounded(channel, &message, &reached, lease).await,
                 (None, _) => Err(SendError::new(format!("channel {} is no longer configured", row.channel))),
                 (_, None) => Err(SendError::new("the delivery's alerts could not be read")),
             };
+            // Receivers' words are quoted in the record, and may hold NULs.
+            match &mut result {
+                Ok(sent) => sent.refused.iter_mut().for_each(|r| *r = db::storable(r).into_owned()),
+                Err(e) => e.error = db::storable(&e.error).into_owned(),
+            }
             let latency_ms = i32::try_from(clock.elapsed().as_millis()).unwrap_or(i32::MAX);
             Outcome { row, started, finished: on_pass_clock(), latency_ms, result }
         }

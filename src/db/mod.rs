@@ -359,6 +359,12 @@ where
         tries += 1;
         let e = match attempt().await {
             Ok(done) => return Ok(done),
+            // A statement the server refuses for what it holds (not for
+            // being away or busy) is refused again on every try.
+            Err(e @ DbError::Query(_)) if !e.is_unavailable() && !e.is_transient() => {
+                tracing::error!(error = %e, tries, "could not record {what}; trying again would not help");
+                return Err(e);
+            }
             Err(e) => e,
         };
         let wait = waits.next().unwrap_or(Duration::from_secs(4));
@@ -368,6 +374,27 @@ where
         }
         tracing::warn!(error = %e, retry_in = ?wait, "could not record {what}; will retry");
         tokio::time::sleep(wait).await;
+    }
+}
+
+/// PostgreSQL's text and jsonb cannot hold U+0000, and text from outside
+/// warden's control (a recovery command's output, a receiver's answer)
+/// may: a record carrying it would fail on every try and be lost. Each NUL
+/// becomes U+FFFD, as invalid UTF-8 already does when such text is decoded.
+pub fn storable(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains('\0') { text.replace('\0', "\u{FFFD}").into() } else { text.into() }
+}
+
+/// [`storable`] for every string (keys too) in a JSON value.
+pub fn storable_json(value: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::String(s) if s.contains('\0') => Value::String(storable(&s).into_owned()),
+        Value::Array(items) => Value::Array(items.into_iter().map(storable_json).collect()),
+        Value::Object(map) => {
+            Value::Object(map.into_iter().map(|(k, v)| (storable(&k).into_owned(), storable_json(v))).collect())
+        }
+        other => other,
     }
 }
 

@@ -296,7 +296,7 @@ impl Engine {
             .query(
                 "SELECT j.id, j.current_action_id, j.verify_until, a.started_at, s.last_seen, s.liveness, \
                         j.incident_id, a.attempt, j.strategy, a.action, j.agent_id, i.issue_type, i.resolved_at, \
-                        a.finished_at \
+                        a.finished_at, j.manual \
                  FROM warden.recovery_jobs j \
                  JOIN warden.recovery_actions a ON a.id = j.current_action_id \
                  JOIN warden.agent_status s ON s.agent_id = j.agent_id \
@@ -336,7 +336,13 @@ impl Engine {
                 if silence { back } else { back.and(resolved_at.filter(|r| started.is_some_and(|s| *r >= s))) };
             if let Some(fixed_at) = fixed_at {
                 let took = started.map(|s| (fixed_at - s).num_milliseconds() as f64 / 1000.0).unwrap_or(0.0);
-                let credit = format!("auto-recovered by {strategy}/{action_name} on attempt {attempts}");
+                // An operator's run is no automatic recovery, and has
+                // no attempt number of the incident's to quote.
+                let credit = if row.get::<_, bool>(14) {
+                    format!("recovered by a manual run of {strategy}/{action_name}")
+                } else {
+                    format!("auto-recovered by {strategy}/{action_name} on attempt {attempts}")
+                };
                 tx.execute(
                     "UPDATE warden.recovery_actions SET state = 'succeeded', \
                        outcome = coalesce(outcome || '; ', '') || $2 WHERE id = $1",
@@ -746,7 +752,8 @@ impl Engine {
                 summary: "interrupted: warden stopped while it ran and ended it; its effect is verified".into(),
                 detail: json!({"interrupted": true}),
             },
-        };
+        }
+        .storable();
         let margin = self.pool.timeouts().wait.unwrap_or_default();
         let what = format!("the result of recovery action {} (job {})", start.action_id, start.job);
         // Giving up was logged; the lease will expire.

@@ -34,6 +34,13 @@ impl Outcome {
     pub fn failed(summary: impl Into<String>, detail: Value) -> Self {
         Self { ended: Ended::Failed, summary: summary.into(), detail }
     }
+
+    /// Ready to record: a command's output or an endpoint's answer may
+    /// hold NUL bytes, which PostgreSQL's text and jsonb refuse.
+    pub fn storable(self) -> Self {
+        let summary = crate::db::storable(&self.summary).into_owned();
+        Self { summary, detail: crate::db::storable_json(self.detail), ..self }
+    }
 }
 
 /// Environment variables a command gets; nothing else of warden's
@@ -91,6 +98,31 @@ pub async fn run_command(
     // Its own process group, so a timeout kills everything it started.
     #[cfg(unix)]
     command.process_group(0);
+    // Killed with warden, should warden itself be killed or crash: a
+    // command left running would have no timeout, and could still be at
+    // work when another replica takes the job over and runs the action
+    // again. The kernel signals it when the thread that started it ends;
+    // that is a runtime worker, which lives as long as warden. (What the
+    // command started in turn is not reached this way; a supervisor that
+    // kills the whole service, as systemd's KillMode=mixed does, is.)
+    #[cfg(target_os = "linux")]
+    {
+        let warden = std::process::id() as libc::pid_t;
+        // SAFETY: between fork and exec only async-signal-safe calls,
+        // and no allocation.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // warden ended before the line above: nobody would kill it.
+                if libc::getppid() != warden {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                }
+                Ok(())
+            });
+        }
+    }
     let mut child = match command.spawn() {
         Ok(child) => child,
         Err(e) => {
@@ -249,21 +281,30 @@ pub async fn run_http(client: &reqwest::Client, call: HttpCall<'_>) -> Outcome {
         }
     };
     let status = response.status().as_u16();
-    let (excerpt, truncated) = crate::http::read_body(response, output_limit).await;
-    let detail = json!({
+    let body = crate::http::read_body(response, output_limit).await;
+    let mut detail = json!({
         "url": url,
         "method": method.as_str(),
         "status": status,
-        "body": excerpt,
-        "body_truncated": truncated,
+        "body": body.text,
+        "body_truncated": body.truncated || body.broken.is_some(),
         "duration_ms": started.elapsed().as_millis() as u64,
     });
+    // The status is the answer; a body that then broke off does not undo
+    // it, but the record must not pass it off as whole.
+    let cut = match &body.broken {
+        Some(why) => {
+            detail["body_error"] = json!(why);
+            format!(" (its body broke off: {why})")
+        }
+        None => String::new(),
+    };
     let accepted =
         if expect_status.is_empty() { (200..300).contains(&status) } else { expect_status.contains(&status) };
     if accepted {
-        Outcome { ended: Ended::Done, summary: format!("{method} {url} answered {status}"), detail }
+        Outcome { ended: Ended::Done, summary: format!("{method} {url} answered {status}{cut}"), detail }
     } else {
-        Outcome::failed(format!("{method} {url} answered {status}, expected {expect_status:?}"), detail)
+        Outcome::failed(format!("{method} {url} answered {status}, expected {expect_status:?}{cut}"), detail)
     }
 }
 

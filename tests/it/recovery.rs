@@ -481,7 +481,7 @@ async fn no_automatic_restart_while_the_fleet_is_out_but_a_manual_run_or_a_later
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replica_killed_mid_recovery_leaves_the_job_to_another_and_nothing_runs_twice() {
+async fn a_replica_killed_mid_recovery_takes_its_command_along_and_the_job_goes_on_elsewhere() {
     let db = crate::helpers::TestDb::migrated().await;
     let dir = tempfile::tempdir().unwrap();
     let pidfile = dir.path().join("agent.pid");
@@ -507,6 +507,7 @@ check_interval = "200ms"
 poll_interval = "100ms"
 lease_margin = "1s"
 verify_timeout = "10s"
+backoff_base = "1s"
 [[recovery.strategies]]
 name = "restart"
 issues = ["agent_unresponsive"]
@@ -553,25 +554,39 @@ timeout = "20s"
     let owner_port: u16 = owner.rsplit(':').next().unwrap().parse().unwrap();
     let victim = replicas.iter().position(|r| r.port == owner_port).expect("the owner is one of ours");
     replicas[victim].kill();
+    // Its command dies with it: left running, it would have no timeout and
+    // could overlap the survivor's attempt.
+    let go_path = go.display().to_string();
+    eventually(WAIT, "the killed replica's command to end with it", || {
+        let left = crate::procs::processes_with(&[&go_path]);
+        async move { left.is_empty().then_some(()) }
+    })
+    .await;
     std::fs::write(&go, "").unwrap();
 
-    // The survivor takes the job over once the lease lapses; the orphaned
-    // restart still brings the agent back, and the job succeeds once.
-    eventually(Duration::from_secs(90), "the job to succeed", || async {
+    // The survivor takes the job over once the lease lapses, records the
+    // attempt as abandoned, finds it did not bring the agent back, and
+    // runs the action again: the job succeeds with the second.
+    eventually(Duration::from_secs(120), "the job to succeed", || async {
         let row = client.query_opt("SELECT state FROM warden.recovery_jobs", &[]).await.ok()??;
         (row.get::<_, String>(0) == "succeeded").then_some(())
     })
     .await;
     let runs: Vec<(String, Option<String>)> = client
-        .query("SELECT state, outcome FROM warden.recovery_actions WHERE agent_id = 'rec-6'", &[])
+        .query("SELECT state, outcome FROM warden.recovery_actions WHERE agent_id = 'rec-6' ORDER BY id", &[])
         .await
         .unwrap()
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-    assert_eq!(runs.len(), 1, "the action ran once, never again by the survivor: {runs:?}");
+    assert_eq!(runs.len(), 2, "the killed one, then the survivor's: {runs:?}");
+    assert_eq!(runs[0].0, "failed", "{runs:?}");
     let outcome = runs[0].1.as_deref().unwrap();
-    assert!(outcome.contains("stopped before the action finished") && outcome.contains("verified"), "{outcome}");
+    assert!(
+        outcome.contains("stopped before the action finished") && outcome.contains("did not come back"),
+        "{outcome}"
+    );
+    assert_eq!(runs[1].0, "succeeded", "{runs:?}");
     let succeeded: i64 = client
         .query_one("SELECT count(*) FROM warden.system_events WHERE event_type = 'recovery_succeeded'", &[])
         .await
@@ -753,4 +768,67 @@ timeout = "3m"
     assert_eq!(seen, ("abandoned".into(), Some("true".into()), "verifying".into(), true));
     let left = crate::procs::processes_with(&[&marker]);
     assert!(left.is_empty(), "no command outlives warden: {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_replica_starts_no_recovery_while_requests_drain() {
+    let db = crate::helpers::TestDb::migrated().await;
+    let dir = tempfile::tempdir().unwrap();
+    let marker = format!("warden-draining-{}", std::process::id());
+    let config = dir.path().join("warden.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[server]
+shutdown_timeout = "8s"
+[auth]
+enabled = false
+[health]
+check_interval = "200ms"
+[recovery]
+poll_interval = "100ms"
+[[recovery.strategies]]
+name = "quick"
+issues = ["agent_unresponsive"]
+[[recovery.strategies.actions]]
+kind = "command"
+argv = ["/bin/sh", "-c", ": {marker}"]
+timeout = "10s"
+"#
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    let mut replica = Process::replica(&config, &db.url(), port);
+    replica.ready(WAIT).await;
+    // A request whose body never finishes keeps the drain going for the
+    // whole shutdown_timeout.
+    let mut slow = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let head = format!(
+        "POST /v1/heartbeats HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\ncontent-type: application/json\r\n\
+         content-length: 100\r\n\r\n{{"
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut slow, head.as_bytes()).await.unwrap();
+    let client = db.client().await;
+    client.execute("SELECT warden.record_heartbeat('draining', next_heartbeat_ms => 300)", &[]).await.unwrap();
+    replica.terminate();
+    eventually(WAIT, "the replica to exit", || {
+        let exited = !replica.running();
+        async move { exited.then_some(()) }
+    })
+    .await;
+    drop(slow);
+    // The agent fell silent after the replica stopped deciding: had it
+    // gone on, it would have opened the incident (offline within about a
+    // second) and run the action during the drain.
+    let (incidents, actions): (i64, i64) = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM warden.incidents WHERE agent_id = 'draining'),                     (SELECT count(*) FROM warden.recovery_actions WHERE agent_id = 'draining')",
+            &[],
+        )
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!((incidents, actions), (0, 0), "a stopping replica opened incidents or started recoveries");
 }

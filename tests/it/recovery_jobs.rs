@@ -240,6 +240,18 @@ async fn a_manual_run_is_queued_once() {
     assert!(matches!(again, ManualError::Busy(_)), "a second request while the first is queued: {again}");
     assert_eq!(rig.tick().await.started, 1);
     assert_eq!(rig.action_states("manual").await, ["verifying"]);
+
+    // Back: the credit names the operator's run, not an automatic one.
+    db.execute(
+        "UPDATE warden.agent_status SET liveness = 'online', last_seen = now() + interval '1 second' \
+         WHERE agent_id = 'manual'",
+        &[],
+    )
+    .await
+    .unwrap();
+    rig.tick().await;
+    let jobs = rig.jobs("manual").await;
+    assert_eq!(jobs, [("succeeded".to_string(), Some("recovered by a manual run of fix/command#1".to_string()))]);
 }
 
 #[tokio::test]
@@ -496,6 +508,83 @@ async fn an_http_action_follows_no_redirect_and_a_302_is_a_failure() {
     assert_eq!(state, "failed");
     assert!(outcome.contains("answered 302"), "{outcome}");
     assert_eq!(detail["status"], 302);
+}
+
+#[tokio::test]
+async fn a_nul_in_a_commands_output_does_not_keep_its_failure_from_the_record() {
+    // PostgreSQL's text and jsonb refuse U+0000; an outcome holding one
+    // was retried until the lease ran out and then called abandoned.
+    let rig = rig(
+        vec![strategy(
+            &[IssueType::AgentUnresponsive],
+            vec![command(&["/bin/sh", "-c", "printf 'restart failed: \\000 binary'; exit 1"])],
+        )],
+        3,
+    )
+    .await;
+    rig.agent("nul").await;
+    rig.incident("nul", IssueType::AgentUnresponsive).await;
+    assert_eq!(rig.tick().await.started, 1);
+    let row = rig
+        .db
+        .client()
+        .await
+        .query_one("SELECT state, detail FROM warden.recovery_actions WHERE agent_id = 'nul'", &[])
+        .await
+        .unwrap();
+    let (state, detail): (String, serde_json::Value) = (row.get(0), row.get(1));
+    assert_eq!(state, "failed");
+    assert_eq!(detail["exit_code"], 1);
+    assert_eq!(detail["stdout"], "restart failed: \u{FFFD} binary");
+    assert_eq!(rig.jobs("nul").await[0].0, "pending", "on to the next attempt after the backoff");
+}
+
+#[tokio::test]
+async fn an_http_answer_whose_body_breaks_off_is_not_recorded_as_whole() {
+    // 200 with a long body announced, five bytes (one a NUL) sent, then
+    // nothing until the action's timeout.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let orchestrator = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut request = [0u8; 4096];
+                let _ = socket.read(&mut request).await;
+                let _ = socket.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\nok\0zz").await;
+                tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+            });
+        }
+    });
+    let http = Action::Http {
+        name: None,
+        method: "POST".into(),
+        url: format!("{orchestrator}/restart/{{agent_id}}"),
+        headers: Default::default(),
+        body: None,
+        expect_status: vec![],
+        timeout: D::from_secs(1),
+        attempts: 1,
+    };
+    let rig = rig(vec![strategy(&[IssueType::AgentUnresponsive], vec![http])], 3).await;
+    rig.agent("cut").await;
+    rig.incident("cut", IssueType::AgentUnresponsive).await;
+    assert_eq!(rig.tick().await.started, 1);
+    let row = rig
+        .db
+        .client()
+        .await
+        .query_one("SELECT state, outcome, detail FROM warden.recovery_actions WHERE agent_id = 'cut'", &[])
+        .await
+        .unwrap();
+    let (state, outcome, detail): (String, String, serde_json::Value) = (row.get(0), row.get(1), row.get(2));
+    // The answer was 200: the agent is verified, as after any restart.
+    assert_eq!(state, "verifying", "{outcome}");
+    assert!(outcome.contains("answered 200 (its body broke off: timed out)"), "{outcome}");
+    assert_eq!(
+        (&detail["body"], &detail["body_truncated"], &detail["body_error"]),
+        (&serde_json::json!("ok\u{FFFD}zz"), &serde_json::json!(true), &serde_json::json!("timed out"))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

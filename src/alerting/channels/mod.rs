@@ -209,7 +209,7 @@ pub(crate) async fn post(request: reqwest::RequestBuilder) -> Result<Sent, SendE
         .and_then(|v| v.trim().parse::<u64>().ok())
         .map(Duration::from_secs);
     // A refusal's first 200 characters say why; the rest is never read.
-    let (body, _) = crate::http::read_body(response, 200 * 4).await;
+    let body = crate::http::read_body(response, 200 * 4).await.text;
     let body: String = body.chars().filter(|c| !c.is_control()).take(200).collect();
     Err(SendError {
         status: Some(status.as_u16()),
