@@ -45,7 +45,7 @@ SELECT lt.agent_id,
         FROM warden.liveness_transitions t
         WHERE t.agent_id = lt.agent_id
           AND t.new_liveness = 'offline'
-          AND t.occurred_at >= $1::timestamptz
+          AND t.occurred_at >= greatest($1::timestamptz, s.first_seen)
           AND t.occurred_at < $2::timestamptz) AS outages,
        s.liveness AS liveness_now
 FROM warden.liveness_time($1::timestamptz, $2::timestamptz, $3::text) lt

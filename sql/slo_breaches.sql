@@ -39,7 +39,7 @@ SELECT m.agent_id,
        (SELECT count(*)
         FROM warden.incidents n
         WHERE n.agent_id = m.agent_id
-          AND n.opened_at >= $1::timestamptz
+          AND n.opened_at >= greatest($1::timestamptz, s.first_seen)
           AND n.opened_at < $2::timestamptz) AS incidents
 FROM measured m
 LEFT JOIN warden.agent_status s ON s.agent_id = m.agent_id

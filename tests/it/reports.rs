@@ -741,6 +741,62 @@ async fn a_stretch_without_evaluation_is_unknown_not_up() {
     }
 }
 
+/// An agent removed and registered again is a new agent: until its first
+/// evaluation it is unknown, not in the state its earlier life ended in,
+/// and that life's outages are not its own.
+#[tokio::test]
+async fn an_agent_registered_again_after_removal_starts_unknown_not_offline() {
+    let (db, mut c, p, t) = evaluated_with_a_beat("again").await;
+    // On PostgreSQL's microseconds, to compare the times read back.
+    let at = |s: i64| chrono::SubsecRound::trunc_subsecs(t + Duration::seconds(s), 6);
+    // Online at 1, offline at 32, removed at 40.
+    for s in [1, 12, 22, 32] {
+        evaluator::liveness_cycle(&mut c, &p, "test", Some(at(s))).await.unwrap();
+    }
+    let mut pooled = db.pooled().await;
+    warden::health::removal::remove(&mut pooled, "again", "test", Some(at(40))).await.unwrap();
+    // Registered again at 100 and beating every 8 s; evaluated from 105.
+    for s in [100, 108, 116] {
+        beat(&c, "again", at(s)).await;
+        evaluator::liveness_cycle(&mut c, &p, "test", Some(at(s + 5))).await.unwrap();
+    }
+
+    let b = Bindings::new(&settings(), at(0), at(121));
+    let availability = run(&c, "agent_availability", &b).await;
+    let again = row(&availability, "agent_id", "again");
+    // Its life began at 100: unknown until the evaluation at 105, online
+    // since.
+    close(again["unknown_seconds"], 5.0);
+    close(again["online_seconds"], 16.0);
+    close(again["offline_seconds"], 0.0);
+    close(again["availability_pct"], 100.0);
+    assert_eq!(int(again["outages"]), 0, "the outage of its earlier life");
+
+    let spans: Vec<(String, DateTime<Utc>, Option<DateTime<Utc>>)> = c
+        .query(
+            "SELECT liveness, valid_from, valid_to FROM warden.liveness_spans($1, $2, 'again') ORDER BY 2",
+            &[&at(0), &at(121)],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(spans, [("unknown".into(), at(100), Some(at(105))), ("online".into(), at(105), Some(at(121)))]);
+    // The whole-history view draws its life the same way.
+    let whole: Vec<(String, DateTime<Utc>, Option<DateTime<Utc>>)> = c
+        .query(
+            "SELECT liveness, valid_from, valid_to FROM warden.liveness_intervals WHERE agent_id = 'again' ORDER BY 2",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(whole, [("unknown".into(), at(100), Some(at(105))), ("online".into(), at(105), None)]);
+}
+
 // ------------------------------------------------------------------ dashboards
 
 /// What Grafana substitutes for one query: the time range, the interval
