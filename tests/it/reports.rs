@@ -1016,8 +1016,9 @@ async fn every_dashboard_query_runs_with_grafana_macros_expanded_and_has_its_pan
 
 #[tokio::test]
 async fn deliveries_by_channel_averages_the_time_to_ack_per_alert_not_per_message() {
-    // Two alerts on one channel: one acknowledged after 600 s that took
-    // three messages (it escalated), one after 60 s with one.
+    // Three alerts on one channel: one acknowledged after 600 s that took
+    // three messages (it escalated), one after 60 s with one, and one after
+    // 120 s that went out in that same message, grouped with it.
     let db = TestDb::migrated().await;
     let client = db.client().await;
     client
@@ -1025,10 +1026,11 @@ async fn deliveries_by_channel_averages_the_time_to_ack_per_alert_not_per_messag
             "INSERT INTO warden.alerts (id, dedup_key, severity, state, escalation_level, opened_at, acknowledged_at) \
                OVERRIDING SYSTEM VALUE VALUES \
                (1, 'a:x', 'critical', 'acknowledged', 3, now() - interval '20 minutes', now() - interval '10 minutes'), \
-               (2, 'b:x', 'critical', 'acknowledged', 1, now() - interval '20 minutes', now() - interval '19 minutes'); \
-             INSERT INTO warden.alert_deliveries (alert_id, channel, kind, level, state, sent_at) VALUES \
-               (1, 'ops', 'firing', 1, 'sent', now()), (1, 'ops', 'escalation', 2, 'sent', now()), \
-               (1, 'ops', 'escalation', 3, 'sent', now()), (2, 'ops', 'firing', 1, 'sent', now());",
+               (2, 'b:x', 'critical', 'acknowledged', 1, now() - interval '20 minutes', now() - interval '19 minutes'), \
+               (3, 'c:x', 'critical', 'acknowledged', 1, now() - interval '20 minutes', now() - interval '18 minutes'); \
+             INSERT INTO warden.alert_deliveries (alert_id, alert_ids, channel, kind, level, state, sent_at) VALUES \
+               (1, '{}', 'ops', 'firing', 1, 'sent', now()), (1, '{}', 'ops', 'escalation', 2, 'sent', now()), \
+               (1, '{}', 'ops', 'escalation', 3, 'sent', now()), (2, '{2,3}', 'ops', 'firing', 1, 'sent', now());",
         )
         .await
         .unwrap();
@@ -1047,7 +1049,7 @@ async fn deliveries_by_channel_averages_the_time_to_ack_per_alert_not_per_messag
     );
     let row = client.query_one(&sql, &[]).await.unwrap();
     assert_eq!(row.get::<_, i64>(0), 4);
-    close(&Value::Float(row.get(1)), 330.0);
+    close(&Value::Float(row.get(1)), 260.0);
 }
 
 #[tokio::test]
