@@ -218,6 +218,22 @@ pub async fn resolved_incidents(
     Ok(client.query(&sql, &[&agent, &days, &limit]).await?.iter().map(incident_from).collect())
 }
 
+/// How many incidents are open, and how many resolved within `days`: the
+/// page lists only the first of each, and must not pass their number off
+/// as the total.
+pub async fn incident_totals(client: &tokio_postgres::Client, days: i32) -> Result<(i64, i64), DbError> {
+    let row = client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE state = 'open'), \
+                    count(*) FILTER (WHERE state = 'resolved' AND resolved_at > now() - $1::int * interval '1 day') \
+             FROM warden.incidents \
+             WHERE state = 'open' OR resolved_at > now() - $1::int * interval '1 day'",
+            &[&days],
+        )
+        .await?;
+    Ok((row.get(0), row.get(1)))
+}
+
 /// Recovery actions of the given incidents, oldest first, by incident.
 pub async fn recoveries_for(
     client: &tokio_postgres::Client,
@@ -318,6 +334,19 @@ pub async fn alerts_in(
     let mut alerts: Vec<AlertRow> = rows.iter().map(|(_, v)| AlertRow::from_json(v)).collect();
     attach_deliveries(client, &mut alerts).await?;
     Ok(alerts)
+}
+
+/// How many alerts are firing, and how many acknowledged (see
+/// [`incident_totals`]).
+pub async fn alert_totals(client: &tokio_postgres::Client) -> Result<(i64, i64), DbError> {
+    let row = client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE state = 'firing'), count(*) FILTER (WHERE state = 'acknowledged') \
+             FROM warden.alerts WHERE state <> 'resolved'",
+            &[],
+        )
+        .await?;
+    Ok((row.get(0), row.get(1)))
 }
 
 /// One message of an alert to one channel.

@@ -185,6 +185,8 @@ pub async fn incidents(State(state): State<AppState>, user: ConsoleUser) -> Page
     let client = client(&state, &user).await?;
     let open = data::open_incidents(&client, None, 200).await.map_err(|e| failure(&user, e))?;
     let resolved = data::resolved_incidents(&client, None, RESOLVED_DAYS, 100).await.map_err(|e| failure(&user, e))?;
+    let (open_total, resolved_total) =
+        data::incident_totals(&client, RESOLVED_DAYS).await.map_err(|e| failure(&user, e))?;
     let ids: Vec<i64> = open.iter().chain(&resolved).map(|i| i.id).collect();
     let recoveries = data::recoveries_for(&client, &ids).await.map_err(|e| failure(&user, e))?;
     let alerts = data::alerts_for_incidents(&client, &ids).await.map_err(|e| failure(&user, e))?;
@@ -195,6 +197,8 @@ pub async fn incidents(State(state): State<AppState>, user: ConsoleUser) -> Page
         recoveries: &recoveries,
         alerts: &alerts,
         days: RESOLVED_DAYS,
+        open_total,
+        resolved_total,
     };
     let chrome = Chrome {
         title: "Incidents",
@@ -228,6 +232,7 @@ async fn render_alerts(
     let firing = data::alerts_in(&client, AlertState::Firing, 500).await.map_err(|e| failure(user, e))?;
     let acknowledged = data::alerts_in(&client, AlertState::Acknowledged, 500).await.map_err(|e| failure(user, e))?;
     let resolved = data::alerts_in(&client, AlertState::Resolved, 20).await.map_err(|e| failure(user, e))?;
+    let (firing_total, acknowledged_total) = data::alert_totals(&client).await.map_err(|e| failure(user, e))?;
     let silences = silences::list(&client, false).await.map_err(|e| failure(user, e))?;
     let view = templates::AlertsView {
         now: Utc::now(),
@@ -235,6 +240,8 @@ async fn render_alerts(
         firing: &firing,
         acknowledged: &acknowledged,
         resolved: &resolved,
+        firing_total,
+        acknowledged_total,
         silences: &silences,
         draft,
         flash,

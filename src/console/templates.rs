@@ -915,28 +915,43 @@ pub struct IncidentsView<'a> {
     pub recoveries: &'a BTreeMap<i64, Vec<ActionRow>>,
     pub alerts: &'a BTreeMap<i64, Vec<AlertRow>>,
     pub days: i32,
+    /// The whole counts; the lists stop at a cap.
+    pub open_total: i64,
+    pub resolved_total: i64,
+}
+
+/// Under a list cut at its cap: how many it shows, of how many, and where
+/// to find them all.
+fn shown_of(shown: usize, total: i64, all: &str) -> Markup {
+    html! {
+        @if (shown as i64) < total {
+            p.note { "Showing " (shown) " of " (total) ". All of them: " code { (all) } }
+        }
+    }
 }
 
 pub fn incidents(v: &IncidentsView<'_>) -> Markup {
     html! {
         div.page-head {
             h1 { "Incidents" }
-            p.sub { (v.open.len()) " open · " (v.resolved.len()) " resolved in the last " (v.days) " days" }
+            p.sub { (v.open_total) " open · " (v.resolved_total) " resolved in the last " (v.days) " days" }
         }
         section #incidents-open .panel data-live aria-labelledby="io-title" {
-            h2 #io-title { "Open" span.count-pill data-count="open" { (v.open.len()) } }
+            h2 #io-title { "Open" span.count-pill data-count="open" { (v.open_total) } }
             @if v.open.is_empty() {
                 p.empty { "No open incidents. All quiet." }
             } @else {
                 @for i in v.open { (incident_card(v, i, true)) }
+                (shown_of(v.open.len(), v.open_total, "GET /v1/incidents?state=open"))
             }
         }
         section #incidents-resolved .panel data-live aria-labelledby="ir-title" {
-            h2 #ir-title { "Resolved recently" span.count-pill { (v.resolved.len()) } }
+            h2 #ir-title { "Resolved recently" span.count-pill { (v.resolved_total) } }
             @if v.resolved.is_empty() {
                 p.empty { "Nothing resolved in the last " (v.days) " days." }
             } @else {
                 @for i in v.resolved { (incident_card(v, i, false)) }
+                (shown_of(v.resolved.len(), v.resolved_total, "GET /v1/incidents?state=resolved"))
             }
         }
     }
@@ -1028,6 +1043,9 @@ pub struct AlertsView<'a> {
     pub firing: &'a [AlertRow],
     pub acknowledged: &'a [AlertRow],
     pub resolved: &'a [AlertRow],
+    /// The whole counts; the lists stop at a cap.
+    pub firing_total: i64,
+    pub acknowledged_total: i64,
     pub silences: &'a [Silence],
     pub draft: &'a SilenceDraft,
     pub flash: Option<(&'static str, String)>,
@@ -1050,19 +1068,21 @@ pub fn alerts(v: &AlertsView<'_>) -> Markup {
         div.page-head {
             h1 { "Alerts" }
             p.sub {
-                (v.firing.len()) " firing · " (v.acknowledged.len()) " acknowledged · "
+                (v.firing_total) " firing · " (v.acknowledged_total) " acknowledged · "
                 (format::counted(in_force as i64, "silence", "silences")) " in force"
                 @if scheduled > 0 { " · " (scheduled) " scheduled" }
             }
         }
         @if let Some((kind, text)) = &v.flash { (notice(kind, text)) }
         section #alerts-firing .panel data-live aria-labelledby="af-title" {
-            h2 #af-title { "Firing" span.count-pill data-count="firing" { (v.firing.len()) } }
+            h2 #af-title { "Firing" span.count-pill data-count="firing" { (v.firing_total) } }
             (alert_table(v.now, v.user, v.firing, "/alerts", AlertColumns::Full))
+            (shown_of(v.firing.len(), v.firing_total, "GET /v1/alerts?state=firing"))
         }
         section #alerts-acknowledged .panel data-live aria-labelledby="ak-title" {
-            h2 #ak-title { "Acknowledged" span.count-pill { (v.acknowledged.len()) } }
+            h2 #ak-title { "Acknowledged" span.count-pill { (v.acknowledged_total) } }
             (alert_table(v.now, v.user, v.acknowledged, "/alerts", AlertColumns::Full))
+            (shown_of(v.acknowledged.len(), v.acknowledged_total, "GET /v1/alerts?state=acknowledged"))
         }
         section #alerts-resolved .panel data-live aria-labelledby="ax-title" {
             h2 #ax-title { "Recently resolved" }

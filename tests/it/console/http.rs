@@ -707,3 +707,31 @@ async fn http_the_status_page_is_computed_once_for_a_crowd() {
     assert!(failures.iter().all(Result::is_err));
     assert_eq!(fresh_cache.computations(), 1);
 }
+
+/// The pages list the first 200 open incidents and 500 firing alerts; the
+/// counts they print are the whole numbers, and a cut list says so.
+#[tokio::test]
+async fn http_lists_cut_at_their_cap_say_how_many_there_are_in_all() {
+    let app = app().await;
+    let (_, read, _) = keys(&app).await;
+    app.db
+        .client()
+        .await
+        .batch_execute(
+            "INSERT INTO warden.incidents (agent_id, issue_type, severity) \
+               SELECT 'many-' || n, 'agent_unresponsive', 'critical' FROM generate_series(1, 205) n; \
+             INSERT INTO warden.alerts (dedup_key, severity, state, escalation_level, opened_at) \
+               SELECT 'many-' || n || ':x', 'critical', 'firing', 1, now() FROM generate_series(1, 503) n;",
+        )
+        .await
+        .unwrap();
+    let session = sign_in(&app, &read).await;
+    let (_, _, incidents) = get(&app, &session, "/incidents").await;
+    assert!(incidents.contains("205 open ·"), "{incidents}");
+    assert!(incidents.contains("Showing 200 of 205."), "the list is cut");
+    assert!(incidents.matches("href=\"/agents/many-").count() >= 200);
+    let (_, _, alerts) = get(&app, &session, "/alerts").await;
+    assert!(alerts.contains("503 firing ·"));
+    assert!(alerts.contains("Showing 500 of 503."));
+    assert!(!alerts.contains("Showing 0 of"), "a list that is whole says nothing");
+}
