@@ -189,9 +189,22 @@ impl Metrics {
         for kind in ["liveness", "score"] {
             cycle_failures.with_label_values(&[kind]);
         }
+        let rejects = counter(&registry, "warden_heartbeat_rejects_total", "Heartbeat requests refused", &["reason"]);
+        for reason in REJECT_REASONS {
+            rejects.with_label_values(&[reason]);
+        }
+        let recovery_attempts = counter(
+            &registry,
+            "warden_recovery_attempts_total",
+            "Recovery attempts finished, by outcome",
+            &["outcome"],
+        );
+        for outcome in ["succeeded", "failed", "timed_out", "abandoned"] {
+            recovery_attempts.with_label_values(&[outcome]);
+        }
         Self {
             heartbeats: counter(&registry, "warden_heartbeats_total", "Heartbeats committed", &["path"]),
-            rejects: counter(&registry, "warden_heartbeat_rejects_total", "Heartbeat requests refused", &["reason"]),
+            rejects,
             flush_size: histogram(
                 &registry,
                 "warden_ingest_flush_size",
@@ -208,12 +221,7 @@ impl Metrics {
             cycle_seconds,
             cycle_failures,
             transitions: counter(&registry, "warden_liveness_transitions_total", "Liveness transitions", &["to"]),
-            recovery_attempts: counter(
-                &registry,
-                "warden_recovery_attempts_total",
-                "Recovery attempts finished, by outcome",
-                &["outcome"],
-            ),
+            recovery_attempts,
             deliveries: counter(
                 &registry,
                 "warden_alert_deliveries_total",
@@ -244,6 +252,11 @@ impl Metrics {
         String::from_utf8(out).expect("the text format is UTF-8")
     }
 }
+
+/// The `reason`s of `warden_heartbeat_rejects_total` (given by status in
+/// `api::ingest`), each present from the start.
+pub const REJECT_REASONS: [&str; 8] =
+    ["malformed", "unauthorized", "forbidden", "too_large", "invalid", "rate_limited", "unavailable", "error"];
 
 /// The process-wide metrics.
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);

@@ -75,6 +75,13 @@ pub fn start(
     }
     let channels = Arc::new(channels::Channels::from_settings(settings)?);
     let names: Vec<&str> = channels.names().collect();
+    // Present from the start, so that an alert on their increase sees the
+    // first failure.
+    for channel in &names {
+        for outcome in ["sent", "failed", "dead"] {
+            crate::metrics::METRICS.deliveries.with_label_values(&[channel, outcome]);
+        }
+    }
     tracing::info!(channels = ?names, "alerting started");
     tasks.spawn(escalator::run(pool.clone(), escalator::EscalatorParams::from_settings(settings), stop.clone()));
     let dispatcher =

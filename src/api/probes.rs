@@ -73,12 +73,13 @@ async fn fleet_figures(state: &AppState, m: &crate::metrics::Fleet) -> Result<()
         let n = liveness.iter().find(|r| r.get::<_, String>(0) == l.as_str()).map(|r| r.get::<_, i64>(1)).unwrap_or(0);
         m.agents.with_label_values(&[l.as_str()]).set(n);
     }
-    let tiers = client
-        .query("SELECT tier, count(*) FROM warden.agent_status WHERE tier IS NOT NULL GROUP BY tier", &[])
-        .await?;
-    for t in Tier::ALL {
-        let n = tiers.iter().find(|r| r.get::<_, String>(0) == t.as_str()).map(|r| r.get::<_, i64>(1)).unwrap_or(0);
-        m.agents_by_tier.with_label_values(&[t.as_str()]).set(n);
+    // Agents not scored yet are `unscored`, as in /v1/fleet: the tiers
+    // add up to the fleet.
+    let tiers =
+        client.query("SELECT coalesce(tier, 'unscored'), count(*) FROM warden.agent_status GROUP BY 1", &[]).await?;
+    for t in Tier::ALL.iter().map(|t| t.as_str()).chain(["unscored"]) {
+        let n = tiers.iter().find(|r| r.get::<_, String>(0) == t).map(|r| r.get::<_, i64>(1)).unwrap_or(0);
+        m.agents_by_tier.with_label_values(&[t]).set(n);
     }
     let open = client
         .query("SELECT issue_type, count(*) FROM warden.incidents WHERE state = 'open' GROUP BY issue_type", &[])

@@ -57,6 +57,13 @@ async fn metrics_count_the_work_and_pass_promtool() {
         let series = format!("warden_evaluation_failures_total{{kind=\"{kind}\"}}");
         assert!(metric(&text, &series).is_some(), "{series} is there before any failure: {text}");
     }
+    for series in [
+        "warden_heartbeat_rejects_total{reason=\"unavailable\"}",
+        "warden_recovery_attempts_total{outcome=\"failed\"}",
+        "warden_alert_deliveries_total{channel=\"log\",outcome=\"failed\"}",
+    ] {
+        assert!(metric(&text, series).is_some(), "{series} is there before any failure: {text}");
+    }
     assert!(metric(&text, "warden_db_pool_max_connections").unwrap() >= 1.0);
     // Their values are whichever pool was scraped last: the registry is
     // the process's, and other tests' apps scrape it too.
@@ -76,6 +83,12 @@ async fn metrics_count_the_work_and_pass_promtool() {
     })
     .await;
     assert_eq!(metric(&text, "warden_incidents_open{issue_type=\"fleet_outage\"}"), Some(0.0));
+    // Not scored yet: the tiers add up to the fleet all the same.
+    let tiers: f64 = ["excellent", "good", "fair", "poor", "critical", "unscored"]
+        .iter()
+        .map(|t| metric(&text, &format!("warden_agents_by_tier{{tier=\"{t}\"}}")).unwrap_or(0.0))
+        .sum();
+    assert_eq!(tiers, 3.0, "{text}");
 
     // promtool is installed by .ci/run; a missing one is a failure, not a skip.
     let mut check = std::process::Command::new("promtool")
