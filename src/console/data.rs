@@ -111,7 +111,7 @@ impl FleetFilter {
             liveness: get("liveness").and_then(|v| v.parse().ok()),
             tier: get("tier").and_then(|v| v.parse().ok()),
             // Nothing searchable holds U+0000, and PostgreSQL refuses it in text.
-            q: get("q").map(|q| q.chars().filter(|c| *c != '\0').take(200).collect()).unwrap_or_default(),
+            q: get("q").map(|q| q.trim().chars().filter(|c| *c != '\0').take(200).collect()).unwrap_or_default(),
             sort: get("sort").and_then(|v| v.parse().ok()).unwrap_or(SortKey::Liveness),
             descending: get("dir") == Some("desc"),
             page: get("page").and_then(|v| v.parse().ok()).filter(|p| (1..=100_000).contains(p)).unwrap_or(1),
@@ -122,8 +122,11 @@ impl FleetFilter {
 /// A page of the agent table and how many agents match in all.
 pub async fn agents(client: &tokio_postgres::Client, f: &FleetFilter) -> Result<(Vec<AgentRow>, i64), DbError> {
     let pattern = (!f.q.is_empty()).then(|| super::format::like_pattern(&f.q));
+    // Labels as the table shows them (`role=api`), as the quick filter
+    // matches them, not as JSON text (`"role": "api"`).
     let filter = "($1::text IS NULL OR liveness = $1) AND ($2::text IS NULL OR tier = $2) \
-                  AND ($3::text IS NULL OR agent_id ILIKE $3 OR name ILIKE $3 OR labels::text ILIKE $3)";
+                  AND ($3::text IS NULL OR agent_id ILIKE $3 OR name ILIKE $3 \
+                       OR EXISTS (SELECT 1 FROM jsonb_each_text(labels) l WHERE l.key || '=' || l.value ILIKE $3))";
     let liveness = f.liveness.map(Liveness::as_str);
     let tier = f.tier.map(Tier::as_str);
     let total: i64 = client

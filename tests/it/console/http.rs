@@ -145,6 +145,11 @@ async fn http_pages_carry_their_data_without_javascript() {
     assert!(offline.contains("data-agent=\"flaky\"") && !offline.contains("data-agent=\"steady-1\""));
     let (_, _, search) = get(&app, &session, "/?q=worker").await;
     assert!(search.contains("data-agent=\"steady-2\"") && !search.contains("data-agent=\"steady-1\""));
+    // Labels are searched as the table shows them, not as JSON.
+    let (_, _, search) = get(&app, &session, "/?q=+service%3DSearch").await;
+    assert!(search.contains("data-agent=\"flaky\"") && !search.contains("data-agent=\"steady-1\""));
+    let (_, _, search) = get(&app, &session, "/?q=service%22%3A+%22Search").await;
+    assert!(!search.contains("data-agent=\"flaky\""), "JSON syntax matches nothing");
 
     let (status, _, agent) = get(&app, &session, "/agents/flaky").await;
     assert_eq!(status, 200);
