@@ -53,10 +53,13 @@ pub fn utc(t: DateTime<Utc>) -> String {
     t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
 }
 
-/// A score as a whole number, or an em dash when there is none.
+/// A score as a whole number, rounded down, or an em dash when there is
+/// none. A tier starts at its lower bound (`health.tiers`), decided on
+/// the exact value: 79.6 shown as 80 beside the tier below 80 would
+/// contradict it.
 pub fn score(v: Option<f64>) -> String {
     match v {
-        Some(v) if v.is_finite() => format!("{}", v.round() as i64),
+        Some(v) if v.is_finite() => format!("{}", v.floor() as i64),
         _ => "—".into(),
     }
 }
@@ -265,7 +268,8 @@ mod tests {
     #[test]
     fn numbers_are_formatted_for_people() {
         assert_eq!(score(Some(87.49)), "87");
-        assert_eq!(score(Some(87.5)), "88");
+        assert_eq!(score(Some(79.6)), "79", "below 80, as its tier says");
+        assert_eq!(score(Some(100.0)), "100");
         assert_eq!(score(None), "—");
         assert_eq!(score(Some(f64::NAN)), "—");
         assert_eq!(uptime(100.0), "100%");
