@@ -415,7 +415,11 @@ async fn simulate(args: SimulateArgs) -> Result<(), Failure> {
     };
     eprintln!(
         "simulating {} agents over {} connections for {} (batch {}, {} metrics each)",
-        spec.agents, spec.connections, args.duration, spec.batch, spec.metrics
+        crate::loadgen::simulated_agents(&spec),
+        spec.connections,
+        args.duration,
+        spec.batch,
+        spec.metrics
     );
     let report = crate::loadgen::run(spec).await.map_err(Failure::other)?;
     print!("{}", report.summary());

@@ -208,9 +208,7 @@ async fn worker(spec: Arc<LoadSpec>, index: usize, start: Instant, deadline: Ins
     let interval = per_worker_rate.map(|r| Duration::from_secs_f64(spec.batch as f64 / r.max(1e-9)));
     let mut next_send = start + interval.map(|i| i.mul_f64(index as f64 / spec.connections as f64)).unwrap_or_default();
     let mut seq: u64 = 0;
-    // Each connection owns its agents, at least one batch worth, so no agent
-    // is ever in two requests at once and a batch never repeats an agent.
-    let agents_per_worker = (spec.agents / spec.connections.max(1)).max(spec.batch).max(1);
+    let own = owned_agents(&spec, index);
     let auth = format!("Bearer {}", spec.key);
     loop {
         let scheduled = match interval {
@@ -241,7 +239,7 @@ async fn worker(spec: Arc<LoadSpec>, index: usize, start: Instant, deadline: Ins
                 }
             }
         }
-        let body = build_body(&spec, index, agents_per_worker, &mut seq);
+        let body = build_body(&spec, own.clone(), &mut seq);
         let request = Request::post("/v1/heartbeats")
             .header(hyper::header::HOST, "warden")
             .header(hyper::header::CONTENT_TYPE, "application/json")
@@ -290,13 +288,38 @@ async fn connect(addr: SocketAddr) -> Result<hyper::client::conn::http1::SendReq
     Ok(sender)
 }
 
-/// A request body: one heartbeat or a batch, with monotonically rising
-/// uptime per agent so that no restart is detected.
-fn build_body(spec: &LoadSpec, worker: usize, agents_per_worker: usize, seq: &mut u64) -> String {
+/// The agents connection `worker` heartbeats for. Each connection owns its
+/// own, at least one batch worth, so no agent is ever in two requests at
+/// once and a batch never repeats an agent. The `agents` asked for are
+/// shared out whole (450 over 64 connections: 7 or 8 each); with fewer
+/// than a batch per connection, each gets one batch worth, and there are
+/// more agents than asked ([`simulated_agents`]).
+fn owned_agents(spec: &LoadSpec, worker: usize) -> std::ops::Range<usize> {
+    let connections = spec.connections.max(1);
+    let (base, extra) = (spec.agents / connections, spec.agents % connections);
+    if base >= spec.batch.max(1) {
+        let first = worker * base + worker.min(extra);
+        first..first + base + usize::from(worker < extra)
+    } else {
+        let each = spec.batch.max(1);
+        worker * each..(worker + 1) * each
+    }
+}
+
+/// How many distinct agents a run heartbeats for.
+pub fn simulated_agents(spec: &LoadSpec) -> usize {
+    (0..spec.connections.max(1)).map(|w| owned_agents(spec, w).len()).sum()
+}
+
+/// A request body: one heartbeat or a batch, for agents of `own` in turn,
+/// with monotonically rising uptime per agent so that no restart is
+/// detected.
+fn build_body(spec: &LoadSpec, own: std::ops::Range<usize>, seq: &mut u64) -> String {
     let mut out = String::with_capacity(64 + spec.batch * (96 + spec.metrics * 24));
+    let count = own.len().max(1);
     let one = |out: &mut String, seq: u64| {
-        let agent = worker * agents_per_worker + (seq as usize % agents_per_worker);
-        let uptime = seq / agents_per_worker as u64;
+        let agent = own.start + (seq as usize % count);
+        let uptime = seq / count as u64;
         let _ =
             write!(out, r#"{{"agent_id":"{}-{agent}","mode":"active","uptime_seconds":{uptime}"#, spec.agent_prefix);
         if spec.metrics > 0 {
@@ -387,11 +410,25 @@ mod tests {
     #[test]
     fn bodies_are_valid_heartbeats() {
         let mut seq = 0;
-        let single: serde_json::Value = serde_json::from_str(&build_body(&spec(1, 2), 1, 2, &mut seq)).unwrap();
+        let single: serde_json::Value = serde_json::from_str(&build_body(&spec(1, 2), 2..4, &mut seq)).unwrap();
         assert_eq!(single["agent_id"], "sim-2");
         assert_eq!(single["metrics"].as_object().unwrap().len(), 2);
-        let batch: serde_json::Value = serde_json::from_str(&build_body(&spec(3, 0), 0, 2, &mut seq)).unwrap();
+        let batch: serde_json::Value = serde_json::from_str(&build_body(&spec(3, 0), 0..2, &mut seq)).unwrap();
         assert_eq!(batch["heartbeats"].as_array().unwrap().len(), 3);
         assert_eq!(seq, 4);
+    }
+
+    #[test]
+    fn connections_share_out_exactly_the_agents_asked_for() {
+        let mut s = spec(1, 0);
+        (s.agents, s.connections) = (450, 64);
+        let owned: Vec<_> = (0..64).map(|w| owned_agents(&s, w)).collect();
+        assert_eq!(owned.first(), Some(&(0..8)));
+        assert_eq!(owned.last(), Some(&(443..450)));
+        assert!(owned.windows(2).all(|w| w[0].end == w[1].start), "no agent twice, none left out");
+        assert_eq!(simulated_agents(&s), 450);
+        // Batches of 10 over 64 connections need 640.
+        (s.batch, s.agents) = (10, 100);
+        assert_eq!(simulated_agents(&s), 640);
     }
 }

@@ -1209,10 +1209,7 @@ async fn the_heartbeat_rate_panel_reads_the_rollups_for_hours_before_the_oldest_
     // minutes, and from the first of them the 5 minutes without one are
     // zeros (an outage is drawn as one, not across).
     let raw = |from: i64, to: i64| -> Vec<(DateTime<Utc>, f64)> {
-        (from..to)
-            .step_by(5)
-            .map(|m| (minutes(t0, m), if [10, 20, 70].contains(&m) { 0.2 } else { 0.0 }))
-            .collect()
+        (from..to).step_by(5).map(|m| (minutes(t0, m), if [10, 20, 70].contains(&m) { 0.2 } else { 0.0 })).collect()
     };
     let mut expected = vec![(long_ago, 2.0), (hours(long_ago, 1), 1.0)];
     expected.extend(raw(10, 120));
