@@ -383,14 +383,17 @@ fn agent_table(v: &FleetView<'_>) -> Markup {
     let f = v.filter;
     let first = (f.page - 1) * PAGE_SIZE + 1;
     let last = first + v.agents.len() as i64 - 1;
-    let prev = (f.page - 1).to_string();
+    // Past the end (a stale link, the fleet shrank): back to the last page
+    // with agents, not to the empty one before this.
+    let last_page = ((v.matching + PAGE_SIZE - 1) / PAGE_SIZE).max(1);
+    let prev = (f.page - 1).min(last_page).to_string();
     let next = (f.page + 1).to_string();
     let dir = if f.descending { "desc" } else { "" };
     let sort = if f.sort == SortKey::Liveness { "" } else { f.sort.as_str() };
     html! {
         p.count aria-live="polite" {
             @if v.agents.is_empty() {
-                @if v.matching == 0 { "No agents match." } @else { "No agents on this page." }
+                @if v.matching == 0 { "No agents match." } @else { "No agents on this page; " (format::count(v.matching)) " on earlier pages." }
             } @else {
                 "Showing " (format::count(first)) "–" (format::count(last)) " of " (format::count(v.matching))
                 span #quick-count .muted {}

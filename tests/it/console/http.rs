@@ -145,6 +145,10 @@ async fn http_pages_carry_their_data_without_javascript() {
     assert!(offline.contains("data-agent=\"flaky\"") && !offline.contains("data-agent=\"steady-1\""));
     let (_, _, search) = get(&app, &session, "/?q=worker").await;
     assert!(search.contains("data-agent=\"steady-2\"") && !search.contains("data-agent=\"steady-1\""));
+    // A page past the end leads back to the last one with agents.
+    let (_, _, beyond) = get(&app, &session, "/?page=5").await;
+    assert!(beyond.contains("No agents on this page") && beyond.contains("rel=\"prev\""), "{beyond}");
+    assert!(!beyond.contains("page=4"), "not to the empty page before it: {beyond}");
     // Labels are searched as the table shows them, not as JSON.
     let (_, _, search) = get(&app, &session, "/?q=+service%3DSearch").await;
     assert!(search.contains("data-agent=\"flaky\"") && !search.contains("data-agent=\"steady-1\""));
