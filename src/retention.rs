@@ -367,22 +367,31 @@ async fn rollup_step(client: &mut db::Client, now: DateTime<Utc>, report: &mut R
         Some(open) => (now - SETTLE).min(open),
         None => now - SETTLE,
     };
-    // A fresh installation starts an hour back rather than reading the
-    // whole raw history at once. The start is kept at once: in the first
+    // The first cycle on a database starts at its oldest row: partitions
+    // are dropped only up to the watermarks, so a start later than that
+    // (a database whose retention was off, history written before) would
+    // drop raw rows never rolled up. A fresh installation has none, and
+    // starts an hour back. The start is kept at once: in the first
     // half-minute of an hour the previous hour is not complete yet, so
     // nothing moves a watermark, and a start taken again at a later cycle
     // would skip the hours in between.
-    let start = truncate(now - Duration::hours(1), 3600);
     let watermarks: [Option<DateTime<Utc>>; 3] = [state.get(0), state.get(1), state.get(2)];
+    let mut starts = watermarks;
     if watermarks.contains(&None) {
+        let fresh = now - Duration::hours(1);
+        let beats = oldest_row(&tx, "agent_heartbeats", "received_at").await?.map_or(fresh, |t| t.min(fresh));
+        let scores = oldest_row(&tx, "health_history", "evaluated_at").await?.map_or(fresh, |t| t.min(fresh));
+        let [minutes, hours, score] = &mut starts;
+        minutes.get_or_insert(truncate(beats, 3600));
+        hours.get_or_insert(truncate(beats, 3600));
+        score.get_or_insert(truncate(scores, 3600));
         tx.execute(
-            "UPDATE warden.retention_state SET minute_watermark = coalesce(minute_watermark, $1), \
-             hour_watermark = coalesce(hour_watermark, $1), score_watermark = coalesce(score_watermark, $1)",
-            &[&start],
+            "UPDATE warden.retention_state SET minute_watermark = $1, hour_watermark = $2, score_watermark = $3",
+            &[&starts[0], &starts[1], &starts[2]],
         )
         .await?;
     }
-    let [minute_from, hour_from, score_from] = watermarks.map(|w| w.unwrap_or(start));
+    let [minute_from, hour_from, score_from] = starts.map(|w| w.unwrap_or(now));
     let minute_target = truncate(settled, 60);
     let minute_upto = minute_target.min(minute_from + MINUTE_STEP);
     // Hours close only once their minutes are rolled up.
@@ -453,6 +462,41 @@ async fn rollup_step(client: &mut db::Client, now: DateTime<Utc>, report: &mut R
 fn truncate(at: DateTime<Utc>, seconds: i64) -> DateTime<Utc> {
     let ts = at.timestamp();
     DateTime::from_timestamp(ts - ts.rem_euclid(seconds), 0).unwrap_or(at)
+}
+
+/// The time of the oldest row of `parent` (`column` is what it is
+/// partitioned on), from its oldest partition with any: one partition is
+/// read, not the whole history.
+async fn oldest_row(
+    tx: &tokio_postgres::Transaction<'_>,
+    parent: &str,
+    column: &str,
+) -> Result<Option<DateTime<Utc>>, DbError> {
+    let children = tx
+        .query(
+            "SELECT c.relname::text FROM pg_inherits i \
+             JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_class p ON p.oid = i.inhparent \
+             JOIN pg_namespace n ON n.oid = p.relnamespace \
+             WHERE n.nspname = 'warden' AND p.relname = $1",
+            &[&parent],
+        )
+        .await?;
+    let mut days: Vec<(NaiveDate, String)> = children
+        .iter()
+        .filter_map(|r| {
+            let child: String = r.get(0);
+            partition_day(parent, &child).map(|day| (day, child))
+        })
+        .collect();
+    days.sort();
+    for (_, child) in days {
+        // Names of warden's own partitions (checked above), quoted all the same.
+        let sql = format!("SELECT min({column}) FROM warden.\"{}\"", child.replace('"', "\"\""));
+        if let Some(oldest) = tx.query_one(&sql, &[]).await?.get::<_, Option<DateTime<Utc>>>(0) {
+            return Ok(Some(oldest));
+        }
+    }
+    Ok(None)
 }
 
 /// The day a partition named `<parent>_pYYYYMMDD` holds.

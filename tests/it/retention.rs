@@ -323,6 +323,48 @@ async fn a_backlog_of_days_is_rolled_up_in_steps_before_its_partitions_go() {
     }
 }
 
+/// A database whose retention never ran (switched off since it was set
+/// up, or history written before): the first cycle rolls up from the
+/// oldest row, and drops no partition whose rows it has not rolled up.
+#[tokio::test]
+async fn the_first_cycle_rolls_up_from_the_oldest_row_before_any_partition_goes() {
+    let test_db = TestDb::migrated().await;
+    let db = test_db.client().await;
+    let oldest = backlog(&db, 9).await;
+    db.batch_execute(
+        "UPDATE warden.retention_state SET minute_watermark = NULL, hour_watermark = NULL, score_watermark = NULL",
+    )
+    .await
+    .unwrap();
+    let noon = oldest.and_hms_opt(12, 0, 0).unwrap().and_utc();
+    db.execute(
+        "INSERT INTO warden.health_history (agent_id, evaluated_at, score, tier, liveness) \
+         VALUES ('b', $1, 90, 'excellent', 'online')",
+        &[&noon],
+    )
+    .await
+    .unwrap();
+    // The score pass that closes the hours after it.
+    db.execute("UPDATE warden.evaluator_state SET last_score_at = now()", &[]).await.unwrap();
+    let mut settings = default_settings().retention;
+    settings.minute_rollups = warden::config::Duration::from_secs(30 * 86_400);
+    let report = warden::retention::cycle(&mut test_db.pooled().await, &settings, Utc::now()).await.unwrap();
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    let rolled: (i64, i64) = db
+        .query_one(
+            "SELECT (SELECT coalesce(sum(heartbeats), 0)::bigint FROM warden.heartbeat_rollups \
+                     WHERE agent_id = 'b' AND bucket = 'hour'), \
+                    (SELECT count(*) FROM warden.score_rollups WHERE agent_id = 'b' AND hour_start = $1)",
+            &[&noon],
+        )
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(rolled, (9, 1), "every heartbeat and the old score, rolled up");
+    let name = format!("agent_heartbeats_p{}", oldest.format("%Y%m%d"));
+    assert!(report.dropped_partitions.contains(&name), "{name} went once rolled up: {:?}", report.dropped_partitions);
+}
+
 #[tokio::test]
 async fn a_failing_rollup_keeps_its_raw_rows_and_stops_nothing_else() {
     let test_db = TestDb::migrated().await;
