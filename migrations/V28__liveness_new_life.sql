@@ -167,12 +167,14 @@ FROM (
 CREATE OR REPLACE VIEW warden.liveness_intervals AS
 SELECT first.agent_id, first.liveness, first.valid_from, first.valid_to
 FROM (
-    SELECT DISTINCT ON (m.agent_id) s.agent_id, m.old_liveness AS liveness, s.first_seen AS valid_from,
+    -- DISTINCT ON the column the view returns, so that an agent filter
+    -- on the view reaches the per-agent scan.
+    SELECT DISTINCT ON (s.agent_id) s.agent_id, m.old_liveness AS liveness, s.first_seen AS valid_from,
            m.bound AS valid_to
     FROM warden.liveness_boundaries m
     JOIN warden.agent_status s ON s.agent_id = m.agent_id
     WHERE m.occurred_at >= s.first_seen
-    ORDER BY m.agent_id, m.occurred_at
+    ORDER BY s.agent_id, m.occurred_at
 ) first
 WHERE first.valid_from < first.valid_to
 UNION ALL

@@ -204,11 +204,14 @@ fn by_second(
 async fn worker(spec: Arc<LoadSpec>, index: usize, start: Instant, deadline: Instant) -> WorkerStats {
     let mut stats = WorkerStats::default();
     let mut sender = None;
-    let per_worker_rate = spec.rate.map(|r| r / spec.connections.max(1) as f64);
+    let own = owned_agents(&spec, index);
+    // In proportion to the agents it owns (7 or 8 of 450 over 64), so that
+    // every agent beats as often.
+    let share = own.len() as f64 / simulated_agents(&spec).max(1) as f64;
+    let per_worker_rate = spec.rate.map(|r| r * share);
     let interval = per_worker_rate.map(|r| Duration::from_secs_f64(spec.batch as f64 / r.max(1e-9)));
     let mut next_send = start + interval.map(|i| i.mul_f64(index as f64 / spec.connections as f64)).unwrap_or_default();
     let mut seq: u64 = 0;
-    let own = owned_agents(&spec, index);
     let auth = format!("Bearer {}", spec.key);
     loop {
         let scheduled = match interval {

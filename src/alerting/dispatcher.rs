@@ -116,7 +116,9 @@ pub struct PassReport {
     pub failed: usize,
     pub dead: usize,
     /// Escalations and repeats dropped because none of their alerts was
-    /// still firing, and resolutions to a channel that never saw them.
+    /// still firing, first messages settled because all their alerts
+    /// resolved after they reached some recipients, and resolutions to a
+    /// channel that never saw them.
     pub cancelled: usize,
     /// Sends whose outcome could not be recorded before the claim ran out
     /// (the database away all that time): they go again after the lease.

@@ -227,10 +227,9 @@ pub async fn resolved_incidents(
 pub async fn incident_totals(client: &tokio_postgres::Client, days: i32) -> Result<(i64, i64), DbError> {
     let row = client
         .query_one(
-            "SELECT count(*) FILTER (WHERE state = 'open'), \
-                    count(*) FILTER (WHERE state = 'resolved' AND resolved_at > now() - $1::int * interval '1 day') \
-             FROM warden.incidents \
-             WHERE state = 'open' OR resolved_at > now() - $1::int * interval '1 day'",
+            "SELECT (SELECT count(*) FROM warden.incidents WHERE state = 'open'), \
+                    (SELECT count(*) FROM warden.incidents \
+                     WHERE state = 'resolved' AND resolved_at > now() - $1::int * interval '1 day')",
             &[&days],
         )
         .await?;

@@ -359,9 +359,12 @@ where
         tries += 1;
         let e = match attempt().await {
             Ok(done) => return Ok(done),
-            // A statement the server refuses for what it holds (not for
-            // being away or busy) is refused again on every try.
-            Err(e @ DbError::Query(_)) if !e.is_unavailable() && !e.is_transient() => {
+            // A statement the server refuses for the data it carries (a
+            // data exception or an integrity violation, SQLSTATE classes
+            // 22 and 23) is refused again on every try. Anything else (a
+            // full disk, memory) may pass.
+            Err(DbError::Query(e)) if e.code().is_some_and(|c| matches!(&c.code()[..2], "22" | "23")) => {
+                let e = DbError::Query(e);
                 tracing::error!(error = %e, tries, "could not record {what}; trying again would not help");
                 return Err(e);
             }

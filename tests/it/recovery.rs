@@ -812,12 +812,16 @@ timeout = "10s"
     tokio::io::AsyncWriteExt::write_all(&mut slow, head.as_bytes()).await.unwrap();
     let client = db.client().await;
     client.execute("SELECT warden.record_heartbeat('draining', next_heartbeat_ms => 300)", &[]).await.unwrap();
+    let stopping = std::time::Instant::now();
     replica.terminate();
     eventually(WAIT, "the replica to exit", || {
         let exited = !replica.running();
         async move { exited.then_some(()) }
     })
     .await;
+    // The half-sent request held the drain (shutdown_timeout is 8 s), or
+    // this test proves nothing.
+    assert!(stopping.elapsed() >= Duration::from_secs(4), "the drain ended at once: {:?}", stopping.elapsed());
     drop(slow);
     // The agent fell silent after the replica stopped deciding: had it
     // gone on, it would have opened the incident (offline within about a

@@ -1085,6 +1085,18 @@ async fn the_heartbeat_rate_panel_counts_partial_buckets_per_minute_covered() {
         let rate: f64 = r.get(1);
         assert!((rate - 2.0).abs() < 1e-9, "{rate} a minute in the bucket at {}", r.get::<_, f64>(0));
     }
+    // Zoomed in to 5 s buckets, a 30 s agent is still drawn steady: raw
+    // buckets hold two of its intervals, not five seconds, most of which
+    // would be empty (and zero) by design.
+    let context = GrafanaContext { from, to, interval: "5s", interval_secs: 5, variables: vec![("agent", "a1")] };
+    let sql =
+        format!("SELECT q.time::float8, q.\"heartbeats per minute\"::float8 FROM ({}) q", context.expand(&query.sql));
+    let rows = client.query(&sql, &[]).await.unwrap();
+    assert_eq!(rows.len(), 31, "29 whole minutes and two halves");
+    for r in rows {
+        let rate: f64 = r.get(1);
+        assert!((rate - 2.0).abs() < 1e-9, "{rate} a minute in the bucket at {}", r.get::<_, f64>(0));
+    }
 }
 
 #[tokio::test]
