@@ -74,6 +74,7 @@ pub fn fingerprint() -> u64 {
 
 /// Applies pending migrations in one transaction. Replicas starting together
 /// take turns on an advisory lock, so exactly one of them does the work.
+/// A database a newer build migrated is left as it is (see `run_locked`).
 pub async fn run(client: &mut Client) -> Result<Applied, MigrateError> {
     // Neither waiting for another replica's migration nor a migration that
     // rewrites a large table may be cut short by the pool's statement
@@ -105,6 +106,20 @@ async fn run_locked(client: &mut Client) -> Result<Applied, MigrateError> {
         .query_one("SELECT current_setting('server_version_num')::int, current_setting('server_version')", &[])
         .await?;
     check_server_version(row.get(0), row.get(1))?;
+    // A newer build migrated the database (a rolling upgrade under way, or
+    // this binary rolled back to): the schema only ever grows by adding,
+    // so this one runs on it as it is, as long as every migration it knows
+    // is the one applied. refinery would refuse the versions it lacks.
+    let latest = latest_version();
+    if let Some(version) = current_version(client).await?.filter(|v| *v > latest) {
+        check_divergence(client).await?;
+        tracing::warn!(
+            schema = version,
+            binary = latest,
+            "the database was migrated by a newer warden; leaving its schema as it is"
+        );
+        return Ok(Applied { applied: Vec::new(), version });
+    }
     client.batch_execute("CREATE SCHEMA IF NOT EXISTS warden").await?;
     let report = embedded::migrations::runner()
         .set_grouped(true)

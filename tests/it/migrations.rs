@@ -109,6 +109,31 @@ async fn migrating_twice_applies_nothing_the_second_time() {
     assert_eq!(again.version, migrate::latest_version());
 }
 
+/// During a rolling upgrade, or after rolling the binary back, the
+/// database is ahead of this build: it starts on it as it is, unless a
+/// migration it knows was applied differently.
+#[tokio::test]
+async fn a_database_a_newer_build_migrated_is_left_as_it_is() {
+    let db = TestDb::empty().await;
+    let mut client = db.client().await;
+    migrate::run(&mut client).await.unwrap();
+    let next = migrate::latest_version() + 1;
+    client
+        .execute(
+            "INSERT INTO warden.refinery_schema_history (version, name, applied_on, checksum) \
+             VALUES ($1, 'from_a_newer_build', now()::text, '1')",
+            &[&next],
+        )
+        .await
+        .unwrap();
+    let again = migrate::run(&mut client).await.expect("an older build runs on a newer schema");
+    assert_eq!((again.applied.len(), again.version), (0, next));
+
+    client.execute("UPDATE warden.refinery_schema_history SET checksum = '0' WHERE version = 1", &[]).await.unwrap();
+    let refused = migrate::run(&mut client).await.unwrap_err();
+    assert!(refused.to_string().contains("V1__"), "{refused}");
+}
+
 #[tokio::test]
 async fn serve_without_migrate_on_start_waits_for_the_schema_then_starts() {
     // An empty schema used to stop serve with "relation does not exist";
