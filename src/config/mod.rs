@@ -131,6 +131,22 @@ impl Settings {
             }
             builder = builder.add_source(File::from(path.as_path()).format(FileFormat::Toml).required(true));
         }
+        let names: Vec<String> = match &sources.env {
+            Some(map) => map.keys().cloned().collect(),
+            None => std::env::vars_os().filter_map(|(k, _)| k.into_string().ok()).collect(),
+        };
+        if let Some(name) = names.iter().find(|n| misspelt_prefix(n)) {
+            return Err(SettingsError {
+                key: None,
+                value: None,
+                origin: Some(format!("environment variable {name}")),
+                allowed: format!(
+                    "a setting's variable starts with {ENV_PREFIX}__ (two underscores: {ENV_PREFIX}__{}); \
+                     as it is, it would be ignored",
+                    name.trim_start_matches(ENV_PREFIX).trim_start_matches('_')
+                ),
+            });
+        }
         let mut env = Environment::with_prefix(ENV_PREFIX).prefix_separator("__").separator("__");
         if let Some(map) = &sources.env {
             env = env.source(Some(map.clone().into_iter().collect()));
@@ -147,6 +163,18 @@ impl Settings {
         redact(&mut value);
         toml::to_string_pretty(&value).expect("a TOML value always prints")
     }
+}
+
+/// A variable meant as a setting whose prefix lost an underscore
+/// (`WARDEN_DATABASE__URL`): ignored, it would leave the default in place,
+/// and for `database.url` that is an embedded cluster. warden's own
+/// single-underscore variables (`WARDEN_CONFIG`, `WARDEN_KEY`,
+/// `WARDEN_SECRET_*`) have no double underscore after the prefix.
+fn misspelt_prefix(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix(ENV_PREFIX).and_then(|r| r.strip_prefix('_')) else {
+        return false;
+    };
+    !rest.starts_with('_') && !rest.starts_with("SECRET_") && rest.contains("__")
 }
 
 /// Field names that hold secrets by the DESIGN rule: anything whose name

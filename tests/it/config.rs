@@ -517,3 +517,15 @@ fn a_list_from_the_environment_is_refused_by_name() {
     assert_eq!(e.key.as_deref(), Some("server.allowed_hosts"), "{e}");
     assert!(e.to_string().contains("WARDEN__SERVER__ALLOWED_HOSTS"), "names where it came from: {e}");
 }
+
+#[test]
+fn a_setting_variable_missing_an_underscore_is_refused_not_ignored() {
+    // Ignored, it would leave database.url unset: an embedded cluster.
+    let e = refused(&[("WARDEN_DATABASE__URL", "postgres://db/warden")]);
+    let text = e.to_string();
+    assert!(text.contains("WARDEN_DATABASE__URL") && text.contains("WARDEN__DATABASE__URL"), "{text}");
+    // warden's own single-underscore variables are not settings.
+    for name in ["WARDEN_CONFIG", "WARDEN_KEY", "WARDEN_SECRET_SLACK__HOOK", "WARDEN_AGENT_ID"] {
+        assert!(load_env(&[(name, "x")]).is_ok(), "{name}");
+    }
+}
