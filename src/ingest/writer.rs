@@ -316,7 +316,12 @@ impl Ingestor {
             self.queue.deep.notify_one();
         }
         let answered = answer.await;
-        unanswered.disarm();
+        // Refused because the database could not do it now (a lock held
+        // past the statement timeout): as much a sign of life. Otherwise
+        // answered, stored or refused for what it said.
+        if !matches!(&answered, Ok(Err(SubmitError::Db(e))) if e.is_transient()) {
+            unanswered.disarm();
+        }
         answered.map_err(|_| SubmitError::ShuttingDown)?
     }
 
@@ -607,7 +612,8 @@ impl Job {
     }
 }
 
-/// Notes a request's agents as refused when it is dropped unanswered.
+/// Notes a request's agents as refused when it is dropped unanswered, or
+/// answered with a refusal the database's state caused.
 struct Unanswered<'a> {
     refused: &'a Refused,
     agents: Vec<String>,

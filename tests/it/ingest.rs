@@ -749,3 +749,26 @@ async fn requests_that_arrive_together_share_one_key_lookup() {
     assert_eq!(auth.lookups(), 2, "one lookup for 32 requests with an unknown key");
     database.close().await;
 }
+
+/// A heartbeat refused because the database could not write it now (its
+/// agent's row locked past the statement timeout) came from a live agent:
+/// it is noted as a refusal, as one refused at capacity is, so that the
+/// agent is not judged silent for warden's trouble.
+#[tokio::test]
+async fn a_heartbeat_refused_for_a_lock_counts_as_a_sign_of_life() {
+    let app = TestApp::spawn_with(|s| s.database.statement_timeout = warden::config::Duration::from_secs(1)).await;
+    let key = app.key(&[Scope::Ingest]).await;
+    assert_eq!(app.heartbeat(&key, json!({"agent_id": "stuck"})).await.0, 200);
+    let mut blocker = app.db.client().await;
+    let tx = blocker.transaction().await.unwrap();
+    tx.execute("SELECT 1 FROM warden.agent_status WHERE agent_id = 'stuck' FOR UPDATE", &[]).await.unwrap();
+    let refused = app.post("/v1/heartbeats", &key, &json!({"agent_id": "stuck"})).await;
+    assert_eq!(refused.status(), 503);
+    // Recorded once the row is free (the refusal's own write waits on it).
+    tx.rollback().await.unwrap();
+    crate::helpers::eventually(std::time::Duration::from_secs(20), "the refusal to be recorded", || async {
+        let n = app.count("SELECT count(*) FROM warden.ingest_refusals WHERE agent_id = 'stuck'").await;
+        (n == 1).then_some(())
+    })
+    .await;
+}
