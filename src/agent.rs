@@ -73,7 +73,7 @@ pub async fn run(args: AgentArgs, clients: Vec<Client>) -> Result<(), String> {
     let started = Instant::now();
     if args.detach {
         let first = first_heartbeat(&args, &clients, started).await?;
-        return detach(first);
+        return detach(first, args.key.as_deref());
     }
     let mut schedule = Failover::new(clients.len());
     // The host's clock, unless warden found it too far ahead.
@@ -180,10 +180,19 @@ async fn first_heartbeat(args: &AgentArgs, clients: &[Client], started: Instant)
 /// Starts this same command line without `--detach`, in a process group
 /// of its own with no terminal, and returns; the background process is
 /// told what the first heartbeat found.
-fn detach(first: First) -> Result<(), String> {
+/// The key goes to it in its environment, not its command line, where
+/// any user of the host could read it (`ps`) for as long as it runs.
+fn detach(first: First, key: Option<&str>) -> Result<(), String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let mut args: Vec<std::ffi::OsString> =
-        std::env::args_os().skip(1).filter(|a| !DETACH_FLAGS.iter().any(|flag| a == flag)).collect();
+    let mut args: Vec<std::ffi::OsString> = Vec::new();
+    let mut given = std::env::args_os().skip(1);
+    while let Some(arg) = given.next() {
+        if arg == "--key" {
+            given.next();
+        } else if !arg.to_string_lossy().starts_with("--key=") && !DETACH_FLAGS.iter().any(|flag| arg == *flag) {
+            args.push(arg);
+        }
+    }
     if first.taken {
         args.push("--first-sent".into());
     }
@@ -191,6 +200,9 @@ fn detach(first: First) -> Result<(), String> {
         args.push("--without-clock".into());
     }
     let mut command = std::process::Command::new(exe);
+    if let Some(key) = key {
+        command.env("WARDEN_KEY", key);
+    }
     command
         .args(args)
         .stdin(std::process::Stdio::null())

@@ -129,6 +129,16 @@ impl Settings {
                     allowed: "the settings file does not exist or is not a file".into(),
                 });
             }
+            // Read here, so that a file warden may not read (a 0640
+            // root-owned file under the unit's own user) is named.
+            if let Err(e) = std::fs::File::open(path) {
+                return Err(SettingsError {
+                    key: None,
+                    value: None,
+                    origin: Some(path.display().to_string()),
+                    allowed: format!("the settings file cannot be read: {e}"),
+                });
+            }
             builder = builder.add_source(File::from(path.as_path()).format(FileFormat::Toml).required(true));
         }
         let names: Vec<String> = match &sources.env {

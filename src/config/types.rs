@@ -52,7 +52,9 @@ impl Duration {
     }
 }
 
-const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(1000 * 365 * 86_400);
+/// 1000 of the years durations are written in (`y`: 365.25 days), so
+/// that `1000y` itself is allowed.
+const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(1000 * 31_557_600);
 
 impl std::str::FromStr for Duration {
     type Err = String;
@@ -177,6 +179,8 @@ mod tests {
         assert!(Duration::parse("soon").is_err());
         assert!(Duration::parse("-5s").is_err());
         assert!(Duration::parse("300000y").unwrap_err().contains("at most 1000 years"));
+        assert!(Duration::parse("1000y").is_ok(), "the limit itself is allowed");
+        assert!(Duration::parse("365242d").is_ok());
         assert!(Duration::parse("999y").is_ok());
     }
 

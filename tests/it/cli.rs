@@ -218,6 +218,30 @@ async fn a_detached_agent_reports_a_refused_key_where_it_was_started() {
         .unwrap()
         .get(0);
     assert!(gap >= 1.9, "second heartbeat {gap} s after the first");
+
+    // A key given on the command line reaches the background process in
+    // its environment: its command line, which any user can read, has none.
+    let _argv_guard = KillOnDrop(vec!["detach-argv".into(), url.clone()]);
+    let (u, k) = (url.clone(), key.clone());
+    let given = tokio::task::spawn_blocking(move || {
+        warden()
+            .args(["agent", "--url", &u, "--agent-id", "detach-argv", "--interval", "2s", "--key", &k, "--detach"])
+            .env_remove("WARDEN_KEY")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(given.status.success(), "{given:?}");
+    let running = processes_with(&["detach-argv", &url]);
+    assert_eq!(running.len(), 1, "the background agent runs");
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", running[0])).unwrap();
+    assert!(!String::from_utf8_lossy(&cmdline).contains(&key), "the key is not on its command line");
+    let beats = || app.count("SELECT count(*) FROM warden.agent_heartbeats WHERE agent_id = 'detach-argv'");
+    crate::helpers::eventually(std::time::Duration::from_secs(60), "it to keep sending with the key", || async {
+        (beats().await >= 2).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]
