@@ -342,9 +342,9 @@ fn writer_settings(settings: &Settings) -> WriterSettings {
     }
 }
 
-/// Publishes [health.modes] and the health figures ingest keeps to the
-/// database, where the SQL ingest path (shared by HTTP and
-/// `warden.record_heartbeat`) reads them.
+/// Publishes [health.modes], the health figures ingest keeps and the
+/// ingest limits to the database, where the SQL ingest path (shared by
+/// HTTP and `warden.record_heartbeat`) reads them.
 async fn sync_mode_intervals(client: &tokio_postgres::Client, settings: &Settings) -> Result<(), db::DbError> {
     let health = &settings.health;
     let mut modes: Vec<&str> = vec!["default"];
@@ -361,11 +361,23 @@ async fn sync_mode_intervals(client: &tokio_postgres::Client, settings: &Setting
             &[&modes, &millis],
         )
         .await?;
+    // With the limits warden.record_heartbeat holds SQL heartbeats to, as
+    // POST /v1/heartbeats holds its own.
+    let ingest = &settings.ingest;
+    let skew_ms = i64::try_from(ingest.max_clock_skew.get().as_millis()).unwrap_or(i64::MAX);
     client
         .execute(
-            "UPDATE warden.health_params SET jitter_tolerance = $1, offline_after_missed = $2 \
-             WHERE (jitter_tolerance, offline_after_missed) IS DISTINCT FROM ($1, $2)",
-            &[&health.jitter_tolerance, &(health.offline_after_missed as i32)],
+            "UPDATE warden.health_params SET jitter_tolerance = $1, offline_after_missed = $2, \
+               max_metrics = $3, max_labels = $4, max_clock_skew_ms = $5 \
+             WHERE (jitter_tolerance, offline_after_missed, max_metrics, max_labels, max_clock_skew_ms) \
+                   IS DISTINCT FROM ($1, $2, $3, $4, $5)",
+            &[
+                &health.jitter_tolerance,
+                &(health.offline_after_missed as i32),
+                &(ingest.max_metrics as i32),
+                &(ingest.max_labels as i32),
+                &skew_ms,
+            ],
         )
         .await?;
     // Statistics for these tiny tables keep the ingest plan on index

@@ -413,6 +413,32 @@ async fn bad_sql_heartbeats_raise_invalid_parameter_value_naming_the_parameter()
         ("SELECT warden.record_heartbeat('a', metrics => '{\"cpu\": 1.5e100}')", "metrics"),
         ("SELECT warden.record_heartbeat('a', metrics => '{\"cpu\": {\"value\": -1e200}}')", "metrics"),
         ("SELECT warden.record_heartbeat('a', labels => '{\"k\": 1}')", "labels"),
+        // What POST /v1/heartbeats refuses with 422, refused the same way.
+        ("SELECT warden.record_heartbeat('a', name => E'ctl\\x01name')", "name"),
+        ("SELECT warden.record_heartbeat('a', name => repeat('n', 257))", "name"),
+        ("SELECT warden.record_heartbeat('a', labels => '{\"bad key\": \"v\"}')", "labels"),
+        ("SELECT warden.record_heartbeat('a', labels => jsonb_build_object('k', repeat('v', 257)))", "labels"),
+        ("SELECT warden.record_heartbeat('a', labels => jsonb_build_object('k', E'a\\tb'))", "labels"),
+        (
+            "SELECT warden.record_heartbeat('a', labels => \
+               (SELECT jsonb_object_agg('k' || n, 'v') FROM generate_series(1, 33) n))",
+            "labels",
+        ),
+        (
+            "SELECT warden.record_heartbeat('a', metrics => \
+               (SELECT jsonb_object_agg('m' || n, 1) FROM generate_series(1, 65) n))",
+            "metrics",
+        ),
+        ("SELECT warden.record_heartbeat('a', metrics => '{\"cpu\": 1e400}')", "metrics"),
+        ("SELECT warden.record_heartbeat('a', metrics => '{\"cpu\": {\"value\": 1, \"unit\": 5}}')", "metrics"),
+        ("SELECT warden.record_heartbeat('a', metrics => '{\"cpu\": {\"value\": 1, \"unit\": \"\"}}')", "metrics"),
+        (
+            "SELECT warden.record_heartbeat('a', metrics => jsonb_build_object('cpu', \
+               jsonb_build_object('value', 1, 'unit', repeat('u', 33))))",
+            "metrics",
+        ),
+        ("SELECT warden.record_heartbeat('a', sent_at => 'infinity')", "sent_at"),
+        ("SELECT warden.record_heartbeat('a', sent_at => now() + interval '1 hour')", "sent_at"),
     ];
     for (sql, column) in cases {
         let err = db.execute(sql, &[]).await.expect_err(sql);
@@ -421,6 +447,21 @@ async fn bad_sql_heartbeats_raise_invalid_parameter_value_naming_the_parameter()
         assert_eq!(db_err.column(), Some(column), "{sql}: {}", db_err.message());
     }
     assert_eq!(app.count("SELECT count(*) FROM warden.agent_status").await, 0);
+
+    // A value below the smallest double is 0, as HTTP parses it; a unit
+    // within the rules is kept.
+    db.execute(
+        "SELECT warden.record_heartbeat('tiny', metrics => '{\"x\": {\"value\": 1e-400, \"unit\": \"ms\"}}')",
+        &[],
+    )
+    .await
+    .unwrap();
+    let (value, unit): (f64, Option<String>) = db
+        .query_one("SELECT value, unit FROM warden.performance_metrics WHERE agent_id = 'tiny'", &[])
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!((value, unit.as_deref()), (0.0, Some("ms")));
 }
 
 /// Each call is received when it is made, not when its transaction began:
@@ -468,4 +509,16 @@ async fn a_heartbeat_from_sql_is_received_when_the_call_is_made() {
     assert_eq!(last_seen, stamps[2]);
     let events = app.count("SELECT count(*) FROM warden.system_events WHERE event_type = 'agent_restarted'").await;
     assert_eq!(events, 1);
+}
+
+/// The limits of [ingest] hold for SQL heartbeats too: warden publishes
+/// them where the function reads them.
+#[tokio::test]
+async fn sql_heartbeats_follow_the_ingest_limits_warden_runs_with() {
+    let app = TestApp::spawn_with(|s| s.ingest.max_metrics = 2).await;
+    let db = app.db.client().await;
+    let three = "SELECT warden.record_heartbeat('lim', metrics => '{\"a\": 1, \"b\": 2, \"c\": 3}')";
+    let err = db.execute(three, &[]).await.expect_err("three metrics, two allowed");
+    assert!(err.as_db_error().unwrap().message().contains("ingest.max_metrics allows 2"), "{err}");
+    db.execute("SELECT warden.record_heartbeat('lim', metrics => '{\"a\": 1, \"b\": 2}')", &[]).await.unwrap();
 }

@@ -1,0 +1,165 @@
+-- warden schema, version 30: warden.record_heartbeat validates as
+-- POST /v1/heartbeats does.
+--
+-- It checked the agent id, mode, status, uptime, interval and the shape of
+-- labels and metrics, but stored what HTTP refuses with 422: names with
+-- control characters, any number of labels of any name and length,
+-- hundreds of metrics, empty or numeric units, a sent_at centuries ahead
+-- or 'infinity' (which the API then printed, not as RFC 3339). Some it
+-- refused with the wrong code: a 300-character name or a long unit failed
+-- a table constraint (23514, with the statement as context), a metric of
+-- 1e400 the cast to double (22003), and 1e-400, which HTTP stores as 0,
+-- the same way. Each now raises invalid_parameter_value (22023) naming its
+-- parameter, as the HTTP path answers 422 naming its field.
+--
+-- The limits HTTP takes from settings (ingest.max_metrics, max_labels,
+-- max_clock_skew) are published to health_params by `warden serve` at
+-- start, beside the health figures it publishes there; until then they
+-- hold the defaults. Otherwise V24's function, replaced whole.
+ALTER TABLE warden.health_params
+    ADD COLUMN max_metrics       integer NOT NULL DEFAULT 64,
+    ADD COLUMN max_labels        integer NOT NULL DEFAULT 32,
+    ADD COLUMN max_clock_skew_ms bigint  NOT NULL DEFAULT 300000;
+
+CREATE OR REPLACE FUNCTION warden.record_heartbeat(
+    agent_id          text,
+    mode              text DEFAULT NULL,
+    status            text DEFAULT 'healthy',
+    uptime_seconds    bigint DEFAULT NULL,
+    next_heartbeat_ms integer DEFAULT NULL,
+    metrics           jsonb DEFAULT NULL,
+    name              text DEFAULT NULL,
+    labels            jsonb DEFAULT NULL,
+    sent_at           timestamptz DEFAULT NULL
+)
+RETURNS warden.heartbeat_ack
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    ack     warden.heartbeat_ack;
+    m_name  text[] := '{}';
+    m_value double precision[] := '{}';
+    m_unit  text[] := '{}';
+    m_idx   integer[] := '{}';
+    entry   record;
+    n       numeric;
+    v       double precision;
+    u       jsonb;
+    lim     warden.health_params%ROWTYPE;
+BEGIN
+    SELECT * INTO lim FROM warden.health_params;
+    IF agent_id IS NULL OR agent_id !~ '^[A-Za-z0-9._:-]{1,128}$' THEN
+        RAISE EXCEPTION 'agent_id must be 1-128 characters of A-Z a-z 0-9 . _ : -'
+            USING ERRCODE = 'invalid_parameter_value', COLUMN = 'agent_id';
+    END IF;
+    IF mode IS NOT NULL AND mode NOT IN ('emergency', 'active', 'idle', 'sleep') THEN
+        RAISE EXCEPTION 'mode must be one of emergency, active, idle or sleep'
+            USING ERRCODE = 'invalid_parameter_value', COLUMN = 'mode';
+    END IF;
+    IF coalesce(status, 'healthy') NOT IN ('healthy', 'degraded', 'error') THEN
+        RAISE EXCEPTION 'status must be one of healthy, degraded or error'
+            USING ERRCODE = 'invalid_parameter_value', COLUMN = 'status';
+    END IF;
+    IF char_length(name) > 256 THEN
+        RAISE EXCEPTION 'name must be at most 256 characters'
+            USING ERRCODE = 'invalid_parameter_value', COLUMN = 'name';
+    END IF;
+    IF name ~ '[\u0001-\u001f\u007f-\u009f]' THEN
+        RAISE EXCEPTION 'name must not contain control characters'
+            USING ERRCODE = 'invalid_parameter_value', COLUMN = 'name';
+    END IF;
+    IF uptime_seconds < 0 THEN
+        RAISE EXCEPTION 'uptime_seconds must not be negative'
+            USING ERRCODE = 'invalid_parameter_value', COLUMN = 'uptime_seconds';
+    END IF;
+    IF next_heartbeat_ms NOT BETWEEN 100 AND 604800000 THEN
+        RAISE EXCEPTION 'next_heartbeat_ms must be from 100 to 604800000 (7 days)'
+            USING ERRCODE = 'invalid_parameter_value', COLUMN = 'next_heartbeat_ms';
+    END IF;
+    IF labels IS NOT NULL AND jsonb_typeof(labels) <> 'object' THEN
+        RAISE EXCEPTION 'labels must be an object of string values'
+            USING ERRCODE = 'invalid_parameter_value', COLUMN = 'labels';
+    END IF;
+    IF labels IS NOT NULL AND EXISTS (SELECT 1 FROM jsonb_each(labels) l WHERE jsonb_typeof(l.value) <> 'string') THEN
+        RAISE EXCEPTION 'labels must be an object of string values'
+            USING ERRCODE = 'invalid_parameter_value', COLUMN = 'labels';
+    END IF;
+    IF labels IS NOT NULL AND (SELECT count(*) FROM jsonb_object_keys(labels)) > lim.max_labels THEN
+        RAISE EXCEPTION 'labels holds % labels; ingest.max_labels allows %',
+                        (SELECT count(*) FROM jsonb_object_keys(labels)), lim.max_labels
+            USING ERRCODE = 'invalid_parameter_value', COLUMN = 'labels';
+    END IF;
+    FOR entry IN SELECT key, value FROM jsonb_each_text(labels) ORDER BY key LOOP
+        IF entry.key !~ '^[A-Za-z0-9._/-]{1,63}$' THEN
+            RAISE EXCEPTION 'label % : label names are 1-63 characters of A-Z a-z 0-9 . _ / -', entry.key
+                USING ERRCODE = 'invalid_parameter_value', COLUMN = 'labels';
+        END IF;
+        IF char_length(entry.value) > 256 OR entry.value ~ '[\u0001-\u001f\u007f-\u009f]' THEN
+            RAISE EXCEPTION 'label % : label values are at most 256 characters, without control characters', entry.key
+                USING ERRCODE = 'invalid_parameter_value', COLUMN = 'labels';
+        END IF;
+    END LOOP;
+    IF NOT isfinite(sent_at) OR sent_at > clock_timestamp() + lim.max_clock_skew_ms * interval '1 millisecond' THEN
+        RAISE EXCEPTION 'sent_at is in the future; at most % ms of clock skew is allowed', lim.max_clock_skew_ms
+            USING ERRCODE = 'invalid_parameter_value', COLUMN = 'sent_at';
+    END IF;
+    IF metrics IS NOT NULL THEN
+        IF jsonb_typeof(metrics) <> 'object' THEN
+            RAISE EXCEPTION 'metrics must be an object of name -> number'
+                USING ERRCODE = 'invalid_parameter_value', COLUMN = 'metrics';
+        END IF;
+        IF (SELECT count(*) FROM jsonb_object_keys(metrics)) > lim.max_metrics THEN
+            RAISE EXCEPTION 'metrics holds % metrics; ingest.max_metrics allows %',
+                            (SELECT count(*) FROM jsonb_object_keys(metrics)), lim.max_metrics
+                USING ERRCODE = 'invalid_parameter_value', COLUMN = 'metrics';
+        END IF;
+        FOR entry IN SELECT key, value FROM jsonb_each(metrics) ORDER BY key LOOP
+            IF entry.key !~ '^[A-Za-z0-9._:/-]{1,128}$' THEN
+                RAISE EXCEPTION 'metric name % must be 1-128 characters of A-Z a-z 0-9 . _ : / -', entry.key
+                    USING ERRCODE = 'invalid_parameter_value', COLUMN = 'metrics';
+            END IF;
+            IF jsonb_typeof(entry.value) = 'number' THEN
+                n := entry.value::numeric;
+                u := NULL;
+            ELSIF jsonb_typeof(entry.value) = 'object' AND jsonb_typeof(entry.value -> 'value') = 'number' THEN
+                n := (entry.value -> 'value')::numeric;
+                u := entry.value -> 'unit';
+            ELSE
+                RAISE EXCEPTION 'metric % must be a number or {"value": number, "unit": text}', entry.key
+                    USING ERRCODE = 'invalid_parameter_value', COLUMN = 'metrics';
+            END IF;
+            -- Bounded as a JSON number, before it becomes a double: 1e400
+            -- must be refused by name, not fail the cast.
+            IF abs(n) > 1e100 THEN
+                RAISE EXCEPTION 'metric % must be from -1e100 to 1e100', entry.key
+                    USING ERRCODE = 'invalid_parameter_value', COLUMN = 'metrics';
+            END IF;
+            -- Below the smallest double, a value is 0, as HTTP parses it.
+            v := CASE WHEN abs(n) < 1e-323 THEN 0 ELSE n::double precision END;
+            IF u = 'null'::jsonb THEN
+                u := NULL;
+            END IF;
+            IF u IS NOT NULL AND (jsonb_typeof(u) <> 'string' OR char_length(u #>> '{}') NOT BETWEEN 1 AND 32
+                                  OR (u #>> '{}') ~ '[\u0001-\u001f\u007f-\u009f]') THEN
+                RAISE EXCEPTION 'metric % : units are 1-32 characters, none of them control characters', entry.key
+                    USING ERRCODE = 'invalid_parameter_value', COLUMN = 'metrics';
+            END IF;
+            m_idx := m_idx || 1;
+            m_name := m_name || entry.key;
+            m_value := m_value || v;
+            m_unit := m_unit || (u #>> '{}');
+        END LOOP;
+    END IF;
+
+    SELECT true, r.is_new, r.restart_detected, r.next_heartbeat_ms
+    INTO ack
+    FROM warden.ingest_heartbeats(
+        ARRAY[record_heartbeat.agent_id], ARRAY[record_heartbeat.name], ARRAY[record_heartbeat.labels],
+        ARRAY[record_heartbeat.mode], ARRAY[coalesce(record_heartbeat.status, 'healthy')],
+        ARRAY[record_heartbeat.uptime_seconds], ARRAY[record_heartbeat.next_heartbeat_ms],
+        ARRAY[record_heartbeat.sent_at],
+        m_idx, m_name, m_value, m_unit,
+        p_received_at => clock_timestamp()) AS r;
+    RETURN ack;
+END;
+$$;
