@@ -39,6 +39,16 @@ pub struct AgentArgs {
     /// host's clock too far ahead, so heartbeats go without sent_at.
     #[arg(long, hide = true)]
     pub without_clock: bool,
+    /// Set by --detach for the background process: when the agent started
+    /// (Unix milliseconds), so that its uptime goes on from the command's
+    /// rather than restarting at 0 (which warden would read as a restart).
+    #[arg(long, hide = true)]
+    pub started_at_ms: Option<u64>,
+    /// Set by --detach for the background process: the URL (by position)
+    /// that took the first heartbeat, so that it goes on there rather than
+    /// at one that just failed to answer.
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub first_url: usize,
 }
 
 /// The flags --detach hands to the background process in its own way.
@@ -70,12 +80,12 @@ pub fn check(args: &AgentArgs) -> Result<Vec<Client>, String> {
 /// Sends heartbeats until killed, with the clients [`check`] built. Backs
 /// off (and moves to the next URL) when warden cannot take them.
 pub async fn run(args: AgentArgs, clients: Vec<Client>) -> Result<(), String> {
-    let started = Instant::now();
+    let started = started_at(args.started_at_ms);
     if args.detach {
         let first = first_heartbeat(&args, &clients, started).await?;
         return detach(first, args.key.as_deref());
     }
-    let mut schedule = Failover::new(clients.len());
+    let mut schedule = Failover::new(clients.len()).starting_at(args.first_url);
     // The host's clock, unless warden found it too far ahead.
     let mut send_clock = !args.without_clock;
     if args.first_sent {
@@ -146,6 +156,19 @@ fn clock_refused(e: &ClientError) -> bool {
 struct First {
     taken: bool,
     send_clock: bool,
+    /// The URL that took it, by position.
+    url: usize,
+    started: Instant,
+}
+
+/// When the agent started: now, or the command's start handed to the
+/// background process.
+fn started_at(unix_ms: Option<u64>) -> Instant {
+    let now = Instant::now();
+    let Some(ms) = unix_ms else { return now };
+    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let ago = since_epoch.saturating_sub(std::time::Duration::from_millis(ms));
+    now.checked_sub(ago).unwrap_or(now)
 }
 
 /// The first heartbeat of a detaching agent, sent before detaching so that
@@ -158,10 +181,10 @@ struct First {
 /// keeps trying.
 async fn first_heartbeat(args: &AgentArgs, clients: &[Client], started: Instant) -> Result<First, String> {
     let mut send_clock = true;
-    for (client, url) in clients.iter().zip(&args.urls) {
+    for (i, (client, url)) in clients.iter().zip(&args.urls).enumerate() {
         loop {
             match client.heartbeat(&heartbeat(args, started, send_clock)).await {
-                Ok(_) => return Ok(First { taken: true, send_clock }),
+                Ok(_) => return Ok(First { taken: true, send_clock, url: i, started }),
                 Err(e) if clock_refused(&e) && send_clock => {
                     tracing::warn!(error = %e, "this host's clock is ahead of warden's; sending heartbeats without sent_at");
                     send_clock = false;
@@ -174,7 +197,7 @@ async fn first_heartbeat(args: &AgentArgs, clients: &[Client], started: Instant)
             }
         }
     }
-    Ok(First { taken: false, send_clock })
+    Ok(First { taken: false, send_clock, url: 0, started })
 }
 
 /// Starts this same command line without `--detach`, in a process group
@@ -187,12 +210,21 @@ fn detach(first: First, key: Option<&str>) -> Result<(), String> {
     let mut args: Vec<std::ffi::OsString> = Vec::new();
     let mut given = std::env::args_os().skip(1);
     while let Some(arg) = given.next() {
-        if arg == "--key" {
+        let text = arg.to_string_lossy();
+        if arg == "--key" || arg == "--started-at-ms" || arg == "--first-url" {
             given.next();
-        } else if !arg.to_string_lossy().starts_with("--key=") && !DETACH_FLAGS.iter().any(|flag| arg == *flag) {
+        } else if !text.starts_with("--key=")
+            && !text.starts_with("--started-at-ms=")
+            && !text.starts_with("--first-url=")
+            && !DETACH_FLAGS.iter().any(|flag| arg == *flag)
+        {
             args.push(arg);
         }
     }
+    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let started_ms = since_epoch.saturating_sub(first.started.elapsed()).as_millis();
+    args.push(format!("--started-at-ms={started_ms}").into());
+    args.push(format!("--first-url={}", first.url).into());
     if first.taken {
         args.push("--first-sent".into());
     }
@@ -215,4 +247,18 @@ fn detach(first: First, key: Option<&str>) -> Result<(), String> {
     }
     command.spawn().map_err(|e| format!("cannot start the agent: {e}"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_background_agent_counts_its_uptime_from_the_commands_start() {
+        let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+        let thirty_ago = (since_epoch - std::time::Duration::from_secs(30)).as_millis() as u64;
+        let uptime = started_at(Some(thirty_ago)).elapsed().as_secs();
+        assert!((30..40).contains(&uptime), "{uptime}");
+        assert!(started_at(None).elapsed().as_secs() < 5);
+    }
 }

@@ -162,6 +162,12 @@ impl Failover {
         Self { rest_until: vec![now; wardens.max(1)], current: 0, backoff: FIRST_BACKOFF }
     }
 
+    /// Starts at `warden` rather than the first (one known to answer).
+    pub fn starting_at(mut self, warden: usize) -> Self {
+        self.current = warden.min(self.rest_until.len() - 1);
+        self
+    }
+
     /// The warden to send to: the current one unless it is resting, else
     /// the one whose rest ends first, with how long to wait for it.
     pub fn next(&mut self, now: std::time::Instant) -> (usize, Duration) {

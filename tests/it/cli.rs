@@ -236,7 +236,11 @@ async fn a_detached_agent_reports_a_refused_key_where_it_was_started() {
     let running = processes_with(&["detach-argv", &url]);
     assert_eq!(running.len(), 1, "the background agent runs");
     let cmdline = std::fs::read(format!("/proc/{}/cmdline", running[0])).unwrap();
-    assert!(!String::from_utf8_lossy(&cmdline).contains(&key), "the key is not on its command line");
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    assert!(!cmdline.contains(&key), "the key is not on its command line");
+    // It goes on where the command stopped: the same uptime, the URL that
+    // took the first heartbeat.
+    assert!(cmdline.contains("--started-at-ms=") && cmdline.contains("--first-url=0"), "{cmdline}");
     let beats = || app.count("SELECT count(*) FROM warden.agent_heartbeats WHERE agent_id = 'detach-argv'");
     crate::helpers::eventually(std::time::Duration::from_secs(60), "it to keep sending with the key", || async {
         (beats().await >= 2).then_some(())
