@@ -522,3 +522,57 @@ async fn sql_heartbeats_follow_the_ingest_limits_warden_runs_with() {
     assert!(err.as_db_error().unwrap().message().contains("ingest.max_metrics allows 2"), "{err}");
     db.execute("SELECT warden.record_heartbeat('lim', metrics => '{\"a\": 1, \"b\": 2}')", &[]).await.unwrap();
 }
+
+/// Two first heartbeats of one agent at once: the one that loses the race
+/// to register it is applied as a heartbeat of a known agent, its mode's
+/// interval kept (it used to reset a sleeping agent to 30 s).
+#[tokio::test]
+async fn a_first_heartbeat_that_loses_the_registration_race_is_applied_as_a_later_one() {
+    let db = crate::helpers::TestDb::migrated().await;
+    let mut first = db.client().await;
+    let tx = first.transaction().await.unwrap();
+    tx.execute("SELECT warden.record_heartbeat('race', 'sleep', 'healthy', 100)", &[]).await.unwrap();
+    let second = {
+        let client = db.client().await;
+        tokio::spawn(async move {
+            client
+                .query_one(
+                    "SELECT is_new, next_heartbeat_ms FROM warden.record_heartbeat('race', uptime_seconds => 101)",
+                    &[],
+                )
+                .await
+                .map(|r| (r.get::<_, bool>(0), r.get::<_, i32>(1)))
+        })
+    };
+    let watcher = db.client().await;
+    crate::helpers::eventually(std::time::Duration::from_secs(20), "the second to wait for the first", || async {
+        let waiting: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%uptime_seconds => 101%'",
+                &[],
+            )
+            .await
+            .ok()?
+            .get(0);
+        (waiting == 1).then_some(())
+    })
+    .await;
+    tx.commit().await.unwrap();
+    let (is_new, next_ms) = second.await.unwrap().unwrap();
+    assert_eq!((is_new, next_ms), (false, 900_000), "a known sleeping agent's heartbeat");
+    let row = watcher
+        .query_one(
+            "SELECT mode, expected_interval_ms, heartbeat_count, uptime_seconds FROM warden.agent_status WHERE agent_id = 'race'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let seen: (String, i32, i64, i64) = (row.get(0), row.get(1), row.get(2), row.get(3));
+    assert_eq!(seen, ("sleep".to_string(), 900_000, 2, 101));
+    let beats: i64 = watcher
+        .query_one("SELECT count(*) FROM warden.agent_heartbeats WHERE agent_id = 'race'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(beats, 2);
+}
