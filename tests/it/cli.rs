@@ -89,12 +89,14 @@ async fn the_demo_shows_a_live_fleet_and_stops_cleanly_on_ctrl_c() {
     use std::io::{BufRead, BufReader};
     let db = crate::helpers::TestDb::migrated().await;
     let port = crate::procs::free_port();
+    // Its warnings, kept to say why, should it not exit cleanly.
+    let log = tempfile::NamedTempFile::new().unwrap();
     let mut child = warden()
         .args(["demo", "--agents", "8"])
         .env("WARDEN__DATABASE__URL", db.url())
         .env("WARDEN__SERVER__LISTEN", format!("127.0.0.1:{port}"))
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stderr(log.reopen().unwrap())
         .spawn()
         .unwrap();
     let stdout = BufReader::new(child.stdout.take().unwrap());
@@ -122,7 +124,11 @@ async fn the_demo_shows_a_live_fleet_and_stops_cleanly_on_ctrl_c() {
     assert_eq!(footer.as_deref(), Some("Ctrl-C stops warden and the fleet."));
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let status = child.wait().unwrap();
-    assert!(status.success(), "Ctrl-C is a clean exit: {status}");
+    assert!(
+        status.success(),
+        "Ctrl-C is a clean exit: {status}; its stderr:\n{}",
+        std::fs::read_to_string(log.path()).unwrap_or_default()
+    );
     // The demo signals its agents as it exits; they take a moment to go.
     let address = format!("127.0.0.1:{port}");
     let leftovers = || processes_with(&[&address]).len();
