@@ -298,7 +298,7 @@ pub const MAX_BATCH: usize = 100;
 /// not JSON-RPC at all or a batch holds more than `most` messages, the
 /// error response to send with HTTP 400.
 fn parse_body(body: &[u8], most: usize) -> Result<(Vec<Message>, bool), Value> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| {
+    let Unambiguous(value) = serde_json::from_slice(body).map_err(|e| {
         reply(Value::Null, Err(RpcError::new(PARSE_ERROR, format!("the body is not valid JSON ({e})"))))
     })?;
     match value {
@@ -317,6 +317,67 @@ fn parse_body(body: &[u8], most: usize) -> Result<(Vec<Message>, bool), Value> {
             Message::Invalid { id, reason } => Err(reply(id, Err(RpcError::new(INVALID_REQUEST, reason)))),
             message => Ok((vec![message], false)),
         },
+    }
+}
+
+/// JSON as serde_json reads it, except that an object naming a key twice
+/// is an error: serde_json would keep the last, so that a heartbeat naming
+/// `agent_id` twice recorded one of them where POST /v1/heartbeats refuses
+/// the body.
+struct Unambiguous(Value);
+
+impl<'de> serde::Deserialize<'de> for Unambiguous {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(UnambiguousVisitor).map(Unambiguous)
+    }
+}
+
+struct UnambiguousVisitor;
+
+impl<'de> serde::de::Visitor<'de> for UnambiguousVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(v.into())
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(v.into())
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(Unambiguous(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut object = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let Unambiguous(value) = map.next_value()?;
+            if object.contains_key(&key) {
+                return Err(serde::de::Error::custom(format!("the key {key:?} appears twice in one object")));
+            }
+            object.insert(key, value);
+        }
+        Ok(Value::Object(object))
     }
 }
 
@@ -728,6 +789,20 @@ mod tests {
 
     fn classify(text: &str) -> Message {
         Message::classify(serde_json::from_str(text).unwrap())
+    }
+
+    #[test]
+    fn a_key_named_twice_is_a_parse_error_not_the_last_one() {
+        let body = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call",
+                        "params":{"name":"heartbeat","arguments":{"agent_id":"m1","agent_id":"m2"}}}"#;
+        let refused = parse_body(body, 10).unwrap_err();
+        assert_eq!(refused["error"]["code"], PARSE_ERROR);
+        assert!(refused["error"]["message"].as_str().unwrap().contains("\"agent_id\" appears twice"), "{refused}");
+        // Nested values and batches read as before.
+        let (messages, batch) =
+            parse_body(br#"[{"jsonrpc":"2.0","id":1,"method":"ping","params":{"a":[1,2.5,"x",null,true]}}]"#, 10)
+                .unwrap();
+        assert!(batch && matches!(&messages[0], Message::Request { params: Some(p), .. } if p["a"][1] == 2.5));
     }
 
     #[test]
