@@ -707,18 +707,24 @@ expect_status = [200]
     assert_eq!(recorded, 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replica_stopped_mid_recovery_records_the_action_at_once_and_leaves_no_process() {
-    let db = crate::helpers::TestDb::migrated().await;
-    let dir = tempfile::tempdir().unwrap();
-    let marker = format!("warden-sigterm-{}", std::process::id());
-    let config = dir.path().join("warden.toml");
+/// A replica on `db` that recovers offline agents with `script` (run by
+/// /bin/sh, within `timeout`) and stops within `shutdown_timeout`; auth
+/// off and short intervals. Its settings live in `dir`; its port is given
+/// back with it.
+async fn command_replica(
+    db: &crate::helpers::TestDb,
+    dir: &Path,
+    script: &str,
+    timeout: &str,
+    shutdown_timeout: &str,
+) -> (Process, u16) {
+    let config = dir.join("warden.toml");
     std::fs::write(
         &config,
         format!(
             r#"
 [server]
-shutdown_timeout = "2s"
+shutdown_timeout = "{shutdown_timeout}"
 [auth]
 enabled = false
 [health]
@@ -726,18 +732,39 @@ check_interval = "200ms"
 [recovery]
 poll_interval = "100ms"
 [[recovery.strategies]]
-name = "slow"
+name = "scripted"
 issues = ["agent_unresponsive"]
 [[recovery.strategies.actions]]
 kind = "command"
-argv = ["/bin/sh", "-c", "sleep 120; : {marker}"]
-timeout = "3m"
+argv = ["/bin/sh", "-c", {script:?}]
+timeout = "{timeout}"
 "#
         ),
     )
     .unwrap();
-    let mut replica = Process::replica(&config, &db.url(), free_port());
+    let port = free_port();
+    let replica = Process::replica(&config, &db.url(), port);
     replica.ready(WAIT).await;
+    (replica, port)
+}
+
+/// SIGTERM, then waits for `replica` to exit.
+async fn stop(replica: &mut Process) {
+    replica.terminate();
+    eventually(WAIT, "the replica to exit", || {
+        let exited = !replica.running();
+        async move { exited.then_some(()) }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_stopped_mid_recovery_records_the_action_at_once_and_leaves_no_process() {
+    let db = crate::helpers::TestDb::migrated().await;
+    let dir = tempfile::tempdir().unwrap();
+    let marker = format!("warden-sigterm-{}", std::process::id());
+    let script = format!("sleep 120; : {marker}");
+    let (mut replica, _) = command_replica(&db, dir.path(), &script, "3m", "2s").await;
     let client = db.client().await;
     client.execute("SELECT warden.record_heartbeat('stopped', next_heartbeat_ms => 500)", &[]).await.unwrap();
     eventually(WAIT, "the recovery running", || async {
@@ -750,12 +777,7 @@ timeout = "3m"
     })
     .await;
 
-    replica.terminate();
-    eventually(WAIT, "the replica to exit", || {
-        let exited = !replica.running();
-        async move { exited.then_some(()) }
-    })
-    .await;
+    stop(&mut replica).await;
     let row = client
         .query_one(
             "SELECT a.state, a.detail->>'interrupted', j.state, j.lease_owner IS NULL \
@@ -774,34 +796,7 @@ timeout = "3m"
 async fn a_stopping_replica_starts_no_recovery_while_requests_drain() {
     let db = crate::helpers::TestDb::migrated().await;
     let dir = tempfile::tempdir().unwrap();
-    let marker = format!("warden-draining-{}", std::process::id());
-    let config = dir.path().join("warden.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[server]
-shutdown_timeout = "8s"
-[auth]
-enabled = false
-[health]
-check_interval = "200ms"
-[recovery]
-poll_interval = "100ms"
-[[recovery.strategies]]
-name = "quick"
-issues = ["agent_unresponsive"]
-[[recovery.strategies.actions]]
-kind = "command"
-argv = ["/bin/sh", "-c", ": {marker}"]
-timeout = "10s"
-"#
-        ),
-    )
-    .unwrap();
-    let port = free_port();
-    let mut replica = Process::replica(&config, &db.url(), port);
-    replica.ready(WAIT).await;
+    let (mut replica, port) = command_replica(&db, dir.path(), ": a quick restart", "10s", "8s").await;
     // A request whose body never finishes keeps the drain going for the
     // whole shutdown_timeout.
     let mut slow = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
@@ -813,12 +808,7 @@ timeout = "10s"
     let client = db.client().await;
     client.execute("SELECT warden.record_heartbeat('draining', next_heartbeat_ms => 300)", &[]).await.unwrap();
     let stopping = std::time::Instant::now();
-    replica.terminate();
-    eventually(WAIT, "the replica to exit", || {
-        let exited = !replica.running();
-        async move { exited.then_some(()) }
-    })
-    .await;
+    stop(&mut replica).await;
     // The half-sent request held the drain (shutdown_timeout is 8 s), or
     // this test proves nothing.
     assert!(stopping.elapsed() >= Duration::from_secs(4), "the drain ended at once: {:?}", stopping.elapsed());
