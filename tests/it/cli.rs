@@ -119,8 +119,13 @@ async fn the_demo_shows_a_live_fleet_and_stops_cleanly_on_ctrl_c() {
     }
     assert!(saw_online, "the live view shows agents online");
     // On a database of its own it stops no embedded cluster, and says none.
-    let footer =
-        rx.try_iter().chain(rx.recv_timeout(std::time::Duration::from_secs(10))).find(|l| l.starts_with("Ctrl-C"));
+    // Further down the same view: read on until it comes (the reader
+    // thread may be some lines behind the demo).
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut footer = None;
+    while footer.is_none() && std::time::Instant::now() < until {
+        footer = rx.recv_timeout(std::time::Duration::from_millis(500)).ok().filter(|l| l.starts_with("Ctrl-C"));
+    }
     assert_eq!(footer.as_deref(), Some("Ctrl-C stops warden and the fleet."));
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let status = child.wait().unwrap();
