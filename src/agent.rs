@@ -53,6 +53,9 @@ pub struct AgentArgs {
 
 /// The flags --detach hands to the background process in its own way.
 const DETACH_FLAGS: [&str; 3] = ["--detach", "--first-sent", "--without-clock"];
+/// The same for flags with a value (`--key K` or `--key=K`): the key goes
+/// in the environment, the others are set anew.
+const HANDED_ON: [&str; 3] = ["--key", "--started-at-ms", "--first-url"];
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
     text.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| "expected name=value".into())
@@ -166,9 +169,14 @@ struct First {
 fn started_at(unix_ms: Option<u64>) -> Instant {
     let now = Instant::now();
     let Some(ms) = unix_ms else { return now };
-    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    let ago = since_epoch.saturating_sub(std::time::Duration::from_millis(ms));
+    let ago = since_epoch().saturating_sub(std::time::Duration::from_millis(ms));
     now.checked_sub(ago).unwrap_or(now)
+}
+
+/// The wall clock, as time since the Unix epoch: how a start is handed to
+/// another process, where an `Instant` means nothing.
+fn since_epoch() -> std::time::Duration {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default()
 }
 
 /// The first heartbeat of a detaching agent, sent before detaching so that
@@ -211,18 +219,15 @@ fn detach(first: First, key: Option<&str>) -> Result<(), String> {
     let mut given = std::env::args_os().skip(1);
     while let Some(arg) = given.next() {
         let text = arg.to_string_lossy();
-        if arg == "--key" || arg == "--started-at-ms" || arg == "--first-url" {
+        if HANDED_ON.contains(&text.as_ref()) {
             given.next();
-        } else if !text.starts_with("--key=")
-            && !text.starts_with("--started-at-ms=")
-            && !text.starts_with("--first-url=")
-            && !DETACH_FLAGS.iter().any(|flag| arg == *flag)
+        } else if !HANDED_ON.iter().any(|flag| text.strip_prefix(flag).is_some_and(|v| v.starts_with('=')))
+            && !DETACH_FLAGS.contains(&text.as_ref())
         {
             args.push(arg);
         }
     }
-    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    let started_ms = since_epoch.saturating_sub(first.started.elapsed()).as_millis();
+    let started_ms = since_epoch().saturating_sub(first.started.elapsed()).as_millis();
     args.push(format!("--started-at-ms={started_ms}").into());
     args.push(format!("--first-url={}", first.url).into());
     if first.taken {
@@ -255,8 +260,7 @@ mod tests {
 
     #[test]
     fn a_background_agent_counts_its_uptime_from_the_commands_start() {
-        let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
-        let thirty_ago = (since_epoch - std::time::Duration::from_secs(30)).as_millis() as u64;
+        let thirty_ago = (since_epoch() - std::time::Duration::from_secs(30)).as_millis() as u64;
         let uptime = started_at(Some(thirty_ago)).elapsed().as_secs();
         assert!((30..40).contains(&uptime), "{uptime}");
         assert!(started_at(None).elapsed().as_secs() < 5);

@@ -108,7 +108,6 @@ pub fn words(snake: &str) -> String {
     capitalized(&snake.replace('_', " "))
 }
 
-/// The text with its first letter capital, to begin a sentence.
 /// `text` cut to at most `max` characters, an ellipsis marking the cut.
 pub fn at_most(text: &str, max: usize) -> String {
     match text.char_indices().nth(max.saturating_sub(1)) {
@@ -117,6 +116,7 @@ pub fn at_most(text: &str, max: usize) -> String {
     }
 }
 
+/// The text with its first letter capital, to begin a sentence.
 pub fn capitalized(text: &str) -> String {
     let mut out = text.to_string();
     if let Some(first) = out.get(..1) {

@@ -1119,7 +1119,8 @@ fn score_inputs(f: ScoreFacts<'_>) -> Inputs {
     // scaled up as `expected` is, a new agent's steady rate reads as that
     // rate, not a fraction of it (business impact 5 instead of 100 after a
     // few minutes). Agents older than a few hours are unaffected.
-    let filled = (1.0 - (-age_s / HOUR_S).exp()).max(MIN_FILLED);
+    let share = 1.0 - (-age_s / HOUR_S).exp();
+    let filled = share.max(MIN_FILLED);
     let work_per_hour = f.work.map(|s| s.hour_sum_at(f.now) / filled);
     let errors_metric = f.errors.map(|s| s.hour_sum_at(f.now) / filled);
     // Error events are counted over the last hour, of which a new agent
@@ -1137,7 +1138,7 @@ fn score_inputs(f: ScoreFacts<'_>) -> Inputs {
     // rather than "below target" about an agent doing its work.
     let work_reference = label_number(f.labels, "throughput_target_per_hour")
         .or_else(|| f.work.filter(|s| s.samples >= 5).map(|s| s.slow))
-        .filter(|_| 1.0 - (-age_s / HOUR_S).exp() >= MIN_FILLED);
+        .filter(|_| share >= MIN_FILLED);
     Inputs {
         delivery,
         arrival_cv: f.arrival_cv,
