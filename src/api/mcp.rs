@@ -298,9 +298,7 @@ pub const MAX_BATCH: usize = 100;
 /// not JSON-RPC at all or a batch holds more than `most` messages, the
 /// error response to send with HTTP 400.
 fn parse_body(body: &[u8], most: usize) -> Result<(Vec<Message>, bool), Value> {
-    let Unambiguous(value) = serde_json::from_slice(body).map_err(|e| {
-        reply(Value::Null, Err(RpcError::new(PARSE_ERROR, format!("the body is not valid JSON ({e})"))))
-    })?;
+    let Unambiguous(value) = read_json(body).map_err(|e| reply(Value::Null, Err(e)))?;
     match value {
         Value::Array(items) if items.is_empty() => {
             Err(reply(Value::Null, Err(RpcError::new(INVALID_REQUEST, "a batch must hold at least one message"))))
@@ -318,6 +316,28 @@ fn parse_body(body: &[u8], most: usize) -> Result<(Vec<Message>, bool), Value> {
             message => Ok((vec![message], false)),
         },
     }
+}
+
+/// The body as JSON, or a parse error that names where in it reading
+/// stopped when that is inside a value: a number too large for a double
+/// (`1e999`) or a NaN in a tool's arguments is then located as POST
+/// /v1/heartbeats locates it, though the request cannot be answered by id.
+fn read_json(body: &[u8]) -> Result<Unambiguous, RpcError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let refuse = |e: serde_json::Error, path: Option<String>| {
+        let mut error = RpcError::new(PARSE_ERROR, format!("the body is not valid JSON ({e})"));
+        if let Some(path) = path.filter(|p| !p.is_empty() && p != ".") {
+            error.message = format!("the body is not valid JSON at {path} ({e})");
+            error.data = Some(json!({ "field": path }));
+        }
+        error
+    };
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = crate::ingest::heartbeat::names_a_field(e.path()).then(|| e.path().to_string());
+        refuse(e.into_inner(), path)
+    })?;
+    de.end().map_err(|e| refuse(e, None))?;
+    Ok(value)
 }
 
 /// JSON as serde_json reads it, except that an object naming a key twice
@@ -798,6 +818,23 @@ mod tests {
         let refused = parse_body(body, 10).unwrap_err();
         assert_eq!(refused["error"]["code"], PARSE_ERROR);
         assert!(refused["error"]["message"].as_str().unwrap().contains("\"agent_id\" appears twice"), "{refused}");
+        // A value JSON allows but a double cannot hold is located.
+        let body = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call",
+                        "params":{"name":"heartbeat","arguments":{"agent_id":"m1","metrics":{"cpu":1e999}}}}"#;
+        let refused = parse_body(body, 10).unwrap_err();
+        assert_eq!(refused["error"]["code"], PARSE_ERROR);
+        assert_eq!(refused["error"]["data"]["field"], "params.arguments.metrics.cpu", "{refused}");
+        assert!(refused["error"]["message"].as_str().unwrap().contains("number out of range"), "{refused}");
+        let body = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call",
+                        "params":{"name":"heartbeat","arguments":{"agent_id":"m1","uptime_seconds":NaN}}}"#;
+        let refused = parse_body(body, 10).unwrap_err();
+        assert_eq!(refused["error"]["data"]["field"], "params.arguments.uptime_seconds", "{refused}");
+        // Broken JSON outside any value names no field; trailing text is refused.
+        for body in [&b"{"[..], b"{} x", b"NaN"] {
+            let refused = parse_body(body, 10).unwrap_err();
+            assert_eq!(refused["error"]["code"], PARSE_ERROR);
+            assert!(refused["error"].get("data").is_none(), "{refused}");
+        }
         // Nested values and batches read as before.
         let (messages, batch) =
             parse_body(br#"[{"jsonrpc":"2.0","id":1,"method":"ping","params":{"a":[1,2.5,"x",null,true]}}]"#, 10)

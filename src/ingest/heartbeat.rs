@@ -263,7 +263,7 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Pars
 /// Whether an error path names a field: not the whole body, and no segment
 /// that could not be named (where a key was expected but none was read).
 /// (A path of one empty key prints as nothing; the caller checks that.)
-fn names_a_field(path: &serde_path_to_error::Path) -> bool {
+pub(crate) fn names_a_field(path: &serde_path_to_error::Path) -> bool {
     path.iter().next().is_some() && !path.iter().any(|s| matches!(s, serde_path_to_error::Segment::Unknown))
 }
 

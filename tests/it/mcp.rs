@@ -434,6 +434,17 @@ async fn transport_rules_get_405_400_403_and_413() {
     let response = app.post_raw("/mcp", &key, "{").await;
     assert_eq!(response.status(), 400);
     assert_eq!(response.json::<Value>().await.unwrap()["error"]["code"], -32700);
+    // A number no double holds is one too, located as the REST path locates it.
+    let huge = r#"{"jsonrpc":"2.0","id":3,"method":"tools/call",
+                   "params":{"name":"heartbeat","arguments":{"agent_id":"a","metrics":{"cpu":1e999}}}}"#;
+    let response = app.post_raw("/mcp", &key, huge).await;
+    assert_eq!(response.status(), 400);
+    let error = &response.json::<Value>().await.unwrap()["error"];
+    assert_eq!(
+        (error["code"].as_i64(), error["data"]["field"].as_str()),
+        (Some(-32700), Some("params.arguments.metrics.cpu"))
+    );
+    assert_eq!(app.count("SELECT count(*) FROM warden.agent_status").await, 0);
 }
 
 #[tokio::test]
