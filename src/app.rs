@@ -129,6 +129,11 @@ impl Application {
         Ok(Self { settings, database, listener, local_addr, prepared })
     }
 
+    /// The connection pool `run` serves with, open until `run` returns.
+    pub fn pool(&self) -> deadpool_postgres::Pool {
+        self.database.pool.clone()
+    }
+
     /// The bound address; with `listen = "127.0.0.1:0"` the port chosen.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr

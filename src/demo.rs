@@ -7,6 +7,13 @@
 //! latency climbs; one whose errors climb; one that crashes and is
 //! restarted by a real recovery command (it is a real `warden agent`
 //! process); and one that goes quiet for good.
+//!
+//! The demo's settings (no auth, fast evaluation, its own recovery
+//! strategy) apply to the whole database it runs on, and other replicas
+//! sharing a database would page about its agents, so it refuses a
+//! configured database that already monitors agents of its own. On Ctrl-C
+//! it removes its agents, so that `warden serve` on the same database (the
+//! embedded cluster is shared) does not start with a fleet of ghosts.
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -20,6 +27,9 @@ use crate::client::{Client, HeartbeatRequest};
 use crate::config::{Action, Duration as D, Settings, Strategy};
 use crate::health::incidents::IssueType;
 use crate::model::{HeartbeatStatus, Mode};
+
+/// Every demo agent's id starts so.
+const DEMO_PREFIX: &str = "demo-";
 
 /// How often demo agents say they will send.
 const INTERVAL: Duration = Duration::from_secs(3);
@@ -84,7 +94,13 @@ pub async fn run(settings: Settings, options: DemoOptions, shutdown: Cancellatio
     let mut settings = demo_settings(settings, exe.clone(), &url);
     settings.server.listen.set_port(port);
     let app = Application::build(settings).await.map_err(|e| e.to_string())?;
-    let warden = tokio::spawn(app.run(shutdown.clone()));
+    let pool = app.pool();
+    if !embedded {
+        refuse_a_real_fleet(&pool).await?;
+    }
+    // warden stops after the demo has removed its agents, not on Ctrl-C.
+    let stop_warden = CancellationToken::new();
+    let warden = tokio::spawn(app.run(stop_warden.clone()));
     let client = Client::new(&url, None).map_err(|e| e.to_string())?;
 
     let fleet = CancellationToken::new();
@@ -141,9 +157,57 @@ pub async fn run(settings: Settings, options: DemoOptions, shutdown: Cancellatio
         let _ = t.await;
     }
     let _ = crasher.kill().await;
-    stop_detached_agents();
+    stop_detached_agents().await;
+    let left = remove_demo_agents(&pool).await;
+    stop_warden.cancel();
     let _ = warden.await;
-    Ok(())
+    left
+}
+
+/// A database whose fleet is not the demo's: refused, naming an agent.
+async fn refuse_a_real_fleet(pool: &deadpool_postgres::Pool) -> Result<(), String> {
+    let client = crate::db::client(pool).await.map_err(|e| e.to_string())?;
+    let row = client
+        .query_one(
+            "SELECT count(*), min(agent_id) FROM warden.agent_status WHERE agent_id NOT LIKE $1",
+            &[&format!("{DEMO_PREFIX}%")],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let (others, example): (i64, Option<String>) = (row.get(0), row.get(1));
+    match example {
+        Some(example) => Err(format!(
+            "the database at database.url monitors {others} agent(s) of its own (such as {example}); the demo \
+             changes how warden evaluates, recovers and authenticates on the database it runs on, so run it on \
+             an empty database, or with no database.url (a cluster of its own in database.data_dir)"
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Removes the demo's agents (their history stays, as for any removed
+/// agent). One being recovered cannot be removed yet: it is named, with
+/// the command that removes it later.
+async fn remove_demo_agents(pool: &deadpool_postgres::Pool) -> Result<(), String> {
+    let mut client = crate::db::client(pool).await.map_err(|e| format!("cannot remove the demo's agents: {e}"))?;
+    let ids: Vec<String> = client
+        .query("SELECT agent_id FROM warden.agent_status WHERE agent_id LIKE $1", &[&format!("{DEMO_PREFIX}%")])
+        .await
+        .map_err(|e| format!("cannot remove the demo's agents: {e}"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut kept = Vec::new();
+    for id in ids {
+        match crate::health::removal::remove(&mut client, &id, "warden demo", None).await {
+            Ok(_) | Err(crate::health::removal::RemoveError::NotFound(_)) => {}
+            Err(e) => kept.push(format!("{id} ({e})")),
+        }
+    }
+    if kept.is_empty() {
+        return Ok(());
+    }
+    Err(format!("could not remove {}; remove them with `warden agents remove ID`", kept.join(", ")))
 }
 
 fn spawn_agent(exe: &std::path::Path, url: &str, id: &str) -> Result<tokio::process::Child, String> {
@@ -160,8 +224,10 @@ fn spawn_agent(exe: &std::path::Path, url: &str, id: &str) -> Result<tokio::proc
 }
 
 /// Agents restarted by recovery outlive the demo's own handles; they are
-/// found by their command line.
-fn stop_detached_agents() {
+/// found by their command line, and waited for (a few seconds at most) so
+/// that no heartbeat of theirs registers an agent the demo then removed.
+async fn stop_detached_agents() {
+    let mut stopped = Vec::new();
     let Ok(entries) = std::fs::read_dir("/proc") else { return };
     let me = std::env::current_exe().ok();
     for entry in entries.flatten() {
@@ -169,10 +235,19 @@ fn stop_detached_agents() {
         let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
         let args: Vec<String> = cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
         let ours = me.as_ref().is_some_and(|m| args.first().is_some_and(|a| std::path::Path::new(a) == m));
-        if ours && args.iter().any(|a| a == "agent") && args.iter().any(|a| a.starts_with("demo-")) {
+        if ours && args.iter().any(|a| a == "agent") && args.iter().any(|a| a.starts_with(DEMO_PREFIX)) {
             // SAFETY: kill(2) on a process we started.
             unsafe { libc::kill(pid, libc::SIGTERM) };
+            stopped.push(pid);
         }
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    // Detached agents are not our children (their parent exited), so they
+    // are not left as zombies: their /proc entry goes when they exit.
+    while stopped.iter().any(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -141,6 +141,38 @@ async fn the_demo_shows_a_live_fleet_and_stops_cleanly_on_ctrl_c() {
         (leftovers() == 0).then_some(())
     })
     .await;
+    // Its agents are removed, their history kept.
+    let client = db.client().await;
+    let count = |sql: &'static str| {
+        let client = &client;
+        async move { client.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
+    };
+    assert_eq!(count("SELECT count(*) FROM warden.agent_status").await, 0);
+    assert!(count("SELECT count(*) FROM warden.agent_heartbeats WHERE agent_id LIKE 'demo-%'").await > 0);
+    let removed = count("SELECT count(*) FROM warden.system_events WHERE event_type = 'agent_removed'").await;
+    assert!(removed > 0, "{removed} removed");
+}
+
+#[tokio::test]
+async fn the_demo_refuses_a_database_that_monitors_a_fleet_of_its_own() {
+    let db = crate::helpers::TestDb::migrated().await;
+    db.client()
+        .await
+        .batch_execute("SELECT warden.record_heartbeat('web-1', 'active', 'healthy', 5, NULL, NULL)")
+        .await
+        .unwrap();
+    let out = warden()
+        .args(["demo", "--agents", "6"])
+        .env("WARDEN__DATABASE__URL", db.url())
+        .env("WARDEN__SERVER__LISTEN", "127.0.0.1:0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("monitors 1 agent(s) of its own (such as web-1)"), "{stderr}");
+    let client = db.client().await;
+    let agents = client.query_one("SELECT count(*) FROM warden.agent_status", &[]).await.unwrap().get::<_, i64>(0);
+    assert_eq!(agents, 1, "nothing written: no demo agent registered");
 }
 
 #[test]
