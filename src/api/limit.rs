@@ -288,8 +288,7 @@ pub async fn enforce(State(state): State<AppState>, request: Request, next: Next
 
 /// The public key id of a bearer token, if the token is well formed.
 fn bearer_key_id(header: &str) -> Option<&str> {
-    let token = header.strip_prefix("Bearer ").or_else(|| header.strip_prefix("bearer "))?.trim();
-    crate::auth::key_id_of(token)
+    crate::auth::key_id_of(crate::auth::bearer_token(header)?)
 }
 
 fn too_many(wait: Duration, heartbeats: bool) -> Response {

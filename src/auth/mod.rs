@@ -171,6 +171,15 @@ pub fn hash(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
+/// The credentials of an `Authorization: Bearer <key>` header value. The
+/// scheme's name is case-insensitive (RFC 9110, section 11.1), so
+/// `BEARER` is as good as `Bearer`.
+pub fn bearer_token(header: &str) -> Option<&str> {
+    let (scheme, token) = header.trim_start().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
 /// The public id inside a well-formed token.
 pub fn key_id_of(token: &str) -> Option<&str> {
     let rest = token.strip_prefix(PREFIX)?;
@@ -331,9 +340,7 @@ impl Authenticator {
     /// The rate limiter keeps serving such keys from an address that is
     /// failing to authenticate.
     pub fn recently_verified(&self, header: Option<&str>) -> bool {
-        let Some(token) =
-            header.and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer "))).map(str::trim)
-        else {
+        let Some(token) = header.and_then(bearer_token) else {
             return false;
         };
         let Some(entry) = key_id_of(token).and_then(|key_id| self.cached(key_id)) else {
@@ -348,11 +355,7 @@ impl Authenticator {
             return Ok(Principal::anonymous());
         }
         let header = header.ok_or(AuthError::Missing)?;
-        let token = header
-            .strip_prefix("Bearer ")
-            .or_else(|| header.strip_prefix("bearer "))
-            .map(str::trim)
-            .ok_or(AuthError::Missing)?;
+        let token = bearer_token(header).ok_or(AuthError::Missing)?;
         let key_id = key_id_of(token).ok_or(AuthError::Invalid)?;
         let entry = match self.cached(key_id) {
             Some(entry) => entry,
@@ -482,6 +485,16 @@ mod tests {
             &format!("{token}0"),
         ] {
             assert_eq!(key_id_of(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_named_in_any_case() {
+        for header in ["Bearer k", "bearer k", "BEARER k", "bEaReR  k ", " Bearer k"] {
+            assert_eq!(bearer_token(header), Some("k"), "{header:?}");
+        }
+        for header in ["Bearer", "Bearer ", "Basic k", "Bearerk", "Token k", ""] {
+            assert_eq!(bearer_token(header), None, "{header:?}");
         }
     }
 

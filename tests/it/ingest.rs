@@ -315,6 +315,16 @@ async fn writes_need_a_valid_key_with_the_ingest_scope() {
 
     let ingest = app.key(&[Scope::Ingest]).await;
     assert_eq!(app.heartbeat(&ingest, body.clone()).await.0, 200);
+    // The scheme's name in any case, as HTTP has it.
+    let shouted = app
+        .http
+        .post(app.url("/v1/heartbeats"))
+        .header("authorization", format!("BEARER {ingest}"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(shouted.status(), 200);
     let key_id = warden::auth::key_id_of(&ingest).unwrap().to_string();
     assert!(warden::auth::revoke_key(&app.db.client().await, &key_id).await.unwrap());
     assert_eq!(app.heartbeat(&ingest, body.clone()).await.0, 401, "a revoked key stops working");
@@ -322,7 +332,7 @@ async fn writes_need_a_valid_key_with_the_ingest_scope() {
     // A key that differs from a real one only in its secret is refused.
     let forged = format!("{}{}", &admin[..admin.len() - 1], if admin.ends_with('0') { '1' } else { '0' });
     assert_eq!(app.heartbeat(&forged, body).await.0, 401);
-    assert_eq!(app.count("SELECT heartbeat_count FROM warden.agent_status").await, 2);
+    assert_eq!(app.count("SELECT heartbeat_count FROM warden.agent_status").await, 3);
 }
 
 /// A key made by `warden keys create --agent` reports for the agents its
