@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -59,9 +60,9 @@ pub struct Application {
     database: Database,
     listener: TcpListener,
     local_addr: SocketAddr,
-    /// Whether the database was migrated and checked at start; if not, it
-    /// was unreachable and `run` waits for it.
-    prepared: bool,
+    /// When the database was migrated and checked at start (its clock); if
+    /// not, it was unreachable and `run` waits for it.
+    prepared: Option<DateTime<Utc>>,
 }
 
 impl Application {
@@ -74,10 +75,10 @@ impl Application {
         // login, a schema from another build, a failed migration) needs an
         // operator, so the process exits saying what.
         let prepared = match prepare(&database, &settings).await {
-            Ok(()) => true,
+            Ok(at) => Some(at),
             Err(e) if e.is_temporary() => {
                 tracing::warn!(error = %e, "the database is not ready; serving 503 until it is");
-                false
+                None
             }
             Err(e) => return Err(e),
         };
@@ -151,7 +152,7 @@ impl Application {
         // `background`, after the drain.
         let loops = background.child_token();
         let tasks = TaskTracker::new();
-        let started = Arc::new(AtomicBool::new(prepared));
+        let started = Arc::new(AtomicBool::new(prepared.is_some()));
         let ingestor = Ingestor::start(database.pool.clone(), &writer_settings(&settings), background.clone(), &tasks);
         let auth =
             Arc::new(Authenticator::new(database.pool.clone(), settings.auth.enabled, settings.auth.cache_ttl.get()));
@@ -177,19 +178,20 @@ impl Application {
                 (settings.clone(), database.clone(), tasks.clone(), loops.clone());
             let (shutdown, fatal) = (shutdown.clone(), fatal.clone());
             tasks.spawn(async move {
-                if !prepared {
-                    match wait_until_prepared(&database, &settings, &stop).await {
-                        Ok(true) => {}
-                        Ok(false) => return,
+                let serving_since = match prepared {
+                    Some(at) => at,
+                    None => match wait_until_prepared(&database, &settings, &stop).await {
+                        Ok(Some(at)) => at,
+                        Ok(None) => return,
                         Err(e) => {
                             tracing::error!(error = %e, "cannot start; stopping");
                             let _ = fatal.set(e.to_string());
                             shutdown.cancel();
                             return;
                         }
-                    }
-                }
-                start_background(&settings, &database, local_addr, &stop, &tasks_in);
+                    },
+                };
+                start_background(&settings, &database, local_addr, serving_since, &stop, &tasks_in);
                 started.store(true, Ordering::Release);
             });
         }
@@ -238,7 +240,11 @@ impl Application {
 
 /// The database steps before serving: migrations (or the divergence check),
 /// the settings the SQL ingest path reads, and what is worth a log line.
-async fn prepare(database: &Database, settings: &Settings) -> Result<(), StartError> {
+///
+/// Returns the database's clock once done: heartbeats this process takes
+/// are stored after it, which tells a restart from a failover (see
+/// `evaluator::Replica`).
+async fn prepare(database: &Database, settings: &Settings) -> Result<DateTime<Utc>, StartError> {
     if settings.database.migrate_on_start {
         let mut client = db::client(&database.pool).await.map_err(StartError::Connect)?;
         let outcome = migrate::run(&mut client).await?;
@@ -261,28 +267,29 @@ async fn prepare(database: &Database, settings: &Settings) -> Result<(), StartEr
     sync_mode_intervals(&client, settings).await.map_err(StartError::Connect)?;
     warn_without_autovacuum(&client).await;
     report_tls(&client, &database.pg_config).await;
-    Ok(())
+    let now = client.query_one("SELECT now()", &[]).await.map_err(|e| StartError::Connect(e.into()))?;
+    Ok(now.get(0))
 }
 
-/// Retries [`prepare`] while the database is not ready: true once it is
-/// done, false when stopped first, the error when the database answers
+/// Retries [`prepare`] while the database is not ready: its clock once it
+/// is done, `None` when stopped first, the error when the database answers
 /// with something only an operator can fix.
 async fn wait_until_prepared(
     database: &Database,
     settings: &Settings,
     stop: &CancellationToken,
-) -> Result<bool, StartError> {
+) -> Result<Option<DateTime<Utc>>, StartError> {
     let mut waits = crate::every::retry_waits(Duration::from_millis(250), Duration::from_secs(5));
     let mut wait = waits.next().unwrap_or_default();
     loop {
         tokio::select! {
-            _ = stop.cancelled() => return Ok(false),
+            _ = stop.cancelled() => return Ok(None),
             _ = tokio::time::sleep(wait) => {}
         }
         match prepare(database, settings).await {
-            Ok(()) => {
+            Ok(at) => {
                 tracing::info!("the database answers; starting evaluation, recovery and alerting");
-                return Ok(true);
+                return Ok(Some(at));
             }
             Err(e) if e.is_temporary() => {
                 wait = waits.next().unwrap_or_default();
@@ -299,6 +306,7 @@ fn start_background(
     settings: &Settings,
     database: &Database,
     local_addr: SocketAddr,
+    serving_since: DateTime<Utc>,
     stop: &CancellationToken,
     tasks: &TaskTracker,
 ) {
@@ -307,6 +315,7 @@ fn start_background(
         database.pool.clone(),
         crate::health::evaluator::EvalParams::from_settings(&settings.health),
         replica_name(local_addr),
+        Some(serving_since),
         ping,
         stop.clone(),
     ));

@@ -222,14 +222,29 @@ macro_rules! refusals_join {
     };
 }
 
+/// The replica that runs a cycle: the name it leads under, and when it
+/// began taking heartbeats (the database's clock), where known.
+#[derive(Debug, Clone, Copy)]
+pub struct Replica<'a> {
+    pub name: &'a str,
+    pub serving_since: Option<DateTime<Utc>>,
+}
+
+impl<'a> From<&'a str> for Replica<'a> {
+    fn from(name: &'a str) -> Self {
+        Self { name, serving_since: None }
+    }
+}
+
 /// One liveness cycle at `now` (the database's clock when `None`).
 #[tracing::instrument(skip_all)]
-pub async fn liveness_cycle(
+pub async fn liveness_cycle<'r>(
     client: &mut tokio_postgres::Client,
     params: &EvalParams,
-    replica: &str,
+    replica: impl Into<Replica<'r>>,
     now: Option<DateTime<Utc>>,
 ) -> Result<CycleReport, DbError> {
+    let replica: Replica<'_> = replica.into();
     let tx = client.transaction().await?;
     let now = clock(&tx, now).await?;
     let mut report = CycleReport { now: Some(now), ..CycleReport::default() };
@@ -238,24 +253,27 @@ pub async fn liveness_cycle(
         tx.query_one("SELECT last_cycle_at, resumed_at, leader FROM warden.evaluator_state FOR UPDATE", &[]).await?;
     let last_cycle: Option<DateTime<Utc>> = state.get(0);
     let mut resumed: Option<DateTime<Utc>> = state.get(1);
-    // A new leader (replica names carry the process id) after a pause
-    // longer than a cycle's spacing, with nothing stored or refused
-    // meanwhile, is a restart of the only replica: nobody heard the agents,
-    // and one on a 5 s interval would read as offline after a 20 s
-    // restart. (A failover between running replicas has them ingesting
-    // throughout, and is no gap.) Otherwise only a longer pause is a gap.
-    let restarted = match last_cycle {
-        Some(at)
-            if now - at > params.check_interval && state.get::<_, Option<String>>(2).as_deref() != Some(replica) =>
-        {
-            tx.query_one(
+    // A new leader (replica names carry the process id) that began
+    // taking heartbeats after the last cycle is a restart: between the old
+    // process's stop and its own start nobody heard the agents, and one
+    // whose beat fell in that stretch reads as late (after a 20 s restart,
+    // as offline). A replica that was serving before the last cycle was
+    // ingesting throughout: a failover, and no gap. (Another replica
+    // running meanwhile would have taken the lead within a cycle's
+    // spacing.) Where the start is not known, a pause longer than a
+    // cycle's spacing with nothing stored or refused meanwhile is taken
+    // for one. Otherwise only a longer pause is a gap.
+    let new_leader = state.get::<_, Option<String>>(2).as_deref() != Some(replica.name);
+    let restarted = match (last_cycle, replica.serving_since) {
+        (Some(at), Some(serving_since)) if new_leader => serving_since > at,
+        (Some(at), None) if new_leader && now - at > params.check_interval => tx
+            .query_one(
                 "SELECT NOT EXISTS (SELECT 1 FROM warden.agent_status WHERE last_seen > $1) \
                     AND NOT EXISTS (SELECT 1 FROM warden.ingest_refusals WHERE refused_at > $1)",
                 &[&at],
             )
             .await?
-            .get(0)
-        }
+            .get(0),
         _ => false,
     };
     if restarted || last_cycle.is_none_or(|at| now - at > params.gap_limit()) {
@@ -383,7 +401,7 @@ pub async fn liveness_cycle(
     notify(&tx, &notes).await?;
     tx.execute(
         "UPDATE warden.evaluator_state SET last_cycle_at = $1, resumed_at = $2, leader = $3",
-        &[&now, &resumed, &replica],
+        &[&now, &resumed, &replica.name],
     )
     .await?;
     tx.commit().await?;
@@ -1415,21 +1433,24 @@ impl ScoreUpdates {
 /// Runs the evaluator until `stop`: competes for leadership, and while
 /// leading runs liveness cycles and score passes on their intervals.
 pub async fn run(pool: Pool, params: EvalParams, replica: String, stop: CancellationToken) {
-    run_with_ping(pool, params, replica, None, stop).await
+    run_with_ping(pool, params, replica, None, None, stop).await
 }
 
-/// Like [`run`], requesting `ping` after every successful liveness cycle.
+/// Like [`run`], for a replica that began taking heartbeats at
+/// `serving_since` (see [`Replica`]), requesting `ping` after every
+/// successful liveness cycle.
 pub async fn run_with_ping(
     pool: Pool,
     params: EvalParams,
     replica: String,
+    serving_since: Option<DateTime<Utc>>,
     ping: Option<String>,
     stop: CancellationToken,
 ) {
     let pinger = ping.map(Pinger::new);
     let leader = Leader {
         params: &params,
-        replica: &replica,
+        replica: Replica { name: &replica, serving_since },
         stop: &stop,
         check: params.check_interval.to_std().unwrap_or(StdDuration::from_secs(10)),
         score_every: params.score_interval.to_std().unwrap_or(StdDuration::from_secs(60)),
@@ -1453,7 +1474,7 @@ pub async fn run_with_ping(
 /// What a replica needs to compete for leadership and evaluate.
 struct Leader<'a> {
     params: &'a EvalParams,
-    replica: &'a str,
+    replica: Replica<'a>,
     stop: &'a CancellationToken,
     check: StdDuration,
     score_every: StdDuration,
@@ -1476,7 +1497,7 @@ impl Leader<'_> {
                 _ = tokio::time::sleep(self.check) => {}
             }
         }
-        tracing::info!(replica = self.replica, "this replica now leads evaluation");
+        tracing::info!(replica = self.replica.name, "this replica now leads evaluation");
         let result = self.evaluate(&mut client).await;
         let _ = client.execute("SELECT pg_advisory_unlock($1)", &[&LEADER_LOCK]).await;
         if result.is_err() {

@@ -711,6 +711,59 @@ async fn a_short_restart_does_not_take_quick_agents_offline() {
     assert_eq!(liveness(&c, "quick").await, Liveness::Offline, "silent 25 s: offline, as it was");
 }
 
+/// A replica that knows when it began taking heartbeats tells a restart
+/// from a failover by that alone: heartbeats the old process stored after
+/// its last cycle (while it drained, or before it was killed) do not hide
+/// the restart, and a quiet fleet does not turn a failover into one.
+#[tokio::test]
+async fn a_restart_is_told_from_a_failover_by_when_the_new_leader_began_serving() {
+    let db = TestDb::migrated().await;
+    let mut c = db.client().await;
+    let p = params();
+    let t = t0();
+    let replica = |name, serving_since| evaluator::Replica { name, serving_since: Some(serving_since) };
+    let one = replica("warden-1", t - Duration::minutes(5));
+    evaluator::liveness_cycle(&mut c, &p, one, Some(t - Duration::seconds(20))).await.unwrap();
+    for round in 0..3 {
+        let at = t - Duration::seconds(10) + Duration::seconds(5 * round);
+        beat(&c, "quick", at, 5_000, 10 + round).await;
+        evaluator::liveness_cycle(&mut c, &p, one, Some(at + Duration::milliseconds(500))).await.unwrap();
+    }
+    // warden-1 stores one more beat after its last cycle, then stops;
+    // warden-2 starts 20 s later.
+    beat(&c, "quick", t + Duration::seconds(4), 5_000, 13).await;
+    let back = t + Duration::seconds(25);
+    let two = replica("warden-2", back);
+    let report = evaluator::liveness_cycle(&mut c, &p, two, Some(back + Duration::milliseconds(300))).await.unwrap();
+    assert!(report.resumed, "a restart, though a heartbeat was stored after the last cycle");
+    assert_eq!(liveness(&c, "quick").await, Liveness::Online, "21 s of silence, but nobody was listening");
+    assert!(open_issues(&c, Some("quick")).await.is_empty());
+
+    // A restart quicker than a check interval is one too.
+    beat(&c, "quick", back + Duration::seconds(1), 5_000, 1).await;
+    evaluator::liveness_cycle(&mut c, &p, two, Some(back + Duration::seconds(2))).await.unwrap();
+    let quick_back = back + Duration::seconds(3);
+    let three = replica("warden-3", quick_back);
+    let report = evaluator::liveness_cycle(&mut c, &p, three, Some(quick_back)).await.unwrap();
+    assert!(report.resumed, "a one-second restart");
+
+    // A failover to a replica serving since before the last cycle is no
+    // gap, even with nothing stored meanwhile: the agent was silent.
+    beat(&c, "quick", quick_back + Duration::seconds(1), 5_000, 2).await;
+    evaluator::liveness_cycle(&mut c, &p, three, Some(quick_back + Duration::seconds(2))).await.unwrap();
+    let four = replica("warden-4", t);
+    let failover = quick_back + Duration::seconds(30);
+    let report = evaluator::liveness_cycle(&mut c, &p, four, Some(failover)).await.unwrap();
+    assert!(!report.resumed, "warden-4 was taking heartbeats all along");
+    assert_eq!(liveness(&c, "quick").await, Liveness::Offline);
+    let paused = c
+        .query_one("SELECT count(*) FROM warden.system_events WHERE event_type = 'evaluation_paused'", &[])
+        .await
+        .unwrap()
+        .get::<_, i64>(0);
+    assert_eq!(paused, 2, "the two restarts, not the failover");
+}
+
 #[tokio::test]
 async fn a_fleet_falling_silent_and_back_opens_nothing_but_a_lone_late_agent_is_late() {
     let db = TestDb::migrated().await;
