@@ -866,7 +866,7 @@ pub async fn score_pass(
             // Registered agents only: a removed agent's last samples would
             // otherwise bring back the statistics its removal deleted.
             "SELECT m.* FROM ( \
-               SELECT agent_id, name, count(*)::bigint, avg(value), sum(value), max(recorded_at) \
+               SELECT agent_id, name, count(*)::bigint, avg(value), sum(value), max(recorded_at), min(recorded_at) \
                FROM warden.performance_metrics \
                WHERE recorded_at > $1 AND recorded_at <= $2 AND name = ANY ($3) AND abs(value) <= $4 \
                GROUP BY agent_id, name) m \
@@ -885,8 +885,14 @@ pub async fn score_pass(
     for row in &samples {
         let name: String = row.get(1);
         let Some(&(kind, order)) = rank.get(name.as_str()) else { continue };
-        let batch =
-            Batch { count: row.get::<_, i64>(2) as u64, mean: row.get(3), sum: row.get(4), at: row.get(5), span_s };
+        let batch = Batch {
+            count: row.get::<_, i64>(2) as u64,
+            mean: row.get(3),
+            sum: row.get(4),
+            at: row.get(5),
+            first_at: row.get(6),
+            span_s,
+        };
         report.samples += batch.count;
         let key = (row.get::<_, String>(0), kind);
         match batches.get(&key) {

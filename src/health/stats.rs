@@ -4,9 +4,13 @@
 //! into a few numbers per agent and kind of metric:
 //! - gauges (latency, cpu, memory, error rate): a fast (5 min) and a slow
 //!   (1 h) exponentially weighted average; the slow one is the baseline;
-//! - counters (errors, work items, reported per heartbeat): the same two
-//!   averages of the rate per hour, and a sum decayed with a one-hour time
-//!   constant, which approximates the count over the last hour;
+//! - counters (errors, work items, reported per heartbeat, each the count
+//!   since the agent's previous one): the same two averages of the rate
+//!   per hour, and a sum decayed with a one-hour time constant, which
+//!   approximates the count over the last hour. A batch's rate is its sum
+//!   over the time since the previous batch's newest sample, so an agent
+//!   that reports less often than passes run (a cron job, sleep mode) is
+//!   not read as doing a pass's worth of work in each pass it reports;
 //! - a trend: exponentially weighted least squares (30 min time constant)
 //!   of value against time, for predictions.
 //!
@@ -45,6 +49,8 @@ pub struct Batch {
     pub sum: f64,
     /// Time of the newest sample.
     pub at: DateTime<Utc>,
+    /// Time of the oldest sample.
+    pub first_at: DateTime<Utc>,
     /// Seconds the batch covers (the span since the previous pass).
     pub span_s: f64,
 }
@@ -111,6 +117,10 @@ pub struct MetricStat {
     pub trend: Regression,
 }
 
+fn seconds_between(from: DateTime<Utc>, to: DateTime<Utc>) -> f64 {
+    (to - from).num_milliseconds().max(0) as f64 / 1000.0
+}
+
 fn weight(dt_s: f64, tau_s: f64) -> f64 {
     1.0 - (-dt_s.max(0.0) / tau_s).exp()
 }
@@ -118,7 +128,21 @@ fn weight(dt_s: f64, tau_s: f64) -> f64 {
 impl MetricStat {
     /// The first batch of a kind.
     pub fn start(kind: Kind, batch: &Batch) -> Self {
-        let value = Self::observation(kind, batch);
+        let value = if kind.is_counter() {
+            // The first sample counts work from before the agent was heard
+            // (since it started): the rate is the rest over the time the
+            // batch covers, not over the whole pass, most of which may
+            // predate the agent. One sample alone has no rate; the pass's
+            // stands in until the next batch replaces it (see `apply`).
+            let covered = seconds_between(batch.first_at, batch.at);
+            if batch.count >= 2 && covered >= 1.0 {
+                (batch.sum - batch.mean) / covered * HOUR_S
+            } else {
+                batch.sum / batch.span_s.max(1.0) * HOUR_S
+            }
+        } else {
+            batch.mean
+        };
         let mut trend = Regression::default();
         trend.add(value, 1.0);
         Self {
@@ -131,16 +155,18 @@ impl MetricStat {
         }
     }
 
-    /// The value a batch contributes: the mean of a gauge, the hourly rate
-    /// of a counter.
-    fn observation(kind: Kind, batch: &Batch) -> f64 {
-        if kind.is_counter() { batch.sum / batch.span_s.max(1.0) * HOUR_S } else { batch.mean }
-    }
-
     /// Folds a batch in.
     pub fn apply(&mut self, kind: Kind, batch: &Batch) {
-        let dt = (batch.at - self.updated_at).num_milliseconds().max(0) as f64 / 1000.0;
-        let value = Self::observation(kind, batch);
+        let dt = seconds_between(self.updated_at, batch.at);
+        // A counter's samples count the work since the previous sample,
+        // the newest one folded in before.
+        let value = if kind.is_counter() { batch.sum / dt.max(1.0) * HOUR_S } else { batch.mean };
+        if kind.is_counter() && self.samples == 1 {
+            // Started from a lone sample, whose rate was a stand-in.
+            self.fast = value;
+            self.slow = value;
+            self.trend = Regression::default();
+        }
         // A batch spanning a whole pass should move the averages by that
         // span even if its newest sample is close to the last one.
         let step = dt.max(batch.span_s.min(FAST_TAU_S));
@@ -186,7 +212,14 @@ mod tests {
     }
 
     fn gauge(mean: f64, minute: i64) -> Batch {
-        Batch { count: 2, mean, sum: mean * 2.0, at: t(minute), span_s: 60.0 }
+        Batch {
+            count: 2,
+            mean,
+            sum: mean * 2.0,
+            at: t(minute),
+            first_at: t(minute) - Duration::seconds(30),
+            span_s: 60.0,
+        }
     }
 
     #[test]
@@ -211,17 +244,50 @@ mod tests {
 
     #[test]
     fn counters_become_hourly_rates_and_an_hour_count() {
-        // 10 errors a minute for an hour: 600 an hour.
-        let mut s = MetricStat::start(Kind::Errors, &Batch { count: 5, mean: 2.0, sum: 10.0, at: t(0), span_s: 60.0 });
+        // 10 errors a minute for an hour, 2 every 12 s: 600 an hour.
+        let batch = |m: i64| Batch {
+            count: 5,
+            mean: 2.0,
+            sum: 10.0,
+            at: t(m),
+            first_at: t(m) - Duration::seconds(48),
+            span_s: 60.0,
+        };
+        let mut s = MetricStat::start(Kind::Errors, &batch(0));
+        assert!((s.slow - 600.0).abs() < 1e-9, "the first batch's rate is over the time it covers: {}", s.slow);
         for m in 1..=60 {
-            s.apply(Kind::Errors, &Batch { count: 5, mean: 2.0, sum: 10.0, at: t(m), span_s: 60.0 });
+            s.apply(Kind::Errors, &batch(m));
         }
         assert!((s.fast - 600.0).abs() < 1.0, "{}", s.fast);
+        assert!((s.slow - 600.0).abs() < 1.0, "{}", s.slow);
         // The decayed sum of a steady rate r is about r × τ in the limit;
         // after one hour it is (1 − e^−1) of that, plus the first batch.
         let expected = 10.0 / (1.0 - (-60.0_f64 / 3600.0).exp()) * (1.0 - (-1.0_f64).exp());
         assert!((s.hour_sum - expected).abs() / expected < 0.05, "{} vs {expected}", s.hour_sum);
         assert!(s.hour_sum_at(t(120)) < s.hour_sum * 0.4, "it decays when nothing arrives");
+    }
+
+    #[test]
+    fn a_counter_heard_late_in_its_first_pass_reads_at_its_own_rate() {
+        // 10 work items a second, first heard 8 s before the pass: eight
+        // samples over 7 s, in a pass that spans a minute.
+        let at = t(1);
+        let first = Batch { count: 8, mean: 10.0, sum: 80.0, at, first_at: at - Duration::seconds(7), span_s: 60.0 };
+        let s = MetricStat::start(Kind::Work, &first);
+        assert!((s.slow - 36_000.0).abs() < 1e-6, "{}", s.slow);
+    }
+
+    #[test]
+    fn a_counter_reported_less_often_than_passes_run_reads_at_its_own_rate() {
+        // 150 work items every 15 minutes (600 an hour), passes every minute:
+        // a batch in one pass of fifteen.
+        let beat = |m: i64| Batch { count: 1, mean: 150.0, sum: 150.0, at: t(m), first_at: t(m), span_s: 60.0 };
+        let mut s = MetricStat::start(Kind::Work, &beat(0));
+        for m in (15..=180).step_by(15) {
+            s.apply(Kind::Work, &beat(m));
+        }
+        assert!((s.fast - 600.0).abs() < 1e-6, "{}", s.fast);
+        assert!((s.slow - 600.0).abs() < 1e-6, "the lone first sample's stand-in is replaced: {}", s.slow);
     }
 
     #[test]

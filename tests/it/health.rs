@@ -913,6 +913,52 @@ async fn scores_follow_the_metrics_and_metric_issues_open() {
     assert!(open_issues(&c, Some("hot")).await.is_empty());
 }
 
+async fn work_baseline(c: &tokio_postgres::Client, agent: &str) -> f64 {
+    c.query_one("SELECT slow FROM warden.agent_metric_stats WHERE agent_id = $1 AND kind = 'work'", &[&agent])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// The work baseline (business impact's reference without a label) is the
+/// agent's own rate: counted over the time its samples cover, not over the
+/// pass that read them.
+#[tokio::test]
+async fn the_work_baseline_is_the_agents_own_rate_however_it_reports() {
+    let db = TestDb::migrated().await;
+    let mut c = db.client().await;
+    let p = params();
+    let t = t0();
+    // Ten tasks a second (36,000 an hour), first heard 8 s before a pass.
+    evaluator::score_pass(&mut c, &p, Some(t)).await.unwrap();
+    let mut now = t + Duration::seconds(52);
+    for _ in 0..8 {
+        beat_with_metrics(&c, "busy", now, &[("tasks", 10.0)]).await;
+        now += Duration::seconds(1);
+    }
+    evaluator::score_pass(&mut c, &p, Some(t + Duration::seconds(62))).await.unwrap();
+    let first = work_baseline(&c, "busy").await;
+    assert!((first - 36_000.0).abs() < 36.0, "not the 8 s of work spread over the pass's minute: {first}");
+
+    // 150 tasks every 15 minutes (600 an hour), passes every 5 minutes.
+    let start = t + Duration::minutes(2);
+    for pass in 1..=36 {
+        let at = start + Duration::minutes(5 * pass);
+        if pass % 3 == 1 {
+            beat_with_metrics(&c, "cron", at - Duration::minutes(1), &[("tasks", 150.0)]).await;
+        }
+        evaluator::score_pass(&mut c, &p, Some(at)).await.unwrap();
+    }
+    let cron = work_baseline(&c, "cron").await;
+    assert!((cron - 600.0).abs() < 1.0, "not a pass's worth of work in each pass it reports: {cron}");
+    let business: Value = c
+        .query_one("SELECT components -> 'business_impact' FROM warden.agent_status WHERE agent_id = 'cron'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(business["score"].as_f64().unwrap() > 80.0, "{business}");
+}
+
 #[tokio::test]
 async fn a_gauge_the_agent_stopped_sending_is_no_data_rather_than_frozen() {
     let db = TestDb::migrated().await;
