@@ -16,7 +16,7 @@ use super::auth::{Authorized, ReadScope};
 use super::{ApiError, AppState};
 use crate::db;
 use crate::health::incidents::IssueType;
-use crate::model::{AgentId, Liveness, Severity, Tier};
+use crate::model::{AgentId, Liveness, Mode, Severity, Tier};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -215,11 +215,12 @@ pub async fn fleet_totals(client: &tokio_postgres::Client) -> Result<Value, ApiE
             &[],
         )
         .await?;
-    // Every liveness and tier appears, zero when no agent has it, so
+    // Every liveness, tier and mode appears, zero when no agent has it, so
     // dashboards and scripts need not guess at missing keys.
-    let mut liveness: Map<String, Value> = Liveness::ALL.iter().map(|l| (l.to_string(), json!(0))).collect();
-    let mut tiers: Map<String, Value> = Tier::ALL.iter().map(|t| (t.to_string(), json!(0))).collect();
-    let mut modes = Map::new();
+    let zeros = |keys: Vec<String>| -> Map<String, Value> { keys.into_iter().map(|k| (k, json!(0))).collect() };
+    let mut liveness = zeros(Liveness::ALL.iter().map(ToString::to_string).collect());
+    let mut tiers = zeros(Tier::ALL.iter().map(ToString::to_string).chain(["unscored".into()]).collect());
+    let mut modes = zeros(Mode::ALL.iter().map(ToString::to_string).chain(["unset".into()]).collect());
     let (mut total, mut average) = (0_i64, None::<f64>);
     for r in &rows {
         let grouped = (r.get::<_, i32>(0), r.get::<_, i32>(1), r.get::<_, i32>(2));

@@ -140,8 +140,9 @@ async fn fleet_totals_count_every_liveness_and_tier() {
     assert_eq!(status, 200);
     assert_eq!(fleet["total"], 3);
     assert_eq!(fleet["liveness"], json!({"unknown": 0, "online": 3, "degraded": 0, "offline": 0}));
-    assert_eq!(fleet["mode"], json!({"active": 2, "idle": 1}));
+    assert_eq!(fleet["mode"], json!({"emergency": 0, "active": 2, "idle": 1, "sleep": 0, "unset": 0}));
     assert_eq!(fleet["tier"]["critical"], 0, "every tier is listed");
+    assert_eq!(fleet["tier"]["unscored"], 3, "agents not scored yet");
     assert_eq!(fleet["open_incidents"], 0);
 }
 
