@@ -1214,3 +1214,50 @@ async fn a_metric_sample_too_large_to_average_leaves_the_score_pass_running() {
         .get(0);
     assert_eq!(sampled, 2, "the samples within the bound were read");
 }
+
+/// The same through the service: a warden stopped and another started on
+/// its database, with a heartbeat stored after the first one's last cycle
+/// (as during its drain), grants the fleet a fresh grace.
+#[tokio::test]
+async fn a_restarted_service_grants_a_fresh_grace() {
+    use tokio_util::sync::CancellationToken;
+    use warden::app::Application;
+    let db = TestDb::migrated().await;
+    let c = db.client().await;
+    let start = || {
+        let mut settings = default_settings();
+        settings.database.url = warden::config::Secret::new(db.url());
+        settings.database.pool_size = 4;
+        settings.server.listen = "127.0.0.1:0".parse().unwrap();
+        settings.server.shutdown_timeout = warden::config::Duration::from_secs(5);
+        settings.health.check_interval = warden::config::Duration::from_millis(200);
+        async move {
+            let app = Application::build(settings).await.expect("warden starts");
+            let stop = CancellationToken::new();
+            (tokio::spawn(app.run(stop.clone())), stop)
+        }
+    };
+    let last_cycle = || async {
+        let row = c.query_one("SELECT last_cycle_at, leader FROM warden.evaluator_state", &[]).await.unwrap();
+        row.get::<_, Option<DateTime<Utc>>>(0).zip(row.get::<_, Option<String>>(1))
+    };
+    let (first, stop) = start().await;
+    let (_, leader) = crate::helpers::eventually(std::time::Duration::from_secs(30), "a first cycle", last_cycle).await;
+    stop.cancel();
+    first.await.unwrap().unwrap();
+    c.batch_execute("SELECT warden.record_heartbeat('late-stored', 'active')").await.unwrap();
+
+    let (second, stop) = start().await;
+    crate::helpers::eventually(std::time::Duration::from_secs(30), "the new replica's first cycle", || async {
+        last_cycle().await.filter(|(_, now_leading)| *now_leading != leader)
+    })
+    .await;
+    let paused: i64 = c
+        .query_one("SELECT count(*) FROM warden.system_events WHERE event_type = 'evaluation_paused'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(paused, 1, "a restart, though a heartbeat was stored after the last cycle");
+    stop.cancel();
+    second.await.unwrap().unwrap();
+}
