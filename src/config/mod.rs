@@ -163,7 +163,8 @@ impl Settings {
         }
         let merged = builder.add_source(env).build().map_err(|e| translate(e, None, sources))?;
         let settings: Settings = merged.clone().try_deserialize().map_err(|e| translate(e, Some(&merged), sources))?;
-        settings.validate().map_err(|e| sources.locate(e))?;
+        refuse_rounded_fractions(&merged, &settings, sources)?;
+        settings.validate().map_err(|e| sources.locate(as_written(e, &merged)))?;
         Ok(settings)
     }
 
@@ -172,6 +173,54 @@ impl Settings {
         let mut value = toml::Value::try_from(self).expect("settings always serialize");
         redact(&mut value);
         toml::to_string_pretty(&value).expect("a TOML value always prints")
+    }
+}
+
+/// A refused value as the operator wrote it (`"120m"`), where the check
+/// saw it parsed (`"2h"`). Secrets and values left out stay as they are.
+fn as_written(mut e: SettingsError, merged: &Config) -> SettingsError {
+    let (Some(key), Some(value)) = (&e.key, &e.value) else { return e };
+    if is_secret_key(key) || value.is_empty() || value == Secret::REDACTED {
+        return e;
+    }
+    if let Ok(raw) = merged.get::<config::Value>(key)
+        && !matches!(raw.kind, config::ValueKind::Table(_) | config::ValueKind::Array(_) | config::ValueKind::Nil)
+    {
+        e.value = Some(raw.to_string());
+    }
+    e
+}
+
+/// The config crate rounds a TOML float given for a whole-number setting
+/// (`pool_size = 20.5` became 21) where the same text from the environment
+/// is refused. A value with a fraction that became a whole number in the
+/// settings is refused here, as a mistake rather than a rounding to guess.
+fn refuse_rounded_fractions(merged: &Config, settings: &Settings, sources: &Sources) -> Result<(), SettingsError> {
+    fn walk(given: &config::Value, read: &toml::Value, path: &str) -> Option<(String, f64)> {
+        match (&given.kind, read) {
+            (config::ValueKind::Float(f), toml::Value::Integer(_)) if f.fract() != 0.0 => Some((path.to_string(), *f)),
+            (config::ValueKind::Table(given), toml::Value::Table(read)) => given.iter().find_map(|(key, value)| {
+                let path = if path.is_empty() { key.clone() } else { format!("{path}.{key}") };
+                walk(value, read.get(key)?, &path)
+            }),
+            (config::ValueKind::Array(given), toml::Value::Array(read)) => {
+                given.iter().zip(read).enumerate().find_map(|(i, (g, r))| walk(g, r, &format!("{path}[{i}]")))
+            }
+            _ => None,
+        }
+    }
+    let (Ok(given), Ok(read)) = (merged.clone().try_deserialize::<config::Value>(), toml::Value::try_from(settings))
+    else {
+        return Ok(());
+    };
+    match walk(&given, &read, "") {
+        Some((key, value)) => Err(SettingsError {
+            origin: origin_of(&key, sources),
+            value: Some(value.to_string()),
+            key: Some(key),
+            allowed: "expected a whole number".into(),
+        }),
+        None => Ok(()),
     }
 }
 

@@ -302,6 +302,26 @@ fn a_negative_or_oversized_whole_number_says_so() {
 }
 
 #[test]
+fn a_fraction_in_the_file_is_refused_where_a_whole_number_is_wanted() {
+    for (text, key) in [
+        ("[database]\npool_size = 20.5\n", "database.pool_size"),
+        ("[alerting.smtp]\nport = 25.7\n", "alerting.smtp.port"),
+        ("[ingest]\nmax_batch = 0.4\n", "ingest.max_batch"),
+    ] {
+        let file = override_file(text);
+        let e =
+            Settings::load(&Sources { file: Some(file.path().to_path_buf()), env: Some(HashMap::new()) }).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some(key), "{e}");
+        assert!(e.allowed.contains("whole number"), "{e}");
+        assert_eq!(e.origin.as_deref(), Some(file.path().to_str().unwrap()), "{e}");
+    }
+    // A whole number written as a float, and a float where one is wanted, are fine.
+    let file = override_file("[database]\npool_size = 20.0\n[health]\njitter_tolerance = 0.25\n");
+    let s = Settings::load(&Sources { file: Some(file.path().to_path_buf()), env: Some(HashMap::new()) }).unwrap();
+    assert_eq!(s.database.pool_size, 20);
+}
+
+#[test]
 fn smtp_credentials_name_the_missing_half_and_never_claim_a_secret_was_set() {
     let e = refused(&[("WARDEN__ALERTING__SMTP__TLS", "starttls"), ("WARDEN__ALERTING__SMTP__USERNAME", "bob")]);
     assert_eq!(e.key.as_deref(), Some("alerting.smtp.password"), "{e}");
@@ -309,6 +329,15 @@ fn smtp_credentials_name_the_missing_half_and_never_claim_a_secret_was_set() {
     let e = refused(&[("WARDEN__ALERTING__SMTP__TLS", "starttls"), ("WARDEN__ALERTING__SMTP__PASSWORD", "hunter2")]);
     assert_eq!(e.key.as_deref(), Some("alerting.smtp.username"), "{e}");
     assert!(!e.to_string().contains("hunter2"), "{e}");
+}
+
+#[test]
+fn a_refused_value_is_shown_as_written() {
+    let e = refused(&[("WARDEN__HEALTH__CHECK_INTERVAL", "120m")]);
+    assert_eq!(e.value.as_deref(), Some("120m"), "{e}");
+    let file = override_file("[health]\ncheck_interval = \"1000y\"\n");
+    let e = Settings::load(&Sources { file: Some(file.path().to_path_buf()), env: Some(HashMap::new()) }).unwrap_err();
+    assert_eq!((e.key.as_deref(), e.value.as_deref()), (Some("health.check_interval"), Some("1000y")), "{e}");
 }
 
 #[test]
