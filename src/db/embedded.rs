@@ -26,6 +26,8 @@ pub const SUPERUSER: &str = "postgres";
 const PORT: u16 = 5432;
 /// Marker appended to postgresql.conf so the settings are written only once.
 const CONF_MARKER: &str = "# --- warden embedded cluster ---";
+/// The longest path of a Unix socket (`sun_path` less its final NUL).
+const MAX_SOCKET_PATH: usize = 107;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EmbeddedError {
@@ -87,6 +89,22 @@ impl EmbeddedCluster {
             None
         };
         let data_dir = absolute(data_dir)?;
+        // The socket lives in the data directory, and a Unix socket's path
+        // is at most 107 bytes: beyond, the server fails to start with the
+        // reason only in its log. Said here, before initdb leaves a
+        // directory behind.
+        let socket = data_dir.join(format!(".s.PGSQL.{PORT}"));
+        let length = socket.as_os_str().len();
+        if length > MAX_SOCKET_PATH {
+            return Err(data_dir_error(
+                &data_dir,
+                &format!(
+                    "is too deep for the cluster's socket ({length} bytes in {}, over the {MAX_SOCKET_PATH} a Unix \
+                     socket's path may have); set database.data_dir to a shorter path",
+                    socket.display()
+                ),
+            ));
+        }
         let mut cluster = Self { data_dir, bin_dir, run_as, started_here: false };
         cluster.init_if_needed().await?;
         if cluster.is_running().await {

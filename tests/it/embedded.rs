@@ -65,6 +65,16 @@ async fn a_foreign_non_empty_directory_is_refused() {
 }
 
 #[tokio::test]
+async fn a_data_directory_too_deep_for_its_socket_is_refused_before_anything_is_made() {
+    let dir = scratch();
+    let data = dir.path().join("d".repeat(120)).join("pgdata");
+    let err = EmbeddedCluster::start(&data, None).await.unwrap_err();
+    assert!(matches!(err, EmbeddedError::DataDir { .. }), "{err}");
+    assert!(err.to_string().contains("set database.data_dir to a shorter path"), "{err}");
+    assert!(!data.exists(), "no directory left behind");
+}
+
+#[tokio::test]
 async fn missing_server_binaries_say_how_to_install_them() {
     let dir = scratch();
     let err = EmbeddedCluster::start(&dir.path().join("pgdata"), Some(dir.path())).await.unwrap_err();
