@@ -77,7 +77,7 @@ impl Application {
         let prepared = match prepare(&database, &settings).await {
             Ok(at) => Some(at),
             Err(e) if e.is_temporary() => {
-                tracing::warn!(error = %e, "the database is not ready; serving 503 until it is");
+                tracing::warn!(error = %e, database = %database.target(), "the database is not ready; serving 503 until it is");
                 None
             }
             Err(e) => return Err(e),
@@ -293,7 +293,7 @@ async fn wait_until_prepared(
             }
             Err(e) if e.is_temporary() => {
                 wait = waits.next().unwrap_or_default();
-                tracing::warn!(error = %e, retry_in = ?wait, "the database is still not ready");
+                tracing::warn!(error = %e, database = %database.target(), retry_in = ?wait, "the database is still not ready");
             }
             Err(e) => return Err(e),
         }

@@ -475,7 +475,10 @@ where
 {
     let database = Database::open(&settings.database).await.map_err(|e| Failure::from(StartError::from(e)))?;
     let result = async {
-        let mut client = db::client(&database.pool).await.map_err(Failure::other)?;
+        let mut client = db::client(&database.pool).await.map_err(|e| {
+            let at = if e.is_unavailable() { format!(" (database.url: {})", database.target()) } else { String::new() };
+            Failure::other(format!("{e}{at}"))
+        })?;
         let found = migrate::current_version(&client).await.map_err(Failure::other)?;
         let latest = migrate::latest_version();
         if found.is_none_or(|v| v < latest) {
@@ -647,7 +650,10 @@ async fn serve(settings: Settings) -> Result<(), Failure> {
 async fn migrate_command(settings: &Settings) -> Result<(), Failure> {
     let database = Database::open(&settings.database).await.map_err(|e| Failure::from(StartError::from(e)))?;
     let result = async {
-        let mut client = db::client(&database.pool).await.map_err(Failure::other)?;
+        let mut client = db::client(&database.pool).await.map_err(|e| {
+            let at = if e.is_unavailable() { format!(" (database.url: {})", database.target()) } else { String::new() };
+            Failure::other(format!("{e}{at}"))
+        })?;
         migrate::run(&mut client).await.map_err(Failure::other)
     }
     .await;

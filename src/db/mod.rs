@@ -172,6 +172,19 @@ pub struct Database {
 }
 
 impl Database {
+    /// Where the database is, for messages: `host:port/dbname` (or the
+    /// socket directory), never the user's password.
+    pub fn target(&self) -> String {
+        let c = &self.pg_config;
+        let host = match c.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+            None => "localhost".into(),
+        };
+        let port = c.get_ports().first().copied().unwrap_or(5432);
+        format!("{host}:{port}/{}", c.get_dbname().unwrap_or("postgres"))
+    }
+
     /// Opens the configured database, starting the embedded cluster when no
     /// URL is set. Connections are opened lazily, so this succeeds even if
     /// an external server is down (`serve` then waits for it).

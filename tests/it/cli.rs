@@ -153,6 +153,21 @@ async fn the_demo_shows_a_live_fleet_and_stops_cleanly_on_ctrl_c() {
     assert!(removed > 0, "{removed} removed");
 }
 
+#[test]
+fn an_unreachable_database_is_named_without_its_password() {
+    let port = crate::procs::free_port();
+    let out = warden()
+        .args(["keys", "list"])
+        .env("WARDEN__DATABASE__URL", format!("postgres://bob:hunter2@127.0.0.1:{port}/fleet"))
+        .env("WARDEN__DATABASE__CONNECT_TIMEOUT", "2s")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&format!("(database.url: 127.0.0.1:{port}/fleet)")), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+}
+
 #[tokio::test]
 async fn the_demo_refuses_a_database_that_monitors_a_fleet_of_its_own() {
     let db = crate::helpers::TestDb::migrated().await;
