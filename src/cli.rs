@@ -51,7 +51,7 @@ pub enum Command {
     Report(crate::report::ReportArgs),
     /// warden with a simulated fleet and a live view, to see the whole loop.
     Demo {
-        /// Simulated agents.
+        /// Simulated agents, 6 to 10000 (five of them play the roles).
         #[arg(long, default_value_t = 50)]
         agents: usize,
     },
@@ -87,7 +87,9 @@ pub struct SimulateArgs {
     /// API key with the ingest scope.
     #[arg(long, env = "WARDEN_KEY", hide_env_values = true, default_value = "")]
     pub key: String,
-    /// Distinct simulated agents.
+    /// Distinct simulated agents, at least --batch. Each connection sends
+    /// for agents of its own, a batch worth at least: with fewer agents
+    /// than connections × batch, fewer connections are used.
     #[arg(long, default_value_t = 1000)]
     pub agents: usize,
     /// Heartbeats per second in total; omit to send as fast as answered.
@@ -401,13 +403,23 @@ async fn simulate(args: SimulateArgs) -> Result<(), Failure> {
     if let Some(rate) = args.rate.filter(|r| !(r.is_finite() && *r > 0.0)) {
         return Err(Failure::usage(format!("--rate must be a positive number of heartbeats per second (got {rate})")));
     }
+    if args.agents < args.batch {
+        return Err(Failure::usage(format!(
+            "--agents ({}) must be at least --batch ({}): a batch never names an agent twice",
+            args.agents, args.batch
+        )));
+    }
+    // Each connection owns a batch worth of agents at least (no agent in
+    // two requests at once), so a small fleet gets fewer connections
+    // rather than more agents than asked.
+    let connections = args.connections.min(args.agents / args.batch);
     let spec = crate::loadgen::LoadSpec {
         addr,
         key: args.key,
         agents: args.agents,
         batch: args.batch,
         metrics: args.metrics,
-        connections: args.connections,
+        connections,
         rate: args.rate,
         duration: args.duration.get(),
         agent_prefix: "sim".into(),

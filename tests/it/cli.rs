@@ -82,6 +82,9 @@ fn an_unknown_verb_is_a_usage_error() {
         assert_eq!(out.status.code(), Some(2), "--rate {rate}: {out:?}");
         assert!(String::from_utf8_lossy(&out.stderr).contains("--rate must be a positive number"), "{out:?}");
     }
+    let out = warden().args(["simulate", "--agents", "5", "--batch", "10", "--duration", "1s"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--agents (5) must be at least --batch (10)"), "{out:?}");
 }
 
 #[tokio::test]
@@ -474,7 +477,7 @@ async fn simulate_fails_when_warden_took_no_heartbeat() {
         let (url, key) = (url.clone(), key.to_string());
         tokio::task::spawn_blocking(move || {
             warden()
-                .args(["simulate", "--url", &url, "--agents", "2", "--connections", "1", "--rate", "20"])
+                .args(["simulate", "--url", &url, "--agents", "2", "--rate", "20"])
                 .args(["--duration", "1s"])
                 .env("WARDEN_KEY", key)
                 .output()
@@ -486,6 +489,9 @@ async fn simulate_fails_when_warden_took_no_heartbeat() {
     assert!(String::from_utf8_lossy(&refused.stderr).contains("no heartbeat was taken"), "{refused:?}");
     let taken = run(&key).await.unwrap();
     assert!(taken.status.success(), "{taken:?}");
+    // Two agents asked for, two simulated: over two of the 64 connections.
+    assert!(String::from_utf8_lossy(&taken.stderr).contains("simulating 2 agents over 2 connections"), "{taken:?}");
+    assert_eq!(app.count("SELECT count(*) FROM warden.agent_status").await, 2);
 }
 
 #[tokio::test]
