@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use crate::db::DbError;
+use crate::telemetry::Throttle;
 
 /// Seconds a client should wait before retrying after a 503 or 429.
 pub const DEFAULT_RETRY_AFTER: u64 = 5;
@@ -132,16 +133,28 @@ impl std::fmt::Display for ApiError {
 
 impl std::error::Error for ApiError {}
 
+/// One line per kind of database failure every few seconds at most: each
+/// request meets the same one while it lasts.
+static UNAVAILABLE_LOG: Throttle = Throttle::new(std::time::Duration::from_secs(10));
+static BUSY_LOG: Throttle = Throttle::new(std::time::Duration::from_secs(10));
+static ERROR_LOG: Throttle = Throttle::new(std::time::Duration::from_secs(10));
+
 impl From<DbError> for ApiError {
     fn from(e: DbError) -> Self {
         if e.is_unavailable() {
-            tracing::warn!(error = %e, "database unavailable; answering 503");
+            if let Some(more) = UNAVAILABLE_LOG.allow() {
+                tracing::warn!(error = %e, more, "database unavailable; answering 503");
+            }
             Self::unavailable("the database is unavailable; retry later")
         } else if e.is_transient() {
-            tracing::warn!(error = %e, "database busy; answering 503");
-            Self::unavailable("the database is busy; retry later")
+            if let Some(more) = BUSY_LOG.allow() {
+                tracing::warn!(error = %e, more, "the database cannot do this now; answering 503");
+            }
+            Self::unavailable("the database cannot do this now (busy, or out of space or memory); retry later")
         } else {
-            tracing::error!(error = %e, "database error");
+            if let Some(more) = ERROR_LOG.allow() {
+                tracing::error!(error = %e, more, "database error");
+            }
             Self::internal()
         }
     }

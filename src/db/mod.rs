@@ -92,9 +92,9 @@ impl DbError {
     }
 }
 
-/// Deadlocks, serialization failures, locks not granted and statements
-/// cancelled (statement_timeout above all): the server is there, and the
-/// same work may succeed later.
+/// Deadlocks, serialization failures, locks not granted, statements
+/// cancelled (statement_timeout above all) and a server out of disk or
+/// memory: the server is there, and the same work may succeed later.
 pub fn is_transient_error(e: &tokio_postgres::Error) -> bool {
     matches!(
         e.code(),
@@ -103,6 +103,8 @@ pub fn is_transient_error(e: &tokio_postgres::Error) -> bool {
                 | &SqlState::T_R_SERIALIZATION_FAILURE
                 | &SqlState::LOCK_NOT_AVAILABLE
                 | &SqlState::QUERY_CANCELED
+                | &SqlState::DISK_FULL
+                | &SqlState::OUT_OF_MEMORY
         )
     )
 }

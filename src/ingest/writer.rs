@@ -290,6 +290,12 @@ impl Ingestor {
     /// after the transaction that holds them has committed.
     pub async fn submit(&self, heartbeats: Vec<Heartbeat>) -> Result<Vec<Ack>, SubmitError> {
         if !self.refusals.available() {
+            // Refused for want of the database: as much a sign of life as
+            // a refusal at capacity. The stretch refused is excused as a
+            // whole, but an agent whose one beat fell in a blip of a second
+            // would otherwise next be heard an interval later, and read as
+            // late for the database's outage.
+            self.refused.note(heartbeats.iter().map(|h| h.agent_id.as_str()), Instant::now());
             return Err(SubmitError::Unavailable);
         }
         if !self.group_commit {
@@ -316,10 +322,16 @@ impl Ingestor {
             self.queue.deep.notify_one();
         }
         let answered = answer.await;
-        // Refused because the database could not do it now (a lock held
-        // past the statement timeout): as much a sign of life. Otherwise
-        // answered, stored or refused for what it said.
-        if !matches!(&answered, Ok(Err(SubmitError::Db(e))) if e.is_transient()) {
+        // Refused because the database could not do it now (it went away,
+        // a lock held past the statement timeout, a full disk): as much a
+        // sign of life. Otherwise answered, stored or refused for what it
+        // said.
+        let database_refused = match &answered {
+            Ok(Err(SubmitError::Db(e))) => e.is_transient(),
+            Ok(Err(SubmitError::Unavailable)) => true,
+            _ => false,
+        };
+        if !database_refused {
             unanswered.disarm();
         }
         answered.map_err(|_| SubmitError::ShuttingDown)?
@@ -341,6 +353,9 @@ impl Ingestor {
         result.map_err(|e| {
             if e.is_unavailable() {
                 self.refused_unreachable(started);
+            }
+            if e.is_unavailable() || e.is_transient() {
+                self.refused.note(heartbeats.iter().map(|h| h.agent_id.as_str()), Instant::now());
             }
             classify(e)
         })
@@ -518,9 +533,13 @@ impl Writer {
                 }
             }
             e if e.is_transient() => {
-                // A lock held or a statement timed out: each request alone
-                // would wait the same, one after another.
-                tracing::warn!(error = %e, requests = jobs.len(), "group flush could not be done now; answering 503");
+                // A lock held, a statement timed out, a full disk: each
+                // request alone would meet the same, one after another.
+                static LOG: crate::telemetry::Throttle =
+                    crate::telemetry::Throttle::new(std::time::Duration::from_secs(10));
+                if let Some(more) = LOG.allow() {
+                    tracing::warn!(error = %e, requests = jobs.len(), more, "group flush could not be done now; answering 503");
+                }
                 for job in jobs {
                     let _ = job.reply.send(Err(SubmitError::Db(e.again())));
                 }

@@ -269,6 +269,17 @@ async fn a_short_outage_is_refused_with_503_and_ingestion_resumes_by_itself() {
     .await;
     let after = now().await;
     assert!(before <= window.0 && window.0 <= window.1 && window.1 <= after, "{window:?} within {before}..{after}");
+    // The refused beat itself is a sign of life: an agent whose one beat
+    // fell in the outage is not late an interval later for it.
+    let refused = eventually(Duration::from_secs(60), "the refused agent noted", || async {
+        let row = db
+            .query_opt("SELECT refused_at FROM warden.ingest_refusals WHERE agent_id = 'through-relay'", &[])
+            .await
+            .unwrap()?;
+        Some(row.get::<_, chrono::DateTime<chrono::Utc>>(0))
+    })
+    .await;
+    assert!(before <= refused && refused <= after, "refused at {refused}, within {before}..{after}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -566,4 +577,35 @@ async fn serve_starts_without_its_database_and_migrates_when_it_answers() {
     assert_eq!(beat.unwrap().status(), 200);
     shutdown.cancel();
     server.await.unwrap().unwrap();
+}
+
+/// A database out of disk (or memory) refuses writes for now, not for what
+/// they are: 503 with Retry-After, and the agents noted as alive, rather
+/// than 500s and a fleet read as silent. The disk is "full" for the
+/// heartbeat table alone, as a trigger raising its SQLSTATE makes it.
+#[tokio::test]
+async fn a_full_disk_is_refused_with_503_and_the_agents_noted_as_alive() {
+    let app = TestApp::spawn().await;
+    let key = app.key(&[Scope::Ingest]).await;
+    let beat = json!({"agent_id": "on-full-disk", "next_heartbeat_ms": 5000});
+    assert_eq!(app.heartbeat(&key, beat.clone()).await.0, 200);
+    let db = app.db.client().await;
+    db.batch_execute(
+        "CREATE FUNCTION public.disk_full() RETURNS trigger LANGUAGE plpgsql AS \
+           $$BEGIN RAISE EXCEPTION 'could not extend file' USING ERRCODE = 'disk_full'; END$$; \
+         CREATE TRIGGER disk_full BEFORE INSERT ON warden.agent_heartbeats \
+           FOR EACH ROW EXECUTE FUNCTION public.disk_full();",
+    )
+    .await
+    .unwrap();
+    let response = app.post("/v1/heartbeats", &key, &beat).await;
+    assert_eq!(response.status(), 503);
+    assert!(response.headers().get("retry-after").is_some(), "503 with Retry-After");
+    db.batch_execute("DROP TRIGGER disk_full ON warden.agent_heartbeats").await.unwrap();
+    eventually(Duration::from_secs(60), "the refused agent noted", || async {
+        db.query_opt("SELECT 1 FROM warden.ingest_refusals WHERE agent_id = 'on-full-disk'", &[]).await.unwrap()
+    })
+    .await;
+    assert_eq!(app.heartbeat(&key, beat).await.0, 200, "taken again once there is room");
+    assert_eq!(app.count("SELECT heartbeat_count FROM warden.agent_status").await, 2, "the refused one wrote nothing");
 }
