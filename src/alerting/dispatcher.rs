@@ -38,6 +38,7 @@ use super::escalation::Kind;
 use super::message::{self, DeliveryRow, Message};
 use crate::config::AlertingSettings;
 use crate::db::{self, DbError};
+use crate::telemetry::Throttle;
 
 /// Longest Retry-After honoured.
 const MAX_RETRY_AFTER: Duration = Duration::hours(1);
@@ -281,7 +282,11 @@ impl Dispatcher {
                 let claimed = match this.claim_due(None, limit, &busy).await {
                     Ok(claimed) => claimed,
                     Err(e) => {
-                        tracing::warn!(error = %e, "alert dispatch failed; will retry");
+                        // Every round meets the same while the database is gone.
+                        static LOG: Throttle = Throttle::new(std::time::Duration::from_secs(30));
+                        if let Some(more) = LOG.allow() {
+                            tracing::warn!(error = %e, more, "alert dispatch failed; will retry");
+                        }
                         break;
                     }
                 };

@@ -33,6 +33,7 @@ use super::silences::{self, maintenance_covers};
 use crate::config::{AlertingSettings, MaintenanceWindow};
 use crate::db::{self, DbError};
 use crate::model::Severity;
+use crate::telemetry::Throttle;
 
 /// Advisory lock key of the escalator ("warden:a").
 pub const ESCALATOR_LOCK: i64 = 0x7761_7264_656e_3a61;
@@ -193,7 +194,13 @@ pub async fn run(pool: Pool, params: EscalatorParams, stop: CancellationToken) {
                 );
             }
             Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "escalation cycle failed; will retry"),
+            Err(e) => {
+                // Every cycle meets the same while the database is gone.
+                static LOG: Throttle = Throttle::new(std::time::Duration::from_secs(30));
+                if let Some(more) = LOG.allow() {
+                    tracing::warn!(error = %e, more, "escalation cycle failed; will retry");
+                }
+            }
         }
     }
 }

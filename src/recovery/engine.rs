@@ -34,6 +34,7 @@ use super::plan::{self, Context, Position};
 use crate::config::{Action, RecoverySettings, Strategy};
 use crate::db::{self, DbError};
 use crate::health::incidents::IssueType;
+use crate::telemetry::Throttle;
 
 /// SQL: automatic attempts that count against `max_attempts` for job `j`,
 /// with $2 the time now and $3 `attempt_window` in seconds: the agent's
@@ -137,7 +138,13 @@ impl Engine {
                     tracing::debug!(?report, "recovery tick");
                 }
                 Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "recovery tick failed; will retry"),
+                Err(e) => {
+                    // Every tick meets the same while the database is gone.
+                    static LOG: Throttle = Throttle::new(std::time::Duration::from_secs(30));
+                    if let Some(more) = LOG.allow() {
+                        tracing::warn!(error = %e, more, "recovery tick failed; will retry");
+                    }
+                }
             }
         }
         self.running.close();
