@@ -47,6 +47,9 @@ impl StartError {
     /// The database is not there, or not migrated, yet: worth waiting for.
     pub fn is_temporary(&self) -> bool {
         match self {
+            // Waiting would hide a mistake in database.url behind 503s.
+            Self::Connect(db::DbError::LoginRefused(_))
+            | Self::Migrate(migrate::MigrateError::Db(db::DbError::LoginRefused(_))) => false,
             Self::Connect(e) => e.is_unavailable(),
             Self::Migrate(migrate::MigrateError::Db(e)) => e.is_unavailable(),
             Self::SchemaBehind { .. } => true,

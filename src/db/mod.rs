@@ -24,6 +24,13 @@ pub enum DbError {
     /// The database cannot be reached or is shutting down: retry later.
     #[error("database unavailable: {0}")]
     Unavailable(String),
+    /// The server is there but refuses warden's login (a rotated password,
+    /// a role that may no longer log in, a changed `pg_hba.conf`, CONNECT
+    /// revoked). Unavailable while serving, since it may be fixed without
+    /// touching warden; at start-up, a mistake to report rather than wait
+    /// out.
+    #[error("the database refuses warden's login: {0}")]
+    LoginRefused(String),
     /// A statement failed for a reason retrying will not fix.
     #[error("database error: {}", describe(.0))]
     Query(#[from] tokio_postgres::Error),
@@ -76,7 +83,7 @@ impl DbError {
 
     pub fn is_unavailable(&self) -> bool {
         match self {
-            Self::Unavailable(_) => true,
+            Self::Unavailable(_) | Self::LoginRefused(_) => true,
             Self::Query(e) => is_connectivity_error(e),
             Self::Busy(_) | Self::Inconsistent(_) | Self::Repeated(_) => false,
         }
@@ -87,7 +94,7 @@ impl DbError {
         match self {
             Self::Busy(_) => true,
             Self::Query(e) => is_transient_error(e),
-            Self::Unavailable(_) | Self::Inconsistent(_) | Self::Repeated(_) => false,
+            Self::Unavailable(_) | Self::LoginRefused(_) | Self::Inconsistent(_) | Self::Repeated(_) => false,
         }
     }
 }
@@ -113,12 +120,27 @@ impl From<deadpool_postgres::PoolError> for DbError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
         use deadpool_postgres::PoolError as P;
         match e {
+            P::Backend(e) if is_login_refused(&e) => Self::LoginRefused(describe(&e)),
             P::Backend(e) if !is_connectivity_error(&e) => Self::Query(e),
             P::Backend(e) => Self::Unavailable(describe(&e)),
             P::Timeout(_) => Self::Unavailable("no database connection became free in time".into()),
             other => Self::Unavailable(other.to_string()),
         }
     }
+}
+
+/// A connection attempt the server turned away for who is asking: a wrong
+/// password, no `pg_hba.conf` entry, a role without LOGIN, or CONNECT
+/// revoked on the database (the only place 42501 can meet a new connection).
+pub fn is_login_refused(e: &tokio_postgres::Error) -> bool {
+    matches!(
+        e.code(),
+        Some(
+            &SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+                | &SqlState::INVALID_PASSWORD
+                | &SqlState::INSUFFICIENT_PRIVILEGE
+        )
+    )
 }
 
 /// True for errors that say "the server is not there right now" rather

@@ -609,3 +609,97 @@ async fn a_full_disk_is_refused_with_503_and_the_agents_noted_as_alive() {
     assert_eq!(app.heartbeat(&key, beat).await.0, 200, "taken again once there is room");
     assert_eq!(app.count("SELECT heartbeat_count FROM warden.agent_status").await, 2, "the refused one wrote nothing");
 }
+
+#[tokio::test]
+async fn a_login_refused_while_serving_is_503_until_it_is_allowed_again() {
+    // A role of this test's own, so that refusing its login touches no
+    // other test's connections: a rotated password or a changed pg_hba.conf
+    // look the same to warden (SQLSTATE class 28).
+    const ROLE: &str = "warden_test_login";
+    let admin = crate::helpers::admin_client().await;
+    admin
+        .batch_execute(&format!(
+            "DO $$ BEGIN CREATE ROLE {ROLE}; EXCEPTION WHEN duplicate_object THEN NULL; END $$; \
+             ALTER ROLE {ROLE} LOGIN SUPERUSER"
+        ))
+        .await
+        .unwrap();
+    let app = TestApp::spawn_with(|s| {
+        let url = s.database.url.expose().to_string();
+        let as_role: Vec<String> = url
+            .split_whitespace()
+            .map(|kv| if kv.starts_with("user=") { format!("user={ROLE}") } else { kv.to_string() })
+            .collect();
+        s.database.url = Secret::new(as_role.join(" "));
+    })
+    .await;
+    let key = app.key(&[Scope::Ingest]).await;
+    let beat = json!({"agent_id": "login-refused", "next_heartbeat_ms": 5000});
+    assert_eq!(app.heartbeat(&key, beat.clone()).await.0, 200);
+    assert_eq!(app.get("/readyz").await.status(), 200);
+
+    admin.batch_execute(&format!("ALTER ROLE {ROLE} NOLOGIN")).await.unwrap();
+    eventually(Duration::from_secs(60), "warden's connections closed", || async {
+        let left: i64 = admin
+            .query_one("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = $1", &[&ROLE])
+            .await
+            .unwrap()
+            .get(0);
+        (left == 0).then_some(())
+    })
+    .await;
+    // Every request now needs a new connection, which the server refuses.
+    for _ in 0..5 {
+        let response = app.post("/v1/heartbeats", &key, &beat).await;
+        assert_eq!(response.status(), 503, "a refused login is 503, not 500");
+        assert!(response.headers().get("retry-after").is_some(), "503 with Retry-After");
+    }
+    let body: serde_json::Value = eventually(Duration::from_secs(30), "readyz 503", || async {
+        let response = app.get("/readyz").await;
+        if response.status() == 503 { response.json().await.ok() } else { None }
+    })
+    .await;
+    assert!(body["error"]["message"].as_str().unwrap().contains("login"), "{body}");
+
+    admin.batch_execute(&format!("ALTER ROLE {ROLE} LOGIN")).await.unwrap();
+    eventually(Duration::from_secs(60), "heartbeats accepted again", || async {
+        (app.heartbeat(&key, beat.clone()).await.0 == 200).then_some(())
+    })
+    .await;
+    eventually(Duration::from_secs(30), "readyz 200 again", || async {
+        (app.get("/readyz").await.status() == 200).then_some(())
+    })
+    .await;
+    assert_eq!(app.get("/healthz").await.status(), 200);
+}
+
+#[tokio::test]
+async fn a_login_refused_at_start_up_stops_serve_saying_so() {
+    // Unlike a server that is not there yet, a refused login is a mistake
+    // in database.url (or the server's rules) that waiting will not fix.
+    const ROLE: &str = "warden_test_nologin";
+    let admin = crate::helpers::admin_client().await;
+    admin
+        .batch_execute(&format!(
+            "DO $$ BEGIN CREATE ROLE {ROLE}; EXCEPTION WHEN duplicate_object THEN NULL; END $$; \
+             ALTER ROLE {ROLE} NOLOGIN"
+        ))
+        .await
+        .unwrap();
+    let db = crate::helpers::TestDb::migrated().await;
+    let mut settings = default_settings();
+    let as_role: Vec<String> = db
+        .url()
+        .split_whitespace()
+        .map(|kv| if kv.starts_with("user=") { format!("user={ROLE}") } else { kv.to_string() })
+        .collect();
+    settings.database.url = Secret::new(as_role.join(" "));
+    settings.server.listen = "127.0.0.1:0".parse().unwrap();
+    let error = match Application::build(settings).await {
+        Ok(_) => panic!("serve started with a login the server refuses"),
+        Err(e) => e,
+    };
+    assert!(!error.is_temporary(), "not waited for: {error}");
+    assert!(error.to_string().contains("refuses warden's login"), "{error}");
+    assert!(error.to_string().contains(ROLE), "names the role: {error}");
+}
