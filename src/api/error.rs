@@ -137,6 +137,7 @@ impl std::error::Error for ApiError {}
 /// request meets the same one while it lasts.
 static UNAVAILABLE_LOG: Throttle = Throttle::new(std::time::Duration::from_secs(10));
 static BUSY_LOG: Throttle = Throttle::new(std::time::Duration::from_secs(10));
+static SCHEMA_LOG: Throttle = Throttle::new(std::time::Duration::from_secs(10));
 static ERROR_LOG: Throttle = Throttle::new(std::time::Duration::from_secs(10));
 
 impl From<DbError> for ApiError {
@@ -151,6 +152,16 @@ impl From<DbError> for ApiError {
                 tracing::warn!(error = %e, more, "the database cannot do this now; answering 503");
             }
             Self::unavailable("the database cannot do this now (busy, or out of space or memory); retry later")
+        } else if e.is_schema_missing() {
+            if let Some(more) = SCHEMA_LOG.allow() {
+                tracing::error!(
+                    error = %e,
+                    more,
+                    "warden's schema is missing from the database (replaced or restored?); answering 503 until \
+                     `warden migrate` (or a restart with database.migrate_on_start) brings it back"
+                );
+            }
+            Self::unavailable("the database lacks warden's schema; retry later")
         } else {
             if let Some(more) = ERROR_LOG.allow() {
                 tracing::error!(error = %e, more, "database error");

@@ -281,23 +281,42 @@ struct Cached {
 type Gate = std::sync::Arc<tokio::sync::Mutex<Option<(Instant, Failure)>>>;
 
 /// A failed lookup, as repeated to the requests queued behind it: of the
-/// same kind, so that only an unreachable database is answered with 503
-/// (and counted as refused heartbeats), a failing statement with 500.
+/// same kind, so that an unreachable database is answered with 503 (and
+/// counted as refused heartbeats), a busy or unmigrated one with 503, a
+/// failing statement with 500.
 #[derive(Clone)]
 struct Failure {
-    unavailable: bool,
+    kind: FailureKind,
     why: String,
+}
+
+#[derive(Clone, Copy)]
+enum FailureKind {
+    Unavailable,
+    Busy,
+    SchemaMissing,
+    Other,
 }
 
 impl Failure {
     fn of(e: &AuthError) -> Self {
-        let unavailable = matches!(e, AuthError::Db(db) if db.is_unavailable());
-        Self { unavailable, why: format!("looking up the key failed: {e}") }
+        let kind = match e {
+            AuthError::Db(db) if db.is_unavailable() => FailureKind::Unavailable,
+            AuthError::Db(db) if db.is_transient() => FailureKind::Busy,
+            AuthError::Db(db) if db.is_schema_missing() => FailureKind::SchemaMissing,
+            _ => FailureKind::Other,
+        };
+        Self { kind, why: format!("looking up the key failed: {e}") }
     }
 
     fn repeat(&self) -> AuthError {
         let why = self.why.clone();
-        AuthError::Db(if self.unavailable { DbError::Unavailable(why) } else { DbError::Repeated(why) })
+        AuthError::Db(match self.kind {
+            FailureKind::Unavailable => DbError::Unavailable(why),
+            FailureKind::Busy => DbError::Busy(why),
+            FailureKind::SchemaMissing => DbError::SchemaMissing(why),
+            FailureKind::Other => DbError::Repeated(why),
+        })
     }
 }
 
@@ -462,6 +481,10 @@ mod tests {
         let failing = Failure::of(&AuthError::Db(DbError::Inconsistent("no such column".into()))).repeat();
         assert!(matches!(&failing, AuthError::Db(e) if !e.is_unavailable()), "500, the database was there");
         assert!(failing.to_string().contains("no such column"), "{failing}");
+        let busy = Failure::of(&AuthError::Db(DbError::Busy("statement timeout".into()))).repeat();
+        assert!(matches!(&busy, AuthError::Db(e) if e.is_transient() && !e.is_unavailable()), "503, not refused");
+        let bare = Failure::of(&AuthError::Db(DbError::SchemaMissing("no api_keys".into()))).repeat();
+        assert!(matches!(&bare, AuthError::Db(e) if e.is_schema_missing()), "503 saying to migrate");
     }
 
     #[test]

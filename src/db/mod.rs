@@ -41,6 +41,11 @@ pub enum DbError {
     /// or a statement that took too long): retry later.
     #[error("database busy: {0}")]
     Busy(String),
+    /// warden's tables or functions are not there (the database was
+    /// replaced or restored under a running warden), seen moments ago by
+    /// another request and repeated.
+    #[error("{0}")]
+    SchemaMissing(String),
     /// A failure other than unavailability, seen moments ago by another
     /// request doing the same work and repeated rather than retried.
     #[error("{0}")]
@@ -77,6 +82,7 @@ impl DbError {
             Self::Unavailable(m) => Self::Unavailable(m.clone()),
             e if e.is_unavailable() => Self::Unavailable(e.to_string()),
             e if e.is_transient() => Self::Busy(e.to_string()),
+            e if e.is_schema_missing() => Self::SchemaMissing(e.to_string()),
             e => Self::Repeated(e.to_string()),
         }
     }
@@ -85,7 +91,26 @@ impl DbError {
         match self {
             Self::Unavailable(_) | Self::LoginRefused(_) => true,
             Self::Query(e) => is_connectivity_error(e),
-            Self::Busy(_) | Self::Inconsistent(_) | Self::Repeated(_) => false,
+            Self::Busy(_) | Self::Inconsistent(_) | Self::SchemaMissing(_) | Self::Repeated(_) => false,
+        }
+    }
+
+    /// A statement met no table, column, function or schema of warden's:
+    /// the database is not (or no longer) migrated to this build, which
+    /// `warden migrate` fixes, not a retry of the same request alone.
+    pub fn is_schema_missing(&self) -> bool {
+        match self {
+            Self::SchemaMissing(_) => true,
+            Self::Query(e) => matches!(
+                e.code(),
+                Some(
+                    &SqlState::UNDEFINED_TABLE
+                        | &SqlState::UNDEFINED_COLUMN
+                        | &SqlState::UNDEFINED_FUNCTION
+                        | &SqlState::INVALID_SCHEMA_NAME
+                )
+            ),
+            _ => false,
         }
     }
 
@@ -94,7 +119,11 @@ impl DbError {
         match self {
             Self::Busy(_) => true,
             Self::Query(e) => is_transient_error(e),
-            Self::Unavailable(_) | Self::LoginRefused(_) | Self::Inconsistent(_) | Self::Repeated(_) => false,
+            Self::Unavailable(_)
+            | Self::LoginRefused(_)
+            | Self::Inconsistent(_)
+            | Self::SchemaMissing(_)
+            | Self::Repeated(_) => false,
         }
     }
 }

@@ -703,3 +703,40 @@ async fn a_login_refused_at_start_up_stops_serve_saying_so() {
     assert!(error.to_string().contains("refuses warden's login"), "{error}");
     assert!(error.to_string().contains(ROLE), "names the role: {error}");
 }
+
+#[tokio::test]
+async fn a_database_emptied_under_warden_is_503_until_migrated_again() {
+    // A restore or a failover onto a database without warden's schema:
+    // nothing warden can do by itself, but nothing a client did wrong
+    // either, so 503 (retry later) rather than 500.
+    let app = TestApp::spawn().await;
+    let key = app.key(&[Scope::Ingest]).await;
+    let beat = json!({"agent_id": "schema-gone", "next_heartbeat_ms": 5000});
+    assert_eq!(app.heartbeat(&key, beat.clone()).await.0, 200);
+    let db = app.db.client().await;
+    // warden's own loops hold locks on the schema's tables: a drop that
+    // deadlocks with one of them is tried again.
+    eventually(Duration::from_secs(60), "the schema dropped", || async {
+        db.batch_execute("DROP SCHEMA warden CASCADE").await.ok()
+    })
+    .await;
+
+    for _ in 0..5 {
+        let response = app.post("/v1/heartbeats", &key, &beat).await;
+        assert_eq!(response.status(), 503, "an unmigrated database is 503, not 500");
+        assert!(response.headers().get("retry-after").is_some(), "503 with Retry-After");
+    }
+    let response = app.get("/readyz").await;
+    assert_eq!(response.status(), 503);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert!(body["error"]["message"].as_str().unwrap().contains("warden migrate"), "{body}");
+
+    let mut client = app.db.pooled().await;
+    warden::db::migrate::run(&mut client).await.unwrap();
+    let key = app.key(&[Scope::Ingest]).await; // the old keys went with the schema
+    eventually(Duration::from_secs(60), "heartbeats accepted once migrated", || async {
+        (app.heartbeat(&key, beat.clone()).await.0 == 200).then_some(())
+    })
+    .await;
+    assert_eq!(app.count("SELECT count(*) FROM warden.agent_heartbeats WHERE agent_id = 'schema-gone'").await, 1);
+}
