@@ -20,6 +20,8 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::HeaderValue;
+use axum::http::header::CONNECTION;
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use deadpool_postgres::Pool;
@@ -132,9 +134,11 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), limit::enforce))
-        .layer(middleware::from_fn_with_state(state.clone(), request_timeout))
         .layer(middleware::from_fn_with_state(state.clone(), known_hosts_without_auth))
         .layer(middleware::from_fn_with_state(state.clone(), until_started))
+        // Outside every refusal, so that each one that leaves a body unread
+        // closes its connection (see `request_timeout`).
+        .layer(middleware::from_fn_with_state(state.clone(), request_timeout))
         // Outermost, to reach the refusals of the rate limit and the timeout.
         .layer(middleware::from_fn(mcp::refusals_as_json_rpc))
         .layer(middleware::map_response(no_sniffing))
@@ -167,13 +171,24 @@ async fn until_started(State(state): State<AppState>, request: Request, next: Ne
 /// database call cannot hold a client (or a connection slot) forever, and
 /// 408 when the request body was still arriving (see `deadline`). The
 /// limit covers producing the response head; streamed bodies are not cut.
+///
+/// An answer given before the request body was read to its end (a refused
+/// key, a rate limit, a body over the limit) says `Connection: close`:
+/// hyper drops such a connection once the answer is written unless the
+/// rest of the body happened to be buffered already, and a client that was
+/// not told would send its next request into a closed socket.
 async fn request_timeout(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let limit = state.settings.server.request_timeout.get();
     let (request, body) = deadline::track(request);
     let writes = crate::ingest::writer::RequestWrites::default();
     let outcome = tokio::time::timeout(limit, writes.observe(next.run(request))).await;
     match outcome {
-        Ok(response) => response,
+        Ok(mut response) => {
+            if !body.complete() {
+                response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+            response
+        }
         Err(_) => deadline::expired(&body, writes.abandon()),
     }
 }

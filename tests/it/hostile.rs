@@ -625,3 +625,40 @@ async fn a_503_after_a_stalled_write_says_it_may_be_stored_and_a_queued_one_is_n
     .await;
     assert!(refused_at < before_release, "{refused_at} is when it came, not when the stall ended");
 }
+
+#[tokio::test]
+async fn an_answer_given_before_the_body_was_read_closes_the_connection_saying_so() {
+    // hyper drops a connection whose request body was left unread; a
+    // client must learn that from the answer, not from its next request.
+    let app = TestApp::spawn().await;
+    let key = app.key(&[Scope::Ingest]).await;
+    let padded = |size: usize| format!(r#"{{"agent_id": "kept-alive", "pad": "{}"}}"#, "a".repeat(size));
+    for (key, body, status) in [("wk_made_up_key", padded(200_000), "401"), (key.as_str(), padded(2 << 20), "413")] {
+        let (mut reader, mut writer) = start_post(&app, "/v1/heartbeats", key, body.len()).await.into_split();
+        let sending = tokio::spawn(async move {
+            let _ = writer.write_all(body.as_bytes()).await; // refused before the end
+            writer
+        });
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = reader.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed without an answer");
+            answer.extend_from_slice(&buf[..n]);
+        }
+        let head = String::from_utf8_lossy(&answer).to_lowercase();
+        assert!(head.starts_with(&format!("http/1.1 {status}")), "{head}");
+        assert!(head.contains("connection: close"), "{status} before the body was read says so: {head}");
+        drop(sending.await);
+    }
+
+    // A body read to its end keeps the connection for the next request.
+    let body = padded(10);
+    let mut stream = start_post(&app, "/v1/heartbeats", &key, body.len()).await;
+    stream.write_all(body.as_bytes()).await.unwrap();
+    stream.write_all(b"GET /healthz HTTP/1.1\r\nhost: warden\r\nconnection: close\r\n\r\n").await.unwrap();
+    let both = read_to_close(&mut stream, Duration::from_secs(30)).await;
+    assert!(both.starts_with("HTTP/1.1 200"), "{both}");
+    assert_eq!(both.matches("HTTP/1.1 200").count(), 2, "both answered on one connection: {both}");
+    assert!(!both.to_lowercase().split("\r\n\r\n").next().unwrap().contains("connection: close"), "{both}");
+}
