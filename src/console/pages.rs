@@ -107,8 +107,10 @@ fn needs_admin(user: &ConsoleUser, what: &str) -> Result<(), Response> {
     ))
 }
 
+/// The rejection's own status: 413 for a form over the console's limit,
+/// 415 for one that is not a form, 400 for one that does not parse.
 fn bad_form(user: Option<&ConsoleUser>, e: FormRejection) -> Response {
-    problem(StatusCode::BAD_REQUEST, user, "The form could not be read", &e.body_text())
+    problem(e.status(), user, "The form could not be read", &e.body_text())
 }
 
 fn see_other(to: &str) -> Response {
@@ -479,13 +481,17 @@ pub async fn login(
     address: Option<axum::Extension<crate::api::limit::SignInAddress>>,
     form: Result<Form<LoginForm>, FormRejection>,
 ) -> Response {
-    let Ok(Form(form)) = form else {
-        return login_form(
-            &state,
-            StatusCode::BAD_REQUEST,
-            "/",
-            Some("The sign-in form could not be read; try again."),
-        );
+    let form = match form {
+        Ok(Form(form)) => form,
+        Err(e) => {
+            let status = e.status();
+            let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+                "The sign-in form was too large to read; try again."
+            } else {
+                "The sign-in form could not be read; try again."
+            };
+            return login_form(&state, status, "/", Some(message));
+        }
     };
     let next = next_of(Some(&form.next));
     let policy = super::cookie_policy(&state.settings.console);

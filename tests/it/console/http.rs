@@ -744,3 +744,21 @@ async fn http_lists_cut_at_their_cap_say_how_many_there_are_in_all() {
     assert!(alerts.contains("Showing 500 of 503."));
     assert!(!alerts.contains("Showing 0 of"), "a list that is whole says nothing");
 }
+
+#[tokio::test]
+async fn http_a_form_over_the_consoles_limit_is_413_on_a_page() {
+    let app = app().await;
+    let (_, _, admin) = keys(&app).await;
+    let huge = format!("key={}&login_csrf=x&next=%2F", "k".repeat(100 * 1024));
+    let response = client().post(app.url("/login")).header(CONTENT_TYPE, FORM).body(huge.clone()).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(response.headers()[CONTENT_TYPE].to_str().unwrap().starts_with("text/html"), "a page, not JSON");
+    assert!(response.text().await.unwrap().contains("too large"));
+
+    let session = sign_in(&app, &admin).await;
+    let response =
+        post_form(&app, &session, "/logout", &format!("csrf={}&pad={}", session.csrf, "p".repeat(100 * 1024))).await;
+    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let (status, _, _) = get(&app, &session, "/").await;
+    assert_eq!(status, StatusCode::OK, "the session was not ended by the refused form");
+}
