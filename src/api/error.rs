@@ -22,6 +22,9 @@ pub struct ApiError {
     pub message: String,
     pub field: Option<String>,
     pub retry_after: Option<u64>,
+    /// A 503 because the database could not be reached at all (not busy,
+    /// not unmigrated): the time counts as an ingest outage.
+    pub db_unreachable: bool,
 }
 
 #[derive(Serialize)]
@@ -39,7 +42,7 @@ struct Inner<'a> {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into(), field: None, retry_after: None }
+        Self { status, code, message: message.into(), field: None, retry_after: None, db_unreachable: false }
     }
 
     /// 400: the body is not JSON, or not the expected shape.
@@ -146,7 +149,7 @@ impl From<DbError> for ApiError {
             if let Some(more) = UNAVAILABLE_LOG.allow() {
                 tracing::warn!(error = %e, more, "database unavailable; answering 503");
             }
-            Self::unavailable("the database is unavailable; retry later")
+            Self { db_unreachable: true, ..Self::unavailable("the database is unavailable; retry later") }
         } else if e.is_transient() {
             if let Some(more) = BUSY_LOG.allow() {
                 tracing::warn!(error = %e, more, "the database cannot do this now; answering 503");
@@ -195,5 +198,26 @@ impl IntoResponse for ApiError {
             response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_unreachable_database_counts_as_an_ingest_outage() {
+        let answer = |e: DbError| ApiError::from(e);
+        let unreachable = answer(DbError::Unavailable("connection refused".into()));
+        assert_eq!((unreachable.status, unreachable.db_unreachable), (StatusCode::SERVICE_UNAVAILABLE, true));
+        let refused = answer(DbError::LoginRefused("password authentication failed".into()));
+        assert_eq!((refused.status, refused.db_unreachable), (StatusCode::SERVICE_UNAVAILABLE, true));
+        for reachable in [DbError::Busy("statement timeout".into()), DbError::SchemaMissing("no api_keys".into())] {
+            let answer = answer(reachable);
+            assert_eq!((answer.status, answer.db_unreachable), (StatusCode::SERVICE_UNAVAILABLE, false), "{answer}");
+            assert!(answer.retry_after.is_some());
+        }
+        let failed = answer(DbError::Repeated("syntax error".into()));
+        assert_eq!((failed.status, failed.db_unreachable), (StatusCode::INTERNAL_SERVER_ERROR, false));
     }
 }

@@ -70,8 +70,9 @@ async fn post_heartbeats(
     auth: Result<Authorized<IngestScope>, ApiError>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    // The key check answers 503 only when the database is out of reach.
-    if auth.as_ref().is_err_and(|e| e.status == StatusCode::SERVICE_UNAVAILABLE) {
+    // A key that cannot be checked because the database is out of reach
+    // is an outage for liveness; a busy or unmigrated one is not.
+    if auth.as_ref().is_err_and(|e| e.db_unreachable) {
         state.ingestor.refused_unreachable(std::time::Instant::now());
     }
     let (principal, body) = admit(auth, body, state.settings.ingest.max_body_bytes).await?;

@@ -107,10 +107,18 @@ fn needs_admin(user: &ConsoleUser, what: &str) -> Result<(), Response> {
     ))
 }
 
-/// The rejection's own status: 413 for a form over the console's limit,
-/// 415 for one that is not a form, 400 for one that does not parse.
 fn bad_form(user: Option<&ConsoleUser>, e: FormRejection) -> Response {
-    problem(e.status(), user, "The form could not be read", &e.body_text())
+    problem(form_status(&e), user, "The form could not be read", &e.body_text())
+}
+
+/// 413 for a form over the console's limit and 415 for a body that is not
+/// a form, as the rejection says; 400 for one that does not parse (axum
+/// would say 422, which the console's pages have never answered).
+fn form_status(e: &FormRejection) -> StatusCode {
+    match e.status() {
+        s @ (StatusCode::PAYLOAD_TOO_LARGE | StatusCode::UNSUPPORTED_MEDIA_TYPE) => s,
+        _ => StatusCode::BAD_REQUEST,
+    }
 }
 
 fn see_other(to: &str) -> Response {
@@ -484,7 +492,7 @@ pub async fn login(
     let form = match form {
         Ok(Form(form)) => form,
         Err(e) => {
-            let status = e.status();
+            let status = form_status(&e);
             let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
                 "The sign-in form was too large to read; try again."
             } else {

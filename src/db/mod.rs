@@ -75,8 +75,9 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
 
 impl DbError {
     /// This failure again, for a request that waited on the one that saw
-    /// it: of the same kind, so that only an unreachable database is
-    /// answered with 503 (and Retry-After), anything else with 500.
+    /// it: of the same kind, so that it gets the same answer (503 with
+    /// Retry-After for an unreachable, busy or unmigrated database, 500
+    /// for anything else).
     pub fn again(&self) -> DbError {
         match self {
             Self::Unavailable(m) => Self::Unavailable(m.clone()),
@@ -95,21 +96,16 @@ impl DbError {
         }
     }
 
-    /// A statement met no table, column, function or schema of warden's:
-    /// the database is not (or no longer) migrated to this build, which
-    /// `warden migrate` fixes, not a retry of the same request alone.
+    /// A statement met no table, or no schema, of warden's: the database
+    /// lost its migrations (replaced or restored under a running warden),
+    /// which `warden migrate` fixes, not a retry of the same request alone.
+    /// Only these two: a missing column or function (42703, 42883, the
+    /// latter also "operator does not exist") is as likely a mistake in a
+    /// statement, which must stay a 500 rather than be retried forever.
     pub fn is_schema_missing(&self) -> bool {
         match self {
             Self::SchemaMissing(_) => true,
-            Self::Query(e) => matches!(
-                e.code(),
-                Some(
-                    &SqlState::UNDEFINED_TABLE
-                        | &SqlState::UNDEFINED_COLUMN
-                        | &SqlState::UNDEFINED_FUNCTION
-                        | &SqlState::INVALID_SCHEMA_NAME
-                )
-            ),
+            Self::Query(e) => matches!(e.code(), Some(&SqlState::UNDEFINED_TABLE | &SqlState::INVALID_SCHEMA_NAME)),
             _ => false,
         }
     }

@@ -610,6 +610,26 @@ async fn a_full_disk_is_refused_with_503_and_the_agents_noted_as_alive() {
     assert_eq!(app.count("SELECT heartbeat_count FROM warden.agent_status").await, 2, "the refused one wrote nothing");
 }
 
+/// Leaves a test's role unable to log in however the test ends: it is a
+/// superuser without a password, on a server that trusts local logins.
+struct NoLoginAfter(&'static str);
+
+impl Drop for NoLoginAfter {
+    fn drop(&mut self) {
+        let role = self.0;
+        // Drop runs inside the test's runtime, which must not block on
+        // itself; a short-lived thread with its own runtime does the work.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let admin = crate::helpers::admin_client().await;
+                let _ = admin.batch_execute(&format!("ALTER ROLE {role} NOLOGIN")).await;
+            });
+        })
+        .join();
+    }
+}
+
 #[tokio::test]
 async fn a_login_refused_while_serving_is_503_until_it_is_allowed_again() {
     // A role of this test's own, so that refusing its login touches no
@@ -624,6 +644,7 @@ async fn a_login_refused_while_serving_is_503_until_it_is_allowed_again() {
         ))
         .await
         .unwrap();
+    let _no_login_after = NoLoginAfter(ROLE);
     let app = TestApp::spawn_with(|s| {
         let url = s.database.url.expose().to_string();
         let as_role: Vec<String> = url
