@@ -58,6 +58,11 @@ pub struct AlertView {
     pub liveness: Option<String>,
     pub score: Option<f64>,
     pub tier: Option<String>,
+    /// When the score was computed, and since when the agent has been in
+    /// its liveness state: a score from before an agent went offline
+    /// describes the agent it was, and says so.
+    pub scored_at: Option<DateTime<Utc>>,
+    pub liveness_since: Option<DateTime<Utc>>,
     pub last_seen: Option<DateTime<Utc>>,
     pub transitions: Vec<Transition>,
     pub recovery: Vec<Attempt>,
@@ -199,6 +204,12 @@ impl Message {
                 (Some(s), None) => format!("score {s:.0}"),
                 _ => "score n/a".to_string(),
             };
+            let score = match (alert.score, alert.scored_at, alert.liveness_since, alert.liveness.as_deref()) {
+                (Some(_), Some(scored), Some(since), Some(state)) if scored < since => {
+                    format!("{score} as of {}, before it became {state}", scored.format("%H:%M:%S UTC"))
+                }
+                _ => score,
+            };
             let seen = alert.last_seen.map(|t| format!(", last seen {}", t.format("%H:%M:%S UTC"))).unwrap_or_default();
             lines.push(format!("Now: {}, {score}{seen}", alert.liveness.as_deref().unwrap_or("unknown")));
         }
@@ -280,6 +291,8 @@ impl Message {
                     "liveness": a.liveness,
                     "score": a.score,
                     "tier": a.tier,
+                    "scored_at": a.scored_at,
+                    "liveness_since": a.liveness_since,
                     "last_seen": a.last_seen,
                     "transitions": a.transitions.iter().map(|t| json!({
                         "at": t.at, "from": t.from, "to": t.to, "reason": t.reason,
@@ -335,7 +348,8 @@ pub async fn load(
         .query(
             "SELECT a.id, a.incident_id, a.severity, a.state, coalesce(a.subject, i.agent_id), s.name, \
                     coalesce(a.issue, i.issue_type, 'unknown'), coalesce(a.summary, i.summary), a.opened_at, \
-                    a.acknowledged_by, a.resolved_at, s.liveness, s.score, s.tier, s.last_seen, i.resolution \
+                    a.acknowledged_by, a.resolved_at, s.liveness, s.score, s.tier, s.last_seen, i.resolution, \
+                    s.evaluated_at, s.liveness_since \
              FROM warden.alerts a \
              LEFT JOIN warden.incidents i ON i.id = a.incident_id \
              LEFT JOIN warden.agent_status s ON a.source = 'incident' AND s.agent_id = coalesce(a.subject, i.agent_id) \
@@ -364,6 +378,8 @@ pub async fn load(
             score: r.get(12),
             tier: r.get(13),
             last_seen: r.get(14),
+            scored_at: r.get(16),
+            liveness_since: r.get(17),
             transitions: Vec::new(),
             recovery: Vec::new(),
             gave_up: None,
@@ -485,6 +501,8 @@ pub(crate) mod tests {
             score: Some(41.6),
             tier: Some("poor".into()),
             last_seen: DateTime::from_timestamp(1_699_999_968, 0),
+            scored_at: DateTime::from_timestamp(1_700_000_030, 0),
+            liveness_since: DateTime::from_timestamp(1_700_000_000, 0),
             transitions: vec![Transition {
                 at: DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
                 from: "degraded".into(),
@@ -532,6 +550,22 @@ pub(crate) mod tests {
         ] {
             assert!(text.contains(needle), "missing {needle:?} in\n{text}");
         }
+    }
+
+    #[test]
+    fn a_score_from_before_the_agent_went_offline_says_so() {
+        let mut alert = view(12, "w1");
+        alert.score = Some(96.4);
+        alert.tier = Some("excellent".into());
+        alert.scored_at = DateTime::from_timestamp(1_699_999_990, 0);
+        let text = message(vec![alert.clone()]).text();
+        assert!(
+            text.contains("Now: offline, score 96 (excellent) as of 22:13:10 UTC, before it became offline"),
+            "{text}"
+        );
+        alert.scored_at = DateTime::from_timestamp(1_700_000_030, 0);
+        let text = message(vec![alert]).text();
+        assert!(text.contains("Now: offline, score 96 (excellent), last seen"), "scored since: as it is\n{text}");
     }
 
     #[test]

@@ -1283,6 +1283,8 @@ secret = "{}"
             score: Some(12.0),
             tier: Some("critical".into()),
             last_seen: None,
+            scored_at: None,
+            liveness_since: None,
             transitions: vec![],
             recovery: vec![],
             gave_up: None,
