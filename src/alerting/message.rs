@@ -85,6 +85,9 @@ pub struct Message {
     pub alerts: Vec<AlertView>,
     /// `alerting.link_base`, for acknowledgement instructions.
     pub link_base: String,
+    /// When the delivery was decided: the clock an escalation or a repeat
+    /// reads "unacknowledged for ..." against.
+    pub created_at: DateTime<Utc>,
 }
 
 impl Message {
@@ -148,7 +151,24 @@ impl Message {
                 group_headline(&items, NAMED)
             }
         };
-        format!("[{}] {body}", self.tag())
+        format!("[{}] {body}{}", self.tag(), self.open_for())
+    }
+
+    /// How long the oldest firing alert has gone on, for the messages that
+    /// come after the first: the summary was written when it opened ("no
+    /// heartbeat for 32s") and would otherwise read as if just now.
+    fn open_for(&self) -> String {
+        if self.auto_recovered().is_some() {
+            return String::new();
+        }
+        let oldest = self.alerts.iter().filter(|a| a.state == "firing").map(|a| a.opened_at).min();
+        let Some(opened) = oldest else { return String::new() };
+        let open = crate::console::format::span((self.created_at - opened).num_seconds());
+        match self.kind {
+            Kind::Escalation => format!(" (unacknowledged for {open})"),
+            Kind::Repeat => format!(" (firing for {open})"),
+            Kind::Firing | Kind::Resolved => String::new(),
+        }
     }
 
     /// How to acknowledge, for messages that still ask for action. A
@@ -473,6 +493,7 @@ pub async fn load(
                 detail: row.detail.clone(),
                 alerts,
                 link_base: link_base.to_string(),
+                created_at: row.created_at,
             };
             (row.id, message)
         })
@@ -531,6 +552,7 @@ pub(crate) mod tests {
             detail: json!({}),
             alerts,
             link_base: "https://warden.example.com".into(),
+            created_at: DateTime::from_timestamp(1_700_000_060, 0).unwrap(),
         }
     }
 
@@ -550,6 +572,25 @@ pub(crate) mod tests {
         ] {
             assert!(text.contains(needle), "missing {needle:?} in\n{text}");
         }
+    }
+
+    #[test]
+    fn later_messages_say_how_long_the_alert_has_gone_on() {
+        let mut m = message(vec![view(12, "w1")]);
+        assert_eq!(m.headline(), "[FIRING CRITICAL] w1 is offline: no heartbeat for 32s (expected every 10s)");
+        m.kind = Kind::Escalation;
+        m.level = 2;
+        m.created_at = DateTime::from_timestamp(1_700_000_000 + 15 * 60, 0).unwrap();
+        assert_eq!(
+            m.headline(),
+            "[ESCALATED L2 CRITICAL] w1 is offline: no heartbeat for 32s (expected every 10s) (unacknowledged for 15m)"
+        );
+        m.kind = Kind::Repeat;
+        m.created_at = DateTime::from_timestamp(1_700_000_000 + 2 * 3600 + 60, 0).unwrap();
+        assert!(m.headline().ends_with("(firing for 2h 1m)"), "{}", m.headline());
+        m.alerts[0].state = "resolved".into();
+        m.kind = Kind::Resolved;
+        assert_eq!(m.headline(), "[RESOLVED] w1 is offline: no heartbeat for 32s (expected every 10s)");
     }
 
     #[test]

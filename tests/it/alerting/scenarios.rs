@@ -142,6 +142,9 @@ async fn offline_pages_slack_then_email_after_the_delay_ack_stops_escalation_and
     assert_eq!(mails.len(), 1, "the escalation email");
     let mail = &mails[0];
     assert!(mail.subject().starts_with("[ESCALATED L2 CRITICAL] w1 is offline"), "{}", mail.subject());
+    // The summary was written when the alert opened (a group wait before
+    // the first page); the subject says how long ago.
+    assert!(mail.subject().contains("(unacknowledged for 5m"), "{}", mail.subject());
     assert_eq!(mail.to, vec!["oncall@test.local".to_string()]);
     assert_eq!(mail.from, "warden@test.local");
     let plain = mail.part("text/plain").expect("a text part");
@@ -1290,6 +1293,7 @@ secret = "{}"
             gave_up: None,
         }],
         link_base: String::new(),
+        created_at: Utc::now(),
     };
     channels.get("ops_telegram").unwrap().send(&message, &[], std_secs(30)).await.unwrap();
     let mut sent = bot.accepted();
