@@ -610,20 +610,50 @@ async fn a_full_disk_is_refused_with_503_and_the_agents_noted_as_alive() {
     assert_eq!(app.count("SELECT heartbeat_count FROM warden.agent_status").await, 2, "the refused one wrote nothing");
 }
 
-/// Leaves a test's role unable to log in however the test ends: it is a
-/// superuser without a password, on a server that trusts local logins.
-struct NoLoginAfter(&'static str);
+/// A role of one test's own, named for its process and moment so that two
+/// runs of the suite against one server keep out of each other's way.
+/// Dropped when the test ends, however it ends (declare it before the
+/// `TestApp` whose database holds its objects, so that it outlives it);
+/// if it cannot be dropped, it is left unable to log in, being a superuser
+/// without a password on a server that trusts local logins.
+struct TestRole(String);
 
-impl Drop for NoLoginAfter {
+impl TestRole {
+    async fn create(attributes: &str) -> Self {
+        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+        let name = format!(
+            "warden_test_role_{}_{}_{}",
+            std::process::id(),
+            nanos % 1_000_000_000,
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        crate::helpers::admin_client().await.batch_execute(&format!("CREATE ROLE {name} {attributes}")).await.unwrap();
+        Self(name)
+    }
+
+    /// `url` (key=value form) logging in as this role.
+    fn in_url(&self, url: &str) -> String {
+        let parts: Vec<String> = url
+            .split_whitespace()
+            .map(|kv| if kv.starts_with("user=") { format!("user={}", self.0) } else { kv.to_string() })
+            .collect();
+        parts.join(" ")
+    }
+}
+
+impl Drop for TestRole {
     fn drop(&mut self) {
-        let role = self.0;
+        let role = self.0.clone();
         // Drop runs inside the test's runtime, which must not block on
         // itself; a short-lived thread with its own runtime does the work.
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(async {
                 let admin = crate::helpers::admin_client().await;
-                let _ = admin.batch_execute(&format!("ALTER ROLE {role} NOLOGIN")).await;
+                if admin.batch_execute(&format!("DROP ROLE IF EXISTS {role}")).await.is_err() {
+                    let _ = admin.batch_execute(&format!("ALTER ROLE {role} NOLOGIN")).await;
+                }
             });
         })
         .join();
@@ -635,23 +665,11 @@ async fn a_login_refused_while_serving_is_503_until_it_is_allowed_again() {
     // A role of this test's own, so that refusing its login touches no
     // other test's connections: a rotated password or a changed pg_hba.conf
     // look the same to warden (SQLSTATE class 28).
-    const ROLE: &str = "warden_test_login";
+    let role = TestRole::create("LOGIN SUPERUSER").await;
     let admin = crate::helpers::admin_client().await;
-    admin
-        .batch_execute(&format!(
-            "DO $$ BEGIN CREATE ROLE {ROLE}; EXCEPTION WHEN duplicate_object THEN NULL; END $$; \
-             ALTER ROLE {ROLE} LOGIN SUPERUSER"
-        ))
-        .await
-        .unwrap();
-    let _no_login_after = NoLoginAfter(ROLE);
     let app = TestApp::spawn_with(|s| {
-        let url = s.database.url.expose().to_string();
-        let as_role: Vec<String> = url
-            .split_whitespace()
-            .map(|kv| if kv.starts_with("user=") { format!("user={ROLE}") } else { kv.to_string() })
-            .collect();
-        s.database.url = Secret::new(as_role.join(" "));
+        let url = role.in_url(s.database.url.expose());
+        s.database.url = Secret::new(url);
     })
     .await;
     let key = app.key(&[Scope::Ingest]).await;
@@ -659,10 +677,10 @@ async fn a_login_refused_while_serving_is_503_until_it_is_allowed_again() {
     assert_eq!(app.heartbeat(&key, beat.clone()).await.0, 200);
     assert_eq!(app.get("/readyz").await.status(), 200);
 
-    admin.batch_execute(&format!("ALTER ROLE {ROLE} NOLOGIN")).await.unwrap();
+    admin.batch_execute(&format!("ALTER ROLE {} NOLOGIN", role.0)).await.unwrap();
     eventually(Duration::from_secs(60), "warden's connections closed", || async {
         let left: i64 = admin
-            .query_one("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = $1", &[&ROLE])
+            .query_one("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = $1", &[&role.0])
             .await
             .unwrap()
             .get(0);
@@ -682,7 +700,7 @@ async fn a_login_refused_while_serving_is_503_until_it_is_allowed_again() {
     .await;
     assert!(body["error"]["message"].as_str().unwrap().contains("login"), "{body}");
 
-    admin.batch_execute(&format!("ALTER ROLE {ROLE} LOGIN")).await.unwrap();
+    admin.batch_execute(&format!("ALTER ROLE {} LOGIN", role.0)).await.unwrap();
     eventually(Duration::from_secs(60), "heartbeats accepted again", || async {
         (app.heartbeat(&key, beat.clone()).await.0 == 200).then_some(())
     })
@@ -698,23 +716,10 @@ async fn a_login_refused_while_serving_is_503_until_it_is_allowed_again() {
 async fn a_login_refused_at_start_up_stops_serve_saying_so() {
     // Unlike a server that is not there yet, a refused login is a mistake
     // in database.url (or the server's rules) that waiting will not fix.
-    const ROLE: &str = "warden_test_nologin";
-    let admin = crate::helpers::admin_client().await;
-    admin
-        .batch_execute(&format!(
-            "DO $$ BEGIN CREATE ROLE {ROLE}; EXCEPTION WHEN duplicate_object THEN NULL; END $$; \
-             ALTER ROLE {ROLE} NOLOGIN"
-        ))
-        .await
-        .unwrap();
+    let role = TestRole::create("NOLOGIN").await;
     let db = crate::helpers::TestDb::migrated().await;
     let mut settings = default_settings();
-    let as_role: Vec<String> = db
-        .url()
-        .split_whitespace()
-        .map(|kv| if kv.starts_with("user=") { format!("user={ROLE}") } else { kv.to_string() })
-        .collect();
-    settings.database.url = Secret::new(as_role.join(" "));
+    settings.database.url = Secret::new(role.in_url(&db.url()));
     settings.server.listen = "127.0.0.1:0".parse().unwrap();
     let error = match Application::build(settings).await {
         Ok(_) => panic!("serve started with a login the server refuses"),
@@ -722,7 +727,7 @@ async fn a_login_refused_at_start_up_stops_serve_saying_so() {
     };
     assert!(!error.is_temporary(), "not waited for: {error}");
     assert!(error.to_string().contains("refuses warden's login"), "{error}");
-    assert!(error.to_string().contains(ROLE), "names the role: {error}");
+    assert!(error.to_string().contains(&role.0), "names the role: {error}");
 }
 
 #[tokio::test]
