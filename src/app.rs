@@ -356,6 +356,7 @@ fn writer_settings(settings: &Settings) -> WriterSettings {
         queue_capacity: settings.ingest.queue_capacity,
         max_flush: settings.ingest.max_flush,
         group_commit: settings.ingest.group_commit,
+        max_lifetime: db::max_lifetime(&settings.database),
     }
 }
 

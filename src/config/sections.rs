@@ -218,6 +218,9 @@ pub struct DatabaseSettings {
     pub acquire_timeout: Duration,
     /// Server-side limit for any one statement.
     pub statement_timeout: Duration,
+    /// Age past which a connection is closed rather than used again; zero:
+    /// never.
+    pub max_lifetime: Duration,
     /// Whether `serve` applies pending migrations on start (and the database
     /// verbs before they run against an older schema).
     pub migrate_on_start: bool,
@@ -279,6 +282,9 @@ impl Settings {
         check_min("database.connect_timeout", db.connect_timeout, Duration::from_millis(100))?;
         check_min("database.acquire_timeout", db.acquire_timeout, Duration::from_millis(10))?;
         check_min("database.statement_timeout", db.statement_timeout, Duration::from_millis(100))?;
+        if !db.max_lifetime.get().is_zero() {
+            check_min("database.max_lifetime", db.max_lifetime, Duration::from_secs(1))?;
+        }
         if !db.tls_ca_file.as_os_str().is_empty() && db.tls_verify != TlsVerify::Full {
             return Err(SettingsError::new(
                 "database.tls_ca_file",

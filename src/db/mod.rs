@@ -381,14 +381,44 @@ fn pool_with(
 ) -> Result<Pool, OpenError> {
     let pg_config = session_config(pg_config, settings);
     let manager = Manager::from_config(pg_config, tls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
-    Pool::builder(manager)
+    let mut builder = Pool::builder(manager)
         .max_size(settings.pool_size as usize)
         .runtime(Runtime::Tokio1)
         .wait_timeout(Some(settings.acquire_timeout.get()))
         .create_timeout(Some(settings.connect_timeout.get()))
-        .recycle_timeout(Some(settings.connect_timeout.get()))
-        .build()
-        .map_err(|e| OpenError::Pool(e.to_string()))
+        .recycle_timeout(Some(settings.connect_timeout.get()));
+    if let Some(max) = max_lifetime(settings) {
+        // A hook that fails makes the pool drop the connection and take
+        // another, or open a new one.
+        builder = builder.pre_recycle(deadpool_postgres::Hook::sync_fn(move |_, metrics| {
+            if metrics.created.elapsed() < max {
+                Ok(())
+            } else {
+                Err(deadpool_postgres::HookError::message("older than database.max_lifetime"))
+            }
+        }));
+    }
+    builder.build().map_err(|e| OpenError::Pool(e.to_string()))
+}
+
+/// `database.max_lifetime`, `None` when connections are kept for good.
+pub fn max_lifetime(settings: &DatabaseSettings) -> Option<Duration> {
+    Some(settings.max_lifetime.get()).filter(|d| !d.is_zero())
+}
+
+/// Whether a pooled connection has outlived `max_lifetime` (see
+/// [`max_lifetime`]); connections held outside the pool for long, as the
+/// ingest writers' are, check it themselves.
+pub fn outlived(client: &Client, max_lifetime: Option<Duration>) -> bool {
+    max_lifetime.is_some_and(|max| deadpool_postgres::Object::metrics(client).created.elapsed() >= max)
+}
+
+/// Closes a connection for good instead of returning it to the pool: one
+/// that failed as if the server were gone may still be open (to a server
+/// turned read-only by a failover, say), and the pool would hand it out
+/// again.
+pub fn discard(client: Client) {
+    drop(deadpool_postgres::Object::take(client));
 }
 
 /// Runs `attempt` until it succeeds, trying again (with [`retry_waits`]

@@ -92,6 +92,7 @@ fn too_short_durations_are_refused_with_the_minimum() {
         ("WARDEN__DATABASE__CONNECT_TIMEOUT", "database.connect_timeout"),
         ("WARDEN__DATABASE__ACQUIRE_TIMEOUT", "database.acquire_timeout"),
         ("WARDEN__DATABASE__STATEMENT_TIMEOUT", "database.statement_timeout"),
+        ("WARDEN__DATABASE__MAX_LIFETIME", "database.max_lifetime"),
         ("WARDEN__SERVER__REQUEST_TIMEOUT", "server.request_timeout"),
     ] {
         let e = refused(&[(var, "1ms")]);

@@ -43,3 +43,76 @@ async fn an_unpaired_backslash_ending_the_urls_options_leaves_wardens_intact() {
     assert_eq!(got.0, "7777kB", "the URL's option");
     assert_ne!(got.1, "0", "warden's statement timeout still applies");
 }
+
+async fn backend_pid(client: &tokio_postgres::Client) -> i32 {
+    client.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0)
+}
+
+async fn still_connected(db: &crate::helpers::TestDb, pid: i32) -> bool {
+    let admin = db.client().await;
+    admin.query_opt("SELECT 1 FROM pg_stat_activity WHERE pid = $1", &[&pid]).await.unwrap().is_some()
+}
+
+#[tokio::test]
+async fn a_pooled_connection_past_max_lifetime_is_closed_and_replaced() {
+    let db = crate::helpers::TestDb::migrated().await;
+    let mut settings = crate::helpers::default_settings().database;
+    settings.pool_size = 1;
+    settings.max_lifetime = warden::config::Duration::from_secs(1);
+    let pool = warden::db::build_pool(db.url().parse().unwrap(), &settings).unwrap();
+    let first = backend_pid(&warden::db::client(&pool).await.unwrap()).await;
+    let replaced = crate::helpers::eventually(
+        std::time::Duration::from_secs(60),
+        "a new connection once the first is a second old",
+        || async {
+            let pid = backend_pid(&warden::db::client(&pool).await.unwrap()).await;
+            (pid != first).then_some(pid)
+        },
+    )
+    .await;
+    assert_ne!(replaced, first);
+    crate::helpers::eventually(std::time::Duration::from_secs(60), "the old connection closed", || async {
+        (!still_connected(&db, first).await).then_some(())
+    })
+    .await;
+
+    // Off: the same connection however old.
+    settings.max_lifetime = warden::config::Duration::from_secs(0);
+    let pool = warden::db::build_pool(db.url().parse().unwrap(), &settings).unwrap();
+    let kept = backend_pid(&warden::db::client(&pool).await.unwrap()).await;
+    let later = db.client().await.query_one("SELECT pg_sleep(1.1)::text", &[]).await.map(|_| ());
+    later.unwrap();
+    assert_eq!(backend_pid(&warden::db::client(&pool).await.unwrap()).await, kept);
+}
+
+#[tokio::test]
+async fn an_ingest_writer_retires_its_connection_past_max_lifetime() {
+    // The writer keeps its connection between flushes, outside the pool.
+    use warden::auth::Scope;
+    let app = crate::helpers::TestApp::spawn_with(|s| {
+        s.database.max_lifetime = warden::config::Duration::from_secs(1);
+    })
+    .await;
+    let key = app.key(&[Scope::Ingest]).await;
+    let beat = serde_json::json!({"agent_id": "long-lived"});
+    assert_eq!(app.heartbeat(&key, beat.clone()).await.0, 200);
+    let admin = app.db.client().await;
+    let writer = || async {
+        admin
+            .query_opt(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
+                 AND query LIKE '%ingest_heartbeats%' AND pid <> pg_backend_pid() \
+                 ORDER BY state_change DESC LIMIT 1",
+                &[],
+            )
+            .await
+            .unwrap()
+            .map(|r| r.get::<_, i32>(0))
+    };
+    let first = writer().await.expect("the writer's backend");
+    crate::helpers::eventually(std::time::Duration::from_secs(60), "a new writer connection", || async {
+        assert_eq!(app.heartbeat(&key, beat.clone()).await.0, 200, "heartbeats go on meanwhile");
+        (writer().await != Some(first) && !still_connected(&app.db, first).await).then_some(())
+    })
+    .await;
+}
