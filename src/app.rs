@@ -164,6 +164,7 @@ impl Application {
             database.pg_config.clone(),
             database.tls.clone(),
             hub.clone(),
+            db::max_lifetime(&settings.database),
             background.clone(),
         ));
         if let Some(cluster) = database.embedded() {

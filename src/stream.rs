@@ -181,18 +181,22 @@ impl Hub {
 /// and notifications sent meanwhile never reached this replica.
 pub const LAGGED: &str = "lagged";
 
-/// Listens until `stop`, reconnecting with backoff when the connection drops.
+/// Listens until `stop`, reconnecting with backoff when the connection
+/// drops, and at once when it has served `max_lifetime` (as pooled
+/// connections are replaced: one left open to a server a failover moved
+/// away from would hear nothing ever again).
 pub async fn listen(
     config: tokio_postgres::Config,
     tls: crate::db::tls::Connector,
     hub: Arc<Hub>,
+    max_lifetime: Option<Duration>,
     stop: CancellationToken,
 ) {
     let fresh_waits = || crate::every::retry_waits(Duration::from_millis(250), Duration::from_secs(5));
     let mut waits = fresh_waits();
     loop {
         let mut listening = false;
-        let result = listen_once(&config, &tls, &hub, &stop, || {
+        let result = listen_once(&config, &tls, &hub, max_lifetime, &stop, || {
             listening = true;
             // Whatever committed while nothing listened reached no stream:
             // after a drop, and also at the first LISTEN, since streams are
@@ -213,7 +217,11 @@ pub async fn listen(
             waits = fresh_waits();
         }
         match result {
-            Ok(()) => tracing::warn!("stream listener's connection ended; reconnecting"),
+            Ok(Ended::Retired) => {
+                tracing::debug!("stream listener's connection reached database.max_lifetime; reconnecting");
+                continue;
+            }
+            Ok(Ended::Closed) => tracing::warn!("stream listener's connection ended; reconnecting"),
             Err(e) => tracing::warn!(error = %e, "stream listener lost its connection; reconnecting"),
         }
         tokio::select! {
@@ -223,14 +231,30 @@ pub async fn listen(
     }
 }
 
+/// Why a listening connection ended without an error.
+enum Ended {
+    /// Closed by the server, or by `stop`.
+    Closed,
+    /// Its `max_lifetime` was up.
+    Retired,
+}
+
 /// One connection's life; `on_listening` runs once its LISTEN took effect.
 async fn listen_once(
     config: &tokio_postgres::Config,
     tls: &crate::db::tls::Connector,
     hub: &Hub,
+    max_lifetime: Option<Duration>,
     stop: &CancellationToken,
     on_listening: impl FnOnce(),
-) -> Result<(), tokio_postgres::Error> {
+) -> Result<Ended, tokio_postgres::Error> {
+    let retire = async {
+        match max_lifetime {
+            Some(after) => tokio::time::sleep(after).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(retire);
     let (client, mut connection) = config.connect(tls.clone()).await?;
     // The connection must be polled for the LISTEN below to complete and for
     // notifications to arrive; messages flow through this stream.
@@ -256,7 +280,8 @@ async fn listen_once(
     on_listening();
     let result = loop {
         tokio::select! {
-            _ = stop.cancelled() => break Ok(()),
+            _ = stop.cancelled() => break Ok(Ended::Closed),
+            _ = &mut retire => break Ok(Ended::Retired),
             message = rx.recv() => match message {
                 Some(Ok(AsyncMessage::Notification(n))) => {
                     if let Some(event) = StreamEvent::from_notification(n.channel(), n.payload()) {
@@ -266,7 +291,7 @@ async fn listen_once(
                 Some(Ok(_)) => {}
                 Some(Err(e)) => break Err(e),
                 // The connection closed without an error.
-                None => break Ok(()),
+                None => break Ok(Ended::Closed),
             },
         }
     };

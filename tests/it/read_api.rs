@@ -463,6 +463,51 @@ async fn a_stream_is_told_to_refetch_when_its_replica_lost_the_listener() {
 }
 
 #[tokio::test]
+async fn the_stream_listener_is_replaced_after_max_lifetime_and_streams_go_on() {
+    let app = TestApp::spawn_with(|s| s.database.max_lifetime = warden::config::Duration::from_secs(2)).await;
+    let read = app.key(&[Scope::Read]).await;
+    let ingest = app.key(&[Scope::Ingest]).await;
+    let mut stream = app
+        .http
+        .get(app.url("/v1/stream?agent=long-heard&heartbeats=true"))
+        .bearer_auth(&read)
+        .timeout(Duration::from_secs(300))
+        .send()
+        .await
+        .unwrap();
+    let mut buffer = String::new();
+    next_event(&mut stream, &mut buffer, |name, _| name == "ready").await;
+    let db = app.db.client().await;
+    let listener = "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN %'";
+    let first: i32 = eventually(Duration::from_secs(30), "the stream listener", || async {
+        db.query_opt(listener, &[]).await.unwrap().map(|r| r.get(0))
+    })
+    .await;
+    eventually(Duration::from_secs(60), "a new listener, the old one closed", || async {
+        let now: Option<i32> = db.query_opt(listener, &[]).await.unwrap().map(|r| r.get(0));
+        let old = db.query_opt("SELECT 1 FROM pg_stat_activity WHERE pid = $1", &[&first]).await.unwrap();
+        (now.is_some_and(|p| p != first) && old.is_none()).then_some(())
+    })
+    .await;
+    // The new one hears: a heartbeat reaches the stream (tried again if it
+    // fell between two listeners, which the stream says with a `lagged`).
+    for attempt in 1.. {
+        app.heartbeat(&ingest, json!({"agent_id": "long-heard"})).await;
+        let (name, _, event) = loop {
+            let block = next_block(&mut stream, &mut buffer).await;
+            if block.0 == "heartbeat" || block.0 == "lagged" {
+                break block;
+            }
+        };
+        if name == "heartbeat" {
+            assert_eq!(event["agent_id"], "long-heard", "{event}");
+            break;
+        }
+        assert!(attempt < 10, "no heartbeat heard in {attempt} tries: {event}");
+    }
+}
+
+#[tokio::test]
 async fn an_agent_stream_can_observe_its_raw_heartbeats() {
     let app = app().await;
     let ingest = app.key(&[Scope::Ingest]).await;
