@@ -140,11 +140,17 @@ async fn stream(
         ),
     }
     // The credential is checked again as long as the stream lasts: a key
-    // revoked or a session ended (logout, expiry) ends its streams too,
-    // within about twice auth.cache_ttl (the key cache's age plus the
-    // period).
-    let recheck =
-        Recheck { state: state.clone(), headers, every: state.settings.auth.cache_ttl.get().max(RECHECK_MIN) };
+    // revoked ends its streams within about twice auth.cache_ttl (the key
+    // cache's age plus the period). A console session is looked up in the
+    // database at every check, uncached, so its streams are checked every
+    // RECHECK_MIN: a logout or a revoked key ends them within seconds, as
+    // it ends the session's pages at once.
+    let every = if headers.contains_key(axum::http::header::AUTHORIZATION) {
+        state.settings.auth.cache_ttl.get().max(RECHECK_MIN)
+    } else {
+        RECHECK_MIN
+    };
+    let recheck = Recheck { state: state.clone(), headers, every };
     // Clients that reconnect together (after a restart) are not checked in
     // step: the first check falls anywhere in the second half of a period.
     let first = recheck.every.mul_f64(0.5 + 0.5 * crate::alerting::dispatcher::jitter());

@@ -762,3 +762,36 @@ async fn http_a_form_over_the_consoles_limit_is_413_on_a_page() {
     let (status, _, _) = get(&app, &session, "/").await;
     assert_eq!(status, StatusCode::OK, "the session was not ended by the refused form");
 }
+
+#[tokio::test]
+async fn http_a_logout_ends_the_sessions_open_live_streams_within_seconds() {
+    // Key lookups are cached for auth.cache_ttl, and a bearer key's stream
+    // is checked at that pace; a session is looked up afresh at every
+    // check, so its streams are checked every few seconds whatever the
+    // cache's age (here ten minutes).
+    let app = app_with(|s| s.auth.cache_ttl = warden::config::Duration::from_secs(600)).await;
+    let (_, read, _) = keys(&app).await;
+    let session = sign_in(&app, &read).await;
+    let other = sign_in(&app, &read).await;
+    let open = |s: &Session| {
+        client()
+            .get(app.url("/v1/stream"))
+            .header(COOKIE, s.cookie())
+            .timeout(std::time::Duration::from_secs(300))
+            .send()
+    };
+    let (mut ending, mut staying) = (open(&session).await.unwrap(), open(&other).await.unwrap());
+    assert_eq!((ending.status(), staying.status()), (StatusCode::OK, StatusCode::OK));
+    let first = tokio::time::timeout(std::time::Duration::from_secs(30), ending.chunk()).await;
+    assert!(matches!(first, Ok(Ok(Some(_)))), "the stream is open: {first:?}");
+
+    let response = post_form(&app, &session, "/logout", &format!("csrf={}", session.csrf)).await;
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        while let Some(_chunk) = ending.chunk().await.unwrap_or(None) {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the logged-out session's stream is still open after a minute");
+    let more = tokio::time::timeout(std::time::Duration::from_secs(20), staying.chunk()).await;
+    assert!(matches!(more, Ok(Ok(Some(_)))), "another session's stream stays open: {more:?}");
+}
