@@ -110,11 +110,14 @@ pub fn router(state: &AppState) -> Router<AppState> {
             .route("/agents/{id}", get(pages::agent))
             .route("/incidents", get(pages::incidents))
             .route("/alerts", get(pages::alerts))
-            .route("/alerts/{id}/ack", post(pages::ack))
-            .route("/silences", post(pages::create_silence))
-            .route("/silences/{id}/expire", post(pages::expire_silence))
+            // A form's error page stays at the address it was posted to;
+            // reloading it, or the page's own live refresh, asks for that
+            // address with GET, and is sent where the form came from.
+            .route("/alerts/{id}/ack", post(pages::ack).get(to_alerts))
+            .route("/silences", post(pages::create_silence).get(to_alerts))
+            .route("/silences/{id}/expire", post(pages::expire_silence).get(to_alerts))
             .route("/login", get(pages::login_page).post(pages::login))
-            .route("/logout", post(pages::logout));
+            .route("/logout", post(pages::logout).get(to_fleet));
     }
     if settings.public_status {
         router = router.route("/status", get(status_page)).route("/status/theme.css", get(status_theme));
@@ -123,6 +126,14 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .layer(Extension(Arc::new(Shared::default())))
         .layer(DefaultBodyLimit::max(FORM_LIMIT))
         .layer(middleware::map_response(security_headers))
+}
+
+async fn to_alerts() -> axum::response::Redirect {
+    axum::response::Redirect::to("/alerts")
+}
+
+async fn to_fleet() -> axum::response::Redirect {
+    axum::response::Redirect::to("/")
 }
 
 async fn security_headers(mut response: Response) -> Response {

@@ -795,3 +795,21 @@ async fn http_a_logout_ends_the_sessions_open_live_streams_within_seconds() {
     let more = tokio::time::timeout(std::time::Duration::from_secs(20), staying.chunk()).await;
     assert!(matches!(more, Ok(Ok(Some(_)))), "another session's stream stays open: {more:?}");
 }
+
+#[tokio::test]
+async fn http_a_forms_address_asked_for_with_get_goes_back_to_its_page() {
+    // A form's error page stays at the address it was posted to; its
+    // reload and its live refresh ask for that address with GET.
+    let app = app().await;
+    let (_, _, admin) = keys(&app).await;
+    let session = sign_in(&app, &admin).await;
+    for (path, to) in
+        [("/silences", "/alerts"), ("/alerts/1/ack", "/alerts"), ("/silences/1/expire", "/alerts"), ("/logout", "/")]
+    {
+        let response = client().get(app.url(path)).header(COOKIE, session.cookie()).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::SEE_OTHER, "{path}");
+        assert_eq!(response.headers()[LOCATION], to, "{path}");
+    }
+    let (status, _, _) = get(&app, &session, "/").await;
+    assert_eq!(status, StatusCode::OK, "a GET of /logout does not log out");
+}
