@@ -442,9 +442,19 @@ fn next_of(raw: Option<&str>) -> String {
 }
 
 fn login_form(state: &AppState, status: StatusCode, next: &str, error: Option<&str>) -> Response {
+    login_form_saying(state, status, next, error, None)
+}
+
+fn login_form_saying(
+    state: &AppState,
+    status: StatusCode,
+    next: &str,
+    error: Option<&str>,
+    info: Option<&str>,
+) -> Response {
     let policy = super::cookie_policy(&state.settings.console);
     let token = session::new_token();
-    let view = templates::LoginView { login_csrf: &token, next, error, auth_enabled: state.auth.enabled() };
+    let view = templates::LoginView { login_csrf: &token, next, error, info, auth_enabled: state.auth.enabled() };
     let chrome = Chrome { title: "Sign in", nav: Nav::None, user: None, stream: None, refresh: None };
     let mut response = framed(status, &chrome, templates::login(&view));
     response.headers_mut().append(SET_COOKIE, policy.set_login(&token));
@@ -465,7 +475,8 @@ pub async fn login_page(
     {
         return see_other(&next);
     }
-    login_form(&state, StatusCode::OK, &next, None)
+    let info = query.contains_key("signed_out").then_some("You have signed out.");
+    login_form_saying(&state, StatusCode::OK, &next, None, info)
 }
 
 #[derive(Default, Deserialize)]
@@ -582,7 +593,7 @@ pub async fn logout(
     check_form(&user, &headers, &form.csrf)?;
     session::logout(&state, &user).await.map_err(|e| failure(&user, e))?;
     let policy = super::cookie_policy(&state.settings.console);
-    let mut response = see_other("/login");
+    let mut response = see_other("/login?signed_out=1");
     response.headers_mut().append(SET_COOKIE, policy.clear_session());
     Ok(response)
 }

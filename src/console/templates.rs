@@ -408,7 +408,7 @@ fn agent_table(v: &FleetView<'_>) -> Markup {
                             (sort_header(f, SortKey::Agent, "Agent", ""))
                             (sort_header(f, SortKey::Liveness, "Liveness", ""))
                             (sort_header(f, SortKey::Score, "Score", "num"))
-                            (sort_header(f, SortKey::Tier, "Tier", ""))
+                            (sort_header(f, SortKey::Tier, "Tier", "hide-xs"))
                             (sort_header(f, SortKey::LastSeen, "Last seen", ""))
                             (sort_header(f, SortKey::Mode, "Mode", "hide-sm"))
                             th scope="col" class="hide-sm" { "Labels" }
@@ -416,7 +416,13 @@ fn agent_table(v: &FleetView<'_>) -> Markup {
                     }
                     tbody {
                         @for a in v.agents {
-                            tr data-agent=(a.agent_id) data-liveness=(a.liveness) {
+                            // What the search field looks in, as the server's search does.
+                            @let searched = std::iter::once(a.agent_id.clone())
+                                .chain(a.name.clone())
+                                .chain(a.labels.iter().map(|(k, v)| format!("{k}={v}")))
+                                .collect::<Vec<_>>()
+                                .join("\n");
+                            tr data-agent=(a.agent_id) data-liveness=(a.liveness) data-search=(searched) {
                                 td.agent-cell {
                                     a.agent-name href={ "/agents/" (format::url_encode(&a.agent_id)) } {
                                         (a.name.as_deref().unwrap_or(&a.agent_id))
@@ -428,7 +434,7 @@ fn agent_table(v: &FleetView<'_>) -> Markup {
                                     span.since { " for " (format::span((v.now - a.liveness_since).num_seconds())) }
                                 }
                                 td.num data-field="score" { (format::score(a.score)) }
-                                td data-field="tier" { (tier_badge(a.tier.as_deref())) }
+                                td.hide-xs data-field="tier" { (tier_badge(a.tier.as_deref())) }
                                 td data-field="last_seen" {
                                     (when(v.now, a.last_seen))
                                     span.muted.interval { " · every " (format::interval(i64::from(a.expected_interval_ms))) }
@@ -673,7 +679,11 @@ pub fn sparkline(minutes: &[f64], interval_ms: i64) -> Markup {
         } else {
             String::new()
         },
-        if silent.is_empty() { String::new() } else { format!(", {} silent minutes", silent.len()) },
+        if silent.is_empty() {
+            String::new()
+        } else {
+            format!(", {}", format::counted(silent.len() as i64, "silent minute", "silent minutes"))
+        },
     );
     html! {
         figure.sparkline {
@@ -866,9 +876,9 @@ fn alert_table(now: DateTime<Utc>, user: &ConsoleUser, alerts: &[AlertRow], back
                 caption.sr-only { "Alerts" }
                 thead { tr {
                     th scope="col" { "Alert" }
-                    th scope="col" { "Severity" }
+                    th scope="col" class="hide-xs" { "Severity" }
                     th scope="col" { "State" }
-                    th scope="col" { "Opened" }
+                    th scope="col" class="hide-xs" { "Opened" }
                     th scope="col" class="hide-sm" { "Deliveries" }
                     th scope="col" { "Action" }
                 } }
@@ -877,6 +887,8 @@ fn alert_table(now: DateTime<Utc>, user: &ConsoleUser, alerts: &[AlertRow], back
                         tr data-alert=(a.id) data-state=(a.state) {
                             td {
                                 strong { "#" (a.id) " " (format::words(a.issue_type.as_deref().unwrap_or("alert"))) }
+                                // On a phone the severity column gives way to the action's.
+                                span.show-xs { " " (severity_badge(&a.severity)) }
                                 @if cols == AlertColumns::Full {
                                     @if let Some(agent) = &a.agent_id { " on " (agent_link(agent)) }
                                     @if let Some(channel) = &a.channel { " channel " span.mono { (channel) } }
@@ -884,7 +896,7 @@ fn alert_table(now: DateTime<Utc>, user: &ConsoleUser, alerts: &[AlertRow], back
                                 @if let Some(summary) = &a.summary { p.summary { (summary) } }
                                 @if let Some(reason) = &a.suppressed_reason { p.muted { "Not sent: " (reason) } }
                             }
-                            td { (severity_badge(&a.severity)) }
+                            td.hide-xs { (severity_badge(&a.severity)) }
                             td data-field="state" {
                                 (alert_state_badge(&a.state))
                                 @if let Some(by) = &a.acknowledged_by {
@@ -893,7 +905,7 @@ fn alert_table(now: DateTime<Utc>, user: &ConsoleUser, alerts: &[AlertRow], back
                                 }
                                 @if a.escalation_level > 0 && a.state == "firing" { p.muted { "escalation level " (a.escalation_level) } }
                             }
-                            td { (when_opt(now, a.opened_at)) }
+                            td.hide-xs { (when_opt(now, a.opened_at)) }
                             td.hide-sm { (deliveries_summary(&a.deliveries)) }
                             td {
                                 @if a.state == "firing" { (ack_form(user, a, back)) } @else { span.muted { "—" } }
@@ -1184,6 +1196,8 @@ pub struct LoginView<'a> {
     pub login_csrf: &'a str,
     pub next: &'a str,
     pub error: Option<&'a str>,
+    /// Said above the form when nothing went wrong ("You have signed out.").
+    pub info: Option<&'a str>,
     pub auth_enabled: bool,
 }
 
@@ -1194,6 +1208,7 @@ pub fn login(v: &LoginView<'_>) -> Markup {
                 div.login-brand { (logo()) span { "warden" } }
                 h1 { "Sign in to the console" }
                 @if let Some(error) = v.error { (notice("error", error)) }
+                @else if let Some(info) = v.info { (notice("ok", info)) }
                 form method="post" action="/login" autocomplete="off" {
                     input type="hidden" name="login_csrf" value=(v.login_csrf);
                     input type="hidden" name="next" value=(v.next);

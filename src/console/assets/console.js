@@ -43,7 +43,10 @@
     var needle = quick.value.trim().toLowerCase();
     var shown = 0, total = 0;
     document.querySelectorAll('#agents-table tbody tr').forEach(function (tr) {
-      var match = !needle || tr.textContent.toLowerCase().indexOf(needle) !== -1;
+      // The same fields as the server's search (id, name, key=value labels),
+      // so that typing and pressing Enter agree.
+      var text = tr.hasAttribute('data-search') ? tr.getAttribute('data-search') : tr.textContent;
+      var match = !needle || text.toLowerCase().indexOf(needle) !== -1;
       tr.hidden = !match;
       total++;
       if (match) shown++;
@@ -116,7 +119,28 @@
     if (title) document.title = title.textContent;
     applyQuickFilter();
     tickTimes();
+    markScrollable();
   }
+
+  // ---- tables wider than their box: a tab stop to scroll them from the
+  // keyboard, named after their caption, and a shadow at the hidden edge
+  function markScrollable() {
+    document.querySelectorAll('.table-wrap').forEach(function (wrap) {
+      var scrolls = wrap.scrollWidth > wrap.clientWidth + 1;
+      wrap.classList.toggle('scrolls', scrolls);
+      if (scrolls) {
+        var caption = wrap.querySelector('caption');
+        wrap.setAttribute('tabindex', '0');
+        wrap.setAttribute('role', 'region');
+        wrap.setAttribute('aria-label', (caption ? caption.textContent : 'Table') + ' (scrolls sideways)');
+      } else {
+        wrap.removeAttribute('tabindex');
+        wrap.removeAttribute('role');
+        wrap.removeAttribute('aria-label');
+      }
+    });
+  }
+  window.addEventListener('resize', function () { markScrollable(); });
 
   // ---- immediate patches from a status_changed event
   function badge(liveness) {
@@ -204,4 +228,5 @@
   });
 
   applyQuickFilter();
+  markScrollable();
 })();

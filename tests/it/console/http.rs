@@ -412,7 +412,10 @@ async fn http_pages_need_a_session_and_sessions_are_hashed_revocable_and_end_at_
     assert_eq!(wrong.status(), 403);
     let out = post_form(&app, &session, "/logout", &format!("csrf={}", session.csrf)).await;
     assert_eq!(out.status(), StatusCode::SEE_OTHER);
+    assert_eq!(out.headers()[LOCATION], "/login?signed_out=1");
     assert!(set_cookie(&out, "warden_session").unwrap().1.contains("Max-Age=0"));
+    let page = client().get(app.url("/login?signed_out=1")).send().await.unwrap().text().await.unwrap();
+    assert!(page.contains("You have signed out."), "the sign-in page says so");
     assert_eq!(app.count("SELECT count(*) FROM warden.console_sessions").await, 0);
     assert_eq!(get(&app, &session, "/").await.0, StatusCode::SEE_OTHER);
     assert_eq!(api("/v1/fleet").send().await.unwrap().status(), 401);

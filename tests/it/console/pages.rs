@@ -64,6 +64,25 @@ async fn browser_shows_the_fleet_after_signing_in_with_a_read_key() {
     b.type_into("#q", "steady").await;
     b.wait_until("the filter to hide flaky", PATIENCE, "document.querySelector(\"tr[data-agent='flaky']\").hidden")
         .await;
+    // It looks where the server's search (Enter) does: ids, names and
+    // key=value labels, not the liveness or tier shown in the row.
+    b.eval("var q = document.getElementById('q'); q.value = ''; q.dispatchEvent(new Event('input'));", json!([])).await;
+    b.type_into("#q", "service=search").await;
+    b.wait_until(
+        "a label to find flaky alone",
+        PATIENCE,
+        "!document.querySelector(\"tr[data-agent='flaky']\").hidden \
+         && document.querySelector(\"tr[data-agent='steady-1']\").hidden",
+    )
+    .await;
+    b.eval("var q = document.getElementById('q'); q.value = ''; q.dispatchEvent(new Event('input'));", json!([])).await;
+    b.type_into("#q", "online").await;
+    b.wait_until(
+        "a liveness word to match no agent",
+        PATIENCE,
+        "[...document.querySelectorAll('tr[data-agent]')].every(r => r.hidden)",
+    )
+    .await;
 
     // Keyboard: the first Tab reaches the skip link, with a visible outline.
     b.goto(&app.url("/")).await;
