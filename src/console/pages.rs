@@ -366,8 +366,18 @@ fn silence_from(form: &SilenceForm, by: String, now: chrono::DateTime<Utc>) -> R
         created_by: by,
     };
     silence.validate(now).map_err(|e| {
-        let m = format::capitalized(&e.message);
-        if m.ends_with('.') { m } else { format!("{m}.") }
+        // The API's messages name its fields; the form's labels differ.
+        let no_matcher = silence.agent_id.is_none() && silence.issue_type.is_none() && silence.labels.is_empty();
+        match e.field {
+            "agent_id" if no_matcher => "Give an agent id, an issue or a label: a silence must match something.".into(),
+            "comment" if e.message.contains("1-1024") => {
+                "Why: say why these alerts are silenced (up to 1,024 characters).".into()
+            }
+            _ => {
+                let m = format::capitalized(&e.message);
+                if m.ends_with('.') { m } else { format!("{m}.") }
+            }
+        }
     })?;
     Ok(silence)
 }
@@ -619,8 +629,11 @@ mod tests {
         assert_eq!(s.agent_id.as_deref(), Some("a1"));
         assert_eq!(s.labels.get("role").map(String::as_str), Some("worker"));
         assert_eq!(s.ends_at, Some(now + chrono::Duration::hours(2)));
-        assert!(silence_from(&form("2h", "", "", "x"), "ops".into(), now).unwrap_err().contains("matcher"));
-        assert!(silence_from(&form("2h", "a1", "", " "), "ops".into(), now).unwrap_err().starts_with("Comment"));
+        // In the form's words, not the API's field names.
+        let none = silence_from(&form("2h", "", "", "x"), "ops".into(), now).unwrap_err();
+        assert_eq!(none, "Give an agent id, an issue or a label: a silence must match something.");
+        let why = silence_from(&form("2h", "a1", "", " "), "ops".into(), now).unwrap_err();
+        assert!(why.starts_with("Why: "), "{why}");
         assert!(silence_from(&form("soon", "a1", "", "x"), "ops".into(), now).unwrap_err().starts_with("Duration"));
         assert!(silence_from(&form("2h", "", "novalue", "x"), "ops".into(), now).unwrap_err().contains("key=value"));
     }

@@ -567,7 +567,7 @@ pub fn agent(v: &AgentView<'_>) -> Markup {
                         thead { tr {
                             th scope="col" { "Component" }
                             th scope="col" class="num" { "Score" }
-                            th scope="col" class="hide-sm" { "" }
+                            th scope="col" class="hide-sm" { span.sr-only { "Bar" } }
                             th scope="col" class="num" { "Weight" }
                             th scope="col" { "Formula and inputs" }
                         } }

@@ -498,7 +498,7 @@ async fn http_actions_need_the_admin_scope_the_csrf_token_and_the_same_site() {
         post_form(&app, &admin_session, "/silences", &format!("csrf={}&duration=2h&comment=x", admin_session.csrf))
             .await;
     assert_eq!(bad.status(), 422);
-    assert!(bad.text().await.unwrap().contains("at least one matcher"));
+    assert!(bad.text().await.unwrap().contains("a silence must match something"));
     for (fields, reason) in [
         ("agent_id=steady-1&duration=2h&comment=a%00b", "U+0000"),
         ("label=role%3Dapi%00&duration=2h&comment=x", "control characters"),
