@@ -71,8 +71,16 @@ impl SortKey {
             }
             (Score, false) => "score ASC NULLS FIRST, agent_id",
             (Score, true) => "score DESC NULLS LAST, agent_id",
-            (Agent, false) => "agent_id ASC",
-            (Agent, true) => "agent_id DESC",
+            // By what the column shows (the name, else the id), numbers
+            // at the end in numeric order: worker 2 before worker 10.
+            (Agent, false) => {
+                "coalesce(substring(lower(coalesce(name, agent_id)) from '^(.*?)[0-9]+$'), lower(coalesce(name, agent_id))), \
+                 substring(coalesce(name, agent_id) from '([0-9]+)$')::numeric NULLS FIRST, agent_id"
+            }
+            (Agent, true) => {
+                "coalesce(substring(lower(coalesce(name, agent_id)) from '^(.*?)[0-9]+$'), lower(coalesce(name, agent_id))) DESC, \
+                 substring(coalesce(name, agent_id) from '([0-9]+)$')::numeric DESC NULLS LAST, agent_id DESC"
+            }
             (LastSeen, false) => "last_seen ASC, agent_id",
             (LastSeen, true) => "last_seen DESC, agent_id",
             (Tier, false) => {

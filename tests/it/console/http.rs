@@ -816,3 +816,26 @@ async fn http_a_forms_address_asked_for_with_get_goes_back_to_its_page() {
     let (status, _, _) = get(&app, &session, "/").await;
     assert_eq!(status, StatusCode::OK, "a GET of /logout does not log out");
 }
+
+#[tokio::test]
+async fn http_sorting_by_agent_follows_the_shown_names_numbers_in_order() {
+    let app = app().await;
+    let (ingest, read, _) = keys(&app).await;
+    for (id, name) in [("w10", None), ("w2", None), ("a-z", Some("Zulu")), ("w1", None), ("b-a", Some("alpha"))] {
+        let mut beat = json!({"agent_id": id});
+        if let Some(name) = name {
+            beat["name"] = json!(name);
+        }
+        assert_eq!(app.heartbeat(&ingest, beat).await.0, 200);
+    }
+    let session = sign_in(&app, &read).await;
+    let order = |html: &str| -> Vec<String> {
+        html.split("data-agent=\"").skip(1).map(|s| s[..s.find('"').unwrap()].to_string()).collect()
+    };
+    let (_, _, html) = get(&app, &session, "/?sort=agent").await;
+    assert_eq!(order(&html), ["b-a", "w1", "w2", "w10", "a-z"], "alpha, w1, w2, w10, Zulu");
+    let (_, _, html) = get(&app, &session, "/?sort=agent&dir=desc").await;
+    let mut reversed = order(&html);
+    reversed.reverse();
+    assert_eq!(reversed, ["b-a", "w1", "w2", "w10", "a-z"]);
+}
