@@ -102,6 +102,8 @@ impl SortKey {
 pub struct FleetFilter {
     pub liveness: Option<Liveness>,
     pub tier: Option<Tier>,
+    /// `tier=unscored`: agents without a score yet (the tier bar counts them).
+    pub unscored: bool,
     /// Text searched in ids, names and labels.
     pub q: String,
     pub sort: SortKey,
@@ -118,6 +120,7 @@ impl FleetFilter {
         Self {
             liveness: get("liveness").and_then(|v| v.parse().ok()),
             tier: get("tier").and_then(|v| v.parse().ok()),
+            unscored: get("tier") == Some("unscored"),
             // Nothing searchable holds U+0000, and PostgreSQL refuses it in text.
             q: get("q").map(|q| q.trim().chars().filter(|c| *c != '\0').take(200).collect()).unwrap_or_default(),
             sort: get("sort").and_then(|v| v.parse().ok()).unwrap_or(SortKey::Liveness),
@@ -132,11 +135,12 @@ pub async fn agents(client: &tokio_postgres::Client, f: &FleetFilter) -> Result<
     let pattern = (!f.q.is_empty()).then(|| super::format::like_pattern(&f.q));
     // Labels as the table shows them (`role=api`), as the quick filter
     // matches them, not as JSON text (`"role": "api"`).
-    let filter = "($1::text IS NULL OR liveness = $1) AND ($2::text IS NULL OR tier = $2) \
+    let filter = "($1::text IS NULL OR liveness = $1) \
+                  AND ($2::text IS NULL OR tier = $2 OR ($2 = 'unscored' AND tier IS NULL)) \
                   AND ($3::text IS NULL OR agent_id ILIKE $3 OR name ILIKE $3 \
                        OR EXISTS (SELECT 1 FROM jsonb_each_text(labels) l WHERE l.key || '=' || l.value ILIKE $3))";
     let liveness = f.liveness.map(Liveness::as_str);
-    let tier = f.tier.map(Tier::as_str);
+    let tier = if f.unscored { Some("unscored") } else { f.tier.map(Tier::as_str) };
     let total: i64 = client
         .query_one(&format!("SELECT count(*) FROM warden.agent_status WHERE {filter}"), &[&liveness, &tier, &pattern])
         .await?

@@ -339,6 +339,7 @@ fn filters(f: &FleetFilter) -> Markup {
                     @for t in Tier::ALL {
                         option value=(t.as_str()) selected[f.tier == Some(*t)] { (format::words(t.as_str())) }
                     }
+                    option value="unscored" selected[f.unscored] { "Unscored" }
                 }
             }
             @if f.sort != SortKey::Liveness || f.descending {
@@ -356,7 +357,7 @@ fn filters(f: &FleetFilter) -> Markup {
 fn filter_query<'a>(f: &'a FleetFilter, sort: &'a str, dir: &'a str, page: &'a str) -> Vec<(&'a str, &'a str)> {
     vec![
         ("liveness", f.liveness.map(Liveness::as_str).unwrap_or("")),
-        ("tier", f.tier.map(Tier::as_str).unwrap_or("")),
+        ("tier", if f.unscored { "unscored" } else { f.tier.map(Tier::as_str).unwrap_or("") }),
         ("q", f.q.as_str()),
         ("sort", sort),
         ("dir", dir),

@@ -838,4 +838,16 @@ async fn http_sorting_by_agent_follows_the_shown_names_numbers_in_order() {
     let mut reversed = order(&html);
     reversed.reverse();
     assert_eq!(reversed, ["b-a", "w1", "w2", "w10", "a-z"]);
+
+    // None is scored yet: the tier bar counts them as unscored, and the
+    // tier filter can show just those.
+    app.db
+        .client()
+        .await
+        .execute("UPDATE warden.agent_status SET score = 90, tier = 'excellent' WHERE agent_id = 'w1'", &[])
+        .await
+        .unwrap();
+    let (_, _, html) = get(&app, &session, "/?tier=unscored&sort=agent").await;
+    assert_eq!(order(&html), ["b-a", "w2", "w10", "a-z"]);
+    assert!(html.contains(r#"<option value="unscored" selected>"#), "the filter shows what it filters by");
 }
