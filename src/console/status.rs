@@ -455,6 +455,20 @@ pub fn page(settings: &ConsoleSettings, snapshot: &Snapshot) -> Markup {
                                         }
                                     }
                                 }
+                                // The bars' figures for touch screens and screen
+                                // readers, which get no tooltips: the days that
+                                // were not whole.
+                                @let short: Vec<_> = g.days.iter().filter(|d| d.pct.is_some_and(|p| p < 100.0)).collect();
+                                @if !short.is_empty() {
+                                    details.days-short {
+                                        summary { (short.len()) @if short.len() == 1 { " day" } @else { " days" } " below 100%" }
+                                        ul {
+                                            @for d in &short {
+                                                li { (d.date.format("%Y-%m-%d").to_string()) ": " (format::uptime(d.pct.unwrap_or(0.0))) " up" }
+                                            }
+                                        }
+                                    }
+                                }
                                 div.group-foot {
                                     span { (days) " days ago" }
                                     span.uptime data-uptime=(g.uptime.map(format::uptime).unwrap_or_default()) {

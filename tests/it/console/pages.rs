@@ -284,7 +284,8 @@ async fn browser_the_status_page_shows_groups_and_uptime_without_internals() {
     let groups: Value = b
         .eval(
             "return [...document.querySelectorAll('article.group')].map(g => [g.dataset.group, g.dataset.state, \
-             g.querySelector('.uptime').innerText, g.querySelectorAll('svg.days rect').length])",
+             g.querySelector('.uptime').innerText, g.querySelectorAll('svg.days rect').length, \
+             g.querySelector('details.days-short summary')?.textContent ?? null])",
             json!([]),
         )
         .await;
@@ -295,6 +296,9 @@ async fn browser_the_status_page_shows_groups_and_uptime_without_internals() {
     assert_eq!(groups[0][2], "100% uptime", "a steady group: all of its time up");
     assert!(groups[1][2].as_str().unwrap().ends_with("% uptime"), "{groups:?}");
     assert_eq!(groups[0][3], 90, "a bar per day of the 90");
+    // The bars' figures in text too, for touch screens and screen readers.
+    assert_eq!(groups[0][4], Value::Null, "no day below 100%: {groups:?}");
+    assert_eq!(groups[1][4], "1 day below 100%", "{groups:?}");
     let problems = b.text(".problems").await;
     assert!(problems.contains("Search: Some systems are not responding"), "{problems}");
     assert!(b.text(".overall").await.contains("Some systems are down"));
