@@ -284,39 +284,24 @@ type Gate = std::sync::Arc<tokio::sync::Mutex<Option<(Instant, Failure)>>>;
 /// same kind, so that an unreachable database is answered with 503 (and
 /// counted as refused heartbeats), a busy or unmigrated one with 503, a
 /// failing statement with 500.
-#[derive(Clone)]
 struct Failure {
-    kind: FailureKind,
+    /// The failure as repeated: of the lookup's kind, saying `why`.
+    error: DbError,
     why: String,
-}
-
-#[derive(Clone, Copy)]
-enum FailureKind {
-    Unavailable,
-    Busy,
-    SchemaMissing,
-    Other,
 }
 
 impl Failure {
     fn of(e: &AuthError) -> Self {
-        let kind = match e {
-            AuthError::Db(db) if db.is_unavailable() => FailureKind::Unavailable,
-            AuthError::Db(db) if db.is_transient() => FailureKind::Busy,
-            AuthError::Db(db) if db.is_schema_missing() => FailureKind::SchemaMissing,
-            _ => FailureKind::Other,
+        let why = format!("looking up the key failed: {e}");
+        let error = match e {
+            AuthError::Db(db) => db.again_saying(why.clone()),
+            _ => DbError::Repeated(why.clone()),
         };
-        Self { kind, why: format!("looking up the key failed: {e}") }
+        Self { error, why }
     }
 
     fn repeat(&self) -> AuthError {
-        let why = self.why.clone();
-        AuthError::Db(match self.kind {
-            FailureKind::Unavailable => DbError::Unavailable(why),
-            FailureKind::Busy => DbError::Busy(why),
-            FailureKind::SchemaMissing => DbError::SchemaMissing(why),
-            FailureKind::Other => DbError::Repeated(why),
-        })
+        AuthError::Db(self.error.again_saying(self.why.clone()))
     }
 }
 

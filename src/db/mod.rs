@@ -41,9 +41,9 @@ pub enum DbError {
     /// or a statement that took too long): retry later.
     #[error("database busy: {0}")]
     Busy(String),
-    /// warden's tables or functions are not there (the database was
-    /// replaced or restored under a running warden), seen moments ago by
-    /// another request and repeated.
+    /// warden's tables or schema are not there (the database was replaced
+    /// or restored under a running warden), seen moments ago by another
+    /// request and repeated.
     #[error("{0}")]
     SchemaMissing(String),
     /// A failure other than unavailability, seen moments ago by another
@@ -81,10 +81,17 @@ impl DbError {
     pub fn again(&self) -> DbError {
         match self {
             Self::Unavailable(m) => Self::Unavailable(m.clone()),
-            e if e.is_unavailable() => Self::Unavailable(e.to_string()),
-            e if e.is_transient() => Self::Busy(e.to_string()),
-            e if e.is_schema_missing() => Self::SchemaMissing(e.to_string()),
-            e => Self::Repeated(e.to_string()),
+            e => e.again_saying(e.to_string()),
+        }
+    }
+
+    /// A failure of this one's kind (see [`DbError::again`]) that says `why`.
+    pub fn again_saying(&self, why: String) -> DbError {
+        match self {
+            e if e.is_unavailable() => Self::Unavailable(why),
+            e if e.is_transient() => Self::Busy(why),
+            e if e.is_schema_missing() => Self::SchemaMissing(why),
+            _ => Self::Repeated(why),
         }
     }
 
@@ -391,10 +398,10 @@ fn pool_with(
         // A hook that fails makes the pool drop the connection and take
         // another, or open a new one.
         builder = builder.pre_recycle(deadpool_postgres::Hook::sync_fn(move |_, metrics| {
-            if metrics.created.elapsed() < max {
-                Ok(())
-            } else {
+            if past_lifetime(metrics, max) {
                 Err(deadpool_postgres::HookError::message("older than database.max_lifetime"))
+            } else {
+                Ok(())
             }
         }));
     }
@@ -410,7 +417,12 @@ pub fn max_lifetime(settings: &DatabaseSettings) -> Option<Duration> {
 /// [`max_lifetime`]); connections held outside the pool for long, as the
 /// ingest writers' are, check it themselves.
 pub fn outlived(client: &Client, max_lifetime: Option<Duration>) -> bool {
-    max_lifetime.is_some_and(|max| deadpool_postgres::Object::metrics(client).created.elapsed() >= max)
+    max_lifetime.is_some_and(|max| past_lifetime(deadpool_postgres::Object::metrics(client), max))
+}
+
+/// The one age test, for the pool's hook and for connections held outside it.
+fn past_lifetime(metrics: &deadpool_postgres::Metrics, max: Duration) -> bool {
+    metrics.created.elapsed() >= max
 }
 
 /// Closes a connection for good instead of returning it to the pool: one
