@@ -176,6 +176,23 @@ async fn incidents_are_listed_newest_first_with_filters() {
     }
 }
 
+/// Opens `path` (a /v1/stream URL) with `key` and reads up to its `ready`
+/// event; the stream and what is buffered past it.
+async fn ready_stream(app: &TestApp, key: &str, path: &str) -> (reqwest::Response, String) {
+    let mut stream =
+        app.http.get(app.url(path)).bearer_auth(key).timeout(Duration::from_secs(300)).send().await.unwrap();
+    assert_eq!(stream.status(), 200, "{path}");
+    let mut buffer = String::new();
+    next_event(&mut stream, &mut buffer, |name, _| name == "ready").await;
+    (stream, buffer)
+}
+
+/// The backend of this replica's stream listener, once it listens.
+async fn listener_pid(db: &tokio_postgres::Client) -> Option<i32> {
+    let listener = "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN %'";
+    db.query_opt(listener, &[]).await.unwrap().map(|r| r.get(0))
+}
+
 /// Reads SSE events from a streaming response until `want` matches one;
 /// keep-alive comments are not events and are skipped.
 async fn next_event(
@@ -434,31 +451,15 @@ async fn the_stream_delivers_transitions_and_incidents_as_they_commit() {
 async fn a_stream_is_told_to_refetch_when_its_replica_lost_the_listener() {
     let app = app().await;
     let read = app.key(&[Scope::Read]).await;
-    let mut stream = app
-        .http
-        .get(app.url("/v1/stream?agent=someone"))
-        .bearer_auth(&read)
-        .timeout(Duration::from_secs(300))
-        .send()
-        .await
-        .unwrap();
-    let mut buffer = String::new();
-    next_event(&mut stream, &mut buffer, |name, _| name == "ready").await;
+    let (mut stream, mut buffer) = ready_stream(&app, &read, "/v1/stream?agent=someone").await;
     // Notifications sent while the listener reconnects never reach this
     // replica: its clients cannot know what they missed, so they are told.
     let db = app.db.client().await;
-    let listener = "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN %'";
-    let pid: i32 = eventually(Duration::from_secs(30), "the stream listener", || async {
-        db.query_opt(listener, &[]).await.unwrap().map(|r| r.get(0))
-    })
-    .await;
+    let pid = eventually(Duration::from_secs(30), "the stream listener", || listener_pid(&db)).await;
     db.execute("SELECT pg_terminate_backend($1)", &[&pid]).await.unwrap();
     let lagged = next_event(&mut stream, &mut buffer, |name, _| name == "lagged").await;
     assert_eq!(lagged["reason"], "reconnected", "{lagged}");
-    let again: i32 = eventually(Duration::from_secs(30), "a new listener", || async {
-        db.query_opt(listener, &[]).await.unwrap().map(|r| r.get(0))
-    })
-    .await;
+    let again = eventually(Duration::from_secs(30), "a new listener", || listener_pid(&db)).await;
     assert_ne!(again, pid);
 }
 
@@ -467,24 +468,11 @@ async fn the_stream_listener_is_replaced_after_max_lifetime_and_streams_go_on() 
     let app = TestApp::spawn_with(|s| s.database.max_lifetime = warden::config::Duration::from_secs(2)).await;
     let read = app.key(&[Scope::Read]).await;
     let ingest = app.key(&[Scope::Ingest]).await;
-    let mut stream = app
-        .http
-        .get(app.url("/v1/stream?agent=long-heard&heartbeats=true"))
-        .bearer_auth(&read)
-        .timeout(Duration::from_secs(300))
-        .send()
-        .await
-        .unwrap();
-    let mut buffer = String::new();
-    next_event(&mut stream, &mut buffer, |name, _| name == "ready").await;
+    let (mut stream, mut buffer) = ready_stream(&app, &read, "/v1/stream?agent=long-heard&heartbeats=true").await;
     let db = app.db.client().await;
-    let listener = "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN %'";
-    let first: i32 = eventually(Duration::from_secs(30), "the stream listener", || async {
-        db.query_opt(listener, &[]).await.unwrap().map(|r| r.get(0))
-    })
-    .await;
+    let first = eventually(Duration::from_secs(30), "the stream listener", || listener_pid(&db)).await;
     eventually(Duration::from_secs(60), "a new listener, the old one closed", || async {
-        let now: Option<i32> = db.query_opt(listener, &[]).await.unwrap().map(|r| r.get(0));
+        let now = listener_pid(&db).await;
         let old = db.query_opt("SELECT 1 FROM pg_stat_activity WHERE pid = $1", &[&first]).await.unwrap();
         (now.is_some_and(|p| p != first) && old.is_none()).then_some(())
     })
@@ -513,17 +501,7 @@ async fn an_agent_stream_can_observe_its_raw_heartbeats() {
     let ingest = app.key(&[Scope::Ingest]).await;
     let read = app.key(&[Scope::Read]).await;
     app.heartbeat(&ingest, json!({"agent_id": "watched"})).await;
-    let mut stream = app
-        .http
-        .get(app.url("/v1/stream?agent=watched&heartbeats=true"))
-        .bearer_auth(&read)
-        .timeout(Duration::from_secs(300))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(stream.status(), 200);
-    let mut buffer = String::new();
-    next_event(&mut stream, &mut buffer, |name, _| name == "ready").await;
+    let (mut stream, mut buffer) = ready_stream(&app, &read, "/v1/stream?agent=watched&heartbeats=true").await;
     let beat = {
         let poke = async {
             let mut uptime = 0;

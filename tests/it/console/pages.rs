@@ -66,7 +66,10 @@ async fn browser_shows_the_fleet_after_signing_in_with_a_read_key() {
         .await;
     // It looks where the server's search (Enter) does: ids, names and
     // key=value labels, not the liveness or tier shown in the row.
-    b.eval("var q = document.getElementById('q'); q.value = ''; q.dispatchEvent(new Event('input'));", json!([])).await;
+    let clear_quick_filter = || {
+        b.eval("var q = document.getElementById('q'); q.value = ''; q.dispatchEvent(new Event('input'));", json!([]))
+    };
+    clear_quick_filter().await;
     b.type_into("#q", "service=search").await;
     b.wait_until(
         "a label to find flaky alone",
@@ -75,7 +78,7 @@ async fn browser_shows_the_fleet_after_signing_in_with_a_read_key() {
          && document.querySelector(\"tr[data-agent='steady-1']\").hidden",
     )
     .await;
-    b.eval("var q = document.getElementById('q'); q.value = ''; q.dispatchEvent(new Event('input'));", json!([])).await;
+    clear_quick_filter().await;
     b.type_into("#q", "online").await;
     b.wait_until(
         "a liveness word to match no agent",
