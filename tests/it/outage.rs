@@ -601,7 +601,12 @@ async fn a_full_disk_is_refused_with_503_and_the_agents_noted_as_alive() {
     let response = app.post("/v1/heartbeats", &key, &beat).await;
     assert_eq!(response.status(), 503);
     assert!(response.headers().get("retry-after").is_some(), "503 with Retry-After");
-    db.batch_execute("DROP TRIGGER disk_full ON warden.agent_heartbeats").await.unwrap();
+    // The drop locks the heartbeat table, and may deadlock with warden's
+    // own loops reading it: tried again until it goes through.
+    eventually(Duration::from_secs(60), "the trigger dropped", || async {
+        db.batch_execute("DROP TRIGGER IF EXISTS disk_full ON warden.agent_heartbeats").await.ok()
+    })
+    .await;
     eventually(Duration::from_secs(60), "the refused agent noted", || async {
         db.query_opt("SELECT 1 FROM warden.ingest_refusals WHERE agent_id = 'on-full-disk'", &[]).await.unwrap()
     })
