@@ -97,35 +97,125 @@ impl SortKey {
     }
 }
 
+/// The tier filter: one tier, or the agents not scored yet (the tier bar
+/// counts those too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TierFilter {
+    Is(Tier),
+    Unscored,
+}
+
+impl TierFilter {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Is(t) => t.as_str(),
+            Self::Unscored => "unscored",
+        }
+    }
+}
+
+impl std::str::FromStr for TierFilter {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "unscored" => Ok(Self::Unscored),
+            _ => s.parse().map(Self::Is),
+        }
+    }
+}
+
 /// The agent table's filters, sort and page, as the query string gave them.
 #[derive(Debug, Clone)]
 pub struct FleetFilter {
     pub liveness: Option<Liveness>,
-    pub tier: Option<Tier>,
-    /// `tier=unscored`: agents without a score yet (the tier bar counts them).
-    pub unscored: bool,
+    pub tier: Option<TierFilter>,
     /// Text searched in ids, names and labels.
     pub q: String,
     pub sort: SortKey,
     pub descending: bool,
     /// 1-based.
     pub page: i64,
+    /// The parameters whose values were not understood, each with what it
+    /// takes: the page says it left them out rather than filter silently
+    /// by less than was asked.
+    pub ignored: Vec<Ignored>,
+}
+
+/// A query parameter the agent table left out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ignored {
+    pub name: &'static str,
+    /// As given, cut to a length a notice can show.
+    pub value: String,
+    pub expected: String,
 }
 
 impl FleetFilter {
-    /// Reads the query string leniently: a value it does not know is ignored
-    /// (a page is not an API; a stale bookmark should still open).
+    /// Reads the query string leniently: a value it does not know is left
+    /// out and listed in `ignored` (a page is not an API; a stale bookmark
+    /// should still open).
     pub fn from_query(query: &HashMap<String, String>) -> Self {
         let get = |k: &str| query.get(k).map(|v| v.trim()).filter(|v| !v.is_empty());
+        let mut ignored = Vec::new();
+        // The parameter's value if `parse` understands it; else noted in
+        // `ignored` with what the parameter takes.
+        fn take<T>(
+            ignored: &mut Vec<Ignored>,
+            name: &'static str,
+            given: Option<&str>,
+            parse: impl FnOnce(&str) -> Option<T>,
+            expected: impl FnOnce() -> String,
+        ) -> Option<T> {
+            let given = given?;
+            let value = parse(given);
+            if value.is_none() {
+                ignored.push(Ignored { name, value: given.chars().take(40).collect(), expected: expected() });
+            }
+            value
+        }
+        let liveness = take(
+            &mut ignored,
+            "liveness",
+            get("liveness"),
+            |v| v.parse().ok(),
+            || format!("one of {}", Liveness::allowed()),
+        );
+        let tier = take(
+            &mut ignored,
+            "tier",
+            get("tier"),
+            |v| v.parse().ok(),
+            || format!("one of {} or unscored", Tier::allowed().replace(" or ", ", ")),
+        );
+        let sort =
+            take(&mut ignored, "sort", get("sort"), |v| v.parse().ok(), || format!("one of {}", SortKey::allowed()));
+        let descending = take(
+            &mut ignored,
+            "dir",
+            get("dir"),
+            |v| match v {
+                "asc" => Some(false),
+                "desc" => Some(true),
+                _ => None,
+            },
+            || "asc or desc".into(),
+        );
+        let page = take(
+            &mut ignored,
+            "page",
+            get("page"),
+            |v| v.parse().ok().filter(|p| (1..=100_000).contains(p)),
+            || "a page number from 1 to 100000".into(),
+        );
         Self {
-            liveness: get("liveness").and_then(|v| v.parse().ok()),
-            tier: get("tier").and_then(|v| v.parse().ok()),
-            unscored: get("tier") == Some("unscored"),
+            liveness,
+            tier,
             // Nothing searchable holds U+0000, and PostgreSQL refuses it in text.
             q: get("q").map(|q| q.trim().chars().filter(|c| *c != '\0').take(200).collect()).unwrap_or_default(),
-            sort: get("sort").and_then(|v| v.parse().ok()).unwrap_or(SortKey::Liveness),
-            descending: get("dir") == Some("desc"),
-            page: get("page").and_then(|v| v.parse().ok()).filter(|p| (1..=100_000).contains(p)).unwrap_or(1),
+            sort: sort.unwrap_or(SortKey::Liveness),
+            descending: descending.unwrap_or(false),
+            page: page.unwrap_or(1),
+            ignored,
         }
     }
 }
@@ -140,7 +230,7 @@ pub async fn agents(client: &tokio_postgres::Client, f: &FleetFilter) -> Result<
                   AND ($3::text IS NULL OR agent_id ILIKE $3 OR name ILIKE $3 \
                        OR EXISTS (SELECT 1 FROM jsonb_each_text(labels) l WHERE l.key || '=' || l.value ILIKE $3))";
     let liveness = f.liveness.map(Liveness::as_str);
-    let tier = if f.unscored { Some("unscored") } else { f.tier.map(Tier::as_str) };
+    let tier = f.tier.map(TierFilter::as_str);
     let total: i64 = client
         .query_one(&format!("SELECT count(*) FROM warden.agent_status WHERE {filter}"), &[&liveness, &tier, &pattern])
         .await?

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use maud::{DOCTYPE, Markup, html};
 use serde_json::Value;
 
-use super::data::{AgentRow, AlertRow, DeliveryRow, FleetFilter, IncidentRow, PAGE_SIZE, SortKey};
+use super::data::{AgentRow, AlertRow, DeliveryRow, FleetFilter, IncidentRow, PAGE_SIZE, SortKey, TierFilter};
 use super::format::{self, Bar};
 use super::session::ConsoleUser;
 use crate::alerting::silences::Silence;
@@ -268,6 +268,11 @@ pub fn fleet(v: &FleetView<'_>) -> Markup {
         }
         section.panel aria-labelledby="agents-title" {
             div.panel-head { h2 #agents-title { "Agents" } }
+            @for i in &v.filter.ignored {
+                div.notice.notice-warn role="status" {
+                    "Left out " code { (i.name) "=" (i.value) } ": " (i.name) " takes " (i.expected) "."
+                }
+            }
             (filters(v.filter))
             div #agents-table data-live {
                 (agent_table(v))
@@ -337,9 +342,9 @@ fn filters(f: &FleetFilter) -> Markup {
                 select #f-tier name="tier" {
                     option value="" { "Any" }
                     @for t in Tier::ALL {
-                        option value=(t.as_str()) selected[f.tier == Some(*t)] { (format::words(t.as_str())) }
+                        option value=(t.as_str()) selected[f.tier == Some(TierFilter::Is(*t))] { (format::words(t.as_str())) }
                     }
-                    option value="unscored" selected[f.unscored] { "Unscored" }
+                    option value="unscored" selected[f.tier == Some(TierFilter::Unscored)] { "Unscored" }
                 }
             }
             @if f.sort != SortKey::Liveness || f.descending {
@@ -357,7 +362,7 @@ fn filters(f: &FleetFilter) -> Markup {
 fn filter_query<'a>(f: &'a FleetFilter, sort: &'a str, dir: &'a str, page: &'a str) -> Vec<(&'a str, &'a str)> {
     vec![
         ("liveness", f.liveness.map(Liveness::as_str).unwrap_or("")),
-        ("tier", if f.unscored { "unscored" } else { f.tier.map(Tier::as_str).unwrap_or("") }),
+        ("tier", f.tier.map(TierFilter::as_str).unwrap_or("")),
         ("q", f.q.as_str()),
         ("sort", sort),
         ("dir", dir),

@@ -850,4 +850,20 @@ async fn http_sorting_by_agent_follows_the_shown_names_numbers_in_order() {
     let (_, _, html) = get(&app, &session, "/?tier=unscored&sort=agent").await;
     assert_eq!(order(&html), ["b-a", "w2", "w10", "a-z"]);
     assert!(html.contains(r#"<option value="unscored" selected>"#), "the filter shows what it filters by");
+    assert!(!html.contains("notice-warn"), "nothing was left out");
+
+    // A value the page does not know (a stale bookmark) is left out, and
+    // the page says so instead of showing more than was asked for.
+    let (status, _, html) = get(&app, &session, "/?tier=unscored&liveness=asleep&sort=agent&page=0").await;
+    assert_eq!(status, 200);
+    assert_eq!(order(&html), ["b-a", "w2", "w10", "a-z"], "the filters it knows still apply");
+    assert!(
+        html.contains(
+            "Left out <code>liveness=asleep</code>: liveness takes one of unknown, online, degraded or offline."
+        ),
+        "{html}"
+    );
+    assert!(html.contains("Left out <code>page=0</code>"));
+    let (_, _, html) = get(&app, &session, "/?tier=<b>x</b>").await;
+    assert!(html.contains("Left out <code>tier=&lt;b&gt;x&lt;/b&gt;</code>: tier takes one of excellent, good, fair, poor, critical or unscored."));
 }
