@@ -23,9 +23,10 @@ pub struct RecoverySettings {
     pub attempt_window: Duration,
     pub backoff_base: Duration,
     pub backoff_cap: Duration,
-    /// Fixed verification time. Unset: recover_after_healthy intervals and
-    /// half as much again, plus one health check interval, plus what the
-    /// issue needs to clear (see settings.toml).
+    /// How long the agent has to be back after an action. Unset:
+    /// recover_after_healthy intervals and half as much again, plus one
+    /// health check interval. What the issue needs to clear comes on top
+    /// (see settings.toml).
     #[serde(default)]
     pub verify_timeout: Option<Duration>,
     /// How often each replica looks for recovery work.
@@ -48,7 +49,7 @@ pub struct Strategy {
     pub issues: Vec<IssueType>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
-    /// How long each action has to prove itself; unset: as
+    /// How long the agent has to be back after each action; unset: as
     /// `recovery.verify_timeout`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify_timeout: Option<Duration>,
@@ -329,6 +330,13 @@ impl RecoverySettings {
 
 fn validate_action(action: &Action, key: &str) -> Result<(), SettingsError> {
     let field = |f: &str| format!("{key}.{f}");
+    let (Action::Command { name, .. } | Action::Http { name, .. } | Action::None { name }) = action;
+    // Recorded with every attempt and listed in messages on one line.
+    if let Some(name) = name
+        && (name.trim().is_empty() || name.chars().count() > 64 || name.chars().any(char::is_control))
+    {
+        return Err(SettingsError::new(&field("name"), name, "1-64 characters on one line"));
+    }
     if let Some(timeout) = action.timeout() {
         check_min(&field("timeout"), timeout, Duration::from_millis(100))?;
     }

@@ -934,6 +934,9 @@ async fn event(
     message: &str,
     details: Value,
 ) -> Result<(), DbError> {
+    // A message past the column's bound would fail the insert, and with it
+    // every tick on this job; the details keep everything.
+    let message: String = message.chars().take(crate::ingest::events::MESSAGE_MAX).collect();
     tx.execute(
         "INSERT INTO warden.system_events (occurred_at, agent_id, event_type, severity, message, details) \
          VALUES ($1, $2, $3, $4, $5, $6)",

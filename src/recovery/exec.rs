@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -56,23 +57,42 @@ pub fn command_env(agent_id: &str, issue_type: Option<&str>, incident_id: Option
     env
 }
 
-/// Reads at most `limit` bytes, then drains (and drops) the rest so the
-/// child never blocks on a full pipe.
-async fn read_limited<R: tokio::io::AsyncRead + Unpin>(mut reader: R, limit: usize) -> (String, bool) {
-    let mut kept = Vec::new();
+/// One pipe's output as read so far. The reader fills it while the
+/// command runs, and may go on after the action has ended: a process the
+/// command started in the background can hold the pipe open.
+#[derive(Default)]
+struct Captured {
+    kept: Vec<u8>,
+    truncated: bool,
+    /// The pipe reached its end: every writer closed it.
+    ended: bool,
+}
+
+/// Reads at most `limit` bytes into `into`, then drains (and drops) the
+/// rest so the child never blocks on a full pipe, and whatever it left
+/// behind never meets a closed one (SIGPIPE) for as long as warden runs.
+async fn read_limited<R: tokio::io::AsyncRead + Unpin>(mut reader: R, limit: usize, into: Arc<Mutex<Captured>>) {
     let mut buf = [0u8; 8192];
-    let mut truncated = false;
     loop {
         match reader.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => {
-                let room = limit.saturating_sub(kept.len());
-                kept.extend_from_slice(&buf[..n.min(room)]);
-                truncated |= n > room;
+                let mut c = into.lock().unwrap_or_else(|e| e.into_inner());
+                let room = limit.saturating_sub(c.kept.len());
+                c.kept.extend_from_slice(&buf[..n.min(room)]);
+                c.truncated |= n > room;
             }
         }
     }
-    (String::from_utf8_lossy(&kept).into_owned(), truncated)
+    into.lock().unwrap_or_else(|e| e.into_inner()).ended = true;
+}
+
+/// A pipe's reader, started, and what it has read.
+type Pipe = (Option<tokio::task::JoinHandle<()>>, Arc<Mutex<Captured>>);
+
+fn capture<R: tokio::io::AsyncRead + Unpin + Send + 'static>(pipe: Option<R>, limit: usize) -> Pipe {
+    let into = Arc::new(Mutex::new(Captured::default()));
+    (pipe.map(|p| tokio::spawn(read_limited(p, limit, into.clone()))), into)
 }
 
 /// Runs `argv` and waits up to `timeout`.
@@ -129,8 +149,8 @@ pub async fn run_command(
             return Outcome::failed(format!("could not start {program}: {e}"), json!({"error": e.to_string()}));
         }
     };
-    let stdout = child.stdout.take().map(|o| tokio::spawn(read_limited(o, output_limit)));
-    let stderr = child.stderr.take().map(|e| tokio::spawn(read_limited(e, output_limit)));
+    let stdout = capture(child.stdout.take(), output_limit);
+    let stderr = capture(child.stderr.take(), output_limit);
     // Dropped unfinished (warden stopping mid-action), the whole group
     // goes, as on a timeout: kill_on_drop alone reaches the first process
     // only, and what it started would outlive warden.
@@ -152,13 +172,15 @@ pub async fn run_command(
     group.0 = None;
     // Output of a killed group ends with it; a grandchild that kept the
     // pipe open is not waited for beyond a moment (both pipes at once).
-    let collect = |task: Option<tokio::task::JoinHandle<(String, bool)>>| async move {
-        match task {
-            Some(t) => tokio::time::timeout(GRACE, t).await.ok().and_then(Result::ok).unwrap_or_default(),
-            None => Default::default(),
+    // What was read by then is kept, and the pipe is said to be open.
+    let collect = |(task, into): Pipe| async move {
+        if let Some(task) = task {
+            let _ = tokio::time::timeout(GRACE, task).await;
         }
+        let c = into.lock().unwrap_or_else(|e| e.into_inner());
+        (String::from_utf8_lossy(&c.kept).into_owned(), c.truncated, !c.ended)
     };
-    let ((out, out_cut), (err, err_cut)) = tokio::join!(collect(stdout), collect(stderr));
+    let ((out, out_cut, out_open), (err, err_cut, err_open)) = tokio::join!(collect(stdout), collect(stderr));
     let elapsed_ms = started.elapsed().as_millis() as u64;
     let mut detail = json!({
         "argv": argv,
@@ -168,6 +190,12 @@ pub async fn run_command(
         "stderr_truncated": err_cut,
         "duration_ms": elapsed_ms,
     });
+    // Nothing more of it is recorded: say so, and why, rather than let a
+    // short output read as all there was.
+    if out_open || err_open {
+        detail["output_left_open"] =
+            json!([("stdout", out_open), ("stderr", err_open)].iter().filter(|p| p.1).map(|p| p.0).collect::<Vec<_>>());
+    }
     match (timed_out, status) {
         (true, _) => {
             detail["timeout_ms"] = json!(timeout.as_millis() as u64);
@@ -396,6 +424,23 @@ mod tests {
         assert!(alive(pid), "an agent a restart started stays up");
         // SAFETY: the test's own background sleep.
         unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+
+    #[tokio::test]
+    async fn output_held_open_by_a_background_process_is_kept_and_said_to_be_open() {
+        // The background sleep inherits stdout and keeps it open.
+        let argv = ["/bin/sh", "-c", "echo starting; echo oops >&2; sleep 300 & echo $! >&2"].map(String::from);
+        let o = run_command(&argv, &env(), Duration::from_secs(10), 100).await;
+        assert_eq!(o.ended, Ended::Done);
+        assert_eq!(o.detail["stdout"], "starting\n", "what came before is kept: {}", o.detail);
+        assert_eq!(o.detail["output_left_open"], json!(["stdout", "stderr"]), "{}", o.detail);
+        let pid: i32 = o.detail["stderr"].as_str().unwrap().lines().nth(1).unwrap().parse().unwrap();
+        // SAFETY: the test's own background sleep.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+
+        let quiet = ["/bin/sh", "-c", "echo done"].map(String::from);
+        let o = run_command(&quiet, &env(), Duration::from_secs(10), 100).await;
+        assert!(o.detail.get("output_left_open").is_none(), "{}", o.detail);
     }
 
     #[tokio::test]

@@ -24,16 +24,18 @@ pub struct VerifyRules {
     pub restart_loop_window: Duration,
 }
 
-/// How long an action has to prove itself: the strategy's own setting,
-/// else `recovery.verify_timeout`, else what the issue needs to clear,
-/// plus one evaluator check (which notices). An agent gone quiet must send
-/// `recover_after_healthy` on-time heartbeats to be online again: that many
-/// of its intervals plus half (it may take a while to start). Everything
-/// else needs the agent back too, and then its condition to clear as the
-/// evaluator's window moves on: the restart-loop window; 21 of the agent's
+/// How long an action has to prove itself: the time for the agent to be
+/// back, plus what its issue needs to clear as the evaluator's window
+/// moves on. An agent gone quiet must send `recover_after_healthy` on-time
+/// heartbeats to be online again: that many of its intervals plus half (it
+/// may take a while to start), plus one evaluator check (which notices);
+/// the strategy's own `verify_timeout`, else `recovery.verify_timeout`,
+/// replaces that part. To clear: the restart-loop window; 21 of the agent's
 /// evaluations for flapping; an hour for error rates (hourly sums with a
 /// one-hour decay take about 42 minutes to halve); ten minutes or two
-/// score passes for gauges (five-minute averages).
+/// score passes for gauges (five-minute averages). A setting never cuts
+/// that second part short: an issue's incident cannot resolve before it,
+/// so a shorter verification could only fail, and restart the agent again.
 pub fn verify_timeout(
     strategy: Option<Duration>,
     setting: Option<Duration>,
@@ -41,19 +43,20 @@ pub fn verify_timeout(
     expected_interval_ms: i64,
     issue: Option<IssueType>,
 ) -> Duration {
-    strategy.or(setting).unwrap_or_else(|| {
-        let interval = Duration::from_millis(expected_interval_ms.max(1) as u64);
-        let back = crate::health::liveness::time_to_recover(expected_interval_ms, rules.recover_after_healthy);
-        let clears = match issue {
-            None => Duration::ZERO,
-            Some(issue) if issue.is_silence() => Duration::ZERO,
-            Some(IssueType::RestartLoop) => rules.restart_loop_window,
-            Some(IssueType::Flapping) => rules.check_interval.max(interval) * (crate::health::flap::SLOTS as u32 + 1),
-            Some(IssueType::HighErrorRate) => Duration::from_secs(3600),
-            Some(_) => Duration::from_secs(600).max(rules.score_interval * 2),
-        };
-        back.saturating_add(clears).saturating_add(rules.check_interval)
-    })
+    let interval = Duration::from_millis(expected_interval_ms.max(1) as u64);
+    let back = strategy.or(setting).unwrap_or_else(|| {
+        crate::health::liveness::time_to_recover(expected_interval_ms, rules.recover_after_healthy)
+            .saturating_add(rules.check_interval)
+    });
+    let clears = match issue {
+        None => Duration::ZERO,
+        Some(issue) if issue.is_silence() => Duration::ZERO,
+        Some(IssueType::RestartLoop) => rules.restart_loop_window,
+        Some(IssueType::Flapping) => rules.check_interval.max(interval) * (crate::health::flap::SLOTS as u32 + 1),
+        Some(IssueType::HighErrorRate) => Duration::from_secs(3600),
+        Some(_) => Duration::from_secs(600).max(rules.score_interval * 2),
+    };
+    back.saturating_add(clears)
 }
 
 /// The first strategy for this issue whose labels the agent all has.
@@ -238,6 +241,12 @@ mod tests {
         assert_eq!(verify_timeout(None, None, &rules, 30_000, Some(IssueType::ResourceExhaustion)), secs(700));
         assert_eq!(verify_timeout(None, Some(secs(5)), &rules, 30_000, quiet), secs(5));
         assert_eq!(verify_timeout(Some(secs(60)), Some(secs(5)), &rules, 30_000, quiet), secs(60), "strategy first");
+        // A setting stands for the time to be back; the issue's own time to
+        // clear comes on top, or verification could never succeed.
+        let looping = Some(IssueType::RestartLoop);
+        assert_eq!(verify_timeout(None, Some(secs(90)), &rules, 30_000, looping), secs(90 + 600));
+        let erring = Some(IssueType::HighErrorRate);
+        assert_eq!(verify_timeout(Some(secs(60)), None, &rules, 30_000, erring), secs(60 + 3600));
     }
 
     #[test]

@@ -212,6 +212,12 @@ fn a_recovery_action_names_its_bad_or_unknown_field() {
     assert_eq!(e.key.as_deref(), Some("recovery.strategies[0].actions[0].timout"), "{e}");
     assert!(e.allowed.contains("timeout"), "{e}");
     load("timeout = \"5s\"").expect("a well-formed action loads");
+    load("name = \"restart the unit\"").expect("a name with spaces loads");
+    let e = load(&format!("name = \"{}\"", "x".repeat(65))).unwrap_err();
+    assert_eq!(e.key.as_deref(), Some("recovery.strategies[0].actions[0].name"), "{e}");
+    assert!(e.allowed.contains("1-64 characters"), "{e}");
+    let e = load("name = \"two\\nlines\"").unwrap_err();
+    assert_eq!(e.key.as_deref(), Some("recovery.strategies[0].actions[0].name"), "{e}");
     // A value that also sits in a nested field names no field rather than
     // the wrong one.
     let file = override_file(

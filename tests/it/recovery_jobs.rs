@@ -471,6 +471,41 @@ async fn a_reset_forgives_earlier_attempts_for_later_incidents_too() {
 }
 
 #[tokio::test]
+async fn a_reset_forgives_the_attempts_for_the_agents_waiting_jobs_too() {
+    let rig =
+        rig(vec![strategy(&[IssueType::AgentUnresponsive, IssueType::RestartLoop], vec![command(&["/bin/false"])])], 2)
+            .await;
+    rig.agent("two").await;
+    let first = rig.incident("two", IssueType::AgentUnresponsive).await;
+    rig.tick().await;
+    // A second incident's job, waiting out a long backoff while the first
+    // uses the agent's attempts up.
+    let second = rig.incident("two", IssueType::RestartLoop).await;
+    let db = rig.db.client().await;
+    db.execute(
+        "INSERT INTO warden.recovery_jobs (incident_id, agent_id, strategy, next_run_at) \
+         VALUES ($1, 'two', 'fix', now() + interval '1 hour')",
+        &[&second],
+    )
+    .await
+    .unwrap();
+    for _ in 0..3 {
+        rig.tick().await;
+    }
+    assert_eq!(rig.jobs("two").await[0].0, "exhausted");
+    assert_eq!(rig.action_states("two").await.len(), 2);
+
+    assert_eq!(warden::recovery::reset(&db, "two").await.unwrap(), 1);
+    db.execute("UPDATE warden.incidents SET state = 'resolved', resolved_at = now() WHERE id = $1", &[&first])
+        .await
+        .unwrap();
+    db.execute("UPDATE warden.recovery_jobs SET next_run_at = now() WHERE incident_id = $1", &[&second]).await.unwrap();
+    let report = rig.tick().await;
+    assert_eq!((report.started, report.exhausted), (1, 0), "the waiting job gets its attempt: {report:?}");
+    assert_eq!(rig.action_states("two").await.len(), 3);
+}
+
+#[tokio::test]
 async fn an_http_action_follows_no_redirect_and_a_302_is_a_failure() {
     // Whoever can make the orchestrator answer 302 names another host;
     // the action's API key must not go there.
