@@ -296,7 +296,7 @@ impl Dispatcher {
                     let slot = InFlight::take(&in_flight, &row.channel);
                     let dispatcher = this.clone();
                     sends.spawn(async move {
-                        let outcome = dispatcher.send_one(row, message, now, pass_clock).await;
+                        let outcome = dispatcher.send_one(row, message, now, pass_clock, lease_ends).await;
                         let _ = dispatcher.settle(&outcome, lease_ends).await;
                         drop(slot);
                     });
@@ -330,7 +330,7 @@ impl Dispatcher {
             PassReport { claimed: claimed.jobs.len(), cancelled: claimed.cancelled, ..PassReport::default() };
         let mut tasks = tokio::task::JoinSet::new();
         for (row, message) in claimed.jobs {
-            let send = self.send_one(row, message, claimed.now, claimed.pass_clock);
+            let send = self.send_one(row, message, claimed.now, claimed.pass_clock, claimed.lease_ends);
             tasks.spawn(send);
         }
         while let Some(joined) = tasks.join_next().await {
@@ -394,9 +394,9 @@ impl Dispatcher {
         message: Option<Message>,
         now: DateTime<Utc>,
         pass_clock: Instant,
+        lease_ends: tokio::time::Instant,
     ) -> impl std::future::Future<Output = Outcome> + Send + 'static {
         let channels = self.channels.clone();
-        let lease = self.params.lease;
         let on_pass_clock = move || now + Duration::from_std(pass_clock.elapsed()).unwrap_or_default();
         async move {
             let reached: Vec<String> = row.detail["reached"]
@@ -406,7 +406,7 @@ impl Dispatcher {
             let started = on_pass_clock();
             let clock = Instant::now();
             let mut result = match (channels.get(&row.channel), message) {
-                (Some(channel), Some(message)) => send_bounded(channel, &message, &reached, lease).await,
+                (Some(channel), Some(message)) => send_bounded(channel, &message, &reached, lease_ends).await,
                 (None, _) => Err(SendError::new(format!("channel {} is no longer configured", row.channel))),
                 (_, None) => Err(SendError::new("the delivery's alerts could not be read")),
             };
@@ -428,6 +428,11 @@ impl Dispatcher {
         db::retry_until(lease_ends, margin, &what, || self.record(outcome)).await
     }
 
+    /// Claims due deliveries, oldest first per channel and alert. A message
+    /// other than a resolution whose alerts are all firing under a silence
+    /// or maintenance window (the escalator keeps suppressed_reason current)
+    /// is held, not claimed: queued before the silence began, or retrying
+    /// since, it goes when the silence ends if its alerts still fire.
     async fn claim(
         &self,
         client: &tokio_postgres::Client,
@@ -443,6 +448,10 @@ impl Dispatcher {
                    WHERE d.state = 'pending' AND d.next_attempt_at <= $1 \
                      AND (d.claimed_until IS NULL OR d.claimed_until <= $1) \
                      AND NOT (d.channel = ANY ($5)) \
+                     AND (d.kind = 'resolved' OR EXISTS ( \
+                       SELECT 1 FROM warden.alerts x WHERE x.id = ANY (d.alert_ids) \
+                         AND NOT (x.state = 'firing' AND coalesce(x.suppressed_reason LIKE 'silence:%' \
+                                                                  OR x.suppressed_reason LIKE 'maintenance:%', false)))) \
                      AND NOT EXISTS ( \
                        SELECT 1 FROM warden.alert_deliveries p \
                        WHERE p.state = 'pending' AND p.channel = d.channel AND p.id < d.id \
@@ -676,13 +685,18 @@ enum Recorded {
 /// Sends with a hard bound, whatever the channel's own timeouts do (an SMTP
 /// session's are per step): it ends well inside the claim, so no other
 /// dispatcher can take the delivery over while it is still being sent.
+/// The bound is what is left of the claim when the send starts: the
+/// claim's queries and the message's took their share of it already.
 async fn send_bounded(
     channel: &super::channels::Channel,
     message: &Message,
     reached: &[String],
-    lease: Duration,
+    lease_ends: tokio::time::Instant,
 ) -> Result<Sent, SendError> {
-    let limit = (lease - Duration::seconds(10)).to_std().unwrap_or(std::time::Duration::from_secs(20));
+    let limit = lease_ends.saturating_duration_since(tokio::time::Instant::now()).saturating_sub(SEND_MARGIN);
+    if limit.is_zero() {
+        return Err(SendError::new("the claim ran out before the send could start"));
+    }
     // A channel with several recipients bounds each one a second sooner,
     // so that it can still say which of them it reached.
     let each = limit.saturating_sub(std::time::Duration::from_secs(1));
@@ -691,6 +705,9 @@ async fn send_bounded(
         Err(_) => Err(SendError::new("the send did not finish in time")),
     }
 }
+
+/// What a send leaves of its claim for recording its outcome.
+const SEND_MARGIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Deliveries by state, for tests and reports.
 pub async fn counts(client: &tokio_postgres::Client) -> Result<HashMap<String, i64>, DbError> {
@@ -701,6 +718,17 @@ pub async fn counts(client: &tokio_postgres::Client) -> Result<HashMap<String, i
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_send_gets_only_what_is_left_of_its_claim() {
+        let channel = super::super::channels::Channel::Log(super::super::channels::log::Log::new("ops".into()));
+        let message = super::super::message::tests::message(vec![super::super::message::tests::view(1, "w1")]);
+        let soon = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        let e = send_bounded(&channel, &message, &[], soon).await.unwrap_err();
+        assert!(e.error.contains("claim ran out"), "{}", e.error);
+        let later = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+        send_bounded(&channel, &message, &[], later).await.expect("time enough");
+    }
 
     #[test]
     fn retries_double_up_to_the_cap_with_jitter_in_the_upper_half() {

@@ -744,7 +744,9 @@ async fn notified_channels(
 /// the `depends_on` label) that is offline now: the nearest such one.
 /// Agents that depend on each other (a path leads from the dependency back
 /// to the agent) do not suppress each other: neither can be told to be
-/// the cause, and suppressing both would page nobody.
+/// the cause, and suppressing both would page nobody. Whether one reaches
+/// the other is a set of nodes (`back`, UNION), not the paths `dep` walks:
+/// a path that must pass a shared node twice is a cycle all the same.
 async fn dependencies_down(
     tx: &tokio_postgres::Transaction<'_>,
     agents: &[String],
@@ -765,13 +767,26 @@ async fn dependencies_down(
                FROM dep \
                JOIN warden.agent_status s ON s.agent_id = dep.dep_id \
                CROSS JOIN LATERAL unnest(string_to_array(s.labels ->> $2, ',')) AS d \
-               WHERE dep.depth < 16 AND btrim(d) <> '' AND NOT (dep.dep_id::text = ANY(dep.path))) \
+               WHERE dep.depth < 16 AND btrim(d) <> '' AND NOT (dep.dep_id::text = ANY(dep.path))), \
+             down AS ( \
+               SELECT dep.agent_id, dep.dep_id, dep.depth \
+               FROM dep JOIN warden.agent_status s ON s.agent_id = dep.dep_id \
+               WHERE s.liveness = 'offline' AND dep.dep_id <> dep.agent_id), \
+             back(src, node) AS ( \
+               SELECT d.dep_id, btrim(x)::text COLLATE \"C\" \
+               FROM (SELECT DISTINCT dep_id FROM down) d \
+               JOIN warden.agent_status s ON s.agent_id = d.dep_id \
+               CROSS JOIN LATERAL unnest(string_to_array(s.labels ->> $2, ',')) AS x \
+               WHERE btrim(x) <> '' \
+               UNION \
+               SELECT back.src, btrim(x)::text COLLATE \"C\" \
+               FROM back \
+               JOIN warden.agent_status s ON s.agent_id = back.node \
+               CROSS JOIN LATERAL unnest(string_to_array(s.labels ->> $2, ',')) AS x \
+               WHERE btrim(x) <> '') \
              SELECT DISTINCT ON (dep.agent_id) dep.agent_id, dep.dep_id \
-             FROM dep JOIN warden.agent_status s ON s.agent_id = dep.dep_id \
-             WHERE s.liveness = 'offline' AND dep.dep_id <> dep.agent_id \
-               AND NOT EXISTS (SELECT 1 FROM dep back \
-                               WHERE back.agent_id = dep.agent_id AND back.dep_id = dep.agent_id \
-                                 AND dep.dep_id::text = ANY (back.path)) \
+             FROM down dep \
+             WHERE NOT EXISTS (SELECT 1 FROM back WHERE back.src = dep.dep_id AND back.node = dep.agent_id) \
              ORDER BY dep.agent_id, dep.depth, dep.dep_id",
             &[&agents, &label],
         )

@@ -37,7 +37,8 @@ impl Sent {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SendError {
     pub status: Option<u16>,
-    /// The receiver asked to wait this long (HTTP 429 Retry-After).
+    /// The receiver asked to wait this long (Retry-After, as on a 429 or
+    /// 503, whatever the status).
     pub retry_after: Option<Duration>,
     /// One line, without secrets.
     pub error: String,

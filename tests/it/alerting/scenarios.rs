@@ -966,6 +966,24 @@ async fn agents_that_depend_on_each_other_are_both_paged() {
 }
 
 #[tokio::test]
+async fn agents_on_a_cycle_through_a_shared_dependency_are_all_paged() {
+    let slack = HttpReceiver::start().await;
+    let smtp = SmtpServer::start().await;
+    let mut rig = Rig::new(&format!("{TIMINGS}{SLACK_POLICY}{}", channels_toml(&slack, &smtp, None))).await;
+    // c1 and c2 reach each other only by passing the hub twice: a cycle
+    // all the same, so neither is the other's cause.
+    rig.beat("c1", 10_000, Some(json!({"depends_on": "hub"}))).await;
+    rig.beat("c2", 10_000, Some(json!({"depends_on": "hub"}))).await;
+    rig.beat("hub", 10_000, Some(json!({"depends_on": "c1,c2"}))).await;
+    rig.run_for(secs(40), secs(2)).await;
+    for agent in ["c1", "c2", "hub"] {
+        let (_, _, reason, paged) = rig.alert(&format!("{agent}:agent_unresponsive")).await;
+        assert_eq!(reason, None, "{agent}");
+        assert!(paged.is_some(), "{agent} paged");
+    }
+}
+
+#[tokio::test]
 async fn a_resolution_goes_only_where_the_page_arrived() {
     let mut slack = HttpReceiver::start().await;
     let smtp = SmtpServer::start().await;
@@ -1111,6 +1129,38 @@ async fn two_dispatchers_on_one_database_never_send_a_delivery_twice() {
     assert_eq!(a.pass(Some(Utc::now())).await.unwrap().claimed, 0, "claimed by the dead replica");
     assert_eq!(a.pass(Some(Utc::now() + secs(61))).await.unwrap().sent, 1, "retried after the lease");
     assert_eq!(slack.accepted().len(), 41);
+}
+
+/// A message queued before a silence began (or retrying since) waits while
+/// its alerts fire under the silence, and goes when the silence ends.
+#[tokio::test]
+async fn queued_messages_of_silenced_alerts_wait_for_the_silence_to_end() {
+    let slack = HttpReceiver::start().await;
+    let smtp = SmtpServer::start().await;
+    let toml = channels_toml(&slack, &smtp, None);
+    let rig = Rig::new(&toml).await;
+    rig.firing_deliveries("q", 3).await;
+    rig.c
+        .batch_execute(
+            "UPDATE warden.alerts SET suppressed_reason = 'silence:7' WHERE subject = 'q1'; \
+             UPDATE warden.alerts SET suppressed_reason = 'maintenance:nightly' WHERE subject = 'q2'; \
+             UPDATE warden.alerts SET suppressed_reason = 'silence:7', state = 'resolved', resolved_at = now() \
+               WHERE subject = 'q3'",
+        )
+        .await
+        .unwrap();
+    let d = dispatcher(&rig.db, &settings(&toml), "replica-a");
+    let report = d.pass(Some(Utc::now())).await.unwrap();
+    assert_eq!((report.claimed, report.sent), (1, 1), "only the resolved alert's message: {report:?}");
+    let texts = slack_texts(&slack);
+    assert!(texts.len() == 1 && texts[0].contains("q3"), "{texts:?}");
+
+    rig.c
+        .batch_execute("UPDATE warden.alerts SET suppressed_reason = NULL WHERE subject IN ('q1', 'q2')")
+        .await
+        .unwrap();
+    let report = d.pass(Some(Utc::now())).await.unwrap();
+    assert_eq!((report.claimed, report.sent), (2, 2), "{report:?}");
 }
 
 /// The database goes away while two sends are under way and comes back a
