@@ -448,7 +448,8 @@ impl ResultSet {
 }
 
 /// Prepares the report (checking its parameters and column types before it
-/// runs), runs it read-only, and decodes every cell.
+/// runs), runs it, and decodes every cell. The reports are warden's own
+/// SELECTs, never text from a request.
 pub async fn execute(
     client: &tokio_postgres::Client,
     report: &'static Report,

@@ -410,7 +410,7 @@ async fn rollup_step(client: &mut db::Client, now: DateTime<Utc>, report: &mut R
         report.minute_rows += tx
             .execute(
                 "INSERT INTO warden.heartbeat_rollups AS r (agent_id, bucket, bucket_start, heartbeats, restarts, unhealthy) \
-                 SELECT agent_id, 'minute', date_trunc('minute', received_at), count(*), \
+                 SELECT agent_id, 'minute', date_trunc('minute', received_at, 'UTC'), count(*), \
                         count(*) FILTER (WHERE restart_detected), count(*) FILTER (WHERE status <> 'healthy') \
                  FROM warden.agent_heartbeats WHERE received_at >= $1 AND received_at < $2 \
                  GROUP BY 1, 3 \
@@ -426,7 +426,7 @@ async fn rollup_step(client: &mut db::Client, now: DateTime<Utc>, report: &mut R
         report.hour_rows += tx
             .execute(
                 "INSERT INTO warden.heartbeat_rollups AS r (agent_id, bucket, bucket_start, heartbeats, restarts, unhealthy) \
-                 SELECT agent_id, 'hour', date_trunc('hour', bucket_start), sum(heartbeats), sum(restarts), sum(unhealthy) \
+                 SELECT agent_id, 'hour', date_trunc('hour', bucket_start, 'UTC'), sum(heartbeats), sum(restarts), sum(unhealthy) \
                  FROM warden.heartbeat_rollups WHERE bucket = 'minute' AND bucket_start >= $1 AND bucket_start < $2 \
                  GROUP BY 1, 3 \
                  ON CONFLICT (agent_id, bucket, bucket_start) DO UPDATE SET \
@@ -441,7 +441,7 @@ async fn rollup_step(client: &mut db::Client, now: DateTime<Utc>, report: &mut R
         report.score_rows += tx
             .execute(
                 "INSERT INTO warden.score_rollups AS r (agent_id, hour_start, samples, score_min, score_avg, score_max) \
-                 SELECT agent_id, date_trunc('hour', evaluated_at), count(score), min(score), avg(score), max(score) \
+                 SELECT agent_id, date_trunc('hour', evaluated_at, 'UTC'), count(score), min(score), avg(score), max(score) \
                  FROM warden.health_history WHERE evaluated_at >= $1 AND evaluated_at < $2 \
                  GROUP BY 1, 2 \
                  ON CONFLICT (agent_id, hour_start) DO UPDATE SET \
@@ -519,10 +519,12 @@ async fn expired_partitions(
     client: &tokio_postgres::Client,
     parent: &str,
     cutoff: DateTime<Utc>,
-) -> Result<Vec<(String, bool)>, DbError> {
+) -> Result<Vec<(String, Attached)>, DbError> {
     let rows = client
         .query(
-            "SELECT c.relname::text, c.relispartition FROM pg_class c \
+            "SELECT c.relname::text, c.relispartition, \
+                    coalesce((SELECT i.inhdetachpending FROM pg_inherits i WHERE i.inhrelid = c.oid), false) \
+             FROM pg_class c \
              JOIN pg_namespace n ON n.oid = c.relnamespace \
              WHERE n.nspname = 'warden' AND c.relkind = 'r' AND left(c.relname, length($1) + 2) = $1 || '_p' \
                AND ((NOT c.relispartition AND obj_description(c.oid, 'pg_class') = $2) \
@@ -531,9 +533,16 @@ async fn expired_partitions(
             &[&parent, &DETACHING],
         )
         .await?;
-    let mut expired: Vec<(String, bool)> = rows
+    let mut expired: Vec<(String, Attached)> = rows
         .iter()
-        .map(|r| (r.get::<_, String>(0), r.get::<_, bool>(1)))
+        .map(|r| {
+            let attached = match (r.get::<_, bool>(1), r.get::<_, bool>(2)) {
+                (false, _) => Attached::No,
+                (true, false) => Attached::Yes,
+                (true, true) => Attached::DetachPending,
+            };
+            (r.get::<_, String>(0), attached)
+        })
         .filter(|(child, _)| {
             partition_day(parent, child)
                 .and_then(|day| day.succ_opt())
@@ -545,6 +554,17 @@ async fn expired_partitions(
     Ok(expired)
 }
 
+/// Where an expired partition stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Attached {
+    Yes,
+    /// A `DETACH ... CONCURRENTLY` was interrupted in its second phase
+    /// (a lock timeout while old snapshots lasted): only `FINALIZE` ends it.
+    DetachPending,
+    /// Detached by a cycle that died before its DROP.
+    No,
+}
+
 /// Detaches a partition without locking the parent against writers, then
 /// drops it. A detach interrupted earlier is finished first; a table
 /// detached earlier is only dropped.
@@ -552,7 +572,7 @@ async fn drop_partition(
     client: &tokio_postgres::Client,
     parent: &str,
     child: &str,
-    attached: bool,
+    attached: Attached,
 ) -> Result<(), DbError> {
     // Both names are warden's own (checked against the partition pattern),
     // never input; identifiers cannot be bound as parameters.
@@ -571,24 +591,30 @@ async fn detach_and_drop(
     client: &tokio_postgres::Client,
     parent: &str,
     child: &str,
-    attached: bool,
+    attached: Attached,
 ) -> Result<(), DbError> {
-    if attached {
-        // Marked first, so that a later cycle knows a table left detached
-        // (this one dying before its DROP) as its own, and never drops a
-        // table of the same name an operator restored to look at.
-        client.batch_execute(&format!("COMMENT ON TABLE warden.{child} IS '{DETACHING}'")).await?;
-        let detach = client
-            .batch_execute(&format!("ALTER TABLE warden.{parent} DETACH PARTITION warden.{child} CONCURRENTLY"))
-            .await;
-        if let Err(e) = detach {
-            if !e.as_db_error().is_some_and(|d| d.message().contains("pending")) {
-                return Err(e.into());
+    let finalize = format!("ALTER TABLE warden.{parent} DETACH PARTITION warden.{child} FINALIZE");
+    match attached {
+        Attached::Yes => {
+            // Marked first, so that a later cycle knows a table left detached
+            // (this one dying before its DROP) as its own, and never drops a
+            // table of the same name an operator restored to look at.
+            client.batch_execute(&format!("COMMENT ON TABLE warden.{child} IS '{DETACHING}'")).await?;
+            let detach = client
+                .batch_execute(&format!("ALTER TABLE warden.{parent} DETACH PARTITION warden.{child} CONCURRENTLY"))
+                .await;
+            if let Err(e) = detach {
+                // Another session's detach left pending since the catalogue
+                // was read. By its code: the message is translated on a
+                // server whose lc_messages is not English.
+                if e.code() != Some(&tokio_postgres::error::SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE) {
+                    return Err(e.into());
+                }
+                client.batch_execute(&finalize).await?;
             }
-            client
-                .batch_execute(&format!("ALTER TABLE warden.{parent} DETACH PARTITION warden.{child} FINALIZE"))
-                .await?;
         }
+        Attached::DetachPending => client.batch_execute(&finalize).await?,
+        Attached::No => {}
     }
     client.batch_execute(&format!("DROP TABLE warden.{child}")).await?;
     Ok(())

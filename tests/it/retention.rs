@@ -436,6 +436,61 @@ async fn a_partition_left_detached_by_a_dead_cycle_is_dropped_later() {
 }
 
 #[tokio::test]
+async fn partitions_made_from_a_session_in_another_zone_still_span_utc_days() {
+    let test_db = TestDb::migrated().await;
+    let db = test_db.client().await;
+    let day = Utc::now().date_naive() + Span::days(40);
+    db.batch_execute("SET TimeZone = 'Asia/Kolkata'; SET DateStyle = 'SQL, DMY'").await.unwrap();
+    db.execute("SELECT warden.ensure_partitions($1, $1)", &[&day]).await.unwrap();
+    db.batch_execute("SET TimeZone = 'UTC'; SET DateStyle = 'ISO'").await.unwrap();
+    let name = format!("agent_heartbeats_p{}", day.format("%Y%m%d"));
+    let bounds: String = db
+        .query_one("SELECT pg_get_expr(relpartbound, oid) FROM pg_class WHERE relname = $1", &[&name])
+        .await
+        .unwrap()
+        .get(0);
+    let (from, to) = (day.format("%Y-%m-%d"), day.succ_opt().unwrap().format("%Y-%m-%d"));
+    assert_eq!(bounds, format!("FOR VALUES FROM ('{from} 00:00:00+00') TO ('{to} 00:00:00+00')"));
+}
+
+#[tokio::test]
+async fn a_detach_left_pending_is_finished_and_the_days_after_it_go_too() {
+    let test_db = TestDb::migrated().await;
+    let db = test_db.client().await;
+    let today = Utc::now().date_naive();
+    let (first, second) = (today - Span::days(21), today - Span::days(20));
+    db.execute("SELECT warden.ensure_partitions($1, $2)", &[&first, &second]).await.unwrap();
+    let name = format!("agent_heartbeats_p{}", first.format("%Y%m%d"));
+    let next = format!("agent_heartbeats_p{}", second.format("%Y%m%d"));
+    // A detach whose second phase was cut short by a timeout while a
+    // reader held the table: attached, pending, and refusing a new detach.
+    let reader = test_db.client().await;
+    reader
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM warden.agent_heartbeats")
+        .await
+        .unwrap();
+    db.batch_execute("SET statement_timeout = '500ms'").await.unwrap();
+    let cut = db
+        .batch_execute(&format!("ALTER TABLE warden.agent_heartbeats DETACH PARTITION warden.{name} CONCURRENTLY"))
+        .await
+        .unwrap_err();
+    assert_eq!(cut.code(), Some(&tokio_postgres::error::SqlState::QUERY_CANCELED), "{cut}");
+    db.batch_execute("RESET statement_timeout").await.unwrap();
+    reader.batch_execute("COMMIT").await.unwrap();
+    let pending: bool = db
+        .query_one("SELECT inhdetachpending FROM pg_inherits WHERE inhrelid = ('warden.' || $1)::regclass", &[&name])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(pending);
+
+    let report = cycle(&test_db, Utc::now()).await;
+    assert!(report.failed.is_empty(), "{:?}", failed_steps(&report));
+    assert!(report.dropped_partitions.contains(&name), "{:?}", report.dropped_partitions);
+    assert!(report.dropped_partitions.contains(&next), "{:?}", report.dropped_partitions);
+}
+
+#[tokio::test]
 async fn pruning_an_old_alert_keeps_the_grouped_message_of_one_still_firing() {
     let test_db = TestDb::migrated().await;
     let db = test_db.client().await;
