@@ -169,6 +169,7 @@ impl Engine {
             Some(n) => n,
             None => client.query_one("SELECT now()", &[]).await?.get(0),
         };
+        let read_at = tokio::time::Instant::now();
         let mut report = TickReport {
             opened: self.open_jobs(&client, now).await?,
             cancelled: cancel_resolved(&client, now).await? as usize,
@@ -184,7 +185,7 @@ impl Engine {
             .await?
             .get(0);
         report.paused_by_fleet_outage = outage.is_some();
-        let (started, exhausted) = self.claim_and_start(&mut client, now, outage).await?;
+        let (started, exhausted) = self.claim_and_start(&mut client, (now, read_at), outage).await?;
         report.started = started;
         report.exhausted += exhausted;
         Ok(report)
@@ -303,7 +304,7 @@ impl Engine {
             .query(
                 "SELECT j.id, j.current_action_id, j.verify_until, a.started_at, s.last_seen, s.liveness, \
                         j.incident_id, a.attempt, j.strategy, a.action, j.agent_id, i.issue_type, i.resolved_at, \
-                        a.finished_at, j.manual \
+                        a.finished_at, j.manual, s.expected_interval_ms \
                  FROM warden.recovery_jobs j \
                  JOIN warden.recovery_actions a ON a.id = j.current_action_id \
                  JOIN warden.agent_status s ON s.agent_id = j.agent_id \
@@ -339,6 +340,12 @@ impl Engine {
             // agent can be online throughout.
             let silence = issue.is_none_or(IssueType::is_silence);
             let back = (liveness == "online" && ended.is_some_and(|e| last_seen > e)).then_some(last_seen);
+            // Any issue's verification fails once the agent has had its time
+            // to be back and is not: an agent that crashed on its way up
+            // would otherwise wait out the issue's clearing time (an hour for
+            // error rates) before the next attempt, and hold back a
+            // recovery of its going quiet meanwhile.
+            let back_by = ended.map(|e| e + self.verify_for(&strategy, None, row.get(15)));
             let fixed_at =
                 if silence { back } else { back.and(resolved_at.filter(|r| started.is_some_and(|s| *r >= s))) };
             if let Some(fixed_at) = fixed_at {
@@ -400,15 +407,17 @@ impl Engine {
                 .await?;
                 crate::metrics::METRICS.recovery_attempts.with_label_values(&["succeeded"]).inc();
                 succeeded += 1;
-            } else if verify_until.is_some_and(|v| now >= v) {
+            } else if let Some(deadline) =
+                verify_until.map(|v| if back.is_none() { v.min(back_by.unwrap_or(v)) } else { v }).filter(|d| now >= *d)
+            {
                 // Counted from the action's end, as verification is.
-                let waited = verify_until.zip(ended).map(|(v, e)| (v - e).num_seconds().max(0)).unwrap_or(0);
+                let waited = ended.map(|e| (deadline - e).num_seconds().max(0)).unwrap_or(0);
                 tx.execute(
                     "UPDATE warden.recovery_actions SET state = 'failed', \
                        outcome = coalesce(outcome || '; ', '') || $2 WHERE id = $1",
                     &[
                         &action,
-                        &if silence {
+                        &if silence || back.is_none() {
                             format!("the agent did not come back within {waited}s of the action's end")
                         } else {
                             format!(
@@ -578,7 +587,7 @@ impl Engine {
     async fn claim_and_start(
         self: &Arc<Self>,
         client: &mut db::Client,
-        now: DateTime<Utc>,
+        (now, read_at): (DateTime<Utc>, tokio::time::Instant),
         outage: Option<i64>,
     ) -> Result<(usize, usize), DbError> {
         let tx = client.transaction().await?;
@@ -587,6 +596,14 @@ impl Engine {
         // checked against every other claim's outcome, not a snapshot
         // taken while another replica was claiming.
         super::take_claim_turn(&tx).await?;
+        // The tick's clock moved on while the jobs before were settled and
+        // this waited for its turn. Leases run from here, and this
+        // replica's idea of a lease ends with the one it writes: dated from
+        // the tick's start, the lease written ended before this replica's,
+        // and another replica could take over a live action. (Which jobs
+        // are due is still decided at the tick's `now`.)
+        let at = tokio::time::Instant::now();
+        let lease_from = now + Duration::from_std(at - read_at).unwrap_or_default();
         let active = tx
             .query_one(
                 "SELECT count(*), count(*) FILTER (WHERE manual) FROM warden.recovery_jobs \
@@ -700,7 +717,7 @@ impl Engine {
             };
             let timeout = action.timeout().map(|t| t.get()).unwrap_or(StdDuration::from_secs(1));
             let margin = Duration::from_std(self.settings.lease_margin.get()).unwrap_or(Duration::seconds(30));
-            let lease = now + Duration::from_std(timeout).unwrap_or(Duration::seconds(30)) + margin;
+            let lease = lease_from + Duration::from_std(timeout).unwrap_or(Duration::seconds(30)) + margin;
             // Written before it starts: the attempt exists even if we die now.
             let action_id: i64 = tx
                 .query_one(
@@ -729,7 +746,7 @@ impl Engine {
             .await?;
             let issue = ctx.issue_type.as_deref().and_then(|t| t.parse().ok());
             let verify = self.verify_for(&strategy.name, issue, row.get(11));
-            let lease_ends = tokio::time::Instant::now() + timeout + self.settings.lease_margin.get();
+            let lease_ends = at + timeout + self.settings.lease_margin.get();
             starts.push(Start { job, action_id, action, ctx, verify, lease_ends });
         }
         tx.commit().await?;

@@ -773,6 +773,28 @@ async fn a_job_stopped_by_the_budget_alone_says_what_used_it_up() {
 }
 
 #[tokio::test]
+async fn an_agent_not_back_fails_verification_without_waiting_out_its_issues_clearing_time() {
+    // An error-rate incident's verification lasts an hour past the time to
+    // be back; an agent that crashed on its way up must not wait that out.
+    let rig = rig(vec![strategy(&[IssueType::HighErrorRate], vec![command(&["/bin/true"])])], 3).await;
+    rig.agent("erring").await;
+    rig.incident("erring", IssueType::HighErrorRate).await;
+    let now = chrono::Utc::now();
+    rig.engine.tick(Some(now)).await.unwrap();
+    rig.engine.settle().await;
+    assert_eq!(rig.jobs("erring").await[0].0, "verifying");
+    rig.engine.tick(Some(now + chrono::Duration::seconds(1))).await.unwrap();
+    assert_eq!(rig.jobs("erring").await[0].0, "verifying", "it still has its time to be back");
+    rig.engine.tick(Some(now + chrono::Duration::minutes(5))).await.unwrap();
+    rig.engine.settle().await;
+    let db = rig.db.client().await;
+    let first: String =
+        db.query_one("SELECT outcome FROM warden.recovery_actions ORDER BY id LIMIT 1", &[]).await.unwrap().get(0);
+    assert_eq!(rig.action_states("erring").await[0], "failed");
+    assert!(first.contains("the agent did not come back within"), "{first}");
+}
+
+#[tokio::test]
 async fn an_incident_resolved_during_verification_ends_the_job_without_giving_up() {
     let mut fix = strategy(&[IssueType::AgentUnresponsive], vec![command(&["/bin/true"])]);
     fix.verify_timeout = Some(D::from_secs(60));
