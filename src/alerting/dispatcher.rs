@@ -428,8 +428,11 @@ impl Dispatcher {
         db::retry_until(lease_ends, margin, &what, || self.record(outcome)).await
     }
 
-    /// Claims due deliveries, oldest first per channel and alert. A message
-    /// other than a resolution whose alerts are all firing under a silence
+    /// Claims due deliveries, oldest first per channel and alert. An
+    /// escalation or repeat none of whose alerts fires any more is left to
+    /// cancel_stale, even if they stopped firing since it ran: the escalator
+    /// may have left the channel out of the resolution, counting on that.
+    /// A message other than a resolution whose alerts are all firing under a silence
     /// or maintenance window (the escalator keeps suppressed_reason current)
     /// is held, not claimed: queued before the silence began, or retrying
     /// since, it goes when the silence ends if its alerts still fire.
@@ -448,6 +451,8 @@ impl Dispatcher {
                    WHERE d.state = 'pending' AND d.next_attempt_at <= $1 \
                      AND (d.claimed_until IS NULL OR d.claimed_until <= $1) \
                      AND NOT (d.channel = ANY ($5)) \
+                     AND (d.kind NOT IN ('escalation', 'repeat') OR EXISTS ( \
+                       SELECT 1 FROM warden.alerts x WHERE x.id = ANY (d.alert_ids) AND x.state = 'firing')) \
                      AND (d.kind = 'resolved' OR EXISTS ( \
                        SELECT 1 FROM warden.alerts x WHERE x.id = ANY (d.alert_ids) \
                          AND NOT (x.state = 'firing' AND coalesce(x.suppressed_reason LIKE 'silence:%' \
