@@ -1,10 +1,12 @@
 -- warden schema, version 32: partition bounds whatever the caller's
 -- session settings.
 --
--- ensure_partitions turned each day into timestamptz bounds in the
--- session's TimeZone and wrote them into the DDL as text in its DateStyle.
--- warden's own sessions run in UTC, but an operator calling the function
--- from psql in another zone (Asia/Kolkata, say) made days that began
--- hours away from midnight UTC: heartbeats of those hours found no partition,
--- and the next upkeep in UTC failed on the overlap and made no more days.
+-- ensure_partitions wrote each day's timestamptz bounds into the DDL as
+-- text in the session's DateStyle and TimeZone. warden's own sessions run
+-- in UTC with ISO dates, but an operator calling the function from psql
+-- with DateStyle SQL (or German) in another zone got bounds written with
+-- a zone abbreviation, read back as another zone (IST, India's, is read
+-- as Israel's): days that began hours away from midnight UTC. Heartbeats
+-- of those hours found no partition, and the next upkeep in UTC failed on
+-- the overlap and made no more days.
 ALTER FUNCTION warden.ensure_partitions(date, date) SET TimeZone = 'UTC' SET DateStyle = 'ISO, YMD';

@@ -594,23 +594,28 @@ async fn detach_and_drop(
     attached: Attached,
 ) -> Result<(), DbError> {
     let finalize = format!("ALTER TABLE warden.{parent} DETACH PARTITION warden.{child} FINALIZE");
+    if attached != Attached::No {
+        // Marked first, so that a later cycle knows a table left detached
+        // (this one dying before its DROP) as its own, and never drops a
+        // table of the same name an operator restored to look at.
+        client.batch_execute(&format!("COMMENT ON TABLE warden.{child} IS '{DETACHING}'")).await?;
+    }
     match attached {
         Attached::Yes => {
-            // Marked first, so that a later cycle knows a table left detached
-            // (this one dying before its DROP) as its own, and never drops a
-            // table of the same name an operator restored to look at.
-            client.batch_execute(&format!("COMMENT ON TABLE warden.{child} IS '{DETACHING}'")).await?;
             let detach = client
                 .batch_execute(&format!("ALTER TABLE warden.{parent} DETACH PARTITION warden.{child} CONCURRENTLY"))
                 .await;
             if let Err(e) = detach {
-                // Another session's detach left pending since the catalogue
-                // was read. By its code: the message is translated on a
-                // server whose lc_messages is not English.
-                if e.code() != Some(&tokio_postgres::error::SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE) {
+                // Left pending by another session since the catalogue was
+                // read, told by its code: the message is translated on a
+                // server whose lc_messages is not English. (The same code
+                // comes when another partition's detach is pending: then
+                // FINALIZE fails too, and the first error says why.)
+                if e.code() != Some(&tokio_postgres::error::SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE)
+                    || client.batch_execute(&finalize).await.is_err()
+                {
                     return Err(e.into());
                 }
-                client.batch_execute(&finalize).await?;
             }
         }
         Attached::DetachPending => client.batch_execute(&finalize).await?,

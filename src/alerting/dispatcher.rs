@@ -165,6 +165,23 @@ async fn cancel_stale(client: &tokio_postgres::Client, now: DateTime<Utc>) -> Re
             &[&now],
         )
         .await?;
+    // A first page held under a silence (see claim) whose alerts were
+    // acknowledged or resolved before it ended: nobody was told, and
+    // nobody needs to be now.
+    let silenced = client
+        .execute(
+            "UPDATE warden.alert_deliveries d SET state = 'cancelled', claimed_by = NULL, claimed_until = NULL, \
+                    last_error = 'its alerts were acknowledged or resolved under a silence before it was sent' \
+             WHERE d.state = 'pending' AND d.kind = 'firing' AND NOT d.detail ? 'reached' \
+               AND (d.claimed_until IS NULL OR d.claimed_until <= $1) \
+               AND NOT EXISTS (SELECT 1 FROM warden.alerts x \
+                               WHERE x.id = ANY (d.alert_ids) \
+                                 AND (x.state = 'firing' \
+                                      OR NOT coalesce(x.suppressed_reason LIKE 'silence:%' \
+                                                      OR x.suppressed_reason LIKE 'maintenance:%', false)))",
+            &[&now],
+        )
+        .await?;
     let resolutions = client
         .execute(
             "UPDATE warden.alert_deliveries d SET state = 'cancelled', claimed_by = NULL, claimed_until = NULL, \
@@ -177,7 +194,7 @@ async fn cancel_stale(client: &tokio_postgres::Client, now: DateTime<Utc>) -> Re
             &[&now],
         )
         .await?;
-    Ok((overtaken + resolutions) as usize)
+    Ok((overtaken + silenced + resolutions) as usize)
 }
 
 /// One replica's dispatcher.
@@ -351,8 +368,9 @@ impl Dispatcher {
         // The claim's lease runs from the database's `now`, read below; this
         // replica's clock starts before it, so its idea of the lease ends
         // first.
-        let lease_ends = tokio::time::Instant::now() + self.params.lease.to_std().unwrap_or_default();
+        // (After the wait for a connection, which is no part of it.)
         let mut client = db::client(&self.pool).await?;
+        let lease_ends = tokio::time::Instant::now() + self.params.lease.to_std().unwrap_or_default();
         let now: DateTime<Utc> = match now {
             Some(n) => n,
             None => client.query_one("SELECT now()", &[]).await?.get(0),

@@ -165,11 +165,13 @@ impl Engine {
     /// One pass over the work; `now` from the database when `None`.
     pub async fn tick(self: &Arc<Self>, now: Option<DateTime<Utc>>) -> Result<TickReport, DbError> {
         let mut client = db::client(&self.pool).await?;
+        // Before the database's clock is read: leases dated from it on this
+        // replica's clock then end here first.
+        let read_at = tokio::time::Instant::now();
         let now = match now {
             Some(n) => n,
             None => client.query_one("SELECT now()", &[]).await?.get(0),
         };
-        let read_at = tokio::time::Instant::now();
         let mut report = TickReport {
             opened: self.open_jobs(&client, now).await?,
             cancelled: cancel_resolved(&client, now).await? as usize,
@@ -339,13 +341,16 @@ impl Engine {
             // its condition cleared and resolves the incident, since an
             // agent can be online throughout.
             let silence = issue.is_none_or(IssueType::is_silence);
-            let back = (liveness == "online" && ended.is_some_and(|e| last_seen > e)).then_some(last_seen);
+            let heard = ended.is_some_and(|e| last_seen > e);
+            let back = (liveness == "online" && heard).then_some(last_seen);
             // Any issue's verification fails once the agent has had its time
-            // to be back and is not: an agent that crashed on its way up
-            // would otherwise wait out the issue's clearing time (an hour for
-            // error rates) before the next attempt, and hold back a
-            // recovery of its going quiet meanwhile.
-            let back_by = ended.map(|e| e + self.verify_for(&strategy, None, row.get(15)));
+            // to be back and has not been heard from since the action ended:
+            // an agent that crashed on its way up would otherwise wait out
+            // the issue's clearing time (an hour for error rates) before the
+            // next attempt, and hold back a recovery of its going quiet
+            // meanwhile. One that was heard from keeps the whole time, even
+            // if a late beat makes it degraded for a moment.
+            let unheard_by = ended.filter(|_| !heard).map(|e| e + self.verify_for(&strategy, None, row.get(15)));
             let fixed_at =
                 if silence { back } else { back.and(resolved_at.filter(|r| started.is_some_and(|s| *r >= s))) };
             if let Some(fixed_at) = fixed_at {
@@ -408,7 +413,7 @@ impl Engine {
                 crate::metrics::METRICS.recovery_attempts.with_label_values(&["succeeded"]).inc();
                 succeeded += 1;
             } else if let Some(deadline) =
-                verify_until.map(|v| if back.is_none() { v.min(back_by.unwrap_or(v)) } else { v }).filter(|d| now >= *d)
+                verify_until.map(|v| unheard_by.map_or(v, |u| u.min(v))).filter(|d| now >= *d)
             {
                 // Counted from the action's end, as verification is.
                 let waited = ended.map(|e| (deadline - e).num_seconds().max(0)).unwrap_or(0);
@@ -417,7 +422,7 @@ impl Engine {
                        outcome = coalesce(outcome || '; ', '') || $2 WHERE id = $1",
                     &[
                         &action,
-                        &if silence || back.is_none() {
+                        &if silence || !heard {
                             format!("the agent did not come back within {waited}s of the action's end")
                         } else {
                             format!(
@@ -953,7 +958,7 @@ async fn event(
 ) -> Result<(), DbError> {
     // A message past the column's bound would fail the insert, and with it
     // every tick on this job; the details keep everything.
-    let message: String = message.chars().take(crate::ingest::events::MESSAGE_MAX).collect();
+    let message = crate::console::format::at_most(message, crate::ingest::events::MESSAGE_MAX);
     tx.execute(
         "INSERT INTO warden.system_events (occurred_at, agent_id, event_type, severity, message, details) \
          VALUES ($1, $2, $3, $4, $5, $6)",

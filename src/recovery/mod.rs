@@ -124,7 +124,8 @@ fn labels_get<'a>(labels: &'a std::collections::BTreeMap<String, String>, key: &
 /// (of incidents still open) start afresh, with a fresh attempt window.
 /// Returns how many jobs were reset.
 ///
-/// The agent's other unfinished automatic jobs get the fresh window too:
+/// When it resets any, the agent's other unfinished automatic jobs get the
+/// fresh window too:
 /// their budget counts the agent's attempts since their window began, so
 /// one still waiting out its backoff would otherwise count the attempts
 /// just forgiven and give up, paging again, as soon as it came due.
@@ -134,17 +135,18 @@ pub async fn reset(client: &tokio_postgres::Client, agent: &str) -> Result<u64, 
     }
     let reset: i64 = client
         .query_one(
-            "WITH forgiven AS ( \
-               UPDATE warden.recovery_jobs SET window_start = now(), updated_at = now() \
-               WHERE agent_id = $1 AND state IN ('pending', 'running', 'verifying') AND NOT manual \
-             ), \
-             reset AS ( \
+            "WITH reset AS ( \
                UPDATE warden.recovery_jobs j SET state = 'pending', next_run_at = now(), window_start = now(), \
                  action_index = 0, action_attempts = 0, attempts = 0, finished_at = NULL, outcome = NULL, \
                  updated_at = now() \
                FROM warden.incidents i \
                WHERE j.agent_id = $1 AND j.state = 'exhausted' AND i.id = j.incident_id AND i.state = 'open' \
                RETURNING 1 \
+             ), \
+             forgiven AS ( \
+               UPDATE warden.recovery_jobs SET window_start = now(), updated_at = now() \
+               WHERE agent_id = $1 AND state IN ('pending', 'running', 'verifying') AND NOT manual \
+                 AND EXISTS (SELECT 1 FROM reset) \
              ) \
              SELECT count(*) FROM reset",
             &[&agent],

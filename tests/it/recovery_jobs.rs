@@ -489,6 +489,10 @@ async fn a_reset_forgives_the_attempts_for_the_agents_waiting_jobs_too() {
     )
     .await
     .unwrap();
+    // Nothing has given up yet: a reset changes nothing.
+    assert_eq!(warden::recovery::reset(&db, "two").await.unwrap(), 0);
+    let forgiven = "SELECT count(*) FROM warden.recovery_jobs WHERE window_start IS NOT NULL";
+    assert_eq!(rig.count(forgiven).await, 0);
     for _ in 0..3 {
         rig.tick().await;
     }
@@ -777,21 +781,36 @@ async fn an_agent_not_back_fails_verification_without_waiting_out_its_issues_cle
     // An error-rate incident's verification lasts an hour past the time to
     // be back; an agent that crashed on its way up must not wait that out.
     let rig = rig(vec![strategy(&[IssueType::HighErrorRate], vec![command(&["/bin/true"])])], 3).await;
-    rig.agent("erring").await;
-    rig.incident("erring", IssueType::HighErrorRate).await;
+    // "erring" is never heard from again; "late" is, but then misses a beat.
+    for agent in ["erring", "late"] {
+        rig.agent(agent).await;
+        rig.incident(agent, IssueType::HighErrorRate).await;
+    }
     let now = chrono::Utc::now();
     rig.engine.tick(Some(now)).await.unwrap();
     rig.engine.settle().await;
     assert_eq!(rig.jobs("erring").await[0].0, "verifying");
+    assert_eq!(rig.jobs("late").await[0].0, "verifying");
+    let db = rig.db.client().await;
+    db.execute(
+        "UPDATE warden.agent_status SET last_seen = now() + interval '2 seconds', liveness = 'degraded' \
+         WHERE agent_id = 'late'",
+        &[],
+    )
+    .await
+    .unwrap();
     rig.engine.tick(Some(now + chrono::Duration::seconds(1))).await.unwrap();
     assert_eq!(rig.jobs("erring").await[0].0, "verifying", "it still has its time to be back");
     rig.engine.tick(Some(now + chrono::Duration::minutes(5))).await.unwrap();
     rig.engine.settle().await;
-    let db = rig.db.client().await;
-    let first: String =
-        db.query_one("SELECT outcome FROM warden.recovery_actions ORDER BY id LIMIT 1", &[]).await.unwrap().get(0);
+    let first: String = db
+        .query_one("SELECT outcome FROM warden.recovery_actions WHERE agent_id = 'erring' ORDER BY id LIMIT 1", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(rig.action_states("erring").await[0], "failed");
     assert!(first.contains("the agent did not come back within"), "{first}");
+    assert_eq!(rig.jobs("late").await[0].0, "verifying", "heard from: it keeps its time for the errors to clear");
 }
 
 #[tokio::test]

@@ -469,7 +469,9 @@ async fn a_detach_left_pending_is_finished_and_the_days_after_it_go_too() {
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM warden.agent_heartbeats")
         .await
         .unwrap();
-    db.batch_execute("SET statement_timeout = '500ms'").await.unwrap();
+    // The first phase takes no time; the second waits for the reader for
+    // as long as it stays.
+    db.batch_execute("SET statement_timeout = '2s'").await.unwrap();
     let cut = db
         .batch_execute(&format!("ALTER TABLE warden.agent_heartbeats DETACH PARTITION warden.{name} CONCURRENTLY"))
         .await

@@ -72,7 +72,7 @@ pub(crate) enum Reply {
 /// recipient refused for good is named in [`Sent::refused`] and not tried
 /// again); otherwise an error carrying the recipients reached so far, for
 /// the retry to skip. The error reported is the first, unless a later one
-/// asks to wait longer (429 Retry-After), which the retry must honour.
+/// asks to wait longer (Retry-After), which the retry must honour.
 pub(crate) fn merge(reached: &[String], replies: Vec<(String, Reply)>) -> Result<Sent, SendError> {
     let mut sent = Sent::default();
     let mut now_reached: Vec<String> = reached.to_vec();
