@@ -253,19 +253,23 @@ pub async fn liveness_cycle<'r>(
         tx.query_one("SELECT last_cycle_at, resumed_at, leader FROM warden.evaluator_state FOR UPDATE", &[]).await?;
     let last_cycle: Option<DateTime<Utc>> = state.get(0);
     let mut resumed: Option<DateTime<Utc>> = state.get(1);
-    // A new leader (replica names carry the process id) that began
-    // taking heartbeats after the last cycle is a restart: between the old
-    // process's stop and its own start nobody heard the agents, and one
-    // whose beat fell in that stretch reads as late (after a 20 s restart,
-    // as offline). A replica that was serving before the last cycle was
-    // ingesting throughout: a failover, and no gap. (Another replica
-    // running meanwhile would have taken the lead within a cycle's
-    // spacing.) Where the start is not known, a pause longer than a
-    // cycle's spacing with nothing stored or refused meanwhile is taken
-    // for one. Otherwise only a longer pause is a gap.
+    // A leader that began taking heartbeats after the last cycle is a
+    // restart: between the old process's stop and its own start nobody
+    // heard the agents, and one whose beat fell in that stretch reads as
+    // late (after a 20 s restart, as offline). A process's own cycles all
+    // come after its start, whatever its name: a container restarted keeps
+    // its host name, pid (1) and port, and so the name. A replica that was
+    // serving before the last cycle was ingesting throughout: a failover,
+    // and no gap. (Another replica running meanwhile would have taken the
+    // lead within a cycle's spacing.) Where the start is not known, a new
+    // leader pausing longer than a cycle's spacing with nothing stored or
+    // refused meanwhile is taken for one. Otherwise only a longer pause is
+    // a gap.
     let new_leader = state.get::<_, Option<String>>(2).as_deref() != Some(replica.name);
     let restarted = match (last_cycle, replica.serving_since) {
-        (Some(at), Some(serving_since)) if new_leader => serving_since > at,
+        // At the database's precision: a cycle at the very instant the
+        // process began is its own.
+        (Some(at), Some(serving_since)) => chrono::SubsecRound::trunc_subsecs(serving_since, 6) > at,
         (Some(at), None) if new_leader && now - at > params.check_interval => tx
             .query_one(
                 "SELECT NOT EXISTS (SELECT 1 FROM warden.agent_status WHERE last_seen > $1) \

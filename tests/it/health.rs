@@ -756,12 +756,25 @@ async fn a_restart_is_told_from_a_failover_by_when_the_new_leader_began_serving(
     let report = evaluator::liveness_cycle(&mut c, &p, four, Some(failover)).await.unwrap();
     assert!(!report.resumed, "warden-4 was taking heartbeats all along");
     assert_eq!(liveness(&c, "quick").await, Liveness::Offline);
+
+    // A container restarted keeps its host name, pid (1) and port, and so
+    // its name; it began serving after the last cycle all the same.
+    beat(&c, "quick", failover + Duration::seconds(1), 5_000, 3).await;
+    evaluator::liveness_cycle(&mut c, &p, four, Some(failover + Duration::seconds(2))).await.unwrap();
+    let before = liveness(&c, "quick").await;
+    assert_ne!(before, Liveness::Offline, "heard from again");
+    let restart = failover + Duration::seconds(22);
+    let four_again = replica("warden-4", restart);
+    let report =
+        evaluator::liveness_cycle(&mut c, &p, four_again, Some(restart + Duration::milliseconds(300))).await.unwrap();
+    assert!(report.resumed, "the same name, started anew");
+    assert_eq!(liveness(&c, "quick").await, before, "silent 21 s while nobody was listening: no worse");
     let paused = c
         .query_one("SELECT count(*) FROM warden.system_events WHERE event_type = 'evaluation_paused'", &[])
         .await
         .unwrap()
         .get::<_, i64>(0);
-    assert_eq!(paused, 2, "the two restarts, not the failover");
+    assert_eq!(paused, 3, "the three restarts, not the failover");
 }
 
 #[tokio::test]
