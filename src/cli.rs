@@ -456,7 +456,8 @@ async fn resolve(url: &str) -> Result<std::net::SocketAddr, Failure> {
         .await
         .ok()
         .and_then(|mut a| a.next())
-        .ok_or_else(|| Failure::usage(format!("--url: cannot resolve {hostport}")))
+        // The name may be right and the resolver down: not a usage error.
+        .ok_or_else(|| Failure::other(format!("--url: cannot resolve {hostport}")))
 }
 
 async fn bench_ingest(client: &mut db::Client, bench: crate::bench::IngestBench) -> Result<(), Failure> {

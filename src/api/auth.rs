@@ -11,7 +11,6 @@
 use std::marker::PhantomData;
 
 use axum::extract::FromRequestParts;
-use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 
 use super::{ApiError, AppState};
@@ -45,7 +44,7 @@ impl<S: RequiredScope> FromRequestParts<AppState> for Authorized<S> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let header = parts.headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok());
+        let header = crate::auth::bearer_header(&parts.headers);
         let session = if header.is_none() && state.auth.enabled() {
             match crate::console::session::api_principal(parts, state, S::SCOPE).await {
                 // Refused, but the session is live: its key pays for the

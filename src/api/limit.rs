@@ -36,7 +36,6 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::header::AUTHORIZATION;
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -256,7 +255,7 @@ pub async fn enforce(State(state): State<AppState>, request: Request, next: Next
         }
         return response;
     }
-    let header = request.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let header = crate::auth::bearer_header(request.headers());
     if let Some(wait) = limiter.failures_exhausted(address, Instant::now())
         && !state.auth.recently_verified(header)
         && (header.is_some() || !state.recent_sessions.cookie_seen(&state, request.headers()))

@@ -144,7 +144,9 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> 
     let (version, since_cycle) = match found {
         Some(Readiness::Reached(version, since)) => (version, since),
         Some(Readiness::Unavailable(why)) => return Err(ApiError::unavailable(why)),
-        Some(Readiness::Failed) => return Err(ApiError::internal()),
+        // Not ready either way: 503 with Retry-After, as the probe promises,
+        // whatever the cause (the log has it).
+        Some(Readiness::Failed) => return Err(ApiError::unavailable("the readiness check failed; see warden's log")),
         None => return Err(ApiError::unavailable("the database did not answer in time")),
     };
     let needed = migrate::latest_version();

@@ -145,7 +145,7 @@ async fn stream(
     // database at every check, uncached, so its streams are checked every
     // RECHECK_MIN: a logout or a revoked key ends them within seconds, as
     // it ends the session's pages at once.
-    let every = if headers.contains_key(axum::http::header::AUTHORIZATION) {
+    let every = if crate::auth::bearer_header(&headers).is_some() {
         state.settings.auth.cache_ttl.get().max(RECHECK_MIN)
     } else {
         RECHECK_MIN

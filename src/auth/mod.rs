@@ -174,6 +174,16 @@ pub fn hash(token: &str) -> [u8; 32] {
 /// The credentials of an `Authorization: Bearer <key>` header value. The
 /// scheme's name is case-insensitive (RFC 9110, section 11.1), so
 /// `BEARER` is as good as `Bearer`.
+/// The request's `Authorization` value if it uses the Bearer scheme, the
+/// only one warden reads. Another (a proxy's `Basic` credentials, sent by
+/// the browser with every request) is no credential of warden's: the
+/// request is judged by its console session, if any, as if none were sent.
+pub fn bearer_header(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let value = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
+    let scheme = value.split_whitespace().next()?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(value)
+}
+
 pub fn bearer_token(header: &str) -> Option<&str> {
     let (scheme, token) = header.trim_start().split_once(' ')?;
     let token = token.trim();
@@ -339,15 +349,23 @@ impl Authenticator {
         self.enabled
     }
 
-    /// Whether `header` carries a valid key this replica verified within the
-    /// cache TTL, from the cache alone (never the database; scopes aside).
-    /// The rate limiter keeps serving such keys from an address that is
-    /// failing to authenticate.
+    /// Whether `header` carries a key this replica has verified, from the
+    /// cache alone (never the database; scopes aside), however long ago:
+    /// the rate limiter keeps serving such keys from an address that is
+    /// failing to authenticate, and lets them through to the real check.
+    /// Within the TTL only, a key in constant use would be refused once
+    /// its entry aged out, since the lookup that renews it sits behind the
+    /// refusal: clients sharing an address with a guesser (a NAT, a proxy)
+    /// were locked out after `auth.cache_ttl`.
     pub fn recently_verified(&self, header: Option<&str>) -> bool {
         let Some(token) = header.and_then(bearer_token) else {
             return false;
         };
-        let Some(entry) = key_id_of(token).and_then(|key_id| self.cached(key_id)) else {
+        let entry = key_id_of(token).and_then(|key_id| {
+            let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            cache.get(key_id).cloned()
+        });
+        let Some(entry) = entry else {
             return false;
         };
         entry.key.is_some_and(|stored| bool::from(hash(token).ct_eq(&stored.hash)))

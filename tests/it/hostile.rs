@@ -351,6 +351,7 @@ async fn failed_authentication_is_limited_per_address_without_hurting_known_keys
     let app = TestApp::spawn_with(|s| {
         s.limits.failed_auth_per_second = 0.01;
         s.limits.failed_auth_burst = 3;
+        s.auth.cache_ttl = warden::config::Duration::from_secs(1);
     })
     .await;
     let known = app.key(&[Scope::Read]).await;
@@ -373,8 +374,12 @@ async fn failed_authentication_is_limited_per_address_without_hurting_known_keys
     let body: serde_json::Value = response.json().await.unwrap();
     let message = body["error"]["message"].as_str().unwrap();
     assert!(message.contains("failed authentication") && message.contains("API key"), "{message}");
-    assert_eq!(fleet(unknown_yet).await, 429, "a key not verified recently is not checked either");
-    assert_eq!(fleet(known).await, 200, "a recently verified key still works from this address");
+    assert_eq!(fleet(unknown_yet.clone()).await, 429, "a key not verified recently is not checked either");
+    assert_eq!(fleet(known.clone()).await, 200, "a recently verified key still works from this address");
+    // Past the cache's TTL too: the lookup that renews it is let through.
+    tokio::time::sleep(std::time::Duration::from_millis(1_200)).await;
+    assert_eq!(fleet(known).await, 200, "a key in use keeps working past auth.cache_ttl");
+    assert_eq!(fleet(unknown_yet).await, 429);
 }
 
 #[tokio::test]

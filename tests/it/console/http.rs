@@ -224,6 +224,27 @@ async fn calls_with_a_session_cookie_are_charged_to_its_key() {
     assert_eq!(by_cookie().send().await.unwrap().status(), 429, "the cookie shares the key's empty bucket");
 }
 
+/// Behind a proxy asking for Basic credentials the browser sends them with
+/// every request; they are no credential of warden's, and the session
+/// still counts.
+#[tokio::test]
+async fn a_proxys_basic_credentials_beside_a_session_leave_the_session_in_charge() {
+    let app = app().await;
+    let (_, read, _) = keys(&app).await;
+    let session = sign_in(&app, &read).await;
+    let basic = "Basic dXNlcjpwYXNzd29yZA==";
+    let with_basic = |path: &str| {
+        client().get(app.url(path)).header(COOKIE, session.cookie()).header(reqwest::header::AUTHORIZATION, basic)
+    };
+    assert_eq!(with_basic("/v1/fleet").send().await.unwrap().status(), 200);
+    let stream = with_basic("/v1/stream").send().await.unwrap();
+    assert_eq!(stream.status(), 200, "the console's live stream");
+    drop(stream);
+    // Without a session, Basic credentials are no key either.
+    let bare = client().get(app.url("/v1/fleet")).header(reqwest::header::AUTHORIZATION, basic);
+    assert_eq!(bare.send().await.unwrap().status(), 401);
+}
+
 /// Console pages read as much as the API calls behind them, and spend the
 /// same allowance.
 #[tokio::test]
