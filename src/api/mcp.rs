@@ -88,7 +88,7 @@ pub fn router() -> Router<AppState> {
 
 /// One POST: authenticate, read the body, answer each JSON-RPC request in it.
 async fn post_mcp(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, Refusal> {
-    super::check_origin(&headers)?;
+    super::check_origin(&headers, &state.settings.alerting.link_base)?;
     let principal = authenticate(&state, &headers).await?;
     // This route lives outside /v1 and its DefaultBodyLimit.
     let body = read_limited(body, state.settings.ingest.max_body_bytes).await?;
@@ -966,13 +966,13 @@ mod tests {
             }
             h
         };
-        assert!(crate::api::check_origin(&headers(None)).is_ok());
-        assert!(crate::api::check_origin(&headers(Some("https://warden.example:8080"))).is_ok());
+        assert!(crate::api::check_origin(&headers(None), "").is_ok());
+        assert!(crate::api::check_origin(&headers(Some("https://warden.example:8080")), "").is_ok());
         let with_host = |host: &'static str, origin: &'static str| {
             let mut h = HeaderMap::new();
             h.insert(HOST, HeaderValue::from_static(host));
             h.insert(ORIGIN, HeaderValue::from_static(origin));
-            crate::api::check_origin(&h).is_ok()
+            crate::api::check_origin(&h, "").is_ok()
         };
         assert!(with_host("warden.example:443", "https://warden.example"), "default port spelled out");
         assert!(with_host("warden.example", "https://Warden.example:443"));
@@ -981,10 +981,28 @@ mod tests {
         assert!(!with_host("warden.example:80", "https://warden.example"), "another port");
         for foreign in ["https://evil.example", "https://warden.example", "null"] {
             assert_eq!(
-                crate::api::check_origin(&headers(Some(foreign))).unwrap_err().status,
+                crate::api::check_origin(&headers(Some(foreign)), "").unwrap_err().status,
                 StatusCode::FORBIDDEN,
                 "{foreign}"
             );
         }
+        // Behind a proxy that rewrites Host (nginx's default) or drops its
+        // port: the proxy's X-Forwarded-Host, or the public address.
+        let proxied = |forwarded: Option<&'static str>, origin: &'static str, public: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(HOST, HeaderValue::from_static("127.0.0.1:8080"));
+            h.insert(ORIGIN, HeaderValue::from_static(origin));
+            if let Some(f) = forwarded {
+                h.insert("x-forwarded-host", HeaderValue::from_static(f));
+            }
+            crate::api::check_origin(&h, public).is_ok()
+        };
+        assert!(proxied(Some("warden.example"), "https://warden.example", ""));
+        assert!(proxied(Some("warden.example:8443, inner:80"), "https://warden.example:8443", ""));
+        assert!(!proxied(Some("warden.example"), "https://evil.example", ""));
+        assert!(proxied(None, "https://warden.example:8443", "https://warden.example:8443/ops"));
+        assert!(!proxied(None, "https://warden.example:8443", "https://warden.example"), "another port");
+        assert!(!proxied(None, "http://warden.example", "https://warden.example"), "another scheme");
+        assert!(!proxied(None, "https://warden.example", ""));
     }
 }

@@ -197,25 +197,40 @@ async fn request_timeout(State(state): State<AppState>, request: Request, next: 
 /// disabled, a page on any site could otherwise make a visitor's browser
 /// send heartbeats to a warden on their network. Clients that are not
 /// browsers send no `Origin` at all.
-pub(crate) fn check_origin(headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+///
+/// This origin is the `Host` the request came with, or, behind a reverse
+/// proxy that rewrites `Host` (nginx does by default) or drops its port,
+/// the proxy's `X-Forwarded-Host` or `public` (`alerting.link_base`, the
+/// address people reach warden at). A page elsewhere cannot send
+/// `X-Forwarded-Host`: a browser adds no such header to a form, and a
+/// script's request with one needs a CORS preflight warden never grants.
+pub(crate) fn check_origin(headers: &axum::http::HeaderMap, public: &str) -> Result<(), ApiError> {
     let Some(origin) = headers.get(axum::http::header::ORIGIN) else {
         return Ok(());
     };
     let origin = origin.to_str().ok().and_then(|o| o.split_once("://"));
-    let host = headers.get(axum::http::header::HOST).and_then(|h| h.to_str().ok());
-    let same = match (origin, host) {
-        (Some((scheme, origin_authority)), Some(host)) => {
-            let default_port = match scheme.to_ascii_lowercase().as_str() {
-                "https" => Some(443),
-                "http" => Some(80),
-                _ => None,
-            };
-            let (origin_host, origin_port) = host_and_port(origin_authority);
-            let (host, port) = host_and_port(host);
+    let header = |name| headers.get(name).and_then(|h: &axum::http::HeaderValue| h.to_str().ok());
+    let forwarded = header(axum::http::HeaderName::from_static("x-forwarded-host"))
+        .and_then(|h| h.split(',').next())
+        .map(str::trim);
+    let same = origin.is_some_and(|(scheme, origin_authority)| {
+        let default_port = match scheme.to_ascii_lowercase().as_str() {
+            "https" => Some(443),
+            "http" => Some(80),
+            _ => None,
+        };
+        let (origin_host, origin_port) = host_and_port(origin_authority);
+        let is_this = |authority: &str| {
+            let (host, port) = host_and_port(authority);
             origin_host.eq_ignore_ascii_case(host) && origin_port.or(default_port) == port.or(default_port)
-        }
-        _ => false,
-    };
+        };
+        let public = public
+            .trim()
+            .split_once("://")
+            .filter(|(s, _)| s.eq_ignore_ascii_case(scheme))
+            .map(|(_, rest)| rest.split('/').next().unwrap_or(rest));
+        [header(axum::http::header::HOST), forwarded, public].into_iter().flatten().any(is_this)
+    });
     if same { Ok(()) } else { Err(ApiError::forbidden("requests from a web page on another origin are not accepted")) }
 }
 
@@ -285,7 +300,7 @@ async fn same_origin_writes(State(state): State<AppState>, request: Request, nex
     let safe = matches!(*request.method(), axum::http::Method::GET | axum::http::Method::HEAD);
     if !safe
         && !state.auth.enabled()
-        && let Err(e) = check_origin(request.headers())
+        && let Err(e) = check_origin(request.headers(), &state.settings.alerting.link_base)
     {
         return axum::response::IntoResponse::into_response(e);
     }

@@ -527,7 +527,10 @@ pub async fn login(
     let form_ok = policy.login_token(&headers).is_some_and(|t| session::same_secret(t, &form.login_csrf));
     // Origin too: without HTTPS browsers send no Sec-Fetch-Site, and a page
     // on a sibling domain can plant the login cookie it then submits.
-    if cross_site(&headers) || crate::api::check_origin(&headers).is_err() || !form_ok {
+    if cross_site(&headers)
+        || crate::api::check_origin(&headers, &state.settings.alerting.link_base).is_err()
+        || !form_ok
+    {
         return login_form(
             &state,
             StatusCode::FORBIDDEN,

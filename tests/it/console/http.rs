@@ -224,6 +224,38 @@ async fn calls_with_a_session_cookie_are_charged_to_its_key() {
     assert_eq!(by_cookie().send().await.unwrap().status(), 429, "the cookie shares the key's empty bucket");
 }
 
+/// nginx's default proxy_pass sends `Host: 127.0.0.1:8080` while the browser
+/// says where it was: the sign-in form's origin is then the proxy's
+/// X-Forwarded-Host (or alerting.link_base), and still no other site.
+#[tokio::test]
+async fn signing_in_through_a_proxy_that_rewrites_host_works_and_other_origins_still_do_not() {
+    let app = app().await;
+    let (_, read, _) = keys(&app).await;
+    let attempt = |origin: &'static str, forwarded: Option<&'static str>| {
+        let (app, read) = (&app, read.clone());
+        async move {
+            let http = client();
+            let page = http.get(app.url("/login")).send().await.unwrap();
+            let (login, _) = set_cookie(&page, "warden_login").unwrap();
+            let html = page.text().await.unwrap();
+            let body =
+                format!("key={}&login_csrf={}&next=%2F", url_encode(&read), url_encode(&hidden(&html, "login_csrf")));
+            let mut post = http
+                .post(app.url("/login"))
+                .header(COOKIE, format!("warden_login={login}"))
+                .header(CONTENT_TYPE, FORM)
+                .header(reqwest::header::ORIGIN, origin);
+            if let Some(forwarded) = forwarded {
+                post = post.header("x-forwarded-host", forwarded);
+            }
+            post.body(body).send().await.unwrap().status()
+        }
+    };
+    assert_eq!(attempt("https://warden.example:8443", Some("warden.example:8443")).await, StatusCode::SEE_OTHER);
+    assert_eq!(attempt("https://evil.example", Some("warden.example:8443")).await, StatusCode::FORBIDDEN);
+    assert_eq!(attempt("https://warden.example:8443", None).await, StatusCode::FORBIDDEN, "nothing names it");
+}
+
 /// Behind a proxy asking for Basic credentials the browser sends them with
 /// every request; they are no credential of warden's, and the session
 /// still counts.
