@@ -341,19 +341,14 @@ impl Ingestor {
         answered.map_err(|_| SubmitError::ShuttingDown)?
     }
 
-    /// One transaction per heartbeat, straight from the request.
+    /// One transaction per request, straight from it, without coalescing
+    /// requests: one per heartbeat as agents send them one at a time. A
+    /// batch stays all or nothing (a transaction per heartbeat of it would
+    /// keep the first ones of a batch answered 503).
     async fn submit_naive(&self, heartbeats: &[Heartbeat]) -> Result<Vec<Ack>, SubmitError> {
         let _ = REQUEST_WRITES.try_with(|w| w.track().store(WRITING, Ordering::SeqCst));
         let started = Instant::now();
-        let result = async {
-            let client = db::client(&self.pool).await?;
-            let mut acks = Vec::with_capacity(heartbeats.len());
-            for heartbeat in heartbeats {
-                acks.extend(write(&client, std::slice::from_ref(heartbeat)).await?);
-            }
-            Ok::<_, DbError>(acks)
-        }
-        .await;
+        let result = async { write(&db::client(&self.pool).await?, heartbeats).await }.await;
         result.map_err(|e| {
             if e.is_unavailable() {
                 self.refused_unreachable(started);

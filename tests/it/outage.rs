@@ -579,6 +579,30 @@ async fn serve_starts_without_its_database_and_migrates_when_it_answers() {
     server.await.unwrap().unwrap();
 }
 
+/// Without group commit (the benchmark's baseline) a batch is still all or
+/// nothing: it used to be written a transaction per heartbeat, leaving the
+/// first ones of a batch stored and the batch answered 503.
+#[tokio::test]
+async fn without_group_commit_a_batch_refused_midway_writes_nothing() {
+    let app = TestApp::spawn_with(|s| s.ingest.group_commit = false).await;
+    let key = app.key(&[Scope::Ingest]).await;
+    let db = app.db.client().await;
+    db.batch_execute(
+        "CREATE FUNCTION public.disk_full() RETURNS trigger LANGUAGE plpgsql AS \
+           $$BEGIN RAISE EXCEPTION 'could not extend file' USING ERRCODE = 'disk_full'; END$$; \
+         CREATE TRIGGER disk_full BEFORE INSERT ON warden.agent_heartbeats \
+           FOR EACH ROW WHEN (NEW.agent_id = 'last') EXECUTE FUNCTION public.disk_full();",
+    )
+    .await
+    .unwrap();
+    let batch = json!({"heartbeats": [{"agent_id": "first"}, {"agent_id": "second"}, {"agent_id": "last"}]});
+    let response = app.post("/v1/heartbeats", &key, &batch).await;
+    assert_eq!(response.status(), 503);
+    assert_eq!(app.count("SELECT count(*) FROM warden.agent_status").await, 0, "nothing of the batch stored");
+    let single = app.heartbeat(&key, json!({"agent_id": "first"})).await;
+    assert_eq!(single.0, 200, "{}", single.1);
+}
+
 /// A database out of disk (or memory) refuses writes for now, not for what
 /// they are: 503 with Retry-After, and the agents noted as alive, rather
 /// than 500s and a fleet read as silent. The disk is "full" for the
