@@ -1026,8 +1026,8 @@ pub async fn score_pass(
         // for ever. An agent that went silent altogether keeps its last
         // readings (what it died of stays on record). Counters fade by
         // themselves (their hourly sums decay).
-        let gauge_fresh_after =
-            last_seen - (Duration::milliseconds(row.get::<_, i32>(5).into()) * 3).max(params.score_interval * 3);
+        let fresh_for = (Duration::milliseconds(row.get::<_, i32>(5).into()) * 3).max(params.score_interval * 3);
+        let gauge_fresh_after = last_seen - fresh_for;
         let gauge = |kind: Kind| stat(kind).filter(|s| s.updated_at >= gauge_fresh_after);
         let inputs = score_inputs(ScoreFacts {
             now,
@@ -1051,7 +1051,7 @@ pub async fn score_pass(
                 .find(|o| o.issue == issue && !o.predicted && o.agent_id.as_deref() == Some(agent.as_str()))
                 .map(|o| &o.details)
         };
-        metric_issues(&agent, &inputs, &stats, params, now, open_now, &mut wanted);
+        metric_issues(&agent, &inputs, &stats, params, (now, now - fresh_for), open_now, &mut wanted);
         let Some(score) = score::compute(&inputs, &params.weights, &params.tiers, &params.thresholds) else {
             continue;
         };
@@ -1182,16 +1182,21 @@ fn score_inputs(f: ScoreFacts<'_>) -> Inputs {
     }
 }
 
-/// Metric-driven incidents of one agent: actual and predicted.
+/// Metric-driven incidents of one agent: actual and predicted. Predictions
+/// come only from series updated since `trend_fresh_after`: the trend of
+/// an agent that stopped reporting (died, or dropped the metric) says
+/// nothing of where it is heading, and extrapolated from its last update
+/// it would open a prediction for an agent already gone.
 fn metric_issues<'o>(
     agent: &str,
     inputs: &Inputs,
     stats: &HashMap<(String, Kind), MetricStat>,
     params: &EvalParams,
-    now: DateTime<Utc>,
+    (now, trend_fresh_after): (DateTime<Utc>, DateTime<Utc>),
     open_now: impl Fn(IssueType) -> Option<&'o Value>,
     wanted: &mut HashMap<Key, Wanted>,
 ) {
+    let trend = |kind: Kind| stats.get(&(agent.to_string(), kind)).filter(|s| s.updated_at >= trend_fresh_after);
     let th = &params.thresholds;
     // A figure that sits at its threshold (an error rate of exactly 5 %,
     // both its decayed sums falling alike) reads a hair either side from
@@ -1227,9 +1232,7 @@ fn metric_issues<'o>(
                 json!({"resource": name, "percent": value, "critical": critical}),
                 false,
             );
-        } else if let Some(at) =
-            stats.get(&(agent.to_string(), kind)).and_then(|s| s.predicted_crossing(critical, now, horizon_s))
-        {
+        } else if let Some(at) = trend(kind).and_then(|s| s.predicted_crossing(critical, now, horizon_s)) {
             add(
                 IssueType::ResourceExhaustion,
                 Severity::Warning,
@@ -1253,9 +1256,8 @@ fn metric_issues<'o>(
                 json!({"errors_per_hour": errors, "work_per_hour": work, "rate": rate}),
                 false,
             );
-        } else if let Some(at) = stats
-            .get(&(agent.to_string(), Kind::ErrorRate))
-            .and_then(|s| s.predicted_crossing(params.error_rate_threshold, now, horizon_s))
+        } else if let Some(at) =
+            trend(Kind::ErrorRate).and_then(|s| s.predicted_crossing(params.error_rate_threshold, now, horizon_s))
         {
             add(
                 IssueType::HighErrorRate,
@@ -1733,7 +1735,7 @@ mod tests {
             };
             let mut wanted = HashMap::new();
             let details = json!({"resource": "cpu"});
-            metric_issues("a", &inputs, &stats, &params, now, |_| open.then_some(&details), &mut wanted);
+            metric_issues("a", &inputs, &stats, &params, (now, now), |_| open.then_some(&details), &mut wanted);
             let mut issues: Vec<IssueType> =
                 wanted.into_iter().filter(|(_, w)| !w.predicted).map(|(k, _)| k.1).collect();
             issues.sort_by_key(|i| i.as_str());
@@ -1751,7 +1753,7 @@ mod tests {
             let inputs = Inputs { memory_percent: Some(percent), ..Inputs::default() };
             let mut wanted = HashMap::new();
             let details = json!({"resource": "cpu"});
-            metric_issues("a", &inputs, &stats, &params, now, |_| Some(&details), &mut wanted);
+            metric_issues("a", &inputs, &stats, &params, (now, now), |_| Some(&details), &mut wanted);
             wanted.values().any(|w| !w.predicted)
         };
         let critical = params.thresholds.memory_critical;

@@ -1115,6 +1115,21 @@ async fn rising_memory_opens_a_predicted_warning_with_the_crossing_time() {
     // At ~80% and +1/min, 90% is about ten minutes out.
     let minutes = (at - now).num_minutes();
     assert!((5..=15).contains(&minutes), "crossing expected in {minutes} min");
+
+    // The agent dies. Its trend says nothing more of where it is heading:
+    // the prediction goes once the series is stale (three score passes),
+    // not when the extrapolated crossing would have come.
+    evaluator::score_pass(&mut c, &p, Some(now + Duration::minutes(4))).await.unwrap();
+    let open: i64 = c
+        .query_one(
+            "SELECT count(*) FROM warden.incidents \
+             WHERE agent_id = 'leaky' AND issue_type = 'resource_exhaustion' AND state = 'open'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(open, 0, "no prediction from a series that stopped");
 }
 
 #[tokio::test]
