@@ -663,9 +663,12 @@ async fn liveness_incidents(
         let last_heard: DateTime<Utc> = row.get(6);
         let interval_s = f64::from(row.get::<_, i32>(4)) / 1000.0;
         let silent_s = seconds(now - last_heard);
+        // Only those that went quiet with the fleet wait for it: one in
+        // trouble since before the window is a problem of its own.
+        let quiet_with_fleet = going_quiet && since > now - params.fleet_window;
         let mut want = |issue: IssueType, summary: String| {
             let key = (Some(agent.clone()), issue);
-            if going_quiet || (outage.is_some() && !on_their_own.contains(&agent)) {
+            if quiet_with_fleet || (outage.is_some() && !on_their_own.contains(&agent)) {
                 hold.insert(key);
             } else {
                 let mut details = json!({"last_seen": last_seen, "last_heard": last_heard, "silent_seconds": silent_s,

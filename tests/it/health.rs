@@ -819,6 +819,43 @@ async fn a_fleet_falling_silent_and_back_opens_nothing_but_a_lone_late_agent_is_
     assert_eq!(open_issues(&c, Some("blip-0")).await, vec!["heartbeat_late"]);
 }
 
+/// While a fleet goes quiet, only the agents that went quiet with it wait
+/// to see whether a fleet outage stands in for them: one that has been
+/// offline for minutes is a problem of its own, and churn elsewhere must
+/// not hold its incidents back.
+#[tokio::test]
+async fn a_fleet_going_quiet_holds_back_only_the_agents_that_went_quiet_with_it() {
+    let db = TestDb::migrated().await;
+    let mut c = db.client().await;
+    let p = params();
+    let t = t0();
+    warm_up(&mut c, &p, t).await;
+    let agents: Vec<String> = (0..10).map(|i| format!("quiet-{i}")).collect();
+    for a in agents.iter().chain([&"gone".to_string()]) {
+        beat(&c, a, t, 10_000, 1).await;
+    }
+    evaluator::liveness_cycle(&mut c, &p, "test", Some(t + Duration::seconds(1))).await.unwrap();
+    // "gone" went offline long before: five minutes ago at the next cycle.
+    let now = t + Duration::seconds(15);
+    c.execute(
+        "UPDATE warden.agent_status SET liveness = 'offline', liveness_since = $1 WHERE agent_id = 'gone'",
+        &[&(now - Duration::seconds(305))],
+    )
+    .await
+    .unwrap();
+    // Six fall silent together, long enough to be late.
+    for a in &agents[6..] {
+        beat(&c, a, now - Duration::seconds(5), 10_000, 2).await;
+    }
+    evaluator::liveness_cycle(&mut c, &p, "test", Some(now)).await.unwrap();
+    assert!(open_issues(&c, Some("quiet-0")).await.is_empty(), "those that went quiet together wait");
+    assert!(
+        open_issues(&c, Some("gone")).await.contains(&"extended_offline".to_string()),
+        "{:?}",
+        open_issues(&c, Some("gone")).await
+    );
+}
+
 #[tokio::test]
 async fn agents_coming_back_from_a_fleet_outage_are_not_late() {
     let db = TestDb::migrated().await;
