@@ -386,6 +386,16 @@ impl Settings {
         ] {
             check_float(key, value, 0.0, 1.0)?;
         }
+        // Every agent has heartbeats; the other components may have no
+        // data. With this weight at 0 such an agent would have no score at
+        // all, and keep its last one, frozen, for ever.
+        if w.heartbeat_consistency <= 0.0 {
+            return Err(SettingsError::new(
+                "health.weights.heartbeat_consistency",
+                w.heartbeat_consistency,
+                "a weight above 0: the component every agent has",
+            ));
+        }
         let sum = w.heartbeat_consistency + w.performance + w.error_rate + w.resource_efficiency + w.business_impact;
         if (sum - 1.0).abs() > 1e-6 {
             return Err(SettingsError::new(

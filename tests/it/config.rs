@@ -34,6 +34,17 @@ fn defaults_load_and_match_the_documented_values() {
 }
 
 #[test]
+fn a_heartbeat_weight_of_zero_is_refused() {
+    // Agents without metrics would have no score at all, and keep a stale one.
+    let e = refused(&[
+        ("WARDEN__HEALTH__WEIGHTS__HEARTBEAT_CONSISTENCY", "0"),
+        ("WARDEN__HEALTH__WEIGHTS__PERFORMANCE", "0.55"),
+    ]);
+    assert_eq!(e.key.as_deref(), Some("health.weights.heartbeat_consistency"), "{e}");
+    assert!(e.allowed.contains("above 0"), "{e}");
+}
+
+#[test]
 fn environment_overrides_every_kind_of_value() {
     let s = load_env(&[
         ("WARDEN__SERVER__LISTEN", "0.0.0.0:9999"),
