@@ -777,7 +777,8 @@ async fn liveness_incidents(
     // degraded and back, and counted in 10 s slots it could never reach
     // the threshold however badly it flapped.
     // Only agents whose last transition is within their window can be
-    // flapping; their transitions come from the per-agent index.
+    // flapping; their transitions come from the per-agent index. An agent
+    // removed and registered again counts its new life's only.
     let slot_ms = params.flap.slot.num_milliseconds() as f64;
     let flips = tx
         .query(
@@ -786,7 +787,7 @@ async fn liveness_incidents(
              CROSS JOIN LATERAL ( \
                SELECT array_agg(e.occurred_at) AS times FROM warden.system_events e \
                WHERE e.agent_id = s.agent_id AND e.event_type = 'status_changed' AND e.source = 'warden' \
-                 AND e.occurred_at <= $1 \
+                 AND e.occurred_at <= $1 AND e.occurred_at >= s.first_seen \
                  AND e.occurred_at > $1::timestamptz - $2::float8 * greatest($3::float8, s.expected_interval_ms) \
                                                       * interval '1 millisecond') t \
              WHERE s.liveness_since > $1::timestamptz - $2::float8 * greatest($3::float8, s.expected_interval_ms) \

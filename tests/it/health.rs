@@ -488,6 +488,38 @@ async fn an_agent_that_keeps_changing_state_is_flapping() {
 }
 
 #[tokio::test]
+async fn an_agent_registered_again_after_removal_does_not_inherit_its_flapping() {
+    let db = TestDb::migrated().await;
+    let mut c = db.client().await;
+    let p = params();
+    let t = t0();
+    warm_up(&mut c, &p, t).await;
+    beat(&c, "reborn", t, 10_000, 1).await;
+    let mut now = t + Duration::seconds(1);
+    evaluator::liveness_cycle(&mut c, &p, "test", Some(now)).await.unwrap();
+    for round in 0..10 {
+        now += Duration::seconds(15);
+        evaluator::liveness_cycle(&mut c, &p, "test", Some(now)).await.unwrap();
+        now += Duration::seconds(5);
+        beat(&c, "reborn", now - Duration::seconds(2), 10_000, 10 + round).await;
+        beat(&c, "reborn", now - Duration::seconds(1), 10_000, 11 + round).await;
+        evaluator::liveness_cycle(&mut c, &p, "test", Some(now)).await.unwrap();
+    }
+    assert!(open_issues(&c, Some("reborn")).await.contains(&"flapping".to_string()));
+    let mut pooled = db.pooled().await;
+    warden::health::removal::remove(&mut pooled, "reborn", "test", Some(now)).await.unwrap();
+    // Registered again at once, then one late beat: two transitions of
+    // its own, not the old life's twenty.
+    now += Duration::seconds(1);
+    beat(&c, "reborn", now, 10_000, 1).await;
+    now += Duration::seconds(1);
+    evaluator::liveness_cycle(&mut c, &p, "test", Some(now)).await.unwrap();
+    now += Duration::seconds(15);
+    evaluator::liveness_cycle(&mut c, &p, "test", Some(now)).await.unwrap();
+    assert!(!open_issues(&c, Some("reborn")).await.contains(&"flapping".to_string()));
+}
+
+#[tokio::test]
 async fn a_30s_agent_that_keeps_missing_every_other_beat_is_flapping() {
     let db = TestDb::migrated().await;
     let mut c = db.client().await;
