@@ -614,6 +614,20 @@ async fn detach_and_drop(
                 if e.code() != Some(&tokio_postgres::error::SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE)
                     || client.batch_execute(&finalize).await.is_err()
                 {
+                    // Nothing of the detach happened (its first phase timed
+                    // out on a lock): the mark goes, so that a table an
+                    // operator detaches by hand meanwhile, to keep it, is
+                    // not taken for one this cycle left behind.
+                    let untouched = client
+                        .query_opt(
+                            "SELECT 1 FROM pg_inherits \
+                             WHERE inhrelid = ('warden.' || $1)::regclass AND NOT inhdetachpending",
+                            &[&child],
+                        )
+                        .await;
+                    if matches!(untouched, Ok(Some(_))) {
+                        let _ = client.batch_execute(&format!("COMMENT ON TABLE warden.{child} IS NULL")).await;
+                    }
                     return Err(e.into());
                 }
             }

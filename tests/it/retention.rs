@@ -454,6 +454,30 @@ async fn partitions_made_from_a_session_in_another_zone_still_span_utc_days() {
 }
 
 #[tokio::test]
+async fn a_detach_that_never_began_leaves_no_mark() {
+    let test_db = TestDb::migrated().await;
+    let db = test_db.client().await;
+    let day = Utc::now().date_naive() - Span::days(20);
+    db.execute("SELECT warden.ensure_partitions($1, $1)", &[&day]).await.unwrap();
+    let name = format!("agent_heartbeats_p{}", day.format("%Y%m%d"));
+    // A lock on the parent alone (the mark on the partition goes through),
+    // which the detach's first phase waits for past its lock timeout.
+    let holder = test_db.client().await;
+    holder
+        .batch_execute("BEGIN; LOCK TABLE ONLY warden.agent_heartbeats IN SHARE UPDATE EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let report = cycle(&test_db, Utc::now()).await;
+    assert!(failed_steps(&report).contains(&"agent_heartbeats"), "{:?}", failed_steps(&report));
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    let comment: Option<String> =
+        db.query_one("SELECT obj_description(('warden.' || $1)::regclass, 'pg_class')", &[&name]).await.unwrap().get(0);
+    assert_eq!(comment, None, "still attached, so not marked as being dropped");
+    let report = cycle(&test_db, Utc::now()).await;
+    assert!(report.dropped_partitions.contains(&name), "{:?}", report.dropped_partitions);
+}
+
+#[tokio::test]
 async fn a_detach_left_pending_is_finished_and_the_days_after_it_go_too() {
     let test_db = TestDb::migrated().await;
     let db = test_db.client().await;
