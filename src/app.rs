@@ -51,7 +51,8 @@ impl StartError {
             Self::Connect(db::DbError::LoginRefused(_))
             | Self::Migrate(migrate::MigrateError::Db(db::DbError::LoginRefused(_))) => false,
             Self::Connect(e) => e.is_unavailable(),
-            Self::Migrate(migrate::MigrateError::Db(e)) => e.is_unavailable(),
+            // The connection dropped while migrating or checking the schema.
+            Self::Migrate(e) | Self::Schema(e) => e.is_unavailable(),
             Self::SchemaBehind { .. } => true,
             _ => false,
         }
@@ -72,6 +73,11 @@ impl Application {
     pub async fn build(settings: Settings) -> Result<Self, StartError> {
         crate::alerting::tls::install_crypto_provider();
         let settings = Arc::new(settings);
+        // The port first: an embedded cluster started for a warden that then
+        // cannot listen would be left running.
+        let addr = settings.server.listen;
+        let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
+        let local_addr = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
         let database = Database::open(&settings.database).await?;
         // A database that is not there yet (starting beside warden, failing
         // over) is waited for while serving 503s; anything else (a refused
@@ -83,7 +89,10 @@ impl Application {
                 tracing::warn!(error = %e, database = %database.target(), "the database is not ready; serving 503 until it is");
                 None
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                database.close().await;
+                return Err(e);
+            }
         };
         if !settings.auth.enabled {
             tracing::warn!(
@@ -127,9 +136,6 @@ impl Application {
                  liveness cycle, so only every check_interval"
             );
         }
-        let addr = settings.server.listen;
-        let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
-        let local_addr = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
         Ok(Self { settings, database, listener, local_addr, prepared })
     }
 
@@ -228,12 +234,9 @@ impl Application {
         if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
             tracing::warn!("background tasks did not stop within the shutdown timeout");
         }
-        match Arc::try_unwrap(database) {
-            Ok(database) => database.close().await,
-            // A task that outlived the grace period still holds it: the
-            // pool closes when that goes; the embedded cluster is stopped.
-            Err(database) => database.pool.close(),
-        }
+        // A task that outlived the grace period may still hold it; the
+        // embedded cluster is stopped all the same (the task's queries fail).
+        database.close().await;
         tracing::info!("warden stopped");
         match fatal.get() {
             Some(e) => Err(std::io::Error::other(e.clone())),

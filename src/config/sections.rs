@@ -307,6 +307,9 @@ impl Settings {
             ));
         }
         check_min("server.request_timeout", self.server.request_timeout, Duration::from_millis(100))?;
+        // At 0 every recovery action and alert send under way would be cut
+        // off at once (sends then go again after their claim: duplicates).
+        check_min("server.shutdown_timeout", self.server.shutdown_timeout, Duration::from_secs(1))?;
         check_min("server.header_read_timeout", self.server.header_read_timeout, Duration::from_millis(100))?;
         check_range("server.max_streams", self.server.max_streams, 1, 100_000)?;
         check_range("server.max_streams_per_key", self.server.max_streams_per_key, 1, 100_000)?;

@@ -114,7 +114,12 @@ impl EmbeddedCluster {
             cluster.started_here = true;
             tracing::info!(data_dir = %cluster.data_dir.display(), "embedded PostgreSQL started");
         }
-        cluster.ensure_database().await?;
+        if let Err(e) = cluster.ensure_database().await {
+            // Not left running for nobody: the next start would take it for
+            // someone else's and never stop it.
+            cluster.stop().await;
+            return Err(e);
+        }
         Ok(cluster)
     }
 
@@ -149,7 +154,7 @@ impl EmbeddedCluster {
     }
 
     /// Stops the server if this process started it.
-    pub async fn stop(self) {
+    pub async fn stop(&self) {
         if !self.started_here {
             return;
         }

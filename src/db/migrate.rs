@@ -31,6 +31,33 @@ pub enum MigrateError {
     Divergent(Vec<String>),
 }
 
+impl MigrateError {
+    /// The database went away or cannot be reached (a failover during
+    /// start-up): worth waiting for, unlike a failed migration or a refused
+    /// login. refinery's errors keep the driver's error as their source.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Self::Db(DbError::LoginRefused(_)) => false,
+            Self::Db(e) => e.is_unavailable(),
+            Self::Refinery(e) => {
+                let mut source = std::error::Error::source(e);
+                while let Some(cause) = source {
+                    if let Some(pg) = cause.downcast_ref::<tokio_postgres::Error>() {
+                        // No server error: the connection itself failed.
+                        return pg.is_closed() || pg.as_db_error().is_none();
+                    }
+                    if cause.is::<std::io::Error>() {
+                        return true;
+                    }
+                    source = cause.source();
+                }
+                false
+            }
+            Self::UnsupportedServer(_) | Self::Divergent(_) => false,
+        }
+    }
+}
+
 /// The oldest PostgreSQL major version warden runs on: retention detaches
 /// expired partitions with `DETACH PARTITION ... CONCURRENTLY` (14).
 pub const MIN_SERVER_MAJOR: i32 = 14;
@@ -120,7 +147,13 @@ async fn run_locked(client: &mut Client) -> Result<Applied, MigrateError> {
         );
         return Ok(Applied { applied: Vec::new(), version });
     }
-    client.batch_execute("CREATE SCHEMA IF NOT EXISTS warden").await?;
+    // Only when missing: CREATE SCHEMA IF NOT EXISTS needs CREATE on the
+    // database even when the schema exists, which a role that owns the
+    // schema but not the database (provisioned by a DBA) lacks.
+    let missing: bool = client.query_one("SELECT to_regnamespace('warden') IS NULL", &[]).await?.get(0);
+    if missing {
+        client.batch_execute("CREATE SCHEMA IF NOT EXISTS warden").await?;
+    }
     let report = embedded::migrations::runner()
         .set_grouped(true)
         .set_abort_divergent(true)

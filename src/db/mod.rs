@@ -264,9 +264,9 @@ impl Database {
     }
 
     /// Closes the pool and stops the embedded cluster if this process started it.
-    pub async fn close(self) {
+    pub async fn close(&self) {
         self.pool.close();
-        if let Some(cluster) = self.embedded {
+        if let Some(cluster) = &self.embedded {
             cluster.stop().await;
         }
     }

@@ -34,6 +34,12 @@ fn defaults_load_and_match_the_documented_values() {
 }
 
 #[test]
+fn a_shutdown_timeout_of_zero_is_refused() {
+    let e = refused(&[("WARDEN__SERVER__SHUTDOWN_TIMEOUT", "0s")]);
+    assert_eq!(e.key.as_deref(), Some("server.shutdown_timeout"), "{e}");
+}
+
+#[test]
 fn a_heartbeat_weight_of_zero_is_refused() {
     // Agents without metrics would have no score at all, and keep a stale one.
     let e = refused(&[

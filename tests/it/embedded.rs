@@ -52,6 +52,26 @@ async fn a_running_cluster_is_adopted_and_left_running() {
     owner.stop().await;
 }
 
+/// A warden that cannot listen starts no cluster: one started for it
+/// would be left running, and every later start would adopt it as someone
+/// else's and never stop it.
+#[tokio::test]
+async fn serve_that_cannot_listen_leaves_no_cluster_running() {
+    let dir = scratch();
+    let data = dir.path().join("pgdata");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut settings = crate::helpers::default_settings();
+    settings.database.url = warden::config::Secret::new(String::new());
+    settings.database.data_dir = data.clone();
+    settings.server.listen = taken.local_addr().unwrap();
+    let error = match warden::app::Application::build(settings).await {
+        Ok(_) => panic!("listened on a port already taken"),
+        Err(e) => e,
+    };
+    assert!(error.to_string().contains("could not listen"), "{error}");
+    assert!(!data.join("postmaster.pid").exists(), "no cluster left running");
+}
+
 #[tokio::test]
 async fn a_foreign_non_empty_directory_is_refused() {
     let dir = scratch();

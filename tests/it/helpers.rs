@@ -383,3 +383,53 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A role of one test's own, named for its process and moment so that two
+/// runs of the suite against one server keep out of each other's way.
+/// Dropped when the test ends, however it ends (declare it before the
+/// `TestApp` whose database holds its objects, so that it outlives it);
+/// if it cannot be dropped, it is left unable to log in, being a superuser
+/// without a password on a server that trusts local logins.
+pub struct TestRole(pub String);
+
+impl TestRole {
+    pub async fn create(attributes: &str) -> Self {
+        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+        let name = format!(
+            "warden_test_role_{}_{}_{}",
+            std::process::id(),
+            nanos % 1_000_000_000,
+            COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        crate::helpers::admin_client().await.batch_execute(&format!("CREATE ROLE {name} {attributes}")).await.unwrap();
+        Self(name)
+    }
+
+    /// `url` (key=value form) logging in as this role.
+    pub fn in_url(&self, url: &str) -> String {
+        let parts: Vec<String> = url
+            .split_whitespace()
+            .map(|kv| if kv.starts_with("user=") { format!("user={}", self.0) } else { kv.to_string() })
+            .collect();
+        parts.join(" ")
+    }
+}
+
+impl Drop for TestRole {
+    fn drop(&mut self) {
+        let role = self.0.clone();
+        // Drop runs inside the test's runtime, which must not block on
+        // itself; a short-lived thread with its own runtime does the work.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let admin = crate::helpers::admin_client().await;
+                if admin.batch_execute(&format!("DROP ROLE IF EXISTS {role}")).await.is_err() {
+                    let _ = admin.batch_execute(&format!("ALTER ROLE {role} NOLOGIN")).await;
+                }
+            });
+        })
+        .join();
+    }
+}

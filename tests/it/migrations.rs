@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::helpers::TestDb;
+use crate::helpers::{TestDb, TestRole};
 use warden::db::migrate;
 
 /// Contract columns per table (DESIGN.md); more columns are allowed.
@@ -97,6 +97,30 @@ async fn an_empty_database_gets_every_contract_table_and_column() {
             assert!(present.iter().any(|c| c == column), "warden.{table}.{column} is missing");
         }
     }
+}
+
+/// A DBA's set-up: the schema belongs to warden's role, the database does
+/// not, and the role may not create schemas in it. `migrate` (and serve's
+/// migrate_on_start) used to fail there on CREATE SCHEMA IF NOT EXISTS,
+/// which wants that right even when the schema exists.
+#[tokio::test]
+async fn a_role_owning_the_schema_but_not_the_database_migrates_an_up_to_date_schema() {
+    let role = TestRole::create("LOGIN").await;
+    let db = TestDb::migrated().await;
+    let admin = db.client().await;
+    admin
+        .batch_execute(&format!(
+            "ALTER SCHEMA warden OWNER TO {r}; GRANT SELECT ON warden.refinery_schema_history TO {r}",
+            r = role.0
+        ))
+        .await
+        .unwrap();
+    let mut config = db.config.clone();
+    config.user(&role.0);
+    let mut client = crate::helpers::connect(&config).await;
+    let outcome = migrate::run(&mut client).await.unwrap();
+    assert!(outcome.applied.is_empty());
+    assert_eq!(outcome.version, migrate::latest_version());
 }
 
 #[tokio::test]
