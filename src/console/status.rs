@@ -193,19 +193,29 @@ impl Cache {
         if let Some(snapshot) = self.cached(ttl, Some(arrived)) {
             return Ok(snapshot);
         }
+        // While the database fails, the last page there was (its "Updated"
+        // time says how old) rather than none: a public status page going
+        // blank is the worst moment for it.
+        let stale_or = |e: DbError| self.cached(std::time::Duration::MAX, None).ok_or(e);
         if let Some(e) = self.recent_failure(arrived) {
-            return Err(e);
+            return stale_or(e);
         }
         self.computed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Bounded well inside the request timeout, so that a slow database
         // ends as a recorded failure rather than as cancelled requests,
-        // each of which would leave the next waiter to start over.
-        let result = tokio::time::timeout(COMPUTE_LIMIT, async {
-            let client = crate::db::client(pool).await?;
-            compute(&client, settings).await
-        })
-        .await
-        .unwrap_or_else(|_| Err(DbError::Unavailable("the status page took too long to compute".into())));
+        // each of which would leave the next waiter to start over. A
+        // connection whose query was cut short is closed, not pooled: the
+        // query would go on, and the next borrower would wait behind it.
+        let result = match crate::db::client(pool).await {
+            Ok(client) => match tokio::time::timeout(COMPUTE_LIMIT, compute(&client, settings)).await {
+                Ok(result) => result,
+                Err(_) => {
+                    crate::db::discard(client);
+                    Err(DbError::Unavailable("the status page took too long to compute".into()))
+                }
+            },
+            Err(e) => Err(e),
+        };
         match result {
             Ok(snapshot) => {
                 let snapshot = Arc::new(snapshot);
@@ -214,7 +224,7 @@ impl Cache {
             }
             Err(e) => {
                 *self.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), e.again()));
-                Err(e)
+                stale_or(e)
             }
         }
     }

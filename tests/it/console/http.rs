@@ -771,6 +771,11 @@ async fn http_the_status_page_is_computed_once_for_a_crowd() {
     let failures = futures_util::future::join_all((0..20).map(|_| fresh_cache.get(&pool, &settings))).await;
     assert!(failures.iter().all(Result::is_err));
     assert_eq!(fresh_cache.computations(), 1);
+    // A cache that has a page keeps serving it while the database fails
+    // (the page's "Updated" time says how old it is).
+    let stale = cache.get(&pool, &settings).await;
+    assert!(stale.is_ok(), "the last page there was, not an error");
+    assert_eq!(cache.computations(), 3, "it did try");
 }
 
 /// The pages list the first 200 open incidents and 500 firing alerts; the
