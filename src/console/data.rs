@@ -514,11 +514,15 @@ pub async fn alerts_for_incidents(
 }
 
 /// Recent alerts about one agent, newest first, with their deliveries.
+/// Found through the agent's incidents (incidents_agent_idx, then
+/// alerts_incident_idx): matching the alert's subject or its incident's
+/// agent in one expression walked every alert ever kept.
 pub async fn alerts_of_agent(client: &tokio_postgres::Client, agent: &str) -> Result<Vec<AlertRow>, DbError> {
     let rows = client
         .query(
             &format!(
-                "{ALERT_SQL} WHERE a.source = 'incident' AND coalesce(a.subject, i.agent_id) = $1 \
+                "{ALERT_SQL} WHERE a.source = 'incident' \
+                   AND a.incident_id IN (SELECT id FROM warden.incidents WHERE agent_id = $1) \
                  ORDER BY a.id DESC LIMIT 20"
             ),
             &[&agent],
