@@ -160,10 +160,14 @@ async fn http_pages_carry_their_data_without_javascript() {
     for needle in ["Score breakdown", "Heartbeats, last hour", "<svg", "Liveness transitions", "Agent unresponsive"] {
         assert!(agent.contains(needle), "the agent page lacks {needle}");
     }
+    let alerts_of =
+        |page: &str| page.split("id=\"agent-alerts\"").nth(1).unwrap_or_default().matches("data-alert=").count();
+    assert!(alerts_of(&agent) >= 1, "the agent's alert is listed");
     let (status, _, steady) = get(&app, &session, "/agents/steady-1").await;
     assert_eq!(status, 200);
     assert!(steady.contains("data-component=\"heartbeat_consistency\""));
     assert!(steady.contains("Cpu percent"), "the formula's inputs are shown");
+    assert_eq!(alerts_of(&steady), 0, "not another agent's");
     assert_eq!(get(&app, &session, "/agents/nobody").await.0, 404);
 
     let (_, _, incidents) = get(&app, &session, "/incidents").await;
