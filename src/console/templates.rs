@@ -661,8 +661,25 @@ fn component_bar(value: Option<f64>) -> Markup {
     }
 }
 
+/// The minutes (indices) of an hour's per-minute counts that were silent:
+/// none received where a heartbeat was due, from the first minute heard.
+/// With an interval over 30 s, one empty minute is no miss: an agent
+/// beating every 61 s against a declared 60 s (well within its jitter)
+/// leaves one empty minute an hour; two in a row are.
+fn silent_minutes(minutes: &[f64], expected_per_minute: f64) -> Vec<usize> {
+    if expected_per_minute < 1.0 {
+        return Vec::new();
+    }
+    let first = minutes.iter().position(|m| *m > 0.0).unwrap_or(minutes.len());
+    let empty = |i: usize| minutes.get(i).is_some_and(|m| *m == 0.0);
+    (first..minutes.len())
+        .filter(|&i| empty(i))
+        .filter(|&i| expected_per_minute >= 2.0 || (i > first && empty(i - 1)) || empty(i + 1))
+        .collect()
+}
+
 /// Heartbeats per minute as bars, the expected rate as a dashed line, and
-/// silent minutes (none received where at least one was due) marked red.
+/// silent minutes (see [`silent_minutes`]) marked red.
 pub fn sparkline(minutes: &[f64], interval_ms: i64) -> Markup {
     const W: f64 = 600.0;
     const H: f64 = 60.0;
@@ -670,12 +687,7 @@ pub fn sparkline(minutes: &[f64], interval_ms: i64) -> Markup {
     let max = format::scale_max(minutes, expected * 1.25);
     let bars: Vec<Bar> = format::bars(minutes, W, H, max);
     let received: f64 = minutes.iter().sum();
-    // A minute is silent when a heartbeat was due in it; leading empty
-    // minutes (before the agent existed or before its first beat in the
-    // hour) are not counted.
-    let first = minutes.iter().position(|m| *m > 0.0).unwrap_or(minutes.len());
-    let silent: Vec<usize> =
-        if expected >= 1.0 { (first..minutes.len()).filter(|i| minutes[*i] == 0.0).collect() } else { Vec::new() };
+    let silent = silent_minutes(minutes, expected);
     let slot = if minutes.is_empty() { W } else { W / minutes.len() as f64 };
     let label = format!(
         "Heartbeats per minute over the last hour: {} received{}{}.",
@@ -1246,5 +1258,24 @@ pub fn message(title: &str, text: &str, back: Option<(&str, &str)>) -> Markup {
             p { (text) }
             @if let Some((href, label)) = back { p { a.button href=(href) { (label) } } }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn silent_minutes_are_misses_not_the_jitter_of_a_one_a_minute_agent() {
+        let mut hour = vec![1.0; 60];
+        hour[30] = 0.0;
+        assert!(silent_minutes(&hour, 1.0).is_empty(), "beating every 61 s: one empty minute an hour");
+        assert_eq!(silent_minutes(&hour, 2.0), [30], "a 30 s agent missed two");
+        hour[31] = 0.0;
+        assert_eq!(silent_minutes(&hour, 1.0), [30, 31], "two in a row are a miss");
+        let mut late = vec![0.0; 60];
+        late[50..].iter_mut().for_each(|m| *m = 2.0);
+        assert!(silent_minutes(&late, 2.0).is_empty(), "before its first beat nothing was due");
+        assert!(silent_minutes(&hour, 0.5).is_empty(), "nothing due every minute");
     }
 }
