@@ -107,6 +107,41 @@ async fn browser_shows_the_fleet_after_signing_in_with_a_read_key() {
     b.close().await;
 }
 
+/// A busy fleet's events do not make every open tab fetch its page back to
+/// back: fetches start at least two seconds apart.
+#[tokio::test]
+async fn browser_a_stream_of_events_refetches_the_page_at_most_every_two_seconds() {
+    let app = app().await;
+    let (ingest, read, _) = keys(&app).await;
+    seed_fleet(&app, &ingest).await;
+    let b = Browser::start().await;
+    sign_in(&b, &app, &read).await;
+    wait_live(&b).await;
+    b.eval(
+        "window.__fetches = []; const f = window.fetch; \
+         window.fetch = function () { window.__fetches.push(performance.now()); return f.apply(this, arguments); }",
+        json!([]),
+    )
+    .await;
+    // Events for five seconds, ten a second, as a busy fleet sends them.
+    let db = app.db.client().await;
+    let started = tokio::time::Instant::now();
+    while started.elapsed() < std::time::Duration::from_secs(5) {
+        db.execute(
+            "SELECT pg_notify('warden_events', json_build_object('type', 'incident_opened', 'id', 0)::text)",
+            &[],
+        )
+        .await
+        .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    b.wait_until("two refetches", PATIENCE, "window.__fetches.length >= 2").await;
+    let starts: Vec<f64> = serde_json::from_value(b.eval("return window.__fetches", json!([])).await).unwrap();
+    for pair in starts.windows(2) {
+        assert!(pair[1] - pair[0] >= 1_900.0, "fetches {:.0} ms apart: {starts:?}", pair[1] - pair[0]);
+    }
+}
+
 #[tokio::test]
 async fn browser_an_agent_going_offline_updates_its_row_totals_and_incidents_live() {
     let app = app().await;
