@@ -263,56 +263,51 @@ pub async fn compute(client: &tokio_postgres::Client, settings: &ConsoleSettings
         groups.insert(name.clone(), Group { name, state, uptime: None, days: Vec::new(), problems: Vec::new() });
     }
 
-    // Uptime over the whole range: the reporting function, summed per group.
+    // Daily bars and the range's uptime in one pass over the liveness
+    // spans: each span split into the UTC days it touches (a lateral
+    // series of its own days, not a join of every span with every day),
+    // and the range's figure summed from the same days, so that it covers
+    // exactly what the bars show. The days are those of `now` as read
+    // above: the bars below are laid out from it, and a statement's own
+    // now() could fall on the next day.
     let rows = client
         .query(
             &format!(
-                "SELECT {GROUP_OF} AS grp, sum(t.online_seconds + t.degraded_seconds), sum(t.observed_seconds) \
-                 FROM warden.liveness_time($4::timestamptz - $3::int * interval '1 day', $4::timestamptz) t \
-                 JOIN warden.agent_status s ON s.agent_id = t.agent_id \
-                 WHERE {GROUP_OF} IS NOT NULL GROUP BY 1"
-            ),
-            &[&label, &ungrouped, &days, &now],
-        )
-        .await?;
-    for r in rows {
-        let name: String = r.get(0);
-        let (up, observed): (Option<f64>, Option<f64>) = (r.get(1), r.get(2));
-        if let (Some(g), Some(up), Some(observed)) = (groups.get_mut(&name), up, observed)
-            && observed > 0.0
-        {
-            g.uptime = Some(percent(up, observed));
-        }
-    }
-
-    // Daily bars: the liveness intervals clipped to each UTC day. The days
-    // are those of `now` as read above: the bars below are laid out from
-    // it, and a statement's own now() could fall on the next day.
-    let rows = client
-        .query(
-            &format!(
-                "WITH days AS ( \
-                   SELECT (d AT TIME ZONE 'UTC')::date AS day, d AS lo, least(d + interval '1 day', $4) AS hi \
-                   FROM generate_series(date_trunc('day', $4::timestamptz, 'UTC') - ($3::int - 1) * interval '1 day', \
-                                        date_trunc('day', $4::timestamptz, 'UTC'), interval '1 day') AS d), \
+                "WITH r AS (SELECT date_trunc('day', $4::timestamptz, 'UTC') - ($3::int - 1) * interval '1 day' AS lo), \
                  c AS ( \
-                   SELECT {GROUP_OF} AS grp, d.day, i.liveness, \
-                          extract(epoch FROM least(coalesce(i.valid_to, d.hi), d.hi) - greatest(i.valid_from, d.lo))::float8 AS secs \
-                   FROM warden.liveness_spans((SELECT min(lo) FROM days), $4::timestamptz) i \
+                   SELECT {GROUP_OF} AS grp, d.start, i.liveness, \
+                          extract(epoch FROM least(coalesce(i.valid_to, $4), d.start + interval '24 hours', $4) \
+                                             - greatest(i.valid_from, d.start))::float8 AS secs \
+                   FROM warden.liveness_spans((SELECT lo FROM r), $4::timestamptz) i \
                    JOIN warden.agent_status s ON s.agent_id = i.agent_id \
-                   JOIN days d ON i.valid_from < d.hi AND i.valid_to > d.lo) \
-                 SELECT grp, day, coalesce(sum(secs) FILTER (WHERE liveness IN ('online', 'degraded')), 0), \
+                   CROSS JOIN LATERAL generate_series( \
+                       date_trunc('day', greatest(i.valid_from, (SELECT lo FROM r)), 'UTC'), \
+                       least(coalesce(i.valid_to, $4), $4) - interval '1 microsecond', interval '24 hours') AS d(start)) \
+                 SELECT grp, (start AT TIME ZONE 'UTC')::date, \
+                        coalesce(sum(secs) FILTER (WHERE liveness IN ('online', 'degraded')), 0), \
                         coalesce(sum(secs) FILTER (WHERE liveness IN ('online', 'degraded', 'offline')), 0) \
-                 FROM c WHERE secs > 0 AND grp IS NOT NULL GROUP BY grp, day"
+                 FROM c WHERE secs > 0 AND grp IS NOT NULL GROUP BY grp, start"
             ),
             &[&label, &ungrouped, &days, &now],
         )
         .await?;
     let mut per_day: BTreeMap<(String, NaiveDate), f64> = BTreeMap::new();
+    let mut whole: BTreeMap<String, (f64, f64)> = BTreeMap::new();
     for r in rows {
+        let (grp, day): (String, NaiveDate) = (r.get(0), r.get(1));
         let (up, observed): (f64, f64) = (r.get(2), r.get(3));
+        let sums = whole.entry(grp.clone()).or_default();
+        sums.0 += up;
+        sums.1 += observed;
         if observed > 0.0 {
-            per_day.insert((r.get(0), r.get(1)), percent(up, observed));
+            per_day.insert((grp, day), percent(up, observed));
+        }
+    }
+    for (name, (up, observed)) in whole {
+        if let Some(g) = groups.get_mut(&name)
+            && observed > 0.0
+        {
+            g.uptime = Some(percent(up, observed));
         }
     }
     let today = now.date_naive();

@@ -747,6 +747,40 @@ async fn http_guessing_keys_at_sign_in_empties_the_failure_bucket_like_the_api()
     assert_eq!(sign_in_with(read.clone()).await.unwrap().status(), StatusCode::SEE_OTHER);
 }
 
+/// The status page's uptime and its daily bars come from one pass over the
+/// liveness spans; the figure for the range agrees with the reporting
+/// function over the same days.
+#[tokio::test]
+async fn http_the_status_page_uptime_agrees_with_the_reports() {
+    let app = app().await;
+    let (ingest, _, _) = keys(&app).await;
+    seed_fleet(&app, &ingest).await;
+    take_flaky_offline(&app).await;
+    let mut settings = crate::helpers::default_settings().console;
+    settings.status_group_label = "service".into();
+    let client = app.db.client().await;
+    let snapshot = warden::console::status::compute(&client, &settings).await.unwrap();
+    let search = snapshot.groups.iter().find(|g| g.name == "Search").expect("the Search group");
+    let uptime = search.uptime.expect("an uptime");
+    assert!(uptime < 100.0, "flaky went offline: {uptime}");
+    let since = snapshot.generated_at.date_naive().and_hms_opt(0, 0, 0).unwrap().and_utc() - chrono::Duration::days(89);
+    let row = client
+        .query_one(
+            "SELECT sum(online_seconds + degraded_seconds), sum(observed_seconds) \
+             FROM warden.liveness_time($1, $2) WHERE agent_id = 'flaky'",
+            &[&since, &snapshot.generated_at],
+        )
+        .await
+        .unwrap();
+    let (up, observed): (f64, f64) = (row.get(0), row.get(1));
+    let expected = 100.0 * up / observed;
+    assert!((uptime - expected).abs() < 0.01, "status page {uptime} against the reports' {expected}");
+    let days_with_data: Vec<f64> = search.days.iter().filter_map(|d| d.pct).collect();
+    if days_with_data.len() == 1 {
+        assert!((days_with_data[0] - uptime).abs() < 0.01, "one day: its bar is the range");
+    }
+}
+
 /// `/status` needs no key: a crowd of requests finding the copy stale
 /// computes it once, not once each.
 #[tokio::test]
