@@ -73,11 +73,6 @@ impl Application {
     pub async fn build(settings: Settings) -> Result<Self, StartError> {
         crate::alerting::tls::install_crypto_provider();
         let settings = Arc::new(settings);
-        // The port first: an embedded cluster started for a warden that then
-        // cannot listen would be left running.
-        let addr = settings.server.listen;
-        let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
-        let local_addr = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
         let database = Database::open(&settings.database).await?;
         // A database that is not there yet (starting beside warden, failing
         // over) is waited for while serving 503s; anything else (a refused
@@ -136,6 +131,22 @@ impl Application {
                  liveness cycle, so only every check_interval"
             );
         }
+        // Bound once the database is prepared: a socket listening while a
+        // migration waits would take connections nobody answers (agents
+        // hang rather than try elsewhere, a TCP check passes). An embedded
+        // cluster started for a warden that cannot listen is stopped.
+        let addr = settings.server.listen;
+        let bound = match TcpListener::bind(addr).await {
+            Ok(listener) => listener.local_addr().map(|local| (listener, local)),
+            Err(e) => Err(e),
+        };
+        let (listener, local_addr) = match bound {
+            Ok(bound) => bound,
+            Err(source) => {
+                database.close().await;
+                return Err(StartError::Bind { addr, source });
+            }
+        };
         Ok(Self { settings, database, listener, local_addr, prepared })
     }
 

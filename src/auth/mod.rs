@@ -171,9 +171,6 @@ pub fn hash(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
-/// The credentials of an `Authorization: Bearer <key>` header value. The
-/// scheme's name is case-insensitive (RFC 9110, section 11.1), so
-/// `BEARER` is as good as `Bearer`.
 /// The request's `Authorization` value if it uses the Bearer scheme, the
 /// only one warden reads. Another (a proxy's `Basic` credentials, sent by
 /// the browser with every request) is no credential of warden's: the
@@ -184,6 +181,9 @@ pub fn bearer_header(headers: &axum::http::HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then_some(value)
 }
 
+/// The credentials of an `Authorization: Bearer <key>` header value. The
+/// scheme's name is case-insensitive (RFC 9110, section 11.1), so
+/// `BEARER` is as good as `Bearer`.
 pub fn bearer_token(header: &str) -> Option<&str> {
     let (scheme, token) = header.trim_start().split_once(' ')?;
     let token = token.trim();

@@ -206,15 +206,18 @@ impl Cache {
         // each of which would leave the next waiter to start over. A
         // connection whose query was cut short is closed, not pooled: the
         // query would go on, and the next borrower would wait behind it.
-        let result = match crate::db::client(pool).await {
-            Ok(client) => match tokio::time::timeout(COMPUTE_LIMIT, compute(&client, settings)).await {
+        let deadline = tokio::time::Instant::now() + COMPUTE_LIMIT;
+        let too_long = || DbError::Unavailable("the status page took too long to compute".into());
+        let result = match tokio::time::timeout_at(deadline, crate::db::client(pool)).await {
+            Ok(Ok(client)) => match tokio::time::timeout_at(deadline, compute(&client, settings)).await {
                 Ok(result) => result,
                 Err(_) => {
                     crate::db::discard(client);
-                    Err(DbError::Unavailable("the status page took too long to compute".into()))
+                    Err(too_long())
                 }
             },
-            Err(e) => Err(e),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(too_long()),
         };
         match result {
             Ok(snapshot) => {

@@ -43,8 +43,7 @@ impl MigrateError {
                 let mut source = std::error::Error::source(e);
                 while let Some(cause) = source {
                     if let Some(pg) = cause.downcast_ref::<tokio_postgres::Error>() {
-                        // No server error: the connection itself failed.
-                        return pg.is_closed() || pg.as_db_error().is_none();
+                        return crate::db::is_connectivity_error(pg);
                     }
                     if cause.is::<std::io::Error>() {
                         return true;

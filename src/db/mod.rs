@@ -252,8 +252,20 @@ impl Database {
         } else {
             (parse_url(settings.url.expose())?, None)
         };
-        let tls = tls::connector(settings, &mut pg_config)?;
-        let pool = pool_with(pg_config.clone(), tls.clone(), settings)?;
+        let made = tls::connector(settings, &mut pg_config)
+            .map_err(OpenError::from)
+            .and_then(|tls| Ok((pool_with(pg_config.clone(), tls.clone(), settings)?, tls)));
+        let (pool, tls) = match made {
+            Ok(made) => made,
+            Err(e) => {
+                // A cluster started for a warden that cannot use it would be
+                // left running, and adopted by every later start.
+                if let Some(cluster) = &embedded {
+                    cluster.stop().await;
+                }
+                return Err(e);
+            }
+        };
         let pg_config = session_config(pg_config, settings);
         Ok(Self { pool, pg_config, tls, embedded })
     }

@@ -70,18 +70,18 @@
   // most every MIN_GAP ms (status dots are patched from the events in
   // between), and not at all while the tab is hidden (it catches up when
   // shown), so that open tabs do not keep the database rendering pages.
-  var timer = null, busy = false, again = false, stopped = false, last = 0, MIN_GAP = 2000;
+  var timer = null, busy = false, again = false, stopped = false, last = -Infinity, MIN_GAP = 2000;
 
   function schedule(delay) {
     if (timer || stopped || document.visibilityState === 'hidden') return;
-    var wait = Math.max(delay === undefined ? 200 : delay, last + MIN_GAP - Date.now());
+    var wait = Math.max(delay === undefined ? 200 : delay, last + MIN_GAP - performance.now());
     timer = setTimeout(function () { timer = null; refresh(); }, wait);
   }
 
   function refresh() {
     if (busy) { again = true; return; }
     busy = true;
-    last = Date.now();
+    last = performance.now();
     fetch(window.location.href, { credentials: 'same-origin', cache: 'no-store', headers: { Accept: 'text/html' } })
       .then(function (r) {
         if (r.redirected && new URL(r.url).pathname === '/login') {
