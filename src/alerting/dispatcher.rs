@@ -126,6 +126,30 @@ pub struct PassReport {
     pub unrecorded: usize,
 }
 
+/// SQL: whether alert `x` is under a silence or maintenance window now, as
+/// the escalator keeps its suppressed_reason (false when it is not
+/// suppressed at all).
+macro_rules! silenced {
+    () => {
+        "coalesce(x.suppressed_reason LIKE 'silence:%' OR x.suppressed_reason LIKE 'maintenance:%', false)"
+    };
+}
+
+/// SQL: cancels the pending deliveries `d` that no live claim holds ($1 the
+/// time now) and the condition picks, with `last_error` the SQL expression
+/// `why`. The condition comes in parts, so that it can hold [`silenced!`].
+macro_rules! cancel_unclaimed {
+    ($why:literal, $($condition:expr),+) => {
+        concat!(
+            "UPDATE warden.alert_deliveries d SET state = 'cancelled', claimed_by = NULL, claimed_until = NULL, \
+                    last_error = ", $why, " \
+             WHERE d.state = 'pending' AND (d.claimed_until IS NULL OR d.claimed_until <= $1) AND (",
+            $($condition),+,
+            ")"
+        )
+    };
+}
+
 /// Escalations and repeats exist to get a firing alert seen. One whose
 /// alerts were all acknowledged or resolved since it was created is not
 /// sent: an acknowledgement may commit while the escalator is creating it
@@ -150,18 +174,17 @@ pub struct PassReport {
 async fn cancel_stale(client: &tokio_postgres::Client, now: DateTime<Utc>) -> Result<usize, DbError> {
     let overtaken = client
         .execute(
-            "UPDATE warden.alert_deliveries d SET state = 'cancelled', claimed_by = NULL, claimed_until = NULL, \
-                    last_error = CASE WHEN d.kind = 'firing' \
-                      THEN 'its alerts resolved before it reached every recipient; the all-clear goes to all' \
-                      ELSE 'no alert of it was firing any more' END \
-             WHERE d.state = 'pending' \
-               AND (d.claimed_until IS NULL OR d.claimed_until <= $1) \
-               AND ((d.kind IN ('escalation', 'repeat') \
-                     AND NOT EXISTS (SELECT 1 FROM warden.alerts x \
-                                     WHERE x.id = ANY (d.alert_ids) AND x.state = 'firing')) \
+            cancel_unclaimed!(
+                "CASE WHEN d.kind = 'firing' \
+                   THEN 'its alerts resolved before it reached every recipient; the all-clear goes to all' \
+                   ELSE 'no alert of it was firing any more' END",
+                "(d.kind IN ('escalation', 'repeat') \
+                  AND NOT EXISTS (SELECT 1 FROM warden.alerts x \
+                                  WHERE x.id = ANY (d.alert_ids) AND x.state = 'firing')) \
                  OR (d.kind = 'firing' AND d.detail ? 'reached' \
                      AND NOT EXISTS (SELECT 1 FROM warden.alerts x \
-                                     WHERE x.id = ANY (d.alert_ids) AND x.state <> 'resolved')))",
+                                     WHERE x.id = ANY (d.alert_ids) AND x.state <> 'resolved'))"
+            ),
             &[&now],
         )
         .await?;
@@ -170,27 +193,26 @@ async fn cancel_stale(client: &tokio_postgres::Client, now: DateTime<Utc>) -> Re
     // nobody needs to be now.
     let silenced = client
         .execute(
-            "UPDATE warden.alert_deliveries d SET state = 'cancelled', claimed_by = NULL, claimed_until = NULL, \
-                    last_error = 'its alerts were acknowledged or resolved under a silence before it was sent' \
-             WHERE d.state = 'pending' AND d.kind = 'firing' AND NOT d.detail ? 'reached' \
-               AND (d.claimed_until IS NULL OR d.claimed_until <= $1) \
-               AND NOT EXISTS (SELECT 1 FROM warden.alerts x \
-                               WHERE x.id = ANY (d.alert_ids) \
-                                 AND (x.state = 'firing' \
-                                      OR NOT coalesce(x.suppressed_reason LIKE 'silence:%' \
-                                                      OR x.suppressed_reason LIKE 'maintenance:%', false)))",
+            cancel_unclaimed!(
+                "'its alerts were acknowledged or resolved under a silence before it was sent'",
+                "d.kind = 'firing' AND NOT d.detail ? 'reached' \
+                 AND NOT EXISTS (SELECT 1 FROM warden.alerts x \
+                                 WHERE x.id = ANY (d.alert_ids) AND (x.state = 'firing' OR NOT ",
+                silenced!(),
+                "))"
+            ),
             &[&now],
         )
         .await?;
     let resolutions = client
         .execute(
-            "UPDATE warden.alert_deliveries d SET state = 'cancelled', claimed_by = NULL, claimed_until = NULL, \
-                    last_error = 'the channel never received a message about these alerts' \
-             WHERE d.state = 'pending' AND d.kind = 'resolved' AND NOT d.detail ? 'auto_recovered_attempt' \
-               AND (d.claimed_until IS NULL OR d.claimed_until <= $1) \
-               AND NOT EXISTS (SELECT 1 FROM warden.alert_deliveries o \
-                               WHERE o.channel = d.channel AND o.kind <> 'resolved' AND o.alert_ids && d.alert_ids \
-                                 AND (o.state IN ('sent', 'pending') OR o.detail ? 'reached'))",
+            cancel_unclaimed!(
+                "'the channel never received a message about these alerts'",
+                "d.kind = 'resolved' AND NOT d.detail ? 'auto_recovered_attempt' \
+                 AND NOT EXISTS (SELECT 1 FROM warden.alert_deliveries o \
+                                 WHERE o.channel = d.channel AND o.kind <> 'resolved' AND o.alert_ids && d.alert_ids \
+                                   AND (o.state IN ('sent', 'pending') OR o.detail ? 'reached'))"
+            ),
             &[&now],
         )
         .await?;
@@ -464,7 +486,8 @@ impl Dispatcher {
         let lease_ms = self.params.lease.num_milliseconds() as f64;
         let rows = client
             .query(
-                "WITH c AS ( \
+                concat!(
+                    "WITH c AS ( \
                    SELECT d.id FROM warden.alert_deliveries d \
                    WHERE d.state = 'pending' AND d.next_attempt_at <= $1 \
                      AND (d.claimed_until IS NULL OR d.claimed_until <= $1) \
@@ -473,8 +496,9 @@ impl Dispatcher {
                        SELECT 1 FROM warden.alerts x WHERE x.id = ANY (d.alert_ids) AND x.state = 'firing')) \
                      AND (d.kind = 'resolved' OR EXISTS ( \
                        SELECT 1 FROM warden.alerts x WHERE x.id = ANY (d.alert_ids) \
-                         AND NOT (x.state = 'firing' AND coalesce(x.suppressed_reason LIKE 'silence:%' \
-                                                                  OR x.suppressed_reason LIKE 'maintenance:%', false)))) \
+                         AND NOT (x.state = 'firing' AND ",
+                    silenced!(),
+                    "))) \
                      AND NOT EXISTS ( \
                        SELECT 1 FROM warden.alert_deliveries p \
                        WHERE p.state = 'pending' AND p.channel = d.channel AND p.id < d.id \
@@ -486,7 +510,8 @@ impl Dispatcher {
                  SET claimed_by = $3, claimed_until = $1 + $4 * interval '1 millisecond', attempts = d.attempts + 1 \
                  FROM c WHERE d.id = c.id \
                  RETURNING d.id, d.alert_ids, d.channel, d.kind, d.level, d.attempts, d.created_at, \
-                           d.idempotency_key, d.detail, d.route",
+                           d.idempotency_key, d.detail, d.route"
+                ),
                 &[&now, &limit, &self.replica, &lease_ms, &busy],
             )
             .await?;
