@@ -136,11 +136,8 @@ impl Application {
         // hang rather than try elsewhere, a TCP check passes). An embedded
         // cluster started for a warden that cannot listen is stopped.
         let addr = settings.server.listen;
-        let bound = match TcpListener::bind(addr).await {
-            Ok(listener) => listener.local_addr().map(|local| (listener, local)),
-            Err(e) => Err(e),
-        };
-        let (listener, local_addr) = match bound {
+        let bound = TcpListener::bind(addr).await.and_then(|listener| Ok((listener.local_addr()?, listener)));
+        let (local_addr, listener) = match bound {
             Ok(bound) => bound,
             Err(source) => {
                 database.close().await;

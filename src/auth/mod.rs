@@ -361,11 +361,8 @@ impl Authenticator {
         let Some(token) = header.and_then(bearer_token) else {
             return false;
         };
-        let entry = key_id_of(token).and_then(|key_id| {
-            let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-            cache.get(key_id).cloned()
-        });
-        let Some(entry) = entry else {
+        let Some(entry) = key_id_of(token).and_then(|key_id| self.cached_within(key_id, std::time::Duration::MAX))
+        else {
             return false;
         };
         entry.key.is_some_and(|stored| bool::from(hash(token).ct_eq(&stored.hash)))
@@ -396,8 +393,13 @@ impl Authenticator {
     }
 
     fn cached(&self, key_id: &str) -> Option<Cached> {
+        self.cached_within(key_id, self.ttl)
+    }
+
+    /// The cached entry if fetched less than `age` ago.
+    fn cached_within(&self, key_id: &str, age: std::time::Duration) -> Option<Cached> {
         let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        cache.get(key_id).filter(|c| c.fetched.elapsed() < self.ttl).cloned()
+        cache.get(key_id).filter(|c| c.fetched.elapsed() < age).cloned()
     }
 
     /// The key's entry, looked up by one of the requests that need it.

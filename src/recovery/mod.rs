@@ -125,10 +125,10 @@ fn labels_get<'a>(labels: &'a std::collections::BTreeMap<String, String>, key: &
 /// Returns how many jobs were reset.
 ///
 /// When it resets any, the agent's other unfinished automatic jobs get the
-/// fresh window too:
-/// their budget counts the agent's attempts since their window began, so
-/// one still waiting out its backoff would otherwise count the attempts
-/// just forgiven and give up, paging again, as soon as it came due.
+/// fresh window too: their budget counts the agent's attempts since their
+/// window began, so one still waiting out its backoff would otherwise
+/// count the attempts just forgiven and give up, paging again, as soon as
+/// it came due.
 pub async fn reset(client: &tokio_postgres::Client, agent: &str) -> Result<u64, ManualError> {
     if client.query_opt("SELECT 1 FROM warden.agent_status WHERE agent_id = $1", &[&agent]).await?.is_none() {
         return Err(ManualError::UnknownAgent(agent.to_string()));
