@@ -172,52 +172,50 @@ macro_rules! cancel_unclaimed {
 /// resolution goes. (An "auto-recovered" note is the first and only
 /// message by design.)
 async fn cancel_stale(client: &tokio_postgres::Client, now: DateTime<Utc>) -> Result<usize, DbError> {
-    let overtaken = client
-        .execute(
-            cancel_unclaimed!(
-                "CASE WHEN d.kind = 'firing' \
-                   THEN 'its alerts resolved before it reached every recipient; the all-clear goes to all' \
-                   ELSE 'no alert of it was firing any more' END",
-                "(d.kind IN ('escalation', 'repeat') \
-                  AND NOT EXISTS (SELECT 1 FROM warden.alerts x \
-                                  WHERE x.id = ANY (d.alert_ids) AND x.state = 'firing')) \
-                 OR (d.kind = 'firing' AND d.detail ? 'reached' \
-                     AND NOT EXISTS (SELECT 1 FROM warden.alerts x \
-                                     WHERE x.id = ANY (d.alert_ids) AND x.state <> 'resolved'))"
-            ),
-            &[&now],
-        )
-        .await?;
-    // A first page held under a silence (see claim) whose alerts were
+    let mut cancelled = 0;
+    // In this order: a first page cancelled by the second statement leaves
+    // its resolution to the third.
+    for statement in STALE {
+        cancelled += client.execute(statement, &[&now]).await?;
+    }
+    Ok(cancelled as usize)
+}
+
+/// The statements of [`cancel_stale`].
+const STALE: [&str; 3] = [
+    // Escalations and repeats of alerts no longer firing; first pages that
+    // reached some recipients, whose alerts all resolved.
+    cancel_unclaimed!(
+        "CASE WHEN d.kind = 'firing' \
+           THEN 'its alerts resolved before it reached every recipient; the all-clear goes to all' \
+           ELSE 'no alert of it was firing any more' END",
+        "(d.kind IN ('escalation', 'repeat') \
+          AND NOT EXISTS (SELECT 1 FROM warden.alerts x \
+                          WHERE x.id = ANY (d.alert_ids) AND x.state = 'firing')) \
+         OR (d.kind = 'firing' AND d.detail ? 'reached' \
+             AND NOT EXISTS (SELECT 1 FROM warden.alerts x \
+                             WHERE x.id = ANY (d.alert_ids) AND x.state <> 'resolved'))"
+    ),
+    // A first page held under a silence (see `claim`) whose alerts were
     // acknowledged or resolved before it ended: nobody was told, and
     // nobody needs to be now.
-    let silenced = client
-        .execute(
-            cancel_unclaimed!(
-                "'its alerts were acknowledged or resolved under a silence before it was sent'",
-                "d.kind = 'firing' AND NOT d.detail ? 'reached' \
-                 AND NOT EXISTS (SELECT 1 FROM warden.alerts x \
-                                 WHERE x.id = ANY (d.alert_ids) AND (x.state = 'firing' OR NOT ",
-                silenced!(),
-                "))"
-            ),
-            &[&now],
-        )
-        .await?;
-    let resolutions = client
-        .execute(
-            cancel_unclaimed!(
-                "'the channel never received a message about these alerts'",
-                "d.kind = 'resolved' AND NOT d.detail ? 'auto_recovered_attempt' \
-                 AND NOT EXISTS (SELECT 1 FROM warden.alert_deliveries o \
-                                 WHERE o.channel = d.channel AND o.kind <> 'resolved' AND o.alert_ids && d.alert_ids \
-                                   AND (o.state IN ('sent', 'pending') OR o.detail ? 'reached'))"
-            ),
-            &[&now],
-        )
-        .await?;
-    Ok((overtaken + silenced + resolutions) as usize)
-}
+    cancel_unclaimed!(
+        "'its alerts were acknowledged or resolved under a silence before it was sent'",
+        "d.kind = 'firing' AND NOT d.detail ? 'reached' \
+         AND NOT EXISTS (SELECT 1 FROM warden.alerts x \
+                         WHERE x.id = ANY (d.alert_ids) AND (x.state = 'firing' OR NOT ",
+        silenced!(),
+        "))"
+    ),
+    // Resolutions to a channel that never saw their alerts.
+    cancel_unclaimed!(
+        "'the channel never received a message about these alerts'",
+        "d.kind = 'resolved' AND NOT d.detail ? 'auto_recovered_attempt' \
+         AND NOT EXISTS (SELECT 1 FROM warden.alert_deliveries o \
+                         WHERE o.channel = d.channel AND o.kind <> 'resolved' AND o.alert_ids && d.alert_ids \
+                           AND (o.state IN ('sent', 'pending') OR o.detail ? 'reached'))"
+    ),
+];
 
 /// One replica's dispatcher.
 pub struct Dispatcher {
