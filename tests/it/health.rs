@@ -465,25 +465,32 @@ async fn a_stray_heartbeat_does_not_end_an_extended_outage() {
     assert_eq!(extended, ["open"], "the same outage, still open");
 }
 
+/// From `t` (a first cycle just before it): `agent`, on a 10 s interval,
+/// falls silent for fifteen seconds (degraded), then beats twice quickly
+/// (online), ten times over. Returns the time of the last cycle.
+async fn flap(c: &mut tokio_postgres::Client, p: &EvalParams, agent: &str, t: DateTime<Utc>) -> DateTime<Utc> {
+    warm_up(c, p, t).await;
+    beat(c, agent, t, 10_000, 1).await;
+    let mut now = t + Duration::seconds(1);
+    evaluator::liveness_cycle(c, p, "test", Some(now)).await.unwrap();
+    for round in 0..10 {
+        now += Duration::seconds(15);
+        evaluator::liveness_cycle(c, p, "test", Some(now)).await.unwrap();
+        now += Duration::seconds(5);
+        beat(c, agent, now - Duration::seconds(2), 10_000, 10 + round).await;
+        beat(c, agent, now - Duration::seconds(1), 10_000, 11 + round).await;
+        evaluator::liveness_cycle(c, p, "test", Some(now)).await.unwrap();
+    }
+    now
+}
+
 #[tokio::test]
 async fn an_agent_that_keeps_changing_state_is_flapping() {
     let db = TestDb::migrated().await;
     let mut c = db.client().await;
     let p = params();
     let t = t0();
-    warm_up(&mut c, &p, t).await;
-    beat(&c, "flappy", t, 10_000, 1).await;
-    let mut now = t + Duration::seconds(1);
-    evaluator::liveness_cycle(&mut c, &p, "test", Some(now)).await.unwrap();
-    // Fifteen seconds silent (degraded), then two quick beats (online), again and again.
-    for round in 0..10 {
-        now += Duration::seconds(15);
-        evaluator::liveness_cycle(&mut c, &p, "test", Some(now)).await.unwrap();
-        now += Duration::seconds(5);
-        beat(&c, "flappy", now - Duration::seconds(2), 10_000, 10 + round).await;
-        beat(&c, "flappy", now - Duration::seconds(1), 10_000, 11 + round).await;
-        evaluator::liveness_cycle(&mut c, &p, "test", Some(now)).await.unwrap();
-    }
+    flap(&mut c, &p, "flappy", t).await;
     assert!(open_issues(&c, Some("flappy")).await.contains(&"flapping".to_string()));
 }
 
@@ -493,18 +500,7 @@ async fn an_agent_registered_again_after_removal_does_not_inherit_its_flapping()
     let mut c = db.client().await;
     let p = params();
     let t = t0();
-    warm_up(&mut c, &p, t).await;
-    beat(&c, "reborn", t, 10_000, 1).await;
-    let mut now = t + Duration::seconds(1);
-    evaluator::liveness_cycle(&mut c, &p, "test", Some(now)).await.unwrap();
-    for round in 0..10 {
-        now += Duration::seconds(15);
-        evaluator::liveness_cycle(&mut c, &p, "test", Some(now)).await.unwrap();
-        now += Duration::seconds(5);
-        beat(&c, "reborn", now - Duration::seconds(2), 10_000, 10 + round).await;
-        beat(&c, "reborn", now - Duration::seconds(1), 10_000, 11 + round).await;
-        evaluator::liveness_cycle(&mut c, &p, "test", Some(now)).await.unwrap();
-    }
+    let mut now = flap(&mut c, &p, "reborn", t).await;
     assert!(open_issues(&c, Some("reborn")).await.contains(&"flapping".to_string()));
     let mut pooled = db.pooled().await;
     warden::health::removal::remove(&mut pooled, "reborn", "test", Some(now)).await.unwrap();

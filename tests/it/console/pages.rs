@@ -24,6 +24,16 @@ async fn sign_in(b: &Browser, app: &TestApp, key: &str) {
     .await;
 }
 
+/// The seeded fleet (`seed_fleet`), and a browser signed in to it with a
+/// read key, which is returned with it.
+async fn signed_in_to_a_seeded_fleet(app: &TestApp) -> (Browser, String) {
+    let (ingest, read, _) = keys(app).await;
+    seed_fleet(app, &ingest).await;
+    let b = Browser::start().await;
+    sign_in(&b, app, &read).await;
+    (b, read)
+}
+
 async fn wait_live(b: &Browser) {
     b.wait_until("the stream to connect", PATIENCE, "document.getElementById('live').dataset.state === 'live'").await;
 }
@@ -31,10 +41,7 @@ async fn wait_live(b: &Browser) {
 #[tokio::test]
 async fn browser_shows_the_fleet_after_signing_in_with_a_read_key() {
     let app = app().await;
-    let (ingest, read, _) = keys(&app).await;
-    seed_fleet(&app, &ingest).await;
-    let b = Browser::start().await;
-    sign_in(&b, &app, &read).await;
+    let (b, read) = signed_in_to_a_seeded_fleet(&app).await;
 
     let ids = b
         .eval("return [...document.querySelectorAll('tr[data-agent]')].map(r => r.dataset.agent).sort()", json!([]))
@@ -112,10 +119,7 @@ async fn browser_shows_the_fleet_after_signing_in_with_a_read_key() {
 #[tokio::test]
 async fn browser_a_stream_of_events_refetches_the_page_at_most_every_two_seconds() {
     let app = app().await;
-    let (ingest, read, _) = keys(&app).await;
-    seed_fleet(&app, &ingest).await;
-    let b = Browser::start().await;
-    sign_in(&b, &app, &read).await;
+    let (b, _) = signed_in_to_a_seeded_fleet(&app).await;
     wait_live(&b).await;
     b.eval(
         "window.__fetches = []; const f = window.fetch; \
@@ -145,10 +149,7 @@ async fn browser_a_stream_of_events_refetches_the_page_at_most_every_two_seconds
 #[tokio::test]
 async fn browser_an_agent_going_offline_updates_its_row_totals_and_incidents_live() {
     let app = app().await;
-    let (ingest, read, _) = keys(&app).await;
-    seed_fleet(&app, &ingest).await;
-    let b = Browser::start().await;
-    sign_in(&b, &app, &read).await;
+    let (b, _) = signed_in_to_a_seeded_fleet(&app).await;
     wait_live(&b).await;
     b.eval("window.__samePage = 'yes'", json!([])).await;
     assert_eq!(
