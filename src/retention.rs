@@ -611,23 +611,10 @@ async fn detach_and_drop(
                 // server whose lc_messages is not English. (The same code
                 // comes when another partition's detach is pending: then
                 // FINALIZE fails too, and the first error says why.)
-                if e.code() != Some(&tokio_postgres::error::SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE)
-                    || client.batch_execute(&finalize).await.is_err()
-                {
-                    // Nothing of the detach happened (its first phase timed
-                    // out on a lock): the mark goes, so that a table an
-                    // operator detaches by hand meanwhile, to keep it, is
-                    // not taken for one this cycle left behind.
-                    let untouched = client
-                        .query_opt(
-                            "SELECT 1 FROM pg_inherits \
-                             WHERE inhrelid = ('warden.' || $1)::regclass AND NOT inhdetachpending",
-                            &[&child],
-                        )
-                        .await;
-                    if matches!(untouched, Ok(Some(_))) {
-                        let _ = client.batch_execute(&format!("COMMENT ON TABLE warden.{child} IS NULL")).await;
-                    }
+                let raced = e.code() == Some(&tokio_postgres::error::SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE)
+                    && client.batch_execute(&finalize).await.is_ok();
+                if !raced {
+                    unmark_if_untouched(client, child).await;
                     return Err(e.into());
                 }
             }
@@ -637,6 +624,23 @@ async fn detach_and_drop(
     }
     client.batch_execute(&format!("DROP TABLE warden.{child}")).await?;
     Ok(())
+}
+
+/// After a detach failed: if nothing of it happened (its first phase timed
+/// out on a lock, the partition still attached and not pending), the mark
+/// goes, so that a table an operator detaches by hand meanwhile, to keep
+/// it, is not taken for one a cycle left behind. Best effort: the error
+/// that brought it here is the one reported.
+async fn unmark_if_untouched(client: &tokio_postgres::Client, child: &str) {
+    let untouched = client
+        .query_opt(
+            "SELECT 1 FROM pg_inherits WHERE inhrelid = ('warden.' || $1)::regclass AND NOT inhdetachpending",
+            &[&child],
+        )
+        .await;
+    if matches!(untouched, Ok(Some(_))) {
+        let _ = client.batch_execute(&format!("COMMENT ON TABLE warden.{child} IS NULL")).await;
+    }
 }
 
 #[cfg(test)]
