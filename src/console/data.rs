@@ -55,42 +55,50 @@ text_enum! {
     }
 }
 
+// The ORDER BY expressions longer than a column's name, each shared by
+// its two directions (macros, so that the clauses stay static text).
+macro_rules! liveness_rank {
+    () => {
+        "CASE liveness WHEN 'offline' THEN 0 WHEN 'degraded' THEN 1 WHEN 'unknown' THEN 2 ELSE 3 END"
+    };
+}
+macro_rules! tier_rank {
+    () => {
+        "CASE tier WHEN 'critical' THEN 0 WHEN 'poor' THEN 1 WHEN 'fair' THEN 2 WHEN 'good' THEN 3 \
+         WHEN 'excellent' THEN 4 ELSE 5 END"
+    };
+}
+// By what the column shows (the name, else the id), numbers at the end in
+// numeric order: worker 2 before worker 10.
+macro_rules! shown_name_stem {
+    () => {
+        "coalesce(substring(lower(coalesce(name, agent_id)) from '^(.*?)[0-9]+$'), lower(coalesce(name, agent_id)))"
+    };
+}
+macro_rules! shown_name_number {
+    () => {
+        "substring(coalesce(name, agent_id) from '([0-9]+)$')::numeric"
+    };
+}
+
 impl SortKey {
     /// The ORDER BY of this key, ascending or descending. Static text only.
     fn order_by(self, descending: bool) -> &'static str {
         use SortKey::*;
         match (self, descending) {
             // Worst first by default: offline, degraded, unknown, online.
-            (Liveness, false) => {
-                "CASE liveness WHEN 'offline' THEN 0 WHEN 'degraded' THEN 1 WHEN 'unknown' THEN 2 ELSE 3 END, \
-                 score ASC NULLS FIRST, agent_id"
-            }
-            (Liveness, true) => {
-                "CASE liveness WHEN 'offline' THEN 0 WHEN 'degraded' THEN 1 WHEN 'unknown' THEN 2 ELSE 3 END DESC, \
-                 score DESC NULLS LAST, agent_id"
-            }
+            (Liveness, false) => concat!(liveness_rank!(), ", score ASC NULLS FIRST, agent_id"),
+            (Liveness, true) => concat!(liveness_rank!(), " DESC, score DESC NULLS LAST, agent_id"),
             (Score, false) => "score ASC NULLS FIRST, agent_id",
             (Score, true) => "score DESC NULLS LAST, agent_id",
-            // By what the column shows (the name, else the id), numbers
-            // at the end in numeric order: worker 2 before worker 10.
-            (Agent, false) => {
-                "coalesce(substring(lower(coalesce(name, agent_id)) from '^(.*?)[0-9]+$'), lower(coalesce(name, agent_id))), \
-                 substring(coalesce(name, agent_id) from '([0-9]+)$')::numeric NULLS FIRST, agent_id"
-            }
+            (Agent, false) => concat!(shown_name_stem!(), ", ", shown_name_number!(), " NULLS FIRST, agent_id"),
             (Agent, true) => {
-                "coalesce(substring(lower(coalesce(name, agent_id)) from '^(.*?)[0-9]+$'), lower(coalesce(name, agent_id))) DESC, \
-                 substring(coalesce(name, agent_id) from '([0-9]+)$')::numeric DESC NULLS LAST, agent_id DESC"
+                concat!(shown_name_stem!(), " DESC, ", shown_name_number!(), " DESC NULLS LAST, agent_id DESC")
             }
             (LastSeen, false) => "last_seen ASC, agent_id",
             (LastSeen, true) => "last_seen DESC, agent_id",
-            (Tier, false) => {
-                "CASE tier WHEN 'critical' THEN 0 WHEN 'poor' THEN 1 WHEN 'fair' THEN 2 WHEN 'good' THEN 3 \
-                 WHEN 'excellent' THEN 4 ELSE 5 END, score ASC NULLS FIRST, agent_id"
-            }
-            (Tier, true) => {
-                "CASE tier WHEN 'critical' THEN 0 WHEN 'poor' THEN 1 WHEN 'fair' THEN 2 WHEN 'good' THEN 3 \
-                 WHEN 'excellent' THEN 4 ELSE 5 END DESC, score DESC NULLS LAST, agent_id"
-            }
+            (Tier, false) => concat!(tier_rank!(), ", score ASC NULLS FIRST, agent_id"),
+            (Tier, true) => concat!(tier_rank!(), " DESC, score DESC NULLS LAST, agent_id"),
             (Mode, false) => "mode ASC NULLS LAST, agent_id",
             (Mode, true) => "mode DESC NULLS LAST, agent_id",
         }
