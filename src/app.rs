@@ -174,15 +174,19 @@ impl Application {
         let auth =
             Arc::new(Authenticator::new(database.pool.clone(), settings.auth.enabled, settings.auth.cache_ttl.get()));
         let hub = Arc::new(crate::stream::Hub::default());
-        tasks.spawn(crate::stream::listen(
-            database.pg_config.clone(),
-            database.tls.clone(),
-            hub.clone(),
-            db::max_lifetime(&settings.database),
-            background.clone(),
-        ));
+        {
+            let (pg_config, tls, hub, stop) =
+                (database.pg_config.clone(), database.tls.clone(), hub.clone(), background.clone());
+            let max_lifetime = db::max_lifetime(&settings.database);
+            crate::supervise::spawn(&tasks, "stream", &background, move || {
+                crate::stream::listen(pg_config.clone(), tls.clone(), hub.clone(), max_lifetime, stop.clone())
+            });
+        }
         if let Some(cluster) = database.embedded() {
-            tasks.spawn(keep_embedded_running(cluster, background.clone()));
+            let stop = background.clone();
+            crate::supervise::spawn(&tasks, "embedded_cluster", &background, move || {
+                keep_embedded_running(cluster.clone(), stop.clone())
+            });
         }
         let state =
             AppState::new(database.pool.clone(), settings.clone(), auth, ingestor, hub.clone(), started.clone());
@@ -326,14 +330,24 @@ fn start_background(
     tasks: &TaskTracker,
 ) {
     let ping = Some(settings.telemetry.self_heartbeat_url.expose().to_string()).filter(|u| !u.is_empty());
-    tasks.spawn(crate::health::evaluator::run_with_ping(
-        database.pool.clone(),
-        crate::health::evaluator::EvalParams::from_settings(&settings.health),
-        replica_name(local_addr),
-        Some(serving_since),
-        ping,
-        stop.clone(),
-    ));
+    {
+        let (pool, params, replica, stop_) = (
+            database.pool.clone(),
+            crate::health::evaluator::EvalParams::from_settings(&settings.health),
+            replica_name(local_addr),
+            stop.clone(),
+        );
+        crate::supervise::spawn(tasks, "evaluator", stop, move || {
+            crate::health::evaluator::run_with_ping(
+                pool.clone(),
+                params.clone(),
+                replica.clone(),
+                Some(serving_since),
+                ping.clone(),
+                stop_.clone(),
+            )
+        });
+    }
     if settings.recovery.enabled {
         let engine = crate::recovery::engine::Engine::new(
             database.pool.clone(),
@@ -342,12 +356,21 @@ fn start_background(
             replica_name(local_addr),
         );
         // Half the grace for actions to finish; the rest to record them.
-        tasks.spawn(engine.run(stop.clone(), settings.server.shutdown_timeout.get() / 2));
+        let (stop_, drain) = (stop.clone(), settings.server.shutdown_timeout.get() / 2);
+        crate::supervise::spawn(tasks, "recovery", stop, move || engine.clone().run(stop_.clone(), drain));
     }
     if settings.retention.enabled {
-        tasks.spawn(crate::retention::run(database.pool.clone(), settings.retention.clone(), stop.clone()));
+        let (pool, retention, stop_) = (database.pool.clone(), settings.retention.clone(), stop.clone());
+        crate::supervise::spawn(tasks, "retention", stop, move || {
+            crate::retention::run(pool.clone(), retention.clone(), stop_.clone())
+        });
     }
-    tasks.spawn(partition_upkeep(database.pool.clone(), settings.database.partitions_ahead_days, stop.clone()));
+    {
+        let (pool, ahead_days, stop_) = (database.pool.clone(), settings.database.partitions_ahead_days, stop.clone());
+        crate::supervise::spawn(tasks, "partitions", stop, move || {
+            partition_upkeep(pool.clone(), ahead_days, stop_.clone())
+        });
+    }
 
     // Half the grace for alert sends under way to finish and be recorded.
     if let Err(e) = crate::alerting::start(

@@ -44,5 +44,6 @@ pub mod recovery;
 pub mod report;
 pub mod retention;
 pub mod stream;
+pub mod supervise;
 pub mod telemetry;
 pub mod text_table;

@@ -45,6 +45,9 @@ pub struct Metrics {
     /// The pool's size limit, apart so that a sum over `pool` is
     /// meaningful.
     pub pool_max: IntGauge,
+    /// Long-running tasks that panicked (and were started again), by task
+    /// (see `supervise`).
+    pub task_panics: IntCounterVec,
 }
 
 /// Fleet figures read from the database for one scrape. They live in a
@@ -241,6 +244,12 @@ impl Metrics {
                 &["state"],
             ),
             pool_max,
+            task_panics: counter(
+                &registry,
+                "warden_task_panics_total",
+                "Background tasks that panicked and were started again, by task",
+                &["task"],
+            ),
             registry,
         }
     }

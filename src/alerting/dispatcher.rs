@@ -294,8 +294,8 @@ impl Dispatcher {
     /// recorded; any still going then are dropped, and their deliveries
     /// are sent again once their claim runs out (at least once, with the
     /// same Idempotency-Key).
-    pub async fn run(self, stop: CancellationToken, drain: std::time::Duration) {
-        let this = Arc::new(self);
+    pub async fn run(self: Arc<Self>, stop: CancellationToken, drain: std::time::Duration) {
+        let this = self;
         let batch = this.params.batch.max(1);
         let in_flight: Arc<std::sync::Mutex<HashMap<String, i64>>> = Default::default();
         let mut sends = tokio::task::JoinSet::new();

@@ -83,9 +83,19 @@ pub fn start(
         }
     }
     tracing::info!(channels = ?names, "alerting started");
-    tasks.spawn(escalator::run(pool.clone(), escalator::EscalatorParams::from_settings(settings), stop.clone()));
-    let dispatcher =
-        dispatcher::Dispatcher::new(pool, channels, dispatcher::DispatchParams::from_settings(settings), replica);
-    tasks.spawn(dispatcher.run(stop, drain));
+    {
+        let (pool, params, stop_) = (pool.clone(), escalator::EscalatorParams::from_settings(settings), stop.clone());
+        crate::supervise::spawn(tasks, "escalator", &stop, move || {
+            escalator::run(pool.clone(), params.clone(), stop_.clone())
+        });
+    }
+    let dispatcher = Arc::new(dispatcher::Dispatcher::new(
+        pool,
+        channels,
+        dispatcher::DispatchParams::from_settings(settings),
+        replica,
+    ));
+    let stop_ = stop.clone();
+    crate::supervise::spawn(tasks, "dispatcher", &stop, move || dispatcher.clone().run(stop_.clone(), drain));
     Ok(())
 }

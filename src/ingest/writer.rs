@@ -240,23 +240,32 @@ impl Ingestor {
             capacity: settings.queue_capacity,
             deep: Notify::new(),
         });
-        for n in 0..settings.writers.max(1) {
-            let writer = Writer {
+        let writer = {
+            let (pool, queue, refusals, stop) = (pool.clone(), queue.clone(), refusals.clone(), stop.clone());
+            let (max_flush, max_lifetime) = (settings.max_flush.max(1), settings.max_lifetime);
+            move || Writer {
                 pool: pool.clone(),
                 client: None,
                 queue: queue.clone(),
-                max_flush: settings.max_flush.max(1),
-                max_lifetime: settings.max_lifetime,
+                max_flush,
+                max_lifetime,
                 refusals: refusals.clone(),
                 stop: stop.clone(),
-            };
-            if n == 0 {
-                tasks.spawn(writer.run());
-            } else {
-                tasks.spawn(writer.help());
             }
+        };
+        // A writer that panicked dropped the requests of its flush (they
+        // were answered 503; its transaction rolled back with its
+        // connection); the one started in its place takes the queue on.
+        let first = writer.clone();
+        crate::supervise::spawn(tasks, "ingest_writer", &stop, move || first().run());
+        for _ in 1..settings.writers.max(1) {
+            let helper = writer.clone();
+            crate::supervise::spawn(tasks, "ingest_helper", &stop, move || helper().help());
         }
-        tasks.spawn(refused.clone().record(pool.clone(), stop.clone()));
+        let (recorder, recorder_pool, recorder_stop) = (refused.clone(), pool.clone(), stop.clone());
+        crate::supervise::spawn(tasks, "ingest_refusals", &stop, move || {
+            recorder.clone().record(recorder_pool.clone(), recorder_stop.clone())
+        });
         Arc::new(Self { sender, queue, refusals, refused, pool, group_commit: settings.group_commit, stop })
     }
 

@@ -61,6 +61,9 @@ async fn metrics_count_the_work_and_pass_promtool() {
         "warden_heartbeat_rejects_total{reason=\"unavailable\"}",
         "warden_recovery_attempts_total{outcome=\"failed\"}",
         "warden_alert_deliveries_total{channel=\"log\",outcome=\"failed\"}",
+        "warden_task_panics_total{task=\"evaluator\"}",
+        "warden_task_panics_total{task=\"dispatcher\"}",
+        "warden_task_panics_total{task=\"ingest_writer\"}",
     ] {
         assert!(metric(&text, series).is_some(), "{series} is there before any failure: {text}");
     }

@@ -432,7 +432,8 @@ policy = "chat"
     rig.auto_dispatch = false;
     let stop = tokio_util::sync::CancellationToken::new();
     let running = tokio::spawn(
-        dispatcher(&rig.db, &settings(&toml), "replica-b").run(stop.clone(), std::time::Duration::from_secs(30)),
+        std::sync::Arc::new(dispatcher(&rig.db, &settings(&toml), "replica-b"))
+            .run(stop.clone(), std::time::Duration::from_secs(30)),
     );
     let release = hook.hold();
     rig.beat("a1", 10_000, Some(json!({"to": "audit"}))).await;
