@@ -51,6 +51,8 @@ impl StartError {
             Self::Connect(db::DbError::LoginRefused(_))
             | Self::Migrate(migrate::MigrateError::Db(db::DbError::LoginRefused(_))) => false,
             Self::Connect(e) => e.is_unavailable(),
+            // Another replica migrates: it will be done.
+            Self::Migrate(migrate::MigrateError::Busy { .. }) => true,
             // The connection dropped while migrating or checking the schema.
             Self::Migrate(e) | Self::Schema(e) => e.is_unavailable(),
             Self::SchemaBehind { .. } => true,
@@ -266,7 +268,10 @@ impl Application {
 async fn prepare(database: &Database, settings: &Settings) -> Result<DateTime<Utc>, StartError> {
     if settings.database.migrate_on_start {
         let mut client = db::client(&database.pool).await.map_err(StartError::Connect)?;
-        let outcome = migrate::run(&mut client).await?;
+        // Another replica's migration is waited out while serving 503s,
+        // not with the port closed (a closed port for the length of a long
+        // migration fails a liveness probe).
+        let outcome = migrate::run_unless_busy(&mut client, settings.database.connect_timeout.get()).await?;
         if !outcome.applied.is_empty() {
             tracing::info!(applied = ?outcome.applied, version = outcome.version, "database migrated");
         }

@@ -212,7 +212,8 @@ pub struct DatabaseSettings {
     pub pg_bin_dir: PathBuf,
     /// Largest number of connections this process opens.
     pub pool_size: u32,
-    /// Time allowed to open one connection.
+    /// Time allowed to open one connection; also how long `serve` waits at
+    /// start for another replica's migration before serving 503s.
     pub connect_timeout: Duration,
     /// Time a caller waits for a free connection before giving up (503).
     pub acquire_timeout: Duration,

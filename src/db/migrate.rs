@@ -29,6 +29,8 @@ pub enum MigrateError {
         .0.join(", ")
     )]
     Divergent(Vec<String>),
+    #[error("another session is migrating the database ({holder}): waited {waited:?} for it")]
+    Busy { holder: String, waited: std::time::Duration },
 }
 
 impl MigrateError {
@@ -52,7 +54,7 @@ impl MigrateError {
                 }
                 false
             }
-            Self::UnsupportedServer(_) | Self::Divergent(_) => false,
+            Self::UnsupportedServer(_) | Self::Divergent(_) | Self::Busy { .. } => false,
         }
     }
 }
@@ -102,13 +104,25 @@ pub fn fingerprint() -> u64 {
 /// take turns on an advisory lock, so exactly one of them does the work.
 /// A database a newer build migrated is left as it is (see `run_locked`).
 pub async fn run(client: &mut Client) -> Result<Applied, MigrateError> {
+    run_within(client, None).await
+}
+
+/// As [`run`], but gives up with [`MigrateError::Busy`] once another
+/// session has kept the migration lock for `wait`: `serve` answers 503
+/// meanwhile rather than leave its port closed for as long as another
+/// replica's migration takes.
+pub async fn run_unless_busy(client: &mut Client, wait: std::time::Duration) -> Result<Applied, MigrateError> {
+    run_within(client, Some(wait)).await
+}
+
+async fn run_within(client: &mut Client, wait: Option<std::time::Duration>) -> Result<Applied, MigrateError> {
     // Neither waiting for another replica's migration nor a migration that
     // rewrites a large table may be cut short by the pool's statement
     // timeout: a replica would fail to start while another migrates, and
     // a long upgrade could never finish. (Migrations that take locks on
     // busy tables bound that wait themselves with lock_timeout.)
     client.batch_execute("SET statement_timeout = 0").await?;
-    let result = run_unbounded(client).await;
+    let result = run_unbounded(client, wait).await;
     // Back to the session's own default for whoever uses the connection next.
     let reset = client.batch_execute("RESET statement_timeout").await;
     let applied = result?;
@@ -116,8 +130,8 @@ pub async fn run(client: &mut Client) -> Result<Applied, MigrateError> {
     Ok(applied)
 }
 
-async fn run_unbounded(client: &mut Client) -> Result<Applied, MigrateError> {
-    client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK]).await?;
+async fn run_unbounded(client: &mut Client, wait: Option<std::time::Duration>) -> Result<Applied, MigrateError> {
+    lock(client, wait).await?;
     let result = run_locked(client).await;
     // The lock is session-scoped; release it even when the run failed so a
     // pooled connection never keeps it.
@@ -125,6 +139,62 @@ async fn run_unbounded(client: &mut Client) -> Result<Applied, MigrateError> {
     let applied = result?;
     unlock?;
     Ok(applied)
+}
+
+/// Takes the migration lock: at once when it is free; else says who holds
+/// it (a wait behind a long migration is otherwise silent) and waits for
+/// it, at most `wait` when given.
+async fn lock(client: &Client, wait: Option<std::time::Duration>) -> Result<(), MigrateError> {
+    let free: bool = client.query_one("SELECT pg_try_advisory_lock($1)", &[&MIGRATION_LOCK]).await?.get(0);
+    if free {
+        return Ok(());
+    }
+    let holder = match lock_holder(client).await {
+        Ok(Some(holder)) => holder,
+        // Released in between, or not visible to this role.
+        Ok(None) | Err(_) => "a session this role cannot see".to_string(),
+    };
+    let Some(wait) = wait else {
+        tracing::info!(%holder, "another session is migrating the database; waiting for it to finish");
+        client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK]).await?;
+        return Ok(());
+    };
+    // Advisory locks honour lock_timeout. Set for the session (there is no
+    // transaction to scope it to) and reset whatever the outcome.
+    let millis = format!("{}ms", wait.as_millis().max(1));
+    client.execute("SELECT set_config('lock_timeout', $1, false)", &[&millis]).await?;
+    let taken = client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK]).await;
+    client.batch_execute("RESET lock_timeout").await?;
+    match taken {
+        Ok(_) => Ok(()),
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
+            Err(MigrateError::Busy { holder, waited: wait })
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Who holds the migration lock, in words: its backend's pid, application
+/// and client address, and how long its current statement has run.
+async fn lock_holder(client: &Client) -> Result<Option<String>, tokio_postgres::Error> {
+    // A bigint advisory key is kept as classid (high half) and objid (low
+    // half), objsubid 1.
+    let row = client
+        .query_opt(
+            "SELECT a.pid, coalesce(nullif(a.application_name, ''), 'no application_name'), \
+                    coalesce(host(a.client_addr), 'local socket'), \
+                    coalesce(extract(epoch FROM now() - a.query_start)::float8, 0) \
+             FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+             WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
+               AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+               AND l.classid::bigint = ($1::bigint >> 32) AND l.objid::bigint = ($1::bigint & 4294967295)",
+            &[&MIGRATION_LOCK],
+        )
+        .await?;
+    Ok(row.map(|r| {
+        let (pid, application, address, running): (i32, String, String, f64) = (r.get(0), r.get(1), r.get(2), r.get(3));
+        format!("pid {pid}, {application} from {address}, its statement running for {running:.0}s")
+    }))
 }
 
 async fn run_locked(client: &mut Client) -> Result<Applied, MigrateError> {

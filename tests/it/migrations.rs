@@ -251,6 +251,113 @@ async fn a_replica_waits_out_another_migration_longer_than_its_statement_timeout
     assert_eq!(timeout, "300ms", "the session's own timeout is back afterwards");
 }
 
+/// The migration lock, held by "another replica" (same key as warden's).
+async fn hold_migration_lock(db: &TestDb) -> (tokio_postgres::Client, i32) {
+    let holder = db.client().await;
+    holder.execute("SELECT pg_advisory_lock(x'77617264656e3a6d'::bigint)", &[]).await.unwrap();
+    let pid: i32 = holder.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    (holder, pid)
+}
+
+#[tokio::test]
+async fn a_bounded_wait_for_the_migration_lock_names_its_holder_and_leaves_the_session_as_it_was() {
+    let db = TestDb::empty().await;
+    let (holder, pid) = hold_migration_lock(&db).await;
+    let mut client = db.client().await;
+    let busy = migrate::run_unless_busy(&mut client, Duration::from_millis(200)).await.unwrap_err();
+    assert!(matches!(busy, migrate::MigrateError::Busy { .. }), "{busy:?}");
+    assert!(busy.to_string().contains(&format!("pid {pid}")), "{busy}");
+    for (setting, default) in [("lock_timeout", "0"), ("statement_timeout", "0")] {
+        let now: String = client.query_one(&format!("SHOW {setting}"), &[]).await.unwrap().get(0);
+        assert_eq!(now, default, "{setting} is the session's own again");
+    }
+    holder.execute("SELECT pg_advisory_unlock_all()", &[]).await.unwrap();
+    let applied = migrate::run_unless_busy(&mut client, Duration::from_millis(200)).await.unwrap();
+    assert_eq!(applied.version, migrate::latest_version());
+}
+
+#[tokio::test]
+async fn serve_answers_503_while_another_replica_migrates_then_starts() {
+    // serve used to wait for the lock before listening: for the length of
+    // another replica's migration its port was closed and /healthz, a
+    // liveness probe, unanswered.
+    let db = TestDb::empty().await;
+    let (holder, _) = hold_migration_lock(&db).await;
+    let mut settings = crate::helpers::default_settings();
+    settings.database.url = warden::config::Secret::new(db.url());
+    settings.database.connect_timeout = warden::config::Duration::from_millis(300);
+    settings.database.pool_size = 4;
+    settings.server.listen = "127.0.0.1:0".parse().unwrap();
+    settings.health.check_interval = warden::config::Duration::from_secs(1);
+    let app = tokio::time::timeout(Duration::from_secs(60), warden::app::Application::build(settings))
+        .await
+        .expect("build does not wait for the lock")
+        .expect("serves while another replica migrates");
+    let base = format!("http://{}", app.local_addr());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(app.run(shutdown.clone()));
+    let http = reqwest::Client::new();
+    assert_eq!(http.get(format!("{base}/healthz")).send().await.unwrap().status(), 200);
+    let ready = http.get(format!("{base}/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    assert!(ready.headers().contains_key("retry-after"));
+    let beat = http.post(format!("{base}/v1/heartbeats")).json(&serde_json::json!({"agent_id": "a"})).send().await;
+    assert_eq!(beat.unwrap().status(), 503);
+
+    holder.execute("SELECT pg_advisory_unlock_all()", &[]).await.unwrap();
+    crate::helpers::eventually(Duration::from_secs(120), "ready once the lock is free", || async {
+        let response = http.get(format!("{base}/readyz")).send().await.ok()?;
+        (response.status() == 200).then_some(())
+    })
+    .await;
+    let version: i32 = db
+        .client()
+        .await
+        .query_one("SELECT max(version) FROM warden.refinery_schema_history", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(version, migrate::latest_version(), "it migrated once the lock was free");
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn warden_migrate_says_whom_it_waits_for() {
+    use tokio::io::AsyncBufReadExt as _;
+    let db = TestDb::empty().await;
+    let (holder, pid) = hold_migration_lock(&db).await;
+    let mut cmd = tokio::process::Command::from(crate::procs::warden());
+    cmd.arg("migrate")
+        .env("WARDEN__DATABASE__URL", db.url())
+        .env("WARDEN__TELEMETRY__FORMAT", "json")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let said = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let line = lines.next_line().await.unwrap().expect("migrate ended before saying whom it waits for");
+            if line.contains("another session is migrating the database") {
+                break line;
+            }
+        }
+    })
+    .await
+    .expect("the waiting line");
+    assert!(said.contains(&format!("pid {pid}")), "{said}");
+    assert!(child.try_wait().unwrap().is_none(), "still waiting");
+    holder.execute("SELECT pg_advisory_unlock_all()", &[]).await.unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(120), async {
+        while lines.next_line().await.ok().flatten().is_some() {}
+        child.wait().await.unwrap()
+    })
+    .await
+    .expect("migrate ends once the lock is free");
+    assert!(status.success());
+}
+
 #[tokio::test]
 async fn a_new_partition_does_not_wait_for_a_long_reader_nor_make_ingestion_wait() {
     let db = TestDb::migrated().await;
