@@ -48,8 +48,10 @@ impl StartError {
     pub fn is_temporary(&self) -> bool {
         match self {
             // Waiting would hide a mistake in database.url behind 503s.
-            Self::Connect(db::DbError::LoginRefused(_))
-            | Self::Migrate(migrate::MigrateError::Db(db::DbError::LoginRefused(_))) => false,
+            Self::Connect(db::DbError::LoginRefused(_) | db::DbError::Untrusted(_))
+            | Self::Migrate(migrate::MigrateError::Db(db::DbError::LoginRefused(_) | db::DbError::Untrusted(_))) => {
+                false
+            }
             Self::Connect(e) => e.is_unavailable(),
             // Another replica migrates: it will be done.
             Self::Migrate(migrate::MigrateError::Busy { .. }) => true,

@@ -132,6 +132,9 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> 
         match tokio::time::timeout(limit, probe).await {
             Ok(Ok((version, since))) => Readiness::Reached(version.unwrap_or(0), since),
             Ok(Err(db::DbError::LoginRefused(_))) => Readiness::Unavailable("the database refuses warden's login"),
+            Ok(Err(db::DbError::Untrusted(_))) => {
+                Readiness::Unavailable("warden does not trust the database's TLS certificate")
+            }
             Ok(Err(e)) if e.is_unavailable() => Readiness::Unavailable("the database is unreachable"),
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "readiness check failed");

@@ -31,6 +31,11 @@ pub enum DbError {
     /// out.
     #[error("the database refuses warden's login: {0}")]
     LoginRefused(String),
+    /// The server's TLS certificate failed verification (signed by another
+    /// CA, for another name, expired): treated as a refused login, an
+    /// outage while serving and a mistake to report at start-up.
+    #[error("warden does not trust the database's TLS certificate: {0}")]
+    Untrusted(String),
     /// A statement failed for a reason retrying will not fix.
     #[error("database error: {}", describe(.0))]
     Query(#[from] tokio_postgres::Error),
@@ -97,7 +102,7 @@ impl DbError {
 
     pub fn is_unavailable(&self) -> bool {
         match self {
-            Self::Unavailable(_) | Self::LoginRefused(_) => true,
+            Self::Unavailable(_) | Self::LoginRefused(_) | Self::Untrusted(_) => true,
             Self::Query(e) => is_connectivity_error(e),
             Self::Busy(_) | Self::Inconsistent(_) | Self::SchemaMissing(_) | Self::Repeated(_) => false,
         }
@@ -124,6 +129,7 @@ impl DbError {
             Self::Query(e) => is_transient_error(e),
             Self::Unavailable(_)
             | Self::LoginRefused(_)
+            | Self::Untrusted(_)
             | Self::Inconsistent(_)
             | Self::SchemaMissing(_)
             | Self::Repeated(_) => false,
@@ -153,6 +159,7 @@ impl From<deadpool_postgres::PoolError> for DbError {
         use deadpool_postgres::PoolError as P;
         match e {
             P::Backend(e) if is_login_refused(&e) => Self::LoginRefused(describe(&e)),
+            P::Backend(e) if is_certificate_refused(&e) => Self::Untrusted(describe(&e)),
             P::Backend(e) if !is_connectivity_error(&e) => Self::Query(e),
             P::Backend(e) => Self::Unavailable(describe(&e)),
             P::Timeout(_) => Self::Unavailable("no database connection became free in time".into()),
@@ -173,6 +180,26 @@ pub fn is_login_refused(e: &tokio_postgres::Error) -> bool {
                 | &SqlState::INSUFFICIENT_PRIVILEGE
         )
     )
+}
+
+/// A TLS handshake warden ended because the server's certificate failed
+/// verification. rustls's error arrives inside an I/O error, whose
+/// `source()` skips it, hence the look at each I/O error's own inner one.
+pub fn is_certificate_refused(e: &tokio_postgres::Error) -> bool {
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        let wrapped = c.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref());
+        let candidates = [Some(c), wrapped.map(|w| w as &(dyn std::error::Error + 'static))];
+        if candidates
+            .into_iter()
+            .flatten()
+            .any(|c| matches!(c.downcast_ref(), Some(rustls::Error::InvalidCertificate(_))))
+        {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// True for errors that say "the server is not there right now" rather

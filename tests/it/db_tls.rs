@@ -222,12 +222,22 @@ async fn full_verification_trusts_the_configured_ca_and_the_host_name_only() {
 
     let impostor = open(pg.host, "other-ca.crt").await;
     let error = pool_uses_tls(&impostor.pool).await.expect_err("a certificate of another CA is refused");
-    assert!(error.contains("certificate"), "{error}");
+    assert!(error.contains("does not trust the database's TLS certificate"), "{error}");
+    // A mistake in the settings, not a database yet to come: serve stops
+    // at once saying so, as for a refused login, rather than answer 503
+    // for ever.
+    let mut settings = pg.settings(pg.host);
+    settings.database.tls_verify = TlsVerify::Full;
+    settings.database.tls_ca_file = pg.file("other-ca.crt");
+    let Err(error) = tokio::time::timeout(Duration::from_secs(60), Application::build(settings)).await.unwrap() else {
+        panic!("serve started with a certificate it does not trust")
+    };
+    assert!(!error.is_temporary() && error.to_string().contains("TLS certificate"), "{error}");
 
     // The right CA, but the certificate names another host than the one asked for.
     let misnamed = open("db.example", "ca.crt").await;
     let error = pool_uses_tls(&misnamed.pool).await.expect_err("a certificate for another name is refused");
-    assert!(error.contains("certificate"), "{error}");
+    assert!(error.contains("does not trust the database's TLS certificate"), "{error}");
 }
 
 #[tokio::test]
