@@ -1053,6 +1053,43 @@ async fn deliveries_by_channel_averages_the_time_to_ack_per_alert_not_per_messag
 }
 
 #[tokio::test]
+async fn availability_stats_round_down_and_incident_tables_list_those_open_in_the_range() {
+    let (_db, client, t0) = seeded().await;
+    let context = |from: i64, to: i64| GrafanaContext {
+        from: minutes(t0, from),
+        to: minutes(t0, to),
+        interval: "1m",
+        interval_secs: 60,
+        variables: vec![],
+    };
+    // [0, 50): a1 up 45 of 50 minutes, a2 50 of 50, a3 19 of 19 (from 31):
+    // 114 / 119 = 95.798 %, which two decimals would round up to 95.80.
+    let query = dashboard_panel("fleet-overview.json", "stat", "Fleet availability");
+    let availability: f64 = client.query_one(&context(0, 50).expand(&query.sql), &[]).await.unwrap().get(0);
+    assert!((availability - 95.79).abs() < 1e-9, "{availability}");
+
+    // [50, 60): none was opened in it; a1's outage (45-61), its flapping
+    // (42-55) and a2's restart loop (open since 20) were open in it; a3's
+    // errors were resolved as it began (at 50).
+    let query = dashboard_panel("fleet-overview.json", "table", "Incidents");
+    let rows = client.query(&context(50, 60).expand(&query.sql), &[]).await.unwrap();
+    let listed: Vec<(String, String)> = rows.iter().map(|r| (r.get("agent"), r.get("issue"))).collect();
+    let expected = [("a1", "agent_unresponsive"), ("a1", "flapping"), ("a2", "restart_loop")];
+    assert_eq!(listed, expected.map(|(a, i)| (a.to_string(), i.to_string())), "newest first");
+
+    // The agent dashboard's: a1 over [0, 46) was up 45 of 46 minutes,
+    // 97.826 %; over [50, 60) its outage and flapping were open.
+    let agent = |from, to| GrafanaContext { variables: vec![("agent", "a1")], ..context(from, to) };
+    let query = agent_detail_panel("stat", "Availability");
+    let availability: f64 = client.query_one(&agent(0, 46).expand(&query.sql), &[]).await.unwrap().get(0);
+    assert!((availability - 97.82).abs() < 1e-9, "{availability}");
+    let query = agent_detail_panel("table", "Incidents");
+    let rows = client.query(&agent(50, 60).expand(&query.sql), &[]).await.unwrap();
+    let issues: Vec<String> = rows.iter().map(|r| r.get("issue")).collect();
+    assert_eq!(issues, ["agent_unresponsive", "flapping"]);
+}
+
+#[tokio::test]
 async fn the_heartbeat_rate_panel_counts_partial_buckets_per_minute_covered() {
     // Two heartbeats a minute, shown over 30 minutes that start and end in
     // the middle of 5-minute buckets (150 s of the first and of the last):
