@@ -7,7 +7,9 @@
 //!    scores up per hour (each from a watermark, so a cycle reads only what
 //!    is new), a short stretch per transaction, so that a backlog (days of
 //!    retention switched off) is caught up in steps no statement timeout
-//!    cuts off;
+//!    cuts off; and write each UTC day's liveness per agent to
+//!    `liveness_days` once no transition still to come can change it (the
+//!    status page reads those days);
 //! 2. drop daily partitions of heartbeats, metrics and score history past
 //!    their retention, detaching them CONCURRENTLY first so the parent
 //!    table is never locked against ingestion; never a partition whose rows
@@ -54,6 +56,8 @@ pub struct Report {
     pub minute_rows: u64,
     pub hour_rows: u64,
     pub score_rows: u64,
+    /// UTC days whose liveness was written to `liveness_days`.
+    pub liveness_days: u64,
     pub dropped_partitions: Vec<String>,
     pub pruned: BTreeMap<&'static str, u64>,
     /// Steps that failed, with their error; the others still ran.
@@ -111,6 +115,9 @@ pub async fn cycle(
     if let Err(e) = rollups(client, now, &mut report).await {
         report.failure("rollups", e);
     }
+    if let Err(e) = liveness_days(client, settings, now, &mut report).await {
+        report.failure("liveness_days", e);
+    }
     // Rows go only once they are rolled up: raw heartbeats up to the
     // minute watermark, scores up to the score watermark (metrics have no
     // rollup), minute rollups up to the hour watermark.
@@ -161,7 +168,7 @@ pub async fn cycle(
     let batch = i64::from(settings.batch);
     let hours_rolled = marks.and_then(|(_, hours, _)| hours);
     // Each prune with its cutoff; None: not now.
-    let prunes: [(&'static str, &str, Option<DateTime<Utc>>); 7] = [
+    let prunes: [(&'static str, &str, Option<DateTime<Utc>>); 8] = [
         (
             "events",
             // Oldest first, through system_events_prunable_idx (V21): the
@@ -183,6 +190,13 @@ pub async fn cycle(
             "DELETE FROM warden.system_events WHERE id = ANY (ARRAY(SELECT id FROM warden.system_events \
                WHERE occurred_at < $1 AND event_type IN ('status_changed', 'evaluation_paused', 'agent_restarted') \
                  AND source = 'warden' LIMIT $2))",
+            Some(now - settings.transitions.to_chrono()),
+        ),
+        (
+            // The days of the transitions gone above.
+            "liveness_days",
+            "DELETE FROM warden.liveness_days WHERE (day, agent_id) IN (SELECT day, agent_id \
+               FROM warden.liveness_days WHERE day < ($1 AT TIME ZONE 'UTC')::date LIMIT $2)",
             Some(now - settings.transitions.to_chrono()),
         ),
         (
@@ -457,6 +471,88 @@ async fn rollup_step(client: &mut db::Client, now: DateTime<Utc>, report: &mut R
     }
     tx.commit().await?;
     Ok(minute_upto < minute_target || hour_upto < hour_target || score_upto < score_target)
+}
+
+/// Writes each closed UTC day's liveness per agent to `liveness_days`,
+/// one day per transaction, within the catch-up budget.
+async fn liveness_days(
+    client: &mut db::Client,
+    settings: &RetentionSettings,
+    now: DateTime<Utc>,
+    report: &mut Report,
+) -> Result<(), DbError> {
+    let started = std::time::Instant::now();
+    while liveness_day_step(client, settings, now, report).await? {
+        if started.elapsed() > CATCH_UP_BUDGET {
+            tracing::info!("liveness days are catching up on a backlog; the next cycle goes on");
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Writes the day at the watermark if it is final, and moves the
+/// watermark past it. Returns whether another day is final and unwritten.
+async fn liveness_day_step(
+    client: &mut db::Client,
+    settings: &RetentionSettings,
+    now: DateTime<Utc>,
+    report: &mut Report,
+) -> Result<bool, DbError> {
+    let tx = client.transaction().await?;
+    // Final: the day ended before the last liveness cycle by more than
+    // any agent's outage can be recorded late (liveness_spans' own reach,
+    // a day at least), and an hour. A stretch without evaluation is
+    // recorded once it ends, from the last cycle before it: after that
+    // cycle in any case.
+    let row = tx
+        .query_one(
+            "SELECT r.liveness_day_watermark, \
+                    e.last_cycle_at - interval '1 hour' - greatest(interval '1 day', \
+                      coalesce((SELECT max(s.expected_interval_ms) FROM warden.agent_status s), 0) \
+                        * coalesce((SELECT hp.offline_after_missed + hp.jitter_tolerance + 1 \
+                                    FROM warden.health_params hp), 5) * interval '1 millisecond'), \
+                    (SELECT min(s.first_seen) FROM warden.agent_status s) \
+             FROM warden.retention_state r, warden.evaluator_state e \
+             FOR UPDATE OF r",
+            &[],
+        )
+        .await?;
+    let (watermark, settled, first_seen): (Option<NaiveDate>, Option<DateTime<Utc>>, Option<DateTime<Utc>>) =
+        (row.get(0), row.get(1), row.get(2));
+    let (Some(settled), Some(first_seen)) = (settled, first_seen) else { return Ok(false) };
+    // Days before the watermark are written; days before `final_until`
+    // can be. A first cycle starts with the oldest agent's first day, or
+    // where the transitions kept begin.
+    let final_until = settled.date_naive();
+    let day = watermark.unwrap_or_else(|| first_seen.max(now - settings.transitions.to_chrono()).date_naive());
+    if day >= final_until {
+        return Ok(false);
+    }
+    let next = day.succ_opt().unwrap_or(day);
+    let (from, until) =
+        (day.and_time(chrono::NaiveTime::MIN).and_utc(), next.and_time(chrono::NaiveTime::MIN).and_utc());
+    report.liveness_days += 1;
+    tx.execute(
+        "INSERT INTO warden.liveness_days AS d \
+           (day, agent_id, first_seen, online_seconds, degraded_seconds, offline_seconds) \
+         SELECT $1::date, i.agent_id, s.first_seen, \
+                coalesce(sum(i.secs) FILTER (WHERE i.liveness = 'online'), 0), \
+                coalesce(sum(i.secs) FILTER (WHERE i.liveness = 'degraded'), 0), \
+                coalesce(sum(i.secs) FILTER (WHERE i.liveness = 'offline'), 0) \
+         FROM (SELECT agent_id, liveness, extract(epoch FROM coalesce(valid_to, $3) - valid_from)::float8 AS secs \
+               FROM warden.liveness_spans($2, $3)) i \
+         JOIN warden.agent_status s ON s.agent_id = i.agent_id \
+         GROUP BY i.agent_id, s.first_seen \
+         ON CONFLICT (day, agent_id) DO UPDATE SET first_seen = EXCLUDED.first_seen, \
+           online_seconds = EXCLUDED.online_seconds, degraded_seconds = EXCLUDED.degraded_seconds, \
+           offline_seconds = EXCLUDED.offline_seconds",
+        &[&day, &from, &until],
+    )
+    .await?;
+    tx.execute("UPDATE warden.retention_state SET liveness_day_watermark = $1", &[&next]).await?;
+    tx.commit().await?;
+    Ok(next < final_until)
 }
 
 fn truncate(at: DateTime<Utc>, seconds: i64) -> DateTime<Utc> {

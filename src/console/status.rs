@@ -12,7 +12,9 @@
 //! (up = online + degraded, down = offline, unknown excluded): the total is
 //! `warden.liveness_time(since, until)` summed over the group's agents,
 //! time-weighted; the daily bars clip `warden.liveness_spans` to each
-//! UTC day. Both read the liveness transitions in `system_events`, kept for
+//! UTC day, and read the days retention has written to
+//! `warden.liveness_days` (final days, the same figures) instead of
+//! computing them again. Both read the liveness transitions in `system_events`, kept for
 //! `retention.transitions` (400 days by default): one row per change of
 //! state is smaller than any rollup and exact, where the heartbeat rollups
 //! only count beats and cannot say when an agent was down.
@@ -266,30 +268,48 @@ pub async fn compute(client: &tokio_postgres::Client, settings: &ConsoleSettings
         groups.insert(name.clone(), Group { name, state, uptime: None, days: Vec::new(), problems: Vec::new() });
     }
 
-    // Daily bars and the range's uptime in one pass over the liveness
-    // spans: each span split into the UTC days it touches (a lateral
-    // series of its own days, not a join of every span with every day),
-    // and the range's figure summed from the same days, so that it covers
-    // exactly what the bars show. The days are those of `now` as read
-    // above: the bars below are laid out from it, and a statement's own
-    // now() could fall on the next day.
+    // Daily bars and the range's uptime: closed days from liveness_days
+    // (retention writes each once it is final), the days after its
+    // watermark in one pass over the liveness spans: each span split into
+    // the UTC days it touches (a lateral series of its own days, not a
+    // join of every span with every day). The range's figure is summed
+    // from the same days, so that it covers exactly what the bars show.
+    // The days are those of `now` as read above: the bars below are laid
+    // out from it, and a statement's own now() could fall on the next day.
+    // An agent removed and registered again has a new first_seen: its
+    // earlier life's days are not its own.
     let rows = client
         .query(
             &format!(
                 "WITH r AS (SELECT date_trunc('day', $4::timestamptz, 'UTC') - ($3::int - 1) * interval '1 day' AS lo), \
+                 w AS (SELECT greatest(r.lo, least(date_trunc('day', $4::timestamptz, 'UTC'), \
+                                                   coalesce(rs.liveness_day_watermark::timestamp AT TIME ZONE 'UTC', r.lo))) \
+                              AS live_from \
+                       FROM r LEFT JOIN warden.retention_state rs ON true), \
+                 rolled AS ( \
+                   SELECT {GROUP_OF} AS grp, d.day, d.online_seconds + d.degraded_seconds AS up, \
+                          d.online_seconds + d.degraded_seconds + d.offline_seconds AS observed \
+                   FROM warden.liveness_days d \
+                   JOIN warden.agent_status s ON s.agent_id = d.agent_id AND s.first_seen = d.first_seen \
+                   WHERE d.day >= ((SELECT lo FROM r) AT TIME ZONE 'UTC')::date \
+                     AND d.day < ((SELECT live_from FROM w) AT TIME ZONE 'UTC')::date), \
                  c AS ( \
                    SELECT {GROUP_OF} AS grp, d.start, i.liveness, \
                           extract(epoch FROM least(coalesce(i.valid_to, $4), d.start + interval '24 hours', $4) \
                                              - greatest(i.valid_from, d.start))::float8 AS secs \
-                   FROM warden.liveness_spans((SELECT lo FROM r), $4::timestamptz) i \
+                   FROM warden.liveness_spans((SELECT live_from FROM w), $4::timestamptz) i \
                    JOIN warden.agent_status s ON s.agent_id = i.agent_id \
                    CROSS JOIN LATERAL generate_series( \
-                       date_trunc('day', greatest(i.valid_from, (SELECT lo FROM r)), 'UTC'), \
-                       least(coalesce(i.valid_to, $4), $4) - interval '1 microsecond', interval '24 hours') AS d(start)) \
-                 SELECT grp, (start AT TIME ZONE 'UTC')::date, \
-                        coalesce(sum(secs) FILTER (WHERE liveness IN ('online', 'degraded')), 0), \
-                        coalesce(sum(secs) FILTER (WHERE liveness IN ('online', 'degraded', 'offline')), 0) \
-                 FROM c WHERE secs > 0 AND grp IS NOT NULL GROUP BY grp, start"
+                       date_trunc('day', greatest(i.valid_from, (SELECT live_from FROM w)), 'UTC'), \
+                       least(coalesce(i.valid_to, $4), $4) - interval '1 microsecond', interval '24 hours') AS d(start)), \
+                 live AS ( \
+                   SELECT grp, (start AT TIME ZONE 'UTC')::date AS day, \
+                          coalesce(sum(secs) FILTER (WHERE liveness IN ('online', 'degraded')), 0) AS up, \
+                          coalesce(sum(secs) FILTER (WHERE liveness IN ('online', 'degraded', 'offline')), 0) AS observed \
+                   FROM c WHERE secs > 0 GROUP BY grp, start) \
+                 SELECT grp, day, sum(up), sum(observed) \
+                 FROM (SELECT * FROM rolled UNION ALL SELECT * FROM live) x \
+                 WHERE grp IS NOT NULL GROUP BY grp, day"
             ),
             &[&label, &ungrouped, &days, &now],
         )

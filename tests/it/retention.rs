@@ -648,3 +648,147 @@ async fn minute_rollups_go_a_day_after_their_hour_is_rolled_up() {
         .collect();
     assert_eq!(kept, [("hour".to_string(), 1), ("minute".to_string(), 1)], "the hour stays, as does today's minute");
 }
+
+/// The status page's bars and uptime, as (group, uptime, [(date, pct)]).
+type Bars = Vec<(String, Option<f64>, Vec<(chrono::NaiveDate, Option<f64>)>)>;
+
+async fn status_bars(client: &tokio_postgres::Client) -> Bars {
+    let mut settings = default_settings().console;
+    settings.status_group_label = "team".into();
+    let snapshot = warden::console::status::compute(client, &settings).await.unwrap();
+    snapshot
+        .groups
+        .into_iter()
+        .map(|g| (g.name, g.uptime, g.days.into_iter().map(|d| (d.date, d.pct)).collect()))
+        .collect()
+}
+
+/// The bars with the written days, then computed from the transitions
+/// alone (the watermark put aside): the same, but for the moment between
+/// the two computations.
+async fn written_days_agree_with_the_transitions(client: &tokio_postgres::Client) {
+    let written = status_bars(client).await;
+    let mark: Option<chrono::NaiveDate> =
+        client.query_one("SELECT liveness_day_watermark FROM warden.retention_state", &[]).await.unwrap().get(0);
+    client.execute("UPDATE warden.retention_state SET liveness_day_watermark = NULL", &[]).await.unwrap();
+    let computed = status_bars(client).await;
+    client.execute("UPDATE warden.retention_state SET liveness_day_watermark = $1", &[&mark]).await.unwrap();
+    let close = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) => (a - b).abs() < 1e-6,
+        (a, b) => a == b,
+    };
+    assert_eq!(written.len(), computed.len());
+    for ((group, uptime, days), (group_b, uptime_b, days_b)) in written.iter().zip(&computed) {
+        assert_eq!(group, group_b);
+        assert!(close(*uptime, *uptime_b), "{group}: {uptime:?} against {uptime_b:?}");
+        assert_eq!(days.len(), days_b.len());
+        for ((date, pct), (date_b, pct_b)) in days.iter().zip(days_b) {
+            assert!(date == date_b && close(*pct, *pct_b), "{group} on {date}: {pct:?} against {pct_b:?}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn closed_days_are_written_once_final_and_the_status_page_reads_them_unchanged() {
+    let test_db = TestDb::migrated().await;
+    let db = test_db.client().await;
+    // Six days of history in two groups, times in hours from today's UTC
+    // midnight: outages within a day and across midnight, a stretch with
+    // no evaluation, and all three agents online throughout today.
+    db.batch_execute(
+        "CREATE FUNCTION pg_temp.t(hours float8) RETURNS timestamptz LANGUAGE sql STABLE \
+           AS $$ SELECT date_trunc('day', now(), 'UTC') + hours * interval '1 hour' $$; \
+         INSERT INTO warden.agent_status (agent_id, labels, expected_interval_ms, first_seen, last_seen, liveness) VALUES \
+           ('a', '{\"team\": \"x\"}', 30000, pg_temp.t(-141), now(), 'online'), \
+           ('b', '{\"team\": \"x\"}', 30000, pg_temp.t(-120), now(), 'online'), \
+           ('c', '{\"team\": \"y\"}', 30000, pg_temp.t(-140), now(), 'online'); \
+         INSERT INTO warden.system_events (occurred_at, agent_id, event_type, severity, message, details) \
+         SELECT pg_temp.t(h), agent, 'status_changed', 'info', 'moved', jsonb_build_object('old', old, 'new', new) \
+         FROM (VALUES (-140.9, 'a', 'unknown', 'online'), (-91.0, 'a', 'online', 'offline'), \
+                      (-89.0, 'a', 'offline', 'online'), (-47.0, 'a', 'online', 'degraded'), \
+                      (-46.0, 'a', 'degraded', 'online'), (-119.5, 'b', 'unknown', 'online'), \
+                      (-30.0, 'b', 'online', 'offline'), (-20.0, 'b', 'offline', 'online'), \
+                      (-139.0, 'c', 'unknown', 'online'), (-73.0, 'c', 'online', 'offline'), \
+                      (-71.0, 'c', 'offline', 'online')) AS v(h, agent, old, new); \
+         INSERT INTO warden.system_events (occurred_at, event_type, severity, message, details) \
+         VALUES (pg_temp.t(-59), 'evaluation_paused', 'warning', 'no evaluation', \
+                 jsonb_build_object('from', pg_temp.t(-61))); \
+         UPDATE warden.evaluator_state SET last_cycle_at = now();",
+    )
+    .await
+    .unwrap();
+    let before = status_bars(&db).await;
+    let report = cycle(&test_db, Utc::now()).await;
+    assert!(failed_steps(&report).is_empty(), "{report:?}");
+    // Final: a day that ended more than a day and an hour before the last
+    // cycle (these agents' outages are recorded within two minutes).
+    let now: chrono::DateTime<Utc> = db.query_one("SELECT now()", &[]).await.unwrap().get(0);
+    let final_until = (now - Span::hours(25)).date_naive();
+    let (mark, days, agents): (Option<chrono::NaiveDate>, i64, i64) = {
+        let r = db
+            .query_one(
+                "SELECT (SELECT liveness_day_watermark FROM warden.retention_state), count(DISTINCT day), \
+                   count(DISTINCT agent_id) FROM warden.liveness_days",
+                &[],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1), r.get(2))
+    };
+    assert_eq!(mark, Some(final_until), "every final day, and no more");
+    assert_eq!(report.liveness_days as i64, days);
+    assert_eq!(days, (final_until - (now.date_naive() - chrono::Days::new(6))).num_days());
+    assert_eq!(agents, 3);
+    let c_on_its_outage_day: f64 = db
+        .query_one(
+            "SELECT offline_seconds FROM warden.liveness_days \
+             WHERE agent_id = 'c' AND day = (date_trunc('day', now(), 'UTC') - interval '4 days')::date",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(c_on_its_outage_day, 3600.0, "its outage from 23:00 to 01:00, the day's half");
+    let after = status_bars(&db).await;
+    assert_eq!(before.len(), after.len());
+    written_days_agree_with_the_transitions(&db).await;
+    // A second cycle writes nothing more.
+    assert_eq!(cycle(&test_db, Utc::now()).await.liveness_days, 0);
+
+    // a removed and registered again: its earlier life's days are not its own.
+    db.execute("UPDATE warden.agent_status SET first_seen = now() - interval '30 hours' WHERE agent_id = 'a'", &[])
+        .await
+        .unwrap();
+    written_days_agree_with_the_transitions(&db).await;
+
+    // An agent heartbeating once a day could still have an outage of the
+    // last few days recorded: those days are written later.
+    db.batch_execute(
+        "UPDATE warden.retention_state SET liveness_day_watermark = NULL; DELETE FROM warden.liveness_days; \
+         INSERT INTO warden.agent_status (agent_id, labels, expected_interval_ms, first_seen, last_seen, liveness) \
+           VALUES ('daily', '{\"team\": \"y\"}', 86400000, now() - interval '6 days', now(), 'online');",
+    )
+    .await
+    .unwrap();
+    cycle(&test_db, Utc::now()).await;
+    let mark: chrono::NaiveDate =
+        db.query_one("SELECT liveness_day_watermark FROM warden.retention_state", &[]).await.unwrap().get(0);
+    // 3 missed + 0.2 jitter + 1 intervals of a day, and an hour.
+    assert_eq!(mark, (now - Span::hours(1) - Span::minutes(4 * 24 * 60 + 288)).date_naive());
+    written_days_agree_with_the_transitions(&db).await;
+
+    // Gone with the transitions they were written from.
+    let mut settings = default_settings().retention;
+    settings.transitions = warden::config::Duration::from_secs(3 * 86400);
+    let report = warden::retention::cycle(&mut test_db.pooled().await, &settings, Utc::now()).await.unwrap();
+    assert!(report.pruned.get("liveness_days").is_some_and(|n| *n > 0), "{report:?}");
+    let older: i64 = db
+        .query_one(
+            "SELECT count(*) FROM warden.liveness_days WHERE day < (now() AT TIME ZONE 'UTC' - interval '3 days')::date",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(older, 0);
+}
