@@ -91,17 +91,16 @@ pub async fn run(pool: Pool, settings: RetentionSettings, stop: CancellationToke
 
 /// One cycle if this replica gets the lock; `None` if another holds it.
 pub async fn run_once(pool: &Pool, settings: &RetentionSettings) -> Result<Option<Report>, DbError> {
-    let mut client = db::client(pool).await?;
-    let got: bool = client.query_one("SELECT pg_try_advisory_lock($1)", &[&LOCK]).await?.get(0);
-    if !got {
+    let Ok(mut held) = db::SessionLock::try_take(db::client(pool).await?, LOCK).await? else {
         return Ok(None);
+    };
+    let report = async {
+        let now: DateTime<Utc> = held.query_one("SELECT now()", &[]).await?.get(0);
+        cycle(&mut held, settings, now).await
     }
-    let now: DateTime<Utc> = client.query_one("SELECT now()", &[]).await?.get(0);
-    let result = cycle(&mut client, settings, now).await;
-    let unlocked = client.execute("SELECT pg_advisory_unlock($1)", &[&LOCK]).await;
-    let report = result?;
-    unlocked?;
-    Ok(Some(report))
+    .await;
+    held.release(report.is_ok()).await;
+    report.map(Some)
 }
 
 /// One retention cycle at `now`. Fails only when the database cannot be

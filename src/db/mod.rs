@@ -472,6 +472,57 @@ pub fn discard(client: Client) {
     drop(deadpool_postgres::Object::take(client));
 }
 
+/// A pooled connection holding a session-level advisory lock (evaluation
+/// leadership, the retention job). Dropped without [`SessionLock::release`]
+/// (the task holding it panicked, or was cancelled), the connection is
+/// closed rather than returned to the pool: PostgreSQL then releases the
+/// lock, where a pooled session would hold it, and keep every replica
+/// from the job it guards, for as long as the connection lived.
+pub struct SessionLock {
+    client: Option<Client>,
+    key: i64,
+}
+
+impl SessionLock {
+    /// Takes the lock `key` on `client` if it is free: the lock, or the
+    /// connection back when another session holds it.
+    pub async fn try_take(client: Client, key: i64) -> Result<Result<Self, Client>, DbError> {
+        let got: bool = client.query_one("SELECT pg_try_advisory_lock($1)", &[&key]).await?.get(0);
+        Ok(if got { Ok(Self { client: Some(client), key }) } else { Err(client) })
+    }
+
+    /// Releases the lock; the connection goes back to the pool only when
+    /// the unlock went through and `healthy` says it may.
+    pub async fn release(mut self, healthy: bool) {
+        let Some(client) = self.client.take() else { return };
+        let unlocked = client.execute("SELECT pg_advisory_unlock($1)", &[&self.key]).await;
+        if !healthy || unlocked.is_err() {
+            discard(client);
+        }
+    }
+}
+
+impl std::ops::Deref for SessionLock {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        self.client.as_ref().expect("held until released")
+    }
+}
+
+impl std::ops::DerefMut for SessionLock {
+    fn deref_mut(&mut self) -> &mut Client {
+        self.client.as_mut().expect("held until released")
+    }
+}
+
+impl Drop for SessionLock {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take() {
+            discard(client);
+        }
+    }
+}
+
 /// Runs `attempt` until it succeeds, trying again (with [`retry_waits`]
 /// between tries) as long as a new try could still be done `margin` before
 /// `deadline`; the last error otherwise. The first try is made unless the

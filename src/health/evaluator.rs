@@ -1503,23 +1503,21 @@ impl Leader<'_> {
         // The lock belongs to this connection's session: it is held for as
         // long as the connection lives and released by PostgreSQL if it dies.
         let mut client = db::client(pool).await?;
-        loop {
-            let got: bool = client.query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK]).await?.get(0);
-            if got {
-                break;
+        let mut held = loop {
+            match db::SessionLock::try_take(client, LEADER_LOCK).await? {
+                Ok(held) => break held,
+                Err(back) => client = back,
             }
             tokio::select! {
                 _ = self.stop.cancelled() => return Ok(()),
                 _ = tokio::time::sleep(self.check) => {}
             }
-        }
+        };
         tracing::info!(replica = self.replica.name, "this replica now leads evaluation");
-        let result = self.evaluate(&mut client).await;
-        let _ = client.execute("SELECT pg_advisory_unlock($1)", &[&LEADER_LOCK]).await;
-        if result.is_err() {
-            // Never return a connection that may hold the lock to the pool.
-            let _ = deadpool_postgres::Object::take(client);
-        }
+        let result = self.evaluate(&mut held).await;
+        // After a failure the connection is closed, not pooled: it may be
+        // the cause.
+        held.release(result.is_ok()).await;
         result
     }
 

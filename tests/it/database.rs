@@ -116,3 +116,51 @@ async fn an_ingest_writer_retires_its_connection_past_max_lifetime() {
     })
     .await;
 }
+
+async fn lock_is_free(client: &tokio_postgres::Client, key: i64) -> bool {
+    let got: bool = client.query_one("SELECT pg_try_advisory_lock($1)", &[&key]).await.unwrap().get(0);
+    if got {
+        client.execute("SELECT pg_advisory_unlock($1)", &[&key]).await.unwrap();
+    }
+    got
+}
+
+/// Evaluation leadership and the retention job are session locks on a
+/// pooled connection. A task that panics (or is cancelled) while holding
+/// one must not hand its connection back to the pool with the lock still
+/// held: no replica could take the job up again while it lived.
+#[tokio::test]
+async fn a_session_lock_dropped_without_release_closes_its_connection_and_frees_the_lock() {
+    use warden::db::SessionLock;
+    const KEY: i64 = 0x7465_7374;
+    let db = crate::helpers::TestDb::empty().await;
+    let pool = warden::db::build_pool(db.config.clone(), &crate::helpers::default_settings().database).unwrap();
+    let other = db.client().await;
+
+    let Ok(held) = SessionLock::try_take(pool.get().await.unwrap(), KEY).await.unwrap() else {
+        panic!("free at first")
+    };
+    assert!(!lock_is_free(&other, KEY).await);
+    assert!(SessionLock::try_take(pool.get().await.unwrap(), KEY).await.unwrap().is_err(), "held by the first");
+    let leader = tokio::spawn(async move {
+        let _held = held;
+        panic!("a bug while leading");
+    });
+    assert!(leader.await.unwrap_err().is_panic());
+    crate::helpers::eventually(std::time::Duration::from_secs(30), "the lock freed by its session's end", || async {
+        lock_is_free(&other, KEY).await.then_some(())
+    })
+    .await;
+    assert_eq!(pool.status().size, 1, "only the connection of the refused try is pooled: {:?}", pool.status());
+
+    // Released, the lock is free at once and the connection pooled again.
+    let Ok(held) = SessionLock::try_take(pool.get().await.unwrap(), KEY).await.unwrap() else { panic!("free again") };
+    held.release(true).await;
+    assert!(lock_is_free(&other, KEY).await);
+    assert_eq!(pool.status().size, 1);
+    // Released after a failure, the connection is closed all the same.
+    let Ok(held) = SessionLock::try_take(pool.get().await.unwrap(), KEY).await.unwrap() else { panic!("free again") };
+    held.release(false).await;
+    assert!(lock_is_free(&other, KEY).await);
+    assert_eq!(pool.status().size, 0);
+}
