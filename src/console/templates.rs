@@ -220,7 +220,7 @@ pub fn fleet(v: &FleetView<'_>) -> Markup {
     html! {
         div.page-head {
             h1 { "Fleet" }
-            p.sub { (format::count(total)) " agents" }
+            p #fleet-sub .sub data-live { (format::count(total)) " agents" }
         }
         section #totals .totals data-live aria-labelledby="totals-title" {
             h2 #totals-title .sr-only { "Totals" }
@@ -967,7 +967,7 @@ pub fn incidents(v: &IncidentsView<'_>) -> Markup {
     html! {
         div.page-head {
             h1 { "Incidents" }
-            p.sub { (v.open_total) " open · " (v.resolved_total) " resolved in the last " (v.days) " days" }
+            p #incidents-sub .sub data-live { (v.open_total) " open · " (v.resolved_total) " resolved in the last " (v.days) " days" }
         }
         section #incidents-open .panel data-live aria-labelledby="io-title" {
             h2 #io-title { "Open" span.count-pill data-count="open" { (v.open_total) } }
@@ -1100,7 +1100,7 @@ pub fn alerts(v: &AlertsView<'_>) -> Markup {
     html! {
         div.page-head {
             h1 { "Alerts" }
-            p.sub {
+            p #alerts-sub .sub data-live {
                 (v.firing_total) " firing · " (v.acknowledged_total) " acknowledged · "
                 (format::counted(in_force as i64, "silence", "silences")) " in force"
                 @if scheduled > 0 { " · " (scheduled) " scheduled" }

@@ -202,6 +202,25 @@ async fn browser_an_agent_going_offline_updates_its_row_totals_and_incidents_liv
     b.close().await;
 }
 
+/// The counts under a page's title follow the page live, as its panels do.
+#[tokio::test]
+async fn browser_the_incidents_page_counts_follow_a_new_incident_live() {
+    let app = app().await;
+    let (b, _) = signed_in_to_a_seeded_fleet(&app).await;
+    b.goto(&app.url("/incidents")).await;
+    wait_live(&b).await;
+    assert!(b.text("#incidents-sub").await.starts_with("0 open"), "{}", b.text("#incidents-sub").await);
+    take_flaky_offline(&app).await;
+    b.wait_until(
+        "the count under the title and the open list to show flaky's incident",
+        PATIENCE,
+        "document.getElementById('incidents-sub').innerText.startsWith('1 open') \
+         && document.querySelector(\"[data-count='open']\").textContent === '1'",
+    )
+    .await;
+    b.close().await;
+}
+
 async fn alerts_page(b: &Browser, app: &TestApp, alert: i64) {
     b.goto(&app.url("/alerts")).await;
     b.wait_until("the alert's row", PATIENCE, &format!("document.querySelector(\"tr[data-alert='{alert}']\")")).await;
