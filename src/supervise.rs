@@ -7,7 +7,8 @@
 //! state the database does not hold (leases and claims run out and are
 //! taken again), so starting it afresh is safe. Every panic is logged and
 //! counted in `warden_task_panics_total{task}`; the restarts are spaced
-//! out, so that one that panics on every pass does not spin.
+//! out, so that one that panics on every pass does not spin. Stopped
+//! before its restart, a task runs once more to do its shutdown work.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -65,14 +66,36 @@ where
         let wait = waits.next().unwrap_or(MAX_WAIT);
         if stop.is_cancelled() {
             tracing::error!(task = name, error = %e, "a background task panicked while stopping");
+            closing(&tasks, name, &mut make).await;
             return restarts;
         }
         tracing::error!(task = name, error = %e, restart_in = ?wait, "a background task panicked; starting it again");
         tokio::select! {
-            _ = stop.cancelled() => return restarts,
+            _ = stop.cancelled() => {
+                closing(&tasks, name, &mut make).await;
+                return restarts;
+            }
             _ = tokio::time::sleep(wait) => {}
         }
         restarts += 1;
+    }
+}
+
+/// A last instance for a task that panicked and is stopped before it ran
+/// again: it finds the stop at once and does only its shutdown work
+/// (recovery lets its running actions finish or records them interrupted;
+/// the ingest writer writes what is still queued), which the one that
+/// panicked never did.
+async fn closing<F, Fut>(tasks: &TaskTracker, name: &'static str, make: &mut F)
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    if let Err(e) = tasks.spawn(make()).await
+        && e.is_panic()
+    {
+        crate::metrics::METRICS.task_panics.with_label_values(&[name]).inc();
+        tracing::error!(task = name, error = %e, "a background task panicked again while stopping");
     }
 }
 
@@ -129,13 +152,21 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn no_restart_once_stopped() {
+    async fn once_stopped_a_task_that_panicked_runs_only_to_stop() {
         let runs = Arc::new(AtomicU32::new(0));
         let stop = CancellationToken::new();
         stop.cancel();
-        let restarts = supervise(TaskTracker::new(), "test_stopped", stop, FIRST_WAIT, panicking(5, &runs)).await;
-        assert_eq!((restarts, runs.load(Ordering::SeqCst)), (0, 1), "the panic is counted, the task not started again");
+        let restarts = supervise(TaskTracker::new(), "test_stopped", stop, FIRST_WAIT, panicking(1, &runs)).await;
+        // Its shutdown work, which the one that panicked never did.
+        assert_eq!((restarts, runs.load(Ordering::SeqCst)), (0, 2), "the panic counted, one closing run");
         assert_eq!(panics("test_stopped"), 1);
+
+        let runs = Arc::new(AtomicU32::new(0));
+        let stop = CancellationToken::new();
+        stop.cancel();
+        supervise(TaskTracker::new(), "test_stopped_twice", stop, FIRST_WAIT, panicking(5, &runs)).await;
+        assert_eq!(runs.load(Ordering::SeqCst), 2, "no more than one closing run");
+        assert_eq!(panics("test_stopped_twice"), 2);
     }
 
     #[tokio::test]
@@ -148,13 +179,13 @@ mod tests {
             "test_stop_waiting",
             stop.clone(),
             Duration::from_secs(3600),
-            panicking(5, &runs),
+            panicking(1, &runs),
         ));
         while panics("test_stop_waiting") == 0 {
             tokio::task::yield_now().await;
         }
         stop.cancel();
         assert_eq!(supervisor.await.unwrap(), 0);
-        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        assert_eq!(runs.load(Ordering::SeqCst), 2, "the panic, then a closing run");
     }
 }

@@ -165,6 +165,9 @@ pub fn submit_error(e: SubmitError) -> ApiError {
         }
         SubmitError::Unavailable => ApiError::unavailable("the database is unavailable; nothing was recorded"),
         SubmitError::ShuttingDown => ApiError::unavailable("warden is shutting down; nothing was recorded"),
+        SubmitError::Interrupted => ApiError::unavailable(
+            "the write was cut short by an internal error: it may still be stored, so a retry may record it twice",
+        ),
         SubmitError::Db(e) => e.into(),
     }
 }

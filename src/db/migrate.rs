@@ -175,15 +175,19 @@ async fn lock(client: &Client, wait: Option<std::time::Duration>) -> Result<(), 
 }
 
 /// Who holds the migration lock, in words: its backend's pid, application
-/// and client address, and how long its current statement has run.
+/// and client address, and how long its current statement has run (what
+/// this role may see of another role's session: without
+/// pg_read_all_stats, only the pid).
 async fn lock_holder(client: &Client) -> Result<Option<String>, tokio_postgres::Error> {
     // A bigint advisory key is kept as classid (high half) and objid (low
-    // half), objsubid 1.
+    // half), objsubid 1. client_port is -1 for a Unix socket, NULL when
+    // hidden from this role.
     let row = client
         .query_opt(
-            "SELECT a.pid, coalesce(nullif(a.application_name, ''), 'no application_name'), \
-                    coalesce(host(a.client_addr), 'local socket'), \
-                    coalesce(extract(epoch FROM now() - a.query_start)::float8, 0) \
+            "SELECT a.pid, coalesce(nullif(a.application_name, ''), 'application hidden or unnamed'), \
+                    CASE WHEN a.client_port = -1 THEN 'local socket' \
+                         ELSE coalesce(host(a.client_addr), 'an address hidden from this role') END, \
+                    coalesce(round(extract(epoch FROM now() - a.query_start))::text || 's', 'a time hidden') \
              FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
              WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
                AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
@@ -192,8 +196,9 @@ async fn lock_holder(client: &Client) -> Result<Option<String>, tokio_postgres::
         )
         .await?;
     Ok(row.map(|r| {
-        let (pid, application, address, running): (i32, String, String, f64) = (r.get(0), r.get(1), r.get(2), r.get(3));
-        format!("pid {pid}, {application} from {address}, its statement running for {running:.0}s")
+        let (pid, application, address, running): (i32, String, String, String) =
+            (r.get(0), r.get(1), r.get(2), r.get(3));
+        format!("pid {pid}, {application} from {address}, its statement running for {running}")
     }))
 }
 

@@ -72,7 +72,8 @@ pub struct Ack {
     pub next_heartbeat_ms: i32,
 }
 
-/// Why heartbeats were not written. Nothing of the request was committed.
+/// Why heartbeats were not written. Nothing of the request was committed,
+/// unless `Interrupted`.
 #[derive(Debug, thiserror::Error)]
 pub enum SubmitError {
     #[error("the ingest queue is full")]
@@ -81,6 +82,10 @@ pub enum SubmitError {
     Unavailable,
     #[error("warden is shutting down")]
     ShuttingDown,
+    /// The writer failed unexpectedly (it panicked) with the request's
+    /// heartbeats in its write: they may have been stored.
+    #[error("the write was cut short")]
+    Interrupted,
     #[error(transparent)]
     Db(DbError),
 }
@@ -253,9 +258,10 @@ impl Ingestor {
                 stop: stop.clone(),
             }
         };
-        // A writer that panicked dropped the requests of its flush (they
-        // were answered 503; its transaction rolled back with its
-        // connection); the one started in its place takes the queue on.
+        // A writer that panicked dropped the requests of its flush: they
+        // are answered 503 saying their heartbeats may be stored (the
+        // panic may have come after the commit). The one started in its
+        // place takes the queue on.
         let first = writer.clone();
         crate::supervise::spawn(tasks, "ingest_writer", &stop, move || first().run());
         for _ in 1..settings.writers.max(1) {
@@ -321,6 +327,7 @@ impl Ingestor {
         };
         let (reply, answer) = oneshot::channel();
         let state = REQUEST_WRITES.try_with(RequestWrites::track).ok();
+        let taken = state.clone();
         // A request given up before its answer (its deadline passed, its
         // client left) came from an agent alive when it sent it: a sign of
         // life, as a refusal at capacity is, or a database that stalls
@@ -347,7 +354,12 @@ impl Ingestor {
         if !database_refused {
             unanswered.disarm();
         }
-        answered.map_err(|_| SubmitError::ShuttingDown)?
+        // No answer at all: the writers stopped, or the one writing it
+        // panicked, maybe after its commit.
+        answered.map_err(|_| match taken {
+            Some(state) if state.load(Ordering::Acquire) == WRITING => SubmitError::Interrupted,
+            _ => SubmitError::ShuttingDown,
+        })?
     }
 
     /// One transaction per request, straight from it, without coalescing
@@ -432,6 +444,11 @@ impl Writer {
     /// never waits on an empty queue (that would keep the first writer
     /// from it).
     async fn help(mut self) {
+        // Started again after a panic that left ingest refusing: probe,
+        // as the helper it replaces would have.
+        if !self.refusals.available() {
+            self.wait_for_database().await;
+        }
         loop {
             tokio::select! {
                 _ = self.queue.deep.notified() => {}
