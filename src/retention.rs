@@ -529,6 +529,10 @@ async fn liveness_day_step(
         return Ok(false);
     }
     let next = day.succ_opt().unwrap_or(day);
+    // liveness_spans' estimates run to millions of rows for thousands: JIT
+    // then compiles the statement for longer than it runs (2.1 s against
+    // 0.86 s for a day of 2,000 agents with heavy churn).
+    tx.batch_execute("SET LOCAL jit = off").await?;
     let (from, until) =
         (day.and_time(chrono::NaiveTime::MIN).and_utc(), next.and_time(chrono::NaiveTime::MIN).and_utc());
     report.liveness_days += 1;
