@@ -122,6 +122,7 @@ async fn main() {
                     return;
                 }
                 let every = opts.every.unwrap_or(Duration::from_millis(u64::from(ack.next_heartbeat_ms)));
+                schedule.set_interval(every);
                 tokio::time::sleep(every).await;
             }
             Err(e) => match e.retry_after() {

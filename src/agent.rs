@@ -26,11 +26,18 @@ pub struct AgentArgs {
     /// API key with the ingest scope.
     #[arg(long, env = "WARDEN_KEY", hide_env_values = true)]
     pub key: Option<String>,
-    /// Send the first heartbeat, then go on in the background and return:
-    /// with an error if warden refused that heartbeat for good (a wrong
-    /// key, a label it does not take).
+    /// Send the first heartbeat, then go on in the background and return,
+    /// printing the background process's id (`kill` it to stop): with an
+    /// error if warden refused that heartbeat for good (a wrong key, a
+    /// label it does not take).
     #[arg(long)]
     pub detach: bool,
+    /// Send no uptime. For a wrapper started anew by each run of a job (a
+    /// cron job running longer than the interval): its own uptime, back to
+    /// 0 at every run, would be read as a restart, and runs close together
+    /// as a restart loop.
+    #[arg(long)]
+    pub no_uptime: bool,
     /// Set by --detach for the background process: the first heartbeat is
     /// sent, so the next is due an interval from now.
     #[arg(long, hide = true)]
@@ -88,7 +95,7 @@ pub async fn run(args: AgentArgs, clients: Vec<Client>) -> Result<(), String> {
         let first = first_heartbeat(&args, &clients, started).await?;
         return detach(first, args.key.as_deref());
     }
-    let mut schedule = Failover::new(clients.len()).starting_at(args.first_url);
+    let mut schedule = Failover::new(clients.len()).starting_at(args.first_url).within(args.interval.get());
     // The host's clock, unless warden found it too far ahead.
     let mut send_clock = !args.without_clock;
     if args.first_sent {
@@ -119,8 +126,10 @@ pub async fn run(args: AgentArgs, clients: Vec<Client>) -> Result<(), String> {
 }
 
 fn heartbeat(args: &AgentArgs, started: Instant, send_clock: bool) -> HeartbeatRequest {
-    let mut heartbeat =
-        HeartbeatRequest::new(&args.agent_id).uptime(started.elapsed().as_secs()).next_in(args.interval.get());
+    let mut heartbeat = HeartbeatRequest::new(&args.agent_id).next_in(args.interval.get());
+    if !args.no_uptime {
+        heartbeat = heartbeat.uptime(started.elapsed().as_secs());
+    }
     if !send_clock {
         heartbeat.sent_at = None;
     }
@@ -250,7 +259,9 @@ fn detach(first: First, key: Option<&str>) -> Result<(), String> {
         use std::os::unix::process::CommandExt;
         command.process_group(0);
     }
-    command.spawn().map_err(|e| format!("cannot start the agent: {e}"))?;
+    let child = command.spawn().map_err(|e| format!("cannot start the agent: {e}"))?;
+    // Nothing else names it: a wrapper keeps this to stop it.
+    println!("{}", child.id());
     Ok(())
 }
 

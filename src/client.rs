@@ -124,6 +124,10 @@ impl ClientError {
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::Unavailable { retry_after, .. } => Some(retry_after.unwrap_or(Duration::from_secs(5))),
+            // A request that could not be built (a key that is no header
+            // value) or an answer that is not warden's (a proxy's page with
+            // 200) will be the same next time.
+            Self::Transport(e) if e.is_builder() || e.is_decode() => None,
             Self::Transport(_) => Some(Duration::from_secs(5)),
             _ => None,
         }
@@ -141,13 +145,15 @@ fn transient(status: u16) -> bool {
 /// keeps sending. A warden that failed rests for at least what it asked
 /// (Retry-After) and at least the current backoff, with random jitter so
 /// that a fleet does not come back in step; the others are tried
-/// meanwhile. The backoff doubles (up to a minute) each time every warden
-/// is resting, and starts again after a success.
+/// meanwhile. The backoff doubles (up to a minute, or half the agent's
+/// interval: see [`Failover::within`]) each time every warden is resting,
+/// and starts again after a success.
 #[derive(Debug, Clone)]
 pub struct Failover {
     rest_until: Vec<std::time::Instant>,
     current: usize,
     backoff: Duration,
+    max_backoff: Duration,
 }
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
@@ -159,7 +165,23 @@ impl Failover {
     /// A schedule over `wardens` (at least one).
     pub fn new(wardens: usize) -> Self {
         let now = std::time::Instant::now();
-        Self { rest_until: vec![now; wardens.max(1)], current: 0, backoff: FIRST_BACKOFF }
+        Self { rest_until: vec![now; wardens.max(1)], current: 0, backoff: FIRST_BACKOFF, max_backoff: MAX_BACKOFF }
+    }
+
+    /// For an agent heartbeating every `interval`: the backoff stops at
+    /// half of it. warden excuses the silence of an outage only until the
+    /// database is back; an agent then waiting out a minute's backoff
+    /// would be read as late, or offline, for the outage it sat out.
+    pub fn within(mut self, interval: Duration) -> Self {
+        self.set_interval(interval);
+        self
+    }
+
+    /// As [`Failover::within`], for an interval learnt later (warden's
+    /// `next_heartbeat_ms`).
+    pub fn set_interval(&mut self, interval: Duration) {
+        self.max_backoff = (interval / 2).clamp(FIRST_BACKOFF, MAX_BACKOFF);
+        self.backoff = self.backoff.min(self.max_backoff);
     }
 
     /// Starts at `warden` rather than the first (one known to answer).
@@ -192,7 +214,7 @@ impl Failover {
         self.rest_until[self.current] = now + hint.min(MAX_REST).max(self.backoff).mul_f64(jitter);
         self.current = (self.current + 1) % self.rest_until.len();
         if self.rest_until.iter().all(|until| *until > now) {
-            self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+            self.backoff = (self.backoff * 2).min(self.max_backoff);
         }
     }
 }
@@ -210,11 +232,18 @@ struct ErrorDetail {
 }
 
 /// A connection to one warden.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Client {
     base: String,
     key: Option<String>,
     http: reqwest::Client,
+}
+
+/// Without the key.
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("base", &self.base).field("keyed", &self.key.is_some()).finish()
+    }
 }
 
 impl Client {
@@ -227,7 +256,12 @@ impl Client {
         // Longer than warden's own request timeout (30 s by default), so
         // that a slow warden's answer (503) arrives rather than being cut
         // off here with the outcome unknown.
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(40)).build()?;
+        // A host that drops connections silently is given up after the
+        // connect timeout, not the whole 40 s, so that the next is tried.
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(40))
+            .build()?;
         Ok(Self { base, key, http })
     }
 
@@ -303,6 +337,34 @@ mod tests {
         f.succeeded();
         f.failed(Duration::ZERO, t);
         assert!(f.next(t).1 <= FIRST_BACKOFF.mul_f64(1.5), "a success starts the backoff again");
+    }
+
+    #[test]
+    fn the_backoff_stops_at_half_the_agents_interval() {
+        let t = Instant::now();
+        let mut f = Failover::new(1).within(Duration::from_secs(10));
+        for _ in 0..10 {
+            f.failed(Duration::ZERO, t);
+        }
+        let wait = f.next(t).1;
+        assert!(wait >= Duration::from_secs(5) && wait <= Duration::from_millis(7500), "{wait:?}");
+        // A day's interval: a minute at most, as without one.
+        let mut f = Failover::new(1).within(Duration::from_secs(86_400));
+        for _ in 0..10 {
+            f.failed(Duration::ZERO, t);
+        }
+        assert!(f.next(t).1 <= MAX_BACKOFF.mul_f64(1.5));
+        // What warden asks for is honoured whatever the interval.
+        let mut f = Failover::new(1).within(Duration::from_secs(2));
+        f.failed(Duration::from_secs(5), t);
+        assert!(f.next(t).1 >= Duration::from_secs(5));
+    }
+
+    #[test]
+    fn the_key_is_not_in_a_clients_debug() {
+        let client = Client::new("http://127.0.0.1:1", Some("wdn_secret".into())).unwrap();
+        let shown = format!("{client:?}");
+        assert!(!shown.contains("wdn_secret") && shown.contains("keyed: true"), "{shown}");
     }
 
     #[test]

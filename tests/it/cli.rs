@@ -257,6 +257,9 @@ async fn a_detached_agent_reports_a_refused_key_where_it_was_started() {
     let _taken_guard = KillOnDrop(vec!["detach-taken".into(), url.clone()]);
     let taken = detach("detach-taken", &key).await.unwrap();
     assert!(taken.status.success(), "{taken:?}");
+    // It says which process goes on, so that a wrapper can stop it.
+    let printed: i32 = String::from_utf8_lossy(&taken.stdout).trim().parse().expect("the background process's id");
+    assert_eq!(processes_with(&["detach-taken", &url]), [printed]);
     // Answered only once the first heartbeat was committed.
     let count = || app.count("SELECT count(*) FROM warden.agent_heartbeats WHERE agent_id = 'detach-taken'");
     assert!(count().await >= 1);
@@ -307,6 +310,25 @@ async fn a_detached_agent_reports_a_refused_key_where_it_was_started() {
         (beats().await >= 2).then_some(())
     })
     .await;
+
+    // A wrapper started anew by each run of a job sends no uptime: its
+    // own, 0 at every run, would read as restarts.
+    let _plain_guard = KillOnDrop(vec!["no-uptime".into(), url.clone()]);
+    let (u, k) = (url.clone(), key.clone());
+    let plain = tokio::task::spawn_blocking(move || {
+        warden()
+            .args(["agent", "--url", &u, "--agent-id", "no-uptime", "--interval", "2s", "--no-uptime", "--detach"])
+            .env("WARDEN_KEY", k)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(plain.status.success(), "{plain:?}");
+    let counts = app
+        .count("SELECT count(*) FILTER (WHERE uptime_seconds IS NOT NULL) * 1000 + count(*) FROM warden.agent_heartbeats WHERE agent_id = 'no-uptime'")
+        .await;
+    assert_eq!(counts, 1, "one heartbeat, without uptime");
 }
 
 #[tokio::test]
