@@ -125,9 +125,9 @@ impl ClientError {
         match self {
             Self::Unavailable { retry_after, .. } => Some(retry_after.unwrap_or(Duration::from_secs(5))),
             // A request that could not be built (a key that is no header
-            // value) or an answer that is not warden's (a proxy's page with
-            // 200) will be the same next time.
-            Self::Transport(e) if e.is_builder() || e.is_decode() => None,
+            // value) will be the same next time. (An answer that is not
+            // warden's, a proxy's page with 200, may not be: retried.)
+            Self::Transport(e) if e.is_builder() => None,
             Self::Transport(_) => Some(Duration::from_secs(5)),
             _ => None,
         }
