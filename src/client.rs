@@ -141,6 +141,17 @@ fn transient(status: u16) -> bool {
     matches!(status, 408 | 429 | 500 | 502 | 503 | 504)
 }
 
+/// A Retry-After value at `now`: seconds, as warden sends, or an HTTP date,
+/// as a proxy in front of it may (a date past is no wait).
+fn parse_retry_after(value: &str, now: chrono::DateTime<chrono::Utc>) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+    Some((at.with_timezone(&chrono::Utc) - now).to_std().unwrap_or(Duration::ZERO))
+}
+
 /// When to send next, and to which of several wardens, for an agent that
 /// keeps sending. A warden that failed rests for at least what it asked
 /// (Retry-After) and at least the current backoff, with random jitter so
@@ -292,8 +303,7 @@ impl Client {
             .headers()
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-            .map(Duration::from_secs);
+            .and_then(|v| parse_retry_after(v, chrono::Utc::now()));
         let detail = response.json::<ErrorBody>().await.ok().map(|b| b.error);
         let (code, message, field) = match detail {
             Some(d) => (d.code, d.message, d.field),
@@ -358,6 +368,15 @@ mod tests {
         let mut f = Failover::new(1).within(Duration::from_secs(2));
         f.failed(Duration::from_secs(5), t);
         assert!(f.next(t).1 >= Duration::from_secs(5));
+    }
+
+    #[test]
+    fn retry_after_is_read_in_seconds_or_as_an_http_date() {
+        let now = chrono::DateTime::parse_from_rfc3339("1994-11-06T08:49:00Z").unwrap().to_utc();
+        assert_eq!(parse_retry_after("3", now), Some(Duration::from_secs(3)));
+        assert_eq!(parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT", now), Some(Duration::from_secs(37)));
+        assert_eq!(parse_retry_after("Sun, 06 Nov 1994 08:48:00 GMT", now), Some(Duration::ZERO), "past");
+        assert_eq!(parse_retry_after("soon", now), None);
     }
 
     #[test]
