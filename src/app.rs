@@ -47,12 +47,9 @@ impl StartError {
     /// The database is not there, or not migrated, yet: worth waiting for.
     pub fn is_temporary(&self) -> bool {
         match self {
-            // Waiting would hide a mistake in database.url behind 503s.
-            Self::Connect(db::DbError::LoginRefused(_) | db::DbError::Untrusted(_))
-            | Self::Migrate(migrate::MigrateError::Db(db::DbError::LoginRefused(_) | db::DbError::Untrusted(_))) => {
-                false
-            }
-            Self::Connect(e) => e.is_unavailable(),
+            // Waiting would hide a mistake in database.url behind 503s
+            // (MigrateError::is_unavailable says the same of a refusal).
+            Self::Connect(e) => e.is_unavailable() && !e.is_refusal(),
             // Another replica migrates: it will be done.
             Self::Migrate(migrate::MigrateError::Busy { .. }) => true,
             // The connection dropped while migrating or checking the schema.

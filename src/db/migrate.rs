@@ -39,8 +39,7 @@ impl MigrateError {
     /// login. refinery's errors keep the driver's error as their source.
     pub fn is_unavailable(&self) -> bool {
         match self {
-            Self::Db(DbError::LoginRefused(_) | DbError::Untrusted(_)) => false,
-            Self::Db(e) => e.is_unavailable(),
+            Self::Db(e) => e.is_unavailable() && !e.is_refusal(),
             Self::Refinery(e) => {
                 let mut source = std::error::Error::source(e);
                 while let Some(cause) = source {

@@ -100,6 +100,13 @@ impl DbError {
         }
     }
 
+    /// The server turns warden away (its login, or warden its
+    /// certificate): an outage while serving, a mistake to report at
+    /// start-up rather than wait out.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, Self::LoginRefused(_) | Self::Untrusted(_))
+    }
+
     pub fn is_unavailable(&self) -> bool {
         match self {
             Self::Unavailable(_) | Self::LoginRefused(_) | Self::Untrusted(_) => true,
