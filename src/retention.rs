@@ -539,14 +539,10 @@ async fn liveness_day_step(
     tx.execute(
         "INSERT INTO warden.liveness_days AS d \
            (day, agent_id, first_seen, online_seconds, degraded_seconds, offline_seconds) \
-         SELECT $1::date, i.agent_id, s.first_seen, \
-                coalesce(sum(i.secs) FILTER (WHERE i.liveness = 'online'), 0), \
-                coalesce(sum(i.secs) FILTER (WHERE i.liveness = 'degraded'), 0), \
-                coalesce(sum(i.secs) FILTER (WHERE i.liveness = 'offline'), 0) \
-         FROM (SELECT agent_id, liveness, extract(epoch FROM coalesce(valid_to, $3) - valid_from)::float8 AS secs \
-               FROM warden.liveness_spans($2, $3)) i \
-         JOIN warden.agent_status s ON s.agent_id = i.agent_id \
-         GROUP BY i.agent_id, s.first_seen \
+         SELECT l.day, l.agent_id, s.first_seen, l.online_seconds, l.degraded_seconds, l.offline_seconds \
+         FROM warden.liveness_by_day($2, $3) l \
+         JOIN warden.agent_status s ON s.agent_id = l.agent_id \
+         WHERE l.day = $1 \
          ON CONFLICT (day, agent_id) DO UPDATE SET first_seen = EXCLUDED.first_seen, \
            online_seconds = EXCLUDED.online_seconds, degraded_seconds = EXCLUDED.degraded_seconds, \
            offline_seconds = EXCLUDED.offline_seconds",

@@ -211,7 +211,7 @@ impl Cache {
         let deadline = tokio::time::Instant::now() + COMPUTE_LIMIT;
         let too_long = || DbError::Unavailable("the status page took too long to compute".into());
         let result = match tokio::time::timeout_at(deadline, crate::db::client(pool)).await {
-            Ok(Ok(client)) => match tokio::time::timeout_at(deadline, compute(&client, settings)).await {
+            Ok(Ok(mut client)) => match tokio::time::timeout_at(deadline, compute(&mut client, settings)).await {
                 Ok(result) => result,
                 Err(_) => {
                     crate::db::discard(client);
@@ -239,14 +239,19 @@ impl Cache {
 /// group (NULL when that is empty: the agent is not shown).
 const GROUP_OF: &str = "coalesce(nullif(s.labels ->> $1, ''), nullif($2::text, ''))";
 
-pub async fn compute(client: &tokio_postgres::Client, settings: &ConsoleSettings) -> Result<Snapshot, DbError> {
+pub async fn compute(client: &mut tokio_postgres::Client, settings: &ConsoleSettings) -> Result<Snapshot, DbError> {
     let label = settings.status_group_label.trim();
     let ungrouped = settings.status_ungrouped.trim();
     let days = i32::try_from(settings.status_uptime_days).unwrap_or(90);
-    let now: DateTime<Utc> = client.query_one("SELECT now()", &[]).await?.get(0);
+    // One snapshot for the page's statements; without JIT, which the
+    // spans' row estimates (millions for thousands) set off for longer
+    // than the statement runs.
+    let tx = client.build_transaction().read_only(true).start().await?;
+    tx.batch_execute("SET LOCAL jit = off").await?;
+    let now: DateTime<Utc> = tx.query_one("SELECT now()", &[]).await?.get(0);
 
     let mut groups: BTreeMap<String, Group> = BTreeMap::new();
-    let rows = client
+    let rows = tx
         .query(
             &format!(
                 "SELECT {GROUP_OF} AS grp, count(*) FILTER (WHERE s.liveness = 'online'), \
@@ -270,15 +275,14 @@ pub async fn compute(client: &tokio_postgres::Client, settings: &ConsoleSettings
 
     // Daily bars and the range's uptime: closed days from liveness_days
     // (retention writes each once it is final), the days after its
-    // watermark in one pass over the liveness spans: each span split into
-    // the UTC days it touches (a lateral series of its own days, not a
-    // join of every span with every day). The range's figure is summed
-    // from the same days, so that it covers exactly what the bars show.
+    // watermark from liveness_by_day, the function retention writes them
+    // with. The range's figure is summed from the same days, so that it
+    // covers exactly what the bars show.
     // The days are those of `now` as read above: the bars below are laid
     // out from it, and a statement's own now() could fall on the next day.
     // An agent removed and registered again has a new first_seen: its
     // earlier life's days are not its own.
-    let rows = client
+    let rows = tx
         .query(
             &format!(
                 "WITH r AS (SELECT date_trunc('day', $4::timestamptz, 'UTC') - ($3::int - 1) * interval '1 day' AS lo), \
@@ -293,20 +297,11 @@ pub async fn compute(client: &tokio_postgres::Client, settings: &ConsoleSettings
                    JOIN warden.agent_status s ON s.agent_id = d.agent_id AND s.first_seen = d.first_seen \
                    WHERE d.day >= ((SELECT lo FROM r) AT TIME ZONE 'UTC')::date \
                      AND d.day < ((SELECT live_from FROM w) AT TIME ZONE 'UTC')::date), \
-                 c AS ( \
-                   SELECT {GROUP_OF} AS grp, d.start, i.liveness, \
-                          extract(epoch FROM least(coalesce(i.valid_to, $4), d.start + interval '24 hours', $4) \
-                                             - greatest(i.valid_from, d.start))::float8 AS secs \
-                   FROM warden.liveness_spans((SELECT live_from FROM w), $4::timestamptz) i \
-                   JOIN warden.agent_status s ON s.agent_id = i.agent_id \
-                   CROSS JOIN LATERAL generate_series( \
-                       date_trunc('day', greatest(i.valid_from, (SELECT live_from FROM w)), 'UTC'), \
-                       least(coalesce(i.valid_to, $4), $4) - interval '1 microsecond', interval '24 hours') AS d(start)), \
                  live AS ( \
-                   SELECT grp, (start AT TIME ZONE 'UTC')::date AS day, \
-                          coalesce(sum(secs) FILTER (WHERE liveness IN ('online', 'degraded')), 0) AS up, \
-                          coalesce(sum(secs) FILTER (WHERE liveness IN ('online', 'degraded', 'offline')), 0) AS observed \
-                   FROM c WHERE secs > 0 GROUP BY grp, start) \
+                   SELECT {GROUP_OF} AS grp, l.day, l.online_seconds + l.degraded_seconds AS up, \
+                          l.online_seconds + l.degraded_seconds + l.offline_seconds AS observed \
+                   FROM warden.liveness_by_day((SELECT live_from FROM w), $4::timestamptz) l \
+                   JOIN warden.agent_status s ON s.agent_id = l.agent_id) \
                  SELECT grp, day, sum(up), sum(observed) \
                  FROM (SELECT * FROM rolled UNION ALL SELECT * FROM live) x \
                  WHERE grp IS NOT NULL GROUP BY grp, day"
@@ -341,7 +336,7 @@ pub async fn compute(client: &tokio_postgres::Client, settings: &ConsoleSettings
     }
 
     // Open problems, by group and in plain words; never predictions.
-    let rows = client
+    let rows = tx
         .query(
             &format!(
                 "SELECT {GROUP_OF} AS grp, i.issue_type, i.agent_id IS NULL AS fleet, min(i.opened_at) \
@@ -376,6 +371,7 @@ pub async fn compute(client: &tokio_postgres::Client, settings: &ConsoleSettings
         g.problems.sort_by_key(|p| p.1);
     }
     general.sort_by_key(|p| p.1);
+    tx.commit().await?;
     Ok(Snapshot { generated_at: now, groups: groups.into_values().collect(), general })
 }
 

@@ -652,7 +652,7 @@ async fn minute_rollups_go_a_day_after_their_hour_is_rolled_up() {
 /// The status page's bars and uptime, as (group, uptime, [(date, pct)]).
 type Bars = Vec<(String, Option<f64>, Vec<(chrono::NaiveDate, Option<f64>)>)>;
 
-async fn status_bars(client: &tokio_postgres::Client) -> Bars {
+async fn status_bars(client: &mut tokio_postgres::Client) -> Bars {
     let mut settings = default_settings().console;
     settings.status_group_label = "team".into();
     let snapshot = warden::console::status::compute(client, &settings).await.unwrap();
@@ -666,7 +666,7 @@ async fn status_bars(client: &tokio_postgres::Client) -> Bars {
 /// The bars with the written days, then computed from the transitions
 /// alone (the watermark put aside): the same, but for the moment between
 /// the two computations.
-async fn written_days_agree_with_the_transitions(client: &tokio_postgres::Client) {
+async fn written_days_agree_with_the_transitions(client: &mut tokio_postgres::Client) {
     let written = status_bars(client).await;
     let mark: Option<chrono::NaiveDate> =
         client.query_one("SELECT liveness_day_watermark FROM warden.retention_state", &[]).await.unwrap().get(0);
@@ -691,7 +691,7 @@ async fn written_days_agree_with_the_transitions(client: &tokio_postgres::Client
 #[tokio::test]
 async fn closed_days_are_written_once_final_and_the_status_page_reads_them_unchanged() {
     let test_db = TestDb::migrated().await;
-    let db = test_db.client().await;
+    let mut db = test_db.client().await;
     // Six days of history in two groups, times in hours from today's UTC
     // midnight: outages within a day and across midnight, a stretch with
     // no evaluation, and all three agents online throughout today.
@@ -717,7 +717,7 @@ async fn closed_days_are_written_once_final_and_the_status_page_reads_them_uncha
     )
     .await
     .unwrap();
-    let before = status_bars(&db).await;
+    let before = status_bars(&mut db).await;
     let report = cycle(&test_db, Utc::now()).await;
     assert!(failed_steps(&report).is_empty(), "{report:?}");
     // Final: a day that ended more than a day and an hour before the last
@@ -749,9 +749,9 @@ async fn closed_days_are_written_once_final_and_the_status_page_reads_them_uncha
         .unwrap()
         .get(0);
     assert_eq!(c_on_its_outage_day, 3600.0, "its outage from 23:00 to 01:00, the day's half");
-    let after = status_bars(&db).await;
+    let after = status_bars(&mut db).await;
     assert_eq!(before.len(), after.len());
-    written_days_agree_with_the_transitions(&db).await;
+    written_days_agree_with_the_transitions(&mut db).await;
     // A second cycle writes nothing more.
     assert_eq!(cycle(&test_db, Utc::now()).await.liveness_days, 0);
 
@@ -759,7 +759,7 @@ async fn closed_days_are_written_once_final_and_the_status_page_reads_them_uncha
     db.execute("UPDATE warden.agent_status SET first_seen = now() - interval '30 hours' WHERE agent_id = 'a'", &[])
         .await
         .unwrap();
-    written_days_agree_with_the_transitions(&db).await;
+    written_days_agree_with_the_transitions(&mut db).await;
 
     // An agent heartbeating once a day could still have an outage of the
     // last few days recorded: those days are written later.
@@ -775,7 +775,7 @@ async fn closed_days_are_written_once_final_and_the_status_page_reads_them_uncha
         db.query_one("SELECT liveness_day_watermark FROM warden.retention_state", &[]).await.unwrap().get(0);
     // 3 missed + 0.2 jitter + 1 intervals of a day, and an hour.
     assert_eq!(mark, (now - Span::hours(1) - Span::minutes(4 * 24 * 60 + 288)).date_naive());
-    written_days_agree_with_the_transitions(&db).await;
+    written_days_agree_with_the_transitions(&mut db).await;
 
     // Gone with the transitions they were written from.
     let mut settings = default_settings().retention;

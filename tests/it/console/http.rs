@@ -758,8 +758,8 @@ async fn http_the_status_page_uptime_agrees_with_the_reports() {
     take_flaky_offline(&app).await;
     let mut settings = crate::helpers::default_settings().console;
     settings.status_group_label = "service".into();
-    let client = app.db.client().await;
-    let snapshot = warden::console::status::compute(&client, &settings).await.unwrap();
+    let mut client = app.db.client().await;
+    let snapshot = warden::console::status::compute(&mut client, &settings).await.unwrap();
     let search = snapshot.groups.iter().find(|g| g.name == "Search").expect("the Search group");
     let uptime = search.uptime.expect("an uptime");
     assert!(uptime < 100.0, "flaky went offline: {uptime}");
