@@ -16,6 +16,9 @@
 //!    guesser learns nothing and costs no query.
 //! 2. A request that names a well-formed key takes a token from that key's
 //!    bucket (with authentication off: from its address's, at the key rate).
+//!    A POST to /mcp refused here reaches its handler all the same, which
+//!    answers each JSON-RPC request in it with the refusal
+//!    ([`Deferred`]), and checks no key.
 //! 3. If the answer is 401 (no key, an unknown or revoked one), the token goes
 //!    back to the key and the address's failure bucket is charged instead, so
 //!    made-up secrets for a real key id cannot drain that key's bucket.
@@ -40,6 +43,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
+use super::mcp::Deferred;
 use super::{ApiError, AppState};
 use crate::config::LimitSettings;
 
@@ -238,14 +242,15 @@ pub async fn enforce(State(state): State<AppState>, request: Request, next: Next
     let limiter = &state.limiter;
     let address = charged_network(client_address(&request, &settings.client_ip_header));
     let heartbeats = request.uri().path() == "/v1/heartbeats";
+    let mut request = request;
     if !state.auth.enabled() {
         return match limiter.admit(&Client::Address(address), Instant::now()) {
             Ok(()) => next.run(request).await,
+            Err(wait) if Deferred::defer(&mut request, ApiError::too_many_requests(wait)) => next.run(request).await,
             Err(wait) => too_many(wait, heartbeats),
         };
     }
     if request.uri().path() == "/login" {
-        let mut request = request;
         request.extensions_mut().insert(SignInAddress(address));
         let response = next.run(request).await;
         if response.status() == StatusCode::UNAUTHORIZED {
@@ -269,6 +274,11 @@ pub async fn enforce(State(state): State<AppState>, request: Request, next: Next
     if let Some(client) = &client
         && let Err(wait) = limiter.admit(client, Instant::now())
     {
+        // Not charged, not checked: /mcp's handler answers each request
+        // in the body with this refusal.
+        if Deferred::defer(&mut request, ApiError::too_many_requests(wait)) {
+            return next.run(request).await;
+        }
         return too_many(wait, heartbeats);
     }
     let response = next.run(request).await;

@@ -19,9 +19,18 @@
 //! - HTTP status codes speak for what happens before JSON-RPC: 401 for a
 //!   missing or unknown key, 413 past the body limit, 400 for a body that is
 //!   not JSON-RPC or an unsupported `MCP-Protocol-Version`, 403 for a
-//!   browser page on another origin, 429 and 503 as on /v1. Their bodies are
-//!   JSON-RPC errors with `id: null` ([`refusals_as_json_rpc`]), not the
-//!   REST error shape, since that is what an MCP client can parse.
+//!   browser page on another origin, 408 and 503 for a request that ran out
+//!   of time, 429 for an address that failed authentication too often.
+//!   Their bodies are JSON-RPC errors with `id: null`
+//!   ([`refusals_as_json_rpc`]), not the REST error shape, since that is
+//!   what an MCP client can parse.
+//! - Refusals that waiting overcomes (the key's rate limit, warden starting,
+//!   the key not checkable while the database is out of reach) answer each
+//!   request of the body with its own JSON-RPC error ([`Deferred`]), HTTP
+//!   200 with `Retry-After`: some SDKs end their session on any HTTP error
+//!   status, so a client slowed down would otherwise have to connect anew.
+//!   A body of notifications only, having no request to answer, still gets
+//!   the HTTP status.
 //! - Inside JSON-RPC, protocol mistakes are JSON-RPC errors, and so is a
 //!   tool call the key's scopes do not allow ([`FORBIDDEN`]): MCP SDKs treat
 //!   an HTTP error status on a request as a broken connection, not as an
@@ -33,9 +42,9 @@
 //!   anything runs: in a batch with a forbidden call, no tool runs at all.
 
 use axum::body::{Body, HttpBody as _};
-use axum::extract::{Request, State};
+use axum::extract::{Extension, Request, State};
 use axum::http::header::{ALLOW, AUTHORIZATION, CONTENT_LENGTH, RETRY_AFTER, WWW_AUTHENTICATE};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -87,9 +96,21 @@ pub fn router() -> Router<AppState> {
 }
 
 /// One POST: authenticate, read the body, answer each JSON-RPC request in it.
-async fn post_mcp(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, Refusal> {
+async fn post_mcp(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    deferred: Option<Extension<Deferred>>,
+    body: Body,
+) -> Result<Response, Refusal> {
     super::check_origin(&headers, &state.settings.alerting.link_base)?;
-    let principal = authenticate(&state, &headers).await?;
+    let principal = match deferred {
+        Some(Extension(Deferred(refusal))) => Err(refusal),
+        None => authenticate(&state, &headers).await,
+    };
+    let principal = match principal {
+        Err(refusal) if !Deferred::answers(&refusal) => return Err(refusal.into()),
+        principal => principal,
+    };
     // This route lives outside /v1 and its DefaultBodyLimit.
     let body = read_limited(body, state.settings.ingest.max_body_bytes).await?;
     let most = MAX_BATCH.min(state.settings.ingest.max_batch);
@@ -102,6 +123,10 @@ async fn post_mcp(State(state): State<AppState>, headers: HeaderMap, body: Body)
     if !messages.iter().all(Message::is_initialize) {
         check_protocol_version(&headers)?;
     }
+    let principal = match principal {
+        Ok(principal) => principal,
+        Err(refusal) => return Ok(refuse_each(refusal, messages, batch)),
+    };
     let forbidden = forbidden_scope(&principal, &messages);
     let mut replies = Vec::with_capacity(messages.len());
     for message in messages {
@@ -114,6 +139,71 @@ async fn post_mcp(State(state): State<AppState>, headers: HeaderMap, body: Body)
         (false, _) => Json(replies.swap_remove(0)).into_response(),
         (true, _) => Json(replies).into_response(),
     })
+}
+
+/// A refusal of a POST to /mcp made before its handler ran, left for the
+/// handler to answer once it has read the body ([`refuse_each`]).
+#[derive(Debug, Clone)]
+pub struct Deferred(ApiError);
+
+impl Deferred {
+    /// Leaves `refusal` to /mcp's handler when `request` is a POST there
+    /// and the refusal is one that waiting overcomes; `false` when the
+    /// caller must answer it itself.
+    pub fn defer(request: &mut Request, refusal: ApiError) -> bool {
+        let deferred = request.method() == Method::POST && request.uri().path() == "/mcp" && Self::answers(&refusal);
+        if deferred {
+            request.extensions_mut().insert(Self(refusal));
+        }
+        deferred
+    }
+
+    /// 429 and 503: a client that waits gets through. The rest keep their
+    /// HTTP status, which is how the spec has a server ask for a key (401)
+    /// or reject a body it cannot take.
+    fn answers(refusal: &ApiError) -> bool {
+        matches!(refusal.status, StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE)
+    }
+}
+
+/// Answers every request of the body with `refusal` as its JSON-RPC error
+/// (HTTP 200, `Retry-After` kept); messages that are not JSON-RPC get their
+/// usual -32600. Nothing runs. A body with no request in it keeps the
+/// refusal's HTTP status: a notification must not look accepted.
+fn refuse_each(refusal: ApiError, messages: Vec<Message>, batch: bool) -> Response {
+    if !messages.iter().any(|m| matches!(m, Message::Request { .. })) {
+        return Refusal(refusal).into_response();
+    }
+    let data = refusal_data(refusal.status, refusal.code, refusal.field.as_deref(), refusal.retry_after);
+    let mut replies: Vec<Value> = messages
+        .into_iter()
+        .filter_map(|message| match message {
+            Message::Request { id, .. } => Some(reply(
+                id,
+                Err(RpcError { code: REFUSED, message: refusal.message.clone(), data: Some(data.clone()) }),
+            )),
+            Message::Invalid { id, reason } => Some(reply(id, Err(RpcError::new(INVALID_REQUEST, reason)))),
+            Message::Silent => None,
+        })
+        .collect();
+    let mut response = if batch { Json(replies).into_response() } else { Json(replies.swap_remove(0)).into_response() };
+    if let Some(seconds) = refusal.retry_after {
+        response.headers_mut().insert(RETRY_AFTER, HeaderValue::from(seconds));
+    }
+    response
+}
+
+/// `data` of a refusal's JSON-RPC error: the HTTP status it stands for,
+/// the `code` of warden's REST error shape, its field, the Retry-After.
+fn refusal_data(status: StatusCode, reason: &str, field: Option<&str>, retry_after: Option<u64>) -> Value {
+    let mut data = json!({ "http_status": status.as_u16(), "reason": reason });
+    if let Some(field) = field {
+        data["field"] = field.into();
+    }
+    if let Some(seconds) = retry_after {
+        data["retry_after"] = seconds.into();
+    }
+    data
 }
 
 /// warden has nothing to push to clients, so it offers no SSE stream (GET),
@@ -187,13 +277,9 @@ fn refusal_as_json_rpc(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> 
     let rest: Value = serde_json::from_slice(body).ok()?;
     let error = rest.get("error")?;
     let (reason, message) = (error.get("code")?.as_str()?, error.get("message")?.as_str()?);
-    let mut data = json!({ "http_status": status.as_u16(), "reason": reason });
-    if let Some(field) = error.get("field") {
-        data["field"] = field.clone();
-    }
-    if let Some(seconds) = headers.get(RETRY_AFTER).and_then(|v| v.to_str().ok()?.parse::<u64>().ok()) {
-        data["retry_after"] = seconds.into();
-    }
+    let field = error.get("field").and_then(Value::as_str);
+    let retry_after = headers.get(RETRY_AFTER).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let data = refusal_data(status, reason, field, retry_after);
     Some(json!({
         "jsonrpc": "2.0",
         "id": null,

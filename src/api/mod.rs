@@ -157,14 +157,19 @@ async fn no_sniffing(mut response: Response) -> Response {
 
 /// While warden waits for a database that was unreachable at start (and
 /// so is neither migrated nor checked), every request but liveness and the
-/// process's own metrics is answered 503 with Retry-After.
-async fn until_started(State(state): State<AppState>, request: Request, next: Next) -> Response {
+/// process's own metrics is answered 503 with Retry-After (a POST to /mcp
+/// by its handler, request by request: [`mcp::Deferred`]).
+async fn until_started(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
     if state.started.load(std::sync::atomic::Ordering::Acquire)
         || matches!(request.uri().path(), "/healthz" | "/metrics")
     {
         return next.run(request).await;
     }
-    axum::response::IntoResponse::into_response(ApiError::unavailable("warden is starting: waiting for the database"))
+    let refusal = ApiError::unavailable("warden is starting: waiting for the database");
+    if mcp::Deferred::defer(&mut request, refusal.clone()) {
+        return next.run(request).await;
+    }
+    axum::response::IntoResponse::into_response(refusal)
 }
 
 /// Answers 503 when a handler outlives `server.request_timeout`, so a stuck

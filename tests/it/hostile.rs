@@ -326,7 +326,7 @@ async fn a_flood_from_one_key_gets_429_with_retry_after() {
     assert!((1..=10).contains(&retry_after), "one token every 10 s: {retry_after}");
     let (status, body) = error_of(response).await;
     assert_eq!((status, body["error"]["code"].as_str()), (429, Some("rate_limited")));
-    // The same key on /mcp, too.
+    // The same key on /mcp, too (the refusal answers the request there).
     let mcp = app
         .http
         .post(app.url("/mcp"))
@@ -335,7 +335,8 @@ async fn a_flood_from_one_key_gets_429_with_retry_after() {
         .send()
         .await
         .unwrap();
-    assert_eq!(mcp.status(), 429);
+    let mcp: serde_json::Value = mcp.json().await.unwrap();
+    assert_eq!(mcp["error"]["data"]["http_status"], 429, "{mcp}");
     // Other keys have their own budget; probes are never limited.
     assert_eq!(app.heartbeat(&other, json!({"agent_id": "a"})).await.0, 200);
     for path in ["/healthz", "/readyz", "/metrics", "/openapi.json"] {

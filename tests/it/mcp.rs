@@ -494,9 +494,10 @@ async fn the_protocol_version_header_is_checked_on_every_request_but_initialize(
 }
 
 #[tokio::test]
-async fn refusals_of_the_key_limit_and_timeout_are_json_rpc_errors_with_their_status_and_headers() {
+async fn refusals_answer_each_request_when_waiting_helps_and_keep_their_status_otherwise() {
     let app = TestApp::spawn_with(|s| {
-        s.limits.rate_per_second = 0.1;
+        // A token every 100 s: none comes back while the test runs.
+        s.limits.rate_per_second = 0.01;
         s.limits.burst = 2;
         s.server.request_timeout = warden::config::Duration::from_secs(1);
     })
@@ -508,11 +509,33 @@ async fn refusals_of_the_key_limit_and_timeout_are_json_rpc_errors_with_their_st
     let body = refusal(anonymous, 401).await;
     assert_eq!(body["error"]["data"]["reason"], "unauthorized");
 
-    let key = app.key(&[Scope::Read]).await;
+    // The key's rate limit: each request of the body gets the refusal as
+    // its own error, with HTTP 200, since some SDKs end the session on an
+    // HTTP error; nothing runs.
+    let key = app.key(&[Scope::Ingest]).await;
     for _ in 0..2 {
         assert_eq!(rpc(&app, &key, &ping).await.0, 200);
     }
-    let limited = app.post("/mcp", &key, &ping).await;
+    let beat = |id: i64| request(id, "tools/call", json!({"name": "heartbeat", "arguments": {"agent_id": "fast"}}));
+    let limited = app.post("/mcp", &key, &beat(3)).await;
+    assert_eq!(limited.status(), 200);
+    let retry_after: u64 = limited.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    let body: Value = limited.json().await.unwrap();
+    assert_eq!((&body["id"], &body["error"]["code"]), (&json!(3), &json!(-32000)), "{body}");
+    let data = &body["error"]["data"];
+    assert_eq!(
+        (&data["http_status"], &data["reason"], &data["retry_after"]),
+        (&json!(429), &json!("rate_limited"), &json!(retry_after))
+    );
+    let notification = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+    let (status, answer) = rpc(&app, &key, &json!([beat(4), notification, ping, 7])).await;
+    assert_eq!(status, 200);
+    let ids: Vec<_> =
+        answer.as_array().unwrap().iter().map(|a| (a["id"].clone(), a["error"]["code"].clone())).collect();
+    assert_eq!(ids, [(json!(4), json!(-32000)), (json!(1), json!(-32000)), (json!(null), json!(-32600))], "{answer}");
+    assert_eq!(app.count("SELECT count(*) FROM warden.agent_heartbeats").await, 0, "no call ran");
+    // Notifications alone have no request to answer: the HTTP status stays.
+    let limited = app.post("/mcp", &key, &notification).await;
     let retry_after: u64 = limited.headers()["retry-after"].to_str().unwrap().parse().unwrap();
     let body = refusal(limited, 429).await;
     assert_eq!(body["error"]["data"]["retry_after"], retry_after);

@@ -455,6 +455,16 @@ async fn heartbeats_refused_at_the_key_check_are_recorded_when_the_database_retu
         (response.status() == 503).then_some(())
     })
     .await;
+    // Over MCP, the key's check fails the same way, and the answer goes to
+    // the request (HTTP 200) so that MCP clients keep their session.
+    let call = json!({"jsonrpc": "2.0", "id": "beat-1", "method": "tools/call",
+                      "params": {"name": "heartbeat", "arguments": {"agent_id": "refused-at-the-door"}}});
+    let answer = app.post("/mcp", &key, &call).await;
+    assert_eq!(answer.status(), 200);
+    assert!(answer.headers().contains_key("retry-after"));
+    let answer: serde_json::Value = answer.json().await.unwrap();
+    assert_eq!(answer["id"], "beat-1", "{answer}");
+    assert_eq!((&answer["error"]["code"], &answer["error"]["data"]["http_status"]), (&json!(-32000), &json!(503)));
     assert_eq!(app.count("SELECT count(*) FROM warden.ingest_outages").await, 0, "recorded only once it is over");
 
     relay.restore();
@@ -564,6 +574,15 @@ async fn serve_starts_without_its_database_and_migrates_when_it_answers() {
     }
     let beat = http.post(format!("{base}/v1/heartbeats")).json(&json!({"agent_id": "early"})).send().await.unwrap();
     assert_eq!(beat.status(), 503);
+    // An MCP client gets the refusal as the answer to its request, with no
+    // HTTP error status to end its session on.
+    let call = json!({"jsonrpc": "2.0", "id": 9, "method": "tools/call",
+                      "params": {"name": "heartbeat", "arguments": {"agent_id": "early"}}});
+    let answer = http.post(format!("{base}/mcp")).json(&call).send().await.unwrap();
+    assert_eq!(answer.status(), 200);
+    assert!(answer.headers().contains_key("retry-after"));
+    let answer: serde_json::Value = answer.json().await.unwrap();
+    assert_eq!((&answer["id"], &answer["error"]["data"]["http_status"]), (&json!(9), &json!(503)), "{answer}");
 
     relay.restore();
     eventually(Duration::from_secs(120), "migrated, evaluating and ready", || async {
