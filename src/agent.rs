@@ -101,6 +101,7 @@ pub async fn run(args: AgentArgs, clients: Vec<Client>) -> Result<(), String> {
     if args.first_sent {
         tokio::time::sleep(args.interval.get()).await;
     }
+    let mut refused = Refused::new(&args);
     loop {
         let (current, wait) = schedule.next(Instant::now());
         tokio::time::sleep(wait).await;
@@ -108,6 +109,7 @@ pub async fn run(args: AgentArgs, clients: Vec<Client>) -> Result<(), String> {
         match clients[current].heartbeat(&heartbeat).await {
             Ok(_) => {
                 schedule.succeeded();
+                refused.taken(current);
                 tokio::time::sleep(args.interval.get()).await;
             }
             Err(e) if clock_refused(&e) && send_clock => {
@@ -119,9 +121,45 @@ pub async fn run(args: AgentArgs, clients: Vec<Client>) -> Result<(), String> {
                     tracing::warn!(url = %args.urls[current], error = %e, "heartbeat not taken; retrying");
                     schedule.failed(hint, Instant::now());
                 }
-                None => return Err(refusal(&e, args.key.is_some())),
+                None => {
+                    refused.refused(current, &e)?;
+                    tracing::error!(url = %args.urls[current], error = %e, "heartbeat refused; sending to the other URLs");
+                    schedule.failed(crate::client::MAX_REST, Instant::now());
+                }
             },
         }
+    }
+}
+
+/// The refusals that retrying cannot cure, by URL. One URL's (a replica
+/// behind a proxy that answers 404, a URL of another warden that does not
+/// know the key) is not the others': the agent goes on with them, trying
+/// that URL again now and then, and stops only once every URL has refused.
+struct Refused<'a> {
+    args: &'a AgentArgs,
+    by_url: Vec<Option<String>>,
+}
+
+impl<'a> Refused<'a> {
+    fn new(args: &'a AgentArgs) -> Self {
+        Self { args, by_url: vec![None; args.urls.len()] }
+    }
+
+    fn taken(&mut self, url: usize) {
+        self.by_url[url] = None;
+    }
+
+    /// Notes the refusal; `Err` with what each URL said once all refused.
+    fn refused(&mut self, url: usize, e: &ClientError) -> Result<(), String> {
+        let reason = refusal(e, self.args.key.is_some());
+        self.by_url[url] = Some(match self.args.urls.len() {
+            1 => reason,
+            _ => format!("{}: {reason}", self.args.urls[url]),
+        });
+        if self.by_url.iter().all(Option::is_some) {
+            return Err(self.by_url.iter().flatten().cloned().collect::<Vec<_>>().join("; "));
+        }
+        Ok(())
     }
 }
 
@@ -193,11 +231,13 @@ fn since_epoch() -> std::time::Duration {
 /// agents, a label warden does not take) is reported by the command that
 /// was given them: the background process's output goes nowhere. Each URL
 /// is tried once (again without sent_at if warden finds the clock ahead),
-/// each try waiting up to the client's timeout for the answer. Not taken
-/// when no warden could be reached or was ready: the background process
-/// keeps trying.
+/// each try waiting up to the client's timeout for the answer, until one
+/// takes it. An error only when every URL refused; not taken when none
+/// took it and some could not be reached or were not ready: the background
+/// process keeps trying.
 async fn first_heartbeat(args: &AgentArgs, clients: &[Client], started: Instant) -> Result<First, String> {
     let mut send_clock = true;
+    let mut refused = Refused::new(args);
     for (i, (client, url)) in clients.iter().zip(&args.urls).enumerate() {
         loop {
             match client.heartbeat(&heartbeat(args, started, send_clock)).await {
@@ -210,7 +250,11 @@ async fn first_heartbeat(args: &AgentArgs, clients: &[Client], started: Instant)
                     tracing::warn!(%url, error = %e, "first heartbeat not taken; the agent keeps trying in the background");
                     break;
                 }
-                Err(e) => return Err(format!("{url}: {}", refusal(&e, args.key.is_some()))),
+                Err(e) => {
+                    refused.refused(i, &e)?;
+                    tracing::warn!(%url, error = %e, "first heartbeat refused; trying the other URLs");
+                    break;
+                }
             }
         }
     }

@@ -95,3 +95,66 @@ async fn warden_agent_rides_out_a_proxy_error_and_waits_as_long_as_asked() {
     assert!(requests[1].at - requests[0].at >= Duration::from_millis(500), "backoff, not a hot loop");
     assert!(agent.running(), "errors of the moment do not stop the agent");
 }
+
+#[tokio::test]
+async fn warden_agent_goes_on_at_the_url_that_takes_heartbeats_and_stops_when_every_url_refuses() {
+    // One URL behind a proxy that answers 404 for good, one warden that
+    // takes heartbeats: the refusal is that URL's, not the agent's.
+    let (wrong, right) = (HttpReceiver::start().await, HttpReceiver::start().await);
+    wrong.refuse_containing("agent_id", 404);
+    let mut agent = Process::spawn(warden().args([
+        "agent",
+        "--url",
+        &wrong.url(""),
+        "--url",
+        &right.url(""),
+        "--agent-id",
+        "two-urls",
+        "--interval",
+        "200ms",
+    ]));
+    eventually(Duration::from_secs(60), "heartbeats taken at the other URL", || async {
+        (right.accepted().len() >= 3).then_some(())
+    })
+    .await;
+    assert!(agent.running(), "one URL's refusal does not stop the agent");
+    assert_eq!(wrong.requests().len(), 1, "the refusing URL rests");
+
+    // Every URL refuses: the agent stops, saying what each said.
+    let other = HttpReceiver::start().await;
+    other.refuse_containing("agent_id", 401);
+    let urls = [wrong.url(""), other.url("")];
+    let run = |detach: bool| {
+        let urls = urls.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut cmd = warden();
+            cmd.args(["agent", "--url", &urls[0], "--url", &urls[1], "--agent-id", "all-refused"]);
+            if detach {
+                cmd.arg("--detach");
+            }
+            cmd.env_remove("WARDEN_KEY").output().unwrap()
+        })
+    };
+    for detach in [false, true] {
+        let out = tokio::time::timeout(Duration::from_secs(60), run(detach)).await.expect("it stops").unwrap();
+        assert_eq!(out.status.code(), Some(1), "detach {detach}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(&urls[0]) && stderr.contains("404"), "detach {detach}: {stderr}");
+        assert!(stderr.contains(&urls[1]) && stderr.contains("--key or WARDEN_KEY"), "detach {detach}: {stderr}");
+    }
+
+    // Detaching tries the next URL after a refusal, and goes on there.
+    let (wrong_url, right_url) = (wrong.url(""), right.url(""));
+    let out = tokio::task::spawn_blocking(move || {
+        warden()
+            .args(["agent", "--url", &wrong_url, "--url", &right_url, "--agent-id", "detached-two", "--detach"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let pid: i32 = String::from_utf8_lossy(&out.stdout).trim().parse().expect("the background process's id");
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert!(right.accepted().iter().any(|r| r.json()["agent_id"] == "detached-two"));
+}
