@@ -341,13 +341,17 @@ fn start_background(
             replica_name(local_addr),
             stop.clone(),
         );
+        let leadership = crate::health::evaluator::Leadership {
+            serving_since: Some(serving_since),
+            ping,
+            max_lifetime: db::max_lifetime(&settings.database),
+        };
         crate::supervise::spawn(tasks, "evaluator", stop, move || {
-            crate::health::evaluator::run_with_ping(
+            crate::health::evaluator::run_with(
                 pool.clone(),
                 params.clone(),
                 replica.clone(),
-                Some(serving_since),
-                ping.clone(),
+                leadership.clone(),
                 stop_.clone(),
             )
         });

@@ -1449,36 +1449,58 @@ impl ScoreUpdates {
 /// Runs the evaluator until `stop`: competes for leadership, and while
 /// leading runs liveness cycles and score passes on their intervals.
 pub async fn run(pool: Pool, params: EvalParams, replica: String, stop: CancellationToken) {
-    run_with_ping(pool, params, replica, None, None, stop).await
+    run_with(pool, params, replica, Leadership::default(), stop).await
 }
 
-/// Like [`run`], for a replica that began taking heartbeats at
-/// `serving_since` (see [`Replica`]), requesting `ping` after every
-/// successful liveness cycle.
-pub async fn run_with_ping(
+/// How a serving replica leads, beyond what [`run`] needs.
+#[derive(Debug, Clone, Default)]
+pub struct Leadership {
+    /// When the replica began taking heartbeats (see [`Replica`]).
+    pub serving_since: Option<DateTime<Utc>>,
+    /// Requested after every successful liveness cycle.
+    pub ping: Option<String>,
+    /// `database.max_lifetime`: the leader's connection, which holds the
+    /// leader lock outside the pool, is given up at that age (lock and
+    /// all) and leadership competed for again on a new one, so that after
+    /// a failover that left old connections open evaluation does not go on
+    /// against the old server.
+    pub max_lifetime: Option<StdDuration>,
+}
+
+/// Like [`run`], as a serving replica leads.
+pub async fn run_with(
     pool: Pool,
     params: EvalParams,
     replica: String,
-    serving_since: Option<DateTime<Utc>>,
-    ping: Option<String>,
+    leadership: Leadership,
     stop: CancellationToken,
 ) {
-    let pinger = ping.map(Pinger::new);
+    let pinger = leadership.ping.map(Pinger::new);
     let leader = Leader {
         params: &params,
-        replica: Replica { name: &replica, serving_since },
+        replica: Replica { name: &replica, serving_since: leadership.serving_since },
         stop: &stop,
         check: params.check_interval.to_std().unwrap_or(StdDuration::from_secs(10)),
         score_every: params.score_interval.to_std().unwrap_or(StdDuration::from_secs(60)),
         pinger: pinger.as_ref(),
+        max_lifetime: leadership.max_lifetime,
     };
+    let mut renewing = false;
     loop {
         if stop.is_cancelled() {
             return;
         }
-        match leader.lead(&pool).await {
-            Ok(()) => return,
-            Err(e) => tracing::warn!(error = %e, "evaluator gave up leading; will try to lead again"),
+        match leader.lead(&pool, renewing).await {
+            Ok(Ended::Stopped) => return,
+            // Competed for again at once: another replica may take over.
+            Ok(Ended::Aged) => {
+                renewing = true;
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "evaluator gave up leading; will try to lead again");
+                renewing = false;
+            }
         }
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -1495,11 +1517,21 @@ struct Leader<'a> {
     check: StdDuration,
     score_every: StdDuration,
     pinger: Option<&'a Pinger>,
+    max_lifetime: Option<StdDuration>,
+}
+
+/// Why a replica stopped leading without an error.
+#[derive(Debug, PartialEq, Eq)]
+enum Ended {
+    Stopped,
+    /// Its connection reached `database.max_lifetime`.
+    Aged,
 }
 
 impl Leader<'_> {
-    /// Tries to become leader; while leader, evaluates. Returns Ok on stop.
-    async fn lead(&self, pool: &Pool) -> Result<(), DbError> {
+    /// Tries to become leader; while leader, evaluates. `renewing`: it led
+    /// until its connection aged, which is not news worth a log line.
+    async fn lead(&self, pool: &Pool, renewing: bool) -> Result<Ended, DbError> {
         // The lock belongs to this connection's session: it is held for as
         // long as the connection lives and released by PostgreSQL if it dies.
         let mut client = db::client(pool).await?;
@@ -1509,15 +1541,25 @@ impl Leader<'_> {
                 Err(back) => client = back,
             }
             tokio::select! {
-                _ = self.stop.cancelled() => return Ok(()),
+                _ = self.stop.cancelled() => return Ok(Ended::Stopped),
                 _ = tokio::time::sleep(self.check) => {}
             }
+            // A replica standing by keeps its connection between tries,
+            // and retires it at the age the pool would.
+            if db::outlived(&client, self.max_lifetime) {
+                db::discard(client);
+                client = db::client(pool).await?;
+            }
         };
-        tracing::info!(replica = self.replica.name, "this replica now leads evaluation");
+        if renewing {
+            tracing::debug!(replica = self.replica.name, "this replica leads evaluation on a new connection");
+        } else {
+            tracing::info!(replica = self.replica.name, "this replica now leads evaluation");
+        }
         let result = self.evaluate(&mut held).await;
         // After a failure the connection is closed, not pooled: it may be
-        // the cause.
-        held.release(result.is_ok()).await;
+        // the cause. An aged one is closed too, as the pool would.
+        held.release(matches!(result, Ok(Ended::Stopped))).await;
         result
     }
 
@@ -1545,12 +1587,17 @@ impl Leader<'_> {
         }
     }
 
-    async fn evaluate(&self, client: &mut tokio_postgres::Client) -> Result<(), DbError> {
+    async fn evaluate(&self, held: &mut db::SessionLock) -> Result<Ended, DbError> {
         let (params, check) = (self.params, self.check);
         let mut every = crate::every::Every::new(check, self.stop);
         let mut last_score = tokio::time::Instant::now() - self.score_every;
         let mut failures = 0;
         while every.tick().await {
+            // Between cycles, so that a cycle is never cut short.
+            if db::outlived(held, self.max_lifetime) {
+                return Ok(Ended::Aged);
+            }
+            let client: &mut tokio_postgres::Client = held;
             let started = std::time::Instant::now();
             match liveness_cycle(client, params, self.replica, None).await {
                 Ok(report) => {
@@ -1590,7 +1637,7 @@ impl Leader<'_> {
                 }
             }
         }
-        Ok(())
+        Ok(Ended::Stopped)
     }
 }
 

@@ -1232,6 +1232,63 @@ async fn exactly_one_replica_leads_and_another_takes_over_when_it_stops() {
 }
 
 #[tokio::test]
+async fn the_leader_gives_up_its_connection_at_database_max_lifetime_and_leads_on_a_new_one() {
+    // The leader lock lives in the leader's session, outside the pool: at
+    // database.max_lifetime the leader lets it go with its connection, so
+    // that after a failover no replica evaluates on against the old server.
+    let db = TestDb::migrated().await;
+    let mut settings = default_settings();
+    settings.health.check_interval = warden::config::Duration::from_millis(100);
+    let p = EvalParams::from_settings(&settings.health);
+    let pool = warden::db::build_pool(db.config.clone(), &settings.database).unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let leadership =
+        evaluator::Leadership { max_lifetime: Some(std::time::Duration::from_secs(1)), ..Default::default() };
+    let task = tokio::spawn(evaluator::run_with(pool, p, "ageing".into(), leadership, stop.clone()));
+    let c = db.client().await;
+    let holder = || async {
+        c.query_opt(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1 \
+               AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+               AND (classid::bigint << 32 | objid::bigint) = $1",
+            &[&evaluator::LEADER_LOCK],
+        )
+        .await
+        .unwrap()
+        .map(|row| row.get::<_, i32>(0))
+    };
+    let first = crate::helpers::eventually(std::time::Duration::from_secs(20), "a leader", holder).await;
+    let second = crate::helpers::eventually(std::time::Duration::from_secs(30), "a new leader connection", || async {
+        holder().await.filter(|pid| *pid != first)
+    })
+    .await;
+    let alive = |pid: i32| {
+        let c = &c;
+        async move {
+            c.query_one("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", &[&pid]).await.unwrap().get::<_, i64>(0)
+        }
+    };
+    crate::helpers::eventually(std::time::Duration::from_secs(20), "the old connection closed", || async {
+        (alive(first).await == 0).then_some(())
+    })
+    .await;
+    // Evaluation goes on under the same replica's name.
+    let cycle = || async {
+        let row = c.query_one("SELECT leader, last_cycle_at FROM warden.evaluator_state", &[]).await.unwrap();
+        (row.get::<_, Option<String>>(0), row.get::<_, Option<chrono::DateTime<chrono::Utc>>>(1))
+    };
+    let (leader, before) = cycle().await;
+    assert_eq!(leader.as_deref(), Some("ageing"));
+    crate::helpers::eventually(std::time::Duration::from_secs(20), "cycles on the new connection", || async {
+        (cycle().await.1 > before).then_some(())
+    })
+    .await;
+    assert_ne!(second, first);
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test]
 async fn events_agents_post_with_warden_s_own_types_are_never_its_findings() {
     // What POST /v1/events writes (source 'agent'): a liveness change in
     // every slot flap detection looks at, and three restarts within the
