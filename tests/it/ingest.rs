@@ -782,3 +782,61 @@ async fn a_heartbeat_refused_for_a_lock_counts_as_a_sign_of_life() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_writer_that_panics_mid_write_answers_may_be_stored_and_is_started_again() {
+    // An answer the writer cannot read (here a NULL where the function
+    // promises a boolean, as a hand-edited function might give) panics it
+    // after the statement committed: the request must not be told that
+    // nothing was recorded, and ingestion must come back by itself.
+    let (app, key) = app_and_key().await;
+    let db = app.db.client().await;
+    db.batch_execute(
+        "ALTER FUNCTION warden.ingest_heartbeats RENAME TO ingest_heartbeats_real;
+         CREATE FUNCTION warden.ingest_heartbeats(
+             p_agent_id text[], p_name text[], p_labels jsonb[], p_mode text[], p_status text[],
+             p_uptime bigint[], p_next_ms integer[], p_sent_at timestamptz[], p_metric_idx integer[],
+             p_metric_name text[], p_metric_value double precision[], p_metric_unit text[],
+             p_received_at timestamptz DEFAULT NULL, p_occurrence integer[] DEFAULT NULL)
+         RETURNS TABLE (idx integer, is_new boolean, restart_detected boolean, next_heartbeat_ms integer)
+         LANGUAGE sql AS $$
+             SELECT r.idx, NULL::boolean, r.restart_detected, r.next_heartbeat_ms
+             FROM warden.ingest_heartbeats_real(p_agent_id, p_name, p_labels, p_mode, p_status, p_uptime,
+                 p_next_ms, p_sent_at, p_metric_idx, p_metric_name, p_metric_value, p_metric_unit,
+                 p_received_at, p_occurrence) r
+         $$;",
+    )
+    .await
+    .unwrap();
+    let panics = || async {
+        let text = app.get("/metrics").await.text().await.unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("warden_task_panics_total{task=\"ingest_writer\"} "))
+            .map(|v| v.parse::<f64>().unwrap())
+            .unwrap_or(0.0)
+    };
+    let before = panics().await;
+
+    let response = app.post("/v1/heartbeats", &key, &json!({"agent_id": "cut-short"})).await;
+    assert_eq!(response.status(), 503);
+    assert!(response.headers().contains_key("retry-after"));
+    let body: Value = response.json().await.unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("may still be stored"), "{body}");
+    assert_eq!(app.count("SELECT count(*) FROM warden.agent_heartbeats WHERE agent_id = 'cut-short'").await, 1);
+    assert!(panics().await > before, "the panic is counted");
+
+    db.batch_execute(
+        "DROP FUNCTION warden.ingest_heartbeats;
+         ALTER FUNCTION warden.ingest_heartbeats_real RENAME TO ingest_heartbeats;",
+    )
+    .await
+    .unwrap();
+    // The writer started in its place takes heartbeats again.
+    let (status, body) = crate::helpers::eventually(std::time::Duration::from_secs(60), "a new writer", || async {
+        let (status, body) = app.heartbeat(&key, json!({"agent_id": "after"})).await;
+        (status == 200).then_some((status, body))
+    })
+    .await;
+    assert_eq!((status, &body["is_new"]), (200, &json!(true)), "{body}");
+}
