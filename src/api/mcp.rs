@@ -57,7 +57,7 @@ use super::ingest::{read_limited, submit_error};
 use super::{ApiError, AppState};
 use crate::auth::{AuthError, Principal, Scope};
 use crate::ingest::heartbeat::{self, Heartbeat, Limits, ParseError, WireHeartbeat};
-use crate::model::{AGENT_ID_MAX, AgentId, HeartbeatStatus, Mode};
+use crate::model::{AGENT_ID_MAX, AgentId, HeartbeatStatus, Liveness, Mode, Tier};
 
 /// Protocol revisions warden speaks, newest first. Nothing warden uses
 /// differs between them.
@@ -644,6 +644,7 @@ impl Tool {
                     on its first heartbeat, records status, uptime and metrics, and answers once committed, with \
                     the time the next heartbeat is expected.",
                 "inputSchema": heartbeat_schema(),
+                "outputSchema": heartbeat_result_schema(),
                 "annotations": { "readOnlyHint": false, "destructiveHint": false, "idempotentHint": false,
                                  "openWorldHint": false },
             }),
@@ -657,6 +658,7 @@ impl Tool {
                     "properties": { "agent_id": agent_id_schema() },
                     "required": ["agent_id"],
                 },
+                "outputSchema": agent_status_schema(),
                 "annotations": { "readOnlyHint": true, "openWorldHint": false },
             }),
         }
@@ -734,6 +736,75 @@ fn heartbeat_schema() -> Value {
             },
         },
         "required": ["agent_id"],
+    })
+}
+
+/// What the `heartbeat` tool answers (`structuredContent`), as
+/// [`heartbeat_tool`] writes it.
+fn heartbeat_result_schema() -> Value {
+    let time = |description: &str| json!({ "type": "string", "format": "date-time", "description": description });
+    json!({
+        "type": "object",
+        "properties": {
+            "status": { "type": "string", "const": "alive" },
+            "agent": { "type": "string", "description": "The agent_id the heartbeat was recorded for" },
+            "timestamp": time("When warden recorded it"),
+            "next_expected": time("When the next heartbeat is due"),
+            "heartbeat_interval": {
+                "type": "integer",
+                "description": "Milliseconds warden now expects between this agent's heartbeats",
+            },
+            "recorded": { "type": "boolean", "description": "Committed to the database: always true" },
+            "is_new": { "type": "boolean", "description": "This heartbeat registered the agent" },
+            "restart_detected": { "type": "boolean", "description": "The uptime went down: the agent restarted" },
+        },
+        "required": ["status", "agent", "timestamp", "next_expected", "heartbeat_interval", "recorded", "is_new",
+                     "restart_detected"],
+    })
+}
+
+/// What the `agent_status` tool answers, as [`read_agent_status`] writes
+/// it: the agent's row of `warden.agent_status`.
+fn agent_status_schema() -> Value {
+    let names = |all: &[&'static str]| Value::from(all.to_vec());
+    let or_null = |mut schema: Value| {
+        if let Some(Value::Array(values)) = schema.get_mut("enum") {
+            values.push(Value::Null);
+        }
+        let kind = schema["type"].clone();
+        schema["type"] = json!([kind, "null"]);
+        schema
+    };
+    let time = json!({ "type": "string", "format": "date-time" });
+    let modes: Vec<&str> = Mode::ALL.iter().map(|m| m.as_str()).collect();
+    let statuses: Vec<&str> = HeartbeatStatus::ALL.iter().map(|s| s.as_str()).collect();
+    let liveness: Vec<&str> = Liveness::ALL.iter().map(|l| l.as_str()).collect();
+    let tiers: Vec<&str> = Tier::ALL.iter().map(|t| t.as_str()).collect();
+    json!({
+        "type": "object",
+        "properties": {
+            "agent_id": { "type": "string" },
+            "name": { "type": ["string", "null"] },
+            "labels": { "type": "object", "additionalProperties": { "type": "string" } },
+            "mode": or_null(json!({ "type": "string", "enum": names(&modes) })),
+            "status": or_null(json!({ "type": "string", "enum": names(&statuses),
+                                      "description": "What the agent last said of itself" })),
+            "expected_interval_ms": { "type": "integer" },
+            "first_seen": time,
+            "last_seen": time,
+            "uptime_seconds": { "type": ["integer", "null"] },
+            "heartbeat_count": { "type": "integer" },
+            "restart_count": { "type": "integer" },
+            "liveness": { "type": "string", "enum": names(&liveness) },
+            "liveness_since": time,
+            "score": { "type": ["number", "null"], "minimum": 0, "maximum": 100,
+                       "description": "Weighted health score; null until first scored" },
+            "tier": or_null(json!({ "type": "string", "enum": names(&tiers) })),
+            "evaluated_at": or_null(time.clone()),
+        },
+        "required": ["agent_id", "name", "labels", "mode", "status", "expected_interval_ms", "first_seen",
+                     "last_seen", "uptime_seconds", "heartbeat_count", "restart_count", "liveness",
+                     "liveness_since", "score", "tier", "evaluated_at"],
     })
 }
 

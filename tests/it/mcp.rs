@@ -107,6 +107,120 @@ async fn tools_list_describes_both_tools_with_input_schemas() {
     assert_eq!(tools[1]["annotations"]["readOnlyHint"], true);
 }
 
+/// Checks `value` against the parts of JSON Schema warden's output schemas
+/// use (type, const, enum, properties, required, additionalProperties,
+/// minimum, maximum, format date-time); every property of an object must
+/// be declared, so the schema documents the whole answer.
+fn conforms(value: &Value, schema: &Value, at: &str) -> Result<(), String> {
+    let kinds: Vec<&str> = match &schema["type"] {
+        Value::String(kind) => vec![kind.as_str()],
+        Value::Array(kinds) => kinds.iter().map(|k| k.as_str().unwrap()).collect(),
+        _ => vec![],
+    };
+    let kind = match value {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(n) if n.is_i64() || n.is_u64() => "integer",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    };
+    let integer_as_number = kind == "integer" && kinds.contains(&"number");
+    if !(kinds.is_empty() || kinds.contains(&kind) || integer_as_number) {
+        return Err(format!("{at}: {value} is not of type {kinds:?}"));
+    }
+    if let Some(constant) = schema.get("const").filter(|c| *c != value) {
+        return Err(format!("{at}: {value} is not {constant}"));
+    }
+    if let Some(Value::Array(allowed)) = schema.get("enum")
+        && !allowed.contains(value)
+    {
+        return Err(format!("{at}: {value} is not one of {allowed:?}"));
+    }
+    if let (Some(n), Some(min)) = (value.as_f64(), schema.get("minimum").and_then(Value::as_f64))
+        && n < min
+    {
+        return Err(format!("{at}: {n} < {min}"));
+    }
+    if let (Some(n), Some(max)) = (value.as_f64(), schema.get("maximum").and_then(Value::as_f64))
+        && n > max
+    {
+        return Err(format!("{at}: {n} > {max}"));
+    }
+    if schema["format"] == "date-time"
+        && let Value::String(text) = value
+    {
+        chrono::DateTime::parse_from_rfc3339(text).map_err(|e| format!("{at}: {text}: {e}"))?;
+    }
+    if let Value::Object(object) = value {
+        for required in schema["required"].as_array().into_iter().flatten() {
+            let name = required.as_str().unwrap();
+            if !object.contains_key(name) {
+                return Err(format!("{at}: {name} is required"));
+            }
+        }
+        for (name, item) in object {
+            let declared = match (&schema["properties"][name], &schema["additionalProperties"]) {
+                (Value::Object(declared), _) => Value::Object(declared.clone()),
+                (_, Value::Object(rest)) => Value::Object(rest.clone()),
+                _ => return Err(format!("{at}: {name} is not declared")),
+            };
+            conforms(item, &declared, &format!("{at}.{name}"))?;
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn tool_results_conform_to_the_output_schemas_tools_list_declares() {
+    let app = TestApp::spawn().await;
+    let key = app.key(&[Scope::Ingest, Scope::Read]).await;
+    let (_, list) = rpc(&app, &key, &request(1, "tools/list", json!({}))).await;
+    let schema = |tool: &str| {
+        let tools = list["result"]["tools"].as_array().unwrap();
+        tools.iter().find(|t| t["name"] == tool).unwrap()["outputSchema"].clone()
+    };
+    let (heartbeat, status) = (schema("heartbeat"), schema("agent_status"));
+    assert_eq!((&heartbeat["type"], &status["type"]), (&json!("object"), &json!("object")));
+
+    let beat = call(&app, &key, "heartbeat", json!({"agent_id": "shaped", "mode": "idle"})).await;
+    assert_eq!(beat["isError"], false, "{beat}");
+    conforms(&beat["structuredContent"], &heartbeat, "heartbeat").unwrap();
+    // Before the first evaluation: no score, tier or evaluation time.
+    let fresh = call(&app, &key, "agent_status", json!({"agent_id": "shaped"})).await;
+    assert_eq!(fresh["structuredContent"]["score"], Value::Null, "{fresh}");
+    conforms(&fresh["structuredContent"], &status, "agent_status").unwrap();
+    // Scored, without uptime, name or mode: the other half of each type.
+    let heartbeat_only = call(&app, &key, "heartbeat", json!({"agent_id": "bare", "uptime_seconds": 5})).await;
+    conforms(&heartbeat_only["structuredContent"], &heartbeat, "heartbeat").unwrap();
+    app.db
+        .client()
+        .await
+        .execute(
+            "UPDATE warden.agent_status SET score = 87.5, tier = 'good', evaluated_at = now(), name = 'Shaped', \
+                    labels = '{\"team\": \"a\"}' WHERE agent_id = 'shaped'",
+            &[],
+        )
+        .await
+        .unwrap();
+    for agent in ["shaped", "bare"] {
+        let result = call(&app, &key, "agent_status", json!({"agent_id": agent})).await;
+        conforms(&result["structuredContent"], &status, agent).unwrap();
+    }
+    // The checker itself: an undeclared field, a wrong type, a value
+    // outside an enum are caught.
+    let mut wrong = fresh["structuredContent"].clone();
+    wrong["liveness"] = json!("asleep");
+    assert!(conforms(&wrong, &status, "x").is_err());
+    wrong["liveness"] = json!("online");
+    wrong["extra"] = json!(1);
+    assert!(conforms(&wrong, &status, "x").is_err());
+    let mut wrong = beat["structuredContent"].clone();
+    wrong["heartbeat_interval"] = json!("30000");
+    assert!(conforms(&wrong, &heartbeat, "x").is_err());
+}
+
 #[tokio::test]
 async fn the_heartbeat_tool_records_a_heartbeat_like_the_http_api() {
     let app = TestApp::spawn().await;
