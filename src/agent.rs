@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use crate::client::{Client, ClientError, Failover, HeartbeatRequest};
+use crate::client::{Client, ClientError, Failover, HeartbeatRequest, MAX_REST};
 use crate::model::Mode;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -122,9 +122,9 @@ pub async fn run(args: AgentArgs, clients: Vec<Client>) -> Result<(), String> {
                     schedule.failed(hint, Instant::now());
                 }
                 None => {
-                    refused.refused(current, &e)?;
+                    refused.refused(current, &e, Instant::now())?;
                     tracing::error!(url = %args.urls[current], error = %e, "heartbeat refused; sending to the other URLs");
-                    schedule.failed(crate::client::MAX_REST, Instant::now());
+                    schedule.failed(MAX_REST, Instant::now());
                 }
             },
         }
@@ -134,10 +134,12 @@ pub async fn run(args: AgentArgs, clients: Vec<Client>) -> Result<(), String> {
 /// The refusals that retrying cannot cure, by URL. One URL's (a replica
 /// behind a proxy that answers 404, a URL of another warden that does not
 /// know the key) is not the others': the agent goes on with them, trying
-/// that URL again now and then, and stops only once every URL has refused.
+/// that URL again when they fail, and stops only once every URL has
+/// refused within [`MAX_REST`] (a refusal older than that, such as a
+/// proxy's 404 during a deploy hours ago, earns its URL another try first).
 struct Refused<'a> {
     args: &'a AgentArgs,
-    by_url: Vec<Option<String>>,
+    by_url: Vec<Option<(Instant, String)>>,
 }
 
 impl<'a> Refused<'a> {
@@ -149,17 +151,29 @@ impl<'a> Refused<'a> {
         self.by_url[url] = None;
     }
 
-    /// Notes the refusal; `Err` with what each URL said once all refused.
-    fn refused(&mut self, url: usize, e: &ClientError) -> Result<(), String> {
+    /// Notes the refusal at `now`; `Err` with what each URL said once all
+    /// refused recently.
+    fn refused(&mut self, url: usize, e: &ClientError, now: Instant) -> Result<(), String> {
         let reason = refusal(e, self.args.key.is_some());
-        self.by_url[url] = Some(match self.args.urls.len() {
+        let reason = match self.args.urls.len() {
             1 => reason,
             _ => format!("{}: {reason}", self.args.urls[url]),
-        });
+        };
+        self.by_url[url] = Some((now, reason));
+        for entry in &mut self.by_url {
+            if entry.as_ref().is_some_and(|(at, _)| now.duration_since(*at) > MAX_REST) {
+                *entry = None;
+            }
+        }
         if self.by_url.iter().all(Option::is_some) {
-            return Err(self.by_url.iter().flatten().cloned().collect::<Vec<_>>().join("; "));
+            return Err(self.by_url.iter().flatten().map(|(_, reason)| reason.as_str()).collect::<Vec<_>>().join("; "));
         }
         Ok(())
+    }
+
+    /// Whether `url` has refused (and not taken a heartbeat since).
+    fn has_refused(&self, url: usize) -> bool {
+        self.by_url[url].is_some()
     }
 }
 
@@ -251,14 +265,16 @@ async fn first_heartbeat(args: &AgentArgs, clients: &[Client], started: Instant)
                     break;
                 }
                 Err(e) => {
-                    refused.refused(i, &e)?;
+                    refused.refused(i, &e, Instant::now())?;
                     tracing::warn!(%url, error = %e, "first heartbeat refused; trying the other URLs");
                     break;
                 }
             }
         }
     }
-    Ok(First { taken: false, send_clock, url: 0, started })
+    // The background process begins at a URL that did not refuse.
+    let url = (0..clients.len()).find(|&i| !refused.has_refused(i)).unwrap_or(0);
+    Ok(First { taken: false, send_clock, url, started })
 }
 
 /// Starts this same command line without `--detach`, in a process group
@@ -312,6 +328,45 @@ fn detach(first: First, key: Option<&str>) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn args(urls: &[&str]) -> AgentArgs {
+        #[derive(clap::Parser)]
+        struct Command {
+            #[command(flatten)]
+            args: AgentArgs,
+        }
+        let mut line = vec!["warden", "--agent-id", "a"];
+        for url in urls {
+            line.extend(["--url", url]);
+        }
+        <Command as clap::Parser>::parse_from(line).args
+    }
+
+    #[test]
+    fn the_agent_stops_only_once_every_url_refused_within_the_longest_rest() {
+        let args = args(&["http://one", "http://two"]);
+        let mut refused = Refused::new(&args);
+        let no = |status| ClientError::Rejected { status, code: "x".into(), message: "no".into(), field: None };
+        let t = Instant::now();
+        assert!(refused.refused(0, &no(404), t).is_ok(), "the other URL is left");
+        assert!(refused.has_refused(0) && !refused.has_refused(1));
+        // Long after: the first refusal is stale, so the first URL gets
+        // another try rather than stopping the agent.
+        let later = t + MAX_REST + std::time::Duration::from_secs(1);
+        assert!(refused.refused(1, &no(401), later).is_ok());
+        assert!(!refused.has_refused(0));
+        let stop = refused.refused(0, &no(404), later).unwrap_err();
+        assert!(stop.contains("http://one: ") && stop.contains("http://two: "), "{stop}");
+        // A heartbeat taken clears the URL's refusal.
+        let mut refused = Refused::new(&args);
+        refused.refused(0, &no(404), t).unwrap();
+        refused.taken(0);
+        assert!(refused.refused(1, &no(404), t).is_ok());
+        // One URL: its refusal is the agent's, without the URL.
+        let one = super::tests::args(&["http://one"]);
+        let stop = Refused::new(&one).refused(0, &no(403), t).unwrap_err();
+        assert!(!stop.contains("http://one") && stop.contains("ingest scope"), "{stop}");
+    }
 
     #[test]
     fn a_background_agent_counts_its_uptime_from_the_commands_start() {

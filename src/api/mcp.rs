@@ -108,8 +108,9 @@ async fn post_mcp(
         None => authenticate(&state, &headers).await,
     };
     let principal = match principal {
-        Err(refusal) if !Deferred::answers(&refusal) => return Err(refusal.into()),
-        principal => principal,
+        Ok(principal) => principal,
+        Err(refusal) if Deferred::answers(&refusal) => return Ok(refuse_each(refusal, &headers, body).await),
+        Err(refusal) => return Err(refusal.into()),
     };
     // This route lives outside /v1 and its DefaultBodyLimit.
     let body = read_limited(body, state.settings.ingest.max_body_bytes).await?;
@@ -123,10 +124,6 @@ async fn post_mcp(
     if !messages.iter().all(Message::is_initialize) {
         check_protocol_version(&headers)?;
     }
-    let principal = match principal {
-        Ok(principal) => principal,
-        Err(refusal) => return Ok(refuse_each(refusal, messages, batch)),
-    };
     let forbidden = forbidden_scope(&principal, &messages);
     let mut replies = Vec::with_capacity(messages.len());
     for message in messages {
@@ -158,20 +155,40 @@ impl Deferred {
         deferred
     }
 
-    /// 429 and 503: a client that waits gets through. The rest keep their
-    /// HTTP status, which is how the spec has a server ask for a key (401)
-    /// or reject a body it cannot take.
+    /// 429 and 503 (the rate limit; warden starting; the database out of
+    /// reach, busy or without warden's schema while the key is checked): a
+    /// client that waits gets through. The rest keep their HTTP status,
+    /// which is how the spec has a server ask for a key (401) or reject a
+    /// body it cannot take.
     fn answers(refusal: &ApiError) -> bool {
         matches!(refusal.status, StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE)
     }
 }
 
+/// The most of a body read to answer its requests with a refusal: far more
+/// than a few tool calls take, and little enough that a client refused
+/// for sending too much costs warden next to nothing (no rate limit
+/// applies to it any more).
+const REFUSED_BODY_MAX: usize = 64 * 1024;
+
 /// Answers every request of the body with `refusal` as its JSON-RPC error
 /// (HTTP 200, `Retry-After` kept); messages that are not JSON-RPC get their
-/// usual -32600. Nothing runs. A body with no request in it keeps the
-/// refusal's HTTP status: a notification must not look accepted.
-fn refuse_each(refusal: ApiError, messages: Vec<Message>, batch: bool) -> Response {
-    if !messages.iter().any(|m| matches!(m, Message::Request { .. })) {
+/// usual -32600. Nothing runs. A body that cannot be answered so keeps the
+/// refusal's HTTP status: one with no request in it (a notification must
+/// not look accepted), over [`REFUSED_BODY_MAX`], not JSON-RPC, or under a
+/// protocol revision warden does not speak. The refusal wins over what
+/// else is wrong with the request.
+async fn refuse_each(refusal: ApiError, headers: &HeaderMap, body: Body) -> Response {
+    let Ok(body) = read_limited(body, REFUSED_BODY_MAX).await else {
+        return Refusal(refusal).into_response();
+    };
+    let Ok((messages, batch)) = parse_body(&body, MAX_BATCH) else {
+        return Refusal(refusal).into_response();
+    };
+    let negotiating = messages.iter().all(Message::is_initialize);
+    if !messages.iter().any(|m| matches!(m, Message::Request { .. }))
+        || (!negotiating && check_protocol_version(headers).is_err())
+    {
         return Refusal(refusal).into_response();
     }
     let data = refusal_data(refusal.status, refusal.code, refusal.field.as_deref(), refusal.retry_after);

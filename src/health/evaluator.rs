@@ -1486,11 +1486,14 @@ pub async fn run_with(
         max_lifetime: leadership.max_lifetime,
     };
     let mut renewing = false;
+    // Kept across leaderships, so that renewing the connection brings no
+    // extra score pass.
+    let mut last_score = tokio::time::Instant::now() - leader.score_every;
     loop {
         if stop.is_cancelled() {
             return;
         }
-        match leader.lead(&pool, renewing).await {
+        match leader.lead(&pool, renewing, &mut last_score).await {
             Ok(Ended::Stopped) => return,
             // Competed for again at once: another replica may take over.
             Ok(Ended::Aged) => {
@@ -1531,7 +1534,12 @@ enum Ended {
 impl Leader<'_> {
     /// Tries to become leader; while leader, evaluates. `renewing`: it led
     /// until its connection aged, which is not news worth a log line.
-    async fn lead(&self, pool: &Pool, renewing: bool) -> Result<Ended, DbError> {
+    async fn lead(
+        &self,
+        pool: &Pool,
+        mut renewing: bool,
+        last_score: &mut tokio::time::Instant,
+    ) -> Result<Ended, DbError> {
         // The lock belongs to this connection's session: it is held for as
         // long as the connection lives and released by PostgreSQL if it dies.
         let mut client = db::client(pool).await?;
@@ -1540,6 +1548,8 @@ impl Leader<'_> {
                 Ok(held) => break held,
                 Err(back) => client = back,
             }
+            // Another replica took over meanwhile: leading again is news.
+            renewing = false;
             tokio::select! {
                 _ = self.stop.cancelled() => return Ok(Ended::Stopped),
                 _ = tokio::time::sleep(self.check) => {}
@@ -1556,7 +1566,7 @@ impl Leader<'_> {
         } else {
             tracing::info!(replica = self.replica.name, "this replica now leads evaluation");
         }
-        let result = self.evaluate(&mut held).await;
+        let result = self.evaluate(&mut held, last_score).await;
         // After a failure the connection is closed, not pooled: it may be
         // the cause. An aged one is closed too, as the pool would.
         held.release(matches!(result, Ok(Ended::Stopped))).await;
@@ -1587,10 +1597,13 @@ impl Leader<'_> {
         }
     }
 
-    async fn evaluate(&self, held: &mut db::SessionLock) -> Result<Ended, DbError> {
+    async fn evaluate(
+        &self,
+        held: &mut db::SessionLock,
+        last_score: &mut tokio::time::Instant,
+    ) -> Result<Ended, DbError> {
         let (params, check) = (self.params, self.check);
         let mut every = crate::every::Every::new(check, self.stop);
-        let mut last_score = tokio::time::Instant::now() - self.score_every;
         let mut failures = 0;
         while every.tick().await {
             // Between cycles, so that a cycle is never cut short.
@@ -1619,7 +1632,7 @@ impl Leader<'_> {
                 }
             }
             if last_score.elapsed() >= self.score_every {
-                last_score = tokio::time::Instant::now();
+                *last_score = tokio::time::Instant::now();
                 let started = std::time::Instant::now();
                 match score_pass(client, params, None).await {
                     Ok(report) => {

@@ -653,6 +653,12 @@ async fn refusals_answer_each_request_when_waiting_helps_and_keep_their_status_o
     let retry_after: u64 = limited.headers()["retry-after"].to_str().unwrap().parse().unwrap();
     let body = refusal(limited, 429).await;
     assert_eq!(body["error"]["data"]["retry_after"], retry_after);
+    // So does a body not worth reading for a refused client (over 64 KiB),
+    // or not JSON-RPC: the refusal, not the body's fault, is answered.
+    let large = request(8, "tools/call", json!({"name": "heartbeat", "arguments": {"agent_id": "x".repeat(70_000)}}));
+    assert_eq!(refusal(app.post("/mcp", &key, &large).await, 429).await["error"]["data"]["reason"], "rate_limited");
+    let garbage = app.post_raw("/mcp", &key, "{not json").await;
+    assert_eq!(refusal(garbage, 429).await["error"]["data"]["reason"], "rate_limited");
 
     // A body that stops arriving: 408 from the request timeout.
     let other = app.key(&[Scope::Read]).await;
