@@ -102,12 +102,19 @@ pub async fn run(args: AgentArgs, clients: Vec<Client>) -> Result<(), String> {
         tokio::time::sleep(args.interval.get()).await;
     }
     let mut refused = Refused::new(&args);
+    // Said once when heartbeats are taken, and again after failures, so
+    // that one watching the agent sees it working.
+    let mut taking = false;
     loop {
         let (current, wait) = schedule.next(Instant::now());
         tokio::time::sleep(wait).await;
         let heartbeat = heartbeat(&args, started, send_clock);
         match clients[current].heartbeat(&heartbeat).await {
             Ok(_) => {
+                if !taking {
+                    tracing::info!(url = %args.urls[current], interval = %args.interval, "heartbeats taken");
+                    taking = true;
+                }
                 schedule.succeeded();
                 refused.taken(current);
                 tokio::time::sleep(args.interval.get()).await;
@@ -118,10 +125,12 @@ pub async fn run(args: AgentArgs, clients: Vec<Client>) -> Result<(), String> {
             }
             Err(e) => match e.retry_after() {
                 Some(hint) => {
+                    taking = false;
                     tracing::warn!(url = %args.urls[current], error = %e, "heartbeat not taken; retrying");
                     schedule.failed(hint, Instant::now());
                 }
                 None => {
+                    taking = false;
                     refused.refused(current, &e, Instant::now())?;
                     tracing::error!(url = %args.urls[current], error = %e, "heartbeat refused; sending to the other URLs");
                     schedule.failed(MAX_REST, Instant::now());

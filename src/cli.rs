@@ -292,6 +292,13 @@ async fn command(cli: Cli, sources: &Sources) -> Result<(), Failure> {
             // refuses too, as far as it can be told without connecting.
             crate::db::check_settings(&settings.database)?;
             settings.recovery.check_secret_env()?;
+            // The URL is redacted whole (its password may sit anywhere in
+            // it); where it points is not a secret, and is what one checks.
+            if !settings.database.url.is_empty() {
+                let target = crate::db::parse_url(settings.database.url.expose())?;
+                let user = target.get_user().map(|u| format!("user {u} at ")).unwrap_or_default();
+                println!("# database.url: {user}{}", crate::db::target_of(&target));
+            }
             print!("{}", settings.to_redacted_toml());
             Ok(())
         }
@@ -493,6 +500,16 @@ where
             Failure::other(format!("{e}{at}"))
         })?;
         let found = migrate::current_version(&client).await.map_err(Failure::other)?;
+        if found.is_none() && settings.database.url.is_empty() {
+            // The private cluster lives under the directory warden runs in:
+            // a verb run elsewhere than `warden serve` gets one of its own,
+            // and a key made there is unknown to the service.
+            eprintln!(
+                "warden: the private cluster at {} holds no warden schema yet; creating it. `warden serve` uses the \
+                 cluster under the directory it runs in (database.data_dir): run this command there to share it",
+                database.target()
+            );
+        }
         let latest = migrate::latest_version();
         if found.is_none_or(|v| v < latest) {
             if !settings.database.migrate_on_start {

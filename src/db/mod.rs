@@ -265,14 +265,7 @@ impl Database {
     /// Where the database is, for messages: `host:port/dbname` (or the
     /// socket directory), never the user's password.
     pub fn target(&self) -> String {
-        let c = &self.pg_config;
-        let host = match c.get_hosts().first() {
-            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-            Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
-            None => "localhost".into(),
-        };
-        let port = c.get_ports().first().copied().unwrap_or(5432);
-        format!("{host}:{port}/{}", c.get_dbname().unwrap_or("postgres"))
+        target_of(&self.pg_config)
     }
 
     /// Opens the configured database, starting the embedded cluster when no
@@ -327,6 +320,18 @@ pub fn check_settings(settings: &DatabaseSettings) -> Result<(), SettingsError> 
     }
     let mut pg_config = parse_url(settings.url.expose())?;
     tls::connector(settings, &mut pg_config).map(drop)
+}
+
+/// Where a connection configuration points, `host:port/dbname`, with no
+/// user or password: safe to print.
+pub fn target_of(c: &tokio_postgres::Config) -> String {
+    let host = match c.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = c.get_ports().first().copied().unwrap_or(5432);
+    format!("{host}:{port}/{}", c.get_dbname().unwrap_or("postgres"))
 }
 
 /// Parses `database.url` without ever echoing it (it may hold a password).

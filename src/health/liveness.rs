@@ -145,7 +145,8 @@ pub struct Transition {
 }
 
 impl Transition {
-    /// One line for humans, e.g. "online → degraded: silent 45.0s, 1.3 intervals of 30.0s missed".
+    /// One line for humans, e.g. "online → degraded: silent 45.0s, expected every 30.0s: 1.3
+    /// intervals missed past the jitter tolerance" (the figure the thresholds are set in).
     pub fn describe(&self) -> String {
         let f = &self.figures;
         let secs = |ms: i64| ms as f64 / 1000.0;
@@ -154,10 +155,10 @@ impl Transition {
             Reason::Late | Reason::Silent => match f.phi {
                 Some(phi) => format!("silent {:.1}s, suspicion phi {:.1}", secs(f.silence_ms), phi),
                 None => format!(
-                    "silent {:.1}s, {:.1} intervals of {:.1}s missed",
+                    "silent {:.1}s, expected every {:.1}s: {:.1} intervals missed past the jitter tolerance",
                     secs(f.silence_ms),
-                    f.missed_intervals,
-                    secs(f.expected_interval_ms)
+                    secs(f.expected_interval_ms),
+                    f.missed_intervals
                 ),
             },
             Reason::Recovering => format!("heartbeating again ({} on time in a row)", f.ontime_streak),
@@ -407,7 +408,10 @@ mod tests {
         let t = decide(&a, now, None, &PARAMS).unwrap();
         assert_eq!(t.reason, Reason::Late);
         assert_eq!(t.figures.missed_intervals, 1.3);
-        assert_eq!(t.describe(), "online → degraded: silent 45.0s, 1.3 intervals of 30.0s missed");
+        assert_eq!(
+            t.describe(),
+            "online → degraded: silent 45.0s, expected every 30.0s: 1.3 intervals missed past the jitter tolerance"
+        );
     }
 
     #[test]

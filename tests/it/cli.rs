@@ -55,6 +55,8 @@ fn config_prints_effective_settings_with_secrets_redacted() {
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert!(stdout.contains("pool_size = 9"), "{stdout}");
     assert!(!stdout.contains("hunter2"), "{stdout}");
+    // Where the redacted URL points, for checking it, without the password.
+    assert!(stdout.starts_with("# database.url: user warden at db:5432/warden\n"), "{stdout}");
     let parsed: toml::Table = toml::from_str(&stdout).expect("output is TOML");
     assert!(parsed.contains_key("server"));
 }

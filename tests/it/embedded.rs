@@ -204,3 +204,32 @@ async fn serve_starts_its_own_cluster_again_when_it_dies() {
     assert_ne!(again, pid);
     assert!(terminate(served).success());
 }
+
+#[tokio::test]
+async fn a_verb_that_finds_an_empty_private_cluster_says_which_one_it_set_up() {
+    // `warden keys create` run in another directory than `warden serve`
+    // gets a cluster of its own, and its key would be unknown to the
+    // service: the command says where it is working.
+    let dir = scratch();
+    let data = dir.path().join("pgdata");
+    let keys = |data: std::path::PathBuf| {
+        tokio::task::spawn_blocking(move || {
+            Command::new(env!("CARGO_BIN_EXE_warden"))
+                .args(["keys", "list"])
+                .env_remove("WARDEN_CONFIG")
+                .env("WARDEN__DATABASE__URL", "")
+                .env("WARDEN__DATABASE__DATA_DIR", &data)
+                .output()
+                .unwrap()
+        })
+    };
+    let first = keys(data.clone()).await.unwrap();
+    assert!(first.status.success(), "{first:?}");
+    let stderr = String::from_utf8_lossy(&first.stderr);
+    assert!(stderr.contains(&data.display().to_string()) && stderr.contains("database.data_dir"), "{stderr}");
+    let again = keys(data.clone()).await.unwrap();
+    assert!(again.status.success(), "{again:?}");
+    assert!(String::from_utf8_lossy(&again.stderr).is_empty(), "{again:?}");
+    // The verb started the cluster and stopped it again.
+    assert!(!data.join("postmaster.pid").exists());
+}
