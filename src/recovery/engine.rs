@@ -845,7 +845,8 @@ impl Engine {
         let limit = self.settings.output_limit;
         match action {
             Action::Command { argv, timeout, .. } => {
-                let filled: Result<Vec<String>, String> = argv.iter().map(|a| plan::fill_arg(a, ctx)).collect();
+                let filled: Result<Vec<String>, String> = plan::check_command_agent(&ctx.agent_id)
+                    .and_then(|()| argv.iter().map(|a| plan::fill_arg(a, ctx)).collect());
                 match filled {
                     Ok(argv) => {
                         let env = exec::command_env(&ctx.agent_id, ctx.issue_type.as_deref(), ctx.incident_id);

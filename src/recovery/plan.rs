@@ -132,11 +132,34 @@ pub fn fill(template: &str, ctx: &Context) -> Result<String, String> {
 
 /// Fills in one argument of a command, as [`fill`] does, and refuses a
 /// value that would begin the argument with "-", so an agent named "--all"
-/// cannot turn into an option of the command. Only arguments: in a URL,
-/// header or body such text is inert, and a header may hold a secret that
-/// happens to start with "-".
+/// cannot turn into an option of the command, and a value that holds a
+/// ".." path segment or is ".": an agent named ".." (or labelled
+/// `dir=../..`) must not move `/srv/agents/{agent_id}` up the tree. Only
+/// arguments: in a URL, header or body such text is inert (URLs have
+/// their own check), and a header may hold a secret that happens to start
+/// with "-".
 pub fn fill_arg(template: &str, ctx: &Context) -> Result<String, String> {
-    fill_with(template, ctx, true, |_| Ok(()))
+    fill_with(template, ctx, true, |value| {
+        if value == "." || value.split(['/', '\\']).any(|segment| segment == "..") {
+            return Err("refused: a value that moves along a file path (\".\" or \"..\") in a command argument".into());
+        }
+        Ok(())
+    })
+}
+
+/// Whether a command may be run for `agent_id` at all: it reaches every
+/// command as `WARDEN_AGENT_ID`, whether its argv names it or not, and a
+/// script passing that on must not be handed an option ("-x") or a path
+/// step ("." or ".."). Such ids are valid agent ids; their agents get no
+/// command actions, only HTTP ones (where the URL check covers them).
+pub fn check_command_agent(agent_id: &str) -> Result<(), String> {
+    if agent_id.starts_with('-') || agent_id == "." || agent_id == ".." {
+        return Err(format!(
+            "refused: the agent id {agent_id:?} cannot be handed to a command (WARDEN_AGENT_ID): it would read as \
+             an option or a path step"
+        ));
+    }
+    Ok(())
 }
 
 /// [`fill`], with `check` refusing filled-in values the caller cannot take.
@@ -304,6 +327,26 @@ mod tests {
         assert!(err.contains("option") && err.contains("{agent_id}") && !err.contains("--all"), "{err}");
         assert_eq!(fill_arg("--agent={agent_id}", &evil).unwrap(), "--agent=--all", "inside an argument it is inert");
         assert_eq!(fill("{agent_id}", &evil).unwrap(), "--all", "a header or body value is no option");
+    }
+
+    #[test]
+    fn a_value_that_steps_along_a_path_is_refused_in_an_argument() {
+        for agent_id in [".", ".."] {
+            let evil = Context { agent_id: agent_id.into(), ..ctx() };
+            let err = fill_arg("/srv/agents/{agent_id}", &evil).unwrap_err();
+            assert!(err.contains("file path"), "{err}");
+            assert!(check_command_agent(agent_id).is_err());
+        }
+        for dir in ["../..", "a/../../etc", "..\\x"] {
+            let evil = Context { labels: [("dir".to_string(), dir.to_string())].into(), ..ctx() };
+            assert!(fill_arg("/srv/{label.dir}/run", &evil).is_err(), "{dir}");
+        }
+        // Dots that step nowhere are names like any other.
+        let fine =
+            Context { agent_id: "a..b".into(), labels: [("dir".to_string(), ".cache/x".to_string())].into(), ..ctx() };
+        assert_eq!(fill_arg("/srv/{agent_id}/{label.dir}", &fine).unwrap(), "/srv/a..b/.cache/x");
+        assert!(check_command_agent("a..b").is_ok() && check_command_agent("-rf").is_err());
+        assert_eq!(fill("{agent_id}", &Context { agent_id: "..".into(), ..ctx() }).unwrap(), "..", "a body is inert");
     }
 
     #[test]

@@ -826,3 +826,35 @@ async fn a_stopping_replica_starts_no_recovery_while_requests_drain() {
         .unwrap();
     assert_eq!((incidents, actions), (0, 0), "a stopping replica opened incidents or started recoveries");
 }
+
+#[tokio::test]
+async fn an_agent_whose_id_steps_along_a_path_gets_no_command_actions() {
+    // Every command gets WARDEN_AGENT_ID, and `/srv/agents/{agent_id}`
+    // with an agent named ".." would be /srv: the command must not run.
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("ran");
+    let argv = vec!["/usr/bin/touch".into(), marker.display().to_string()];
+    let strategies = vec![strategy(vec![command(argv, D::from_secs(5))])];
+    let mut settings = crate::helpers::default_settings();
+    fast(&mut settings, strategies.clone());
+    let app = TestApp::spawn_with(move |s| fast(s, strategies)).await;
+    let ingest = app.key(&[warden::auth::Scope::Ingest]).await;
+    assert_eq!(app.heartbeat(&ingest, json!({"agent_id": ".."})).await.0, 200, "a valid agent id");
+    // URLs cannot name it (clients resolve "..", encoded or not), so the
+    // run is queued as `warden recovery run` queues it.
+    warden::recovery::run_now(&mut app.db.client().await, &settings.recovery, "..", None).await.unwrap();
+    let outcome = eventually(WAIT, "the action refused", || async {
+        let row = app
+            .db
+            .client()
+            .await
+            .query_opt("SELECT state, outcome FROM warden.recovery_actions WHERE agent_id = '..'", &[])
+            .await
+            .ok()??;
+        Some((row.get::<_, String>(0), row.get::<_, Option<String>>(1)))
+    })
+    .await;
+    assert_eq!(outcome.0, "failed", "{outcome:?}");
+    assert!(outcome.1.as_deref().unwrap_or_default().contains("WARDEN_AGENT_ID"), "{outcome:?}");
+    assert!(!marker.exists(), "the command never ran");
+}

@@ -29,7 +29,9 @@ impl Slack {
     }
 }
 
-/// Slack's mrkdwn needs only these three escaped.
+/// Slack's mrkdwn needs only these three escaped. Every mrkdwn object is
+/// also `verbatim`: Slack would otherwise turn a URL or a channel name in
+/// an agent's name into a link, and parse some mentions in it.
 pub fn escape(text: &str) -> String {
     text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
@@ -42,11 +44,11 @@ pub fn payload(m: &Message) -> Value {
     }
     let mut blocks = vec![json!({"type": "header", "text": {"type": "plain_text", "text": headline}})];
     if let Some(n) = m.auto_recovered() {
-        blocks.push(json!({"type": "section", "text": {"type": "mrkdwn",
+        blocks.push(json!({"type": "section", "text": {"type": "mrkdwn", "verbatim": true,
             "text": format!("Automated recovery fixed it on attempt {n}; nobody needs to act.")}}));
     }
     if m.recovery_failed() {
-        blocks.push(json!({"type": "section", "text": {"type": "mrkdwn",
+        blocks.push(json!({"type": "section", "text": {"type": "mrkdwn", "verbatim": true,
             "text": "*Automated recovery gave up*; a person needs to look."}}));
     }
     for alert in m.alerts.iter().take(DETAILED) {
@@ -61,14 +63,16 @@ pub fn payload(m: &Message) -> Value {
             }
         }
         let text: String = text.chars().take(2900).collect();
-        blocks.push(json!({"type": "section", "text": {"type": "mrkdwn", "text": text}}));
+        blocks.push(json!({"type": "section", "text": {"type": "mrkdwn", "verbatim": true, "text": text}}));
     }
     if m.alerts.len() > DETAILED {
-        blocks.push(json!({"type": "context", "elements": [{"type": "mrkdwn",
+        blocks.push(json!({"type": "context", "elements": [{"type": "mrkdwn", "verbatim": true,
             "text": format!("… and {} more alerts", m.alerts.len() - DETAILED)}]}));
     }
     if let Some(hint) = m.ack_hint() {
-        blocks.push(json!({"type": "context", "elements": [{"type": "mrkdwn", "text": escape(&hint)}]}));
+        blocks.push(
+            json!({"type": "context", "elements": [{"type": "mrkdwn", "verbatim": true, "text": escape(&hint)}]}),
+        );
     }
     // Slack reads the top-level text as mrkdwn too (it is what
     // notifications show): an agent's name must not become <!channel> or a
@@ -95,6 +99,29 @@ mod tests {
     #[test]
     fn mrkdwn_control_characters_are_escaped() {
         assert_eq!(escape("a<b>&c"), "a&lt;b&gt;&amp;c");
+    }
+
+    #[test]
+    fn every_mrkdwn_object_is_verbatim() {
+        let mut many: Vec<_> = (1..=8).map(|i| view(i, &format!("w{i}"))).collect();
+        many[0].agent_name = Some("https://evil.example #general".into());
+        let p = payload(&message(many));
+        fn walk(v: &Value, found: &mut usize) {
+            match v {
+                Value::Object(o) => {
+                    if o.get("type") == Some(&Value::from("mrkdwn")) {
+                        assert_eq!(o.get("verbatim"), Some(&Value::Bool(true)), "{v}");
+                        *found += 1;
+                    }
+                    o.values().for_each(|v| walk(v, found));
+                }
+                Value::Array(a) => a.iter().for_each(|v| walk(v, found)),
+                _ => {}
+            }
+        }
+        let mut found = 0;
+        walk(&p["blocks"], &mut found);
+        assert!(found >= 3, "{p}");
     }
 
     #[test]
