@@ -151,7 +151,7 @@ impl Message {
                 group_headline(&items, NAMED)
             }
         };
-        format!("[{}] {body}{}", self.tag(), self.open_for())
+        shown(format!("[{}] {body}{}", self.tag(), self.open_for()))
     }
 
     /// How long the oldest firing alert has gone on, for the messages that
@@ -263,10 +263,11 @@ impl Message {
             // The engine's own summary: "recovery of w1 gave up after ...".
             lines.push(crate::console::format::capitalized(why));
         }
-        lines
+        lines.into_iter().map(shown).collect()
     }
 
-    /// The whole message as plain text: headline, details, how to ack.
+    /// The whole message as plain text: headline, details, how to ack
+    /// (each line [`shown`] already).
     pub fn text(&self) -> String {
         let mut out = vec![self.headline()];
         if let Some(n) = self.auto_recovered() {
@@ -338,6 +339,21 @@ impl Message {
             "alerts": alerts,
         })
     }
+}
+
+/// `line` as a text channel may show it: agents choose their names, labels
+/// and (through them) parts of summaries, and a bidirectional override
+/// (U+202E) or a line separator in one would reorder or break the words
+/// warden puts around it ("db-1 is offline" reading as something else).
+/// Such characters become U+FFFD; the rest is left as it is. Structured
+/// fields (the webhook's JSON) keep the text unchanged.
+pub fn shown(line: String) -> String {
+    let hidden = |c: char| {
+        matches!(c, '\u{200E}' | '\u{200F}' | '\u{061C}' | '\u{2028}' | '\u{2029}')
+            || ('\u{202A}'..='\u{202E}').contains(&c)
+            || ('\u{2066}'..='\u{2069}').contains(&c)
+    };
+    if line.chars().any(hidden) { line.chars().map(|c| if hidden(c) { '\u{FFFD}' } else { c }).collect() } else { line }
 }
 
 /// A claimed delivery, as the dispatcher holds it.
@@ -641,6 +657,17 @@ pub(crate) mod tests {
         m.kind = Kind::Resolved;
         assert!(m.ack_hint().is_none());
         assert!(m.headline().starts_with("[RESOLVED] 14 agents offline"));
+    }
+
+    #[test]
+    fn direction_overrides_and_line_separators_do_not_reach_a_text_channel() {
+        let mut v = view(3, "w3");
+        v.agent_name = Some("evil\u{202E}enilno si\u{2028}x".into());
+        let m = message(vec![v]);
+        let lines = m.detail_lines(&m.alerts[0]);
+        assert_eq!(lines[0], "Alert #3 · w3 (evil\u{FFFD}enilno si\u{FFFD}x) · agent_unresponsive · critical");
+        assert!(!m.text().contains('\u{202E}') && !m.text().contains('\u{2028}'));
+        assert_eq!(shown("plain · text ✓".into()), "plain · text ✓");
     }
 
     #[test]
