@@ -626,3 +626,27 @@ async fn a_heartbeat_does_not_log_the_score_breakdown_again() {
     }
     panic!("every heartbeat's update logged a full page");
 }
+
+#[tokio::test]
+async fn a_migration_cut_off_from_its_server_is_worth_waiting_for_and_a_failing_one_is_not() {
+    // refinery wraps the driver's error in its own: start-up waits out a
+    // failover only if the cause inside is still read as connectivity.
+    use refinery::error::WrapMigrationError;
+    let db = TestDb::empty().await;
+    let doomed = db.client().await;
+    let pid: i32 = doomed.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    db.client().await.execute("SELECT pg_terminate_backend($1)", &[&pid]).await.unwrap();
+    let cut = crate::helpers::eventually(Duration::from_secs(30), "the connection gone", || async {
+        doomed.simple_query("SELECT 1").await.err()
+    })
+    .await;
+    let cut = migrate::MigrateError::Refinery(Err::<(), _>(cut).migration_err("applying V1", None).unwrap_err());
+    assert!(cut.is_unavailable(), "{cut}");
+
+    let failed = db.client().await.simple_query("SELEC 1").await.unwrap_err();
+    let failed = migrate::MigrateError::Refinery(Err::<(), _>(failed).migration_err("applying V1", None).unwrap_err());
+    assert!(!failed.is_unavailable(), "{failed}");
+    let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset by peer");
+    let reset = migrate::MigrateError::Refinery(Err::<(), _>(reset).migration_err("applying V1", None).unwrap_err());
+    assert!(reset.is_unavailable(), "{reset}");
+}
