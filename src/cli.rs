@@ -296,7 +296,7 @@ async fn command(cli: Cli, sources: &Sources) -> Result<(), Failure> {
             // it); where it points is not a secret, and is what one checks.
             if !settings.database.url.is_empty() {
                 let target = crate::db::parse_url(settings.database.url.expose())?;
-                let user = target.get_user().map(|u| format!("user {u} at ")).unwrap_or_default();
+                let user = target.get_user().map(|u| format!("user {} at ", u.escape_debug())).unwrap_or_default();
                 println!("# database.url: {user}{}", crate::db::target_of(&target));
             }
             print!("{}", settings.to_redacted_toml());
@@ -500,7 +500,7 @@ where
             Failure::other(format!("{e}{at}"))
         })?;
         let found = migrate::current_version(&client).await.map_err(Failure::other)?;
-        if found.is_none() && settings.database.url.is_empty() {
+        if found.is_none() && settings.database.url.is_empty() && settings.database.migrate_on_start {
             // The private cluster lives under the directory warden runs in:
             // a verb run elsewhere than `warden serve` gets one of its own,
             // and a key made there is unknown to the service.

@@ -342,14 +342,16 @@ impl Message {
 }
 
 /// `line` as a text channel may show it: agents choose their names, labels
-/// and (through them) parts of summaries, and a bidirectional override
-/// (U+202E) or a line separator in one would reorder or break the words
-/// warden puts around it ("db-1 is offline" reading as something else).
-/// Such characters become U+FFFD; the rest is left as it is. Structured
-/// fields (the webhook's JSON) keep the text unchanged.
+/// and (through them) parts of summaries, and a bidirectional embedding,
+/// override or isolate (U+202E) or a line separator in one would reorder
+/// or break the words warden puts around it ("db-1 is offline" reading as
+/// something else). Such characters become U+FFFD; the rest is left as it
+/// is, the direction marks (U+200E, U+200F, U+061C) that right-to-left
+/// names use included, since they open nothing that could spill over.
+/// Structured fields (the webhook's JSON) keep the text unchanged.
 pub fn shown(line: String) -> String {
     let hidden = |c: char| {
-        matches!(c, '\u{200E}' | '\u{200F}' | '\u{061C}' | '\u{2028}' | '\u{2029}')
+        matches!(c, '\u{2028}' | '\u{2029}')
             || ('\u{202A}'..='\u{202E}').contains(&c)
             || ('\u{2066}'..='\u{2069}').contains(&c)
     };
@@ -668,6 +670,8 @@ pub(crate) mod tests {
         assert_eq!(lines[0], "Alert #3 · w3 (evil\u{FFFD}enilno si\u{FFFD}x) · agent_unresponsive · critical");
         assert!(!m.text().contains('\u{202E}') && !m.text().contains('\u{2028}'));
         assert_eq!(shown("plain · text ✓".into()), "plain · text ✓");
+        let kept = "\u{200F}שרת\u{200E} 👩\u{200D}💻".to_string();
+        assert_eq!(shown(kept.clone()), kept, "direction marks and emoji joiners stay");
     }
 
     #[test]

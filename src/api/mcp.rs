@@ -109,7 +109,7 @@ async fn post_mcp(
     };
     let principal = match principal {
         Ok(principal) => principal,
-        Err(refusal) if Deferred::answers(&refusal) => return Ok(refuse_each(refusal, &headers, body).await),
+        Err(refusal) if Deferred::answers(&refusal) => return Ok(refuse_each(&state, refusal, &headers, body).await),
         Err(refusal) => return Err(refusal.into()),
     };
     // This route lives outside /v1 and its DefaultBodyLimit.
@@ -175,14 +175,16 @@ const REFUSED_BODY_MAX: usize = 64 * 1024;
 /// (HTTP 200, `Retry-After` kept); messages that are not JSON-RPC get their
 /// usual -32600. Nothing runs. A body that cannot be answered so keeps the
 /// refusal's HTTP status: one with no request in it (a notification must
-/// not look accepted), over [`REFUSED_BODY_MAX`], not JSON-RPC, or under a
+/// not look accepted), over [`REFUSED_BODY_MAX`] (or the smaller limits of
+/// `[ingest]`), not JSON-RPC, or under a
 /// protocol revision warden does not speak. The refusal wins over what
 /// else is wrong with the request.
-async fn refuse_each(refusal: ApiError, headers: &HeaderMap, body: Body) -> Response {
-    let Ok(body) = read_limited(body, REFUSED_BODY_MAX).await else {
+async fn refuse_each(state: &AppState, refusal: ApiError, headers: &HeaderMap, body: Body) -> Response {
+    let ingest = &state.settings.ingest;
+    let Ok(body) = read_limited(body, REFUSED_BODY_MAX.min(ingest.max_body_bytes)).await else {
         return Refusal(refusal).into_response();
     };
-    let Ok((messages, batch)) = parse_body(&body, MAX_BATCH) else {
+    let Ok((messages, batch)) = parse_body(&body, MAX_BATCH.min(ingest.max_batch)) else {
         return Refusal(refusal).into_response();
     };
     let negotiating = messages.iter().all(Message::is_initialize);

@@ -323,15 +323,18 @@ pub fn check_settings(settings: &DatabaseSettings) -> Result<(), SettingsError> 
 }
 
 /// Where a connection configuration points, `host:port/dbname`, with no
-/// user or password: safe to print.
+/// user or password: safe to print. A host holding "@" is left out: the
+/// URL's password then held an unescaped "@", and the parser took the
+/// rest of the password for the host. Text is escaped onto one line.
 pub fn target_of(c: &tokio_postgres::Config) -> String {
     let host = match c.get_hosts().first() {
-        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+        Some(tokio_postgres::config::Host::Tcp(h)) if h.contains('@') => "[host hidden: an unescaped @]".into(),
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.escape_debug().to_string(),
+        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string().escape_debug().to_string(),
         None => "localhost".into(),
     };
     let port = c.get_ports().first().copied().unwrap_or(5432);
-    format!("{host}:{port}/{}", c.get_dbname().unwrap_or("postgres"))
+    format!("{host}:{port}/{}", c.get_dbname().unwrap_or("postgres").escape_debug())
 }
 
 /// Parses `database.url` without ever echoing it (it may hold a password).

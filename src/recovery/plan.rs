@@ -132,19 +132,35 @@ pub fn fill(template: &str, ctx: &Context) -> Result<String, String> {
 
 /// Fills in one argument of a command, as [`fill`] does, and refuses a
 /// value that would begin the argument with "-", so an agent named "--all"
-/// cannot turn into an option of the command, and a value that holds a
-/// ".." path segment or is ".": an agent named ".." (or labelled
-/// `dir=../..`) must not move `/srv/agents/{agent_id}` up the tree. Only
-/// arguments: in a URL, header or body such text is inert (URLs have
-/// their own check), and a header may hold a secret that happens to start
-/// with "-".
+/// cannot turn into an option of the command. And it refuses a filled-in
+/// argument where text from a value makes, or borders, a path step that
+/// goes nowhere or up: a "." or ".." segment, or (in an argument with a
+/// "/") an empty one. An agent named "..", labelled `dir=../..`, `dir=/`
+/// or `dir=./`, or two labels that meet as `x/.` and `./y`, must not turn
+/// `/srv/agents/{label.dir}` into the directory above, or all of it.
+/// Segments end at "/", and at "=" and ":" too, where an option's or a
+/// remote's path begins (`--dir={label.d}`, `host:{label.p}`). Text of the
+/// template alone is the operator's and is not checked. Only arguments:
+/// in a URL, header or body such text is inert (URLs have their own
+/// check), and a header may hold a secret that happens to start with "-".
 pub fn fill_arg(template: &str, ctx: &Context) -> Result<String, String> {
-    fill_with(template, ctx, true, |value| {
-        if value == "." || value.split(['/', '\\']).any(|segment| segment == "..") {
-            return Err("refused: a value that moves along a file path (\".\" or \"..\") in a command argument".into());
+    let (filled, spans) = fill_spans(template, ctx, true, |_| Ok(()))?;
+    let pathlike = filled.contains('/');
+    let mut start = 0;
+    for segment in filled.split(['/', '=', ':']) {
+        let end = start + segment.len();
+        // A value touches the segment if it overlaps it or the separator
+        // on either side (an empty value, where it was put).
+        let touched = spans.iter().any(|&(a, b)| a <= end && b >= start);
+        let empty = segment.is_empty() && pathlike;
+        if touched && (empty || segment == "." || segment == "..") {
+            return Err(
+                "refused: a filled-in value makes a \".\", \"..\" or empty step of a path in a command argument".into(),
+            );
         }
-        Ok(())
-    })
+        start = end + 1;
+    }
+    Ok(filled)
 }
 
 /// Whether a command may be run for `agent_id` at all: it reaches every
@@ -171,15 +187,26 @@ pub fn fill_checked(
     fill_with(template, ctx, false, check)
 }
 
-/// Errors name the placeholder, never the value: `{env.WARDEN_SECRET_*}`
-/// values are credentials, and an error is recorded as the outcome.
 fn fill_with(
     template: &str,
     ctx: &Context,
     argument: bool,
     check: impl Fn(&str) -> Result<(), String>,
 ) -> Result<String, String> {
+    fill_spans(template, ctx, argument, check).map(|(filled, _)| filled)
+}
+
+/// The template filled in, with the byte ranges the values took in it.
+/// Errors name the placeholder, never the value: `{env.WARDEN_SECRET_*}`
+/// values are credentials, and an error is recorded as the outcome.
+fn fill_spans(
+    template: &str,
+    ctx: &Context,
+    argument: bool,
+    check: impl Fn(&str) -> Result<(), String>,
+) -> Result<(String, Vec<(usize, usize)>), String> {
     let mut out = String::with_capacity(template.len());
+    let mut spans = Vec::new();
     let mut rest = template;
     while let Some(start) = rest.find('{') {
         out.push_str(&rest[..start]);
@@ -194,11 +221,12 @@ fn fill_with(
             return Err(format!("refused: {{{name}}} contains a NUL byte"));
         }
         check(&value)?;
+        spans.push((out.len(), out.len() + value.len()));
         out.push_str(&value);
         rest = &after[end + 1..];
     }
     out.push_str(rest);
-    Ok(out)
+    Ok((out, spans))
 }
 
 /// Fills in every string inside a JSON body template.
@@ -331,20 +359,45 @@ mod tests {
 
     #[test]
     fn a_value_that_steps_along_a_path_is_refused_in_an_argument() {
+        let with = |pairs: &[(&str, &str)]| Context {
+            labels: pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            ..ctx()
+        };
         for agent_id in [".", ".."] {
             let evil = Context { agent_id: agent_id.into(), ..ctx() };
             let err = fill_arg("/srv/agents/{agent_id}", &evil).unwrap_err();
-            assert!(err.contains("file path"), "{err}");
+            assert!(err.contains("step of a path"), "{err}");
+            assert!(fill_arg("--dir={agent_id}", &evil).is_err(), "an option's value is a path too");
             assert!(check_command_agent(agent_id).is_err());
         }
-        for dir in ["../..", "a/../../etc", "..\\x"] {
-            let evil = Context { labels: [("dir".to_string(), dir.to_string())].into(), ..ctx() };
-            assert!(fill_arg("/srv/{label.dir}/run", &evil).is_err(), "{dir}");
+        type Labels<'a> = &'a [(&'a str, &'a str)];
+        let refused: &[(&str, Labels)] = &[
+            ("/srv/{label.d}/run", &[("d", "../..")]),
+            ("/srv/{label.d}/run", &[("d", "a/../../etc")]),
+            ("/srv/agents/{label.d}", &[("d", "")]),
+            ("/srv/agents/{label.d}", &[("d", "/")]),
+            ("/srv/agents/{label.d}", &[("d", "./")]),
+            ("/data/.{label.d}", &[("d", "./y")]),
+            ("/data/{label.a}{label.b}", &[("a", "x/."), ("b", "./y")]),
+            ("host:{label.d}", &[("d", "..")]),
+            ("{label.d}", &[("d", ".")]),
+        ];
+        for (template, labels) in refused {
+            assert!(fill_arg(template, &with(labels)).is_err(), "{template} with {labels:?}");
         }
-        // Dots that step nowhere are names like any other.
-        let fine =
-            Context { agent_id: "a..b".into(), labels: [("dir".to_string(), ".cache/x".to_string())].into(), ..ctx() };
-        assert_eq!(fill_arg("/srv/{agent_id}/{label.dir}", &fine).unwrap(), "/srv/a..b/.cache/x");
+        let allowed: &[(&str, Labels, &str)] = &[
+            ("/srv/{agent_id}/{label.d}", &[("d", ".cache/x")], "/srv/worker-7/.cache/x"),
+            ("/srv/agents/{agent_id}/", &[], "/srv/agents/worker-7/"),
+            ("/srv/{label.d}/../shared", &[("d", "a")], "/srv/a/../shared"),
+            ("--incident={incident_id}", &[], "--incident=42"),
+            ("a..b={label.d}", &[("d", "x..y")], "a..b=x..y"),
+        ];
+        for (template, labels, filled) in allowed {
+            assert_eq!(fill_arg(template, &with(labels)).unwrap(), *filled, "{template}");
+        }
+        // A manual run's empty incident id, outside a path, stays allowed.
+        let manual = Context { incident_id: None, ..ctx() };
+        assert_eq!(fill_arg("--incident={incident_id}", &manual).unwrap(), "--incident=");
         assert!(check_command_agent("a..b").is_ok() && check_command_agent("-rf").is_err());
         assert_eq!(fill("{agent_id}", &Context { agent_id: "..".into(), ..ctx() }).unwrap(), "..", "a body is inert");
     }

@@ -57,6 +57,12 @@ fn config_prints_effective_settings_with_secrets_redacted() {
     assert!(!stdout.contains("hunter2"), "{stdout}");
     // Where the redacted URL points, for checking it, without the password.
     assert!(stdout.starts_with("# database.url: user warden at db:5432/warden\n"), "{stdout}");
+    // A password with an unescaped @ ends up partly in the parsed host:
+    // the host is hidden then.
+    let out =
+        warden().arg("config").env("WARDEN__DATABASE__URL", "postgres://warden:hunt@r2@db/warden").output().unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success() && !stdout.contains("r2") && stdout.contains("host hidden"), "{stdout}");
     let parsed: toml::Table = toml::from_str(&stdout).expect("output is TOML");
     assert!(parsed.contains_key("server"));
 }

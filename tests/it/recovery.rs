@@ -848,7 +848,11 @@ async fn an_agent_whose_id_steps_along_a_path_gets_no_command_actions() {
             .db
             .client()
             .await
-            .query_opt("SELECT state, outcome FROM warden.recovery_actions WHERE agent_id = '..'", &[])
+            .query_opt(
+                "SELECT state, outcome FROM warden.recovery_actions WHERE agent_id = '..' AND state <> 'running' \
+                 ORDER BY id LIMIT 1",
+                &[],
+            )
             .await
             .ok()??;
         Some((row.get::<_, String>(0), row.get::<_, Option<String>>(1)))
