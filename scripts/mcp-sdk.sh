@@ -32,7 +32,7 @@ for version in $VERSIONS; do
 done
 
 say "building warden"
-cargo build --quiet --bin warden
+[ -n "${WARDEN_BIN:-}" ] || cargo build --quiet --bin warden
 WARDEN=${WARDEN_BIN:-target/debug/warden}
 
 mkdir -p "$WORK"
