@@ -7,6 +7,7 @@
 #
 #   scripts/mcp-sdk.sh
 #   MCP_SDK_VERSIONS="1.30.0" scripts/mcp-sdk.sh
+#   WARDEN_BIN=path/to/warden scripts/mcp-sdk.sh   # another build, unbuilt here
 #
 # Each SDK version is installed into target/mcp-sdk-venv-VERSION (pip, from
 # PyPI). A scratch database on the PostgreSQL at $PGHOST:$PGPORT (default

@@ -942,3 +942,67 @@ async fn attempts_after_a_reset_go_on_numbering_while_backoff_starts_again() {
     let attempts: i32 = db.query_one("SELECT attempts FROM warden.recovery_jobs", &[]).await.unwrap().get(0);
     assert_eq!(attempts, 1, "the budget and backoff count from the reset");
 }
+
+#[tokio::test]
+async fn a_lease_runs_from_the_claim_not_from_the_tick_that_waited_for_its_turn() {
+    // A replica that waited for another's claim and dated its lease from
+    // the tick's start wrote a lease that ended before its own idea of it:
+    // another replica could take over an action still running.
+    let dir = tempfile::tempdir().unwrap();
+    let go = dir.path().join("go");
+    let timeout = D::from_secs(60);
+    let waits = Action::Command {
+        name: None,
+        argv: ["/bin/sh", "-c", "while [ ! -e \"$0\" ]; do sleep 0.05; done"]
+            .iter()
+            .map(|a| a.to_string())
+            .chain([go.display().to_string()])
+            .collect(),
+        timeout,
+        attempts: 1,
+    };
+    let rig = rig(vec![strategy(&[IssueType::AgentUnresponsive], vec![waits])], 1).await;
+    rig.agent("waits").await;
+    rig.incident("waits", IssueType::AgentUnresponsive).await;
+    let mut holder = rig.db.client().await;
+    let turn = holder.transaction().await.unwrap();
+    turn.execute("SELECT pg_advisory_xact_lock($1)", &[&warden::recovery::CLAIM_LOCK]).await.unwrap();
+    let watcher = rig.db.client().await;
+    let t: chrono::DateTime<chrono::Utc> = watcher.query_one("SELECT now()", &[]).await.unwrap().get(0);
+    let engine = rig.engine.clone();
+    let tick = tokio::spawn(async move { engine.tick(Some(t)).await.unwrap() });
+    crate::helpers::eventually(std::time::Duration::from_secs(60), "the tick waiting for its turn", || async {
+        let waiting: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+                   AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                   AND (classid::bigint << 32 | objid::bigint) = $1",
+                &[&warden::recovery::CLAIM_LOCK],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (waiting > 0).then_some(())
+    })
+    .await;
+    // The other replica's turn lasts a while; the bound below uses the time
+    // it measurably lasted, whatever the machine's speed.
+    let waiting_since = std::time::Instant::now();
+    while waiting_since.elapsed() < std::time::Duration::from_secs(2) {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let held = chrono::Duration::from_std(waiting_since.elapsed()).unwrap();
+    turn.commit().await.unwrap();
+    assert_eq!(tick.await.unwrap().started, 1);
+    // Read while the action runs (it waits for `go`).
+    let lease: chrono::DateTime<chrono::Utc> = watcher
+        .query_one("SELECT lease_until FROM warden.recovery_jobs WHERE agent_id = 'waits' AND state = 'running'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    std::fs::write(&go, "").unwrap();
+    rig.engine.settle().await;
+    let margin = chrono::Duration::from_std(rig.settings.lease_margin.get()).unwrap();
+    let floor = t + held + chrono::Duration::from_std(timeout.get()).unwrap() + margin;
+    assert!(lease >= floor, "lease until {lease}, at least {floor} (tick at {t}, its turn came {held} later)");
+}
