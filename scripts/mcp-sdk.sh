@@ -69,8 +69,7 @@ for version in $VERSIONS; do
     say "MCP Python SDK $version against http://127.0.0.1:$PORT/mcp"
     # A key per run: each starts with a full bucket.
     key=$("$WARDEN" keys create --name "mcp-sdk-$version" --scope ingest --scope read 2>/dev/null)
-    psql -q -d "$DB" -c "DELETE FROM warden.agent_status WHERE agent_id = 'sdk-agent'" >/dev/null
-    WARDEN_MCP_URL="http://127.0.0.1:$PORT/mcp" WARDEN_KEY="$key" \
+    WARDEN_MCP_URL="http://127.0.0.1:$PORT/mcp" WARDEN_KEY="$key" MCP_AGENT_ID="sdk-$version" \
         "target/mcp-sdk-venv-$version/bin/python" scripts/mcp_sdk_check.py || status=1
 done
 if grep -E 'panicked|ERROR' "$WORK/warden.log" >&2; then

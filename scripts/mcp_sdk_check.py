@@ -1,8 +1,9 @@
 """warden's /mcp driven by the official MCP Python SDK, as an agent would.
 
 Run by scripts/mcp-sdk.sh against a running warden: WARDEN_MCP_URL and
-WARDEN_KEY name it; the key's rate limit is expected to be low enough
-that a burst of calls is refused. Exits non-zero, saying what failed.
+WARDEN_KEY name it, MCP_AGENT_ID an agent new to it to report as. The
+key's rate limit is expected to be low enough that a burst of calls is
+refused. Exits non-zero, saying what failed.
 Works with the SDK's 1.x and 2.x interfaces.
 """
 
@@ -15,6 +16,7 @@ import mcp.client.streamable_http as transport
 
 URL = os.environ["WARDEN_MCP_URL"]
 KEY = os.environ["WARDEN_KEY"]
+AGENT = os.environ.get("MCP_AGENT_ID", "sdk-agent")
 
 
 def connect():
@@ -48,15 +50,15 @@ async def main():
                 check(field(tool, "output_schema", "outputSchema") is not None, f"{name} declares an outputSchema")
 
             # The SDK validates structured results against the outputSchema.
-            beat = await session.call_tool("heartbeat", {"agent_id": "sdk-agent", "metrics": {"cpu": 12.5}})
+            beat = await session.call_tool("heartbeat", {"agent_id": AGENT, "metrics": {"cpu": 12.5}})
             content = field(beat, "structured_content", "structuredContent") or {}
             check(not field(beat, "is_error", "isError") and content.get("status") == "alive",
                   f"heartbeat recorded: {content}")
-            status = await session.call_tool("agent_status", {"agent_id": "sdk-agent"})
+            status = await session.call_tool("agent_status", {"agent_id": AGENT})
             content = field(status, "structured_content", "structuredContent") or {}
             check(content.get("heartbeat_count") == 1, f"agent_status reads it back: {content}")
 
-            bad = await session.call_tool("heartbeat", {"agent_id": "sdk-agent", "uptime_seconds": -1})
+            bad = await session.call_tool("heartbeat", {"agent_id": AGENT, "uptime_seconds": -1})
             text = " ".join(getattr(c, "text", "") for c in bad.content)
             check(field(bad, "is_error", "isError") and "uptime_seconds" in text,
                   f"bad arguments are a tool error naming the field: {text}")
@@ -66,7 +68,7 @@ async def main():
             refused = None
             for _ in range(40):
                 try:
-                    await session.call_tool("heartbeat", {"agent_id": "sdk-agent"})
+                    await session.call_tool("heartbeat", {"agent_id": AGENT})
                 except Exception as e:  # the SDK's McpError / MCPError
                     refused = e
                     break
@@ -77,7 +79,7 @@ async def main():
             for _ in range(10):
                 await asyncio.sleep(wait)
                 try:
-                    again = await session.call_tool("heartbeat", {"agent_id": "sdk-agent"})
+                    again = await session.call_tool("heartbeat", {"agent_id": AGENT})
                     break
                 except Exception:
                     continue
