@@ -107,6 +107,14 @@ impl Application {
                  travel over plain HTTP; serve the console behind HTTPS and set console.secure_cookie = true"
             );
         }
+        if console.enabled && console.public_status && console.status_groups.is_empty() {
+            tracing::warn!(
+                label = %console.status_group_label,
+                "console.public_status = true with no console.status_groups: every value agents give their \
+                 status label becomes a group on the public page, and whoever holds an ingest key can put text there; \
+                 list the groups to publish in console.status_groups"
+            );
+        }
         let recovery = &settings.recovery;
         // Writing the outcome waits for a pooled connection, and a new one
         // may take connect_timeout on top of the wait for a free one.

@@ -124,7 +124,8 @@ pub fn router(state: AppState) -> Router {
         // Handlers read bodies with `ingest::read_limited`, which enforces
         // the same limit; this one covers any extractor that buffers.
         .layer(DefaultBodyLimit::max(state.settings.ingest.max_body_bytes))
-        .layer(middleware::from_fn_with_state(state.clone(), same_origin_writes));
+        .layer(middleware::from_fn_with_state(state.clone(), same_origin_writes))
+        .layer(middleware::map_response(not_stored));
     Router::new()
         .merge(probes::router())
         .merge(mcp::router())
@@ -143,6 +144,16 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn(mcp::refusals_as_json_rpc))
         .layer(middleware::map_response(no_sniffing))
         .with_state(state)
+}
+
+/// API answers describe the fleet as it is, often to a browser signed in
+/// to the console: no cache may keep them (the event stream sets its own).
+async fn not_stored(mut response: Response) -> Response {
+    response
+        .headers_mut()
+        .entry(axum::http::header::CACHE_CONTROL)
+        .or_insert(axum::http::HeaderValue::from_static("no-store"));
+    response
 }
 
 /// Every answer is what its Content-Type says: a browser must not guess

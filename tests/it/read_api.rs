@@ -76,6 +76,9 @@ async fn reading_needs_the_read_scope() {
     assert_eq!(app.get("/v1/fleet").await.status(), 401);
     let admin = app.key(&[Scope::Admin]).await;
     assert_eq!(get_json(&app, &admin, "/v1/fleet").await.0, 200);
+    // Answers describe the fleet now; no cache keeps them.
+    let fleet = app.http.get(app.url("/v1/fleet")).bearer_auth(&admin).send().await.unwrap();
+    assert_eq!(fleet.headers()["cache-control"], "no-store");
 }
 
 #[tokio::test]
