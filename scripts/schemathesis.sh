@@ -20,12 +20,10 @@ cd "$(dirname "$0")/.."
 SCHEMATHESIS_VERSION=4.32.5
 EXAMPLES=${SCHEMATHESIS_EXAMPLES:-40}
 SEED=${SCHEMATHESIS_SEED:-20260101}
-export PGHOST=${PGHOST:-127.0.0.1} PGPORT=${PGPORT:-5432} PGUSER=${PGUSER:-postgres}
 VENV=target/schemathesis-venv
 WORK=target/schemathesis
 DB=warden_schemathesis_$$
-
-say() { printf '==> %s\n' "$*" >&2; }
+. scripts/scratch-warden.sh
 
 if [ "$("$VENV/bin/schemathesis" --version 2>/dev/null | grep -o '[0-9][0-9.]*' | head -n 1)" != "$SCHEMATHESIS_VERSION" ]; then
     say "installing schemathesis $SCHEMATHESIS_VERSION into $VENV"
@@ -33,25 +31,8 @@ if [ "$("$VENV/bin/schemathesis" --version 2>/dev/null | grep -o '[0-9][0-9.]*' 
     "$VENV/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
 fi
 
-say "building warden"
-cargo build --quiet --bin warden
-WARDEN=${WARDEN_BIN:-target/debug/warden}
-
-mkdir -p "$WORK"
-PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-BASE="http://127.0.0.1:$PORT"
-PID=""
-cleanup() {
-    if [ -n "$PID" ]; then
-        kill -TERM "$PID" 2>/dev/null || true
-        wait "$PID" 2>/dev/null || true
-    fi
-    psql -q -d postgres -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1 || true
-}
-trap cleanup EXIT
-
-say "scratch database $DB on $PGHOST:$PGPORT"
-psql -q -v ON_ERROR_STOP=1 -d postgres -c "CREATE DATABASE $DB" >/dev/null
+warden_binary
+scratch_database
 
 # A strategy whose command does nothing, so recoveries are recorded (a
 # strategy of kind "none" is alert only, and refuses manual runs).
@@ -66,23 +47,12 @@ argv = ["/bin/true"]
 timeout = "5s"
 EOF
 export WARDEN_CONFIG="$WORK/settings.toml"
-export WARDEN__DATABASE__URL="host=$PGHOST port=$PGPORT user=$PGUSER dbname=$DB"
-export WARDEN__SERVER__LISTEN="127.0.0.1:$PORT"
 export WARDEN__HEALTH__CHECK_INTERVAL=1s
-export WARDEN__TELEMETRY__LEVEL=${WARDEN__TELEMETRY__LEVEL:-warn,tokio_postgres=error}
 
 "$WARDEN" migrate >/dev/null
 KEY=$("$WARDEN" keys create --name schemathesis --scope admin 2>/dev/null)
 
-say "starting warden on $BASE (log: $WORK/warden.log)"
-"$WARDEN" serve >"$WORK/warden.log" 2>&1 &
-PID=$!
-for _ in $(seq 1 100); do
-    curl -fs "$BASE/readyz" >/dev/null 2>&1 && break
-    kill -0 "$PID" 2>/dev/null || { cat "$WORK/warden.log" >&2; exit 1; }
-    sleep 0.2
-done
-curl -fs "$BASE/readyz" >/dev/null
+start_warden
 
 say "seeding agents, events, incidents, alerts, a silence and a recovery"
 post() {
@@ -117,8 +87,5 @@ status=0
     --report junit --report-dir target/schemathesis-report \
     "$@" || status=$?
 
-if grep -E 'panicked|ERROR' "$WORK/warden.log" >&2; then
-    say "warden logged errors during the run (above; whole log: $WORK/warden.log)"
-    status=1
-fi
+warden_log_clean || status=1
 exit "$status"
