@@ -131,11 +131,17 @@ async fn post_mcp(
             replies.push(reply);
         }
     }
-    Ok(match (batch, replies.len()) {
+    Ok(replies_response(batch, replies))
+}
+
+/// The HTTP answer to a body's replies: 202 and no body when nothing was
+/// a request, the one reply, or the batch's array.
+fn replies_response(batch: bool, mut replies: Vec<Value>) -> Response {
+    match (batch, replies.len()) {
         (_, 0) => StatusCode::ACCEPTED.into_response(),
         (false, _) => Json(replies.swap_remove(0)).into_response(),
         (true, _) => Json(replies).into_response(),
-    })
+    }
 }
 
 /// A refusal of a POST to /mcp made before its handler ran, left for the
@@ -194,7 +200,7 @@ async fn refuse_each(state: &AppState, refusal: ApiError, headers: &HeaderMap, b
         return Refusal(refusal).into_response();
     }
     let data = refusal_data(refusal.status, refusal.code, refusal.field.as_deref(), refusal.retry_after);
-    let mut replies: Vec<Value> = messages
+    let replies: Vec<Value> = messages
         .into_iter()
         .filter_map(|message| match message {
             Message::Request { id, .. } => Some(reply(
@@ -205,7 +211,7 @@ async fn refuse_each(state: &AppState, refusal: ApiError, headers: &HeaderMap, b
             Message::Silent => None,
         })
         .collect();
-    let mut response = if batch { Json(replies).into_response() } else { Json(replies.swap_remove(0)).into_response() };
+    let mut response = replies_response(batch, replies);
     if let Some(seconds) = refusal.retry_after {
         response.headers_mut().insert(RETRY_AFTER, HeaderValue::from(seconds));
     }
