@@ -139,6 +139,122 @@ async fn uptime_going_down_is_a_restart() {
     );
 }
 
+/// An RFC 3339 time `secs` seconds from `base`, in whole seconds (the
+/// tables keep microseconds).
+fn at(base: chrono::DateTime<chrono::Utc>, secs: i64) -> String {
+    chrono::DateTime::from_timestamp(base.timestamp() + secs, 0).unwrap().to_rfc3339()
+}
+
+#[tokio::test]
+async fn a_heartbeat_delivered_after_a_newer_one_is_late_not_a_restart() {
+    // A stalled request overtaken by the agent's next heartbeat commits
+    // second: its lower uptime is old news, not a restart.
+    let (app, key) = app_and_key().await;
+    let t0 = chrono::Utc::now() - chrono::Duration::seconds(120);
+    let hb = |uptime: i64, sent: i64| json!({"agent_id": "l", "uptime_seconds": uptime, "sent_at": at(t0, sent)});
+    app.heartbeat(
+        &key,
+        json!({"agent_id": "l", "name": "L", "mode": "active", "labels": {"v": "2"},
+                               "uptime_seconds": 100, "sent_at": at(t0, 0)}),
+    )
+    .await;
+    let (_, newer) = app.heartbeat(&key, hb(130, 30)).await;
+    assert_eq!(newer["restart_detected"], false);
+    let db = app.db.client().await;
+    let seen_before: chrono::DateTime<chrono::Utc> =
+        db.query_one("SELECT last_seen FROM warden.agent_status WHERE agent_id = 'l'", &[]).await.unwrap().get(0);
+
+    let (status, late) = app
+        .heartbeat(
+            &key,
+            json!({"agent_id": "l", "uptime_seconds": 110, "sent_at": at(t0, 10), "status": "error",
+                   "mode": "sleep", "name": "stale", "labels": {"v": "1"}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{late}");
+    assert_eq!(
+        late,
+        json!({"received": true, "is_new": false, "restart_detected": false, "next_heartbeat_ms": 30000}),
+        "late, and the interval expected stays the active mode's"
+    );
+    let row = db
+        .query_one(
+            "SELECT uptime_seconds, status, mode, name, labels, expected_interval_ms, restart_count, \
+                    heartbeat_count, last_sent_at = $1::text::timestamptz, last_seen > $2 \
+             FROM warden.agent_status WHERE agent_id = 'l'",
+            &[&at(t0, 30), &seen_before],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 130, "uptime kept from the newer heartbeat");
+    assert_eq!(row.get::<_, String>(1), "healthy", "status kept");
+    assert_eq!(row.get::<_, String>(2), "active", "mode kept");
+    assert_eq!(row.get::<_, String>(3), "L", "name kept");
+    assert_eq!(row.get::<_, Value>(4), json!({"v": "2"}), "labels kept");
+    assert_eq!(row.get::<_, i32>(5), 30000);
+    assert_eq!(row.get::<_, i64>(6), 0, "no restart counted");
+    assert_eq!(row.get::<_, i64>(7), 3, "but the heartbeat is counted");
+    assert!(row.get::<_, bool>(8), "last_sent_at kept from the newer heartbeat");
+    assert!(row.get::<_, bool>(9), "having arrived, it keeps the agent seen");
+    let stored = db
+        .query_one(
+            "SELECT status, mode, restart_detected FROM warden.agent_heartbeats \
+             WHERE agent_id = 'l' AND uptime_seconds = 110",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (stored.get::<_, String>(0), stored.get::<_, String>(1), stored.get::<_, bool>(2)),
+        ("error".into(), "sleep".into(), false),
+        "stored as sent"
+    );
+
+    // The next heartbeat compares with the newest, and a real restart is
+    // still one.
+    let (_, next) = app.heartbeat(&key, hb(160, 60)).await;
+    assert_eq!(next["restart_detected"], false);
+    let (_, restarted) = app.heartbeat(&key, hb(2, 62)).await;
+    assert_eq!(restarted["restart_detected"], true);
+    assert_eq!(
+        app.count("SELECT count(*) FROM warden.system_events WHERE agent_id = 'l' AND event_type = 'agent_restarted'")
+            .await,
+        1
+    );
+    assert_eq!(app.count("SELECT restart_count FROM warden.agent_status WHERE agent_id = 'l'").await, 1);
+
+    // In one batch too: the second heartbeat was sent before the first.
+    let (status, body) = app.heartbeat(&key, json!({"heartbeats": [hb(40, 100), hb(20, 80)]})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["results"][1]["restart_detected"], false);
+    assert_eq!(app.count("SELECT uptime_seconds FROM warden.agent_status WHERE agent_id = 'l'").await, 40);
+}
+
+#[tokio::test]
+async fn a_clock_set_back_hides_neither_a_restart_nor_what_the_agent_reports() {
+    let (app, key) = app_and_key().await;
+    let now = chrono::Utc::now();
+    app.heartbeat(&key, json!({"agent_id": "c", "uptime_seconds": 3600, "sent_at": at(now, 0)})).await;
+    // Within one run, the clock goes back two minutes: uptime still rises,
+    // and what the heartbeat says applies.
+    let (_, same_run) = app
+        .heartbeat(&key, json!({"agent_id": "c", "uptime_seconds": 3630, "sent_at": at(now, -90), "status": "error"}))
+        .await;
+    assert_eq!(same_run["restart_detected"], false);
+    assert_eq!(app.count("SELECT uptime_seconds FROM warden.agent_status WHERE agent_id = 'c'").await, 3630);
+    // Then the agent restarts: its clock reads earlier still, but its run
+    // began an hour after the last one's.
+    let (_, restarted) =
+        app.heartbeat(&key, json!({"agent_id": "c", "uptime_seconds": 5, "sent_at": at(now, -120)})).await;
+    assert_eq!(restarted["restart_detected"], true);
+    let db = app.db.client().await;
+    let row = db
+        .query_one("SELECT status, restart_count, uptime_seconds FROM warden.agent_status WHERE agent_id = 'c'", &[])
+        .await
+        .unwrap();
+    assert_eq!((row.get::<_, String>(0), row.get::<_, i64>(1), row.get::<_, i64>(2)), ("healthy".into(), 1, 5));
+}
+
 #[tokio::test]
 async fn a_batch_applies_one_agents_heartbeats_in_order() {
     let (app, key) = app_and_key().await;
