@@ -51,12 +51,8 @@ pub fn track(request: Request) -> (Request, BodyProgress) {
 /// database), the slowness was warden's. `written`: heartbeats of the
 /// request were in a transaction that may still commit.
 pub fn expired(progress: &BodyProgress, written: bool) -> Response {
-    let error = if written {
-        ApiError::unavailable(
-            "the database did not confirm the write in time: it may still be stored, so a retry may record it twice",
-        )
-    } else if progress.complete() || !progress.started() {
-        ApiError::unavailable("the request took too long and was abandoned")
+    let error = if written || progress.complete() || !progress.started() {
+        abandoned(written)
     } else {
         ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
@@ -67,6 +63,34 @@ pub fn expired(progress: &BodyProgress, written: bool) -> Response {
     let mut response = error.into_response();
     response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
     response
+}
+
+/// What warden says of work it gave up on for time: `written`, heartbeats
+/// of it were in a transaction that may still commit.
+pub fn abandoned(written: bool) -> ApiError {
+    if written {
+        ApiError::unavailable(
+            "the database did not confirm the write in time: it may still be stored, so a retry may record it twice",
+        )
+    } else {
+        ApiError::unavailable("the request took too long and was abandoned")
+    }
+}
+
+/// When a handler that answers inside its body (JSON-RPC on /mcp) must
+/// stop waiting, to answer before `server.request_timeout` cuts it off
+/// with an HTTP 503 its clients would take for a broken connection. Set on
+/// every request by the timeout's middleware.
+#[derive(Debug, Clone, Copy)]
+pub struct AnswerBy(pub tokio::time::Instant);
+
+impl AnswerBy {
+    /// `limit` from now, less the time to write the answer: a quarter of
+    /// it, at most a second.
+    pub fn within(limit: std::time::Duration) -> Self {
+        let margin = (limit / 4).min(std::time::Duration::from_secs(1));
+        Self(tokio::time::Instant::now() + (limit - margin))
+    }
 }
 
 struct Tracked {

@@ -19,8 +19,8 @@
 //! - HTTP status codes speak for what happens before JSON-RPC: 401 for a
 //!   missing or unknown key, 413 past the body limit, 400 for a body that is
 //!   not JSON-RPC or an unsupported `MCP-Protocol-Version`, 403 for a
-//!   browser page on another origin, 408 and 503 for a request that ran out
-//!   of time, 429 for an address that failed authentication too often.
+//!   browser page on another origin, 408 for a body that did not arrive in
+//!   time, 429 for an address that failed authentication too often.
 //!   Their bodies are JSON-RPC errors with `id: null`
 //!   ([`refusals_as_json_rpc`]), not the REST error shape, since that is
 //!   what an MCP client can parse.
@@ -30,7 +30,11 @@
 //!   200 with `Retry-After`: some SDKs end their session on any HTTP error
 //!   status, so a client slowed down would otherwise have to connect anew.
 //!   A body of notifications only, having no request to answer, still gets
-//!   the HTTP status.
+//!   the HTTP status. So does warden running out of time
+//!   (`server.request_timeout`): shortly before it, a key check still
+//!   waiting is answered as a refusal, a tool call still waiting as a tool
+//!   error (saying whether its heartbeat may yet be stored), and the calls
+//!   of the batch after it as refusals, not run.
 //! - Inside JSON-RPC, protocol mistakes are JSON-RPC errors, and so is a
 //!   tool call the key's scopes do not allow ([`FORBIDDEN`]): MCP SDKs treat
 //!   an HTTP error status on a request as a broken connection, not as an
@@ -52,11 +56,13 @@ use axum::{Json, Router};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{Map, Value, json};
 
+use super::deadline::{self, AnswerBy};
 use super::error::DEFAULT_RETRY_AFTER;
 use super::ingest::{read_limited, submit_error};
 use super::{ApiError, AppState};
 use crate::auth::{AuthError, Principal, Scope};
 use crate::ingest::heartbeat::{self, Heartbeat, Limits, ParseError, WireHeartbeat};
+use crate::ingest::writer::RequestWrites;
 use crate::model::{AGENT_ID_MAX, AgentId, HeartbeatStatus, Liveness, Mode, Tier};
 
 /// Protocol revisions warden speaks, newest first. Nothing warden uses
@@ -100,12 +106,16 @@ async fn post_mcp(
     State(state): State<AppState>,
     headers: HeaderMap,
     deferred: Option<Extension<Deferred>>,
+    answer_by: Option<Extension<AnswerBy>>,
     body: Body,
 ) -> Result<Response, Refusal> {
     super::check_origin(&headers, &state.settings.alerting.link_base)?;
+    let answer_by = answer_by.map(|Extension(AnswerBy(at))| at);
     let principal = match deferred {
         Some(Extension(Deferred(refusal))) => Err(refusal),
-        None => authenticate(&state, &headers).await,
+        None => in_time(answer_by, authenticate(&state, &headers))
+            .await
+            .unwrap_or_else(|| Err(ApiError::unavailable("the API key could not be checked in time"))),
     };
     let principal = match principal {
         Ok(principal) => principal,
@@ -125,13 +135,51 @@ async fn post_mcp(
         check_protocol_version(&headers)?;
     }
     let forbidden = forbidden_scope(&principal, &messages);
+    let writes = RequestWrites::current();
     let mut replies = Vec::with_capacity(messages.len());
+    let mut out_of_time = false;
     for message in messages {
-        if let Some(reply) = answer(&state, &principal, forbidden, message).await {
-            replies.push(reply);
+        let id = match &message {
+            Message::Request { id, .. } if out_of_time => {
+                replies.push(reply(id.clone(), Err(RpcError::refused(&not_run()))));
+                continue;
+            }
+            Message::Request { id, .. } => id.clone(),
+            _ => Value::Null,
+        };
+        let mark = writes.as_ref().map_or(0, RequestWrites::submitted);
+        match in_time(answer_by, answer(&state, &principal, forbidden, message)).await {
+            Some(answered) => replies.extend(answered),
+            // Only a tool call waits on anything: it ran and failed, as
+            // when the database is down.
+            None => {
+                out_of_time = true;
+                let written = writes.as_ref().is_some_and(|w| w.abandon_since(mark));
+                replies.push(reply(id, Ok(failure(deadline::abandoned(written)))));
+            }
         }
     }
-    Ok(replies_response(batch, replies))
+    let mut response = replies_response(batch, replies);
+    if out_of_time {
+        response.headers_mut().insert(RETRY_AFTER, HeaderValue::from(DEFAULT_RETRY_AFTER));
+    }
+    Ok(response)
+}
+
+/// `work`'s output, or `None` when it did not finish by `answer_by`: a
+/// request that waits on a stalled database gets its own JSON-RPC answer
+/// rather than the request timeout's HTTP 503, on which some SDKs end
+/// their session.
+async fn in_time<F: std::future::Future>(answer_by: Option<tokio::time::Instant>, work: F) -> Option<F::Output> {
+    match answer_by {
+        Some(at) => tokio::time::timeout_at(at, work).await.ok(),
+        None => Some(work.await),
+    }
+}
+
+/// The calls of a body after one that ran out of time.
+fn not_run() -> ApiError {
+    ApiError::unavailable("not run: an earlier call of this batch ran out of time (server.request_timeout)")
 }
 
 /// The HTTP answer to a body's replies: 202 and no body when nothing was
@@ -199,14 +247,10 @@ async fn refuse_each(state: &AppState, refusal: ApiError, headers: &HeaderMap, b
     {
         return Refusal(refusal).into_response();
     }
-    let data = refusal_data(refusal.status, refusal.code, refusal.field.as_deref(), refusal.retry_after);
     let replies: Vec<Value> = messages
         .into_iter()
         .filter_map(|message| match message {
-            Message::Request { id, .. } => Some(reply(
-                id,
-                Err(RpcError { code: REFUSED, message: refusal.message.clone(), data: Some(data.clone()) }),
-            )),
+            Message::Request { id, .. } => Some(reply(id, Err(RpcError::refused(&refusal)))),
             Message::Invalid { id, reason } => Some(reply(id, Err(RpcError::new(INVALID_REQUEST, reason)))),
             Message::Silent => None,
         })
@@ -529,6 +573,13 @@ struct RpcError {
 impl RpcError {
     fn new(code: i64, message: impl Into<String>) -> Self {
         Self { code, message: message.into(), data: None }
+    }
+
+    /// A refusal made before the request ran, with what HTTP would have
+    /// said in `data`.
+    fn refused(refusal: &ApiError) -> Self {
+        let data = refusal_data(refusal.status, refusal.code, refusal.field.as_deref(), refusal.retry_after);
+        Self { code: REFUSED, message: refusal.message.clone(), data: Some(data) }
     }
 
     fn invalid_params(message: impl Into<String>) -> Self {

@@ -195,7 +195,9 @@ async fn until_started(State(state): State<AppState>, mut request: Request, next
 /// not told would send its next request into a closed socket.
 async fn request_timeout(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let limit = state.settings.server.request_timeout.get();
-    let (request, body) = deadline::track(request);
+    let answer_by = deadline::AnswerBy::within(limit);
+    let (mut request, body) = deadline::track(request);
+    request.extensions_mut().insert(answer_by);
     let writes = crate::ingest::writer::RequestWrites::default();
     let outcome = tokio::time::timeout(limit, writes.observe(next.run(request))).await;
     match outcome {

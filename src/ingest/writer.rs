@@ -709,11 +709,29 @@ impl RequestWrites {
         state
     }
 
+    /// The tracker of the request being served, if any.
+    pub fn current() -> Option<Self> {
+        REQUEST_WRITES.try_with(Self::clone).ok()
+    }
+
+    /// How many jobs the request has submitted so far: a mark for
+    /// [`Self::abandon_since`].
+    pub fn submitted(&self) -> usize {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
     /// Gives up every job no writer took; true when some was taken (its
     /// heartbeats may be stored).
     pub fn abandon(&self) -> bool {
+        self.abandon_since(0)
+    }
+
+    /// [`Self::abandon`] for the jobs submitted after `mark`
+    /// ([`Self::submitted`]): one part of a request that timed out while
+    /// the parts before it were answered.
+    pub fn abandon_since(&self, mark: usize) -> bool {
         let jobs = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        jobs.iter().fold(false, |taken, state| {
+        jobs.iter().skip(mark).fold(false, |taken, state| {
             let lost = state.compare_exchange(QUEUED, ABANDONED, Ordering::AcqRel, Ordering::Acquire);
             taken | matches!(lost, Err(WRITING))
         })

@@ -607,6 +607,76 @@ async fn the_protocol_version_header_is_checked_on_every_request_but_initialize(
     assert_eq!(status, 400);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_that_outlive_the_request_timeout_are_answered_each_not_with_an_http_503() {
+    // Some SDKs end their session on an HTTP error status: a stalled
+    // database must not cost an agent its session.
+    let app = TestApp::spawn_with(|s| {
+        s.server.request_timeout = warden::config::Duration::from_secs(3);
+        s.ingest.writers = 1;
+    })
+    .await;
+    let key = app.key(&[Scope::Ingest, Scope::Read]).await;
+    let beat = |id: i64, agent: &str| {
+        request(id, "tools/call", json!({"name": "heartbeat", "arguments": {"agent_id": agent}}))
+    };
+    for (id, agent) in [(1, "stalled"), (2, "queued")] {
+        let (status, answer) = rpc(&app, &key, &beat(id, agent)).await;
+        assert_eq!((status, &answer["result"]["isError"]), (200, &json!(false)), "{answer}");
+    }
+
+    // The agent's row is locked: the writer's transaction waits inside
+    // PostgreSQL, past the answer's time.
+    let mut blocker = app.db.client().await;
+    let lock = blocker.transaction().await.unwrap();
+    lock.execute("SELECT 1 FROM warden.agent_status WHERE agent_id = 'stalled' FOR UPDATE", &[]).await.unwrap();
+    let status_call = request(4, "tools/call", json!({"name": "agent_status", "arguments": {"agent_id": "stalled"}}));
+    let notification = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+    let response = app.post("/mcp", &key, &json!([beat(3, "stalled"), status_call, notification])).await;
+    assert_eq!(response.status(), 200);
+    assert!(response.headers().contains_key("retry-after"));
+    let answer: Value = response.json().await.unwrap();
+    let answers = answer.as_array().unwrap();
+    assert_eq!(answers.len(), 2, "{answer}");
+    assert_eq!((&answers[0]["id"], &answers[0]["result"]["isError"]), (&json!(3), &json!(true)), "{answer}");
+    let text = answers[0]["result"]["content"][0]["text"].as_str().unwrap();
+    assert!(text.contains("may still be stored"), "{text}");
+    assert_eq!((&answers[1]["id"], &answers[1]["error"]["code"]), (&json!(4), &json!(-32000)), "{answer}");
+    assert_eq!(answers[1]["error"]["data"]["http_status"], 503);
+    assert!(answers[1]["error"]["message"].as_str().unwrap().starts_with("not run"), "{answer}");
+
+    // Another call waits behind it in the writer's queue: abandoned, so
+    // never stored.
+    let (status, answer) = rpc(&app, &key, &beat(5, "queued")).await;
+    assert_eq!((status, &answer["result"]["isError"]), (200, &json!(true)), "{answer}");
+    let text = answer["result"]["content"][0]["text"].as_str().unwrap();
+    assert!(text.contains("abandoned"), "{text}");
+
+    lock.commit().await.unwrap();
+    let (_, after) = rpc(&app, &key, &beat(6, "after")).await;
+    assert_eq!(after["result"]["isError"], false, "{after}");
+    assert_eq!(
+        app.count("SELECT heartbeat_count FROM warden.agent_status WHERE agent_id = 'stalled'").await,
+        2,
+        "the stalled write committed, as its answer warned"
+    );
+    assert_eq!(app.count("SELECT heartbeat_count FROM warden.agent_status WHERE agent_id = 'queued'").await, 1);
+
+    // A key that cannot be checked in time: each request refused, to retry.
+    let fresh = app.key(&[Scope::Ingest]).await;
+    let lock = blocker.transaction().await.unwrap();
+    lock.execute("LOCK TABLE warden.api_keys IN ACCESS EXCLUSIVE MODE", &[]).await.unwrap();
+    let response = app.post("/mcp", &fresh, &beat(7, "fresh")).await;
+    assert_eq!(response.status(), 200);
+    assert!(response.headers().contains_key("retry-after"));
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!((&answer["id"], &answer["error"]["code"]), (&json!(7), &json!(-32000)), "{answer}");
+    assert_eq!(answer["error"]["data"]["http_status"], 503);
+    assert!(answer["error"]["message"].as_str().unwrap().contains("in time"), "{answer}");
+    lock.rollback().await.unwrap();
+    assert_eq!(app.count("SELECT count(*) FROM warden.agent_status WHERE agent_id = 'fresh'").await, 0);
+}
+
 #[tokio::test]
 async fn refusals_answer_each_request_when_waiting_helps_and_keep_their_status_otherwise() {
     let app = TestApp::spawn_with(|s| {
