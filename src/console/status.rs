@@ -448,7 +448,7 @@ pub fn page(settings: &ConsoleSettings, snapshot: &Snapshot) -> Markup {
                                 }
                                 @for g in &snapshot.groups {
                                     @for (words, since) in &g.problems {
-                                        li { strong { (g.name) } ": " (words) span.since { " since " (since_words(*since)) } }
+                                        li { strong { bdi { (g.name) } } ": " (words) span.since { " since " (since_words(*since)) } }
                                     }
                                 }
                             }
@@ -462,7 +462,7 @@ pub fn page(settings: &ConsoleSettings, snapshot: &Snapshot) -> Markup {
                         @for g in &snapshot.groups {
                             article.group data-group=(g.name) data-state=(g.state.word()) {
                                 div.group-head {
-                                    h3 { (g.name) }
+                                    h3 { bdi { (g.name) } }
                                     span class=(format!("state {}", g.state.class())) {
                                         span.state-dot aria-hidden="true" {}
                                         (g.state.word())

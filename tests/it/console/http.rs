@@ -678,6 +678,8 @@ async fn http_the_status_page_shows_only_the_groups_it_lists() {
     assert_eq!(beat.status(), 200);
     let html = app.get("/status").await.text().await.unwrap();
     assert!(html.contains("data-group=\"Payments\""), "{html}");
+    // A label value set right to left cannot turn the words around it.
+    assert!(html.contains("<h3><bdi>Payments</bdi></h3>"), "{html}");
     assert!(!html.contains("data-group=\"Search\""), "not listed: {html}");
     assert!(!html.contains("evil.example"), "{html}");
 }
