@@ -1,38 +1,43 @@
--- warden schema, version 35: a heartbeat delivered after a newer one of
--- the same run is not a restart.
+-- warden schema, version 35: a heartbeat delivered after a newer one is
+-- not a restart.
 --
 -- Two heartbeats of one agent in flight at once (a stalled request
 -- overtaken by the agent's next one, a retry through another replica,
--- parallel senders) can commit in either order. When the older one came
--- second, its lower uptime read as a restart: an agent_restarted event, a
--- restart counted towards restart_loop, and the agent's uptime, mode and
--- status set back to what they had been.
+-- parallel senders, requests held up together by a stalled database) can
+-- commit in either order. When the older one came second, its lower
+-- uptime read as a restart: an agent_restarted event, a restart counted
+-- towards restart_loop, and the agent's uptime, mode and status set back
+-- to what they had been. One from before a restart, committed after the
+-- restarted agent's first heartbeat, set the uptime back up, so the next
+-- heartbeat read as a second restart.
 --
--- A heartbeat is late when its uptime is below the last one recorded, its
--- sent_at is earlier than the last one's, and the run it came from did not
--- start later than the last one's (sent_at minus uptime, within 2 s for
--- whole-second uptimes and two clocks read apart). The last clause keeps
--- a real restart seen when the host's clock went back meanwhile by less
--- than the run had lasted; a clock set back within one run never makes a
--- heartbeat late, its uptime still rising. A late heartbeat is stored in
+-- A heartbeat is late when its sent_at is earlier than the last one's and
+-- either its uptime is lower and its run did not start later than the
+-- last one's (sent_at minus uptime, within 2 s for whole-second uptimes
+-- and two clocks read apart), or it was sent before the last one's run
+-- began (more than 2 s before the last sent_at minus the last uptime):
+-- it comes from that run or an earlier one. A real restart is still seen
+-- when the host's clock went back meanwhile by less than the previous run
+-- had lasted, and a clock set back within a run makes nothing late unless
+-- it goes back past the run's start. A late heartbeat is stored in
 -- agent_heartbeats, counted in heartbeat_count and, having arrived, keeps
--- the agent seen (last_seen); it changes nothing the agent reports (uptime,
--- sent_at, mode, status, name, labels, interval) nor the rhythm
--- statistics. Without uptime or sent_at on either side nothing is late,
--- and heartbeats apply in commit order as before.
+-- the agent seen (last_seen); it changes nothing the agent reports
+-- (uptime, sent_at, mode, status, name, labels, interval) nor the rhythm
+-- statistics. Without sent_at on both and an uptime on the last one,
+-- nothing is late, and heartbeats apply in commit order as before.
 --
 -- Otherwise V31's function, replaced whole: the statement nearly every
--- heartbeat runs gains one filter, which stops at its first comparison
--- unless the uptime went down.
+-- heartbeat runs gains one filter of a few comparisons.
 CREATE FUNCTION warden.heartbeat_late(
     uptime bigint, sent_at timestamptz, last_uptime bigint, last_sent_at timestamptz
 )
 RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$
-    SELECT coalesce(uptime < last_uptime
-                    AND sent_at < last_sent_at
-                    AND date_part('epoch', last_sent_at - sent_at) >= last_uptime - uptime - 2,
+    SELECT coalesce(sent_at < last_sent_at
+                    AND ((uptime < last_uptime
+                          AND date_part('epoch', last_sent_at - sent_at) >= last_uptime - uptime - 2)
+                         OR date_part('epoch', last_sent_at - sent_at) > last_uptime + 2),
                     false)
 $$;
 

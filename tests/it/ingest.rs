@@ -231,6 +231,27 @@ async fn a_heartbeat_delivered_after_a_newer_one_is_late_not_a_restart() {
 }
 
 #[tokio::test]
+async fn a_heartbeat_from_before_a_restart_delivered_after_it_is_late() {
+    // Requests held up together (a stalled database) commit in any order:
+    // one the agent sent before it crashed may come after the restarted
+    // agent's first heartbeat.
+    let (app, key) = app_and_key().await;
+    let t0 = chrono::Utc::now() - chrono::Duration::seconds(120);
+    let hb = |uptime: i64, sent: i64| json!({"agent_id": "e", "uptime_seconds": uptime, "sent_at": at(t0, sent)});
+    app.heartbeat(&key, hb(500, 0)).await;
+    let (_, restarted) = app.heartbeat(&key, hb(3, 40)).await;
+    assert_eq!(restarted["restart_detected"], true);
+    // Sent by the run before, 17 s before the new run began.
+    let (_, stale) = app.heartbeat(&key, hb(520, 20)).await;
+    assert_eq!(stale["restart_detected"], false);
+    assert_eq!(app.count("SELECT uptime_seconds FROM warden.agent_status WHERE agent_id = 'e'").await, 3);
+    let (_, next) = app.heartbeat(&key, hb(33, 70)).await;
+    assert_eq!(next["restart_detected"], false, "no second restart");
+    assert_eq!(app.count("SELECT restart_count FROM warden.agent_status WHERE agent_id = 'e'").await, 1);
+    assert_eq!(app.count("SELECT heartbeat_count FROM warden.agent_status WHERE agent_id = 'e'").await, 4);
+}
+
+#[tokio::test]
 async fn a_clock_set_back_hides_neither_a_restart_nor_what_the_agent_reports() {
     let (app, key) = app_and_key().await;
     let now = chrono::Utc::now();
