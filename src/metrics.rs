@@ -11,7 +11,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 pub struct Metrics {
@@ -48,6 +49,9 @@ pub struct Metrics {
     /// Long-running tasks that panicked (and were started again), by task
     /// (see `supervise`).
     pub task_panics: IntCounterVec,
+    /// Retention steps that failed (the others still ran), by step, and
+    /// whole cycles (`step="cycle"`).
+    pub retention_failures: IntCounterVec,
 }
 
 /// Fleet figures read from the database for one scrape. They live in a
@@ -62,6 +66,11 @@ pub struct Fleet {
     pub agents_by_tier: IntGaugeVec,
     /// Open incidents by issue type.
     pub incidents_open: IntGaugeVec,
+    /// How far each retention watermark is behind the database's clock;
+    /// absent until retention first set it.
+    pub retention_behind: GaugeVec,
+    /// Seconds since a retention cycle last finished, on any replica.
+    pub retention_last_run: GaugeVec,
 }
 
 impl Fleet {
@@ -71,6 +80,18 @@ impl Fleet {
             agents: gauge(&registry, "warden_agents", "Agents by liveness", &["liveness"]),
             agents_by_tier: gauge(&registry, "warden_agents_by_tier", "Agents by health tier", &["tier"]),
             incidents_open: gauge(&registry, "warden_incidents_open", "Open incidents by issue type", &["issue_type"]),
+            retention_behind: float_gauge(
+                &registry,
+                "warden_retention_watermark_age_seconds",
+                "How far behind now each retention watermark is (rollups of minutes, hours and scores; liveness days)",
+                &["watermark"],
+            ),
+            retention_last_run: float_gauge(
+                &registry,
+                "warden_retention_last_run_age_seconds",
+                "Seconds since a retention cycle last finished, on any replica",
+                &[],
+            ),
             registry,
         }
     }
@@ -159,6 +180,12 @@ fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGau
     g
 }
 
+fn float_gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    let g = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
 fn histogram(registry: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
     let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)).expect("valid metric");
     registry.register(Box::new(h.clone())).expect("unique metric");
@@ -205,6 +232,13 @@ impl Metrics {
         for outcome in ["succeeded", "failed", "timed_out", "abandoned"] {
             recovery_attempts.with_label_values(&[outcome]);
         }
+        let retention_failures = counter(
+            &registry,
+            "warden_retention_failures_total",
+            "Retention steps that failed (the others still ran), by step; step=\"cycle\" for whole cycles",
+            &["step"],
+        );
+        retention_failures.with_label_values(&["cycle"]);
         Self {
             heartbeats: counter(&registry, "warden_heartbeats_total", "Heartbeats committed", &["path"]),
             rejects,
@@ -250,6 +284,7 @@ impl Metrics {
                 "Background tasks that panicked and were started again, by task",
                 &["task"],
             ),
+            retention_failures,
             registry,
         }
     }

@@ -77,6 +77,7 @@ pub async fn run(pool: Pool, settings: RetentionSettings, stop: CancellationToke
         match run_once(&pool, &settings).await {
             Ok(Some(report)) => {
                 for (step, error) in &report.failed {
+                    crate::metrics::METRICS.retention_failures.with_label_values(&[step]).inc();
                     tracing::warn!(step, error, "retention step failed; the others ran, it will be retried");
                 }
                 if !report.dropped_partitions.is_empty() {
@@ -84,7 +85,10 @@ pub async fn run(pool: Pool, settings: RetentionSettings, stop: CancellationToke
                 }
             }
             Ok(None) => {}
-            Err(e) => tracing::warn!(error = %e, "retention cycle failed; will retry"),
+            Err(e) => {
+                crate::metrics::METRICS.retention_failures.with_label_values(&["cycle"]).inc();
+                tracing::warn!(error = %e, "retention cycle failed; will retry");
+            }
         }
     }
 }

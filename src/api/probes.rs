@@ -88,6 +88,26 @@ async fn fleet_figures(state: &AppState, m: &crate::metrics::Fleet) -> Result<()
         let n = open.iter().find(|r| r.get::<_, String>(0) == i.as_str()).map(|r| r.get::<_, i64>(1)).unwrap_or(0);
         m.incidents_open.with_label_values(&[i.as_str()]).set(n);
     }
+    // A retention step that keeps failing leaves its watermark behind,
+    // and partitions are dropped only up to the watermarks: disk grows.
+    let retention = client
+        .query_one(
+            "SELECT date_part('epoch', now() - minute_watermark), date_part('epoch', now() - hour_watermark), \
+                    date_part('epoch', now() - score_watermark), \
+                    date_part('epoch', now() - (liveness_day_watermark::timestamp AT TIME ZONE 'UTC')), \
+                    date_part('epoch', now() - last_run_at) \
+             FROM warden.retention_state",
+            &[],
+        )
+        .await?;
+    for (i, watermark) in ["minute", "hour", "score", "liveness_day"].into_iter().enumerate() {
+        if let Some(age) = retention.get::<_, Option<f64>>(i) {
+            m.retention_behind.with_label_values(&[watermark]).set(age);
+        }
+    }
+    if let Some(age) = retention.get::<_, Option<f64>>(4) {
+        m.retention_last_run.with_label_values(&[] as &[&str]).set(age);
+    }
     Ok(())
 }
 

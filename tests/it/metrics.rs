@@ -173,3 +173,31 @@ async fn a_score_pass_the_database_refuses_is_counted() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn retention_progress_and_failing_steps_are_on_metrics() {
+    let app = TestApp::spawn_with(|s| {
+        s.retention.enabled = true;
+        s.retention.interval = warden::config::Duration::from_secs(1);
+    })
+    .await;
+    let failures = |text: &str| metric(text, "warden_retention_failures_total{step=\"ingest_outages\"}").unwrap_or(0.0);
+    let before = failures(&app.get("/metrics").await.text().await.unwrap());
+    // A cycle ran: the watermarks it set and its time are read back.
+    let text = eventually(Duration::from_secs(60), "a retention cycle on /metrics", || async {
+        let text = app.get("/metrics").await.text().await.unwrap();
+        metric(&text, "warden_retention_last_run_age_seconds").is_some().then_some(text)
+    })
+    .await;
+    let minute = metric(&text, "warden_retention_watermark_age_seconds{watermark=\"minute\"}").unwrap();
+    assert!((0.0..7300.0).contains(&minute), "a fresh database's rollups start an hour back: {minute}");
+    assert!(metric(&text, "warden_retention_failures_total{step=\"cycle\"}").is_some(), "there at 0: {text}");
+
+    // A table a step prunes, gone: that step fails every cycle, counted.
+    app.db.client().await.batch_execute("ALTER TABLE warden.ingest_outages RENAME TO outages_gone").await.unwrap();
+    eventually(Duration::from_secs(60), "a failed retention step to be counted", || async {
+        let text = app.get("/metrics").await.text().await.unwrap();
+        (failures(&text) > before).then_some(())
+    })
+    .await;
+}
