@@ -47,7 +47,10 @@
 -- before it, not with a whole month.
 WITH periods (period, lo, hi) AS (
     VALUES ('current', $1::timestamptz, least($2::timestamptz, now())),
-           ('previous', $1::timestamptz - (greatest(least($2::timestamptz, now()), $1::timestamptz) - $1::timestamptz),
+           -- In seconds: an interval of days would be counted in the
+           -- session's calendar days, an hour short across a DST change.
+           ('previous', $1::timestamptz - date_part('epoch', greatest(least($2::timestamptz, now()), $1::timestamptz)
+                                                             - $1::timestamptz) * interval '1 second',
             $1::timestamptz)
 ),
 agent_cost AS (

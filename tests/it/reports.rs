@@ -558,6 +558,29 @@ async fn the_executive_summary_compares_with_the_previous_period_and_prices_down
     assert_eq!(previous_incidents(Utc::now() + Duration::days(10)).await, so_far);
 }
 
+#[tokio::test]
+async fn the_previous_period_is_as_long_in_a_session_time_zone_with_summer_time() {
+    // Run with psql, the queries see the operator's time zone. The 30 days
+    // before 2025-03-31 00:00 UTC cross the change to summer time in
+    // Berlin: counted in that zone's calendar days, they began an hour
+    // late and missed an incident in their first hour.
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    client.batch_execute("SET TimeZone = 'Europe/Berlin'").await.unwrap();
+    let at = |s: &str| DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc);
+    client
+        .execute(
+            "INSERT INTO warden.incidents (agent_id, issue_type, severity, state, opened_at, resolved_at) \
+             VALUES ('a1', 'restart_loop', 'critical', 'resolved', $1::timestamptz, $1::timestamptz + interval '1 minute')",
+            &[&at("2025-03-01T00:30:00Z")],
+        )
+        .await
+        .unwrap();
+    let bindings = Bindings::new(&settings(), at("2025-03-31T00:00:00Z"), at("2025-04-30T00:00:00Z"));
+    let result = run(&client, "executive_summary", &bindings).await;
+    close(row(&result, "metric", "incidents")["previous"], 1.0);
+}
+
 /// One heartbeat of `agent` received at `at`, through the ingest function.
 async fn beat(client: &tokio_postgres::Client, agent: &str, at: DateTime<Utc>) {
     client
