@@ -36,6 +36,9 @@ pub const LOCK: i64 = 0x7761_7264_656e_3a72;
 /// Rows of a heartbeat may commit a little after their received_at; minutes
 /// closer to now than this are rolled up next time.
 const SETTLE: Duration = Duration::seconds(30);
+/// How long a transaction that recorded a heartbeat through SQL may hold
+/// the rollups back before each cycle says so.
+const HELD_BACK_WARNING: Duration = Duration::minutes(10);
 /// The most of each rollup's backlog one transaction takes on: a minute
 /// rollup of ten minutes of a 100,000-agent fleet heartbeating every 10 s
 /// reads 6 million rows, well inside the default statement timeout.
@@ -62,6 +65,10 @@ pub struct Report {
     pub pruned: BTreeMap<&'static str, u64>,
     /// Steps that failed, with their error; the others still ran.
     pub failed: Vec<(&'static str, String)>,
+    /// The process whose transaction, open since it recorded a heartbeat
+    /// through SQL in the given minute, holds the rollups back (past
+    /// [`HELD_BACK_WARNING`]).
+    pub held_back_by: Option<(i32, DateTime<Utc>)>,
 }
 
 impl Report {
@@ -76,6 +83,14 @@ pub async fn run(pool: Pool, settings: RetentionSettings, stop: CancellationToke
     while every.tick().await {
         match run_once(&pool, &settings).await {
             Ok(Some(report)) => {
+                if let Some((pid, minute)) = report.held_back_by {
+                    tracing::warn!(
+                        pid,
+                        since = %minute,
+                        "a transaction that recorded a heartbeat through warden.record_heartbeat has not ended: \
+                         heartbeat rollups wait for it (and partitions older than the rollups stay)"
+                    );
+                }
                 for (step, error) in &report.failed {
                     crate::metrics::METRICS.retention_failures.with_label_values(&[step]).inc();
                     tracing::warn!(step, error, "retention step failed; the others ran, it will be retried");
@@ -380,10 +395,18 @@ async fn rollup_step(client: &mut db::Client, now: DateTime<Utc>, report: &mut R
         .await?;
     // Heartbeats of a write still open may be stamped before the settling
     // lag (see db::oldest_open_write): minutes close before it began.
-    let settled = match db::oldest_open_write(&tx).await? {
+    let mut settled = match db::oldest_open_write(&tx).await? {
         Some(open) => (now - SETTLE).min(open),
         None => now - SETTLE,
     };
+    // Heartbeats recorded through SQL by a transaction still open, of any
+    // age: counted once it commits, or never.
+    if let Some((minute, pid)) = db::oldest_uncommitted_sql_heartbeat(&tx).await? {
+        settled = settled.min(minute);
+        if now - minute > HELD_BACK_WARNING {
+            report.held_back_by = Some((pid, minute));
+        }
+    }
     // The first cycle on a database starts at its oldest row: partitions
     // are dropped only up to the watermarks, so a start later than that
     // (a database whose retention was off, history written before) would

@@ -629,7 +629,9 @@ pub async fn client(pool: &Pool) -> Result<Client, DbError> {
 /// transaction, or a long migration, holds a watermark back that long at
 /// most. Sessions of other roles show their start only to a role with
 /// `pg_read_all_stats`: without it, agents writing through
-/// `warden.record_heartbeat` as another role get the readers' fixed lag.
+/// `warden.record_heartbeat` as another role get the readers' fixed lag
+/// (the rollups see those by [`oldest_uncommitted_sql_heartbeat`] as
+/// well; the score pass may leave such a heartbeat's metrics out).
 ///
 /// `pg_stat_activity` is read once per transaction (later reads in the
 /// same transaction see the same), so call this right before the read it
@@ -648,6 +650,31 @@ pub async fn oldest_open_write(
         )
         .await?;
     Ok(row.get(0))
+}
+
+/// The advisory lock class `warden.record_heartbeat` holds its minute
+/// under ('wrdd'; V36).
+pub const SQL_HEARTBEAT_LOCK_CLASS: i64 = 2_003_985_508;
+
+/// The oldest minute a heartbeat recorded through `warden.record_heartbeat`
+/// and not yet committed was stamped in, and the process holding it.
+/// Stamped when the call is made, such a heartbeat may be committed by a
+/// transaction that stays open for any time, as any role; each call holds
+/// a shared advisory lock naming its minute until its transaction ends,
+/// seen in `pg_locks` whatever the session's age or role.
+pub async fn oldest_uncommitted_sql_heartbeat(
+    tx: &tokio_postgres::Transaction<'_>,
+) -> Result<Option<(chrono::DateTime<chrono::Utc>, i32)>, DbError> {
+    let row = tx
+        .query_opt(
+            "SELECT to_timestamp(l.objid::bigint * 60), l.pid FROM pg_locks l \
+             WHERE l.locktype = 'advisory' AND l.classid::bigint = $1 AND l.objsubid = 2 \
+               AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+             ORDER BY l.objid::bigint LIMIT 1",
+            &[&SQL_HEARTBEAT_LOCK_CLASS],
+        )
+        .await?;
+    Ok(row.map(|r| (r.get(0), r.get(1))))
 }
 
 /// Creates daily partitions from yesterday to `ahead_days` after today (UTC).

@@ -130,6 +130,50 @@ async fn a_heartbeat_of_a_write_still_open_is_rolled_up_once_it_commits() {
     assert_eq!(counted, 1);
 }
 
+#[tokio::test]
+async fn a_heartbeat_recorded_through_sql_in_a_long_transaction_is_rolled_up_once_it_commits() {
+    // An agent writing through SQL may keep its transaction open for any
+    // time (or as a role whose sessions warden cannot see): its heartbeat,
+    // stamped at the call, must not have its minute closed meanwhile.
+    let test_db = TestDb::migrated().await;
+    let db = test_db.client().await;
+    let mut agent = test_db.client().await;
+    let tx = agent.transaction().await.unwrap();
+    let row = tx.query_one("SELECT clock_timestamp(), pg_backend_pid()", &[]).await.unwrap();
+    let (called, pid): (chrono::DateTime<Utc>, i32) = (row.get(0), row.get(1));
+    tx.execute("SELECT warden.record_heartbeat('sql-agent')", &[]).await.unwrap();
+
+    // Retention with a 1 s statement timeout sees open writes begun in the
+    // last 2 s only: wait until this one is older.
+    crate::helpers::eventually(Duration::from_secs(60), "the agent's transaction to age", || async {
+        let age: f64 = db
+            .query_one("SELECT date_part('epoch', now() - xact_start) FROM pg_stat_activity WHERE pid = $1", &[&pid])
+            .await
+            .unwrap()
+            .get(0);
+        (age > 2.5).then_some(())
+    })
+    .await;
+    let mut retention = test_db.pooled().await;
+    retention.batch_execute("SET statement_timeout = '1s'").await.unwrap();
+    let report = warden::retention::cycle(&mut retention, &default_settings().retention, called + Span::minutes(15))
+        .await
+        .unwrap();
+    assert_eq!(report.held_back_by.map(|(p, _)| p), Some(pid), "the cycle names who holds the rollups back");
+    tx.commit().await.unwrap();
+    cycle(&test_db, called + Span::minutes(16)).await;
+    let counted: i64 = db
+        .query_one(
+            "SELECT coalesce(sum(heartbeats), 0)::bigint FROM warden.heartbeat_rollups \
+             WHERE agent_id = 'sql-agent' AND bucket = 'minute'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(counted, 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn old_partitions_are_dropped_while_ingestion_goes_on() {
     let app = TestApp::spawn_with(|s| s.retention.enabled = false).await;
