@@ -153,6 +153,26 @@ impl EvalParams {
     }
 }
 
+/// Whether ingest stored or refused any heartbeat stamped after `from`
+/// and up to `until`.
+async fn heard_between(
+    tx: &tokio_postgres::Transaction<'_>,
+    from: DateTime<Utc>,
+    until: DateTime<Utc>,
+) -> Result<bool, DbError> {
+    if until <= from {
+        return Ok(false);
+    }
+    Ok(tx
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM warden.agent_heartbeats WHERE received_at > $1 AND received_at <= $2) \
+                 OR EXISTS (SELECT 1 FROM warden.ingest_refusals WHERE refused_at > $1 AND refused_at <= $2)",
+            &[&from, &until],
+        )
+        .await?
+        .get(0))
+}
+
 /// What one liveness cycle did.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct CycleReport {
@@ -280,25 +300,45 @@ pub async fn liveness_cycle<'r>(
             .get(0),
         _ => false,
     };
-    if restarted || last_cycle.is_none_or(|at| now - at > params.gap_limit()) {
-        if let Some(paused_at) = last_cycle {
-            tracing::info!(?last_cycle, "evaluation resumed after a gap; every agent gets a fresh grace");
-            // Nobody judged the fleet meanwhile: availability counts the
-            // stretch as unknown rather than as whatever each agent was.
-            tx.execute(
-                "INSERT INTO warden.system_events (occurred_at, event_type, severity, message, details) \
-                 VALUES ($1, 'evaluation_paused', 'warning', $2, jsonb_build_object('from', $3::timestamptz))",
-                &[
-                    &now,
-                    &format!(
-                        "no liveness evaluation for {:.0}s; every agent gets a fresh grace",
-                        seconds(now - paused_at)
-                    ),
-                    &paused_at,
-                ],
+    let paused = last_cycle.filter(|at| now - *at > params.gap_limit());
+    // A pause in evaluation alone (a cycle held up by a lock or a slow
+    // statement, a leader whose connection hung) is no reason to excuse
+    // anyone: ingest went on storing what the agents sent, so their
+    // silences are what they were. Only when nothing was heard during
+    // the pause (neither stored nor refused, up to a cycle before now:
+    // what came in since is the flood that follows a stall) did the
+    // agents go unheard. Excused then every time, pauses recurring every
+    // minute would keep a dead agent from ever going offline.
+    let unheard = match paused {
+        Some(at) if !restarted => !heard_between(&tx, at, now - params.check_interval).await?,
+        _ => true,
+    };
+    if let Some(paused_at) = if restarted { last_cycle } else { paused } {
+        let (log, words) = if restarted || unheard {
+            ("evaluation resumed after a gap; every agent gets a fresh grace", "every agent gets a fresh grace")
+        } else {
+            (
+                "evaluation resumed after a gap; heartbeats were stored meanwhile, so silences count as ever",
+                "heartbeats were stored meanwhile, so silences count as ever",
             )
-            .await?;
-        }
+        };
+        tracing::info!(?last_cycle, "{log}");
+        // Nobody judged the fleet meanwhile: availability counts the
+        // stretch as unknown rather than as whatever each agent was.
+        tx.execute(
+            "INSERT INTO warden.system_events (occurred_at, event_type, severity, message, details) \
+             VALUES ($1, 'evaluation_paused', 'warning', $2, \
+                     jsonb_build_object('from', $3::timestamptz, 'grace', $4::bool))",
+            &[
+                &now,
+                &format!("no liveness evaluation for {:.0}s; {words}", seconds(now - paused_at)),
+                &paused_at,
+                &(restarted || unheard),
+            ],
+        )
+        .await?;
+    }
+    if restarted || last_cycle.is_none() || (paused.is_some() && unheard) {
         resumed = Some(now);
         report.resumed = true;
     }

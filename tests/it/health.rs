@@ -325,6 +325,46 @@ async fn a_long_outage_opens_extended_offline_after_five_minutes() {
 }
 
 #[tokio::test]
+async fn a_pause_in_evaluation_while_heartbeats_were_stored_excuses_nobody() {
+    // A cycle held up for a minute (a lock, a slow statement) while ingest
+    // went on: an agent silent all along is offline at the next cycle,
+    // not given a fresh grace, which pauses recurring every minute would
+    // otherwise renew for ever.
+    let db = TestDb::migrated().await;
+    let mut c = db.client().await;
+    let p = params();
+    let t = t0();
+    beat(&c, "quiet", t, 10_000, 1).await;
+    beat(&c, "busy", t, 10_000, 1).await;
+    evaluator::liveness_cycle(&mut c, &p, "test", Some(t + Duration::seconds(1))).await.unwrap();
+    for s in [10, 20, 30, 40, 50] {
+        beat(&c, "busy", t + Duration::seconds(s), 10_000, 1 + s).await;
+    }
+    let r = evaluator::liveness_cycle(&mut c, &p, "test", Some(t + Duration::seconds(60))).await.unwrap();
+    assert!(!r.resumed, "no fresh grace");
+    assert_eq!(liveness(&c, "quiet").await, Liveness::Offline, "silent for 60 s of a 10 s interval");
+    assert_eq!(liveness(&c, "busy").await, Liveness::Online);
+    let paused = c
+        .query_one(
+            "SELECT message, details->>'grace' FROM warden.system_events WHERE event_type = 'evaluation_paused'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        paused.get::<_, String>(0),
+        "no liveness evaluation for 59s; heartbeats were stored meanwhile, so silences count as ever"
+    );
+    assert_eq!(paused.get::<_, String>(1), "false");
+
+    // Heartbeats stamped only in the last cycle's spacing are the flood
+    // after a stall in which nothing was heard: a grace again.
+    beat(&c, "busy", t + Duration::seconds(118), 10_000, 119).await;
+    let r = evaluator::liveness_cycle(&mut c, &p, "test", Some(t + Duration::seconds(120))).await.unwrap();
+    assert!(r.resumed, "nothing heard during the pause itself");
+}
+
+#[tokio::test]
 async fn silence_during_wardens_own_downtime_never_counts() {
     let db = TestDb::migrated().await;
     let mut c = db.client().await;
