@@ -325,6 +325,33 @@ async fn a_long_outage_opens_extended_offline_after_five_minutes() {
 }
 
 #[tokio::test]
+async fn with_more_missed_intervals_allowed_a_beat_is_on_time_until_it_would_be_late() {
+    // degraded_after_missed = 2: late past 2.2 intervals. An agent that
+    // comes back beating every 1.5 intervals is never late, so its beats
+    // are on time and it recovers; counted against 1.2 intervals, they
+    // never were, and it stayed degraded for ever.
+    let db = TestDb::migrated().await;
+    let mut c = db.client().await;
+    c.execute("UPDATE warden.health_params SET degraded_after_missed = 2", &[]).await.unwrap();
+    let mut p = params();
+    p.liveness.degraded_after_missed = 2;
+    let t = t0();
+    warm_up(&mut c, &p, t).await;
+    beat(&c, "slow", t, 10_000, 1).await;
+    evaluator::liveness_cycle(&mut c, &p, "test", Some(t + Duration::seconds(1))).await.unwrap();
+    evaluator::liveness_cycle(&mut c, &p, "test", Some(t + Duration::seconds(23))).await.unwrap();
+    assert_eq!(liveness(&c, "slow").await, Liveness::Degraded, "silent 2.3 intervals");
+    for (i, at) in [25, 40, 55].into_iter().enumerate() {
+        beat(&c, "slow", t + Duration::seconds(at), 10_000, at).await;
+        evaluator::liveness_cycle(&mut c, &p, "test", Some(t + Duration::seconds(at + 1))).await.unwrap();
+        if i == 0 {
+            assert_eq!(liveness(&c, "slow").await, Liveness::Degraded, "one beat is no recovery");
+        }
+    }
+    assert_eq!(liveness(&c, "slow").await, Liveness::Online, "two beats 1.5 intervals apart are on time");
+}
+
+#[tokio::test]
 async fn a_pause_in_evaluation_while_heartbeats_were_stored_excuses_nobody() {
     // A cycle held up for a minute (a lock, a slow statement) while ingest
     // went on: an agent silent all along is offline at the next cycle,

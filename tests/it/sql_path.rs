@@ -523,6 +523,29 @@ async fn sql_heartbeats_follow_the_ingest_limits_warden_runs_with() {
     db.execute("SELECT warden.record_heartbeat('lim', metrics => '{\"a\": 1, \"b\": 2}')", &[]).await.unwrap();
 }
 
+/// The health figures ingest keeps its on-time run by are the ones the
+/// evaluator judges with.
+#[tokio::test]
+async fn ingest_counts_on_time_by_the_thresholds_warden_runs_with() {
+    let app = TestApp::spawn_with(|s| {
+        s.health.degraded_after_missed = 2;
+        s.health.offline_after_missed = 4;
+        s.health.jitter_tolerance = 0.3;
+    })
+    .await;
+    let row = app
+        .db
+        .client()
+        .await
+        .query_one(
+            "SELECT degraded_after_missed, offline_after_missed, jitter_tolerance FROM warden.health_params",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!((row.get::<_, i32>(0), row.get::<_, i32>(1), row.get::<_, f64>(2)), (2, 4, 0.3));
+}
+
 /// Two first heartbeats of one agent at once: the one that loses the race
 /// to register it is applied as a heartbeat of a known agent, its mode's
 /// interval kept (it used to reset a sleeping agent to 30 s).

@@ -1,6 +1,16 @@
 -- warden schema, version 35: a heartbeat delivered after a newer one is
--- not a restart.
+-- not a restart; a heartbeat is on time until it would have been late.
 --
+-- On time. The on-time run (ontime_streak), which takes a degraded or
+-- offline agent back online, grew only with gaps within interval x (1 +
+-- jitter_tolerance), while an agent is late only past interval x
+-- (degraded_after_missed + jitter_tolerance). With degraded_after_missed
+-- above 1, an agent beating every 1.5 intervals was never late, yet never
+-- on time: after one late beat it stayed degraded for ever. The bound is
+-- now the one lateness uses, published by `warden serve` to
+-- health_params.degraded_after_missed (1 until it does, as before).
+--
+-- Late heartbeats.
 -- Two heartbeats of one agent in flight at once (a stalled request
 -- overtaken by the agent's next one, a retry through another replica,
 -- parallel senders, requests held up together by a stalled database) can
@@ -28,6 +38,9 @@
 --
 -- Otherwise V31's function, replaced whole: the statement nearly every
 -- heartbeat runs gains one filter of a few comparisons.
+ALTER TABLE warden.health_params
+    ADD COLUMN degraded_after_missed integer NOT NULL DEFAULT 1 CHECK (degraded_after_missed >= 1);
+
 CREATE FUNCTION warden.heartbeat_late(
     uptime bigint, sent_at timestamptz, last_uptime bigint, last_sent_at timestamptz
 )
@@ -77,6 +90,7 @@ DECLARE
     ts         timestamptz := coalesce(p_received_at, now());
     tol        double precision;
     off_after  integer;
+    late_after integer;
     n          integer := cardinality(p_agent_id);
     default_ms integer;
     emergency_ms integer;
@@ -103,7 +117,8 @@ DECLARE
     answered     integer := 0;
     got          integer;
 BEGIN
-    SELECT hp.jitter_tolerance, hp.offline_after_missed INTO tol, off_after FROM warden.health_params hp;
+    SELECT hp.jitter_tolerance, hp.offline_after_missed, hp.degraded_after_missed
+    INTO tol, off_after, late_after FROM warden.health_params hp;
     -- default_ms stays NULL without a 'default' row: a heartbeat without a
     -- mode from an agent without one then falls back to 30 s, as before.
     SELECT max(m.interval_ms) FILTER (WHERE m.mode = 'default'),
@@ -183,7 +198,8 @@ BEGIN
                     last_restart_at       = CASE WHEN h.uptime < s.uptime_seconds THEN r_ts ELSE s.last_restart_at END,
                     uptime_before_restart = CASE WHEN h.uptime < s.uptime_seconds THEN s.uptime_seconds
                                                  ELSE s.uptime_before_restart END,
-                    -- On time: within the expected interval plus the tolerance.
+                    -- On time: before the agent would have been late (missed
+                    -- degraded_after_missed intervals past the tolerance).
                     -- Every heartbeat counts as one; on-time ones extend the run.
                     -- Heartbeats of one batch (under 10 ms apart) count once:
                     -- an agent that comes back with a buffer of them has shown
@@ -191,7 +207,7 @@ BEGIN
                     ontime_streak         = CASE WHEN date_part('epoch', r_ts - s.last_seen) * 1000 < 10
                                                  THEN s.ontime_streak
                                                  WHEN date_part('epoch', r_ts - s.last_seen) * 1000
-                                                      <= s.expected_interval_ms * (1 + tol)
+                                                      <= s.expected_interval_ms * (late_after + tol)
                                                  THEN s.ontime_streak + 1 ELSE 1 END,
                     -- Inter-arrival statistics leave out outages (gaps past the
                     -- offline threshold) and heartbeats of one batch (under 10 ms),
