@@ -1,5 +1,6 @@
 -- warden schema, version 35: a heartbeat delivered after a newer one is
--- not a restart; a heartbeat is on time until it would have been late.
+-- not a restart; a heartbeat is on time until it would have been late; a
+-- heartbeat committed after a transition counts as one since it.
 --
 -- On time. The on-time run (ontime_streak), which takes a degraded or
 -- offline agent back online, grew only with gaps within interval x (1 +
@@ -9,6 +10,15 @@
 -- on time: after one late beat it stayed degraded for ever. The bound is
 -- now the one lateness uses, published by `warden serve` to
 -- health_params.degraded_after_missed (1 until it does, as before).
+--
+-- Committed after a transition. A flush stamps its heartbeats when it
+-- begins; one that waited on another agent's row lock could commit after
+-- a liveness cycle had judged (say, taken offline) an agent it carried,
+-- with last_seen before that transition: the evaluator, which takes a
+-- heartbeat after the transition as the sign to reconsider, ignored it
+-- until the agent's next one (a whole interval: 15 minutes in sleep
+-- mode, and extended_offline with a recovery meanwhile). last_seen is now
+-- at least a microsecond past liveness_since.
 --
 -- Late heartbeats.
 -- Two heartbeats of one agent in flight at once (a stalled request
@@ -190,7 +200,12 @@ BEGIN
                     status                = h.status,
                     expected_interval_ms  = warden.interval_after(h.given_ms, s.mode, default_ms, emergency_ms,
                                                                   active_ms, idle_ms, sleep_ms),
-                    last_seen             = r_ts,
+                    -- Stamped when the flush began, the heartbeat may commit
+                    -- after a liveness cycle that judged the agent without it
+                    -- (this flush waited on another agent's row): it is then
+                    -- seen just after that transition, or it would not count
+                    -- as a heartbeat since it until the next one.
+                    last_seen             = greatest(r_ts, s.liveness_since + interval '1 microsecond'),
                     last_sent_at          = h.sent_at,
                     uptime_seconds        = coalesce(h.uptime, s.uptime_seconds),
                     heartbeat_count       = s.heartbeat_count + 1,
@@ -298,7 +313,8 @@ BEGIN
             ),
             late AS (
                 UPDATE warden.agent_status s SET heartbeat_count = s.heartbeat_count + 1,
-                                                 last_seen = greatest(s.last_seen, r_ts)
+                                                 last_seen = greatest(s.last_seen, r_ts,
+                                                                      s.liveness_since + interval '1 microsecond')
                 FROM hb h
                 WHERE s.agent_id = h.agent_id
                   AND warden.heartbeat_late(h.uptime, h.sent_at, s.uptime_seconds, s.last_sent_at)

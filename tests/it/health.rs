@@ -325,6 +325,25 @@ async fn a_long_outage_opens_extended_offline_after_five_minutes() {
 }
 
 #[tokio::test]
+async fn a_heartbeat_committed_after_the_cycle_that_took_its_agent_offline_counts() {
+    // A flush stamps its heartbeats when it begins; one held up by another
+    // agent's row lock commits after a cycle that judged this agent
+    // without it. It still says the agent is back.
+    let db = TestDb::migrated().await;
+    let mut c = db.client().await;
+    let p = params();
+    let t = t0();
+    warm_up(&mut c, &p, t).await;
+    beat(&c, "r5", t, 5_000, 1).await;
+    cycles(&mut c, &p, t + Duration::seconds(1), t + Duration::seconds(21)).await;
+    assert_eq!(liveness(&c, "r5").await, Liveness::Offline);
+    // Stamped at t + 15 s, before the transition at t + 21 s.
+    beat(&c, "r5", t + Duration::seconds(15), 5_000, 16).await;
+    evaluator::liveness_cycle(&mut c, &p, "test", Some(t + Duration::seconds(22))).await.unwrap();
+    assert_eq!(liveness(&c, "r5").await, Liveness::Degraded, "heartbeating again: recovering");
+}
+
+#[tokio::test]
 async fn with_more_missed_intervals_allowed_a_beat_is_on_time_until_it_would_be_late() {
     // degraded_after_missed = 2: late past 2.2 intervals. An agent that
     // comes back beating every 1.5 intervals is never late, so its beats
