@@ -214,8 +214,12 @@ pub fn decide(
         && agent.arrivals.count >= params.phi.min_samples
         && rhythm_matches(agent.arrivals.mean_ms, agent.expected_interval_ms);
     let phi_value = use_phi.then(|| phi::phi(&agent.arrivals, silence_ms as f64, &params.phi));
+    // Phi may find a metronome-steady agent silent a few seconds past its
+    // interval; offline (an incident, a recovery) waits until the fixed
+    // rule would at least find it late: one retransmit or stall is not
+    // an outage.
     let suspicion = match phi_value {
-        Some(p) if p >= params.phi.threshold => Suspicion::Silent,
+        Some(p) if p >= params.phi.threshold && missed >= f64::from(params.degraded_after_missed) => Suspicion::Silent,
         Some(p) if p >= params.phi.threshold / 2.0 => Suspicion::Late,
         Some(_) => Suspicion::Fine,
         None if missed >= f64::from(params.offline_after_missed) => Suspicion::Silent,
@@ -420,9 +424,15 @@ mod tests {
         let (mut a, now) = agent(Liveness::Online, 34, 5);
         a.arrivals = ArrivalStats { count: 50, mean_ms: 30_000.0, variance_ms2: 200.0 * 200.0 };
         let t = decide(&a, now, None, &params).expect("4s late on a 200ms-steady rhythm is suspicious");
-        assert_eq!(t.to, Liveness::Offline);
+        assert_eq!(t.to, Liveness::Degraded, "not offline before the fixed rule finds it late");
         assert_eq!(t.figures.detector, Detector::Phi);
         assert_eq!(next(Liveness::Online, 34, 5), None, "the fixed rule would still wait");
+        // Once the fixed rule would find it late, phi's verdict stands.
+        let (mut a, now) = agent(Liveness::Degraded, 37, 5);
+        a.arrivals = ArrivalStats { count: 50, mean_ms: 30_000.0, variance_ms2: 200.0 * 200.0 };
+        let t = decide(&a, now, None, &params).unwrap();
+        assert_eq!((t.to, t.figures.detector), (Liveness::Offline, Detector::Phi));
+        assert_eq!(next(Liveness::Degraded, 37, 5), None, "the fixed rule would wait for 96 s");
     }
 
     #[test]

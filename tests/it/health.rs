@@ -761,16 +761,20 @@ async fn an_agent_phi_found_offline_needs_a_new_run_of_on_time_beats_to_be_onlin
         at += Duration::seconds(10);
     }
     let last = at - Duration::seconds(10);
-    // 11.1 s of silence is far outside its rhythm: offline, by phi, though
-    // a beat now would still be on time by the fixed rule (12 s).
+    // 11.1 s of silence is far outside its rhythm, but short of where the
+    // fixed rule finds it late (12 s): degraded by phi, not yet offline.
     evaluator::liveness_cycle(&mut c, &p, "test", Some(last + Duration::milliseconds(11_100))).await.unwrap();
+    assert_eq!(liveness(&c, "metronome").await, Liveness::Degraded);
+    // Past that, phi's verdict stands: offline, where the fixed rule would
+    // wait for 32 s.
+    evaluator::liveness_cycle(&mut c, &p, "test", Some(last + Duration::milliseconds(12_100))).await.unwrap();
     assert_eq!(liveness(&c, "metronome").await, Liveness::Offline);
     // One beat is not a recovery.
-    beat(&c, "metronome", last + Duration::milliseconds(11_600), 10_000, 13).await;
-    evaluator::liveness_cycle(&mut c, &p, "test", Some(last + Duration::milliseconds(11_700))).await.unwrap();
+    beat(&c, "metronome", last + Duration::milliseconds(12_600), 10_000, 13).await;
+    evaluator::liveness_cycle(&mut c, &p, "test", Some(last + Duration::milliseconds(12_700))).await.unwrap();
     assert_eq!(liveness(&c, "metronome").await, Liveness::Degraded, "recovering, not back");
-    beat(&c, "metronome", last + Duration::milliseconds(21_600), 10_000, 14).await;
-    evaluator::liveness_cycle(&mut c, &p, "test", Some(last + Duration::milliseconds(21_700))).await.unwrap();
+    beat(&c, "metronome", last + Duration::milliseconds(22_600), 10_000, 14).await;
+    evaluator::liveness_cycle(&mut c, &p, "test", Some(last + Duration::milliseconds(22_700))).await.unwrap();
     assert_eq!(liveness(&c, "metronome").await, Liveness::Online, "two on time in a row");
 }
 
