@@ -39,15 +39,19 @@
 -- it comes from that run or an earlier one. A real restart is still seen
 -- when the host's clock went back meanwhile by less than the previous run
 -- had lasted, and a clock set back within a run makes nothing late unless
--- it goes back past the run's start. A late heartbeat is stored in
--- agent_heartbeats, counted in heartbeat_count and, having arrived, keeps
--- the agent seen (last_seen); it changes nothing the agent reports
--- (uptime, sent_at, mode, status, name, labels, interval) nor the rhythm
--- statistics. Without sent_at on both and an uptime on the last one,
--- nothing is late, and heartbeats apply in commit order as before.
+-- it goes back past the run's start. A late heartbeat arrives like any
+-- other (stored, counted, seen, and in the on-time run and the rhythm and
+-- delivery statistics), but changes nothing the agent reports (uptime,
+-- sent_at, mode, status, name, labels, interval) and is no restart.
+-- Without sent_at on both and an uptime on the last one, nothing is late,
+-- and heartbeats apply in commit order as before.
 --
--- Otherwise V31's function, replaced whole: the statement nearly every
--- heartbeat runs gains one filter of a few comparisons.
+-- Otherwise V31's function, replaced whole. Lateness is decided in the
+-- one UPDATE, column by column, so that every row is locked there in
+-- agent_id order (a second UPDATE for late rows would lock them out of
+-- that order, and could deadlock with another writer or the evaluator);
+-- the inlined comparison stops at its first step unless sent_at went
+-- backwards.
 ALTER TABLE warden.health_params
     ADD COLUMN degraded_after_missed integer NOT NULL DEFAULT 1 CHECK (degraded_after_missed >= 1);
 
@@ -57,11 +61,14 @@ CREATE FUNCTION warden.heartbeat_late(
 RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$
-    SELECT coalesce(sent_at < last_sent_at
-                    AND ((uptime < last_uptime
-                          AND date_part('epoch', last_sent_at - sent_at) >= last_uptime - uptime - 2)
-                         OR date_part('epoch', last_sent_at - sent_at) > last_uptime + 2),
-                    false)
+    -- Called for several columns of every heartbeat: without sent_at on
+    -- both sides, or in order, the first comparison settles it.
+    SELECT CASE WHEN sent_at < last_sent_at
+                THEN coalesce((uptime < last_uptime
+                               AND date_part('epoch', last_sent_at - sent_at) >= last_uptime - uptime - 2)
+                              OR date_part('epoch', last_sent_at - sent_at) > last_uptime + 2,
+                              false)
+                ELSE false END
 $$;
 
 CREATE OR REPLACE FUNCTION warden.ingest_heartbeats(
@@ -194,11 +201,16 @@ BEGIN
             ),
             upd AS (
                 UPDATE warden.agent_status s SET
-                    name                  = coalesce(h.name, s.name),
-                    labels                = coalesce(h.labels, s.labels),
-                    mode                  = coalesce(h.mode, s.mode),
-                    status                = h.status,
-                    expected_interval_ms  = warden.interval_after(h.given_ms, s.mode, default_ms, emergency_ms,
+                    -- A late heartbeat (see warden.heartbeat_late) arrives like
+                    -- any other, but what it reports is older than what the
+                    -- row holds: kept, and no restart.
+                    name                  = CASE WHEN warden.heartbeat_late(h.uptime, h.sent_at, s.uptime_seconds, s.last_sent_at) THEN s.name ELSE coalesce(h.name, s.name) END,
+                    labels                = CASE WHEN warden.heartbeat_late(h.uptime, h.sent_at, s.uptime_seconds, s.last_sent_at) THEN s.labels ELSE coalesce(h.labels, s.labels) END,
+                    mode                  = CASE WHEN warden.heartbeat_late(h.uptime, h.sent_at, s.uptime_seconds, s.last_sent_at) THEN s.mode ELSE coalesce(h.mode, s.mode) END,
+                    status                = CASE WHEN warden.heartbeat_late(h.uptime, h.sent_at, s.uptime_seconds, s.last_sent_at) THEN s.status ELSE h.status END,
+                    expected_interval_ms  = warden.interval_after(CASE WHEN warden.heartbeat_late(h.uptime, h.sent_at, s.uptime_seconds, s.last_sent_at) THEN s.expected_interval_ms
+                                                                       ELSE h.given_ms END,
+                                                                  s.mode, default_ms, emergency_ms,
                                                                   active_ms, idle_ms, sleep_ms),
                     -- Stamped when the flush began, the heartbeat may commit
                     -- after a liveness cycle that judged the agent without it
@@ -206,13 +218,16 @@ BEGIN
                     -- seen just after that transition, or it would not count
                     -- as a heartbeat since it until the next one.
                     last_seen             = greatest(r_ts, s.liveness_since + interval '1 microsecond'),
-                    last_sent_at          = h.sent_at,
-                    uptime_seconds        = coalesce(h.uptime, s.uptime_seconds),
+                    last_sent_at          = CASE WHEN warden.heartbeat_late(h.uptime, h.sent_at, s.uptime_seconds, s.last_sent_at) THEN s.last_sent_at ELSE h.sent_at END,
+                    uptime_seconds        = CASE WHEN warden.heartbeat_late(h.uptime, h.sent_at, s.uptime_seconds, s.last_sent_at) THEN s.uptime_seconds
+                                                 ELSE coalesce(h.uptime, s.uptime_seconds) END,
                     heartbeat_count       = s.heartbeat_count + 1,
-                    restart_count         = s.restart_count + coalesce((h.uptime < s.uptime_seconds)::integer, 0),
-                    last_restart_at       = CASE WHEN h.uptime < s.uptime_seconds THEN r_ts ELSE s.last_restart_at END,
-                    uptime_before_restart = CASE WHEN h.uptime < s.uptime_seconds THEN s.uptime_seconds
-                                                 ELSE s.uptime_before_restart END,
+                    restart_count         = s.restart_count
+                                            + coalesce((h.uptime < s.uptime_seconds AND NOT warden.heartbeat_late(h.uptime, h.sent_at, s.uptime_seconds, s.last_sent_at))::integer, 0),
+                    last_restart_at       = CASE WHEN h.uptime < s.uptime_seconds AND NOT warden.heartbeat_late(h.uptime, h.sent_at, s.uptime_seconds, s.last_sent_at)
+                                                 THEN r_ts ELSE s.last_restart_at END,
+                    uptime_before_restart = CASE WHEN h.uptime < s.uptime_seconds AND NOT warden.heartbeat_late(h.uptime, h.sent_at, s.uptime_seconds, s.last_sent_at)
+                                                 THEN s.uptime_seconds ELSE s.uptime_before_restart END,
                     -- On time: before the agent would have been late (missed
                     -- degraded_after_missed intervals past the tolerance).
                     -- Every heartbeat counts as one; on-time ones extend the run.
@@ -241,7 +256,8 @@ BEGIN
                                                  THEN s.ia_mean_ms + greatest(1.0::float8 / (s.ia_count + 1), 0.05::float8)
                                                       * (date_part('epoch', r_ts - s.last_seen) * 1000 - s.ia_mean_ms)
                                                  ELSE s.ia_mean_ms END
-                                            * warden.interval_after(h.given_ms, s.mode, default_ms, emergency_ms, active_ms, idle_ms, sleep_ms)::float8
+                                            * warden.interval_after(CASE WHEN warden.heartbeat_late(h.uptime, h.sent_at, s.uptime_seconds, s.last_sent_at) THEN s.expected_interval_ms ELSE h.given_ms END,
+                                                                    s.mode, default_ms, emergency_ms, active_ms, idle_ms, sleep_ms)::float8
                                             / s.expected_interval_ms,
                     ia_var_ms2            = CASE WHEN date_part('epoch', r_ts - s.last_seen) * 1000
                                                       BETWEEN 10 AND s.expected_interval_ms * (off_after + tol)
@@ -250,7 +266,8 @@ BEGIN
                                                          * power(date_part('epoch', r_ts - s.last_seen) * 1000
                                                                  - s.ia_mean_ms, 2))
                                                  ELSE s.ia_var_ms2 END
-                                            * power(warden.interval_after(h.given_ms, s.mode, default_ms, emergency_ms, active_ms, idle_ms, sleep_ms)::float8
+                                            * power(warden.interval_after(CASE WHEN warden.heartbeat_late(h.uptime, h.sent_at, s.uptime_seconds, s.last_sent_at) THEN s.expected_interval_ms ELSE h.given_ms END,
+                                                                          s.mode, default_ms, emergency_ms, active_ms, idle_ms, sleep_ms)::float8
                                             / s.expected_interval_ms, 2),
                     beats_decayed         = s.beats_decayed * exp(greatest(-date_part('epoch', r_ts - s.last_seen) / 3600.0::float8, -700.0::float8)) + 1,
                     -- The gap just ended was owed at the interval in force during it.
@@ -259,7 +276,6 @@ BEGIN
                                               * (1 - exp(greatest(-date_part('epoch', r_ts - s.last_seen) / 3600.0::float8, -700.0::float8)))
                 FROM hb h
                 WHERE s.agent_id = h.agent_id
-                  AND NOT warden.heartbeat_late(h.uptime, h.sent_at, s.uptime_seconds, s.last_sent_at)
                 RETURNING h.i, s.agent_id, s.last_restart_at IS NOT DISTINCT FROM r_ts AS restart,
                           s.uptime_before_restart, s.uptime_seconds, s.expected_interval_ms,
                           h.sent_at, h.mode, h.status, h.uptime, h.next_ms
@@ -290,12 +306,13 @@ BEGIN
 
             EXIT WHEN got = cardinality(r_agent_id);
 
-            -- Left: late heartbeats of known agents, and agents not seen
-            -- before (or removed since). Their heartbeats become this round's
-            -- arrays, mapped back to positions in the batch through r_ord.
             SELECT array_agg(g.i ORDER BY g.i) INTO missing
             FROM generate_series(1, cardinality(r_agent_id)) AS g(i)
             WHERE g.i NOT IN (SELECT d FROM unnest(done_i) AS d);
+
+            -- Agents not seen before (or removed since): register them. Their
+            -- heartbeats become this round's arrays, mapped back to positions
+            -- in the batch through r_ord.
             SELECT array_agg(coalesce(r_ord[o], o) ORDER BY n), array_agg(r_agent_id[o] ORDER BY n),
                    array_agg(r_name[o] ORDER BY n), array_agg(r_labels[o] ORDER BY n), array_agg(r_mode[o] ORDER BY n),
                    array_agg(r_status[o] ORDER BY n), array_agg(r_uptime[o] ORDER BY n),
@@ -303,54 +320,6 @@ BEGIN
             INTO r_ord, r_agent_id, r_name, r_labels, r_mode, r_status, r_uptime, r_next_ms, r_sent_at
             FROM unnest(missing) WITH ORDINALITY AS x(o, n);
 
-            -- Late heartbeats (see warden.heartbeat_late) of known agents:
-            -- stored, counted and seen, nothing else. Rare, so out of the
-            -- statement above rather than a CASE in each of its columns.
-            WITH hb AS MATERIALIZED (
-                SELECT u.ord::integer AS i, u.agent_id COLLATE "C" AS agent_id, u.uptime, u.sent_at
-                FROM unnest(r_agent_id, r_uptime, r_sent_at) WITH ORDINALITY AS u(agent_id, uptime, sent_at, ord)
-                ORDER BY u.agent_id COLLATE "C"
-            ),
-            late AS (
-                UPDATE warden.agent_status s SET heartbeat_count = s.heartbeat_count + 1,
-                                                 last_seen = greatest(s.last_seen, r_ts,
-                                                                      s.liveness_since + interval '1 microsecond')
-                FROM hb h
-                WHERE s.agent_id = h.agent_id
-                  AND warden.heartbeat_late(h.uptime, h.sent_at, s.uptime_seconds, s.last_sent_at)
-                RETURNING h.i, s.agent_id, s.expected_interval_ms
-            ),
-            ins_heartbeats AS (
-                INSERT INTO warden.agent_heartbeats
-                    (agent_id, received_at, sent_at, mode, status, uptime_seconds, next_heartbeat_ms, restart_detected)
-                SELECT l.agent_id, r_ts, r_sent_at[l.i], r_mode[l.i], coalesce(r_status[l.i], 'healthy'),
-                       r_uptime[l.i], r_next_ms[l.i], false
-                FROM late l
-            )
-            SELECT array_agg(l.i), array_agg(l.expected_interval_ms), count(*)
-            INTO done_i, done_next, got
-            FROM late l;
-
-            RETURN QUERY
-            SELECT coalesce(r_ord[d.i], d.i), false, false, d.next_ms
-            FROM unnest(done_i, done_next) AS d(i, next_ms);
-            answered := answered + got;
-
-            EXIT WHEN got = cardinality(r_agent_id);
-
-            IF got > 0 THEN
-                SELECT array_agg(g.i ORDER BY g.i) INTO missing
-                FROM generate_series(1, cardinality(r_agent_id)) AS g(i)
-                WHERE g.i NOT IN (SELECT d FROM unnest(done_i) AS d);
-                SELECT array_agg(coalesce(r_ord[o], o) ORDER BY n), array_agg(r_agent_id[o] ORDER BY n),
-                       array_agg(r_name[o] ORDER BY n), array_agg(r_labels[o] ORDER BY n), array_agg(r_mode[o] ORDER BY n),
-                       array_agg(r_status[o] ORDER BY n), array_agg(r_uptime[o] ORDER BY n),
-                       array_agg(r_next_ms[o] ORDER BY n), array_agg(r_sent_at[o] ORDER BY n)
-                INTO r_ord, r_agent_id, r_name, r_labels, r_mode, r_status, r_uptime, r_next_ms, r_sent_at
-                FROM unnest(missing) WITH ORDINALITY AS x(o, n);
-            END IF;
-
-            -- Agents not seen before (or removed since): register them.
             WITH hb AS MATERIALIZED (
                 SELECT u.ord::integer AS i, u.agent_id COLLATE "C" AS agent_id, u.name, u.labels, u.mode,
                        coalesce(u.status, 'healthy') AS status, u.uptime, u.next_ms, u.sent_at,

@@ -68,7 +68,7 @@ pub struct Report {
     /// The process whose transaction, open since it recorded a heartbeat
     /// through SQL in the given minute, holds the rollups back (past
     /// [`HELD_BACK_WARNING`]).
-    pub held_back_by: Option<(i32, DateTime<Utc>)>,
+    pub held_back_by: Option<(Option<i32>, DateTime<Utc>)>,
 }
 
 impl Report {
@@ -85,7 +85,7 @@ pub async fn run(pool: Pool, settings: RetentionSettings, stop: CancellationToke
             Ok(Some(report)) => {
                 if let Some((pid, minute)) = report.held_back_by {
                     tracing::warn!(
-                        pid,
+                        pid = pid.map_or_else(|| "none: a prepared transaction".to_string(), |p| p.to_string()),
                         since = %minute,
                         "a transaction that recorded a heartbeat through warden.record_heartbeat has not ended: \
                          heartbeat rollups wait for it (and partitions older than the rollups stay)"

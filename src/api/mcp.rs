@@ -30,11 +30,11 @@
 //!   200 with `Retry-After`: some SDKs end their session on any HTTP error
 //!   status, so a client slowed down would otherwise have to connect anew.
 //!   A body of notifications only, having no request to answer, still gets
-//!   the HTTP status. So does warden running out of time
-//!   (`server.request_timeout`): shortly before it, a key check still
-//!   waiting is answered as a refusal, a tool call still waiting as a tool
-//!   error (saying whether its heartbeat may yet be stored), and the calls
-//!   of the batch after it as refusals, not run.
+//!   the HTTP status. warden running out of time (`server.request_timeout`)
+//!   is answered request by request too, shortly before it: a key check
+//!   still waiting as a refusal, a tool call still waiting as a tool error
+//!   (saying whether its heartbeat may yet be stored), and the calls of the
+//!   batch after it as refusals, not run.
 //! - Inside JSON-RPC, protocol mistakes are JSON-RPC errors, and so is a
 //!   tool call the key's scopes do not allow ([`FORBIDDEN`]): MCP SDKs treat
 //!   an HTTP error status on a request as a broken connection, not as an

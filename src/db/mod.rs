@@ -657,14 +657,15 @@ pub async fn oldest_open_write(
 pub const SQL_HEARTBEAT_LOCK_CLASS: i64 = 2_003_985_508;
 
 /// The oldest minute a heartbeat recorded through `warden.record_heartbeat`
-/// and not yet committed was stamped in, and the process holding it.
+/// and not yet committed was stamped in, and the process holding it (none
+/// for a prepared transaction, which keeps its locks past its session).
 /// Stamped when the call is made, such a heartbeat may be committed by a
 /// transaction that stays open for any time, as any role; each call holds
 /// a shared advisory lock naming its minute until its transaction ends,
 /// seen in `pg_locks` whatever the session's age or role.
 pub async fn oldest_uncommitted_sql_heartbeat(
     tx: &tokio_postgres::Transaction<'_>,
-) -> Result<Option<(chrono::DateTime<chrono::Utc>, i32)>, DbError> {
+) -> Result<Option<(chrono::DateTime<chrono::Utc>, Option<i32>)>, DbError> {
     let row = tx
         .query_opt(
             "SELECT to_timestamp(l.objid::bigint * 60), l.pid FROM pg_locks l \

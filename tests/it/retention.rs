@@ -159,7 +159,7 @@ async fn a_heartbeat_recorded_through_sql_in_a_long_transaction_is_rolled_up_onc
     let report = warden::retention::cycle(&mut retention, &default_settings().retention, called + Span::minutes(15))
         .await
         .unwrap();
-    assert_eq!(report.held_back_by.map(|(p, _)| p), Some(pid), "the cycle names who holds the rollups back");
+    assert_eq!(report.held_back_by.map(|(p, _)| p), Some(Some(pid)), "the cycle names who holds the rollups back");
     tx.commit().await.unwrap();
     cycle(&test_db, called + Span::minutes(16)).await;
     let counted: i64 = db
