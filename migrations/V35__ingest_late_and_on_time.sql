@@ -9,7 +9,13 @@
 -- above 1, an agent beating every 1.5 intervals was never late, yet never
 -- on time: after one late beat it stayed degraded for ever. The bound is
 -- now the one lateness uses, published by `warden serve` to
--- health_params.degraded_after_missed (1 until it does, as before).
+-- health_params.degraded_after_missed (1 until it does, as before). With
+-- the phi detector, which judges an agent by its learned rhythm once it
+-- has phi_min_samples gaps within a factor of 2 of the interval it
+-- announces, a gap within that rhythm's mean plus the tolerance is on
+-- time too: an agent beating every 1.5 announced intervals, which phi
+-- rightly finds fine, was otherwise never on time again after one late
+-- verdict. health_params.detector and phi_min_samples say which rule.
 --
 -- Committed after a transition. A flush stamps its heartbeats when it
 -- begins; one that waited on another agent's row lock could commit after
@@ -53,7 +59,9 @@
 -- the inlined comparison stops at its first step unless sent_at went
 -- backwards.
 ALTER TABLE warden.health_params
-    ADD COLUMN degraded_after_missed integer NOT NULL DEFAULT 1 CHECK (degraded_after_missed >= 1);
+    ADD COLUMN degraded_after_missed integer NOT NULL DEFAULT 1 CHECK (degraded_after_missed >= 1),
+    ADD COLUMN detector text NOT NULL DEFAULT 'fixed' CHECK (detector IN ('fixed', 'phi')),
+    ADD COLUMN phi_min_samples integer NOT NULL DEFAULT 10 CHECK (phi_min_samples >= 1);
 
 CREATE FUNCTION warden.heartbeat_late(
     uptime bigint, sent_at timestamptz, last_uptime bigint, last_sent_at timestamptz
@@ -108,6 +116,8 @@ DECLARE
     tol        double precision;
     off_after  integer;
     late_after integer;
+    phi        boolean;
+    phi_after  integer;
     n          integer := cardinality(p_agent_id);
     default_ms integer;
     emergency_ms integer;
@@ -134,8 +144,9 @@ DECLARE
     answered     integer := 0;
     got          integer;
 BEGIN
-    SELECT hp.jitter_tolerance, hp.offline_after_missed, hp.degraded_after_missed
-    INTO tol, off_after, late_after FROM warden.health_params hp;
+    SELECT hp.jitter_tolerance, hp.offline_after_missed, hp.degraded_after_missed,
+           hp.detector = 'phi', hp.phi_min_samples
+    INTO tol, off_after, late_after, phi, phi_after FROM warden.health_params hp;
     -- default_ms stays NULL without a 'default' row: a heartbeat without a
     -- mode from an agent without one then falls back to 30 s, as before.
     SELECT max(m.interval_ms) FILTER (WHERE m.mode = 'default'),
@@ -237,7 +248,12 @@ BEGIN
                     ontime_streak         = CASE WHEN date_part('epoch', r_ts - s.last_seen) * 1000 < 10
                                                  THEN s.ontime_streak
                                                  WHEN date_part('epoch', r_ts - s.last_seen) * 1000
-                                                      <= s.expected_interval_ms * (late_after + tol)
+                                                      <= CASE WHEN phi AND s.ia_count >= phi_after
+                                                                   AND s.ia_mean_ms BETWEEN s.expected_interval_ms / 2.0
+                                                                                        AND s.expected_interval_ms * 2.0
+                                                              THEN greatest(s.expected_interval_ms * (late_after + tol),
+                                                                            s.ia_mean_ms * (1 + tol))
+                                                              ELSE s.expected_interval_ms * (late_after + tol) END
                                                  THEN s.ontime_streak + 1 ELSE 1 END,
                     -- Inter-arrival statistics leave out outages (gaps past the
                     -- offline threshold) and heartbeats of one batch (under 10 ms),

@@ -437,10 +437,11 @@ async fn sync_mode_intervals(client: &tokio_postgres::Client, settings: &Setting
     client
         .execute(
             "UPDATE warden.health_params SET jitter_tolerance = $1, offline_after_missed = $2, \
-               max_metrics = $3, max_labels = $4, max_clock_skew_ms = $5, degraded_after_missed = $6 \
+               max_metrics = $3, max_labels = $4, max_clock_skew_ms = $5, degraded_after_missed = $6, \
+               detector = $7, phi_min_samples = $8 \
              WHERE (jitter_tolerance, offline_after_missed, max_metrics, max_labels, max_clock_skew_ms, \
-                    degraded_after_missed) \
-                   IS DISTINCT FROM ($1, $2, $3, $4, $5, $6)",
+                    degraded_after_missed, detector, phi_min_samples) \
+                   IS DISTINCT FROM ($1, $2, $3, $4, $5, $6, $7, $8)",
             &[
                 &health.jitter_tolerance,
                 &(health.offline_after_missed as i32),
@@ -448,6 +449,8 @@ async fn sync_mode_intervals(client: &tokio_postgres::Client, settings: &Setting
                 &(ingest.max_labels as i32),
                 &skew_ms,
                 &(health.degraded_after_missed as i32),
+                &health.detector.as_str(),
+                &(health.phi_min_samples as i32),
             ],
         )
         .await?;

@@ -188,6 +188,8 @@ pub fn time_to_recover(expected_interval_ms: i64, recover_after_healthy: u32) ->
 }
 
 /// See [`rhythm_matches`]; the evaluator's SQL pre-filter uses it too.
+/// Ingest's on-time bound under phi (`warden.ingest_heartbeats`, V35)
+/// uses the same factor.
 pub const RHYTHM_FACTOR: f64 = 2.0;
 
 /// How alarming the current silence is, before hysteresis.

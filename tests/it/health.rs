@@ -779,6 +779,36 @@ async fn an_agent_phi_found_offline_needs_a_new_run_of_on_time_beats_to_be_onlin
 }
 
 #[tokio::test]
+async fn under_phi_an_agent_slower_than_it_announces_is_on_time_within_its_rhythm() {
+    // It announces 10 s and beats every 15 s: phi judges it by that rhythm
+    // and finds it fine. After one late verdict its 15 s beats must count
+    // as on time again, or it stays degraded for good.
+    let db = TestDb::migrated().await;
+    let mut c = db.client().await;
+    c.execute("UPDATE warden.health_params SET detector = 'phi'", &[]).await.unwrap();
+    let mut p = params();
+    p.liveness.detector = warden::health::liveness::Detector::Phi;
+    let t = t0();
+    warm_up(&mut c, &p, t).await;
+    let mut at = t;
+    for n in 0..13 {
+        beat(&c, "slow", at, 10_000, 15 * n).await;
+        evaluator::liveness_cycle(&mut c, &p, "test", Some(at + Duration::milliseconds(10))).await.unwrap();
+        at += Duration::seconds(15);
+    }
+    let last = at - Duration::seconds(15);
+    assert_eq!(liveness(&c, "slow").await, Liveness::Online);
+    // 17.3 s: outside its steady rhythm, so late by phi (short of offline).
+    evaluator::liveness_cycle(&mut c, &p, "test", Some(last + Duration::milliseconds(17_300))).await.unwrap();
+    assert_eq!(liveness(&c, "slow").await, Liveness::Degraded);
+    beat(&c, "slow", last + Duration::milliseconds(17_500), 10_000, 300).await;
+    evaluator::liveness_cycle(&mut c, &p, "test", Some(last + Duration::milliseconds(17_510))).await.unwrap();
+    beat(&c, "slow", last + Duration::milliseconds(32_500), 10_000, 315).await;
+    evaluator::liveness_cycle(&mut c, &p, "test", Some(last + Duration::milliseconds(32_510))).await.unwrap();
+    assert_eq!(liveness(&c, "slow").await, Liveness::Online, "its own rhythm is on time");
+}
+
+#[tokio::test]
 async fn a_short_restart_does_not_take_quick_agents_offline() {
     let db = TestDb::migrated().await;
     let mut c = db.client().await;
