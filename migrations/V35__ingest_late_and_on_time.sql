@@ -26,9 +26,8 @@
 -- mode, and extended_offline with a recovery meanwhile). last_seen is now
 -- at least a microsecond past liveness_since.
 --
--- Late heartbeats.
--- Two heartbeats of one agent in flight at once (a stalled request
--- overtaken by the agent's next one, a retry through another replica,
+-- Late heartbeats. Two heartbeats of one agent in flight at once (a
+-- stalled request overtaken by the agent's next one, a retry through another replica,
 -- parallel senders, requests held up together by a stalled database) can
 -- commit in either order. When the older one came second, its lower
 -- uptime read as a restart: an agent_restarted event, a restart counted
