@@ -217,22 +217,26 @@ pub async fn cycle(
                FROM warden.liveness_days WHERE day < ($1 AT TIME ZONE 'UTC')::date LIMIT $2)",
             Some(now - settings.transitions.to_chrono()),
         ),
+        // Rollups go oldest first (their time indexes give the order for
+        // nothing): a prune cut short leaves at most the oldest expired
+        // hour partly deleted, not hours scattered through the range
+        // reports then read as whole.
         (
             "minute_rollups",
             "DELETE FROM warden.heartbeat_rollups WHERE ctid IN (SELECT ctid FROM warden.heartbeat_rollups \
-               WHERE bucket = 'minute' AND bucket_start < $1 LIMIT $2)",
+               WHERE bucket = 'minute' AND bucket_start < $1 ORDER BY bucket_start LIMIT $2)",
             hours_rolled.map(|mark| (now - settings.minute_rollups.to_chrono()).min(mark)),
         ),
         (
             "hour_rollups",
             "DELETE FROM warden.heartbeat_rollups WHERE ctid IN (SELECT ctid FROM warden.heartbeat_rollups \
-               WHERE bucket = 'hour' AND bucket_start < $1 LIMIT $2)",
+               WHERE bucket = 'hour' AND bucket_start < $1 ORDER BY bucket_start LIMIT $2)",
             Some(now - settings.hour_rollups.to_chrono()),
         ),
         (
             "score_rollups",
             "DELETE FROM warden.score_rollups WHERE ctid IN (SELECT ctid FROM warden.score_rollups \
-               WHERE hour_start < $1 LIMIT $2)",
+               WHERE hour_start < $1 ORDER BY hour_start LIMIT $2)",
             Some(now - settings.hour_rollups.to_chrono()),
         ),
         (
