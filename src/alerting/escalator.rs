@@ -232,6 +232,17 @@ pub async fn cycle(
     )
     .await?;
     channel_health(&tx, p, now, &mut report).await?;
+    // Groups due with no alert in them any more (their alerts resolved or
+    // were acknowledged before the group went out) go, whether or not any
+    // alert is active now: one left behind would be joined by the route's
+    // next alert and flushed at once, hours overdue, its levels counted
+    // from then. An alert another cycle still names keeps its group.
+    tx.execute(
+        "DELETE FROM warden.alert_groups g WHERE NOT g.flushed AND g.flush_at <= $1 \
+           AND NOT EXISTS (SELECT 1 FROM warden.alerts a WHERE a.group_id = g.id)",
+        &[&now],
+    )
+    .await?;
 
     let rows = load_alerts(&tx).await?;
     report.alerts = rows.len();
@@ -431,12 +442,18 @@ pub async fn cycle(
             empty.push(*group);
             continue;
         }
+        // Paged at the group's time, so escalations keep their schedule
+        // whatever the cycle's jitter; a group flushed long after it (no
+        // cycle ran meanwhile: warden was down) pages now, and its
+        // escalations count from now.
+        let slack = Duration::from_std(p.interval).unwrap_or_default() + LOCKED_MEMBER_WAIT;
+        let paged_at = (*flush_at).max(now - slack);
         for (index, policy, _) in due {
             let row = &rows[index];
             let (Some(update), Some(facts)) = (updates.get_mut(&row.id), facts_of.get(&row.id)) else { continue };
-            update.paged_at = Some(*flush_at);
+            update.paged_at = Some(paged_at);
             update.group_id = None;
-            let facts = Facts { paged_at: Some(*flush_at), ..facts.clone() };
+            let facts = Facts { paged_at: Some(paged_at), ..facts.clone() };
             page(&facts, &policy, p, row.id, route, now, update, &mut pending, false);
         }
         tx.execute("UPDATE warden.alert_groups SET flushed = true WHERE id = $1", &[group]).await?;

@@ -624,6 +624,62 @@ async fn a_group_that_sent_nothing_does_not_delay_the_next_page() {
 }
 
 #[tokio::test]
+async fn a_group_left_by_an_alert_that_resolved_in_its_wait_goes_and_the_next_alert_waits_its_own() {
+    // An alert that resolves within its group's wait leaves the group with
+    // nobody to send. Kept, it could be joined hours later by the route's
+    // next alert, which then went out at once, its escalation levels
+    // counted from the old group's time: every level in the same second.
+    let slack = HttpReceiver::start().await;
+    let smtp = SmtpServer::start().await;
+    let timings = TIMINGS.replace("group_wait = \"4s\"", "group_wait = \"30s\"");
+    let mut rig = Rig::new(&format!("{timings}{}{PAGE_POLICY}", channels_toml(&slack, &smtp, None))).await;
+    rig.beat("blip", 10_000, None).await;
+    rig.run_for(secs(34), secs(2)).await;
+    assert_eq!(rig.alert("blip:agent_unresponsive").await.1, "firing");
+    assert_eq!(rig.count("SELECT count(*) FROM warden.alert_groups WHERE NOT flushed").await, 1);
+    rig.come_back("blip").await;
+    assert_eq!(rig.alert("blip:agent_unresponsive").await.1, "resolved");
+    // Quiet for an hour: the blip beats on a long interval, nothing fires.
+    rig.beat("blip", 7 * 24 * 3_600_000, None).await;
+    rig.run_for(secs(3600), secs(60)).await;
+    assert!(slack.accepted().is_empty() && smtp.mails().is_empty(), "nothing went out for the blip");
+    assert_eq!(rig.count("SELECT count(*) FROM warden.alert_groups WHERE NOT flushed").await, 0, "the group went");
+
+    rig.beat("later", 10_000, None).await;
+    rig.run_for(secs(34), secs(2)).await;
+    assert_eq!(rig.alert("later:agent_unresponsive").await.1, "firing");
+    assert!(slack.accepted().is_empty(), "the new alert waits its group_wait");
+    rig.run_for(secs(40), secs(2)).await;
+    let texts = slack_texts(&slack);
+    assert_eq!(texts.len(), 1, "{texts:?}");
+    assert!(texts[0].starts_with("[FIRING CRITICAL] later is offline"), "{texts:?}");
+    assert!(smtp.mails().is_empty(), "level 2 is five minutes after the page, not now");
+}
+
+#[tokio::test]
+async fn a_group_flushed_long_after_its_time_counts_its_levels_from_the_page() {
+    // No cycle ran between a group's opening and an hour later (warden was
+    // down): its page goes out now, and level 2 five minutes after it, not
+    // with it.
+    let slack = HttpReceiver::start().await;
+    let smtp = SmtpServer::start().await;
+    let timings = TIMINGS.replace("group_wait = \"4s\"", "group_wait = \"30s\"");
+    let mut rig = Rig::new(&format!("{timings}{}{PAGE_POLICY}", channels_toml(&slack, &smtp, None))).await;
+    rig.beat("down", 10_000, None).await;
+    rig.run_for(secs(34), secs(2)).await;
+    assert_eq!(rig.count("SELECT count(*) FROM warden.alert_groups WHERE NOT flushed").await, 1);
+    rig.now += secs(3600);
+    rig.tick().await;
+    rig.run_for(secs(10), secs(2)).await;
+    let texts = slack_texts(&slack);
+    assert_eq!(texts.len(), 1, "{texts:?}");
+    assert!(texts[0].starts_with("[FIRING CRITICAL] down is offline"), "{texts:?}");
+    assert!(smtp.mails().is_empty(), "level 2 is five minutes after the page");
+    rig.run_for(secs(300), secs(10)).await;
+    assert_eq!(smtp.mails().len(), 1, "and then it goes");
+}
+
+#[tokio::test]
 async fn a_recovery_under_way_holds_the_page_and_a_success_sends_auto_recovered_instead() {
     let slack = HttpReceiver::start().await;
     let smtp = SmtpServer::start().await;
