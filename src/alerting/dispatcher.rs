@@ -470,10 +470,12 @@ impl Dispatcher {
     /// escalation or repeat none of whose alerts fires any more is left to
     /// cancel_stale, even if they stopped firing since it ran: the escalator
     /// may have left the channel out of the resolution, counting on that.
-    /// A message other than a resolution whose alerts are all firing under a silence
-    /// or maintenance window (the escalator keeps suppressed_reason current)
-    /// is held, not claimed: queued before the silence began, or retrying
-    /// since, it goes when the silence ends if its alerts still fire.
+    /// A message other than a resolution with alerts firing under a silence
+    /// or maintenance window and none firing outside one (the escalator
+    /// keeps suppressed_reason current) is held, not claimed: queued before
+    /// the silence began, or retrying since, it goes when the silence ends
+    /// if its alerts still fire. One of a group resolving or acknowledged
+    /// meanwhile does not send the page about the others mid-silence.
     async fn claim(
         &self,
         client: &tokio_postgres::Client,
@@ -492,11 +494,15 @@ impl Dispatcher {
                      AND NOT (d.channel = ANY ($5)) \
                      AND (d.kind NOT IN ('escalation', 'repeat') OR EXISTS ( \
                        SELECT 1 FROM warden.alerts x WHERE x.id = ANY (d.alert_ids) AND x.state = 'firing')) \
-                     AND (d.kind = 'resolved' OR EXISTS ( \
-                       SELECT 1 FROM warden.alerts x WHERE x.id = ANY (d.alert_ids) \
-                         AND NOT (x.state = 'firing' AND ",
+                     AND (d.kind = 'resolved' \
+                       OR EXISTS (SELECT 1 FROM warden.alerts x WHERE x.id = ANY (d.alert_ids) \
+                                    AND x.state = 'firing' AND NOT ",
                     silenced!(),
-                    "))) \
+                    ") \
+                       OR NOT EXISTS (SELECT 1 FROM warden.alerts x WHERE x.id = ANY (d.alert_ids) \
+                                        AND x.state = 'firing' AND ",
+                    silenced!(),
+                    ")) \
                      AND NOT EXISTS ( \
                        SELECT 1 FROM warden.alert_deliveries p \
                        WHERE p.state = 'pending' AND p.channel = d.channel AND p.id < d.id \

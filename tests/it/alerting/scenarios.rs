@@ -1222,6 +1222,41 @@ async fn queued_messages_of_silenced_alerts_wait_for_the_silence_to_end() {
     assert!(texts.contains("q1") && texts.contains("q2") && !texts.contains("q3"), "{texts}");
 }
 
+#[tokio::test]
+async fn a_grouped_page_held_by_a_silence_stays_held_when_one_of_its_alerts_resolves() {
+    let slack = HttpReceiver::start().await;
+    let smtp = SmtpServer::start().await;
+    let toml = channels_toml(&slack, &smtp, None);
+    let rig = Rig::new(&toml).await;
+    // One page about g1 and g2, both silenced.
+    let ids = rig.firing_deliveries("g", 2).await;
+    rig.c
+        .batch_execute(&format!(
+            "UPDATE warden.alert_deliveries SET alert_ids = ARRAY(SELECT alert_id FROM warden.alert_deliveries \
+               WHERE id IN ({0}, {1}) ORDER BY id) WHERE id = {0}; \
+             DELETE FROM warden.alert_deliveries WHERE id = {1}; \
+             UPDATE warden.alerts SET suppressed_reason = 'silence:9' WHERE subject IN ('g1', 'g2')",
+            ids[0], ids[1]
+        ))
+        .await
+        .unwrap();
+    let d = dispatcher(&rig.db, &settings(&toml), "replica-a");
+    assert_eq!(d.pass(Some(Utc::now())).await.unwrap().claimed, 0, "held");
+    // g1 resolves under the silence: g2 still fires under it.
+    rig.c
+        .batch_execute("UPDATE warden.alerts SET state = 'resolved', resolved_at = now() WHERE subject = 'g1'")
+        .await
+        .unwrap();
+    let report = d.pass(Some(Utc::now())).await.unwrap();
+    assert_eq!((report.claimed, report.cancelled), (0, 0), "still held: {report:?}");
+    assert!(slack.accepted().is_empty());
+    // The silence ends with g2 still firing: the page goes.
+    rig.c.batch_execute("UPDATE warden.alerts SET suppressed_reason = NULL WHERE subject = 'g2'").await.unwrap();
+    let report = d.pass(Some(Utc::now())).await.unwrap();
+    assert_eq!((report.claimed, report.sent), (1, 1), "{report:?}");
+    assert!(slack_texts(&slack).join("\n").contains("g2"));
+}
+
 /// The database goes away while two sends are under way and comes back a
 /// little later: both outcomes are recorded then, once each, and nothing
 /// is sent again. (A failed record used to end the pass, leaving both
