@@ -10,8 +10,9 @@
 //!   any of its alerts is still pending, so "resolved" never overtakes
 //!   "firing".
 //! - Failures retry with exponential backoff and jitter ([`retry_delay`]),
-//!   honouring a 429's Retry-After, until `max_delivery_age`; then the
-//!   delivery is dead-lettered with a `system_events` row.
+//!   honouring a 429's Retry-After, until `max_delivery_age` after the
+//!   first attempt; then the delivery is dead-lettered with a
+//!   `system_events` row.
 //! - Every attempt is recorded (`alert_delivery_attempts`: status code,
 //!   latency, outcome) and folded into the channel's health
 //!   (`alert_channels`), which the escalator turns into channel alerts.
@@ -571,7 +572,20 @@ impl Dispatcher {
             Err(e) => e.reached.clone(),
             Ok(_) => Vec::new(),
         });
-        let deadline = row.created_at + self.params.max_age;
+        // The age counts from the first attempt: a message held by a
+        // silence or maintenance window for longer than max_delivery_age
+        // goes when it ends with its full share of retries, not one.
+        let first_attempt: Option<DateTime<Utc>> = if row.attempts <= 1 {
+            Some(o.started)
+        } else {
+            tx.query_one(
+                "SELECT min(started_at) FROM warden.alert_delivery_attempts WHERE delivery_id = $1",
+                &[&row.id],
+            )
+            .await?
+            .get(0)
+        };
+        let deadline = first_attempt.unwrap_or(row.created_at).max(row.created_at) + self.params.max_age;
         let recorded = match &o.result {
             Ok(_) => Recorded::Sent,
             Err(_) if now >= deadline => Recorded::Dead,
@@ -587,8 +601,11 @@ impl Dispatcher {
                     ra,
                     jitter(),
                 );
-                // One last try at the deadline rather than none after it.
-                (now + delay).min(deadline.max(now + Duration::milliseconds(1)))
+                // One last try at the deadline rather than none after it,
+                // unless the receiver asked to wait longer: a try inside its
+                // Retry-After would only be refused again.
+                let last = (now + delay).min(deadline.max(now + Duration::milliseconds(1)));
+                ra.map_or(last, |ra| last.max(now + ra))
             }
             _ => now,
         };

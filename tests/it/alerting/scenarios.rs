@@ -1140,6 +1140,35 @@ async fn a_rate_limited_channel_is_not_failing() {
     assert!(texts.iter().any(|t| t.contains("offline")), "the page went out after all: {texts:?}");
 }
 
+#[tokio::test]
+async fn a_page_held_past_max_delivery_age_gets_its_retries_when_the_silence_ends() {
+    // Held by a weekend silence longer than max_delivery_age, the page was
+    // past its deadline when the silence ended: one refusal (the 429 that
+    // every held page going out at once invites) made it dead, its
+    // Retry-After ignored.
+    let slack = HttpReceiver::start().await;
+    let smtp = SmtpServer::start().await;
+    let toml = format!(
+        "{}{}",
+        TIMINGS.replace("retry_max = \"4s\"", "retry_max = \"4s\"\nmax_delivery_age = \"20s\""),
+        channels_toml(&slack, &smtp, None)
+    );
+    let rig = Rig::new(&toml).await;
+    rig.firing_deliveries("w", 1).await;
+    let start = Utc::now();
+    rig.c.execute("UPDATE warden.alert_deliveries SET created_at = $1::timestamptz - interval '2 days'", &[&start]).await.unwrap();
+    slack.script(&[Reply::RetryAfter(30)]);
+    let d = dispatcher(&rig.db, &settings(&toml), "replica-a");
+    let report = d.pass(Some(start)).await.unwrap();
+    assert_eq!((report.claimed, report.sent), (1, 0), "{report:?}");
+    assert_eq!(rig.deliveries().await[0].3, "pending", "retried, not given up");
+    let next: chrono::DateTime<Utc> =
+        rig.c.query_one("SELECT next_attempt_at FROM warden.alert_deliveries", &[]).await.unwrap().get(0);
+    assert!(next >= start + secs(30), "its Retry-After is honoured past the deadline: {next}");
+    let report = d.pass(Some(next)).await.unwrap();
+    assert_eq!(report.sent, 1, "{report:?}");
+}
+
 /// Passes until nothing is left to claim; returns how many it sent.
 async fn drain(d: &warden::alerting::dispatcher::Dispatcher, now: chrono::DateTime<Utc>) -> usize {
     let mut sent = 0;
