@@ -418,7 +418,8 @@ impl Engine {
                 // Counted from the action's end, as verification is.
                 let waited = ended.map(|e| (deadline - e).num_seconds().max(0)).unwrap_or(0);
                 tx.execute(
-                    "UPDATE warden.recovery_actions SET state = 'failed', \
+                    "UPDATE warden.recovery_actions \
+                     SET state = CASE WHEN state = 'timed_out' THEN state ELSE 'failed' END, \
                        outcome = coalesce(outcome || '; ', '') || $2 WHERE id = $1",
                     &[
                         &action,
@@ -822,8 +823,12 @@ impl Engine {
         // request sent, a restart half through): like one whose replica
         // died, it is an attempt whose effect is verified, never simply run
         // again, so that stopping replicas one after another cannot restart
-        // an agent once per replica.
-        if matches!(outcome.ended, Ended::Done | Ended::Interrupted) {
+        // an agent once per replica. So may one that timed out: killing
+        // `systemctl restart` does not cancel the restart systemd runs,
+        // and an orchestrator may act on a request it never answered;
+        // restarted again at the backoff, the agent would be killed while
+        // it starts.
+        if matches!(outcome.ended, Ended::Done | Ended::Interrupted | Ended::TimedOut) {
             tx.execute(
                 "UPDATE warden.recovery_jobs SET state = 'verifying', verify_until = $2, lease_owner = NULL, \
                    lease_until = NULL, updated_at = $3 WHERE id = $1",

@@ -1156,7 +1156,10 @@ async fn a_page_held_past_max_delivery_age_gets_its_retries_when_the_silence_end
     let rig = Rig::new(&toml).await;
     rig.firing_deliveries("w", 1).await;
     let start = Utc::now();
-    rig.c.execute("UPDATE warden.alert_deliveries SET created_at = $1::timestamptz - interval '2 days'", &[&start]).await.unwrap();
+    rig.c
+        .execute("UPDATE warden.alert_deliveries SET created_at = $1::timestamptz - interval '2 days'", &[&start])
+        .await
+        .unwrap();
     slack.script(&[Reply::RetryAfter(30)]);
     let d = dispatcher(&rig.db, &settings(&toml), "replica-a");
     let report = d.pass(Some(start)).await.unwrap();
