@@ -351,6 +351,13 @@ impl Engine {
             // meanwhile. One that was heard from keeps the whole time, even
             // if a late beat makes it degraded for a moment.
             let unheard_by = ended.filter(|_| !heard).map(|e| e + self.verify_for(&strategy, None, row.get(15)));
+            // The time to be back was fixed from the interval the agent had
+            // when the job was claimed; a restarted process may announce a
+            // longer one (an agent in emergency mode, 5 s, comes back at
+            // 30 s) and could never be online within it: the longer of the
+            // two counts.
+            let verify_until =
+                verify_until.map(|v| ended.map_or(v, |e| v.max(e + self.verify_for(&strategy, issue, row.get(15)))));
             let fixed_at =
                 if silence { back } else { back.and(resolved_at.filter(|r| started.is_some_and(|s| *r >= s))) };
             if let Some(fixed_at) = fixed_at {

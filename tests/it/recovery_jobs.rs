@@ -373,6 +373,27 @@ async fn a_heartbeat_sent_while_the_restart_ran_proves_nothing() {
 }
 
 #[tokio::test]
+async fn a_restarted_agent_announcing_a_longer_interval_gets_the_time_it_needs() {
+    // Claimed at a 1 s interval, the job's time to be back was seconds; the
+    // restarted process announces 60 s and needs two of those to be online.
+    let rig = rig(vec![strategy(&[IssueType::AgentUnresponsive], vec![command(&["/bin/true"])])], 3).await;
+    rig.agent("slow").await;
+    rig.incident("slow", IssueType::AgentUnresponsive).await;
+    assert_eq!(rig.tick().await.started, 1);
+    assert_eq!(rig.action_states("slow").await, ["verifying"]);
+    let db = rig.db.client().await;
+    db.batch_execute(
+        "UPDATE warden.agent_status s SET liveness = 'degraded', expected_interval_ms = 60000,            last_seen = a.finished_at + interval '1 millisecond'          FROM warden.recovery_actions a WHERE s.agent_id = 'slow' AND a.agent_id = 'slow';          UPDATE warden.recovery_jobs SET verify_until = now() - interval '1 second' WHERE agent_id = 'slow'",
+    )
+    .await
+    .unwrap();
+    rig.tick().await;
+    assert_eq!(rig.action_states("slow").await, ["verifying"], "its new interval's time, not the old one's");
+    db.execute("UPDATE warden.agent_status SET liveness = 'online' WHERE agent_id = 'slow'", &[]).await.unwrap();
+    assert_eq!(rig.tick().await.succeeded, 1);
+}
+
+#[tokio::test]
 async fn a_restart_loop_is_fixed_when_it_clears_and_the_agent_is_back() {
     let rig = rig(vec![strategy(&[IssueType::RestartLoop], vec![command(&["/bin/true"])])], 3).await;
     let db = rig.db.client().await;
