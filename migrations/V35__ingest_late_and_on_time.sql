@@ -17,6 +17,10 @@
 -- rightly finds fine, was otherwise never on time again after one late
 -- verdict. health_params.detector and phi_min_samples say which rule.
 --
+-- A restart starts a new on-time run: the run of the process it replaced
+-- vouched for the new one, so a restarted agent was back online, and a
+-- recovery verified, on the new process's first beat.
+--
 -- Committed after a transition. A flush stamps its heartbeats when it
 -- begins; one that waited on another agent's row lock could commit after
 -- a liveness cycle had judged (say, taken offline) an agent it carried,
@@ -239,12 +243,18 @@ BEGIN
                     uptime_before_restart = CASE WHEN h.uptime < s.uptime_seconds AND NOT warden.heartbeat_late(h.uptime, h.sent_at, s.uptime_seconds, s.last_sent_at)
                                                  THEN s.uptime_seconds ELSE s.uptime_before_restart END,
                     -- On time: before the agent would have been late (missed
-                    -- degraded_after_missed intervals past the tolerance).
+                    -- degraded_after_missed intervals past the tolerance). A
+                    -- restart starts a new run: beats of the process it
+                    -- replaced vouch for nothing (a recovery's verification
+                    -- waits for the run, not for one beat of the new process).
                     -- Every heartbeat counts as one; on-time ones extend the run.
                     -- Heartbeats of one batch (under 10 ms apart) count once:
                     -- an agent that comes back with a buffer of them has shown
                     -- one on-time beat, not a run.
-                    ontime_streak         = CASE WHEN date_part('epoch', r_ts - s.last_seen) * 1000 < 10
+                    ontime_streak         = CASE WHEN h.uptime < s.uptime_seconds
+                                                      AND NOT warden.heartbeat_late(h.uptime, h.sent_at, s.uptime_seconds, s.last_sent_at)
+                                                 THEN 1
+                                                 WHEN date_part('epoch', r_ts - s.last_seen) * 1000 < 10
                                                  THEN s.ontime_streak
                                                  WHEN date_part('epoch', r_ts - s.last_seen) * 1000
                                                       <= CASE WHEN phi AND s.ia_count >= phi_after

@@ -325,6 +325,24 @@ async fn a_long_outage_opens_extended_offline_after_five_minutes() {
 }
 
 #[tokio::test]
+async fn a_restart_starts_a_new_on_time_run() {
+    // The beats of the process a restart replaced vouch for nothing: a
+    // degraded agent restarted is not back on the new process's first beat.
+    let db = TestDb::migrated().await;
+    let c = db.client().await;
+    let t = t0();
+    for (s, uptime) in [(0, 100), (10, 110), (20, 120)] {
+        beat(&c, "re", t + Duration::seconds(s), 10_000, uptime).await;
+    }
+    let streak = "SELECT ontime_streak FROM warden.agent_status WHERE agent_id = 're'";
+    assert_eq!(c.query_one(streak, &[]).await.unwrap().get::<_, i32>(0), 3);
+    beat(&c, "re", t + Duration::seconds(30), 10_000, 2).await;
+    assert_eq!(c.query_one(streak, &[]).await.unwrap().get::<_, i32>(0), 1, "restarted: a new run");
+    beat(&c, "re", t + Duration::seconds(40), 10_000, 12).await;
+    assert_eq!(c.query_one(streak, &[]).await.unwrap().get::<_, i32>(0), 2);
+}
+
+#[tokio::test]
 async fn a_heartbeat_committed_after_the_cycle_that_took_its_agent_offline_counts() {
     // A flush stamps its heartbeats when it begins; one held up by another
     // agent's row lock commits after a cycle that judged this agent
