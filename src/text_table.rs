@@ -34,12 +34,7 @@ pub fn render<R: AsRef<[String]>>(rows: &[R]) -> String {
 /// embeddings, overrides and isolates and line separators that could make
 /// an agent's name turn the words after it around.
 pub fn for_terminal(text: &str) -> std::borrow::Cow<'_, str> {
-    let hidden = |c: char| {
-        c.is_control()
-            || matches!(c, '\u{2028}' | '\u{2029}')
-            || ('\u{202A}'..='\u{202E}').contains(&c)
-            || ('\u{2066}'..='\u{2069}').contains(&c)
-    };
+    let hidden = |c: char| c.is_control() || crate::alerting::message::reorders(c);
     if !text.chars().any(hidden) {
         return text.into();
     }

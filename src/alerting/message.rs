@@ -350,12 +350,20 @@ impl Message {
 /// names use included, since they open nothing that could spill over.
 /// Structured fields (the webhook's JSON) keep the text unchanged.
 pub fn shown(line: String) -> String {
-    let hidden = |c: char| {
-        matches!(c, '\u{2028}' | '\u{2029}')
-            || ('\u{202A}'..='\u{202E}').contains(&c)
-            || ('\u{2066}'..='\u{2069}').contains(&c)
-    };
-    if line.chars().any(hidden) { line.chars().map(|c| if hidden(c) { '\u{FFFD}' } else { c }).collect() } else { line }
+    if line.chars().any(reorders) {
+        line.chars().map(|c| if reorders(c) { '\u{FFFD}' } else { c }).collect()
+    } else {
+        line
+    }
+}
+
+/// A bidirectional embedding, override or isolate, or a line or paragraph
+/// separator: what agent-supplied text must not carry into words warden
+/// puts around it ([`shown`], and tables printed to a terminal).
+pub fn reorders(c: char) -> bool {
+    matches!(c, '\u{2028}' | '\u{2029}')
+        || ('\u{202A}'..='\u{202E}').contains(&c)
+        || ('\u{2066}'..='\u{2069}').contains(&c)
 }
 
 /// A claimed delivery, as the dispatcher holds it.
