@@ -290,14 +290,7 @@ pub async fn liveness_cycle<'r>(
         // At the database's precision: a cycle at the very instant the
         // process began is its own.
         (Some(at), Some(serving_since)) => chrono::SubsecRound::trunc_subsecs(serving_since, 6) > at,
-        (Some(at), None) if new_leader && now - at > params.check_interval => tx
-            .query_one(
-                "SELECT NOT EXISTS (SELECT 1 FROM warden.agent_status WHERE last_seen > $1) \
-                    AND NOT EXISTS (SELECT 1 FROM warden.ingest_refusals WHERE refused_at > $1)",
-                &[&at],
-            )
-            .await?
-            .get(0),
+        (Some(at), None) if new_leader && now - at > params.check_interval => !heard_between(&tx, at, now).await?,
         _ => false,
     };
     let paused = last_cycle.filter(|at| now - *at > params.gap_limit());
@@ -314,15 +307,12 @@ pub async fn liveness_cycle<'r>(
         _ => true,
     };
     if let Some(paused_at) = if restarted { last_cycle } else { paused } {
-        let (log, words) = if restarted || unheard {
-            ("evaluation resumed after a gap; every agent gets a fresh grace", "every agent gets a fresh grace")
+        let words = if restarted || unheard {
+            "every agent gets a fresh grace"
         } else {
-            (
-                "evaluation resumed after a gap; heartbeats were stored meanwhile, so silences count as ever",
-                "heartbeats were stored meanwhile, so silences count as ever",
-            )
+            "heartbeats were stored meanwhile, so silences count as ever"
         };
-        tracing::info!(?last_cycle, "{log}");
+        tracing::info!(?last_cycle, "evaluation resumed after a gap; {words}");
         // Nobody judged the fleet meanwhile: availability counts the
         // stretch as unknown rather than as whatever each agent was.
         tx.execute(
