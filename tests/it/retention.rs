@@ -17,6 +17,17 @@ async fn cycle(db: &TestDb, now: chrono::DateTime<Utc>) -> Report {
     warden::retention::cycle(&mut client, &default_settings().retention, now).await.unwrap()
 }
 
+/// Heartbeats of `agent` in its rollups of one `bucket` ('minute', 'hour').
+async fn rolled_up(db: &tokio_postgres::Client, agent: &str, bucket: &str) -> i64 {
+    db.query_one(
+        "SELECT coalesce(sum(heartbeats), 0)::bigint FROM warden.heartbeat_rollups WHERE agent_id = $1 AND bucket = $2",
+        &[&agent, &bucket],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
 /// The steps of a cycle that failed.
 fn failed_steps(report: &Report) -> Vec<&'static str> {
     report.failed.iter().map(|f| f.0).collect()
@@ -118,16 +129,7 @@ async fn a_heartbeat_of_a_write_still_open_is_rolled_up_once_it_commits() {
     cycle(&test_db, started + Span::minutes(3)).await;
     tx.commit().await.unwrap();
     cycle(&test_db, started + Span::minutes(4)).await;
-    let counted: i64 = db
-        .query_one(
-            "SELECT coalesce(sum(heartbeats), 0)::bigint FROM warden.heartbeat_rollups \
-             WHERE agent_id = 'late-writer' AND bucket = 'minute'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(counted, 1);
+    assert_eq!(rolled_up(&db, "late-writer", "minute").await, 1);
 }
 
 #[tokio::test]
@@ -162,16 +164,7 @@ async fn a_heartbeat_recorded_through_sql_in_a_long_transaction_is_rolled_up_onc
     assert_eq!(report.held_back_by.map(|(p, _)| p), Some(Some(pid)), "the cycle names who holds the rollups back");
     tx.commit().await.unwrap();
     cycle(&test_db, called + Span::minutes(16)).await;
-    let counted: i64 = db
-        .query_one(
-            "SELECT coalesce(sum(heartbeats), 0)::bigint FROM warden.heartbeat_rollups \
-             WHERE agent_id = 'sql-agent' AND bucket = 'minute'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(counted, 1);
+    assert_eq!(rolled_up(&db, "sql-agent", "minute").await, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -341,21 +334,8 @@ async fn a_backlog_of_days_is_rolled_up_in_steps_before_its_partitions_go() {
     settings.minute_rollups = warden::config::Duration::from_secs(30 * 86_400);
     let report = warden::retention::cycle(&mut test_db.pooled().await, &settings, now).await.unwrap();
     assert!(report.failed.is_empty(), "{:?}", report.failed);
-    let sum = |bucket: &'static str| {
-        let db = &db;
-        async move {
-            db.query_one(
-                "SELECT coalesce(sum(heartbeats), 0)::bigint FROM warden.heartbeat_rollups \
-                 WHERE agent_id = 'b' AND bucket = $1",
-                &[&bucket],
-            )
-            .await
-            .unwrap()
-            .get::<_, i64>(0)
-        }
-    };
-    assert_eq!(sum("minute").await, 9, "every day of the backlog, once");
-    assert_eq!(sum("hour").await, 9);
+    assert_eq!(rolled_up(&db, "b", "minute").await, 9, "every day of the backlog, once");
+    assert_eq!(rolled_up(&db, "b", "hour").await, 9);
     let minute_mark: chrono::DateTime<Utc> =
         db.query_one("SELECT minute_watermark FROM warden.retention_state", &[]).await.unwrap().get(0);
     assert!(now - minute_mark < Span::minutes(2), "caught up to {minute_mark}");
