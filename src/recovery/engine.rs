@@ -224,11 +224,15 @@ impl Engine {
             let agent: String = row.get(1);
             opened += client
                 .execute(
-                    // Attempts before the agent's last reset stay forgiven.
+                    // Attempts before the agent's last reset stay forgiven,
+                    // and a backoff the agent is waiting out holds for the
+                    // new incident too.
                     "INSERT INTO warden.recovery_jobs \
                        (incident_id, agent_id, strategy, next_run_at, created_at, updated_at, window_start) \
-                     VALUES ($1, $2, $3, $4, $4, $4, \
-                             (SELECT max(window_start) FROM warden.recovery_jobs WHERE agent_id = $2)) \
+                     VALUES ($1, $2, $3, \
+                             greatest($4, (SELECT max(next_run_at) FROM warden.recovery_jobs \
+                                           WHERE agent_id = $2 AND state = 'pending' AND NOT manual)), \
+                             $4, $4, (SELECT max(window_start) FROM warden.recovery_jobs WHERE agent_id = $2)) \
                      ON CONFLICT (incident_id) DO NOTHING",
                     &[&id, &agent, &strategy.name, &now],
                 )
@@ -487,10 +491,22 @@ impl Engine {
         }
         let wait =
             plan::backoff(attempts.max(1) as u32, self.settings.backoff_base.get(), self.settings.backoff_cap.get());
+        let next = now + Duration::from_std(wait).unwrap_or(Duration::seconds(10));
         tx.execute(
             "UPDATE warden.recovery_jobs SET state = 'pending', next_run_at = $2, lease_owner = NULL, lease_until = NULL, \
                verify_until = NULL, updated_at = $3 WHERE id = $1",
-            &[&job, &(now + Duration::from_std(wait).unwrap_or(Duration::seconds(10))), &now],
+            &[&job, &next, &now],
+        )
+        .await?;
+        // The backoff is the agent's, not the job's: another incident's job
+        // (agent_unresponsive beside extended_offline) waiting its turn
+        // would otherwise restart the agent right after this attempt
+        // failed, and the two would take turns about a tick apart. Manual
+        // runs were asked for now and keep their time.
+        tx.execute(
+            "UPDATE warden.recovery_jobs SET next_run_at = $3, updated_at = $4 \
+             WHERE agent_id = $1 AND id <> $2 AND state = 'pending' AND NOT manual AND next_run_at < $3",
+            &[&row.get::<_, String>(1), &job, &next, &now],
         )
         .await?;
         Ok(false)

@@ -37,13 +37,17 @@ async fn rig(strategies: Vec<Strategy>, max_attempts: u32) -> Rig {
 }
 
 async fn rig_with(strategies: Vec<Strategy>, max_attempts: u32, max_concurrent: u32) -> Rig {
-    let db = TestDb::migrated().await;
     let mut settings = default_settings().recovery;
     settings.strategies = strategies;
     settings.max_attempts = max_attempts;
     settings.max_concurrent = max_concurrent;
     settings.backoff_base = D::from_millis(1);
     settings.backoff_cap = D::from_millis(1);
+    rig_of(settings).await
+}
+
+async fn rig_of(settings: RecoverySettings) -> Rig {
+    let db = TestDb::migrated().await;
     let pool = warden::db::build_pool(db.config.clone(), &default_settings().database).unwrap();
     let engine = Engine::new(pool, settings.clone(), &default_settings().health, "test".into());
     Rig { db, engine, settings }
@@ -146,6 +150,44 @@ async fn an_agent_gets_one_recovery_at_a_time_whatever_asks_for_more() {
     let busy = warden::recovery::run_now(&mut db, &rig.settings, "twice", None).await.unwrap_err();
     assert!(matches!(busy, ManualError::Busy(_)), "{busy}");
     assert_eq!(rig.action_states("twice").await, ["verifying"]);
+}
+
+/// Two incidents of one agent wait out one backoff: the second job does
+/// not restart the agent right after the first one's attempt failed, nor
+/// does the job of an incident opened during the backoff.
+#[tokio::test]
+async fn the_backoff_after_a_failed_attempt_holds_for_all_of_the_agents_incidents() {
+    let mut settings = default_settings().recovery;
+    settings.strategies = vec![strategy(
+        &[IssueType::AgentUnresponsive, IssueType::ExtendedOffline, IssueType::RestartLoop],
+        vec![command(&["/bin/false"])],
+    )];
+    settings.max_attempts = 5;
+    settings.backoff_base = D::from_secs(600);
+    settings.backoff_cap = D::from_secs(3600);
+    let rig = rig_of(settings).await;
+    rig.agent("twice").await;
+    rig.incident("twice", IssueType::AgentUnresponsive).await;
+    rig.incident("twice", IssueType::ExtendedOffline).await;
+    let report = rig.tick().await;
+    assert_eq!((report.opened, report.started), (2, 1), "{report:?}");
+    assert_eq!(rig.action_states("twice").await, ["failed"]);
+
+    let report = rig.tick().await;
+    assert_eq!(report.started, 0, "the other incident's job waits out the backoff too: {report:?}");
+    rig.incident("twice", IssueType::RestartLoop).await;
+    let report = rig.tick().await;
+    assert_eq!((report.opened, report.started), (1, 0), "and so does a new incident's: {report:?}");
+    assert_eq!(rig.action_states("twice").await, ["failed"]);
+    let waiting = "SELECT count(*) FROM warden.recovery_jobs \
+                   WHERE state = 'pending' AND next_run_at > now() + interval '9 minutes'";
+    assert_eq!(rig.count(waiting).await, 3);
+
+    // An operator's run is not held back by it.
+    let mut db = rig.db.client().await;
+    warden::recovery::run_now(&mut db, &rig.settings, "twice", None).await.unwrap();
+    assert_eq!(rig.tick().await.started, 1);
+    assert_eq!(rig.action_states("twice").await, ["failed", "failed"]);
 }
 
 #[tokio::test]
