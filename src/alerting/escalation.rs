@@ -59,6 +59,12 @@ pub struct Recovery {
     pub succeeded_attempt: Option<i32>,
     /// The recovery engine gave up (a `recovery_failed` event).
     pub gave_up: bool,
+    /// How many times it gave up on the incident: once, unless an operator
+    /// reset the recovery (`warden recovery reset`) and it gave up again.
+    /// Each give-up gets its own message.
+    pub give_ups: u32,
+    /// When it last gave up.
+    pub gave_up_at: Option<DateTime<Utc>>,
 }
 
 /// Everything [`decide`] looks at.
@@ -75,7 +81,7 @@ pub struct Facts {
     /// Why nothing may be sent now, if anything.
     pub suppressed: Option<String>,
     pub recovery: Recovery,
-    /// The recovery engine's giving up was already acted on.
+    /// The recovery engine's latest giving up was already acted on.
     pub gave_up_handled: bool,
     /// Channels that got a firing, escalation or repeat message.
     pub notified: Vec<String>,
@@ -96,7 +102,7 @@ pub struct Notice {
     pub kind: Kind,
     /// Policy level (1-based); 0 for resolutions.
     pub level: u32,
-    /// Repeat number; 1 for a recovery-failed update.
+    /// Repeat number; for a recovery-failed update, which give-up it tells.
     pub sequence: u32,
     pub channels: Vec<String>,
     pub note: Option<Note>,
@@ -231,7 +237,9 @@ fn escalate(f: &Facts, policy: &Policy, timing: &Timing, paged_at: DateTime<Utc>
             notices.push(Notice {
                 kind: Kind::Escalation,
                 level: levels_done.max(1),
-                sequence: 1,
+                // Numbered by give-up: the one after a reset is a message
+                // of its own, not a repeat of the first.
+                sequence: f.recovery.give_ups.max(1),
                 channels,
                 note: Some(Note::RecoveryFailed),
             });
@@ -437,5 +445,14 @@ mod tests {
         let Decision::Notify { notices, .. } = d else { panic!("{d:?}") };
         assert_eq!(notices[0].note, Some(Note::RecoveryFailed));
         assert_eq!(notices[0].channels, vec!["slack".to_string()]);
+        assert_eq!(notices[0].sequence, 1);
+        let told = Facts { gave_up_handled: true, ..f.clone() };
+        assert_eq!(decide(&told, &policy(), &timing(), t(61)), Decision::Wait { next: Some(t(300)), held_until: None });
+        // Reset by an operator, the recovery gave up again: a message of its
+        // own, which the ledger does not take for the first one.
+        let again = Facts { recovery: Recovery { gave_up: true, give_ups: 2, ..Recovery::default() }, ..f };
+        let Decision::Notify { notices, .. } = decide(&again, &policy(), &timing(), t(900)) else { panic!() };
+        let update = notices.iter().find(|n| n.note == Some(Note::RecoveryFailed)).expect("a recovery-failed update");
+        assert_eq!(update.sequence, 2);
     }
 }

@@ -283,6 +283,9 @@ pub async fn cycle(
         }
         let mut update = row.current();
         let gave_up = row.incident_id.and_then(|i| recovery.get(&i)).is_some_and(|r| r.gave_up);
+        // Acted on when recovery_failed_at is no earlier than the latest
+        // give-up: one after `warden recovery reset` pages again.
+        let gave_up_at = row.incident_id.and_then(|i| recovery.get(&i)).and_then(|r| r.gave_up_at);
         let (route, policy) = match resolve_policy(p, row, gave_up) {
             Some((route, policy)) => (Some(route), Some(policy)),
             None => (None, None),
@@ -297,7 +300,7 @@ pub async fn cycle(
             repeats_done: row.repeats,
             suppressed: suppressed.clone(),
             recovery: row.incident_id.and_then(|i| recovery.get(&i).copied()).unwrap_or_default(),
-            gave_up_handled: row.recovery_failed_at.is_some(),
+            gave_up_handled: row.recovery_failed_at.is_some_and(|at| gave_up_at.is_none_or(|g| at >= g)),
             notified: notified.get(&row.id).cloned().unwrap_or_default(),
         };
         update.suppressed_reason =
@@ -318,8 +321,8 @@ pub async fn cycle(
             }
             Decision::Ready { urgent } => {
                 let (Some(route), Some(policy)) = (route, policy) else { continue };
-                if facts.recovery.gave_up && row.recovery_failed_at.is_none() {
-                    update.recovery_failed_at = Some(now);
+                if facts.recovery.gave_up && !facts.gave_up_handled {
+                    update.recovery_failed_at = Some(handled_at(now, gave_up_at));
                     update.severity = update.severity.max(Severity::Critical);
                 }
                 // A failing channel's alert does not wait for company.
@@ -350,7 +353,7 @@ pub async fn cycle(
                 update.next_escalation_at = next;
                 for notice in notices {
                     if notice.note == Some(Note::RecoveryFailed) {
-                        update.recovery_failed_at = Some(now);
+                        update.recovery_failed_at = Some(handled_at(now, gave_up_at));
                         update.severity = update.severity.max(Severity::Critical);
                     }
                     let batch = batch_key(row, &route, &notice);
@@ -678,8 +681,17 @@ async fn load_alerts(tx: &tokio_postgres::Transaction<'_>) -> Result<Vec<Row>, D
         .collect())
 }
 
+/// When an alert's giving up counts as acted on: now, or the give-up's own
+/// time if that is later (another replica's clock, or an event stamped
+/// after this cycle's transaction began), so that the same give-up is not
+/// taken for a new one next cycle.
+fn handled_at(now: DateTime<Utc>, gave_up_at: Option<DateTime<Utc>>) -> DateTime<Utc> {
+    gave_up_at.map_or(now, |g| g.max(now))
+}
+
 /// Recovery facts per incident: under way, succeeded (which attempt),
-/// given up (a `recovery_failed` event naming the incident).
+/// given up (`recovery_failed` events naming the incident: how many, the
+/// latest when).
 async fn recovery_facts(tx: &tokio_postgres::Transaction<'_>, rows: &[Row]) -> Result<HashMap<i64, Recovery>, DbError> {
     let incidents: Vec<i64> = rows.iter().filter_map(|r| r.incident_id).collect();
     let mut out: HashMap<i64, Recovery> = HashMap::new();
@@ -716,15 +728,20 @@ async fn recovery_facts(tx: &tokio_postgres::Transaction<'_>, rows: &[Row]) -> R
     for r in tx
         .query(
             concat!(
-                "SELECT DISTINCT (e.details->>'incident_id')::bigint FROM warden.system_events e \
+                "SELECT (e.details->>'incident_id')::bigint, count(*)::integer, max(e.occurred_at) \
+                 FROM warden.system_events e \
                  WHERE e.occurred_at >= $2 AND e.details->>'incident_id' = ANY($1) AND ",
-                gave_up_event!()
+                gave_up_event!(),
+                " GROUP BY 1"
             ),
             &[&texts, &oldest],
         )
         .await?
     {
-        out.entry(r.get(0)).or_default().gave_up = true;
+        let e = out.entry(r.get(0)).or_default();
+        e.gave_up = true;
+        e.give_ups = r.get::<_, i32>(1).max(1) as u32;
+        e.gave_up_at = r.get(2);
     }
     Ok(out)
 }

@@ -1633,6 +1633,62 @@ policy = "pager"
     assert_eq!(severity, "critical");
 }
 
+/// The recovery of `agent`'s `incident` gives up, as the engine does: its
+/// job exhausted and a `recovery_failed` event saying `why`.
+async fn recovery_gives_up(rig: &Rig, incident: i64, agent: &str, why: &str) {
+    rig.c
+        .execute(
+            "INSERT INTO warden.recovery_jobs (incident_id, agent_id, strategy, state, finished_at) \
+             VALUES ($1, $2, 'restart_worker', 'exhausted', now()) \
+             ON CONFLICT (incident_id) DO UPDATE SET state = 'exhausted', finished_at = now()",
+            &[&incident, &agent],
+        )
+        .await
+        .unwrap();
+    rig.c
+        .execute(
+            "INSERT INTO warden.system_events (occurred_at, agent_id, event_type, severity, message, details) \
+             VALUES ($1, $2, 'recovery_failed', 'critical', $3, jsonb_build_object('incident_id', $4::bigint))",
+            &[&rig.now, &agent, &why, &incident],
+        )
+        .await
+        .unwrap();
+}
+
+/// An operator resets a recovery that gave up (`warden recovery reset`),
+/// and it gives up again: the channels hear of the second give-up too.
+#[tokio::test]
+async fn a_recovery_that_gives_up_again_after_a_reset_is_paged_again() {
+    let slack = HttpReceiver::start().await;
+    let smtp = SmtpServer::start().await;
+    let mut rig = Rig::new(&format!("{TIMINGS}{}{SLACK_POLICY}", channels_toml(&slack, &smtp, None))).await;
+    rig.beat("rr", 10_000, None).await;
+    rig.run_for(secs(32), secs(2)).await;
+    let incident = rig.incident("rr", "agent_unresponsive").await;
+    failed_attempt(&rig, incident, "rr").await;
+    recovery_gives_up(&rig, incident, "rr", "recovery of rr gave up after 1 attempt").await;
+    rig.run_for(secs(10), secs(2)).await;
+    let texts = |s: &HttpReceiver| -> Vec<String> {
+        s.accepted().iter().map(|r| r.json()["text"].as_str().unwrap_or_default().to_string()).collect()
+    };
+    assert_eq!(texts(&slack).len(), 1, "{:?}", texts(&slack));
+    assert!(texts(&slack)[0].starts_with("[RECOVERY FAILED CRITICAL] rr is offline"), "{:?}", texts(&slack));
+
+    assert_eq!(warden::recovery::reset(&rig.c, "rr").await.unwrap(), 1);
+    rig.run_for(secs(20), secs(2)).await;
+    assert_eq!(texts(&slack).len(), 1, "a reset alone says nothing: {:?}", texts(&slack));
+
+    recovery_gives_up(&rig, incident, "rr", "recovery of rr gave up after 2 attempts").await;
+    rig.run_for(secs(10), secs(2)).await;
+    let sent = texts(&slack);
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    assert!(sent[1].starts_with("[RECOVERY FAILED CRITICAL] rr is offline"), "{sent:?}");
+    assert!(sent[1].contains("Recovery of rr gave up after 2 attempts"), "the latest give-up: {sent:?}");
+    // Told once: later cycles send nothing more about it.
+    rig.run_for(secs(30), secs(2)).await;
+    assert_eq!(texts(&slack).len(), 2, "{:?}", texts(&slack));
+}
+
 /// `timings`, and a Telegram channel of two chats (-100123 and 42) at
 /// `bot` that gets every offline agent's page.
 fn telegram_only(timings: &str, bot: &HttpReceiver) -> String {
