@@ -222,6 +222,9 @@ const STALE: [&str; 3] = [
 pub struct Dispatcher {
     pool: Pool,
     channels: Arc<Channels>,
+    /// The names of `channels`: deliveries to others are left to a replica
+    /// that has them (a rolling deploy that adds or removes a channel).
+    configured: Vec<String>,
     params: DispatchParams,
     replica: String,
 }
@@ -279,7 +282,8 @@ struct Outcome {
 
 impl Dispatcher {
     pub fn new(pool: Pool, channels: Arc<Channels>, params: DispatchParams, replica: String) -> Self {
-        Self { pool, channels, params, replica }
+        let configured = channels.names().map(str::to_string).collect();
+        Self { pool, channels, configured, params, replica }
     }
 
     /// Looks for due deliveries every `dispatch_interval` until `stop`.
@@ -397,7 +401,7 @@ impl Dispatcher {
             None => client.query_one("SELECT now()", &[]).await?.get(0),
         };
         let pass_clock = Instant::now();
-        let cancelled = cancel_stale(&client, now).await?;
+        let cancelled = cancel_stale(&client, now).await? + self.cancel_unsendable(&client, now).await?;
         let rows = self.claim(&client, now, limit, busy).await?;
         let mut claimed = Claimed { now, pass_clock, lease_ends, cancelled, jobs: Vec::new() };
         if rows.is_empty() {
@@ -422,6 +426,30 @@ impl Dispatcher {
             })
             .collect();
         Ok(claimed)
+    }
+
+    /// Cancels the deliveries to a channel this replica does not have that
+    /// have been due for `max_delivery_age`: no replica that has it took
+    /// them, so it was removed from the settings. Sooner, another replica
+    /// still running the old settings (a rolling deploy) may yet send them.
+    async fn cancel_unsendable(&self, client: &tokio_postgres::Client, now: DateTime<Utc>) -> Result<usize, DbError> {
+        let rows = client
+            .query(
+                concat!(
+                    cancel_unclaimed!(
+                        "'no replica has this channel in its settings; given up after alerting.max_delivery_age'",
+                        "NOT (d.channel = ANY ($2)) AND d.next_attempt_at <= $1 - $3 * interval '1 millisecond'"
+                    ),
+                    " RETURNING d.id, d.channel"
+                ),
+                &[&now, &self.configured, &(self.params.max_age.num_milliseconds() as f64)],
+            )
+            .await?;
+        for r in &rows {
+            tracing::warn!(delivery = r.get::<_, i64>(0), channel = %r.get::<_, String>(1),
+                "alert delivery cancelled: its channel is in no replica's settings");
+        }
+        Ok(rows.len())
     }
 
     /// Sends one claimed delivery. Its times are on the claim's clock (the
@@ -492,7 +520,7 @@ impl Dispatcher {
                    SELECT d.id FROM warden.alert_deliveries d \
                    WHERE d.state = 'pending' AND d.next_attempt_at <= $1 \
                      AND (d.claimed_until IS NULL OR d.claimed_until <= $1) \
-                     AND NOT (d.channel = ANY ($5)) \
+                     AND NOT (d.channel = ANY ($5)) AND d.channel = ANY ($6) \
                      AND (d.kind NOT IN ('escalation', 'repeat') OR EXISTS ( \
                        SELECT 1 FROM warden.alerts x WHERE x.id = ANY (d.alert_ids) AND x.state = 'firing')) \
                      AND (d.kind = 'resolved' \
@@ -517,7 +545,7 @@ impl Dispatcher {
                  RETURNING d.id, d.alert_ids, d.channel, d.kind, d.level, d.attempts, d.created_at, \
                            d.idempotency_key, d.detail, d.route"
                 ),
-                &[&now, &limit, &self.replica, &lease_ms, &busy],
+                &[&now, &limit, &self.replica, &lease_ms, &busy, &self.configured],
             )
             .await?;
         Ok(rows

@@ -855,15 +855,27 @@ async fn channel_health(
         tracing::warn!(channel = %channel, "alert channel keeps failing; alerting through the other channels");
     }
     report.channel_alerts_opened = opened.len();
-    report.channel_alerts_resolved = tx
-        .execute(
-            "UPDATE warden.alerts a SET state = 'resolved', resolved_at = greatest($1, a.opened_at) \
-             FROM warden.alert_channels c \
-             WHERE a.source = 'channel' AND a.state <> 'resolved' AND c.channel = a.subject \
-               AND c.consecutive_failures = 0",
-            &[&now],
+    // A channel removed from the settings fails no more: its alert
+    // resolves, and its failure streak starts again, so that a replica
+    // still running the old settings (a rolling deploy) opens it again
+    // only after failing `channel_failure_threshold` times more.
+    let resolved: i64 = tx
+        .query_one(
+            "WITH r AS ( \
+               UPDATE warden.alerts a SET state = 'resolved', resolved_at = greatest($1, a.opened_at) \
+               FROM warden.alert_channels c \
+               WHERE a.source = 'channel' AND a.state <> 'resolved' AND c.channel = a.subject \
+                 AND (c.consecutive_failures = 0 OR NOT (c.channel = ANY($2))) \
+               RETURNING a.subject), \
+             restart AS ( \
+               UPDATE warden.alert_channels c SET consecutive_failures = 0 \
+               FROM r WHERE c.channel = r.subject AND NOT (c.channel = ANY($2))) \
+             SELECT count(*) FROM r",
+            &[&now, &configured],
         )
-        .await? as usize;
+        .await?
+        .get(0);
+    report.channel_alerts_resolved = resolved as usize;
     Ok(())
 }
 

@@ -1106,6 +1106,68 @@ async fn a_channel_that_keeps_failing_raises_its_own_alert_through_the_others() 
     assert_eq!(to_slack, 0, "a failing channel's alert never goes to itself");
 }
 
+/// A failing channel removed from the settings: its alert resolves, and its
+/// queued messages are left to a replica that still has it (a rolling
+/// deploy), then cancelled once `max_delivery_age` passed with none taking
+/// them. Nothing is tried, or counted against it, where it is not
+/// configured.
+#[tokio::test]
+async fn a_channel_removed_from_the_settings_stops_failing_and_its_queue_is_dropped() {
+    let slack = HttpReceiver::start().await;
+    let smtp = SmtpServer::start().await;
+    let timings = TIMINGS
+        .replace("channel_failure_threshold = 10", "channel_failure_threshold = 2")
+        .replace("retry_max = \"4s\"", "retry_max = \"1s\"")
+        + "max_delivery_age = \"2m\"\n";
+    let mut rig = Rig::new(&format!("{timings}{BOTH_POLICY}{}", channels_toml(&slack, &smtp, None))).await;
+    slack.script(&[Reply::Status(500); 50]);
+    rig.beat("w1", 10_000, None).await;
+    rig.run_for(secs(50), secs(1)).await;
+    let (_, state, _, _) = rig.alert("channel:ops_slack").await;
+    assert_eq!(state, "firing");
+    let pending_to_slack =
+        "SELECT count(*) FROM warden.alert_deliveries WHERE channel = 'ops_slack' AND state = 'pending'";
+    assert_eq!(rig.count(pending_to_slack).await, 1, "w1's page, still retried");
+
+    // Restarted without Slack.
+    let without = settings(&format!(
+        r#"{timings}
+[alerting.smtp]
+host = "127.0.0.1"
+port = {}
+tls = "none"
+from = "warden@test.local"
+
+[alerting.channels.oncall_email]
+kind = "email"
+to = ["oncall@test.local"]
+{MAIL_POLICY}"#,
+        smtp.addr.port()
+    ));
+    rig.esc = escalator::EscalatorParams::from_settings(&without.alerting);
+    rig.dispatcher = dispatcher(&rig.db, &without, "replica-a");
+    let tried = slack.requests().len();
+    rig.run_for(secs(10), secs(1)).await;
+    let (_, state, _, _) = rig.alert("channel:ops_slack").await;
+    assert_eq!(state, "resolved", "a removed channel fails no more");
+    let subjects: Vec<String> = smtp.mails().iter().map(|m| m.subject().to_string()).collect();
+    assert!(subjects.iter().any(|s| s.starts_with("[RESOLVED] alert channel ops_slack")), "{subjects:?}");
+    let streak = "SELECT consecutive_failures::bigint FROM warden.alert_channels WHERE channel = 'ops_slack'";
+    assert_eq!(rig.count(streak).await, 0);
+    assert_eq!(rig.count(pending_to_slack).await, 1, "left for a replica that has the channel");
+    assert_eq!(slack.requests().len(), tried, "not tried where it is not configured");
+
+    rig.run_for(secs(120), secs(5)).await;
+    assert_eq!(rig.count(pending_to_slack).await, 0);
+    let cancelled = "SELECT count(*) FROM warden.alert_deliveries WHERE channel = 'ops_slack' AND state = 'cancelled' \
+                     AND last_error LIKE 'no replica has this channel%'";
+    assert_eq!(rig.count(cancelled).await, 1);
+    assert_eq!(slack.requests().len(), tried);
+    assert_eq!(rig.count(streak).await, 0, "nor counted against it");
+    let (_, state, _, _) = rig.alert("channel:ops_slack").await;
+    assert_eq!(state, "resolved");
+}
+
 /// A burst of sends that the receiver rate-limits (429) is no channel
 /// failure: no alert about the channel, and the messages go out once the
 /// receiver takes them.
