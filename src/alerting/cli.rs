@@ -182,7 +182,8 @@ pub async fn silence(client: &mut db::Client, command: SilenceCommand) -> Result
                 };
                 pairs.insert(k.trim().to_string(), v.trim().to_string());
             }
-            let now = Utc::now();
+            // The database's clock, which the escalator judges silences by.
+            let now = silences::now(client).await.map_err(Failure::other)?;
             let ends_at = match (duration, until) {
                 (Some(d), _) => Some(start.unwrap_or(now) + d.to_chrono()),
                 (None, Some(u)) => Some(u),
@@ -192,8 +193,8 @@ pub async fn silence(client: &mut db::Client, command: SilenceCommand) -> Result
                 agent_id: agent,
                 issue_type: issue,
                 labels: pairs,
-                // This clock's now, not the database's: the one the end
-                // was counted from, so `--for 1h` lasts exactly an hour.
+                // The now the end was counted from, so that `--for 1h`
+                // lasts exactly an hour.
                 starts_at: Some(start.unwrap_or(now)),
                 ends_at,
                 comment,

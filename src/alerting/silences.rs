@@ -196,6 +196,12 @@ fn from_row(r: &tokio_postgres::Row) -> Silence {
     }
 }
 
+/// The database's time now: silences are made on the clock the escalator
+/// judges them by.
+pub async fn now(client: &tokio_postgres::Client) -> Result<DateTime<Utc>, DbError> {
+    Ok(client.query_one("SELECT now()", &[]).await?.get(0))
+}
+
 /// Stores a silence (validate it first).
 pub async fn create(client: &tokio_postgres::Client, s: &NewSilence) -> Result<Silence, DbError> {
     let labels = serde_json::to_value(&s.labels).unwrap_or_else(|_| Value::Object(Default::default()));

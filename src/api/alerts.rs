@@ -131,7 +131,10 @@ async fn create_silence(
 ) -> Result<Response, ApiError> {
     let body = read_limited(body, state.settings.ingest.max_body_bytes).await?;
     let b: SilenceBody = parse_json(&body).map_err(parse_error)?;
-    let now = Utc::now();
+    let client = db::client(&state.pool).await?;
+    // The database's clock, which the escalator judges silences by: on
+    // this replica's, a clock ahead would start the silence late.
+    let now = silences::now(&client).await?;
     let ends_at = match (b.ends_at, &b.duration) {
         (Some(_), Some(_)) => return Err(ApiError::invalid("duration", "give ends_at or duration, not both")),
         (Some(end), None) => Some(end),
@@ -157,7 +160,6 @@ async fn create_silence(
             .unwrap_or_else(|| "anonymous".into()),
     };
     silence.validate(now).map_err(|e| ApiError::invalid(e.field, e.message))?;
-    let client = db::client(&state.pool).await?;
     let created = silences::create(&client, &silence).await?;
     Ok((StatusCode::CREATED, Json(created)).into_response())
 }
