@@ -167,6 +167,14 @@ pub enum RecoveryCommand {
     },
     /// Let warden try again for an agent whose recovery gave up.
     Reset { agent: String },
+    /// Stop an agent's automatic recovery: its waiting and verifying jobs
+    /// end, its open incidents page without waiting for it.
+    Cancel {
+        agent: String,
+        /// Who cancels (recorded); default: $USER.
+        #[arg(long)]
+        by: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -594,6 +602,21 @@ async fn recovery_command(
             } else {
                 let jobs = crate::console::format::counted(n as i64, "recovery job", "recovery jobs");
                 println!("{agent}: {jobs} will start again");
+            }
+            Ok(())
+        }
+        RecoveryCommand::Cancel { agent, by } => {
+            let agent = agent_arg(&agent)?;
+            let by = by.unwrap_or_else(crate::alerting::cli::user);
+            if !crate::model::is_actor_name(&by) {
+                return Err(Failure::usage("--by must be 1-128 characters, without control characters"));
+            }
+            let done = crate::recovery::cancel(client, agent.as_str(), &by).await.map_err(Failure::other)?;
+            if done.jobs == 0 {
+                println!("{agent} had no recovery waiting, running or verifying; nothing to cancel");
+            } else {
+                let jobs = crate::console::format::counted(done.jobs as i64, "recovery job", "recovery jobs");
+                println!("{agent}: {jobs} cancelled; its open incidents page without waiting for a recovery");
             }
             Ok(())
         }

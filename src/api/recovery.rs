@@ -75,7 +75,7 @@ async fn run(
             ManualError::UnknownStrategy(_) => ApiError::invalid("strategy", e.to_string()),
             ManualError::NoStrategy(_) | ManualError::AlertOnly(_) => ApiError::invalid("strategy", e.to_string()),
             ManualError::NoStrategies => ApiError::conflict(e.to_string()),
-            ManualError::Busy(_) => ApiError::conflict(e.to_string()),
+            ManualError::Busy(_) | ManualError::ActionRunning { .. } => ApiError::conflict(e.to_string()),
             ManualError::Db(db) => db.into(),
         })?;
     Ok((StatusCode::ACCEPTED, Json(json!({ "job_id": job, "agent_id": agent }))))

@@ -27,7 +27,7 @@ pub enum RemoveError {
     NotFound(String),
     /// A recovery action is running or being verified: removing the agent
     /// under it would leave that attempt without an agent to verify.
-    #[error("a recovery of {0} is under way; remove it once that has ended")]
+    #[error("a recovery of {0} is under way; remove it once that has ended (`warden recovery cancel {0}` ends it)")]
     Recovering(String),
     #[error(transparent)]
     Db(#[from] DbError),

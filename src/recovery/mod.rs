@@ -33,6 +33,11 @@ pub enum ManualError {
     AlertOnly(String),
     #[error("a recovery of {0} is already running or queued")]
     Busy(String),
+    #[error(
+        "an action of {agent}'s recovery is running on replica {replica} (its lease ends at {until} UTC); \
+         cancel once it has ended"
+    )]
+    ActionRunning { agent: String, replica: String, until: String },
     #[error(transparent)]
     Db(#[from] DbError),
 }
@@ -154,6 +159,89 @@ pub async fn reset(client: &tokio_postgres::Client, agent: &str) -> Result<u64, 
         .await?
         .get(0);
     Ok(reset as u64)
+}
+
+/// What [`cancel`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Cancelled {
+    /// Jobs cancelled: waiting, being verified, or left running by a
+    /// replica that is gone.
+    pub jobs: u64,
+    /// Actions whose verification was cut short or whose replica was gone:
+    /// `abandoned`, their effect unknown.
+    pub actions: u64,
+}
+
+/// Ends the automatic recovery of `agent`: its jobs waiting for their next
+/// attempt, or verifying one, are cancelled, and so are those whose action
+/// was left running by a replica that is gone (its lease ran out). The
+/// incidents stay open and get no new job: their alerts are no longer
+/// held for a recovery, and page. A later incident gets a recovery of its
+/// own.
+///
+/// An action running on a live replica cannot be stopped from here (it may
+/// be anywhere); the request is refused, saying when its lease ends.
+/// `by` is recorded in the outcome and in a `recovery_cancelled` event.
+pub async fn cancel(client: &mut tokio_postgres::Client, agent: &str, by: &str) -> Result<Cancelled, ManualError> {
+    let tx = client.transaction().await?;
+    take_claim_turn(&tx).await?;
+    if tx.query_opt("SELECT 1 FROM warden.agent_status WHERE agent_id = $1", &[&agent]).await?.is_none() {
+        return Err(ManualError::UnknownAgent(agent.to_string()));
+    }
+    // Jobs before their actions: the order the engine locks them in.
+    let jobs = tx
+        .query(
+            "SELECT id, state, current_action_id, lease_owner, lease_until, lease_until > now() \
+             FROM warden.recovery_jobs WHERE agent_id = $1 AND state IN ('pending', 'running', 'verifying') \
+             ORDER BY id FOR UPDATE",
+            &[&agent],
+        )
+        .await?;
+    if let Some(live) =
+        jobs.iter().find(|j| j.get::<_, String>(1) == "running" && j.get::<_, Option<bool>>(5) == Some(true))
+    {
+        let until: Option<DateTime<Utc>> = live.get(4);
+        return Err(ManualError::ActionRunning {
+            agent: agent.to_string(),
+            replica: live.get::<_, Option<String>>(3).unwrap_or_default(),
+            until: until.map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string()).unwrap_or_default(),
+        });
+    }
+    let ids: Vec<i64> = jobs.iter().map(|j| j.get(0)).collect();
+    let actions: Vec<i64> = jobs.iter().filter_map(|j| j.get::<_, Option<i64>>(2)).collect();
+    let abandoned = tx
+        .execute(
+            "UPDATE warden.recovery_actions SET \
+               state = CASE WHEN state IN ('running', 'verifying') THEN 'abandoned' ELSE state END, \
+               finished_at = coalesce(finished_at, now()), \
+               outcome = coalesce(outcome || '; ', '') || CASE state \
+                 WHEN 'running' THEN 'cancelled by ' || $2 || ' after its replica stopped; its effect is unknown' \
+                 ELSE 'verification cancelled by ' || $2 END \
+             WHERE id = ANY($1) AND state IN ('running', 'verifying', 'timed_out') \
+               AND id IN (SELECT current_action_id FROM warden.recovery_jobs \
+                          WHERE id = ANY($3) AND state IN ('running', 'verifying'))",
+            &[&actions, &by, &ids],
+        )
+        .await?;
+    let cancelled = tx
+        .execute(
+            "UPDATE warden.recovery_jobs SET state = 'cancelled', finished_at = now(), updated_at = now(), \
+               outcome = 'cancelled by ' || $2, lease_owner = NULL, lease_until = NULL, verify_until = NULL \
+             WHERE id = ANY($1)",
+            &[&ids, &by],
+        )
+        .await?;
+    if cancelled > 0 {
+        tx.execute(
+            "INSERT INTO warden.system_events (occurred_at, agent_id, event_type, severity, message, details) \
+             VALUES (now(), $1, 'recovery_cancelled', 'info', 'recovery cancelled by ' || $2::text, \
+                     jsonb_build_object('by', $2::text, 'job_ids', $3::bigint[]))",
+            &[&agent, &by, &ids],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(Cancelled { jobs: cancelled, actions: abandoned })
 }
 
 /// One row of the recovery history.

@@ -372,6 +372,45 @@ async fn recovery_run_refuses_when_nothing_would_run_it() {
     assert!(String::from_utf8_lossy(&reset.stderr).contains("no agent nosuch"), "{reset:?}");
 }
 
+/// With recovery switched off, a job it left waiting can still be ended,
+/// and the agent then removed.
+#[tokio::test]
+async fn recovery_cancel_works_with_recovery_switched_off() {
+    let db = crate::helpers::TestDb::migrated().await;
+    let c = db.client().await;
+    c.execute("SELECT warden.record_heartbeat('r1')", &[]).await.unwrap();
+    c.execute(
+        "WITH i AS (INSERT INTO warden.incidents (agent_id, issue_type, severity) \
+                    VALUES ('r1', 'agent_unresponsive', 'critical') RETURNING id) \
+         INSERT INTO warden.recovery_jobs (incident_id, agent_id, strategy, state, verify_until) \
+         SELECT id, 'r1', 'fix', 'verifying', now() FROM i",
+        &[],
+    )
+    .await
+    .unwrap();
+    let run = |args: &[&str]| {
+        warden()
+            .args(args)
+            .env("WARDEN__DATABASE__URL", db.url())
+            .env("WARDEN__RECOVERY__ENABLED", "false")
+            .output()
+            .unwrap()
+    };
+    let refused = run(&["agents", "remove", "r1"]);
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("warden recovery cancel r1"), "{refused:?}");
+    let cancel = run(&["recovery", "cancel", "r1", "--by", "carol"]);
+    assert!(cancel.status.success(), "{cancel:?}");
+    assert!(String::from_utf8_lossy(&cancel.stdout).contains("r1: 1 recovery job cancelled"), "{cancel:?}");
+    let state: String = c.query_one("SELECT state FROM warden.recovery_jobs", &[]).await.unwrap().get(0);
+    assert_eq!(state, "cancelled");
+    let removed = run(&["agents", "remove", "r1"]);
+    assert!(removed.status.success(), "{removed:?}");
+    let again = run(&["recovery", "cancel", "r1"]);
+    assert_eq!(again.status.code(), Some(1), "{again:?}");
+    assert!(String::from_utf8_lossy(&again.stderr).contains("no agent r1"), "{again:?}");
+}
+
 #[tokio::test]
 async fn database_verbs_read_a_current_schema_on_a_read_only_database() {
     let db = crate::helpers::TestDb::migrated().await;

@@ -190,6 +190,91 @@ async fn the_backoff_after_a_failed_attempt_holds_for_all_of_the_agents_incident
     assert_eq!(rig.action_states("twice").await, ["failed", "failed"]);
 }
 
+/// `warden recovery cancel`: an agent's waiting and verifying jobs end and
+/// its open incidents get no new one; an action left running by a replica
+/// that is gone is abandoned; one running on a live replica is refused.
+#[tokio::test]
+async fn cancelling_ends_the_agents_recovery_and_its_incidents_get_no_new_one() {
+    let rig =
+        rig(vec![strategy(&[IssueType::AgentUnresponsive, IssueType::RestartLoop], vec![command(&["/bin/true"])])], 3)
+            .await;
+    rig.agent("stop").await;
+    rig.agent("other").await;
+    rig.incident("stop", IssueType::AgentUnresponsive).await;
+    rig.incident("stop", IssueType::RestartLoop).await;
+    rig.incident("other", IssueType::AgentUnresponsive).await;
+    rig.tick().await;
+    let states: Vec<String> = rig.jobs("stop").await.into_iter().map(|j| j.0).collect();
+    assert_eq!(states, ["verifying", "pending"]);
+
+    let mut db = rig.db.client().await;
+    let done = warden::recovery::cancel(&mut db, "stop", "alice").await.unwrap();
+    assert_eq!((done.jobs, done.actions), (2, 1));
+    let jobs = rig.jobs("stop").await;
+    assert!(jobs.iter().all(|j| j.0 == "cancelled" && j.1.as_deref() == Some("cancelled by alice")), "{jobs:?}");
+    let action: (String, String) = db
+        .query_one("SELECT state, outcome FROM warden.recovery_actions WHERE agent_id = 'stop'", &[])
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(action.0, "abandoned");
+    assert!(action.1.ends_with("verification cancelled by alice"), "{}", action.1);
+    let events = "SELECT count(*) FROM warden.system_events WHERE event_type = 'recovery_cancelled' \
+                  AND agent_id = 'stop' AND details->>'by' = 'alice'";
+    assert_eq!(rig.count(events).await, 1);
+    assert_eq!(rig.jobs("other").await[0].0, "verifying", "another agent's recovery goes on");
+
+    // The incidents are still open, and no recovery of them starts again.
+    let report = rig.tick().await;
+    assert_eq!((report.opened, report.started), (0, 0), "{report:?}");
+    assert_eq!(rig.action_states("stop").await.len(), 1);
+    assert_eq!(warden::recovery::cancel(&mut db, "stop", "alice").await.unwrap().jobs, 0, "nothing left");
+
+    // A job whose replica died mid-action (recovery switched off, nobody
+    // took it over), and then one whose replica is alive.
+    let incident = rig.incident("stop", IssueType::ExtendedOffline).await;
+    let job: i64 = db
+        .query_one(
+            "INSERT INTO warden.recovery_jobs (incident_id, agent_id, strategy, state, lease_owner, lease_until) \
+             VALUES ($1, 'stop', 'fix', 'running', 'gone', now() - interval '1 minute') RETURNING id",
+            &[&incident],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    db.execute(
+        "WITH a AS (INSERT INTO warden.recovery_actions (incident_id, agent_id, strategy, action, attempt, state, \
+                      started_at, job_id) VALUES ($1, 'stop', 'fix', 'command', 1, 'running', now(), $2) RETURNING id) \
+         UPDATE warden.recovery_jobs SET current_action_id = (SELECT id FROM a) WHERE id = $2",
+        &[&incident, &job],
+    )
+    .await
+    .unwrap();
+    db.execute("UPDATE warden.recovery_jobs SET lease_until = now() + interval '1 hour' WHERE id = $1", &[&job])
+        .await
+        .unwrap();
+    let live = warden::recovery::cancel(&mut db, "stop", "alice").await.unwrap_err();
+    assert!(matches!(live, ManualError::ActionRunning { .. }), "{live}");
+    assert!(live.to_string().contains("replica gone"), "{live}");
+    assert_eq!(rig.jobs("stop").await.last().unwrap().0, "running", "nothing changed");
+    db.execute("UPDATE warden.recovery_jobs SET lease_until = now() - interval '1 minute' WHERE id = $1", &[&job])
+        .await
+        .unwrap();
+    let done = warden::recovery::cancel(&mut db, "stop", "bob").await.unwrap();
+    assert_eq!((done.jobs, done.actions), (1, 1));
+    let abandoned: (String, String) = db
+        .query_one("SELECT state, outcome FROM warden.recovery_actions WHERE job_id = $1", &[&job])
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(abandoned.0, "abandoned");
+    assert!(abandoned.1.contains("cancelled by bob after its replica stopped"), "{}", abandoned.1);
+    assert!(matches!(
+        warden::recovery::cancel(&mut db, "nobody", "bob").await.unwrap_err(),
+        ManualError::UnknownAgent(_)
+    ));
+}
+
 #[tokio::test]
 async fn an_operators_run_starts_while_the_fleet_cap_is_full() {
     let rig = rig_with(vec![strategy(&[IssueType::AgentUnresponsive], vec![command(&["/bin/true"])])], 3, 1).await;
