@@ -182,14 +182,10 @@ impl Engine {
         report.succeeded = succeeded;
         report.failed = failed;
         report.exhausted += exhausted;
-        let outage: Option<i64> = client
-            .query_one("SELECT min(id) FROM warden.incidents WHERE state = 'open' AND issue_type = 'fleet_outage'", &[])
-            .await?
-            .get(0);
-        report.paused_by_fleet_outage = outage.is_some();
-        let (started, exhausted) = self.claim_and_start(&mut client, (now, read_at), outage).await?;
-        report.started = started;
-        report.exhausted += exhausted;
+        let claimed = self.claim_and_start(&mut client, (now, read_at)).await?;
+        report.paused_by_fleet_outage = claimed.outage.is_some();
+        report.started = claimed.started;
+        report.exhausted += claimed.exhausted;
         Ok(report)
     }
 
@@ -617,14 +613,19 @@ impl Engine {
         self: &Arc<Self>,
         client: &mut db::Client,
         (now, read_at): (DateTime<Utc>, tokio::time::Instant),
-        outage: Option<i64>,
-    ) -> Result<(usize, usize), DbError> {
+    ) -> Result<Claimed, DbError> {
         let tx = client.transaction().await?;
         // Claims (and manual runs queued) take turns across replicas, so
         // the fleet-wide cap and "one recovery per agent at a time" are
         // checked against every other claim's outcome, not a snapshot
         // taken while another replica was claiming.
         super::take_claim_turn(&tx).await?;
+        // Read in its turn, not before waiting for it: a fleet outage the
+        // evaluator opened meanwhile would otherwise not stop this claim.
+        let outage: Option<i64> = tx
+            .query_one("SELECT min(id) FROM warden.incidents WHERE state = 'open' AND issue_type = 'fleet_outage'", &[])
+            .await?
+            .get(0);
         // The tick's clock moved on while the jobs before were settled and
         // this waited for its turn. Leases run from here, and this
         // replica's idea of a lease ends with the one it writes: dated from
@@ -653,7 +654,7 @@ impl Engine {
         };
         if limit <= 0 {
             tx.commit().await?;
-            return Ok((0, 0));
+            return Ok(Claimed { outage, ..Claimed::default() });
         }
         // While the fleet is out only manual runs start, and the recoveries
         // of incidents the evaluator opened for agents that failed on their
@@ -784,7 +785,7 @@ impl Engine {
             let engine = self.clone();
             self.running.spawn(engine.execute(start));
         }
-        Ok((started, exhausted))
+        Ok(Claimed { started, exhausted, outage })
     }
 
     /// Runs the action, then records how it ended. A database blip at that
@@ -947,6 +948,16 @@ fn encode(value: &str) -> String {
             other => format!("%{other:02X}"),
         })
         .collect()
+}
+
+/// What one claim did.
+#[derive(Default)]
+struct Claimed {
+    started: usize,
+    exhausted: usize,
+    /// The fleet outage open when it claimed, which held back automatic
+    /// recoveries.
+    outage: Option<i64>,
 }
 
 struct Start {

@@ -275,6 +275,40 @@ async fn cancelling_ends_the_agents_recovery_and_its_incidents_get_no_new_one() 
     ));
 }
 
+/// A fleet outage opened while a claim waited for its turn stops that
+/// claim: the outage is read in the turn, not before it.
+#[tokio::test]
+async fn a_fleet_outage_opened_while_a_claim_waits_for_its_turn_holds_it_back() {
+    let rig = rig(vec![strategy(&[IssueType::AgentUnresponsive], vec![command(&["/bin/true"])])], 3).await;
+    rig.agent("late").await;
+    rig.incident("late", IssueType::AgentUnresponsive).await;
+    let mut other = rig.db.client().await;
+    let turn = other.transaction().await.unwrap();
+    turn.execute("SELECT pg_advisory_xact_lock($1)", &[&warden::recovery::CLAIM_LOCK]).await.unwrap();
+    let engine = rig.engine.clone();
+    let tick = tokio::spawn(async move { engine.tick(None).await.unwrap() });
+    crate::helpers::eventually(std::time::Duration::from_secs(30), "the claim waiting for its turn", || async {
+        let waiting = rig.count("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted").await;
+        (waiting > 0).then_some(())
+    })
+    .await;
+    rig.db
+        .client()
+        .await
+        .execute(
+            "INSERT INTO warden.incidents (agent_id, issue_type, severity) VALUES (NULL, 'fleet_outage', 'emergency')",
+            &[],
+        )
+        .await
+        .unwrap();
+    turn.commit().await.unwrap();
+    let report = tick.await.unwrap();
+    rig.engine.settle().await;
+    assert!(report.paused_by_fleet_outage, "{report:?}");
+    assert_eq!((report.opened, report.started), (1, 0), "{report:?}");
+    assert!(rig.action_states("late").await.is_empty());
+}
+
 #[tokio::test]
 async fn an_operators_run_starts_while_the_fleet_cap_is_full() {
     let rig = rig_with(vec![strategy(&[IssueType::AgentUnresponsive], vec![command(&["/bin/true"])])], 3, 1).await;
