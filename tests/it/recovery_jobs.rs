@@ -124,6 +124,25 @@ impl Rig {
     async fn count(&self, sql: &str) -> i64 {
         self.db.client().await.query_one(sql, &[]).await.unwrap().get(0)
     }
+
+    /// Waits until a tick is waiting for the claim lock, which the test holds.
+    async fn claim_waits_for_its_turn(&self) {
+        let watcher = self.db.client().await;
+        crate::helpers::eventually(std::time::Duration::from_secs(60), "a claim waiting for its turn", || async {
+            let waiting: i64 = watcher
+                .query_one(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+                       AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                       AND (classid::bigint << 32 | objid::bigint) = $1",
+                    &[&warden::recovery::CLAIM_LOCK],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (waiting > 0).then_some(())
+        })
+        .await;
+    }
 }
 
 #[tokio::test]
@@ -287,11 +306,7 @@ async fn a_fleet_outage_opened_while_a_claim_waits_for_its_turn_holds_it_back() 
     turn.execute("SELECT pg_advisory_xact_lock($1)", &[&warden::recovery::CLAIM_LOCK]).await.unwrap();
     let engine = rig.engine.clone();
     let tick = tokio::spawn(async move { engine.tick(None).await.unwrap() });
-    crate::helpers::eventually(std::time::Duration::from_secs(30), "the claim waiting for its turn", || async {
-        let waiting = rig.count("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted").await;
-        (waiting > 0).then_some(())
-    })
-    .await;
+    rig.claim_waits_for_its_turn().await;
     rig.db
         .client()
         .await
@@ -863,18 +878,7 @@ async fn an_incident_resolved_while_a_claim_waits_for_its_turn_starts_nothing() 
 
     let engine = rig.engine.clone();
     let tick = tokio::spawn(async move { engine.tick(None).await.unwrap() });
-    crate::helpers::eventually(std::time::Duration::from_secs(30), "the claim to wait for the lock", || async {
-        let waiting = rig
-            .count(&format!(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
-                       AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-                       AND (classid::bigint << 32 | objid::bigint) = {}",
-                warden::recovery::CLAIM_LOCK
-            ))
-            .await;
-        (waiting == 1).then_some(())
-    })
-    .await;
+    rig.claim_waits_for_its_turn().await;
     assert_eq!(rig.jobs("gap").await, [("pending".to_string(), None)], "opened, not yet claimed");
     rig.evaluator_clears(incident).await;
     held.commit().await.unwrap();
@@ -1153,20 +1157,7 @@ async fn a_lease_runs_from_the_claim_not_from_the_tick_that_waited_for_its_turn(
     let t: chrono::DateTime<chrono::Utc> = watcher.query_one("SELECT now()", &[]).await.unwrap().get(0);
     let engine = rig.engine.clone();
     let tick = tokio::spawn(async move { engine.tick(Some(t)).await.unwrap() });
-    crate::helpers::eventually(std::time::Duration::from_secs(60), "the tick waiting for its turn", || async {
-        let waiting: i64 = watcher
-            .query_one(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
-                   AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-                   AND (classid::bigint << 32 | objid::bigint) = $1",
-                &[&warden::recovery::CLAIM_LOCK],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        (waiting > 0).then_some(())
-    })
-    .await;
+    rig.claim_waits_for_its_turn().await;
     // The other replica's turn lasts a while; the bound below uses the time
     // it measurably lasted, whatever the machine's speed.
     let waiting_since = std::time::Instant::now();
