@@ -472,39 +472,35 @@ impl Engine {
             )
             .await?;
         let attempts: i32 = row.get(0);
+        let agent: String = row.get(1);
         let manual: bool = row.get(2);
         let in_window: i64 = row.get(3);
+        let wait =
+            plan::backoff(attempts.max(1) as u32, self.settings.backoff_base.get(), self.settings.backoff_cap.get());
+        let next = now + Duration::from_std(wait).unwrap_or(Duration::seconds(10));
         // The incident resolved while the attempt ran or was verified (the
         // condition cleared by itself, or the agent was removed): nothing
-        // is left to recover, and nobody to page about giving up.
+        // is left to recover, and nobody to page about giving up. The
+        // agent's other jobs still wait out the backoff.
         if let Some(resolution) = row.get::<_, Option<String>>(4).filter(|_| !manual) {
             finish(tx, job, "cancelled", &format!("incident resolved meanwhile ({resolution})"), now).await?;
+            hold_back_others(tx, &agent, job, next, now).await?;
             return Ok(false);
         }
         if manual || in_window >= i64::from(self.settings.max_attempts) {
             self.give_up(tx, job, now, manual).await?;
             return Ok(true);
         }
-        let wait =
-            plan::backoff(attempts.max(1) as u32, self.settings.backoff_base.get(), self.settings.backoff_cap.get());
-        let next = now + Duration::from_std(wait).unwrap_or(Duration::seconds(10));
+        // A hair after the others it holds back: claims take the earliest
+        // due first, so that two incidents' strategies take turns rather
+        // than the older one running to its end and using up the budget.
         tx.execute(
             "UPDATE warden.recovery_jobs SET state = 'pending', next_run_at = $2, lease_owner = NULL, lease_until = NULL, \
                verify_until = NULL, updated_at = $3 WHERE id = $1",
-            &[&job, &next, &now],
+            &[&job, &(next + Duration::milliseconds(1)), &now],
         )
         .await?;
-        // The backoff is the agent's, not the job's: another incident's job
-        // (agent_unresponsive beside extended_offline) waiting its turn
-        // would otherwise restart the agent right after this attempt
-        // failed, and the two would take turns about a tick apart. Manual
-        // runs were asked for now and keep their time.
-        tx.execute(
-            "UPDATE warden.recovery_jobs SET next_run_at = $3, updated_at = $4 \
-             WHERE agent_id = $1 AND id <> $2 AND state = 'pending' AND NOT manual AND next_run_at < $3",
-            &[&row.get::<_, String>(1), &job, &next, &now],
-        )
-        .await?;
+        hold_back_others(tx, &agent, job, next, now).await?;
         Ok(false)
     }
 
@@ -969,6 +965,32 @@ struct Start {
     verify: Duration,
     /// When the job's lease runs out, on this replica's clock.
     lease_ends: tokio::time::Instant,
+}
+
+/// After a failed attempt on `agent` by `job`: the agent's other pending
+/// automatic jobs wait until `next` too. The backoff is the agent's, not
+/// the job's: another incident's job (agent_unresponsive beside
+/// extended_offline) would otherwise restart the agent right after the
+/// attempt failed, the two taking turns about a tick apart. Manual runs
+/// were asked for now and keep their time. Rows locked meanwhile are
+/// skipped (`recovery cancel` or `reset` has them, and locks the agent's
+/// jobs in another order: waiting could deadlock).
+async fn hold_back_others(
+    tx: &tokio_postgres::Transaction<'_>,
+    agent: &str,
+    job: i64,
+    next: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Result<(), DbError> {
+    tx.execute(
+        "UPDATE warden.recovery_jobs SET next_run_at = $3, updated_at = $4 \
+         WHERE id IN (SELECT id FROM warden.recovery_jobs \
+                      WHERE agent_id = $1 AND id <> $2 AND state = 'pending' AND NOT manual AND next_run_at < $3 \
+                      FOR UPDATE SKIP LOCKED)",
+        &[&agent, &job, &next, &now],
+    )
+    .await?;
+    Ok(())
 }
 
 async fn finish(

@@ -207,6 +207,57 @@ async fn the_backoff_after_a_failed_attempt_holds_for_all_of_the_agents_incident
     warden::recovery::run_now(&mut db, &rig.settings, "twice", None).await.unwrap();
     assert_eq!(rig.tick().await.started, 1);
     assert_eq!(rig.action_states("twice").await, ["failed", "failed"]);
+
+    // Once the backoff is over, the incidents take turns: the job that
+    // just failed goes last, and the other strategies get their attempt.
+    db.execute(
+        "UPDATE warden.recovery_jobs SET next_run_at = next_run_at - interval '1 day' WHERE state = 'pending'",
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(rig.tick().await.started, 1);
+    let issue = "SELECT i.issue_type FROM warden.recovery_actions a JOIN warden.incidents i ON i.id = a.incident_id \
+                 ORDER BY a.id DESC LIMIT 1";
+    let next: String = db.query_one(issue, &[]).await.unwrap().get(0);
+    assert_eq!(next, "extended_offline", "not agent_unresponsive again");
+}
+
+/// The backoff does not wait for a job another transaction holds (an
+/// operator's cancel or reset, which lock the agent's jobs in their own
+/// order): it skips it.
+#[tokio::test]
+async fn holding_back_the_agents_other_jobs_skips_one_locked_elsewhere() {
+    let mut settings = default_settings().recovery;
+    settings.strategies =
+        vec![strategy(&[IssueType::AgentUnresponsive, IssueType::ExtendedOffline], vec![command(&["/bin/false"])])];
+    settings.backoff_base = D::from_secs(600);
+    let rig = rig_of(settings).await;
+    rig.agent("held").await;
+    let first = rig.incident("held", IssueType::AgentUnresponsive).await;
+    let second = rig.incident("held", IssueType::ExtendedOffline).await;
+    // The first incident's job due, the second's due in a moment and held
+    // by another transaction from before the first one's attempt.
+    let mut holder = rig.db.client().await;
+    holder
+        .execute(
+            "INSERT INTO warden.recovery_jobs (incident_id, agent_id, strategy, next_run_at) \
+             VALUES ($1, 'held', 'fix', now() - interval '1 second'), ($2, 'held', 'fix', now() + interval '1 second')",
+            &[&first, &second],
+        )
+        .await
+        .unwrap();
+    let holding = holder.transaction().await.unwrap();
+    holding.execute("SELECT 1 FROM warden.recovery_jobs WHERE incident_id = $1 FOR UPDATE", &[&second]).await.unwrap();
+    let report = tokio::time::timeout(std::time::Duration::from_secs(60), rig.tick())
+        .await
+        .expect("the failed attempt is recorded without waiting for the locked job");
+    assert_eq!((report.opened, report.started), (0, 1), "{report:?}");
+    assert_eq!(rig.action_states("held").await, ["failed"]);
+    holding.commit().await.unwrap();
+    let soon = "SELECT count(*) FROM warden.recovery_jobs WHERE state = 'pending' \
+                AND next_run_at < now() + interval '1 minute'";
+    assert_eq!(rig.count(soon).await, 1, "the locked job was left as it was");
 }
 
 /// `warden recovery cancel`: an agent's waiting and verifying jobs end and
