@@ -475,6 +475,13 @@ pub async fn cycle(
         }
     }
 
+    // Nothing more for a channel removed from the settings (alerts reach
+    // it only through `notified`): a resolution or update queued for it
+    // would wait out max_delivery_age unsent.
+    let configured = p.router.channels();
+    for n in &mut pending {
+        n.notice.channels.retain(|c| configured.contains(c));
+    }
     let (notifications, deliveries) = write_notifications(&tx, &pending, now).await?;
     report.notifications = notifications;
     report.deliveries = deliveries;
@@ -858,7 +865,8 @@ async fn channel_health(
     // A channel removed from the settings fails no more: its alert
     // resolves, and its failure streak starts again, so that a replica
     // still running the old settings (a rolling deploy) opens it again
-    // only after failing `channel_failure_threshold` times more.
+    // only after failing `channel_failure_threshold` times more, and so
+    // does the channel if it is configured again.
     let resolved: i64 = tx
         .query_one(
             "WITH r AS ( \
@@ -868,8 +876,8 @@ async fn channel_health(
                  AND (c.consecutive_failures = 0 OR NOT (c.channel = ANY($2))) \
                RETURNING a.subject), \
              restart AS ( \
-               UPDATE warden.alert_channels c SET consecutive_failures = 0 \
-               FROM r WHERE c.channel = r.subject AND NOT (c.channel = ANY($2))) \
+               UPDATE warden.alert_channels SET consecutive_failures = 0 \
+               WHERE consecutive_failures > 0 AND NOT (channel = ANY($2))) \
              SELECT count(*) FROM r",
             &[&now, &configured],
         )

@@ -149,7 +149,7 @@ async fn create_silence(
         agent_id: b.agent_id,
         issue_type: b.issue_type,
         labels: b.labels,
-        // The now the duration was counted from, not the database's.
+        // The now the duration was counted from.
         starts_at: Some(b.starts_at.unwrap_or(now)),
         ends_at,
         comment: b.comment,

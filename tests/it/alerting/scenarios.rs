@@ -1147,6 +1147,14 @@ to = ["oncall@test.local"]
     rig.esc = escalator::EscalatorParams::from_settings(&without.alerting);
     rig.dispatcher = dispatcher(&rig.db, &without, "replica-a");
     let tried = slack.requests().len();
+    // Another channel removed earlier, a failure short of the threshold.
+    rig.c
+        .execute(
+            "INSERT INTO warden.alert_channels (channel, kind, consecutive_failures) VALUES ('old_hook', 'webhook', 1)",
+            &[],
+        )
+        .await
+        .unwrap();
     rig.run_for(secs(10), secs(1)).await;
     let (_, state, _, _) = rig.alert("channel:ops_slack").await;
     assert_eq!(state, "resolved", "a removed channel fails no more");
@@ -1154,8 +1162,19 @@ to = ["oncall@test.local"]
     assert!(subjects.iter().any(|s| s.starts_with("[RESOLVED] alert channel ops_slack")), "{subjects:?}");
     let streak = "SELECT consecutive_failures::bigint FROM warden.alert_channels WHERE channel = 'ops_slack'";
     assert_eq!(rig.count(streak).await, 0);
+    let streaks = "SELECT sum(consecutive_failures)::bigint FROM warden.alert_channels";
+    assert_eq!(rig.count(streaks).await, 0, "and every other removed channel's");
     assert_eq!(rig.count(pending_to_slack).await, 1, "left for a replica that has the channel");
     assert_eq!(slack.requests().len(), tried, "not tried where it is not configured");
+    // w1 is back: its all-clear goes to email, and nothing more is queued
+    // for the channel that is gone.
+    rig.come_back("w1").await;
+    let (_, state, _, _) = rig.alert("w1:agent_unresponsive").await;
+    assert_eq!(state, "resolved");
+    let subjects: Vec<String> = smtp.mails().iter().map(|m| m.subject().to_string()).collect();
+    assert!(subjects.iter().any(|s| s.starts_with("[RESOLVED] w1 is offline")), "{subjects:?}");
+    let to_slack = "SELECT count(*) FROM warden.alert_deliveries WHERE channel = 'ops_slack'";
+    assert_eq!(rig.count(to_slack).await, 1, "w1's page alone");
 
     rig.run_for(secs(120), secs(5)).await;
     assert_eq!(rig.count(pending_to_slack).await, 0);
@@ -1728,27 +1747,37 @@ async fn a_recovery_that_gives_up_again_after_a_reset_is_paged_again() {
     rig.run_for(secs(32), secs(2)).await;
     let incident = rig.incident("rr", "agent_unresponsive").await;
     failed_attempt(&rig, incident, "rr").await;
-    recovery_gives_up(&rig, incident, "rr", "recovery of rr gave up after 1 attempt").await;
     rig.run_for(secs(10), secs(2)).await;
     let texts = |s: &HttpReceiver| -> Vec<String> {
         s.accepted().iter().map(|r| r.json()["text"].as_str().unwrap_or_default().to_string()).collect()
     };
-    assert_eq!(texts(&slack).len(), 1, "{:?}", texts(&slack));
-    assert!(texts(&slack)[0].starts_with("[RECOVERY FAILED CRITICAL] rr is offline"), "{:?}", texts(&slack));
+    assert_eq!(texts(&slack).len(), 1, "the page: {:?}", texts(&slack));
+    assert!(texts(&slack)[0].starts_with("[FIRING CRITICAL] rr is offline"), "{:?}", texts(&slack));
 
-    assert_eq!(warden::recovery::reset(&rig.c, "rr").await.unwrap(), 1);
-    rig.run_for(secs(20), secs(2)).await;
-    assert_eq!(texts(&slack).len(), 1, "a reset alone says nothing: {:?}", texts(&slack));
-
-    recovery_gives_up(&rig, incident, "rr", "recovery of rr gave up after 2 attempts").await;
+    // Paged already: the give-up is an update of its own.
+    recovery_gives_up(&rig, incident, "rr", "recovery of rr gave up after 1 attempt").await;
     rig.run_for(secs(10), secs(2)).await;
     let sent = texts(&slack);
     assert_eq!(sent.len(), 2, "{sent:?}");
     assert!(sent[1].starts_with("[RECOVERY FAILED CRITICAL] rr is offline"), "{sent:?}");
-    assert!(sent[1].contains("Recovery of rr gave up after 2 attempts"), "the latest give-up: {sent:?}");
+
+    assert_eq!(warden::recovery::reset(&rig.c, "rr").await.unwrap(), 1);
+    rig.run_for(secs(20), secs(2)).await;
+    assert_eq!(texts(&slack).len(), 2, "a reset alone says nothing: {:?}", texts(&slack));
+
+    recovery_gives_up(&rig, incident, "rr", "recovery of rr gave up after 2 attempts").await;
+    rig.run_for(secs(10), secs(2)).await;
+    let sent = texts(&slack);
+    assert_eq!(sent.len(), 3, "{sent:?}");
+    assert!(sent[2].starts_with("[RECOVERY FAILED CRITICAL] rr is offline"), "{sent:?}");
+    assert!(sent[2].contains("Recovery of rr gave up after 2 attempts"), "the latest give-up: {sent:?}");
+    let updates = "SELECT string_agg(sequence::text, ',' ORDER BY sequence) FROM warden.alert_notifications \
+                   WHERE kind = 'escalation' AND channel = 'ops_slack'";
+    let sequences: Option<String> = rig.c.query_one(updates, &[]).await.unwrap().get(0);
+    assert_eq!(sequences.as_deref(), Some("1,2"), "one ledger entry per give-up");
     // Told once: later cycles send nothing more about it.
     rig.run_for(secs(30), secs(2)).await;
-    assert_eq!(texts(&slack).len(), 2, "{:?}", texts(&slack));
+    assert_eq!(texts(&slack).len(), 3, "{:?}", texts(&slack));
 }
 
 /// `timings`, and a Telegram channel of two chats (-100123 and 42) at
