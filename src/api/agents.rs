@@ -1,10 +1,11 @@
 //! DELETE /v1/agents/{id} (admin): an agent gone for good leaves the fleet.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use serde_json::{Value, json};
 
 use super::auth::{AdminScope, Authorized};
+use super::extract::IdPath;
 use super::{ApiError, AppState};
 use crate::db;
 use crate::health::removal::{self, RemoveError};
@@ -13,7 +14,7 @@ use crate::model::AgentId;
 pub async fn remove(
     State(state): State<AppState>,
     auth: Authorized<AdminScope>,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
 ) -> Result<Json<Value>, ApiError> {
     let id = AgentId::parse(id).map_err(|m| ApiError::invalid("id", m))?;
     let by = auth.principal.key_name.clone().unwrap_or_else(|| "anonymous".into());

@@ -2,10 +2,10 @@
 //! POST /v1/alerts/{id}/ack, and POST/GET/DELETE /v1/silences. Reading
 //! needs the read scope; acknowledging and silencing need admin.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -15,6 +15,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::auth::{AdminScope, Authorized, ReadScope};
+use super::extract::{IdPath, QueryPairs};
 use super::ingest::{parse_error, read_limited};
 use super::read::Params;
 use super::{ApiError, AppState};
@@ -44,9 +45,9 @@ fn id_param(raw: &str, what: &str) -> Result<i64, ApiError> {
 async fn list_alerts(
     State(state): State<AppState>,
     _auth: Authorized<ReadScope>,
-    Query(raw): Query<HashMap<String, String>>,
+    QueryPairs(raw): QueryPairs,
 ) -> Result<Json<Value>, ApiError> {
-    let params = Params::new(raw);
+    let params = Params::new(raw, &["state", "severity", "cursor", "limit"])?;
     let filter = ListFilter {
         state: params.parsed::<AlertState>("state")?,
         severity: params.parsed::<Severity>("severity")?,
@@ -57,8 +58,8 @@ async fn list_alerts(
         limit: params.limit()?,
     };
     let client = db::client(&state.pool).await?;
-    let rows = store::list(&client, &filter).await?;
-    let next = (rows.len() as i64 == filter.limit).then(|| rows.last().map(|r| r.0.to_string())).flatten();
+    let rows = store::list(&client, &ListFilter { limit: filter.limit + 1, ..filter }).await?;
+    let (rows, next) = super::read::page(rows, filter.limit, |r| r.0.to_string());
     let alerts: Vec<Value> = rows.into_iter().map(|r| r.1).collect();
     Ok(Json(json!({ "alerts": alerts, "next_cursor": next })))
 }
@@ -66,7 +67,7 @@ async fn list_alerts(
 async fn get_alert(
     State(state): State<AppState>,
     _auth: Authorized<ReadScope>,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
 ) -> Result<Json<Value>, ApiError> {
     let id = id_param(&id, "alert")?;
     let client = db::client(&state.pool).await?;
@@ -85,7 +86,7 @@ struct AckBody {
 async fn ack_alert(
     State(state): State<AppState>,
     auth: Authorized<AdminScope>,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
     let id = id_param(&id, "alert")?;
@@ -167,9 +168,9 @@ async fn create_silence(
 async fn list_silences(
     State(state): State<AppState>,
     _auth: Authorized<ReadScope>,
-    Query(raw): Query<HashMap<String, String>>,
+    QueryPairs(raw): QueryPairs,
 ) -> Result<Json<Value>, ApiError> {
-    let params = Params::new(raw);
+    let params = Params::new(raw, &["all"])?;
     let all = match params.text("all") {
         None | Some("false") => false,
         Some("true") => true,
@@ -183,7 +184,7 @@ async fn list_silences(
 async fn remove_silence(
     State(state): State<AppState>,
     _auth: Authorized<AdminScope>,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
 ) -> Result<Json<Value>, ApiError> {
     let id = id_param(&id, "silence")?;
     let client = db::client(&state.pool).await?;

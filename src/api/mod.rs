@@ -6,6 +6,7 @@ mod alerts;
 pub mod auth;
 mod deadline;
 pub mod error;
+mod extract;
 mod ingest;
 pub mod limit;
 mod mcp;

@@ -7,13 +7,15 @@ use std::collections::HashMap;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::routing::get;
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value, json};
 
 use super::auth::{Authorized, ReadScope};
+use super::extract::{IdPath, QueryPairs};
 use super::{ApiError, AppState};
+use crate::console::data::TierFilter;
 use crate::db;
 use crate::health::incidents::IssueType;
 use crate::model::{AgentId, Liveness, Mode, Severity, Tier};
@@ -30,15 +32,44 @@ pub const DEFAULT_LIMIT: i64 = 100;
 pub const MAX_LIMIT: i64 = 1000;
 
 /// Query parameters, checked one by one so an error names the parameter.
-pub struct Params(HashMap<String, String>);
+pub struct Params {
+    one: HashMap<String, String>,
+    /// Every value of a parameter that may be given more than once.
+    many: HashMap<String, Vec<String>>,
+}
+
+/// Parameters that may be given more than once (each narrows the list).
+const REPEATABLE: &[&str] = &["label"];
 
 impl Params {
-    pub fn new(raw: HashMap<String, String>) -> Self {
-        Self(raw)
+    /// The query's parameters, of which the endpoint takes `known`. An
+    /// unknown one, or one given twice, is refused naming it: ignored, a
+    /// misspelt filter (`?stat=open`) would answer with everything, and of
+    /// a repeated one only the last would count.
+    pub fn new(raw: Vec<(String, String)>, known: &[&str]) -> Result<Self, ApiError> {
+        let mut params = Self { one: HashMap::new(), many: HashMap::new() };
+        for (name, value) in raw {
+            if !known.contains(&name.as_str()) {
+                let takes = if known.is_empty() { "none".to_string() } else { known.join(", ") };
+                return Err(ApiError::invalid(&name, format!("unknown query parameter; this endpoint takes {takes}")));
+            }
+            if REPEATABLE.contains(&name.as_str()) {
+                params.many.entry(name.clone()).or_default().push(value.clone());
+            }
+            if params.one.insert(name.clone(), value).is_some() && !REPEATABLE.contains(&name.as_str()) {
+                return Err(ApiError::invalid(&name, "given more than once"));
+            }
+        }
+        Ok(params)
     }
 
     pub fn text(&self, name: &str) -> Option<&str> {
-        self.0.get(name).map(String::as_str).filter(|v| !v.is_empty())
+        self.one.get(name).map(String::as_str).filter(|v| !v.is_empty())
+    }
+
+    /// The non-empty values of a repeatable parameter, in order.
+    pub fn all(&self, name: &str) -> impl Iterator<Item = &str> {
+        self.many.get(name).into_iter().flatten().map(String::as_str).filter(|v| !v.is_empty())
     }
 
     pub fn parsed<T: std::str::FromStr<Err = String>>(&self, name: &str) -> Result<Option<T>, ApiError> {
@@ -63,25 +94,42 @@ impl Params {
     }
 }
 
-/// A label selector `key:value` (or `key=value`).
+/// One page of a list fetched with `limit + 1` rows: the first `limit`,
+/// and the key of the last of them as `next_cursor` if more follow (none
+/// on the last page, also when it is exactly full).
+pub fn page<T>(mut rows: Vec<T>, limit: i64, key: impl Fn(&T) -> String) -> (Vec<T>, Option<String>) {
+    let limit = usize::try_from(limit).unwrap_or(0);
+    if rows.len() <= limit {
+        return (rows, None);
+    }
+    rows.truncate(limit);
+    let next = rows.last().map(key);
+    (rows, next)
+}
+
+/// Label selectors `key:value` (or `key=value`), each given as `label`;
+/// an agent must have them all.
 fn label_filter(params: &Params) -> Result<Option<Value>, ApiError> {
-    let Some(raw) = params.text("label") else { return Ok(None) };
-    // At whichever separator comes first: label keys hold neither, values
-    // may hold both (`zone=eu:west`).
-    let Some(at) = raw.find([':', '=']) else {
-        return Err(ApiError::invalid("label", "must be key:value"));
-    };
-    let (key, value) = (&raw[..at], &raw[at + 1..]);
-    if key.is_empty() {
-        return Err(ApiError::invalid("label", "must be key:value with a non-empty key"));
-    }
-    // jsonb cannot hold U+0000, and no label holds it.
-    if raw.contains('\0') {
-        return Err(ApiError::invalid("label", "must not contain U+0000"));
-    }
     let mut object = Map::new();
-    object.insert(key.to_string(), Value::String(value.to_string()));
-    Ok(Some(Value::Object(object)))
+    for raw in params.all("label") {
+        // At whichever separator comes first: label keys hold neither,
+        // values may hold both (`zone=eu:west`).
+        let Some(at) = raw.find([':', '=']) else {
+            return Err(ApiError::invalid("label", "must be key:value"));
+        };
+        let (key, value) = (&raw[..at], &raw[at + 1..]);
+        if key.is_empty() {
+            return Err(ApiError::invalid("label", "must be key:value with a non-empty key"));
+        }
+        // jsonb cannot hold U+0000, and no label holds it.
+        if raw.contains('\0') {
+            return Err(ApiError::invalid("label", "must not contain U+0000"));
+        }
+        if object.insert(key.to_string(), Value::String(value.to_string())).is_some() {
+            return Err(ApiError::invalid("label", format!("label {key} is given twice")));
+        }
+    }
+    Ok((!object.is_empty()).then_some(Value::Object(object)))
 }
 
 /// Columns every agent view carries, as one JSON object per row.
@@ -95,18 +143,20 @@ const AGENT_JSON: &str = "jsonb_build_object(\
 async fn list_agents(
     State(state): State<AppState>,
     _auth: Authorized<ReadScope>,
-    Query(raw): Query<HashMap<String, String>>,
+    QueryPairs(raw): QueryPairs,
 ) -> Result<Json<Value>, ApiError> {
-    let params = Params::new(raw);
+    let params = Params::new(raw, &["liveness", "tier", "label", "cursor", "limit"])?;
     let liveness: Option<Liveness> = params.parsed("liveness")?;
-    let tier: Option<Tier> = params.parsed("tier")?;
+    // "unscored": agents not scored yet, as GET /v1/fleet counts them.
+    let tier: Option<TierFilter> = params.parsed("tier")?;
     let label = label_filter(&params)?;
     let cursor = params.agent("cursor")?;
     let limit = params.limit()?;
     let client = db::client(&state.pool).await?;
     let sql = format!(
         "SELECT agent_id, {AGENT_JSON} FROM warden.agent_status \
-         WHERE ($1::text IS NULL OR liveness = $1) AND ($2::text IS NULL OR tier = $2) \
+         WHERE ($1::text IS NULL OR liveness = $1) \
+           AND ($2::text IS NULL OR tier = $2 OR ($2 = 'unscored' AND tier IS NULL)) \
            AND ($3::jsonb IS NULL OR labels @> $3) AND ($4::text IS NULL OR agent_id > $4) \
          ORDER BY agent_id LIMIT $5"
     );
@@ -115,14 +165,14 @@ async fn list_agents(
             &sql,
             &[
                 &liveness.map(Liveness::as_str),
-                &tier.map(Tier::as_str),
+                &tier.map(TierFilter::as_str),
                 &label,
                 &cursor.as_ref().map(AgentId::as_str),
-                &limit,
+                &(limit + 1),
             ],
         )
         .await?;
-    let next = (rows.len() as i64 == limit).then(|| rows.last().map(|r| r.get::<_, String>(0))).flatten();
+    let (rows, next) = page(rows, limit, |r| r.get::<_, String>(0));
     let agents: Vec<Value> = rows.iter().map(|r| r.get(1)).collect();
     Ok(Json(json!({ "agents": agents, "next_cursor": next })))
 }
@@ -130,7 +180,7 @@ async fn list_agents(
 async fn get_agent(
     State(state): State<AppState>,
     _auth: Authorized<ReadScope>,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
 ) -> Result<Json<Value>, ApiError> {
     let id = AgentId::parse(id).map_err(|m| ApiError::invalid("id", m))?;
     let client = db::client(&state.pool).await?;
@@ -261,9 +311,9 @@ pub const INCIDENT_JSON: &str = "jsonb_build_object('id', id, 'agent_id', agent_
 async fn list_incidents(
     State(state): State<AppState>,
     _auth: Authorized<ReadScope>,
-    Query(raw): Query<HashMap<String, String>>,
+    QueryPairs(raw): QueryPairs,
 ) -> Result<Json<Value>, ApiError> {
-    let params = Params::new(raw);
+    let params = Params::new(raw, &["state", "agent", "issue_type", "severity", "since", "cursor", "limit"])?;
     let state_filter = match params.text("state") {
         None => None,
         Some(s @ ("open" | "resolved")) => Some(s.to_string()),
@@ -274,7 +324,11 @@ async fn list_incidents(
     let severity: Option<Severity> = params.parsed("severity")?;
     let since: Option<DateTime<Utc>> = params
         .text("since")
-        .map(|v| v.parse().map_err(|_| ApiError::invalid("since", "must be an RFC 3339 timestamp")))
+        .map(|v| {
+            v.parse().map_err(|_| {
+                ApiError::invalid("since", "must be an RFC 3339 timestamp (a + in its offset is sent as %2B)")
+            })
+        })
         .transpose()?;
     let cursor: Option<i64> = params
         .text("cursor")
@@ -299,11 +353,11 @@ async fn list_incidents(
                 &severity.map(Severity::as_str),
                 &since,
                 &cursor,
-                &limit,
+                &(limit + 1),
             ],
         )
         .await?;
-    let next = (rows.len() as i64 == limit).then(|| rows.last().map(|r| r.get::<_, i64>(0).to_string())).flatten();
+    let (rows, next) = page(rows, limit, |r| r.get::<_, i64>(0).to_string());
     let incidents: Vec<Value> = rows.iter().map(|r| r.get(1)).collect();
     Ok(Json(json!({ "incidents": incidents, "next_cursor": next })))
 }

@@ -1,15 +1,14 @@
 //! Recovery over HTTP: the action history (read) and a manual run (admin).
 
-use std::collections::HashMap;
-
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Value, json};
 
 use super::auth::{AdminScope, Authorized, ReadScope};
+use super::extract::{IdPath, QueryPairs};
 use super::read::Params;
 use super::{ApiError, AppState};
 use crate::db;
@@ -23,9 +22,9 @@ pub fn router() -> Router<AppState> {
 async fn list(
     State(state): State<AppState>,
     _auth: Authorized<ReadScope>,
-    Query(raw): Query<HashMap<String, String>>,
+    QueryPairs(raw): QueryPairs,
 ) -> Result<Json<Value>, ApiError> {
-    let params = Params::new(raw);
+    let params = Params::new(raw, &["agent", "incident", "cursor", "limit"])?;
     let agent = params.agent("agent")?;
     let number = |name: &str| -> Result<Option<i64>, ApiError> {
         params
@@ -37,8 +36,8 @@ async fn list(
     let cursor = number("cursor")?;
     let limit = params.limit()?;
     let client = db::client(&state.pool).await?;
-    let rows = recovery::history(&client, agent.as_ref().map(AgentId::as_str), incident, cursor, limit).await?;
-    let next = (rows.len() as i64 == limit).then(|| rows.last().map(|r| r.id.to_string())).flatten();
+    let rows = recovery::history(&client, agent.as_ref().map(AgentId::as_str), incident, cursor, limit + 1).await?;
+    let (rows, next) = super::read::page(rows, limit, |r| r.id.to_string());
     Ok(Json(json!({ "recoveries": rows, "next_cursor": next })))
 }
 
@@ -54,7 +53,7 @@ struct RunRequest {
 async fn run(
     State(state): State<AppState>,
     _auth: Authorized<AdminScope>,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
     body: Body,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let agent = AgentId::parse(id).map_err(|m| ApiError::invalid("id", m))?;

@@ -15,15 +15,16 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::FromRequestParts;
-use axum::extract::{Query, State};
-use axum::http::HeaderMap;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use axum::response::IntoResponse;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::routing::get;
-use futures_util::Stream;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::auth::{Authorized, ReadScope};
+use super::extract::QueryPairs;
 use super::read::Params;
 use super::{ApiError, AppState};
 use crate::model::AgentId;
@@ -86,9 +87,9 @@ async fn stream(
     State(state): State<AppState>,
     auth: Authorized<ReadScope>,
     headers: HeaderMap,
-    Query(raw): Query<HashMap<String, String>>,
-) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    let params = Params::new(raw);
+    QueryPairs(raw): QueryPairs,
+) -> Result<impl IntoResponse, ApiError> {
+    let params = Params::new(raw, &["agent", "heartbeats"])?;
     let agent = params.agent("agent")?;
     let heartbeats = match params.text("heartbeats") {
         None | Some("false") => false,
@@ -169,9 +170,14 @@ async fn stream(
     };
     let events = futures_util::stream::unfold(open, |mut open| async move {
         let event = open.next().await?;
-        Some((Ok(event), open))
+        Some((Ok::<_, Infallible>(event), open))
     });
-    Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+    // nginx buffers proxied responses unless told not to: the events
+    // would sit in its buffer, and the console never go live.
+    Ok((
+        [(HeaderName::from_static("x-accel-buffering"), HeaderValue::from_static("no"))],
+        Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))),
+    ))
 }
 
 /// One open stream's state.

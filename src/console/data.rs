@@ -127,7 +127,7 @@ impl std::str::FromStr for TierFilter {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "unscored" => Ok(Self::Unscored),
-            _ => s.parse().map(Self::Is),
+            _ => s.parse().map(Self::Is).map_err(|_| format!("one of {}, or unscored", Tier::allowed())),
         }
     }
 }

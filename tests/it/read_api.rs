@@ -62,10 +62,40 @@ async fn agents_are_listed_filtered_and_paged() {
         ("limit=5000", "limit"),
         ("label=novalue", "label"),
         ("cursor=bad%20id", "cursor"),
+        // Ignored, a misspelt filter would list everyone; of a repeated
+        // one, only the last value would count.
+        ("livenes=online", "livenes"),
+        ("limit=2&limit=3", "limit"),
+        ("label=role:worker&label=role:api", "label"),
     ] {
         let (status, error) = get_json(&app, &read, &format!("/v1/agents?{query}")).await;
-        assert_eq!((status, error["error"]["field"].as_str()), (422, Some(field)), "{query}");
+        assert_eq!((status, error["error"]["field"].as_str()), (422, Some(field)), "{query}: {error}");
     }
+    // Several labels: agents that have them all.
+    app.heartbeat(&ingest, json!({"agent_id": "a8", "labels": {"role": "worker", "zone": "eu"}})).await;
+    let (_, both) = get_json(&app, &read, "/v1/agents?label=role:worker&label=zone:eu").await;
+    let ids: Vec<&str> = both["agents"].as_array().unwrap().iter().map(|a| a["agent_id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["a8"]);
+    // A last page exactly full says it is the last.
+    let (_, all) = get_json(&app, &read, "/v1/agents?limit=7").await;
+    assert_eq!(all["agents"].as_array().unwrap().len(), 7);
+    assert_eq!(all["next_cursor"], Value::Null, "seven agents, a page of seven");
+    let (_, six) = get_json(&app, &read, "/v1/agents?limit=6").await;
+    assert_eq!(six["next_cursor"], "a8");
+    // Not scored yet: listed as GET /v1/fleet counts them.
+    let (_, fleet) = get_json(&app, &read, "/v1/fleet").await;
+    let (status, unscored) = get_json(&app, &read, "/v1/agents?tier=unscored").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        Some(unscored["agents"].as_array().unwrap().len() as u64),
+        fleet["tier"]["unscored"].as_u64(),
+        "{fleet}"
+    );
+    // A path id that is not UTF-8 gets the JSON error, naming it.
+    let response = app.http.get(app.url("/v1/agents/a%FF")).bearer_auth(&read).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 422);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["field"], "id", "{error}");
 }
 
 #[tokio::test]
@@ -171,9 +201,12 @@ async fn incidents_are_listed_newest_first_with_filters() {
     assert!(ids.windows(2).all(|w| w[0] > w[1]), "newest first: {ids:?}");
     let (_, page) = get_json(&app, &read, "/v1/incidents?limit=1").await;
     assert!(page["next_cursor"].is_string());
-    for (query, field) in
-        [("state=closed", "state"), ("issue_type=boredom", "issue_type"), ("since=yesterday", "since")]
-    {
+    for (query, field) in [
+        ("state=closed", "state"),
+        ("issue_type=boredom", "issue_type"),
+        ("since=yesterday", "since"),
+        ("status=open", "status"),
+    ] {
         let (status, error) = get_json(&app, &read, &format!("/v1/incidents?{query}")).await;
         assert_eq!((status, error["error"]["field"].as_str()), (422, Some(field)), "{query}");
     }
@@ -185,6 +218,8 @@ async fn ready_stream(app: &TestApp, key: &str, path: &str) -> (reqwest::Respons
     let mut stream =
         app.http.get(app.url(path)).bearer_auth(key).timeout(Duration::from_secs(300)).send().await.unwrap();
     assert_eq!(stream.status(), 200, "{path}");
+    // Unbuffered behind nginx, which would otherwise hold the events back.
+    assert_eq!(stream.headers().get("x-accel-buffering").map(|v| v.as_bytes()), Some(&b"no"[..]), "{path}");
     let mut buffer = String::new();
     next_event(&mut stream, &mut buffer, |name, _| name == "ready").await;
     (stream, buffer)
