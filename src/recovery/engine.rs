@@ -306,7 +306,14 @@ impl Engine {
             .query(
                 "SELECT j.id, j.current_action_id, j.verify_until, a.started_at, s.last_seen, s.liveness, \
                         j.incident_id, a.attempt, j.strategy, a.action, j.agent_id, i.issue_type, i.resolved_at, \
-                        a.finished_at, j.manual, s.expected_interval_ms \
+                        a.finished_at, j.manual, s.expected_interval_ms, \
+                        (SELECT o.id FROM warden.incidents o WHERE o.issue_type = 'fleet_outage' \
+                           AND o.state = 'open' \
+                           AND (i.details -> 'outside_fleet_outage') IS DISTINCT FROM to_jsonb(o.id) \
+                         ORDER BY o.id LIMIT 1), \
+                        (SELECT max(o.resolved_at) FROM warden.incidents o WHERE o.issue_type = 'fleet_outage' \
+                           AND o.resolved_at > coalesce(a.finished_at, a.started_at) \
+                           AND (i.details -> 'outside_fleet_outage') IS DISTINCT FROM to_jsonb(o.id)) \
                  FROM warden.recovery_jobs j \
                  JOIN warden.recovery_actions a ON a.id = j.current_action_id \
                  JOIN warden.agent_status s ON s.agent_id = j.agent_id \
@@ -358,6 +365,17 @@ impl Engine {
             // two counts.
             let verify_until =
                 verify_until.map(|v| ended.map_or(v, |e| v.max(e + self.verify_for(&strategy, issue, row.get(15)))));
+            // A fleet outage (the network, the database's host) keeps the
+            // agent from being heard whatever the action did: its
+            // verification waits for the outage to end, then has its whole
+            // time again, rather than failing and using up an attempt of
+            // the agent's for what was nobody's fault. (Not for an agent
+            // that failed on its own during the outage.)
+            let outage_open = row.get::<_, Option<i64>>(16).is_some();
+            let outage_ended: Option<DateTime<Utc>> = row.get(17);
+            let after_outage = outage_ended.map(|r| r + self.verify_for(&strategy, issue, row.get(15)));
+            let verify_until = verify_until.map(|v| after_outage.map_or(v, |a| v.max(a)));
+            let unheard_by = unheard_by.map(|u| after_outage.map_or(u, |a| u.max(a)));
             let fixed_at =
                 if silence { back } else { back.and(resolved_at.filter(|r| started.is_some_and(|s| *r >= s))) };
             if let Some(fixed_at) = fixed_at {
@@ -420,7 +438,7 @@ impl Engine {
                 crate::metrics::METRICS.recovery_attempts.with_label_values(&["succeeded"]).inc();
                 succeeded += 1;
             } else if let Some(deadline) =
-                verify_until.map(|v| unheard_by.map_or(v, |u| u.min(v))).filter(|d| now >= *d)
+                verify_until.map(|v| unheard_by.map_or(v, |u| u.min(v))).filter(|d| now >= *d && !outage_open)
             {
                 // Counted from the action's end, as verification is.
                 let waited = ended.map(|e| (deadline - e).num_seconds().max(0)).unwrap_or(0);

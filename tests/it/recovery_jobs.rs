@@ -375,6 +375,48 @@ async fn a_fleet_outage_opened_while_a_claim_waits_for_its_turn_holds_it_back() 
     assert!(rig.action_states("late").await.is_empty());
 }
 
+/// A fleet outage keeps an agent from being heard whatever the action did:
+/// the verification waits for it to end and then has its whole time
+/// again, instead of failing and using up one of the agent's attempts.
+#[tokio::test]
+async fn a_verification_waits_out_a_fleet_outage_instead_of_failing() {
+    let rig = rig(vec![strategy(&[IssueType::AgentUnresponsive], vec![command(&["/bin/true"])])], 3).await;
+    rig.agent("cut").await;
+    rig.incident("cut", IssueType::AgentUnresponsive).await;
+    rig.tick().await;
+    assert_eq!(rig.jobs("cut").await[0].0, "verifying");
+    let db = rig.db.client().await;
+    let outage: i64 = db
+        .query_one(
+            "INSERT INTO warden.incidents (agent_id, issue_type, severity, opened_at) \
+             VALUES (NULL, 'fleet_outage', 'emergency', now() - interval '50 minutes') RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    // Its time is up while the fleet is out: it waits.
+    let expire = "UPDATE warden.recovery_jobs SET verify_until = now() - interval '1 second'";
+    db.execute(expire, &[]).await.unwrap();
+    db.execute("UPDATE warden.recovery_actions SET finished_at = now() - interval '1 hour'", &[]).await.unwrap();
+    let report = rig.tick().await;
+    assert_eq!(report.failed, 0, "{report:?}");
+    assert_eq!(rig.jobs("cut").await[0].0, "verifying");
+
+    // The outage is over: the whole verification time again, from its end.
+    db.execute("UPDATE warden.incidents SET state = 'resolved', resolved_at = now() WHERE id = $1", &[&outage])
+        .await
+        .unwrap();
+    assert_eq!(rig.tick().await.failed, 0);
+    assert_eq!(rig.jobs("cut").await[0].0, "verifying");
+    // Long after it, the verification fails as any would.
+    db.execute("UPDATE warden.incidents SET resolved_at = now() - interval '30 minutes' WHERE id = $1", &[&outage])
+        .await
+        .unwrap();
+    assert_eq!(rig.tick().await.failed, 1);
+    assert_eq!(rig.action_states("cut").await, ["failed"]);
+}
+
 #[tokio::test]
 async fn an_operators_run_starts_while_the_fleet_cap_is_full() {
     let rig = rig_with(vec![strategy(&[IssueType::AgentUnresponsive], vec![command(&["/bin/true"])])], 3, 1).await;
