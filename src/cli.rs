@@ -57,7 +57,7 @@ pub enum Command {
     },
     /// Send heartbeats for an agent (a cron job, a daemon) until killed.
     Agent(crate::agent::AgentArgs),
-    /// Recovery: history, run one now, reset an agent that gave up.
+    /// Recovery: history, run one now, reset an agent that gave up, cancel.
     #[command(subcommand)]
     Recovery(RecoveryCommand),
     /// Agents: remove one that is gone for good.
@@ -267,6 +267,28 @@ impl From<StartError> for Failure {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Rust ignores SIGPIPE, so printing to a closed pipe (`warden report
+    // ... | head`) panics. The verbs that print and end die of it quietly
+    // instead, as Unix tools do; those that run on (serve, agent, the load
+    // generators) keep ignoring it, as a socket's peer closing is theirs
+    // to handle.
+    #[cfg(unix)]
+    if matches!(
+        cli.command,
+        Command::Migrate
+            | Command::Config
+            | Command::Keys(_)
+            | Command::Alerts(_)
+            | Command::Silence(_)
+            | Command::Report(_)
+            | Command::Recovery(_)
+            | Command::Agents(_)
+    ) {
+        // SAFETY: at start, before any thread: nothing else handles signals yet.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -378,6 +400,9 @@ async fn command(cli: Cli, sources: &Sources) -> Result<(), Failure> {
             }
         }
         Command::Bench(BenchCommand::Ingest { agents, connections, batch, metrics, duration, warmup, skip_naive }) => {
+            if duration.get().is_zero() {
+                return Err(Failure::usage("--duration must be longer than 0s"));
+            }
             let bench = crate::bench::IngestBench {
                 agents,
                 connections,

@@ -42,6 +42,14 @@ impl Duration {
         if text.bytes().all(|b| b.is_ascii_digit()) {
             return Err(format!("a duration with a unit, like {text}s or {text}ms (a bare number is ambiguous)"));
         }
+        // humantime reads `M` as months: `5M` for five minutes would be a
+        // five-month silence or backoff.
+        if text.split(|c: char| !c.is_ascii_alphabetic()).any(|unit| unit == "M") {
+            return Err(format!(
+                "a duration like 30s, 5m or 7d (got {text}: M would be months; m is minutes, and months are written \
+                 out, like 2months)"
+            ));
+        }
         let d = humantime::parse_duration(text).map_err(|e| format!("a duration like 30s, 5m or 7d ({e})"))?;
         // Anything longer means "never" to a person and an overflow to
         // date arithmetic (now plus a duration must stay a date).
@@ -182,6 +190,16 @@ mod tests {
         assert!(Duration::parse("1000y").is_ok(), "the limit itself is allowed");
         assert!(Duration::parse("365242d").is_ok());
         assert!(Duration::parse("999y").is_ok());
+    }
+
+    #[test]
+    fn an_uppercase_m_is_refused_not_read_as_months() {
+        for text in ["5M", "1h5M", "5M 3s"] {
+            let err = Duration::parse(text).unwrap_err();
+            assert!(err.contains("M would be months"), "{text}: {err}");
+        }
+        assert_eq!(Duration::parse("5m").unwrap(), Duration::from_secs(300));
+        assert!(Duration::parse("2months").is_ok(), "written out, months are meant");
     }
 
     #[test]

@@ -169,6 +169,11 @@ impl From<deadpool_postgres::PoolError> for DbError {
             P::Backend(e) if is_certificate_refused(&e) => Self::Untrusted(describe(&e)),
             P::Backend(e) if !is_connectivity_error(&e) => Self::Query(e),
             P::Backend(e) => Self::Unavailable(describe(&e)),
+            // Create: no connection could be opened (a server that accepts
+            // but never answers); Wait: the pool was busy.
+            P::Timeout(deadpool_postgres::TimeoutType::Create) => {
+                Self::Unavailable("no connection could be opened within database.connect_timeout".into())
+            }
             P::Timeout(_) => Self::Unavailable("no database connection became free in time".into()),
             other => Self::Unavailable(other.to_string()),
         }

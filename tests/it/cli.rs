@@ -372,6 +372,29 @@ async fn recovery_run_refuses_when_nothing_would_run_it() {
     assert!(String::from_utf8_lossy(&reset.stderr).contains("no agent nosuch"), "{reset:?}");
 }
 
+/// A reader that stops early (`| head`) ends the verb quietly, as it does
+/// any Unix tool: no panic, no backtrace.
+#[test]
+fn a_closed_pipe_ends_a_printing_verb_without_a_panic() {
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = warden()
+        .args(["report", "--list"])
+        .env("RUST_BACKTRACE", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Closed before anything is read: the first write meets no reader.
+    drop(child.stdout.take());
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    use std::os::unix::process::ExitStatusExt;
+    assert!(status.success() || status.signal() == Some(libc::SIGPIPE), "{status:?}: {stderr}");
+}
+
 /// With recovery switched off, a job it left waiting can still be ended,
 /// and the agent then removed.
 #[tokio::test]
