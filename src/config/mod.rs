@@ -429,14 +429,21 @@ fn field_with_bad_value(merged: &Config, key: &str, problem: &str) -> Option<Str
 
 /// Which layer set `key`: the environment variable if one is set, else the
 /// override file if it mentions the key, else the built-in defaults.
+///
+/// A key above the variable that set it counts too: `health.weights`
+/// (whose sum is off) was set by `WARDEN__HEALTH__WEIGHTS__PERFORMANCE`,
+/// and an unknown section `helth` by `WARDEN__HELTH__CHECK_INTERVAL`.
 fn origin_of(key: &str, sources: &Sources) -> Option<String> {
-    let var = env_var_for(key);
-    let in_env = match &sources.env {
-        Some(map) => map.contains_key(&var),
-        None => std::env::var_os(&var).is_some(),
+    let var = env_var_for(&key.replace('[', ".").replace(']', ""));
+    let names: Vec<String> = match &sources.env {
+        Some(map) => map.keys().cloned().collect(),
+        None => std::env::vars_os().filter_map(|(k, _)| k.into_string().ok()).collect(),
     };
-    if in_env {
-        return Some(var);
+    let below = format!("{var}__");
+    let mut setters = names.into_iter().filter(|n| *n == var || n.starts_with(&below)).collect::<Vec<_>>();
+    setters.sort();
+    if let Some(first) = setters.first() {
+        return Some(if setters.len() == 1 { first.clone() } else { format!("{first} and others") });
     }
     let file = sources.file.as_ref()?;
     // `issues[0]` is written `issues = [...]`.

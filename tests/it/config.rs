@@ -582,3 +582,13 @@ fn a_setting_variable_missing_an_underscore_is_refused_not_ignored() {
         assert!(load_env(&[(name, "x")]).is_ok(), "{name}");
     }
 }
+
+#[test]
+fn an_error_names_the_variable_below_its_key_that_set_it() {
+    let e = refused(&[("WARDEN__HELTH__CHECK_INTERVAL", "5s")]);
+    assert_eq!(e.origin.as_deref(), Some("WARDEN__HELTH__CHECK_INTERVAL"), "{e}");
+    let e = refused(&[("WARDEN__HEALTH__WEIGHTS__PERFORMANCE", "0.5")]);
+    assert_eq!(e.key.as_deref(), Some("health.weights"), "{e}");
+    assert_eq!(e.origin.as_deref(), Some("WARDEN__HEALTH__WEIGHTS__PERFORMANCE"), "{e}");
+    assert!(e.to_string().contains("WARDEN__HEALTH__WEIGHTS__PERFORMANCE"), "{e}");
+}
