@@ -89,21 +89,8 @@ impl EmbeddedCluster {
             None
         };
         let data_dir = absolute(data_dir)?;
-        // The socket lives in the data directory, and a Unix socket's path
-        // is at most 107 bytes: beyond, the server fails to start with the
-        // reason only in its log. Said here, before initdb leaves a
-        // directory behind.
-        let socket = data_dir.join(format!(".s.PGSQL.{PORT}"));
-        let length = socket.as_os_str().len();
-        if length > MAX_SOCKET_PATH {
-            return Err(data_dir_error(
-                &data_dir,
-                &format!(
-                    "is too deep for the cluster's socket ({length} bytes in {}, over the {MAX_SOCKET_PATH} a Unix \
-                     socket's path may have); set database.data_dir to a shorter path",
-                    socket.display()
-                ),
-            ));
+        if let Err(reason) = socket_fits(&data_dir) {
+            return Err(data_dir_error(&data_dir, &reason));
         }
         let mut cluster = Self { data_dir, bin_dir, run_as, started_here: false };
         cluster.init_if_needed().await?;
@@ -306,6 +293,23 @@ impl EmbeddedCluster {
 
 fn os(s: &str) -> &OsStr {
     OsStr::new(s)
+}
+
+/// The socket lives in the data directory, and a Unix socket's path is at
+/// most 107 bytes: beyond, the server fails to start with the reason only
+/// in its log. Checked with the settings, before initdb leaves a directory
+/// behind.
+pub(crate) fn socket_fits(data_dir: &Path) -> Result<(), String> {
+    let socket = std::path::absolute(data_dir).map_err(|e| e.to_string())?.join(format!(".s.PGSQL.{PORT}"));
+    let length = socket.as_os_str().len();
+    if length > MAX_SOCKET_PATH {
+        return Err(format!(
+            "a shorter path: the cluster's socket would be {length} bytes ({}), over the {MAX_SOCKET_PATH} a Unix \
+             socket's path may have",
+            socket.display()
+        ));
+    }
+    Ok(())
 }
 
 fn data_dir_error(path: &Path, reason: &str) -> EmbeddedError {

@@ -278,6 +278,7 @@ impl Database {
     /// an external server is down (`serve` then waits for it).
     pub async fn open(settings: &DatabaseSettings) -> Result<Self, OpenError> {
         let (mut pg_config, embedded) = if settings.url.is_empty() {
+            check_data_dir(settings)?;
             let bin_dir = Some(settings.pg_bin_dir.as_path()).filter(|p| !p.as_os_str().is_empty());
             let cluster = EmbeddedCluster::start(&settings.data_dir, bin_dir).await?;
             (cluster.connect_config(), Some(cluster))
@@ -321,10 +322,16 @@ impl Database {
 /// `warden config`, which otherwise only loads the settings.
 pub fn check_settings(settings: &DatabaseSettings) -> Result<(), SettingsError> {
     if settings.url.is_empty() {
-        return Ok(());
+        return check_data_dir(settings);
     }
     let mut pg_config = parse_url(settings.url.expose())?;
     tls::connector(settings, &mut pg_config).map(drop)
+}
+
+/// The embedded cluster's data directory must leave room for its socket.
+fn check_data_dir(settings: &DatabaseSettings) -> Result<(), SettingsError> {
+    embedded::socket_fits(&settings.data_dir)
+        .map_err(|allowed| SettingsError::new("database.data_dir", settings.data_dir.display(), allowed))
 }
 
 /// Where a connection configuration points, `host:port/dbname`, with no

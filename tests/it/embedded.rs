@@ -90,7 +90,22 @@ async fn a_data_directory_too_deep_for_its_socket_is_refused_before_anything_is_
     let data = dir.path().join("d".repeat(120)).join("pgdata");
     let err = EmbeddedCluster::start(&data, None).await.unwrap_err();
     assert!(matches!(err, EmbeddedError::DataDir { .. }), "{err}");
-    assert!(err.to_string().contains("set database.data_dir to a shorter path"), "{err}");
+    assert!(err.to_string().contains("a shorter path"), "{err}");
+    assert!(!data.exists(), "no directory left behind");
+    // A bad setting, found without starting anything: exit 2 naming it,
+    // from `config` (the pre-flight check) and from any verb.
+    for verb in [&["config"][..], &["keys", "list"]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_warden"))
+            .args(verb)
+            .env_remove("WARDEN_CONFIG")
+            .env("WARDEN__DATABASE__URL", "")
+            .env("WARDEN__DATABASE__DATA_DIR", &data)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{verb:?}: {stderr}");
+        assert!(stderr.contains("database.data_dir") && stderr.contains("WARDEN__DATABASE__DATA_DIR"), "{stderr}");
+    }
     assert!(!data.exists(), "no directory left behind");
 }
 
