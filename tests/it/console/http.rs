@@ -542,6 +542,11 @@ async fn http_actions_need_the_admin_scope_the_csrf_token_and_the_same_site() {
     assert_eq!(nul.status(), 422);
     assert!(nul.text().await.unwrap().contains("U+0000"));
     assert_eq!(alert_state(&app, alert).await, "firing");
+    let long = format!("csrf={}&comment={}", admin_session.csrf, "x".repeat(1025));
+    let long = post_form(&app, &admin_session, &path, &long).await;
+    assert_eq!(long.status(), 422, "refused, not cut short");
+    assert!(long.text().await.unwrap().contains("at most 1024 characters"));
+    assert_eq!(alert_state(&app, alert).await, "firing");
     let (searched, _, _) = get(&app, &admin_session, "/?q=a%00b").await;
     assert_eq!(searched, 200);
 
