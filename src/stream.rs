@@ -181,10 +181,25 @@ impl Hub {
 /// and notifications sent meanwhile never reached this replica.
 pub const LAGGED: &str = "lagged";
 
+/// Channel a listener's replacement announces itself on, so that the old
+/// connection can hand over without losing or repeating a notification.
+const HANDOVER: &str = "warden_stream_handover";
+
+/// How long a retiring listener may take to hear its replacement's marker
+/// before the handover is given up (and streams told to refetch).
+const HANDOVER_WAIT: Duration = Duration::from_secs(30);
+
 /// Listens until `stop`, reconnecting with backoff when the connection
-/// drops, and at once when it has served `max_lifetime` (as pooled
+/// drops, and replacing it when it has served `max_lifetime` (as pooled
 /// connections are replaced: one left open to a server a failover moved
 /// away from would hear nothing ever again).
+///
+/// A replacement is handed over without a gap: the new connection listens
+/// first, then the old one notifies [`HANDOVER`] with a marker. Notifications
+/// reach every listener in commit order, so the old connection passes on
+/// everything up to the marker and the new one everything after it. Only
+/// when that fails (either connection lost meanwhile) are streams told
+/// they may have missed something.
 pub async fn listen(
     config: tokio_postgres::Config,
     tls: crate::db::tls::Connector,
@@ -194,109 +209,176 @@ pub async fn listen(
 ) {
     let fresh_waits = || crate::every::retry_waits(Duration::from_millis(250), Duration::from_secs(5));
     let mut waits = fresh_waits();
-    loop {
-        let mut listening = false;
-        let result = listen_once(&config, &tls, &hub, max_lifetime, &stop, || {
-            listening = true;
-            // Whatever committed while nothing listened reached no stream:
-            // after a drop, and also at the first LISTEN, since streams are
-            // served as soon as the database is, maybe before this.
-            hub.publish(StreamEvent {
-                kind: LAGGED.into(),
-                agent_id: None,
-                data: r#"{"missed":null,"reason":"reconnected"}"#.into(),
-                seq: 0,
-            });
+    // Whatever committed while nothing listened reached no stream: after a
+    // drop, and also at the first LISTEN, since streams are served as soon
+    // as the database is, maybe before this.
+    let lagged = || {
+        hub.publish(StreamEvent {
+            kind: LAGGED.into(),
+            agent_id: None,
+            data: r#"{"missed":null,"reason":"reconnected"}"#.into(),
+            seq: 0,
         })
-        .await;
-        if stop.is_cancelled() {
-            return;
-        }
-        if listening {
-            // A drop after a working connection starts the backoff afresh.
-            waits = fresh_waits();
-        }
-        match result {
-            Ok(Ended::Retired) => {
-                tracing::debug!("stream listener's connection reached database.max_lifetime; reconnecting");
-                continue;
+    };
+    let mut current: Option<Listener> = None;
+    loop {
+        let listener = match current.take() {
+            Some(listener) => listener,
+            None => match Listener::connect(&config, &tls).await {
+                Ok(listener) => {
+                    tracing::debug!("stream listener connected");
+                    lagged();
+                    // A drop after a working connection starts the backoff afresh.
+                    waits = fresh_waits();
+                    listener
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "stream listener could not connect; trying again");
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(waits.next().unwrap_or_default()) => {}
+                    }
+                    continue;
+                }
+            },
+        };
+        let retire = async {
+            match max_lifetime {
+                Some(after) => tokio::time::sleep(after).await,
+                None => std::future::pending().await,
             }
-            Ok(Ended::Closed) => tracing::warn!("stream listener's connection ended; reconnecting"),
-            Err(e) => tracing::warn!(error = %e, "stream listener lost its connection; reconnecting"),
-        }
-        tokio::select! {
+        };
+        let mut listener = listener;
+        let ended = tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(waits.next().unwrap_or_default()) => {}
+            _ = retire => None,
+            ended = listener.serve(&hub) => Some(ended),
+        };
+        match ended {
+            // Its time is up, and it still works: hand over to a new one.
+            None => match Listener::connect(&config, &tls).await {
+                Ok(next) => match tokio::select! {
+                    _ = stop.cancelled() => return,
+                    handed = listener.hand_over(next, &hub) => handed,
+                } {
+                    Ok(next) => {
+                        tracing::debug!("stream listener's connection reached database.max_lifetime; replaced");
+                        current = Some(next);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "stream listener's replacement failed; reconnecting");
+                    }
+                },
+                // Go on with the old one a while: the replacement is tried
+                // again when its lifetime comes round again.
+                Err(e) => {
+                    tracing::warn!(error = %e, "stream listener could not open its replacement; keeping the old one");
+                    current = Some(listener);
+                }
+            },
+            Some(ended) => {
+                match ended {
+                    Err(e) => tracing::warn!(error = %e, "stream listener lost its connection; reconnecting"),
+                    Ok(()) => tracing::warn!("stream listener's connection ended; reconnecting"),
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(waits.next().unwrap_or_default()) => {}
+                }
+            }
         }
     }
 }
 
-/// Why a listening connection ended without an error.
-enum Ended {
-    /// Closed by the server, or by `stop`.
-    Closed,
-    /// Its `max_lifetime` was up.
-    Retired,
+/// One listening connection: its client (for statements) and the messages
+/// its connection delivers.
+struct Listener {
+    client: tokio_postgres::Client,
+    messages: tokio::sync::mpsc::UnboundedReceiver<Result<AsyncMessage, tokio_postgres::Error>>,
+    pump: tokio::task::JoinHandle<()>,
 }
 
-/// One connection's life; `on_listening` runs once its LISTEN took effect.
-async fn listen_once(
-    config: &tokio_postgres::Config,
-    tls: &crate::db::tls::Connector,
-    hub: &Hub,
-    max_lifetime: Option<Duration>,
-    stop: &CancellationToken,
-    on_listening: impl FnOnce(),
-) -> Result<Ended, tokio_postgres::Error> {
-    let retire = async {
-        match max_lifetime {
-            Some(after) => tokio::time::sleep(after).await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::pin!(retire);
-    let (client, mut connection) = config.connect(tls.clone()).await?;
-    // The connection must be polled for the LISTEN below to complete and for
-    // notifications to arrive; messages flow through this stream.
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-    let pump = tokio::spawn(async move {
-        while let Some(message) = messages.next().await {
-            match message {
-                Ok(m) => {
-                    if tx.send(Ok(m)).is_err() {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(e));
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.pump.abort();
+    }
+}
+
+impl Listener {
+    async fn connect(
+        config: &tokio_postgres::Config,
+        tls: &crate::db::tls::Connector,
+    ) -> Result<Self, tokio_postgres::Error> {
+        let (client, mut connection) = config.connect(tls.clone()).await?;
+        // The connection must be polled for the LISTEN below to complete and
+        // for notifications to arrive; messages flow through this stream.
+        let (tx, messages) = tokio::sync::mpsc::unbounded_channel();
+        let mut polled = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        let pump = tokio::spawn(async move {
+            while let Some(message) = polled.next().await {
+                let failed = message.is_err();
+                if tx.send(message).is_err() || failed {
                     return;
                 }
             }
-        }
-    });
-    client.batch_execute(&format!("LISTEN {EVENTS}; LISTEN {HEARTBEATS}")).await?;
-    tracing::debug!("stream listener connected");
-    on_listening();
-    let result = loop {
-        tokio::select! {
-            _ = stop.cancelled() => break Ok(Ended::Closed),
-            _ = &mut retire => break Ok(Ended::Retired),
-            message = rx.recv() => match message {
+        });
+        let listener = Self { client, messages, pump };
+        listener.client.batch_execute(&format!("LISTEN {EVENTS}; LISTEN {HEARTBEATS}; LISTEN {HANDOVER}")).await?;
+        Ok(listener)
+    }
+
+    /// Publishes what it hears until the connection ends, or (with
+    /// `until`) up to the handover marker `until`, which it returns at.
+    /// `publish` false: drops what comes before the marker instead.
+    async fn serve_until(
+        &mut self,
+        hub: &Hub,
+        until: Option<&str>,
+        publish: bool,
+    ) -> Result<bool, tokio_postgres::Error> {
+        loop {
+            match self.messages.recv().await {
                 Some(Ok(AsyncMessage::Notification(n))) => {
-                    if let Some(event) = StreamEvent::from_notification(n.channel(), n.payload()) {
+                    if n.channel() == HANDOVER {
+                        if until == Some(n.payload()) {
+                            return Ok(true);
+                        }
+                    } else if publish && let Some(event) = StreamEvent::from_notification(n.channel(), n.payload()) {
                         hub.publish(event);
                     }
                 }
                 Some(Ok(_)) => {}
-                Some(Err(e)) => break Err(e),
+                Some(Err(e)) => return Err(e),
                 // The connection closed without an error.
-                None => break Ok(Ended::Closed),
-            },
+                None => return Ok(false),
+            }
         }
-    };
-    pump.abort();
-    result
+    }
+
+    /// Publishes what it hears until the connection ends.
+    async fn serve(&mut self, hub: &Hub) -> Result<(), tokio_postgres::Error> {
+        self.serve_until(hub, None, true).await.map(drop)
+    }
+
+    /// Hands over to `next`, which is already listening: this one passes on
+    /// everything committed before the marker, `next` what follows.
+    async fn hand_over(mut self, mut next: Listener, hub: &Hub) -> Result<Listener, String> {
+        let mut bytes = [0u8; 16];
+        getrandom::fill(&mut bytes).map_err(|e| e.to_string())?;
+        let marker: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        // Sent once `next` listens, from this connection (a session hears
+        // its own notifications), so that `next` is the one whose last
+        // statement is LISTEN, as pg_stat_activity shows the listener.
+        self.client.execute("SELECT pg_notify($1, $2)", &[&HANDOVER, &marker]).await.map_err(|e| e.to_string())?;
+        let old = tokio::time::timeout(HANDOVER_WAIT, self.serve_until(hub, Some(&marker), true)).await;
+        let new = tokio::time::timeout(HANDOVER_WAIT, next.serve_until(hub, Some(&marker), false)).await;
+        match (old, new) {
+            (Ok(Ok(true)), Ok(Ok(true))) => Ok(next),
+            // Something between the two may be lost: the fresh connection
+            // that follows tells the streams to refetch.
+            _ => Err("the handover marker did not reach both connections".into()),
+        }
+    }
 }
 
 #[cfg(test)]
