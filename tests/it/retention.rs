@@ -816,3 +816,36 @@ async fn closed_days_are_written_once_final_and_the_status_page_reads_them_uncha
         .get(0);
     assert_eq!(older, 0);
 }
+
+/// A cycle summarizes the BRIN ranges filled since the last one (where
+/// autovacuum is off, as here, nothing else would): a time-bounded read of
+/// today's scores then reads the last hour's blocks, not the whole day's.
+#[tokio::test]
+async fn a_cycle_summarizes_the_time_indexes_so_recent_reads_stay_narrow() {
+    let db = TestDb::migrated().await;
+    let c = db.client().await;
+    c.execute(
+        "INSERT INTO warden.health_history (agent_id, evaluated_at, score, liveness) \
+         SELECT 'a' || a, t, 50, 'online' \
+         FROM (SELECT date_trunc('day', now()) + (now() - date_trunc('day', now())) * (i / 20000.0) AS t \
+               FROM generate_series(1, 20000) i) times, generate_series(1, 10) a \
+         ORDER BY t",
+        &[],
+    )
+    .await
+    .unwrap();
+    let report = cycle(&db, Utc::now()).await;
+    assert_eq!(failed_steps(&report), Vec::<&str>::new());
+    assert!(report.summarized_ranges > 0, "{report:?}");
+    let again: i64 = c
+        .query_one(
+            "SELECT coalesce(sum(brin_summarize_new_values(c.oid)), 0)::bigint FROM pg_class c \
+             JOIN pg_am am ON am.oid = c.relam JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = 'warden' AND c.relkind = 'i' AND am.amname = 'brin'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(again, 0, "nothing left to summarize");
+}
