@@ -97,6 +97,28 @@ async fn failed_attempt(rig: &Rig, incident: i64, agent: &str) {
         .unwrap();
 }
 
+/// The recovery of `agent`'s `incident` gives up, as the engine does: its
+/// job exhausted and a `recovery_failed` event saying `why`.
+async fn recovery_gives_up(rig: &Rig, incident: i64, agent: &str, why: &str) {
+    rig.c
+        .execute(
+            "INSERT INTO warden.recovery_jobs (incident_id, agent_id, strategy, state, finished_at) \
+             VALUES ($1, $2, 'restart_worker', 'exhausted', now()) \
+             ON CONFLICT (incident_id) DO UPDATE SET state = 'exhausted', finished_at = now()",
+            &[&incident, &agent],
+        )
+        .await
+        .unwrap();
+    rig.c
+        .execute(
+            "INSERT INTO warden.system_events (occurred_at, agent_id, event_type, severity, message, details) \
+             VALUES ($1, $2, 'recovery_failed', 'critical', $3, jsonb_build_object('incident_id', $4::bigint))",
+            &[&rig.now, &agent, &why, &incident],
+        )
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn offline_pages_slack_then_email_after_the_delay_ack_stops_escalation_and_resolution_follows() {
     let slack = HttpReceiver::start().await;
@@ -1681,22 +1703,7 @@ policy = "pager"
     assert_eq!((reason.as_deref(), paged), (Some("no_route"), None));
 
     let incident = rig.incident("g1", "agent_unresponsive").await;
-    rig.c
-        .execute(
-            "INSERT INTO warden.recovery_jobs (incident_id, agent_id, strategy, state, finished_at) \
-             VALUES ($1, 'g1', 'restart_worker', 'exhausted', now())",
-            &[&incident],
-        )
-        .await
-        .unwrap();
-    rig.c
-        .execute(
-            "INSERT INTO warden.system_events (occurred_at, agent_id, event_type, severity, message, details) \
-             VALUES ($1, 'g1', 'recovery_failed', 'critical', 'recovery gave up', jsonb_build_object('incident_id', $2::bigint))",
-            &[&rig.now, &incident],
-        )
-        .await
-        .unwrap();
+    recovery_gives_up(&rig, incident, "g1", "recovery gave up").await;
     rig.run_for(secs(10), secs(2)).await;
     let texts: Vec<String> =
         slack.accepted().iter().map(|r| r.json()["text"].as_str().unwrap_or_default().to_string()).collect();
@@ -1712,28 +1719,6 @@ policy = "pager"
         .unwrap()
         .get(0);
     assert_eq!(severity, "critical");
-}
-
-/// The recovery of `agent`'s `incident` gives up, as the engine does: its
-/// job exhausted and a `recovery_failed` event saying `why`.
-async fn recovery_gives_up(rig: &Rig, incident: i64, agent: &str, why: &str) {
-    rig.c
-        .execute(
-            "INSERT INTO warden.recovery_jobs (incident_id, agent_id, strategy, state, finished_at) \
-             VALUES ($1, $2, 'restart_worker', 'exhausted', now()) \
-             ON CONFLICT (incident_id) DO UPDATE SET state = 'exhausted', finished_at = now()",
-            &[&incident, &agent],
-        )
-        .await
-        .unwrap();
-    rig.c
-        .execute(
-            "INSERT INTO warden.system_events (occurred_at, agent_id, event_type, severity, message, details) \
-             VALUES ($1, $2, 'recovery_failed', 'critical', $3, jsonb_build_object('incident_id', $4::bigint))",
-            &[&rig.now, &agent, &why, &incident],
-        )
-        .await
-        .unwrap();
 }
 
 /// An operator resets a recovery that gave up (`warden recovery reset`),
