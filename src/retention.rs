@@ -283,7 +283,7 @@ pub async fn cycle(
         }
         Err(e) => report.failure("incidents", e),
     }
-    match summarize_brin(client).await {
+    match summarize_brin(client, now).await {
         Ok(ranges) => report.summarized_ranges = ranges,
         Err(e) => report.failure("summarize", e),
     }
@@ -295,20 +295,44 @@ pub async fn cycle(
 /// indexes on heartbeats', metrics' and scores' time. An unsummarized range
 /// matches every search, so until autovacuum summarizes it (never, where
 /// autovacuum is off; late, on a busy table) a time-bounded read of the
-/// day's partition (the dashboards' last hour) scans all of it. Only
-/// indexes warden's role owns: summarizing needs it.
-async fn summarize_brin(client: &tokio_postgres::Client) -> Result<i64, DbError> {
-    Ok(client
-        .query_one(
-            "SELECT coalesce(sum(brin_summarize_new_values(c.oid)), 0)::bigint \
-             FROM pg_class c JOIN pg_am am ON am.oid = c.relam \
+/// day's partition (the dashboards' last hour) scans all of it.
+///
+/// Only today's and yesterday's partitions (UTC) take new rows, and only
+/// indexes warden's role owns can be summarized. One index at a time,
+/// each waiting at most half a second for its lock: summarizing holds a
+/// lock that autovacuum's conflicts with, and a wait past
+/// `deadlock_timeout` would cancel autovacuum's run; an index skipped now
+/// is summarized next cycle.
+async fn summarize_brin(client: &mut db::Client, now: DateTime<Utc>) -> Result<i64, DbError> {
+    let indexes: Vec<String> = client
+        .query(
+            "SELECT c.oid::regclass::text FROM pg_class c \
+             JOIN pg_am am ON am.oid = c.relam \
              JOIN pg_namespace n ON n.oid = c.relnamespace \
+             JOIN pg_index i ON i.indexrelid = c.oid \
+             JOIN pg_class t ON t.oid = i.indrelid \
              WHERE n.nspname = 'warden' AND c.relkind = 'i' AND am.amname = 'brin' \
-               AND pg_has_role(c.relowner, 'USAGE')",
-            &[],
+               AND pg_has_role(c.relowner, 'USAGE') \
+               AND right(t.relname, 10) IN ('_p' || to_char($1 AT TIME ZONE 'UTC', 'YYYYMMDD'), \
+                                           '_p' || to_char(($1 AT TIME ZONE 'UTC') - interval '1 day', 'YYYYMMDD'))",
+            &[&now],
         )
         .await?
-        .get(0))
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut summarized = 0;
+    for index in indexes {
+        let tx = client.transaction().await?;
+        tx.batch_execute("SET LOCAL lock_timeout = '500ms'").await?;
+        match tx.query_one("SELECT brin_summarize_new_values($1::text::regclass)", &[&index]).await {
+            Ok(row) => summarized += i64::from(row.get::<_, i32>(0)),
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => continue,
+            Err(e) => return Err(e.into()),
+        }
+        tx.commit().await?;
+    }
+    Ok(summarized)
 }
 
 /// Deletes incidents resolved before `cutoff`, a batch at a time, with

@@ -185,9 +185,11 @@ pub const LAGGED: &str = "lagged";
 /// connection can hand over without losing or repeating a notification.
 const HANDOVER: &str = "warden_stream_handover";
 
-/// How long a retiring listener may take to hear its replacement's marker
-/// before the handover is given up (and streams told to refetch).
-const HANDOVER_WAIT: Duration = Duration::from_secs(30);
+/// How long both connections may take to hear the handover marker before
+/// the handover is given up (and streams told to refetch): notifications
+/// wait in memory, so even a busy stream is read through at once; a
+/// connection that never hears it reaches another server (a failover).
+const HANDOVER_WAIT: Duration = Duration::from_secs(10);
 
 /// Listens until `stop`, reconnecting with backoff when the connection
 /// drops, and replacing it when it has served `max_lifetime` (as pooled
@@ -256,7 +258,10 @@ pub async fn listen(
         };
         match ended {
             // Its time is up, and it still works: hand over to a new one.
-            None => match Listener::connect(&config, &tls).await {
+            None => match tokio::select! {
+                _ = stop.cancelled() => return,
+                next = Listener::connect(&config, &tls) => next,
+            } {
                 Ok(next) => match tokio::select! {
                     _ = stop.cancelled() => return,
                     handed = listener.hand_over(next, &hub) => handed,
@@ -370,10 +375,12 @@ impl Listener {
         // its own notifications), so that `next` is the one whose last
         // statement is LISTEN, as pg_stat_activity shows the listener.
         self.client.execute("SELECT pg_notify($1, $2)", &[&HANDOVER, &marker]).await.map_err(|e| e.to_string())?;
-        let old = tokio::time::timeout(HANDOVER_WAIT, self.serve_until(hub, Some(&marker), true)).await;
-        let new = tokio::time::timeout(HANDOVER_WAIT, next.serve_until(hub, Some(&marker), false)).await;
-        match (old, new) {
-            (Ok(Ok(true)), Ok(Ok(true))) => Ok(next),
+        // Both read at once, within one deadline.
+        let both = async {
+            tokio::join!(self.serve_until(hub, Some(&marker), true), next.serve_until(hub, Some(&marker), false))
+        };
+        match tokio::time::timeout(HANDOVER_WAIT, both).await {
+            Ok((Ok(true), Ok(true))) => Ok(next),
             // Something between the two may be lost: the fresh connection
             // that follows tells the streams to refetch.
             _ => Err("the handover marker did not reach both connections".into()),

@@ -312,7 +312,7 @@ impl Engine {
                            AND (i.details -> 'outside_fleet_outage') IS DISTINCT FROM to_jsonb(o.id) \
                          ORDER BY o.id LIMIT 1), \
                         (SELECT max(o.resolved_at) FROM warden.incidents o WHERE o.issue_type = 'fleet_outage' \
-                           AND o.resolved_at > coalesce(a.finished_at, a.started_at) \
+                           AND o.state = 'resolved' AND o.resolved_at > coalesce(a.finished_at, a.started_at) \
                            AND (i.details -> 'outside_fleet_outage') IS DISTINCT FROM to_jsonb(o.id)) \
                  FROM warden.recovery_jobs j \
                  JOIN warden.recovery_actions a ON a.id = j.current_action_id \
@@ -373,9 +373,10 @@ impl Engine {
             // that failed on its own during the outage.)
             let outage_open = row.get::<_, Option<i64>>(16).is_some();
             let outage_ended: Option<DateTime<Utc>> = row.get(17);
-            let after_outage = outage_ended.map(|r| r + self.verify_for(&strategy, issue, row.get(15)));
-            let verify_until = verify_until.map(|v| after_outage.map_or(v, |a| v.max(a)));
-            let unheard_by = unheard_by.map(|u| after_outage.map_or(u, |a| u.max(a)));
+            let after_outage = |issue| outage_ended.map(|r| r + self.verify_for(&strategy, issue, row.get(15)));
+            let verify_until = verify_until.map(|v| after_outage(issue).map_or(v, |a| v.max(a)));
+            // The time to be heard again, not the issue's clearing time.
+            let unheard_by = unheard_by.map(|u| after_outage(None).map_or(u, |a| u.max(a)));
             let fixed_at =
                 if silence { back } else { back.and(resolved_at.filter(|r| started.is_some_and(|s| *r >= s))) };
             if let Some(fixed_at) = fixed_at {
