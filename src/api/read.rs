@@ -49,6 +49,9 @@ impl Params {
     pub fn new(raw: Vec<(String, String)>, known: &[&str]) -> Result<Self, ApiError> {
         let mut params = Self { one: HashMap::new(), many: HashMap::new() };
         for (name, value) in raw {
+            if name.is_empty() {
+                return Err(ApiError::invalid("query", "a query parameter without a name (`=value`)"));
+            }
             if !known.contains(&name.as_str()) {
                 let takes = if known.is_empty() { "none".to_string() } else { known.join(", ") };
                 return Err(ApiError::invalid(&name, format!("unknown query parameter; this endpoint takes {takes}")));

@@ -67,6 +67,7 @@ async fn agents_are_listed_filtered_and_paged() {
         ("livenes=online", "livenes"),
         ("limit=2&limit=3", "limit"),
         ("label=role:worker&label=role:api", "label"),
+        ("=x", "query"),
     ] {
         let (status, error) = get_json(&app, &read, &format!("/v1/agents?{query}")).await;
         assert_eq!((status, error["error"]["field"].as_str()), (422, Some(field)), "{query}: {error}");
