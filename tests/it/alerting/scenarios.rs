@@ -83,6 +83,11 @@ issues = ["agent_unresponsive"]
 policy = "page"
 "#;
 
+/// The texts of the messages the Slack receiver took, in order.
+fn slack_texts(slack: &HttpReceiver) -> Vec<String> {
+    slack.accepted().iter().map(|r| r.json()["text"].as_str().unwrap_or_default().to_string()).collect()
+}
+
 /// Records a failed first recovery attempt for the incident, as the
 /// recovery engine would.
 async fn failed_attempt(rig: &Rig, incident: i64, agent: &str) {
@@ -582,8 +587,7 @@ async fn silences_and_maintenance_windows_suppress_sending_but_alerts_are_record
         rig.beat(agent, 10_000, None).await;
     }
     rig.run_for(secs(45), secs(2)).await;
-    let texts: Vec<String> =
-        slack.accepted().iter().map(|r| r.json()["text"].as_str().unwrap_or_default().to_string()).collect();
+    let texts = slack_texts(&slack);
     assert_eq!(texts.len(), 1, "{texts:?}");
     assert!(texts[0].contains("n1 is offline"));
     let (_, state, reason, paged) = rig.alert("s1:agent_unresponsive").await;
@@ -599,8 +603,7 @@ async fn silences_and_maintenance_windows_suppress_sending_but_alerts_are_record
     let (_, _, reason, _) = rig.alert("s1:agent_unresponsive").await;
     assert_eq!(reason, None, "no longer suppressed");
     rig.run_for(secs(40), secs(2)).await;
-    let texts: Vec<String> =
-        slack.accepted().iter().map(|r| r.json()["text"].as_str().unwrap_or_default().to_string()).collect();
+    let texts = slack_texts(&slack);
     assert_eq!(texts.len(), 2, "{texts:?}");
     assert!(texts[1].contains("s1 is offline"));
 }
@@ -639,8 +642,7 @@ async fn a_group_that_sent_nothing_does_not_delay_the_next_page() {
     // The hold (1m) ends; one group_wait (4s) and a tick or two later the
     // page is out, not 5 minutes after the group that sent nothing.
     rig.run_to(opened + secs(60 + 4 + 4), secs(1)).await;
-    let texts: Vec<String> =
-        slack.accepted().iter().map(|r| r.json()["text"].as_str().unwrap_or_default().to_string()).collect();
+    let texts = slack_texts(&slack);
     assert_eq!(texts.len(), 1, "{texts:?}");
     assert!(texts[0].contains("h1 is offline"), "{texts:?}");
 }
@@ -755,12 +757,9 @@ async fn a_recovery_under_way_holds_the_page_and_a_success_sends_auto_recovered_
         .await
         .unwrap();
     rig.run_for(secs(10), secs(2)).await;
-    let texts = |s: &HttpReceiver| -> Vec<String> {
-        s.accepted().iter().map(|r| r.json()["text"].as_str().unwrap_or_default().to_string()).collect()
-    };
-    assert_eq!(texts(&slack).len(), 1, "only r3: {:?}", texts(&slack));
-    assert!(texts(&slack)[0].contains("r3 is offline"));
-    assert!(texts(&slack)[0].contains("restart_worker/command attempt 1 running"));
+    assert_eq!(slack_texts(&slack).len(), 1, "only r3: {:?}", slack_texts(&slack));
+    assert!(slack_texts(&slack)[0].contains("r3 is offline"));
+    assert!(slack_texts(&slack)[0].contains("restart_worker/command attempt 1 running"));
     let (_, _, _, paged) = rig.alert("r1:agent_unresponsive").await;
     assert!(paged.is_none(), "held while recovering");
     let held: Option<chrono::DateTime<Utc>> = rig
@@ -789,7 +788,7 @@ async fn a_recovery_under_way_holds_the_page_and_a_success_sends_auto_recovered_
         .await
         .unwrap();
     rig.come_back("r1").await;
-    let all = texts(&slack);
+    let all = slack_texts(&slack);
     assert_eq!(all.len(), 2, "{all:?}");
     assert!(all[1].starts_with("[AUTO-RECOVERED] r1 agent_unresponsive: auto-recovered on attempt 2"), "{}", all[1]);
     assert!(!all.iter().any(|t| t.starts_with("[FIRING") && t.contains("r1")), "no page for r1");
@@ -800,7 +799,7 @@ async fn a_recovery_under_way_holds_the_page_and_a_success_sends_auto_recovered_
         rig.beat("r1", 10_000, None).await;
         rig.run_for(secs(10), secs(5)).await;
     }
-    let all = texts(&slack);
+    let all = slack_texts(&slack);
     assert_eq!(all.len(), 3, "{all:?}");
     assert!(all[2].starts_with("[FIRING CRITICAL] r2 is offline"), "{}", all[2]);
     assert!(all[2].contains("Recovery attempts: restart_worker/command attempt 1 running"));
@@ -845,8 +844,7 @@ async fn dependants_of_an_offline_agent_are_suppressed_by_dependency_and_a_fleet
     let (_, _, reason, paged) = rig.alert("db1:agent_unresponsive").await;
     assert!(reason.unwrap_or_default().starts_with("fleet_outage:"), "covered by the outage");
     assert!(paged.is_none());
-    let texts: Vec<String> =
-        slack.accepted().iter().map(|r| r.json()["text"].as_str().unwrap_or_default().to_string()).collect();
+    let texts = slack_texts(&slack);
     assert_eq!(texts.len(), 1, "only the fleet outage is sent: {texts:?}");
     assert!(texts[0].starts_with("[FIRING EMERGENCY] fleet outage"), "{}", texts[0]);
 }
@@ -885,10 +883,6 @@ async fn an_agent_failing_on_its_own_during_a_fleet_outage_is_paged() {
     assert!(texts.iter().any(|t| t.contains("loner")), "{texts:?}");
     assert!(!texts.iter().any(|t| t.contains("gone-0 is offline")), "the six are the outage's: {texts:?}");
     assert!(texts.iter().any(|t| t.contains("fleet outage") && t.contains("gone-0")), "{texts:?}");
-}
-
-fn slack_texts(slack: &HttpReceiver) -> Vec<String> {
-    slack.accepted().iter().map(|r| r.json()["text"].as_str().unwrap_or_default().to_string()).collect()
 }
 
 #[tokio::test]
@@ -1238,8 +1232,7 @@ async fn a_rate_limited_channel_is_not_failing() {
         rig.count("SELECT consecutive_failures::bigint FROM warden.alert_channels WHERE channel = 'ops_slack'").await,
         0
     );
-    let texts: Vec<String> =
-        slack.accepted().iter().map(|r| r.json()["text"].as_str().unwrap_or_default().to_string()).collect();
+    let texts = slack_texts(&slack);
     assert!(texts.iter().any(|t| t.contains("offline")), "the page went out after all: {texts:?}");
 }
 
@@ -1671,8 +1664,7 @@ async fn escalations_whose_alerts_stopped_firing_are_not_sent() {
     assert_eq!((report.cancelled, report.claimed), (2, 0), "level 3's email and Slack post: {report:?}");
     assert_eq!(rig.count(pending).await, 0);
     assert_eq!(smtp.mails().len(), 1, "no escalation about alerts that stopped firing");
-    let texts: Vec<String> =
-        slack.accepted().iter().map(|r| r.json()["text"].as_str().unwrap_or_default().to_string()).collect();
+    let texts = slack_texts(&slack);
     assert!(!texts.iter().any(|t| t.contains("ESCALATED")), "{texts:?}");
 }
 
@@ -1705,8 +1697,7 @@ policy = "pager"
     let incident = rig.incident("g1", "agent_unresponsive").await;
     recovery_gives_up(&rig, incident, "g1", "recovery gave up").await;
     rig.run_for(secs(10), secs(2)).await;
-    let texts: Vec<String> =
-        slack.accepted().iter().map(|r| r.json()["text"].as_str().unwrap_or_default().to_string()).collect();
+    let texts = slack_texts(&slack);
     assert_eq!(texts.len(), 1, "{texts:?}");
     // Paged after recovery gave up: the first message says so.
     assert!(texts[0].starts_with("[RECOVERY FAILED CRITICAL] g1 is offline"), "{texts:?}");
@@ -1733,26 +1724,23 @@ async fn a_recovery_that_gives_up_again_after_a_reset_is_paged_again() {
     let incident = rig.incident("rr", "agent_unresponsive").await;
     failed_attempt(&rig, incident, "rr").await;
     rig.run_for(secs(10), secs(2)).await;
-    let texts = |s: &HttpReceiver| -> Vec<String> {
-        s.accepted().iter().map(|r| r.json()["text"].as_str().unwrap_or_default().to_string()).collect()
-    };
-    assert_eq!(texts(&slack).len(), 1, "the page: {:?}", texts(&slack));
-    assert!(texts(&slack)[0].starts_with("[FIRING CRITICAL] rr is offline"), "{:?}", texts(&slack));
+    assert_eq!(slack_texts(&slack).len(), 1, "the page: {:?}", slack_texts(&slack));
+    assert!(slack_texts(&slack)[0].starts_with("[FIRING CRITICAL] rr is offline"), "{:?}", slack_texts(&slack));
 
     // Paged already: the give-up is an update of its own.
     recovery_gives_up(&rig, incident, "rr", "recovery of rr gave up after 1 attempt").await;
     rig.run_for(secs(10), secs(2)).await;
-    let sent = texts(&slack);
+    let sent = slack_texts(&slack);
     assert_eq!(sent.len(), 2, "{sent:?}");
     assert!(sent[1].starts_with("[RECOVERY FAILED CRITICAL] rr is offline"), "{sent:?}");
 
     assert_eq!(warden::recovery::reset(&rig.c, "rr").await.unwrap(), 1);
     rig.run_for(secs(20), secs(2)).await;
-    assert_eq!(texts(&slack).len(), 2, "a reset alone says nothing: {:?}", texts(&slack));
+    assert_eq!(slack_texts(&slack).len(), 2, "a reset alone says nothing: {:?}", slack_texts(&slack));
 
     recovery_gives_up(&rig, incident, "rr", "recovery of rr gave up after 2 attempts").await;
     rig.run_for(secs(10), secs(2)).await;
-    let sent = texts(&slack);
+    let sent = slack_texts(&slack);
     assert_eq!(sent.len(), 3, "{sent:?}");
     assert!(sent[2].starts_with("[RECOVERY FAILED CRITICAL] rr is offline"), "{sent:?}");
     assert!(sent[2].contains("Recovery of rr gave up after 2 attempts"), "the latest give-up: {sent:?}");
@@ -1762,7 +1750,7 @@ async fn a_recovery_that_gives_up_again_after_a_reset_is_paged_again() {
     assert_eq!(sequences.as_deref(), Some("1,2"), "one ledger entry per give-up");
     // Told once: later cycles send nothing more about it.
     rig.run_for(secs(30), secs(2)).await;
-    assert_eq!(texts(&slack).len(), 3, "{:?}", texts(&slack));
+    assert_eq!(slack_texts(&slack).len(), 3, "{:?}", slack_texts(&slack));
 }
 
 /// `timings`, and a Telegram channel of two chats (-100123 and 42) at
