@@ -56,10 +56,11 @@ impl Params {
                 let takes = if known.is_empty() { "none".to_string() } else { known.join(", ") };
                 return Err(ApiError::invalid(&name, format!("unknown query parameter; this endpoint takes {takes}")));
             }
-            if REPEATABLE.contains(&name.as_str()) {
+            let repeatable = REPEATABLE.contains(&name.as_str());
+            if repeatable {
                 params.many.entry(name.clone()).or_default().push(value.clone());
             }
-            if params.one.insert(name.clone(), value).is_some() && !REPEATABLE.contains(&name.as_str()) {
+            if params.one.insert(name.clone(), value).is_some() && !repeatable {
                 return Err(ApiError::invalid(&name, "given more than once"));
             }
         }

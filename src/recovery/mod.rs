@@ -94,9 +94,7 @@ pub async fn run_now(
     take_claim_turn(&tx).await?;
     // Removing the agent takes the same lock: it may have been removed
     // while this waited for it.
-    if tx.query_opt("SELECT 1 FROM warden.agent_status WHERE agent_id = $1", &[&agent]).await?.is_none() {
-        return Err(ManualError::UnknownAgent(agent.to_string()));
-    }
+    ensure_known(&tx, agent).await?;
     // A second request while one is running, verifying or still queued
     // would restart the agent again right after.
     let busy: bool = tx
@@ -121,6 +119,14 @@ pub async fn run_now(
     Ok(id)
 }
 
+/// [`ManualError::UnknownAgent`] unless `agent` is registered.
+async fn ensure_known(client: &impl tokio_postgres::GenericClient, agent: &str) -> Result<(), ManualError> {
+    match client.query_opt("SELECT 1 FROM warden.agent_status WHERE agent_id = $1", &[&agent]).await? {
+        Some(_) => Ok(()),
+        None => Err(ManualError::UnknownAgent(agent.to_string())),
+    }
+}
+
 fn labels_get<'a>(labels: &'a std::collections::BTreeMap<String, String>, key: &str) -> Option<&'a String> {
     labels.get(key)
 }
@@ -135,9 +141,7 @@ fn labels_get<'a>(labels: &'a std::collections::BTreeMap<String, String>, key: &
 /// count the attempts just forgiven and give up, paging again, as soon as
 /// it came due.
 pub async fn reset(client: &tokio_postgres::Client, agent: &str) -> Result<u64, ManualError> {
-    if client.query_opt("SELECT 1 FROM warden.agent_status WHERE agent_id = $1", &[&agent]).await?.is_none() {
-        return Err(ManualError::UnknownAgent(agent.to_string()));
-    }
+    ensure_known(client, agent).await?;
     let reset: i64 = client
         .query_one(
             "WITH reset AS ( \
@@ -185,9 +189,7 @@ pub struct Cancelled {
 pub async fn cancel(client: &mut tokio_postgres::Client, agent: &str, by: &str) -> Result<Cancelled, ManualError> {
     let tx = client.transaction().await?;
     take_claim_turn(&tx).await?;
-    if tx.query_opt("SELECT 1 FROM warden.agent_status WHERE agent_id = $1", &[&agent]).await?.is_none() {
-        return Err(ManualError::UnknownAgent(agent.to_string()));
-    }
+    ensure_known(&tx, agent).await?;
     // Jobs before their actions: the order the engine locks them in.
     let jobs = tx
         .query(
