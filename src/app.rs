@@ -197,6 +197,7 @@ impl Application {
                 keep_embedded_running(cluster.clone(), stop.clone())
             });
         }
+        let outage_watch = ingestor.outage_watch();
         let state =
             AppState::new(database.pool.clone(), settings.clone(), auth, ingestor, hub.clone(), started.clone());
         let app = api::router(state);
@@ -222,7 +223,8 @@ impl Application {
                         }
                     },
                 };
-                start_background(&settings, &database, local_addr, serving_since, &stop, &tasks_in);
+                let serving = Serving { local_addr, since: serving_since, ingest: outage_watch };
+                start_background(&settings, &database, serving, &stop, &tasks_in);
                 started.store(true, Ordering::Release);
             });
         }
@@ -331,16 +333,24 @@ async fn wait_until_prepared(
     }
 }
 
+/// What the background loops know of the replica serving.
+struct Serving {
+    local_addr: SocketAddr,
+    /// When it began taking heartbeats (the database's clock).
+    since: DateTime<Utc>,
+    ingest: crate::ingest::writer::OutageWatch,
+}
+
 /// The loops that need a migrated database: evaluation, recovery,
 /// retention, partition upkeep and alerting.
 fn start_background(
     settings: &Settings,
     database: &Database,
-    local_addr: SocketAddr,
-    serving_since: DateTime<Utc>,
+    serving: Serving,
     stop: &CancellationToken,
     tasks: &TaskTracker,
 ) {
+    let local_addr = serving.local_addr;
     let ping = Some(settings.telemetry.self_heartbeat_url.expose().to_string()).filter(|u| !u.is_empty());
     {
         let (pool, params, replica, stop_) = (
@@ -350,9 +360,10 @@ fn start_background(
             stop.clone(),
         );
         let leadership = crate::health::evaluator::Leadership {
-            serving_since: Some(serving_since),
+            serving_since: Some(serving.since),
             ping,
             max_lifetime: db::max_lifetime(&settings.database),
+            ingest: Some(serving.ingest),
         };
         crate::supervise::spawn(tasks, "evaluator", stop, move || {
             crate::health::evaluator::run_with(

@@ -11,8 +11,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -32,6 +32,9 @@ pub struct Metrics {
     /// Liveness cycles and score passes that failed (the database there,
     /// a statement refused), by kind.
     pub cycle_failures: IntCounterVec,
+    /// Liveness cycles put off until ingest had recorded how long it
+    /// refused heartbeats for want of the database.
+    pub cycle_waits: IntCounter,
     /// Liveness transitions, by new state.
     pub transitions: IntCounterVec,
     /// Recovery attempts finished, by outcome.
@@ -219,6 +222,12 @@ impl Metrics {
         for kind in ["liveness", "score"] {
             cycle_failures.with_label_values(&[kind]);
         }
+        let cycle_waits = IntCounter::new(
+            "warden_evaluation_waits_total",
+            "Liveness cycles put off until ingest recorded how long it refused heartbeats",
+        )
+        .unwrap();
+        registry.register(Box::new(cycle_waits.clone())).unwrap();
         let rejects = counter(&registry, "warden_heartbeat_rejects_total", "Heartbeat requests refused", &["reason"]);
         for reason in REJECT_REASONS {
             rejects.with_label_values(&[reason]);
@@ -257,6 +266,7 @@ impl Metrics {
             queue_depth,
             cycle_seconds,
             cycle_failures,
+            cycle_waits,
             transitions: counter(&registry, "warden_liveness_transitions_total", "Liveness transitions", &["to"]),
             recovery_attempts,
             deliveries: counter(

@@ -442,19 +442,32 @@ pub async fn liveness_cycle<'r>(
     Ok(report)
 }
 
-/// Records that ingestion refused heartbeats from `started_at` to
-/// `ended_at` (the database's clock when `None`) because the database was
-/// out of reach; liveness leaves that stretch out of agents' silence.
+/// When a stretch of ingest refusals ended.
+#[derive(Debug, Clone, Copy)]
+pub enum OutageEnd {
+    At(DateTime<Utc>),
+    /// This long before the database's clock now.
+    Ago(StdDuration),
+}
+
+/// Records that ingestion refused heartbeats for `refused_for` up to
+/// `ended` because the database was out of reach; liveness leaves that
+/// stretch out of agents' silence.
 pub async fn record_ingest_outage(
     client: &tokio_postgres::Client,
-    refused_for: std::time::Duration,
-    ended_at: Option<DateTime<Utc>>,
+    refused_for: StdDuration,
+    ended: OutageEnd,
 ) -> Result<(), DbError> {
+    let (at, ago) = match ended {
+        OutageEnd::At(at) => (Some(at), 0.0),
+        OutageEnd::Ago(ago) => (None, ago.as_secs_f64()),
+    };
     client
         .execute(
             "INSERT INTO warden.ingest_outages (started_at, ended_at) \
-             SELECT e - $1::float8 * interval '1 second', e FROM coalesce($2::timestamptz, now()) AS e",
-            &[&refused_for.as_secs_f64(), &ended_at],
+             SELECT e - $1::float8 * interval '1 second', e \
+             FROM coalesce($2::timestamptz, now() - $3::float8 * interval '1 second') AS e",
+            &[&refused_for.as_secs_f64(), &at, &ago],
         )
         .await?;
     Ok(())
@@ -1495,6 +1508,10 @@ pub struct Leadership {
     /// a failover that left old connections open evaluation does not go on
     /// against the old server.
     pub max_lifetime: Option<StdDuration>,
+    /// The replica's ingest: a liveness cycle waits while it has refused
+    /// heartbeats for want of the database and not yet recorded the
+    /// stretch (see [`Leader::waits_for_ingest`]).
+    pub ingest: Option<crate::ingest::writer::OutageWatch>,
 }
 
 /// Like [`run`], as a serving replica leads.
@@ -1514,6 +1531,7 @@ pub async fn run_with(
         score_every: params.score_interval.to_std().unwrap_or(StdDuration::from_secs(60)),
         pinger: pinger.as_ref(),
         max_lifetime: leadership.max_lifetime,
+        ingest: leadership.ingest,
     };
     let mut renewing = false;
     // Kept across leaderships, so that renewing the connection brings no
@@ -1551,6 +1569,7 @@ struct Leader<'a> {
     score_every: StdDuration,
     pinger: Option<&'a Pinger>,
     max_lifetime: Option<StdDuration>,
+    ingest: Option<crate::ingest::writer::OutageWatch>,
 }
 
 /// Why a replica stopped leading without an error.
@@ -1603,6 +1622,40 @@ impl Leader<'_> {
         result
     }
 
+    /// Whether this tick waits for ingest to record a stretch in which it
+    /// refused heartbeats for want of the database. The evaluator may find
+    /// the database back before ingest's probe does, or before the record
+    /// commits; judged then, every agent whose silence spans the outage
+    /// would read as late, or offline, for it. (The grace after a pause
+    /// does not cover it: heartbeats stored before the outage count as
+    /// heard during the pause.) The wait lasts at most the gap limit: an
+    /// ingest that cannot record must not stop evaluation for good, and a
+    /// longer pause is judged as any other.
+    fn waits_for_ingest(&self, waiting: &mut Option<(std::time::Instant, bool)>) -> bool {
+        if !self.ingest.as_ref().is_some_and(|watch| watch.unrecorded()) {
+            *waiting = None;
+            return false;
+        }
+        let (since, gave_up) = waiting.get_or_insert_with(|| {
+            tracing::info!("liveness waits for ingest to record how long it refused heartbeats");
+            (std::time::Instant::now(), false)
+        });
+        if *gave_up {
+            return false;
+        }
+        let limit = self.params.gap_limit().to_std().unwrap_or(StdDuration::from_secs(30));
+        if since.elapsed() >= limit {
+            tracing::warn!(
+                waited_ms = since.elapsed().as_millis() as u64,
+                "ingest has not recorded its refusals; evaluating without waiting longer"
+            );
+            *gave_up = true;
+            return false;
+        }
+        crate::metrics::METRICS.cycle_waits.inc();
+        true
+    }
+
     /// Metrics, logs and the self-heartbeat after a successful liveness cycle.
     fn after_liveness(&self, report: &CycleReport, elapsed: StdDuration) {
         if let Some(pinger) = self.pinger {
@@ -1635,10 +1688,14 @@ impl Leader<'_> {
         let (params, check) = (self.params, self.check);
         let mut every = crate::every::Every::new(check, self.stop);
         let mut failures = 0;
+        let mut waiting = None;
         while every.tick().await {
             // Between cycles, so that a cycle is never cut short.
             if db::outlived(held, self.max_lifetime) {
                 return Ok(Ended::Aged);
+            }
+            if self.waits_for_ingest(&mut waiting) {
+                continue;
             }
             let client: &mut tokio_postgres::Client = held;
             let started = std::time::Instant::now();

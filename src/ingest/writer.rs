@@ -39,7 +39,7 @@
 //! at once is possible, and retried).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
@@ -63,6 +63,9 @@ const HELPER_MIN_QUEUED: usize = 500;
 const PROBE_INTERVAL: Duration = Duration::from_millis(500);
 /// Deadlocks and serialization failures are retried this many times.
 const TRANSIENT_RETRIES: usize = 3;
+/// How often, and how far apart, recording an ingest outage is tried.
+const RECORD_ATTEMPTS: u32 = 10;
+const RECORD_RETRY: Duration = Duration::from_secs(1);
 
 /// What a committed heartbeat is answered with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -136,6 +139,8 @@ pub struct Ingestor {
 struct Refusals {
     available: AtomicBool,
     state: std::sync::Mutex<Stretch>,
+    /// Stretches ended and not yet recorded (or given up on).
+    recording: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -151,9 +156,39 @@ impl Stretch {
     }
 }
 
+/// A stretch of refusals that ended and is being recorded: it counts in
+/// [`Refusals::unrecorded`] until dropped.
+struct Ended {
+    since: Instant,
+    refusals: Arc<Refusals>,
+}
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        self.refusals.recording.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 impl Refusals {
     fn new() -> Self {
-        Self { available: AtomicBool::new(true), state: Default::default() }
+        Self { available: AtomicBool::new(true), state: Default::default(), recording: AtomicUsize::new(0) }
+    }
+
+    /// Whether heartbeats were refused for want of the database in a
+    /// stretch that is not recorded yet: still going on, or ended and
+    /// being written. Liveness judged meanwhile would count the stretch
+    /// as the agents' silence.
+    fn unrecorded(&self) -> bool {
+        let stretch = self.stretch();
+        !self.available() || stretch.since.is_some() || self.recording.load(Ordering::Acquire) > 0
+    }
+
+    /// Ends the stretch (under its lock, so that it never reads as
+    /// recorded in between), handing it to the caller to record.
+    fn end(self: &Arc<Self>, stretch: &mut Stretch) -> Option<Ended> {
+        let since = stretch.since.take()?;
+        self.recording.fetch_add(1, Ordering::AcqRel);
+        Some(Ended { since, refusals: self.clone() })
     }
 
     fn available(&self) -> bool {
@@ -174,12 +209,12 @@ impl Refusals {
 
     /// A writer's probe found the database: when refusing began, unless
     /// another writer's probe got there first.
-    fn writer_found(&self) -> Option<Instant> {
+    fn writer_found(self: &Arc<Self>) -> Option<Ended> {
         let mut stretch = self.stretch();
         if self.available.swap(true, Ordering::Relaxed) {
             return None;
         }
-        stretch.since.take()
+        self.end(&mut stretch)
     }
 
     /// A heartbeat was refused at `at` before reaching the writers. True
@@ -205,13 +240,13 @@ impl Refusals {
     /// The watcher's probe found the database: when refusing began. The
     /// watcher stops either way; if a writer lost the database meanwhile,
     /// the stretch is that writer's to end.
-    fn watcher_found(&self) -> Option<Instant> {
+    fn watcher_found(self: &Arc<Self>) -> Option<Ended> {
         let mut stretch = self.stretch();
         stretch.watched = false;
         if !self.available() {
             return None;
         }
-        stretch.since.take()
+        self.end(&mut stretch)
     }
 }
 
@@ -296,13 +331,18 @@ impl Ingestor {
                     return;
                 }
                 if probe(&pool).await {
-                    if let Some(since) = refusals.watcher_found() {
-                        record_outage(pool, since).await;
+                    if let Some(ended) = refusals.watcher_found() {
+                        record_outage(pool, ended).await;
                     }
                     return;
                 }
             }
         });
+    }
+
+    /// Lets the evaluator wait for refusals to be recorded.
+    pub fn outage_watch(&self) -> OutageWatch {
+        OutageWatch(self.refusals.clone())
     }
 
     /// Writes `heartbeats` (in order, atomically) and returns one ack each,
@@ -604,9 +644,9 @@ impl Writer {
                 }
             }
             if probe(&self.pool).await {
-                if let Some(since) = self.refusals.writer_found() {
+                if let Some(ended) = self.refusals.writer_found() {
                     tracing::info!("database reachable again; accepting heartbeats");
-                    tokio::spawn(record_outage(self.pool.clone(), since));
+                    tokio::spawn(record_outage(self.pool.clone(), ended));
                 }
                 return;
             }
@@ -630,15 +670,50 @@ async fn probe(pool: &Pool) -> bool {
 
 /// Records how long heartbeats were refused (see
 /// `evaluator::record_ingest_outage`), off the writer's path: it is back
-/// to work meanwhile. Best effort: without it, agents with intervals
-/// shorter than the outage may be marked late for it.
-async fn record_outage(pool: Pool, since: Instant) {
-    let result = match db::client(&pool).await {
-        Ok(client) => crate::health::evaluator::record_ingest_outage(&client, since.elapsed(), None).await,
-        Err(e) => Err(e),
-    };
-    if let Err(e) = result {
-        tracing::warn!(error = %e, "could not record how long heartbeats were refused");
+/// to work meanwhile. The evaluator waits for it ([`OutageWatch`]), and
+/// it is tried again for a while: without it, agents with intervals
+/// shorter than the outage would be marked late for it.
+async fn record_outage(pool: Pool, ended: Ended) {
+    use crate::health::evaluator::{OutageEnd, record_ingest_outage};
+    let found = Instant::now();
+    let refused_for = found.saturating_duration_since(ended.since);
+    for attempt in 1..=RECORD_ATTEMPTS {
+        // Timed from when the database was found, however late it is written.
+        let result = match db::client(&pool).await {
+            Ok(client) => record_ingest_outage(&client, refused_for, OutageEnd::Ago(found.elapsed())).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => return,
+            Err(e) if attempt < RECORD_ATTEMPTS => {
+                tracing::debug!(error = %e, attempt, "could not record how long heartbeats were refused; trying again");
+                tokio::time::sleep(RECORD_RETRY).await;
+            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                refused_ms = refused_for.as_millis() as u64,
+                "could not record how long heartbeats were refused; agents silent through it may be marked late"
+            ),
+        }
+    }
+}
+
+/// What the evaluator reads of ingest: whether a stretch of refusals for
+/// want of the database is still to be recorded.
+#[derive(Clone)]
+pub struct OutageWatch(Arc<Refusals>);
+
+impl OutageWatch {
+    /// True from the first refusal until the stretch is recorded or given
+    /// up on.
+    pub fn unrecorded(&self) -> bool {
+        self.0.unrecorded()
+    }
+}
+
+impl std::fmt::Debug for OutageWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutageWatch").field("unrecorded", &self.unrecorded()).finish()
     }
 }
 
@@ -856,10 +931,12 @@ mod tests {
 
     #[test]
     fn a_stretch_of_refusals_begins_at_the_earliest_report_and_ends_once() {
-        let refusals = Refusals::new();
+        let refusals = Arc::new(Refusals::new());
+        let since = |ended: Option<Ended>| ended.map(|e| e.since);
         let t0 = Instant::now();
         let (earlier, later) = (t0, t0 + Duration::from_millis(5));
-        assert_eq!(refusals.writer_found(), None, "nothing refused");
+        assert_eq!(since(refusals.writer_found()), None, "nothing refused");
+        assert!(!refusals.unrecorded());
 
         assert!(refusals.refused_before_writers(later), "the first refusal starts the watcher");
         assert!(!refusals.refused_before_writers(later), "one watcher at a time");
@@ -867,15 +944,21 @@ mod tests {
         assert!(refusals.writer_lost(earlier), "a flush that began earlier and failed");
         assert!(!refusals.available());
         assert!(!refusals.refused_before_writers(later), "the writers probe now");
-        assert_eq!(refusals.watcher_found(), None, "the writers' stretch to end, not the watcher's");
+        assert_eq!(since(refusals.watcher_found()), None, "the writers' stretch to end, not the watcher's");
         assert!(!refusals.keep_watching());
-        assert_eq!(refusals.writer_found(), Some(earlier), "the earliest report wins");
+        let ended = refusals.writer_found();
+        assert_eq!(ended.as_ref().map(|e| e.since), Some(earlier), "the earliest report wins");
         assert!(refusals.available());
-        assert_eq!(refusals.writer_found(), None, "ended once");
+        assert!(refusals.unrecorded(), "ended, not yet recorded");
+        drop(ended);
+        assert!(!refusals.unrecorded(), "recorded");
+        assert_eq!(since(refusals.writer_found()), None, "ended once");
 
         assert!(refusals.refused_before_writers(later), "a new stretch, a new watcher");
+        assert!(refusals.unrecorded(), "refused before the writers");
         assert!(refusals.keep_watching());
-        assert_eq!(refusals.watcher_found(), Some(later));
+        assert_eq!(since(refusals.watcher_found()), Some(later));
+        assert!(!refusals.unrecorded());
         assert!(!refusals.keep_watching(), "nothing left to watch");
         assert!(refusals.refused_before_writers(later), "the watcher is gone, so the next refusal starts one");
     }

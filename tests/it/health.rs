@@ -462,7 +462,9 @@ async fn heartbeats_refused_in_a_database_outage_are_not_silence() {
     beat(&c, "dead", t, 5_000, 1).await;
     evaluator::liveness_cycle(&mut c, &p, "test", Some(at(1))).await.unwrap();
 
-    evaluator::record_ingest_outage(&c, std::time::Duration::from_secs(20), Some(at(21))).await.unwrap();
+    evaluator::record_ingest_outage(&c, std::time::Duration::from_secs(20), evaluator::OutageEnd::At(at(21)))
+        .await
+        .unwrap();
     beat(&c, "steady", at(22), 5_000, 22).await;
     let r = evaluator::liveness_cycle(&mut c, &p, "test", Some(at(22))).await.unwrap();
     assert!(!r.resumed, "no gap in evaluation");
@@ -475,7 +477,13 @@ async fn heartbeats_refused_in_a_database_outage_are_not_silence() {
     // their own time is left out.
     let mut dead = Vec::new();
     for k in 3..=5 {
-        evaluator::record_ingest_outage(&c, std::time::Duration::from_secs(2), Some(at(k * 10 + 2))).await.unwrap();
+        evaluator::record_ingest_outage(
+            &c,
+            std::time::Duration::from_secs(2),
+            evaluator::OutageEnd::At(at(k * 10 + 2)),
+        )
+        .await
+        .unwrap();
         beat(&c, "steady", at(k * 10 + 3), 5_000, k * 10 + 3).await;
         evaluator::liveness_cycle(&mut c, &p, "test", Some(at(k * 10 + 3))).await.unwrap();
         dead.push(liveness(&c, "dead").await);

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::helpers::{TestApp, eventually};
 
-fn metric(text: &str, name_with_labels: &str) -> Option<f64> {
+pub fn metric(text: &str, name_with_labels: &str) -> Option<f64> {
     text.lines()
         .find(|l| l.starts_with(name_with_labels) && l[name_with_labels.len()..].starts_with(' '))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())

@@ -483,6 +483,106 @@ async fn heartbeats_refused_at_the_key_check_are_recorded_when_the_database_retu
     assert_eq!(app.count("SELECT count(*) FROM warden.agent_heartbeats").await, 0, "nothing was written meanwhile");
 }
 
+#[tokio::test]
+async fn liveness_waits_for_an_outage_to_be_recorded_before_judging_the_agents() {
+    // The evaluator may find the database back before ingest has recorded
+    // how long it refused heartbeats (its probe comes later, or its record
+    // is slow to commit). A lock on the table holds the record back here.
+    let Some((relay, app)) =
+        app_behind_relay_with(|s| s.health.check_interval = warden::config::Duration::from_secs(1)).await
+    else {
+        return;
+    };
+    let key = app.key(&[Scope::Ingest]).await;
+    let quiet = json!({"agent_id": "quiet", "next_heartbeat_ms": 5000});
+    assert_eq!(app.heartbeat(&key, quiet.clone()).await.0, 200);
+    let db = app.db.client().await;
+    let liveness = || async {
+        db.query_one("SELECT liveness FROM warden.agent_status WHERE agent_id = 'quiet'", &[])
+            .await
+            .unwrap()
+            .get::<_, String>(0)
+    };
+    eventually(Duration::from_secs(60), "the agent online", || async { (liveness().await == "online").then_some(()) })
+        .await;
+
+    let mut holder = app.db.client().await;
+    let hold = holder.transaction().await.unwrap();
+    hold.execute("LOCK TABLE warden.ingest_outages IN SHARE MODE", &[]).await.unwrap();
+    assert_eq!(app.heartbeat(&key, quiet.clone()).await.0, 200);
+    relay.cut();
+    let door = json!({"agent_id": "door"});
+    eventually(Duration::from_secs(60), "a 503 while the database is out of reach", || async {
+        (app.post("/v1/heartbeats", &key, &door).await.status() == 503).then_some(())
+    })
+    .await;
+    // Late, were the outage not left out of its silence.
+    eventually(Duration::from_secs(60), "the agent silent past its interval", || async {
+        let silent: bool = db
+            .query_one(
+                "SELECT now() - last_seen > interval '8 seconds' FROM warden.agent_status WHERE agent_id = 'quiet'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        silent.then_some(())
+    })
+    .await;
+    let waits_before = waits(&app).await;
+    relay.restore();
+    let restored: chrono::DateTime<chrono::Utc> = db.query_one("SELECT now()", &[]).await.unwrap().get(0);
+    let last_cycle = || async {
+        db.query_one("SELECT last_cycle_at FROM warden.evaluator_state", &[])
+            .await
+            .unwrap()
+            .get::<_, Option<chrono::DateTime<chrono::Utc>>>(0)
+    };
+    eventually(Duration::from_secs(60), "the record waiting on the lock", || async {
+        let waiting: i64 = db
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                   AND wait_event_type = 'Lock' AND query LIKE 'INSERT INTO warden.ingest_outages%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (waiting > 0).then_some(())
+    })
+    .await;
+    eventually(Duration::from_secs(60), "the evaluator back, judging or waiting", || async {
+        (last_cycle().await.is_some_and(|at| at > restored) || waits(&app).await > waits_before).then_some(())
+    })
+    .await;
+    assert!(last_cycle().await.is_none_or(|at| at <= restored), "no liveness cycle before the outage is recorded");
+    assert_eq!(liveness().await, "online");
+
+    // The agent speaks again before the wait ends, so that what follows
+    // does not hang on how soon this machine gets there.
+    assert_eq!(app.heartbeat(&key, quiet).await.0, 200);
+    hold.rollback().await.unwrap();
+    eventually(Duration::from_secs(60), "a liveness cycle after the outage is recorded", || async {
+        let ended: Option<chrono::DateTime<chrono::Utc>> =
+            db.query_one("SELECT max(ended_at) FROM warden.ingest_outages", &[]).await.unwrap().get(0);
+        (ended.is_some() && last_cycle().await > ended).then_some(())
+    })
+    .await;
+    let late = app
+        .count(
+            "SELECT count(*) FROM warden.system_events WHERE event_type = 'status_changed' \
+               AND agent_id = 'quiet' AND details->>'new' IN ('degraded', 'offline')",
+        )
+        .await;
+    assert_eq!(late, 0, "the agent is not late for warden's outage");
+}
+
+/// Liveness cycles put off so far, by every warden in this process.
+async fn waits(app: &TestApp) -> f64 {
+    let text = app.get("/metrics").await.text().await.unwrap();
+    crate::metrics::metric(&text, "warden_evaluation_waits_total").unwrap_or(0.0)
+}
+
 /// One HTTP/1.1 response from `stream`: status, head (lower case) and
 /// body (Content-Length framed, as warden's JSON answers are).
 async fn read_response(stream: &mut tokio::net::TcpStream) -> (u16, String, String) {
