@@ -196,10 +196,15 @@ pub async fn cycle(
             // order it walked past every transition kept for 400 days.
             // The ids as an array, so the delete finds them by primary
             // key: `id IN (subquery)` of a full batch was planned as a hash
-            // join over the whole table.
-            "DELETE FROM warden.system_events WHERE id = ANY (ARRAY(SELECT id FROM warden.system_events \
+            // join over the whole table. Give-ups of incidents still open
+            // stay: escalation counts them to number each one's page.
+            "DELETE FROM warden.system_events WHERE id = ANY (ARRAY(SELECT id FROM warden.system_events e \
                WHERE occurred_at < $1 AND NOT (event_type IN ('status_changed', 'evaluation_paused', 'agent_restarted') \
-                                               AND source = 'warden') ORDER BY occurred_at LIMIT $2))",
+                                               AND source = 'warden') \
+                 AND NOT (event_type = 'recovery_failed' AND source = 'warden' \
+                          AND EXISTS (SELECT 1 FROM warden.incidents i \
+                                      WHERE i.id = (e.details->>'incident_id')::bigint AND i.state = 'open')) \
+               ORDER BY occurred_at LIMIT $2))",
             Some(now - settings.events.to_chrono()),
         ),
         (

@@ -226,6 +226,13 @@ async fn old_events_are_pruned_but_transitions_are_kept_longer() {
            (now() - interval '100 days', 'a', 'job_failed', 'warning', 'old error', 'agent'); \
          INSERT INTO warden.system_events (occurred_at, event_type, severity, message) VALUES \
            (now() - interval '99 days', 'evaluation_paused', 'warning', 'old pause'); \
+         INSERT INTO warden.incidents (id, agent_id, issue_type, severity, state, opened_at, resolved_at) \
+           OVERRIDING SYSTEM VALUE VALUES \
+           (7, 'a', 'agent_unresponsive', 'critical', 'open', now() - interval '200 days', NULL), \
+           (8, 'a', 'agent_unresponsive', 'critical', 'resolved', now() - interval '200 days', now() - interval '1 day'); \
+         INSERT INTO warden.system_events (occurred_at, agent_id, event_type, severity, message, details) VALUES \
+           (now() - interval '98 days', 'a', 'recovery_failed', 'critical', 'old give-up, open', '{\"incident_id\": 7}'), \
+           (now() - interval '98 days', 'a', 'recovery_failed', 'critical', 'old give-up, resolved', '{\"incident_id\": 8}'); \
          INSERT INTO warden.ingest_outages (started_at, ended_at) VALUES \
            (now() - interval '8 days 1 minute', now() - interval '8 days'), \
            (now() - interval '6 days 1 minute', now() - interval '6 days'); \
@@ -239,7 +246,7 @@ async fn old_events_are_pruned_but_transitions_are_kept_longer() {
     settings.batch = 100;
     let mut client = app.db.pooled().await;
     let report = warden::retention::cycle(&mut client, &settings, Utc::now()).await.unwrap();
-    assert_eq!(report.pruned.get("events"), Some(&2));
+    assert_eq!(report.pruned.get("events"), Some(&3));
     assert_eq!(report.pruned.get("transitions"), Some(&1));
     let left: Vec<String> = db
         .query(
@@ -253,8 +260,8 @@ async fn old_events_are_pruned_but_transitions_are_kept_longer() {
         .collect();
     assert_eq!(
         left,
-        vec!["old restart", "old transition", "old pause", "recent"],
-        "pauses and restarts warden detected are kept as long as transitions"
+        vec!["old restart", "old transition", "old pause", "old give-up, open", "recent"],
+        "pauses and restarts warden detected are kept as long as transitions, give-ups while their incident is open"
     );
     assert_eq!(report.pruned.get("ingest_outages"), Some(&1), "outages are kept a week");
     assert_eq!(app.count("SELECT count(*) FROM warden.ingest_outages").await, 1);
