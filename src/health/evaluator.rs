@@ -1085,6 +1085,7 @@ pub async fn score_pass(
             interval_s,
             beats_decayed: beats,
             beats_expected: row.get(13),
+            tolerance: params.liveness.jitter_tolerance,
             arrival_cv: (ia_count >= 3 && ia_mean > 0.0).then(|| ia_var.max(0.0).sqrt() / ia_mean),
             latency: gauge(Kind::Latency),
             cpu: gauge(Kind::Cpu),
@@ -1152,6 +1153,8 @@ struct ScoreFacts<'a> {
     beats_decayed: f64,
     /// Heartbeats owed, decayed like `beats_decayed`, as at `last_seen`.
     beats_expected: f64,
+    /// `health.jitter_tolerance`.
+    tolerance: f64,
     arrival_cv: Option<f64>,
     latency: Option<&'a MetricStat>,
     cpu: Option<&'a MetricStat>,
@@ -1185,7 +1188,19 @@ fn score_inputs(f: ScoreFacts<'_>) -> Inputs {
     let expected =
         f.beats_expected * fade + if f.interval_s > 0.0 { (HOUR_S / f.interval_s) * (1.0 - fade) } else { 0.0 };
     let received = f.beats_decayed * fade;
-    let delivery = (expected >= 1.0).then(|| (received / expected).min(1.0)).or(Some(1.0));
+    // Under one heartbeat owed (an interval over an hour, or an agent just
+    // registered) the hour's ratio says nothing: a daily job on schedule
+    // would read as missing most of its beat mid-day. What does is whether
+    // the next one is overdue: 1 until the interval and its tolerance have
+    // passed, then the share of the silence that one heartbeat covers.
+    let due_s = f.interval_s * (1.0 + f.tolerance);
+    let delivery = if expected >= 1.0 {
+        (received / expected).min(1.0)
+    } else if due_s > 0.0 && since_s > due_s {
+        due_s / since_s
+    } else {
+        1.0
+    };
 
     let latency_reference =
         label_number(f.labels, "latency_target_ms").or_else(|| f.latency.filter(|s| s.samples >= 5).map(|s| s.slow));
@@ -1215,7 +1230,7 @@ fn score_inputs(f: ScoreFacts<'_>) -> Inputs {
         .or_else(|| f.work.filter(|s| s.samples >= 5).map(|s| s.slow))
         .filter(|_| share >= MIN_FILLED);
     Inputs {
-        delivery,
+        delivery: Some(delivery),
         arrival_cv: f.arrival_cv,
         liveness: f.liveness,
         latency: f.latency.map(|s| s.fast),
@@ -1802,6 +1817,7 @@ mod tests {
                 interval_s: 10.0,
                 beats_decayed: 30.0,
                 beats_expected: 360.0 * (1.0 - (-age_s / 3600.0).exp()),
+                tolerance: 0.2,
                 arrival_cv: None,
                 latency: None,
                 cpu: None,
@@ -1834,6 +1850,40 @@ mod tests {
     }
 
     #[test]
+    fn an_interval_over_an_hour_is_delivered_until_its_next_heartbeat_is_overdue() {
+        let now = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        let labels = serde_json::json!({});
+        // A daily job, a year old, on schedule until `silent_h` ago.
+        let delivery = |silent_h: i64| {
+            score_inputs(ScoreFacts {
+                now,
+                liveness: Some(Liveness::Online),
+                labels: &labels,
+                first_seen: now - Duration::days(365),
+                last_seen: now - Duration::hours(silent_h),
+                interval_s: 86_400.0,
+                beats_decayed: 1.0,
+                beats_expected: 1.0,
+                tolerance: 0.2,
+                arrival_cv: None,
+                latency: None,
+                cpu: None,
+                memory: None,
+                errors: None,
+                work: None,
+                error_events: 0,
+            })
+            .delivery
+            .unwrap()
+        };
+        assert_eq!(delivery(0), 1.0, "just beat");
+        assert_eq!(delivery(12), 1.0, "mid-day: nothing owed yet");
+        assert_eq!(delivery(28), 1.0, "within the tolerance");
+        assert!((delivery(48) - 0.6).abs() < 1e-9, "two days silent: 28.8 h of 48 covered, {}", delivery(48));
+        assert!(delivery(96) < 0.31, "four days silent");
+    }
+
+    #[test]
     fn an_agent_minutes_old_gets_no_throughput_verdict_yet() {
         use crate::health::stats::Regression;
         let now = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
@@ -1856,6 +1906,7 @@ mod tests {
                 interval_s: 2.0,
                 beats_decayed: age_s as f64 / 2.0,
                 beats_expected: age_s as f64 / 2.0,
+                tolerance: 0.2,
                 arrival_cv: None,
                 latency: None,
                 cpu: None,
