@@ -78,6 +78,8 @@ pub struct Facts {
     pub levels_done: u32,
     /// Repeats sent so far.
     pub repeats_done: u32,
+    /// When the latest repeat was sent, where known.
+    pub last_repeat_at: Option<DateTime<Utc>>,
     /// Why nothing may be sent now, if anything.
     pub suppressed: Option<String>,
     pub recovery: Recovery,
@@ -203,14 +205,21 @@ fn escalate(f: &Facts, policy: &Policy, timing: &Timing, paged_at: DateTime<Utc>
         levels_done += 1;
     }
     if levels_done >= total && total > 0 {
-        // Repeats count from the last level; when several are overdue
-        // (warden was down) one message stands for them all.
+        // Each repeat comes `repeat_interval` after the one before (the
+        // first after the last level), so that a changed interval counts
+        // from the latest repeat: counted from the last level, raising it
+        // after many repeats put the next one as many new intervals out.
+        // When several are overdue (warden was down) one message stands
+        // for them all. A repeat of unknown time (sent before warden kept
+        // it) is placed where the old count put it.
         let start = paged_at + policy.levels[total as usize - 1].after;
         let every = timing.repeat_interval.max(Duration::seconds(1));
-        let due_count =
-            if now >= start { ((now - start).num_milliseconds() / every.num_milliseconds()) as u32 } else { 0 };
-        if due_count > repeats_done {
-            repeats_done = due_count;
+        let latest = match repeats_done {
+            0 => start,
+            n => f.last_repeat_at.unwrap_or(start + every * n as i32),
+        };
+        if now >= latest + every {
+            repeats_done += 1;
             notices.push(Notice {
                 kind: Kind::Repeat,
                 level: total,
@@ -218,8 +227,10 @@ fn escalate(f: &Facts, policy: &Policy, timing: &Timing, paged_at: DateTime<Utc>
                 channels: policy.all_channels(),
                 note: None,
             });
+            next = Some(now + every);
+        } else {
+            next = Some(latest + every);
         }
-        next = Some(start + every * (repeats_done as i32 + 1));
     }
     if f.recovery.gave_up && !f.gave_up_handled {
         // Already sent while a recovery was still being tried: tell the
@@ -288,6 +299,7 @@ mod tests {
             paged_at: None,
             levels_done: 0,
             repeats_done: 0,
+            last_repeat_at: None,
             suppressed: None,
             recovery: Recovery::default(),
             gave_up_handled: false,
@@ -355,10 +367,40 @@ mod tests {
             kinds(&d),
             vec![(Kind::Repeat, 3, 1, vec!["slack".to_string(), "email".to_string(), "phone".to_string()])]
         );
-        // Three intervals overdue: one message, counted as the third.
+        // Three intervals overdue: one message, and the next an interval
+        // after it.
         let d = decide(&f, &p, &timing(), t(last + 3 * four_h + 5));
-        let Decision::Notify { repeats_done, notices, .. } = d else { panic!() };
-        assert_eq!((repeats_done, notices.len()), (3, 1));
+        let Decision::Notify { repeats_done, notices, next, .. } = d else { panic!() };
+        assert_eq!((repeats_done, notices.len(), next), (1, 1, Some(t(last + 4 * four_h + 5))));
+    }
+
+    #[test]
+    fn a_raised_repeat_interval_counts_from_the_latest_repeat() {
+        let p = policy();
+        let last = 15 * 60;
+        let four_h = 4 * 3600;
+        // Ten repeats at 4 h, the latest just now; then raised to a day.
+        let latest = t(last + 10 * four_h);
+        let f =
+            Facts { paged_at: Some(t(0)), levels_done: 3, repeats_done: 10, last_repeat_at: Some(latest), ..facts() };
+        let day = Timing { repeat_interval: Duration::hours(24), ..timing() };
+        assert_eq!(
+            decide(&f, &p, &day, latest + Duration::hours(1)),
+            Decision::Wait { next: Some(latest + Duration::hours(24)), held_until: None }
+        );
+        let Decision::Notify { repeats_done, notices, .. } = decide(&f, &p, &day, latest + Duration::hours(24)) else {
+            panic!()
+        };
+        assert_eq!((repeats_done, notices[0].sequence), (11, 11));
+        // Lowered to an hour: due an hour after the latest.
+        let hour = Timing { repeat_interval: Duration::hours(1), ..timing() };
+        assert!(matches!(decide(&f, &p, &hour, latest + Duration::hours(1)), Decision::Notify { .. }));
+        // Repeated before its time was kept: where the count put it.
+        let unknown = Facts { last_repeat_at: None, ..f };
+        assert_eq!(
+            decide(&unknown, &p, &timing(), latest + Duration::hours(1)),
+            Decision::Wait { next: Some(latest + Duration::hours(4)), held_until: None }
+        );
     }
 
     #[test]

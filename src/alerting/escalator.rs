@@ -105,6 +105,7 @@ struct Row {
     paged_at: Option<DateTime<Utc>>,
     levels_done: u32,
     repeats: u32,
+    last_repeat_at: Option<DateTime<Utc>>,
     route: Option<String>,
     policy: Option<String>,
     group_id: Option<i64>,
@@ -138,6 +139,7 @@ struct Update {
     paged_at: Option<DateTime<Utc>>,
     levels_done: u32,
     repeats: u32,
+    last_repeat_at: Option<DateTime<Utc>>,
     suppressed_reason: Option<String>,
     held_until: Option<DateTime<Utc>>,
     next_escalation_at: Option<DateTime<Utc>>,
@@ -155,6 +157,7 @@ impl Row {
             paged_at: self.paged_at,
             levels_done: self.levels_done,
             repeats: self.repeats,
+            last_repeat_at: self.last_repeat_at,
             suppressed_reason: self.suppressed_reason.clone(),
             held_until: self.held_until,
             next_escalation_at: self.next_escalation_at,
@@ -298,6 +301,7 @@ pub async fn cycle(
             paged_at: row.paged_at,
             levels_done: row.levels_done,
             repeats_done: row.repeats,
+            last_repeat_at: row.last_repeat_at,
             suppressed: suppressed.clone(),
             recovery: row.incident_id.and_then(|i| recovery.get(&i).copied()).unwrap_or_default(),
             gave_up_handled: row.recovery_failed_at.is_some_and(|at| gave_up_at.is_none_or(|g| at >= g)),
@@ -349,6 +353,9 @@ pub async fn cycle(
             Decision::Notify { notices, levels_done, repeats_done, next } => {
                 let route = row.route.clone().or(route).unwrap_or_default();
                 update.levels_done = levels_done;
+                if repeats_done > update.repeats {
+                    update.last_repeat_at = Some(now);
+                }
                 update.repeats = repeats_done;
                 update.next_escalation_at = next;
                 for notice in notices {
@@ -533,6 +540,9 @@ fn page(
         escalation::decide(facts, policy, &p.timing, now)
     {
         update.levels_done = levels_done;
+        if repeats_done > update.repeats {
+            update.last_repeat_at = Some(now);
+        }
         update.repeats = repeats_done;
         update.next_escalation_at = next;
         for notice in notices {
@@ -645,7 +655,8 @@ async fn load_alerts(tx: &tokio_postgres::Transaction<'_>) -> Result<Vec<Row>, D
                     h.held AND (s.liveness IN ('offline', 'degraded') \
                                 OR EXISTS (SELECT 1 FROM warden.alerts b \
                                            WHERE NOT b.closed AND b.state <> 'resolved' AND b.source = 'incident' \
-                                             AND b.subject = a.subject AND b.id <> a.id AND b.issue = ANY ($1))) \
+                                             AND b.subject = a.subject AND b.id <> a.id AND b.issue = ANY ($1))), \
+                    a.last_repeat_at \
              FROM warden.alerts a \
              LEFT JOIN warden.agent_status s ON a.source = 'incident' AND s.agent_id = a.subject \
              LEFT JOIN warden.incidents i ON i.id = a.incident_id \
@@ -683,6 +694,7 @@ async fn load_alerts(tx: &tokio_postgres::Transaction<'_>) -> Result<Vec<Row>, D
                 all_clear_held: r.get::<_, Option<bool>>(19).unwrap_or(false),
                 outside_fleet_outage: r.get(20),
                 problem_goes_on: r.get::<_, Option<bool>>(21).unwrap_or(false),
+                last_repeat_at: r.get(22),
             })
         })
         .collect())
@@ -992,6 +1004,7 @@ async fn write_updates(
     let paged: Vec<Option<DateTime<Utc>>> = changed.iter().map(|(_, u)| u.paged_at).collect();
     let levels: Vec<i32> = changed.iter().map(|(_, u)| u.levels_done as i32).collect();
     let repeats: Vec<i32> = changed.iter().map(|(_, u)| u.repeats as i32).collect();
+    let last_repeat: Vec<Option<DateTime<Utc>>> = changed.iter().map(|(_, u)| u.last_repeat_at).collect();
     let suppressed: Vec<Option<&str>> = changed.iter().map(|(_, u)| u.suppressed_reason.as_deref()).collect();
     let held: Vec<Option<DateTime<Utc>>> = changed.iter().map(|(_, u)| u.held_until).collect();
     let next: Vec<Option<DateTime<Utc>>> = changed.iter().map(|(_, u)| u.next_escalation_at).collect();
@@ -1001,12 +1014,29 @@ async fn write_updates(
         "UPDATE warden.alerts a SET severity = v.severity, route = v.route, policy = v.policy, group_id = v.group_id, \
                 paged_at = v.paged_at, escalation_level = v.levels, repeats = v.repeats, \
                 suppressed_reason = v.suppressed, held_until = v.held, next_escalation_at = v.next, \
-                recovery_failed_at = v.failed, closed = v.closed \
+                recovery_failed_at = v.failed, closed = v.closed, last_repeat_at = v.last_repeat \
          FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::timestamptz[], $7::int[], \
-                     $8::int[], $9::text[], $10::timestamptz[], $11::timestamptz[], $12::timestamptz[], $13::bool[]) \
-              AS v(id, severity, route, policy, group_id, paged_at, levels, repeats, suppressed, held, next, failed, closed) \
+                     $8::int[], $9::text[], $10::timestamptz[], $11::timestamptz[], $12::timestamptz[], $13::bool[], \
+                     $14::timestamptz[]) \
+              AS v(id, severity, route, policy, group_id, paged_at, levels, repeats, suppressed, held, next, failed, closed, \
+                   last_repeat) \
          WHERE a.id = v.id",
-        &[&ids, &severity, &route, &policy, &group, &paged, &levels, &repeats, &suppressed, &held, &next, &failed, &closed],
+        &[
+            &ids,
+            &severity,
+            &route,
+            &policy,
+            &group,
+            &paged,
+            &levels,
+            &repeats,
+            &suppressed,
+            &held,
+            &next,
+            &failed,
+            &closed,
+            &last_repeat,
+        ],
     )
     .await?;
     Ok(())

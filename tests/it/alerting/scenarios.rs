@@ -612,6 +612,44 @@ async fn silences_and_maintenance_windows_suppress_sending_but_alerts_are_record
 /// sends nothing, and is no flush: when the hold ends the page waits
 /// group_wait, not group_interval after a message that never went out.
 #[tokio::test]
+async fn a_raised_repeat_interval_counts_from_the_latest_repeat() {
+    let slack = HttpReceiver::start().await;
+    let smtp = SmtpServer::start().await;
+    let mut rig = Rig::new(&format!("{TIMINGS}{SLACK_POLICY}{}", channels_toml(&slack, &smtp, None))).await;
+    rig.beat("r1", 10_000, None).await;
+    rig.run_for(secs(32), secs(2)).await;
+    rig.run_for(secs(6), secs(1)).await;
+    let (_, _, _, paged_at) = rig.alert("r1:agent_unresponsive").await;
+    let paged_at = paged_at.expect("paged");
+    let repeats = |texts: Vec<String>| texts.iter().filter(|t| t.starts_with("[STILL FIRING")).count();
+    // Three hourly repeats.
+    rig.run_to(paged_at + Duration::hours(3) + secs(30), Duration::minutes(10)).await;
+    assert_eq!(repeats(slack_texts(&slack)), 3, "{:?}", slack_texts(&slack));
+
+    // Raised to a day: the next comes a day after the third, not once a
+    // day's count from the page has caught up with three (in three days).
+    rig.esc.timing.repeat_interval = Duration::hours(24);
+    rig.run_to(paged_at + Duration::hours(26), Duration::hours(1)).await;
+    assert_eq!(repeats(slack_texts(&slack)), 3, "none within the day");
+    rig.run_to(paged_at + Duration::hours(27) + secs(30), Duration::minutes(10)).await;
+    let texts = slack_texts(&slack);
+    assert_eq!(repeats(texts.clone()), 4, "{texts:?}");
+    let sequences: Vec<i32> = rig
+        .c
+        .query(
+            "SELECT DISTINCT sequence FROM warden.alert_notifications n JOIN warden.alerts a ON a.id = n.alert_id \
+             WHERE a.dedup_key = 'r1:agent_unresponsive' AND n.kind = 'repeat' ORDER BY sequence",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(sequences, vec![1, 2, 3, 4]);
+}
+
+#[tokio::test]
 async fn a_group_that_sent_nothing_does_not_delay_the_next_page() {
     let slack = HttpReceiver::start().await;
     let smtp = SmtpServer::start().await;
