@@ -140,9 +140,16 @@ fn labels_get<'a>(labels: &'a std::collections::BTreeMap<String, String>, key: &
 /// window began, so one still waiting out its backoff would otherwise
 /// count the attempts just forgiven and give up, paging again, as soon as
 /// it came due.
-pub async fn reset(client: &tokio_postgres::Client, agent: &str) -> Result<u64, ManualError> {
-    ensure_known(client, agent).await?;
-    let reset: i64 = client
+///
+/// In its turn on the claim lock: a claim under way may be giving up
+/// another of the agent's jobs on the attempts about to be forgiven, and
+/// a reset read before it commits would leave that job given up (and
+/// paged) just after the operator reset the agent.
+pub async fn reset(client: &mut tokio_postgres::Client, agent: &str) -> Result<u64, ManualError> {
+    let tx = client.transaction().await?;
+    take_claim_turn(&tx).await?;
+    ensure_known(&tx, agent).await?;
+    let reset: i64 = tx
         .query_one(
             "WITH reset AS ( \
                UPDATE warden.recovery_jobs j SET state = 'pending', next_run_at = now(), window_start = now(), \
@@ -162,6 +169,7 @@ pub async fn reset(client: &tokio_postgres::Client, agent: &str) -> Result<u64, 
         )
         .await?
         .get(0);
+    tx.commit().await?;
     Ok(reset as u64)
 }
 

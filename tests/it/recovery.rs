@@ -252,7 +252,7 @@ async fn a_failing_command_backs_off_exhausts_and_escalates_exactly_once() {
     assert_eq!(app.count("SELECT count(*) FROM warden.recovery_jobs").await, jobs_before);
 
     // An operator resets it: attempts start again.
-    let reset = warden::recovery::reset(&app.db.client().await, "rec-2").await.unwrap();
+    let reset = warden::recovery::reset(&mut app.db.client().await, "rec-2").await.unwrap();
     assert_eq!(reset, 1);
     eventually(WAIT, "a fresh attempt after the reset", || async {
         (actions(&app, "rec-2").await.len() > 3).then_some(())

@@ -743,8 +743,8 @@ async fn a_reset_forgives_earlier_attempts_for_later_incidents_too() {
     assert_eq!(rig.jobs("reset").await[0].0, "exhausted");
     assert_eq!(rig.action_states("reset").await.len(), 2);
 
-    let db = rig.db.client().await;
-    assert_eq!(warden::recovery::reset(&db, "reset").await.unwrap(), 1);
+    let mut db = rig.db.client().await;
+    assert_eq!(warden::recovery::reset(&mut db, "reset").await.unwrap(), 1);
     let attempts: i32 = db.query_one("SELECT attempts FROM warden.recovery_jobs", &[]).await.unwrap().get(0);
     assert_eq!(attempts, 0, "backoff starts again from its base");
     db.execute("UPDATE warden.incidents SET state = 'resolved', resolved_at = now() WHERE id = $1", &[&first])
@@ -771,7 +771,7 @@ async fn a_reset_forgives_the_attempts_for_the_agents_waiting_jobs_too() {
     // A second incident's job, waiting out a long backoff while the first
     // uses the agent's attempts up.
     let second = rig.incident("two", IssueType::RestartLoop).await;
-    let db = rig.db.client().await;
+    let mut db = rig.db.client().await;
     db.execute(
         "INSERT INTO warden.recovery_jobs (incident_id, agent_id, strategy, next_run_at) \
          VALUES ($1, 'two', 'fix', now() + interval '1 hour')",
@@ -780,7 +780,7 @@ async fn a_reset_forgives_the_attempts_for_the_agents_waiting_jobs_too() {
     .await
     .unwrap();
     // Nothing has given up yet: a reset changes nothing.
-    assert_eq!(warden::recovery::reset(&db, "two").await.unwrap(), 0);
+    assert_eq!(warden::recovery::reset(&mut db, "two").await.unwrap(), 0);
     let forgiven = "SELECT count(*) FROM warden.recovery_jobs WHERE window_start IS NOT NULL";
     assert_eq!(rig.count(forgiven).await, 0);
     for _ in 0..3 {
@@ -789,7 +789,7 @@ async fn a_reset_forgives_the_attempts_for_the_agents_waiting_jobs_too() {
     assert_eq!(rig.jobs("two").await[0].0, "exhausted");
     assert_eq!(rig.action_states("two").await.len(), 2);
 
-    assert_eq!(warden::recovery::reset(&db, "two").await.unwrap(), 1);
+    assert_eq!(warden::recovery::reset(&mut db, "two").await.unwrap(), 1);
     db.execute("UPDATE warden.incidents SET state = 'resolved', resolved_at = now() WHERE id = $1", &[&first])
         .await
         .unwrap();
@@ -986,6 +986,45 @@ async fn an_incident_resolved_while_a_claim_waits_for_its_turn_starts_nothing() 
 }
 
 #[tokio::test]
+async fn a_reset_takes_its_turn_after_a_claim_giving_up_another_job() {
+    // A claim under way gives up the agent's second job on the attempts the
+    // reset is about to forgive; the reset must see that give-up, or the
+    // job stays given up (and paged) just after the operator reset.
+    let rig =
+        rig(vec![strategy(&[IssueType::AgentUnresponsive, IssueType::RestartLoop], vec![command(&["/bin/false"])])], 2)
+            .await;
+    rig.agent("turns").await;
+    let first = rig.incident("turns", IssueType::AgentUnresponsive).await;
+    let second = rig.incident("turns", IssueType::RestartLoop).await;
+    let db = rig.db.client().await;
+    db.execute(
+        "INSERT INTO warden.recovery_jobs (incident_id, agent_id, strategy, state, finished_at, next_run_at) \
+         VALUES ($1, 'turns', 'fix', 'exhausted', now(), now()), ($2, 'turns', 'fix', 'pending', NULL, now())",
+        &[&first, &second],
+    )
+    .await
+    .unwrap();
+    let mut holder = rig.db.client().await;
+    let claim = holder.transaction().await.unwrap();
+    claim.execute("SELECT pg_advisory_xact_lock($1)", &[&warden::recovery::CLAIM_LOCK]).await.unwrap();
+    claim
+        .execute(
+            "UPDATE warden.recovery_jobs SET state = 'exhausted', finished_at = now() WHERE incident_id = $1",
+            &[&second],
+        )
+        .await
+        .unwrap();
+
+    let mut client = rig.db.client().await;
+    let reset = tokio::spawn(async move { warden::recovery::reset(&mut client, "turns").await.unwrap() });
+    rig.claim_waits_for_its_turn().await;
+    claim.commit().await.unwrap();
+    assert_eq!(reset.await.unwrap(), 2, "both given-up jobs start again");
+    let states: Vec<String> = rig.jobs("turns").await.into_iter().map(|j| j.0).collect();
+    assert_eq!(states, ["pending", "pending"]);
+}
+
+#[tokio::test]
 async fn a_manual_run_without_any_strategy_says_none_is_configured() {
     let rig = rig(Vec::new(), 3).await;
     rig.agent("plain").await;
@@ -997,7 +1036,7 @@ async fn a_manual_run_without_any_strategy_says_none_is_configured() {
     let err = warden::recovery::run_now(&mut db, &rig.settings, "nobody", None).await.unwrap_err();
     assert!(matches!(err, ManualError::UnknownAgent(_)), "{err}");
     // Nor can an agent that is not there be reset.
-    let err = warden::recovery::reset(&db, "nobody").await.unwrap_err();
+    let err = warden::recovery::reset(&mut db, "nobody").await.unwrap_err();
     assert!(matches!(err, ManualError::UnknownAgent(_)), "{err}");
 }
 
@@ -1207,8 +1246,8 @@ async fn attempts_after_a_reset_go_on_numbering_while_backoff_starts_again() {
         rig.tick().await;
     }
     assert_eq!(rig.jobs("again").await[0].0, "exhausted");
-    let db = rig.db.client().await;
-    assert_eq!(warden::recovery::reset(&db, "again").await.unwrap(), 1);
+    let mut db = rig.db.client().await;
+    assert_eq!(warden::recovery::reset(&mut db, "again").await.unwrap(), 1);
     rig.tick().await;
     let numbers: Vec<i32> = db
         .query("SELECT attempt FROM warden.recovery_actions WHERE agent_id = 'again' ORDER BY id", &[])

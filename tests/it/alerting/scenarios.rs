@@ -1772,7 +1772,7 @@ async fn a_recovery_that_gives_up_again_after_a_reset_is_paged_again() {
     assert_eq!(sent.len(), 2, "{sent:?}");
     assert!(sent[1].starts_with("[RECOVERY FAILED CRITICAL] rr is offline"), "{sent:?}");
 
-    assert_eq!(warden::recovery::reset(&rig.c, "rr").await.unwrap(), 1);
+    assert_eq!(warden::recovery::reset(&mut rig.c, "rr").await.unwrap(), 1);
     rig.run_for(secs(20), secs(2)).await;
     assert_eq!(slack_texts(&slack).len(), 2, "a reset alone says nothing: {:?}", slack_texts(&slack));
 
