@@ -315,8 +315,14 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
 }
 
 async fn command(cli: Cli, sources: &Sources) -> Result<(), Failure> {
+    // The load generator uses none of the server's settings, so a bad one
+    // (a WARDEN__ variable meant for the server) must not stop it.
+    let command = match cli.command {
+        Command::Simulate(args) => return simulate(args).await,
+        command => command,
+    };
     let settings = Settings::load(sources)?;
-    match cli.command {
+    match command {
         Command::Config => {
             // A pre-flight check: what `serve` would refuse at start, this
             // refuses too, as far as it can be told without connecting.
@@ -359,7 +365,7 @@ async fn command(cli: Cli, sources: &Sources) -> Result<(), Failure> {
             let clients = crate::agent::check(&args).map_err(Failure::usage)?;
             crate::agent::run(args, clients).await.map_err(Failure::other)
         }
-        Command::Simulate(args) => simulate(args).await,
+        Command::Simulate(_) => unreachable!("run before the settings are loaded"),
         Command::Alerts(c) => with_database(&settings, |db| Box::pin(crate::alerting::cli::alerts(db, c))).await,
         Command::Silence(c) => with_database(&settings, |db| Box::pin(crate::alerting::cli::silence(db, c))).await,
         Command::Agents(AgentsCommand::Remove { agent, by }) => {

@@ -121,25 +121,35 @@ impl Settings {
     pub fn load(sources: &Sources) -> Result<Self, SettingsError> {
         let mut builder = Config::builder().add_source(File::from_str(DEFAULTS, FileFormat::Toml));
         if let Some(path) = &sources.file {
-            if !path.is_file() {
-                return Err(SettingsError {
-                    key: None,
-                    value: None,
-                    origin: Some(path.display().to_string()),
-                    allowed: "the settings file does not exist or is not a file".into(),
-                });
-            }
+            // Anything readable but a directory: `--config /dev/null` is
+            // the defaults and the environment alone.
+            let refused = |allowed: String| SettingsError {
+                key: None,
+                value: None,
+                origin: Some(path.display().to_string()),
+                allowed,
+            };
+            let regular = match std::fs::metadata(path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(refused("the settings file does not exist".into()));
+                }
+                Err(e) => return Err(refused(format!("the settings file cannot be read: {e}"))),
+                Ok(meta) if meta.is_dir() => return Err(refused("a directory, not a settings file".into())),
+                Ok(meta) => meta.is_file(),
+            };
             // Read here, so that a file warden may not read (a 0640
             // root-owned file under the unit's own user) is named.
             if let Err(e) = std::fs::File::open(path) {
-                return Err(SettingsError {
-                    key: None,
-                    value: None,
-                    origin: Some(path.display().to_string()),
-                    allowed: format!("the settings file cannot be read: {e}"),
-                });
+                return Err(refused(format!("the settings file cannot be read: {e}")));
             }
-            builder = builder.add_source(File::from(path.as_path()).format(FileFormat::Toml).required(true));
+            builder = if regular {
+                builder.add_source(File::from(path.as_path()).format(FileFormat::Toml).required(true))
+            } else {
+                // The config crate reads regular files only.
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| refused(format!("the settings file cannot be read: {e}")))?;
+                builder.add_source(File::from_str(&text, FileFormat::Toml))
+            };
         }
         let names: Vec<String> = match &sources.env {
             Some(map) => map.keys().cloned().collect(),

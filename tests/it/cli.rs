@@ -78,6 +78,20 @@ fn the_config_flag_reads_an_override_file() {
 
     let out = warden().env("WARDEN_CONFIG", &path).arg("config").output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("0.0.0.0:7777"), "WARDEN_CONFIG works too");
+
+    // An empty stand-in (not a regular file) is the defaults.
+    let out = warden().args(["--config", "/dev/null", "config"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("listen = \"127.0.0.1:8080\""), "{out:?}");
+    for (path, says) in [
+        (dir.path().join("missing.toml"), "does not exist"),
+        (dir.path().to_path_buf(), "a directory, not a settings file"),
+    ] {
+        let out = warden().arg("--config").arg(&path).arg("config").output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains(says) && stderr.contains(&*path.to_string_lossy()), "{stderr}");
+    }
 }
 
 #[test]
@@ -86,7 +100,12 @@ fn an_unknown_verb_is_a_usage_error() {
     assert_eq!(out.status.code(), Some(2));
     // A rate of nothing would report one request's speed as the rate.
     for rate in ["0", "-5", "NaN"] {
-        let out = warden().args(["simulate", &format!("--rate={rate}"), "--duration", "1s"]).output().unwrap();
+        // A server's setting that is bad does not concern the load generator.
+        let out = warden()
+            .args(["simulate", &format!("--rate={rate}"), "--duration", "1s"])
+            .env("WARDEN__HEALTH__CHECK_INTERVAL", "soon")
+            .output()
+            .unwrap();
         assert_eq!(out.status.code(), Some(2), "--rate {rate}: {out:?}");
         assert!(String::from_utf8_lossy(&out.stderr).contains("--rate must be a positive number"), "{out:?}");
     }
