@@ -118,8 +118,15 @@ pub enum Decision {
     Wait { next: Option<DateTime<Utc>>, held_until: Option<DateTime<Utc>> },
     /// Ready for its first message; `urgent` skips the group wait.
     Ready { urgent: bool },
-    /// Send these; the counters are the alert's new ones.
-    Notify { notices: Vec<Notice>, levels_done: u32, repeats_done: u32, next: Option<DateTime<Utc>> },
+    /// Send these; the counters are the alert's new ones, and
+    /// `repeated_at` the time a repeat among them stands for.
+    Notify {
+        notices: Vec<Notice>,
+        levels_done: u32,
+        repeats_done: u32,
+        repeated_at: Option<DateTime<Utc>>,
+        next: Option<DateTime<Utc>>,
+    },
     /// Resolved: send these (maybe none) and close the alert.
     Close(Vec<Notice>),
 }
@@ -187,6 +194,7 @@ fn escalate(f: &Facts, policy: &Policy, timing: &Timing, paged_at: DateTime<Utc>
     let mut levels_done = f.levels_done;
     let mut repeats_done = f.repeats_done;
     let mut next = None;
+    let mut repeated_at = None;
     let total = policy.levels.len() as u32;
     while levels_done < total {
         let level = &policy.levels[levels_done as usize];
@@ -205,13 +213,16 @@ fn escalate(f: &Facts, policy: &Policy, timing: &Timing, paged_at: DateTime<Utc>
         levels_done += 1;
     }
     if levels_done >= total && total > 0 {
-        // Each repeat comes `repeat_interval` after the one before (the
-        // first after the last level), so that a changed interval counts
-        // from the latest repeat: counted from the last level, raising it
-        // after many repeats put the next one as many new intervals out.
-        // When several are overdue (warden was down) one message stands
-        // for them all. A repeat of unknown time (sent before warden kept
-        // it) is placed where the old count put it.
+        // Repeats fall on slots `repeat_interval` apart counted from the
+        // latest one (the first after the last level), so that a changed
+        // interval counts from the latest repeat: counted from the last
+        // level, raising it after many repeats put the next one as many
+        // new intervals out. When several slots are overdue (warden was
+        // down, a silence) one message stands for them all, dated at the
+        // last of them: alerts paged together stay on the same slots, and
+        // numbered by slot they stay in one message. A repeat of unknown
+        // time (sent before warden kept it) is placed where the old count
+        // put it.
         let start = paged_at + policy.levels[total as usize - 1].after;
         let every = timing.repeat_interval.max(Duration::seconds(1));
         let latest = match repeats_done {
@@ -219,7 +230,10 @@ fn escalate(f: &Facts, policy: &Policy, timing: &Timing, paged_at: DateTime<Utc>
             n => f.last_repeat_at.unwrap_or(start + every * n as i32),
         };
         if now >= latest + every {
-            repeats_done += 1;
+            let slots = (now - latest).num_milliseconds() / every.num_milliseconds();
+            let slot = latest + every * slots as i32;
+            let numbered = (slot - start).num_milliseconds() / every.num_milliseconds();
+            repeats_done = (repeats_done + 1).max(u32::try_from(numbered).unwrap_or(u32::MAX));
             notices.push(Notice {
                 kind: Kind::Repeat,
                 level: total,
@@ -227,7 +241,8 @@ fn escalate(f: &Facts, policy: &Policy, timing: &Timing, paged_at: DateTime<Utc>
                 channels: policy.all_channels(),
                 note: None,
             });
-            next = Some(now + every);
+            repeated_at = Some(slot);
+            next = Some(slot + every);
         } else {
             next = Some(latest + every);
         }
@@ -259,7 +274,7 @@ fn escalate(f: &Facts, policy: &Policy, timing: &Timing, paged_at: DateTime<Utc>
     if notices.is_empty() {
         Decision::Wait { next, held_until: None }
     } else {
-        Decision::Notify { notices, levels_done, repeats_done, next }
+        Decision::Notify { notices, levels_done, repeats_done, repeated_at, next }
     }
 }
 
@@ -367,11 +382,23 @@ mod tests {
             kinds(&d),
             vec![(Kind::Repeat, 3, 1, vec!["slack".to_string(), "email".to_string(), "phone".to_string()])]
         );
-        // Three intervals overdue: one message, and the next an interval
-        // after it.
+        // Three intervals overdue: one message, numbered and dated as the
+        // third, so that alerts paged together stay together.
         let d = decide(&f, &p, &timing(), t(last + 3 * four_h + 5));
-        let Decision::Notify { repeats_done, notices, next, .. } = d else { panic!() };
-        assert_eq!((repeats_done, notices.len(), next), (1, 1, Some(t(last + 4 * four_h + 5))));
+        let Decision::Notify { repeats_done, notices, repeated_at, next, .. } = d else { panic!() };
+        assert_eq!((repeats_done, notices.len()), (3, 1));
+        assert_eq!((repeated_at, next), (Some(t(last + 3 * four_h)), Some(t(last + 4 * four_h))));
+        // One of them silenced over the first slot repeats with the others
+        // at the second, under the same number.
+        let behind = Facts { repeats_done: 1, last_repeat_at: Some(t(last + four_h)), ..f.clone() };
+        let missed = Facts { repeats_done: 0, ..f };
+        for f in [behind, missed] {
+            let Decision::Notify { notices, repeated_at, .. } = decide(&f, &p, &timing(), t(last + 2 * four_h + 9))
+            else {
+                panic!()
+            };
+            assert_eq!((notices[0].sequence, repeated_at), (2, Some(t(last + 2 * four_h))));
+        }
     }
 
     #[test]

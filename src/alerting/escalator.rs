@@ -350,12 +350,10 @@ pub async fn cycle(
                     ready.push((index, policy, route));
                 }
             }
-            Decision::Notify { notices, levels_done, repeats_done, next } => {
+            Decision::Notify { notices, levels_done, repeats_done, repeated_at, next } => {
                 let route = row.route.clone().or(route).unwrap_or_default();
                 update.levels_done = levels_done;
-                if repeats_done > update.repeats {
-                    update.last_repeat_at = Some(now);
-                }
+                update.last_repeat_at = repeated_at.or(update.last_repeat_at);
                 update.repeats = repeats_done;
                 update.next_escalation_at = next;
                 for notice in notices {
@@ -536,13 +534,11 @@ fn page(
     pending: &mut Vec<Pending>,
     urgent: bool,
 ) {
-    if let Decision::Notify { notices, levels_done, repeats_done, next } =
+    if let Decision::Notify { notices, levels_done, repeats_done, repeated_at, next } =
         escalation::decide(facts, policy, &p.timing, now)
     {
         update.levels_done = levels_done;
-        if repeats_done > update.repeats {
-            update.last_repeat_at = Some(now);
-        }
+        update.last_repeat_at = repeated_at.or(update.last_repeat_at);
         update.repeats = repeats_done;
         update.next_escalation_at = next;
         for notice in notices {
