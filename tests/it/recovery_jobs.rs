@@ -1025,6 +1025,55 @@ async fn a_reset_takes_its_turn_after_a_claim_giving_up_another_job() {
 }
 
 #[tokio::test]
+async fn a_reset_sees_a_give_up_committed_while_it_waited_for_the_job() {
+    // A verification that fails gives its job up holding the job's row,
+    // outside the claim lock; the reset must wait for it and see it.
+    let rig =
+        rig(vec![strategy(&[IssueType::AgentUnresponsive, IssueType::RestartLoop], vec![command(&["/bin/false"])])], 2)
+            .await;
+    rig.agent("verified").await;
+    let first = rig.incident("verified", IssueType::AgentUnresponsive).await;
+    let second = rig.incident("verified", IssueType::RestartLoop).await;
+    let db = rig.db.client().await;
+    db.execute(
+        "INSERT INTO warden.recovery_jobs (incident_id, agent_id, strategy, state, finished_at, next_run_at) \
+         VALUES ($1, 'verified', 'fix', 'exhausted', now(), now()), ($2, 'verified', 'fix', 'verifying', NULL, now())",
+        &[&first, &second],
+    )
+    .await
+    .unwrap();
+    let mut holder = rig.db.client().await;
+    let settle = holder.transaction().await.unwrap();
+    settle
+        .execute(
+            "UPDATE warden.recovery_jobs SET state = 'exhausted', finished_at = now() WHERE incident_id = $1",
+            &[&second],
+        )
+        .await
+        .unwrap();
+
+    let mut client = rig.db.client().await;
+    let reset = tokio::spawn(async move { warden::recovery::reset(&mut client, "verified").await.unwrap() });
+    crate::helpers::eventually(std::time::Duration::from_secs(60), "the reset waiting for the job", || async {
+        let waiting: i64 = db
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                   AND wait_event_type = 'Lock' AND query LIKE '%recovery_jobs%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (waiting > 0).then_some(())
+    })
+    .await;
+    settle.commit().await.unwrap();
+    assert_eq!(reset.await.unwrap(), 2, "both given-up jobs start again");
+    let states: Vec<String> = rig.jobs("verified").await.into_iter().map(|j| j.0).collect();
+    assert_eq!(states, ["pending", "pending"]);
+}
+
+#[tokio::test]
 async fn a_manual_run_without_any_strategy_says_none_is_configured() {
     let rig = rig(Vec::new(), 3).await;
     rig.agent("plain").await;
