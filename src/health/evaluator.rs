@@ -1188,13 +1188,14 @@ fn score_inputs(f: ScoreFacts<'_>) -> Inputs {
     let expected =
         f.beats_expected * fade + if f.interval_s > 0.0 { (HOUR_S / f.interval_s) * (1.0 - fade) } else { 0.0 };
     let received = f.beats_decayed * fade;
-    // Under one heartbeat owed (an interval over an hour, or an agent just
-    // registered) the hour's ratio says nothing: a daily job on schedule
-    // would read as missing most of its beat mid-day. What does is whether
-    // the next one is overdue: 1 until the interval and its tolerance have
-    // passed, then the share of the silence that one heartbeat covers.
+    // For an interval of an hour or more, or under one heartbeat owed (an
+    // agent just registered), the hour's ratio says nothing: a daily job on
+    // schedule would read as missing most of its beat mid-day, and one of
+    // 66 minutes would swing with where in its interval it is. What does is
+    // whether the next heartbeat is overdue: 1 until the interval and its
+    // tolerance have passed, then the share of the silence one covers.
     let due_s = f.interval_s * (1.0 + f.tolerance);
-    let delivery = if expected >= 1.0 {
+    let delivery = if expected >= 1.0 && f.interval_s < HOUR_S {
         (received / expected).min(1.0)
     } else if due_s > 0.0 && since_s > due_s {
         due_s / since_s
@@ -1643,9 +1644,10 @@ impl Leader<'_> {
     /// commits; judged then, every agent whose silence spans the outage
     /// would read as late, or offline, for it. (The grace after a pause
     /// does not cover it: heartbeats stored before the outage count as
-    /// heard during the pause.) The wait lasts at most the gap limit: an
-    /// ingest that cannot record must not stop evaluation for good, and a
-    /// longer pause is judged as any other.
+    /// heard during the pause.) The wait lasts at most two check intervals:
+    /// an ingest that cannot record must not stop evaluation for good, and
+    /// at three `/readyz` finds evaluation stalled (on every replica) and
+    /// the next cycle would count as a pause.
     fn waits_for_ingest(&self, waiting: &mut Option<(std::time::Instant, bool)>) -> bool {
         if !self.ingest.as_ref().is_some_and(|watch| watch.unrecorded()) {
             *waiting = None;
@@ -1658,7 +1660,7 @@ impl Leader<'_> {
         if *gave_up {
             return false;
         }
-        let limit = self.params.gap_limit().to_std().unwrap_or(StdDuration::from_secs(30));
+        let limit = self.check * 2;
         if since.elapsed() >= limit {
             tracing::warn!(
                 waited_ms = since.elapsed().as_millis() as u64,
@@ -1881,6 +1883,31 @@ mod tests {
         assert_eq!(delivery(28), 1.0, "within the tolerance");
         assert!((delivery(48) - 0.6).abs() < 1e-9, "two days silent: 28.8 h of 48 covered, {}", delivery(48));
         assert!(delivery(96) < 0.31, "four days silent");
+        // Just over an hour, on schedule, at any point in its interval.
+        let at = |since_min: i64| {
+            score_inputs(ScoreFacts {
+                now,
+                liveness: Some(Liveness::Online),
+                labels: &labels,
+                first_seen: now - Duration::days(30),
+                last_seen: now - Duration::minutes(since_min),
+                interval_s: 66.0 * 60.0,
+                beats_decayed: 1.6,
+                beats_expected: 1.6,
+                tolerance: 0.2,
+                arrival_cv: None,
+                latency: None,
+                cpu: None,
+                memory: None,
+                errors: None,
+                work: None,
+                error_events: 0,
+            })
+            .delivery
+            .unwrap()
+        };
+        assert_eq!((at(0), at(33), at(79)), (1.0, 1.0, 1.0));
+        assert!(at(120) < at(100) && at(100) < 1.0, "falls steadily once overdue");
     }
 
     #[test]

@@ -4,9 +4,10 @@
 //! - heartbeat_consistency = 100 × delivery × (1 − jitter penalty).
 //!   delivery = heartbeats received in the last hour ÷ heartbeats expected
 //!   (both exponentially weighted, one-hour time constant, so the figure
-//!   slides smoothly and silence lowers it), capped at 1; under one
-//!   heartbeat owed, 1 until the next is overdue, then the share of the
-//!   silence it covers (see the evaluator's `score_inputs`). jitter penalty =
+//!   slides smoothly and silence lowers it), capped at 1; for intervals of
+//!   an hour or more, and under one heartbeat owed, 1 until the next is
+//!   overdue, then the share of the silence it covers (see the evaluator's
+//!   `score_inputs`). jitter penalty =
 //!   min(0.5, max(0, cv − 0.1)) where cv is the coefficient of variation of
 //!   the inter-arrival times.
 //! - performance = 100 × (3 − L/R) / 2, clamped: latency L (five-minute

@@ -489,7 +489,7 @@ async fn liveness_waits_for_an_outage_to_be_recorded_before_judging_the_agents()
     // how long it refused heartbeats (its probe comes later, or its record
     // is slow to commit). A lock on the table holds the record back here.
     let Some((relay, app)) =
-        app_behind_relay_with(|s| s.health.check_interval = warden::config::Duration::from_secs(1)).await
+        app_behind_relay_with(|s| s.health.check_interval = warden::config::Duration::from_secs(5)).await
     else {
         return;
     };
@@ -551,6 +551,8 @@ async fn liveness_waits_for_an_outage_to_be_recorded_before_judging_the_agents()
         (waiting > 0).then_some(())
     })
     .await;
+    // The wait lasts two check intervals (10 s) at most: looked at as soon
+    // as it shows.
     eventually(Duration::from_secs(60), "the evaluator back, judging or waiting", || async {
         (last_cycle().await.is_some_and(|at| at > restored) || waits(&app).await > waits_before).then_some(())
     })
@@ -558,9 +560,18 @@ async fn liveness_waits_for_an_outage_to_be_recorded_before_judging_the_agents()
     assert!(last_cycle().await.is_none_or(|at| at <= restored), "no liveness cycle before the outage is recorded");
     assert_eq!(liveness().await, "online");
 
-    // The agent speaks again before the wait ends, so that what follows
-    // does not hang on how soon this machine gets there.
-    assert_eq!(app.heartbeat(&key, quiet).await.0, 200);
+    // The agent speaks again before the wait ends, and goes on, so that
+    // what follows does not hang on how soon this machine gets there.
+    assert_eq!(app.heartbeat(&key, quiet.clone()).await.0, 200);
+    let speaking = {
+        let (http, url, key) = (app.http.clone(), app.url("/v1/heartbeats"), key.clone());
+        tokio::spawn(async move {
+            loop {
+                let _ = http.post(&url).bearer_auth(&key).json(&quiet).send().await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        })
+    };
     hold.rollback().await.unwrap();
     eventually(Duration::from_secs(60), "a liveness cycle after the outage is recorded", || async {
         let ended: Option<chrono::DateTime<chrono::Utc>> =
@@ -574,6 +585,7 @@ async fn liveness_waits_for_an_outage_to_be_recorded_before_judging_the_agents()
                AND agent_id = 'quiet' AND details->>'new' IN ('degraded', 'offline')",
         )
         .await;
+    speaking.abort();
     assert_eq!(late, 0, "the agent is not late for warden's outage");
 }
 
