@@ -786,10 +786,18 @@ async fn closed_days_are_written_once_final_and_the_status_page_reads_them_uncha
     // A second cycle writes nothing more.
     assert_eq!(cycle(&test_db, Utc::now()).await.liveness_days, 0);
 
-    // a removed and registered again: its earlier life's days are not its own.
-    db.execute("UPDATE warden.agent_status SET first_seen = now() - interval '30 hours' WHERE agent_id = 'a'", &[])
-        .await
-        .unwrap();
+    // a removed and registered again: its earlier life's days are not its
+    // own. Registered yesterday evening, whatever the time now: its new
+    // life starts after the days written (a day is written final a day and
+    // an hour after it ends, so a new life never starts in one; `now() - 30
+    // hours` did before 06:00 UTC).
+    db.execute(
+        "UPDATE warden.agent_status SET first_seen = date_trunc('day', now(), 'UTC') - interval '6 hours' \
+         WHERE agent_id = 'a'",
+        &[],
+    )
+    .await
+    .unwrap();
     written_days_agree_with_the_transitions(&mut db).await;
 
     // An agent heartbeating once a day could still have an outage of the
