@@ -305,6 +305,21 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// The logging settings of `warden agent`, which uses no others: on an
+/// agent's host a bad setting meant for a server (a `WARDEN__` variable in
+/// a shared environment) is reported and passed over, unless it is a
+/// logging one or the settings file named on the command line.
+fn agent_telemetry(sources: &Sources) -> Result<crate::config::TelemetrySettings, Failure> {
+    match Settings::load(sources) {
+        Ok(settings) => Ok(settings.telemetry),
+        Err(e) if sources.file.is_none() && !e.key.as_deref().is_some_and(|k| k.starts_with("telemetry")) => {
+            eprintln!("warden: {}; `agent` does not use it and goes on", sources.locate(e));
+            Ok(Settings::defaults().telemetry)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Runs one parsed command line.
 pub async fn run(cli: Cli) -> Result<(), Failure> {
     let sources = Sources { file: override_file(cli.config.as_deref()), env: None };
@@ -319,6 +334,11 @@ async fn command(cli: Cli, sources: &Sources) -> Result<(), Failure> {
     // (a WARDEN__ variable meant for the server) must not stop it.
     let command = match cli.command {
         Command::Simulate(args) => return simulate(args).await,
+        Command::Agent(args) => {
+            telemetry::init(&agent_telemetry(sources)?);
+            let clients = crate::agent::check(&args).map_err(Failure::usage)?;
+            return crate::agent::run(args, clients).await.map_err(Failure::other);
+        }
         command => command,
     };
     let settings = Settings::load(sources)?;
@@ -360,12 +380,7 @@ async fn command(cli: Cli, sources: &Sources) -> Result<(), Failure> {
             tokio::spawn(forward_signals(shutdown.clone()));
             crate::demo::run(settings, crate::demo::DemoOptions { agents }, shutdown).await.map_err(Failure::other)
         }
-        Command::Agent(args) => {
-            telemetry::init(&settings.telemetry);
-            let clients = crate::agent::check(&args).map_err(Failure::usage)?;
-            crate::agent::run(args, clients).await.map_err(Failure::other)
-        }
-        Command::Simulate(_) => unreachable!("run before the settings are loaded"),
+        Command::Agent(_) | Command::Simulate(_) => unreachable!("run before the settings are loaded"),
         Command::Alerts(c) => with_database(&settings, |db| Box::pin(crate::alerting::cli::alerts(db, c))).await,
         Command::Silence(c) => with_database(&settings, |db| Box::pin(crate::alerting::cli::silence(db, c))).await,
         Command::Agents(AgentsCommand::Remove { agent, by }) => {

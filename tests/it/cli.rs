@@ -232,6 +232,24 @@ fn the_agent_refuses_a_bad_command_line_before_sending_anything() {
         assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
         assert!(String::from_utf8_lossy(&out.stderr).contains(flag), "{args:?}: {out:?}");
     }
+    // A bad server setting in the environment is passed over, saying so; a
+    // bad logging one is not.
+    let run = |var: &str, value: &str| {
+        warden()
+            .args(["agent", "--agent-id", "a", "--url", "not-a-url", "--key", "k"])
+            .env(var, value)
+            .output()
+            .unwrap()
+    };
+    let out = run("WARDEN__HEALTH__CHECK_INTERVAL", "soon");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(stderr.contains("health.check_interval") && stderr.contains("does not use it"), "{stderr}");
+    assert!(stderr.contains("--url"), "its own check still runs: {stderr}");
+    let out = run("WARDEN__TELEMETRY__FORMAT", "fancy");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(stderr.contains("telemetry.format") && !stderr.contains("--url"), "{stderr}");
 }
 
 #[test]
