@@ -225,15 +225,18 @@ fn escalate(f: &Facts, policy: &Policy, timing: &Timing, paged_at: DateTime<Utc>
         // put it.
         let start = paged_at + policy.levels[total as usize - 1].after;
         let every = timing.repeat_interval.max(Duration::seconds(1));
+        // Not before the last level, should the policy have moved it later.
         let latest = match repeats_done {
             0 => start,
-            n => f.last_repeat_at.unwrap_or(start + every * n as i32),
+            n => f.last_repeat_at.unwrap_or(start + every * n as i32).max(start),
         };
         if now >= latest + every {
             let slots = (now - latest).num_milliseconds() / every.num_milliseconds();
-            let slot = latest + every * slots as i32;
+            let slot = latest + Duration::milliseconds(slots * every.num_milliseconds());
             let numbered = (slot - start).num_milliseconds() / every.num_milliseconds();
-            repeats_done = (repeats_done + 1).max(u32::try_from(numbered).unwrap_or(u32::MAX));
+            // Stored as int4.
+            let numbered = u32::try_from(numbered.clamp(0, i64::from(i32::MAX))).unwrap_or(0);
+            repeats_done = (repeats_done + 1).max(numbered).min(i32::MAX as u32);
             notices.push(Notice {
                 kind: Kind::Repeat,
                 level: total,
@@ -399,6 +402,28 @@ mod tests {
             };
             assert_eq!((notices[0].sequence, repeated_at), (2, Some(t(last + 2 * four_h))));
         }
+    }
+
+    #[test]
+    fn a_last_level_moved_later_restarts_the_repeats_from_it() {
+        // Repeated twice after a 15-minute last level, then the policy's last
+        // level is moved to a day.
+        let mut p = policy();
+        let four_h = Duration::hours(4);
+        let f = Facts {
+            paged_at: Some(t(0)),
+            levels_done: 3,
+            repeats_done: 2,
+            last_repeat_at: Some(t(15 * 60) + four_h * 2),
+            ..facts()
+        };
+        p.levels[2].after = Duration::hours(24);
+        assert_eq!(
+            decide(&f, &p, &timing(), t(12 * 3600)),
+            Decision::Wait { next: Some(t(28 * 3600)), held_until: None }
+        );
+        let Decision::Notify { repeats_done, notices, .. } = decide(&f, &p, &timing(), t(28 * 3600)) else { panic!() };
+        assert_eq!((repeats_done, notices[0].sequence), (3, 3), "numbered on from the count, never below it");
     }
 
     #[test]
