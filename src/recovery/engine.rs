@@ -1053,9 +1053,13 @@ async fn event(
 async fn cancel_resolved(client: &tokio_postgres::Client, now: DateTime<Utc>) -> Result<u64, DbError> {
     Ok(client
         .execute(
-            "UPDATE warden.recovery_jobs j SET state = 'cancelled', finished_at = $1, updated_at = $1, \
+            // In id order, skipping rows locked elsewhere (a reset locks an
+            // agent's jobs in id order): the next tick takes those.
+            "UPDATE warden.recovery_jobs SET state = 'cancelled', finished_at = $1, updated_at = $1, \
                outcome = 'the incident resolved before the next attempt' \
-             FROM warden.incidents i WHERE i.id = j.incident_id AND i.state = 'resolved' AND j.state = 'pending'",
+             WHERE id IN (SELECT j.id FROM warden.recovery_jobs j JOIN warden.incidents i ON i.id = j.incident_id \
+                          WHERE i.state = 'resolved' AND j.state = 'pending' \
+                          ORDER BY j.id FOR UPDATE OF j SKIP LOCKED)",
             &[&now],
         )
         .await?)

@@ -145,14 +145,19 @@ fn labels_get<'a>(labels: &'a std::collections::BTreeMap<String, String>, key: &
 /// up another of the agent's jobs on the attempts about to be forgiven; a
 /// reset whose snapshot came before that commits would leave the job
 /// given up (and paged) just after the operator reset the agent. So the
-/// reset takes its turn on the claim lock, then the agent's job rows (in
-/// id order, as the engine locks them; its other paths skip locked rows
-/// or lock one), and only then reads them, in a statement of its own.
+/// reset takes its turn on the claim lock, then the agent's unfinished and
+/// given-up job rows (in id order; the engine's other paths skip locked
+/// rows or lock one), and only then reads them, in a statement of its own.
 pub async fn reset(client: &mut tokio_postgres::Client, agent: &str) -> Result<u64, ManualError> {
     let tx = client.transaction().await?;
     take_claim_turn(&tx).await?;
     ensure_known(&tx, agent).await?;
-    tx.execute("SELECT 1 FROM warden.recovery_jobs WHERE agent_id = $1 ORDER BY id FOR UPDATE", &[&agent]).await?;
+    tx.execute(
+        "SELECT 1 FROM warden.recovery_jobs \
+         WHERE agent_id = $1 AND state IN ('exhausted', 'pending', 'running', 'verifying') ORDER BY id FOR UPDATE",
+        &[&agent],
+    )
+    .await?;
     let reset: i64 = tx
         .query_one(
             "WITH reset AS ( \
