@@ -306,18 +306,26 @@ pub fn main() -> ExitCode {
 }
 
 /// The logging settings of `warden agent`, which uses no others: on an
-/// agent's host a bad setting meant for a server (a `WARDEN__` variable in
-/// a shared environment) is reported and passed over, unless it is a
-/// logging one or the settings file named on the command line.
-fn agent_telemetry(sources: &Sources) -> Result<crate::config::TelemetrySettings, Failure> {
-    match Settings::load(sources) {
-        Ok(settings) => Ok(settings.telemetry),
-        Err(e) if sources.file.is_none() && !e.key.as_deref().is_some_and(|k| k.starts_with("telemetry")) => {
-            eprintln!("warden: {}; `agent` does not use it and goes on", sources.locate(e));
-            Ok(Settings::defaults().telemetry)
-        }
-        Err(e) => Err(e.into()),
+/// agent's host a bad setting meant for a server (in a shared environment,
+/// a `WARDEN__` variable or `WARDEN_CONFIG`) is reported and passed over,
+/// unless it is a logging one or the file is named by `--config`. The
+/// logging variables are then read alone.
+fn agent_telemetry(sources: &Sources, named_file: bool) -> Result<crate::config::TelemetrySettings, Failure> {
+    let e = match Settings::load(sources) {
+        Ok(settings) => return Ok(settings.telemetry),
+        Err(e) => e,
+    };
+    if named_file || e.key.as_deref().is_some_and(|k| k == "telemetry" || k.starts_with("telemetry.")) {
+        return Err(e.into());
     }
+    eprintln!("warden: {}; `agent` does not use it and goes on", sources.locate(e));
+    let prefix = format!("{}__TELEMETRY__", crate::config::ENV_PREFIX);
+    let env = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .filter(|(k, _)| k.starts_with(&prefix))
+        .collect();
+    let logging = Sources { file: None, env: Some(env) };
+    Settings::load(&logging).map(|s| s.telemetry).map_err(|e| Failure::Settings(logging.locate(e)))
 }
 
 /// Runs one parsed command line.
@@ -335,7 +343,7 @@ async fn command(cli: Cli, sources: &Sources) -> Result<(), Failure> {
     let command = match cli.command {
         Command::Simulate(args) => return simulate(args).await,
         Command::Agent(args) => {
-            telemetry::init(&agent_telemetry(sources)?);
+            telemetry::init(&agent_telemetry(sources, cli.config.is_some())?);
             let clients = crate::agent::check(&args).map_err(Failure::usage)?;
             return crate::agent::run(args, clients).await.map_err(Failure::other);
         }

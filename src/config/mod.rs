@@ -34,6 +34,15 @@ pub use types::{Duration, Secret};
 /// The documented defaults, exactly as shipped in the repository.
 pub const DEFAULTS: &str = include_str!("../../settings.toml");
 
+/// The most a settings "file" that is a device is read for.
+const MAX_DEVICE_READ: u64 = 1 << 20;
+
+/// Whether `meta` is of a character or block device.
+fn is_device(meta: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    meta.file_type().is_char_device() || meta.file_type().is_block_device()
+}
+
 /// Prefix of environment overrides; levels are separated by `__`.
 pub const ENV_PREFIX: &str = "WARDEN";
 
@@ -121,8 +130,9 @@ impl Settings {
     pub fn load(sources: &Sources) -> Result<Self, SettingsError> {
         let mut builder = Config::builder().add_source(File::from_str(DEFAULTS, FileFormat::Toml));
         if let Some(path) = &sources.file {
-            // Anything readable but a directory: `--config /dev/null` is
-            // the defaults and the environment alone.
+            // A regular file, or a device (`--config /dev/null`: the
+            // defaults and the environment alone). Not a pipe: opened to be
+            // checked, a pipe's one writer would be gone for the read.
             let refused = |allowed: String| SettingsError {
                 key: None,
                 value: None,
@@ -135,7 +145,9 @@ impl Settings {
                 }
                 Err(e) => return Err(refused(format!("the settings file cannot be read: {e}"))),
                 Ok(meta) if meta.is_dir() => return Err(refused("a directory, not a settings file".into())),
-                Ok(meta) => meta.is_file(),
+                Ok(meta) if meta.is_file() => true,
+                Ok(meta) if is_device(&meta) => false,
+                Ok(_) => return Err(refused("not a regular file or a device (a pipe or a socket)".into())),
             };
             // Read here, so that a file warden may not read (a 0640
             // root-owned file under the unit's own user) is named.
@@ -145,9 +157,16 @@ impl Settings {
             builder = if regular {
                 builder.add_source(File::from(path.as_path()).format(FileFormat::Toml).required(true))
             } else {
-                // The config crate reads regular files only.
-                let text = std::fs::read_to_string(path)
+                // The config crate reads regular files only. Bounded: a
+                // device need not end (`/dev/zero`).
+                use std::io::Read;
+                let mut text = String::new();
+                std::fs::File::open(path)
+                    .and_then(|f| f.take(MAX_DEVICE_READ + 1).read_to_string(&mut text))
                     .map_err(|e| refused(format!("the settings file cannot be read: {e}")))?;
+                if text.len() as u64 > MAX_DEVICE_READ {
+                    return Err(refused(format!("a device that gave more than {MAX_DEVICE_READ} bytes")));
+                }
                 builder.add_source(File::from_str(&text, FileFormat::Toml))
             };
         }
@@ -458,6 +477,10 @@ fn origin_of(key: &str, sources: &Sources) -> Option<String> {
     let file = sources.file.as_ref()?;
     // `issues[0]` is written `issues = [...]`.
     let last = key.rsplit('.').next().unwrap_or(key).split('[').next().unwrap_or(key);
+    // A regular file only: a device was read once already, and may not end.
+    if !std::fs::metadata(file).is_ok_and(|m| m.is_file()) {
+        return None;
+    }
     let text = std::fs::read_to_string(file).ok()?;
     text.contains(last).then(|| file.display().to_string())
 }

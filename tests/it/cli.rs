@@ -83,9 +83,13 @@ fn the_config_flag_reads_an_override_file() {
     let out = warden().args(["--config", "/dev/null", "config"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("listen = \"127.0.0.1:8080\""), "{out:?}");
+    let fifo = dir.path().join("pipe");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
     for (path, says) in [
         (dir.path().join("missing.toml"), "does not exist"),
         (dir.path().to_path_buf(), "a directory, not a settings file"),
+        (fifo, "not a regular file or a device"),
+        (std::path::PathBuf::from("/dev/zero"), "a device that gave more than"),
     ] {
         let out = warden().arg("--config").arg(&path).arg("config").output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -246,6 +250,12 @@ fn the_agent_refuses_a_bad_command_line_before_sending_anything() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(stderr.contains("health.check_interval") && stderr.contains("does not use it"), "{stderr}");
     assert!(stderr.contains("--url"), "its own check still runs: {stderr}");
+    let out = run("WARDEN_CONFIG", "/nowhere/warden.toml");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("does not use it") && stderr.contains("--url"),
+        "a server's file passed over too: {stderr}"
+    );
     let out = run("WARDEN__TELEMETRY__FORMAT", "fancy");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
