@@ -818,6 +818,27 @@ async fn an_agent_registered_again_after_removal_starts_unknown_not_offline() {
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
     assert_eq!(whole, [("unknown".into(), at(100), Some(at(105))), ("online".into(), at(105), None)]);
+
+    // The agent-detail dashboard counts its heartbeats, and their gaps, from
+    // its new life on: three, 8 s apart, not the earlier life's beat at 0
+    // and a gap of 100 s across the removal.
+    let context = GrafanaContext {
+        from: at(0),
+        to: at(121),
+        interval: "1m",
+        interval_secs: 60,
+        variables: vec![("agent", "again")],
+    };
+    let count = format!(
+        "SELECT q.heartbeats::float8 FROM ({}) q",
+        context.expand(&agent_detail_panel("stat", "Heartbeats").sql)
+    );
+    assert_eq!(c.query_one(&count, &[]).await.unwrap().get::<_, f64>(0), 3.0);
+    let gaps = format!(
+        "SELECT max(q.\"longest gap\")::float8 FROM ({}) q",
+        context.expand(&agent_detail_panel("timeseries", "Heartbeat gaps").sql)
+    );
+    assert_eq!(c.query_one(&gaps, &[]).await.unwrap().get::<_, f64>(0), 8.0);
 }
 
 // ------------------------------------------------------------------ dashboards
