@@ -222,20 +222,8 @@ async fn a_heartbeat_committed_while_a_cycle_decides_keeps_its_agent_from_going_
             (c, r)
         })
     };
-    let watcher = db.client().await;
-    crate::helpers::eventually(std::time::Duration::from_secs(60), "the cycle to wait for the agent's row", || {
-        let watcher = &watcher;
-        async move {
-            let waiting: i64 = watcher
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            (waiting > 0).then_some(())
-        }
+    crate::helpers::eventually(std::time::Duration::from_secs(60), "the cycle to wait for the agent's row", || async {
+        (db.waiting_on_locks("%").await > 0).then_some(())
     })
     .await;
     heartbeat.commit().await.unwrap();

@@ -206,12 +206,18 @@ impl TestDb {
 
     /// How many ingest writes on this database wait for a lock right now.
     pub async fn ingest_writes_waiting_on_locks(&self) -> i64 {
+        self.waiting_on_locks("%ingest_heartbeats%").await
+    }
+
+    /// How many statements on this database matching `query_like` (a LIKE
+    /// pattern) wait for a lock right now.
+    pub async fn waiting_on_locks(&self, query_like: &str) -> i64 {
         self.client()
             .await
             .query_one(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-                 AND wait_event_type = 'Lock' AND query LIKE '%ingest_heartbeats%'",
-                &[],
+                 AND wait_event_type = 'Lock' AND query LIKE $1",
+                &[&query_like],
             )
             .await
             .unwrap()

@@ -539,16 +539,7 @@ async fn liveness_waits_for_an_outage_to_be_recorded_before_judging_the_agents()
             .get::<_, Option<chrono::DateTime<chrono::Utc>>>(0)
     };
     eventually(Duration::from_secs(60), "the record waiting on the lock", || async {
-        let waiting: i64 = db
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-                   AND wait_event_type = 'Lock' AND query LIKE 'INSERT INTO warden.ingest_outages%'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        (waiting > 0).then_some(())
+        (app.db.waiting_on_locks("INSERT INTO warden.ingest_outages%").await > 0).then_some(())
     })
     .await;
     // The wait lasts two check intervals (10 s) at most: looked at as soon
