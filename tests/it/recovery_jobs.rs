@@ -990,61 +990,54 @@ async fn a_reset_takes_its_turn_after_a_claim_giving_up_another_job() {
     // A claim under way gives up the agent's second job on the attempts the
     // reset is about to forgive; the reset must see that give-up, or the
     // job stays given up (and paged) just after the operator reset.
-    let rig =
-        rig(vec![strategy(&[IssueType::AgentUnresponsive, IssueType::RestartLoop], vec![command(&["/bin/false"])])], 2)
-            .await;
-    rig.agent("turns").await;
-    let first = rig.incident("turns", IssueType::AgentUnresponsive).await;
-    let second = rig.incident("turns", IssueType::RestartLoop).await;
-    let db = rig.db.client().await;
-    db.execute(
-        "INSERT INTO warden.recovery_jobs (incident_id, agent_id, strategy, state, finished_at, next_run_at) \
-         VALUES ($1, 'turns', 'fix', 'exhausted', now(), now()), ($2, 'turns', 'fix', 'pending', NULL, now())",
-        &[&first, &second],
-    )
-    .await
-    .unwrap();
-    let mut holder = rig.db.client().await;
-    let claim = holder.transaction().await.unwrap();
-    claim.execute("SELECT pg_advisory_xact_lock($1)", &[&warden::recovery::CLAIM_LOCK]).await.unwrap();
-    claim
-        .execute(
-            "UPDATE warden.recovery_jobs SET state = 'exhausted', finished_at = now() WHERE incident_id = $1",
-            &[&second],
-        )
-        .await
-        .unwrap();
-
-    let mut client = rig.db.client().await;
-    let reset = tokio::spawn(async move { warden::recovery::reset(&mut client, "turns").await.unwrap() });
-    rig.claim_waits_for_its_turn().await;
-    claim.commit().await.unwrap();
-    assert_eq!(reset.await.unwrap(), 2, "both given-up jobs start again");
-    let states: Vec<String> = rig.jobs("turns").await.into_iter().map(|j| j.0).collect();
-    assert_eq!(states, ["pending", "pending"]);
+    reset_during_a_give_up("turns", GiveUp::ByClaim).await;
 }
 
 #[tokio::test]
 async fn a_reset_sees_a_give_up_committed_while_it_waited_for_the_job() {
     // A verification that fails gives its job up holding the job's row,
     // outside the claim lock; the reset must wait for it and see it.
+    reset_during_a_give_up("verified", GiveUp::ByVerification).await;
+}
+
+/// Which path of the engine gives a job up while a reset runs.
+enum GiveUp {
+    /// A claim, in its turn on the claim lock; the job was pending.
+    ByClaim,
+    /// A verification, holding the job's row alone; the job was verifying.
+    ByVerification,
+}
+
+/// `agent` has one job given up and another that a transaction the test
+/// holds gives up `how`, while `warden recovery reset` runs: once the reset
+/// waits for it, it commits, and the reset starts both jobs again.
+async fn reset_during_a_give_up(agent: &str, how: GiveUp) {
     let rig =
         rig(vec![strategy(&[IssueType::AgentUnresponsive, IssueType::RestartLoop], vec![command(&["/bin/false"])])], 2)
             .await;
-    rig.agent("verified").await;
-    let first = rig.incident("verified", IssueType::AgentUnresponsive).await;
-    let second = rig.incident("verified", IssueType::RestartLoop).await;
-    let db = rig.db.client().await;
-    db.execute(
-        "INSERT INTO warden.recovery_jobs (incident_id, agent_id, strategy, state, finished_at, next_run_at) \
-         VALUES ($1, 'verified', 'fix', 'exhausted', now(), now()), ($2, 'verified', 'fix', 'verifying', NULL, now())",
-        &[&first, &second],
-    )
-    .await
-    .unwrap();
+    rig.agent(agent).await;
+    let first = rig.incident(agent, IssueType::AgentUnresponsive).await;
+    let second = rig.incident(agent, IssueType::RestartLoop).await;
+    let before = match how {
+        GiveUp::ByClaim => "pending",
+        GiveUp::ByVerification => "verifying",
+    };
+    rig.db
+        .client()
+        .await
+        .execute(
+            "INSERT INTO warden.recovery_jobs (incident_id, agent_id, strategy, state, finished_at, next_run_at) \
+             VALUES ($1, $3, 'fix', 'exhausted', now(), now()), ($2, $3, 'fix', $4, NULL, now())",
+            &[&first, &second, &agent, &before],
+        )
+        .await
+        .unwrap();
     let mut holder = rig.db.client().await;
-    let settle = holder.transaction().await.unwrap();
-    settle
+    let giving_up = holder.transaction().await.unwrap();
+    if let GiveUp::ByClaim = how {
+        giving_up.execute("SELECT pg_advisory_xact_lock($1)", &[&warden::recovery::CLAIM_LOCK]).await.unwrap();
+    }
+    giving_up
         .execute(
             "UPDATE warden.recovery_jobs SET state = 'exhausted', finished_at = now() WHERE incident_id = $1",
             &[&second],
@@ -1053,23 +1046,20 @@ async fn a_reset_sees_a_give_up_committed_while_it_waited_for_the_job() {
         .unwrap();
 
     let mut client = rig.db.client().await;
-    let reset = tokio::spawn(async move { warden::recovery::reset(&mut client, "verified").await.unwrap() });
-    crate::helpers::eventually(std::time::Duration::from_secs(60), "the reset waiting for the job", || async {
-        let waiting: i64 = db
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-                   AND wait_event_type = 'Lock' AND query LIKE '%recovery_jobs%'",
-                &[],
-            )
+    let resetting = agent.to_string();
+    let reset = tokio::spawn(async move { warden::recovery::reset(&mut client, &resetting).await.unwrap() });
+    match how {
+        GiveUp::ByClaim => rig.claim_waits_for_its_turn().await,
+        GiveUp::ByVerification => {
+            crate::helpers::eventually(std::time::Duration::from_secs(60), "the reset waiting for the job", || async {
+                (rig.db.waiting_on_locks("%recovery_jobs%").await > 0).then_some(())
+            })
             .await
-            .unwrap()
-            .get(0);
-        (waiting > 0).then_some(())
-    })
-    .await;
-    settle.commit().await.unwrap();
+        }
+    }
+    giving_up.commit().await.unwrap();
     assert_eq!(reset.await.unwrap(), 2, "both given-up jobs start again");
-    let states: Vec<String> = rig.jobs("verified").await.into_iter().map(|j| j.0).collect();
+    let states: Vec<String> = rig.jobs(agent).await.into_iter().map(|j| j.0).collect();
     assert_eq!(states, ["pending", "pending"]);
 }
 
