@@ -1802,6 +1802,29 @@ mod tests {
     use super::*;
     use crate::config::Settings;
 
+    /// An online agent heard from at `now`, with no metrics or events: the
+    /// figures each test sets come on top.
+    fn facts(now: DateTime<Utc>, labels: &Value) -> ScoreFacts<'_> {
+        ScoreFacts {
+            now,
+            liveness: Some(Liveness::Online),
+            labels,
+            first_seen: now,
+            last_seen: now,
+            interval_s: 10.0,
+            beats_decayed: 0.0,
+            beats_expected: 0.0,
+            tolerance: 0.2,
+            arrival_cv: None,
+            latency: None,
+            cpu: None,
+            memory: None,
+            errors: None,
+            work: None,
+            error_events: 0,
+        }
+    }
+
     #[test]
     fn a_new_agents_steady_counter_rates_read_as_those_rates() {
         use crate::health::stats::{HOUR_S, Regression};
@@ -1811,22 +1834,12 @@ mod tests {
         let age_s: f64 = 300.0;
         let inputs = |work: Option<&MetricStat>, errors: Option<&MetricStat>| {
             score_inputs(ScoreFacts {
-                now,
-                liveness: Some(Liveness::Online),
-                labels: &labels,
                 first_seen: now - Duration::seconds(age_s as i64),
-                last_seen: now,
-                interval_s: 10.0,
                 beats_decayed: 30.0,
                 beats_expected: 360.0 * (1.0 - (-age_s / 3600.0).exp()),
-                tolerance: 0.2,
-                arrival_cv: None,
-                latency: None,
-                cpu: None,
-                memory: None,
                 errors,
                 work,
-                error_events: 0,
+                ..facts(now, &labels)
             })
         };
         // 600 items an hour for 5 minutes, as the decayed sum holds them.
@@ -1858,22 +1871,12 @@ mod tests {
         // A daily job, a year old, on schedule until `silent_h` ago.
         let delivery = |silent_h: i64| {
             score_inputs(ScoreFacts {
-                now,
-                liveness: Some(Liveness::Online),
-                labels: &labels,
                 first_seen: now - Duration::days(365),
                 last_seen: now - Duration::hours(silent_h),
                 interval_s: 86_400.0,
                 beats_decayed: 1.0,
                 beats_expected: 1.0,
-                tolerance: 0.2,
-                arrival_cv: None,
-                latency: None,
-                cpu: None,
-                memory: None,
-                errors: None,
-                work: None,
-                error_events: 0,
+                ..facts(now, &labels)
             })
             .delivery
             .unwrap()
@@ -1886,22 +1889,12 @@ mod tests {
         // Just over an hour, on schedule, at any point in its interval.
         let at = |since_min: i64| {
             score_inputs(ScoreFacts {
-                now,
-                liveness: Some(Liveness::Online),
-                labels: &labels,
                 first_seen: now - Duration::days(30),
                 last_seen: now - Duration::minutes(since_min),
                 interval_s: 66.0 * 60.0,
                 beats_decayed: 1.6,
                 beats_expected: 1.6,
-                tolerance: 0.2,
-                arrival_cv: None,
-                latency: None,
-                cpu: None,
-                memory: None,
-                errors: None,
-                work: None,
-                error_events: 0,
+                ..facts(now, &labels)
             })
             .delivery
             .unwrap()
@@ -1925,22 +1918,12 @@ mod tests {
         };
         let at_age = |age_s: i64| {
             score_inputs(ScoreFacts {
-                now,
-                liveness: Some(Liveness::Online),
-                labels: &labels,
                 first_seen: now - Duration::seconds(age_s),
-                last_seen: now,
                 interval_s: 2.0,
                 beats_decayed: age_s as f64 / 2.0,
                 beats_expected: age_s as f64 / 2.0,
-                tolerance: 0.2,
-                arrival_cv: None,
-                latency: None,
-                cpu: None,
-                memory: None,
-                errors: None,
                 work: Some(&work),
-                error_events: 0,
+                ..facts(now, &labels)
             })
         };
         assert_eq!(at_age(18).work_reference_per_hour, None, "18 s old: its rate reads low, so no verdict");
