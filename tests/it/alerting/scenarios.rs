@@ -766,21 +766,12 @@ async fn a_recovery_under_way_holds_the_page_and_a_success_sends_auto_recovered_
     }
     // r3's recovery gives up: its page goes out now, hold or not. (r2's job
     // is exhausted too, below, so that only the event's source differs.)
-    for (agent, incident) in [("r3", incidents[2]), ("r2", incidents[1])] {
-        rig.c
-            .execute(
-                "INSERT INTO warden.recovery_jobs (incident_id, agent_id, strategy, state, finished_at) \
-                 VALUES ($1, $2, 'restart_worker', 'exhausted', now())",
-                &[&incident, &agent],
-            )
-            .await
-            .unwrap();
-    }
+    recovery_gives_up(&rig, incidents[2], "r3", "recovery gave up").await;
     rig.c
         .execute(
-            "INSERT INTO warden.system_events (occurred_at, agent_id, event_type, severity, message, details) \
-             VALUES ($1, 'r3', 'recovery_failed', 'critical', 'recovery gave up', jsonb_build_object('incident_id', $2::bigint))",
-            &[&rig.now, &incidents[2]],
+            "INSERT INTO warden.recovery_jobs (incident_id, agent_id, strategy, state, finished_at) \
+             VALUES ($1, 'r2', 'restart_worker', 'exhausted', now())",
+            &[&incidents[1]],
         )
         .await
         .unwrap();
