@@ -149,11 +149,10 @@ impl Settings {
                 Ok(meta) if is_device(&meta) => false,
                 Ok(_) => return Err(refused("not a regular file or a device (a pipe or a socket)".into())),
             };
-            // Read here, so that a file warden may not read (a 0640
+            // Opened here, so that a file warden may not read (a 0640
             // root-owned file under the unit's own user) is named.
-            if let Err(e) = std::fs::File::open(path) {
-                return Err(refused(format!("the settings file cannot be read: {e}")));
-            }
+            let cannot_read = |e: std::io::Error| refused(format!("the settings file cannot be read: {e}"));
+            let opened = std::fs::File::open(path).map_err(cannot_read)?;
             builder = if regular {
                 builder.add_source(File::from(path.as_path()).format(FileFormat::Toml).required(true))
             } else {
@@ -161,9 +160,7 @@ impl Settings {
                 // device need not end (`/dev/zero`).
                 use std::io::Read;
                 let mut text = String::new();
-                std::fs::File::open(path)
-                    .and_then(|f| f.take(MAX_DEVICE_READ + 1).read_to_string(&mut text))
-                    .map_err(|e| refused(format!("the settings file cannot be read: {e}")))?;
+                opened.take(MAX_DEVICE_READ + 1).read_to_string(&mut text).map_err(cannot_read)?;
                 if text.len() as u64 > MAX_DEVICE_READ {
                     return Err(refused(format!("a device that gave more than {MAX_DEVICE_READ} bytes")));
                 }
